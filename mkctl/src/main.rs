@@ -1,0 +1,2 @@
+//! The `mkctl` command line.
+fn main() {}

@@ -1,0 +1,6 @@
+//! The agent that runs on every kernel (the host's daemon and each guest's
+//! `guest-init` alike), so the protocols between kernels are symmetric.
+//!
+//! It will own the wire messages carried over `shmem-ring` channels (requests,
+//! replies, streams), remote exec, process capture/restore for migration, and the
+//! DSM page-coherence engine. It does not know how kernels are booted.
