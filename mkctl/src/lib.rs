@@ -8,5 +8,22 @@
 //! Nothing here starts a kernel before [`topology::Topology`] has been built,
 //! and a `Topology` only exists once every validation rule has passed.
 
-pub mod units;
+pub mod cli;
+pub mod dtb;
 pub mod initramfs;
+pub mod plan;
+pub mod topology;
+pub mod units;
+
+/// Formats an error and its chain of causes as `outer: inner: innermost`
+/// (each message says only its own part; this printer joins them).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}

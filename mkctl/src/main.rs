@@ -1,2 +1,4 @@
-//! The `mkctl` command line.
-fn main() {}
+//! The `mkctl` binary: a thin shell over the library's command line.
+fn main() {
+    std::process::exit(mkctl::cli::run());
+}

@@ -183,6 +183,23 @@ impl ByteSize {
     pub fn bytes(self) -> u64 {
         self.0
     }
+
+    /// A short reading for people (`176.1G`, `512M`): exact when a unit
+    /// divides the size, else one decimal of the largest unit that fits.
+    pub fn human(self) -> String {
+        let b = self.0;
+        for (unit, name) in [(TIB, "T"), (GIB, "G"), (MIB, "M"), (KIB, "K")] {
+            if b >= unit {
+                if b.is_multiple_of(unit) {
+                    return format!("{}{name}", b / unit);
+                }
+                // One decimal is all a report needs; precision loss is fine.
+                #[allow(clippy::cast_precision_loss)]
+                return format!("{:.1}{name}", b as f64 / unit as f64);
+            }
+        }
+        format!("{b}")
+    }
 }
 
 /// Prints with the largest unit that divides the size exactly (`512M`, `4G`),
@@ -191,7 +208,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, name) in [(TIB, "T"), (GIB, "G"), (MIB, "M"), (KIB, "K")] {
-            if b != 0 && b % unit == 0 {
+            if b != 0 && b.is_multiple_of(unit) {
                 return write!(f, "{}{name}", b / unit);
             }
         }
@@ -218,8 +235,7 @@ fn parse_u64_with_unit(text: &str) -> Result<u64, String> {
         return Err("empty size; write e.g. \"512M\", \"4G\" or \"0x20000000\"".into());
     }
     if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        return u64::from_str_radix(hex, 16)
-            .map_err(|_| format!("\"{text}\" is not a hex number"));
+        return u64::from_str_radix(hex, 16).map_err(|_| format!("\"{text}\" is not a hex number"));
     }
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
@@ -377,10 +393,14 @@ mod tests {
         assert_eq!(ByteSize::parse("1_024").unwrap().0, 1024);
         assert!(ByteSize::parse("4Q").unwrap_err().contains("unknown unit"));
         assert!(ByteSize::parse("G").unwrap_err().contains("not a size"));
-        assert!(ByteSize::parse("99999999999T").unwrap_err().contains("64 bits"));
+        assert!(ByteSize::parse("99999999999T")
+            .unwrap_err()
+            .contains("64 bits"));
         assert_eq!(ByteSize(3 * GIB).to_string(), "3G");
         assert_eq!(ByteSize(1536 * MIB).to_string(), "1536M");
         assert_eq!(ByteSize(1000).to_string(), "1000");
+        assert_eq!(ByteSize(180288 * MIB).human(), "176.1G");
+        assert_eq!(ByteSize(512 * MIB).human(), "512M");
     }
 
     proptest! {

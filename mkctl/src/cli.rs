@@ -1,0 +1,267 @@
+//! The `mkctl` command line: argument definitions (clap derive) and the
+//! dispatch to the library. Each subcommand maps its outcome to the exit
+//! codes documented in `--help`: 0 success, 1 the request failed or the
+//! topology is invalid, 2 usage error (bad arguments, unreadable file).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+
+use crate::topology::{self, LoadError, Topology};
+
+/// Exit code: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: the topology is invalid, or the operation failed.
+pub const EXIT_FAIL: i32 = 1;
+/// Exit code: usage error (bad arguments, unreadable input).
+pub const EXIT_USAGE: i32 = 2;
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 success; 1 invalid topology or failed operation; 2 usage error.
+
+Start with `mkctl plan configs/demo.toml` to see how the demo topology splits
+the machine, and `mkctl host` to see what this machine has.";
+
+/// Split one machine into partitions and run a Linux kernel in each,
+/// linked by message rings in shared memory.
+#[derive(Debug, Parser)]
+#[command(name = "mkctl", version, about, long_about = None, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Read /sys and /proc under this directory instead of / (for tests
+    /// and for looking at another machine's captured tree).
+    #[arg(long, global = true, value_name = "DIR", default_value = "/")]
+    pub sysroot: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a topology file against every rule; print all problems at once.
+    ///
+    /// Each problem names the file, line and column, the instances involved
+    /// and what to change. Exit code 0 when valid (warnings allowed), 1 when
+    /// invalid.
+    Validate {
+        /// The topology file (TOML).
+        file: PathBuf,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show how a topology splits the machine: per instance and per NUMA
+    /// node, with utilisation. Validates first; nothing is started.
+    Plan {
+        /// The topology file (TOML).
+        file: PathBuf,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compile a topology to the device tree the multikernel interface takes.
+    Dtb {
+        /// The topology file (TOML).
+        file: PathBuf,
+        /// Write the blob here (default: standard output).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Only this instance (may be given several times).
+        #[arg(long, value_name = "NAME")]
+        instance: Vec<String>,
+        /// Interface generation.
+        #[arg(long, value_enum, default_value_t = Abi::V1)]
+        abi: Abi,
+        /// Print the DTS source form instead of the blob.
+        #[arg(long)]
+        dts: bool,
+    },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to standard output.
+    Man,
+}
+
+/// Generations of the Linux multikernel interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Abi {
+    /// The LKML RFC v2 series: one DTB with /instances, written to
+    /// /sys/fs/multikernel/device_tree.
+    V1,
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn run() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mkctl: {}", crate::error_chain(e.as_ref()));
+            EXIT_FAIL
+        }
+    }
+}
+
+type Res = Result<i32, Box<dyn std::error::Error>>;
+
+fn dispatch(cli: Cli) -> Res {
+    match cli.command {
+        Command::Validate { file, json } => cmd_validate(&cli.sysroot, &file, json),
+        Command::Plan { file, json } => cmd_plan(&cli.sysroot, &file, json),
+        Command::Dtb {
+            file,
+            output,
+            instance,
+            abi,
+            dts,
+        } => cmd_dtb(&cli.sysroot, &file, output.as_deref(), &instance, abi, dts),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "mkctl", &mut std::io::stdout());
+            Ok(EXIT_OK)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+/// The running machine as a topology `Machine`. Host discovery is not in
+/// yet: a topology without `[machine]` is reported as such.
+fn discover_machine(_sysroot: &Path) -> Option<crate::topology::Machine> {
+    None
+}
+
+/// Loads a topology; on failure prints the findings and returns the exit code.
+fn load(sysroot: &Path, file: &Path) -> Result<Topology, i32> {
+    let sysroot = sysroot.to_path_buf();
+    topology::load(file, move || discover_machine(&sysroot)).map_err(|e| {
+        eprint!("{}", e.render());
+        match e {
+            LoadError::Read { .. } => {
+                eprintln!();
+                EXIT_USAGE
+            }
+            LoadError::Invalid { .. } => EXIT_FAIL,
+        }
+    })
+}
+
+fn print_warnings(t: &Topology) {
+    if !t.warnings.is_empty() {
+        eprint!("{}", topology::render_all(&t.source, &t.warnings));
+    }
+}
+
+fn cmd_validate(sysroot: &Path, file: &Path, json: bool) -> Res {
+    if json {
+        let sysroot = sysroot.to_path_buf();
+        let result = topology::load(file, move || discover_machine(&sysroot));
+        let (code, source, diags) = match &result {
+            Ok(t) => (EXIT_OK, &t.source, t.warnings.as_slice()),
+            Err(LoadError::Invalid { file, diagnostics }) => {
+                (EXIT_FAIL, file.as_ref(), diagnostics.as_slice())
+            }
+            Err(e @ LoadError::Read { .. }) => {
+                eprintln!("mkctl: {}", crate::error_chain(e));
+                return Ok(EXIT_USAGE);
+            }
+        };
+        let out = serde_json::json!({
+            "file": file.display().to_string(),
+            "valid": code == EXIT_OK,
+            "diagnostics": diags.iter().map(|d| source.to_json(d)).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(code);
+    }
+    match load(sysroot, file) {
+        Ok(t) => {
+            print_warnings(&t);
+            println!(
+                "{}: valid ({} instance(s), {} warning(s))",
+                file.display(),
+                t.instances.len(),
+                t.warnings.len()
+            );
+            Ok(EXIT_OK)
+        }
+        Err(code) => Ok(code),
+    }
+}
+
+fn cmd_plan(sysroot: &Path, file: &Path, json: bool) -> Res {
+    let t = match load(sysroot, file) {
+        Ok(t) => t,
+        Err(code) => return Ok(code),
+    };
+    let plan = crate::plan::Plan::new(&t);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", plan.render());
+    }
+    Ok(EXIT_OK)
+}
+
+fn cmd_dtb(
+    sysroot: &Path,
+    file: &Path,
+    output: Option<&Path>,
+    only: &[String],
+    abi: Abi,
+    dts: bool,
+) -> Res {
+    let t = match load(sysroot, file) {
+        Ok(t) => t,
+        Err(code) => return Ok(code),
+    };
+    print_warnings(&t);
+    for name in only {
+        if t.instance(name).is_none() {
+            let names: Vec<&str> = t.instances.iter().map(|i| i.name.as_str()).collect();
+            eprintln!(
+                "mkctl: {} has no instance \"{name}\"; it has: {}",
+                file.display(),
+                names.join(", ")
+            );
+            return Ok(EXIT_USAGE);
+        }
+    }
+    let selected = t
+        .instances
+        .iter()
+        .filter(|i| only.is_empty() || only.contains(&i.name));
+    let tree = match abi {
+        Abi::V1 => crate::dtb::v1_tree(&t, selected),
+    };
+    let bytes = if dts {
+        tree.to_dts().into_bytes()
+    } else {
+        tree.to_dtb()?
+    };
+    match output {
+        Some(path) => std::fs::write(path, &bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?,
+        None => {
+            if !dts && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                eprintln!(
+                    "mkctl: refusing to write a binary blob to a terminal; use -o FILE or --dts"
+                );
+                return Ok(EXIT_USAGE);
+            }
+            std::io::stdout().write_all(&bytes)?;
+        }
+    }
+    Ok(EXIT_OK)
+}
