@@ -1,0 +1,117 @@
+//! The command line as a user meets it: exit codes, what goes to stdout and
+//! stderr, JSON for scripts, help, completions and the man page.
+
+mod common;
+
+use assert_cmd::cargo::cargo_bin_cmd;
+use predicates::prelude::*;
+
+#[test]
+fn validate_exit_codes() {
+    cargo_bin_cmd!("mkctl")
+        .arg("validate")
+        .arg(common::config("demo"))
+        .assert()
+        .code(0)
+        .stdout(predicate::str::contains("valid (2 instance(s), 0 warning(s))"));
+    cargo_bin_cmd!("mkctl")
+        .arg("validate")
+        .arg(common::config("invalid"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("invalid.toml:26:8"))
+        .stderr(predicate::str::contains("7 error(s), 0 warning(s); nothing was started"));
+    // A file that cannot be read is a usage error, and says which file.
+    cargo_bin_cmd!("mkctl")
+        .args(["validate", "/no/such/topology.toml"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("cannot read topology file /no/such/topology.toml"));
+    cargo_bin_cmd!("mkctl")
+        .args(["validate", "--bogus"])
+        .assert()
+        .code(2);
+}
+
+#[test]
+fn validate_json_lists_every_finding_with_location() {
+    let out = cargo_bin_cmd!("mkctl")
+        .args(["validate", "--json"])
+        .arg(common::config("invalid"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"], false);
+    let ds = v["diagnostics"].as_array().unwrap();
+    assert_eq!(ds.len(), 7);
+    let conflict = ds.iter().find(|d| d["code"] == "cpu-conflict").unwrap();
+    assert_eq!(conflict["line"], 26);
+    assert_eq!(conflict["column"], 8);
+    assert_eq!(conflict["instances"], serde_json::json!(["alpha", "alpha (2nd)"]));
+    assert!(conflict["help"].as_str().unwrap().contains("cpus = \"3\""));
+}
+
+#[test]
+fn plan_report_and_json() {
+    cargo_bin_cmd!("mkctl")
+        .arg("plan")
+        .arg(common::config("demo"))
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("alpha           1  qemu    1"))
+        .stdout(predicate::str::contains("[0x80000000-0x90000000)"));
+    let out = cargo_bin_cmd!("mkctl")
+        .args(["plan", "--json"])
+        .arg(common::config("large"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inst = v["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 5);
+    let db = inst.iter().find(|i| i["name"] == "db").unwrap();
+    assert_eq!(db["placement"], "given");
+    assert_eq!(db["memory"]["start"], "0x1000000000");
+    assert_eq!(db["memory_size"], 48u64 << 30);
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 4);
+    assert_eq!(nodes[0]["cpus_host"], "0-3");
+    assert_eq!(nodes[0]["cpu_utilisation_pct"], 75.0);
+    // Invalid topologies get no plan, only the findings.
+    cargo_bin_cmd!("mkctl")
+        .arg("plan")
+        .arg(common::config("invalid"))
+        .assert()
+        .code(1)
+        .stdout(predicate::str::is_empty());
+}
+
+#[test]
+fn dtb_refuses_an_unknown_instance() {
+    cargo_bin_cmd!("mkctl")
+        .args(["dtb", "--instance", "gamma"])
+        .arg(common::config("demo"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("has no instance \"gamma\"; it has: alpha, beta"));
+}
+
+#[test]
+fn help_completions_and_man() {
+    cargo_bin_cmd!("mkctl")
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Exit codes: 0 success; 1 invalid topology"));
+    cargo_bin_cmd!("mkctl")
+        .args(["completions", "bash"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("_mkctl()"));
+    cargo_bin_cmd!("mkctl")
+        .arg("man")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(".TH mkctl"));
+}

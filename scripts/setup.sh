@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sets up everything mkctl's demo and tests need on a fresh Debian 12 machine,
+# idempotently (a second run takes a second or two):
+#   - checks for a Rust toolchain (cargo >= 1.85),
+#   - apt packages (only when one is missing),
+#   - the guest kernel and static guest-init for the QEMU backend (qemu/setup.sh),
+#   - kerf, the multikernel project's CLI, in a venv (a peer the tests compare with),
+#   - builds the workspace.
+# Everything lands in $MKCTL_CACHE (default: <repo>/.cache) or target/.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${MKCTL_CACHE:-$repo/.cache}
+mkdir -p "$cache"
+say() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+# Rust: the one toolchain this project builds with; it cannot be fetched here.
+command -v cargo >/dev/null || die "cargo not found: install Rust 1.85 or newer (https://rustup.rs) and run again"
+
+# apt packages for the tests (QEMU's own list lives in qemu/setup.sh).
+need=()
+for p in device-tree-compiler cpio python3-venv util-linux; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  [ "$(id -u)" = 0 ] || die "installing ${need[*]} needs root (sudo $0)"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+fi
+
+# The QEMU backend: qemu-system-x86, the stock guest kernel, static guest-init.
+"$repo/qemu/setup.sh"
+
+# kerf 0.4.0 (PyPI kerf-multikernel), the reference tool for the multikernel
+# interface; the DTB tests feed it our output.
+venv=$cache/kerf-venv
+if ! "$venv/bin/kerf" --version 2>/dev/null | grep -q '0\.4\.0'; then
+  say "installing kerf-multikernel 0.4.0 into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv" || die "python3 -m venv failed (apt package python3-venv)"
+  "$venv/bin/pip" install -q --disable-pip-version-check 'kerf-multikernel==0.4.0' \
+    || die "pip could not install kerf-multikernel 0.4.0"
+fi
+
+say "building mkctl"
+(cd "$repo" && cargo build --quiet --workspace --all-targets)
+say "ready"
