@@ -4,3 +4,5 @@
 //! It will own the wire messages carried over `shmem-ring` channels (requests,
 //! replies, streams), remote exec, process capture/restore for migration, and the
 //! DSM page-coherence engine. It does not know how kernels are booted.
+
+pub mod wire;
