@@ -9,6 +9,7 @@
 //! and a `Topology` only exists once every validation rule has passed.
 
 pub mod cli;
+pub mod daemon;
 pub mod dtb;
 pub mod initramfs;
 pub mod plan;
