@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 /// The repository root.
-pub fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("mkctl/ has a parent")
@@ -13,18 +13,18 @@ pub fn repo() -> PathBuf {
 }
 
 /// A shipped example topology.
-pub fn config(name: &str) -> PathBuf {
+pub(crate) fn config(name: &str) -> PathBuf {
     repo().join("configs").join(format!("{name}.toml"))
 }
 
 /// The cache directory the setup scripts fill.
-pub fn cache() -> PathBuf {
+pub(crate) fn cache() -> PathBuf {
     std::env::var_os("MKCTL_CACHE").map_or_else(|| repo().join(".cache"), PathBuf::from)
 }
 
 /// A program the tests need; fails loudly (never skips) when it is missing,
 /// naming the setup step that installs it.
-pub fn require_tool(candidates: &[PathBuf], what: &str) -> PathBuf {
+pub(crate) fn require_tool(candidates: &[PathBuf], what: &str) -> PathBuf {
     candidates
         .iter()
         .find(|p| p.is_file())
@@ -37,15 +37,18 @@ pub fn require_tool(candidates: &[PathBuf], what: &str) -> PathBuf {
 }
 
 /// `dtc` from the device-tree-compiler package.
-pub fn dtc() -> PathBuf {
+pub(crate) fn dtc() -> PathBuf {
     require_tool(
-        &[PathBuf::from("/usr/bin/dtc"), PathBuf::from("/usr/local/bin/dtc")],
+        &[
+            PathBuf::from("/usr/bin/dtc"),
+            PathBuf::from("/usr/local/bin/dtc"),
+        ],
         "dtc (Debian package device-tree-compiler)",
     )
 }
 
 /// The `kerf` CLI (PyPI kerf-multikernel 0.4.0) in the venv setup makes.
-pub fn kerf() -> PathBuf {
+pub(crate) fn kerf() -> PathBuf {
     let mut c = vec![cache().join("kerf-venv/bin/kerf")];
     if let Some(p) = std::env::var_os("MKCTL_KERF") {
         c.insert(0, PathBuf::from(p));
