@@ -1,0 +1,289 @@
+//! The control connection between the `mkctl` CLI and its daemon: a Unix
+//! stream socket in the run directory carrying length-prefixed frames.
+//!
+//! A frame is `u32` length (little-endian, counting what follows), a tag
+//! byte, and the payload: tag 1 is a JSON control message ([`Request`] or
+//! [`Reply`]), tag 2 is an agent wire message ([`mknode::wire::Msg`]) — so
+//! `exec` streams stdin/stdout/stderr bytes unchanged, without base64.
+//! The CLI is trusted less than the daemon's own state: sizes are bounded
+//! and every decode error is an error, not a panic.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use mknode::wire::{DecodeError, Msg};
+use serde::{Deserialize, Serialize};
+
+/// Largest frame either side accepts (a 32 KiB exec chunk is far below).
+pub const MAX_FRAME: usize = 16 << 20;
+
+const TAG_JSON: u8 = 1;
+const TAG_WIRE: u8 = 2;
+
+/// What the CLI asks the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Boot instances of a topology (all when `instances` is empty).
+    Boot {
+        config: PathBuf,
+        instances: Vec<String>,
+        timeout_ms: u64,
+    },
+    Status,
+    /// Run a command; wire `Msg`s follow in both directions.
+    Exec {
+        instance: String,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        stdin: bool,
+    },
+    Info {
+        instance: String,
+    },
+    /// Round trips between two kernels, measured by the first one's agent.
+    Ping {
+        from: String,
+        to: String,
+        count: u32,
+    },
+    /// Traffic check: `from` sends `count` checksummed blobs to `to`
+    /// (either may be "host"); the receiver reports what arrived intact.
+    Traffic {
+        from: String,
+        to: String,
+        count: u32,
+        size: u32,
+    },
+    Stop {
+        instances: Vec<String>,
+        timeout_ms: u64,
+    },
+    /// Stop every instance and exit.
+    Shutdown,
+}
+
+/// What the daemon answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Reply {
+    /// A step of a long operation, for progress display.
+    Progress {
+        instance: String,
+        message: String,
+    },
+    /// The request is complete.
+    Ok {
+        message: String,
+    },
+    /// The request failed; `code` is the exit code the CLI should use.
+    Error {
+        message: String,
+        code: i32,
+    },
+    Status {
+        status: DaemonStatus,
+    },
+    Info {
+        info: serde_json::Value,
+    },
+    Ping {
+        count: u32,
+        min_ns: u64,
+        median_ns: u64,
+        max_ns: u64,
+    },
+    Traffic {
+        sent: u64,
+        good: u64,
+        bad: u64,
+        elapsed_ns: u64,
+    },
+    /// `exec` accepted: wire messages follow.
+    ExecStarted,
+}
+
+/// The daemon and every instance it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub run_dir: PathBuf,
+    pub config: Option<PathBuf>,
+    pub window: Option<PathBuf>,
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// One instance as the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub name: String,
+    pub id: u32,
+    /// `booting`, `ready`, `stopping`, `stopped` or `failed`.
+    pub state: String,
+    /// Why it failed, when it did.
+    pub reason: Option<String>,
+    pub pid: Option<u32>,
+    pub cpus: String,
+    pub memory: u64,
+    pub uptime_ms: Option<u64>,
+    /// Milliseconds since the agent's heartbeat last moved.
+    pub heartbeat_age_ms: Option<u64>,
+    pub kernel: Option<String>,
+}
+
+/// One frame off the socket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Request(Request),
+    Reply(Reply),
+    Wire(Msg),
+}
+
+/// A frame could not be read or made sense of.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("control socket i/o")]
+    Io(#[from] io::Error),
+    #[error("control frame of {0} bytes is larger than the {MAX_FRAME} allowed")]
+    TooLarge(usize),
+    #[error("unknown control frame tag {0}")]
+    Tag(u8),
+    #[error("control message is not valid JSON of the expected shape")]
+    Json(#[from] serde_json::Error),
+    #[error("wire message in control frame")]
+    Wire(#[from] DecodeError),
+    #[error("the other side closed the control connection")]
+    Closed,
+}
+
+fn write_frame(w: &mut impl Write, tag: u8, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len() + 1)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    let mut buf = Vec::with_capacity(payload.len() + 5);
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.push(tag);
+    buf.extend_from_slice(payload);
+    w.write_all(&buf)
+}
+
+/// Sends a JSON request.
+pub fn send_request(w: &mut impl Write, r: &Request) -> io::Result<()> {
+    write_frame(w, TAG_JSON, &serde_json::to_vec(r)?)
+}
+
+/// Sends a JSON reply.
+pub fn send_reply(w: &mut impl Write, r: &Reply) -> io::Result<()> {
+    write_frame(w, TAG_JSON, &serde_json::to_vec(r)?)
+}
+
+/// Sends a wire message.
+pub fn send_wire(w: &mut impl Write, m: &Msg) -> io::Result<()> {
+    write_frame(w, TAG_WIRE, &m.encode())
+}
+
+/// Which JSON shape a reader expects on its side of the connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    /// The daemon reads requests.
+    Daemon,
+    /// The CLI reads replies.
+    Client,
+}
+
+/// Reads one frame; `Closed` when the peer hung up between frames.
+pub fn read_frame(r: &mut impl Read, side: Side) -> Result<Frame, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 {
+        return Err(FrameError::Tag(0));
+    }
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    let (tag, payload) = (buf[0], &buf[1..]);
+    match (tag, side) {
+        (TAG_JSON, Side::Daemon) => Ok(Frame::Request(serde_json::from_slice(payload)?)),
+        (TAG_JSON, Side::Client) => Ok(Frame::Reply(serde_json::from_slice(payload)?)),
+        (TAG_WIRE, _) => Ok(Frame::Wire(Msg::decode(payload)?)),
+        (t, _) => Err(FrameError::Tag(t)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mknode::wire::Stream;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Vec::new();
+        let req = Request::Exec {
+            instance: "alpha".into(),
+            argv: vec!["uname".into(), "-r".into()],
+            env: vec![],
+            cwd: None,
+            stdin: false,
+        };
+        send_request(&mut buf, &req).unwrap();
+        let data = Msg::Data {
+            req: 1,
+            stream: Stream::Stdout,
+            bytes: vec![0, 1, 255],
+        };
+        send_wire(&mut buf, &data).unwrap();
+        send_reply(
+            &mut buf,
+            &Reply::Error {
+                message: "x".into(),
+                code: 1,
+            },
+        )
+        .unwrap();
+        let mut r = &buf[..];
+        assert_eq!(
+            read_frame(&mut r, Side::Daemon).unwrap(),
+            Frame::Request(req)
+        );
+        assert_eq!(read_frame(&mut r, Side::Daemon).unwrap(), Frame::Wire(data));
+        assert!(matches!(
+            read_frame(&mut r, Side::Client).unwrap(),
+            Frame::Reply(Reply::Error { code: 1, .. })
+        ));
+        assert!(matches!(
+            read_frame(&mut r, Side::Client),
+            Err(FrameError::Closed)
+        ));
+    }
+
+    #[test]
+    fn hostile_frames() {
+        let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        assert!(matches!(
+            read_frame(&mut &huge[..], Side::Daemon),
+            Err(FrameError::TooLarge(_))
+        ));
+        let bad_tag = [1, 0, 0, 0, 9];
+        assert!(matches!(
+            read_frame(&mut &bad_tag[..], Side::Daemon),
+            Err(FrameError::Tag(9))
+        ));
+        let bad_json = [3, 0, 0, 0, 1, b'{', b'x'];
+        assert!(matches!(
+            read_frame(&mut &bad_json[..], Side::Daemon),
+            Err(FrameError::Json(_))
+        ));
+        let short = [9, 0, 0, 0, 1, b'{'];
+        assert!(matches!(
+            read_frame(&mut &short[..], Side::Daemon),
+            Err(FrameError::Io(_))
+        ));
+    }
+}
