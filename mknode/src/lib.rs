@@ -5,4 +5,6 @@
 //! replies, streams), remote exec, process capture/restore for migration, and the
 //! DSM page-coherence engine. It does not know how kernels are booted.
 
+pub mod agent;
+pub mod link;
 pub mod wire;

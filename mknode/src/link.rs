@@ -1,0 +1,168 @@
+//! A `Link` is a duplex, ordered, message-preserving connection to one peer
+//! agent. The agent speaks only to this trait; the transports under it are
+//! a `shmem-ring` channel (between kernels) and an in-process pair (tests).
+//!
+//! Every implementation must pass the same conformance checks
+//! ([`conformance`]): order, content, message boundaries, timeouts, and a
+//! clear error once the peer is gone.
+
+use std::time::Duration;
+
+/// Why a link could not carry a message.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("the peer is gone: {0}")]
+    PeerGone(String),
+    #[error("the link is broken: {0}")]
+    Broken(String),
+    #[error("message of {len} bytes is larger than the link's limit of {max}")]
+    TooLarge { len: usize, max: usize },
+}
+
+/// A connection to one peer. Implementations are internally synchronised:
+/// one thread may send while another receives.
+pub trait Link: Send + Sync + std::fmt::Debug {
+    /// Sends one message, waiting up to `timeout` for room.
+    fn send(&self, msg: &[u8], timeout: Duration) -> Result<(), LinkError>;
+    /// Receives one message into `buf` (replacing its contents), waiting up
+    /// to `timeout`; `Ok(false)` when nothing arrived in time.
+    fn recv(&self, buf: &mut Vec<u8>, timeout: Duration) -> Result<bool, LinkError>;
+    /// The largest message `send` accepts.
+    fn max_message(&self) -> usize;
+}
+
+/// An in-process link pair over crossbeam channels: the reference
+/// implementation the agent's unit tests run on.
+#[derive(Debug)]
+pub struct MemLink {
+    tx: crossbeam_channel::Sender<Vec<u8>>,
+    rx: crossbeam_channel::Receiver<Vec<u8>>,
+    max: usize,
+}
+
+impl MemLink {
+    /// Two ends of one link, each holding `capacity` messages per direction.
+    pub fn pair(capacity: usize, max: usize) -> (MemLink, MemLink) {
+        let (a_tx, b_rx) = crossbeam_channel::bounded(capacity);
+        let (b_tx, a_rx) = crossbeam_channel::bounded(capacity);
+        (
+            MemLink {
+                tx: a_tx,
+                rx: a_rx,
+                max,
+            },
+            MemLink {
+                tx: b_tx,
+                rx: b_rx,
+                max,
+            },
+        )
+    }
+}
+
+impl Link for MemLink {
+    fn send(&self, msg: &[u8], timeout: Duration) -> Result<(), LinkError> {
+        if msg.len() > self.max {
+            return Err(LinkError::TooLarge {
+                len: msg.len(),
+                max: self.max,
+            });
+        }
+        self.tx
+            .send_timeout(msg.to_vec(), timeout)
+            .map_err(|e| match e {
+                crossbeam_channel::SendTimeoutError::Timeout(_) => LinkError::Timeout(timeout),
+                crossbeam_channel::SendTimeoutError::Disconnected(_) => {
+                    LinkError::PeerGone("the other end was dropped".into())
+                }
+            })
+    }
+
+    fn recv(&self, buf: &mut Vec<u8>, timeout: Duration) -> Result<bool, LinkError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(m) => {
+                *buf = m;
+                Ok(true)
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(false),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Err(LinkError::PeerGone("the other end was dropped".into()))
+            }
+        }
+    }
+
+    fn max_message(&self) -> usize {
+        self.max
+    }
+}
+
+/// Checks every `Link` implementation must pass, given a fresh pair.
+pub mod conformance {
+    use super::*;
+
+    /// Order, content and boundaries of many messages of varied sizes, in
+    /// both directions at once.
+    pub fn order_and_content(a: &dyn Link, b: &dyn Link, count: u64) {
+        let t = Duration::from_secs(10);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..count {
+                    let len = (i as usize * 7919) % (a.max_message().min(4096) - 8) + 8;
+                    let mut m = vec![(i % 251) as u8; len];
+                    m[..8].copy_from_slice(&i.to_le_bytes());
+                    a.send(&m, t).expect("send a->b");
+                }
+            });
+            let mut buf = Vec::new();
+            for i in 0..count {
+                assert!(b.recv(&mut buf, t).expect("recv"), "message {i} timed out");
+                let seq = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                assert_eq!(seq, i, "out of order");
+                let len = (i as usize * 7919) % (a.max_message().min(4096) - 8) + 8;
+                assert_eq!(buf.len(), len, "boundary lost at {i}");
+                assert!(
+                    buf[8..].iter().all(|&x| x == (i % 251) as u8),
+                    "content of {i}"
+                );
+            }
+        });
+    }
+
+    /// An empty link times out instead of blocking forever, and a message
+    /// over the limit is refused whole.
+    pub fn timeouts_and_limits(a: &dyn Link, b: &dyn Link) {
+        let mut buf = Vec::new();
+        let t0 = std::time::Instant::now();
+        assert!(!b.recv(&mut buf, Duration::from_millis(50)).unwrap());
+        assert!(t0.elapsed() >= Duration::from_millis(45));
+        let big = vec![0u8; a.max_message() + 1];
+        assert!(matches!(
+            a.send(&big, Duration::from_millis(10)),
+            Err(LinkError::TooLarge { .. })
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memlink_conformance() {
+        let (a, b) = MemLink::pair(64, 64 * 1024);
+        conformance::order_and_content(&a, &b, 20_000);
+        conformance::timeouts_and_limits(&a, &b);
+    }
+
+    #[test]
+    fn memlink_peer_gone() {
+        let (a, b) = MemLink::pair(4, 1024);
+        drop(b);
+        assert!(matches!(
+            a.send(b"x", Duration::from_millis(10)),
+            Err(LinkError::PeerGone(_))
+        ));
+    }
+}
