@@ -882,6 +882,14 @@ mod tests {
         }
 
         #[test]
+        fn cmdline_never_panics_on_any_text(
+            text in "(memmap|isolcpus|nohz_full|crashkernel|mkkernel_pool)=\\PC{0,30}"
+        ) {
+            let mut w = Vec::new();
+            let _ = CmdlineReservations::parse(&text, None, &mut w);
+        }
+
+        #[test]
         fn memmap_round_trips(size in 1u64..1 << 40, start in 0u64..1 << 46, op in 0usize..3) {
             let sep = ['$', '!', '#'][op];
             let kind = parse_memmap_item(&format!("{size}{sep}{start:#x}")).unwrap();
