@@ -1,11 +1,82 @@
-//! `guest-init`: PID 1 of every kernel that mkctl spawns.
-//!
-//! It will mount the pseudo filesystems, name the host after its instance, find
-//! the shared window (the ivshmem BAR under QEMU, or `/dev/mem` at the address
-//! given by `mk.window=` on the kexec backend), attach to it as its endpoint, and
-//! run the `mknode` agent until asked to power off. It is built as a static binary.
+//! The PID 1 sequence: mounts, command line, hostname, window, then the
+//! selftest or the idle loop, and power-off. See the library docs.
+
+use std::path::Path;
+
+use guest_init::cmdline::BootArgs;
+use guest_init::power::{fatal, power_off};
+use guest_init::window::{Window, WindowError};
+use guest_init::{console, mounts, power, probe, say, selftest, supervise};
 
 fn main() {
-    eprintln!("guest-init: not yet implemented; this binary is a placeholder");
-    std::process::exit(1);
+    if std::process::id() != 1 {
+        eprintln!(
+            "guest-init: must run as PID 1 of a guest kernel (it mounts filesystems \
+             and powers the machine off); refusing to run as pid {}",
+            std::process::id()
+        );
+        std::process::exit(2);
+    }
+    power::install_panic_hook();
+    if let Err(e) = supervise::block_signals() {
+        say!("cannot block signals: {e}");
+    }
+    say!("starting (v{})", env!("CARGO_PKG_VERSION"));
+
+    match mounts::mount_all() {
+        Ok(soft) => {
+            for e in soft {
+                say!("warning: {}", power::error_chain(&e));
+            }
+        }
+        Err(e) => fatal(&e),
+    }
+    console::ensure_stdio();
+
+    let raw = std::fs::read_to_string("/proc/cmdline").unwrap_or_else(|e| fatal(&e));
+    let args = BootArgs::parse(&raw).unwrap_or_else(|e| fatal(&e));
+    let id = args.id.map_or("none".into(), |i| i.to_string());
+    let name = args.name.as_deref().unwrap_or("(unnamed)");
+    say!("instance {name}, id {id}");
+    if let Some(n) = &args.name {
+        if let Err(e) = nix::unistd::sethostname(n) {
+            say!("warning: cannot set hostname {n}: {e}");
+        }
+    }
+
+    let mut window = match Window::discover(&args, Path::new("/")) {
+        Ok(w) => w,
+        Err(e @ WindowError::NotFound(_)) => {
+            say!("{e}; powering off");
+            power_off();
+        }
+        Err(e) => fatal(&e),
+    };
+    say!(
+        "window {} mapped, {} MiB",
+        window.source(),
+        window.len() >> 20
+    );
+
+    if args.selftest {
+        let facts = probe::gather(Path::new("/")).unwrap_or_else(|e| fatal(&e));
+        let record = selftest::Record::new(args.id, args.name.as_deref(), &facts, &window);
+        if let Err(e) = selftest::write(&mut window, &record) {
+            fatal(&e);
+        }
+        say!(
+            "selftest: record written (release {}, {} cpus, {} nodes, MemTotal {} kB)",
+            facts.release,
+            facts.cpu_count,
+            facts.nodes.len(),
+            facts.mem_total_kb
+        );
+        power_off();
+    }
+
+    say!("no agent yet: idling (SIGTERM, SIGINT, SIGPWR or SIGUSR2 power off)");
+    let sig = supervise::idle();
+    say!("{sig} received");
+    drop(window);
+    power_off();
 }

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod dtb;
 pub mod initramfs;
 pub mod plan;
+pub mod qemu;
 pub mod topology;
 pub mod units;
 

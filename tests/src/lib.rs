@@ -1,3 +1,299 @@
-//! Helpers for the end-to-end tests in `tests/tests/`: locating the built
-//! `mkctl` binary, the guest kernel cache and QEMU, and running scenarios that
-//! boot real kernels. The tests themselves live next to this crate.
+//! Helpers for the end-to-end tests in `tests/tests/`: where the repository
+//! and its cache are, the guest kernel and static guest-init that
+//! `qemu/setup.sh` prepares, scratch directories, and a QEMU runner with a
+//! timeout that keeps the console for the failure message.
+//!
+//! Missing artifacts are a failure with the message "run qemu/setup.sh first",
+//! never a silent skip: a test that did not boot anything must not pass.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use mkctl::initramfs::Initramfs;
+use mkctl::qemu::MachineSpec;
+
+/// What to tell a person whose machine lacks the artifacts.
+pub const SETUP_HINT: &str = "run qemu/setup.sh first";
+
+/// The repository root (this crate lives in `<root>/tests`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// `$MKCTL_CACHE`, or `<root>/.cache` (the same rule as qemu/setup.sh).
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("MKCTL_CACHE") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => repo_root().join(".cache"),
+    }
+}
+
+/// The guest kernel, its release and the static guest-init.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    /// `$MKCTL_KERNEL` or `<cache>/kernel/vmlinuz`.
+    pub kernel: PathBuf,
+    /// Contents of `<cache>/kernel/version` (what `uname -r` says in the guest).
+    pub kernel_release: String,
+    /// `$MKCTL_GUEST_INIT` or `<cache>/guest-init`.
+    pub guest_init: PathBuf,
+    /// The QEMU binary: `$MKCTL_QEMU` or `qemu-system-x86_64` on `PATH`.
+    pub qemu: PathBuf,
+}
+
+impl Artifacts {
+    /// Finds everything, or says what is missing.
+    pub fn locate() -> Result<Self, String> {
+        let cache = cache_dir();
+        let env_path = |var: &str| {
+            std::env::var_os(var)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        let kernel = env_path("MKCTL_KERNEL").unwrap_or_else(|| cache.join("kernel/vmlinuz"));
+        let explicit_init = env_path("MKCTL_GUEST_INIT");
+        let guest_init = explicit_init
+            .clone()
+            .unwrap_or_else(|| cache.join("guest-init"));
+        let version = cache.join("kernel/version");
+        for p in [&kernel, &guest_init, &version] {
+            if !p.is_file() {
+                return Err(format!("{} is missing", p.display()));
+            }
+        }
+        let kernel_release = fs::read_to_string(&version)
+            .map_err(|e| format!("cannot read {}: {e}", version.display()))?
+            .trim()
+            .to_string();
+        if explicit_init.is_none() {
+            check_not_stale(&guest_init)?;
+        }
+        let qemu = match env_path("MKCTL_QEMU") {
+            Some(q) => q,
+            None => find_on_path("qemu-system-x86_64")
+                .ok_or("qemu-system-x86_64 is not on PATH (Debian package qemu-system-x86)")?,
+        };
+        Ok(Self {
+            kernel,
+            kernel_release,
+            guest_init,
+            qemu,
+        })
+    }
+
+    /// [`Artifacts::locate`], failing the test with [`SETUP_HINT`] when
+    /// something is missing (in CI and outside it alike).
+    pub fn require() -> Self {
+        match Self::locate() {
+            Ok(a) => a,
+            Err(e) => {
+                let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+                panic!(
+                    "{SETUP_HINT}: {e}{}",
+                    if ci {
+                        " (CI: the setup step did not run or failed)"
+                    } else {
+                        ""
+                    }
+                )
+            }
+        }
+    }
+
+    /// The initramfs of a guest: the base layout and guest-init as `/init`.
+    pub fn initramfs(&self) -> Initramfs {
+        Initramfs::for_guest(&self.guest_init)
+            .unwrap_or_else(|e| panic!("building the initramfs: {}", mkctl::error_chain(&e)))
+    }
+}
+
+/// The cached guest-init must be newer than every source of the crate, or the
+/// test would boot yesterday's code.
+fn check_not_stale(bin: &Path) -> Result<(), String> {
+    let built = mtime(bin).ok_or_else(|| format!("cannot stat {}", bin.display()))?;
+    let src = repo_root().join("guest-init");
+    let mut newest = (SystemTime::UNIX_EPOCH, PathBuf::new());
+    let mut stack = vec![src.join("src"), src.join("Cargo.toml")];
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            for e in fs::read_dir(&p).into_iter().flatten().flatten() {
+                stack.push(e.path());
+            }
+        } else if let Some(t) = mtime(&p) {
+            if t > newest.0 {
+                newest = (t, p);
+            }
+        }
+    }
+    if newest.0 > built {
+        return Err(format!(
+            "{} is older than {} (guest-init changed since the last setup)",
+            bin.display(),
+            newest.1.display()
+        ));
+    }
+    Ok(())
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+fn find_on_path(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// A scratch directory under the system temp dir (short paths: Unix socket
+/// paths are limited to 107 bytes), removed on drop unless
+/// `MKCTL_E2E_KEEP` is set.
+#[derive(Debug)]
+pub struct Scratch {
+    /// Removes the directory on drop (`None` when kept).
+    _dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// A new directory named after the test.
+    pub fn new(test: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("mk-{test}-"))
+            .tempdir()
+            .expect("create scratch dir");
+        let path = dir.path().to_path_buf();
+        if std::env::var_os("MKCTL_E2E_KEEP").is_some() {
+            eprintln!("keeping {}", path.display());
+            Self {
+                _dir: None,
+                path: dir.keep(),
+            }
+        } else {
+            Self {
+                _dir: Some(dir),
+                path,
+            }
+        }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+/// A zero-filled file of `size` bytes (sparse).
+pub fn make_window_file(path: &Path, size: u64) {
+    let f = fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.set_len(size).expect("size window file");
+}
+
+/// The per-boot timeout: `$MKCTL_E2E_TIMEOUT` seconds, default 60.
+pub fn boot_timeout() -> Duration {
+    let secs = std::env::var("MKCTL_E2E_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
+/// How a QEMU run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Exit status; `None` when it was killed at the timeout.
+    pub status: Option<ExitStatus>,
+    /// From spawn to exit (or to the kill).
+    pub elapsed: Duration,
+    /// The serial console log.
+    pub console: String,
+    /// QEMU's own stderr (option errors, warnings).
+    pub stderr: String,
+}
+
+impl RunOutcome {
+    /// The last `n` lines of the console.
+    pub fn console_tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// What to print when an assertion about this run fails.
+    pub fn report(&self) -> String {
+        format!(
+            "QEMU {} after {:.1} s\n--- QEMU stderr ---\n{}\n--- console (last 40 lines) ---\n{}",
+            match self.status {
+                Some(s) => format!("exited with {s}"),
+                None => "was killed at the timeout".to_string(),
+            },
+            self.elapsed.as_secs_f64(),
+            self.stderr.trim_end(),
+            self.console_tail(40)
+        )
+    }
+
+    /// Fails unless QEMU exited by itself with status 0 (the guest powered
+    /// off) and the console shows guest-init's power-off line.
+    pub fn assert_powered_off(&self) {
+        assert!(
+            self.status.is_some_and(|s| s.success()),
+            "the guest did not power off by itself\n{}",
+            self.report()
+        );
+        assert!(
+            self.console.contains("guest-init: ") && self.console.contains("powering off"),
+            "QEMU exited, but not through guest-init's power-off\n{}",
+            self.report()
+        );
+    }
+}
+
+/// Starts QEMU for `spec`, waits until it exits or `timeout` passes (then
+/// kills it), and collects console and stderr. QEMU's stdout and stderr go to
+/// files next to the console log.
+pub fn run_qemu(spec: &MachineSpec, timeout: Duration) -> RunOutcome {
+    let mut cmd: Command = spec
+        .command()
+        .unwrap_or_else(|e| panic!("bad machine spec: {}", mkctl::error_chain(&e)));
+    let dir = spec.console.log.parent().unwrap_or(Path::new("."));
+    let out_path = dir.join(format!("{}.qemu-stdout", spec.name));
+    let err_path = dir.join(format!("{}.qemu-stderr", spec.name));
+    let out = fs::File::create(&out_path).expect("create qemu stdout file");
+    let err = fs::File::create(&err_path).expect("create qemu stderr file");
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", spec.qemu.display()));
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for qemu") {
+            break Some(s);
+        }
+        if start.elapsed() >= timeout {
+            // Only this child, by its own handle.
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = start.elapsed();
+    let read = |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned();
+    RunOutcome {
+        status,
+        elapsed,
+        console: read(&spec.console.log),
+        stderr: read(&err_path),
+    }
+}
