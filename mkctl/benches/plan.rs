@@ -27,7 +27,10 @@ fn time<F: FnMut()>(n: usize, mut f: F) -> Duration {
 }
 
 fn main() {
-    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/large.toml"));
+    let path = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/large.toml"
+    ));
     let text = std::fs::read_to_string(path).unwrap();
 
     let floor_parse = time(2000, || {
@@ -50,14 +53,22 @@ fn main() {
 
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!("mkctl plan on configs/large.toml (medians)");
-    println!("  {:<44} {:>10.1} µs", "TOML parse only (floor)", us(floor_parse));
+    println!(
+        "  {:<44} {:>10.1} µs",
+        "TOML parse only (floor)",
+        us(floor_parse)
+    );
     println!(
         "  {:<44} {:>10.1} µs  {:>6.1}x the parse",
         "load + validate + place + plan + render",
         us(in_process),
         us(in_process) / us(floor_parse)
     );
-    println!("  {:<44} {:>10.1} µs", "spawn /bin/true (floor)", us(spawn_floor));
+    println!(
+        "  {:<44} {:>10.1} µs",
+        "spawn /bin/true (floor)",
+        us(spawn_floor)
+    );
     println!(
         "  {:<44} {:>10.1} µs  {:>6.1}x the spawn",
         "`mkctl plan` as a command",

@@ -39,6 +39,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show what this machine has (CPUs, NUMA nodes, memory, APIC ids) and
+    /// what is already reserved (memmap=, isolcpus=, crashkernel=, the
+    /// multikernel pool), and whether the kexec backend can run here.
+    Host {
+        /// Print JSON for tools instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a topology file against every rule; print all problems at once.
     ///
     /// Each problem names the file, line and column, the instances involved
@@ -116,6 +124,7 @@ type Res = Result<i32, Box<dyn std::error::Error>>;
 
 fn dispatch(cli: Cli) -> Res {
     match cli.command {
+        Command::Host { json } => cmd_host(&cli.sysroot, json),
         Command::Validate { file, json } => cmd_validate(&cli.sysroot, &file, json),
         Command::Plan { file, json } => cmd_plan(&cli.sysroot, &file, json),
         Command::Dtb {
@@ -136,10 +145,22 @@ fn dispatch(cli: Cli) -> Res {
     }
 }
 
-/// The running machine as a topology `Machine`. Host discovery is not in
-/// yet: a topology without `[machine]` is reported as such.
-fn discover_machine(_sysroot: &Path) -> Option<crate::topology::Machine> {
-    None
+/// The running machine as a topology `Machine`, for files without
+/// `[machine]`; `None` (reported as such) when the host cannot be read.
+fn discover_machine(sysroot: &Path) -> Option<crate::topology::Machine> {
+    crate::host::HostInfo::discover(sysroot)
+        .ok()
+        .map(|h| crate::topology::Machine::from_host(&h))
+}
+
+fn cmd_host(sysroot: &Path, json: bool) -> Res {
+    let info = crate::host::HostInfo::discover(sysroot)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", info.render());
+    }
+    Ok(EXIT_OK)
 }
 
 /// Loads a topology; on failure prints the findings and returns the exit code.

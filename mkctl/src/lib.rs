@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod dtb;
+pub mod host;
 pub mod initramfs;
 pub mod plan;
 pub mod qemu;

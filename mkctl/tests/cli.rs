@@ -13,20 +13,26 @@ fn validate_exit_codes() {
         .arg(common::config("demo"))
         .assert()
         .code(0)
-        .stdout(predicate::str::contains("valid (2 instance(s), 0 warning(s))"));
+        .stdout(predicate::str::contains(
+            "valid (2 instance(s), 0 warning(s))",
+        ));
     cargo_bin_cmd!("mkctl")
         .arg("validate")
         .arg(common::config("invalid"))
         .assert()
         .code(1)
         .stderr(predicate::str::contains("invalid.toml:26:8"))
-        .stderr(predicate::str::contains("7 error(s), 0 warning(s); nothing was started"));
+        .stderr(predicate::str::contains(
+            "7 error(s), 0 warning(s); nothing was started",
+        ));
     // A file that cannot be read is a usage error, and says which file.
     cargo_bin_cmd!("mkctl")
         .args(["validate", "/no/such/topology.toml"])
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("cannot read topology file /no/such/topology.toml"));
+        .stderr(predicate::str::contains(
+            "cannot read topology file /no/such/topology.toml",
+        ));
     cargo_bin_cmd!("mkctl")
         .args(["validate", "--bogus"])
         .assert()
@@ -48,7 +54,10 @@ fn validate_json_lists_every_finding_with_location() {
     let conflict = ds.iter().find(|d| d["code"] == "cpu-conflict").unwrap();
     assert_eq!(conflict["line"], 26);
     assert_eq!(conflict["column"], 8);
-    assert_eq!(conflict["instances"], serde_json::json!(["alpha", "alpha (2nd)"]));
+    assert_eq!(
+        conflict["instances"],
+        serde_json::json!(["alpha", "alpha (2nd)"])
+    );
     assert!(conflict["help"].as_str().unwrap().contains("cpus = \"3\""));
 }
 
@@ -94,7 +103,9 @@ fn dtb_refuses_an_unknown_instance() {
         .arg(common::config("demo"))
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("has no instance \"gamma\"; it has: alpha, beta"));
+        .stderr(predicate::str::contains(
+            "has no instance \"gamma\"; it has: alpha, beta",
+        ));
 }
 
 #[test]
@@ -103,7 +114,9 @@ fn help_completions_and_man() {
         .arg("--help")
         .assert()
         .success()
-        .stdout(predicate::str::contains("Exit codes: 0 success; 1 invalid topology"));
+        .stdout(predicate::str::contains(
+            "Exit codes: 0 success; 1 invalid topology",
+        ));
     cargo_bin_cmd!("mkctl")
         .args(["completions", "bash"])
         .assert()

@@ -56,7 +56,10 @@ fn dtc_reads_back_every_instance() {
     let db = node(&dts, "db");
     assert!(db.contains("id = <0x02>;"), "{db}");
     let res = node(&dts, "resources");
-    assert!(res.contains("cpus = <0x04 0x05 0x06 0x07 0x08 0x09 0x0a 0x0b 0x0c 0x0d 0x0e 0x0f>;"), "{res}");
+    assert!(
+        res.contains("cpus = <0x04 0x05 0x06 0x07 0x08 0x09 0x0a 0x0b 0x0c 0x0d 0x0e 0x0f>;"),
+        "{res}"
+    );
     // 24G for edge; no memory-base because mkctl placed it.
     assert!(res.contains("memory-bytes = <0x06 0x00>;"), "{res}");
     assert!(!res.contains("memory-base"));
@@ -123,5 +126,8 @@ fn kerf_refuses_v1_and_names_the_difference() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "kerf: {stderr}");
-    assert!(stderr.contains("Missing /resources node"), "kerf said: {stderr}");
+    assert!(
+        stderr.contains("Missing /resources node"),
+        "kerf said: {stderr}"
+    );
 }

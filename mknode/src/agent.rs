@@ -347,6 +347,10 @@ impl Agent {
                 payload,
             } => {
                 let mut b = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+                // A burst starts at sequence 0: forget the previous one.
+                if seq == 0 {
+                    b.remove(&peer);
+                }
                 let s = b.entry(peer).or_default();
                 if seq == s.next_seq && wire::checksum(&payload) == checksum {
                     s.good += 1;
@@ -873,6 +877,13 @@ mod tests {
             thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(b.blob_report(0), (3000, 0, 3000));
+        // A second burst starts over at 0 and is counted afresh.
+        a.send_blobs(1, 10, 64, 7).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.blob_report(0).2 != 10 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(b.blob_report(0), (10, 0, 10));
         // Traffic b -> a on a's request.
         let r = a
             .call(1, Duration::from_secs(10), |req| Msg::SendBlobs {

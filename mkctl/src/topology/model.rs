@@ -32,6 +32,24 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// The running machine as host discovery saw it: each NUMA node with
+    /// its present CPUs and its memory ranges.
+    pub fn from_host(h: &crate::host::HostInfo) -> Machine {
+        let nodes = h
+            .nodes
+            .iter()
+            .map(|n| Node {
+                id: n.id,
+                cpus: n.cpus.intersection(&h.cpus.present),
+                memory: n.memory.clone(),
+            })
+            .collect();
+        Machine {
+            discovered: true,
+            nodes,
+        }
+    }
+
     /// All CPUs of the machine.
     pub fn cpus(&self) -> CpuSet {
         self.nodes
