@@ -1,0 +1,642 @@
+//! The two halves of a channel ([`Sender`], [`Receiver`]), their zero-copy
+//! slots, and blocking with a timeout and a watch on the peer's liveness.
+//!
+//! The index protocol itself is in `ring.rs`; this module binds it to a ring
+//! in the window, enforces one sender and one receiver per ring, and turns the
+//! protocol's outcomes into [`Error`]s that name the ring.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::endpoint::{EndpointInner, PeerState, PeerStatus, PeerWatch};
+use crate::error::Corruption;
+use crate::layout::{self, RingOffsets, FLAG_BROKEN};
+use crate::raw::{Lease, RingArea, RingPlace};
+use crate::ring::{Consumer, Frame, Producer, Reservation, RingMem, TryError};
+use crate::wait::Waiter;
+use crate::Error;
+
+/// A ring in the window, as the index protocol sees it.
+#[derive(Debug)]
+pub(crate) struct WindowRing {
+    area: RingArea,
+    own_flags: usize,
+    peer_flags: usize,
+}
+
+impl RingMem for WindowRing {
+    fn capacity(&self) -> u64 {
+        self.area.capacity() as u64
+    }
+    fn load_head(&self, order: Ordering) -> u64 {
+        self.area.head().load(order)
+    }
+    fn store_head(&self, value: u64, order: Ordering) {
+        self.area.head().store(value, order);
+    }
+    fn load_tail(&self, order: Ordering) -> u64 {
+        self.area.tail().load(order)
+    }
+    fn store_tail(&self, value: u64, order: Ordering) {
+        self.area.tail().store(value, order);
+    }
+    fn load_word(&self, pos: u64) -> u64 {
+        // Ordered by the Acquire load of head that made this frame visible.
+        self.area.data_word(pos).load(Ordering::Relaxed)
+    }
+    fn store_word(&self, pos: u64, value: u64) {
+        // Ordered by the Release store of head that will publish it.
+        self.area.data_word(pos).store(value, Ordering::Relaxed);
+    }
+    fn write_payload(&self, off: u64, src: &[u8]) {
+        let ok = self.area.copy_in(off as usize, src);
+        debug_assert!(ok, "reservations never wrap");
+    }
+    fn read_payload(&self, off: u64, len: usize, dst: &mut Vec<u8>) {
+        let ok = self.area.append_to(off as usize, len, dst);
+        debug_assert!(ok, "validated frames never wrap");
+    }
+    fn peer_flagged(&self) -> bool {
+        self.area
+            .region()
+            .word(self.peer_flags)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & FLAG_BROKEN != 0)
+    }
+    fn flag_broken(&self) {
+        if let Some(w) = self.area.region().word(self.own_flags) {
+            w.fetch_or(FLAG_BROKEN, Ordering::Relaxed);
+        }
+    }
+}
+
+fn offset(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+/// One half held by this process: registered in the window's process-local
+/// table and stamped into the ring's claim word, both undone on drop.
+#[derive(Debug)]
+struct Hold {
+    endpoint: Arc<EndpointInner>,
+    key: (u64, bool),
+    claim: usize,
+}
+
+impl Hold {
+    fn take(
+        endpoint: &Arc<EndpointInner>,
+        ring: RingOffsets,
+        (from, to): (u16, u16),
+    ) -> Result<Hold, Error> {
+        let sender = from == endpoint.id;
+        let key = (ring.data, sender);
+        let inner = endpoint.window.inner();
+        let mut held = inner.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if !held.insert(key) {
+            return Err(Error::AlreadyClaimed {
+                role: if sender { "sender" } else { "receiver" },
+                from,
+                to,
+            });
+        }
+        let claim = offset(ring.control)
+            + if sender {
+                layout::C_PRODUCER_CLAIM as usize
+            } else {
+                layout::C_CONSUMER_CLAIM as usize
+            };
+        if let Some(w) = inner.region.word(claim) {
+            w.store(endpoint.generation, Ordering::Relaxed);
+        }
+        Ok(Hold {
+            endpoint: Arc::clone(endpoint),
+            key,
+            claim,
+        })
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let inner = self.endpoint.window.inner();
+        if let Some(w) = inner.region.word(self.claim) {
+            let _ = w.compare_exchange(
+                self.endpoint.generation,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+fn window_ring(
+    endpoint: &EndpointInner,
+    from: u16,
+    to: u16,
+) -> Result<(RingOffsets, WindowRing), Error> {
+    let layout = endpoint.window.layout();
+    let ring = layout.ring(from, to).ok_or(Error::NoSuchEndpoint {
+        id: from.max(to),
+        endpoints: layout.endpoints(),
+    })?;
+    let control = offset(ring.control);
+    let place = RingPlace {
+        head: control + layout::C_HEAD as usize,
+        tail: control + layout::C_TAIL as usize,
+        data: offset(ring.data),
+        capacity: offset(ring.capacity),
+    };
+    let region = Arc::clone(&endpoint.window.inner().region);
+    let area = RingArea::new(region, place).ok_or(Error::OutOfBounds {
+        offset: ring.data,
+        len: ring.capacity,
+        size: endpoint.window.inner().region.len() as u64,
+    })?;
+    let producer_flags = control + layout::C_PRODUCER_FLAGS as usize;
+    let consumer_flags = control + layout::C_CONSUMER_FLAGS as usize;
+    let sender_side = from == endpoint.id;
+    let (own_flags, peer_flags) = if sender_side {
+        (producer_flags, consumer_flags)
+    } else {
+        (consumer_flags, producer_flags)
+    };
+    Ok((
+        ring,
+        WindowRing {
+            area,
+            own_flags,
+            peer_flags,
+        },
+    ))
+}
+
+/// Clears both rings between `endpoint` and `peer` (see
+/// [`crate::Endpoint::reset_channel`]).
+pub(crate) fn reset(endpoint: &EndpointInner, peer: u16) -> Result<(), Error> {
+    let inner = endpoint.window.inner();
+    let held = inner.held.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut rings = Vec::with_capacity(2);
+    for (from, to) in [(endpoint.id, peer), (peer, endpoint.id)] {
+        let (ring, _) = window_ring(endpoint, from, to)?;
+        for sender in [true, false] {
+            if held.contains(&(ring.data, sender)) {
+                return Err(Error::AlreadyClaimed {
+                    role: if sender { "sender" } else { "receiver" },
+                    from,
+                    to,
+                });
+            }
+        }
+        rings.push(ring);
+    }
+    for ring in rings {
+        for word in [
+            layout::C_HEAD,
+            layout::C_PRODUCER_CLAIM,
+            layout::C_PRODUCER_FLAGS,
+            layout::C_TAIL,
+            layout::C_CONSUMER_CLAIM,
+            layout::C_CONSUMER_FLAGS,
+        ] {
+            if let Some(w) = inner.region.word(offset(ring.control + word)) {
+                w.store(0, Ordering::Release);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a blocking call found when it looked up from waiting.
+fn look_up(
+    endpoint: &EndpointInner,
+    watch: &mut PeerWatch,
+    peer: u16,
+    now: Instant,
+    deadline: Option<Instant>,
+    waiter: &Waiter,
+    (from, to): (u16, u16),
+) -> Result<(), Error> {
+    endpoint.check_current()?;
+    let (state, beat) = endpoint.entry_words(peer);
+    let status = watch.observe(peer, state, beat, now, &endpoint.liveness);
+    match status.state {
+        PeerState::Dead => {
+            return Err(Error::PeerDead {
+                peer,
+                quiet: status.quiet,
+            })
+        }
+        PeerState::Gone => return Err(Error::PeerGone { peer }),
+        PeerState::Absent | PeerState::Alive | PeerState::Silent => {}
+    }
+    if deadline.is_some_and(|d| now >= d) {
+        return Err(Error::Timeout {
+            from,
+            to,
+            waited: now.saturating_duration_since(waiter.start()),
+        });
+    }
+    Ok(())
+}
+
+/// The sending half of a channel: the only producer of ring `from -> to`.
+///
+/// Frames sent with the `*_batched` calls or committed with
+/// [`SendSlot::commit_batched`] become visible together at the next
+/// [`Sender::flush`] (or any non-batched send or commit), so a burst costs the
+/// receiver one cache-line transfer of the write position. Dropping a sender
+/// flushes it.
+#[derive(Debug)]
+pub struct Sender {
+    producer: Producer<WindowRing>,
+    watch: PeerWatch,
+    peer: u16,
+    hold: Hold,
+}
+
+impl Sender {
+    pub(crate) fn open(endpoint: Arc<EndpointInner>, peer: u16) -> Result<Sender, Error> {
+        let (ring, mem) = window_ring(&endpoint, endpoint.id, peer)?;
+        let hold = Hold::take(&endpoint, ring, (endpoint.id, peer))?;
+        Ok(Sender {
+            producer: Producer::new(mem),
+            watch: PeerWatch::new(),
+            peer,
+            hold,
+        })
+    }
+
+    /// The producing endpoint (this side).
+    pub fn from(&self) -> u16 {
+        self.hold.endpoint.id
+    }
+
+    /// The consuming endpoint (the peer).
+    pub fn to(&self) -> u16 {
+        self.peer
+    }
+
+    /// Largest message this ring accepts.
+    pub fn max_message(&self) -> usize {
+        usize::try_from(self.producer.max_payload()).unwrap_or(usize::MAX)
+    }
+
+    /// Why this ring is broken, if it is; a broken ring stays broken.
+    pub fn broken(&self) -> Option<Corruption> {
+        self.producer.broken()
+    }
+
+    fn error(&self, e: TryError) -> Error {
+        let (from, to) = (self.from(), self.to());
+        match e {
+            TryError::Full => Error::Full { from, to },
+            TryError::Empty => Error::Empty { from, to },
+            TryError::TooLarge { len, max } => Error::TooLarge { len, max },
+            TryError::Broken(cause) => Error::Broken { from, to, cause },
+        }
+    }
+
+    fn put(&mut self, msg: &[u8], publish: bool) -> Result<(), TryError> {
+        let r = self.producer.try_reserve(msg.len())?;
+        self.producer.fill(&r, msg);
+        self.producer.commit(r);
+        if publish {
+            self.producer.publish();
+        }
+        Ok(())
+    }
+
+    /// Sends `msg` as one frame and publishes it, or fails at once with
+    /// [`Error::Full`] (retry later), [`Error::TooLarge`] or [`Error::Broken`].
+    pub fn try_send(&mut self, msg: &[u8]) -> Result<(), Error> {
+        self.put(msg, true).map_err(|e| self.error(e))
+    }
+
+    /// Like [`Sender::try_send`] but leaves the frame unpublished until the
+    /// next [`Sender::flush`]. When the ring is full, what was batched is
+    /// published before `Full` is returned, so the receiver can make room.
+    pub fn try_send_batched(&mut self, msg: &[u8]) -> Result<(), Error> {
+        self.put(msg, false).map_err(|e| self.error(e))
+    }
+
+    /// Publishes every batched frame with one store.
+    pub fn flush(&mut self) {
+        self.producer.publish();
+    }
+
+    /// Whether batched frames are waiting for [`Sender::flush`].
+    pub fn has_unflushed(&self) -> bool {
+        self.producer.has_unpublished()
+    }
+
+    /// Sends `msg`, waiting up to `timeout` for room (spin, yield, then sleep).
+    /// Fails with [`Error::Timeout`] when the time is up, [`Error::PeerDead`]
+    /// or [`Error::PeerGone`] when the receiver stopped, [`Error::Superseded`]
+    /// when this endpoint was attached again elsewhere.
+    pub fn send(&mut self, msg: &[u8], timeout: Duration) -> Result<(), Error> {
+        self.send_inner(msg, timeout, true)
+    }
+
+    /// [`Sender::send`] without publishing (see [`Sender::try_send_batched`]).
+    pub fn send_batched(&mut self, msg: &[u8], timeout: Duration) -> Result<(), Error> {
+        self.send_inner(msg, timeout, false)
+    }
+
+    fn send_inner(&mut self, msg: &[u8], timeout: Duration, publish: bool) -> Result<(), Error> {
+        let r = self.reserve_inner(msg.len(), timeout)?;
+        self.producer.fill(&r, msg);
+        self.producer.commit(r);
+        if publish {
+            self.producer.publish();
+        }
+        Ok(())
+    }
+
+    fn reserve_inner(&mut self, len: usize, timeout: Duration) -> Result<Reservation, Error> {
+        let mut waiter = Waiter::new();
+        let deadline = waiter.start().checked_add(timeout);
+        loop {
+            match self.producer.try_reserve(len) {
+                Ok(r) => return Ok(r),
+                Err(TryError::Full) => {}
+                Err(e) => return Err(self.error(e)),
+            }
+            if let Some(now) = waiter.pause() {
+                let ring = (self.from(), self.to());
+                if let Err(e) = look_up(
+                    &self.hold.endpoint,
+                    &mut self.watch,
+                    self.peer,
+                    now,
+                    deadline,
+                    &waiter,
+                    ring,
+                ) {
+                    // The receiver may have made room just before it left.
+                    return self.producer.try_reserve(len).map_err(|_| e);
+                }
+            }
+        }
+    }
+
+    fn slot(&mut self, r: Reservation) -> Result<SendSlot<'_>, Error> {
+        let lease = self.producer.mem().area.lease(
+            r.payload_offset(self.producer.mem().capacity()) as usize,
+            r.len(),
+        );
+        match lease {
+            Some(lease) => Ok(SendSlot {
+                sender: self,
+                res: r,
+                lease,
+            }),
+            // Unreachable: reservations never run past the data area.
+            None => Err(Error::OutOfBounds {
+                offset: r.payload_offset(self.producer.mem().capacity()),
+                len: r.len() as u64,
+                size: self.producer.mem().capacity(),
+            }),
+        }
+    }
+
+    /// Reserves room for a `len`-byte message to fill in place (zero copy).
+    /// Nothing is visible to the receiver until [`SendSlot::commit`]; a slot
+    /// dropped without commit is abandoned.
+    pub fn try_reserve(&mut self, len: usize) -> Result<SendSlot<'_>, Error> {
+        let r = self.producer.try_reserve(len).map_err(|e| self.error(e))?;
+        self.slot(r)
+    }
+
+    /// [`Sender::try_reserve`], waiting up to `timeout` for room.
+    pub fn reserve(&mut self, len: usize, timeout: Duration) -> Result<SendSlot<'_>, Error> {
+        let r = self.reserve_inner(len, timeout)?;
+        self.slot(r)
+    }
+
+    /// The receiving peer's state, as this sender has watched it.
+    pub fn peer_status(&mut self) -> PeerStatus {
+        let (state, beat) = self.hold.endpoint.entry_words(self.peer);
+        let liveness = self.hold.endpoint.liveness;
+        self.watch
+            .observe(self.peer, state, beat, Instant::now(), &liveness)
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.producer.publish();
+    }
+}
+
+/// Room for one message inside the ring, filled in place. `DerefMut<[u8]>` of
+/// exactly the reserved length.
+#[derive(Debug)]
+pub struct SendSlot<'a> {
+    sender: &'a mut Sender,
+    res: Reservation,
+    lease: Lease,
+}
+
+impl SendSlot<'_> {
+    /// Commits the message and publishes it (with everything batched before).
+    pub fn commit(self) {
+        let SendSlot { sender, res, .. } = self;
+        sender.producer.commit(res);
+        sender.producer.publish();
+    }
+
+    /// Commits the message without publishing it (see [`Sender::flush`]).
+    pub fn commit_batched(self) {
+        let SendSlot { sender, res, .. } = self;
+        sender.producer.commit(res);
+    }
+}
+
+impl Deref for SendSlot<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.sender.producer.mem().area.bytes(&self.lease)
+    }
+}
+
+impl DerefMut for SendSlot<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.sender.producer.mem().area.bytes_mut(&mut self.lease)
+    }
+}
+
+/// The receiving half of a channel: the only consumer of ring `from -> to`.
+#[derive(Debug)]
+pub struct Receiver {
+    consumer: Consumer<WindowRing>,
+    watch: PeerWatch,
+    peer: u16,
+    hold: Hold,
+}
+
+impl Receiver {
+    pub(crate) fn open(endpoint: Arc<EndpointInner>, peer: u16) -> Result<Receiver, Error> {
+        let (ring, mem) = window_ring(&endpoint, peer, endpoint.id)?;
+        let hold = Hold::take(&endpoint, ring, (peer, endpoint.id))?;
+        Ok(Receiver {
+            consumer: Consumer::new(mem),
+            watch: PeerWatch::new(),
+            peer,
+            hold,
+        })
+    }
+
+    /// The producing endpoint (the peer).
+    pub fn from(&self) -> u16 {
+        self.peer
+    }
+
+    /// The consuming endpoint (this side).
+    pub fn to(&self) -> u16 {
+        self.hold.endpoint.id
+    }
+
+    /// Why this ring is broken, if it is; a broken ring stays broken.
+    pub fn broken(&self) -> Option<Corruption> {
+        self.consumer.broken()
+    }
+
+    fn error(&self, e: TryError) -> Error {
+        let (from, to) = (self.from(), self.to());
+        match e {
+            TryError::Full => Error::Full { from, to },
+            TryError::Empty => Error::Empty { from, to },
+            TryError::TooLarge { len, max } => Error::TooLarge { len, max },
+            TryError::Broken(cause) => Error::Broken { from, to, cause },
+        }
+    }
+
+    fn take(&mut self, f: Frame, buf: &mut Vec<u8>) -> usize {
+        buf.clear();
+        self.consumer.read(&f, buf);
+        self.consumer.release(f);
+        buf.len()
+    }
+
+    /// Moves the next message into `buf` (replacing its contents) and returns
+    /// its length, or fails at once with [`Error::Empty`] (retry later) or
+    /// [`Error::Broken`].
+    pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<usize, Error> {
+        let f = self.consumer.try_peek().map_err(|e| self.error(e))?;
+        Ok(self.take(f, buf))
+    }
+
+    /// Receives the next message into `buf`, waiting up to `timeout` (spin,
+    /// yield, then sleep). Fails with [`Error::Timeout`] when the time is up,
+    /// [`Error::PeerDead`] or [`Error::PeerGone`] when the ring is empty and
+    /// the sender stopped, [`Error::Broken`] on corrupt data.
+    pub fn recv(&mut self, buf: &mut Vec<u8>, timeout: Duration) -> Result<usize, Error> {
+        let f = self.wait(timeout)?;
+        Ok(self.take(f, buf))
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<Frame, Error> {
+        let mut waiter = Waiter::new();
+        let deadline = waiter.start().checked_add(timeout);
+        loop {
+            match self.consumer.try_peek() {
+                Ok(f) => return Ok(f),
+                Err(TryError::Empty) => {}
+                Err(e) => return Err(self.error(e)),
+            }
+            if let Some(now) = waiter.pause() {
+                let ring = (self.from(), self.to());
+                if let Err(e) = look_up(
+                    &self.hold.endpoint,
+                    &mut self.watch,
+                    self.peer,
+                    now,
+                    deadline,
+                    &waiter,
+                    ring,
+                ) {
+                    // A last message may have been published just before the
+                    // sender left: deliver it first.
+                    return self.consumer.try_peek().map_err(|_| e);
+                }
+            }
+        }
+    }
+
+    fn slot(&mut self, f: Frame) -> Result<RecvSlot<'_>, Error> {
+        match self
+            .consumer
+            .mem()
+            .area
+            .lease(f.offset as usize, f.len as usize)
+        {
+            Some(lease) => Ok(RecvSlot {
+                receiver: self,
+                frame: f,
+                lease,
+            }),
+            // Unreachable: validated frames never run past the data area.
+            None => Err(Error::OutOfBounds {
+                offset: f.offset,
+                len: u64::from(f.len),
+                size: self.consumer.mem().capacity(),
+            }),
+        }
+    }
+
+    /// The next message in place (zero copy), without consuming it: it stays
+    /// in the ring until [`RecvSlot::release`].
+    pub fn try_peek(&mut self) -> Result<RecvSlot<'_>, Error> {
+        let f = self.consumer.try_peek().map_err(|e| self.error(e))?;
+        self.slot(f)
+    }
+
+    /// [`Receiver::try_peek`], waiting up to `timeout` for a message.
+    pub fn peek(&mut self, timeout: Duration) -> Result<RecvSlot<'_>, Error> {
+        let f = self.wait(timeout)?;
+        self.slot(f)
+    }
+
+    /// The sending peer's state, as this receiver has watched it.
+    pub fn peer_status(&mut self) -> PeerStatus {
+        let (state, beat) = self.hold.endpoint.entry_words(self.peer);
+        let liveness = self.hold.endpoint.liveness;
+        self.watch
+            .observe(self.peer, state, beat, Instant::now(), &liveness)
+    }
+}
+
+/// One received message, in place. `Deref<[u8]>`. The bytes live in shared
+/// memory: a misbehaving peer could change them while you look, so copy
+/// before validating anything that must not change under you.
+#[derive(Debug)]
+pub struct RecvSlot<'a> {
+    receiver: &'a mut Receiver,
+    frame: Frame,
+    lease: Lease,
+}
+
+impl RecvSlot<'_> {
+    /// Consumes the message and gives its room back to the sender.
+    pub fn release(self) {
+        let RecvSlot {
+            receiver, frame, ..
+        } = self;
+        receiver.consumer.release(frame);
+    }
+}
+
+impl Deref for RecvSlot<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.receiver.consumer.mem().area.bytes(&self.lease)
+    }
+}

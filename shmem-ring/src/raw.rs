@@ -1,0 +1,316 @@
+//! The unsafe core: owns the mapped pointer and nothing else may touch it.
+//!
+//! Everything above this module works with byte offsets into the window and
+//! calls the bounds-checked operations here:
+//!
+//! - [`Region::word`]: a `&AtomicU64` at an 8-aligned offset inside the window,
+//! - [`Region::write_bytes`] / [`Region::read_bytes`] / [`Region::zero`]: copies,
+//! - [`RingArea`]: one ring's control words and data area, checked once when it
+//!   is built, so the hot path needs only a mask or one comparison per access.
+//!
+//! # The safety argument
+//!
+//! The window is *foreign memory*: another process or another kernel may write
+//! any byte of it at any time, and it lives as long as the `memmap2::MmapRaw`
+//! owned by [`Region`]. Hence:
+//!
+//! 1. Every access is bounds-checked against the mapping's length before a
+//!    pointer is formed, so nothing outside the window is ever read or written.
+//! 2. Words that steer control flow (indices, frame headers, directory entries)
+//!    are read through `AtomicU64` exactly once into a local, then validated by
+//!    the caller. `AtomicU64` has interior mutability, so a `&AtomicU64` to a word
+//!    that others modify concurrently is allowed, and every bit pattern is a
+//!    valid `u64`. The mapping's base is page aligned (checked: 8-aligned) and
+//!    offsets are checked to be multiples of 8, so the atomics are aligned.
+//! 3. Payload bytes are copied with `ptr::copy` (memmove: memcpy speed, no
+//!    assumption that source and destination are disjoint) or exposed as `[u8]`
+//!    slices, only over ranges that the ring protocol (Acquire/Release on the
+//!    positions, `ring.rs`) assigns to the caller's role at that moment; a
+//!    well-behaved peer does not touch them concurrently. A hostile peer can
+//!    still change those bytes under us; as every bit pattern is a valid `u8`
+//!    and no index is ever taken from payload bytes inside this crate, the worst
+//!    outcome is wrong payload bytes, which the protocol above must check anyway.
+//!    Volatile copies were not used because they cannot be vectorised and would
+//!    cost the 4 KiB throughput target; nothing relies on a payload byte being
+//!    read exactly once.
+//! 4. Within this process, a range is handed out as `&mut [u8]` only through a
+//!    [`Lease`] borrowed mutably, and `ring.rs` creates a lease only for the
+//!    free space of a ring whose single [`crate::Sender`] it belongs to (or the
+//!    filled space for the single [`crate::Receiver`]); those two ranges are
+//!    disjoint by the index protocol that the loom model checks.
+
+use std::ptr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+/// A mapped window: the only owner of the raw pointer.
+#[derive(Debug)]
+pub(crate) struct Region {
+    map: memmap2::MmapRaw,
+}
+
+impl Region {
+    /// Wraps a mapping. Fails with the mapping's address when it is not 8-byte
+    /// aligned (possible only for a mapping at an odd offset of a device file).
+    pub(crate) fn new(map: memmap2::MmapRaw) -> Result<Region, usize> {
+        let addr = map.as_ptr() as usize;
+        if !addr.is_multiple_of(8) {
+            return Err(addr);
+        }
+        Ok(Region { map })
+    }
+
+    /// Length of the mapping in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn in_bounds(&self, off: usize, len: usize) -> bool {
+        off.checked_add(len)
+            .is_some_and(|end| end <= self.map.len())
+    }
+
+    /// The 64-bit word at `off`, if `off` is 8-aligned and the word lies inside
+    /// the window.
+    pub(crate) fn word(&self, off: usize) -> Option<&AtomicU64> {
+        if !off.is_multiple_of(8) || !self.in_bounds(off, 8) {
+            return None;
+        }
+        // SAFETY: `off + 8 <= len` (checked above), so the 8 bytes lie inside the
+        // mapping, which stays mapped while `self` (and so the returned borrow)
+        // lives. The base is 8-aligned (checked in `new`) and `off % 8 == 0`, so
+        // the pointer is aligned for `AtomicU64`. Concurrent writers elsewhere
+        // are allowed by `AtomicU64`'s interior mutability; any bits are a valid
+        // `u64` (safety argument, points 1 and 2).
+        Some(unsafe { &*self.map.as_mut_ptr().add(off).cast::<AtomicU64>() })
+    }
+
+    /// Copies `src` into the window at `off`; `None` (nothing written) if the
+    /// range is not inside the window.
+    pub(crate) fn write_bytes(&self, off: usize, src: &[u8]) -> Option<()> {
+        if !self.in_bounds(off, src.len()) {
+            return None;
+        }
+        // SAFETY: the destination range [off, off + src.len()) is inside the
+        // mapping (checked above); `ptr::copy` allows overlap should `src` itself
+        // point into the window; u8 has no alignment or validity requirement.
+        unsafe { ptr::copy(src.as_ptr(), self.map.as_mut_ptr().add(off), src.len()) };
+        Some(())
+    }
+
+    /// Copies window bytes at `off` into `dst`; `None` (nothing read) if the
+    /// range is not inside the window.
+    pub(crate) fn read_bytes(&self, off: usize, dst: &mut [u8]) -> Option<()> {
+        if !self.in_bounds(off, dst.len()) {
+            return None;
+        }
+        // SAFETY: the source range is inside the mapping (checked above); `dst`
+        // is a unique borrow of `dst.len()` bytes; `ptr::copy` allows overlap;
+        // any byte value is a valid u8 (safety argument, point 3).
+        unsafe { ptr::copy(self.map.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) };
+        Some(())
+    }
+
+    /// Sets `len` bytes at `off` to zero; `None` if the range is not inside the
+    /// window.
+    pub(crate) fn zero(&self, off: usize, len: usize) -> Option<()> {
+        if !self.in_bounds(off, len) {
+            return None;
+        }
+        // SAFETY: the range is inside the mapping (checked above).
+        unsafe { ptr::write_bytes(self.map.as_mut_ptr().add(off), 0, len) };
+        Some(())
+    }
+}
+
+/// Where one ring lives in the window, as byte offsets (see `layout.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RingPlace {
+    /// The producer-owned word holding the write position.
+    pub(crate) head: usize,
+    /// The consumer-owned word holding the read position.
+    pub(crate) tail: usize,
+    /// Start of the data area.
+    pub(crate) data: usize,
+    /// Size of the data area: a power of two, multiple of 8.
+    pub(crate) capacity: usize,
+}
+
+/// One ring's control words and data area, bounds-checked once.
+#[derive(Debug)]
+pub(crate) struct RingArea {
+    region: Arc<Region>,
+    place: RingPlace,
+}
+
+/// A checked byte range inside a ring's data area, handed to one role (module
+/// doc, point 4). Not `Clone`: one lease gives at most one `&mut [u8]` at a time.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    off: usize,
+    len: usize,
+}
+
+impl RingArea {
+    /// Checks that both control words and the whole data area lie inside the
+    /// window and are 8-aligned, and that the capacity is a power of two.
+    pub(crate) fn new(region: Arc<Region>, place: RingPlace) -> Option<RingArea> {
+        let ok = place.capacity.is_power_of_two()
+            && place.capacity >= 8
+            && place.data.is_multiple_of(8)
+            && region.in_bounds(place.data, place.capacity)
+            && region.word(place.head).is_some()
+            && region.word(place.tail).is_some();
+        ok.then_some(RingArea { region, place })
+    }
+
+    /// Size of the data area in bytes.
+    pub(crate) fn capacity(&self) -> usize {
+        self.place.capacity
+    }
+
+    /// The window this ring lives in.
+    pub(crate) fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+
+    fn control(&self, off: usize) -> &AtomicU64 {
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= self.region.len());
+        // SAFETY: `off` is `place.head` or `place.tail`, both checked by `new`
+        // to be aligned words inside the mapping, which lives as long as
+        // `self.region`; see `Region::word` for why a shared `&AtomicU64` is fine.
+        unsafe { &*self.region.map.as_mut_ptr().add(off).cast::<AtomicU64>() }
+    }
+
+    /// The write position word.
+    pub(crate) fn head(&self) -> &AtomicU64 {
+        self.control(self.place.head)
+    }
+
+    /// The read position word.
+    pub(crate) fn tail(&self) -> &AtomicU64 {
+        self.control(self.place.tail)
+    }
+
+    /// The data-area word containing byte `pos mod capacity`, rounded down to 8.
+    pub(crate) fn data_word(&self, pos: u64) -> &AtomicU64 {
+        // Truncating `pos` is intended: only its low bits select the offset.
+        #[allow(clippy::cast_possible_truncation)]
+        let off = (pos as usize) & (self.place.capacity - 1) & !7;
+        // SAFETY: `off < capacity` (mask with a power of two) and `off % 8 == 0`,
+        // so with `capacity % 8 == 0` the word lies inside the data area, which
+        // `new` checked is inside the mapping with an 8-aligned start.
+        unsafe {
+            &*self
+                .region
+                .map
+                .as_mut_ptr()
+                .add(self.place.data + off)
+                .cast::<AtomicU64>()
+        }
+    }
+
+    /// A lease on `len` bytes at data-area offset `off`, if they fit inside the
+    /// data area without wrapping.
+    pub(crate) fn lease(&self, off: usize, len: usize) -> Option<Lease> {
+        let end = off.checked_add(len)?;
+        (end <= self.place.capacity).then_some(Lease { off, len })
+    }
+
+    /// Checks (again) that a lease is inside this ring's data area: a lease of
+    /// another ring with a larger capacity must not reach outside the window.
+    fn lease_ptr(&self, lease: &Lease) -> Option<*mut u8> {
+        if lease.off.checked_add(lease.len)? > self.place.capacity {
+            return None;
+        }
+        // SAFETY: `data + off + len <= data + capacity`, inside the mapping
+        // (checked by `new`), so the pointer stays within the same allocation.
+        Some(unsafe {
+            self.region
+                .map
+                .as_mut_ptr()
+                .add(self.place.data + lease.off)
+        })
+    }
+
+    /// The leased bytes, read-only (a receiver's view of a frame).
+    pub(crate) fn bytes<'a>(&'a self, lease: &'a Lease) -> &'a [u8] {
+        match self.lease_ptr(lease) {
+            // SAFETY: the range is inside the mapping (lease_ptr) and lives as
+            // long as `self`; `ring.rs` leases to the consumer only published
+            // frames, which the producer does not write until the consumer moves
+            // its read position past them (module doc, points 3 and 4).
+            Some(p) => unsafe { std::slice::from_raw_parts(p, lease.len) },
+            None => &[],
+        }
+    }
+
+    /// The leased bytes, writable (a sender's slot). The `&mut Lease` makes the
+    /// slice unique for its lifetime.
+    pub(crate) fn bytes_mut<'a>(&'a self, lease: &'a mut Lease) -> &'a mut [u8] {
+        match self.lease_ptr(lease) {
+            // SAFETY: the range is inside the mapping (lease_ptr) and lives as
+            // long as `self`; `ring.rs` leases to the producer only free space,
+            // which the consumer does not read until it is published, and the
+            // unique borrow of the lease prevents a second slice over it
+            // (module doc, points 3 and 4).
+            Some(p) => unsafe { std::slice::from_raw_parts_mut(p, lease.len) },
+            None => &mut [],
+        }
+    }
+
+    /// Copies `src` to data-area offset `off`; false (nothing written) if it
+    /// would not fit before the end of the data area.
+    pub(crate) fn copy_in(&self, off: usize, src: &[u8]) -> bool {
+        match off.checked_add(src.len()) {
+            Some(end) if end <= self.place.capacity => self
+                .region
+                .write_bytes(self.place.data + off, src)
+                .is_some(),
+            _ => false,
+        }
+    }
+
+    /// Appends `len` bytes from data-area offset `off` to `dst`; false (nothing
+    /// appended) if they would not fit before the end of the data area.
+    pub(crate) fn append_to(&self, off: usize, len: usize, dst: &mut Vec<u8>) -> bool {
+        match self.lease(off, len) {
+            Some(lease) => {
+                dst.extend_from_slice(self.bytes(&lease));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Heap bytes for the loom model of the index protocol (`loom_model.rs`):
+/// loom checks every access against the happens-before order its atomics
+/// build and fails the model on any pair of accesses that is not ordered.
+#[cfg(all(test, loom))]
+#[derive(Debug)]
+pub(crate) struct LoomCells(Vec<loom::cell::UnsafeCell<u8>>);
+
+#[cfg(all(test, loom))]
+impl LoomCells {
+    pub(crate) fn new(len: usize) -> LoomCells {
+        LoomCells((0..len).map(|_| loom::cell::UnsafeCell::new(0)).collect())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn read(&self, i: usize) -> u8 {
+        // SAFETY: the pointer is to a live element of the Vec; loom runs one
+        // thread at a time, so the read never physically overlaps a write, and
+        // loom itself reports a read not ordered after the last write.
+        self.0[i % self.0.len()].with(|p| unsafe { *p })
+    }
+
+    pub(crate) fn write(&self, i: usize, v: u8) {
+        // SAFETY: as in `read`; loom reports a write not ordered after every
+        // earlier read and write of the cell.
+        self.0[i % self.0.len()].with_mut(|p| unsafe { *p = v });
+    }
+}

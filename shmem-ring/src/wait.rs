@@ -1,0 +1,104 @@
+//! How a blocking call waits: spin, then yield, then sleep with exponential
+//! back-off. No futex or other kernel wake-up: the other side may be another
+//! kernel, and on this kind of machine a blocking hand-off between two vCPUs
+//! costs ~25 µs anyway, so the spin phase covers tens of microseconds.
+
+use std::hint::spin_loop;
+use std::time::{Duration, Instant};
+
+/// Spin this long before yielding the CPU.
+pub const SPIN_FOR: Duration = Duration::from_micros(50);
+/// Then yield for this long before sleeping.
+pub const YIELD_FOR: Duration = Duration::from_micros(100);
+/// First sleep; it doubles on each round up to [`MAX_SLEEP`].
+pub const FIRST_SLEEP: Duration = Duration::from_micros(10);
+/// Longest sleep between two polls.
+pub const MAX_SLEEP: Duration = Duration::from_millis(1);
+
+/// How many spin rounds between two clock reads.
+const SPINS_PER_CHECK: u32 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Spin,
+    Yield,
+    Sleep,
+}
+
+/// The state of one wait.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    start: Instant,
+    phase: Phase,
+    spins: u32,
+    sleep: Duration,
+}
+
+impl Waiter {
+    pub(crate) fn new() -> Waiter {
+        Waiter {
+            start: Instant::now(),
+            phase: Phase::Spin,
+            spins: 0,
+            sleep: FIRST_SLEEP,
+        }
+    }
+
+    /// When the wait began.
+    pub(crate) fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// Waits one round. Returns the current time every so often (every round
+    /// once spinning is over): the caller then checks its deadline and the
+    /// peer's liveness, which are too costly to check on every spin.
+    pub(crate) fn pause(&mut self) -> Option<Instant> {
+        match self.phase {
+            Phase::Spin => {
+                spin_loop();
+                self.spins = self.spins.wrapping_add(1);
+                if !self.spins.is_multiple_of(SPINS_PER_CHECK) {
+                    return None;
+                }
+                let now = Instant::now();
+                if now.duration_since(self.start) >= SPIN_FOR {
+                    self.phase = Phase::Yield;
+                }
+                Some(now)
+            }
+            Phase::Yield => {
+                std::thread::yield_now();
+                let now = Instant::now();
+                if now.duration_since(self.start) >= SPIN_FOR + YIELD_FOR {
+                    self.phase = Phase::Sleep;
+                }
+                Some(now)
+            }
+            Phase::Sleep => {
+                std::thread::sleep(self.sleep);
+                self.sleep = (self.sleep * 2).min(MAX_SLEEP);
+                Some(Instant::now())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backs_off_to_sleeping_and_caps_the_sleep() {
+        let mut w = Waiter::new();
+        let mut polls = 0u32;
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(30) {
+            w.pause();
+            polls += 1;
+        }
+        assert_eq!(w.phase, Phase::Sleep);
+        assert_eq!(w.sleep, MAX_SLEEP);
+        // Spinning polls often; sleeping keeps the rest of 30 ms to a few dozen.
+        assert!(polls > 100, "{polls} polls");
+    }
+}
