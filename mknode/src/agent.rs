@@ -58,6 +58,14 @@ struct BlobStats {
 }
 
 #[derive(Debug)]
+struct LinkEntry {
+    link: Arc<dyn Link>,
+    /// Tells this link's receive thread to stop.
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
 struct ExecState {
     pid: u32,
     stdin: Option<Sender<Option<Vec<u8>>>>,
@@ -67,7 +75,7 @@ struct ExecState {
 #[derive(Debug)]
 pub struct Agent {
     id: u16,
-    links: RwLock<HashMap<u16, Arc<dyn Link>>>,
+    links: RwLock<HashMap<u16, LinkEntry>>,
     next_req: AtomicU32,
     next_ping: AtomicU64,
     /// Answers to our requests, by (peer, req).
@@ -132,17 +140,48 @@ impl Agent {
         self.bad_frames.load(Ordering::Relaxed)
     }
 
-    /// Adds a link to `peer` and starts serving it.
+    /// Adds a link to `peer` and starts serving it (replacing, and
+    /// stopping, any link it had to that peer).
     pub fn add_link(self: &Arc<Self>, peer: u16, link: Arc<dyn Link>) {
+        self.remove_link(peer);
+        let stop = Arc::new(AtomicBool::new(false));
+        let me = Arc::clone(self);
+        let (l, st) = (Arc::clone(&link), Arc::clone(&stop));
+        let thread = thread::Builder::new()
+            .name(format!("mknode-rx-{peer}"))
+            .spawn(move || me.serve(peer, l, st))
+            .expect("spawning a thread");
         self.links
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(peer, Arc::clone(&link));
-        let me = Arc::clone(self);
-        thread::Builder::new()
-            .name(format!("mknode-rx-{peer}"))
-            .spawn(move || me.serve(peer, link))
-            .expect("spawning a thread");
+            .insert(
+                peer,
+                LinkEntry {
+                    link,
+                    stop,
+                    thread: Some(thread),
+                },
+            );
+    }
+
+    /// Stops serving `peer` and lets go of the link (its receive thread has
+    /// exited when this returns, so the transport's halves are free again).
+    /// Requests waiting on that peer fail.
+    pub fn remove_link(&self, peer: u16) {
+        let entry = self
+            .links
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer);
+        if let Some(mut e) = entry {
+            e.stop.store(true, Ordering::SeqCst);
+            if let Some(t) = e.thread.take() {
+                if t.thread().id() != thread::current().id() {
+                    let _ = t.join();
+                }
+            }
+            self.fail_peer(peer, "the link was removed");
+        }
     }
 
     /// Stops the receive threads (they notice within 100 ms).
@@ -155,7 +194,7 @@ impl Agent {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&peer)
-            .cloned()
+            .map(|e| Arc::clone(&e.link))
             .ok_or(AgentError::NoLink(peer))
     }
 
@@ -217,10 +256,10 @@ impl Agent {
             .remove(&(peer, req));
     }
 
-    fn serve(self: Arc<Self>, peer: u16, link: Arc<dyn Link>) {
+    fn serve(self: Arc<Self>, peer: u16, link: Arc<dyn Link>, stop: Arc<AtomicBool>) {
         let mut buf = Vec::new();
         let mut warned = false;
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.stop.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
             match link.recv(&mut buf, Duration::from_millis(100)) {
                 Ok(false) => continue,
                 Ok(true) => match Msg::decode(&buf) {
@@ -235,19 +274,24 @@ impl Agent {
                 },
                 Err(e) => {
                     eprintln!("mknode: link to endpoint {peer} closed: {e}");
-                    self.fail_pending(peer, &e.to_string());
-                    self.links
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&peer);
+                    self.fail_peer(peer, &e.to_string());
+                    let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
+                    // Only our own entry: a newer link may have replaced it.
+                    if links
+                        .get(&peer)
+                        .is_some_and(|e| Arc::ptr_eq(&e.stop, &stop))
+                    {
+                        links.remove(&peer);
+                    }
                     return;
                 }
             }
         }
     }
 
-    /// Every request waiting on a lost peer gets a `Failed` answer.
-    fn fail_pending(&self, peer: u16, why: &str) {
+    /// Every request waiting on `peer` gets a `Failed` answer (the peer is
+    /// lost, or stopped).
+    pub fn fail_peer(&self, peer: u16, why: &str) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let keys: Vec<_> = p.keys().filter(|k| k.0 == peer).copied().collect();
         for k in keys {
@@ -829,6 +873,38 @@ mod tests {
         assert_eq!(out, input);
         let (_, _, st) = run(&a, 1, &["sh", "-c", "kill -9 $$"], None);
         assert_eq!(st, ExitStatus::Signal(9));
+    }
+
+    #[test]
+    fn exec_over_a_shared_memory_ring() {
+        let w =
+            shmem_ring::Window::anonymous(shmem_ring::Layout::with_capacity(2, 128 << 10).unwrap())
+                .unwrap();
+        let (e0, e1) = (w.attach(0).unwrap(), w.attach(1).unwrap());
+        let hooks = || Hooks {
+            power_off: Box::new(|| {}),
+            info: Box::new(kernel_info),
+        };
+        let a = Agent::new(0, ChildWait::PerChild, hooks());
+        let b = Agent::new(1, ChildWait::PerChild, hooks());
+        a.add_link(1, Arc::new(crate::link::RingLink::open(&e0, 1).unwrap()));
+        b.add_link(0, Arc::new(crate::link::RingLink::open(&e1, 0).unwrap()));
+        // 3 MB through stdin and back: many times the ring's capacity, so
+        // flow control across the ring is exercised both ways.
+        let input: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let (out, _, st) = run(&a, 1, &["cat"], Some(&input));
+        assert_eq!(st, ExitStatus::Code(0));
+        assert_eq!(out.len(), input.len());
+        assert!(out == input, "content differs");
+        // Removing the link frees the channel halves for a reset.
+        a.remove_link(1);
+        assert!(matches!(
+            a.call(1, Duration::from_millis(100), |req| Msg::InfoRequest {
+                req
+            }),
+            Err(AgentError::NoLink(1))
+        ));
+        assert!(e0.channel(1).is_ok());
     }
 
     #[test]

@@ -8,3 +8,16 @@
 pub mod agent;
 pub mod link;
 pub mod wire;
+
+/// An error and its causes joined with ": " (each message says only its
+/// own part).
+pub fn error_text(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
