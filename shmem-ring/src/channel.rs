@@ -218,15 +218,15 @@ pub(crate) fn reset(endpoint: &EndpointInner, peer: u16) -> Result<(), Error> {
 fn look_up(
     endpoint: &EndpointInner,
     watch: &mut PeerWatch,
-    peer: u16,
+    (peer, progress): (u16, u64),
     now: Instant,
     deadline: Option<Instant>,
     waiter: &Waiter,
     (from, to): (u16, u16),
 ) -> Result<(), Error> {
     endpoint.check_current()?;
-    let (state, beat) = endpoint.entry_words(peer);
-    let status = watch.observe(peer, state, beat, now, &endpoint.liveness);
+    let words = endpoint.entry_words(peer);
+    let status = watch.observe(peer, words, progress, now, &endpoint.liveness);
     match status.state {
         PeerState::Dead => {
             return Err(Error::PeerDead {
@@ -371,10 +371,11 @@ impl Sender {
             }
             if let Some(now) = waiter.pause() {
                 let ring = (self.from(), self.to());
+                let progress = self.progress();
                 if let Err(e) = look_up(
                     &self.hold.endpoint,
                     &mut self.watch,
-                    self.peer,
+                    (self.peer, progress),
                     now,
                     deadline,
                     &waiter,
@@ -421,12 +422,19 @@ impl Sender {
         self.slot(r)
     }
 
-    /// The receiving peer's state, as this sender has watched it.
+    /// The receiving peer's state, as this sender has watched it (its
+    /// heartbeat, or the receiver making room, count as signs of life).
     pub fn peer_status(&mut self) -> PeerStatus {
-        let (state, beat) = self.hold.endpoint.entry_words(self.peer);
+        let words = self.hold.endpoint.entry_words(self.peer);
         let liveness = self.hold.endpoint.liveness;
+        let progress = self.progress();
         self.watch
-            .observe(self.peer, state, beat, Instant::now(), &liveness)
+            .observe(self.peer, words, progress, Instant::now(), &liveness)
+    }
+
+    /// How far the receiver has read, as last seen.
+    fn progress(&self) -> u64 {
+        self.producer.seen_tail()
     }
 }
 
@@ -554,10 +562,11 @@ impl Receiver {
             }
             if let Some(now) = waiter.pause() {
                 let ring = (self.from(), self.to());
+                let progress = self.progress();
                 if let Err(e) = look_up(
                     &self.hold.endpoint,
                     &mut self.watch,
-                    self.peer,
+                    (self.peer, progress),
                     now,
                     deadline,
                     &waiter,
@@ -605,12 +614,19 @@ impl Receiver {
         self.slot(f)
     }
 
-    /// The sending peer's state, as this receiver has watched it.
+    /// The sending peer's state, as this receiver has watched it (its
+    /// heartbeat, or new messages, count as signs of life).
     pub fn peer_status(&mut self) -> PeerStatus {
-        let (state, beat) = self.hold.endpoint.entry_words(self.peer);
+        let words = self.hold.endpoint.entry_words(self.peer);
         let liveness = self.hold.endpoint.liveness;
+        let progress = self.progress();
         self.watch
-            .observe(self.peer, state, beat, Instant::now(), &liveness)
+            .observe(self.peer, words, progress, Instant::now(), &liveness)
+    }
+
+    /// How far the sender has written, as last seen.
+    fn progress(&self) -> u64 {
+        self.consumer.seen_head()
     }
 }
 

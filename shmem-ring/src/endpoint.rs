@@ -73,10 +73,11 @@ pub struct PeerStatus {
     pub quiet: Duration,
 }
 
-/// One observer's memory of a peer's directory entry.
+/// One observer's memory of a peer's directory entry (and of the progress of
+/// the ring it shares with the peer: a peer that moves data is alive).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PeerWatch {
-    seen: Option<(u64, u64)>,
+    seen: Option<(u64, u64, u64)>,
     changed_at: Instant,
 }
 
@@ -88,18 +89,21 @@ impl PeerWatch {
         }
     }
 
-    /// Judges the peer from its entry words, read now. The first observation
-    /// counts as a change: a peer gets `dead_after` from when we start looking.
+    /// Judges the peer from its entry words, read now, and `progress` (a ring
+    /// position that moves only when the peer works the ring). The first
+    /// observation counts as a change: a peer gets `dead_after` from when we
+    /// start looking.
     pub(crate) fn observe(
         &mut self,
         id: u16,
-        state_word: u64,
-        heartbeat: u64,
+        (state_word, heartbeat): (u64, u64),
+        progress: u64,
         now: Instant,
         liveness: &Liveness,
     ) -> PeerStatus {
-        if self.seen != Some((state_word, heartbeat)) {
-            self.seen = Some((state_word, heartbeat));
+        let seen = (state_word, heartbeat, progress);
+        if self.seen != Some(seen) {
+            self.seen = Some(seen);
             self.changed_at = now;
         }
         let quiet = now.saturating_duration_since(self.changed_at);
@@ -296,14 +300,14 @@ impl Endpoint {
                 endpoints,
             });
         }
-        let (state, beat) = self.inner.entry_words(peer);
+        let words = self.inner.entry_words(peer);
         let mut watches = self
             .inner
             .watches
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let watch = &mut watches[usize::from(peer)];
-        Ok(watch.observe(peer, state, beat, Instant::now(), &self.inner.liveness))
+        Ok(watch.observe(peer, words, 0, Instant::now(), &self.inner.liveness))
     }
 
     /// Opens the duplex channel to `peer`: the sender of ring `self -> peer`

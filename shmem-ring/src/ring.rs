@@ -171,6 +171,11 @@ impl<M: RingMem> Producer<M> {
         self.broken
     }
 
+    /// The consumer's position as last seen.
+    pub(crate) fn seen_tail(&self) -> u64 {
+        self.tail
+    }
+
     /// Largest payload: a frame may fill the whole data area.
     pub(crate) fn max_payload(&self) -> u64 {
         self.cap - FRAME_HEADER
@@ -341,6 +346,11 @@ impl<M: RingMem> Consumer<M> {
 
     pub(crate) fn broken(&self) -> Option<Corruption> {
         self.broken
+    }
+
+    /// The producer's position as last seen.
+    pub(crate) fn seen_head(&self) -> u64 {
+        self.head
     }
 
     fn fail(&mut self, c: Corruption) -> TryError {
