@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod dtb;
 pub mod host;
 pub mod initramfs;
+pub mod kexec;
 pub mod plan;
 pub mod qemu;
 pub mod topology;

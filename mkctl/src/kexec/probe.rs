@@ -1,0 +1,233 @@
+//! What the host offers the kexec backend, read from a sysroot without
+//! touching anything: the multikernel filesystem (registered, mounted,
+//! which generation, what it holds) and the two kernel options the backend
+//! needs. [`preflight`] turns that into a go or a [`Refusal`].
+//!
+//! `host.rs` reads the kernel configuration and the CPU → APIC id map for
+//! `mkctl host`; the config reader here is the minimum `preflight` needs
+//! (two options) and can be replaced by host.rs's once that lands.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::topology::{Backend, Topology};
+
+use super::Generation;
+
+/// Where the multikernel filesystem lives (`kernel/multikernel/kernfs.c`:
+/// `sysfs_create_mount_point(fs_kobj, "multikernel")`).
+pub const MK_MOUNT: &str = "sys/fs/multikernel";
+
+/// The multikernel filesystem as seen under a sysroot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FsState {
+    /// `/sys/fs/multikernel` exists (the kernel creates it when built with
+    /// `CONFIG_MULTIKERNEL`).
+    pub mount_point: bool,
+    /// `multikernel` is listed in `/proc/filesystems`.
+    pub registered: bool,
+    /// `/proc/mounts` has a `multikernel` mount there.
+    pub mounted: bool,
+    /// Told by what the mounted filesystem holds (`overlays/` = current).
+    pub generation: Option<Generation>,
+    /// `instances/<name>/{id,status}`.
+    pub instances: Vec<InstanceState>,
+}
+
+/// One instance as the kernel lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InstanceState {
+    pub name: String,
+    pub id: Option<u32>,
+    /// `empty`, `ready`, `loaded` (`loading` in v1), `active`, `failed`.
+    pub status: Option<String>,
+}
+
+/// Reads the multikernel filesystem's state under `sysroot`.
+pub fn probe(sysroot: &Path) -> FsState {
+    let mk = sysroot.join(MK_MOUNT);
+    let registered = std::fs::read_to_string(sysroot.join("proc/filesystems"))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.split_whitespace().last() == Some("multikernel"))
+        })
+        .unwrap_or(false);
+    let mounted = std::fs::read_to_string(sysroot.join("proc/mounts"))
+        .map(|s| {
+            s.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() >= 3 && f[1] == "/sys/fs/multikernel" && f[2] == "multikernel"
+            })
+        })
+        .unwrap_or(false);
+    let generation = mounted.then(|| {
+        if mk.join("overlays").is_dir() {
+            Generation::Current
+        } else {
+            Generation::V1
+        }
+    });
+    let mut instances = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(mk.join("instances")) {
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for name in names {
+            let dir = mk.join("instances").join(&name);
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            };
+            instances.push(InstanceState {
+                id: read("id").and_then(|s| s.parse().ok()),
+                status: read("status"),
+                name,
+            });
+        }
+    }
+    FsState {
+        mount_point: mk.is_dir(),
+        registered,
+        mounted,
+        generation,
+        instances,
+    }
+}
+
+/// A kernel build configuration: `CONFIG_*` options and where they came
+/// from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelConfig {
+    pub source: PathBuf,
+    pub options: BTreeMap<String, String>,
+}
+
+impl KernelConfig {
+    /// Parses `.config` text (`CONFIG_X=y`, `# CONFIG_X is not set`).
+    pub fn parse(source: PathBuf, text: &str) -> Self {
+        let options = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .filter(|(k, _)| k.starts_with("CONFIG_"))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect();
+        Self { source, options }
+    }
+
+    /// True when `option` is built in (`=y`).
+    pub fn enabled(&self, option: &str) -> bool {
+        self.options.get(option).map(String::as_str) == Some("y")
+    }
+}
+
+/// The running kernel's configuration, from `/proc/config.gz` or
+/// `/boot/config-<release>` under `sysroot`; `None` when neither is there.
+pub fn read_kernel_config(sysroot: &Path) -> Option<KernelConfig> {
+    let gz = sysroot.join("proc/config.gz");
+    if let Ok(raw) = std::fs::read(&gz) {
+        let mut text = String::new();
+        if flate2::read::GzDecoder::new(&raw[..])
+            .take(16 << 20)
+            .read_to_string(&mut text)
+            .is_ok()
+        {
+            return Some(KernelConfig::parse(PathBuf::from("/proc/config.gz"), &text));
+        }
+    }
+    let release = std::fs::read_to_string(sysroot.join("proc/sys/kernel/osrelease")).ok()?;
+    let rel = format!("boot/config-{}", release.trim());
+    let text = std::fs::read_to_string(sysroot.join(&rel)).ok()?;
+    Some(KernelConfig::parse(PathBuf::from("/").join(rel), &text))
+}
+
+/// Why the kexec backend will not run here. Nothing was touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The instances that asked for `backend = "kexec"`.
+    pub instances: Vec<String>,
+    /// What is missing, one item each.
+    pub missing: Vec<String>,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "cannot boot {} with backend = \"kexec\": this host has no Linux multikernel interface",
+            self.instances
+                .iter()
+                .map(|n| format!("\"{n}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+        for m in &self.missing {
+            writeln!(f, "  - {m}")?;
+        }
+        write!(
+            f,
+            "Nothing was changed. Boot a host kernel built from GitHub multikernel/linux \
+             (tag v7.0-mk2 or later) with CONFIG_MULTIKERNEL=y and CONFIG_KEXEC_FILE=y, \
+             or set backend = \"qemu\" for these instances (in [defaults] or per instance) \
+             to run them as QEMU guests."
+        )
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Checks, before anything is touched, that the host can boot the
+/// topology's `kexec` instances; lists everything missing at once. A
+/// topology without kexec instances passes. Returns the generation when
+/// the filesystem is mounted already.
+pub fn preflight(sysroot: &Path, topology: &Topology) -> Result<Option<Generation>, Refusal> {
+    let instances: Vec<String> = topology
+        .instances
+        .iter()
+        .filter(|i| i.backend == Backend::Kexec)
+        .map(|i| i.name.clone())
+        .collect();
+    if instances.is_empty() {
+        return Ok(None);
+    }
+    let fs = probe(sysroot);
+    let config = read_kernel_config(sysroot);
+    let mut missing = Vec::new();
+    if !fs.mount_point && !fs.registered {
+        missing.push(
+            "the multikernel filesystem: /sys/fs/multikernel does not exist and \
+             /proc/filesystems does not list \"multikernel\""
+                .to_string(),
+        );
+    }
+    match &config {
+        Some(c) => {
+            for opt in ["CONFIG_MULTIKERNEL", "CONFIG_KEXEC_FILE"] {
+                if !c.enabled(opt) {
+                    missing.push(format!("{opt} is not set ({})", c.source.display()));
+                }
+            }
+        }
+        None if !missing.is_empty() => missing.push(
+            "the kernel configuration (neither /proc/config.gz nor /boot/config-<release> \
+             is readable) to confirm CONFIG_MULTIKERNEL and CONFIG_KEXEC_FILE"
+                .to_string(),
+        ),
+        None => {}
+    }
+    if !cfg!(target_arch = "x86_64") {
+        missing.push(format!(
+            "x86_64: mkctl maps CPUs to x86 APIC ids only, and this is {}",
+            std::env::consts::ARCH
+        ));
+    }
+    if missing.is_empty() {
+        Ok(fs.generation)
+    } else {
+        Err(Refusal { instances, missing })
+    }
+}
