@@ -79,6 +79,8 @@
 mod channel;
 mod endpoint;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod layout;
 mod raw;
 mod ring;

@@ -27,8 +27,8 @@ use std::sync::atomic::Ordering;
 use crate::error::Corruption;
 use crate::layout::FRAME_HEADER;
 
-const KIND_DATA: u16 = 0xD47A;
-const KIND_PAD: u16 = 0x9AD0;
+pub(crate) const KIND_DATA: u16 = 0xD47A;
+pub(crate) const KIND_PAD: u16 = 0x9AD0;
 
 /// The memory one ring lives in.
 pub(crate) trait RingMem {
@@ -460,6 +460,183 @@ impl<M: RingMem> Consumer<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz::HeapRing;
+
+    fn send(p: &mut Producer<&HeapRing>, msg: &[u8]) -> Result<(), TryError> {
+        let r = p.try_reserve(msg.len())?;
+        p.fill(&r, msg);
+        p.commit(r);
+        p.publish();
+        Ok(())
+    }
+
+    fn recv(c: &mut Consumer<&HeapRing>) -> Result<Vec<u8>, TryError> {
+        let f = c.try_peek()?;
+        let mut v = Vec::new();
+        c.read(&f, &mut v);
+        c.release(f);
+        Ok(v)
+    }
+
+    fn broken<T: std::fmt::Debug>(r: Result<T, TryError>) -> Corruption {
+        match r {
+            Err(TryError::Broken(c)) => c,
+            other => panic!("expected a broken ring, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn head_may_not_move_back_jump_past_a_capacity_or_be_misaligned() {
+        for bad in [u64::MAX - 7, 64 + 8, 4, 1 << 40] {
+            let ring = HeapRing::new(64);
+            let mut p = Producer::new(&ring);
+            let mut c = Consumer::new(&ring);
+            send(&mut p, &[1; 8]).unwrap();
+            assert_eq!(recv(&mut c).unwrap(), [1; 8]);
+            // head = tail = 16 now; a valid head lies in 16..=80.
+            (&ring).store_head(bad.wrapping_add(16), Ordering::Relaxed);
+            let cause = broken(c.try_peek());
+            assert!(
+                matches!(cause, Corruption::HeadOutOfRange { .. }),
+                "{cause}"
+            );
+            // Sticky, even once the head looks fine again.
+            (&ring).store_head(16, Ordering::Relaxed);
+            assert_eq!(broken(c.try_peek()), cause);
+        }
+    }
+
+    #[test]
+    fn tail_may_not_pass_what_was_published() {
+        let ring = HeapRing::new(64);
+        let mut p = Producer::new(&ring);
+        send(&mut p, &[1; 8]).unwrap();
+        send(&mut p, &[2; 8]).unwrap();
+        send(&mut p, &[3; 8]).unwrap();
+        send(&mut p, &[4; 8]).unwrap();
+        // Full: the producer must reload the tail, which claims too much.
+        (&ring).store_tail(72, Ordering::Relaxed);
+        let cause = broken(p.try_reserve(8));
+        assert_eq!(
+            cause,
+            Corruption::TailOutOfRange {
+                tail: 72,
+                lowest: 0,
+                highest: 64
+            }
+        );
+    }
+
+    #[test]
+    fn frames_must_fit_before_the_end_and_before_the_head() {
+        let cap = 64;
+        // Valid check, but the frame runs past the end of the data area.
+        let ring = HeapRing::new(cap);
+        (&ring).store_word(48, encode(48, 9, KIND_DATA));
+        (&ring).store_tail(48, Ordering::Relaxed);
+        (&ring).store_head(48 + 16, Ordering::Relaxed);
+        let mut c = Consumer::new(&ring);
+        assert_eq!(
+            broken(c.try_peek()),
+            Corruption::FrameLength {
+                len: 9,
+                offset: 48,
+                capacity: 64
+            }
+        );
+        // Valid check, fits the area, but ends after the published head.
+        let ring = HeapRing::new(cap);
+        (&ring).store_word(0, encode(0, 16, KIND_DATA));
+        (&ring).store_head(16, Ordering::Relaxed);
+        let mut c = Consumer::new(&ring);
+        assert_eq!(
+            broken(c.try_peek()),
+            Corruption::FrameBeyondHead {
+                pos: 0,
+                end: 24,
+                head: 16
+            }
+        );
+        // A huge length.
+        let ring = HeapRing::new(cap);
+        (&ring).store_word(0, encode(0, u32::MAX, KIND_DATA));
+        (&ring).store_head(64, Ordering::Relaxed);
+        let mut c = Consumer::new(&ring);
+        assert!(matches!(
+            broken(c.try_peek()),
+            Corruption::FrameLength { len: u32::MAX, .. }
+        ));
+    }
+
+    #[test]
+    fn padding_must_cover_exactly_the_rest_of_the_area() {
+        let ring = HeapRing::new(64);
+        (&ring).store_word(32, encode(32, 8, KIND_PAD));
+        (&ring).store_tail(32, Ordering::Relaxed);
+        (&ring).store_head(64, Ordering::Relaxed);
+        let mut c = Consumer::new(&ring);
+        assert_eq!(
+            broken(c.try_peek()),
+            Corruption::Padding {
+                pos: 32,
+                len: 8,
+                expected: 24
+            }
+        );
+    }
+
+    #[test]
+    fn a_stale_frame_from_the_previous_lap_is_caught() {
+        let ring = HeapRing::new(64);
+        let mut p = Producer::new(&ring);
+        let mut c = Consumer::new(&ring);
+        for i in 0..4u8 {
+            send(&mut p, &[i; 8]).unwrap();
+            recv(&mut c).unwrap();
+        }
+        // Everything consumed at 64; a head claiming one more lap would show
+        // the old frames, whose checks name positions 0..64.
+        (&ring).store_head(64 + 16, Ordering::Relaxed);
+        assert!(matches!(
+            broken(c.try_peek()),
+            Corruption::FrameHeader { pos: 64, .. }
+        ));
+    }
+
+    #[test]
+    fn a_message_as_large_as_the_ring_always_gets_through() {
+        let ring = HeapRing::new(64);
+        let mut p = Producer::new(&ring);
+        let mut c = Consumer::new(&ring);
+        let big: Vec<u8> = (0..56).collect();
+        for offset in [0usize, 8, 16, 40, 56] {
+            if offset > 0 {
+                // Move both positions so the big frame starts at `offset`.
+                send(&mut p, &vec![0; offset - 8]).unwrap();
+                recv(&mut c).unwrap();
+            }
+            loop {
+                match send(&mut p, &big) {
+                    Ok(()) => break,
+                    Err(TryError::Full) => assert_eq!(c.try_peek().err(), Some(TryError::Empty)),
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            assert_eq!(recv(&mut c).unwrap(), big);
+        }
+        assert_eq!(
+            p.try_reserve(57).err(),
+            Some(TryError::TooLarge { len: 57, max: 56 })
+        );
+    }
+
+    #[test]
+    fn fuzz_entry_survives_simple_inputs() {
+        crate::fuzz::frame_decoder(&[]);
+        crate::fuzz::frame_decoder(&[0xff; 400]);
+        crate::fuzz::frame_decoder(&[1; 400]);
+        crate::fuzz::frame_decoder(&[2; 333]);
+    }
 
     #[test]
     fn header_round_trips_and_depends_on_position() {
