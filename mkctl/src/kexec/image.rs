@@ -224,15 +224,38 @@ fn decompress(format: Compression, payload: &[u8]) -> Result<Vec<u8>, ImageError
                 .map_err(|e| err(Box::new(e)))?;
         }
         Compression::Xz => {
-            let mut r = std::io::BufReader::new(payload);
+            // The stream ends with its footer magic "YZ"; the 4-byte size
+            // the build appends after it would read as a second stream.
+            let stream = match payload.len().checked_sub(4) {
+                Some(n) if !payload.ends_with(b"YZ") && payload[..n].ends_with(b"YZ") => {
+                    &payload[..n]
+                }
+                _ => payload,
+            };
+            let mut r = std::io::BufReader::new(stream);
             let mut w = Capped::new(&mut out);
             lzma_rs::xz_decompress(&mut r, &mut w).map_err(|e| capped_or(&w, err(Box::new(e))))?;
         }
         Compression::Lzma => {
-            let mut r = std::io::BufReader::new(payload);
-            let mut w = Capped::new(&mut out);
-            lzma_rs::lzma_decompress(&mut r, &mut w)
-                .map_err(|e| capped_or(&w, err(Box::new(e))))?;
+            // .lzma has no footer: try without the appended 4-byte size
+            // first, then the whole payload.
+            let short = &payload[..payload.len().saturating_sub(4)];
+            let mut last = None;
+            for input in [short, payload] {
+                out.clear();
+                let mut r = std::io::BufReader::new(input);
+                let mut w = Capped::new(&mut out);
+                match lzma_rs::lzma_decompress(&mut r, &mut w) {
+                    Ok(()) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(capped_or(&w, err(Box::new(e)))),
+                }
+            }
+            if let Some(e) = last {
+                return Err(e);
+            }
         }
         Compression::Zstd => {
             let dec =
