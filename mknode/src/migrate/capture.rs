@@ -1,0 +1,827 @@
+//! Origin side: freeze every thread of a process under ptrace, read its
+//! state, and stream its image. A [`Frozen`] process is resumed untouched
+//! when the value is dropped, so a migration that fails anywhere leaves the
+//! original running; only [`Frozen::kill`] ends it.
+//!
+//! Capture changes nothing the process can observe: the few syscalls it
+//! injects (to read `clear_child_tid`, `sigaltstack` and signal actions,
+//! which no `/proc` file shows) run with all signals blocked, use 64 bytes of
+//! the process's own writable memory as scratch and put those bytes, the
+//! registers and the signal mask back before anything else happens.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{IoSliceMut, Write};
+use std::marker::PhantomData;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use super::image::{
+    AltStack, FpKind, Header, ImageMeta, ImageStats, ImageWriter, KernelFingerprint, Mapping,
+    MappingKind, MmFields, ProcessInfo, Rseq, SigAction, SigInfo, ThreadState, FLAG_ZERO_RUNS,
+    MAPF_GROWSDOWN, PAGE, PROT_R, PROT_W, PROT_X, USER_TOP,
+};
+use super::inject::{inject, ptrace_err, wait, Call};
+use super::precheck::{check_at, Blocker, Refusal};
+use super::procfs::{MapsEntry, ProcDir};
+use super::{sys, SysError};
+
+/// Why a capture failed. The process is running again when this is
+/// returned (the partial [`Frozen`] was dropped).
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("capture of process {pid}")]
+    Sys {
+        pid: i32,
+        #[source]
+        source: SysError,
+    },
+    #[error("reading /proc/{pid}/{what}")]
+    Proc {
+        pid: i32,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("thread {tid} of process {pid} is not a 64-bit x86 thread (cs={cs:#x})")]
+    NotX86_64 { pid: i32, tid: i32, cs: u64 },
+    #[error(
+        "process {pid} has no [vdso]: capture needs its syscall instruction and restore its image"
+    )]
+    NoVdso { pid: i32 },
+    #[error("process {pid} did not settle: threads kept appearing")]
+    Unstable { pid: i32 },
+    #[error("writing the image of process {pid}")]
+    Image {
+        pid: i32,
+        #[source]
+        source: super::image::ImageError,
+    },
+}
+
+/// How to write an image.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageOptions {
+    /// Mark all-zero pages instead of carrying their bytes.
+    pub skip_zero_pages: bool,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions {
+            skip_zero_pages: true,
+        }
+    }
+}
+
+/// A process with every thread stopped under our ptrace. Dropping it resumes
+/// the process exactly where it was. Not `Send`: ptrace requests are only
+/// accepted from the thread that attached.
+#[derive(Debug)]
+pub struct Frozen {
+    pid: Pid,
+    /// Leader first.
+    tids: Vec<Pid>,
+    meta: Option<ImageMeta>,
+    live: bool,
+    _not_send: PhantomData<*const ()>,
+}
+
+const PR_GET_TID_ADDRESS: u64 = 40;
+const ATTEMPTS: usize = 64;
+
+/// Freezes `pid`: refuses (without touching it) if the pre-check fails,
+/// seizes and interrupts every thread until no new one appears, checks again
+/// under freeze, and reads all state but memory.
+pub fn freeze(pid: i32) -> Result<Frozen, CaptureError> {
+    super::precheck::check_migratable(pid)?;
+    let mut f = Frozen {
+        pid: Pid::from_raw(pid),
+        tids: Vec::new(),
+        meta: None,
+        live: true,
+        _not_send: PhantomData,
+    };
+    f.seize_all()?;
+    // The answer that counts: nothing can change any more.
+    // Our own trace (tracer = this thread) and its stop are expected now.
+    let me = std::process::id() as i32;
+    let tracer = nix::unistd::gettid().as_raw();
+    match check_at(Path::new("/proc"), pid, me) {
+        Ok(_) => {}
+        Err(Refusal::Blocked { pid, blockers }) => {
+            let rest: Vec<Blocker> = blockers
+                .into_iter()
+                .filter(|b| match b {
+                    Blocker::Traced { tracer: t } => *t != tracer,
+                    Blocker::State { state } => *state != 't',
+                    _ => true,
+                })
+                .collect();
+            if !rest.is_empty() {
+                return Err(Refusal::Blocked {
+                    pid,
+                    blockers: rest,
+                }
+                .into());
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let meta = f.read_state()?;
+    f.meta = Some(meta);
+    Ok(f)
+}
+
+fn map_kind(m: &MapsEntry) -> Option<MappingKind> {
+    Some(match m.name.as_str() {
+        "[vsyscall]" => return None,
+        "[heap]" => MappingKind::Heap,
+        "[stack]" => MappingKind::Stack,
+        "[vdso]" => MappingKind::Vdso,
+        "[vvar]" => MappingKind::Vvar,
+        "[vvar_vclock]" => MappingKind::VvarVclock,
+        _ if m.inode != 0 || m.name.starts_with('/') => MappingKind::File,
+        _ => MappingKind::Anon,
+    })
+}
+
+pub(crate) fn to_mapping(m: &MapsEntry) -> Option<Mapping> {
+    let kind = map_kind(m)?;
+    if m.end > USER_TOP {
+        return None;
+    }
+    let prot = if m.read { PROT_R } else { 0 }
+        | if m.write { PROT_W } else { 0 }
+        | if m.exec { PROT_X } else { 0 };
+    Some(Mapping {
+        start: m.start,
+        end: m.end,
+        prot,
+        flags: if kind == MappingKind::Stack {
+            MAPF_GROWSDOWN
+        } else {
+            0
+        },
+        kind,
+        offset: m.offset,
+        name: m.name.clone(),
+    })
+}
+
+fn xxh3(b: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(b)
+}
+
+/// The fingerprint of the running kernel, from `uname` and the vDSO bytes
+/// read out of `pid` (any process of this kernel has the same).
+pub(crate) fn fingerprint(vdso: &[u8]) -> KernelFingerprint {
+    let u = nix::sys::utsname::uname().ok();
+    let s = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {
+        u.as_ref()
+            .map(|u| f(u).to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    KernelFingerprint {
+        release: s(nix::sys::utsname::UtsName::release),
+        version: s(nix::sys::utsname::UtsName::version),
+        vdso_hash: xxh3(vdso),
+        vdso_len: vdso.len() as u32,
+    }
+}
+
+/// Reads `len` bytes at `addr` of `pid` with `process_vm_readv`.
+pub(crate) fn read_remote(pid: Pid, addr: u64, buf: &mut [u8]) -> nix::Result<usize> {
+    let len = buf.len();
+    let mut local = [IoSliceMut::new(buf)];
+    process_vm_readv(
+        pid,
+        &mut local,
+        &[RemoteIoVec {
+            base: addr as usize,
+            len,
+        }],
+    )
+}
+
+pub(crate) fn write_remote(pid: Pid, addr: u64, buf: &[u8]) -> nix::Result<usize> {
+    process_vm_writev(
+        pid,
+        &[std::io::IoSlice::new(buf)],
+        &[RemoteIoVec {
+            base: addr as usize,
+            len: buf.len(),
+        }],
+    )
+}
+
+fn is_zero(p: &[u8]) -> bool {
+    p.chunks_exact(64)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+impl Frozen {
+    fn sys(&self) -> impl FnOnce(SysError) -> CaptureError {
+        let pid = self.pid.as_raw();
+        move |source| CaptureError::Sys { pid, source }
+    }
+
+    fn proc_err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> CaptureError {
+        let pid = self.pid.as_raw();
+        move |source| CaptureError::Proc { pid, what, source }
+    }
+
+    /// Seizes and stops every thread, re-reading the task list until no
+    /// new thread appears.
+    fn seize_all(&mut self) -> Result<(), CaptureError> {
+        let pd = ProcDir::new(Path::new("/proc"), self.pid.as_raw());
+        let mut seen: BTreeSet<i32> = BTreeSet::new();
+        for _ in 0..ATTEMPTS {
+            let tasks = pd.tasks().map_err(self.proc_err("task"))?;
+            let fresh: Vec<i32> = tasks.into_iter().filter(|t| !seen.contains(t)).collect();
+            if fresh.is_empty() {
+                // Leader first, then by tid.
+                self.tids.sort_by_key(|t| (*t != self.pid, t.as_raw()));
+                if self.tids.first() != Some(&self.pid) {
+                    return Err(Refusal::Blocked {
+                        pid: self.pid.as_raw(),
+                        blockers: vec![Blocker::LeaderGone],
+                    }
+                    .into());
+                }
+                return Ok(());
+            }
+            let mut started = Vec::new();
+            for t in fresh {
+                seen.insert(t);
+                let tid = Pid::from_raw(t);
+                match ptrace::seize(tid, ptrace::Options::empty()) {
+                    Ok(()) => {}
+                    // Exited between the listing and the seize.
+                    Err(Errno::ESRCH) => continue,
+                    Err(e) => return Err(self.sys()(ptrace_err("PTRACE_SEIZE", tid)(e))),
+                }
+                self.tids.push(tid);
+                ptrace::interrupt(tid)
+                    .map_err(|e| self.sys()(ptrace_err("PTRACE_INTERRUPT", tid)(e)))?;
+                started.push(tid);
+            }
+            for tid in started {
+                self.wait_frozen(tid)?;
+            }
+        }
+        Err(CaptureError::Unstable {
+            pid: self.pid.as_raw(),
+        })
+    }
+
+    /// Waits until `tid` sits in the interrupt (or group) stop. A signal that
+    /// arrives first is delivered (as it would have been) and the wait goes
+    /// on; a thread that exits is forgotten.
+    fn wait_frozen(&mut self, tid: Pid) -> Result<(), CaptureError> {
+        loop {
+            match wait(tid, "the interrupt stop") {
+                Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_STOP => {
+                    return Ok(())
+                }
+                Ok(WaitStatus::Stopped(_, sig)) => ptrace::cont(tid, sig)
+                    .map_err(|e| self.sys()(ptrace_err("PTRACE_CONT", tid)(e)))?,
+                Ok(other) => {
+                    return Err(self.sys()(SysError::Stop {
+                        tid: tid.as_raw(),
+                        status: format!("{other:?}"),
+                        wanted: "the interrupt stop",
+                    }))
+                }
+                Err(SysError::Stop { .. }) => {
+                    self.tids.retain(|t| *t != tid);
+                    return Ok(());
+                }
+                Err(e) => return Err(self.sys()(e)),
+            }
+        }
+    }
+
+    fn read_state(&mut self) -> Result<ImageMeta, CaptureError> {
+        let pid = self.pid;
+        let pd = ProcDir::new(Path::new("/proc"), pid.as_raw());
+        let maps = pd.maps().map_err(self.proc_err("maps"))?;
+        let mappings: Vec<Mapping> = maps.iter().filter_map(to_mapping).collect();
+        let vdso = mappings
+            .iter()
+            .find(|m| m.kind == MappingKind::Vdso)
+            .ok_or(CaptureError::NoVdso { pid: pid.as_raw() })?;
+        let mut vdso_bytes = vec![0u8; vdso.len() as usize];
+        read_remote(pid, vdso.start, &mut vdso_bytes).map_err(|e| {
+            self.sys()(SysError::Mem {
+                what: "reading [vdso]",
+                pid: pid.as_raw(),
+                source: e.into(),
+            })
+        })?;
+        let insn = vdso_bytes
+            .windows(2)
+            .position(|w| w == [0x0f, 0x05])
+            .map(|i| vdso.start + i as u64)
+            .ok_or(CaptureError::NoVdso { pid: pid.as_raw() })?;
+        let kernel = fingerprint(&vdso_bytes);
+
+        let stat = pd.stat().map_err(self.proc_err("stat"))?;
+        let status = pd.status().map_err(self.proc_err("status"))?;
+        let heap_end = mappings
+            .iter()
+            .find(|m| m.kind == MappingKind::Heap)
+            .map(|m| m.end);
+        let mm = MmFields {
+            start_code: stat.start_code,
+            end_code: stat.end_code,
+            start_data: stat.start_data,
+            end_data: stat.end_data,
+            start_brk: stat.start_brk,
+            // The exact brk is not in /proc; the end of [heap] is it rounded
+            // up to a page, which brk() treats the same.
+            brk: heap_end.unwrap_or(stat.start_brk).max(stat.start_brk),
+            start_stack: stat.start_stack,
+            arg_start: stat.arg_start,
+            arg_end: stat.arg_end,
+            env_start: stat.env_start,
+            env_end: stat.env_end,
+        };
+
+        let mut threads = Vec::with_capacity(self.tids.len());
+        for &tid in &self.tids {
+            threads.push(self.read_thread(&pd, tid)?);
+        }
+        let shared_pending = sys::peek_siginfo(pid, true)
+            .map_err(|e| self.sys()(ptrace_err("PTRACE_PEEKSIGINFO", pid)(e)))?
+            .into_iter()
+            .map(SigInfo)
+            .collect();
+
+        // What /proc does not show: ask the process itself.
+        let scratch = mappings
+            .iter()
+            .find(|m| {
+                m.prot & (PROT_R | PROT_W) == PROT_R | PROT_W
+                    && !m.kind.is_special()
+                    && m.kind != MappingKind::File
+            })
+            .map(|m| m.start)
+            .ok_or_else(|| {
+                self.sys()(SysError::Mem {
+                    what: "finding a writable page for scratch",
+                    pid: pid.as_raw(),
+                    source: std::io::Error::other("no private writable anonymous mapping"),
+                })
+            })?;
+        let mut saved = [0u8; 64];
+        read_remote(pid, scratch, &mut saved).map_err(|e| {
+            self.sys()(SysError::Mem {
+                what: "saving scratch bytes",
+                pid: pid.as_raw(),
+                source: e.into(),
+            })
+        })?;
+        let asked = self.ask_process(insn, scratch, &status, &mut threads);
+        let put_back = write_remote(pid, scratch, &saved);
+        let sigactions = asked?;
+        put_back.map_err(|e| {
+            self.sys()(SysError::Mem {
+                what: "restoring scratch bytes",
+                pid: pid.as_raw(),
+                source: e.into(),
+            })
+        })?;
+
+        let stdio = match super::precheck::check_migratable_stdio(&pd) {
+            Ok(s) => s,
+            Err(e) => return Err(self.proc_err("fd")(e)),
+        };
+        Ok(ImageMeta {
+            header: Header {
+                flags: FLAG_ZERO_RUNS,
+                kernel,
+            },
+            process: ProcessInfo {
+                pid: pid.as_raw() as u32,
+                personality: pd.personality().map_err(self.proc_err("personality"))?,
+                mm,
+                auxv: pd.auxv().map_err(self.proc_err("auxv"))?,
+                stdio,
+                sigactions,
+                shared_pending,
+                exe: pd.exe(),
+            },
+            threads,
+            mappings,
+        })
+    }
+
+    fn read_thread(&self, pd: &ProcDir, tid: Pid) -> Result<ThreadState, CaptureError> {
+        let e = |op| {
+            let f = self.sys();
+            move |err| f(ptrace_err(op, tid)(err))
+        };
+        let regs = ptrace::getregs(tid).map_err(e("PTRACE_GETREGS"))?;
+        if regs.cs != 0x33 {
+            return Err(CaptureError::NotX86_64 {
+                pid: self.pid.as_raw(),
+                tid: tid.as_raw(),
+                cs: regs.cs,
+            });
+        }
+        let mut buf = vec![0u8; super::image::MAX_XSTATE];
+        let (fp_kind, fp) = match sys::getregset(tid, sys::NT_X86_XSTATE, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                (FpKind::Xstate, buf)
+            }
+            Err(_) => {
+                let mut b = vec![0u8; 512];
+                let n =
+                    sys::getregset(tid, sys::NT_PRFPREG, &mut b).map_err(e("PTRACE_GETREGSET"))?;
+                b.truncate(n);
+                (FpKind::Fxsave, b)
+            }
+        };
+        let sigmask = sys::get_sigmask(tid).map_err(e("PTRACE_GETSIGMASK"))?;
+        let pending = sys::peek_siginfo(tid, false)
+            .map_err(e("PTRACE_PEEKSIGINFO"))?
+            .into_iter()
+            .map(SigInfo)
+            .collect();
+        let rseq = match sys::get_rseq_config(tid) {
+            Ok(c) => Rseq {
+                abi_pointer: c.rseq_abi_pointer,
+                abi_size: c.rseq_abi_size,
+                signature: c.signature,
+                flags: c.flags,
+            },
+            // Kernels before 5.13 cannot tell; treat as unregistered.
+            Err(Errno::EIO) | Err(Errno::EINVAL) => Rseq::default(),
+            Err(err) => return Err(e("PTRACE_GET_RSEQ_CONFIGURATION")(err)),
+        };
+        let (robust_list, robust_len) = sys::get_robust_list(tid).map_err(e("get_robust_list"))?;
+        Ok(ThreadState {
+            tid: tid.as_raw() as u32,
+            regs: sys::regs_to_words(&regs),
+            fp_kind,
+            fp,
+            sigmask,
+            rseq,
+            clear_child_tid: 0,
+            robust_list,
+            robust_len,
+            altstack: AltStack::default(),
+            comm: pd.comm(tid.as_raw()),
+            pending,
+        })
+    }
+
+    /// Injects the read-only queries into each thread (all signals blocked,
+    /// registers and mask put back after each thread).
+    fn ask_process(
+        &self,
+        insn: u64,
+        scratch: u64,
+        status: &super::procfs::Status,
+        threads: &mut [ThreadState],
+    ) -> Result<Vec<SigAction>, CaptureError> {
+        let mut actions = Vec::new();
+        for (i, t) in threads.iter_mut().enumerate() {
+            let tid = Pid::from_raw(t.tid as i32);
+            let r = self.ask_thread(
+                tid,
+                insn,
+                scratch,
+                t,
+                if i == 0 {
+                    Some((status, &mut actions))
+                } else {
+                    None
+                },
+            );
+            let regs = sys::words_to_regs(&t.regs);
+            let back_regs = ptrace::setregs(tid, regs);
+            let back_mask = sys::set_sigmask(tid, t.sigmask);
+            r?;
+            back_regs.map_err(|e| self.sys()(ptrace_err("PTRACE_SETREGS", tid)(e)))?;
+            back_mask.map_err(|e| self.sys()(ptrace_err("PTRACE_SETSIGMASK", tid)(e)))?;
+        }
+        Ok(actions)
+    }
+
+    fn ask_thread(
+        &self,
+        tid: Pid,
+        insn: u64,
+        scratch: u64,
+        t: &mut ThreadState,
+        leader: Option<(&super::procfs::Status, &mut Vec<SigAction>)>,
+    ) -> Result<(), CaptureError> {
+        let pid = self.pid;
+        let mem_err = |what| {
+            let f = self.sys();
+            move |e: Errno| {
+                f(SysError::Mem {
+                    what,
+                    pid: pid.as_raw(),
+                    source: e.into(),
+                })
+            }
+        };
+        sys::set_sigmask(tid, !0)
+            .map_err(|e| self.sys()(ptrace_err("PTRACE_SETSIGMASK", tid)(e)))?;
+        let base = sys::words_to_regs(&t.regs);
+        let run = |call: Call| -> Result<u64, CaptureError> {
+            inject(tid, insn, &base, &call)
+                .and_then(|o| o.check(&call, tid))
+                .map_err(self.sys())
+        };
+        let mut b8 = [0u8; 8];
+        match run(Call::new(
+            "prctl(PR_GET_TID_ADDRESS)",
+            libc::SYS_prctl,
+            &[PR_GET_TID_ADDRESS, scratch],
+        )) {
+            Ok(_) => {
+                read_remote(pid, scratch, &mut b8).map_err(mem_err("reading clear_child_tid"))?;
+                t.clear_child_tid = u64::from_le_bytes(b8);
+            }
+            // Kernel without CONFIG_CHECKPOINT_RESTORE: unknown, left 0.
+            Err(CaptureError::Sys {
+                source:
+                    SysError::Syscall {
+                        source: Errno::EINVAL,
+                        ..
+                    },
+                ..
+            }) => {}
+            Err(e) => return Err(e),
+        }
+        run(Call::new(
+            "sigaltstack",
+            libc::SYS_sigaltstack,
+            &[0, scratch],
+        ))?;
+        let mut ss = [0u8; 24];
+        read_remote(pid, scratch, &mut ss).map_err(mem_err("reading sigaltstack"))?;
+        t.altstack = AltStack {
+            sp: u64::from_le_bytes(ss[..8].try_into().unwrap_or([0; 8])),
+            flags: u32::from_le_bytes(ss[8..12].try_into().unwrap_or([0; 4])),
+            size: u64::from_le_bytes(ss[16..24].try_into().unwrap_or([0; 8])),
+        };
+        if let Some((status, actions)) = leader {
+            for sig in 1..=64u8 {
+                let bit = 1u64 << (sig - 1);
+                if sig == 9 || sig == 19 {
+                    continue;
+                }
+                if status.sig_cgt & bit != 0 {
+                    run(Call::new(
+                        "rt_sigaction",
+                        libc::SYS_rt_sigaction,
+                        &[u64::from(sig), 0, scratch, 8],
+                    ))?;
+                    let mut a = [0u8; 32];
+                    read_remote(pid, scratch, &mut a).map_err(mem_err("reading a sigaction"))?;
+                    let w = |i: usize| {
+                        u64::from_le_bytes(a[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
+                    };
+                    actions.push(SigAction {
+                        signo: sig,
+                        handler: w(0),
+                        flags: w(1),
+                        restorer: w(2),
+                        mask: w(3),
+                    });
+                } else if status.sig_ign & bit != 0 {
+                    actions.push(SigAction {
+                        signo: sig,
+                        handler: 1, // SIG_IGN
+                        flags: 0,
+                        restorer: 0,
+                        mask: 0,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The original pid.
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    /// Thread ids, leader first.
+    pub fn threads(&self) -> Vec<i32> {
+        self.tids.iter().map(|t| t.as_raw()).collect()
+    }
+
+    /// Everything captured but memory.
+    pub fn meta(&self) -> &ImageMeta {
+        // Set by `freeze` before the value is handed out.
+        self.meta
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("Frozen without state"))
+    }
+
+    /// Streams the image (state, then every page of every mapping) to `w`.
+    /// May be called more than once; the process stays frozen.
+    pub fn write_image<W: Write>(
+        &self,
+        w: W,
+        opts: ImageOptions,
+    ) -> Result<ImageStats, CaptureError> {
+        let pid = self.pid.as_raw();
+        let ie = move |source| CaptureError::Image { pid, source };
+        let meta = self.meta();
+        let mut header = meta.header.clone();
+        if !opts.skip_zero_pages {
+            header.flags &= !FLAG_ZERO_RUNS;
+        }
+        let mut iw = ImageWriter::new(w, &header).map_err(ie)?;
+        iw.process(&meta.process).map_err(ie)?;
+        for t in &meta.threads {
+            iw.thread(t).map_err(ie)?;
+        }
+        for m in &meta.mappings {
+            iw.mapping(m).map_err(ie)?;
+        }
+        let mut mem: Option<File> = None;
+        let mut buf = vec![0u8; 2 << 20];
+        for m in &meta.mappings {
+            if m.kind.is_special() || m.prot == 0 {
+                // PROT_NONE: recreated empty (see README, "what is not restored").
+                continue;
+            }
+            let mut addr = m.start;
+            let mut zero_run: Option<(u64, u64)> = None;
+            while addr < m.end {
+                let n = (m.end - addr).min(buf.len() as u64) as usize;
+                let chunk = &mut buf[..n];
+                self.read_pages(&mut mem, m, addr, chunk)?;
+                let mut i = 0usize;
+                while i < n {
+                    let page = &chunk[i..i + PAGE as usize];
+                    if opts.skip_zero_pages && is_zero(page) {
+                        let a = addr + i as u64;
+                        zero_run = match zero_run {
+                            Some((s, c)) => Some((s, c + 1)),
+                            None => Some((a, 1)),
+                        };
+                        i += PAGE as usize;
+                        continue;
+                    }
+                    if let Some((s, c)) = zero_run.take() {
+                        iw.zero(s, c).map_err(ie)?;
+                    }
+                    let mut j = i + PAGE as usize;
+                    while j < n && !(opts.skip_zero_pages && is_zero(&chunk[j..j + PAGE as usize]))
+                    {
+                        j += PAGE as usize;
+                    }
+                    iw.data(addr + i as u64, &chunk[i..j]).map_err(ie)?;
+                    i = j;
+                }
+                addr += n as u64;
+            }
+            if let Some((s, c)) = zero_run.take() {
+                iw.zero(s, c).map_err(ie)?;
+            }
+        }
+        let (_, stats) = iw.finish().map_err(ie)?;
+        Ok(stats)
+    }
+
+    /// Fills `chunk` with the bytes at `addr`: `process_vm_readv` first, then
+    /// `/proc/pid/mem` (which may read non-readable, e.g. execute-only,
+    /// pages) for what it refused; a page neither can read is carried as
+    /// zero (it would fault on the origin too, e.g. past the end of a file).
+    fn read_pages(
+        &self,
+        mem: &mut Option<File>,
+        m: &Mapping,
+        addr: u64,
+        chunk: &mut [u8],
+    ) -> Result<(), CaptureError> {
+        let mut done = 0usize;
+        if m.prot & PROT_R != 0 {
+            done = read_remote(self.pid, addr, chunk).unwrap_or(0);
+        }
+        while done < chunk.len() {
+            let page = &mut chunk[done..done + PAGE as usize];
+            if mem.is_none() {
+                *mem = Some(
+                    File::open(format!("/proc/{}/mem", self.pid)).map_err(self.proc_err("mem"))?,
+                );
+            }
+            let ok = mem
+                .as_ref()
+                .map(|f| f.read_exact_at(page, addr + done as u64).is_ok())
+                .unwrap_or(false);
+            if !ok {
+                page.fill(0);
+            }
+            done += PAGE as usize;
+            if m.prot & PROT_R != 0 && done < chunk.len() {
+                done += read_remote(self.pid, addr + done as u64, &mut chunk[done..]).unwrap_or(0);
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, kill_it: bool) {
+        if !self.live {
+            return;
+        }
+        self.live = false;
+        if kill_it {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            // Reap the ptrace exit reports so the real parent can reap the
+            // process; non-leaders first (the leader reports last).
+            for &tid in self.tids.iter().rev() {
+                loop {
+                    match nix::sys::wait::waitpid(tid, Some(nix::sys::wait::WaitPidFlag::__WALL)) {
+                        Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => break,
+                        Ok(_) => continue,
+                        Err(Errno::EINTR) => continue,
+                        Err(_) => break,
+                    }
+                }
+            }
+        } else {
+            for &tid in &self.tids {
+                let _ = ptrace::detach(tid, None);
+            }
+        }
+    }
+
+    /// Lets the process run on, untouched.
+    pub fn resume(mut self) {
+        self.release(false);
+    }
+
+    /// Ends the process (after a successful migration).
+    pub fn kill(mut self) {
+        self.release(true);
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.release(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        p[4095] = 0;
+        p[0] = 1;
+        assert!(!is_zero(&p));
+    }
+
+    #[test]
+    fn kinds() {
+        let m = |name: &str, inode| MapsEntry {
+            start: 0x1000,
+            end: 0x2000,
+            read: true,
+            write: false,
+            exec: false,
+            shared: false,
+            offset: 0,
+            inode,
+            name: name.into(),
+        };
+        assert_eq!(to_mapping(&m("[vsyscall]", 0)), None);
+        assert_eq!(
+            to_mapping(&m("/lib/x.so", 5)).unwrap().kind,
+            MappingKind::File
+        );
+        assert_eq!(to_mapping(&m("", 0)).unwrap().kind, MappingKind::Anon);
+        assert_eq!(to_mapping(&m("[stack]", 0)).unwrap().flags, MAPF_GROWSDOWN);
+        assert_eq!(
+            to_mapping(&m("[vvar_vclock]", 0)).unwrap().kind,
+            MappingKind::VvarVclock
+        );
+    }
+}

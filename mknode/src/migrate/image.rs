@@ -1,0 +1,1633 @@
+//! The process image: its types, a streaming encoder over `io::Write` and a
+//! paranoid streaming decoder over `io::Read`. The byte layout is specified in
+//! `README.md` beside this file; this module is its only implementation.
+//!
+//! The decoder treats the stream as hostile (it may come from another
+//! kernel): every count and length is bounded before anything is allocated,
+//! addresses are page-aligned and below [`USER_TOP`], mappings are sorted and
+//! disjoint, every page lands inside a recorded, accessible, non-special
+//! mapping and at most once, and a checksum over every byte closes the image.
+//! It returns errors; it never panics. This module does no syscalls.
+
+use std::io::{self, Read, Write};
+
+use xxhash_rust::xxh3::Xxh3;
+
+/// First bytes of every image.
+pub const MAGIC: [u8; 8] = *b"MKPROCIM";
+/// Version of the layout written by this code; others are refused.
+pub const VERSION: u16 = 1;
+/// ELF machine number of x86_64, the only architecture of version 1.
+pub const ARCH_X86_64: u16 = 0x3E;
+/// Page size of the image.
+pub const PAGE: u64 = 4096;
+/// Exclusive upper bound of user addresses (x86_64 four-level TASK_SIZE).
+pub const USER_TOP: u64 = 0x7fff_ffff_f000;
+/// Largest number of pages in one data record (1 MiB), so the decoder's
+/// buffer is bounded.
+pub const MAX_RUN_PAGES: u32 = 256;
+/// Bounds the decoder enforces.
+pub const MAX_THREADS: usize = 4096;
+pub const MAX_MAPPINGS: usize = 65_536;
+pub const MAX_NAME: usize = 4096;
+pub const MAX_XSTATE: usize = 64 * 1024;
+pub const MAX_AUXV: usize = 64;
+pub const MAX_PENDING: usize = 1024;
+pub const MAX_KSTR: usize = 256;
+/// Size of one `siginfo_t` as the kernel copies it.
+pub const SIGINFO_SIZE: usize = 128;
+/// Number of `u64` in x86_64 `user_regs_struct`.
+pub const NREGS: usize = 27;
+
+/// Flag bit: ranges of all-zero pages are marked with zero-run records.
+pub const FLAG_ZERO_RUNS: u16 = 1;
+
+const TAG_PROCESS: u8 = 1;
+const TAG_THREAD: u8 = 2;
+const TAG_MAPPING: u8 = 3;
+const TAG_DATA: u8 = 4;
+const TAG_ZERO: u8 = 5;
+const TAG_END: u8 = 0xFF;
+
+/// Largest record payload: a full data run plus its address and count.
+const MAX_RECORD: u32 = MAX_RUN_PAGES * PAGE as u32 + 12;
+
+/// Why an image could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("i/o on the image stream")]
+    Io(#[source] io::Error),
+    #[error("the image ends early (at byte {at})")]
+    Truncated { at: u64 },
+    #[error("not a process image (magic {0:02x?})")]
+    Magic([u8; 8]),
+    #[error("image version {0}, this code reads version {VERSION}")]
+    Version(u16),
+    #[error("image architecture {0:#x}, this code restores x86_64 (0x3e) only")]
+    Arch(u16),
+    #[error("unknown image flags {0:#x}")]
+    Flags(u16),
+    #[error("record at byte {at}: unexpected tag {tag:#x} ({why})")]
+    Tag { at: u64, tag: u8, why: &'static str },
+    #[error("record at byte {at}: {what} = {value:#x} is out of bounds")]
+    Bound {
+        at: u64,
+        what: &'static str,
+        value: u64,
+    },
+    #[error("record at byte {at}: {why}")]
+    Invalid { at: u64, why: String },
+    #[error("checksum mismatch: image says {stored:#018x}, content hashes to {computed:#018x}")]
+    Checksum { stored: u64, computed: u64 },
+    #[error("writer misuse: {0}")]
+    Order(&'static str),
+}
+
+impl From<io::Error> for ImageError {
+    fn from(e: io::Error) -> Self {
+        ImageError::Io(e)
+    }
+}
+
+/// The kernel the image was taken on. Restoring needs the same vDSO image
+/// (the restored code calls into it at the recorded address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelFingerprint {
+    /// `uname -r`.
+    pub release: String,
+    /// `uname -v` (build number and date).
+    pub version: String,
+    /// xxh3-64 of the `[vdso]` bytes.
+    pub vdso_hash: u64,
+    /// Length of `[vdso]` in bytes.
+    pub vdso_len: u32,
+}
+
+/// Image header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub flags: u16,
+    pub kernel: KernelFingerprint,
+}
+
+/// What one of fds 0/1/2 was on the origin (informative: the destination
+/// supplies its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdioKind {
+    Closed,
+    DevNull,
+    Pipe,
+    Tty,
+}
+
+impl StdioKind {
+    fn code(self) -> u8 {
+        match self {
+            StdioKind::Closed => 0,
+            StdioKind::DevNull => 1,
+            StdioKind::Pipe => 2,
+            StdioKind::Tty => 3,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            0 => StdioKind::Closed,
+            1 => StdioKind::DevNull,
+            2 => StdioKind::Pipe,
+            3 => StdioKind::Tty,
+            _ => return None,
+        })
+    }
+}
+
+/// The `mm_struct` fields `prctl(PR_SET_MM_MAP)` takes, in its order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+impl MmFields {
+    fn to_array(self) -> [u64; 11] {
+        [
+            self.start_code,
+            self.end_code,
+            self.start_data,
+            self.end_data,
+            self.start_brk,
+            self.brk,
+            self.start_stack,
+            self.arg_start,
+            self.arg_end,
+            self.env_start,
+            self.env_end,
+        ]
+    }
+    fn from_array(a: [u64; 11]) -> Self {
+        MmFields {
+            start_code: a[0],
+            end_code: a[1],
+            start_data: a[2],
+            end_data: a[3],
+            start_brk: a[4],
+            brk: a[5],
+            start_stack: a[6],
+            arg_start: a[7],
+            arg_end: a[8],
+            env_start: a[9],
+            env_end: a[10],
+        }
+    }
+}
+
+/// One non-default signal disposition (the kernel's `struct sigaction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SigAction {
+    pub signo: u8,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// A queued signal, as `PTRACE_PEEKSIGINFO` returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigInfo(pub [u8; SIGINFO_SIZE]);
+
+impl SigInfo {
+    /// `si_signo`.
+    pub fn signo(&self) -> i32 {
+        i32::from_le_bytes([self.0[0], self.0[1], self.0[2], self.0[3]])
+    }
+}
+
+/// Process-wide state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Pid on the origin (informative).
+    pub pid: u32,
+    pub personality: u32,
+    pub mm: MmFields,
+    /// `(type, value)` pairs of `/proc/pid/auxv`, without the final AT_NULL.
+    pub auxv: Vec<(u64, u64)>,
+    pub stdio: [StdioKind; 3],
+    pub sigactions: Vec<SigAction>,
+    /// Signals pending for the whole process.
+    pub shared_pending: Vec<SigInfo>,
+    /// `/proc/pid/exe` target on the origin (informative).
+    pub exe: String,
+}
+
+/// Which register file the FP blob is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FpKind {
+    /// `NT_X86_XSTATE` (XSAVE layout, user ABI).
+    Xstate,
+    /// `NT_PRFPREG` (512-byte FXSAVE layout).
+    Fxsave,
+}
+
+/// `struct ptrace_rseq_configuration`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rseq {
+    pub abi_pointer: u64,
+    pub abi_size: u32,
+    pub signature: u32,
+    pub flags: u32,
+}
+
+/// `stack_t` of `sigaltstack`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AltStack {
+    pub sp: u64,
+    pub flags: u32,
+    pub size: u64,
+}
+
+/// One thread's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadState {
+    /// Tid on the origin.
+    pub tid: u32,
+    /// `user_regs_struct` as 27 words in declaration order.
+    pub regs: [u64; NREGS],
+    pub fp_kind: FpKind,
+    pub fp: Vec<u8>,
+    pub sigmask: u64,
+    /// Zero `abi_pointer` = not registered.
+    pub rseq: Rseq,
+    /// `clear_child_tid` (`set_tid_address`); 0 = none or unknown.
+    pub clear_child_tid: u64,
+    pub robust_list: u64,
+    pub robust_len: u64,
+    pub altstack: AltStack,
+    pub comm: [u8; 16],
+    pub pending: Vec<SigInfo>,
+}
+
+/// How a mapping came to be on the origin. Special ones carry no pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MappingKind {
+    Anon,
+    File,
+    Heap,
+    Stack,
+    Vvar,
+    VvarVclock,
+    Vdso,
+}
+
+impl MappingKind {
+    fn code(self) -> u8 {
+        match self {
+            MappingKind::Anon => 0,
+            MappingKind::File => 1,
+            MappingKind::Heap => 2,
+            MappingKind::Stack => 3,
+            MappingKind::Vvar => 4,
+            MappingKind::VvarVclock => 5,
+            MappingKind::Vdso => 6,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            0 => MappingKind::Anon,
+            1 => MappingKind::File,
+            2 => MappingKind::Heap,
+            3 => MappingKind::Stack,
+            4 => MappingKind::Vvar,
+            5 => MappingKind::VvarVclock,
+            6 => MappingKind::Vdso,
+            _ => return None,
+        })
+    }
+    /// Kernel-provided mappings, recreated by the kernel, never by content.
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            MappingKind::Vvar | MappingKind::VvarVclock | MappingKind::Vdso
+        )
+    }
+}
+
+/// Protection bits of a mapping.
+pub const PROT_R: u8 = 1;
+pub const PROT_W: u8 = 2;
+pub const PROT_X: u8 = 4;
+/// Mapping flag: grows down (the main stack).
+pub const MAPF_GROWSDOWN: u8 = 1;
+
+/// One virtual memory area.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub prot: u8,
+    pub flags: u8,
+    pub kind: MappingKind,
+    /// File offset on the origin (informative).
+    pub offset: u64,
+    /// Path or `[name]` on the origin (informative).
+    pub name: String,
+}
+
+impl Mapping {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+    fn contains_range(&self, addr: u64, len: u64) -> bool {
+        addr >= self.start && addr.checked_add(len).is_some_and(|e| e <= self.end)
+    }
+}
+
+/// Everything before the pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageMeta {
+    pub header: Header,
+    pub process: ProcessInfo,
+    pub threads: Vec<ThreadState>,
+    pub mappings: Vec<Mapping>,
+}
+
+/// What a finished image held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageStats {
+    /// Pages carried with content.
+    pub data_pages: u64,
+    /// Pages marked all-zero.
+    pub zero_pages: u64,
+    /// Bytes of the whole image.
+    pub bytes: u64,
+    pub checksum: u64,
+}
+
+// ---------------------------------------------------------------- writing
+
+struct HashW<W> {
+    inner: W,
+    hash: Xxh3,
+    n: u64,
+}
+
+impl<W: Write> HashW<W> {
+    fn put(&mut self, b: &[u8]) -> Result<(), ImageError> {
+        self.inner.write_all(b)?;
+        self.hash.update(b);
+        self.n += b.len() as u64;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Process,
+    Threads,
+    Mappings,
+    Pages,
+}
+
+/// Streaming encoder. Records must come in the order of the format: process,
+/// threads, mappings, pages (ascending), then [`ImageWriter::finish`].
+pub struct ImageWriter<W: Write> {
+    w: HashW<W>,
+    stage: Stage,
+    threads: usize,
+    stats: ImageStats,
+    next_page: u64,
+}
+
+impl<W: Write> std::fmt::Debug for ImageWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageWriter")
+            .field("stage", &self.stage)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+fn put_str(v: &mut Vec<u8>, s: &str, max: usize) {
+    let b = s.as_bytes();
+    let b = &b[..b.len().min(max)];
+    // Bounded by `max` <= u16::MAX above.
+    v.extend_from_slice(&(b.len() as u16).to_le_bytes());
+    v.extend_from_slice(b);
+}
+
+fn put_sigs(v: &mut Vec<u8>, s: &[SigInfo]) {
+    let n = s.len().min(MAX_PENDING);
+    v.extend_from_slice(&(n as u16).to_le_bytes());
+    for si in &s[..n] {
+        v.extend_from_slice(&si.0);
+    }
+}
+
+impl<W: Write> ImageWriter<W> {
+    /// Writes the header.
+    pub fn new(inner: W, header: &Header) -> Result<Self, ImageError> {
+        let mut w = HashW {
+            inner,
+            hash: Xxh3::new(),
+            n: 0,
+        };
+        let mut v = Vec::with_capacity(600);
+        v.extend_from_slice(&MAGIC);
+        v.extend_from_slice(&VERSION.to_le_bytes());
+        v.extend_from_slice(&header.flags.to_le_bytes());
+        v.extend_from_slice(&ARCH_X86_64.to_le_bytes());
+        v.extend_from_slice(&0u16.to_le_bytes());
+        put_str(&mut v, &header.kernel.release, MAX_KSTR);
+        put_str(&mut v, &header.kernel.version, MAX_KSTR);
+        v.extend_from_slice(&header.kernel.vdso_hash.to_le_bytes());
+        v.extend_from_slice(&header.kernel.vdso_len.to_le_bytes());
+        v.extend_from_slice(&(PAGE as u32).to_le_bytes());
+        w.put(&v)?;
+        Ok(ImageWriter {
+            w,
+            stage: Stage::Process,
+            threads: 0,
+            stats: ImageStats::default(),
+            next_page: 0,
+        })
+    }
+
+    fn record(&mut self, tag: u8, payload: &[u8]) -> Result<(), ImageError> {
+        let len = u32::try_from(payload.len()).map_err(|_| ImageError::Order("record too big"))?;
+        let mut h = [0u8; 5];
+        h[0] = tag;
+        h[1..].copy_from_slice(&len.to_le_bytes());
+        self.w.put(&h)?;
+        self.w.put(payload)
+    }
+
+    pub fn process(&mut self, p: &ProcessInfo) -> Result<(), ImageError> {
+        if self.stage != Stage::Process {
+            return Err(ImageError::Order("process record must come first, once"));
+        }
+        let mut v = Vec::with_capacity(512);
+        v.extend_from_slice(&p.pid.to_le_bytes());
+        v.extend_from_slice(&p.personality.to_le_bytes());
+        for x in p.mm.to_array() {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        if p.auxv.len() > MAX_AUXV {
+            return Err(ImageError::Order("auxv too long"));
+        }
+        v.extend_from_slice(&(p.auxv.len() as u16).to_le_bytes());
+        for (t, val) in &p.auxv {
+            v.extend_from_slice(&t.to_le_bytes());
+            v.extend_from_slice(&val.to_le_bytes());
+        }
+        for k in p.stdio {
+            v.push(k.code());
+        }
+        if p.sigactions.len() > 64 {
+            return Err(ImageError::Order("more than 64 signal actions"));
+        }
+        v.push(p.sigactions.len() as u8);
+        for a in &p.sigactions {
+            v.push(a.signo);
+            for x in [a.handler, a.flags, a.restorer, a.mask] {
+                v.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        put_sigs(&mut v, &p.shared_pending);
+        put_str(&mut v, &p.exe, MAX_NAME);
+        self.record(TAG_PROCESS, &v)?;
+        self.stage = Stage::Threads;
+        Ok(())
+    }
+
+    pub fn thread(&mut self, t: &ThreadState) -> Result<(), ImageError> {
+        if self.stage != Stage::Threads || self.threads >= MAX_THREADS {
+            return Err(ImageError::Order(
+                "thread records come after the process record",
+            ));
+        }
+        if t.fp.len() > MAX_XSTATE {
+            return Err(ImageError::Order("FP state too big"));
+        }
+        let mut v = Vec::with_capacity(512 + t.fp.len());
+        v.extend_from_slice(&t.tid.to_le_bytes());
+        for r in t.regs {
+            v.extend_from_slice(&r.to_le_bytes());
+        }
+        v.push(match t.fp_kind {
+            FpKind::Xstate => 1,
+            FpKind::Fxsave => 2,
+        });
+        v.extend_from_slice(&(t.fp.len() as u32).to_le_bytes());
+        v.extend_from_slice(&t.fp);
+        v.extend_from_slice(&t.sigmask.to_le_bytes());
+        v.extend_from_slice(&t.rseq.abi_pointer.to_le_bytes());
+        v.extend_from_slice(&t.rseq.abi_size.to_le_bytes());
+        v.extend_from_slice(&t.rseq.signature.to_le_bytes());
+        v.extend_from_slice(&t.rseq.flags.to_le_bytes());
+        for x in [
+            t.clear_child_tid,
+            t.robust_list,
+            t.robust_len,
+            t.altstack.sp,
+        ] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.extend_from_slice(&t.altstack.flags.to_le_bytes());
+        v.extend_from_slice(&t.altstack.size.to_le_bytes());
+        v.extend_from_slice(&t.comm);
+        put_sigs(&mut v, &t.pending);
+        self.record(TAG_THREAD, &v)?;
+        self.threads += 1;
+        Ok(())
+    }
+
+    pub fn mapping(&mut self, m: &Mapping) -> Result<(), ImageError> {
+        if self.stage == Stage::Threads && self.threads > 0 {
+            self.stage = Stage::Mappings;
+        }
+        if self.stage != Stage::Mappings {
+            return Err(ImageError::Order(
+                "mapping records come after at least one thread",
+            ));
+        }
+        let mut v = Vec::with_capacity(40 + m.name.len());
+        v.extend_from_slice(&m.start.to_le_bytes());
+        v.extend_from_slice(&m.end.to_le_bytes());
+        v.push(m.prot);
+        v.push(m.flags);
+        v.push(m.kind.code());
+        v.extend_from_slice(&m.offset.to_le_bytes());
+        put_str(&mut v, &m.name, MAX_NAME);
+        self.record(TAG_MAPPING, &v)
+    }
+
+    fn enter_pages(&mut self, addr: u64) -> Result<(), ImageError> {
+        if self.stage == Stage::Mappings {
+            self.stage = Stage::Pages;
+        }
+        if self.stage != Stage::Pages {
+            return Err(ImageError::Order("pages come after the mappings"));
+        }
+        if addr < self.next_page || !addr.is_multiple_of(PAGE) {
+            return Err(ImageError::Order(
+                "page runs must be ascending and page-aligned",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the content of the pages starting at `addr`; `data.len()` must
+    /// be a multiple of the page size. Split into runs of at most
+    /// [`MAX_RUN_PAGES`].
+    pub fn data(&mut self, mut addr: u64, data: &[u8]) -> Result<(), ImageError> {
+        if !(data.len() as u64).is_multiple_of(PAGE) {
+            return Err(ImageError::Order("data is not whole pages"));
+        }
+        for chunk in data.chunks(MAX_RUN_PAGES as usize * PAGE as usize) {
+            self.enter_pages(addr)?;
+            let npages = (chunk.len() as u64 / PAGE) as u32;
+            let mut h = [0u8; 17];
+            h[0] = TAG_DATA;
+            h[1..5].copy_from_slice(&(chunk.len() as u32 + 12).to_le_bytes());
+            h[5..13].copy_from_slice(&addr.to_le_bytes());
+            h[13..17].copy_from_slice(&npages.to_le_bytes());
+            self.w.put(&h)?;
+            self.w.put(chunk)?;
+            addr += chunk.len() as u64;
+            self.next_page = addr;
+            self.stats.data_pages += u64::from(npages);
+        }
+        Ok(())
+    }
+
+    /// Marks `npages` all-zero pages starting at `addr`.
+    pub fn zero(&mut self, addr: u64, npages: u64) -> Result<(), ImageError> {
+        self.enter_pages(addr)?;
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&addr.to_le_bytes());
+        v[8..].copy_from_slice(&npages.to_le_bytes());
+        self.record(TAG_ZERO, &v)?;
+        self.next_page = addr
+            .checked_add(
+                npages
+                    .checked_mul(PAGE)
+                    .ok_or(ImageError::Order("zero run"))?,
+            )
+            .ok_or(ImageError::Order("zero run"))?;
+        self.stats.zero_pages += npages;
+        Ok(())
+    }
+
+    /// Writes the end record with the checksum and hands back the stream.
+    pub fn finish(mut self) -> Result<(W, ImageStats), ImageError> {
+        if self.stage < Stage::Mappings {
+            return Err(ImageError::Order("an image needs threads and mappings"));
+        }
+        let mut v = [0u8; 21];
+        v[0] = TAG_END;
+        v[1..5].copy_from_slice(&24u32.to_le_bytes());
+        v[5..13].copy_from_slice(&self.stats.data_pages.to_le_bytes());
+        v[13..21].copy_from_slice(&self.stats.zero_pages.to_le_bytes());
+        self.w.put(&v)?;
+        let sum = self.w.hash.digest();
+        self.w.inner.write_all(&sum.to_le_bytes())?;
+        self.w.inner.flush()?;
+        self.stats.checksum = sum;
+        self.stats.bytes = self.w.n + 8;
+        Ok((self.w.inner, self.stats))
+    }
+}
+
+// ---------------------------------------------------------------- reading
+
+struct HashR<R> {
+    inner: R,
+    hash: Xxh3,
+    n: u64,
+}
+
+impl<R: Read> HashR<R> {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), ImageError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.inner.read(&mut buf[got..]) {
+                Ok(0) => {
+                    return Err(ImageError::Truncated {
+                        at: self.n + got as u64,
+                    })
+                }
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ImageError::Io(e)),
+            }
+        }
+        self.hash.update(buf);
+        self.n += buf.len() as u64;
+        Ok(())
+    }
+}
+
+/// A cursor over one record's payload, already read and bounded.
+struct Cur<'a> {
+    b: &'a [u8],
+    at: u64,
+}
+
+impl<'a> Cur<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ImageError> {
+        if self.b.len() < n {
+            return Err(ImageError::Invalid {
+                at: self.at,
+                why: format!(
+                    "record payload too short ({} bytes left, {n} needed)",
+                    self.b.len()
+                ),
+            });
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, ImageError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ImageError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, ImageError> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(a))
+    }
+    fn u64(&mut self) -> Result<u64, ImageError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn str(&mut self, max: usize, what: &'static str) -> Result<String, ImageError> {
+        let n = usize::from(self.u16()?);
+        if n > max {
+            return Err(ImageError::Bound {
+                at: self.at,
+                what,
+                value: n as u64,
+            });
+        }
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| ImageError::Invalid {
+            at: self.at,
+            why: format!("{what} is not UTF-8"),
+        })
+    }
+    fn sigs(&mut self) -> Result<Vec<SigInfo>, ImageError> {
+        let n = usize::from(self.u16()?);
+        if n > MAX_PENDING {
+            return Err(ImageError::Bound {
+                at: self.at,
+                what: "pending signal count",
+                value: n as u64,
+            });
+        }
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut a = [0u8; SIGINFO_SIZE];
+            a.copy_from_slice(self.take(SIGINFO_SIZE)?);
+            let s = SigInfo(a);
+            if !(1..=64).contains(&s.signo()) {
+                return Err(ImageError::Bound {
+                    at: self.at,
+                    what: "queued signal number",
+                    value: s.signo() as u64,
+                });
+            }
+            v.push(s);
+        }
+        Ok(v)
+    }
+    fn done(&self) -> Result<(), ImageError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(ImageError::Invalid {
+                at: self.at,
+                why: format!("{} trailing bytes in record", self.b.len()),
+            })
+        }
+    }
+}
+
+/// One batch of pages handed out by [`ImageReader::next_pages`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pages {
+    /// `npages` pages of content at `addr`, now in the caller's buffer.
+    Data { addr: u64, npages: u32 },
+    /// `npages` all-zero pages at `addr`.
+    Zero { addr: u64, npages: u64 },
+}
+
+/// Streaming decoder: [`ImageReader::open`] reads and validates everything up
+/// to the pages, then [`ImageReader::next_pages`] hands them out one record at
+/// a time until the end record, whose checksum it verifies.
+pub struct ImageReader<R: Read> {
+    r: HashR<R>,
+    /// Index into the mappings of the page cursor (pages are ascending).
+    map_idx: usize,
+    next_page: u64,
+    pending_tag: Option<(u8, u32, u64)>,
+    stats: ImageStats,
+    mappings: Vec<Mapping>,
+    finished: bool,
+}
+
+impl<R: Read> std::fmt::Debug for ImageReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageReader")
+            .field("at", &self.r.n)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+fn check_addr(at: u64, what: &'static str, a: u64) -> Result<(), ImageError> {
+    if !a.is_multiple_of(PAGE) || a > USER_TOP {
+        return Err(ImageError::Bound { at, what, value: a });
+    }
+    Ok(())
+}
+
+impl<R: Read> ImageReader<R> {
+    fn rec_header(&mut self) -> Result<(u8, u32, u64), ImageError> {
+        if let Some(h) = self.pending_tag.take() {
+            return Ok(h);
+        }
+        let at = self.r.n;
+        let mut h = [0u8; 5];
+        self.r.fill(&mut h)?;
+        let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
+        if len > MAX_RECORD {
+            return Err(ImageError::Bound {
+                at,
+                what: "record length",
+                value: u64::from(len),
+            });
+        }
+        Ok((h[0], len, at))
+    }
+
+    fn payload(&mut self, len: u32) -> Result<Vec<u8>, ImageError> {
+        // `len` <= MAX_RECORD (checked in rec_header): bounded allocation.
+        let mut v = vec![0u8; len as usize];
+        self.r.fill(&mut v)?;
+        Ok(v)
+    }
+
+    /// Reads and validates the header, process, thread and mapping records.
+    pub fn open(inner: R) -> Result<(Self, ImageMeta), ImageError> {
+        let mut me = ImageReader {
+            r: HashR {
+                inner,
+                hash: Xxh3::new(),
+                n: 0,
+            },
+            map_idx: 0,
+            next_page: 0,
+            pending_tag: None,
+            stats: ImageStats::default(),
+            mappings: Vec::new(),
+            finished: false,
+        };
+        let header = me.read_header()?;
+
+        let (tag, len, at) = me.rec_header()?;
+        if tag != TAG_PROCESS {
+            return Err(ImageError::Tag {
+                at,
+                tag,
+                why: "expected the process record",
+            });
+        }
+        let p = me.payload(len)?;
+        let process = parse_process(&mut Cur { b: &p, at })?;
+
+        let mut threads: Vec<ThreadState> = Vec::new();
+        let mut mappings: Vec<Mapping> = Vec::new();
+        loop {
+            let (tag, len, at) = me.rec_header()?;
+            match tag {
+                TAG_THREAD if mappings.is_empty() => {
+                    if threads.len() >= MAX_THREADS {
+                        return Err(ImageError::Bound {
+                            at,
+                            what: "thread count",
+                            value: threads.len() as u64 + 1,
+                        });
+                    }
+                    let p = me.payload(len)?;
+                    let t = parse_thread(&mut Cur { b: &p, at })?;
+                    if threads.is_empty() && t.tid != process.pid {
+                        return Err(ImageError::Invalid {
+                            at,
+                            why: format!(
+                                "first thread {} is not the thread-group leader {}",
+                                t.tid, process.pid
+                            ),
+                        });
+                    }
+                    if threads.iter().any(|o| o.tid == t.tid) {
+                        return Err(ImageError::Invalid {
+                            at,
+                            why: format!("thread {} recorded twice", t.tid),
+                        });
+                    }
+                    threads.push(t);
+                }
+                TAG_MAPPING if !threads.is_empty() => {
+                    if mappings.len() >= MAX_MAPPINGS {
+                        return Err(ImageError::Bound {
+                            at,
+                            what: "mapping count",
+                            value: mappings.len() as u64 + 1,
+                        });
+                    }
+                    let p = me.payload(len)?;
+                    let m = parse_mapping(&mut Cur { b: &p, at })?;
+                    if let Some(prev) = mappings.last() {
+                        if m.start < prev.end {
+                            return Err(ImageError::Invalid {
+                                at,
+                                why: format!(
+                                    "mapping {:#x}-{:#x} overlaps or precedes {:#x}-{:#x}",
+                                    m.start, m.end, prev.start, prev.end
+                                ),
+                            });
+                        }
+                    }
+                    if m.kind.is_special() && mappings.iter().any(|o| o.kind == m.kind) {
+                        return Err(ImageError::Invalid {
+                            at,
+                            why: format!("{:?} recorded twice", m.kind),
+                        });
+                    }
+                    mappings.push(m);
+                }
+                TAG_DATA | TAG_ZERO | TAG_END if !mappings.is_empty() => {
+                    me.pending_tag = Some((tag, len, at));
+                    break;
+                }
+                _ => {
+                    return Err(ImageError::Tag {
+                        at,
+                        tag,
+                        why: "out of order (header, process, threads, mappings, pages, end)",
+                    })
+                }
+            }
+        }
+        me.mappings = mappings.clone();
+        Ok((
+            me,
+            ImageMeta {
+                header,
+                process,
+                threads,
+                mappings,
+            },
+        ))
+    }
+
+    fn read_header(&mut self) -> Result<Header, ImageError> {
+        let mut fixed = [0u8; 16];
+        self.r.fill(&mut fixed)?;
+        let mut magic = [0u8; 8];
+        magic.copy_from_slice(&fixed[..8]);
+        if magic != MAGIC {
+            return Err(ImageError::Magic(magic));
+        }
+        let version = u16::from_le_bytes([fixed[8], fixed[9]]);
+        if version != VERSION {
+            return Err(ImageError::Version(version));
+        }
+        let flags = u16::from_le_bytes([fixed[10], fixed[11]]);
+        if flags & !FLAG_ZERO_RUNS != 0 {
+            return Err(ImageError::Flags(flags));
+        }
+        let arch = u16::from_le_bytes([fixed[12], fixed[13]]);
+        if arch != ARCH_X86_64 {
+            return Err(ImageError::Arch(arch));
+        }
+        let release = self.read_kstr("kernel release length")?;
+        let version_s = self.read_kstr("kernel version length")?;
+        let mut tail = [0u8; 16];
+        self.r.fill(&mut tail)?;
+        let vdso_hash = u64::from_le_bytes(tail[..8].try_into().unwrap_or([0; 8]));
+        let vdso_len = u32::from_le_bytes(tail[8..12].try_into().unwrap_or([0; 4]));
+        let page = u32::from_le_bytes(tail[12..16].try_into().unwrap_or([0; 4]));
+        if u64::from(page) != PAGE {
+            return Err(ImageError::Bound {
+                at: self.r.n,
+                what: "page size",
+                value: u64::from(page),
+            });
+        }
+        Ok(Header {
+            flags,
+            kernel: KernelFingerprint {
+                release,
+                version: version_s,
+                vdso_hash,
+                vdso_len,
+            },
+        })
+    }
+
+    fn read_kstr(&mut self, what: &'static str) -> Result<String, ImageError> {
+        let at = self.r.n;
+        let mut l = [0u8; 2];
+        self.r.fill(&mut l)?;
+        let n = usize::from(u16::from_le_bytes(l));
+        if n > MAX_KSTR {
+            return Err(ImageError::Bound {
+                at,
+                what,
+                value: n as u64,
+            });
+        }
+        let mut b = vec![0u8; n];
+        self.r.fill(&mut b)?;
+        String::from_utf8(b).map_err(|_| ImageError::Invalid {
+            at,
+            why: "kernel string is not UTF-8".into(),
+        })
+    }
+
+    /// Finds the mapping that holds `[addr, addr+len)` at or after the
+    /// cursor (pages are ascending, so the cursor only moves forward).
+    fn page_target(&mut self, at: u64, addr: u64, len: u64) -> Result<(), ImageError> {
+        if addr < self.next_page {
+            return Err(ImageError::Invalid {
+                at,
+                why: format!(
+                    "page run at {addr:#x} is not above the previous one (ends {:#x})",
+                    self.next_page
+                ),
+            });
+        }
+        check_addr(at, "page address", addr)?;
+        while self.map_idx < self.mappings.len() && self.mappings[self.map_idx].end <= addr {
+            self.map_idx += 1;
+        }
+        let Some(m) = self.mappings.get(self.map_idx) else {
+            return Err(ImageError::Invalid {
+                at,
+                why: format!("page run at {addr:#x} lies in no recorded mapping"),
+            });
+        };
+        if !m.contains_range(addr, len) {
+            return Err(ImageError::Invalid {
+                at,
+                why: format!(
+                    "page run {addr:#x}+{len:#x} is not inside one mapping (nearest {:#x}-{:#x})",
+                    m.start, m.end
+                ),
+            });
+        }
+        if m.kind.is_special() || m.prot & (PROT_R | PROT_W) == 0 {
+            return Err(ImageError::Invalid {
+                at,
+                why: format!(
+                    "page run at {addr:#x} targets a {:?} mapping with prot {:#x}",
+                    m.kind, m.prot
+                ),
+            });
+        }
+        self.next_page = addr + len;
+        Ok(())
+    }
+
+    /// The next batch of pages; `Data` content is placed in `buf` (resized to
+    /// `npages * PAGE`). `None` after the end record, whose counts and
+    /// checksum have then been verified.
+    pub fn next_pages(&mut self, buf: &mut Vec<u8>) -> Result<Option<Pages>, ImageError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let (tag, len, at) = self.rec_header()?;
+        match tag {
+            TAG_DATA => {
+                if len < 12 {
+                    return Err(ImageError::Bound {
+                        at,
+                        what: "data record length",
+                        value: u64::from(len),
+                    });
+                }
+                let mut h = [0u8; 12];
+                self.r.fill(&mut h)?;
+                let addr = u64::from_le_bytes(h[..8].try_into().unwrap_or([0; 8]));
+                let npages = u32::from_le_bytes(h[8..].try_into().unwrap_or([0; 4]));
+                if npages == 0 || npages > MAX_RUN_PAGES {
+                    return Err(ImageError::Bound {
+                        at,
+                        what: "pages in a data record",
+                        value: u64::from(npages),
+                    });
+                }
+                let bytes = u64::from(npages) * PAGE;
+                if u64::from(len) != bytes + 12 {
+                    return Err(ImageError::Invalid {
+                        at,
+                        why: format!("data record of {npages} pages has length {len}"),
+                    });
+                }
+                self.page_target(at, addr, bytes)?;
+                // bytes <= MAX_RUN_PAGES * PAGE = 1 MiB.
+                buf.resize(bytes as usize, 0);
+                self.r.fill(buf)?;
+                self.stats.data_pages += u64::from(npages);
+                Ok(Some(Pages::Data { addr, npages }))
+            }
+            TAG_ZERO => {
+                if len != 16 {
+                    return Err(ImageError::Bound {
+                        at,
+                        what: "zero record length",
+                        value: u64::from(len),
+                    });
+                }
+                let p = self.payload(len)?;
+                let mut c = Cur { b: &p, at };
+                let addr = c.u64()?;
+                let npages = c.u64()?;
+                let bytes = npages
+                    .checked_mul(PAGE)
+                    .filter(|&b| b > 0 && b <= USER_TOP)
+                    .ok_or(ImageError::Bound {
+                        at,
+                        what: "pages in a zero record",
+                        value: npages,
+                    })?;
+                self.page_target(at, addr, bytes)?;
+                self.stats.zero_pages += npages;
+                Ok(Some(Pages::Zero { addr, npages }))
+            }
+            TAG_END => {
+                if len != 24 {
+                    return Err(ImageError::Bound {
+                        at,
+                        what: "end record length",
+                        value: u64::from(len),
+                    });
+                }
+                let mut counts = [0u8; 16];
+                self.r.fill(&mut counts)?;
+                let computed = self.r.hash.digest();
+                let mut s = [0u8; 8];
+                let got = read_exact_plain(&mut self.r.inner, &mut s);
+                if got.is_err() {
+                    return Err(ImageError::Truncated { at: self.r.n });
+                }
+                let stored = u64::from_le_bytes(s);
+                let data = u64::from_le_bytes(counts[..8].try_into().unwrap_or([0; 8]));
+                let zero = u64::from_le_bytes(counts[8..].try_into().unwrap_or([0; 8]));
+                if stored != computed {
+                    return Err(ImageError::Checksum { stored, computed });
+                }
+                if data != self.stats.data_pages || zero != self.stats.zero_pages {
+                    return Err(ImageError::Invalid {
+                        at,
+                        why: format!(
+                            "end record counts {data} data + {zero} zero pages, stream had {} + {}",
+                            self.stats.data_pages, self.stats.zero_pages
+                        ),
+                    });
+                }
+                self.stats.checksum = stored;
+                self.stats.bytes = self.r.n + 8;
+                self.finished = true;
+                Ok(None)
+            }
+            _ => Err(ImageError::Tag {
+                at,
+                tag,
+                why: "expected a page record or the end record",
+            }),
+        }
+    }
+
+    /// Counts so far (final once `next_pages` returned `None`).
+    pub fn stats(&self) -> ImageStats {
+        self.stats
+    }
+}
+
+fn read_exact_plain<R: Read>(r: &mut R, b: &mut [u8]) -> io::Result<()> {
+    r.read_exact(b)
+}
+
+fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
+    let at = c.at;
+    let pid = c.u32()?;
+    if pid == 0 || pid > 1 << 22 {
+        return Err(ImageError::Bound {
+            at,
+            what: "pid",
+            value: u64::from(pid),
+        });
+    }
+    let personality = c.u32()?;
+    let mut mm = [0u64; 11];
+    for x in &mut mm {
+        *x = c.u64()?;
+        if *x > USER_TOP {
+            return Err(ImageError::Bound {
+                at,
+                what: "mm field",
+                value: *x,
+            });
+        }
+    }
+    let n = usize::from(c.u16()?);
+    if n > MAX_AUXV {
+        return Err(ImageError::Bound {
+            at,
+            what: "auxv entries",
+            value: n as u64,
+        });
+    }
+    let mut auxv = Vec::with_capacity(n);
+    for _ in 0..n {
+        auxv.push((c.u64()?, c.u64()?));
+    }
+    let mut stdio = [StdioKind::Closed; 3];
+    for s in &mut stdio {
+        let k = c.u8()?;
+        *s = StdioKind::from_code(k).ok_or(ImageError::Bound {
+            at,
+            what: "stdio kind",
+            value: u64::from(k),
+        })?;
+    }
+    let n = c.u8()?;
+    if n > 64 {
+        return Err(ImageError::Bound {
+            at,
+            what: "signal actions",
+            value: u64::from(n),
+        });
+    }
+    let mut sigactions = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let signo = c.u8()?;
+        if !(1..=64).contains(&signo)
+            || signo == 9
+            || signo == 19
+            || sigactions.iter().any(|a: &SigAction| a.signo == signo)
+        {
+            return Err(ImageError::Bound {
+                at,
+                what: "signal action number",
+                value: u64::from(signo),
+            });
+        }
+        sigactions.push(SigAction {
+            signo,
+            handler: c.u64()?,
+            flags: c.u64()?,
+            restorer: c.u64()?,
+            mask: c.u64()?,
+        });
+    }
+    let shared_pending = c.sigs()?;
+    let exe = c.str(MAX_NAME, "exe path length")?;
+    c.done()?;
+    Ok(ProcessInfo {
+        pid,
+        personality,
+        mm: MmFields::from_array(mm),
+        auxv,
+        stdio,
+        sigactions,
+        shared_pending,
+        exe,
+    })
+}
+
+fn parse_thread(c: &mut Cur<'_>) -> Result<ThreadState, ImageError> {
+    let at = c.at;
+    let tid = c.u32()?;
+    if tid == 0 || tid > 1 << 22 {
+        return Err(ImageError::Bound {
+            at,
+            what: "tid",
+            value: u64::from(tid),
+        });
+    }
+    let mut regs = [0u64; NREGS];
+    for r in &mut regs {
+        *r = c.u64()?;
+    }
+    let fp_kind = match c.u8()? {
+        1 => FpKind::Xstate,
+        2 => FpKind::Fxsave,
+        k => {
+            return Err(ImageError::Bound {
+                at,
+                what: "FP state kind",
+                value: u64::from(k),
+            })
+        }
+    };
+    let n = c.u32()? as usize;
+    if !(512..=MAX_XSTATE).contains(&n) || (fp_kind == FpKind::Fxsave && n != 512) {
+        return Err(ImageError::Bound {
+            at,
+            what: "FP state size",
+            value: n as u64,
+        });
+    }
+    let fp = c.take(n)?.to_vec();
+    let sigmask = c.u64()?;
+    let rseq = Rseq {
+        abi_pointer: c.u64()?,
+        abi_size: c.u32()?,
+        signature: c.u32()?,
+        flags: c.u32()?,
+    };
+    if rseq.abi_pointer > USER_TOP || rseq.abi_size > 4096 {
+        return Err(ImageError::Bound {
+            at,
+            what: "rseq area",
+            value: rseq.abi_pointer,
+        });
+    }
+    let clear_child_tid = c.u64()?;
+    let robust_list = c.u64()?;
+    let robust_len = c.u64()?;
+    let sp = c.u64()?;
+    let altstack = AltStack {
+        sp,
+        flags: c.u32()?,
+        size: c.u64()?,
+    };
+    for (what, v) in [
+        ("clear_child_tid", clear_child_tid),
+        ("robust list", robust_list),
+        ("sigaltstack", altstack.sp),
+    ] {
+        if v > USER_TOP {
+            return Err(ImageError::Bound { at, what, value: v });
+        }
+    }
+    let mut comm = [0u8; 16];
+    comm.copy_from_slice(c.take(16)?);
+    let pending = c.sigs()?;
+    c.done()?;
+    Ok(ThreadState {
+        tid,
+        regs,
+        fp_kind,
+        fp,
+        sigmask,
+        rseq,
+        clear_child_tid,
+        robust_list,
+        robust_len,
+        altstack,
+        comm,
+        pending,
+    })
+}
+
+fn parse_mapping(c: &mut Cur<'_>) -> Result<Mapping, ImageError> {
+    let at = c.at;
+    let start = c.u64()?;
+    let end = c.u64()?;
+    check_addr(at, "mapping start", start)?;
+    check_addr(at, "mapping end", end)?;
+    if start >= end || start < PAGE {
+        return Err(ImageError::Invalid {
+            at,
+            why: format!("empty or reversed mapping {start:#x}-{end:#x}"),
+        });
+    }
+    let prot = c.u8()?;
+    if prot & !(PROT_R | PROT_W | PROT_X) != 0 {
+        return Err(ImageError::Bound {
+            at,
+            what: "mapping prot",
+            value: u64::from(prot),
+        });
+    }
+    let flags = c.u8()?;
+    if flags & !MAPF_GROWSDOWN != 0 {
+        return Err(ImageError::Bound {
+            at,
+            what: "mapping flags",
+            value: u64::from(flags),
+        });
+    }
+    let k = c.u8()?;
+    let kind = MappingKind::from_code(k).ok_or(ImageError::Bound {
+        at,
+        what: "mapping kind",
+        value: u64::from(k),
+    })?;
+    let offset = c.u64()?;
+    let name = c.str(MAX_NAME, "mapping name length")?;
+    c.done()?;
+    Ok(Mapping {
+        start,
+        end,
+        prot,
+        flags,
+        kind,
+        offset,
+        name,
+    })
+}
+
+/// A whole image in memory (tests, tools). Pages are `(addr, content)` for
+/// data runs; zero runs are counted in the stats only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedImage {
+    pub meta: ImageMeta,
+    pub data: Vec<(u64, Vec<u8>)>,
+    pub zero: Vec<(u64, u64)>,
+    pub stats: ImageStats,
+}
+
+/// Decodes a complete image from a reader.
+pub fn decode_all<R: Read>(r: R) -> Result<DecodedImage, ImageError> {
+    let (mut rd, meta) = ImageReader::open(r)?;
+    let mut data = Vec::new();
+    let mut zero = Vec::new();
+    let mut buf = Vec::new();
+    while let Some(p) = rd.next_pages(&mut buf)? {
+        match p {
+            Pages::Data { addr, .. } => data.push((addr, buf.clone())),
+            Pages::Zero { addr, npages } => zero.push((addr, npages)),
+        }
+    }
+    Ok(DecodedImage {
+        meta,
+        data,
+        zero,
+        stats: rd.stats(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    type Sample = (ImageMeta, Vec<(u64, Vec<u8>)>, Vec<(u64, u64)>);
+
+    fn sample(nmaps: usize, seed: u8) -> Sample {
+        let header = Header {
+            flags: FLAG_ZERO_RUNS,
+            kernel: KernelFingerprint {
+                release: "6.18.44".into(),
+                version: "#1 SMP".into(),
+                vdso_hash: 0x1234,
+                vdso_len: 8192,
+            },
+        };
+        let process = ProcessInfo {
+            pid: 100,
+            personality: 0,
+            mm: MmFields {
+                start_code: 0x40_0000,
+                end_code: 0x40_1000,
+                ..MmFields::default()
+            },
+            auxv: vec![(6, 4096), (25, 0x7fff_0000)],
+            stdio: [StdioKind::DevNull, StdioKind::Pipe, StdioKind::Tty],
+            sigactions: vec![SigAction {
+                signo: 10,
+                handler: 0x40_1000,
+                flags: 0x0400_0000,
+                restorer: 0x40_2000,
+                mask: 0,
+            }],
+            shared_pending: vec![],
+            exe: "/bin/x".into(),
+        };
+        let mut si = [0u8; SIGINFO_SIZE];
+        si[0] = 10;
+        let thread = |tid| ThreadState {
+            tid,
+            regs: [u64::from(seed); NREGS],
+            fp_kind: FpKind::Xstate,
+            fp: vec![seed; 832],
+            sigmask: 0,
+            rseq: Rseq::default(),
+            clear_child_tid: 0x7000_0000,
+            robust_list: 0,
+            robust_len: 24,
+            altstack: AltStack::default(),
+            comm: *b"mkcounter\0\0\0\0\0\0\0",
+            pending: vec![SigInfo(si)],
+        };
+        let mut mappings = Vec::new();
+        let mut data = Vec::new();
+        let mut zero = Vec::new();
+        for i in 0..nmaps as u64 {
+            let start = 0x10_0000 + i * 0x10_000;
+            mappings.push(Mapping {
+                start,
+                end: start + 4 * PAGE,
+                prot: PROT_R | PROT_W,
+                flags: 0,
+                kind: MappingKind::Anon,
+                offset: 0,
+                name: format!("m{i}"),
+            });
+            data.push((start, vec![seed.wrapping_add(i as u8); 2 * PAGE as usize]));
+            zero.push((start + 2 * PAGE, 2));
+        }
+        mappings.push(Mapping {
+            start: 0x7fff_0000_0000,
+            end: 0x7fff_0000_2000,
+            prot: PROT_R | PROT_X,
+            flags: 0,
+            kind: MappingKind::Vdso,
+            offset: 0,
+            name: "[vdso]".into(),
+        });
+        (
+            ImageMeta {
+                header,
+                process,
+                threads: vec![thread(100), thread(101)],
+                mappings,
+            },
+            data,
+            zero,
+        )
+    }
+
+    fn encode(meta: &ImageMeta, data: &[(u64, Vec<u8>)], zero: &[(u64, u64)]) -> Vec<u8> {
+        let mut w = ImageWriter::new(Vec::new(), &meta.header).unwrap();
+        w.process(&meta.process).unwrap();
+        for t in &meta.threads {
+            w.thread(t).unwrap();
+        }
+        for m in &meta.mappings {
+            w.mapping(m).unwrap();
+        }
+        for ((a, d), (za, zn)) in data.iter().zip(zero) {
+            w.data(*a, d).unwrap();
+            w.zero(*za, *zn).unwrap();
+        }
+        w.finish().unwrap().0
+    }
+
+    #[test]
+    fn round_trip() {
+        let (meta, data, zero) = sample(3, 7);
+        let bytes = encode(&meta, &data, &zero);
+        let d = decode_all(&bytes[..]).unwrap();
+        assert_eq!(d.meta, meta);
+        assert_eq!(d.data, data);
+        assert_eq!(d.zero, zero);
+        assert_eq!(d.stats.data_pages, 6);
+        assert_eq!(d.stats.zero_pages, 6);
+        assert_eq!(d.stats.bytes, bytes.len() as u64);
+    }
+
+    #[test]
+    fn writer_refuses_misorder() {
+        let (meta, _, _) = sample(1, 0);
+        let mut w = ImageWriter::new(Vec::new(), &meta.header).unwrap();
+        assert!(w.thread(&meta.threads[0]).is_err());
+        w.process(&meta.process).unwrap();
+        assert!(w.mapping(&meta.mappings[0]).is_err());
+        w.thread(&meta.threads[0]).unwrap();
+        w.mapping(&meta.mappings[0]).unwrap();
+        w.data(0x10_1000, &[0; 4096]).unwrap();
+        assert!(w.data(0x10_0000, &[0; 4096]).is_err(), "descending");
+    }
+
+    #[test]
+    fn page_outside_mappings_is_refused() {
+        let (meta, _, _) = sample(1, 0);
+        // Bypass the writer's checks by writing a run into the vdso mapping.
+        let bytes = encode(
+            &meta,
+            &[(0x7fff_0000_0000, vec![1; 4096])],
+            &[(0x7fff_0000_1000, 1)],
+        );
+        let e = decode_all(&bytes[..]).unwrap_err();
+        assert!(e.to_string().contains("Vdso"), "{e}");
+        let bytes = encode(&meta, &[(0x20_0000, vec![1; 4096])], &[(0x20_1000, 1)]);
+        assert!(decode_all(&bytes[..]).is_err());
+    }
+
+    #[test]
+    fn overlapping_mappings_refused() {
+        let (mut meta, data, zero) = sample(2, 0);
+        meta.mappings[1].start = meta.mappings[0].start + PAGE;
+        meta.mappings[1].end = meta.mappings[1].start + 4 * PAGE;
+        let bytes = encode(&meta, &data[..1], &zero[..1]);
+        let e = decode_all(&bytes[..]).unwrap_err();
+        assert!(e.to_string().contains("overlaps"), "{e}");
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let (meta, data, zero) = sample(2, 3);
+        let bytes = encode(&meta, &data, &zero);
+        for cut in 0..bytes.len() {
+            assert!(decode_all(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn corruption_never_panics_and_is_caught(
+            nmaps in 1usize..4,
+            seed in any::<u8>(),
+            flips in proptest::collection::vec((any::<usize>(), 1u8..=255), 1..4),
+        ) {
+            let (meta, data, zero) = sample(nmaps, seed);
+            let mut bytes = encode(&meta, &data, &zero);
+            for (pos, x) in flips {
+                let p = pos % bytes.len();
+                bytes[p] ^= x;
+            }
+            // Any flipped bit is caught: by a bound, a structural check, or
+            // at the latest by the checksum.
+            prop_assert!(decode_all(&bytes[..]).is_err());
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode_all(&bytes[..]);
+            let mut with_magic = MAGIC.to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = decode_all(&with_magic[..]);
+        }
+
+        #[test]
+        fn truncation_is_an_error(nmaps in 1usize..4, seed in any::<u8>(), cut in any::<usize>()) {
+            let (meta, data, zero) = sample(nmaps, seed);
+            let bytes = encode(&meta, &data, &zero);
+            let cut = cut % bytes.len();
+            prop_assert!(decode_all(&bytes[..cut]).is_err());
+        }
+    }
+}

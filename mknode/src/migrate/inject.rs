@@ -1,0 +1,134 @@
+//! Running one syscall inside a stopped tracee: point its `rip` at a
+//! `syscall` instruction, single-step it, read `rax`. Used on the origin (a
+//! few read-only queries: `PR_GET_TID_ADDRESS`, `sigaltstack`,
+//! `rt_sigaction`) and on the restore stub (everything that rebuilds it).
+//!
+//! The caller guarantees the tracee is in a ptrace-stop and has every signal
+//! blocked, so the step executes exactly the injected instruction.
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use super::SysError;
+
+/// A syscall to inject.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Call {
+    pub(crate) name: &'static str,
+    pub(crate) nr: libc::c_long,
+    pub(crate) args: [u64; 6],
+}
+
+impl Call {
+    pub(crate) fn new(name: &'static str, nr: libc::c_long, args: &[u64]) -> Self {
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        Call { name, nr, args: a }
+    }
+}
+
+pub(crate) fn ptrace_err(op: &'static str, tid: Pid) -> impl FnOnce(Errno) -> SysError {
+    move |source| SysError::Ptrace {
+        op,
+        tid: tid.as_raw(),
+        source,
+    }
+}
+
+/// Result of one injected syscall.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outcome {
+    pub(crate) ret: i64,
+    /// The thread a `clone` created (reported by `PTRACE_EVENT_CLONE`).
+    pub(crate) cloned: Option<Pid>,
+}
+
+impl Outcome {
+    /// The return value, or the errno it encodes.
+    pub(crate) fn check(self, call: &Call, tid: Pid) -> Result<u64, SysError> {
+        if (-4095..0).contains(&self.ret) {
+            Err(SysError::Syscall {
+                name: call.name,
+                tid: tid.as_raw(),
+                source: Errno::from_raw(-self.ret as i32),
+            })
+        } else {
+            Ok(self.ret as u64)
+        }
+    }
+}
+
+/// Waits for `tid`'s next stop and describes anything that is not one.
+pub(crate) fn wait(tid: Pid, wanted: &'static str) -> Result<WaitStatus, SysError> {
+    let s = loop {
+        match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+            Ok(s) => break s,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(ptrace_err("waitpid", tid)(e)),
+        }
+    };
+    match s {
+        WaitStatus::Exited(..) | WaitStatus::Signaled(..) => Err(SysError::Stop {
+            tid: tid.as_raw(),
+            status: format!("{s:?}"),
+            wanted,
+        }),
+        s => Ok(s),
+    }
+}
+
+/// Injects `call` at the `syscall` instruction at `insn`, starting from the
+/// register file `base` (which the caller restores afterwards if it must).
+pub(crate) fn inject(
+    tid: Pid,
+    insn: u64,
+    base: &libc::user_regs_struct,
+    call: &Call,
+) -> Result<Outcome, SysError> {
+    let mut r = *base;
+    r.rip = insn;
+    r.rax = call.nr as u64;
+    // No syscall restart logic may touch the injected registers on resume.
+    r.orig_rax = u64::MAX;
+    r.rdi = call.args[0];
+    r.rsi = call.args[1];
+    r.rdx = call.args[2];
+    r.r10 = call.args[3];
+    r.r8 = call.args[4];
+    r.r9 = call.args[5];
+    ptrace::setregs(tid, r).map_err(ptrace_err("PTRACE_SETREGS", tid))?;
+    ptrace::step(tid, None).map_err(ptrace_err("PTRACE_SINGLESTEP", tid))?;
+    let mut cloned = None;
+    loop {
+        match wait(tid, call.name)? {
+            WaitStatus::Stopped(_, Signal::SIGTRAP) => break,
+            WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_CLONE => {
+                let t = ptrace::getevent(tid).map_err(ptrace_err("PTRACE_GETEVENTMSG", tid))?;
+                cloned = Some(Pid::from_raw(t as i32));
+                ptrace::step(tid, None).map_err(ptrace_err("PTRACE_SINGLESTEP", tid))?;
+            }
+            other => {
+                return Err(SysError::Stop {
+                    tid: tid.as_raw(),
+                    status: format!("{other:?}"),
+                    wanted: call.name,
+                })
+            }
+        }
+    }
+    let out = ptrace::getregs(tid).map_err(ptrace_err("PTRACE_GETREGS", tid))?;
+    if out.rip != insn + 2 {
+        return Err(SysError::Stop {
+            tid: tid.as_raw(),
+            status: format!("step ended at {:#x}, not after the syscall", out.rip),
+            wanted: call.name,
+        });
+    }
+    Ok(Outcome {
+        ret: out.rax as i64,
+        cloned,
+    })
+}

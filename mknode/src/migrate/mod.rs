@@ -1,0 +1,68 @@
+//! Process migration core: capture a running process into an image, and
+//! restore an image as a running process, on the same kernel image.
+//!
+//! It owns the freeze (ptrace), the image format and its codec, and the
+//! rebuild; it does not own transport (the image goes through any
+//! `io::Write` / `io::Read`: a file, a buffer, a ring stream) nor the agents'
+//! protocol. The format and the limits are in `README.md` beside this file.
+//!
+//! ```no_run
+//! use mknode::migrate::{freeze, restore, ImageOptions, StdioPlan};
+//! let frozen = freeze(1234)?;                       // refuses up front if unmigratable
+//! let mut img = Vec::new();
+//! frozen.write_image(&mut img, ImageOptions::default())?;
+//! match restore(&img[..], StdioPlan::null()?) {
+//!     Ok(r) => { frozen.kill(); println!("now pid {}", r.pid) }
+//!     Err(e) => { drop(frozen); eprintln!("{e}") }  // original runs on
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Layers: `procfs` (parsers) → `precheck` → `sys` (the only unsafe: ptrace
+//! register sets, signal queues, the stub's fork) → `inject` (one syscall in
+//! a stopped thread) → `capture` / `restore`; `image` is pure.
+
+mod capture;
+pub mod image;
+mod inject;
+mod precheck;
+mod procfs;
+mod restore;
+mod sys;
+
+pub use capture::{freeze, CaptureError, Frozen, ImageOptions};
+pub use image::{ImageError, ImageMeta, ImageStats};
+pub use precheck::{check_at, check_migratable, Blocker, Precheck, Refusal};
+pub use restore::{restore, RestoreError, Restored, StdioPlan};
+
+/// A failed system call made on behalf of capture or restore.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    #[error("{op} on thread {tid}")]
+    Ptrace {
+        op: &'static str,
+        tid: i32,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("{name}() injected into thread {tid} failed")]
+    Syscall {
+        name: &'static str,
+        tid: i32,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("thread {tid}: {status} while waiting for {wanted}")]
+    Stop {
+        tid: i32,
+        status: String,
+        wanted: &'static str,
+    },
+    #[error("{what} of process {pid}")]
+    Mem {
+        what: &'static str,
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+}

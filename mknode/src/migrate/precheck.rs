@@ -1,0 +1,310 @@
+//! Is a process migratable? Decided from `/proc` alone, before anything is
+//! frozen, and again once it is frozen (the answer that counts). Every
+//! blocker is reported at once, each naming the offending thing.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+
+use super::image::StdioKind;
+use super::procfs::{MapsEntry, ProcDir};
+
+/// One reason a process cannot be migrated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Blocker {
+    /// A descriptor other than 0, 1, 2 is open.
+    OpenFd { fd: i32, target: String },
+    /// A socket (any descriptor).
+    Socket { fd: i32, target: String },
+    /// fd 0/1/2 is something other than a pipe, a tty or /dev/null.
+    Stdio { fd: i32, target: String },
+    /// A mapping shared with other processes (MAP_SHARED, SysV shm, ...).
+    SharedMapping { start: u64, end: u64, name: String },
+    /// A kernel special mapping this code does not know how to recreate.
+    SpecialMapping { start: u64, name: String },
+    /// Already under ptrace.
+    Traced { tracer: i32 },
+    /// Has children (they would be orphaned, and their pids are not ours).
+    Children { pids: Vec<i32> },
+    /// A seccomp filter or strict mode (not restored; and it may forbid the
+    /// syscalls capture injects).
+    Seccomp { mode: u32 },
+    /// x86 user shadow stack enabled (not restored).
+    ShadowStack,
+    /// POSIX timers exist (not restored).
+    PosixTimers { count: usize },
+    /// Stopped by job control, zombie or dead.
+    State { state: char },
+    /// The thread-group leader has exited while other threads run.
+    LeaderGone,
+    /// The caller itself.
+    SelfProcess,
+}
+
+impl fmt::Display for Blocker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Blocker::OpenFd { fd, target } => write!(
+                f,
+                "fd {fd} is open ({target}); only fds 0, 1 and 2 are carried"
+            ),
+            Blocker::Socket { fd, target } => write!(f, "fd {fd} is a socket ({target})"),
+            Blocker::Stdio { fd, target } => write!(
+                f,
+                "fd {fd} is {target}; fds 0-2 must be pipes, ttys or /dev/null"
+            ),
+            Blocker::SharedMapping { start, end, name } => write!(
+                f,
+                "shared memory mapping {start:#x}-{end:#x} ({})",
+                if name.is_empty() { "anonymous" } else { name }
+            ),
+            Blocker::SpecialMapping { start, name } => {
+                write!(f, "kernel special mapping {name} at {start:#x}")
+            }
+            Blocker::Traced { tracer } => write!(f, "already traced by pid {tracer}"),
+            Blocker::Children { pids } => write!(f, "has child processes {pids:?}"),
+            Blocker::Seccomp { mode } => write!(f, "runs under seccomp (mode {mode})"),
+            Blocker::ShadowStack => write!(f, "uses the x86 user shadow stack"),
+            Blocker::PosixTimers { count } => write!(f, "has {count} POSIX timer(s)"),
+            Blocker::State { state } => {
+                write!(f, "is in state {state:?} (stopped, zombie or dead)")
+            }
+            Blocker::LeaderGone => write!(f, "its main thread has exited"),
+            Blocker::SelfProcess => write!(f, "is the calling process itself"),
+        }
+    }
+}
+
+/// Why a process is not migrated.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("process {pid} cannot be migrated: {}", join(blockers))]
+    Blocked { pid: i32, blockers: Vec<Blocker> },
+    #[error("cannot inspect process {pid} through /proc")]
+    Inspect {
+        pid: i32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn join(b: &[Blocker]) -> String {
+    b.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// What the pre-check saw of a migratable process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Precheck {
+    pub pid: i32,
+    pub threads: usize,
+    pub stdio: [StdioKind; 3],
+    pub mappings: usize,
+}
+
+/// Classifies the target of fd 0/1/2.
+pub(crate) fn stdio_kind(target: &str) -> Option<StdioKind> {
+    if target.starts_with("pipe:[") {
+        Some(StdioKind::Pipe)
+    } else if target == "/dev/null" {
+        Some(StdioKind::DevNull)
+    } else if target.starts_with("/dev/pts/")
+        || target.starts_with("/dev/tty")
+        || target == "/dev/console"
+    {
+        Some(StdioKind::Tty)
+    } else {
+        None
+    }
+}
+
+/// Special mappings capture knows: carried as content (`[heap]`, `[stack]`),
+/// recreated by the kernel (`[vdso]`, `[vvar]`, `[vvar_vclock]`) or fixed
+/// (`[vsyscall]`).
+pub(crate) fn known_special(name: &str) -> bool {
+    matches!(
+        name,
+        "[heap]" | "[stack]" | "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
+    ) || name.starts_with("[anon:")
+        || name.starts_with("[anon_shmem:")
+}
+
+pub(crate) fn mapping_blockers(maps: &[MapsEntry], out: &mut Vec<Blocker>) {
+    for m in maps {
+        if m.shared {
+            out.push(Blocker::SharedMapping {
+                start: m.start,
+                end: m.end,
+                name: m.name.clone(),
+            });
+        } else if m.name.starts_with('[') && !known_special(&m.name) {
+            out.push(Blocker::SpecialMapping {
+                start: m.start,
+                name: m.name.clone(),
+            });
+        }
+    }
+}
+
+/// Checks `pid` under the proc root `root` (normally `/proc`).
+pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusal> {
+    let inspect = |source| Refusal::Inspect { pid, source };
+    let pd = ProcDir::new(root, pid);
+    let mut blockers = Vec::new();
+    if pid == self_pid {
+        blockers.push(Blocker::SelfProcess);
+    }
+    let st = pd.status().map_err(inspect)?;
+    if matches!(st.state, 'T' | 't' | 'Z' | 'X' | 'x') {
+        blockers.push(Blocker::State { state: st.state });
+    }
+    if st.tracer_pid != 0 {
+        blockers.push(Blocker::Traced {
+            tracer: st.tracer_pid,
+        });
+    }
+    if st.seccomp != 0 {
+        blockers.push(Blocker::Seccomp { mode: st.seccomp });
+    }
+    if st.shadow_stack {
+        blockers.push(Blocker::ShadowStack);
+    }
+    let tasks = pd.tasks().map_err(inspect)?;
+    if !tasks.contains(&pid) {
+        blockers.push(Blocker::LeaderGone);
+    }
+    let mut stdio = [StdioKind::Closed; 3];
+    for (fd, target) in pd.fds().map_err(inspect)? {
+        if target.starts_with("socket:") {
+            blockers.push(Blocker::Socket { fd, target });
+        } else if (0..3).contains(&fd) {
+            match stdio_kind(&target) {
+                Some(k) => stdio[fd as usize] = k,
+                None => blockers.push(Blocker::Stdio { fd, target }),
+            }
+        } else {
+            blockers.push(Blocker::OpenFd { fd, target });
+        }
+    }
+    let maps = pd.maps().map_err(inspect)?;
+    mapping_blockers(&maps, &mut blockers);
+    let children = pd.children().map_err(inspect)?;
+    if !children.is_empty() {
+        blockers.push(Blocker::Children { pids: children });
+    }
+    let timers = pd.posix_timers().map_err(inspect)?;
+    if timers > 0 {
+        blockers.push(Blocker::PosixTimers { count: timers });
+    }
+    if blockers.is_empty() {
+        Ok(Precheck {
+            pid,
+            threads: tasks.len(),
+            stdio,
+            mappings: maps.len(),
+        })
+    } else {
+        Err(Refusal::Blocked { pid, blockers })
+    }
+}
+
+/// What fds 0/1/2 are (unknown kinds read as closed; the pre-check refused
+/// those already).
+pub(crate) fn check_migratable_stdio(pd: &ProcDir) -> io::Result<[StdioKind; 3]> {
+    let mut stdio = [StdioKind::Closed; 3];
+    for (fd, target) in pd.fds()? {
+        if (0..3).contains(&fd) {
+            stdio[fd as usize] = stdio_kind(&target).unwrap_or(StdioKind::Closed);
+        }
+    }
+    Ok(stdio)
+}
+
+/// Checks a live process through `/proc`, touching nothing.
+pub fn check_migratable(pid: i32) -> Result<Precheck, Refusal> {
+    check_at(Path::new("/proc"), pid, std::process::id() as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn tree(fds: &[(&str, &str)], maps: &str, status_extra: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("7");
+        fs::create_dir_all(p.join("task/7")).unwrap();
+        fs::create_dir_all(p.join("fd")).unwrap();
+        for (fd, t) in fds {
+            std::os::unix::fs::symlink(t, p.join("fd").join(fd)).unwrap();
+        }
+        fs::write(p.join("maps"), maps).unwrap();
+        fs::write(
+            p.join("status"),
+            format!("State:\tS (sleeping)\nTracerPid:\t0\nSeccomp:\t0\n{status_extra}"),
+        )
+        .unwrap();
+        fs::write(p.join("task/7/children"), "").unwrap();
+        d
+    }
+
+    const OK_MAPS: &str = "00400000-00401000 r-xp 00000000 fe:00 1 /bin/x\n\
+                           7ffe0000-7ffe1000 rw-p 00000000 00:00 0 [stack]\n";
+
+    #[test]
+    fn clean_process_passes() {
+        let d = tree(
+            &[("0", "/dev/null"), ("1", "pipe:[5]"), ("2", "/dev/pts/3")],
+            OK_MAPS,
+            "",
+        );
+        let p = check_at(d.path(), 7, 1).unwrap();
+        assert_eq!(
+            p.stdio,
+            [StdioKind::DevNull, StdioKind::Pipe, StdioKind::Tty]
+        );
+        assert_eq!(p.threads, 1);
+    }
+
+    #[test]
+    fn every_blocker_is_named() {
+        let maps = format!(
+            "{OK_MAPS}7f000000-7f001000 rw-s 00000000 00:01 9 /SYSV00000000 (deleted)\n\
+             7f100000-7f101000 r-xp 00000000 00:00 0 [uprobes]\n"
+        );
+        let d = tree(
+            &[
+                ("1", "/tmp/log"),
+                ("3", "socket:[77]"),
+                ("4", "/etc/passwd"),
+            ],
+            &maps,
+            "TracerPid:\t99\n",
+        );
+        fs::write(d.path().join("7/task/7/children"), "8 9").unwrap();
+        let e = check_at(d.path(), 7, 1).unwrap_err();
+        let msg = e.to_string();
+        for want in [
+            "fd 1 is /tmp/log; fds 0-2 must be pipes",
+            "fd 3 is a socket (socket:[77])",
+            "fd 4 is open (/etc/passwd)",
+            "shared memory mapping 0x7f000000-0x7f001000 (/SYSV00000000 (deleted))",
+            "[uprobes]",
+            "already traced by pid 99",
+            "child processes [8, 9]",
+        ] {
+            assert!(msg.contains(want), "{want:?} missing from {msg}");
+        }
+    }
+
+    #[test]
+    fn missing_process_is_inspect_error() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            check_at(d.path(), 12345, 1),
+            Err(Refusal::Inspect { pid: 12345, .. })
+        ));
+    }
+}

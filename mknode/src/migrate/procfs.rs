@@ -1,0 +1,358 @@
+//! Readers of `/proc/<pid>/...` for capture and its pre-check. Every reader
+//! takes the proc root, so the parsers are tested on text fixtures; nothing
+//! here changes the process it reads.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// One line of `/proc/pid/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MapsEntry {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) read: bool,
+    pub(crate) write: bool,
+    pub(crate) exec: bool,
+    pub(crate) shared: bool,
+    pub(crate) offset: u64,
+    pub(crate) inode: u64,
+    pub(crate) name: String,
+}
+
+fn bad(what: &str, line: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("cannot parse {what}: {line:?}"),
+    )
+}
+
+/// Parses the text of `/proc/pid/maps`.
+pub(crate) fn parse_maps(text: &str) -> io::Result<Vec<MapsEntry>> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let mut it = line.splitn(6, ' ');
+        let range = it.next().ok_or_else(|| bad("maps range", line))?;
+        let perms = it.next().ok_or_else(|| bad("maps perms", line))?;
+        let offset = it.next().ok_or_else(|| bad("maps offset", line))?;
+        let _dev = it.next().ok_or_else(|| bad("maps dev", line))?;
+        let inode = it.next().ok_or_else(|| bad("maps inode", line))?;
+        let name = it.next().unwrap_or("").trim_start().to_string();
+        let (s, e) = range
+            .split_once('-')
+            .ok_or_else(|| bad("maps range", line))?;
+        let hex = |x: &str| u64::from_str_radix(x, 16).map_err(|_| bad("maps number", line));
+        let p = perms.as_bytes();
+        if p.len() != 4 {
+            return Err(bad("maps perms", line));
+        }
+        out.push(MapsEntry {
+            start: hex(s)?,
+            end: hex(e)?,
+            read: p[0] == b'r',
+            write: p[1] == b'w',
+            exec: p[2] == b'x',
+            shared: p[3] == b's',
+            offset: hex(offset)?,
+            inode: inode.parse().map_err(|_| bad("maps inode", line))?,
+            name,
+        });
+    }
+    Ok(out)
+}
+
+/// The fields of `/proc/pid/status` that decide migratability.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Status {
+    pub(crate) state: char,
+    pub(crate) tracer_pid: i32,
+    pub(crate) seccomp: u32,
+    pub(crate) shadow_stack: bool,
+    pub(crate) sig_cgt: u64,
+    pub(crate) sig_ign: u64,
+    pub(crate) threads: u32,
+}
+
+pub(crate) fn parse_status(text: &str) -> io::Result<Status> {
+    let mut s = Status::default();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        let num = || v.parse::<i64>().map_err(|_| bad("status field", line));
+        let hex = || u64::from_str_radix(v, 16).map_err(|_| bad("status mask", line));
+        match k {
+            "State" => s.state = v.chars().next().unwrap_or('?'),
+            "TracerPid" => s.tracer_pid = num()? as i32,
+            "Seccomp" => s.seccomp = num()? as u32,
+            "Threads" => s.threads = num()? as u32,
+            "SigCgt" => s.sig_cgt = hex()?,
+            "SigIgn" => s.sig_ign = hex()?,
+            "x86_Thread_features" => s.shadow_stack = v.split_whitespace().any(|f| f == "shstk"),
+            _ => {}
+        }
+    }
+    Ok(s)
+}
+
+/// Fields of `/proc/pid/stat` (1-based numbering of proc(5)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Stat {
+    pub(crate) start_code: u64,
+    pub(crate) end_code: u64,
+    pub(crate) start_stack: u64,
+    pub(crate) start_data: u64,
+    pub(crate) end_data: u64,
+    pub(crate) start_brk: u64,
+    pub(crate) arg_start: u64,
+    pub(crate) arg_end: u64,
+    pub(crate) env_start: u64,
+    pub(crate) env_end: u64,
+}
+
+pub(crate) fn parse_stat(text: &str) -> io::Result<Stat> {
+    // The command name (field 2) may hold spaces and parentheses: split
+    // after the last ')'. Fields from 3 on follow, space separated.
+    let rest = text
+        .rfind(')')
+        .map(|i| &text[i + 1..])
+        .ok_or_else(|| bad("stat", text))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> io::Result<u64> {
+        // Field n (1-based) is at index n - 3 of `f`.
+        f.get(n - 3)
+            .and_then(|x| x.parse::<u64>().ok())
+            .ok_or_else(|| bad("stat field", text))
+    };
+    Ok(Stat {
+        start_code: field(26)?,
+        end_code: field(27)?,
+        start_stack: field(28)?,
+        start_data: field(45)?,
+        end_data: field(46)?,
+        start_brk: field(47)?,
+        arg_start: field(48)?,
+        arg_end: field(49)?,
+        env_start: field(50)?,
+        env_end: field(51)?,
+    })
+}
+
+/// Parses `/proc/pid/auxv` (native 64-bit pairs) up to AT_NULL.
+pub(crate) fn parse_auxv(b: &[u8]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for c in b.chunks_exact(16) {
+        let t = u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8]));
+        let v = u64::from_le_bytes(c[8..].try_into().unwrap_or([0; 8]));
+        if t == 0 {
+            break;
+        }
+        out.push((t, v));
+    }
+    out
+}
+
+/// A view of one process under a proc root.
+#[derive(Debug, Clone)]
+pub(crate) struct ProcDir {
+    dir: PathBuf,
+}
+
+impl ProcDir {
+    pub(crate) fn new(root: &Path, pid: i32) -> Self {
+        ProcDir {
+            dir: root.join(pid.to_string()),
+        }
+    }
+
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub(crate) fn maps(&self) -> io::Result<Vec<MapsEntry>> {
+        parse_maps(&fs::read_to_string(self.path("maps"))?)
+    }
+
+    pub(crate) fn status(&self) -> io::Result<Status> {
+        parse_status(&fs::read_to_string(self.path("status"))?)
+    }
+
+    pub(crate) fn stat(&self) -> io::Result<Stat> {
+        parse_stat(&fs::read_to_string(self.path("stat"))?)
+    }
+
+    pub(crate) fn auxv(&self) -> io::Result<Vec<(u64, u64)>> {
+        Ok(parse_auxv(&fs::read(self.path("auxv"))?))
+    }
+
+    pub(crate) fn personality(&self) -> io::Result<u32> {
+        let t = fs::read_to_string(self.path("personality"))?;
+        u32::from_str_radix(t.trim(), 16).map_err(|_| bad("personality", &t))
+    }
+
+    /// Thread ids, sorted, leader first when present.
+    pub(crate) fn tasks(&self) -> io::Result<Vec<i32>> {
+        let mut v: Vec<i32> = fs::read_dir(self.path("task"))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// Open descriptors and what they point to.
+    pub(crate) fn fds(&self) -> io::Result<Vec<(i32, String)>> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(self.path("fd"))? {
+            let e = e?;
+            let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let target = fs::read_link(e.path())
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|err| format!("<unreadable: {err}>"));
+            v.push((fd, target));
+        }
+        v.sort();
+        Ok(v)
+    }
+
+    /// Children of every thread (`task/*/children`).
+    pub(crate) fn children(&self) -> io::Result<Vec<i32>> {
+        let mut out = Vec::new();
+        for t in self.tasks()? {
+            let p = self.path(&format!("task/{t}/children"));
+            match fs::read_to_string(&p) {
+                Ok(s) => out.extend(s.split_whitespace().filter_map(|x| x.parse::<i32>().ok())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Number of POSIX timers (`timer_create`).
+    pub(crate) fn posix_timers(&self) -> io::Result<usize> {
+        match fs::read_to_string(self.path("timers")) {
+            Ok(s) => Ok(s.lines().filter(|l| l.starts_with("ID:")).count()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `comm` of a thread, NUL-padded to 16 bytes.
+    pub(crate) fn comm(&self, tid: i32) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        if let Ok(s) = fs::read(self.path(&format!("task/{tid}/comm"))) {
+            let s = s.strip_suffix(b"\n").unwrap_or(&s);
+            let n = s.len().min(15);
+            c[..n].copy_from_slice(&s[..n]);
+        }
+        c
+    }
+
+    pub(crate) fn exe(&self) -> String {
+        fs::read_link(self.path("exe"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c5a00000-55d0c5a02000 r--p 00000000 fe:00 1234                       /usr/bin/cat
+55d0c6000000-55d0c6021000 rw-p 00000000 00:00 0                          [heap]
+7f4ea0b1c000-7f4ea0b20000 r--p 00000000 00:00 0                          [vvar]
+7f4ea0b22000-7f4ea0b24000 r-xp 00000000 00:00 0                          [vdso]
+7f4ea0c00000-7f4ea0c01000 rw-s 00000000 00:01 42                         /SYSV00000000 (deleted)
+7ffe56ceb000-7ffe56d0c000 rw-p 00000000 00:00 0                          [stack]
+7f0000000000-7f0000001000 ---p 00000000 00:00 0 
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
+";
+
+    #[test]
+    fn maps() {
+        let m = parse_maps(MAPS).unwrap();
+        assert_eq!(m.len(), 8);
+        assert_eq!(m[0].name, "/usr/bin/cat");
+        assert!(m[0].read && !m[0].write && !m[0].shared);
+        assert_eq!(m[1].name, "[heap]");
+        assert!(m[4].shared && m[4].write);
+        assert_eq!(m[4].name, "/SYSV00000000 (deleted)");
+        assert_eq!(m[6].name, "");
+        assert!(!m[6].read && !m[6].write && !m[6].exec);
+        assert_eq!(m[7].start, 0xffffffffff600000);
+        assert!(parse_maps("zz-1 r--p 0 0 0").is_err());
+    }
+
+    #[test]
+    fn status() {
+        let s = parse_status(
+            "Name:\tmkcounter\nState:\tS (sleeping)\nTracerPid:\t0\nThreads:\t4\n\
+             SigIgn:\t0000000000001000\nSigCgt:\t0000000100000200\nSeccomp:\t0\n\
+             x86_Thread_features:\t\n",
+        )
+        .unwrap();
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.threads, 4);
+        assert_eq!(s.sig_ign, 0x1000);
+        assert_eq!(s.sig_cgt, 0x1_0000_0200);
+        assert!(!s.shadow_stack);
+        let s = parse_status("TracerPid:\t77\nx86_Thread_features:\tshstk wrss\n").unwrap();
+        assert_eq!(s.tracer_pid, 77);
+        assert!(s.shadow_stack);
+    }
+
+    #[test]
+    fn stat_with_odd_comm() {
+        let mut fields: Vec<String> = (3..=52).map(|i| (i * 10).to_string()).collect();
+        fields[0] = "S".into();
+        let text = format!("123 (a) b (c)) {}\n", fields.join(" "));
+        let s = parse_stat(&text).unwrap();
+        assert_eq!(s.start_code, 260);
+        assert_eq!(s.end_code, 270);
+        assert_eq!(s.start_stack, 280);
+        assert_eq!(s.start_data, 450);
+        assert_eq!(s.start_brk, 470);
+        assert_eq!(s.env_end, 510);
+        assert!(parse_stat("1 (x) S 2").is_err());
+    }
+
+    #[test]
+    fn auxv() {
+        let mut b = Vec::new();
+        for (t, v) in [(6u64, 4096u64), (25, 0x7fff_1234), (0, 0), (9, 9)] {
+            b.extend_from_slice(&t.to_le_bytes());
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        assert_eq!(parse_auxv(&b), vec![(6, 4096), (25, 0x7fff_1234)]);
+    }
+
+    #[test]
+    fn fake_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("42");
+        fs::create_dir_all(p.join("task/42")).unwrap();
+        fs::create_dir_all(p.join("task/43")).unwrap();
+        fs::create_dir_all(p.join("fd")).unwrap();
+        fs::write(p.join("task/42/children"), "50 51 ").unwrap();
+        fs::write(p.join("task/43/children"), "").unwrap();
+        fs::write(p.join("task/43/comm"), "worker\n").unwrap();
+        fs::write(p.join("timers"), "ID: 0\nsignal: 14/0\nID: 1\n").unwrap();
+        std::os::unix::fs::symlink("pipe:[99]", p.join("fd/1")).unwrap();
+        std::os::unix::fs::symlink("socket:[7]", p.join("fd/3")).unwrap();
+        let pd = ProcDir::new(d.path(), 42);
+        assert_eq!(pd.tasks().unwrap(), vec![42, 43]);
+        assert_eq!(pd.children().unwrap(), vec![50, 51]);
+        assert_eq!(pd.posix_timers().unwrap(), 2);
+        assert_eq!(&pd.comm(43)[..7], b"worker\0");
+        assert_eq!(
+            pd.fds().unwrap(),
+            vec![(1, "pipe:[99]".into()), (3, "socket:[7]".into())]
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! Helpers for the migration tests and bench: build and start `mkcounter`,
+//! read its output lines from a pipe, parse them.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Builds `mkcounter` (release) into the target dir this binary runs from,
+/// once per process, and returns its path.
+pub(crate) fn mkcounter() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        cloexec_inherited();
+        let exe = std::env::current_exe().expect("current_exe");
+        // <target>/<profile>/deps/<this binary>
+        let target = exe
+            .parent()
+            .and_then(|p| p.parent())
+            .and_then(|p| p.parent())
+            .expect("target dir")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "testprogs",
+                "--bin",
+                "mkcounter",
+            ])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build for mkcounter");
+        assert!(st.success(), "building mkcounter failed");
+        target.join("release/mkcounter")
+    })
+    .clone()
+}
+
+/// Descriptors this test process inherited without `O_CLOEXEC` (from a
+/// shell or CI runner) would leak into every process it starts and make it
+/// unmigratable; mark them close-on-exec.
+fn cloexec_inherited() {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds.into_iter().filter(|&fd| fd > 2) {
+        // SAFETY: F_SETFD on an integer descriptor touches no memory; a
+        // descriptor that was closed meanwhile just yields EBADF.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+}
+
+/// One parsed output line of mkcounter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Line {
+    Seq { seq: u64, counters: Vec<u64> },
+    Checksum { sum: u64, bytes: usize },
+}
+
+pub(crate) fn parse(line: &str) -> Option<Line> {
+    if let Some(rest) = line.strip_prefix("checksum=") {
+        let (sum, bytes) = rest.split_once(" bytes=")?;
+        return Some(Line::Checksum {
+            sum: u64::from_str_radix(sum, 16).ok()?,
+            bytes: bytes.parse().ok()?,
+        });
+    }
+    let mut it = line.split_whitespace();
+    let seq = it.next()?.strip_prefix("seq=")?.parse().ok()?;
+    let counters = it
+        .map(|f| f.split_once('=').and_then(|(_, v)| v.parse().ok()))
+        .collect::<Option<Vec<u64>>>()?;
+    Some(Line::Seq { seq, counters })
+}
+
+/// The lines a process writes to one pipe, read by a thread.
+pub(crate) struct Output {
+    rx: Receiver<String>,
+}
+
+impl Output {
+    pub(crate) fn new(f: impl Into<OwnedFd>) -> Self {
+        let f = File::from(f.into());
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(f).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Output { rx }
+    }
+
+    /// The next line, or None at EOF / after `t`.
+    pub(crate) fn next(&self, t: Duration) -> Option<Line> {
+        match self.rx.recv_timeout(t) {
+            Ok(l) => Some(parse(&l).unwrap_or_else(|| panic!("unparsable line {l:?}"))),
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Reads until a line matching `f`, returning the lines before it too.
+    pub(crate) fn until(&self, t: Duration, mut f: impl FnMut(&Line) -> bool) -> Vec<Line> {
+        let end = Instant::now() + t;
+        let mut seen = Vec::new();
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let l = self.next(left).unwrap_or_else(|| {
+                panic!("no matching line within {t:?}; last: {:?}", seen.last())
+            });
+            let hit = f(&l);
+            seen.push(l);
+            if hit {
+                return seen;
+            }
+        }
+    }
+
+    /// Everything up to EOF (the writer is gone).
+    pub(crate) fn drain(&self, t: Duration) -> Vec<Line> {
+        let end = Instant::now() + t;
+        let mut v = Vec::new();
+        loop {
+            match self
+                .rx
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => v.push(parse(&l).unwrap_or_else(|| panic!("unparsable line {l:?}"))),
+                Err(RecvTimeoutError::Disconnected) => return v,
+                Err(RecvTimeoutError::Timeout) => panic!("pipe not closed within {t:?}"),
+            }
+        }
+    }
+}
+
+pub(crate) fn seqs(lines: &[Line]) -> Vec<(u64, Vec<u64>)> {
+    lines
+        .iter()
+        .filter_map(|l| match l {
+            Line::Seq { seq, counters } => Some((*seq, counters.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A pipe whose write end is for the restored process.
+pub(crate) fn pipe() -> (OwnedFd, OwnedFd) {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2")
+}

@@ -1,0 +1,312 @@
+//! Capture and restore of real processes on this host kernel (root, ptrace).
+//! The process moved is `testprogs`'s `mkcounter`; each test reads its
+//! stdout lines and checks the sequence, the counters and the memory
+//! checksum across the move.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::{mkcounter, pipe, seqs, Line, Output};
+use mknode::migrate::{
+    check_migratable, freeze, image, restore, CaptureError, ImageOptions, Refusal, RestoreError,
+    StdioPlan,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+
+/// The tests share two CPUs with three busy threads each: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const T: Duration = Duration::from_secs(20);
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn start(args: &[&str]) -> (Child, Output) {
+    let mut c = Command::new(mkcounter())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn mkcounter");
+    let out = Output::new(c.stdout.take().expect("stdout"));
+    (c, out)
+}
+
+fn plan_to_pipe() -> (StdioPlan, Output) {
+    let (r, w) = pipe();
+    let plan = StdioPlan {
+        stdin: std::fs::File::open("/dev/null").expect("null").into(),
+        stdout: w,
+        stderr: std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("stderr"),
+    };
+    (plan, Output::new(r))
+}
+
+/// Waits until every worker has counted, returning the line.
+fn running(out: &Output, threads: usize) -> (u64, Vec<u64>) {
+    let l = out.until(T, |l| {
+        matches!(l, Line::Seq { counters, .. } if counters.len() == threads && counters.iter().all(|&c| c > 0))
+    });
+    seqs(&l).pop().expect("a seq line")
+}
+
+fn checksum(pid: i32, out: &Output) -> (u64, usize) {
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).expect("SIGUSR1");
+    match out.until(T, |l| matches!(l, Line::Checksum { .. })).pop() {
+        Some(Line::Checksum { sum, bytes }) => (sum, bytes),
+        _ => unreachable!(),
+    }
+}
+
+/// Checks the old stream ends at `L` with no hole, and returns L and the
+/// counters of that line.
+fn old_tail(lines: &[Line]) -> (u64, Vec<u64>) {
+    let s = seqs(lines);
+    for w in s.windows(2) {
+        assert_eq!(w[1].0, w[0].0 + 1, "hole or repeat in the old stream");
+    }
+    s.last().cloned().expect("old stream had lines")
+}
+
+/// Moves the process `pid` whose output is `out` through an in-memory image
+/// (and a file image when `via_file`), kills the original, and checks the
+/// new output continues at the next sequence number.
+fn migrate(
+    pid: i32,
+    out: &Output,
+    reap: impl FnOnce(),
+    threads: usize,
+    via_file: bool,
+) -> (i32, Output) {
+    // Lines already printed belong to the old stream.
+    let frozen = freeze(pid).expect("freeze");
+    assert_eq!(frozen.threads().len(), threads + 1);
+    let mut img = Vec::new();
+    let st = frozen
+        .write_image(&mut img, ImageOptions::default())
+        .expect("write_image");
+    assert_eq!(st.bytes, img.len() as u64);
+    let (plan, new_out) = plan_to_pipe();
+    let restored = if via_file {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("proc.img");
+        let mut f = std::fs::File::create(&path).expect("create");
+        let st2 = frozen
+            .write_image(std::io::BufWriter::new(&mut f), ImageOptions::default())
+            .expect("write_image to file");
+        f.flush().expect("flush");
+        assert_eq!(st2.checksum, st.checksum, "same frozen process, same image");
+        restore(
+            std::io::BufReader::new(std::fs::File::open(&path).expect("open")),
+            plan,
+        )
+    } else {
+        restore(&img[..], plan)
+    }
+    .expect("restore");
+    assert_eq!(restored.threads.len(), threads + 1);
+    assert_eq!(restored.stats.data_pages, st.data_pages);
+    frozen.kill();
+    reap();
+    let (last, last_counters) = old_tail(&out.drain(T));
+    // The new stream starts right after.
+    let first = loop {
+        match new_out.next(T).expect("restored process prints") {
+            Line::Seq { seq, counters } => break (seq, counters),
+            Line::Checksum { .. } => {}
+        }
+    };
+    assert_eq!(
+        first.0,
+        last + 1,
+        "sequence continues without gap or repeat"
+    );
+    for (a, b) in first.1.iter().zip(&last_counters) {
+        assert!(a >= b, "counter went back: {a} < {b}");
+    }
+    // Every thread keeps counting on the new process.
+    let l = new_out.until(T, |l| {
+        matches!(l, Line::Seq { counters, .. } if counters.iter().zip(&first.1).all(|(n, o)| n > o))
+    });
+    let s = seqs(&l);
+    for w in s.windows(2) {
+        assert_eq!(w[1].0, w[0].0 + 1, "hole or repeat in the new stream");
+    }
+    (restored.pid, new_out)
+}
+
+fn reap(pid: i32) -> impl FnOnce() {
+    move || {
+        let _ = waitpid(Pid::from_raw(pid), None);
+    }
+}
+
+#[test]
+fn three_threads_three_round_trips() {
+    let _g = serial();
+    let mem = 16usize << 20;
+    let (mut child, out) = start(&["--mem", "16M"]);
+    running(&out, 3);
+    let (sum0, bytes) = checksum(child.id() as i32, &out);
+    assert_eq!(bytes, mem);
+    assert_eq!(sum0, testprogs::expected_checksum(mem));
+
+    let first = child.id() as i32;
+    let (mut pid, mut out) = migrate(first, &out, move || drop(child.wait()), 3, true);
+    for _ in 0..2 {
+        assert_eq!(checksum(pid, &out).0, sum0, "memory survived the move");
+        let (p, o) = migrate(pid, &out, reap(pid), 3, false);
+        pid = p;
+        out = o;
+    }
+    assert_eq!(checksum(pid, &out).0, sum0);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    reap(pid)();
+}
+
+#[test]
+fn single_threaded_round_trip() {
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "1M", "--threads", "0"]);
+    out.until(T, |l| matches!(l, Line::Seq { seq, .. } if *seq > 3));
+    let (sum0, _) = checksum(child.id() as i32, &out);
+    let (pid, out) = migrate(
+        child.id() as i32,
+        &out,
+        move || drop(child.wait()),
+        0,
+        false,
+    );
+    assert_eq!(checksum(pid, &out).0, sum0);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    reap(pid)();
+}
+
+#[test]
+fn refused_process_is_untouched() {
+    let _g = serial();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let script = format!(
+        "exec 3</etc/hostname 4<>/dev/tcp/127.0.0.1/{port}; exec {} --mem 1M",
+        mkcounter().display()
+    );
+    let mut child = Command::new("bash")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("bash");
+    let out = Output::new(child.stdout.take().expect("stdout"));
+    out.until(T, |l| matches!(l, Line::Seq { seq, .. } if *seq > 2));
+    let pid = child.id() as i32;
+    let e = check_migratable(pid).expect_err("must refuse");
+    let msg = e.to_string();
+    assert!(msg.contains("fd 3 is open (/etc/hostname)"), "{msg}");
+    assert!(msg.contains("fd 4 is a socket (socket:["), "{msg}");
+    match freeze(pid) {
+        Err(CaptureError::Refused(Refusal::Blocked { blockers, .. })) => {
+            assert_eq!(blockers.len(), 2)
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Untouched: not traced, still printing with no hole.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    assert!(status.contains("TracerPid:\t0"), "{status}");
+    let l = out.until(T, |l| matches!(l, Line::Seq { seq, .. } if *seq > 20));
+    old_tail(&l);
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+}
+
+#[test]
+fn failed_restore_leaves_original_running() {
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "4M"]);
+    running(&out, 3);
+    let pid = child.id() as i32;
+    let (sum0, _) = checksum(pid, &out);
+    let before = seqs(&out.until(T, |l| matches!(l, Line::Seq { .. })));
+    let frozen = freeze(pid).expect("freeze");
+    let mut img = Vec::new();
+    frozen
+        .write_image(&mut img, ImageOptions::default())
+        .expect("image");
+    // Truncated in the middle of the pages: the stub is built, then the
+    // stream ends.
+    let cut = &img[..img.len() * 2 / 3];
+    let e = restore(cut, StdioPlan::null().expect("null")).expect_err("truncated image");
+    assert!(
+        matches!(e, RestoreError::Image(image::ImageError::Truncated { .. })),
+        "{e:?}"
+    );
+    // One flipped byte: caught by the checksum before anything runs.
+    let mut bad = img.clone();
+    let n = bad.len();
+    bad[n / 2] ^= 0x40;
+    let e = restore(&bad[..], StdioPlan::null().expect("null")).expect_err("corrupt image");
+    assert!(matches!(e, RestoreError::Image(_)), "{e:?}");
+    drop(frozen); // the migration failed: the original resumes
+    let after = seqs(&out.until(
+        T,
+        |l| matches!(l, Line::Seq { seq, .. } if *seq > before[0].0 + 20),
+    ));
+    assert_eq!(
+        after[0].0,
+        before.last().expect("line").0 + 1,
+        "no hole, no repeat"
+    );
+    assert!(after
+        .last()
+        .expect("line")
+        .1
+        .iter()
+        .zip(&before[0].1)
+        .all(|(a, b)| a > b));
+    assert_eq!(checksum(pid, &out).0, sum0);
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+}
+
+#[test]
+fn image_from_another_kernel_is_refused() {
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "1M", "--threads", "1"]);
+    running(&out, 1);
+    let frozen = freeze(child.id() as i32).expect("freeze");
+    let mut img = Vec::new();
+    frozen
+        .write_image(&mut img, ImageOptions::default())
+        .expect("image");
+    drop(frozen);
+    let mut d = image::decode_all(&img[..]).expect("decode");
+    d.meta.header.kernel.release = "5.10.0-other".into();
+    let mut w = image::ImageWriter::new(Vec::new(), &d.meta.header).expect("w");
+    w.process(&d.meta.process).expect("p");
+    for t in &d.meta.threads {
+        w.thread(t).expect("t");
+    }
+    for m in &d.meta.mappings {
+        w.mapping(m).expect("m");
+    }
+    for (a, b) in &d.data {
+        w.data(*a, b).expect("d");
+    }
+    let (foreign, _) = w.finish().expect("finish");
+    let e = restore(&foreign[..], StdioPlan::null().expect("null")).expect_err("foreign");
+    assert!(e.to_string().contains("release is \"5.10.0-other\""), "{e}");
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+}

@@ -1,0 +1,90 @@
+//! mkcounter: the process the migration tests move.
+//!
+//! `mkcounter [--mem SIZE] [--threads N] [--interval-ms MS]`
+//!
+//! * N worker threads (default 3) each increment their own counter in a
+//!   shared array as fast as they can (with a short sleep every 4096 steps so
+//!   they also sit in `nanosleep` when frozen);
+//! * a heap buffer of SIZE bytes (default 16M) is filled with
+//!   `testprogs::pattern_byte` once at start;
+//! * the main thread prints `seq=<n> t0=<c0> t1=<c1> ...` every MS
+//!   milliseconds (default 10) with a strictly increasing `n`, and on SIGUSR1
+//!   prints `checksum=<hex> bytes=<len>` of the buffer (the handler only sets a
+//!   flag; the main thread does the work).
+//!
+//! Each line is one `write` so a line is either wholly in the old stdout or
+//! wholly in the new one after a migration.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn usage() -> ! {
+    eprintln!("usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS]");
+    std::process::exit(2)
+}
+
+fn main() {
+    let mut mem = 16usize << 20;
+    let mut threads = 3usize;
+    let mut interval = 10u64;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let v = args.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--mem" => mem = testprogs::parse_size(&v).unwrap_or_else(|| usage()),
+            "--threads" => threads = v.parse().unwrap_or_else(|_| usage()),
+            "--interval-ms" => interval = v.parse().unwrap_or_else(|_| usage()),
+            _ => usage(),
+        }
+    }
+
+    let flag = Arc::new(AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&flag)) {
+        eprintln!("mkcounter: SIGUSR1 handler: {e}");
+        std::process::exit(1);
+    }
+
+    let mut buf = vec![0u8; mem];
+    testprogs::fill_pattern(&mut buf);
+
+    let counters: Arc<Vec<AtomicU64>> = Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect());
+    for i in 0..threads {
+        let c = Arc::clone(&counters);
+        std::thread::spawn(move || loop {
+            let n = c[i].fetch_add(1, Ordering::Relaxed);
+            if n.is_multiple_of(4096) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+    }
+
+    let out = std::io::stdout();
+    let mut line = String::with_capacity(256);
+    let mut seq: u64 = 0;
+    loop {
+        line.clear();
+        if flag.swap(false, Ordering::Relaxed) {
+            let sum = testprogs::checksum(&buf);
+            line.push_str(&format!("checksum={sum:016x} bytes={}\n", buf.len()));
+        }
+        seq += 1;
+        line.push_str(&format!("seq={seq}"));
+        for (i, c) in counters.iter().enumerate() {
+            line.push_str(&format!(" t{i}={}", c.load(Ordering::Relaxed)));
+        }
+        line.push('\n');
+        let mut lock = out.lock();
+        if lock
+            .write_all(line.as_bytes())
+            .and_then(|()| lock.flush())
+            .is_err()
+        {
+            // The reader went away: nothing left to report to.
+            std::process::exit(0);
+        }
+        drop(lock);
+        std::thread::sleep(Duration::from_millis(interval));
+    }
+}
