@@ -11,6 +11,7 @@
 //!   refuses before anything is touched on a kernel without the interface;
 //! - [`image`]: bzImage → ELF vmlinux;
 //! - [`request`]: a validated plan from a topology (APIC ids, trees, images);
+//! - [`console`]: the `/dev/mktty` handshake for `mkctl console`;
 //! - [`engine`]: boot / stop / release / status as logged steps, each
 //!   failure undoing the earlier steps in reverse.
 //!
@@ -27,6 +28,7 @@
 //! itself, so the boot checks (step `check window`) that no instance was
 //! given memory overlapping the window.
 
+pub mod console;
 pub mod dryrun;
 pub mod engine;
 pub mod fake;
