@@ -3,15 +3,16 @@
 //! It mounts the pseudo filesystems ([`mounts`]), reads what mkctl put on the
 //! kernel command line ([`cmdline`]), names the host after its instance, maps
 //! the shared window ([`window`]: the ivshmem BAR under QEMU, or `/dev/mem` at
-//! `mk.window=` on the kexec backend) and then, for now, either writes the
-//! selftest record ([`selftest`]) or idles reaping orphans ([`supervise`]).
-//! The `mknode` agent loop will take the idle loop's place. Whatever happens,
+//! `mk.window=` on the kexec backend) and then either writes the selftest
+//! record ([`selftest`]) or runs the `mknode` agent ([`agent`]) until asked
+//! to power off. Whatever happens,
 //! it ends by powering off ([`power`]), never by exiting.
 //!
 //! Everything that reads `/proc` or `/sys` takes a root directory, so the
 //! library is tested on the host against fake trees; the binary (`main.rs`) is
 //! the thin sequence over it, built static by `qemu/setup.sh`.
 
+pub mod agent;
 pub mod cmdline;
 pub mod console;
 pub mod mounts;

@@ -6,7 +6,7 @@ use std::path::Path;
 use guest_init::cmdline::BootArgs;
 use guest_init::power::{fatal, power_off};
 use guest_init::window::{Window, WindowError};
-use guest_init::{console, mounts, power, probe, say, selftest, supervise};
+use guest_init::{agent, console, mounts, power, probe, say, selftest, supervise};
 
 fn main() {
     if std::process::id() != 1 {
@@ -74,9 +74,14 @@ fn main() {
         power_off();
     }
 
-    say!("no agent yet: idling (SIGTERM, SIGINT, SIGPWR or SIGUSR2 power off)");
-    let sig = supervise::idle();
-    say!("{sig} received");
+    // The agent maps the window through shmem-ring; guest-init's own
+    // mapping only found and enabled it.
+    let (file, offset) = agent::window_file(window.source(), Path::new("/"));
+    let len = window.len() as u64;
     drop(window);
+    match agent::run(args.id, &file, offset, len) {
+        Ok(why) => say!("{why}"),
+        Err(e) => say!("agent: {}", power::error_chain(&e)),
+    }
     power_off();
 }

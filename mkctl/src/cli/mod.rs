@@ -10,6 +10,8 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::topology::{self, LoadError, Topology};
 
+mod live;
+
 /// Exit code: success.
 pub const EXIT_OK: i32 = 0;
 /// Exit code: the topology is invalid, or the operation failed.
@@ -85,6 +87,108 @@ pub enum Command {
         #[arg(long)]
         dts: bool,
     },
+    /// Boot instances of a topology under QEMU and wait until each one's
+    /// agent answers over the shared window. Starts the daemon if needed.
+    Boot {
+        /// The topology file (TOML).
+        file: PathBuf,
+        /// Instances to boot (default: all of them).
+        instances: Vec<String>,
+        /// Boot every instance (the default when none is named).
+        #[arg(long)]
+        all: bool,
+        /// Give up on an instance that is not ready after this many seconds.
+        #[arg(long, default_value_t = 120, value_name = "SECS")]
+        timeout: u64,
+    },
+    /// Show every instance: state, pid, CPUs, memory, uptime, heartbeat.
+    Status {
+        /// Print JSON for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command on an instance; its exit status becomes mkctl's.
+    ///
+    /// stdin is forwarded when it is not a terminal (or with -i); stdout
+    /// and stderr come back byte-exact.
+    Exec {
+        /// Instance name or id.
+        instance: String,
+        /// Forward stdin even when it is a terminal.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Environment for the command (NAME=VALUE, repeatable).
+        #[arg(short, long, value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// Working directory on the instance.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Describe an instance's kernel as its agent sees it (uname, CPUs,
+    /// NUMA nodes, memory).
+    Info {
+        /// Instance name, id, or "host".
+        instance: String,
+        /// Print JSON for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Round trips between two kernels over the shared window, measured by
+    /// the first one's agent (either may be "host").
+    Ping {
+        from: String,
+        to: String,
+        /// Number of round trips.
+        #[arg(short, long, default_value_t = 1000)]
+        count: u32,
+        /// Print JSON for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send checksummed messages from one kernel to another and report how
+    /// many arrived intact and in order (either may be "host").
+    Traffic {
+        from: String,
+        to: String,
+        /// Number of messages.
+        #[arg(short, long, default_value_t = 10000)]
+        count: u32,
+        /// Payload bytes per message.
+        #[arg(short, long, default_value_t = 256)]
+        size: u32,
+        /// Print JSON for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop instances: clean power-off through the agent, then QMP quit,
+    /// then kill after the timeout.
+    Stop {
+        /// Instances to stop.
+        instances: Vec<String>,
+        /// Stop every instance.
+        #[arg(long)]
+        all: bool,
+        /// Seconds to wait for a clean power-off.
+        #[arg(long, default_value_t = 15, value_name = "SECS")]
+        timeout: u64,
+    },
+    /// Attach to an instance's serial console (Ctrl-] detaches), or print
+    /// its log with --tail.
+    Console {
+        /// Instance name.
+        instance: String,
+        /// Print the last N lines of the console log and exit.
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "40")]
+        tail: Option<usize>,
+    },
+    /// The daemon that owns the instances.
+    Daemon {
+        #[command(subcommand)]
+        action: DaemonAction,
+    },
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -92,6 +196,21 @@ pub enum Command {
     },
     /// Print the man page (roff) to standard output.
     Man,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonAction {
+    /// Is a daemon running, and what does it run?
+    Status {
+        /// Print JSON for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every instance and the daemon.
+    Stop,
+    /// Run the daemon in the foreground (`boot` starts one in the
+    /// background when needed).
+    Run,
 }
 
 /// Generations of the Linux multikernel interface.
@@ -120,7 +239,7 @@ pub fn run() -> i32 {
     }
 }
 
-type Res = Result<i32, Box<dyn std::error::Error>>;
+pub(crate) type Res = Result<i32, Box<dyn std::error::Error>>;
 
 fn dispatch(cli: Cli) -> Res {
     match cli.command {
@@ -134,6 +253,41 @@ fn dispatch(cli: Cli) -> Res {
             abi,
             dts,
         } => cmd_dtb(&cli.sysroot, &file, output.as_deref(), &instance, abi, dts),
+        Command::Boot {
+            file,
+            instances,
+            all,
+            timeout,
+        } => live::boot(&file, if all { &[] } else { &instances }, timeout),
+        Command::Status { json } => live::status(json),
+        Command::Exec {
+            instance,
+            interactive,
+            env,
+            cwd,
+            command,
+        } => live::exec(&instance, interactive, &env, cwd, command),
+        Command::Info { instance, json } => live::info(&instance, json),
+        Command::Ping {
+            from,
+            to,
+            count,
+            json,
+        } => live::ping(&from, &to, count, json),
+        Command::Traffic {
+            from,
+            to,
+            count,
+            size,
+            json,
+        } => live::traffic(&from, &to, count, size, json),
+        Command::Stop {
+            instances,
+            all,
+            timeout,
+        } => live::stop(&instances, all, timeout),
+        Command::Console { instance, tail } => live::console(&instance, tail),
+        Command::Daemon { action } => live::daemon(action),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "mkctl", &mut std::io::stdout());
             Ok(EXIT_OK)

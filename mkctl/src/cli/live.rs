@@ -1,0 +1,502 @@
+//! The commands that act on running instances through the daemon: boot,
+//! status, exec, info, ping, traffic, stop, console, daemon.
+
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use mknode::wire::{ExitStatus, Msg, Stream, MAX_CHUNK};
+
+use super::{DaemonAction, Res, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+use crate::daemon::client::{Client, ClientError};
+use crate::daemon::control::{DaemonStatus, Frame, Reply, Request};
+use crate::daemon::paths::RunDir;
+use crate::topology;
+use crate::units::ByteSize;
+
+fn progress(instance: &str, message: &str) {
+    eprintln!("[{instance}] {message}");
+}
+
+/// Prints an error reply and returns its exit code.
+fn failed(message: &str, code: i32) -> i32 {
+    eprintln!("mkctl: {message}");
+    code
+}
+
+fn connect() -> Result<Client, i32> {
+    let run = RunDir::from_env();
+    Client::connect(&run).map_err(|e| {
+        eprintln!(
+            "mkctl: {} (start instances with `mkctl boot <topology>`)",
+            crate::error_chain(&e)
+        );
+        EXIT_FAIL
+    })
+}
+
+pub(super) fn boot(file: &Path, instances: &[String], timeout: u64) -> Res {
+    // Validate here first: an invalid topology starts nothing, not even
+    // the daemon.
+    let t = match topology::load(file, || {
+        crate::host::HostInfo::discover(Path::new("/"))
+            .ok()
+            .map(|h| topology::Machine::from_host(&h))
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprint!("{}", e.render());
+            return Ok(match e {
+                topology::LoadError::Read { .. } => EXIT_USAGE,
+                topology::LoadError::Invalid { .. } => EXIT_FAIL,
+            });
+        }
+    };
+    for n in instances {
+        if t.instance(n).is_none() {
+            let names: Vec<&str> = t.instances.iter().map(|i| i.name.as_str()).collect();
+            eprintln!("mkctl: {} has no instance \"{n}\"; it has: {}", file.display(), names.join(", "));
+            return Ok(EXIT_USAGE);
+        }
+    }
+    let config = std::fs::canonicalize(file)?;
+    let run = RunDir::from_env();
+    let mut c = Client::connect_or_start(&run, |m| eprintln!("mkctl: {m}"))?;
+    let reply = c.call(
+        &Request::Boot {
+            config,
+            instances: instances.to_vec(),
+            timeout_ms: timeout.saturating_mul(1000),
+        },
+        progress,
+    )?;
+    Ok(match reply {
+        Reply::Ok { message } => {
+            println!("{message}");
+            EXIT_OK
+        }
+        Reply::Error { message, code } => failed(&message, code),
+        other => failed(&format!("unexpected reply {other:?}"), EXIT_FAIL),
+    })
+}
+
+fn fetch_status() -> Result<Option<DaemonStatus>, Box<dyn std::error::Error>> {
+    let run = RunDir::from_env();
+    let mut c = match Client::connect(&run) {
+        Ok(c) => c,
+        Err(ClientError::NotRunning(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    match c.call(&Request::Status, progress)? {
+        Reply::Status { status } => Ok(Some(status)),
+        other => Err(format!("unexpected reply {other:?}").into()),
+    }
+}
+
+pub(super) fn status(json: bool) -> Res {
+    let st = fetch_status()?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "daemon": st }))?
+        );
+        return Ok(EXIT_OK);
+    }
+    let Some(st) = st else {
+        println!("no mkctl daemon runs for {}; nothing is booted", RunDir::from_env().path().display());
+        return Ok(EXIT_OK);
+    };
+    println!(
+        "daemon pid {} in {}{}",
+        st.pid,
+        st.run_dir.display(),
+        st.config.as_ref().map(|c| format!(", topology {}", c.display())).unwrap_or_default()
+    );
+    if st.instances.is_empty() {
+        println!("no instances");
+        return Ok(EXIT_OK);
+    }
+    println!(
+        "{:<12} {:>3}  {:<9} {:>8}  {:<8} {:>7}  {:>9}  {:>9}  KERNEL / REASON",
+        "INSTANCE", "ID", "STATE", "PID", "CPUS", "MEMORY", "UPTIME", "HEARTBEAT"
+    );
+    for i in &st.instances {
+        let dash = || "-".to_string();
+        println!(
+            "{:<12} {:>3}  {:<9} {:>8}  {:<8} {:>7}  {:>9}  {:>9}  {}",
+            i.name,
+            i.id,
+            i.state,
+            i.pid.map_or_else(dash, |p| p.to_string()),
+            i.cpus,
+            ByteSize(i.memory).human(),
+            i.uptime_ms.map_or_else(dash, |u| format!("{:.1}s", u as f64 / 1000.0)),
+            i.heartbeat_age_ms.map_or_else(dash, |h| format!("{h}ms ago")),
+            i.reason.clone().or_else(|| i.kernel.clone()).unwrap_or_default()
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+pub(super) fn exec(
+    instance: &str,
+    interactive: bool,
+    env: &[String],
+    cwd: Option<String>,
+    command: Vec<String>,
+) -> Res {
+    let mut pairs = Vec::new();
+    for e in env {
+        match e.split_once('=') {
+            Some((k, v)) if !k.is_empty() => pairs.push((k.to_string(), v.to_string())),
+            _ => {
+                eprintln!("mkctl: --env takes NAME=VALUE, got {e:?}");
+                return Ok(EXIT_USAGE);
+            }
+        }
+    }
+    if !pairs.iter().any(|(k, _)| k == "PATH") {
+        pairs.push(("PATH".into(), "/bin:/sbin:/usr/bin:/usr/sbin".into()));
+    }
+    let forward_stdin = interactive || !std::io::stdin().is_terminal();
+    let mut c = match connect() {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    c.send(&Request::Exec {
+        instance: instance.to_string(),
+        argv: command,
+        env: pairs,
+        cwd,
+        stdin: forward_stdin,
+    })?;
+    match c.read()? {
+        Frame::Reply(Reply::ExecStarted) => {}
+        Frame::Reply(Reply::Error { message, code }) => return Ok(failed(&message, code)),
+        other => return Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
+    }
+    if forward_stdin {
+        let mut w = c.try_clone()?;
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; MAX_CHUNK];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let m = Msg::Data {
+                            req: 0,
+                            stream: Stream::Stdin,
+                            bytes: buf[..n].to_vec(),
+                        };
+                        if w.send_wire(&m).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = w.send_wire(&Msg::Eof {
+                req: 0,
+                stream: Stream::Stdin,
+            });
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    loop {
+        match c.read()? {
+            Frame::Wire(Msg::Data { stream, bytes, .. }) => {
+                let r = if stream == Stream::Stderr {
+                    err.write_all(&bytes)
+                } else {
+                    out.write_all(&bytes)
+                };
+                if r.is_err() {
+                    // Our stdout was closed (e.g. piped into `head`).
+                    return Ok(EXIT_FAIL);
+                }
+            }
+            Frame::Wire(Msg::Exited { status, .. }) => {
+                out.flush()?;
+                if let ExitStatus::Signal(s) = status {
+                    eprintln!("mkctl: the command on {instance} was killed by signal {s}");
+                }
+                return Ok(status.as_shell_code());
+            }
+            Frame::Wire(Msg::Failed { message, .. }) => {
+                out.flush()?;
+                return Ok(failed(&format!("{instance}: {message}"), EXIT_FAIL));
+            }
+            Frame::Reply(Reply::Error { message, code }) => return Ok(failed(&message, code)),
+            _ => {}
+        }
+    }
+}
+
+fn simple(req: Request) -> Result<Result<Reply, i32>, Box<dyn std::error::Error>> {
+    let mut c = match connect() {
+        Ok(c) => c,
+        Err(code) => return Ok(Err(code)),
+    };
+    match c.call(&req, progress)? {
+        Reply::Error { message, code } => Ok(Err(failed(&message, code))),
+        r => Ok(Ok(r)),
+    }
+}
+
+pub(super) fn info(instance: &str, json: bool) -> Res {
+    let info = match simple(Request::Info {
+        instance: instance.to_string(),
+    })? {
+        Ok(Reply::Info { info }) => info,
+        Ok(other) => return Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
+        Err(code) => return Ok(code),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(EXIT_OK);
+    }
+    println!("{instance}: {} {} {} ({})", info["sysname"].as_str().unwrap_or(""), info["release"].as_str().unwrap_or(""), info["machine"].as_str().unwrap_or(""), info["hostname"].as_str().unwrap_or(""));
+    println!("  cpus online {}", info["cpus_online"].as_str().unwrap_or(""));
+    println!("  memory      {}", ByteSize(info["mem_total"].as_u64().unwrap_or(0)).human());
+    for n in info["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "  node {}      cpus {}, memory {}",
+            n["id"],
+            n["cpus"].as_str().unwrap_or(""),
+            ByteSize(n["mem_total"].as_u64().unwrap_or(0)).human()
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+pub(super) fn ping(from: &str, to: &str, count: u32, json: bool) -> Res {
+    match simple(Request::Ping {
+        from: from.to_string(),
+        to: to.to_string(),
+        count,
+    })? {
+        Ok(Reply::Ping {
+            count,
+            min_ns,
+            median_ns,
+            max_ns,
+        }) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"from": from, "to": to, "count": count, "rtt_min_ns": min_ns, "rtt_median_ns": median_ns, "rtt_max_ns": max_ns})
+                );
+            } else {
+                println!(
+                    "{from} -> {to}: {count} round trips over the window, rtt min {:.1} µs, median {:.1} µs, max {:.1} µs",
+                    min_ns as f64 / 1e3,
+                    median_ns as f64 / 1e3,
+                    max_ns as f64 / 1e3
+                );
+            }
+            Ok(EXIT_OK)
+        }
+        Ok(other) => Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
+        Err(code) => Ok(code),
+    }
+}
+
+pub(super) fn traffic(from: &str, to: &str, count: u32, size: u32, json: bool) -> Res {
+    match simple(Request::Traffic {
+        from: from.to_string(),
+        to: to.to_string(),
+        count,
+        size,
+    })? {
+        Ok(Reply::Traffic {
+            sent,
+            good,
+            bad,
+            elapsed_ns,
+        }) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"from": from, "to": to, "sent": sent, "good": good, "bad": bad, "elapsed_ns": elapsed_ns})
+                );
+            } else {
+                println!(
+                    "{from} -> {to}: {sent} messages of {size} B sent, {good} arrived intact and in order, {bad} bad ({:.1} ms)",
+                    elapsed_ns as f64 / 1e6
+                );
+            }
+            Ok(if good == sent && bad == 0 { EXIT_OK } else { EXIT_FAIL })
+        }
+        Ok(other) => Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
+        Err(code) => Ok(code),
+    }
+}
+
+pub(super) fn stop(instances: &[String], all: bool, timeout: u64) -> Res {
+    if instances.is_empty() && !all {
+        eprintln!("mkctl: name the instances to stop, or use --all");
+        return Ok(EXIT_USAGE);
+    }
+    let run = RunDir::from_env();
+    let mut c = match Client::connect(&run) {
+        Ok(c) => c,
+        Err(ClientError::NotRunning(_)) if all => {
+            println!("no mkctl daemon runs; nothing to stop");
+            return Ok(EXIT_OK);
+        }
+        Err(e) => return Ok(failed(&crate::error_chain(&e), EXIT_FAIL)),
+    };
+    match c.call(
+        &Request::Stop {
+            instances: if all { Vec::new() } else { instances.to_vec() },
+            timeout_ms: timeout.saturating_mul(1000),
+        },
+        progress,
+    )? {
+        Reply::Ok { message } => {
+            println!("{message}");
+            Ok(EXIT_OK)
+        }
+        Reply::Error { message, code } => Ok(failed(&message, code)),
+        other => Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
+    }
+}
+
+pub(super) fn console(instance: &str, tail: Option<usize>) -> Res {
+    let run = RunDir::from_env();
+    let dir = run.instance(instance);
+    if !dir.path().is_dir() {
+        eprintln!("mkctl: no instance \"{instance}\" was booted in {}", run.path().display());
+        return Ok(EXIT_USAGE);
+    }
+    if let Some(n) = tail {
+        println!("{}", crate::daemon::server::console_tail(&dir.console_log(), n));
+        return Ok(EXIT_OK);
+    }
+    let sock = UnixStream::connect(dir.console_socket())
+        .map_err(|e| format!("cannot attach to {}: {e} (is \"{instance}\" running?)", dir.console_socket().display()))?;
+    eprintln!("mkctl: attached to {instance}'s console; Ctrl-] detaches");
+    let raw = RawTerminal::enter();
+    let mut from_guest = sock.try_clone()?;
+    let reader = std::thread::spawn(move || {
+        let mut out = std::io::stdout();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from_guest.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut to_guest = sock;
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(p) = buf[..n].iter().position(|&b| b == 0x1d) {
+            let _ = to_guest.write_all(&buf[..p]);
+            break;
+        }
+        if to_guest.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to_guest.shutdown(std::net::Shutdown::Both);
+    drop(raw);
+    let _ = reader.join();
+    eprintln!("\r\nmkctl: detached");
+    Ok(EXIT_OK)
+}
+
+/// Puts the terminal in raw mode while it lives (when stdin is one).
+struct RawTerminal(Option<nix::sys::termios::Termios>);
+
+impl RawTerminal {
+    fn enter() -> RawTerminal {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return RawTerminal(None);
+        }
+        let Ok(saved) = nix::sys::termios::tcgetattr(&stdin) else {
+            return RawTerminal(None);
+        };
+        let mut raw = saved.clone();
+        nix::sys::termios::cfmakeraw(&mut raw);
+        let _ = nix::sys::termios::tcsetattr(&stdin, nix::sys::termios::SetArg::TCSANOW, &raw);
+        RawTerminal(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+pub(super) fn daemon(action: DaemonAction) -> Res {
+    let run = RunDir::from_env();
+    match action {
+        DaemonAction::Run => {
+            crate::daemon::server::run(run)?;
+            Ok(EXIT_OK)
+        }
+        DaemonAction::Status { json } => {
+            let st = fetch_status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "daemon": st }))?);
+                return Ok(if st.is_some() { EXIT_OK } else { EXIT_FAIL });
+            }
+            match st {
+                Some(st) => {
+                    println!(
+                        "daemon pid {} serves {} ({} instance(s))",
+                        st.pid,
+                        run.socket().display(),
+                        st.instances.len()
+                    );
+                    Ok(EXIT_OK)
+                }
+                None => {
+                    println!("no mkctl daemon runs for {}", run.path().display());
+                    Ok(EXIT_FAIL)
+                }
+            }
+        }
+        DaemonAction::Stop => {
+            let mut c = match Client::connect(&run) {
+                Ok(c) => c,
+                Err(ClientError::NotRunning(_)) => {
+                    println!("no mkctl daemon runs for {}", run.path().display());
+                    return Ok(EXIT_OK);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let pid = std::fs::read_to_string(run.pid_file()).ok().and_then(|s| s.trim().parse::<i32>().ok());
+            match c.call(&Request::Shutdown, progress)? {
+                Reply::Ok { message } => println!("{message}"),
+                Reply::Error { message, code } => return Ok(failed(&message, code)),
+                _ => {}
+            }
+            // Wait for it to be gone, so a following `boot` starts afresh.
+            if let Some(pid) = pid {
+                let t0 = std::time::Instant::now();
+                while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    && t0.elapsed() < Duration::from_secs(30)
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Ok(EXIT_OK)
+        }
+    }
+}

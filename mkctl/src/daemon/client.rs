@@ -1,0 +1,135 @@
+//! The CLI's side of the control socket: connect to the daemon (starting it
+//! when a command needs one and none runs), send a request, read replies.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::control::{self, Frame, FrameError, Reply, Request, Side};
+use super::paths::RunDir;
+
+/// Talking to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no mkctl daemon runs for {}", .0.display())]
+    NotRunning(std::path::PathBuf),
+    #[error("cannot start the daemon (its log: {})", .log.display())]
+    Start {
+        log: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the daemon did not come up within {0:?} (see {1})")]
+    StartTimeout(Duration, String),
+    #[error("control connection")]
+    Frame(#[from] FrameError),
+    #[error("control connection")]
+    Io(#[from] io::Error),
+}
+
+/// A connection to the daemon.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+}
+
+impl Client {
+    /// Connects to a running daemon.
+    pub fn connect(run: &RunDir) -> Result<Client, ClientError> {
+        match UnixStream::connect(run.socket()) {
+            Ok(stream) => Ok(Client { stream }),
+            Err(_) => Err(ClientError::NotRunning(run.path().to_path_buf())),
+        }
+    }
+
+    /// Connects, starting the daemon first when none runs. `progress` is
+    /// told when a daemon is being started.
+    pub fn connect_or_start(run: &RunDir, progress: impl Fn(&str)) -> Result<Client, ClientError> {
+        if let Ok(c) = Client::connect(run) {
+            return Ok(c);
+        }
+        std::fs::create_dir_all(run.path()).map_err(|source| ClientError::Start {
+            log: run.log(),
+            source,
+        })?;
+        // A socket left by a daemon that died would refuse connections.
+        let _ = std::fs::remove_file(run.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run.log())
+            .map_err(|source| ClientError::Start {
+                log: run.log(),
+                source,
+            })?;
+        let exe = std::env::current_exe().map_err(|source| ClientError::Start {
+            log: run.log(),
+            source,
+        })?;
+        progress(&format!("starting the mkctl daemon in {}", run.path().display()));
+        let mut cmd = Command::new(exe);
+        cmd.args(["daemon", "run"])
+            .env("MKCTL_RUN_DIR", run.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own session: the daemon outlives this command and its
+            // terminal, and a Ctrl-C here does not reach it.
+            .process_group(0);
+        cmd.spawn().map_err(|source| ClientError::Start {
+            log: run.log(),
+            source,
+        })?;
+        let timeout = Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(c) = Client::connect(run) {
+                return Ok(c);
+            }
+            if Instant::now() > deadline {
+                return Err(ClientError::StartTimeout(
+                    timeout,
+                    run.log().display().to_string(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn send(&mut self, r: &Request) -> Result<(), ClientError> {
+        control::send_request(&mut self.stream, r)?;
+        Ok(())
+    }
+
+    pub fn send_wire(&mut self, m: &mknode::wire::Msg) -> Result<(), ClientError> {
+        control::send_wire(&mut self.stream, m)?;
+        Ok(())
+    }
+
+    pub fn read(&mut self) -> Result<Frame, ClientError> {
+        Ok(control::read_frame(&mut self.stream, Side::Client)?)
+    }
+
+    /// Sends a request and returns the first reply that is not progress,
+    /// handing progress lines to `progress`.
+    pub fn call(&mut self, r: &Request, progress: impl Fn(&str, &str)) -> Result<Reply, ClientError> {
+        self.send(r)?;
+        loop {
+            match self.read()? {
+                Frame::Reply(Reply::Progress { instance, message }) => progress(&instance, &message),
+                Frame::Reply(reply) => return Ok(reply),
+                Frame::Request(_) | Frame::Wire(_) => {}
+            }
+        }
+    }
+
+    /// A second handle on the same connection (one thread writes stdin
+    /// while another reads output).
+    pub fn try_clone(&self) -> Result<Client, ClientError> {
+        Ok(Client {
+            stream: self.stream.try_clone()?,
+        })
+    }
+}

@@ -1,0 +1,101 @@
+//! Where things live: the run directory the daemon owns (socket, pid file,
+//! log, window, one directory per instance) and the cache `qemu/setup.sh`
+//! fills (guest kernel, static guest-init).
+
+use std::path::{Path, PathBuf};
+
+/// The daemon's run directory: `$MKCTL_RUN_DIR`, or `/run/mkctl`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    /// From the environment.
+    pub fn from_env() -> RunDir {
+        RunDir(
+            std::env::var_os("MKCTL_RUN_DIR")
+                .map_or_else(|| PathBuf::from("/run/mkctl"), PathBuf::from),
+        )
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The control socket the CLI connects to.
+    pub fn socket(&self) -> PathBuf {
+        self.0.join("mkctl.sock")
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.0.join("daemon.pid")
+    }
+
+    /// The daemon's own log (its stdout and stderr).
+    pub fn log(&self) -> PathBuf {
+        self.0.join("daemon.log")
+    }
+
+    /// The shared window file (ivshmem memory backend for every guest).
+    pub fn window(&self) -> PathBuf {
+        self.0.join("window")
+    }
+
+    /// The initramfs built for this run.
+    pub fn initramfs(&self) -> PathBuf {
+        self.0.join("initramfs.cpio")
+    }
+
+    /// One instance's directory: RAM files, console log and socket, QMP.
+    pub fn instance(&self, name: &str) -> InstanceDir {
+        InstanceDir(self.0.join(name))
+    }
+}
+
+/// Files of one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceDir(pub PathBuf);
+
+impl InstanceDir {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.0.join("console.log")
+    }
+    pub fn console_socket(&self) -> PathBuf {
+        self.0.join("console.sock")
+    }
+    pub fn qmp(&self) -> PathBuf {
+        self.0.join("qmp.sock")
+    }
+}
+
+/// The cache `qemu/setup.sh` fills: `$MKCTL_CACHE`, else the `.cache` of
+/// the source tree this binary was built in (found by walking up from the
+/// executable), else `/var/cache/mkctl`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(c) = std::env::var_os("MKCTL_CACHE") {
+        return PathBuf::from(c);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1) {
+            let c = dir.join(".cache");
+            if c.join("kernel").is_dir() || c.join("guest-init").is_file() {
+                return c;
+            }
+        }
+    }
+    PathBuf::from("/var/cache/mkctl")
+}
+
+/// The stock guest kernel (`kernel = "auto"`): `$MKCTL_KERNEL` or the cache's.
+pub fn auto_kernel() -> PathBuf {
+    std::env::var_os("MKCTL_KERNEL")
+        .map_or_else(|| cache_dir().join("kernel/vmlinuz"), PathBuf::from)
+}
+
+/// The static guest-init: `$MKCTL_GUEST_INIT` or the cache's.
+pub fn guest_init() -> PathBuf {
+    std::env::var_os("MKCTL_GUEST_INIT")
+        .map_or_else(|| cache_dir().join("guest-init"), PathBuf::from)
+}
