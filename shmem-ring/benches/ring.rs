@@ -1,1 +1,723 @@
-fn main() {}
+//! `cargo bench -p shmem-ring --bench ring`: this ring against its floor and
+//! the usual alternatives, measured in one run with the two sides pinned to
+//! two different CPUs.
+//!
+//! For each transport: one-way latency of 64 B messages (ping-pong round trip
+//! / 2, mean over many round trips) and throughput of 64 B and 4 KiB messages
+//! (the receiver times the stream from its first message to its last). Each
+//! figure is the median of `RUNS` runs. Every transport does the same work
+//! per message: the sender copies the message in, the receiver copies it out.
+//!
+//! Peers: a minimal raw SPSC ring written here (fixed-size slots, cached
+//! indices; the floor for shared memory), pipe, Unix stream socket, TCP
+//! loopback with NODELAY (Popcorn's transport), each blocking and
+//! busy-polling, and a crossbeam bounded channel between two threads; and
+//! memcpy bandwidth of 4 KiB blocks, in cache and from DRAM.
+//!
+//! Unsafe code here is the fork and the raw floor ring's pointer accesses;
+//! the crate itself keeps its unsafe in `src/raw.rs`.
+
+use std::fs::File;
+use std::hint::{black_box, spin_loop};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use shmem_ring::{Error, Layout, Window};
+
+const RUNS: usize = 3;
+const RING_CAPACITY: u64 = 256 << 10;
+const SMALL: usize = 64;
+const PAGE: usize = 4096;
+const LONG: Duration = Duration::from_secs(30);
+
+/// Message counts per run: fast transports and syscall-per-message ones.
+struct Counts {
+    rtt: u64,
+    small: u64,
+    page: u64,
+}
+const FAST: Counts = Counts {
+    rtt: 200_000,
+    small: 4_000_000,
+    page: 400_000,
+};
+const SLOW: Counts = Counts {
+    rtt: 4_000,
+    small: 200_000,
+    page: 40_000,
+};
+const BUSY: Counts = Counts {
+    rtt: 40_000,
+    small: 200_000,
+    page: 40_000,
+};
+
+// ---------------------------------------------------------------- processes
+
+fn pin(cpu: usize) {
+    let mut set = CpuSet::new();
+    set.set(cpu).expect("cpu index");
+    // Pid 0: the calling thread.
+    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
+}
+
+fn two_cpus() -> (usize, usize) {
+    let set = sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect();
+    match cpus[..] {
+        [a, b, ..] => (a, b),
+        _ => panic!("the benchmark needs two CPUs, found {cpus:?}"),
+    }
+}
+
+/// Runs `child` in a forked process pinned to `cpu` while the caller runs
+/// `parent`; returns what `parent` returns once the child exited cleanly.
+fn with_child<T>(cpu: usize, child: impl FnOnce(), parent: impl FnOnce() -> T) -> T {
+    // SAFETY: the benchmark is single-threaded when it forks (the crossbeam
+    // threads are joined before), so the child inherits no lock held by
+    // another thread; it leaves through `_exit`.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            pin(cpu);
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).is_ok();
+            // SAFETY: ends the process at once; nothing after it runs.
+            unsafe { nix::libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        ForkResult::Parent { child } => {
+            let out = parent();
+            match waitpid(child, None).expect("waitpid") {
+                WaitStatus::Exited(_, 0) => out,
+                other => panic!("benchmark child failed: {other:?}"),
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ figures
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Figures {
+    /// One-way latency of 64 B messages, ns.
+    latency: Option<f64>,
+    /// 64 B messages per second.
+    small: Option<f64>,
+    /// 4 KiB messages per second.
+    page: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs a measurement `RUNS` times and keeps the median.
+fn measure(f: impl Fn() -> f64) -> f64 {
+    median((0..RUNS).map(|_| f()).collect())
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn half_rtt(n: u64, d: Duration) -> f64 {
+    d.as_nanos() as f64 / n as f64 / 2.0
+}
+
+// ----------------------------------------------------------------- the ring
+
+fn ring_window() -> Window {
+    Window::anonymous(Layout::with_capacity(2, RING_CAPACITY).unwrap()).unwrap()
+}
+
+fn ring_latency(cpu: usize, n: u64) -> f64 {
+    let w = ring_window();
+    let (a, b) = (w.attach(0).unwrap(), w.attach(1).unwrap());
+    with_child(
+        cpu,
+        || {
+            let (mut tx, mut rx) = b.channel(0).unwrap();
+            let mut buf = Vec::with_capacity(SMALL);
+            for _ in 0..n + 1000 {
+                rx.recv(&mut buf, LONG).unwrap();
+                tx.try_send(&buf).unwrap();
+            }
+        },
+        || {
+            let (mut tx, mut rx) = a.channel(1).unwrap();
+            let msg = [7u8; SMALL];
+            let mut buf = Vec::with_capacity(SMALL);
+            for _ in 0..1000 {
+                tx.try_send(&msg).unwrap();
+                rx.recv(&mut buf, LONG).unwrap();
+            }
+            let t = Instant::now();
+            for _ in 0..n {
+                tx.try_send(&msg).unwrap();
+                rx.recv(&mut buf, LONG).unwrap();
+            }
+            half_rtt(n, t.elapsed())
+        },
+    )
+}
+
+/// The child sends `n` messages of `size` bytes (publishing every `batch`);
+/// the parent receives them and times first to last.
+fn ring_throughput(cpu: usize, n: u64, size: usize, batch: u64) -> f64 {
+    let w = ring_window();
+    let (a, b) = (w.attach(0).unwrap(), w.attach(1).unwrap());
+    with_child(
+        cpu,
+        || {
+            let (mut tx, _rx) = b.channel(0).unwrap();
+            let mut msg = vec![0u8; size];
+            for i in 0..n {
+                msg[0] = i as u8;
+                loop {
+                    let r = if batch == 1 {
+                        tx.try_send(&msg)
+                    } else {
+                        tx.try_send_batched(&msg)
+                    };
+                    match r {
+                        Ok(()) => break,
+                        Err(Error::Full { .. }) => spin_loop(),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                if batch > 1 && i % batch == batch - 1 {
+                    tx.flush();
+                }
+            }
+            tx.flush();
+        },
+        || {
+            let (_tx, mut rx) = a.channel(1).unwrap();
+            let mut buf = Vec::with_capacity(size);
+            rx.recv(&mut buf, LONG).unwrap();
+            let t = Instant::now();
+            for i in 1..n {
+                rx.recv(&mut buf, LONG).unwrap();
+                debug_assert_eq!(buf[0], i as u8);
+            }
+            black_box(&buf);
+            rate(n - 1, t.elapsed())
+        },
+    )
+}
+
+// ------------------------------------------------------- the raw SPSC floor
+
+/// The floor: fixed-size slots, head and tail on their own cache lines,
+/// cached indices, one Release store per message, no framing, no checks.
+struct RawRing {
+    map: memmap2::MmapRaw,
+    slots: u64,
+    size: usize,
+}
+
+const RAW_DATA: usize = 4096;
+
+impl RawRing {
+    fn new(size: usize) -> RawRing {
+        let slots = RING_CAPACITY / size as u64;
+        let len = RAW_DATA + RING_CAPACITY as usize;
+        let fd =
+            nix::sys::memfd::memfd_create(c"raw-ring", nix::sys::memfd::MFdFlags::empty()).unwrap();
+        let file = File::from(fd);
+        file.set_len(len as u64).unwrap();
+        let map = memmap2::MmapOptions::new().len(len).map_raw(&file).unwrap();
+        RawRing { map, slots, size }
+    }
+
+    fn word(&self, off: usize) -> &AtomicU64 {
+        assert!(off + 8 <= RAW_DATA && off.is_multiple_of(8));
+        // SAFETY: in bounds (checked), 8-aligned (page-aligned base), shared
+        // memory that lives as long as `self`; atomics may alias.
+        unsafe { &*self.map.as_mut_ptr().add(off).cast::<AtomicU64>() }
+    }
+
+    fn slot(&self, i: u64) -> *mut u8 {
+        let off = RAW_DATA + (i % self.slots) as usize * self.size;
+        // SAFETY: `i % slots < slots` and `slots * size <= RING_CAPACITY`, so
+        // the slot is inside the mapping.
+        unsafe { self.map.as_mut_ptr().add(off) }
+    }
+
+    fn send(&self, head: &mut u64, tail_cache: &mut u64, msg: &[u8]) {
+        let tail = self.word(128);
+        while *head - *tail_cache == self.slots {
+            *tail_cache = tail.load(Ordering::Acquire);
+            spin_loop();
+        }
+        // SAFETY: the slot is free (the consumer released it: Acquire above)
+        // and `msg.len() == size`; the regions do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), self.slot(*head), self.size) };
+        *head += 1;
+        self.word(0).store(*head, Ordering::Release);
+    }
+
+    fn recv(&self, tail: &mut u64, head_cache: &mut u64, buf: &mut [u8]) {
+        let head = self.word(0);
+        while *tail == *head_cache {
+            *head_cache = head.load(Ordering::Acquire);
+            spin_loop();
+        }
+        // SAFETY: the slot was published (Acquire above) and is not written
+        // until we release it; `buf.len() == size`.
+        unsafe { std::ptr::copy_nonoverlapping(self.slot(*tail), buf.as_mut_ptr(), self.size) };
+        *tail += 1;
+        self.word(128).store(*tail, Ordering::Release);
+    }
+}
+
+fn raw_latency(cpu: usize, n: u64) -> f64 {
+    let (ab, ba) = (RawRing::new(SMALL), RawRing::new(SMALL));
+    with_child(
+        cpu,
+        || {
+            let (mut h, mut tc, mut t, mut hc) = (0, 0, 0, 0);
+            let mut buf = [0u8; SMALL];
+            for _ in 0..n + 1000 {
+                ab.recv(&mut t, &mut hc, &mut buf);
+                ba.send(&mut h, &mut tc, &buf);
+            }
+        },
+        || {
+            let (mut h, mut tc, mut t, mut hc) = (0, 0, 0, 0);
+            let msg = [7u8; SMALL];
+            let mut buf = [0u8; SMALL];
+            for _ in 0..1000 {
+                ab.send(&mut h, &mut tc, &msg);
+                ba.recv(&mut t, &mut hc, &mut buf);
+            }
+            let start = Instant::now();
+            for _ in 0..n {
+                ab.send(&mut h, &mut tc, &msg);
+                ba.recv(&mut t, &mut hc, &mut buf);
+            }
+            half_rtt(n, start.elapsed())
+        },
+    )
+}
+
+fn raw_throughput(cpu: usize, n: u64, size: usize) -> f64 {
+    let ring = RawRing::new(size);
+    with_child(
+        cpu,
+        || {
+            let (mut h, mut tc) = (0, 0);
+            let mut msg = vec![0u8; size];
+            for i in 0..n {
+                msg[0] = i as u8;
+                ring.send(&mut h, &mut tc, &msg);
+            }
+        },
+        || {
+            let (mut t, mut hc) = (0, 0);
+            let mut buf = vec![0u8; size];
+            ring.recv(&mut t, &mut hc, &mut buf);
+            let start = Instant::now();
+            for _ in 1..n {
+                ring.recv(&mut t, &mut hc, &mut buf);
+            }
+            black_box(&buf);
+            rate(n - 1, start.elapsed())
+        },
+    )
+}
+
+// ------------------------------------------------ pipes and sockets (bytes)
+
+/// Reads exactly `buf.len()` bytes, spinning on `WouldBlock` when the stream
+/// is non-blocking.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => panic!("stream closed"),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => spin_loop(),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn write_full(w: &mut impl Write, mut buf: &[u8]) {
+    while !buf.is_empty() {
+        match w.write(buf) {
+            Ok(k) => buf = &buf[k..],
+            Err(e) if e.kind() == ErrorKind::WouldBlock => spin_loop(),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// A byte-stream transport: two duplex ends, optionally non-blocking.
+trait Stream: Read + Write + Sized {
+    fn pair(busy: bool) -> (Self, Self);
+}
+
+/// A pipe pair joined into one duplex end.
+struct PipeEnd {
+    r: File,
+    w: File,
+}
+
+impl Read for PipeEnd {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.r.read(b)
+    }
+}
+
+impl Write for PipeEnd {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.w.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn pipe(busy: bool) -> (File, File) {
+    let flags = if busy {
+        nix::fcntl::OFlag::O_NONBLOCK
+    } else {
+        nix::fcntl::OFlag::empty()
+    };
+    let (r, w) = nix::unistd::pipe2(flags).expect("pipe2");
+    (File::from(r), File::from(w))
+}
+
+impl Stream for PipeEnd {
+    fn pair(busy: bool) -> (Self, Self) {
+        let (r1, w1) = pipe(busy);
+        let (r2, w2) = pipe(busy);
+        (PipeEnd { r: r1, w: w2 }, PipeEnd { r: r2, w: w1 })
+    }
+}
+
+impl Stream for UnixStream {
+    fn pair(busy: bool) -> (Self, Self) {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        a.set_nonblocking(busy).unwrap();
+        b.set_nonblocking(busy).unwrap();
+        (a, b)
+    }
+}
+
+impl Stream for TcpStream {
+    fn pair(busy: bool) -> (Self, Self) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        for s in [&a, &b] {
+            s.set_nodelay(true).unwrap();
+            s.set_nonblocking(busy).unwrap();
+        }
+        (a, b)
+    }
+}
+
+fn stream_latency<S: Stream>(cpu: usize, busy: bool, n: u64) -> f64 {
+    let (mut a, mut b) = S::pair(busy);
+    with_child(
+        cpu,
+        || {
+            let mut buf = [0u8; SMALL];
+            for _ in 0..n + 100 {
+                read_full(&mut b, &mut buf);
+                write_full(&mut b, &buf);
+            }
+        },
+        || {
+            let msg = [7u8; SMALL];
+            let mut buf = [0u8; SMALL];
+            for _ in 0..100 {
+                write_full(&mut a, &msg);
+                read_full(&mut a, &mut buf);
+            }
+            let t = Instant::now();
+            for _ in 0..n {
+                write_full(&mut a, &msg);
+                read_full(&mut a, &mut buf);
+            }
+            half_rtt(n, t.elapsed())
+        },
+    )
+}
+
+fn stream_throughput<S: Stream>(cpu: usize, busy: bool, n: u64, size: usize) -> f64 {
+    let (mut a, mut b) = S::pair(busy);
+    with_child(
+        cpu,
+        || {
+            let msg = vec![1u8; size];
+            for _ in 0..n {
+                write_full(&mut b, &msg);
+            }
+        },
+        || {
+            let mut buf = vec![0u8; size];
+            read_full(&mut a, &mut buf);
+            let t = Instant::now();
+            for _ in 1..n {
+                read_full(&mut a, &mut buf);
+            }
+            rate(n - 1, t.elapsed())
+        },
+    )
+}
+
+fn stream_figures<S: Stream>(cpus: (usize, usize), busy: bool) -> Figures {
+    let c = if busy { &BUSY } else { &SLOW };
+    Figures {
+        latency: Some(measure(|| stream_latency::<S>(cpus.1, busy, c.rtt))),
+        small: Some(measure(|| {
+            stream_throughput::<S>(cpus.1, busy, c.small, SMALL)
+        })),
+        page: Some(measure(|| {
+            stream_throughput::<S>(cpus.1, busy, c.page, PAGE)
+        })),
+    }
+}
+
+// ---------------------------------------------------------------- crossbeam
+
+fn crossbeam_latency(cpus: (usize, usize), n: u64) -> f64 {
+    let (tx_ab, rx_ab) = crossbeam_channel::bounded::<[u8; SMALL]>(16);
+    let (tx_ba, rx_ba) = crossbeam_channel::bounded::<[u8; SMALL]>(16);
+    let echo = std::thread::spawn(move || {
+        pin(cpus.1);
+        for _ in 0..n + 1000 {
+            let m = rx_ab.recv().unwrap();
+            tx_ba.send(m).unwrap();
+        }
+    });
+    let msg = [7u8; SMALL];
+    for _ in 0..1000 {
+        tx_ab.send(msg).unwrap();
+        black_box(rx_ba.recv().unwrap());
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        tx_ab.send(msg).unwrap();
+        black_box(rx_ba.recv().unwrap());
+    }
+    let d = t.elapsed();
+    echo.join().unwrap();
+    half_rtt(n, d)
+}
+
+fn crossbeam_throughput<const N: usize>(cpus: (usize, usize), n: u64) -> f64 {
+    let (tx, rx) = crossbeam_channel::bounded::<[u8; N]>((RING_CAPACITY as usize / N).max(16));
+    let sender = std::thread::spawn(move || {
+        pin(cpus.1);
+        let mut msg = [1u8; N];
+        for i in 0..n {
+            msg[0] = i as u8;
+            tx.send(msg).unwrap();
+        }
+    });
+    black_box(rx.recv().unwrap());
+    let t = Instant::now();
+    for _ in 1..n {
+        black_box(rx.recv().unwrap());
+    }
+    let r = rate(n - 1, t.elapsed());
+    sender.join().unwrap();
+    r
+}
+
+// ------------------------------------------------------------------- memcpy
+
+/// Bytes per second copying 4 KiB blocks from one `buffer`-byte area to
+/// another, on one CPU.
+fn memcpy_bandwidth(buffer: usize) -> f64 {
+    let src = vec![3u8; buffer];
+    let mut dst = vec![0u8; buffer];
+    let blocks = buffer / PAGE;
+    // Warm up (and fault in) both buffers.
+    dst.copy_from_slice(&src);
+    let total: usize = (1usize << 31).max(buffer);
+    let rounds = total / buffer;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        for b in 0..blocks {
+            let r = b * PAGE..(b + 1) * PAGE;
+            dst[r.clone()].copy_from_slice(&src[r]);
+        }
+        black_box(&mut dst);
+    }
+    (rounds * buffer) as f64 / t.elapsed().as_secs_f64()
+}
+
+// -------------------------------------------------------------------- table
+
+fn fmt_ns(v: Option<f64>) -> String {
+    match v {
+        Some(ns) if ns >= 1000.0 => format!("{:.1} µs", ns / 1000.0),
+        Some(ns) => format!("{ns:.0} ns"),
+        None => "-".into(),
+    }
+}
+
+fn fmt_rate(v: Option<f64>) -> String {
+    v.map_or("-".into(), |r| format!("{:.2} M/s", r / 1e6))
+}
+
+fn fmt_ratio(v: Option<f64>, ring: Option<f64>) -> String {
+    match (v, ring) {
+        (Some(v), Some(r)) => format!("{:.2}x", v / r),
+        _ => "-".into(),
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is not supported.
+    let cpus = two_cpus();
+    pin(cpus.0);
+    eprintln!(
+        "shmem-ring bench: sides pinned to CPUs {} and {}, median of {RUNS} runs",
+        cpus.0, cpus.1
+    );
+
+    let mut rows: Vec<(&str, Figures)> = Vec::new();
+    let step = |name: &str| eprintln!("  measuring {name} ...");
+
+    step("this ring");
+    let ring = Figures {
+        latency: Some(measure(|| ring_latency(cpus.1, FAST.rtt))),
+        small: Some(measure(|| ring_throughput(cpus.1, FAST.small, SMALL, 1))),
+        page: Some(measure(|| ring_throughput(cpus.1, FAST.page, PAGE, 1))),
+    };
+    rows.push(("this ring (2 processes)", ring));
+    step("this ring, batched");
+    rows.push((
+        "this ring, flush every 32",
+        Figures {
+            latency: None,
+            small: Some(measure(|| ring_throughput(cpus.1, FAST.small, SMALL, 32))),
+            page: Some(measure(|| ring_throughput(cpus.1, FAST.page, PAGE, 32))),
+        },
+    ));
+    step("raw SPSC ring");
+    let raw = Figures {
+        latency: Some(measure(|| raw_latency(cpus.1, FAST.rtt))),
+        small: Some(measure(|| raw_throughput(cpus.1, FAST.small, SMALL))),
+        page: Some(measure(|| raw_throughput(cpus.1, FAST.page, PAGE))),
+    };
+    rows.push(("raw SPSC ring (floor)", raw));
+    step("pipe");
+    rows.push(("pipe", stream_figures::<PipeEnd>(cpus, false)));
+    rows.push(("pipe, busy-poll", stream_figures::<PipeEnd>(cpus, true)));
+    step("Unix socket");
+    rows.push(("Unix socket", stream_figures::<UnixStream>(cpus, false)));
+    rows.push((
+        "Unix socket, busy-poll",
+        stream_figures::<UnixStream>(cpus, true),
+    ));
+    step("TCP loopback");
+    let tcp = stream_figures::<TcpStream>(cpus, false);
+    rows.push(("TCP loopback", tcp));
+    let tcp_busy = stream_figures::<TcpStream>(cpus, true);
+    rows.push(("TCP loopback, busy-poll", tcp_busy));
+    step("crossbeam");
+    rows.push((
+        "crossbeam bounded (2 threads)",
+        Figures {
+            latency: Some(measure(|| crossbeam_latency(cpus, FAST.rtt))),
+            small: Some(measure(|| crossbeam_throughput::<SMALL>(cpus, FAST.small))),
+            page: Some(measure(|| crossbeam_throughput::<PAGE>(cpus, FAST.page))),
+        },
+    ));
+    step("memcpy");
+    let memcpy_cache = measure(|| memcpy_bandwidth(RING_CAPACITY as usize));
+    let memcpy_dram = measure(|| memcpy_bandwidth(64 << 20));
+    for (name, bw) in [
+        ("memcpy 4 KiB blocks, 256 KiB (cache)", memcpy_cache),
+        ("memcpy 4 KiB blocks, 64 MiB (DRAM)", memcpy_dram),
+    ] {
+        rows.push((
+            name,
+            Figures {
+                latency: None,
+                small: None,
+                page: Some(bw / PAGE as f64),
+            },
+        ));
+    }
+
+    println!();
+    println!(
+        "| transport | 64 B one-way latency | x ring | 64 B throughput | x ring | 4 KiB throughput | GB/s | x ring |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (name, f) in &rows {
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt_ns(f.latency),
+            fmt_ratio(f.latency, ring.latency),
+            fmt_rate(f.small),
+            fmt_ratio(f.small, ring.small),
+            fmt_rate(f.page),
+            f.page
+                .map_or("-".into(), |r| format!("{:.1}", r * PAGE as f64 / 1e9)),
+            fmt_ratio(f.page, ring.page),
+        );
+    }
+
+    let lat = ring.latency.unwrap();
+    let small = ring.small.unwrap();
+    let page_bw = ring.page.unwrap() * PAGE as f64;
+    let checks = [
+        (
+            "latency <= 1.5x raw floor",
+            lat / raw.latency.unwrap(),
+            lat <= 1.5 * raw.latency.unwrap(),
+        ),
+        (
+            "latency <= 0.2x TCP loopback",
+            lat / tcp.latency.unwrap(),
+            lat <= 0.2 * tcp.latency.unwrap(),
+        ),
+        (
+            "latency <= 0.2x TCP loopback, busy-poll",
+            lat / tcp_busy.latency.unwrap(),
+            lat <= 0.2 * tcp_busy.latency.unwrap(),
+        ),
+        (
+            "64 B throughput >= 0.5x raw floor",
+            small / raw.small.unwrap(),
+            small >= 0.5 * raw.small.unwrap(),
+        ),
+        (
+            "4 KiB throughput >= 0.7x memcpy (DRAM)",
+            page_bw / memcpy_dram,
+            page_bw >= 0.7 * memcpy_dram,
+        ),
+        (
+            "4 KiB throughput >= 0.7x memcpy (cache)",
+            page_bw / memcpy_cache,
+            page_bw >= 0.7 * memcpy_cache,
+        ),
+    ];
+    println!();
+    println!("| target | ratio | verdict |");
+    println!("|---|---:|---|");
+    for (what, ratio, ok) in checks {
+        println!(
+            "| {what} | {ratio:.2} | {} |",
+            if ok { "PASS" } else { "MISS" }
+        );
+    }
+}
