@@ -19,7 +19,7 @@ CACHE="${MKCTL_CACHE:-$REPO/.cache}"
 KDIR="$CACHE/kernel"
 TRIPLE=x86_64-unknown-linux-gnu
 STATIC_TARGET="${CARGO_TARGET_DIR:-$REPO/target}/static"
-PACKAGES=(qemu-system-x86 device-tree-compiler cpio)
+PACKAGES=(qemu-system-x86 device-tree-compiler cpio busybox-static)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() {

@@ -20,7 +20,7 @@ command -v cargo >/dev/null || die "cargo not found: install Rust 1.85 or newer 
 
 # apt packages for the tests (QEMU's own list lives in qemu/setup.sh).
 need=()
-for p in device-tree-compiler cpio python3-venv util-linux; do
+for p in python3-venv util-linux; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -116,9 +116,14 @@ impl Artifacts {
 /// test would boot yesterday's code.
 fn check_not_stale(bin: &Path) -> Result<(), String> {
     let built = mtime(bin).ok_or_else(|| format!("cannot stat {}", bin.display()))?;
-    let src = repo_root().join("guest-init");
+    // guest-init links the agent (mknode) and the ring (shmem-ring): a
+    // change in any of them makes the cached binary stale.
+    let root = repo_root();
     let mut newest = (SystemTime::UNIX_EPOCH, PathBuf::new());
-    let mut stack = vec![src.join("src"), src.join("Cargo.toml")];
+    let mut stack: Vec<PathBuf> = ["guest-init", "mknode", "shmem-ring"]
+        .iter()
+        .flat_map(|c| [root.join(c).join("src"), root.join(c).join("Cargo.toml")])
+        .collect();
     while let Some(p) = stack.pop() {
         if p.is_dir() {
             for e in fs::read_dir(&p).into_iter().flatten().flatten() {
@@ -132,7 +137,7 @@ fn check_not_stale(bin: &Path) -> Result<(), String> {
     }
     if newest.0 > built {
         return Err(format!(
-            "{} is older than {} (guest-init changed since the last setup)",
+            "{} is older than {} (guest-init or what it links changed since the last setup)",
             bin.display(),
             newest.1.display()
         ));
@@ -295,5 +300,146 @@ pub fn run_qemu(spec: &MachineSpec, timeout: Duration) -> RunOutcome {
         elapsed,
         console: read(&spec.console.log),
         stderr: read(&err_path),
+    }
+}
+
+/// The `mkctl` binary built next to this test (`target/<profile>/mkctl`).
+pub fn mkctl_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/mkctl
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("mkctl"))
+        .expect("test binary lives in target/<profile>/deps");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (cargo build -p mkctl, or cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+/// What one `mkctl` command did.
+#[derive(Debug)]
+pub struct CmdOut {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl CmdOut {
+    /// stdout as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Fails with everything the command said unless it exited 0.
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        assert_eq!(
+            self.code,
+            0,
+            "mkctl failed\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.text(),
+            self.stderr
+        );
+        self
+    }
+
+    /// stdout parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.text(), self.stderr))
+    }
+}
+
+/// `mkctl` with a run directory of its own, so tests never share a daemon.
+/// Dropping it stops the daemon and checks that no QEMU it started is left.
+#[derive(Debug)]
+pub struct Mkctl {
+    pub scratch: Scratch,
+    bin: PathBuf,
+}
+
+impl Mkctl {
+    pub fn new(test: &str) -> Self {
+        Artifacts::require();
+        Self {
+            scratch: Scratch::new(test),
+            bin: mkctl_bin(),
+        }
+    }
+
+    /// The daemon's run directory.
+    pub fn run_dir(&self) -> PathBuf {
+        self.scratch.join("run")
+    }
+
+    /// A command with the environment set.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("MKCTL_RUN_DIR", self.run_dir())
+            .env("MKCTL_CACHE", cache_dir());
+        c
+    }
+
+    /// Runs `mkctl args...` with `stdin` and collects everything.
+    pub fn run_with_input(&self, args: &[&str], stdin: &[u8]) -> CmdOut {
+        use std::io::Write;
+        let mut child = self
+            .command()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mkctl");
+        let mut input = child.stdin.take().expect("stdin");
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let out = child.wait_with_output().expect("wait for mkctl");
+        let _ = writer.join();
+        CmdOut {
+            code: out.status.code().unwrap_or(-1),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs `mkctl args...` with empty stdin.
+    pub fn run(&self, args: &[&str]) -> CmdOut {
+        self.run_with_input(args, b"")
+    }
+
+    /// QEMU processes whose command line names this test's run directory.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        let needle = self.run_dir().display().to_string();
+        let mut pids = Vec::new();
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Mkctl {
+    fn drop(&mut self) {
+        let _ = self.run(&["daemon", "stop"]);
+        // Belt and braces: nothing of ours may outlive the test.
+        for pid in self.qemu_pids() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
     }
 }
