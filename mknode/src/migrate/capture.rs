@@ -26,11 +26,11 @@ use nix::unistd::Pid;
 use super::image::{
     AltStack, FpKind, Header, ImageMeta, ImageStats, ImageWriter, KernelFingerprint, Mapping,
     MappingKind, MmFields, ProcessInfo, Rseq, SigAction, SigInfo, ThreadState, FLAG_ZERO_RUNS,
-    MAPF_GROWSDOWN, PAGE, PROT_R, PROT_W, PROT_X, USER_TOP,
+    MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, PROT_X, USER_TOP,
 };
 use super::inject::{inject, ptrace_err, wait, Call};
 use super::precheck::{check_at, Blocker, Refusal};
-use super::procfs::{MapsEntry, ProcDir};
+use super::procfs::{MapsEntry, ProcDir, SmapsEntry};
 use super::{sys, SysError};
 
 /// Why a capture failed. The process is running again when this is
@@ -155,6 +155,18 @@ fn map_kind(m: &MapsEntry) -> Option<MappingKind> {
     })
 }
 
+fn from_smaps(e: &SmapsEntry) -> Option<Mapping> {
+    let mut m = to_mapping(&e.map)?;
+    m.resident = (e.rss_kib / 4).min(m.len() / PAGE);
+    if e.hugepage {
+        m.flags |= MAPF_HUGEPAGE;
+    }
+    if e.nohugepage {
+        m.flags |= MAPF_NOHUGEPAGE;
+    }
+    Some(m)
+}
+
 pub(crate) fn to_mapping(m: &MapsEntry) -> Option<Mapping> {
     let kind = map_kind(m)?;
     if m.end > USER_TOP {
@@ -174,6 +186,7 @@ pub(crate) fn to_mapping(m: &MapsEntry) -> Option<Mapping> {
         },
         kind,
         offset: m.offset,
+        resident: 0,
         name: m.name.clone(),
     })
 }
@@ -314,8 +327,8 @@ impl Frozen {
     fn read_state(&mut self) -> Result<ImageMeta, CaptureError> {
         let pid = self.pid;
         let pd = ProcDir::new(Path::new("/proc"), pid.as_raw());
-        let maps = pd.maps().map_err(self.proc_err("maps"))?;
-        let mappings: Vec<Mapping> = maps.iter().filter_map(to_mapping).collect();
+        let smaps = pd.smaps().map_err(self.proc_err("smaps"))?;
+        let mappings: Vec<Mapping> = smaps.iter().filter_map(from_smaps).collect();
         let vdso = mappings
             .iter()
             .find(|m| m.kind == MappingKind::Vdso)
@@ -747,10 +760,26 @@ impl Frozen {
         }
         self.live = false;
         if kill_it {
+            // When we are also the real parent, the caller reaps the leader
+            // itself (e.g. through its `Child`): leave that wait to it.
+            let parent = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                });
+            let ours = parent == Some(std::process::id());
             let _ = kill(self.pid, Signal::SIGKILL);
-            // Reap the ptrace exit reports so the real parent can reap the
-            // process; non-leaders first (the leader reports last).
+            // Collect the ptrace exit reports so the real parent can reap
+            // the process; non-leaders first (the leader reports last).
             for &tid in self.tids.iter().rev() {
+                if ours && tid == self.pid {
+                    continue;
+                }
                 loop {
                     match nix::sys::wait::waitpid(tid, Some(nix::sys::wait::WaitPidFlag::__WALL)) {
                         Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => break,
@@ -772,7 +801,8 @@ impl Frozen {
         self.release(false);
     }
 
-    /// Ends the process (after a successful migration).
+    /// Ends the process (after a successful migration). Its real parent
+    /// still reaps it (the caller too, when it is that parent).
     pub fn kill(mut self) {
         self.release(true);
     }

@@ -325,6 +325,10 @@ pub const PROT_W: u8 = 2;
 pub const PROT_X: u8 = 4;
 /// Mapping flag: grows down (the main stack).
 pub const MAPF_GROWSDOWN: u8 = 1;
+/// Mapping flag: the origin had `MADV_HUGEPAGE` on it.
+pub const MAPF_HUGEPAGE: u8 = 2;
+/// Mapping flag: the origin had `MADV_NOHUGEPAGE` on it.
+pub const MAPF_NOHUGEPAGE: u8 = 4;
 
 /// One virtual memory area.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,6 +340,9 @@ pub struct Mapping {
     pub kind: MappingKind,
     /// File offset on the origin (informative).
     pub offset: u64,
+    /// Pages resident on the origin (a hint: restore backs dense mappings
+    /// with huge pages).
+    pub resident: u64,
     /// Path or `[name]` on the origin (informative).
     pub name: String,
 }
@@ -567,6 +574,7 @@ impl<W: Write> ImageWriter<W> {
         v.push(m.flags);
         v.push(m.kind.code());
         v.extend_from_slice(&m.offset.to_le_bytes());
+        v.extend_from_slice(&m.resident.to_le_bytes());
         put_str(&mut v, &m.name, MAX_NAME);
         self.record(TAG_MAPPING, &v)
     }
@@ -1370,7 +1378,7 @@ fn parse_mapping(c: &mut Cur<'_>) -> Result<Mapping, ImageError> {
         });
     }
     let flags = c.u8()?;
-    if flags & !MAPF_GROWSDOWN != 0 {
+    if flags & !(MAPF_GROWSDOWN | MAPF_HUGEPAGE | MAPF_NOHUGEPAGE) != 0 {
         return Err(ImageError::Bound {
             at,
             what: "mapping flags",
@@ -1384,6 +1392,14 @@ fn parse_mapping(c: &mut Cur<'_>) -> Result<Mapping, ImageError> {
         value: u64::from(k),
     })?;
     let offset = c.u64()?;
+    let resident = c.u64()?;
+    if resident > (end - start) / PAGE {
+        return Err(ImageError::Bound {
+            at,
+            what: "resident pages of a mapping",
+            value: resident,
+        });
+    }
     let name = c.str(MAX_NAME, "mapping name length")?;
     c.done()?;
     Ok(Mapping {
@@ -1393,6 +1409,7 @@ fn parse_mapping(c: &mut Cur<'_>) -> Result<Mapping, ImageError> {
         flags,
         kind,
         offset,
+        resident,
         name,
     })
 }
@@ -1492,6 +1509,7 @@ mod tests {
                 flags: 0,
                 kind: MappingKind::Anon,
                 offset: 0,
+                resident: 2,
                 name: format!("m{i}"),
             });
             data.push((start, vec![seed.wrapping_add(i as u8); 2 * PAGE as usize]));
@@ -1504,6 +1522,7 @@ mod tests {
             flags: 0,
             kind: MappingKind::Vdso,
             offset: 0,
+            resident: 0,
             name: "[vdso]".into(),
         });
         (

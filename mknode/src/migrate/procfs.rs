@@ -61,6 +61,56 @@ pub(crate) fn parse_maps(text: &str) -> io::Result<Vec<MapsEntry>> {
     Ok(out)
 }
 
+/// One entry of `/proc/pid/smaps`: the maps line plus what capture uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SmapsEntry {
+    pub(crate) map: MapsEntry,
+    pub(crate) rss_kib: u64,
+    /// `VmFlags` has `hg` (MADV_HUGEPAGE).
+    pub(crate) hugepage: bool,
+    /// `VmFlags` has `nh` (MADV_NOHUGEPAGE).
+    pub(crate) nohugepage: bool,
+}
+
+/// Parses the text of `/proc/pid/smaps`.
+pub(crate) fn parse_smaps(text: &str) -> io::Result<Vec<SmapsEntry>> {
+    let mut out: Vec<SmapsEntry> = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some(key) = first.strip_suffix(':') {
+            let e = out
+                .last_mut()
+                .ok_or_else(|| bad("smaps field before header", line))?;
+            let rest = line[first.len()..].trim();
+            match key {
+                "Rss" => {
+                    e.rss_kib = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .ok_or_else(|| bad("smaps Rss", line))?
+                }
+                "VmFlags" => {
+                    e.hugepage = rest.split_whitespace().any(|f| f == "hg");
+                    e.nohugepage = rest.split_whitespace().any(|f| f == "nh");
+                }
+                _ => {}
+            }
+        } else {
+            let map = parse_maps(line)?
+                .pop()
+                .ok_or_else(|| bad("smaps header", line))?;
+            out.push(SmapsEntry {
+                map,
+                rss_kib: 0,
+                hugepage: false,
+                nohugepage: false,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// The fields of `/proc/pid/status` that decide migratability.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Status {
@@ -172,6 +222,10 @@ impl ProcDir {
 
     pub(crate) fn maps(&self) -> io::Result<Vec<MapsEntry>> {
         parse_maps(&fs::read_to_string(self.path("maps"))?)
+    }
+
+    pub(crate) fn smaps(&self) -> io::Result<Vec<SmapsEntry>> {
+        parse_smaps(&fs::read_to_string(self.path("smaps"))?)
     }
 
     pub(crate) fn status(&self) -> io::Result<Status> {
@@ -287,6 +341,28 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         assert!(!m[6].read && !m[6].write && !m[6].exec);
         assert_eq!(m[7].start, 0xffffffffff600000);
         assert!(parse_maps("zz-1 r--p 0 0 0").is_err());
+    }
+
+    #[test]
+    fn smaps() {
+        let t = "\
+55f4b2327000-55f4b2329000 r--p 00000000 fe:00 247282                     /usr/bin/head
+Size:                  8 kB
+Rss:                  16 kB
+VmFlags: rd mr mw me
+7f0000000000-7f0000400000 rw-p 00000000 00:00 0
+Size:               4096 kB
+Rss:                4096 kB
+VmFlags: rd wr mr mw me ac hg
+";
+        let s = parse_smaps(t).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].map.name, "/usr/bin/head");
+        assert_eq!(s[0].rss_kib, 16);
+        assert!(!s[0].hugepage);
+        assert_eq!(s[1].rss_kib, 4096);
+        assert!(s[1].hugepage && !s[1].nohugepage);
+        assert!(parse_smaps("Rss: 4 kB\n").is_err());
     }
 
     #[test]
