@@ -1,18 +1,43 @@
 #!/usr/bin/env bash
 # Sets everything up and runs the main job on the default topology
-# (configs/demo.toml): validate it and show how it splits the machine.
+# (configs/demo.toml, or the file given): validate and plan it, boot its
+# kernels under QEMU, run a command on each, send traffic and ping between
+# them over the shared window, and stop them.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 "$repo/scripts/setup.sh"
-mkctl=(cargo run --quiet --bin mkctl --)
+mkctl="${CARGO_TARGET_DIR:-$repo/target}/debug/mkctl"
 config=${1:-configs/demo.toml}
+# A run directory of the demo's own, so it never disturbs another daemon.
+export MKCTL_RUN_DIR=${MKCTL_RUN_DIR:-$repo/.cache/demo-run}
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+cleanup() { "$mkctl" daemon stop >/dev/null 2>&1 || true; }
+trap cleanup EXIT
 
-echo "== mkctl host"
-"${mkctl[@]}" host
-echo
-echo "== mkctl validate $config"
-"${mkctl[@]}" validate "$config"
-echo
-echo "== mkctl plan $config"
-"${mkctl[@]}" plan "$config"
+step "mkctl plan $config"
+"$mkctl" plan "$config"
+
+step "mkctl boot $config"
+"$mkctl" boot "$config"
+
+step "mkctl status"
+"$mkctl" status
+
+names=$("$mkctl" status --json | python3 -c 'import json,sys; print(" ".join(i["name"] for i in json.load(sys.stdin)["daemon"]["instances"]))')
+for n in $names; do
+  step "mkctl exec $n -- uname -a; NUMA nodes; memory"
+  "$mkctl" exec "$n" -- sh -c 'uname -a; echo "cpus online: $(cat /sys/devices/system/cpu/online)"; ls /sys/devices/system/node | grep node; grep MemTotal /proc/meminfo'
+done
+
+set -- $names
+if [ $# -ge 2 ]; then
+  step "traffic and ping between kernels over the window"
+  "$mkctl" traffic host "$1" --count 5000
+  "$mkctl" traffic "$1" "$2" --count 5000
+  "$mkctl" ping host "$1" --count 200
+  "$mkctl" ping "$1" "$2" --count 200
+fi
+
+step "mkctl stop --all"
+"$mkctl" stop --all
