@@ -92,9 +92,28 @@ fn migrate(
     threads: usize,
     via_file: bool,
 ) -> (i32, Output) {
-    // Lines already printed belong to the old stream.
+    let (p, o, _) = migrate_n(pid, out, reap, threads, threads + 1, via_file);
+    (p, o)
+}
+
+/// As [`migrate`], for a process with `total` threads of which `counters`
+/// print counters.
+fn migrate_n(
+    pid: i32,
+    out: &Output,
+    reap: impl FnOnce(),
+    threads: usize,
+    total: usize,
+    via_file: bool,
+) -> (i32, Output, image::ImageMeta) {
+    // The last line seen before the freeze; lines printed after it are
+    // drained from the old pipe below.
+    let seen = seqs(&out.until(T, |l| matches!(l, Line::Seq { .. })))
+        .pop()
+        .expect("a seq line");
     let frozen = freeze(pid).expect("freeze");
-    assert_eq!(frozen.threads().len(), threads + 1);
+    assert_eq!(frozen.threads().len(), total);
+    let meta = frozen.meta().clone();
     let mut img = Vec::new();
     let st = frozen
         .write_image(&mut img, ImageOptions::default())
@@ -118,16 +137,21 @@ fn migrate(
         restore(&img[..], plan)
     }
     .expect("restore");
-    assert_eq!(restored.threads.len(), threads + 1);
+    assert_eq!(restored.threads.len(), total);
     assert_eq!(restored.stats.data_pages, st.data_pages);
     frozen.kill();
     reap();
-    let (last, last_counters) = old_tail(&out.drain(T));
+    let mut old = vec![Line::Seq {
+        seq: seen.0,
+        counters: seen.1,
+    }];
+    old.extend(out.drain(T));
+    let (last, last_counters) = old_tail(&old);
     // The new stream starts right after.
     let first = loop {
         match new_out.next(T).expect("restored process prints") {
             Line::Seq { seq, counters } => break (seq, counters),
-            Line::Checksum { .. } => {}
+            Line::Checksum { .. } | Line::Joined => {}
         }
     };
     assert_eq!(
@@ -146,7 +170,30 @@ fn migrate(
     for w in s.windows(2) {
         assert_eq!(w[1].0, w[0].0 + 1, "hole or repeat in the new stream");
     }
-    (restored.pid, new_out)
+    (restored.pid, new_out, meta)
+}
+
+/// The kernel-held state capture reads back from a restored process is the
+/// state it restored.
+fn same_kernel_state(a: &image::ImageMeta, b: &image::ImageMeta) {
+    assert_eq!(a.process.sigactions, b.process.sigactions, "signal actions");
+    assert_eq!(a.process.mm, b.process.mm, "mm fields");
+    assert_eq!(a.process.auxv, b.process.auxv, "auxv");
+    assert_eq!(a.threads.len(), b.threads.len());
+    for (x, y) in a.threads.iter().zip(&b.threads) {
+        assert!(x.rseq.abi_pointer != 0, "glibc registers rseq");
+        assert_eq!(x.rseq, y.rseq, "rseq of thread {}", x.tid);
+        assert_eq!(x.altstack, y.altstack, "sigaltstack of thread {}", x.tid);
+        assert_eq!(
+            x.robust_list, y.robust_list,
+            "robust list of thread {}",
+            x.tid
+        );
+        assert_eq!(x.clear_child_tid, y.clear_child_tid, "clear_child_tid");
+        assert_eq!(x.sigmask, y.sigmask, "sigmask of thread {}", x.tid);
+        assert_eq!(x.comm, y.comm, "name of thread {}", x.tid);
+        assert_eq!(x.regs[21], y.regs[21], "fs_base of thread {}", x.tid);
+    }
 }
 
 fn reap(pid: i32) -> impl FnOnce() {
@@ -166,12 +213,15 @@ fn three_threads_three_round_trips() {
     assert_eq!(sum0, testprogs::expected_checksum(mem));
 
     let first = child.id() as i32;
-    let (mut pid, mut out) = migrate(first, &out, move || drop(child.wait()), 3, true);
+    let (mut pid, mut out, mut meta) =
+        migrate_n(first, &out, move || drop(child.wait()), 3, 4, true);
     for _ in 0..2 {
         assert_eq!(checksum(pid, &out).0, sum0, "memory survived the move");
-        let (p, o) = migrate(pid, &out, reap(pid), 3, false);
+        let (p, o, m) = migrate_n(pid, &out, reap(pid), 3, 4, false);
+        same_kernel_state(&meta, &m);
         pid = p;
         out = o;
+        meta = m;
     }
     assert_eq!(checksum(pid, &out).0, sum0);
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
@@ -311,4 +361,78 @@ fn image_from_another_kernel_is_refused() {
     assert!(e.to_string().contains("release is \"5.10.0-other\""), "{e}");
     child.kill().expect("kill");
     child.wait().expect("wait");
+}
+
+#[test]
+fn pthread_join_of_a_migrated_thread_returns() {
+    let _g = serial();
+    // 3 counters + a thread that exits 1.5 s after start + its joiner.
+    let (mut child, out) = start(&["--mem", "1M", "--join-after-ms", "1500"]);
+    running(&out, 3);
+    let (pid, out, _) = migrate_n(
+        child.id() as i32,
+        &out,
+        move || drop(child.wait()),
+        3,
+        6,
+        false,
+    );
+    // The kernel clears the (original) tid word through CLONE_CHILD_CLEARTID
+    // when the moved thread exits, and glibc's join wakes up.
+    out.until(T, |l| matches!(l, Line::Joined));
+    // Both the joined thread and its joiner have exited: main + 3 counters.
+    let tasks = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("task")
+            .count()
+    };
+    for _ in 0..100 {
+        if tasks() == 4 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(tasks(), 4);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    reap(pid)();
+}
+
+#[test]
+fn signal_sent_to_the_frozen_process_reaches_the_copy() {
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "2M", "--threads", "1"]);
+    running(&out, 1);
+    let pid = child.id() as i32;
+    let (sum0, _) = checksum(pid, &out);
+    let frozen = freeze(pid).expect("freeze");
+    // Queued, not delivered: every thread is stopped.
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).expect("SIGUSR1");
+    let mut img = Vec::new();
+    frozen
+        .write_image(&mut img, ImageOptions::default())
+        .expect("image");
+    let d = image::decode_all(&img[..]).expect("decode");
+    assert_eq!(
+        d.meta
+            .process
+            .shared_pending
+            .iter()
+            .map(|s| s.signo())
+            .collect::<Vec<_>>(),
+        vec![libc::SIGUSR1]
+    );
+    let (plan, new_out) = plan_to_pipe();
+    let r = restore(&img[..], plan).expect("restore");
+    frozen.kill();
+    child.wait().expect("reap");
+    // The copy handles it: a checksum line nobody else asked for.
+    match new_out
+        .until(T, |l| matches!(l, Line::Checksum { .. }))
+        .pop()
+    {
+        Some(Line::Checksum { sum, .. }) => assert_eq!(sum, sum0),
+        other => panic!("{other:?}"),
+    }
+    kill(Pid::from_raw(r.pid), Signal::SIGKILL).expect("kill");
+    reap(r.pid)();
 }

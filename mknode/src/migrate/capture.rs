@@ -664,9 +664,15 @@ impl Frozen {
             header.flags &= !FLAG_ZERO_RUNS;
         }
         let mut iw = ImageWriter::new(w, &header).map_err(ie)?;
-        iw.process(&meta.process).map_err(ie)?;
+        // Signals may still be queued while the process is frozen (memory
+        // and registers cannot change): read the queues now.
+        let mut process = meta.process.clone();
+        process.shared_pending = self.pending(self.pid, true)?;
+        iw.process(&process).map_err(ie)?;
         for t in &meta.threads {
-            iw.thread(t).map_err(ie)?;
+            let mut t = t.clone();
+            t.pending = self.pending(Pid::from_raw(t.tid as i32), false)?;
+            iw.thread(&t).map_err(ie)?;
         }
         for m in &meta.mappings {
             iw.mapping(m).map_err(ie)?;
@@ -715,6 +721,14 @@ impl Frozen {
         }
         let (_, stats) = iw.finish().map_err(ie)?;
         Ok(stats)
+    }
+
+    fn pending(&self, tid: Pid, shared: bool) -> Result<Vec<SigInfo>, CaptureError> {
+        Ok(sys::peek_siginfo(tid, shared)
+            .map_err(|e| self.sys()(ptrace_err("PTRACE_PEEKSIGINFO", tid)(e)))?
+            .into_iter()
+            .map(SigInfo)
+            .collect())
     }
 
     /// Fills `chunk` with the bytes at `addr`: `process_vm_readv` first, then

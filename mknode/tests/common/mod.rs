@@ -69,11 +69,22 @@ fn cloexec_inherited() {
 /// One parsed output line of mkcounter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Line {
-    Seq { seq: u64, counters: Vec<u64> },
-    Checksum { sum: u64, bytes: usize },
+    Seq {
+        seq: u64,
+        counters: Vec<u64>,
+    },
+    Checksum {
+        sum: u64,
+        bytes: usize,
+    },
+    /// The joiner thread's `pthread_join` returned.
+    Joined,
 }
 
 pub(crate) fn parse(line: &str) -> Option<Line> {
+    if line == "joined" {
+        return Some(Line::Joined);
+    }
     if let Some(rest) = line.strip_prefix("checksum=") {
         let (sum, bytes) = rest.split_once(" bytes=")?;
         return Some(Line::Checksum {

@@ -12,6 +12,10 @@
 //!   prints `checksum=<hex> bytes=<len>` of the buffer (the handler only sets a
 //!   flag; the main thread does the work).
 //!
+//! With `--join-after-ms MS`, one more thread sleeps MS and exits, and
+//! another `join`s it (glibc's `pthread_join`, which waits for the kernel to
+//! clear the thread's tid word); the main thread then prints `joined`.
+//!
 //! Each line is one `write` so a line is either wholly in the old stdout or
 //! wholly in the new one after a migration.
 
@@ -21,7 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn usage() -> ! {
-    eprintln!("usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS]");
+    eprintln!(
+        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS]"
+    );
     std::process::exit(2)
 }
 
@@ -29,6 +35,7 @@ fn main() {
     let mut mem = 16usize << 20;
     let mut threads = 3usize;
     let mut interval = 10u64;
+    let mut join_after: Option<u64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| usage());
@@ -36,6 +43,7 @@ fn main() {
             "--mem" => mem = testprogs::parse_size(&v).unwrap_or_else(|| usage()),
             "--threads" => threads = v.parse().unwrap_or_else(|_| usage()),
             "--interval-ms" => interval = v.parse().unwrap_or_else(|_| usage()),
+            "--join-after-ms" => join_after = Some(v.parse().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
     }
@@ -60,6 +68,17 @@ fn main() {
         });
     }
 
+    let joined = Arc::new(AtomicBool::new(false));
+    if let Some(ms) = join_after {
+        let sleeper = std::thread::spawn(move || std::thread::sleep(Duration::from_millis(ms)));
+        let j = Arc::clone(&joined);
+        std::thread::spawn(move || {
+            if sleeper.join().is_ok() {
+                j.store(true, Ordering::Release);
+            }
+        });
+    }
+
     let out = std::io::stdout();
     let mut line = String::with_capacity(256);
     let mut seq: u64 = 0;
@@ -68,6 +87,9 @@ fn main() {
         if flag.swap(false, Ordering::Relaxed) {
             let sum = testprogs::checksum(&buf);
             line.push_str(&format!("checksum={sum:016x} bytes={}\n", buf.len()));
+        }
+        if joined.swap(false, Ordering::Acquire) {
+            line.push_str("joined\n");
         }
         seq += 1;
         line.push_str(&format!("seq={seq}"));
