@@ -159,6 +159,7 @@ fn migrate_n(
         last + 1,
         "sequence continues without gap or repeat"
     );
+    assert_eq!(first.1.len(), threads, "one counter per worker");
     for (a, b) in first.1.iter().zip(&last_counters) {
         assert!(a >= b, "counter went back: {a} < {b}");
     }
