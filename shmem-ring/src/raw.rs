@@ -54,7 +54,7 @@ impl Region {
     /// aligned (possible only for a mapping at an odd offset of a device file).
     pub(crate) fn new(map: memmap2::MmapRaw) -> Result<Region, usize> {
         let addr = map.as_ptr() as usize;
-        if !addr.is_multiple_of(8) {
+        if addr % 8 != 0 {
             return Err(addr);
         }
         Ok(Region { map })
@@ -73,7 +73,7 @@ impl Region {
     /// The 64-bit word at `off`, if `off` is 8-aligned and the word lies inside
     /// the window.
     pub(crate) fn word(&self, off: usize) -> Option<&AtomicU64> {
-        if !off.is_multiple_of(8) || !self.in_bounds(off, 8) {
+        if off % 8 != 0 || !self.in_bounds(off, 8) {
             return None;
         }
         // SAFETY: `off + 8 <= len` (checked above), so the 8 bytes lie inside the
@@ -157,7 +157,7 @@ impl RingArea {
     pub(crate) fn new(region: Arc<Region>, place: RingPlace) -> Option<RingArea> {
         let ok = place.capacity.is_power_of_two()
             && place.capacity >= 8
-            && place.data.is_multiple_of(8)
+            && place.data % 8 == 0
             && region.in_bounds(place.data, place.capacity)
             && region.word(place.head).is_some()
             && region.word(place.tail).is_some();
@@ -175,7 +175,7 @@ impl RingArea {
     }
 
     fn control(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off.is_multiple_of(8) && off + 8 <= self.region.len());
+        debug_assert!(off % 8 == 0 && off + 8 <= self.region.len());
         // SAFETY: `off` is `place.head` or `place.tail`, both checked by `new`
         // to be aligned words inside the mapping, which lives as long as
         // `self.region`; see `Region::word` for why a shared `&AtomicU64` is fine.

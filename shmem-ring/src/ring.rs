@@ -151,7 +151,7 @@ impl<M: RingMem> Producer<M> {
             broken: None,
         };
         let used = head.wrapping_sub(tail);
-        if !head.is_multiple_of(8) || !tail.is_multiple_of(8) || used > cap {
+        if head % 8 != 0 || tail % 8 != 0 || used > cap {
             p.fail(Corruption::TailOutOfRange {
                 tail,
                 lowest: head.wrapping_sub(cap),
@@ -201,9 +201,7 @@ impl<M: RingMem> Producer<M> {
         // SYNC POINT: consumer finished reading up to tail (see `release`)
         ////////////////
         let t = self.mem.load_tail(Ordering::Acquire);
-        if !t.is_multiple_of(8)
-            || t.wrapping_sub(self.tail) > self.published.wrapping_sub(self.tail)
-        {
+        if t % 8 != 0 || t.wrapping_sub(self.tail) > self.published.wrapping_sub(self.tail) {
             return Err(self.fail(Corruption::TailOutOfRange {
                 tail: t,
                 lowest: self.tail,
@@ -328,7 +326,7 @@ impl<M: RingMem> Consumer<M> {
             head: tail,
             broken: None,
         };
-        if !tail.is_multiple_of(8) {
+        if tail % 8 != 0 {
             c.fail(Corruption::TailOutOfRange {
                 tail,
                 lowest: tail & !7,
@@ -369,7 +367,7 @@ impl<M: RingMem> Consumer<M> {
         ////////////////
         let h = self.mem.load_head(Ordering::Acquire);
         let ahead = h.wrapping_sub(self.tail);
-        if !h.is_multiple_of(8) || ahead > self.cap || ahead < self.head.wrapping_sub(self.tail) {
+        if h % 8 != 0 || ahead > self.cap || ahead < self.head.wrapping_sub(self.tail) {
             return Err(self.fail(Corruption::HeadOutOfRange {
                 head: h,
                 lowest: self.head,

@@ -57,7 +57,7 @@ impl Waiter {
             Phase::Spin => {
                 spin_loop();
                 self.spins = self.spins.wrapping_add(1);
-                if !self.spins.is_multiple_of(SPINS_PER_CHECK) {
+                if self.spins % SPINS_PER_CHECK != 0 {
                     return None;
                 }
                 let now = Instant::now();
