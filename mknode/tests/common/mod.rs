@@ -13,11 +13,15 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Builds `mkcounter` (release) into the target dir this binary runs from,
-/// once per process, and returns its path.
+/// once per process, and returns its path; `$MKNODE_MKCOUNTER` overrides.
 pub(crate) fn mkcounter() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         cloexec_inherited();
+        // A prebuilt one (e.g. the static build for the guests).
+        if let Some(p) = std::env::var_os("MKNODE_MKCOUNTER") {
+            return PathBuf::from(p);
+        }
         let exe = std::env::current_exe().expect("current_exe");
         // <target>/<profile>/deps/<this binary>
         let target = exe
