@@ -65,10 +65,11 @@ pub fn window_file(source: &WindowSource, root: &Path) -> (PathBuf, u64) {
 pub fn run(id: Option<u32>, file: &Path, offset: u64, len: u64) -> Result<String, AgentError> {
     let id = id.ok_or(AgentError::NoId)?;
     let id = u16::try_from(id).map_err(|_| AgentError::IdRange(id))?;
-    let window = shmem_ring::Window::open_at(file, offset, len).map_err(|source| AgentError::Open {
-        path: file.to_path_buf(),
-        source,
-    })?;
+    let window =
+        shmem_ring::Window::open_at(file, offset, len).map_err(|source| AgentError::Open {
+            path: file.to_path_buf(),
+            source,
+        })?;
     let endpoints = window.layout().endpoints();
     let endpoint = window
         .attach(id)
@@ -81,7 +82,7 @@ pub fn run(id: Option<u32>, file: &Path, offset: u64, len: u64) -> Result<String
     let stop = Arc::new(AtomicBool::new(false));
     let beat = endpoint.heartbeat_handle();
     let st = Arc::clone(&stop);
-    thread::spawn(move || {
+    let beater = thread::spawn(move || {
         while !st.load(Ordering::Relaxed) {
             if let Err(e) = beat.beat() {
                 say!("agent: heartbeat stopped: {e}");
@@ -106,7 +107,10 @@ pub fn run(id: Option<u32>, file: &Path, offset: u64, len: u64) -> Result<String
             Err(e) => say!("agent: no channel to endpoint {peer}: {e}"),
         }
     }
-    say!("agent: ready, serving the host and {} peer(s)", endpoints.saturating_sub(2));
+    say!(
+        "agent: ready, serving the host and {} peer(s)",
+        endpoints.saturating_sub(2)
+    );
 
     let set = signals();
     let why = loop {
@@ -128,8 +132,10 @@ pub fn run(id: Option<u32>, file: &Path, offset: u64, len: u64) -> Result<String
         agent.remove_link(peer);
     }
     agent.shutdown();
-    // Dropping the endpoint marks it detached: the host sees "gone", not
-    // a heartbeat that stopped.
+    // The heartbeat thread holds the endpoint too: wait for it to let go.
+    let _ = beater.join();
+    // Dropping the last handle marks the endpoint detached: the host sees
+    // "gone", not a heartbeat that stopped.
     drop(endpoint);
     Ok(why)
 }

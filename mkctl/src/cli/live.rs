@@ -56,7 +56,11 @@ pub(super) fn boot(file: &Path, instances: &[String], timeout: u64) -> Res {
     for n in instances {
         if t.instance(n).is_none() {
             let names: Vec<&str> = t.instances.iter().map(|i| i.name.as_str()).collect();
-            eprintln!("mkctl: {} has no instance \"{n}\"; it has: {}", file.display(), names.join(", "));
+            eprintln!(
+                "mkctl: {} has no instance \"{n}\"; it has: {}",
+                file.display(),
+                names.join(", ")
+            );
             return Ok(EXIT_USAGE);
         }
     }
@@ -104,14 +108,20 @@ pub(super) fn status(json: bool) -> Res {
         return Ok(EXIT_OK);
     }
     let Some(st) = st else {
-        println!("no mkctl daemon runs for {}; nothing is booted", RunDir::from_env().path().display());
+        println!(
+            "no mkctl daemon runs for {}; nothing is booted",
+            RunDir::from_env().path().display()
+        );
         return Ok(EXIT_OK);
     };
     println!(
         "daemon pid {} in {}{}",
         st.pid,
         st.run_dir.display(),
-        st.config.as_ref().map(|c| format!(", topology {}", c.display())).unwrap_or_default()
+        st.config
+            .as_ref()
+            .map(|c| format!(", topology {}", c.display()))
+            .unwrap_or_default()
     );
     if st.instances.is_empty() {
         println!("no instances");
@@ -131,9 +141,14 @@ pub(super) fn status(json: bool) -> Res {
             i.pid.map_or_else(dash, |p| p.to_string()),
             i.cpus,
             ByteSize(i.memory).human(),
-            i.uptime_ms.map_or_else(dash, |u| format!("{:.1}s", u as f64 / 1000.0)),
-            i.heartbeat_age_ms.map_or_else(dash, |h| format!("{h}ms ago")),
-            i.reason.clone().or_else(|| i.kernel.clone()).unwrap_or_default()
+            i.uptime_ms
+                .map_or_else(dash, |u| format!("{:.1}s", u as f64 / 1000.0)),
+            i.heartbeat_age_ms
+                .map_or_else(dash, |h| format!("{h}ms ago")),
+            i.reason
+                .clone()
+                .or_else(|| i.kernel.clone())
+                .unwrap_or_default()
         );
     }
     Ok(EXIT_OK)
@@ -257,9 +272,21 @@ pub(super) fn info(instance: &str, json: bool) -> Res {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(EXIT_OK);
     }
-    println!("{instance}: {} {} {} ({})", info["sysname"].as_str().unwrap_or(""), info["release"].as_str().unwrap_or(""), info["machine"].as_str().unwrap_or(""), info["hostname"].as_str().unwrap_or(""));
-    println!("  cpus online {}", info["cpus_online"].as_str().unwrap_or(""));
-    println!("  memory      {}", ByteSize(info["mem_total"].as_u64().unwrap_or(0)).human());
+    println!(
+        "{instance}: {} {} {} ({})",
+        info["sysname"].as_str().unwrap_or(""),
+        info["release"].as_str().unwrap_or(""),
+        info["machine"].as_str().unwrap_or(""),
+        info["hostname"].as_str().unwrap_or("")
+    );
+    println!(
+        "  cpus online {}",
+        info["cpus_online"].as_str().unwrap_or("")
+    );
+    println!(
+        "  memory      {}",
+        ByteSize(info["mem_total"].as_u64().unwrap_or(0)).human()
+    );
     for n in info["nodes"].as_array().into_iter().flatten() {
         println!(
             "  node {}      cpus {}, memory {}",
@@ -327,7 +354,11 @@ pub(super) fn traffic(from: &str, to: &str, count: u32, size: u32, json: bool) -
                     elapsed_ns as f64 / 1e6
                 );
             }
-            Ok(if good == sent && bad == 0 { EXIT_OK } else { EXIT_FAIL })
+            Ok(if good == sent && bad == 0 {
+                EXIT_OK
+            } else {
+                EXIT_FAIL
+            })
         }
         Ok(other) => Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
         Err(code) => Ok(code),
@@ -368,15 +399,25 @@ pub(super) fn console(instance: &str, tail: Option<usize>) -> Res {
     let run = RunDir::from_env();
     let dir = run.instance(instance);
     if !dir.path().is_dir() {
-        eprintln!("mkctl: no instance \"{instance}\" was booted in {}", run.path().display());
+        eprintln!(
+            "mkctl: no instance \"{instance}\" was booted in {}",
+            run.path().display()
+        );
         return Ok(EXIT_USAGE);
     }
     if let Some(n) = tail {
-        println!("{}", crate::daemon::server::console_tail(&dir.console_log(), n));
+        println!(
+            "{}",
+            crate::daemon::server::console_tail(&dir.console_log(), n)
+        );
         return Ok(EXIT_OK);
     }
-    let sock = UnixStream::connect(dir.console_socket())
-        .map_err(|e| format!("cannot attach to {}: {e} (is \"{instance}\" running?)", dir.console_socket().display()))?;
+    let sock = UnixStream::connect(dir.console_socket()).map_err(|e| {
+        format!(
+            "cannot attach to {}: {e} (is \"{instance}\" running?)",
+            dir.console_socket().display()
+        )
+    })?;
     eprintln!("mkctl: attached to {instance}'s console; Ctrl-] detaches");
     let raw = RawTerminal::enter();
     let mut from_guest = sock.try_clone()?;
@@ -453,7 +494,10 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
         DaemonAction::Status { json } => {
             let st = fetch_status()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "daemon": st }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "daemon": st }))?
+                );
                 return Ok(if st.is_some() { EXIT_OK } else { EXIT_FAIL });
             }
             match st {
@@ -481,7 +525,9 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let pid = std::fs::read_to_string(run.pid_file()).ok().and_then(|s| s.trim().parse::<i32>().ok());
+            let pid = std::fs::read_to_string(run.pid_file())
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
             match c.call(&Request::Shutdown, progress)? {
                 Reply::Ok { message } => println!("{message}"),
                 Reply::Error { message, code } => return Ok(failed(&message, code)),

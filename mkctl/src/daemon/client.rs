@@ -68,7 +68,10 @@ impl Client {
             log: run.log(),
             source,
         })?;
-        progress(&format!("starting the mkctl daemon in {}", run.path().display()));
+        progress(&format!(
+            "starting the mkctl daemon in {}",
+            run.path().display()
+        ));
         let mut cmd = Command::new(exe);
         cmd.args(["daemon", "run"])
             .env("MKCTL_RUN_DIR", run.path())
@@ -114,11 +117,17 @@ impl Client {
 
     /// Sends a request and returns the first reply that is not progress,
     /// handing progress lines to `progress`.
-    pub fn call(&mut self, r: &Request, progress: impl Fn(&str, &str)) -> Result<Reply, ClientError> {
+    pub fn call(
+        &mut self,
+        r: &Request,
+        progress: impl Fn(&str, &str),
+    ) -> Result<Reply, ClientError> {
         self.send(r)?;
         loop {
             match self.read()? {
-                Frame::Reply(Reply::Progress { instance, message }) => progress(&instance, &message),
+                Frame::Reply(Reply::Progress { instance, message }) => {
+                    progress(&instance, &message)
+                }
                 Frame::Reply(reply) => return Ok(reply),
                 Frame::Request(_) | Frame::Wire(_) => {}
             }

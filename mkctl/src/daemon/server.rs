@@ -149,7 +149,11 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
             source,
         }
     })?;
-    for sig in [nix::sys::signal::SIGTERM, nix::sys::signal::SIGINT, nix::sys::signal::SIGHUP] {
+    for sig in [
+        nix::sys::signal::SIGTERM,
+        nix::sys::signal::SIGINT,
+        nix::sys::signal::SIGHUP,
+    ] {
         let action = nix::sys::signal::SigAction::new(
             nix::sys::signal::SigHandler::Handler(on_signal),
             nix::sys::signal::SaFlags::empty(),
@@ -179,7 +183,11 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
         spawner: spawn_tx,
         stop: AtomicBool::new(false),
     });
-    eprintln!("mkctl daemon {} serving {}", std::process::id(), run.socket().display());
+    eprintln!(
+        "mkctl daemon {} serving {}",
+        std::process::id(),
+        run.socket().display()
+    );
     let monitor = {
         let d = Arc::clone(&d);
         thread::spawn(move || d.monitor())
@@ -203,6 +211,9 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
     let _ = monitor.join();
     let _ = std::fs::remove_file(run.socket());
     let _ = std::fs::remove_file(run.pid_file());
+    if let Some(tree) = run.ram_tree() {
+        let _ = std::fs::remove_dir_all(tree);
+    }
     Ok(())
 }
 
@@ -243,7 +254,12 @@ impl Daemon {
                 config,
                 instances,
                 timeout_ms,
-            } => self.boot(&config, &instances, Duration::from_millis(timeout_ms), &progress),
+            } => self.boot(
+                &config,
+                &instances,
+                Duration::from_millis(timeout_ms),
+                &progress,
+            ),
             Request::Status => Ok(Reply::Status {
                 status: self.status(),
             }),
@@ -310,7 +326,11 @@ impl Daemon {
                 return Err((
                     format!(
                         "no instance \"{n}\" in this daemon (it has: {})",
-                        if known.is_empty() { "none".into() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
                     ),
                     2,
                 ));
@@ -344,14 +364,21 @@ impl Daemon {
             return Ok(0);
         }
         let inner = self.lock();
-        let inst = inner.instances.values().find(|i| i.id == id).expect("resolved above");
+        let inst = inner
+            .instances
+            .values()
+            .find(|i| i.id == id)
+            .expect("resolved above");
         if inst.state != State::Ready {
             return Err((
                 format!(
                     "instance \"{}\" is {}{}",
                     inst.name,
                     inst.state.as_str(),
-                    inst.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+                    inst.reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
                 ),
                 1,
             ));
@@ -391,9 +418,14 @@ impl Daemon {
                 match t.instance(n) {
                     Some(i) => v.push(i.clone()),
                     None => {
-                        let names: Vec<&str> = t.instances.iter().map(|i| i.name.as_str()).collect();
+                        let names: Vec<&str> =
+                            t.instances.iter().map(|i| i.name.as_str()).collect();
                         return Err((
-                            format!("{} has no instance \"{n}\"; it has: {}", config.display(), names.join(", ")),
+                            format!(
+                                "{} has no instance \"{n}\"; it has: {}",
+                                config.display(),
+                                names.join(", ")
+                            ),
                             2,
                         ));
                     }
@@ -430,7 +462,10 @@ impl Daemon {
             for i in &selected {
                 if let Some(old) = inner.instances.get(&i.name) {
                     if matches!(old.state, State::Booting | State::Ready | State::Stopping) {
-                        return Err((format!("instance \"{}\" is already {}", i.name, old.state.as_str()), 1));
+                        return Err((
+                            format!("instance \"{}\" is already {}", i.name, old.state.as_str()),
+                            1,
+                        ));
                     }
                 }
             }
@@ -479,19 +514,25 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         let mut waiting: Vec<&Instance> = selected
             .iter()
-            .filter(|i| !failures.iter().any(|f| f.starts_with(&format!("{}:", i.name))))
+            .filter(|i| {
+                !failures
+                    .iter()
+                    .any(|f| f.starts_with(&format!("{}:", i.name)))
+            })
             .collect();
         let mut announced: Vec<String> = Vec::new();
         while !waiting.is_empty() {
-            waiting.retain(|i| match self.check_ready(&window, i, &mut announced, progress) {
-                Ok(true) => false,
-                Ok(false) => true,
-                Err(e) => {
-                    progress(&i.name, &format!("failed: {e}"));
-                    failures.push(format!("{}: {e}", i.name));
-                    false
-                }
-            });
+            waiting.retain(
+                |i| match self.check_ready(&window, i, &mut announced, progress) {
+                    Ok(true) => false,
+                    Ok(false) => true,
+                    Err(e) => {
+                        progress(&i.name, &format!("failed: {e}"));
+                        failures.push(format!("{}: {e}", i.name));
+                        false
+                    }
+                },
+            );
             if waiting.is_empty() {
                 break;
             }
@@ -513,7 +554,11 @@ impl Daemon {
             Ok(Reply::Ok {
                 message: format!(
                     "{} ready",
-                    selected.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+                    selected
+                        .iter()
+                        .map(|i| i.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             })
         } else {
@@ -535,14 +580,20 @@ impl Daemon {
             return Ok(Arc::clone(w));
         }
         let endpoints = t.instances.iter().map(|i| i.id.0).max().unwrap_or(0) + 1;
-        let endpoints = u16::try_from(endpoints).map_err(|_| "instance ids above 65534".to_string())?;
+        let endpoints =
+            u16::try_from(endpoints).map_err(|_| "instance ids above 65534".to_string())?;
         let hooks = Hooks {
             power_off: Box::new(|| {}),
             info: Box::new(mknode::agent::kernel_info),
         };
         let agent = Agent::new(0, ChildWait::PerChild, hooks);
         let hw = HostWindow::create(&self.run.window(), t.window.size.0, endpoints, agent)
-            .map_err(|e| format!("cannot create the window {}: {e}", self.run.window().display()))?;
+            .map_err(|e| {
+                format!(
+                    "cannot create the window {}: {e}",
+                    self.run.window().display()
+                )
+            })?;
         let hw = Arc::new(hw);
         *w = Some(Arc::clone(&hw));
         Ok(hw)
@@ -559,9 +610,15 @@ impl Daemon {
     ) -> Result<(), String> {
         let id = u16::try_from(i.id.0).map_err(|_| "id out of range".to_string())?;
         let dir = self.run.instance(&i.name);
-        let _ = std::fs::remove_dir_all(dir.path());
-        std::fs::create_dir_all(dir.path()).map_err(|e| format!("cannot create {}: {e}", dir.path().display()))?;
-        window.reset(id).map_err(|e| format!("cannot reset its channel: {e}"))?;
+        let ram = self.run.ram(&i.name);
+        for d in [dir.path(), ram.as_path()] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        }
+        window
+            .reset(id)
+            .map_err(|e| format!("cannot reset its channel: {e}"))?;
 
         let kernel = match &i.kernel {
             ImageSpec::Auto => kernel_auto.to_path_buf(),
@@ -575,14 +632,17 @@ impl Daemon {
             &i.name,
             &kernel,
             &initrd,
-            &GuestCmdline::new(&i.name, i.id).extra(&i.cmdline).to_string(),
+            &GuestCmdline::new(&i.name, i.id)
+                .extra(&i.cmdline)
+                .to_string(),
             &dir.console_log(),
         );
-        spec.qemu = std::env::var_os("MKCTL_QEMU").map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from);
+        spec.qemu = std::env::var_os("MKCTL_QEMU")
+            .map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from);
         spec.vcpus = u32::try_from(i.cpus.len()).unwrap_or(1);
         spec.memory = i.memory_size();
         spec.numa = guest_numa(t, i);
-        spec.ram_dir = Some(dir.path().to_path_buf());
+        spec.ram_dir = Some(ram);
         spec.window = Some(SharedWindow {
             path: self.run.window(),
             size: t.window.size,
@@ -613,7 +673,14 @@ impl Daemon {
             .map_err(|_| "the spawner thread is gone".to_string())?
             .map_err(|e| format!("cannot start {}: {e}", spec.qemu.display()))?;
         let pid = child.id();
-        progress(&i.name, &format!("qemu pid {pid}, {} vCPU(s), {}", spec.vcpus, spec.memory.human()));
+        progress(
+            &i.name,
+            &format!(
+                "qemu pid {pid}, {} vCPU(s), {}",
+                spec.vcpus,
+                spec.memory.human()
+            ),
+        );
         {
             let mut inner = self.lock();
             inner.instances.insert(
@@ -675,7 +742,11 @@ impl Daemon {
             progress(&i.name, "agent attached to the window");
             announced.push(i.name.clone());
         }
-        match window.agent.call(id, Duration::from_millis(1500), |req| Msg::InfoRequest { req }) {
+        match window
+            .agent
+            .call(id, Duration::from_millis(1500), |req| Msg::InfoRequest {
+                req,
+            }) {
             Ok(Msg::Info { info, .. }) => {
                 let mut inner = self.lock();
                 if let Some(inst) = inner.instances.get_mut(&i.name) {
@@ -685,7 +756,10 @@ impl Daemon {
                     drop(inner);
                     progress(
                         &i.name,
-                        &format!("ready in {secs:.1} s: {} {}, CPUs {}", info.sysname, info.release, info.cpus_online),
+                        &format!(
+                            "ready in {secs:.1} s: {} {}, CPUs {}",
+                            info.sysname, info.release, info.cpus_online
+                        ),
                     );
                 }
                 Ok(true)
@@ -712,7 +786,11 @@ impl Daemon {
     fn monitor(self: Arc<Self>) {
         while !self.stop.load(Ordering::SeqCst) && !SIGNALLED.load(Ordering::SeqCst) {
             thread::sleep(MONITOR_PERIOD);
-            let window = self.window.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let window = self
+                .window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let mut inner = self.lock();
             for inst in inner.instances.values_mut() {
                 if let Some(child) = inst.child.as_mut() {
@@ -732,7 +810,10 @@ impl Daemon {
                     if let Some(w) = &window {
                         if let Some(quiet) = w.peer_dead(inst.id) {
                             inst.state = State::Failed;
-                            inst.reason = Some(format!("heartbeat stopped {:.1} s ago", quiet.as_secs_f64()));
+                            inst.reason = Some(format!(
+                                "heartbeat stopped {:.1} s ago",
+                                quiet.as_secs_f64()
+                            ));
                             w.agent.fail_peer(inst.id, "its heartbeat stopped");
                         }
                     }
@@ -742,7 +823,11 @@ impl Daemon {
     }
 
     fn status(&self) -> DaemonStatus {
-        let window = self.window.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let window = self
+            .window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let inner = self.lock();
         DaemonStatus {
             pid: std::process::id(),
@@ -780,7 +865,10 @@ impl Daemon {
         let info = if id == 0 {
             mknode::agent::kernel_info()
         } else {
-            match self.agent()?.call(id, Duration::from_secs(5), |req| Msg::InfoRequest { req }) {
+            match self
+                .agent()?
+                .call(id, Duration::from_secs(5), |req| Msg::InfoRequest { req })
+            {
                 Ok(Msg::Info { info, .. }) => info,
                 Ok(other) => return Err((format!("unexpected answer {other:?}"), 1)),
                 Err(e) => return Err((crate::error_chain(&e), 1)),
@@ -810,8 +898,13 @@ impl Daemon {
         let agent = self.agent()?;
         let count = count.max(1);
         if a == 0 {
-            let rtts = agent.ping(b, count).map_err(|e| (crate::error_chain(&e), 1))?;
-            let mut ns: Vec<u64> = rtts.iter().map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).collect();
+            let rtts = agent
+                .ping(b, count)
+                .map_err(|e| (crate::error_chain(&e), 1))?;
+            let mut ns: Vec<u64> = rtts
+                .iter()
+                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                .collect();
             ns.sort_unstable();
             return Ok(Reply::Ping {
                 count,
@@ -821,7 +914,11 @@ impl Daemon {
             });
         }
         let timeout = Duration::from_secs(10) + Duration::from_millis(u64::from(count) * 5);
-        match agent.call(a, timeout, |req| Msg::PingPeer { req, peer: b, count }) {
+        match agent.call(a, timeout, |req| Msg::PingPeer {
+            req,
+            peer: b,
+            count,
+        }) {
             Ok(Msg::PingReport {
                 count,
                 rtt_min_ns,
@@ -850,9 +947,17 @@ impl Daemon {
         let seed = u64::from(std::process::id()) ^ t0.elapsed().as_nanos() as u64 ^ 0x5eed;
         let timeout = Duration::from_secs(60);
         if a == 0 {
-            agent.send_blobs(b, count, size, seed).map_err(|e| (crate::error_chain(&e), 1))?;
+            agent
+                .send_blobs(b, count, size, seed)
+                .map_err(|e| (crate::error_chain(&e), 1))?;
         } else {
-            match agent.call(a, timeout, |req| Msg::SendBlobs { req, peer: b, count, size, seed }) {
+            match agent.call(a, timeout, |req| Msg::SendBlobs {
+                req,
+                peer: b,
+                count,
+                size,
+                seed,
+            }) {
                 Ok(Msg::Done { .. }) => {}
                 Ok(other) => return Err((format!("unexpected answer {other:?}"), 1)),
                 Err(e) => return Err((crate::error_chain(&e), 1)),
@@ -864,8 +969,16 @@ impl Daemon {
             let (good, bad, next) = if b == 0 {
                 agent.blob_report(a)
             } else {
-                match agent.call(b, Duration::from_secs(5), |req| Msg::BlobCheck { req, from: a }) {
-                    Ok(Msg::BlobReport { good, bad, next_seq, .. }) => (good, bad, next_seq),
+                match agent.call(b, Duration::from_secs(5), |req| Msg::BlobCheck {
+                    req,
+                    from: a,
+                }) {
+                    Ok(Msg::BlobReport {
+                        good,
+                        bad,
+                        next_seq,
+                        ..
+                    }) => (good, bad, next_seq),
                     Ok(other) => return Err((format!("unexpected answer {other:?}"), 1)),
                     Err(e) => return Err((crate::error_chain(&e), 1)),
                 }
@@ -909,8 +1022,22 @@ impl Daemon {
             match control::read_frame(&mut client_rx, Side::Daemon) {
                 Ok(Frame::Wire(m)) => {
                     let m = match m {
-                        Msg::Data { stream: Stream::Stdin, bytes, .. } => Msg::Data { req, stream: Stream::Stdin, bytes },
-                        Msg::Eof { stream: Stream::Stdin, .. } => Msg::Eof { req, stream: Stream::Stdin },
+                        Msg::Data {
+                            stream: Stream::Stdin,
+                            bytes,
+                            ..
+                        } => Msg::Data {
+                            req,
+                            stream: Stream::Stdin,
+                            bytes,
+                        },
+                        Msg::Eof {
+                            stream: Stream::Stdin,
+                            ..
+                        } => Msg::Eof {
+                            req,
+                            stream: Stream::Stdin,
+                        },
                         Msg::Signal { signal, .. } => Msg::Signal { req, signal },
                         _ => continue,
                     };
@@ -921,7 +1048,13 @@ impl Daemon {
                 Ok(_) => {}
                 Err(_) => {
                     // The client went away: stop the command.
-                    let _ = fwd_agent.send(id, &Msg::Signal { req, signal: libc::SIGKILL });
+                    let _ = fwd_agent.send(
+                        id,
+                        &Msg::Signal {
+                            req,
+                            signal: libc::SIGKILL,
+                        },
+                    );
                     return;
                 }
             }
@@ -929,7 +1062,10 @@ impl Daemon {
         loop {
             let m = match rx.recv_timeout(Duration::from_secs(3600)) {
                 Ok(m) => m,
-                Err(_) => Msg::Failed { req, message: "no answer from the agent".into() },
+                Err(_) => Msg::Failed {
+                    req,
+                    message: "no answer from the agent".into(),
+                },
             };
             let last = mknode::agent::is_final(&m);
             let ok = {
@@ -945,7 +1081,11 @@ impl Daemon {
 
     /// Clean power-off through the agent, then QMP quit, then kill.
     fn stop_instances(&self, names: &[String], timeout: Duration, progress: Progress<'_>) {
-        let window = self.window.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let window = self
+            .window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut targets = Vec::new();
         {
             let mut inner = self.lock();
@@ -974,7 +1114,9 @@ impl Daemon {
             {
                 let mut inner = self.lock();
                 for (name, _, _) in &targets {
-                    let Some(inst) = inner.instances.get_mut(name) else { continue };
+                    let Some(inst) = inner.instances.get_mut(name) else {
+                        continue;
+                    };
                     if let Some(c) = inst.child.as_mut() {
                         if let Ok(Some(_)) = c.try_wait() {
                             inst.child = None;
@@ -1013,7 +1155,7 @@ impl Daemon {
             thread::sleep(Duration::from_millis(50));
         }
         let mut inner = self.lock();
-        for (name, id, dir) in &targets {
+        for (name, id, _) in &targets {
             if let Some(inst) = inner.instances.get_mut(name) {
                 inst.state = State::Stopped;
                 inst.started = None;
@@ -1022,11 +1164,7 @@ impl Daemon {
                 w.agent.fail_peer(*id, "the instance stopped");
             }
             // The RAM files are the instance's memory: gone with it.
-            for e in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
-                if e.file_name().to_string_lossy().starts_with("ram") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
+            let _ = std::fs::remove_dir_all(self.run.ram(name));
             progress(name, "stopped");
         }
     }
@@ -1080,7 +1218,9 @@ fn pin_vcpus(qmp: &Path, cpus: &CpuSet) -> Result<String, String> {
     let topo: Vec<u32> = cpus.iter().collect();
     let mut done = Vec::new();
     for t in &threads {
-        let Some(&c) = topo.get(t.cpu_index as usize) else { continue };
+        let Some(&c) = topo.get(t.cpu_index as usize) else {
+            continue;
+        };
         let h = c as usize % host;
         let mut set = nix::sched::CpuSet::new();
         set.set(h).map_err(|e| e.to_string())?;
@@ -1097,9 +1237,11 @@ fn build_initramfs(guest_init: &Path, out: &Path) -> Result<(), String> {
     // poke at: `mkctl exec alpha -- sh`.
     let busybox = Path::new("/bin/busybox");
     if busybox.is_file() && is_static(busybox) {
-        ir.host_file("/bin/busybox", busybox, Some(0o755)).map_err(|e| crate::error_chain(&e))?;
+        ir.host_file("/bin/busybox", busybox, Some(0o755))
+            .map_err(|e| crate::error_chain(&e))?;
         for applet in BUSYBOX_APPLETS {
-            ir.symlink(&format!("/bin/{applet}"), "busybox").map_err(|e| crate::error_chain(&e))?;
+            ir.symlink(&format!("/bin/{applet}"), "busybox")
+                .map_err(|e| crate::error_chain(&e))?;
         }
     }
     ir.write_file(out).map_err(|e| crate::error_chain(&e))
@@ -1107,13 +1249,36 @@ fn build_initramfs(guest_init: &Path, out: &Path) -> Result<(), String> {
 
 /// Applets linked into the guest's /bin when busybox is included.
 const BUSYBOX_APPLETS: &[&str] = &[
-    "sh", "cat", "ls", "echo", "uname", "head", "tail", "dd", "sha256sum", "md5sum", "wc", "grep",
-    "sleep", "ps", "free", "nproc", "mount", "dmesg", "true", "false", "env", "od", "seq",
+    "sh",
+    "cat",
+    "ls",
+    "echo",
+    "uname",
+    "head",
+    "tail",
+    "dd",
+    "sha256sum",
+    "md5sum",
+    "wc",
+    "grep",
+    "sleep",
+    "ps",
+    "free",
+    "nproc",
+    "mount",
+    "dmesg",
+    "true",
+    "false",
+    "env",
+    "od",
+    "seq",
 ];
 
 fn is_static(path: &Path) -> bool {
     // An ELF with no PT_INTERP is static; read the program headers.
-    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
     let mut h = [0u8; 64];
     if f.read_exact(&mut h).is_err() || &h[..4] != b"\x7fELF" || h[4] != 2 {
         return false;
@@ -1123,7 +1288,8 @@ fn is_static(path: &Path) -> bool {
     let phnum = u16::from_le_bytes([h[56], h[57]]);
     for k in 0..u64::from(phnum) {
         let mut p = [0u8; 4];
-        if f.seek(SeekFrom::Start(phoff + k * phentsize)).is_err() || f.read_exact(&mut p).is_err() {
+        if f.seek(SeekFrom::Start(phoff + k * phentsize)).is_err() || f.read_exact(&mut p).is_err()
+        {
             return false;
         }
         if u32::from_le_bytes(p) == 3 {
@@ -1156,7 +1322,11 @@ pub fn console_tail(log: &Path, n: usize) -> String {
     let lines: Vec<String> = std::io::BufReader::new(f)
         .split(b'\n')
         .map_while(Result::ok)
-        .map(|l| String::from_utf8_lossy(&l).trim_end_matches('\r').to_string())
+        .map(|l| {
+            String::from_utf8_lossy(&l)
+                .trim_end_matches('\r')
+                .to_string()
+        })
         .collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].join("\n")

@@ -58,7 +58,9 @@ impl HostWindow {
             .spawn(move || {
                 while !st.load(Ordering::Relaxed) {
                     if beat.beat().is_err() {
-                        eprintln!("mkctl daemon: endpoint 0 was attached elsewhere; heartbeat stops");
+                        eprintln!(
+                            "mkctl daemon: endpoint 0 was attached elsewhere; heartbeat stops"
+                        );
                         return;
                     }
                     thread::sleep(BEAT);
@@ -122,7 +124,12 @@ impl HostWindow {
     /// How long since `id`'s heartbeat moved, while it is attached.
     pub fn heartbeat_age(&self, id: u16) -> Option<Duration> {
         self.state(id)
-            .filter(|s| matches!(s.state, PeerState::Alive | PeerState::Silent | PeerState::Dead))
+            .filter(|s| {
+                matches!(
+                    s.state,
+                    PeerState::Alive | PeerState::Silent | PeerState::Dead
+                )
+            })
             .map(|s| s.quiet)
     }
 }
