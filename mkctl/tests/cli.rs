@@ -128,3 +128,73 @@ fn help_completions_and_man() {
         .success()
         .stdout(predicate::str::contains(".TH mkctl"));
 }
+
+#[test]
+fn kexec_boot_is_refused_here_and_changes_nothing() {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    cargo_bin_cmd!("mkctl")
+        .arg("boot")
+        .arg(common::config("kexec"))
+        .env("MKCTL_RUN_DIR", tempfile::tempdir().unwrap().path())
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "cannot boot \"worker\" with backend = \"kexec\"",
+        ))
+        .stderr(predicate::str::contains(
+            "/sys/fs/multikernel does not exist",
+        ))
+        .stderr(predicate::str::contains("set backend = \"qemu\""));
+    assert_eq!(std::fs::read_to_string("/proc/mounts").unwrap(), mounts);
+    assert_eq!(
+        std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap(),
+        online
+    );
+    // The dry run prints the exact sequence against a model, still
+    // changing nothing.
+    cargo_bin_cmd!("mkctl")
+        .args(["boot", "--dry-run"])
+        .arg(common::config("kexec"))
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "mount(\"none\", \"/sys/fs/multikernel\", \"multikernel\", 0, NULL)",
+        ))
+        .stdout(predicate::str::contains("kexec_file_load("))
+        .stdout(predicate::str::contains("nothing was changed"));
+    assert_eq!(std::fs::read_to_string("/proc/mounts").unwrap(), mounts);
+    cargo_bin_cmd!("mkctl")
+        .args(["pool", "release"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no multikernel interface"));
+}
+
+#[test]
+fn dtb_current_generation_baseline_and_overlay() {
+    cargo_bin_cmd!("mkctl")
+        .args(["dtb", "--abi", "current", "--dts"])
+        .arg(common::config("kexec"))
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "compatible = \"linux,multikernel-host\";",
+        ))
+        .stdout(predicate::str::contains("numa-node-id = <0x1>;"));
+    cargo_bin_cmd!("mkctl")
+        .args(["dtb", "--abi", "current", "--overlay", "worker", "--dts"])
+        .arg(common::config("kexec"))
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "compatible = \"linux,multikernel-overlay\";",
+        ))
+        .stdout(predicate::str::contains("instance-name = \"worker\";"));
+    cargo_bin_cmd!("mkctl")
+        .args(["dtb", "--overlay", "worker", "--dts"])
+        .arg(common::config("kexec"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--overlay needs --abi current"));
+}

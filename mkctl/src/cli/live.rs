@@ -36,7 +36,13 @@ fn connect() -> Result<Client, i32> {
     })
 }
 
-pub(super) fn boot(file: &Path, instances: &[String], timeout: u64) -> Res {
+pub(super) fn boot(
+    sysroot: &Path,
+    file: &Path,
+    instances: &[String],
+    timeout: u64,
+    dry_run: bool,
+) -> Res {
     // Validate here first: an invalid topology starts nothing, not even
     // the daemon.
     let t = match topology::load(file, || {
@@ -64,13 +70,39 @@ pub(super) fn boot(file: &Path, instances: &[String], timeout: u64) -> Res {
             return Ok(EXIT_USAGE);
         }
     }
+    // kexec instances boot through the kernel's interface, without the
+    // daemon; a refusal stops everything before any instance starts.
+    let qemu: Vec<String> = t
+        .instances
+        .iter()
+        .filter(|i| i.backend == topology::Backend::Qemu)
+        .filter(|i| instances.is_empty() || instances.contains(&i.name))
+        .map(|i| i.name.clone())
+        .collect();
+    if super::kexec::wants_kexec(&t, instances) {
+        let kexec_only: Vec<String> = instances
+            .iter()
+            .filter(|n| !qemu.contains(n))
+            .cloned()
+            .collect();
+        let code = super::kexec::boot(sysroot, &t, &kexec_only, dry_run)?;
+        if code != EXIT_OK || qemu.is_empty() {
+            return Ok(code);
+        }
+    } else if dry_run {
+        eprintln!(
+            "mkctl: --dry-run applies to kexec instances; {} has none to boot",
+            file.display()
+        );
+        return Ok(EXIT_USAGE);
+    }
     let config = std::fs::canonicalize(file)?;
     let run = RunDir::from_env();
     let mut c = Client::connect_or_start(&run, |m| eprintln!("mkctl: {m}"))?;
     let reply = c.call(
         &Request::Boot {
             config,
-            instances: instances.to_vec(),
+            instances: qemu,
             timeout_ms: timeout.saturating_mul(1000),
         },
         progress,
@@ -98,14 +130,26 @@ fn fetch_status() -> Result<Option<DaemonStatus>, Box<dyn std::error::Error>> {
     }
 }
 
-pub(super) fn status(json: bool) -> Res {
+pub(super) fn status(sysroot: &Path, json: bool) -> Res {
     let st = fetch_status()?;
+    let kexec = super::kexec::listed(sysroot);
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "daemon": st }))?
+            serde_json::to_string_pretty(&serde_json::json!({ "daemon": st, "kexec": kexec }))?
         );
         return Ok(EXIT_OK);
+    }
+    if !kexec.is_empty() {
+        println!("kexec instances (/sys/fs/multikernel):");
+        for k in &kexec {
+            println!(
+                "  {:<12} id {:>3}  {}",
+                k.name,
+                k.id.map_or_else(|| "-".into(), |i| i.to_string()),
+                k.status.as_deref().unwrap_or("-")
+            );
+        }
     }
     let Some(st) = st else {
         println!(
@@ -365,10 +409,33 @@ pub(super) fn traffic(from: &str, to: &str, count: u32, size: u32, json: bool) -
     }
 }
 
-pub(super) fn stop(instances: &[String], all: bool, timeout: u64) -> Res {
+pub(super) fn stop(
+    sysroot: &Path,
+    instances: &[String],
+    all: bool,
+    timeout: u64,
+    dry_run: bool,
+) -> Res {
     if instances.is_empty() && !all {
         eprintln!("mkctl: name the instances to stop, or use --all");
         return Ok(EXIT_USAGE);
+    }
+    // Instances the kernel lists are kexec instances: stop them there.
+    let listed: Vec<String> = super::kexec::listed(sysroot)
+        .into_iter()
+        .map(|k| k.name)
+        .filter(|n| all || instances.contains(n))
+        .collect();
+    if !listed.is_empty() {
+        let code = super::kexec::stop(sysroot, &listed, dry_run)?;
+        let rest: Vec<String> = instances
+            .iter()
+            .filter(|n| !listed.contains(n))
+            .cloned()
+            .collect();
+        if code != EXIT_OK || (!all && rest.is_empty()) {
+            return Ok(code);
+        }
     }
     let run = RunDir::from_env();
     let mut c = match Client::connect(&run) {
@@ -395,10 +462,17 @@ pub(super) fn stop(instances: &[String], all: bool, timeout: u64) -> Res {
     }
 }
 
-pub(super) fn console(instance: &str, tail: Option<usize>) -> Res {
+pub(super) fn console(sysroot: &Path, instance: &str, tail: Option<usize>) -> Res {
     let run = RunDir::from_env();
     let dir = run.instance(instance);
     if !dir.path().is_dir() {
+        if let Some(id) = super::kexec::listed(sysroot)
+            .into_iter()
+            .find(|k| k.name == instance)
+            .and_then(|k| k.id)
+        {
+            return super::kexec::console(sysroot, id);
+        }
         eprintln!(
             "mkctl: no instance \"{instance}\" was booted in {}",
             run.path().display()

@@ -10,6 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::topology::{self, LoadError, Topology};
 
+mod kexec;
 mod live;
 
 /// Exit code: success.
@@ -80,9 +81,15 @@ pub enum Command {
         /// Only this instance (may be given several times).
         #[arg(long, value_name = "NAME")]
         instance: Vec<String>,
-        /// Interface generation.
+        /// Interface generation: `v1` (one tree with the instances) or
+        /// `current` (the host baseline, or with --overlay one instance's
+        /// create overlay).
         #[arg(long, value_enum, default_value_t = Abi::V1)]
         abi: Abi,
+        /// With --abi current: the create overlay of this instance instead
+        /// of the baseline.
+        #[arg(long, value_name = "NAME")]
+        overlay: Option<String>,
         /// Print the DTS source form instead of the blob.
         #[arg(long)]
         dts: bool,
@@ -100,6 +107,10 @@ pub enum Command {
         /// Give up on an instance that is not ready after this many seconds.
         #[arg(long, default_value_t = 120, value_name = "SECS")]
         timeout: u64,
+        /// kexec instances: print the exact sequence of files, blobs and
+        /// syscalls against a model of the host, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show every instance: state, pid, CPUs, memory, uptime, heartbeat.
     Status {
@@ -174,6 +185,14 @@ pub enum Command {
         /// Seconds to wait for a clean power-off.
         #[arg(long, default_value_t = 15, value_name = "SECS")]
         timeout: u64,
+        /// kexec instances: print the sequence, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The multikernel memory and CPU pool (kexec backend).
+    Pool {
+        #[command(subcommand)]
+        action: PoolAction,
     },
     /// Attach to an instance's serial console (Ctrl-] detaches), or print
     /// its log with --tail.
@@ -199,6 +218,20 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PoolAction {
+    /// Give the pool's CPUs and memory back to the host, so that boot ->
+    /// stop -> release leaves the host as it was.
+    Release {
+        /// Also unmount /sys/fs/multikernel.
+        #[arg(long)]
+        unmount: bool,
+        /// Print the sequence, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DaemonAction {
     /// Is a daemon running, and what does it run?
     Status {
@@ -219,6 +252,9 @@ pub enum Abi {
     /// The LKML RFC v2 series: one DTB with /instances, written to
     /// /sys/fs/multikernel/device_tree.
     V1,
+    /// multikernel/linux v7.0-mk2 and kerf 0.4: a host baseline
+    /// (`linux,multikernel-host`) plus one create overlay per instance.
+    Current,
 }
 
 /// Runs the command line and returns the process exit code.
@@ -251,15 +287,31 @@ fn dispatch(cli: Cli) -> Res {
             output,
             instance,
             abi,
+            overlay,
             dts,
-        } => cmd_dtb(&cli.sysroot, &file, output.as_deref(), &instance, abi, dts),
+        } => cmd_dtb(
+            &cli.sysroot,
+            &file,
+            output.as_deref(),
+            &instance,
+            abi,
+            overlay.as_deref(),
+            dts,
+        ),
         Command::Boot {
             file,
             instances,
             all,
             timeout,
-        } => live::boot(&file, if all { &[] } else { &instances }, timeout),
-        Command::Status { json } => live::status(json),
+            dry_run,
+        } => live::boot(
+            &cli.sysroot,
+            &file,
+            if all { &[] } else { &instances },
+            timeout,
+            dry_run,
+        ),
+        Command::Status { json } => live::status(&cli.sysroot, json),
         Command::Exec {
             instance,
             interactive,
@@ -285,8 +337,12 @@ fn dispatch(cli: Cli) -> Res {
             instances,
             all,
             timeout,
-        } => live::stop(&instances, all, timeout),
-        Command::Console { instance, tail } => live::console(&instance, tail),
+            dry_run,
+        } => live::stop(&cli.sysroot, &instances, all, timeout, dry_run),
+        Command::Pool {
+            action: PoolAction::Release { unmount, dry_run },
+        } => kexec::release(&cli.sysroot, unmount, dry_run),
+        Command::Console { instance, tail } => live::console(&cli.sysroot, &instance, tail),
         Command::Daemon { action } => live::daemon(action),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "mkctl", &mut std::io::stdout());
@@ -395,6 +451,7 @@ fn cmd_dtb(
     output: Option<&Path>,
     only: &[String],
     abi: Abi,
+    overlay: Option<&str>,
     dts: bool,
 ) -> Res {
     let t = match load(sysroot, file) {
@@ -417,8 +474,16 @@ fn cmd_dtb(
         .instances
         .iter()
         .filter(|i| only.is_empty() || only.contains(&i.name));
+    if overlay.is_some() && abi != Abi::Current {
+        eprintln!("mkctl: --overlay needs --abi current (v1 has no overlays)");
+        return Ok(EXIT_USAGE);
+    }
     let tree = match abi {
         Abi::V1 => crate::dtb::v1_tree(&t, selected),
+        Abi::Current => match kexec::current_tree(sysroot, &t, overlay) {
+            Ok(tree) => tree,
+            Err(code) => return Ok(code),
+        },
     };
     let bytes = if dts {
         tree.to_dts().into_bytes()

@@ -17,7 +17,7 @@
 //! - `proc/{meminfo,iomem,cmdline,cpuinfo,mounts,filesystems}`
 //! - `sys/fs/multikernel/{overlays,device_tree,instances/*/{id,status}}`
 //! - `proc/sys/kernel/osrelease`, `boot/config-<release>` (and notes
-//!   `proc/config.gz`, which needs a gzip decoder this crate lacks)
+//!   `proc/config.gz`)
 
 pub mod cmdline;
 pub mod multikernel;
@@ -474,48 +474,38 @@ fn read_apic_ids(root: &Root, cpus: &CpuInfo, warnings: &mut Vec<String>) -> BTr
 
 fn read_kernel_config(
     root: &Root,
-    release: Option<&str>,
+    _release: Option<&str>,
     mk: &MultikernelState,
     warnings: &mut Vec<String>,
 ) -> KernelConfig {
-    let mut tried = Vec::new();
-    let gz = root.path("proc/config.gz");
-    if gz.exists() {
-        tried.push(format!(
-            "{} is gzip-compressed and mkctl has no gzip decoder",
-            gz.display()
-        ));
-    }
     let mut cfg = KernelConfig {
         source: None,
         multikernel: ConfigValue::Unknown,
         multikernel_inferred: false,
         kexec_file: ConfigValue::Unknown,
     };
-    match release {
-        Some(rel) => {
-            let path = root.path(&format!("boot/config-{rel}"));
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    cfg.multikernel =
-                        ConfigValue::from_text(&procfs::config_value(&text, "CONFIG_MULTIKERNEL"));
-                    cfg.kexec_file =
-                        ConfigValue::from_text(&procfs::config_value(&text, "CONFIG_KEXEC_FILE"));
-                    cfg.source = Some(path);
-                }
-                Err(e) => tried.push(unreadable(&path, &e)),
-            }
+    // One reader for /proc/config.gz and /boot/config-<release>: the one
+    // the kexec backend's preflight uses, so both always agree.
+    match crate::kexec::probe::read_kernel_config(root.dir) {
+        Some(k) => {
+            let value = |name: &str| match k.options.get(name) {
+                Some(v) => ConfigValue::from_text(v),
+                None => ConfigValue::No,
+            };
+            cfg.multikernel = value("CONFIG_MULTIKERNEL");
+            cfg.kexec_file = value("CONFIG_KEXEC_FILE");
+            cfg.source = Some(k.source);
         }
-        None => tried.push("kernel release unknown, so no /boot/config-<release>".into()),
-    }
-    if cfg.source.is_none() {
-        warnings.push(format!(
-            "kernel config unknown ({}): CONFIG_MULTIKERNEL and CONFIG_KEXEC_FILE not checked",
-            tried.join("; ")
-        ));
-        if mk.fs_registered == Some(true) {
-            cfg.multikernel = ConfigValue::Yes;
-            cfg.multikernel_inferred = true;
+        None => {
+            warnings.push(
+                "kernel config unknown (neither /proc/config.gz nor /boot/config-<release> is readable): \
+                 CONFIG_MULTIKERNEL and CONFIG_KEXEC_FILE not checked"
+                    .into(),
+            );
+            if mk.fs_registered == Some(true) {
+                cfg.multikernel = ConfigValue::Yes;
+                cfg.multikernel_inferred = true;
+            }
         }
     }
     cfg

@@ -108,6 +108,9 @@ pub struct PlanError {
     pub problems: Vec<String>,
 }
 
+/// Finds an instance's kernel and initrd.
+pub type ResolveImages<'a> = dyn Fn(&Instance) -> Result<Images, String> + 'a;
+
 /// Builds the plan for the kexec instances named in `only` (all of them
 /// when empty). `apic` maps logical CPU numbers to APIC ids (host.rs reads
 /// it from `/proc/cpuinfo`); `images` resolves each instance's files.
@@ -116,6 +119,26 @@ pub fn plan_boot(
     only: &[String],
     apic: &BTreeMap<u32, u32>,
     images: &dyn Fn(&Instance) -> Result<Images, String>,
+) -> Result<BootPlan, PlanError> {
+    plan(t, only, apic, Some(images))
+}
+
+/// The plan's device trees only (`mkctl dtb --abi current`): no kernel or
+/// initrd is looked at, so the targets carry no images and must not be
+/// booted.
+pub fn plan_trees(
+    t: &Topology,
+    only: &[String],
+    apic: &BTreeMap<u32, u32>,
+) -> Result<BootPlan, PlanError> {
+    plan(t, only, apic, None)
+}
+
+fn plan(
+    t: &Topology,
+    only: &[String],
+    apic: &BTreeMap<u32, u32>,
+    images: Option<&ResolveImages<'_>>,
 ) -> Result<BootPlan, PlanError> {
     let mut problems = Vec::new();
     let mut notes = Vec::new();
@@ -211,14 +234,23 @@ pub fn plan_boot(
                 i.memory.start.0
             ));
         }
-        let imgs = match images(i) {
-            Ok(x) => x,
-            Err(e) => {
+        let imgs = match images.map(|f| f(i)) {
+            Some(Ok(x)) => x,
+            Some(Err(e)) => {
                 problems.push(format!("instance \"{name}\": {e}"));
                 continue;
             }
+            None => Images {
+                kernel: std::path::PathBuf::new(),
+                initrd: None,
+            },
         };
-        let vmlinux = match image::prepare_elf(&imgs.kernel) {
+        let prepared = if images.is_some() {
+            image::prepare_elf(&imgs.kernel)
+        } else {
+            Ok(None)
+        };
+        let vmlinux = match prepared {
             Ok(v) => v.map(Arc::new),
             Err(e) => {
                 problems.push(format!(
