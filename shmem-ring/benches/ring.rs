@@ -275,7 +275,9 @@ impl RawRing {
         let tail = self.word(128);
         while *head - *tail_cache == self.slots {
             *tail_cache = tail.load(Ordering::Acquire);
-            spin_loop();
+            if *head - *tail_cache == self.slots {
+                spin_loop();
+            }
         }
         // SAFETY: the slot is free (the consumer released it: Acquire above)
         // and `msg.len() == size`; the regions do not overlap.
@@ -288,7 +290,9 @@ impl RawRing {
         let head = self.word(0);
         while *tail == *head_cache {
             *head_cache = head.load(Ordering::Acquire);
-            spin_loop();
+            if *tail == *head_cache {
+                spin_loop();
+            }
         }
         // SAFETY: the slot was published (Acquire above) and is not written
         // until we release it; `buf.len() == size`.
@@ -543,6 +547,87 @@ fn crossbeam_throughput<const N: usize>(cpus: (usize, usize), n: u64) -> f64 {
     rate(ns)
 }
 
+// ------------------------------------------------ this ring vs. the floor
+
+/// The two vCPUs of this kind of machine are moved around by the host: a
+/// cache-line transfer between them takes ~45 ns at times and ~200 ns at
+/// others. This ring and the floor are therefore measured in alternation,
+/// and compared through the median of the ratios of neighbouring runs.
+const PAIRED_RUNS: usize = 5;
+
+struct Paired {
+    ring: Figures,
+    /// This ring's throughput with `send_batched` and a flush every 32.
+    batched: Figures,
+    raw: Figures,
+    /// One-way latency of a bare cache-line ping-pong, ns (the hardware).
+    line: f64,
+    /// ring/raw latency, ring/raw 64 B throughput, ring/raw 4 KiB throughput.
+    ratios: [f64; 3],
+}
+
+/// One-way latency of two threads bouncing one cache line each way.
+fn line_pingpong(cpus: (usize, usize), n: u64) -> f64 {
+    #[repr(align(128))]
+    struct Line(AtomicU64);
+    let lines = std::sync::Arc::new([Line(AtomicU64::new(0)), Line(AtomicU64::new(0))]);
+    let other = std::sync::Arc::clone(&lines);
+    let echo = std::thread::spawn(move || {
+        pin(cpus.1);
+        for i in 1..=n {
+            while other[0].0.load(Ordering::Acquire) != i {
+                spin_loop();
+            }
+            other[1].0.store(i, Ordering::Release);
+        }
+    });
+    let mut i = 0;
+    let ns = timed(n, 1000, || {
+        i += 1;
+        lines[0].0.store(i, Ordering::Release);
+        while lines[1].0.load(Ordering::Acquire) != i {
+            spin_loop();
+        }
+    });
+    echo.join().unwrap();
+    ns / 2.0
+}
+
+fn ring_vs_raw(cpus: (usize, usize)) -> Paired {
+    let mut v: [Vec<f64>; 9] = Default::default();
+    for _ in 0..PAIRED_RUNS {
+        v[6].push(line_pingpong(cpus, FAST.rtt));
+        v[0].push(ring_latency(cpus.1, FAST.rtt));
+        v[1].push(raw_latency(cpus.1, FAST.rtt));
+        v[2].push(ring_throughput(cpus.1, FAST.small, SMALL, 1));
+        v[3].push(raw_throughput(cpus.1, FAST.small, SMALL));
+        v[4].push(ring_throughput(cpus.1, FAST.page, PAGE, 1));
+        v[5].push(raw_throughput(cpus.1, FAST.page, PAGE));
+        v[7].push(ring_throughput(cpus.1, FAST.small, SMALL, 32));
+        v[8].push(ring_throughput(cpus.1, FAST.page, PAGE, 32));
+    }
+    let ratio = |a: usize, b: usize| median(v[a].iter().zip(&v[b]).map(|(x, y)| x / y).collect());
+    Paired {
+        ring: Figures {
+            latency: Some(median(v[0].clone())),
+            small: Some(median(v[2].clone())),
+            page: Some(median(v[4].clone())),
+        },
+        batched: Figures {
+            latency: None,
+            small: Some(median(v[7].clone())),
+            page: Some(median(v[8].clone())),
+        },
+        raw: Figures {
+            latency: Some(median(v[1].clone())),
+            small: Some(median(v[3].clone())),
+            page: Some(median(v[5].clone())),
+        },
+        line: median(v[6].clone()),
+        ratios: [ratio(0, 1), ratio(2, 3), ratio(4, 5)],
+    }
+}
+
 // ------------------------------------------------------------------- memcpy
 
 /// Bytes per second copying 4 KiB blocks from one `buffer`-byte area to
@@ -605,37 +690,28 @@ fn main() {
     let mut rows: Vec<(&str, Figures)> = Vec::new();
     let step = |name: &str| eprintln!("  measuring {name} ...");
     let mut ring = Figures::default();
-    let mut raw = Figures::default();
     let mut tcp = Figures::default();
     let mut tcp_busy = Figures::default();
     let mut memcpy = None;
 
-    if wanted("ring") {
-        step("this ring");
-        ring = Figures {
-            latency: Some(measure(|| ring_latency(cpus.1, FAST.rtt))),
-            small: Some(measure(|| ring_throughput(cpus.1, FAST.small, SMALL, 1))),
-            page: Some(measure(|| ring_throughput(cpus.1, FAST.page, PAGE, 1))),
-        };
+    let mut paired = None;
+    if wanted("ring") || wanted("raw") {
+        step("this ring and the raw floor, interleaved");
+        let p = ring_vs_raw(cpus);
+        ring = p.ring;
+        let raw = p.raw;
         rows.push(("this ring (2 processes)", ring));
-        step("this ring, batched");
+        rows.push(("this ring, flush every 32", p.batched));
+        rows.push(("raw SPSC ring (floor)", raw));
         rows.push((
-            "this ring, flush every 32",
+            "one cache line ping-pong (2 threads)",
             Figures {
-                latency: None,
-                small: Some(measure(|| ring_throughput(cpus.1, FAST.small, SMALL, 32))),
-                page: Some(measure(|| ring_throughput(cpus.1, FAST.page, PAGE, 32))),
+                latency: Some(p.line),
+                small: None,
+                page: None,
             },
         ));
-    }
-    if wanted("raw") {
-        step("raw SPSC ring");
-        raw = Figures {
-            latency: Some(measure(|| raw_latency(cpus.1, FAST.rtt))),
-            small: Some(measure(|| raw_throughput(cpus.1, FAST.small, SMALL))),
-            page: Some(measure(|| raw_throughput(cpus.1, FAST.page, PAGE))),
-        };
-        rows.push(("raw SPSC ring (floor)", raw));
+        paired = Some(p);
     }
     if wanted("pipe") {
         step("pipe");
@@ -709,11 +785,13 @@ fn main() {
 
     // (what, ours, theirs, factor, ours must be at most factor x theirs?)
     let page_bw = ring.page.map(|r| r * PAGE as f64);
+    // Against the floor: the median of the ratios of interleaved runs.
+    let pr = |f: fn(&Paired) -> f64| paired.as_ref().map(f);
     let checks = [
         (
             "latency <= 1.5x raw floor",
-            ring.latency,
-            raw.latency,
+            pr(|p| p.ratios[0]),
+            Some(1.0),
             1.5,
             true,
         ),
@@ -733,8 +811,8 @@ fn main() {
         ),
         (
             "64 B throughput >= 0.5x raw floor",
-            ring.small,
-            raw.small,
+            pr(|p| p.ratios[1]),
+            Some(1.0),
             0.5,
             false,
         ),

@@ -58,6 +58,9 @@ impl RingMem for WindowRing {
         let ok = self.area.append_to(off as usize, len, dst);
         debug_assert!(ok, "validated frames never wrap");
     }
+    fn touch(&self, pos: u64) {
+        std::hint::black_box(self.area.data_word(pos).load(Ordering::Relaxed));
+    }
     fn peer_flagged(&self) -> bool {
         self.area
             .region()
@@ -220,7 +223,7 @@ fn look_up(
     watch: &mut PeerWatch,
     (peer, progress): (u16, u64),
     now: Instant,
-    deadline: Option<Instant>,
+    timeout: Duration,
     waiter: &Waiter,
     (from, to): (u16, u16),
 ) -> Result<(), Error> {
@@ -237,12 +240,9 @@ fn look_up(
         PeerState::Gone => return Err(Error::PeerGone { peer }),
         PeerState::Absent | PeerState::Alive | PeerState::Silent => {}
     }
-    if deadline.is_some_and(|d| now >= d) {
-        return Err(Error::Timeout {
-            from,
-            to,
-            waited: now.saturating_duration_since(waiter.start()),
-        });
+    let waited = now.saturating_duration_since(waiter.start());
+    if waited >= timeout {
+        return Err(Error::Timeout { from, to, waited });
     }
     Ok(())
 }
@@ -361,14 +361,14 @@ impl Sender {
     }
 
     fn reserve_inner(&mut self, len: usize, timeout: Duration) -> Result<Reservation, Error> {
+        // The fast path reads no clock (~25 ns, a good part of a hop).
+        match self.producer.try_reserve(len) {
+            Ok(r) => return Ok(r),
+            Err(TryError::Full) => {}
+            Err(e) => return Err(self.error(e)),
+        }
         let mut waiter = Waiter::new();
-        let deadline = waiter.start().checked_add(timeout);
         loop {
-            match self.producer.try_reserve(len) {
-                Ok(r) => return Ok(r),
-                Err(TryError::Full) => {}
-                Err(e) => return Err(self.error(e)),
-            }
             if let Some(now) = waiter.pause() {
                 let ring = (self.from(), self.to());
                 let progress = self.progress();
@@ -377,13 +377,18 @@ impl Sender {
                     &mut self.watch,
                     (self.peer, progress),
                     now,
-                    deadline,
+                    timeout,
                     &waiter,
                     ring,
                 ) {
                     // The receiver may have made room just before it left.
                     return self.producer.try_reserve(len).map_err(|_| e);
                 }
+            }
+            match self.producer.try_reserve(len) {
+                Ok(r) => return Ok(r),
+                Err(TryError::Full) => {}
+                Err(e) => return Err(self.error(e)),
             }
         }
     }
@@ -552,14 +557,14 @@ impl Receiver {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<Frame, Error> {
+        // The fast path reads no clock (~25 ns, a good part of a hop).
+        match self.consumer.try_peek() {
+            Ok(f) => return Ok(f),
+            Err(TryError::Empty) => {}
+            Err(e) => return Err(self.error(e)),
+        }
         let mut waiter = Waiter::new();
-        let deadline = waiter.start().checked_add(timeout);
         loop {
-            match self.consumer.try_peek() {
-                Ok(f) => return Ok(f),
-                Err(TryError::Empty) => {}
-                Err(e) => return Err(self.error(e)),
-            }
             if let Some(now) = waiter.pause() {
                 let ring = (self.from(), self.to());
                 let progress = self.progress();
@@ -568,7 +573,7 @@ impl Receiver {
                     &mut self.watch,
                     (self.peer, progress),
                     now,
-                    deadline,
+                    timeout,
                     &waiter,
                     ring,
                 ) {
@@ -576,6 +581,11 @@ impl Receiver {
                     // sender left: deliver it first.
                     return self.consumer.try_peek().map_err(|_| e);
                 }
+            }
+            match self.consumer.try_peek() {
+                Ok(f) => return Ok(f),
+                Err(TryError::Empty) => {}
+                Err(e) => return Err(self.error(e)),
             }
         }
     }

@@ -45,6 +45,9 @@ pub(crate) trait RingMem {
     fn write_payload(&self, off: u64, src: &[u8]);
     /// Appends `len` bytes from data offset `off` to `dst` (never wraps).
     fn read_payload(&self, off: u64, len: usize, dst: &mut Vec<u8>);
+    /// Starts loading the cache line of data position `pos` (published
+    /// data only) so that its transfer overlaps the one being waited for.
+    fn touch(&self, _pos: u64) {}
     /// Whether the other side flagged the ring as corrupt.
     fn peer_flagged(&self) -> bool {
         false
@@ -399,6 +402,13 @@ impl<M: RingMem> Consumer<M> {
             let offset = pos & (self.cap - 1);
             let room = self.cap - offset;
             let avail = self.head.wrapping_sub(pos);
+            // A frame that spans two cache lines would cost two transfers in
+            // a row (header, then the rest); ask for the second one now when
+            // it holds published data.
+            let next_line = 64 - (offset & 63);
+            if avail > next_line && room > next_line {
+                self.mem.touch(pos.wrapping_add(next_line));
+            }
             let header = decode(self.mem.load_word(pos), pos).map_err(|c| self.fail(c))?;
             match header {
                 Header::Pad(len) => {

@@ -25,10 +25,12 @@ enum Phase {
     Sleep,
 }
 
-/// The state of one wait.
+/// The state of one wait. The clock is first read after `SPINS_PER_CHECK`
+/// polls, not when the wait begins: most waits between two busy peers are
+/// shorter than that, and a clock read costs as much as a poll.
 #[derive(Debug)]
 pub(crate) struct Waiter {
-    start: Instant,
+    start: Option<Instant>,
     phase: Phase,
     spins: u32,
     sleep: Duration,
@@ -37,16 +39,16 @@ pub(crate) struct Waiter {
 impl Waiter {
     pub(crate) fn new() -> Waiter {
         Waiter {
-            start: Instant::now(),
+            start: None,
             phase: Phase::Spin,
             spins: 0,
             sleep: FIRST_SLEEP,
         }
     }
 
-    /// When the wait began.
+    /// When the wait's clock started (the first check), or now.
     pub(crate) fn start(&self) -> Instant {
-        self.start
+        self.start.unwrap_or_else(Instant::now)
     }
 
     /// Waits one round. Returns the current time every so often (every round
@@ -61,7 +63,8 @@ impl Waiter {
                     return None;
                 }
                 let now = Instant::now();
-                if now.duration_since(self.start) >= SPIN_FOR {
+                let start = *self.start.get_or_insert(now);
+                if now.duration_since(start) >= SPIN_FOR {
                     self.phase = Phase::Yield;
                 }
                 Some(now)
@@ -69,7 +72,7 @@ impl Waiter {
             Phase::Yield => {
                 std::thread::yield_now();
                 let now = Instant::now();
-                if now.duration_since(self.start) >= SPIN_FOR + YIELD_FOR {
+                if now.duration_since(self.start()) >= SPIN_FOR + YIELD_FOR {
                     self.phase = Phase::Sleep;
                 }
                 Some(now)
