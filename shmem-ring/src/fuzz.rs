@@ -3,7 +3,7 @@
 //! (`fuzz/fuzz_targets/frame_decoder.rs`) and the proptest in `tests/props.rs`
 //! run this same code; it is public only for them.
 //!
-//! The ring lives on the heap here ([`HeapRing`]): the decoder is the same
+//! The ring lives on the heap here (`HeapRing`): the decoder is the same
 //! code as on a window, and the window itself is fuzzed through
 //! `Window::poke` in `tests/props.rs`.
 
