@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use mknode::agent::{Agent, ChildWait, Hooks};
+use mknode::agent::{Agent, Hooks};
 use mknode::link::RingLink;
 use nix::sys::signal::Signal;
 
@@ -100,7 +100,7 @@ pub fn run(id: Option<u32>, file: &Path, offset: u64, len: u64) -> Result<String
         }),
         info: Box::new(mknode::agent::kernel_info),
     };
-    let agent = Agent::new(id, ChildWait::Reaper, hooks);
+    let agent = Agent::new(id, hooks);
     for peer in (0..endpoints).filter(|&p| p != id) {
         match RingLink::open(&endpoint, peer) {
             Ok(link) => agent.add_link(peer, Arc::new(link)),

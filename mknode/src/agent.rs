@@ -26,16 +26,6 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one ping may take before it counts as lost.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Who reaps the processes the agent starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChildWait {
-    /// Each command is waited for by its own pid (a normal process).
-    PerChild,
-    /// The process is PID 1 and reaps every zombie through [`Agent::reap`];
-    /// statuses of the agent's own commands are handed to their threads.
-    Reaper,
-}
-
 /// What the embedding program provides.
 pub struct Hooks {
     /// Power the kernel off (guest-init), or ignore (host).
@@ -82,13 +72,15 @@ pub struct Agent {
     pending: Mutex<HashMap<(u16, u32), Sender<Msg>>>,
     /// Commands we run for a peer, by (peer, their req).
     execs: Mutex<HashMap<(u16, u32), ExecState>>,
-    /// Exit statuses collected by `reap` for commands, by pid.
-    exited: Mutex<HashMap<u32, Sender<ExitStatus>>>,
+    /// Processes of ours that moved to another kernel: their real exit
+    /// status arrives from there (by pid).
+    moved: Mutex<HashMap<u32, Receiver<ExitStatus>>>,
+    /// Migrations in flight or forwarding output, by (peer, mig).
+    pub(crate) migrations: crate::mover::Table,
     pongs: Mutex<HashMap<(u16, u64), Sender<Instant>>>,
     blobs: Mutex<HashMap<u16, BlobStats>>,
     bad_frames: AtomicU64,
     stop: AtomicBool,
-    wait: ChildWait,
     hooks: Hooks,
 }
 
@@ -112,7 +104,7 @@ pub enum AgentError {
 }
 
 impl Agent {
-    pub fn new(id: u16, wait: ChildWait, hooks: Hooks) -> Arc<Agent> {
+    pub fn new(id: u16, hooks: Hooks) -> Arc<Agent> {
         Arc::new(Agent {
             id,
             links: RwLock::new(HashMap::new()),
@@ -120,12 +112,12 @@ impl Agent {
             next_ping: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             execs: Mutex::new(HashMap::new()),
-            exited: Mutex::new(HashMap::new()),
+            moved: Mutex::new(HashMap::new()),
+            migrations: crate::mover::Table::default(),
             pongs: Mutex::new(HashMap::new()),
             blobs: Mutex::new(HashMap::new()),
             bad_frames: AtomicU64::new(0),
             stop: AtomicBool::new(false),
-            wait,
             hooks,
         })
     }
@@ -305,6 +297,9 @@ impl Agent {
     }
 
     fn handle(self: &Arc<Self>, peer: u16, m: Msg) {
+        let Some(m) = self.handle_migration(peer, m) else {
+            return;
+        };
         match m {
             Msg::Hello { .. } => {}
             Msg::Ping { seq, t_ns } => {
@@ -548,12 +543,9 @@ impl Agent {
         if let Some(c) = &exec.cwd {
             cmd.current_dir(c);
         }
-        // Registering the pid and spawning must not race with `reap`.
-        let mut exited = self.exited.lock().unwrap_or_else(|e| e.into_inner());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                drop(exited);
                 let _ = self.send(
                     peer,
                     &Msg::Failed {
@@ -565,11 +557,6 @@ impl Agent {
             }
         };
         let pid = child.id();
-        let (status_tx, status_rx) = bounded(1);
-        if self.wait == ChildWait::Reaper {
-            exited.insert(pid, status_tx.clone());
-        }
-        drop(exited);
 
         let stdin_tx = child.stdin.take().map(|mut stdin| {
             let (tx, rx) = unbounded::<Option<Vec<u8>>>();
@@ -615,14 +602,13 @@ impl Agent {
             for r in readers {
                 let _ = r.join();
             }
-            let status = match me.wait {
-                ChildWait::PerChild => match child.wait() {
-                    Ok(s) => exit_status(s),
-                    Err(_) => ExitStatus::Code(-1),
-                },
-                ChildWait::Reaper => status_rx.recv().unwrap_or(ExitStatus::Code(-1)),
+            let status = match child.wait() {
+                Ok(s) => exit_status(s),
+                Err(_) => ExitStatus::Code(-1),
             };
-            drop(status_tx);
+            // Killed because it moved to another kernel: its real end is
+            // reported from there.
+            let status = me.final_status(pid, status);
             me.execs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -654,33 +640,42 @@ impl Agent {
         let _ = self.send(peer, &Msg::Eof { req, stream });
     }
 
-    /// Reaps every exited child (for PID 1): statuses of commands go to
-    /// their threads, orphans are just collected. Returns how many.
+    /// Reaps the orphans re-parented to PID 1 (call it from the main
+    /// thread on SIGCHLD). `__WNOTHREAD` limits it to the calling thread's
+    /// own children: commands and restored processes are children of agent
+    /// threads, waited for by pid there, and ptrace stops of a migration in
+    /// progress are never taken from its thread. Returns how many.
     pub fn reap(&self) -> usize {
         use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
         let mut n = 0;
         loop {
-            // Hold the lock across waitpid so a command that was just
-            // spawned is registered before its status can be collected.
-            let mut exited = self.exited.lock().unwrap_or_else(|e| e.into_inner());
-            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => Some((pid, ExitStatus::Code(code))),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                    Some((pid, ExitStatus::Signal(sig as i32)))
-                }
-                Ok(WaitStatus::StillAlive) | Err(_) => None,
-                Ok(_) => continue,
-            };
-            let Some((pid, st)) = status else {
-                return n;
-            };
-            n += 1;
-            if let Some(tx) = u32::try_from(pid.as_raw())
-                .ok()
-                .and_then(|p| exited.remove(&p))
-            {
-                let _ = tx.send(st);
+            match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return n,
+                Ok(_) => n += 1,
             }
+        }
+    }
+
+    /// Marks `pid` (a process of ours) as moved away: `final_status`
+    /// will wait for `rx` instead of trusting the local kill.
+    pub(crate) fn mark_moved(&self, pid: u32, rx: Receiver<ExitStatus>) {
+        self.moved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pid, rx);
+    }
+
+    /// The exit status to report for `pid`: the local one, unless the
+    /// process moved to another kernel, then the one from there (waits).
+    pub(crate) fn final_status(&self, pid: u32, local: ExitStatus) -> ExitStatus {
+        let rx = self
+            .moved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
+        match rx {
+            Some(rx) => rx.recv().unwrap_or(local),
+            None => local,
         }
     }
 }
@@ -695,6 +690,7 @@ pub fn is_final(m: &Msg) -> bool {
             | Msg::PingReport { .. }
             | Msg::BlobReport { .. }
             | Msg::Done { .. }
+            | Msg::MigrateReport { .. }
     )
 }
 
@@ -796,8 +792,8 @@ mod tests {
             power_off: Box::new(|| {}),
             info: Box::new(kernel_info),
         };
-        let a = Agent::new(0, ChildWait::PerChild, hooks());
-        let b = Agent::new(1, ChildWait::PerChild, hooks());
+        let a = Agent::new(0, hooks());
+        let b = Agent::new(1, hooks());
         let (la, lb) = MemLink::pair(256, 64 * 1024);
         a.add_link(1, Arc::new(la));
         b.add_link(0, Arc::new(lb));
@@ -885,8 +881,8 @@ mod tests {
             power_off: Box::new(|| {}),
             info: Box::new(kernel_info),
         };
-        let a = Agent::new(0, ChildWait::PerChild, hooks());
-        let b = Agent::new(1, ChildWait::PerChild, hooks());
+        let a = Agent::new(0, hooks());
+        let b = Agent::new(1, hooks());
         a.add_link(1, Arc::new(crate::link::RingLink::open(&e0, 1).unwrap()));
         b.add_link(0, Arc::new(crate::link::RingLink::open(&e1, 0).unwrap()));
         // 3 MB through stdin and back: many times the ring's capacity, so
@@ -1025,7 +1021,7 @@ mod tests {
             power_off: Box::new(|| {}),
             info: Box::new(kernel_info),
         };
-        let a = Agent::new(0, ChildWait::PerChild, hooks);
+        let a = Agent::new(0, hooks);
         let (la, lb) = MemLink::pair(4, 1024);
         a.add_link(1, Arc::new(la));
         let (_req, rx) = a.request(1, |req| Msg::InfoRequest { req }).unwrap();

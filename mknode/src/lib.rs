@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod link;
 pub mod migrate;
+pub mod mover;
 pub mod wire;
 
 /// An error and its causes joined with ": " (each message says only its

@@ -230,6 +230,74 @@ pub enum Msg {
     Done {
         req: u32,
     },
+    /// Asks the agent to move its process `pid` to endpoint `to`.
+    MigrateOut {
+        req: u32,
+        pid: u32,
+        to: u16,
+    },
+    /// The end of a `MigrateOut`: the process runs on the destination as
+    /// `new_pid`; the frozen original is gone.
+    MigrateReport {
+        req: u32,
+        new_pid: u32,
+        downtime_ns: u64,
+        total_ns: u64,
+        image_bytes: u64,
+    },
+    /// Origin to destination: a process image follows in `MigrateChunk`s,
+    /// closed by `MigrateEnd` (or `MigrateAbort`). `mig` is the origin's id.
+    MigrateBegin {
+        mig: u32,
+    },
+    MigrateChunk {
+        mig: u32,
+        bytes: Vec<u8>,
+    },
+    MigrateEnd {
+        mig: u32,
+    },
+    MigrateAbort {
+        mig: u32,
+    },
+    /// Destination to origin: the process runs here as `pid`.
+    MigrateRunning {
+        mig: u32,
+        pid: u32,
+    },
+    /// Destination to origin: the restore failed; nothing of it runs.
+    MigrateFailed {
+        mig: u32,
+        message: String,
+    },
+    /// Destination to origin: what the moved process wrote, for its
+    /// original stdout/stderr.
+    MigratedOutput {
+        mig: u32,
+        stream: Stream,
+        bytes: Vec<u8>,
+    },
+    /// Destination to origin: the moved process ended.
+    MigratedExit {
+        mig: u32,
+        status: ExitStatus,
+    },
+    /// Asks for an image of process `pid` (checkpoint); `ImageChunk`s then
+    /// `Done` answer. With `kill` the process is stopped after the image.
+    Checkpoint {
+        req: u32,
+        pid: u32,
+        kill: bool,
+    },
+    ImageChunk {
+        req: u32,
+        bytes: Vec<u8>,
+    },
+    /// Restores the image that follows in `ImageChunk`s (closed by an
+    /// empty chunk); answered like `Exec`: `Started`, `Data`, `Exited`.
+    RestoreImage {
+        req: u32,
+    },
 }
 
 // Kind numbers: never renumber, never reuse.
@@ -253,6 +321,19 @@ const K_SEND_BLOBS: u16 = 17;
 const K_BLOB_CHECK: u16 = 18;
 const K_BLOB_REPORT: u16 = 19;
 const K_DONE: u16 = 20;
+const K_MIGRATE_OUT: u16 = 21;
+const K_MIGRATE_REPORT: u16 = 22;
+const K_MIGRATE_BEGIN: u16 = 23;
+const K_MIGRATE_CHUNK: u16 = 24;
+const K_MIGRATE_END: u16 = 25;
+const K_MIGRATE_ABORT: u16 = 26;
+const K_MIGRATE_RUNNING: u16 = 27;
+const K_MIGRATE_FAILED: u16 = 28;
+const K_MIGRATED_OUTPUT: u16 = 29;
+const K_MIGRATED_EXIT: u16 = 30;
+const K_CHECKPOINT: u16 = 31;
+const K_IMAGE_CHUNK: u16 = 32;
+const K_RESTORE_IMAGE: u16 = 33;
 
 impl Msg {
     /// The request id the message answers or belongs to, if any.
@@ -272,12 +353,25 @@ impl Msg {
             | Msg::SendBlobs { req, .. }
             | Msg::BlobCheck { req, .. }
             | Msg::BlobReport { req, .. }
-            | Msg::Done { req } => Some(*req),
+            | Msg::Done { req }
+            | Msg::MigrateOut { req, .. }
+            | Msg::MigrateReport { req, .. }
+            | Msg::Checkpoint { req, .. }
+            | Msg::ImageChunk { req, .. }
+            | Msg::RestoreImage { req } => Some(*req),
             Msg::Hello { .. }
             | Msg::Ping { .. }
             | Msg::Pong { .. }
             | Msg::PowerOff
-            | Msg::Blob { .. } => None,
+            | Msg::Blob { .. }
+            | Msg::MigrateBegin { .. }
+            | Msg::MigrateChunk { .. }
+            | Msg::MigrateEnd { .. }
+            | Msg::MigrateAbort { .. }
+            | Msg::MigrateRunning { .. }
+            | Msg::MigrateFailed { .. }
+            | Msg::MigratedOutput { .. }
+            | Msg::MigratedExit { .. } => None,
         }
     }
 
@@ -372,16 +466,7 @@ impl Msg {
             Msg::Exited { req, status } => {
                 w.head(K_EXITED);
                 w.u32(*req);
-                match status {
-                    ExitStatus::Code(c) => {
-                        w.u8(0);
-                        w.i32(*c);
-                    }
-                    ExitStatus::Signal(s) => {
-                        w.u8(1);
-                        w.i32(*s);
-                    }
-                }
+                w.exit(*status);
             }
             Msg::Signal { req, signal } => {
                 w.head(K_SIGNAL);
@@ -459,6 +544,79 @@ impl Msg {
             }
             Msg::Done { req } => {
                 w.head(K_DONE);
+                w.u32(*req);
+            }
+            Msg::MigrateOut { req, pid, to } => {
+                w.head(K_MIGRATE_OUT);
+                w.u32(*req);
+                w.u32(*pid);
+                w.u16(*to);
+            }
+            Msg::MigrateReport {
+                req,
+                new_pid,
+                downtime_ns,
+                total_ns,
+                image_bytes,
+            } => {
+                w.head(K_MIGRATE_REPORT);
+                w.u32(*req);
+                w.u32(*new_pid);
+                w.u64(*downtime_ns);
+                w.u64(*total_ns);
+                w.u64(*image_bytes);
+            }
+            Msg::MigrateBegin { mig } => {
+                w.head(K_MIGRATE_BEGIN);
+                w.u32(*mig);
+            }
+            Msg::MigrateChunk { mig, bytes } => {
+                w.head(K_MIGRATE_CHUNK);
+                w.u32(*mig);
+                w.bytes(bytes);
+            }
+            Msg::MigrateEnd { mig } => {
+                w.head(K_MIGRATE_END);
+                w.u32(*mig);
+            }
+            Msg::MigrateAbort { mig } => {
+                w.head(K_MIGRATE_ABORT);
+                w.u32(*mig);
+            }
+            Msg::MigrateRunning { mig, pid } => {
+                w.head(K_MIGRATE_RUNNING);
+                w.u32(*mig);
+                w.u32(*pid);
+            }
+            Msg::MigrateFailed { mig, message } => {
+                w.head(K_MIGRATE_FAILED);
+                w.u32(*mig);
+                w.str(message);
+            }
+            Msg::MigratedOutput { mig, stream, bytes } => {
+                w.head(K_MIGRATED_OUTPUT);
+                w.u32(*mig);
+                w.u8(stream.code());
+                w.bytes(bytes);
+            }
+            Msg::MigratedExit { mig, status } => {
+                w.head(K_MIGRATED_EXIT);
+                w.u32(*mig);
+                w.exit(*status);
+            }
+            Msg::Checkpoint { req, pid, kill } => {
+                w.head(K_CHECKPOINT);
+                w.u32(*req);
+                w.u32(*pid);
+                w.u8(u8::from(*kill));
+            }
+            Msg::ImageChunk { req, bytes } => {
+                w.head(K_IMAGE_CHUNK);
+                w.u32(*req);
+                w.bytes(bytes);
+            }
+            Msg::RestoreImage { req } => {
+                w.head(K_RESTORE_IMAGE);
                 w.u32(*req);
             }
         }
@@ -572,15 +730,10 @@ impl Msg {
                 req: r.u32()?,
                 stream: Stream::from_code(r.u8()?)?,
             },
-            K_EXITED => {
-                let req = r.u32()?;
-                let status = match r.u8()? {
-                    0 => ExitStatus::Code(r.i32()?),
-                    1 => ExitStatus::Signal(r.i32()?),
-                    v => return Err(bad("exit kind", v)),
-                };
-                Msg::Exited { req, status }
-            }
+            K_EXITED => Msg::Exited {
+                req: r.u32()?,
+                status: r.exit()?,
+            },
             K_SIGNAL => Msg::Signal {
                 req: r.u32()?,
                 signal: r.i32()?,
@@ -626,6 +779,56 @@ impl Msg {
                 next_seq: r.u64()?,
             },
             K_DONE => Msg::Done { req: r.u32()? },
+            K_MIGRATE_OUT => Msg::MigrateOut {
+                req: r.u32()?,
+                pid: r.u32()?,
+                to: r.u16()?,
+            },
+            K_MIGRATE_REPORT => Msg::MigrateReport {
+                req: r.u32()?,
+                new_pid: r.u32()?,
+                downtime_ns: r.u64()?,
+                total_ns: r.u64()?,
+                image_bytes: r.u64()?,
+            },
+            K_MIGRATE_BEGIN => Msg::MigrateBegin { mig: r.u32()? },
+            K_MIGRATE_CHUNK => Msg::MigrateChunk {
+                mig: r.u32()?,
+                bytes: r.bytes()?.to_vec(),
+            },
+            K_MIGRATE_END => Msg::MigrateEnd { mig: r.u32()? },
+            K_MIGRATE_ABORT => Msg::MigrateAbort { mig: r.u32()? },
+            K_MIGRATE_RUNNING => Msg::MigrateRunning {
+                mig: r.u32()?,
+                pid: r.u32()?,
+            },
+            K_MIGRATE_FAILED => Msg::MigrateFailed {
+                mig: r.u32()?,
+                message: r.str("message")?,
+            },
+            K_MIGRATED_OUTPUT => Msg::MigratedOutput {
+                mig: r.u32()?,
+                stream: Stream::from_code(r.u8()?)?,
+                bytes: r.bytes()?.to_vec(),
+            },
+            K_MIGRATED_EXIT => Msg::MigratedExit {
+                mig: r.u32()?,
+                status: r.exit()?,
+            },
+            K_CHECKPOINT => Msg::Checkpoint {
+                req: r.u32()?,
+                pid: r.u32()?,
+                kill: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(bad("kill flag", v)),
+                },
+            },
+            K_IMAGE_CHUNK => Msg::ImageChunk {
+                req: r.u32()?,
+                bytes: r.bytes()?.to_vec(),
+            },
+            K_RESTORE_IMAGE => Msg::RestoreImage { req: r.u32()? },
             k => return Err(DecodeError::UnknownKind(k)),
         };
         let left = frame.len() - r.at;
@@ -689,6 +892,18 @@ impl Writer<'_> {
     fn str(&mut self, s: &str) {
         self.bytes(s.as_bytes());
     }
+    fn exit(&mut self, status: ExitStatus) {
+        match status {
+            ExitStatus::Code(c) => {
+                self.u8(0);
+                self.i32(c);
+            }
+            ExitStatus::Signal(s) => {
+                self.u8(1);
+                self.i32(s);
+            }
+        }
+    }
 }
 
 struct Reader<'a> {
@@ -736,6 +951,13 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let n = self.len()?;
         self.take(n)
+    }
+    fn exit(&mut self) -> Result<ExitStatus, DecodeError> {
+        match self.u8()? {
+            0 => Ok(ExitStatus::Code(self.i32()?)),
+            1 => Ok(ExitStatus::Signal(self.i32()?)),
+            v => Err(bad("exit kind", v)),
+        }
     }
     fn str(&mut self, field: &'static str) -> Result<String, DecodeError> {
         let b = self.bytes()?;
@@ -975,6 +1197,25 @@ mod tests {
                     bad,
                     next_seq
                 }),
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(mig, bytes)| Msg::MigrateChunk { mig, bytes }),
+            (any::<u32>(), any::<bool>(), any::<i32>()).prop_map(|(mig, sig, v)| {
+                Msg::MigratedExit {
+                    mig,
+                    status: if sig {
+                        ExitStatus::Signal(v)
+                    } else {
+                        ExitStatus::Code(v)
+                    },
+                }
+            }),
+            (any::<u32>(), any::<u32>(), any::<u16>()).prop_map(|(req, pid, to)| Msg::MigrateOut {
+                req,
+                pid,
+                to
+            }),
+            (any::<u32>(), any::<u32>(), any::<bool>())
+                .prop_map(|(req, pid, kill)| Msg::Checkpoint { req, pid, kill }),
         ]
     }
 

@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender};
-use mknode::agent::{Agent, ChildWait, Hooks};
+use mknode::agent::{Agent, Hooks};
 use mknode::wire::{ExecRequest, Msg, Stream};
 
 use super::control::{self, DaemonStatus, Frame, InstanceStatus, Reply, Request, Side};
@@ -586,7 +586,7 @@ impl Daemon {
             power_off: Box::new(|| {}),
             info: Box::new(mknode::agent::kernel_info),
         };
-        let agent = Agent::new(0, ChildWait::PerChild, hooks);
+        let agent = Agent::new(0, hooks);
         let hw = HostWindow::create(&self.run.window(), t.window.size.0, endpoints, agent)
             .map_err(|e| {
                 format!(

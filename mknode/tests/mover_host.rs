@@ -1,0 +1,284 @@
+//! Migration between agents on the host kernel: three agents (a client as
+//! endpoint 0, origin and destination) linked by a real shared-memory
+//! window in /dev/shm, the same protocol the kernels use. A multithreaded
+//! `mkcounter` started with exec on one agent moves there and back and
+//! there again; its output keeps flowing into the original exec stream
+//! with no gap and no repeat, its memory checksum is unchanged, and its
+//! final exit status comes back through the hops. A destination that goes
+//! away mid-transfer leaves the original running.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mknode::agent::{kernel_info, Agent, Hooks};
+use mknode::link::RingLink;
+use mknode::wire::{ExecRequest, ExitStatus, Msg, Stream};
+
+struct Net {
+    _dir: tempfile::TempDir,
+    window: shmem_ring::Window,
+    agents: Vec<Arc<Agent>>,
+    endpoints: Vec<Option<shmem_ring::Endpoint>>,
+}
+
+/// Three agents 0 (client), 1 and 2, all linked.
+fn net() -> Net {
+    let dir = tempfile::Builder::new()
+        .prefix("mover")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let window = shmem_ring::Window::create(dir.path().join("window"), 8 << 20, 3).unwrap();
+    let mut agents = Vec::new();
+    let mut endpoints = Vec::new();
+    for id in 0..3u16 {
+        let ep = window.attach(id).unwrap();
+        let hooks = Hooks {
+            power_off: Box::new(|| {}),
+            info: Box::new(kernel_info),
+        };
+        let a = Agent::new(id, hooks);
+        for peer in (0..3u16).filter(|&p| p != id) {
+            a.add_link(peer, Arc::new(RingLink::open(&ep, peer).unwrap()));
+        }
+        let beat = ep.heartbeat_handle();
+        std::thread::spawn(move || {
+            while beat.beat().is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        agents.push(a);
+        endpoints.push(Some(ep));
+    }
+    Net {
+        _dir: dir,
+        window,
+        agents,
+        endpoints,
+    }
+}
+
+/// Everything an exec stream delivered so far.
+struct Stream0 {
+    rx: Receiver<Msg>,
+    text: String,
+    exited: Option<ExitStatus>,
+}
+
+impl Stream0 {
+    /// Reads until `cond` holds on the text, or fails after `t`.
+    fn until(&mut self, t: Duration, cond: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + t;
+        while !cond(&self.text) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(Msg::Data {
+                    stream: Stream::Stdout,
+                    bytes,
+                    ..
+                }) => self.text.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(Msg::Exited { status, .. }) => {
+                    self.exited = Some(status);
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => panic!("timed out; output so far:\n{}", tail(&self.text)),
+            }
+        }
+    }
+
+    fn seqs(&self) -> Vec<u64> {
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix("seq="))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    fn checksums(&self) -> Vec<String> {
+        self.text
+            .lines()
+            .filter(|l| l.starts_with("checksum="))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn tail(s: &str) -> String {
+    let l: Vec<&str> = s.lines().collect();
+    l[l.len().saturating_sub(15)..].join("\n")
+}
+
+/// Starts mkcounter on agent `on` through the client; returns its pid.
+fn start(n: &Net, on: u16, mem: &str) -> (u32, Stream0) {
+    let exec = ExecRequest {
+        argv: vec![
+            common::mkcounter().display().to_string(),
+            "--mem".into(),
+            mem.into(),
+            "--interval-ms".into(),
+            "5".into(),
+        ],
+        env: vec![],
+        cwd: None,
+        stdin: false,
+    };
+    let (_req, rx) = n.agents[0]
+        .request(on, |req| Msg::Exec { req, exec })
+        .unwrap();
+    let pid = match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+        Msg::Started { pid, .. } => pid,
+        other => panic!("{other:?}"),
+    };
+    let mut s = Stream0 {
+        rx,
+        text: String::new(),
+        exited: None,
+    };
+    s.until(Duration::from_secs(10), |t| t.matches("seq=").count() >= 5);
+    (pid, s)
+}
+
+fn usr1(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+}
+
+/// True once `pid` has exited (gone or a zombie), within 5 s.
+fn gone(pid: u32) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z") || stat.contains(") X") {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+fn no_gap(seqs: &[u64]) {
+    for w in seqs.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "gap or repeat between {} and {}",
+            w[0],
+            w[1]
+        );
+    }
+}
+
+#[test]
+fn there_and_back_and_there_again() {
+    let n = net();
+    let (pid, mut out) = start(&n, 1, "16M");
+    usr1(pid);
+    out.until(Duration::from_secs(10), |t| t.contains("checksum="));
+    let before = out.checksums()[0].clone();
+
+    let mut cur = pid;
+    let mut at = 1u16;
+    for hop in 0..3 {
+        let to = 3 - at; // 1 -> 2 -> 1 -> 2
+        let r = n.agents[0]
+            .call(at, Duration::from_secs(120), |req| Msg::MigrateOut {
+                req,
+                pid: cur,
+                to,
+            })
+            .unwrap_or_else(|e| panic!("hop {hop}: {e}"));
+        let Msg::MigrateReport {
+            new_pid,
+            downtime_ns,
+            image_bytes,
+            ..
+        } = r
+        else {
+            panic!("{r:?}")
+        };
+        eprintln!(
+            "hop {hop}: {at} -> {to}, pid {cur} -> {new_pid}, downtime {:.1} ms, image {} KiB",
+            downtime_ns as f64 / 1e6,
+            image_bytes >> 10
+        );
+        assert!(gone(cur), "the original {cur} still runs");
+        cur = new_pid;
+        at = to;
+        let seen = out.seqs().len();
+        out.until(Duration::from_secs(10), |t| {
+            t.matches("seq=").count() >= seen + 20
+        });
+        usr1(cur);
+        let k = out.checksums().len();
+        out.until(Duration::from_secs(10), |t| {
+            t.matches("checksum=").count() > k
+        });
+        assert_eq!(out.checksums()[k], before, "memory changed at hop {hop}");
+    }
+    no_gap(&out.seqs());
+    // The end of the process comes back through every hop to the exec.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cur as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    out.until(Duration::from_secs(20), |_| false);
+    assert_eq!(
+        out.exited,
+        Some(ExitStatus::Signal(15)),
+        "{}",
+        tail(&out.text)
+    );
+    no_gap(&out.seqs());
+}
+
+#[test]
+fn destination_gone_mid_transfer_leaves_the_original_running() {
+    let mut n = net();
+    let (pid, mut out) = start(&n, 1, "64M");
+    usr1(pid);
+    out.until(Duration::from_secs(10), |t| t.contains("checksum="));
+    let before = out.checksums()[0].clone();
+    // Agent 2 goes away while the image streams to it.
+    let b = Arc::clone(&n.agents[2]);
+    let ep = n.endpoints[2].take();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(30));
+        for p in [0, 1] {
+            b.remove_link(p);
+        }
+        drop(ep);
+    });
+    let r = n.agents[0].call(1, Duration::from_secs(120), |req| Msg::MigrateOut {
+        req,
+        pid,
+        to: 2,
+    });
+    killer.join().unwrap();
+    let err = r.expect_err("the move must fail").to_string();
+    assert!(err.contains("the original runs on"), "{err}");
+    // Same process, still printing, same memory.
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let seen = out.seqs().len();
+    out.until(Duration::from_secs(10), |t| {
+        t.matches("seq=").count() >= seen + 20
+    });
+    usr1(pid);
+    out.until(Duration::from_secs(10), |t| {
+        t.matches("checksum=").count() >= 2
+    });
+    assert_eq!(out.checksums()[1], before);
+    no_gap(&out.seqs());
+    let _ = &n.window;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
