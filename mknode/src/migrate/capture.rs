@@ -15,6 +15,8 @@ use std::io::{IoSliceMut, Write};
 use std::marker::PhantomData;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
@@ -25,10 +27,12 @@ use nix::unistd::Pid;
 
 use super::image::{
     AltStack, FpKind, Header, ImageMeta, ImageStats, ImageWriter, KernelFingerprint, Mapping,
-    MappingKind, MmFields, ProcessInfo, Rseq, SigAction, SigInfo, ThreadState, FLAG_ZERO_RUNS,
-    MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, PROT_X, USER_TOP,
+    MappingKind, MmFields, ProcessInfo, Rseq, SigAction, SigInfo, ThreadState, FLAG_LAZY,
+    FLAG_ZERO_RUNS, MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, PROT_X,
+    USER_TOP,
 };
 use super::inject::{inject, ptrace_err, wait, Call};
+use super::lazy::{eager_ranges, LazyOptions, PageServer};
 use super::precheck::{check_at, Blocker, Refusal};
 use super::procfs::{MapsEntry, ProcDir, SmapsEntry};
 use super::{sys, SysError};
@@ -93,6 +97,9 @@ pub struct Frozen {
     tids: Vec<Pid>,
     meta: Option<ImageMeta>,
     live: bool,
+    /// Shared with the lazy page servers: true while the original is frozen
+    /// (its memory is the image's); cleared before it is let go.
+    frozen: Arc<AtomicBool>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -109,6 +116,7 @@ pub fn freeze(pid: i32) -> Result<Frozen, CaptureError> {
         tids: Vec::new(),
         meta: None,
         live: true,
+        frozen: Arc::new(AtomicBool::new(true)),
         _not_send: PhantomData,
     };
     f.seize_all()?;
@@ -240,6 +248,48 @@ pub(crate) fn write_remote(pid: Pid, addr: u64, buf: &[u8]) -> nix::Result<usize
 fn is_zero(p: &[u8]) -> bool {
     p.chunks_exact(64)
         .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// Fills `chunk` with the bytes of `pid` at `addr` (inside mapping `m`):
+/// `process_vm_readv` first, then `/proc/pid/mem` (which may read
+/// non-readable, e.g. execute-only, pages) for what it refused; a page
+/// neither can read is carried as zero (it would fault on the origin too,
+/// e.g. past the end of a file).
+pub(crate) fn read_pages(
+    pid: Pid,
+    mem: &mut Option<File>,
+    m: &Mapping,
+    addr: u64,
+    chunk: &mut [u8],
+) -> std::io::Result<()> {
+    // A process that is gone is an error, not a page of zeros.
+    let remote = |addr: u64, buf: &mut [u8]| match read_remote(pid, addr, buf) {
+        Ok(n) => Ok(n),
+        Err(Errno::ESRCH) => Err(std::io::Error::from(Errno::ESRCH)),
+        Err(_) => Ok(0),
+    };
+    let mut done = 0usize;
+    if m.prot & PROT_R != 0 {
+        done = remote(addr, chunk)?;
+    }
+    while done < chunk.len() {
+        let page = &mut chunk[done..done + PAGE as usize];
+        if mem.is_none() {
+            *mem = Some(File::open(format!("/proc/{pid}/mem"))?);
+        }
+        let ok = mem
+            .as_ref()
+            .map(|f| f.read_exact_at(page, addr + done as u64).is_ok())
+            .unwrap_or(false);
+        if !ok {
+            page.fill(0);
+        }
+        done += PAGE as usize;
+        if m.prot & PROT_R != 0 && done < chunk.len() {
+            done += remote(addr + done as u64, &mut chunk[done..])?;
+        }
+    }
+    Ok(())
 }
 
 impl Frozen {
@@ -656,12 +706,51 @@ impl Frozen {
         w: W,
         opts: ImageOptions,
     ) -> Result<ImageStats, CaptureError> {
+        let ranges: Vec<(u64, u64)> = self
+            .meta()
+            .mappings
+            .iter()
+            .filter(|m| super::lazy::carried(m))
+            .map(|m| (m.start, m.end))
+            .collect();
+        self.write_ranges(w, opts, &ranges, false)
+    }
+
+    /// Streams a lazy image: the state, every mapping, and only the pages
+    /// the process needs to resume (around each thread's stack pointer,
+    /// instruction pointer and TLS; see [`LazyOptions`]). Returns the page
+    /// server for every other page; the process stays frozen until the
+    /// caller lets it go, which it does once
+    /// [`PageServer::wait_all_sent`] says every page has moved.
+    pub fn write_lazy_image<W: Write>(
+        &self,
+        w: W,
+        opts: LazyOptions,
+    ) -> Result<(ImageStats, PageServer), CaptureError> {
+        let eager = eager_ranges(self.meta(), &opts);
+        let stats = self.write_ranges(w, ImageOptions::default(), &eager, true)?;
+        let server = PageServer::new(self.pid, Arc::clone(&self.frozen), self.meta(), &eager);
+        Ok((stats, server))
+    }
+
+    /// The image with the pages of `ranges` (sorted, disjoint, each inside
+    /// one carried mapping).
+    fn write_ranges<W: Write>(
+        &self,
+        w: W,
+        opts: ImageOptions,
+        ranges: &[(u64, u64)],
+        lazy: bool,
+    ) -> Result<ImageStats, CaptureError> {
         let pid = self.pid.as_raw();
         let ie = move |source| CaptureError::Image { pid, source };
         let meta = self.meta();
         let mut header = meta.header.clone();
         if !opts.skip_zero_pages {
             header.flags &= !FLAG_ZERO_RUNS;
+        }
+        if lazy {
+            header.flags |= FLAG_LAZY;
         }
         let mut iw = ImageWriter::new(w, &header).map_err(ie)?;
         // Signals may still be queued while the process is frozen (memory
@@ -679,17 +768,20 @@ impl Frozen {
         }
         let mut mem: Option<File> = None;
         let mut buf = vec![0u8; 2 << 20];
-        for m in &meta.mappings {
-            if m.kind.is_special() || m.prot == 0 {
-                // PROT_NONE: recreated empty (see README, "what is not restored").
+        for &(start, end) in ranges {
+            let Some(m) = meta
+                .mappings
+                .iter()
+                .find(|m| m.start <= start && end <= m.end)
+            else {
                 continue;
-            }
-            let mut addr = m.start;
+            };
+            let mut addr = start;
             let mut zero_run: Option<(u64, u64)> = None;
-            while addr < m.end {
-                let n = (m.end - addr).min(buf.len() as u64) as usize;
+            while addr < end {
+                let n = (end - addr).min(buf.len() as u64) as usize;
                 let chunk = &mut buf[..n];
-                self.read_pages(&mut mem, m, addr, chunk)?;
+                read_pages(self.pid, &mut mem, m, addr, chunk).map_err(self.proc_err("mem"))?;
                 let mut i = 0usize;
                 while i < n {
                     let page = &chunk[i..i + PAGE as usize];
@@ -731,48 +823,13 @@ impl Frozen {
             .collect())
     }
 
-    /// Fills `chunk` with the bytes at `addr`: `process_vm_readv` first, then
-    /// `/proc/pid/mem` (which may read non-readable, e.g. execute-only,
-    /// pages) for what it refused; a page neither can read is carried as
-    /// zero (it would fault on the origin too, e.g. past the end of a file).
-    fn read_pages(
-        &self,
-        mem: &mut Option<File>,
-        m: &Mapping,
-        addr: u64,
-        chunk: &mut [u8],
-    ) -> Result<(), CaptureError> {
-        let mut done = 0usize;
-        if m.prot & PROT_R != 0 {
-            done = read_remote(self.pid, addr, chunk).unwrap_or(0);
-        }
-        while done < chunk.len() {
-            let page = &mut chunk[done..done + PAGE as usize];
-            if mem.is_none() {
-                *mem = Some(
-                    File::open(format!("/proc/{}/mem", self.pid)).map_err(self.proc_err("mem"))?,
-                );
-            }
-            let ok = mem
-                .as_ref()
-                .map(|f| f.read_exact_at(page, addr + done as u64).is_ok())
-                .unwrap_or(false);
-            if !ok {
-                page.fill(0);
-            }
-            done += PAGE as usize;
-            if m.prot & PROT_R != 0 && done < chunk.len() {
-                done += read_remote(self.pid, addr + done as u64, &mut chunk[done..]).unwrap_or(0);
-            }
-        }
-        Ok(())
-    }
-
     fn release(&mut self, kill_it: bool) {
         if !self.live {
             return;
         }
         self.live = false;
+        // SYNC POINT: page servers stop reading before the original moves on.
+        self.frozen.store(false, Ordering::Release);
         if kill_it {
             // When we are also the real parent, the caller reaps the leader
             // itself (e.g. through its `Child`): leave that wait to it.

@@ -41,6 +41,11 @@ pub const NREGS: usize = 27;
 
 /// Flag bit: ranges of all-zero pages are marked with zero-run records.
 pub const FLAG_ZERO_RUNS: u16 = 1;
+/// Flag bit: a lazy (post-copy) image. It carries only the pages needed to
+/// resume; every other page of a mapping that is not special and not
+/// `PROT_NONE` is served by the origin (see `lazy.rs`). A stop-and-copy
+/// restore refuses it.
+pub const FLAG_LAZY: u16 = 2;
 
 const TAG_PROCESS: u8 = 1;
 const TAG_THREAD: u8 = 2;
@@ -967,7 +972,7 @@ impl<R: Read> ImageReader<R> {
             return Err(ImageError::Version(version));
         }
         let flags = u16::from_le_bytes([fixed[10], fixed[11]]);
-        if flags & !FLAG_ZERO_RUNS != 0 {
+        if flags & !(FLAG_ZERO_RUNS | FLAG_LAZY) != 0 {
             return Err(ImageError::Flags(flags));
         }
         let arch = u16::from_le_bytes([fixed[12], fixed[13]]);

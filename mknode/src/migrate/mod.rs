@@ -25,15 +25,23 @@
 mod capture;
 pub mod image;
 mod inject;
+mod lazy;
+mod pager;
 mod precheck;
 mod procfs;
 mod restore;
 mod sys;
+mod uffd;
 
 pub use capture::{freeze, CaptureError, Frozen, ImageOptions};
 pub use image::{ImageError, ImageMeta, ImageStats};
+pub use lazy::{
+    channel_link, LazyLink, LazyOptions, OriginLoops, PageRun, PageServer, PageSource, Progress,
+    PushPolicy, Pushed, ServeError, SourceError,
+};
+pub use pager::{LazyError, Pager, PagerOptions, PagerStats};
 pub use precheck::{check_at, check_migratable, Blocker, Precheck, Refusal};
-pub use restore::{restore, RestoreError, Restored, StdioPlan};
+pub use restore::{restore, restore_lazy, LazyRestored, RestoreError, Restored, StdioPlan};
 
 /// A failed system call made on behalf of capture or restore.
 #[derive(Debug, thiserror::Error)]

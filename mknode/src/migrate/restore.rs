@@ -28,10 +28,13 @@ use nix::unistd::Pid;
 use super::capture::{fingerprint, read_remote, to_mapping, write_remote};
 use super::image::{
     ImageError, ImageMeta, ImageReader, ImageStats, Mapping, MappingKind, Pages, ThreadState,
-    MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, USER_TOP,
+    FLAG_LAZY, MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, USER_TOP,
 };
 use super::inject::{inject, ptrace_err, wait, Call};
+use super::lazy::{carried, LazyLink};
+use super::pager::{self, LazyError, PageTable, Pager, PagerOptions};
 use super::procfs::{parse_maps, ProcDir};
+use super::uffd::{self, Uffd};
 use super::{sys, SysError};
 
 /// What the restored process gets as fds 0, 1, 2 (the destination's own:
@@ -80,6 +83,19 @@ pub enum RestoreError {
     Stub(i32),
     #[error("no free page for the control page below {USER_TOP:#x}")]
     NoControlPage,
+    #[error(
+        "the image is lazy (its pages are served by the origin): restore it with restore_lazy"
+    )]
+    LazyImage,
+    #[error("setting up the userfaultfd of process {pid}: {what}")]
+    Uffd {
+        what: &'static str,
+        pid: i32,
+        #[source]
+        source: Errno,
+    },
+    #[error("lazy pages")]
+    Lazy(#[source] LazyError),
     #[error("reading this process's own {what}")]
     Local {
         what: &'static str,
@@ -96,6 +112,15 @@ pub struct Restored {
     /// New tids, in the image's thread order (leader first).
     pub threads: Vec<i32>,
     pub stats: ImageStats,
+}
+
+/// A process restored lazily, now running while its pages arrive.
+#[derive(Debug)]
+pub struct LazyRestored {
+    pub restored: Restored,
+    /// Fills the rest of its memory; [`Pager::wait`] returns once every
+    /// page is in (or says why the process was killed).
+    pub pager: Pager,
 }
 
 /// The stub until it runs: killed and reaped on drop.
@@ -322,9 +347,72 @@ fn spawn(meta: &ImageMeta, stdio: &StdioPlan) -> Result<(Stub, u64), RestoreErro
 }
 
 /// Rebuilds the process the image in `r` describes, with `stdio` as its fds
-/// 0-2, and lets it run.
+/// 0-2, and lets it run. Refuses a lazy image.
 pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError> {
+    restore_impl(r, stdio, None).map(|(r, _)| r)
+}
+
+/// Rebuilds the process a lazy image describes and lets it run as soon as
+/// its registers and eager pages are in; every other page comes through
+/// `link` (on fault, and pushed in the background) while it runs. On error
+/// nothing is left running here (the origin then resumes its original).
+/// After success, a lost origin kills the process (see [`Pager::wait`]).
+pub fn restore_lazy<R: Read>(
+    r: R,
+    stdio: StdioPlan,
+    link: LazyLink,
+    opts: PagerOptions,
+) -> Result<LazyRestored, RestoreError> {
+    let (restored, pager) = restore_impl(r, stdio, Some((link, opts)))?;
+    let pager = pager.ok_or(RestoreError::LazyImage)?;
+    Ok(LazyRestored { restored, pager })
+}
+
+/// `UFFD_FEATURE_EVENT_{REMAP,REMOVE,UNMAP}`: the pager must see the process
+/// move or drop memory that has not arrived yet.
+const UFFD_FEATURES: u64 =
+    uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP;
+
+/// The stub's userfaultfd, made inside it (it belongs to its mm) and pulled
+/// into this process: `userfaultfd()` injected, `pidfd_getfd`, the stub's
+/// copy closed again.
+fn stub_uffd(
+    leader: Pid,
+    call: &dyn Fn(Call) -> Result<u64, SysError>,
+) -> Result<(Uffd, OwnedFd), RestoreError> {
+    let pid = leader.as_raw();
+    let e = |what| move |source| RestoreError::Uffd { what, pid, source };
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    let fd = call(Call::new("userfaultfd", libc::SYS_userfaultfd, &[flags]))? as i32;
+    let got = uffd::pidfd_open(leader)
+        .map_err(e("pidfd_open"))
+        .and_then(|pidfd| {
+            let f = uffd::pidfd_getfd(&pidfd, fd).map_err(e("pidfd_getfd"))?;
+            Ok((f, pidfd))
+        });
+    call(Call::new("close", libc::SYS_close, &[fd as u64]))?;
+    let (f, pidfd) = got?;
+    let u = Uffd::from_fd(f);
+    let granted = u.api(UFFD_FEATURES).map_err(e("UFFDIO_API"))?;
+    if granted & UFFD_FEATURES != UFFD_FEATURES {
+        return Err(RestoreError::Uffd {
+            what: "UFFDIO_API: the kernel lacks remap/remove/unmap events",
+            pid,
+            source: Errno::ENOTSUP,
+        });
+    }
+    Ok((u, pidfd))
+}
+
+fn restore_impl<R: Read>(
+    r: R,
+    stdio: StdioPlan,
+    mut lazy: Option<(LazyLink, PagerOptions)>,
+) -> Result<(Restored, Option<Pager>), RestoreError> {
     let (mut rd, meta) = ImageReader::open(r)?;
+    if meta.header.flags & FLAG_LAZY != 0 && lazy.is_none() {
+        return Err(RestoreError::LazyImage);
+    }
     check_kernel(&meta)?;
     let (mut stub, ctl) = spawn(&meta, &stdio)?;
     drop(stdio);
@@ -339,7 +427,6 @@ pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError
         inject(tid, ctl, &base, &c)?.check(&c, tid)
     };
     let call = |c: Call| call_in(leader, c);
-    let scratch = ctl + CTL_SCRATCH;
 
     // 1. Empty the stub: its inherited rseq area goes away with its memory.
     let rs = sys::get_rseq_config(leader).unwrap_or_default();
@@ -401,6 +488,13 @@ pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError
         ))?;
     }
 
+    // Lazy: the userfaultfd, before any mapping it covers exists.
+    let mut uffd = match lazy {
+        Some(_) => Some(stub_uffd(leader, &call)?),
+        None => None,
+    };
+    let mut table = PageTable::new(&meta.mappings);
+
     // 3. Every other mapping, writable until its content is in.
     for m in meta.mappings.iter().filter(|m| !m.kind.is_special()) {
         let prot = if m.prot == 0 {
@@ -423,6 +517,14 @@ pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError
                 m.start, m.end
             )));
         }
+        if let (Some((u, _)), true) = (&uffd, carried(m)) {
+            u.register_missing(m.start, m.len())
+                .map_err(|source| RestoreError::Uffd {
+                    what: "UFFDIO_REGISTER",
+                    pid: leader.as_raw(),
+                    source,
+                })?;
+        }
         if let Some(advice) = thp_advice(m) {
             // Best effort: a kernel without THP refuses, which is harmless.
             let _ = call(Call::new(
@@ -437,6 +539,23 @@ pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError
     //    record, before anything runs.
     let mut buf = Vec::new();
     while let Some(p) = rd.next_pages(&mut buf)? {
+        if let Some((u, _)) = &uffd {
+            // Registered: only the userfaultfd may fill missing pages (a
+            // write through process_vm_writev would wait on it).
+            let (addr, npages) = match p {
+                Pages::Data { addr, npages } => (addr, u64::from(npages)),
+                Pages::Zero { addr, npages } => (addr, npages),
+            };
+            fill_eager(
+                u,
+                leader,
+                addr,
+                npages,
+                matches!(p, Pages::Data { .. }).then_some(&buf[..]),
+            )?;
+            table.mark_present(addr, npages);
+            continue;
+        }
         if let Pages::Data { addr, .. } = p {
             let mut done = 0;
             while done < buf.len() {
@@ -460,6 +579,94 @@ pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError
         }
     }
     let stats = rd.stats();
+    // The pager serves from here on: what follows may touch lazy memory
+    // (rseq registration writes its area; the tid words are patched).
+    let mut pager = match (uffd.take(), lazy.take()) {
+        (Some((u, pidfd)), Some((link, opts))) => Some(
+            pager::start(u, pidfd, leader.as_raw(), table, link, opts)
+                .map_err(local("pager thread"))?,
+        ),
+        _ => None,
+    };
+    let rest = finish(&mut stub, &meta, ctl, &base, &call);
+    let tids = match rest {
+        Ok(t) => t,
+        Err(e) => {
+            drop(stub);
+            if let Some(p) = pager.take() {
+                if let Some(pe) = p.abort() {
+                    return Err(RestoreError::Lazy(pe));
+                }
+            }
+            return Err(e);
+        }
+    };
+    if let Some(p) = &pager {
+        p.set_running();
+    }
+    Ok((
+        Restored {
+            pid: leader.as_raw(),
+            threads: tids.iter().map(|t| t.as_raw()).collect(),
+            stats,
+        },
+        pager,
+    ))
+}
+
+/// Writes eager pages of a lazy image into registered memory.
+fn fill_eager(
+    u: &Uffd,
+    leader: Pid,
+    addr: u64,
+    npages: u64,
+    data: Option<&[u8]>,
+) -> Result<(), RestoreError> {
+    let len = npages * PAGE;
+    let mut done = 0u64;
+    while done < len {
+        let r = match data {
+            Some(d) => u.copy(addr + done, &d[done as usize..]),
+            None => u.zeropage(addr + done, len - done),
+        };
+        match r {
+            Ok(n) if n > 0 => done += n,
+            Ok(_) => {
+                return Err(RestoreError::Uffd {
+                    what: "filling eager pages: no progress",
+                    pid: leader.as_raw(),
+                    source: Errno::EIO,
+                })
+            }
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+            Err(source) => {
+                return Err(RestoreError::Uffd {
+                    what: if data.is_some() {
+                        "UFFDIO_COPY of an eager page"
+                    } else {
+                        "UFFDIO_ZEROPAGE of an eager page"
+                    },
+                    pid: leader.as_raw(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Steps 4b-8: protections, process and thread state, registers, detach.
+/// Returns the tids (leader first); the stub is disarmed on success.
+fn finish(
+    stub: &mut Stub,
+    meta: &ImageMeta,
+    ctl: u64,
+    base: &libc::user_regs_struct,
+    call: &dyn Fn(Call) -> Result<u64, SysError>,
+) -> Result<Vec<Pid>, RestoreError> {
+    let leader = stub.pid;
+    let base = *base;
+    let scratch = ctl + CTL_SCRATCH;
     for m in meta.mappings.iter().filter(|m| !m.kind.is_special()) {
         if m.prot != 0 && m.prot != PROT_R | PROT_W {
             call(Call::new(
@@ -471,7 +678,7 @@ pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError
     }
 
     // 5. Process-wide kernel state.
-    set_mm(leader, ctl, &meta, &call)?;
+    set_mm(leader, ctl, meta, call)?;
     for a in &meta.process.sigactions {
         let mut b = [0u8; 32];
         for (i, w) in [a.handler, a.flags, a.restorer, a.mask].iter().enumerate() {
@@ -527,7 +734,7 @@ pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError
 
     // 7. Per-thread kernel state, injected in each thread itself.
     for (i, (t, &tid)) in meta.threads.iter().zip(&tids).enumerate() {
-        thread_state(leader, tid, i == 0, t, ctl, &base, &meta)?;
+        thread_state(leader, tid, i == 0, t, ctl, &base, meta)?;
     }
     // glibc caches each thread's tid at its clear_child_tid address: point
     // it at the new tid so pthread_kill & co. reach the right thread.
@@ -562,11 +769,7 @@ pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError
         ptrace::detach(tid, None).map_err(ptrace_err("PTRACE_DETACH", tid))?;
     }
     stub.armed = false;
-    Ok(Restored {
-        pid: leader.as_raw(),
-        threads: tids.iter().map(|t| t.as_raw()).collect(),
-        stats,
-    })
+    Ok(tids)
 }
 
 fn poke(pid: Pid, addr: u64, b: &[u8]) -> Result<(), SysError> {
