@@ -125,8 +125,8 @@ fn lazy_start(pid: i32, out: &Output, push: PushPolicy, opts: PagerOptions) -> (
     let seen = seqs(&out.until(T, |l| matches!(l, Line::Seq { .. })))
         .pop()
         .expect("a seq line");
-    let t0 = Instant::now();
     let frozen = freeze(pid).expect("freeze");
+    let t0 = frozen.frozen_at();
     let mut img = Vec::new();
     let (st, server) = frozen
         .write_lazy_image(&mut img, LazyOptions::default())
