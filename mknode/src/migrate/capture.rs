@@ -128,6 +128,7 @@ pub fn freeze(pid: i32) -> Result<Frozen, CaptureError> {
     let hints = ProcDir::new(Path::new("/proc"), pid)
         .smaps()
         .unwrap_or_default();
+    f.frozen_at = std::time::Instant::now();
     f.seize_all()?;
     // The answer that counts: nothing can change any more.
     // Our own trace (tracer = this thread) and its stop are expected now.

@@ -1450,13 +1450,13 @@ pub fn decode_all<R: Read>(r: R) -> Result<DecodedImage, ImageError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
     type Sample = (ImageMeta, Vec<(u64, Vec<u8>)>, Vec<(u64, u64)>);
 
-    fn sample(nmaps: usize, seed: u8) -> Sample {
+    pub(crate) fn sample(nmaps: usize, seed: u8) -> Sample {
         let header = Header {
             flags: FLAG_ZERO_RUNS,
             kernel: KernelFingerprint {

@@ -166,7 +166,6 @@ struct ServerInner {
     total: u64,
     st: Mutex<ServerState>,
     all_sent: Condvar,
-    mem: Mutex<Option<File>>,
 }
 
 /// The origin's side of lazy pages: answers page requests and hands out
@@ -237,7 +236,6 @@ impl PageServer {
                     cursor: (0, 0),
                 }),
                 all_sent: Condvar::new(),
-                mem: Mutex::new(None),
             }),
         }
     }
@@ -318,7 +316,10 @@ impl PageServer {
         if !self.inner.frozen.load(Ordering::Acquire) {
             return Err(ServeError::Released { pid });
         }
-        let mut mem = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
+        // `/proc/pid/mem` is opened only for pages process_vm_readv refuses
+        // (execute-only): rare, so per call, and the fetch and push loops
+        // never wait on each other here.
+        let mut mem: Option<File> = None;
         super::capture::read_pages(self.inner.pid, &mut mem, &self.inner.maps[i], addr, out)
             .map_err(|source| ServeError::Read { pid, addr, source })?;
         // Read while it was frozen? Otherwise the bytes may be torn.
@@ -546,8 +547,13 @@ pub fn channel_link(
     let stop = Arc::new(AtomicBool::new(false));
     let tick = Duration::from_millis(50);
 
+    // Set when the destination stops asking; ends an idle (push-disabled)
+    // pusher. A pushing one runs on to `Done` so that every page counts as
+    // sent and the original can be let go.
+    let hung_up = Arc::new(AtomicBool::new(false));
     let s = server.clone();
     let st = Arc::clone(&stop);
+    let hung = Arc::clone(&hung_up);
     let answer = std::thread::Builder::new()
         .name("mk-page-serve".into())
         .spawn(move || {
@@ -556,7 +562,11 @@ pub fn channel_link(
                 let r = match req_rx.recv_timeout(tick) {
                     Ok(r) => r,
                     Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        // The destination hung up (done, or gone).
+                        hung.store(true, Ordering::Release);
+                        return;
+                    }
                 };
                 let Some(len) = r
                     .npages
@@ -572,6 +582,7 @@ pub fn channel_link(
                     Err(e) => Err(e.to_string()),
                 };
                 if ans_tx.send((r.id, a)).is_err() {
+                    hung.store(true, Ordering::Release);
                     return;
                 }
             }
@@ -582,7 +593,7 @@ pub fn channel_link(
         .spawn(move || {
             if !push.enabled {
                 // Hold the channel open (no `Done`): pages move on demand.
-                while !st.load(Ordering::Acquire) {
+                while !st.load(Ordering::Acquire) && !hung_up.load(Ordering::Acquire) {
                     std::thread::sleep(tick);
                 }
                 return;
@@ -637,4 +648,65 @@ pub fn channel_link(
             threads: vec![answer, pusher],
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::image::{tests::sample, MappingKind, PROT_R, PROT_W, PROT_X};
+    use super::*;
+
+    fn map(start: u64, pages: u64, prot: u8, kind: MappingKind) -> Mapping {
+        Mapping {
+            start,
+            end: start + pages * PAGE,
+            prot,
+            flags: 0,
+            kind,
+            offset: 0,
+            resident: 0,
+            name: String::new(),
+        }
+    }
+
+    #[test]
+    fn eager_set_is_around_registers_clipped_and_merged() {
+        let (mut meta, _, _) = sample(0, 0);
+        let text = 0x40_0000;
+        let heap = 0x100_0000;
+        let guard = 0x7f00_0000_0000;
+        let stack = guard + 16 * PAGE;
+        meta.mappings = vec![
+            map(text, 64, PROT_R | PROT_X, MappingKind::File),
+            map(heap, 1024, PROT_R | PROT_W, MappingKind::Heap),
+            map(guard, 16, 0, MappingKind::Anon),
+            map(stack, 64, PROT_R | PROT_W, MappingKind::Anon),
+            map(0x7fff_0000_0000, 2, PROT_R | PROT_X, MappingKind::Vdso),
+        ];
+        let t = &mut meta.threads[0];
+        t.regs = [0; 27];
+        t.regs[16] = text + 2 * PAGE + 0x10; // rip near the start of text
+        t.regs[19] = stack + 2 * PAGE + 8; // rsp near the guard
+        t.regs[21] = heap + 100 * PAGE + 0x700; // fs_base
+        t.clear_child_tid = heap + 101 * PAGE + 0x10; // inside the TLS window
+        t.rseq.abi_pointer = heap + 500 * PAGE;
+        t.robust_list = 0;
+        meta.threads.truncate(1);
+        let o = LazyOptions::default();
+        let r = eager_ranges(&meta, &o);
+        assert_eq!(
+            r,
+            vec![
+                // rip ± 4, clipped at the start of text
+                (text, text + 7 * PAGE),
+                // fs ± 2 (clear_child_tid inside it)
+                (heap + 98 * PAGE, heap + 103 * PAGE),
+                // the rseq page
+                (heap + 500 * PAGE, heap + 501 * PAGE),
+                // rsp - 4 .. rsp + 16: clipped at the PROT_NONE guard
+                (stack, stack + 19 * PAGE),
+            ]
+        );
+        let bytes: u64 = r.iter().map(|(s, e)| e - s).sum();
+        assert!(bytes <= 32 * PAGE);
+    }
 }

@@ -428,6 +428,15 @@ impl Pager {
     }
 }
 
+/// The source after the pager is done with it.
+struct Closed;
+
+impl PageSource for Closed {
+    fn fetch(&mut self, _: u64, _: &mut [u8], _: Instant) -> Result<(), SourceError> {
+        Err(SourceError::Disconnected)
+    }
+}
+
 enum End {
     Complete,
     Exited,
@@ -547,6 +556,9 @@ impl Run {
                 self.stats.complete_after = Some(self.started.elapsed());
                 // Unregisters every range: the process runs without us.
                 self.uffd = None;
+                // Hang up the request side: the origin knows no more fetches
+                // will come.
+                self.source = Box::new(Closed);
                 self.publish();
                 self.shared.finish(Ok(self.stats));
                 // Let the origin finish its pushes so it knows every page
