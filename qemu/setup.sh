@@ -127,7 +127,7 @@ command -v cargo >/dev/null || die "cargo not found on PATH"
 # the normal build's cache intact. Debug info is stripped (symbols stay): it
 # would triple the size of every initramfs.
 RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static -C strip=debuginfo" \
-    cargo build --quiet --release -p guest-init --target "$TRIPLE" \
+    cargo build --quiet --release -p guest-init -p testprogs --target "$TRIPLE" \
     --target-dir "$STATIC_TARGET" --manifest-path "$REPO/Cargo.toml" \
     || die "static build of guest-init failed"
 bin="$STATIC_TARGET/$TRIPLE/release/guest-init"
@@ -140,6 +140,12 @@ else
     # Same bytes: still mark it as built from the current sources (the e2e
     # tests refuse a guest-init older than guest-init/src).
     touch "$CACHE/guest-init"
+fi
+
+# The test program the migration tests run inside guests.
+prog="$STATIC_TARGET/$TRIPLE/release/mkcounter"
+if ! cmp -s "$prog" "$CACHE/mkcounter" 2>/dev/null; then
+    cp "$prog" "$CACHE/mkcounter.tmp" && mv "$CACHE/mkcounter.tmp" "$CACHE/mkcounter"
 fi
 
 say "qemu:       $(command -v qemu-system-x86_64)"

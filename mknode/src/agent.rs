@@ -543,6 +543,21 @@ impl Agent {
         if let Some(c) = &exec.cwd {
             cmd.current_dir(c);
         }
+        // PID 1 blocks the signals it takes with sigwait, in every thread;
+        // a command must start with none blocked, or SIGTERM and SIGINT
+        // would not reach it. std does not reset the mask.
+        // SAFETY: runs in the forked child before exec; sigprocmask is
+        // async-signal-safe, allocates nothing and takes no lock.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::sys::signal::sigprocmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&nix::sys::signal::SigSet::empty()),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -599,6 +614,10 @@ impl Agent {
                 thread::spawn(move || me.pump(peer, req, stream, r))
             })
             .collect();
+            // Wait only once the output has ended: waitpid from this thread
+            // while a migration thread has the process under ptrace would
+            // take its ptrace stops. (A process that moved away stays a
+            // zombie here until its output ends on the other kernel.)
             for r in readers {
                 let _ = r.join();
             }
@@ -901,6 +920,21 @@ mod tests {
             Err(AgentError::NoLink(1))
         ));
         assert!(e0.channel(1).is_ok());
+    }
+
+    #[test]
+    fn commands_start_with_no_signal_blocked() {
+        // As in PID 1: the agent's threads block signals.
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGTERM);
+        set.thread_block().unwrap();
+        let (a, _b) = pair();
+        let (out, _, _) = run(&a, 1, &["sh", "-c", "grep SigBlk /proc/self/status"], None);
+        set.thread_unblock().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out).trim(),
+            "SigBlk:\t0000000000000000"
+        );
     }
 
     #[test]

@@ -333,6 +333,8 @@ impl Agent {
         let restored = migrate::restore(reader, plan).map_err(|e| crate::error_text(&e))?;
         let pid = u32::try_from(restored.pid).unwrap_or(0);
         started(pid);
+        // Pumps first, wait after (see `Agent::start_exec`: no waitpid
+        // while a migration may hold the process under ptrace).
         thread::scope(|s| {
             for (stream, mut r) in [(Stream::Stdout, out_r), (Stream::Stderr, err_r)] {
                 let output = &output;

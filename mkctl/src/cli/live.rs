@@ -261,6 +261,12 @@ pub(super) fn exec(
             });
         });
     }
+    relay_output(&mut c, instance)
+}
+
+/// Copies a remote process's output to ours until it ends; returns its
+/// exit status as ours.
+fn relay_output(c: &mut Client, instance: &str) -> Res {
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr();
     loop {
@@ -619,4 +625,109 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
             Ok(EXIT_OK)
         }
     }
+}
+
+pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) -> Res {
+    if mode == "lazy" {
+        eprintln!("mkctl: --mode lazy is not available yet; use --mode stop-copy");
+        return Ok(EXIT_USAGE);
+    }
+    match simple(Request::Migrate {
+        pid,
+        from: from.to_string(),
+        to: to.to_string(),
+    })? {
+        Ok(Reply::Migrated {
+            new_pid,
+            downtime_ns,
+            total_ns,
+            image_bytes,
+        }) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"pid": pid, "from": from, "to": to, "new_pid": new_pid, "mode": mode, "downtime_ns": downtime_ns, "total_ns": total_ns, "bytes": image_bytes})
+                );
+            } else {
+                println!(
+                    "moved {pid} from {from} to {to}: now pid {new_pid}; downtime {:.1} ms, total {:.1} ms, {} moved",
+                    downtime_ns as f64 / 1e6,
+                    total_ns as f64 / 1e6,
+                    ByteSize(image_bytes).human()
+                );
+            }
+            Ok(EXIT_OK)
+        }
+        Ok(other) => Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
+        Err(code) => Ok(code),
+    }
+}
+
+pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, kill: bool) -> Res {
+    let mut c = match connect() {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let tmp = output.with_extension("partial");
+    let mut file =
+        std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    c.send(&Request::Checkpoint {
+        pid,
+        on: on.to_string(),
+        kill,
+    })?;
+    let mut bytes = 0u64;
+    loop {
+        match c.read()? {
+            Frame::Wire(Msg::ImageChunk { bytes: b, .. }) => {
+                bytes += b.len() as u64;
+                file.write_all(&b)?;
+            }
+            Frame::Reply(Reply::Ok { .. }) => {
+                file.sync_all()?;
+                std::fs::rename(&tmp, output)?;
+                println!(
+                    "wrote {} ({}) of process {pid} on {on}",
+                    output.display(),
+                    ByteSize(bytes).human()
+                );
+                return Ok(EXIT_OK);
+            }
+            Frame::Reply(Reply::Error { message, code }) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Ok(failed(&message, code));
+            }
+            _ => {}
+        }
+    }
+}
+
+pub(super) fn restore(file: &Path, on: &str) -> Res {
+    let mut image =
+        std::fs::File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+    let mut c = match connect() {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    c.send(&Request::Restore { on: on.to_string() })?;
+    match c.read()? {
+        Frame::Reply(Reply::ExecStarted) => {}
+        Frame::Reply(Reply::Error { message, code }) => return Ok(failed(&message, code)),
+        other => return Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
+    }
+    let mut w = c.try_clone()?;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; MAX_CHUNK];
+        loop {
+            let n = image.read(&mut buf).unwrap_or_default();
+            let m = Msg::ImageChunk {
+                req: 0,
+                bytes: buf[..n].to_vec(),
+            };
+            if w.send_wire(&m).is_err() || n == 0 {
+                return;
+            }
+        }
+    });
+    relay_output(&mut c, on)
 }

@@ -189,6 +189,48 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Move a running process to another kernel (stop-and-copy): freeze it
+    /// with ptrace, stream its image over the window, restore it there;
+    /// its output keeps flowing where it went. A failure before the copy
+    /// runs leaves the original running.
+    Migrate {
+        /// The process id on the origin kernel.
+        pid: u32,
+        /// Origin: instance name, id, or "host".
+        #[arg(long)]
+        from: String,
+        /// Destination: instance name, id, or "host".
+        #[arg(long)]
+        to: String,
+        /// `stop-copy` (all pages before resume). `lazy` is not there yet.
+        #[arg(long, default_value = "stop-copy", value_parser = ["stop-copy", "lazy"])]
+        mode: String,
+        /// Print JSON for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save a process's image to a file (it keeps running unless --kill).
+    Checkpoint {
+        pid: u32,
+        /// The kernel it runs on (instance name or id).
+        #[arg(long)]
+        on: String,
+        /// The image file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Stop the process once the image is written.
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Run a process from an image file on a kernel; like exec, its output
+    /// comes back and its exit status becomes mkctl's.
+    Restore {
+        /// The image file (from `mkctl checkpoint`).
+        file: PathBuf,
+        /// The kernel to run it on (instance name or id).
+        #[arg(long)]
+        on: String,
+    },
     /// The multikernel memory and CPU pool (kexec backend).
     Pool {
         #[command(subcommand)]
@@ -339,6 +381,20 @@ fn dispatch(cli: Cli) -> Res {
             timeout,
             dry_run,
         } => live::stop(&cli.sysroot, &instances, all, timeout, dry_run),
+        Command::Migrate {
+            pid,
+            from,
+            to,
+            mode,
+            json,
+        } => live::migrate(pid, &from, &to, &mode, json),
+        Command::Checkpoint {
+            pid,
+            on,
+            output,
+            kill,
+        } => live::checkpoint(pid, &on, &output, kill),
+        Command::Restore { file, on } => live::restore(&file, &on),
         Command::Pool {
             action: PoolAction::Release { unmount, dry_run },
         } => kexec::release(&cli.sysroot, unmount, dry_run),

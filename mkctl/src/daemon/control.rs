@@ -60,6 +60,23 @@ pub enum Request {
         instances: Vec<String>,
         timeout_ms: u64,
     },
+    /// Move process `pid` from one kernel to another (names, ids or "host").
+    Migrate {
+        pid: u32,
+        from: String,
+        to: String,
+    },
+    /// An image of process `pid` on `on`: `ImageChunk` wire frames, then Ok.
+    Checkpoint {
+        pid: u32,
+        on: String,
+        kill: bool,
+    },
+    /// Restore the image the client then sends as `ImageChunk` wire frames
+    /// (an empty one ends it); answered like exec.
+    Restore {
+        on: String,
+    },
     /// Stop every instance and exit.
     Shutdown,
 }
@@ -102,6 +119,12 @@ pub enum Reply {
     },
     /// `exec` accepted: wire messages follow.
     ExecStarted,
+    Migrated {
+        new_pid: u32,
+        downtime_ns: u64,
+        total_ns: u64,
+        image_bytes: u64,
+    },
 }
 
 /// The daemon and every instance it runs.

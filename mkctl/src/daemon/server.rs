@@ -308,6 +308,12 @@ impl Daemon {
                     Err(e) => Err(e),
                 }
             }
+            Request::Migrate { pid, from, to } => self.migrate(pid, &from, &to),
+            Request::Checkpoint { pid, on, kill } => self.checkpoint(pid, &on, kill, &writer),
+            Request::Restore { on } => match self.restore(&on, reader, &writer) {
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
             Request::Shutdown => {
                 self.stop.store(true, Ordering::SeqCst);
                 Ok(Reply::Ok {
@@ -495,7 +501,7 @@ impl Daemon {
         let window = self.ensure_window(&t).map_err(|e| (e, 1))?;
         let initramfs = self.run.initramfs();
         if selected.iter().any(|i| i.initrd == ImageSpec::Auto) {
-            build_initramfs(&guest_init, &initramfs).map_err(|e| (e, 1))?;
+            build_initramfs(&guest_init, &t.files, &initramfs).map_err(|e| (e, 1))?;
         }
         {
             let mut inner = self.lock();
@@ -1079,6 +1085,148 @@ impl Daemon {
         }
     }
 
+    fn migrate(&self, pid: u32, from: &str, to: &str) -> Result<Reply, (String, i32)> {
+        let a = self.ready_endpoint(from)?;
+        let b = self.ready_endpoint(to)?;
+        if a == b {
+            return Err((format!("the process is already on {from}"), 2));
+        }
+        let agent = self.agent()?;
+        let report = if a == 0 {
+            // The host's agent is the origin: freeze and stream from here
+            // (ptrace wants one thread from freeze to kill: this one).
+            let r = agent.move_out(pid, b).map_err(|e| (e, 1))?;
+            (
+                r.new_pid,
+                r.downtime.as_nanos(),
+                r.total.as_nanos(),
+                r.image_bytes,
+            )
+        } else {
+            match agent.call(a, Duration::from_secs(600), |req| Msg::MigrateOut {
+                req,
+                pid,
+                to: b,
+            }) {
+                Ok(Msg::MigrateReport {
+                    new_pid,
+                    downtime_ns,
+                    total_ns,
+                    image_bytes,
+                    ..
+                }) => (
+                    new_pid,
+                    u128::from(downtime_ns),
+                    u128::from(total_ns),
+                    image_bytes,
+                ),
+                Ok(other) => return Err((format!("unexpected answer {other:?}"), 1)),
+                Err(e) => return Err((crate::error_chain(&e), 1)),
+            }
+        };
+        Ok(Reply::Migrated {
+            new_pid: report.0,
+            downtime_ns: u64::try_from(report.1).unwrap_or(u64::MAX),
+            total_ns: u64::try_from(report.2).unwrap_or(u64::MAX),
+            image_bytes: report.3,
+        })
+    }
+
+    fn checkpoint(
+        &self,
+        pid: u32,
+        on: &str,
+        kill: bool,
+        client_tx: &Mutex<UnixStream>,
+    ) -> Result<Reply, (String, i32)> {
+        let id = self.ready_endpoint(on)?;
+        if id == 0 {
+            return Err((
+                "checkpoint on the host: not supported yet; use an instance".into(),
+                2,
+            ));
+        }
+        let agent = self.agent()?;
+        let (req, rx) = agent
+            .request(id, |req| Msg::Checkpoint { req, pid, kill })
+            .map_err(|e| (crate::error_chain(&e), 1))?;
+        let result = loop {
+            match rx.recv_timeout(Duration::from_secs(600)) {
+                Ok(m @ Msg::ImageChunk { .. }) => {
+                    let mut w = client_tx.lock().unwrap_or_else(|e| e.into_inner());
+                    if control::send_wire(&mut *w, &m).is_err() {
+                        break Err(("the client went away".to_string(), 1));
+                    }
+                }
+                Ok(Msg::Done { .. }) => {
+                    break Ok(Reply::Ok {
+                        message: format!("checkpoint of {pid} on {on} written"),
+                    })
+                }
+                Ok(Msg::Failed { message, .. }) => break Err((message, 1)),
+                Ok(_) => {}
+                Err(_) => break Err(("no answer from the agent".to_string(), 1)),
+            }
+        };
+        agent.forget(id, req);
+        result
+    }
+
+    /// Relays an image from the client to an agent that restores it, then
+    /// the process's output back, like exec.
+    fn restore(
+        &self,
+        on: &str,
+        mut client_rx: UnixStream,
+        client_tx: &Mutex<UnixStream>,
+    ) -> Result<(), (String, i32)> {
+        let id = self.ready_endpoint(on)?;
+        if id == 0 {
+            return Err((
+                "restore on the host: not supported yet; use an instance".into(),
+                2,
+            ));
+        }
+        let agent = self.agent()?;
+        let (req, rx) = agent
+            .request(id, |req| Msg::RestoreImage { req })
+            .map_err(|e| (crate::error_chain(&e), 1))?;
+        {
+            let mut w = client_tx.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = control::send_reply(&mut *w, &Reply::ExecStarted);
+        }
+        let fwd = Arc::clone(&agent);
+        thread::spawn(move || loop {
+            match control::read_frame(&mut client_rx, Side::Daemon) {
+                Ok(Frame::Wire(Msg::ImageChunk { bytes, .. })) => {
+                    let last = bytes.is_empty();
+                    if fwd.send(id, &Msg::ImageChunk { req, bytes }).is_err() || last {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        });
+        loop {
+            let m = rx
+                .recv_timeout(Duration::from_secs(3600))
+                .unwrap_or(Msg::Failed {
+                    req,
+                    message: "no answer from the agent".into(),
+                });
+            let last = mknode::agent::is_final(&m);
+            let ok = {
+                let mut w = client_tx.lock().unwrap_or_else(|e| e.into_inner());
+                control::send_wire(&mut *w, &m).is_ok()
+            };
+            if last || !ok {
+                agent.forget(id, req);
+                return Ok(());
+            }
+        }
+    }
+
     /// Clean power-off through the agent, then QMP quit, then kill.
     fn stop_instances(&self, names: &[String], timeout: Duration, progress: Progress<'_>) {
         let window = self
@@ -1231,8 +1379,16 @@ fn pin_vcpus(qmp: &Path, cpus: &CpuSet) -> Result<String, String> {
     Ok(format!("pinned {}", done.join(", ")))
 }
 
-fn build_initramfs(guest_init: &Path, out: &Path) -> Result<(), String> {
+fn build_initramfs(
+    guest_init: &Path,
+    files: &[(String, PathBuf)],
+    out: &Path,
+) -> Result<(), String> {
     let mut ir = Initramfs::for_guest(guest_init).map_err(|e| crate::error_chain(&e))?;
+    for (guest, host) in files {
+        ir.host_file(guest, host, None)
+            .map_err(|e| crate::error_chain(&e))?;
+    }
     // busybox, when the host has the static one, makes guests useful to
     // poke at: `mkctl exec alpha -- sh`.
     let busybox = Path::new("/bin/busybox");
@@ -1272,6 +1428,12 @@ const BUSYBOX_APPLETS: &[&str] = &[
     "env",
     "od",
     "seq",
+    "kill",
+    "pidof",
+    "hostname",
+    "tr",
+    "sed",
+    "rm",
 ];
 
 fn is_static(path: &Path) -> bool {

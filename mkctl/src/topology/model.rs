@@ -18,6 +18,8 @@ pub struct Topology {
     pub pool: Pool,
     pub window: WindowSpec,
     pub instances: Vec<Instance>,
+    /// Extra files every guest's initramfs holds: (guest path, host file).
+    pub files: Vec<(String, PathBuf)>,
     /// Findings that do not make the topology invalid.
     #[serde(skip)]
     pub warnings: Vec<Diagnostic>,

@@ -89,6 +89,8 @@ pub struct RawWindow {
 
 #[derive(Debug, Default)]
 pub struct RawDefaults {
+    /// Extra files for the guests' initramfs: guest path -> host path.
+    pub files: Vec<(Spanned<String>, Spanned<String>)>,
     pub backend: Option<Spanned<Backend>>,
     pub kernel: Option<Spanned<String>>,
     pub initrd: Option<Spanned<String>>,
@@ -223,7 +225,9 @@ fn read_window(t: &DeTable<'_>, span: Range<usize>, diags: &mut Vec<Diagnostic>)
 
 fn read_defaults(t: &DeTable<'_>, span: Range<usize>, diags: &mut Vec<Diagnostic>) -> RawDefaults {
     let mut r = Reader::new(t, span, "[defaults]", diags);
+    let files = r.string_table("files");
     let d = RawDefaults {
+        files,
         backend: r.optional(n_backend, "backend"),
         kernel: r.optional(n_string, "kernel"),
         initrd: r.optional(n_string, "initrd"),
@@ -387,6 +391,34 @@ impl<'t, 'd, 'i> Reader<'t, 'd, 'i> {
             return None;
         }
         self.optional(conv, key)
+    }
+
+    /// A table of strings to strings (`files = { "/bin/x" = "x" }`).
+    fn string_table(&mut self, key: &'static str) -> Vec<(Spanned<String>, Spanned<String>)> {
+        let Some((t, _)) = self.table(key) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (k, v) in t.iter() {
+            match v.get_ref().as_str() {
+                Some(val) => out.push((
+                    Spanned::new(k.span(), k.get_ref().to_string()),
+                    Spanned::new(v.span(), val.to_string()),
+                )),
+                None => self.diags.push(
+                    Diagnostic::error(
+                        "bad-value",
+                        format!(
+                            "`{key}.\"{}\"` must be a host path (a string), found {}",
+                            k.get_ref(),
+                            v.get_ref().type_str()
+                        ),
+                    )
+                    .at(v.span()),
+                ),
+            }
+        }
+        out
     }
 
     fn table(&mut self, key: &'static str) -> Option<(&'t DeTable<'i>, Range<usize>)> {

@@ -47,6 +47,7 @@ pub fn validate(
     let pool = v.pool(&raw, machine.as_ref(), &host);
     let instances = v.instances(&raw, machine.as_ref(), &host);
     let window = v.window(&raw, pool.as_ref(), &instances);
+    let files = v.files(&raw);
     let placed = match (&machine, &pool) {
         (Some(m), Some(p)) => v.place_memory(&raw, m, p, &instances, &window),
         _ => None,
@@ -94,6 +95,7 @@ pub fn validate(
         pool,
         window: window.spec,
         instances,
+        files,
         warnings: diags,
     })
 }
@@ -596,6 +598,41 @@ impl Validator<'_> {
             initrd,
             cmdline,
         }
+    }
+
+    /// `[defaults] files`: absolute guest paths, host files that exist.
+    fn files(&mut self, raw: &RawTopology) -> Vec<(String, PathBuf)> {
+        let mut out = Vec::new();
+        for (guest, host) in &raw.defaults.files {
+            if !guest.get_ref().starts_with('/') || guest.get_ref() == "/init" {
+                self.push(
+                    Diagnostic::error(
+                        "bad-value",
+                        format!(
+                            "guest path \"{}\" must be absolute and not /init",
+                            guest.get_ref()
+                        ),
+                    )
+                    .at(guest.span())
+                    .help(format!(
+                        "write it as \"/bin/{}\"",
+                        guest.get_ref().trim_start_matches('/')
+                    )),
+                );
+                continue;
+            }
+            let path = self.base_dir.join(host.get_ref());
+            if !path.is_file() {
+                self.push(
+                    Diagnostic::error("missing-file", format!("the file {} for the guests' {} does not exist", path.display(), guest.get_ref()))
+                        .at(host.span())
+                        .help("fix the path (relative paths start at the topology file's directory); test programs are built by scripts/setup.sh into .cache/"),
+                );
+                continue;
+            }
+            out.push((guest.get_ref().clone(), path));
+        }
+        out
     }
 
     /// A kernel or initrd: `"auto"` or a file that must exist.

@@ -1,0 +1,253 @@
+//! Process migration between two kernels under QEMU: a multithreaded,
+//! statically linked `mkcounter` started with `mkctl exec` on alpha moves
+//! to beta, back, and to beta again; the exec stream on the host keeps
+//! printing with no gap and no repeat, the memory checksum (printed on
+//! SIGUSR1) stays the same, the origin no longer runs it, and its end
+//! comes back as the exec's exit status. Then a destination that dies in
+//! the middle of a transfer leaves the original running on the origin.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mkctl_e2e::{repo_root, Mkctl};
+
+struct Watched {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Watched {
+    fn wait_for(&self, what: &str, t: Duration, cond: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + t;
+        loop {
+            {
+                let l = self.lines.lock().unwrap();
+                if cond(&l) {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let tail: Vec<&String> = l.iter().rev().take(10).collect();
+                    panic!("timed out waiting for {what}; last lines: {tail:?}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    fn count(&self, prefix: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+    fn checksums(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("checksum="))
+            .cloned()
+            .collect()
+    }
+    fn seqs(&self) -> Vec<u64> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("seq="))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+}
+
+fn start(m: &Mkctl, on: &str, mem: &str) -> Watched {
+    let mut child = m
+        .command()
+        .args([
+            "exec",
+            on,
+            "--",
+            "/bin/mkcounter",
+            "--mem",
+            mem,
+            "--interval-ms",
+            "20",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l2 = Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            l2.lock().unwrap().push(line);
+        }
+    });
+    let w = Watched { child, lines };
+    w.wait_for("first output", Duration::from_secs(30), |l| l.len() >= 5);
+    w
+}
+
+/// The running (not zombie) mkcounter on `on`.
+fn pid_on(m: &Mkctl, on: &str) -> u32 {
+    let script = "for p in $(pidof mkcounter); do s=$(cut -d' ' -f3 /proc/$p/stat); [ \"$s\" != Z ] && echo $p; done; true";
+    let out = m.run(&["exec", on, "--", "sh", "-c", script]).ok().text();
+    out.split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no mkcounter on {on}: {out:?}"))
+}
+
+fn usr1(m: &Mkctl, on: &str, pid: u32) {
+    m.run(&["exec", on, "--", "kill", "-USR1", &pid.to_string()])
+        .ok();
+}
+
+fn no_gap(seqs: &[u64]) {
+    assert!(seqs.len() > 10);
+    for w in seqs.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "gap or repeat between seq {} and {}",
+            w[0],
+            w[1]
+        );
+    }
+}
+
+fn boot() -> Mkctl {
+    let m = Mkctl::new("migrate");
+    let cfg = repo_root()
+        .join("tests/configs/migrate.toml")
+        .display()
+        .to_string();
+    m.run(&["boot", &cfg]).ok();
+    m
+}
+
+#[test]
+fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
+    let m = boot();
+    let mut w = start(&m, "alpha", "16M");
+    let mut pid = pid_on(&m, "alpha");
+    usr1(&m, "alpha", pid);
+    w.wait_for("checksum", Duration::from_secs(20), |l| {
+        l.iter().any(|x| x.starts_with("checksum="))
+    });
+    let before = w.checksums()[0].clone();
+    let mut at = "alpha";
+    for hop in 0..3 {
+        let to = if at == "alpha" { "beta" } else { "alpha" };
+        let r = m
+            .run(&[
+                "migrate",
+                &pid.to_string(),
+                "--from",
+                at,
+                "--to",
+                to,
+                "--json",
+            ])
+            .ok()
+            .json();
+        eprintln!("hop {hop}: {r}");
+        let new_pid = r["new_pid"].as_u64().unwrap() as u32;
+        // The origin no longer runs it (it is gone, or a zombie until its
+        // output ends on the other kernel).
+        let state = m
+            .run(&[
+                "exec",
+                at,
+                "--",
+                "sh",
+                "-c",
+                &format!("cut -d' ' -f3 /proc/{pid}/stat 2>/dev/null || echo gone"),
+            ])
+            .ok()
+            .text();
+        assert!(
+            matches!(state.trim(), "Z" | "X" | "gone"),
+            "{at} still runs {pid}: state {state:?}"
+        );
+        assert_eq!(pid_on(&m, to), new_pid);
+        pid = new_pid;
+        at = to;
+        let seen = w.count("seq=");
+        w.wait_for("output after the move", Duration::from_secs(30), |l| {
+            l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10
+        });
+        let k = w.checksums().len();
+        usr1(&m, at, pid);
+        w.wait_for("checksum after the move", Duration::from_secs(20), |l| {
+            l.iter().filter(|x| x.starts_with("checksum=")).count() > k
+        });
+        assert_eq!(w.checksums()[k], before, "memory changed at hop {hop}");
+    }
+    no_gap(&w.seqs());
+    // Its end comes back to the exec on the host: SIGTERM is 128 + 15.
+    m.run(&["exec", at, "--", "kill", "-TERM", &pid.to_string()])
+        .ok();
+    let st = w.child.wait().unwrap();
+    assert_eq!(st.code(), Some(143));
+    no_gap(&w.seqs());
+}
+
+#[test]
+fn destination_dying_mid_transfer_leaves_the_original_running() {
+    let m = boot();
+    let w = start(&m, "alpha", "64M");
+    let pid = pid_on(&m, "alpha");
+    usr1(&m, "alpha", pid);
+    w.wait_for("checksum", Duration::from_secs(20), |l| {
+        l.iter().any(|x| x.starts_with("checksum="))
+    });
+    let st = m.run(&["status", "--json"]).ok().json();
+    let beta_qemu = st["daemon"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "beta")
+        .and_then(|i| i["pid"].as_u64())
+        .unwrap();
+    // Kill beta's kernel while the image is on its way.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        std::process::Command::new("kill")
+            .args(["-9", &beta_qemu.to_string()])
+            .status()
+            .unwrap();
+    });
+    let r = m.run(&[
+        "migrate",
+        &pid.to_string(),
+        "--from",
+        "alpha",
+        "--to",
+        "beta",
+    ]);
+    killer.join().unwrap();
+    assert_eq!(r.code, 1, "the move must fail: {}", r.text());
+    assert!(r.stderr.contains("the original runs on"), "{}", r.stderr);
+    // Same process, still printing, same memory.
+    assert_eq!(pid_on(&m, "alpha"), pid);
+    let seen = w.count("seq=");
+    w.wait_for(
+        "output after the failed move",
+        Duration::from_secs(30),
+        |l| l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10,
+    );
+    usr1(&m, "alpha", pid);
+    w.wait_for("second checksum", Duration::from_secs(20), |l| {
+        l.iter().filter(|x| x.starts_with("checksum=")).count() >= 2
+    });
+    let c = w.checksums();
+    assert_eq!(c[0], c[1]);
+    no_gap(&w.seqs());
+}
