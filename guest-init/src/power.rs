@@ -47,14 +47,5 @@ pub fn install_panic_hook() {
     }));
 }
 
-/// Formats an error and its causes as `outer: inner: innermost`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+/// The error and its causes joined with ": " (mknode's printer).
+pub use mknode::error_text as error_chain;

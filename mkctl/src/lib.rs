@@ -20,14 +20,6 @@ pub mod topology;
 pub mod units;
 
 /// Formats an error and its chain of causes as `outer: inner: innermost`
-/// (each message says only its own part; this printer joins them).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+/// (each message says only its own part; this printer joins them). One
+/// printer for every crate: mknode's.
+pub use mknode::error_text as error_chain;

@@ -1065,24 +1065,8 @@ impl Daemon {
                 }
             }
         });
-        loop {
-            let m = match rx.recv_timeout(Duration::from_secs(3600)) {
-                Ok(m) => m,
-                Err(_) => Msg::Failed {
-                    req,
-                    message: "no answer from the agent".into(),
-                },
-            };
-            let last = mknode::agent::is_final(&m);
-            let ok = {
-                let mut w = client_tx.lock().unwrap_or_else(|e| e.into_inner());
-                control::send_wire(&mut *w, &m).is_ok()
-            };
-            if last || !ok {
-                agent.forget(id, req);
-                return Ok(());
-            }
-        }
+        relay_answers(&agent, id, req, &rx, client_tx);
+        Ok(())
     }
 
     fn migrate(&self, pid: u32, from: &str, to: &str) -> Result<Reply, (String, i32)> {
@@ -1208,23 +1192,8 @@ impl Daemon {
                 Err(_) => return,
             }
         });
-        loop {
-            let m = rx
-                .recv_timeout(Duration::from_secs(3600))
-                .unwrap_or(Msg::Failed {
-                    req,
-                    message: "no answer from the agent".into(),
-                });
-            let last = mknode::agent::is_final(&m);
-            let ok = {
-                let mut w = client_tx.lock().unwrap_or_else(|e| e.into_inner());
-                control::send_wire(&mut *w, &m).is_ok()
-            };
-            if last || !ok {
-                agent.forget(id, req);
-                return Ok(());
-            }
-        }
+        relay_answers(&agent, id, req, &rx, client_tx);
+        Ok(())
     }
 
     /// Clean power-off through the agent, then QMP quit, then kill.
@@ -1314,6 +1283,34 @@ impl Daemon {
             // The RAM files are the instance's memory: gone with it.
             let _ = std::fs::remove_dir_all(self.run.ram(name));
             progress(name, "stopped");
+        }
+    }
+}
+
+/// Copies an agent's answers to one request to the client as wire frames,
+/// until the final one (or the client goes away).
+fn relay_answers(
+    agent: &Agent,
+    id: u16,
+    req: u32,
+    rx: &crossbeam_channel::Receiver<Msg>,
+    client_tx: &Mutex<UnixStream>,
+) {
+    loop {
+        let m = rx
+            .recv_timeout(Duration::from_secs(3600))
+            .unwrap_or(Msg::Failed {
+                req,
+                message: "no answer from the agent".into(),
+            });
+        let last = mknode::agent::is_final(&m);
+        let ok = {
+            let mut w = client_tx.lock().unwrap_or_else(|e| e.into_inner());
+            control::send_wire(&mut *w, &m).is_ok()
+        };
+        if last || !ok {
+            agent.forget(id, req);
+            return;
         }
     }
 }
