@@ -26,7 +26,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::agent::Agent;
-use crate::migrate::{self, ImageOptions, StdioPlan};
+use crate::migrate::{
+    self, ImageOptions, LazyLink, LazyOptions, PageServer, PageSource, PagerOptions, Pushed,
+    SourceError, StdioPlan,
+};
 use crate::wire::{ExitStatus, Msg, Stream, MAX_CHUNK};
 
 /// How long the origin waits for the destination to say "running" after
@@ -54,6 +57,9 @@ struct Outgoing {
     exit: Option<Sender<ExitStatus>>,
 }
 
+/// The pages a fetch asked for, or why the origin refused.
+type FetchAnswer = Result<Vec<u8>, String>;
+
 /// Migrations this agent takes part in.
 #[derive(Default)]
 pub(crate) struct Table {
@@ -64,6 +70,13 @@ pub(crate) struct Table {
     restores: Mutex<HashMap<(u16, u32), Sender<Piece>>>,
     /// Origin: by `(destination, mig)`.
     outgoing: Mutex<HashMap<(u16, u32), Outgoing>>,
+    /// Origin, lazy mode: what answers page fetches, by `(destination, mig)`.
+    servers: Mutex<HashMap<(u16, u32), PageServer>>,
+    /// Destination, lazy mode: background pushes by `(origin, mig)`, and
+    /// fetches waiting for their answer by `(origin, mig, id)`.
+    pushes: Mutex<HashMap<(u16, u32), Sender<Pushed>>>,
+    fetches: Mutex<HashMap<(u16, u32, u32), Sender<FetchAnswer>>>,
+    next_fetch: AtomicU32,
 }
 
 impl std::fmt::Debug for Table {
@@ -195,7 +208,17 @@ impl Agent {
     /// Moves local process `pid` to endpoint `to` (stop-and-copy). Runs on
     /// the calling thread, which must stay the same from freeze to kill
     /// (ptrace). On error the original runs on, untouched.
-    pub fn move_out(&self, pid: u32, to: u16) -> Result<MoveReport, String> {
+    /// `lazy`: resume after the eager pages; the rest is served on demand
+    /// and pushed in the background, and the original is killed once every
+    /// page has gone. `running` is called as soon as the copy runs (before
+    /// the remaining pages moved, in lazy mode).
+    pub fn move_out(
+        self: &Arc<Self>,
+        pid: u32,
+        to: u16,
+        lazy: bool,
+        running: impl FnOnce(&MoveReport),
+    ) -> Result<MoveReport, String> {
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
         let frozen = migrate::freeze(pid_i).map_err(|e| crate::error_text(&e))?;
@@ -221,10 +244,15 @@ impl Agent {
         );
         let forget = || {
             lock(&self.migrations.outgoing).remove(&(to, mig));
+            lock(&self.migrations.servers).remove(&(to, mig));
         };
         let streamed = (|| -> Result<u64, String> {
-            self.send(to, &Msg::MigrateBegin { mig })
-                .map_err(|e| crate::error_text(&e))?;
+            let begin = if lazy {
+                Msg::MigrateBeginLazy { mig }
+            } else {
+                Msg::MigrateBegin { mig }
+            };
+            self.send(to, &begin).map_err(|e| crate::error_text(&e))?;
             let mut w = ChunkWriter {
                 agent: self,
                 to,
@@ -232,9 +260,16 @@ impl Agent {
                 buf: Vec::with_capacity(MAX_CHUNK),
                 sent: 0,
             };
-            frozen
-                .write_image(&mut w, ImageOptions::default())
-                .map_err(|e| crate::error_text(&e))?;
+            if lazy {
+                let (_, server) = frozen
+                    .write_lazy_image(&mut w, LazyOptions::default())
+                    .map_err(|e| crate::error_text(&e))?;
+                lock(&self.migrations.servers).insert((to, mig), server);
+            } else {
+                frozen
+                    .write_image(&mut w, ImageOptions::default())
+                    .map_err(|e| crate::error_text(&e))?;
+            }
             w.flush().map_err(|e| format!("sending the image: {e}"))?;
             self.send(to, &Msg::MigrateEnd { mig })
                 .map_err(|e| crate::error_text(&e))?;
@@ -258,14 +293,45 @@ impl Agent {
                 // Before the kill: whoever waits for the original learns
                 // its real end from the destination.
                 self.mark_moved(pid, erx);
-                let downtime = t0.elapsed();
-                frozen.kill();
-                Ok(MoveReport {
+                let mut report = MoveReport {
                     new_pid,
-                    downtime,
+                    downtime: t0.elapsed(),
                     total: t0.elapsed(),
                     image_bytes,
-                })
+                };
+                running(&report);
+                let server = lock(&self.migrations.servers).get(&(to, mig)).cloned();
+                if let Some(server) = server {
+                    let eager = server.progress().sent;
+                    // Push what is left, answer fetches meanwhile (in the
+                    // receive thread), and let go only when all has gone.
+                    let me = Arc::clone(self);
+                    let pusher = server.clone();
+                    thread::spawn(move || {
+                        let mut buf = Vec::new();
+                        while let Ok(Some(run)) = pusher.next_push(64, &mut buf) {
+                            let m = Msg::PageData {
+                                mig,
+                                id: 0,
+                                addr: run.addr,
+                                bytes: std::mem::take(&mut buf),
+                            };
+                            if me.send(to, &m).is_err() {
+                                return;
+                            }
+                        }
+                        let _ = me.send(to, &Msg::PagesDone { mig });
+                    });
+                    let all = server.wait_all_sent(Duration::from_secs(600));
+                    lock(&self.migrations.servers).remove(&(to, mig));
+                    if !all {
+                        eprintln!("mknode: migration {mig} to {to}: not every page went out in 10 min; the copy will be killed by its pager");
+                    }
+                    report.image_bytes += server.progress().sent.saturating_sub(eager) * 4096;
+                }
+                frozen.kill();
+                report.total = t0.elapsed();
+                Ok(report)
             }
             Ok(Ctl::Failed(m)) => {
                 forget();
@@ -314,6 +380,7 @@ impl Agent {
     fn restore_and_run(
         &self,
         pieces: Receiver<Piece>,
+        lazy: Option<LazyLink>,
         started: impl FnOnce(u32),
         output: impl Fn(Stream, Option<Vec<u8>>) + Send + Sync,
     ) -> Result<ExitStatus, String> {
@@ -330,7 +397,21 @@ impl Agent {
             stdout: out_w,
             stderr: err_w,
         };
-        let restored = migrate::restore(reader, plan).map_err(|e| crate::error_text(&e))?;
+        let restored = match lazy {
+            None => migrate::restore(reader, plan).map_err(|e| crate::error_text(&e))?,
+            Some(link) => {
+                let r = migrate::restore_lazy(reader, plan, link, PagerOptions::default())
+                    .map_err(|e| crate::error_text(&e))?;
+                let pager = r.pager;
+                thread::spawn(move || {
+                    if let Err(e) = pager.wait() {
+                        // On a guest this lands on the console.
+                        eprintln!("mknode: {}", crate::error_text(&e));
+                    }
+                });
+                r.restored
+            }
+        };
         let pid = u32::try_from(restored.pid).unwrap_or(0);
         started(pid);
         // Pumps first, wait after (see `Agent::start_exec`: no waitpid
@@ -358,29 +439,102 @@ impl Agent {
     pub(crate) fn handle_migration(self: &Arc<Self>, peer: u16, m: Msg) -> Option<Msg> {
         let t = &self.migrations;
         match m {
-            Msg::MigrateOut { req, pid, to } => {
+            Msg::MigrateOut { req, pid, to, lazy } => {
                 let me = Arc::clone(self);
                 thread::spawn(move || {
-                    let answer = match me.move_out(pid, to) {
-                        Ok(r) => Msg::MigrateReport {
-                            req,
-                            new_pid: r.new_pid,
-                            downtime_ns: u64::try_from(r.downtime.as_nanos()).unwrap_or(u64::MAX),
-                            total_ns: u64::try_from(r.total.as_nanos()).unwrap_or(u64::MAX),
-                            image_bytes: r.image_bytes,
-                        },
-                        Err(message) => Msg::Failed { req, message },
+                    // The report goes out as soon as the copy runs; a lazy
+                    // move goes on serving pages after that.
+                    let report = |r: &MoveReport| {
+                        let _ = me.send(
+                            peer,
+                            &Msg::MigrateReport {
+                                req,
+                                new_pid: r.new_pid,
+                                downtime_ns: u64::try_from(r.downtime.as_nanos())
+                                    .unwrap_or(u64::MAX),
+                                total_ns: u64::try_from(r.total.as_nanos()).unwrap_or(u64::MAX),
+                                image_bytes: r.image_bytes,
+                            },
+                        );
                     };
-                    let _ = me.send(peer, &answer);
+                    if let Err(message) = me.move_out(pid, to, lazy, report) {
+                        let _ = me.send(peer, &Msg::Failed { req, message });
+                    }
                 });
             }
-            Msg::MigrateBegin { mig } => {
+            Msg::PageFetch { mig, id, addr, len } => {
+                let server = lock(&t.servers).get(&(peer, mig)).cloned();
+                let answer = match server {
+                    Some(s) => {
+                        let mut buf = vec![0u8; len as usize];
+                        match s.read(addr, &mut buf) {
+                            Ok(()) => Msg::PageData {
+                                mig,
+                                id,
+                                addr,
+                                bytes: buf,
+                            },
+                            Err(e) => Msg::PageRefused {
+                                mig,
+                                id,
+                                message: crate::error_text(&e),
+                            },
+                        }
+                    }
+                    None => Msg::PageRefused {
+                        mig,
+                        id,
+                        message: "no such migration here".into(),
+                    },
+                };
+                let _ = self.send(peer, &answer);
+            }
+            Msg::PageData {
+                mig,
+                id,
+                addr,
+                bytes,
+            } => {
+                if id == 0 {
+                    let tx = lock(&t.pushes).get(&(peer, mig)).cloned();
+                    if let Some(tx) = tx {
+                        let _ = tx.send(Pushed::Pages { addr, data: bytes });
+                    }
+                } else if let Some(tx) = lock(&t.fetches).remove(&(peer, mig, id)) {
+                    let _ = tx.send(Ok(bytes));
+                }
+            }
+            Msg::PageRefused { mig, id, message } => {
+                if let Some(tx) = lock(&t.fetches).remove(&(peer, mig, id)) {
+                    let _ = tx.send(Err(message));
+                }
+            }
+            Msg::PagesDone { mig } => {
+                if let Some(tx) = lock(&t.pushes).remove(&(peer, mig)) {
+                    let _ = tx.send(Pushed::Done);
+                }
+            }
+            Msg::MigrateBegin { mig } | Msg::MigrateBeginLazy { mig } => {
+                let lazy = matches!(m, Msg::MigrateBeginLazy { .. });
                 let (tx, rx) = bounded(64);
                 lock(&t.incoming).insert((peer, mig), tx);
+                let link = lazy.then(|| {
+                    let (ptx, prx) = crossbeam_channel::unbounded();
+                    lock(&t.pushes).insert((peer, mig), ptx);
+                    LazyLink {
+                        source: Box::new(RingSource {
+                            agent: Arc::clone(self),
+                            origin: peer,
+                            mig,
+                        }),
+                        pushes: prx,
+                    }
+                });
                 let me = Arc::clone(self);
                 thread::spawn(move || {
                     let result = me.restore_and_run(
                         rx,
+                        link,
                         |pid| {
                             lock(&me.migrations.incoming).remove(&(peer, mig));
                             let _ = me.send(peer, &Msg::MigrateRunning { mig, pid });
@@ -455,6 +609,7 @@ impl Agent {
                 thread::spawn(move || {
                     let result = me.restore_and_run(
                         rx,
+                        None,
                         |pid| {
                             lock(&me.migrations.restores).remove(&(peer, req));
                             let _ = me.send(peer, &Msg::Started { req, pid });
@@ -500,5 +655,54 @@ fn feed(map: &Mutex<HashMap<(u16, u32), Sender<Piece>>>, key: (u16, u32), p: Pie
     if let Some(tx) = tx {
         // A full channel means the restore stalled: wait (backpressure).
         let _ = tx.send(p);
+    }
+}
+
+/// Pages fetched over the link from the origin (lazy mode's destination).
+struct RingSource {
+    agent: Arc<Agent>,
+    origin: u16,
+    mig: u32,
+}
+
+impl PageSource for RingSource {
+    fn fetch(&mut self, addr: u64, out: &mut [u8], deadline: Instant) -> Result<(), SourceError> {
+        let t = &self.agent.migrations;
+        // Ids start at 1: 0 marks background pushes.
+        let id = t.next_fetch.fetch_add(1, Ordering::Relaxed) | 1;
+        let (tx, rx) = bounded(1);
+        lock(&t.fetches).insert((self.origin, self.mig, id), tx);
+        let len =
+            u32::try_from(out.len()).map_err(|_| SourceError::Refused("fetch too large".into()))?;
+        let sent = self.agent.send(
+            self.origin,
+            &Msg::PageFetch {
+                mig: self.mig,
+                id,
+                addr,
+                len,
+            },
+        );
+        if sent.is_err() {
+            lock(&t.fetches).remove(&(self.origin, self.mig, id));
+            return Err(SourceError::Disconnected);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Ok(bytes)) if bytes.len() == out.len() => {
+                out.copy_from_slice(&bytes);
+                Ok(())
+            }
+            Ok(Ok(bytes)) => Err(SourceError::Refused(format!(
+                "asked for {} bytes, got {}",
+                out.len(),
+                bytes.len()
+            ))),
+            Ok(Err(m)) => Err(SourceError::Refused(m)),
+            Err(_) => {
+                lock(&t.fetches).remove(&(self.origin, self.mig, id));
+                Err(SourceError::Timeout(left))
+            }
+        }
     }
 }

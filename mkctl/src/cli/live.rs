@@ -628,14 +628,11 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
 }
 
 pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) -> Res {
-    if mode == "lazy" {
-        eprintln!("mkctl: --mode lazy is not available yet; use --mode stop-copy");
-        return Ok(EXIT_USAGE);
-    }
     match simple(Request::Migrate {
         pid,
         from: from.to_string(),
         to: to.to_string(),
+        lazy: mode == "lazy",
     })? {
         Ok(Reply::Migrated {
             new_pid,

@@ -189,8 +189,8 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Move a running process to another kernel (stop-and-copy): freeze it
-    /// with ptrace, stream its image over the window, restore it there;
+    /// Move a running process to another kernel: freeze it with ptrace,
+    /// stream its image over the window, restore it there;
     /// its output keeps flowing where it went. A failure before the copy
     /// runs leaves the original running.
     Migrate {
@@ -202,8 +202,10 @@ pub enum Command {
         /// Destination: instance name, id, or "host".
         #[arg(long)]
         to: String,
-        /// `stop-copy` (all pages before resume). `lazy` is not there yet.
-        #[arg(long, default_value = "stop-copy", value_parser = ["stop-copy", "lazy"])]
+        /// `lazy`: resume after the stack and the pages around each thread's
+        /// instruction pointer; the rest is fetched on demand (userfaultfd)
+        /// and pushed in the background. `stop-copy`: every page first.
+        #[arg(long, default_value = "lazy", value_parser = ["stop-copy", "lazy"])]
         mode: String,
         /// Print JSON for tools.
         #[arg(long)]

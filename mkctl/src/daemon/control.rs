@@ -65,6 +65,8 @@ pub enum Request {
         pid: u32,
         from: String,
         to: String,
+        /// Post-copy: resume first, pages follow on demand.
+        lazy: bool,
     },
     /// An image of process `pid` on `on`: `ImageChunk` wire frames, then Ok.
     Checkpoint {

@@ -308,7 +308,12 @@ impl Daemon {
                     Err(e) => Err(e),
                 }
             }
-            Request::Migrate { pid, from, to } => self.migrate(pid, &from, &to),
+            Request::Migrate {
+                pid,
+                from,
+                to,
+                lazy,
+            } => self.migrate(pid, &from, &to, lazy),
             Request::Checkpoint { pid, on, kill } => self.checkpoint(pid, &on, kill, &writer),
             Request::Restore { on } => match self.restore(&on, reader, &writer) {
                 Ok(()) => return,
@@ -1069,7 +1074,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn migrate(&self, pid: u32, from: &str, to: &str) -> Result<Reply, (String, i32)> {
+    fn migrate(&self, pid: u32, from: &str, to: &str, lazy: bool) -> Result<Reply, (String, i32)> {
         let a = self.ready_endpoint(from)?;
         let b = self.ready_endpoint(to)?;
         if a == b {
@@ -1079,7 +1084,7 @@ impl Daemon {
         let report = if a == 0 {
             // The host's agent is the origin: freeze and stream from here
             // (ptrace wants one thread from freeze to kill: this one).
-            let r = agent.move_out(pid, b).map_err(|e| (e, 1))?;
+            let r = agent.move_out(pid, b, lazy, |_| {}).map_err(|e| (e, 1))?;
             (
                 r.new_pid,
                 r.downtime.as_nanos(),
@@ -1091,6 +1096,7 @@ impl Daemon {
                 req,
                 pid,
                 to: b,
+                lazy,
             }) {
                 Ok(Msg::MigrateReport {
                     new_pid,
