@@ -145,6 +145,8 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
     let mut at = "alpha";
     for hop in 0..3 {
         let to = if at == "alpha" { "beta" } else { "alpha" };
+        // Lazy (post-copy), stop-copy, lazy.
+        let mode = if hop == 1 { "stop-copy" } else { "lazy" };
         let r = m
             .run(&[
                 "migrate",
@@ -153,29 +155,39 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
                 at,
                 "--to",
                 to,
+                "--mode",
+                mode,
                 "--json",
             ])
             .ok()
             .json();
         eprintln!("hop {hop}: {r}");
         let new_pid = r["new_pid"].as_u64().unwrap() as u32;
-        // The origin no longer runs it (it is gone, or a zombie until its
-        // output ends on the other kernel).
-        let state = m
-            .run(&[
-                "exec",
-                at,
-                "--",
-                "sh",
-                "-c",
-                &format!("cut -d' ' -f3 /proc/{pid}/stat 2>/dev/null || echo gone"),
-            ])
-            .ok()
-            .text();
-        assert!(
-            matches!(state.trim(), "Z" | "X" | "gone"),
-            "{at} still runs {pid}: state {state:?}"
-        );
+        // The origin no longer runs it: gone, or a zombie until its output
+        // ends on the other kernel (in lazy mode the frozen original is let
+        // go once every page has moved: wait for that).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let state = m
+                .run(&[
+                    "exec",
+                    at,
+                    "--",
+                    "sh",
+                    "-c",
+                    &format!("cut -d' ' -f3 /proc/{pid}/stat 2>/dev/null || echo gone"),
+                ])
+                .ok()
+                .text();
+            if matches!(state.trim(), "Z" | "X" | "gone") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{at} still holds {pid}: state {state:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
         assert_eq!(pid_on(&m, to), new_pid);
         pid = new_pid;
         at = to;
@@ -231,6 +243,8 @@ fn destination_dying_mid_transfer_leaves_the_original_running() {
         "alpha",
         "--to",
         "beta",
+        "--mode",
+        "stop-copy",
     ]);
     killer.join().unwrap();
     assert_eq!(r.code, 1, "the move must fail: {}", r.text());
