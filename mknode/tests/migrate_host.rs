@@ -6,11 +6,10 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{mkcounter, pipe, seqs, Line, Output};
+use common::{checksum, mkcounter, old_tail, pipe, running, seqs, serial, start, Line, Output, T};
 use mknode::migrate::{
     check_migratable, freeze, image, restore, CaptureError, ImageOptions, Refusal, RestoreError,
     StdioPlan,
@@ -18,27 +17,6 @@ use mknode::migrate::{
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
-
-/// The tests share two CPUs with three busy threads each: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-const T: Duration = Duration::from_secs(20);
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn start(args: &[&str]) -> (Child, Output) {
-    let mut c = Command::new(mkcounter())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn mkcounter");
-    let out = Output::new(c.stdout.take().expect("stdout"));
-    (c, out)
-}
 
 fn plan_to_pipe() -> (StdioPlan, Output) {
     let (r, w) = pipe();
@@ -54,32 +32,6 @@ fn plan_to_pipe() -> (StdioPlan, Output) {
             .into(),
     };
     (plan, Output::new(r))
-}
-
-/// Waits until every worker has counted, returning the line.
-fn running(out: &Output, threads: usize) -> (u64, Vec<u64>) {
-    let l = out.until(T, |l| {
-        matches!(l, Line::Seq { counters, .. } if counters.len() == threads && counters.iter().all(|&c| c > 0))
-    });
-    seqs(&l).pop().expect("a seq line")
-}
-
-fn checksum(pid: i32, out: &Output) -> (u64, usize) {
-    kill(Pid::from_raw(pid), Signal::SIGUSR1).expect("SIGUSR1");
-    match out.until(T, |l| matches!(l, Line::Checksum { .. })).pop() {
-        Some(Line::Checksum { sum, bytes }) => (sum, bytes),
-        _ => unreachable!(),
-    }
-}
-
-/// Checks the old stream ends at `L` with no hole, and returns L and the
-/// counters of that line.
-fn old_tail(lines: &[Line]) -> (u64, Vec<u64>) {
-    let s = seqs(lines);
-    for w in s.windows(2) {
-        assert_eq!(w[1].0, w[0].0 + 1, "hole or repeat in the old stream");
-    }
-    s.last().cloned().expect("old stream had lines")
 }
 
 /// Moves the process `pid` whose output is `out` through an in-memory image

@@ -7,7 +7,10 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -179,4 +182,52 @@ pub(crate) fn seqs(lines: &[Line]) -> Vec<(u64, Vec<u64>)> {
 /// A pipe whose write end is for the restored process.
 pub(crate) fn pipe() -> (OwnedFd, OwnedFd) {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2")
+}
+
+/// The tests share two CPUs with three busy threads each: one at a time.
+pub(crate) static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// How long a test waits for mkcounter's output.
+pub(crate) const T: Duration = Duration::from_secs(20);
+
+pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn start(args: &[&str]) -> (Child, Output) {
+    let mut c = Command::new(mkcounter())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mkcounter");
+    let out = Output::new(c.stdout.take().expect("stdout"));
+    (c, out)
+}
+
+/// Waits until every worker has counted, returning the line.
+pub(crate) fn running(out: &Output, threads: usize) -> (u64, Vec<u64>) {
+    let l = out.until(T, |l| {
+        matches!(l, Line::Seq { counters, .. } if counters.len() == threads && counters.iter().all(|&c| c > 0))
+    });
+    seqs(&l).pop().expect("a seq line")
+}
+
+pub(crate) fn checksum(pid: i32, out: &Output) -> (u64, usize) {
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).expect("SIGUSR1");
+    match out.until(T, |l| matches!(l, Line::Checksum { .. })).pop() {
+        Some(Line::Checksum { sum, bytes }) => (sum, bytes),
+        _ => unreachable!(),
+    }
+}
+
+/// Checks the old stream ends at `L` with no hole, and returns L and the
+/// counters of that line.
+pub(crate) fn old_tail(lines: &[Line]) -> (u64, Vec<u64>) {
+    let s = seqs(lines);
+    for w in s.windows(2) {
+        assert_eq!(w[1].0, w[0].0 + 1, "hole or repeat in the old stream");
+    }
+    s.last().cloned().expect("old stream had lines")
 }
