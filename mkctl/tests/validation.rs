@@ -604,3 +604,40 @@ fn shipped_examples_are_valid() {
         assert!(t.warnings.is_empty(), "{name}: {:?}", t.warnings);
     }
 }
+
+#[test]
+fn extra_guest_files_must_exist_and_be_absolute() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("prog"), b"x").unwrap();
+    let text = with(
+        "[defaults]\nfiles = { \"/bin/prog\" = \"prog\", \"/bin/gone\" = \"nope\", \"rel\" = \"prog\", \"/init\" = \"prog\" }\n",
+    );
+    let path = dir.path().join("t.toml");
+    let (src, ds) = parse_at(path.to_str().unwrap(), &text)
+        .err()
+        .expect("invalid");
+    let msgs: Vec<&str> = ds.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(ds.len(), 3, "{}", topology::render_all(&src, &ds));
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("nope") && m.contains("/bin/gone")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter().any(|m| m.contains("\"rel\" must be absolute")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("\"/init\" must be absolute and not /init")),
+        "{msgs:?}"
+    );
+    // The valid entry alone is accepted, resolved against the file's directory.
+    let ok = with("[defaults]\nfiles = { \"/bin/prog\" = \"prog\" }\n");
+    let t = parse_at(path.to_str().unwrap(), &ok)
+        .unwrap_or_else(|(s, d)| panic!("{}", topology::render_all(&s, &d)));
+    assert_eq!(
+        t.files,
+        vec![("/bin/prog".to_string(), dir.path().join("prog"))]
+    );
+}

@@ -94,8 +94,10 @@ pub enum Command {
         #[arg(long)]
         dts: bool,
     },
-    /// Boot instances of a topology under QEMU and wait until each one's
-    /// agent answers over the shared window. Starts the daemon if needed.
+    /// Boot a topology's instances and wait until each is up: QEMU ones
+    /// (through the daemon, started if needed) until their agent answers
+    /// over the shared window; kexec ones through the multikernel interface
+    /// until the kernel reports them active.
     Boot {
         /// The topology file (TOML).
         file: PathBuf,
