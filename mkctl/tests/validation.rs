@@ -613,9 +613,7 @@ fn extra_guest_files_must_exist_and_be_absolute() {
         "[defaults]\nfiles = { \"/bin/prog\" = \"prog\", \"/bin/gone\" = \"nope\", \"rel\" = \"prog\", \"/init\" = \"prog\" }\n",
     );
     let path = dir.path().join("t.toml");
-    let (src, ds) = parse_at(path.to_str().unwrap(), &text)
-        .err()
-        .expect("invalid");
+    let (src, ds) = parse_at(path.to_str().unwrap(), &text).expect_err("invalid");
     let msgs: Vec<&str> = ds.iter().map(|d| d.message.as_str()).collect();
     assert_eq!(ds.len(), 3, "{}", topology::render_all(&src, &ds));
     assert!(
