@@ -47,8 +47,34 @@ impl Client {
     /// Connects, starting the daemon first when none runs. `progress` is
     /// told when a daemon is being started.
     pub fn connect_or_start(run: &RunDir, progress: impl Fn(&str)) -> Result<Client, ClientError> {
-        if let Ok(c) = Client::connect(run) {
-            return Ok(c);
+        if let Ok(mut c) = Client::connect(run) {
+            // A daemon started by another mkctl build (the binary was
+            // rebuilt) would serve old code: replace it when it runs
+            // nothing, otherwise say so.
+            let status = c.call(&Request::Status, |_, _| {});
+            let Ok(Reply::Status { status }) = status else {
+                return Client::connect(run);
+            };
+            if status.build == super::control::build_id() {
+                return Client::connect(run);
+            }
+            let busy = status
+                .instances
+                .iter()
+                .any(|i| matches!(i.state.as_str(), "booting" | "ready" | "stopping"));
+            if busy {
+                progress(&format!(
+                    "warning: the daemon (pid {}) runs another mkctl build; `mkctl stop --all && mkctl daemon stop` to use this one",
+                    status.pid
+                ));
+                return Client::connect(run);
+            }
+            progress("replacing the daemon, which runs another mkctl build");
+            let _ = Client::connect(run).and_then(|mut c| c.call(&Request::Shutdown, |_, _| {}));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while UnixStream::connect(run.socket()).is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         std::fs::create_dir_all(run.path()).map_err(|source| ClientError::Start {
             log: run.log(),

@@ -133,6 +133,9 @@ pub enum Reply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DaemonStatus {
     pub pid: u32,
+    /// Which mkctl build runs the daemon (see [`build_id`]).
+    #[serde(default)]
+    pub build: String,
     pub run_dir: PathBuf,
     pub config: Option<PathBuf>,
     pub window: Option<PathBuf>,
@@ -311,4 +314,21 @@ mod tests {
             Err(FrameError::Io(_))
         ));
     }
+}
+
+/// This mkctl build: the version and the executable's size and mtime, so a
+/// client can tell a daemon started by an older binary (after a rebuild).
+pub fn build_id() -> String {
+    let meta = std::env::current_exe().and_then(std::fs::metadata);
+    let stamp = meta
+        .map(|m| {
+            let t = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            format!("{}-{t}", m.len())
+        })
+        .unwrap_or_default();
+    format!("{} {stamp}", env!("CARGO_PKG_VERSION"))
 }

@@ -91,6 +91,8 @@ struct Daemon {
     window: Mutex<Option<Arc<HostWindow>>>,
     spawner: Sender<SpawnReq>,
     stop: AtomicBool,
+    /// Taken at start: the executable may be replaced while we run.
+    build: String,
 }
 
 /// The daemon could not start.
@@ -182,6 +184,7 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
         window: Mutex::new(None),
         spawner: spawn_tx,
         stop: AtomicBool::new(false),
+        build: control::build_id(),
     });
     eprintln!(
         "mkctl daemon {} serving {}",
@@ -842,6 +845,7 @@ impl Daemon {
         let inner = self.lock();
         DaemonStatus {
             pid: std::process::id(),
+            build: self.build.clone(),
             run_dir: self.run.path().to_path_buf(),
             config: inner.config.clone(),
             window: window.as_ref().map(|_| self.run.window()),
