@@ -245,6 +245,23 @@ pub fn read_frame(r: &mut impl Read, side: Side) -> Result<Frame, FrameError> {
     }
 }
 
+/// This mkctl build: the version and the executable's size and mtime, so a
+/// client can tell a daemon started by an older binary (after a rebuild).
+pub fn build_id() -> String {
+    let meta = std::env::current_exe().and_then(std::fs::metadata);
+    let stamp = meta
+        .map(|m| {
+            let t = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            format!("{}-{t}", m.len())
+        })
+        .unwrap_or_default();
+    format!("{} {stamp}", env!("CARGO_PKG_VERSION"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,21 +331,4 @@ mod tests {
             Err(FrameError::Io(_))
         ));
     }
-}
-
-/// This mkctl build: the version and the executable's size and mtime, so a
-/// client can tell a daemon started by an older binary (after a rebuild).
-pub fn build_id() -> String {
-    let meta = std::env::current_exe().and_then(std::fs::metadata);
-    let stamp = meta
-        .map(|m| {
-            let t = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
-            format!("{}-{t}", m.len())
-        })
-        .unwrap_or_default();
-    format!("{} {stamp}", env!("CARGO_PKG_VERSION"))
 }
