@@ -19,7 +19,8 @@ use mknode::wire::{ExecRequest, ExitStatus, Msg, Stream};
 
 struct Net {
     _dir: tempfile::TempDir,
-    window: shmem_ring::Window,
+    /// Keeps the mapping for the whole test.
+    _window: shmem_ring::Window,
     agents: Vec<Arc<Agent>>,
     endpoints: Vec<Option<shmem_ring::Endpoint>>,
 }
@@ -54,7 +55,7 @@ fn net() -> Net {
     }
     Net {
         _dir: dir,
-        window,
+        _window: window,
         agents,
         endpoints,
     }
@@ -277,7 +278,6 @@ fn destination_gone_mid_transfer_leaves_the_original_running() {
     });
     assert_eq!(out.checksums()[1], before);
     no_gap(&out.seqs());
-    let _ = &n.window;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
