@@ -904,15 +904,7 @@ impl Validator<'_> {
                 bad = true;
             }
             if !pool.range.contains(&r) {
-                let hint = next_free(pool, &taken, sz, align, None, m).map_or_else(
-                    || "no free range of that size is left in the pool".to_string(),
-                    |f| {
-                        format!(
-                            "use memory_base = \"{:#x}\" (the next free aligned base)",
-                            f.start.0
-                        )
-                    },
-                );
+                let hint = free_base_hint(pool, &taken, sz, align, m);
                 self.push(
                     Diagnostic::error(
                         "memory-outside-pool",
@@ -929,15 +921,7 @@ impl Validator<'_> {
             }
             for (t, who, tspan) in &taken {
                 if t.overlaps(&r) {
-                    let hint = next_free(pool, &taken, sz, align, None, m).map_or_else(
-                        || "no free range of that size is left in the pool".to_string(),
-                        |f| {
-                            format!(
-                                "use memory_base = \"{:#x}\" (the next free aligned base)",
-                                f.start.0
-                            )
-                        },
-                    );
+                    let hint = free_base_hint(pool, &taken, sz, align, m);
                     self.push(
                         Diagnostic::error(
                             "memory-overlap",
@@ -1135,6 +1119,25 @@ fn gaps(pool: &Pool, taken: &[(MemRange, String, Range<usize>)]) -> Vec<MemRange
         });
     }
     out
+}
+
+/// "use memory_base = ..." with the next free aligned base for `size` bytes.
+fn free_base_hint(
+    pool: &Pool,
+    taken: &[(MemRange, String, Range<usize>)],
+    size: u64,
+    align: u64,
+    m: &Machine,
+) -> String {
+    next_free(pool, taken, size, align, None, m).map_or_else(
+        || "no free range of that size is left in the pool".to_string(),
+        |f| {
+            format!(
+                "use memory_base = \"{:#x}\" (the next free aligned base)",
+                f.start.0
+            )
+        },
+    )
 }
 
 /// The first aligned free range of `size` bytes, inside `node` when given.
