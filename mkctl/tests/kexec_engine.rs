@@ -2,6 +2,8 @@
 //! the exact calls of a boot, a stop and a release, and a failure at each
 //! step with the rollback that follows (tests for issue 9, items 3-4).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -11,22 +13,6 @@ use mkctl::kexec::fake::{FaultAt, ScriptedKernel};
 use mkctl::kexec::request::Images;
 use mkctl::kexec::{plan_boot, BootPlan, Engine, Errno, Generation, KernelIface};
 use mkctl::topology::{self, Source, Topology};
-
-/// A tiny but valid ELF64 little-endian header: what a vmlinux starts with.
-fn tiny_elf() -> Vec<u8> {
-    let mut h = vec![0u8; 64];
-    h[..4].copy_from_slice(b"\x7fELF");
-    h[4] = 2; // ELFCLASS64
-    h[5] = 1; // little-endian
-    h[6] = 1; // EV_CURRENT
-    h[16] = 2; // ET_EXEC
-    h[18] = 62; // EM_X86_64
-    h[20] = 1; // e_version
-    h[52] = 64; // e_ehsize
-    h[54] = 56; // e_phentsize
-    h[58] = 64; // e_shentsize
-    h
-}
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -40,7 +26,7 @@ impl Fixture {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kexec/two.toml"),
         )
         .unwrap();
-        std::fs::write(dir.path().join("vmlinux"), tiny_elf()).unwrap();
+        std::fs::write(dir.path().join("vmlinux"), common::tiny_elf()).unwrap();
         std::fs::write(dir.path().join("initrd.img"), b"070701").unwrap();
         let path = dir.path().join("two.toml");
         std::fs::write(&path, &text).unwrap();

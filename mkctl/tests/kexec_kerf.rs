@@ -22,21 +22,6 @@ use mkctl::kexec::request::Images;
 use mkctl::kexec::{plan_boot, Generation, KernelIface, PoolState};
 use mkctl::topology::{self, Source};
 
-fn tiny_elf() -> Vec<u8> {
-    let mut h = vec![0u8; 64];
-    h[..4].copy_from_slice(b"\x7fELF");
-    h[4] = 2;
-    h[5] = 1;
-    h[6] = 1;
-    h[16] = 2;
-    h[18] = 62;
-    h[20] = 1;
-    h[52] = 64;
-    h[54] = 56;
-    h[58] = 64;
-    h
-}
-
 fn fake_host(dir: &Path) {
     let cpuinfo: String = (0..8)
         .map(|i| {
@@ -102,7 +87,7 @@ fn kerf_writes_what_mkctl_writes() {
     // node 1; pool: CPUs 4-7 = APIC 8..14, 8G on node 1).
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kexec/two.toml");
     let text = std::fs::read_to_string(&src).unwrap();
-    std::fs::write(out.join("vmlinux"), tiny_elf()).unwrap();
+    std::fs::write(out.join("vmlinux"), common::tiny_elf()).unwrap();
     std::fs::write(out.join("initrd.img"), b"x").unwrap();
     let topo_path = out.join("two.toml");
     std::fs::write(&topo_path, &text).unwrap();

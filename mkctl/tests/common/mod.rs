@@ -55,3 +55,20 @@ pub(crate) fn kerf() -> PathBuf {
     }
     require_tool(&c, "kerf (PyPI kerf-multikernel 0.4.0)")
 }
+
+/// A tiny but valid ELF64 little-endian x86-64 header: what a vmlinux
+/// starts with (the kexec tests load it as a kernel).
+pub(crate) fn tiny_elf() -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"\x7fELF");
+    h[4] = 2; // ELFCLASS64
+    h[5] = 1; // little-endian
+    h[6] = 1; // EV_CURRENT
+    h[16] = 2; // ET_EXEC
+    h[18] = 62; // EM_X86_64
+    h[20] = 1; // e_version
+    h[52] = 64; // e_ehsize
+    h[54] = 56; // e_phentsize
+    h[58] = 64; // e_shentsize
+    h
+}
