@@ -606,6 +606,9 @@ fn ring_vs_raw(cpus: (usize, usize)) -> Paired {
         v[7].push(ring_throughput(cpus.1, FAST.small, SMALL, 32));
         v[8].push(ring_throughput(cpus.1, FAST.page, PAGE, 32));
     }
+    if std::env::var("RING_BENCH_DEBUG").is_ok() {
+        eprintln!("{v:.1?}");
+    }
     let ratio = |a: usize, b: usize| median(v[a].iter().zip(&v[b]).map(|(x, y)| x / y).collect());
     Paired {
         ring: Figures {

@@ -30,25 +30,17 @@ impl RingMem for WindowRing {
     fn capacity(&self) -> u64 {
         self.area.capacity() as u64
     }
-    fn load_head(&self, order: Ordering) -> u64 {
-        self.area.head().load(order)
-    }
-    fn store_head(&self, value: u64, order: Ordering) {
-        self.area.head().store(value, order);
-    }
     fn load_tail(&self, order: Ordering) -> u64 {
         self.area.tail().load(order)
     }
     fn store_tail(&self, value: u64, order: Ordering) {
         self.area.tail().store(value, order);
     }
-    fn load_word(&self, pos: u64) -> u64 {
-        // Ordered by the Acquire load of head that made this frame visible.
-        self.area.data_word(pos).load(Ordering::Relaxed)
+    fn load_word(&self, pos: u64, order: Ordering) -> u64 {
+        self.area.data_word(pos).load(order)
     }
-    fn store_word(&self, pos: u64, value: u64) {
-        // Ordered by the Release store of head that will publish it.
-        self.area.data_word(pos).store(value, Ordering::Relaxed);
+    fn store_word(&self, pos: u64, value: u64, order: Ordering) {
+        self.area.data_word(pos).store(value, order);
     }
     fn write_payload(&self, off: u64, src: &[u8]) {
         let ok = self.area.copy_in(off as usize, src);
@@ -57,9 +49,6 @@ impl RingMem for WindowRing {
     fn read_payload(&self, off: u64, len: usize, dst: &mut Vec<u8>) {
         let ok = self.area.append_to(off as usize, len, dst);
         debug_assert!(ok, "validated frames never wrap");
-    }
-    fn touch(&self, pos: u64) {
-        std::hint::black_box(self.area.data_word(pos).load(Ordering::Relaxed));
     }
     fn peer_flagged(&self) -> bool {
         self.area
@@ -152,7 +141,6 @@ fn window_ring(
     })?;
     let control = offset(ring.control);
     let place = RingPlace {
-        head: control + layout::C_HEAD as usize,
         tail: control + layout::C_TAIL as usize,
         data: offset(ring.data),
         capacity: offset(ring.capacity),
@@ -201,8 +189,12 @@ pub(crate) fn reset(endpoint: &EndpointInner, peer: u16) -> Result<(), Error> {
         rings.push(ring);
     }
     for ring in rings {
+        // Positions restart at 0: the word there must read as "no frame yet"
+        // (the ring protocol's marker), whatever the old frames left in it.
+        if let Some(w) = inner.region.word(offset(ring.data)) {
+            w.store(0, Ordering::Relaxed);
+        }
         for word in [
-            layout::C_HEAD,
             layout::C_PRODUCER_CLAIM,
             layout::C_PRODUCER_FLAGS,
             layout::C_TAIL,
@@ -634,9 +626,9 @@ impl Receiver {
             .observe(self.peer, words, progress, Instant::now(), &liveness)
     }
 
-    /// How far the sender has written, as last seen.
+    /// How far this receiver has read: moves while the sender sends.
     fn progress(&self) -> u64 {
-        self.consumer.seen_head()
+        self.consumer.seen_tail()
     }
 }
 

@@ -10,12 +10,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::layout::FRAME_HEADER;
-use crate::ring::{encode, Consumer, Producer, RingMem, TryError, KIND_DATA, KIND_PAD};
+use crate::ring::{decode, encode, Consumer, Producer, RingMem, TryError, KIND_DATA, KIND_PAD};
 
 /// A ring on the heap, for fuzzing and unit tests.
 #[derive(Debug)]
 pub(crate) struct HeapRing {
-    head: AtomicU64,
     tail: AtomicU64,
     words: Vec<AtomicU64>,
 }
@@ -24,7 +23,6 @@ impl HeapRing {
     pub(crate) fn new(capacity: usize) -> HeapRing {
         assert!(capacity.is_power_of_two() && capacity >= 16);
         HeapRing {
-            head: AtomicU64::new(0),
             tail: AtomicU64::new(0),
             words: (0..capacity / 8).map(|_| AtomicU64::new(0)).collect(),
         }
@@ -40,23 +38,17 @@ impl RingMem for &HeapRing {
     fn capacity(&self) -> u64 {
         self.words.len() as u64 * 8
     }
-    fn load_head(&self, order: Ordering) -> u64 {
-        self.head.load(order)
-    }
-    fn store_head(&self, value: u64, order: Ordering) {
-        self.head.store(value, order);
-    }
     fn load_tail(&self, order: Ordering) -> u64 {
         self.tail.load(order)
     }
     fn store_tail(&self, value: u64, order: Ordering) {
         self.tail.store(value, order);
     }
-    fn load_word(&self, pos: u64) -> u64 {
-        self.words[self.index(pos)].load(Ordering::Relaxed)
+    fn load_word(&self, pos: u64, order: Ordering) -> u64 {
+        self.words[self.index(pos)].load(order)
     }
-    fn store_word(&self, pos: u64, value: u64) {
-        self.words[self.index(pos)].store(value, Ordering::Relaxed);
+    fn store_word(&self, pos: u64, value: u64, order: Ordering) {
+        self.words[self.index(pos)].store(value, order);
     }
     fn write_payload(&self, off: u64, src: &[u8]) {
         assert!(off + src.len() as u64 <= self.capacity(), "payload wraps");
@@ -92,24 +84,19 @@ fn words(input: &[u8]) -> impl Iterator<Item = u64> + '_ {
 
 /// Builds a ring from `input` and drains it with the consumer, checking that
 /// whatever the bytes, every outcome is a frame inside the data area, `Empty`,
-/// or a `Broken` that sticks; never a panic, never a read outside the ring.
+/// or a `Broken` that sticks; never a panic, never a read outside the ring,
+/// never more than the bytes stored. Then lets a producer resume on the
+/// same bytes and checks that it never writes past the read position and
+/// always leaves the "no frame yet" marker where the consumer looks next.
 ///
-/// Input: read position, write position (as an offset from it when the low
-/// bit is clear, raw otherwise), then one word per data word; a word whose
-/// low two bits are 1 or 2 becomes a data or padding header with a valid check
-/// for its position and a length from its other bits, so the fuzzer reaches
-/// the length checks behind the header check; then a read position and
-/// lengths for the producer's side.
+/// Input: read position, then one word per data word; a word whose low two
+/// bits are 1 or 2 becomes a data or padding header with a valid check for
+/// its position, 3 one valid for the position a lap back (a stale header),
+/// with a length from its other bits, so the fuzzer reaches the checks behind
+/// the header check; then a read position and lengths for the producer's side.
 pub fn frame_decoder(input: &[u8]) {
     let mut w = words(input);
     let tail = w.next().unwrap_or(0);
-    let head_in = w.next().unwrap_or(0);
-    let head = if head_in & 1 == 0 {
-        // Mostly 8-aligned offsets up to two capacities ahead.
-        tail.wrapping_add(((head_in >> 1) % (2 * CAP / 8 + 2)) * 8)
-    } else {
-        head_in
-    };
     let ring = HeapRing::new(CAP as usize);
     let base = tail & !(CAP - 1);
     for i in 0..CAP / 8 {
@@ -118,22 +105,28 @@ pub fn frame_decoder(input: &[u8]) {
             pos = pos.wrapping_add(CAP);
         }
         let x = w.next().unwrap_or(0);
-        // Lengths that end the frame within 8 bytes of the write position,
-        // short ones so frames chain, or any up to twice the capacity.
+        let room = CAP - pos % CAP;
+        // Lengths that end the frame near the end of the data area, short
+        // ones so frames chain, or any up to twice the capacity.
         let len = match (x >> 2) & 3 {
-            0 => (head.wrapping_sub(pos).min(2 * CAP) + (x >> 4) % 17).saturating_sub(24) as u32,
+            0 => (room + (x >> 4) % 17).saturating_sub(16) as u32,
             1 => ((x >> 4) % 40) as u32,
             _ => ((x >> 4) % (2 * CAP)) as u32,
+        };
+        let kind = if (x >> 6) & 1 == 0 {
+            KIND_DATA
+        } else {
+            KIND_PAD
         };
         let word = match x & 3 {
             1 => encode(pos, len, KIND_DATA),
             2 => encode(pos, len, KIND_PAD),
-            _ => x,
+            3 => encode(pos.wrapping_sub(CAP), len, kind),
+            _ => x >> 2,
         };
-        (&ring).store_word(pos, word);
+        (&ring).store_word(pos, word, Ordering::Relaxed);
     }
     ring.tail.store(tail, Ordering::Relaxed);
-    ring.head.store(head, Ordering::Relaxed);
 
     let mut c = Consumer::new(&ring);
     let mut buf = Vec::new();
@@ -153,19 +146,18 @@ pub fn frame_decoder(input: &[u8]) {
             }
             Err(e) => panic!("consumer cannot fail with {e:?}"),
         }
-        // Never past the write position (nor a capacity past the start).
+        // The stored bytes are static and were written for positions within
+        // one lap of the start: past that, every header names the position a
+        // lap back. One frame may straddle that point, hence two laps at most.
         let consumed = ring.tail.load(Ordering::Relaxed).wrapping_sub(tail);
-        assert!(consumed <= CAP, "consumed past one capacity");
-        assert!(
-            consumed <= head.wrapping_sub(tail),
-            "consumed past the head"
-        );
+        assert!(consumed <= 2 * CAP, "consumed past two capacities");
     }
 
-    // The producer's side: whatever the read position says, it never writes
-    // beyond it, and a bad one breaks the ring.
+    // The producer's side: whatever the read position and the bytes say, it
+    // never writes beyond the read position, a bad one breaks the ring, and
+    // once it has written a frame the word after its last frame reads as
+    // "no frame yet".
     let t = w.next().unwrap_or(0);
-    ring.head.store(head & !7, Ordering::Relaxed);
     ring.tail.store(t, Ordering::Relaxed);
     let mut p = Producer::new(&ring);
     for len in w.take(16) {
@@ -176,11 +168,16 @@ pub fn frame_decoder(input: &[u8]) {
                 p.fill(&r, &vec![0xa5; r.len()]);
                 p.commit(r);
                 p.publish();
-                let filled = ring
-                    .head
-                    .load(Ordering::Relaxed)
-                    .wrapping_sub(p.seen_tail());
+                let end = p.position();
+                let filled = end.wrapping_sub(p.seen_tail());
                 assert!(filled <= CAP, "wrote past the read position");
+                if filled < CAP {
+                    let word = (&ring).load_word(end, Ordering::Relaxed);
+                    assert!(
+                        word == 0 || decode(word, end.wrapping_sub(CAP)).is_ok(),
+                        "no marker after the last frame: {word:#x} at {end:#x}"
+                    );
+                }
             }
             Err(TryError::Full | TryError::TooLarge { .. }) => {}
             Err(TryError::Broken(cause)) => {

@@ -18,12 +18,14 @@
 //!         +0x08 heartbeat counter
 //!         +0x10 id (written when formatting, checked on attach)
 //! align 64: ring control blocks, 256 B per ring, ring index = from*(N-1) + to'
-//!         +0x00 head (write position, producer's line)
+//!         +0x00 reserved, 0 (the write position in layout version 1)
 //!         +0x08 producer claim (generation of the sending endpoint, 0 = none)
 //!         +0x10 producer flags (bit 0: producer found the ring corrupt)
 //!         +0x80 tail (read position, consumer's line)
 //!         +0x88 consumer claim   +0x90 consumer flags
-//! align 4096: ring data areas, `capacity` bytes each, in ring index order
+//! align 4096: ring data areas, `capacity` bytes each, in ring index order;
+//!         frames as described in `ring.rs`; the first word of each is zeroed
+//!         when formatting (the "no frame yet" marker for position 0)
 //! ```
 
 use crate::Error;
@@ -31,7 +33,7 @@ use crate::Error;
 /// First word of a formatted window: "MKSHRING" in little-endian bytes.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MKSHRING");
 /// Version of the layout described in this module; bumped on any change.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Most endpoints a window can hold (each pair costs two rings).
 pub const MAX_ENDPOINTS: u16 = 64;
 /// Smallest ring data area (one page).
@@ -61,8 +63,8 @@ pub(crate) const E_STATE: u64 = 0x00;
 pub(crate) const E_HEARTBEAT: u64 = 0x08;
 pub(crate) const E_ID: u64 = 0x10;
 
-// Control block words.
-pub(crate) const C_HEAD: u64 = 0x00;
+// Control block words (0x00 is reserved: the write position of version 1;
+// readers now learn of frames from their headers).
 pub(crate) const C_PRODUCER_CLAIM: u64 = 0x08;
 pub(crate) const C_PRODUCER_FLAGS: u64 = 0x10;
 pub(crate) const C_TAIL: u64 = 0x80;

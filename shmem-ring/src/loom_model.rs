@@ -2,11 +2,17 @@
 //!
 //! Loom explores the interleavings and the weak-memory outcomes of threads on
 //! the heap, not of a window shared between processes, so the very same
-//! `Producer`/`Consumer` code runs here on a heap-allocated [`RingMem`]: head
-//! and tail are loom atomics, and the data area is loom cells (`raw::LoomCells`)
-//! accessed as plain memory, headers included. Loom fails the model on any
-//! access to a data byte that the protocol's Release/Acquire pairs do not order
-//! after the previous access by the other side (a payload read before it was
+//! `Producer`/`Consumer` code runs here on a heap-allocated [`RingMem`]: the
+//! tail is a loom atomic, every 8-byte data word is a loom atomic for the
+//! accesses that go through atomics in the window too (frame headers and
+//! markers, the words that steer the consumer), and the payload bytes are
+//! loom cells (`raw::LoomCells`) accessed as plain memory. Writing a payload
+//! also overwrites the atomics of the words it covers with payload bytes, as
+//! in the window, where headers and payloads share the memory: a header
+//! position whose marker was not written in time then shows payload bytes
+//! and breaks the ring. Loom fails the model on any access to a payload byte
+//! that the protocol's Release/Acquire pairs do not order after the previous
+//! access by the other side (a payload read before its header was
 //! published, or overwritten before the consumer released it); the content
 //! and order checks catch the rest. The mapping itself is tested separately
 //! (tests/).
@@ -25,9 +31,9 @@ use crate::ring::{Consumer, Producer, RingMem, TryError};
 
 #[derive(Debug)]
 struct Model {
-    head: AtomicU64,
     tail: AtomicU64,
-    data: LoomCells,
+    words: Vec<AtomicU64>,
+    bytes: LoomCells,
 }
 
 #[derive(Debug, Clone)]
@@ -36,9 +42,9 @@ struct Mem(Arc<Model>);
 impl Mem {
     fn new(capacity: usize) -> Mem {
         Mem(Arc::new(Model {
-            head: AtomicU64::new(0),
             tail: AtomicU64::new(0),
-            data: LoomCells::new(capacity),
+            words: (0..capacity / 8).map(|_| AtomicU64::new(0)).collect(),
+            bytes: LoomCells::new(capacity),
         }))
     }
 
@@ -49,13 +55,7 @@ impl Mem {
 
 impl RingMem for Mem {
     fn capacity(&self) -> u64 {
-        self.0.data.len() as u64
-    }
-    fn load_head(&self, order: Ordering) -> u64 {
-        self.0.head.load(order)
-    }
-    fn store_head(&self, value: u64, order: Ordering) {
-        self.0.head.store(value, order);
+        self.0.bytes.len() as u64
     }
     fn load_tail(&self, order: Ordering) -> u64 {
         self.0.tail.load(order)
@@ -63,31 +63,30 @@ impl RingMem for Mem {
     fn store_tail(&self, value: u64, order: Ordering) {
         self.0.tail.store(value, order);
     }
-    fn load_word(&self, pos: u64) -> u64 {
-        let at = self.at(pos) & !7;
-        let mut b = [0u8; 8];
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = self.0.data.read(at + i);
-        }
-        u64::from_le_bytes(b)
+    fn load_word(&self, pos: u64, order: Ordering) -> u64 {
+        self.0.words[self.at(pos) / 8].load(order)
     }
-    fn store_word(&self, pos: u64, value: u64) {
-        let at = self.at(pos) & !7;
-        for (i, x) in value.to_le_bytes().into_iter().enumerate() {
-            self.0.data.write(at + i, x);
-        }
+    fn store_word(&self, pos: u64, value: u64, order: Ordering) {
+        self.0.words[self.at(pos) / 8].store(value, order);
     }
     fn write_payload(&self, off: u64, src: &[u8]) {
         let at = self.at(off);
-        assert!(at + src.len() <= self.0.data.len(), "payload wraps");
+        assert!(at + src.len() <= self.0.bytes.len(), "payload wraps");
         for (i, &x) in src.iter().enumerate() {
-            self.0.data.write(at + i, x);
+            self.0.bytes.write(at + i, x);
+        }
+        // Payloads start 8-aligned (after a header); the words they cover
+        // now hold payload bytes.
+        for (k, chunk) in src.chunks(8).enumerate() {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0.words[at / 8 + k].store(u64::from_le_bytes(b), Ordering::Relaxed);
         }
     }
     fn read_payload(&self, off: u64, len: usize, dst: &mut Vec<u8>) {
         let at = self.at(off);
-        assert!(at + len <= self.0.data.len(), "payload wraps");
-        dst.extend((0..len).map(|i| self.0.data.read(at + i)));
+        assert!(at + len <= self.0.bytes.len(), "payload wraps");
+        dst.extend((0..len).map(|i| self.0.bytes.read(at + i)));
     }
 }
 
@@ -153,7 +152,9 @@ fn loom_fills_the_ring_and_waits_for_room() {
 
 #[test]
 fn loom_pads_to_the_end_and_wraps() {
-    // 16 + 24 > 32: the second frame needs padding and a wrap to offset 0.
+    // 16 + 24 > 32: the second frame needs padding and a wrap to offset 0;
+    // the padding fills the ring exactly, so the consumer finds the first
+    // frame's header (one lap back) instead of a marker after it.
     model(32, &[5, 12, 0], 1);
 }
 

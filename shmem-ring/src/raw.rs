@@ -127,8 +127,6 @@ impl Region {
 /// Where one ring lives in the window, as byte offsets (see `layout.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct RingPlace {
-    /// The producer-owned word holding the write position.
-    pub(crate) head: usize,
     /// The consumer-owned word holding the read position.
     pub(crate) tail: usize,
     /// Start of the data area.
@@ -153,14 +151,13 @@ pub(crate) struct Lease {
 }
 
 impl RingArea {
-    /// Checks that both control words and the whole data area lie inside the
+    /// Checks that the control word and the whole data area lie inside the
     /// window and are 8-aligned, and that the capacity is a power of two.
     pub(crate) fn new(region: Arc<Region>, place: RingPlace) -> Option<RingArea> {
         let ok = place.capacity.is_power_of_two()
             && place.capacity >= 8
             && place.data % 8 == 0
             && region.in_bounds(place.data, place.capacity)
-            && region.word(place.head).is_some()
             && region.word(place.tail).is_some();
         ok.then_some(RingArea { region, place })
     }
@@ -175,22 +172,14 @@ impl RingArea {
         &self.region
     }
 
-    fn control(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= self.region.len());
-        // SAFETY: `off` is `place.head` or `place.tail`, both checked by `new`
-        // to be aligned words inside the mapping, which lives as long as
-        // `self.region`; see `Region::word` for why a shared `&AtomicU64` is fine.
-        unsafe { &*self.region.map.as_mut_ptr().add(off).cast::<AtomicU64>() }
-    }
-
-    /// The write position word.
-    pub(crate) fn head(&self) -> &AtomicU64 {
-        self.control(self.place.head)
-    }
-
     /// The read position word.
     pub(crate) fn tail(&self) -> &AtomicU64 {
-        self.control(self.place.tail)
+        let off = self.place.tail;
+        debug_assert!(off % 8 == 0 && off + 8 <= self.region.len());
+        // SAFETY: `place.tail` was checked by `new` to be an aligned word inside
+        // the mapping, which lives as long as `self.region`; see `Region::word`
+        // for why a shared `&AtomicU64` is fine.
+        unsafe { &*self.region.map.as_mut_ptr().add(off).cast::<AtomicU64>() }
     }
 
     /// The data-area word containing byte `pos mod capacity`, rounded down to 8.
@@ -321,7 +310,7 @@ fn stream_copy(dst: *mut u8, src: &[u8]) {
     // 16 bytes before `len`, the rest copies `len - i` bytes. `dst + lead` is
     // 16-aligned as `_mm_stream_si128` requires; the loads are unaligned ones.
     // SSE2 is part of the x86_64 baseline. The fence orders the streaming
-    // stores before the Release store of the head that later publishes them,
+    // stores before the Release store of the header that later publishes them,
     // as the intrinsic's documentation requires.
     unsafe {
         ptr::copy_nonoverlapping(src.as_ptr(), dst, lead);

@@ -4,11 +4,10 @@
 //!
 //! Positions are ever-increasing `u64` byte counts (wrapping after 2^64 bytes);
 //! the offset in the data area is `position mod capacity`. The producer owns
-//! `head` (everything before it is written), the consumer owns `tail`
-//! (everything before it is consumed); `head - tail` is the filled part and
-//! never exceeds the capacity. Each side caches the other's position and
-//! reloads it only when its cached value says "full" or "empty", so a steady
-//! stream costs one cache-line transfer per direction per batch.
+//! the write position (everything before it is written), the consumer owns
+//! `tail` (everything before it is consumed) and publishes it in the window;
+//! the filled part never exceeds the capacity. The producer caches the tail
+//! and reloads it only when its cached value says "full".
 //!
 //! A frame is an 8-byte header and the payload padded to 8 bytes. The header is
 //! `len: u32 | kind: u16 << 32 | check: u16 << 48`, where `check` hashes the
@@ -17,10 +16,32 @@
 //! the end of the data area, a padding record covers the rest and the frame
 //! starts at offset 0.
 //!
-//! The consumer trusts nothing it reads: the head must be 8-aligned, not move
-//! back and stay within `tail + capacity`; a header must decode, its frame must
-//! end before the end of the data area and before the head. The producer
-//! checks the tail the same way. The first violation breaks the ring for good.
+//! **The header is the signal.** The consumer learns that a frame is ready by
+//! reading the header word at its own read position (Acquire); the producer
+//! writes the payload first and the header last (Release). There is no write
+//! index on another cache line to poll, so a message costs the cache lines of
+//! its frame and nothing else. For that to work the word at the producer's
+//! write position must never look like a frame before the producer puts one
+//! there. The producer therefore writes a zero *marker* at the end of each
+//! frame before it publishes the frame, so the word the consumer reads next
+//! is the marker, the next header, or (only when the frame fills the ring to
+//! exactly one capacity past the consumer's position, where the marker would
+//! land on an unconsumed header) the header of the previous lap at that
+//! offset, which the consumer also reads as "nothing yet". The marker needs
+//! no room of its own: positions are 8-aligned, so a frame that does not fill
+//! the ring exactly leaves at least 8 free bytes after it.
+//!
+//! Batching: the header of the first frame after the last publish is held
+//! back in the producer (the word in the window stays the marker), later
+//! frames get their headers at once; publishing stores the held header with
+//! Release, which makes the whole burst visible with one store.
+//!
+//! The consumer trusts nothing it reads: a header must be zero, decode for its
+//! position, or decode for the position one lap back; a frame must end before
+//! the end of the data area; padding must cover exactly the rest of the area
+//! and cannot start at offset 0. The producer checks the tail: 8-aligned, not
+//! moving back, not past what was published. The first violation breaks the
+//! ring for good.
 
 use std::sync::atomic::Ordering;
 
@@ -34,20 +55,16 @@ pub(crate) const KIND_PAD: u16 = 0x9AD0;
 pub(crate) trait RingMem {
     /// Size of the data area: a power of two, at least 16.
     fn capacity(&self) -> u64;
-    fn load_head(&self, order: Ordering) -> u64;
-    fn store_head(&self, value: u64, order: Ordering);
     fn load_tail(&self, order: Ordering) -> u64;
     fn store_tail(&self, value: u64, order: Ordering);
-    /// The 8-byte word at data offset `pos mod capacity` (8-aligned).
-    fn load_word(&self, pos: u64) -> u64;
-    fn store_word(&self, pos: u64, value: u64);
+    /// The 8-byte word at data offset `pos mod capacity` (8-aligned): a frame
+    /// header or a marker.
+    fn load_word(&self, pos: u64, order: Ordering) -> u64;
+    fn store_word(&self, pos: u64, value: u64, order: Ordering);
     /// Copies `src` to data offset `off` (the range never wraps).
     fn write_payload(&self, off: u64, src: &[u8]);
     /// Appends `len` bytes from data offset `off` to `dst` (never wraps).
     fn read_payload(&self, off: u64, len: usize, dst: &mut Vec<u8>);
-    /// Starts loading the cache line of data position `pos` (published
-    /// data only) so that its transfer overlaps the one being waited for.
-    fn touch(&self, _pos: u64) {}
     /// Whether the other side flagged the ring as corrupt.
     fn peer_flagged(&self) -> bool {
         false
@@ -71,6 +88,7 @@ fn check(pos: u64, len: u32, kind: u16) -> u16 {
     (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as u16
 }
 
+/// The header word of a frame at `pos`; never zero (the kinds are not).
 pub(crate) fn encode(pos: u64, len: u32, kind: u16) -> u64 {
     u64::from(len) | u64::from(kind) << 32 | u64::from(check(pos, len, kind)) << 48
 }
@@ -127,20 +145,23 @@ pub(crate) struct Producer<M> {
     cap: u64,
     /// Everything before `head` is written (published or not).
     head: u64,
-    /// The last value stored to the window's head.
+    /// Frames before `published` are visible to the consumer.
     published: u64,
+    /// The header of the frame at `published`, held back until the next
+    /// publish while frames are batched (`published != head`).
+    held: u64,
     /// The last validated read position: room up to `tail + cap` is free.
     tail: u64,
     broken: Option<Corruption>,
 }
 
 impl<M: RingMem> Producer<M> {
-    /// Resumes from the positions in the window (0 and 0 after formatting; the
-    /// previous incarnation's values after a restart), checking them.
+    /// Resumes after the frames in the window: 0 after formatting; after a
+    /// restart, the end of the frames the previous incarnation published,
+    /// found by walking the headers from the consumer's read position to the
+    /// marker (or the end of the ring).
     pub(crate) fn new(mem: M) -> Self {
         let cap = mem.capacity();
-        // Only this side writes head; after a restart the old value is ours.
-        let head = mem.load_head(Ordering::Relaxed);
         ////////////////
         // SYNC POINT: consumer finished reading up to tail (see `release`)
         ////////////////
@@ -148,19 +169,43 @@ impl<M: RingMem> Producer<M> {
         let mut p = Producer {
             mem,
             cap,
-            head,
-            published: head,
+            head: tail,
+            published: tail,
+            held: 0,
             tail,
             broken: None,
         };
-        let used = head.wrapping_sub(tail);
-        if head % 8 != 0 || tail % 8 != 0 || used > cap {
+        if tail % 8 != 0 {
             p.fail(Corruption::TailOutOfRange {
                 tail,
-                lowest: head.wrapping_sub(cap),
-                highest: head,
+                lowest: tail & !7,
+                highest: tail & !7,
             });
-        } else if p.mem.peer_flagged() {
+            return p;
+        }
+        // Terminates: every pass moves `head` forward by at least 8 bytes,
+        // and at most one capacity past `tail`.
+        while p.head.wrapping_sub(tail) < cap {
+            let pos = p.head;
+            ////////////////
+            // SYNC POINT: frame written (see `publish`)
+            ////////////////
+            let word = p.mem.load_word(pos, Ordering::Acquire);
+            let room = cap - (pos & (cap - 1));
+            let size = match decode(word, pos) {
+                Ok(Header::Data(len)) => frame_size(u64::from(len)),
+                Ok(Header::Pad(len)) if u64::from(len) + FRAME_HEADER == room && room != cap => {
+                    room
+                }
+                _ => break,
+            };
+            if size > room || pos.wrapping_add(size).wrapping_sub(tail) > cap {
+                break;
+            }
+            p.head = pos.wrapping_add(size);
+        }
+        p.published = p.head;
+        if p.mem.peer_flagged() {
             p.fail(Corruption::PeerFlagged);
         }
         p
@@ -177,6 +222,11 @@ impl<M: RingMem> Producer<M> {
     /// The consumer's position as last seen.
     pub(crate) fn seen_tail(&self) -> u64 {
         self.tail
+    }
+
+    /// The end of the committed frames.
+    pub(crate) fn position(&self) -> u64 {
+        self.head
     }
 
     /// Largest payload: a frame may fill the whole data area.
@@ -218,7 +268,9 @@ impl<M: RingMem> Producer<M> {
         Ok(())
     }
 
-    /// Makes sure `need` more bytes fit after `head`.
+    /// Makes sure `need` more bytes fit after `head`. (The marker after a
+    /// frame needs no room of its own: positions are 8-aligned, so a frame
+    /// either fills the ring exactly, and has no marker, or leaves 8 bytes.)
     fn ensure(&mut self, need: u64) -> Result<(), TryError> {
         if self.head.wrapping_sub(self.tail) + need <= self.cap {
             return Ok(());
@@ -230,6 +282,25 @@ impl<M: RingMem> Producer<M> {
         // Let the consumer see what was batched, or it may never make room.
         self.publish();
         Err(TryError::Full)
+    }
+
+    /// Finishes the frame at `head` whose header is `word` and which ends at
+    /// `end`: the marker goes after it, then the header (held back if it is
+    /// the first frame since the last publish).
+    fn seal(&mut self, word: u64, end: u64) {
+        // Where a frame fills the ring exactly, the word at its end is the
+        // header at `tail` (unconsumed, or consumed and reading as the
+        // previous lap's): no marker, see the module doc.
+        if end.wrapping_sub(self.tail) != self.cap {
+            self.mem.store_word(end, 0, Ordering::Relaxed);
+        }
+        if self.published == self.head {
+            self.held = word;
+        } else {
+            // Ordered by the Release store of the held header.
+            self.mem.store_word(self.head, word, Ordering::Relaxed);
+        }
+        self.head = end;
     }
 
     /// Reserves a frame for `len` payload bytes at the head, first padding to
@@ -254,12 +325,12 @@ impl<M: RingMem> Producer<M> {
             // The padding goes in as soon as it fits, even if the frame does
             // not yet: once the consumer passes it, the whole area is contiguous.
             self.ensure(room_to_end)?;
-            // room_to_end >= 8 because positions are 8-aligned; the length
-            // field holds what follows the padding's own header.
+            // room_to_end >= 8 because positions are 8-aligned, and < cap
+            // because a frame always fits at offset 0; the length field holds
+            // what follows the padding's own header.
             let pad_len = (room_to_end - FRAME_HEADER) as u32;
-            self.mem
-                .store_word(self.head, encode(self.head, pad_len, KIND_PAD));
-            self.head = self.head.wrapping_add(room_to_end);
+            let word = encode(self.head, pad_len, KIND_PAD);
+            self.seal(word, self.head.wrapping_add(room_to_end));
         }
         self.ensure(frame)?;
         Ok(Reservation {
@@ -274,21 +345,25 @@ impl<M: RingMem> Producer<M> {
         self.mem.write_payload(r.payload_offset(self.cap), payload);
     }
 
-    /// Writes the frame's header and moves the local head past it; the frame
-    /// is visible to the consumer after the next [`Producer::publish`].
+    /// Writes the frame's marker and header and moves the local head past it;
+    /// the frame is visible to the consumer after the next
+    /// [`Producer::publish`].
     pub(crate) fn commit(&mut self, r: Reservation) {
         debug_assert_eq!(r.pos, self.head, "reservations are committed in order");
-        self.mem.store_word(r.pos, encode(r.pos, r.len, KIND_DATA));
-        self.head = r.pos.wrapping_add(frame_size(u64::from(r.len)));
+        let end = r.pos.wrapping_add(frame_size(u64::from(r.len)));
+        self.seal(encode(r.pos, r.len, KIND_DATA), end);
     }
 
     /// Makes every committed frame visible with one store.
     pub(crate) fn publish(&mut self) {
         if self.published != self.head {
             ////////////////
-            // SYNC POINT: frames before head are written (see `refresh_head`)
+            // SYNC POINT: frame written (see `try_peek`): the payloads, the
+            // markers and the later headers of the burst before its first
+            // header
             ////////////////
-            self.mem.store_head(self.head, Ordering::Release);
+            self.mem
+                .store_word(self.published, self.held, Ordering::Release);
             self.published = self.head;
         }
     }
@@ -311,8 +386,6 @@ pub(crate) struct Consumer<M> {
     cap: u64,
     /// Position of the next frame header (padding already skipped).
     tail: u64,
-    /// The last validated write position: frames before it are readable.
-    head: u64,
     broken: Option<Corruption>,
 }
 
@@ -326,7 +399,6 @@ impl<M: RingMem> Consumer<M> {
             mem,
             cap,
             tail,
-            head: tail,
             broken: None,
         };
         if tail % 8 != 0 {
@@ -349,9 +421,9 @@ impl<M: RingMem> Consumer<M> {
         self.broken
     }
 
-    /// The producer's position as last seen.
-    pub(crate) fn seen_head(&self) -> u64 {
-        self.head
+    /// How far this side has read: moves while the producer sends.
+    pub(crate) fn seen_tail(&self) -> u64 {
+        self.tail
     }
 
     fn fail(&mut self, c: Corruption) -> TryError {
@@ -362,26 +434,12 @@ impl<M: RingMem> Consumer<M> {
         TryError::Broken(self.broken.unwrap_or(c))
     }
 
-    /// Reloads the producer's position; it may only move forward, and never
-    /// more than one capacity past our read position.
-    fn refresh_head(&mut self) -> Result<(), TryError> {
-        ////////////////
-        // SYNC POINT: frames before head are written (see `publish`)
-        ////////////////
-        let h = self.mem.load_head(Ordering::Acquire);
-        let ahead = h.wrapping_sub(self.tail);
-        if h % 8 != 0 || ahead > self.cap || ahead < self.head.wrapping_sub(self.tail) {
-            return Err(self.fail(Corruption::HeadOutOfRange {
-                head: h,
-                lowest: self.head,
-                highest: self.tail.wrapping_add(self.cap),
-            }));
+    /// Nothing at `pos` yet; or the producer gave up on the ring.
+    fn empty(&mut self) -> TryError {
+        if self.mem.peer_flagged() {
+            return self.fail(Corruption::PeerFlagged);
         }
-        if ahead == 0 && self.mem.peer_flagged() {
-            return Err(self.fail(Corruption::PeerFlagged));
-        }
-        self.head = h;
-        Ok(())
+        TryError::Empty
     }
 
     /// The next frame, validated, without consuming it.
@@ -389,31 +447,32 @@ impl<M: RingMem> Consumer<M> {
         if let Some(c) = self.broken {
             return Err(TryError::Broken(c));
         }
-        // Terminates: every pass returns or moves `tail` forward by at least 8
-        // bytes toward `head`, which is at most one capacity ahead.
+        // At most two passes: padding is never at offset 0, where the pass
+        // after padding looks.
         loop {
-            if self.tail == self.head {
-                self.refresh_head()?;
-                if self.tail == self.head {
-                    return Err(TryError::Empty);
-                }
-            }
             let pos = self.tail;
+            ////////////////
+            // SYNC POINT: frame written (see `publish`)
+            ////////////////
+            let word = self.mem.load_word(pos, Ordering::Acquire);
+            if word == 0 {
+                return Err(self.empty());
+            }
             let offset = pos & (self.cap - 1);
             let room = self.cap - offset;
-            let avail = self.head.wrapping_sub(pos);
-            // A frame that spans two cache lines would cost two transfers in
-            // a row (header, then the rest); ask for the second one now when
-            // it holds published data.
-            let next_line = 64 - (offset & 63);
-            if avail > next_line && room > next_line {
-                self.mem.touch(pos.wrapping_add(next_line));
-            }
-            let header = decode(self.mem.load_word(pos), pos).map_err(|c| self.fail(c))?;
+            let header = match decode(word, pos) {
+                Ok(h) => h,
+                // The header one lap back, left where a frame filled the
+                // ring exactly: nothing new yet.
+                Err(_) if decode(word, pos.wrapping_sub(self.cap)).is_ok() => {
+                    return Err(self.empty())
+                }
+                Err(c) => return Err(self.fail(c)),
+            };
             match header {
                 Header::Pad(len) => {
                     let expected = room - FRAME_HEADER;
-                    if u64::from(len) != expected || room > avail {
+                    if u64::from(len) != expected || offset == 0 {
                         return Err(self.fail(Corruption::Padding { pos, len, expected }));
                     }
                     self.tail = pos.wrapping_add(room);
@@ -431,13 +490,6 @@ impl<M: RingMem> Consumer<M> {
                             len,
                             offset,
                             capacity: self.cap,
-                        }));
-                    }
-                    if size > avail {
-                        return Err(self.fail(Corruption::FrameBeyondHead {
-                            pos,
-                            end: pos.wrapping_add(size),
-                            head: self.head,
                         }));
                     }
                     return Ok(Frame {
@@ -471,10 +523,15 @@ mod tests {
     use crate::fuzz::HeapRing;
 
     fn send(p: &mut Producer<&HeapRing>, msg: &[u8]) -> Result<(), TryError> {
+        send_batched(p, msg)?;
+        p.publish();
+        Ok(())
+    }
+
+    fn send_batched(p: &mut Producer<&HeapRing>, msg: &[u8]) -> Result<(), TryError> {
         let r = p.try_reserve(msg.len())?;
         p.fill(&r, msg);
         p.commit(r);
-        p.publish();
         Ok(())
     }
 
@@ -493,23 +550,79 @@ mod tests {
         }
     }
 
+    fn word(ring: &HeapRing, pos: u64) -> u64 {
+        (&ring).load_word(pos, Ordering::Relaxed)
+    }
+
+    fn poke(ring: &HeapRing, pos: u64, value: u64) {
+        (&ring).store_word(pos, value, Ordering::Relaxed);
+    }
+
     #[test]
-    fn head_may_not_move_back_jump_past_a_capacity_or_be_misaligned() {
-        for bad in [u64::MAX - 7, 64 + 8, 4, 1 << 40] {
+    fn the_word_after_the_last_frame_reads_as_nothing_yet() {
+        let ring = HeapRing::new(64);
+        let mut p = Producer::new(&ring);
+        let mut c = Consumer::new(&ring);
+        poke(&ring, 16, 0x5555_5555_5555_5555);
+        send(&mut p, &[1; 8]).unwrap();
+        assert_eq!(word(&ring, 16), 0, "no marker after the frame");
+        assert_eq!(recv(&mut c).unwrap(), [1; 8]);
+        assert_eq!(c.try_peek().err(), Some(TryError::Empty));
+        // A frame filling the ring exactly leaves the header at the read
+        // position (one lap back for the reader) instead of a marker.
+        let mut p = Producer::new(&ring);
+        send(&mut p, &[2; 40]).unwrap();
+        assert_eq!(p.position(), 16 + 48);
+        assert_eq!(recv(&mut c).unwrap(), [2; 40]);
+        assert_eq!(word(&ring, 64), 0);
+        // The largest message fills the ring: the word after it is its own
+        // header, which names the position a lap back.
+        send(&mut p, &[3; 56]).unwrap();
+        assert_eq!(decode(word(&ring, 128), 64), Ok(Header::Data(56)));
+        assert_eq!(recv(&mut c).unwrap(), [3; 56]);
+        assert_eq!(c.try_peek().err(), Some(TryError::Empty));
+        send(&mut p, &[4; 8]).unwrap();
+        assert_eq!(recv(&mut c).unwrap(), [4; 8]);
+    }
+
+    #[test]
+    fn batched_frames_appear_together_at_publish() {
+        let ring = HeapRing::new(128);
+        let mut p = Producer::new(&ring);
+        let mut c = Consumer::new(&ring);
+        for i in 0..3u8 {
+            send_batched(&mut p, &[i; 8]).unwrap();
+            assert_eq!(c.try_peek().err(), Some(TryError::Empty));
+        }
+        assert!(p.has_unpublished());
+        // The first header is held back; the others are already in place.
+        assert_eq!(word(&ring, 0), 0);
+        assert_eq!(decode(word(&ring, 16), 16), Ok(Header::Data(8)));
+        p.publish();
+        for i in 0..3u8 {
+            assert_eq!(recv(&mut c).unwrap(), [i; 8]);
+        }
+        assert_eq!(c.try_peek().err(), Some(TryError::Empty));
+    }
+
+    #[test]
+    fn garbage_or_a_header_for_another_position_breaks_the_ring() {
+        for bad in [
+            0x5555_5555_5555_5555,
+            encode(16 + 64 * 2, 8, KIND_DATA),
+            encode(24, 8, KIND_DATA),
+            encode(16, 8, 0x1234),
+        ] {
             let ring = HeapRing::new(64);
             let mut p = Producer::new(&ring);
             let mut c = Consumer::new(&ring);
             send(&mut p, &[1; 8]).unwrap();
             assert_eq!(recv(&mut c).unwrap(), [1; 8]);
-            // head = tail = 16 now; a valid head lies in 16..=80.
-            (&ring).store_head(bad.wrapping_add(16), Ordering::Relaxed);
+            poke(&ring, 16, bad);
             let cause = broken(c.try_peek());
-            assert!(
-                matches!(cause, Corruption::HeadOutOfRange { .. }),
-                "{cause}"
-            );
-            // Sticky, even once the head looks fine again.
-            (&ring).store_head(16, Ordering::Relaxed);
+            assert_eq!(cause, Corruption::FrameHeader { pos: 16, word: bad });
+            // Sticky, even once the word looks fine again.
+            poke(&ring, 16, 0);
             assert_eq!(broken(c.try_peek()), cause);
         }
     }
@@ -536,13 +649,12 @@ mod tests {
     }
 
     #[test]
-    fn frames_must_fit_before_the_end_and_before_the_head() {
+    fn frames_must_fit_before_the_end() {
         let cap = 64;
         // Valid check, but the frame runs past the end of the data area.
         let ring = HeapRing::new(cap);
-        (&ring).store_word(48, encode(48, 9, KIND_DATA));
+        poke(&ring, 48, encode(48, 9, KIND_DATA));
         (&ring).store_tail(48, Ordering::Relaxed);
-        (&ring).store_head(48 + 16, Ordering::Relaxed);
         let mut c = Consumer::new(&ring);
         assert_eq!(
             broken(c.try_peek()),
@@ -552,23 +664,9 @@ mod tests {
                 capacity: 64
             }
         );
-        // Valid check, fits the area, but ends after the published head.
-        let ring = HeapRing::new(cap);
-        (&ring).store_word(0, encode(0, 16, KIND_DATA));
-        (&ring).store_head(16, Ordering::Relaxed);
-        let mut c = Consumer::new(&ring);
-        assert_eq!(
-            broken(c.try_peek()),
-            Corruption::FrameBeyondHead {
-                pos: 0,
-                end: 24,
-                head: 16
-            }
-        );
         // A huge length.
         let ring = HeapRing::new(cap);
-        (&ring).store_word(0, encode(0, u32::MAX, KIND_DATA));
-        (&ring).store_head(64, Ordering::Relaxed);
+        poke(&ring, 0, encode(0, u32::MAX, KIND_DATA));
         let mut c = Consumer::new(&ring);
         assert!(matches!(
             broken(c.try_peek()),
@@ -577,11 +675,10 @@ mod tests {
     }
 
     #[test]
-    fn padding_must_cover_exactly_the_rest_of_the_area() {
+    fn padding_must_cover_exactly_the_rest_of_the_area_and_not_start_it() {
         let ring = HeapRing::new(64);
-        (&ring).store_word(32, encode(32, 8, KIND_PAD));
+        poke(&ring, 32, encode(32, 8, KIND_PAD));
         (&ring).store_tail(32, Ordering::Relaxed);
-        (&ring).store_head(64, Ordering::Relaxed);
         let mut c = Consumer::new(&ring);
         assert_eq!(
             broken(c.try_peek()),
@@ -591,10 +688,22 @@ mod tests {
                 expected: 24
             }
         );
+        // Padding at offset 0 would be followed by padding again, forever.
+        let ring = HeapRing::new(64);
+        poke(&ring, 0, encode(0, 56, KIND_PAD));
+        let mut c = Consumer::new(&ring);
+        assert_eq!(
+            broken(c.try_peek()),
+            Corruption::Padding {
+                pos: 0,
+                len: 56,
+                expected: 56
+            }
+        );
     }
 
     #[test]
-    fn a_stale_frame_from_the_previous_lap_is_caught() {
+    fn a_stale_frame_from_the_previous_lap_reads_as_nothing_yet() {
         let ring = HeapRing::new(64);
         let mut p = Producer::new(&ring);
         let mut c = Consumer::new(&ring);
@@ -602,13 +711,39 @@ mod tests {
             send(&mut p, &[i; 8]).unwrap();
             recv(&mut c).unwrap();
         }
-        // Everything consumed at 64; a head claiming one more lap would show
-        // the old frames, whose checks name positions 0..64.
-        (&ring).store_head(64 + 16, Ordering::Relaxed);
+        // The fourth frame filled the ring exactly (as far as the producer
+        // knew): no marker at 64, where the first frame's header still is.
+        assert_eq!(decode(word(&ring, 64), 0), Ok(Header::Data(8)));
+        assert_eq!(c.try_peek().err(), Some(TryError::Empty));
+        // Two laps back is corruption, not "nothing yet".
+        poke(&ring, 64, encode(64u64.wrapping_sub(128), 8, KIND_DATA));
         assert!(matches!(
             broken(c.try_peek()),
             Corruption::FrameHeader { pos: 64, .. }
         ));
+    }
+
+    #[test]
+    fn a_restarted_producer_resumes_after_the_published_frames() {
+        let ring = HeapRing::new(128);
+        let mut c = Consumer::new(&ring);
+        let mut p = Producer::new(&ring);
+        for i in 0..5u8 {
+            send(&mut p, &vec![i; usize::from(i) * 3]).unwrap();
+        }
+        assert_eq!(recv(&mut c).unwrap(), []);
+        // Unpublished frames die with the producer.
+        send_batched(&mut p, &[9; 8]).unwrap();
+        let end = p.published;
+        // The producer dies here (shadowed below).
+        let mut p = Producer::new(&ring);
+        assert_eq!(p.position(), end);
+        send(&mut p, &[7; 20]).unwrap();
+        for i in 1..5u8 {
+            assert_eq!(recv(&mut c).unwrap(), vec![i; usize::from(i) * 3]);
+        }
+        assert_eq!(recv(&mut c).unwrap(), [7; 20]);
+        assert_eq!(c.try_peek().err(), Some(TryError::Empty));
     }
 
     #[test]
@@ -644,12 +779,14 @@ mod tests {
         crate::fuzz::frame_decoder(&[0xff; 400]);
         crate::fuzz::frame_decoder(&[1; 400]);
         crate::fuzz::frame_decoder(&[2; 333]);
+        crate::fuzz::frame_decoder(&[3; 600]);
     }
 
     #[test]
     fn header_round_trips_and_depends_on_position() {
         for &(pos, len) in &[(0u64, 0u32), (8, 1), (4096, 4088), (1 << 40, 77)] {
             let w = encode(pos, len, KIND_DATA);
+            assert_ne!(w, 0, "a header must differ from the marker");
             assert_eq!(decode(w, pos), Ok(Header::Data(len)));
             assert!(decode(w, pos + 4096).is_err(), "stale lap accepted");
             assert!(decode(w ^ 1, pos).is_err(), "flipped length accepted");

@@ -183,14 +183,25 @@ impl Window {
             }
         };
         w(layout::H_MAGIC, 0);
-        // Header, directory and control blocks; data areas need no zeroing:
-        // positions start at 0 and frame checks depend on the position.
+        // Header, directory and control blocks.
         let meta = usize::try_from(layout.data_offset()).unwrap_or(usize::MAX);
         let zeroed = region.zero(0, meta);
         debug_assert!(
             zeroed.is_some(),
             "the layout was checked against the mapping"
         );
+        // Data areas need no zeroing except their first word: positions start
+        // at 0, where the first frame's header goes, and the ring protocol
+        // needs that word to read as "no frame yet" whatever an earlier format
+        // left there; every later header position gets its marker from the
+        // producer (`ring.rs`), and frame checks depend on the position.
+        for from in 0..layout.endpoints() {
+            for to in 0..layout.endpoints() {
+                if let Some(ring) = layout.ring(from, to) {
+                    w(ring.data, 0);
+                }
+            }
+        }
         w(
             layout::H_VERSION,
             u64::from(LAYOUT_VERSION) | u64::from(layout.endpoints()) << 32,

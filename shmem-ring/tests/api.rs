@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use shmem_ring::{Error, Layout, Liveness, PeerState, Window, MAGIC};
+use shmem_ring::{Error, Layout, Liveness, PeerState, Window, LAYOUT_VERSION, MAGIC};
 
 mod common;
 
@@ -86,12 +86,12 @@ fn opening_a_bad_window_says_what_is_wrong() {
             e,
             Error::BadVersion {
                 found: 7,
-                supported: 1
+                supported: LAYOUT_VERSION
             }
         ),
         "{e}"
     );
-    w.poke(8, &1u32.to_le_bytes()).unwrap();
+    w.poke(8, &LAYOUT_VERSION.to_le_bytes()).unwrap();
 
     // Endpoint count no layout can have.
     w.poke(12, &0u16.to_le_bytes()).unwrap();
