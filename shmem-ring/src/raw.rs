@@ -23,8 +23,8 @@
 //!    valid `u64`. The mapping's base is page aligned (checked: 8-aligned) and
 //!    offsets are checked to be multiples of 8, so the atomics are aligned.
 //! 3. Payload bytes are copied with `ptr::copy` (memmove: memcpy speed, no
-//!    assumption that source and destination are disjoint), with streaming
-//!    stores for large disjoint copies on x86_64 (`stream_copy`), or exposed as `[u8]`
+//!    assumption that source and destination are disjoint), with a vector loop
+//!    for large disjoint copies on x86_64 (`vector_copy`), or exposed as `[u8]`
 //!    slices, only over ranges that the ring protocol (Acquire/Release on the
 //!    positions, `ring.rs`) assigns to the caller's role at that moment; a
 //!    well-behaved peer does not touch them concurrently. A hostile peer can
@@ -251,18 +251,21 @@ impl RingArea {
 
     /// Copies `src` to data-area offset `off`; false (nothing written) if it
     /// would not fit before the end of the data area. Large payloads go with
-    /// non-temporal stores (see [`stream_copy`]).
+    /// [`vector_copy`].
     pub(crate) fn copy_in(&self, off: usize, src: &[u8]) -> bool {
         match off.checked_add(src.len()) {
             Some(end) if end <= self.place.capacity => {
                 #[cfg(target_arch = "x86_64")]
-                if src.len() >= STREAM_MIN {
+                if src.len() >= VECTOR_MIN {
                     // SAFETY: `data + off + src.len() <= data + capacity`, which
                     // `new` checked is inside the mapping.
                     let dst = unsafe { self.region.map.as_mut_ptr().add(self.place.data + off) };
                     let (d, s) = (dst as usize, src.as_ptr() as usize);
                     if d + src.len() <= s || s + src.len() <= d {
-                        stream_copy(dst, src);
+                        // SAFETY: the destination is inside the mapping (above),
+                        // `src` is a live slice of that length, and the two
+                        // ranges do not overlap (checked just now).
+                        unsafe { vector_copy(dst, src.as_ptr(), src.len()) };
                         return true;
                     }
                 }
@@ -279,7 +282,7 @@ impl RingArea {
     pub(crate) fn append_to(&self, off: usize, len: usize, dst: &mut Vec<u8>) -> bool {
         match self.lease(off, len) {
             #[cfg(target_arch = "x86_64")]
-            Some(lease) if len >= STREAM_MIN => {
+            Some(lease) if len >= VECTOR_MIN => {
                 vector_append(self.bytes(&lease), dst);
                 true
             }
@@ -292,72 +295,57 @@ impl RingArea {
     }
 }
 
-/// Payloads at least this long are copied into the ring with non-temporal
-/// stores, and out of it with a vector loop (`vector_append`).
+/// Payloads at least this long are copied in and out of the ring with a
+/// plain vector loop (`vector_copy`) instead of memcpy.
 #[cfg(target_arch = "x86_64")]
-const STREAM_MIN: usize = 2048;
+const VECTOR_MIN: usize = 2048;
 
-/// Copies `src` to `dst` with non-temporal stores, then fences. The bytes go
-/// to memory instead of staying dirty in this core's cache, so the receiving
-/// core reads them without snooping ours; for page-sized messages between two
-/// vCPUs this gains bandwidth over a cached copy (see the README's table).
+/// Copies `len` bytes from `src` to `dst` with 16-byte unaligned loads and
+/// stores. glibc's memcpy uses `rep movsb` for page-sized copies, which on
+/// this machine's AMD cores drops from ~50 to ~2 GB/s when the destination is
+/// 8-24 bytes past the source modulo 4 KiB; frames of 4 KiB + 8 step through
+/// every such distance, so one frame in ~170 would hit it. The loop has no
+/// such case (worst ~29 GB/s in cache over all 512 distances). The stores
+/// are ordinary cached ones: streaming stores, tried before, send the bytes
+/// to DRAM, and the receiving core then reads them at DRAM speed instead of
+/// from this core's cache.
 ///
-/// `dst..dst + src.len()` must be writable and not overlap `src` (the caller,
-/// `copy_in`, checks both).
+/// # Safety
+///
+/// `src..src + len` must be readable, `dst..dst + len` writable, and the two
+/// ranges must not overlap.
 #[cfg(target_arch = "x86_64")]
-fn stream_copy(dst: *mut u8, src: &[u8]) {
-    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
-    let len = src.len();
-    let lead = dst.align_offset(16).min(len);
-    // SAFETY: `copy_in` checked that `dst..dst + len` is inside the mapping and
-    // does not overlap `src`, a live slice of `len` bytes. Every access below
-    // stays within `0..len` of both: the lead is at most `len`, the loop stops
-    // 16 bytes before `len`, the rest copies `len - i` bytes. `dst + lead` is
-    // 16-aligned as `_mm_stream_si128` requires; the loads are unaligned ones.
-    // SSE2 is part of the x86_64 baseline. The fence orders the streaming
-    // stores before the Release store of the header that later publishes them,
-    // as the intrinsic's documentation requires.
+unsafe fn vector_copy(dst: *mut u8, src: *const u8, len: usize) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_storeu_si128};
+    let mut i = 0;
+    // SAFETY: the caller guarantees both ranges for `0..len`; every access
+    // stays inside: the loop stops 16 bytes before `len`, the rest copies
+    // `len - i` bytes. The loads and stores are the unaligned kinds; SSE2 is
+    // part of the x86_64 baseline.
     unsafe {
-        ptr::copy_nonoverlapping(src.as_ptr(), dst, lead);
-        let mut i = lead;
         while i + 16 <= len {
-            let v = _mm_loadu_si128(src.as_ptr().add(i).cast::<__m128i>());
-            _mm_stream_si128(dst.add(i).cast::<__m128i>(), v);
+            let v = _mm_loadu_si128(src.add(i).cast::<__m128i>());
+            _mm_storeu_si128(dst.add(i).cast::<__m128i>(), v);
             i += 16;
         }
-        ptr::copy_nonoverlapping(src.as_ptr().add(i), dst.add(i), len - i);
-        _mm_sfence();
+        ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
     }
 }
 
-/// Appends `src` to `dst` with a plain 16-byte vector loop. glibc's memcpy
-/// uses `rep movsb` for page-sized copies, which on this machine's AMD cores
-/// drops from ~50 to ~2 GB/s when the destination is 8-24 bytes past the
-/// source modulo 4 KiB; frames of 4 KiB + 8 step through every such distance,
-/// so one frame in ~170 hit it. The loop has no such case (worst ~29 GB/s in
-/// cache, measured over all 512 distances).
+/// Appends `src` to `dst` with [`vector_copy`].
 #[cfg(target_arch = "x86_64")]
 fn vector_append(src: &[u8], dst: &mut Vec<u8>) {
-    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_storeu_si128};
     let len = src.len();
     dst.reserve(len);
     let start = dst.len();
     // SAFETY: `reserve` made room for `len` more bytes after `start`, so
-    // `out..out + len` is inside `dst`'s allocation, and `src` is a live slice
-    // of `len` bytes that cannot overlap `dst`'s unique borrow. Every access
-    // stays within `0..len` of both: the loop stops 16 bytes before `len`,
-    // the rest copies `len - i` bytes. The loads and stores are the unaligned
-    // kinds; SSE2 is part of the x86_64 baseline. After the copy the first
-    // `start + len` bytes are initialised, so `set_len` is sound.
+    // `out..out + len` is inside `dst`'s allocation and writable; `src` is a
+    // live slice of `len` bytes that cannot overlap `dst`'s unique borrow.
+    // After the copy the first `start + len` bytes are initialised, so
+    // `set_len` is sound.
     unsafe {
         let out = dst.as_mut_ptr().add(start);
-        let mut i = 0;
-        while i + 16 <= len {
-            let v = _mm_loadu_si128(src.as_ptr().add(i).cast::<__m128i>());
-            _mm_storeu_si128(out.add(i).cast::<__m128i>(), v);
-            i += 16;
-        }
-        ptr::copy_nonoverlapping(src.as_ptr().add(i), out.add(i), len - i);
+        vector_copy(out, src.as_ptr(), len);
         dst.set_len(start + len);
     }
 }
