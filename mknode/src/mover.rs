@@ -37,6 +37,9 @@ use crate::wire::{ExitStatus, Msg, Stream, MAX_CHUNK};
 /// piece of an image.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the origin of a lazy move waits, once every page went out, for
+/// the destination to say it needs no more.
+const PAGES_IN_TIMEOUT: Duration = Duration::from_secs(30);
 
 enum Piece {
     Bytes(Vec<u8>),
@@ -47,6 +50,8 @@ enum Piece {
 enum Ctl {
     Running(u32),
     Failed(String),
+    /// Lazy mode: the destination needs no more pages.
+    PagesIn,
 }
 
 /// The origin's side of one migration.
@@ -284,7 +289,16 @@ impl Agent {
                 return Err(format!("{e}; the original runs on"));
             }
         };
-        match ctl_rx.recv_timeout(ANSWER_TIMEOUT) {
+        // A small lazy copy may have every page before its "running" is
+        // sent: remember that answer.
+        let mut pages_in = false;
+        let answer = loop {
+            match ctl_rx.recv_timeout(ANSWER_TIMEOUT) {
+                Ok(Ctl::PagesIn) => pages_in = true,
+                other => break other,
+            }
+        };
+        match answer {
             Ok(Ctl::Running(new_pid)) => {
                 let (etx, erx) = bounded(1);
                 if let Some(o) = lock(&self.migrations.outgoing).get_mut(&(to, mig)) {
@@ -323,10 +337,25 @@ impl Agent {
                         let _ = me.send(to, &Msg::PagesDone { mig });
                     });
                     let all = server.wait_all_sent(Duration::from_secs(600));
-                    lock(&self.migrations.servers).remove(&(to, mig));
                     if !all {
                         eprintln!("mknode: migration {mig} to {to}: not every page went out in 10 min; the copy will be killed by its pager");
                     }
+                    // Fetches may still be on their way (sent before the
+                    // push of the same page arrived): serve them until the
+                    // destination says it needs nothing more.
+                    let deadline = Instant::now() + PAGES_IN_TIMEOUT;
+                    while !pages_in {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match ctl_rx.recv_timeout(left) {
+                            Ok(Ctl::PagesIn) => pages_in = true,
+                            Ok(_) => continue,
+                            Err(_) => {
+                                eprintln!("mknode: migration {mig} to {to}: every page went out but the destination did not confirm within {PAGES_IN_TIMEOUT:?}; letting go of the original");
+                                break;
+                            }
+                        }
+                    }
+                    lock(&self.migrations.servers).remove(&(to, mig));
                     report.image_bytes += server.progress().sent.saturating_sub(eager) * 4096;
                 }
                 frozen.kill();
@@ -340,7 +369,8 @@ impl Agent {
                     "endpoint {to} could not restore it: {m}; the original runs on"
                 ))
             }
-            Err(_) => {
+            // (`PagesIn` was consumed by the loop above.)
+            Ok(Ctl::PagesIn) | Err(_) => {
                 let _ = self.send(to, &Msg::MigrateAbort { mig });
                 forget();
                 drop(frozen);
@@ -380,7 +410,7 @@ impl Agent {
     fn restore_and_run(
         &self,
         pieces: Receiver<Piece>,
-        lazy: Option<LazyLink>,
+        lazy: Option<(LazyLink, Box<dyn FnOnce() + Send>)>,
         started: impl FnOnce(u32),
         output: impl Fn(Stream, Option<Vec<u8>>) + Send + Sync,
     ) -> Result<ExitStatus, String> {
@@ -399,7 +429,7 @@ impl Agent {
         };
         let restored = match lazy {
             None => migrate::restore(reader, plan).map_err(|e| crate::error_text(&e))?,
-            Some(link) => {
+            Some((link, pages_in)) => {
                 let r = migrate::restore_lazy(reader, plan, link, PagerOptions::default())
                     .map_err(|e| crate::error_text(&e))?;
                 let pager = r.pager;
@@ -408,6 +438,7 @@ impl Agent {
                         // On a guest this lands on the console.
                         eprintln!("mknode: {}", crate::error_text(&e));
                     }
+                    pages_in();
                 });
                 r.restored
             }
@@ -531,6 +562,13 @@ impl Agent {
                     }
                 });
                 let me = Arc::clone(self);
+                let link = link.map(|l| {
+                    let me = Arc::clone(self);
+                    let pages_in: Box<dyn FnOnce() + Send> = Box::new(move || {
+                        let _ = me.send(peer, &Msg::PagesIn { mig });
+                    });
+                    (l, pages_in)
+                });
                 thread::spawn(move || {
                     let result = me.restore_and_run(
                         rx,
@@ -563,6 +601,11 @@ impl Agent {
             Msg::MigrateFailed { mig, message } => {
                 if let Some(o) = lock(&t.outgoing).get(&(peer, mig)) {
                     let _ = o.ctl.send(Ctl::Failed(message));
+                }
+            }
+            Msg::PagesIn { mig } => {
+                if let Some(o) = lock(&t.outgoing).get(&(peer, mig)) {
+                    let _ = o.ctl.send(Ctl::PagesIn);
                 }
             }
             Msg::MigratedOutput { mig, stream, bytes } => {

@@ -328,6 +328,13 @@ pub enum Msg {
     PagesDone {
         mig: u32,
     },
+    /// Destination to origin: the copy's pager needs nothing more (every
+    /// page is in, or the process ended). Only then may the origin drop
+    /// what serves fetches and let go of its frozen original: a fetch sent
+    /// just before the last push arrived is still answered.
+    PagesIn {
+        mig: u32,
+    },
 }
 
 // Kind numbers: never renumber, never reuse.
@@ -369,6 +376,7 @@ const K_PAGE_FETCH: u16 = 35;
 const K_PAGE_DATA: u16 = 36;
 const K_PAGE_REFUSED: u16 = 37;
 const K_PAGES_DONE: u16 = 38;
+const K_PAGES_IN: u16 = 39;
 
 impl Msg {
     /// The request id the message answers or belongs to, if any.
@@ -411,7 +419,8 @@ impl Msg {
             | Msg::PageFetch { .. }
             | Msg::PageData { .. }
             | Msg::PageRefused { .. }
-            | Msg::PagesDone { .. } => None,
+            | Msg::PagesDone { .. }
+            | Msg::PagesIn { .. } => None,
         }
     }
 
@@ -624,6 +633,10 @@ impl Msg {
             }
             Msg::PagesDone { mig } => {
                 w.head(K_PAGES_DONE);
+                w.u32(*mig);
+            }
+            Msg::PagesIn { mig } => {
+                w.head(K_PAGES_IN);
                 w.u32(*mig);
             }
             Msg::MigrateReport {
@@ -882,6 +895,7 @@ impl Msg {
                 message: r.str("message")?,
             },
             K_PAGES_DONE => Msg::PagesDone { mig: r.u32()? },
+            K_PAGES_IN => Msg::PagesIn { mig: r.u32()? },
             K_MIGRATE_REPORT => Msg::MigrateReport {
                 req: r.u32()?,
                 new_pid: r.u32()?,
@@ -1323,6 +1337,8 @@ mod tests {
                 }),
             (any::<u32>(), any::<u32>(), any::<bool>())
                 .prop_map(|(req, pid, kill)| Msg::Checkpoint { req, pid, kill }),
+            any::<u32>().prop_map(|mig| Msg::PagesDone { mig }),
+            any::<u32>().prop_map(|mig| Msg::PagesIn { mig }),
         ]
     }
 

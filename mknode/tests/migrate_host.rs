@@ -177,6 +177,21 @@ fn three_threads_three_round_trips() {
         meta = m;
     }
     assert_eq!(checksum(pid, &out).0, sum0);
+    // Stop-and-copy places pages through a userfaultfd: none of its
+    // registrations may outlive the restore (a later fault would hang).
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let flags: Vec<&str> = smaps
+        .lines()
+        .filter(|l| l.starts_with("VmFlags:"))
+        .collect();
+    assert!(!flags.is_empty());
+    assert!(
+        flags
+            .iter()
+            .all(|l| !l.split_whitespace().any(|f| f == "um")),
+        "a mapping is still registered with a userfaultfd:\n{}",
+        flags.join("\n")
+    );
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
     reap(pid)();
 }

@@ -12,132 +12,13 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
-use mknode::agent::{kernel_info, Agent, Hooks};
-use mknode::link::RingLink;
-use mknode::wire::{ExecRequest, ExitStatus, Msg, Stream};
+use common::agents::{net, tail, ExecStream, Net};
+use mknode::wire::{ExitStatus, Msg};
 
-struct Net {
-    _dir: tempfile::TempDir,
-    /// Keeps the mapping for the whole test.
-    _window: shmem_ring::Window,
-    agents: Vec<Arc<Agent>>,
-    endpoints: Vec<Option<shmem_ring::Endpoint>>,
-}
-
-/// Three agents 0 (client), 1 and 2, all linked.
-fn net() -> Net {
-    let dir = tempfile::Builder::new()
-        .prefix("mover")
-        .tempdir_in("/dev/shm")
-        .unwrap();
-    let window = shmem_ring::Window::create(dir.path().join("window"), 8 << 20, 3).unwrap();
-    let mut agents = Vec::new();
-    let mut endpoints = Vec::new();
-    for id in 0..3u16 {
-        let ep = window.attach(id).unwrap();
-        let hooks = Hooks {
-            power_off: Box::new(|| {}),
-            info: Box::new(kernel_info),
-        };
-        let a = Agent::new(id, hooks);
-        for peer in (0..3u16).filter(|&p| p != id) {
-            a.add_link(peer, Arc::new(RingLink::open(&ep, peer).unwrap()));
-        }
-        let beat = ep.heartbeat_handle();
-        std::thread::spawn(move || {
-            while beat.beat().is_ok() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        agents.push(a);
-        endpoints.push(Some(ep));
-    }
-    Net {
-        _dir: dir,
-        _window: window,
-        agents,
-        endpoints,
-    }
-}
-
-/// Everything an exec stream delivered so far.
-struct Stream0 {
-    rx: Receiver<Msg>,
-    text: String,
-    exited: Option<ExitStatus>,
-}
-
-impl Stream0 {
-    /// Reads until `cond` holds on the text, or fails after `t`.
-    fn until(&mut self, t: Duration, cond: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + t;
-        while !cond(&self.text) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(Msg::Data {
-                    stream: Stream::Stdout,
-                    bytes,
-                    ..
-                }) => self.text.push_str(&String::from_utf8_lossy(&bytes)),
-                Ok(Msg::Exited { status, .. }) => {
-                    self.exited = Some(status);
-                    return;
-                }
-                Ok(_) => {}
-                Err(_) => panic!("timed out; output so far:\n{}", tail(&self.text)),
-            }
-        }
-    }
-
-    fn seqs(&self) -> Vec<u64> {
-        self.text
-            .lines()
-            .filter_map(|l| l.strip_prefix("seq="))
-            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-            .collect()
-    }
-
-    fn checksums(&self) -> Vec<String> {
-        self.text
-            .lines()
-            .filter(|l| l.starts_with("checksum="))
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-fn tail(s: &str) -> String {
-    let l: Vec<&str> = s.lines().collect();
-    l[l.len().saturating_sub(15)..].join("\n")
-}
-
-/// Starts mkcounter on agent `on` through the client; returns its pid.
-fn start(n: &Net, on: u16, mem: &str) -> (u32, Stream0) {
-    let exec = ExecRequest {
-        argv: vec![
-            common::mkcounter().display().to_string(),
-            "--mem".into(),
-            mem.into(),
-            "--interval-ms".into(),
-            "5".into(),
-        ],
-        env: vec![],
-        cwd: None,
-        stdin: false,
-    };
-    let (_req, rx) = n.agents[0]
-        .request(on, |req| Msg::Exec { req, exec })
-        .unwrap();
-    let pid = match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
-        Msg::Started { pid, .. } => pid,
-        other => panic!("{other:?}"),
-    };
-    let mut s = Stream0 {
-        rx,
-        text: String::new(),
-        exited: None,
-    };
+/// Starts mkcounter on agent `on` (`mem` resident) with its output
+/// flowing; returns its pid.
+fn start(n: &Net, on: u16, mem: &str) -> (u32, ExecStream) {
+    let (pid, mut s) = common::agents::start(n, on, &["--mem", mem, "--interval-ms", "5"]);
     s.until(Duration::from_secs(10), |t| t.matches("seq=").count() >= 5);
     (pid, s)
 }
@@ -280,6 +161,62 @@ fn destination_gone_mid_transfer_leaves_the_original_running() {
     no_gap(&out.seqs());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+/// A lazy copy that reads all of its memory while the rest is pushed: its
+/// faults race the pushes, and a fetch can still be on its way when the
+/// last page has gone out. The origin must answer it (not drop the move
+/// and let the copy be killed for a "missing" page).
+#[test]
+fn lazy_copy_reading_all_its_memory_survives_the_last_pushes() {
+    let n = net();
+    let (pid, mut out) =
+        common::agents::start(&n, 1, &["--mem", "32M", "--interval-ms", "5", "--scan"]);
+    usr1(pid);
+    out.until(Duration::from_secs(10), |t| t.contains("checksum="));
+    let before = out.checksums()[0].clone();
+    let mut cur = pid;
+    let mut at = 1u16;
+    for hop in 0..4 {
+        let to = 3 - at;
+        let r = n.agents[0]
+            .call(at, Duration::from_secs(120), |req| Msg::MigrateOut {
+                req,
+                pid: cur,
+                to,
+                lazy: true,
+            })
+            .unwrap_or_else(|e| panic!("hop {hop}: {e}"));
+        let Msg::MigrateReport { new_pid, .. } = r else {
+            panic!("{r:?}")
+        };
+        // The origin lets go once every page moved; the copy must still
+        // run then, with the same memory.
+        assert!(gone(cur), "hop {hop}: the original {cur} still runs");
+        cur = new_pid;
+        at = to;
+        let seen = out.seqs().len();
+        out.until(Duration::from_secs(10), |t| {
+            t.matches("seq=").count() >= seen + 20
+        });
+        assert!(
+            out.exited.is_none(),
+            "hop {hop}: the copy ended:\n{}",
+            tail(&out.text)
+        );
+        usr1(cur);
+        let k = out.checksums().len();
+        out.until(Duration::from_secs(10), |t| {
+            t.matches("checksum=").count() > k
+        });
+        assert_eq!(out.checksums()[k], before, "memory changed at hop {hop}");
+    }
+    no_gap(&out.seqs());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cur as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();

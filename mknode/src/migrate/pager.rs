@@ -195,6 +195,11 @@ impl PageTable {
         }
     }
 
+    /// True when origin page `o` is in a carried (registered) mapping.
+    pub(crate) fn holds(&self, o: u64) -> bool {
+        self.locate(o).is_some()
+    }
+
     pub(crate) fn missing(&self) -> u64 {
         self.missing
     }

@@ -379,6 +379,7 @@ const UFFD_FEATURES: u64 =
 fn stub_uffd(
     leader: Pid,
     call: &dyn Fn(Call) -> Result<u64, SysError>,
+    features: u64,
 ) -> Result<(Uffd, OwnedFd), RestoreError> {
     let pid = leader.as_raw();
     let e = |what| move |source| RestoreError::Uffd { what, pid, source };
@@ -393,8 +394,8 @@ fn stub_uffd(
     call(Call::new("close", libc::SYS_close, &[fd as u64]))?;
     let (f, pidfd) = got?;
     let u = Uffd::from_fd(f);
-    let granted = u.api(UFFD_FEATURES).map_err(e("UFFDIO_API"))?;
-    if granted & UFFD_FEATURES != UFFD_FEATURES {
+    let granted = u.api(features).map_err(e("UFFDIO_API"))?;
+    if granted & features != features {
         return Err(RestoreError::Uffd {
             what: "UFFDIO_API: the kernel lacks remap/remove/unmap events",
             pid,
@@ -488,10 +489,22 @@ fn restore_impl<R: Read>(
         ))?;
     }
 
-    // Lazy: the userfaultfd, before any mapping it covers exists.
-    let mut uffd = match lazy {
-        Some(_) => Some(stub_uffd(leader, &call)?),
-        None => None,
+    // The userfaultfd, before any mapping it covers exists. Lazy: the pager
+    // serves its faults later. Stop-and-copy: only to place pages with
+    // UFFDIO_COPY, which allocates each page and copies into it without
+    // zeroing it first (a write through process_vm_writev faults a zeroed
+    // page in, then copies: about twice the memory traffic). It is closed
+    // once the pages are in; the pages never sent stay missing and fault in
+    // as zero pages, as in the original. A kernel without userfaultfd gets
+    // the slower writes.
+    let mut uffd = match stub_uffd(
+        leader,
+        &call,
+        if lazy.is_some() { UFFD_FEATURES } else { 0 },
+    ) {
+        Ok(u) => Some(u),
+        Err(_) if lazy.is_none() => None,
+        Err(e) => return Err(e),
     };
     let mut table = PageTable::new(&meta.mappings);
 
@@ -539,7 +552,7 @@ fn restore_impl<R: Read>(
     //    record, before anything runs.
     let mut buf = Vec::new();
     while let Some(p) = rd.next_pages(&mut buf)? {
-        if let Some((u, _)) = &uffd {
+        if let (Some((u, _)), Some(_)) = (&uffd, &lazy) {
             // Registered: only the userfaultfd may fill missing pages (a
             // write through process_vm_writev would wait on it).
             let (addr, npages) = match p {
@@ -555,6 +568,12 @@ fn restore_impl<R: Read>(
             )?;
             table.mark_present(addr, npages);
             continue;
+        }
+        if let (Pages::Data { addr, npages }, Some((u, _))) = (p, &uffd) {
+            if table.holds(addr) {
+                fill_eager(u, leader, addr, u64::from(npages), Some(&buf[..]))?;
+                continue;
+            }
         }
         if let Pages::Data { addr, .. } = p {
             let mut done = 0;
@@ -579,6 +598,11 @@ fn restore_impl<R: Read>(
         }
     }
     let stats = rd.stats();
+    if lazy.is_none() {
+        // Stop-and-copy: every page is in; closing our only descriptor of
+        // the userfaultfd drops its registrations.
+        uffd = None;
+    }
     // The pager serves from here on: what follows may touch lazy memory
     // (rseq registration writes its area; the tid words are patched).
     let mut pager = match (uffd.take(), lazy.take()) {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub(crate) mod agents;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;

@@ -1,6 +1,6 @@
 //! mkcounter: the process the migration tests move.
 //!
-//! `mkcounter [--mem SIZE] [--threads N] [--interval-ms MS]`
+//! `mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--scan]`
 //!
 //! * N worker threads (default 3) each increment their own counter in a
 //!   shared array as fast as they can (with a short sleep every 4096 steps so
@@ -11,6 +11,10 @@
 //!   milliseconds (default 10) with a strictly increasing `n`, and on SIGUSR1
 //!   prints `checksum=<hex> bytes=<len>` of the buffer (the handler only sets a
 //!   flag; the main thread does the work).
+//!
+//! With `--scan`, one more thread reads the whole buffer over and over (a
+//! checksum it throws away): a lazily migrated copy then faults on pages
+//! all the time while the rest are pushed.
 //!
 //! With `--join-after-ms MS`, one more thread sleeps MS and exits, and
 //! another `join`s it (glibc's `pthread_join`, which waits for the kernel to
@@ -26,7 +30,7 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS]"
+        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--scan]"
     );
     std::process::exit(2)
 }
@@ -36,8 +40,13 @@ fn main() {
     let mut threads = 3usize;
     let mut interval = 10u64;
     let mut join_after: Option<u64> = None;
+    let mut scan = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        if a == "--scan" {
+            scan = true;
+            continue;
+        }
         let v = args.next().unwrap_or_else(|| usage());
         match a.as_str() {
             "--mem" => mem = testprogs::parse_size(&v).unwrap_or_else(|| usage()),
@@ -56,6 +65,13 @@ fn main() {
 
     let mut buf = vec![0u8; mem];
     testprogs::fill_pattern(&mut buf);
+    let buf = Arc::new(buf);
+    if scan {
+        let b = Arc::clone(&buf);
+        std::thread::spawn(move || loop {
+            std::hint::black_box(testprogs::checksum(&b));
+        });
+    }
 
     let counters: Arc<Vec<AtomicU64>> = Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect());
     for i in 0..threads {

@@ -1,0 +1,137 @@
+//! Agents on the host kernel, linked as kernels are: three agents (a client
+//! as endpoint 0, and endpoints 1 and 2) over a real shared-memory window
+//! in /dev/shm, and `mkcounter` started on one of them through the client's
+//! exec stream. Used by the mover tests and the migration bench.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mknode::agent::{kernel_info, Agent, Hooks};
+use mknode::link::RingLink;
+use mknode::wire::{ExecRequest, ExitStatus, Msg, Stream};
+
+/// The window's size: what `configs/demo.toml` gives its kernels.
+pub(crate) const WINDOW: u64 = 16 << 20;
+
+pub(crate) struct Net {
+    _dir: tempfile::TempDir,
+    /// Keeps the mapping for as long as the agents run.
+    _window: shmem_ring::Window,
+    pub(crate) agents: Vec<Arc<Agent>>,
+    pub(crate) endpoints: Vec<Option<shmem_ring::Endpoint>>,
+}
+
+/// Three agents 0 (client), 1 and 2, all linked.
+pub(crate) fn net() -> Net {
+    let dir = tempfile::Builder::new()
+        .prefix("mover")
+        .tempdir_in("/dev/shm")
+        .expect("tempdir in /dev/shm");
+    let window = shmem_ring::Window::create(dir.path().join("window"), WINDOW, 3).expect("window");
+    let mut agents = Vec::new();
+    let mut endpoints = Vec::new();
+    for id in 0..3u16 {
+        let ep = window.attach(id).expect("attach");
+        let hooks = Hooks {
+            power_off: Box::new(|| {}),
+            info: Box::new(kernel_info),
+        };
+        let a = Agent::new(id, hooks);
+        for peer in (0..3u16).filter(|&p| p != id) {
+            a.add_link(peer, Arc::new(RingLink::open(&ep, peer).expect("link")));
+        }
+        let beat = ep.heartbeat_handle();
+        std::thread::spawn(move || {
+            while beat.beat().is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        agents.push(a);
+        endpoints.push(Some(ep));
+    }
+    Net {
+        _dir: dir,
+        _window: window,
+        agents,
+        endpoints,
+    }
+}
+
+/// Everything an exec stream delivered so far.
+pub(crate) struct ExecStream {
+    rx: Receiver<Msg>,
+    pub(crate) text: String,
+    pub(crate) exited: Option<ExitStatus>,
+}
+
+impl ExecStream {
+    /// Reads until `cond` holds on the text, or fails after `t`.
+    pub(crate) fn until(&mut self, t: Duration, cond: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + t;
+        while !cond(&self.text) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(Msg::Data {
+                    stream: Stream::Stdout,
+                    bytes,
+                    ..
+                }) => self.text.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(Msg::Exited { status, .. }) => {
+                    self.exited = Some(status);
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => panic!("timed out; output so far:\n{}", tail(&self.text)),
+            }
+        }
+    }
+
+    pub(crate) fn seqs(&self) -> Vec<u64> {
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix("seq="))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    pub(crate) fn checksums(&self) -> Vec<String> {
+        self.text
+            .lines()
+            .filter(|l| l.starts_with("checksum="))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+pub(crate) fn tail(s: &str) -> String {
+    let l: Vec<&str> = s.lines().collect();
+    l[l.len().saturating_sub(15)..].join("\n")
+}
+
+/// Starts `mkcounter <args>` on agent `on` through the client, waits for
+/// its first lines; returns its pid and its output.
+pub(crate) fn start(n: &Net, on: u16, args: &[&str]) -> (u32, ExecStream) {
+    let mut argv = vec![super::mkcounter().display().to_string()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    let exec = ExecRequest {
+        argv,
+        env: vec![],
+        cwd: None,
+        stdin: false,
+    };
+    let (_req, rx) = n.agents[0]
+        .request(on, |req| Msg::Exec { req, exec })
+        .expect("exec request");
+    let pid = match rx.recv_timeout(Duration::from_secs(10)).expect("started") {
+        Msg::Started { pid, .. } => pid,
+        other => panic!("{other:?}"),
+    };
+    let mut s = ExecStream {
+        rx,
+        text: String::new(),
+        exited: None,
+    };
+    s.until(Duration::from_secs(30), |t| t.matches("seq=").count() >= 2);
+    (pid, s)
+}
