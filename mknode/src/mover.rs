@@ -215,15 +215,9 @@ impl Agent {
     /// (ptrace). On error the original runs on, untouched.
     /// `lazy`: resume after the eager pages; the rest is served on demand
     /// and pushed in the background, and the original is killed once every
-    /// page has gone. `running` is called as soon as the copy runs (before
-    /// the remaining pages moved, in lazy mode).
-    pub fn move_out(
-        self: &Arc<Self>,
-        pid: u32,
-        to: u16,
-        lazy: bool,
-        running: impl FnOnce(&MoveReport),
-    ) -> Result<MoveReport, String> {
+    /// page has gone (and the destination says it needs no more). Returns
+    /// then, with the downtime (freeze to copy running) and the total.
+    pub fn move_out(self: &Arc<Self>, pid: u32, to: u16, lazy: bool) -> Result<MoveReport, String> {
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
         let frozen = migrate::freeze(pid_i).map_err(|e| crate::error_text(&e))?;
@@ -313,7 +307,6 @@ impl Agent {
                     total: t0.elapsed(),
                     image_bytes,
                 };
-                running(&report);
                 let server = lock(&self.migrations.servers).get(&(to, mig)).cloned();
                 if let Some(server) = server {
                     let eager = server.progress().sent;
@@ -473,24 +466,20 @@ impl Agent {
             Msg::MigrateOut { req, pid, to, lazy } => {
                 let me = Arc::clone(self);
                 thread::spawn(move || {
-                    // The report goes out as soon as the copy runs; a lazy
-                    // move goes on serving pages after that.
-                    let report = |r: &MoveReport| {
-                        let _ = me.send(
-                            peer,
-                            &Msg::MigrateReport {
-                                req,
-                                new_pid: r.new_pid,
-                                downtime_ns: u64::try_from(r.downtime.as_nanos())
-                                    .unwrap_or(u64::MAX),
-                                total_ns: u64::try_from(r.total.as_nanos()).unwrap_or(u64::MAX),
-                                image_bytes: r.image_bytes,
-                            },
-                        );
+                    // The report goes out when the move is over: in lazy
+                    // mode, once every page has moved and the original is
+                    // gone (its downtime ended long before).
+                    let answer = match me.move_out(pid, to, lazy) {
+                        Ok(r) => Msg::MigrateReport {
+                            req,
+                            new_pid: r.new_pid,
+                            downtime_ns: u64::try_from(r.downtime.as_nanos()).unwrap_or(u64::MAX),
+                            total_ns: u64::try_from(r.total.as_nanos()).unwrap_or(u64::MAX),
+                            image_bytes: r.image_bytes,
+                        },
+                        Err(message) => Msg::Failed { req, message },
                     };
-                    if let Err(message) = me.move_out(pid, to, lazy, report) {
-                        let _ = me.send(peer, &Msg::Failed { req, message });
-                    }
+                    let _ = me.send(peer, &answer);
                 });
             }
             Msg::PageFetch { mig, id, addr, len } => {

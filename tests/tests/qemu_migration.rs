@@ -203,6 +203,23 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
         assert_eq!(w.checksums()[k], before, "memory changed at hop {hop}");
     }
     no_gap(&w.seqs());
+    // The host runs another kernel build than the guests: a move there is
+    // refused by the destination, by name, and the process runs on.
+    let r = m.run(&["migrate", &pid.to_string(), "--from", at, "--to", "host"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("another kernel") && r.stderr.contains("the original runs on"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(pid_on(&m, at), pid);
+    let seen = w.count("seq=");
+    w.wait_for(
+        "output after the refused move",
+        Duration::from_secs(30),
+        |l| l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10,
+    );
+    no_gap(&w.seqs());
     // Its end comes back to the exec on the host: SIGTERM is 128 + 15.
     m.run(&["exec", at, "--", "kill", "-TERM", &pid.to_string()])
         .ok();

@@ -660,7 +660,116 @@ pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) ->
     }
 }
 
+/// `--on host` (or endpoint 0): the host kernel, where mkctl itself can do
+/// the work.
+fn is_host(on: &str) -> bool {
+    on == "host" || on == "0"
+}
+
+/// Writes `path` through a `.partial` file renamed into place once whole.
+fn write_atomically(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), String>,
+) -> Result<u64, String> {
+    let tmp = path.with_extension("partial");
+    let file =
+        std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let done = fill(&mut w).and_then(|()| {
+        let f = w.into_inner().map_err(|e| e.to_string())?;
+        f.sync_all().map_err(|e| e.to_string())?;
+        let len = f.metadata().map_err(|e| e.to_string())?.len();
+        std::fs::rename(&tmp, path).map_err(|e| e.to_string())?;
+        Ok(len)
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
+}
+
+/// Checkpoint of a host process, done here: freeze, write, then let it go
+/// on (or kill it). Any failure leaves it running untouched.
+fn checkpoint_here(pid: u32, output: &Path, kill: bool) -> Res {
+    let pid_i = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
+    let frozen = match mknode::migrate::freeze(pid_i) {
+        Ok(f) => f,
+        Err(e) => return Ok(failed(&crate::error_chain(&e), EXIT_FAIL)),
+    };
+    let written = write_atomically(output, |w| {
+        frozen
+            .write_image(w, mknode::migrate::ImageOptions::default())
+            .map(|_| ())
+            .map_err(|e| crate::error_chain(&e))
+    });
+    match written {
+        Ok(bytes) => {
+            if kill {
+                frozen.kill();
+            } else {
+                frozen.resume();
+            }
+            println!(
+                "wrote {} ({}) of process {pid} on host{}",
+                output.display(),
+                ByteSize(bytes).human(),
+                if kill { "; it was stopped" } else { "" }
+            );
+            Ok(EXIT_OK)
+        }
+        Err(e) => {
+            drop(frozen);
+            Ok(failed(
+                &format!("checkpoint of {pid}: {e}; the process runs on"),
+                EXIT_FAIL,
+            ))
+        }
+    }
+}
+
+/// Restore on the host, done here: the process becomes this mkctl's child
+/// with its stdin/stdout/stderr, and its exit status becomes mkctl's.
+fn restore_here(file: &Path) -> Res {
+    use std::os::fd::AsFd;
+    let image =
+        std::fs::File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
+    let stdio = mknode::migrate::StdioPlan {
+        stdin: dup(std::io::stdin().as_fd())?,
+        stdout: dup(std::io::stdout().as_fd())?,
+        stderr: dup(std::io::stderr().as_fd())?,
+    };
+    let restored =
+        match mknode::migrate::restore(std::io::BufReader::with_capacity(1 << 20, image), stdio) {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(failed(
+                    &format!("restore of {}: {}", file.display(), crate::error_chain(&e)),
+                    EXIT_FAIL,
+                ))
+            }
+        };
+    eprintln!(
+        "mkctl: restored {} on host as pid {}",
+        file.display(),
+        restored.pid
+    );
+    use nix::sys::wait::{waitpid, WaitStatus};
+    let pid = nix::unistd::Pid::from_raw(restored.pid);
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Ok(failed(&format!("waiting for {pid}: {e}"), EXIT_FAIL)),
+        }
+    }
+}
+
 pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, kill: bool) -> Res {
+    if is_host(on) {
+        return checkpoint_here(pid, output, kill);
+    }
     let mut c = match connect() {
         Ok(c) => c,
         Err(code) => return Ok(code),
@@ -700,6 +809,9 @@ pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, kill: bool) -> Res {
 }
 
 pub(super) fn restore(file: &Path, on: &str) -> Res {
+    if is_host(on) {
+        return restore_here(file);
+    }
     let mut image =
         std::fs::File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
     let mut c = match connect() {

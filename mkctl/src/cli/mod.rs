@@ -194,7 +194,10 @@ pub enum Command {
     /// Move a running process to another kernel: freeze it with ptrace,
     /// stream its image over the window, restore it there;
     /// its output keeps flowing where it went. A failure before the copy
-    /// runs leaves the original running.
+    /// runs leaves the original running. Returns when the move is over
+    /// (lazy: once every page has moved and the original is gone) with the
+    /// new pid, the downtime, the total time and the bytes moved. Both
+    /// kernels must run the same kernel build (the vDSO moves with it).
     Migrate {
         /// The process id on the origin kernel.
         pid: u32,
@@ -216,7 +219,8 @@ pub enum Command {
     /// Save a process's image to a file (it keeps running unless --kill).
     Checkpoint {
         pid: u32,
-        /// The kernel it runs on (instance name or id).
+        /// The kernel it runs on: an instance name or id, or `host` (done
+        /// by this mkctl itself, no daemon needed).
         #[arg(long)]
         on: String,
         /// The image file to write.
@@ -231,7 +235,8 @@ pub enum Command {
     Restore {
         /// The image file (from `mkctl checkpoint`).
         file: PathBuf,
-        /// The kernel to run it on (instance name or id).
+        /// The kernel to run it on: an instance name or id, or `host` (the
+        /// process then runs as this mkctl's child, with its stdio).
         #[arg(long)]
         on: String,
     },

@@ -1088,7 +1088,7 @@ impl Daemon {
         let report = if a == 0 {
             // The host's agent is the origin: freeze and stream from here
             // (ptrace wants one thread from freeze to kill: this one).
-            let r = agent.move_out(pid, b, lazy, |_| {}).map_err(|e| (e, 1))?;
+            let r = agent.move_out(pid, b, lazy).map_err(|e| (e, 1))?;
             (
                 r.new_pid,
                 r.downtime.as_nanos(),

@@ -1,0 +1,235 @@
+//! `mkctl checkpoint --on host` and `mkctl restore --on host`: Telefork's
+//! save and restore on the host kernel, done by mkctl itself (no daemon, no
+//! guest). A multithreaded `mkcounter` is saved while it runs on, saved
+//! again and stopped, and restored as mkctl's child: its output goes on
+//! from the next line with no gap or repeat, its memory checksum is the
+//! same, and its end becomes mkctl's exit status. A process that cannot be
+//! saved is refused by name and keeps running, and no image is left.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
+
+use mkctl_e2e::{cache_dir, mkctl_bin, Scratch};
+
+const T: Duration = Duration::from_secs(20);
+
+/// Lines of a process's stdout, read in the background.
+fn lines(out: ChildStdout) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { return };
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn seq(line: &str) -> Option<u64> {
+    line.strip_prefix("seq=")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Reads until a line satisfies `f`; returns every line read.
+fn until(rx: &Receiver<String>, f: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let l = rx
+            .recv_timeout(T)
+            .unwrap_or_else(|_| panic!("timed out; lines so far: {got:?}"));
+        let done = f(&l);
+        got.push(l);
+        if done {
+            return got;
+        }
+    }
+}
+
+fn usr1(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .expect("SIGUSR1");
+}
+
+fn checksum(rx: &Receiver<String>, pid: u32) -> String {
+    usr1(pid);
+    until(rx, |l| l.starts_with("checksum="))
+        .pop()
+        .expect("a checksum line")
+}
+
+/// `bash -c "<setup>; exec mkcounter <args>"` with every descriptor above 2
+/// closed first: the test harness may leak some into its children, and a
+/// process holding one cannot be saved (rightly).
+fn mkcounter_cmd(setup: &str, args: &str) -> Command {
+    let prog = cache_dir().join("mkcounter");
+    assert!(
+        prog.is_file(),
+        "{} is missing: run ./qemu/setup.sh",
+        prog.display()
+    );
+    let mut c = Command::new("bash");
+    c.arg("-c").arg(format!(
+        "for f in /proc/$$/fd/*; do n=${{f##*/}}; [ \"$n\" -gt 2 ] && eval \"exec $n>&-\"; done 2>/dev/null; {setup} exec {} {args}",
+        prog.display()
+    ));
+    c
+}
+
+fn mkcounter() -> (Child, Receiver<String>) {
+    let mut child = mkcounter_cmd("", "--mem 8M --interval-ms 5")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mkcounter");
+    let rx = lines(child.stdout.take().expect("stdout"));
+    until(&rx, |l| seq(l).is_some_and(|s| s >= 5));
+    (child, rx)
+}
+
+fn mkctl() -> Command {
+    let mut c = Command::new(mkctl_bin());
+    // No daemon is involved: point the run dir somewhere empty to prove it.
+    c.env("MKCTL_RUN_DIR", "/nonexistent/mkctl-host-checkpoint");
+    c
+}
+
+#[test]
+fn checkpoint_and_restore_on_the_host() {
+    let dir = Scratch::new("host_checkpoint");
+    let (mut child, rx) = mkcounter();
+    let pid = child.id();
+    let sum = checksum(&rx, pid);
+
+    // A checkpoint that lets the process go on.
+    let first = dir.join("running.img");
+    let out = mkctl()
+        .args(["checkpoint", &pid.to_string(), "--on", "host", "-o"])
+        .arg(&first)
+        .output()
+        .expect("mkctl checkpoint");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"));
+    assert!(first.is_file());
+    let after = until(&rx, |l| seq(l).is_some());
+    let s1 = after.iter().filter_map(|l| seq(l)).next().expect("seq");
+    let seen = until(&rx, |l| seq(l).is_some_and(|s| s >= s1 + 10));
+    let mut last = seen.iter().filter_map(|l| seq(l)).next_back().expect("seq");
+
+    // A checkpoint that stops it: its output ends.
+    let img = dir.join("stopped.img");
+    let out = mkctl()
+        .args([
+            "checkpoint",
+            &pid.to_string(),
+            "--on",
+            "host",
+            "--kill",
+            "-o",
+        ])
+        .arg(&img)
+        .output()
+        .expect("mkctl checkpoint --kill");
+    assert!(out.status.success(), "{out:?}");
+    while let Ok(l) = rx.recv_timeout(T) {
+        if let Some(s) = seq(&l) {
+            assert_eq!(s, last + 1, "gap or repeat before the checkpoint");
+            last = s;
+        }
+    }
+    let _ = child.wait();
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!img.with_extension("partial").exists());
+
+    // Restored here: the next line is the next number.
+    let mut r = mkctl()
+        .args(["restore", "--on", "host"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mkctl restore");
+    let rx2 = lines(r.stdout.take().expect("stdout"));
+    let mut err = BufReader::new(r.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    err.read_line(&mut said).expect("stderr line");
+    let new_pid: u32 = said
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {said:?}"));
+    let got = until(&rx2, |l| seq(l).is_some());
+    assert_eq!(
+        got.iter().filter_map(|l| seq(l)).next(),
+        Some(last + 1),
+        "output after the restore must go on from seq {last}: {got:?}"
+    );
+    assert_eq!(checksum(&rx2, new_pid), sum, "memory changed");
+    let more = until(&rx2, |l| seq(l).is_some_and(|s| s >= last + 20));
+    let seqs: Vec<u64> = more.iter().filter_map(|l| seq(l)).collect();
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "gap or repeat after the restore");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the restored process");
+    let mut rest = String::new();
+    let _ = err.read_to_string(&mut rest);
+    let status = r.wait().expect("mkctl restore ends");
+    assert_eq!(status.code(), Some(128 + 9), "{rest}");
+}
+
+#[test]
+fn refused_checkpoint_leaves_the_process_running_and_no_file() {
+    let dir = Scratch::new("host_checkpoint_refused");
+    // An open file the image cannot carry.
+    let mut child = mkcounter_cmd("exec 7</etc/hostname;", "--mem 1M --interval-ms 5")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let rx = lines(child.stdout.take().expect("stdout"));
+    until(&rx, |l| seq(l).is_some_and(|s| s >= 3));
+    let pid = child.id();
+    let img = dir.join("never.img");
+    let out = mkctl()
+        .args([
+            "checkpoint",
+            &pid.to_string(),
+            "--on",
+            "host",
+            "--kill",
+            "-o",
+        ])
+        .arg(&img)
+        .output()
+        .expect("mkctl checkpoint");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fd 7") && err.contains("/etc/hostname"),
+        "{err}"
+    );
+    assert!(!img.exists() && !img.with_extension("partial").exists());
+    // Still running, still printing.
+    let l = until(&rx, |l| seq(l).is_some());
+    let s = seq(l.last().expect("line")).expect("seq");
+    until(&rx, |l| seq(l).is_some_and(|x| x >= s + 10));
+    let _ = child.kill();
+    let _ = child.wait();
+}
