@@ -614,17 +614,19 @@ impl Agent {
                 thread::spawn(move || me.pump(peer, req, stream, r))
             })
             .collect();
-            // Wait only once the output has ended: waitpid from this thread
-            // while a migration thread has the process under ptrace would
-            // take its ptrace stops. (A process that moved away stays a
-            // zombie here until its output ends on the other kernel.)
-            for r in readers {
-                let _ = r.join();
-            }
+            // waitpid only once the process has exited (its pidfd says so):
+            // from this thread, while a migration thread has the process
+            // under ptrace, it would take that thread's ptrace stops. A
+            // process killed because it moved away is reaped at once, while
+            // its output goes on arriving from the other kernel.
+            crate::migrate::wait_exit(nix::unistd::Pid::from_raw(pid as i32));
             let status = match child.wait() {
                 Ok(s) => exit_status(s),
                 Err(_) => ExitStatus::Code(-1),
             };
+            for r in readers {
+                let _ = r.join();
+            }
             // Killed because it moved to another kernel: its real end is
             // reported from there.
             let status = me.final_status(pid, status);

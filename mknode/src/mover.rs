@@ -438,9 +438,11 @@ impl Agent {
         };
         let pid = u32::try_from(restored.pid).unwrap_or(0);
         started(pid);
-        // Pumps first, wait after (see `Agent::start_exec`: no waitpid
-        // while a migration may hold the process under ptrace).
-        thread::scope(|s| {
+        // The pumps run until the output ends (elsewhere, if the process
+        // moves on); the wait comes once the process has exited (see
+        // `Agent::start_exec`: no waitpid while a migration may hold it
+        // under ptrace), so one that moves on is reaped here at once.
+        let local = thread::scope(|s| {
             for (stream, mut r) in [(Stream::Stdout, out_r), (Stream::Stderr, err_r)] {
                 let output = &output;
                 s.spawn(move || {
@@ -454,8 +456,9 @@ impl Agent {
                     output(stream, None);
                 });
             }
+            migrate::wait_exit(nix::unistd::Pid::from_raw(restored.pid));
+            wait_pid(pid)
         });
-        let local = wait_pid(pid);
         Ok(self.final_status(pid, local))
     }
 

@@ -31,6 +31,18 @@ fn usr1(pid: u32) {
     .unwrap();
 }
 
+/// True once `pid` is gone altogether (exited and reaped), within 5 s.
+fn reaped(pid: u32) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 /// True once `pid` has exited (gone or a zombie), within 5 s.
 fn gone(pid: u32) -> bool {
     let t = Instant::now();
@@ -91,6 +103,9 @@ fn there_and_back_and_there_again() {
             image_bytes >> 10
         );
         assert!(gone(cur), "the original {cur} still runs");
+        // Reaped by its exec on the origin, not left a zombie while the
+        // copy's output goes on.
+        assert!(reaped(cur), "the original {cur} was not reaped");
         cur = new_pid;
         at = to;
         let seen = out.seqs().len();

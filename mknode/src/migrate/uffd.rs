@@ -278,6 +278,22 @@ pub(crate) fn pidfd_open(pid: Pid) -> nix::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
+/// Blocks until process `pid` has exited (its pidfd polls readable), without
+/// waiting for it: no ptrace stop or exit report is taken from a thread that
+/// traces it. Returns at once if no pidfd can be had (e.g. already reaped).
+pub(crate) fn wait_exit(pid: Pid) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let Ok(fd) = pidfd_open(pid) else { return };
+    loop {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(Errno::EINTR) => continue,
+            Ok(_) | Err(_) => return,
+        }
+    }
+}
+
 /// `pidfd_send_signal(pidfd, sig, NULL, 0)`: no pid-reuse race once the
 /// caller has reaped the process.
 pub(crate) fn pidfd_kill(pidfd: &OwnedFd, sig: i32) -> nix::Result<()> {
