@@ -29,6 +29,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::{median, ms, rss_kib};
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,26 +43,6 @@ use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
 const ROUNDS: usize = 5;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 struct Round {
     freeze: f64,

@@ -46,17 +46,6 @@ fn reap(pid: i32) -> impl FnOnce() {
     }
 }
 
-fn resident_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The origin's half of a move in flight.
 struct Origin {
     frozen: Frozen,
@@ -157,7 +146,7 @@ fn lazy_round_trip_moves_most_pages_after_resume() {
     let pid = child.id() as i32;
     let (sum0, bytes) = checksum(pid, &out);
     assert_eq!((bytes, sum0), (mem, testprogs::expected_checksum(mem)));
-    assert!(resident_kib(pid) >= 64 << 10);
+    assert!(common::rss_kib(pid as u32) >= 64 << 10);
 
     let m = lazy_move(pid, &out, move || drop(child.wait()), 3);
     let new = m.restored.restored.pid;

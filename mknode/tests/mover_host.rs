@@ -68,6 +68,62 @@ fn no_gap(seqs: &[u64]) {
     }
 }
 
+/// Moves `pid` from agent `at` to the other one (1 <-> 2) and checks the
+/// move: the original gone and reaped, the copy printing on, its memory
+/// checksum `before`. Returns the new pid.
+fn hop_and_check(
+    n: &Net,
+    out: &mut ExecStream,
+    (at, pid): (u16, u32),
+    lazy: bool,
+    before: &str,
+    hop: usize,
+) -> u32 {
+    let to = 3 - at;
+    let r = n.agents[0]
+        .call(at, Duration::from_secs(120), |req| Msg::MigrateOut {
+            req,
+            pid,
+            to,
+            lazy,
+        })
+        .unwrap_or_else(|e| panic!("hop {hop}: {e}"));
+    let Msg::MigrateReport {
+        new_pid,
+        downtime_ns,
+        image_bytes,
+        ..
+    } = r
+    else {
+        panic!("{r:?}")
+    };
+    eprintln!(
+        "hop {hop}: {at} -> {to}, pid {pid} -> {new_pid}, downtime {:.1} ms, {} KiB moved",
+        downtime_ns as f64 / 1e6,
+        image_bytes >> 10
+    );
+    assert!(gone(pid), "hop {hop}: the original {pid} still runs");
+    // Reaped by its exec on the origin, not left a zombie while the copy's
+    // output goes on.
+    assert!(reaped(pid), "hop {hop}: the original {pid} was not reaped");
+    let seen = out.seqs().len();
+    out.until(Duration::from_secs(10), |t| {
+        t.matches("seq=").count() >= seen + 20
+    });
+    assert!(
+        out.exited.is_none(),
+        "hop {hop}: the copy ended:\n{}",
+        tail(&out.text)
+    );
+    usr1(new_pid);
+    let k = out.checksums().len();
+    out.until(Duration::from_secs(10), |t| {
+        t.matches("checksum=").count() > k
+    });
+    assert_eq!(out.checksums()[k], before, "memory changed at hop {hop}");
+    new_pid
+}
+
 #[test]
 fn there_and_back_and_there_again() {
     let n = net();
@@ -79,45 +135,9 @@ fn there_and_back_and_there_again() {
     let mut cur = pid;
     let mut at = 1u16;
     for hop in 0..3 {
-        let to = 3 - at; // 1 -> 2 -> 1 -> 2
-        let r = n.agents[0]
-            .call(at, Duration::from_secs(120), |req| Msg::MigrateOut {
-                req,
-                pid: cur,
-                to,
-                lazy: hop % 2 == 0,
-            })
-            .unwrap_or_else(|e| panic!("hop {hop}: {e}"));
-        let Msg::MigrateReport {
-            new_pid,
-            downtime_ns,
-            image_bytes,
-            ..
-        } = r
-        else {
-            panic!("{r:?}")
-        };
-        eprintln!(
-            "hop {hop}: {at} -> {to}, pid {cur} -> {new_pid}, downtime {:.1} ms, image {} KiB",
-            downtime_ns as f64 / 1e6,
-            image_bytes >> 10
-        );
-        assert!(gone(cur), "the original {cur} still runs");
-        // Reaped by its exec on the origin, not left a zombie while the
-        // copy's output goes on.
-        assert!(reaped(cur), "the original {cur} was not reaped");
-        cur = new_pid;
-        at = to;
-        let seen = out.seqs().len();
-        out.until(Duration::from_secs(10), |t| {
-            t.matches("seq=").count() >= seen + 20
-        });
-        usr1(cur);
-        let k = out.checksums().len();
-        out.until(Duration::from_secs(10), |t| {
-            t.matches("checksum=").count() > k
-        });
-        assert_eq!(out.checksums()[k], before, "memory changed at hop {hop}");
+        // 1 -> 2 -> 1 -> 2: lazy, stop-copy, lazy.
+        cur = hop_and_check(&n, &mut out, (at, cur), hop % 2 == 0, &before, hop);
+        at = 3 - at;
     }
     no_gap(&out.seqs());
     // The end of the process comes back through every hop to the exec.
@@ -196,38 +216,8 @@ fn lazy_copy_reading_all_its_memory_survives_the_last_pushes() {
     let mut cur = pid;
     let mut at = 1u16;
     for hop in 0..4 {
-        let to = 3 - at;
-        let r = n.agents[0]
-            .call(at, Duration::from_secs(120), |req| Msg::MigrateOut {
-                req,
-                pid: cur,
-                to,
-                lazy: true,
-            })
-            .unwrap_or_else(|e| panic!("hop {hop}: {e}"));
-        let Msg::MigrateReport { new_pid, .. } = r else {
-            panic!("{r:?}")
-        };
-        // The origin lets go once every page moved; the copy must still
-        // run then, with the same memory.
-        assert!(gone(cur), "hop {hop}: the original {cur} still runs");
-        cur = new_pid;
-        at = to;
-        let seen = out.seqs().len();
-        out.until(Duration::from_secs(10), |t| {
-            t.matches("seq=").count() >= seen + 20
-        });
-        assert!(
-            out.exited.is_none(),
-            "hop {hop}: the copy ended:\n{}",
-            tail(&out.text)
-        );
-        usr1(cur);
-        let k = out.checksums().len();
-        out.until(Duration::from_secs(10), |t| {
-            t.matches("checksum=").count() > k
-        });
-        assert_eq!(out.checksums()[k], before, "memory changed at hop {hop}");
+        cur = hop_and_check(&n, &mut out, (at, cur), true, &before, hop);
+        at = 3 - at;
     }
     no_gap(&out.seqs());
     nix::sys::signal::kill(

@@ -104,6 +104,17 @@ fn mkctl() -> Command {
     c
 }
 
+/// `mkctl checkpoint <pid> --on host [--kill] -o <img>`.
+fn checkpoint(pid: u32, kill: bool, img: &std::path::Path) -> std::process::Output {
+    let mut c = mkctl();
+    c.args(["checkpoint", &pid.to_string(), "--on", "host", "-o"])
+        .arg(img);
+    if kill {
+        c.arg("--kill");
+    }
+    c.output().expect("mkctl checkpoint")
+}
+
 #[test]
 fn checkpoint_and_restore_on_the_host() {
     let dir = Scratch::new("host_checkpoint");
@@ -113,11 +124,7 @@ fn checkpoint_and_restore_on_the_host() {
 
     // A checkpoint that lets the process go on.
     let first = dir.join("running.img");
-    let out = mkctl()
-        .args(["checkpoint", &pid.to_string(), "--on", "host", "-o"])
-        .arg(&first)
-        .output()
-        .expect("mkctl checkpoint");
+    let out = checkpoint(pid, false, &first);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"));
     assert!(first.is_file());
@@ -128,18 +135,7 @@ fn checkpoint_and_restore_on_the_host() {
 
     // A checkpoint that stops it: its output ends.
     let img = dir.join("stopped.img");
-    let out = mkctl()
-        .args([
-            "checkpoint",
-            &pid.to_string(),
-            "--on",
-            "host",
-            "--kill",
-            "-o",
-        ])
-        .arg(&img)
-        .output()
-        .expect("mkctl checkpoint --kill");
+    let out = checkpoint(pid, true, &img);
     assert!(out.status.success(), "{out:?}");
     while let Ok(l) = rx.recv_timeout(T) {
         if let Some(s) = seq(&l) {
@@ -207,18 +203,7 @@ fn refused_checkpoint_leaves_the_process_running_and_no_file() {
     until(&rx, |l| seq(l).is_some_and(|s| s >= 3));
     let pid = child.id();
     let img = dir.join("never.img");
-    let out = mkctl()
-        .args([
-            "checkpoint",
-            &pid.to_string(),
-            "--on",
-            "host",
-            "--kill",
-            "-o",
-        ])
-        .arg(&img)
-        .output()
-        .expect("mkctl checkpoint");
+    let out = checkpoint(pid, true, &img);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
