@@ -228,7 +228,14 @@ impl Agent {
         build: impl FnOnce(u32) -> Msg,
     ) -> Result<Msg, AgentError> {
         let (req, rx) = self.request(peer, build)?;
-        let r = rx.recv_timeout(timeout);
+        // Progress messages on the way are skipped: the answer is the final one.
+        let deadline = std::time::Instant::now() + timeout;
+        let r = loop {
+            match rx.recv_deadline(deadline) {
+                Ok(m) if !is_final(&m) => continue,
+                other => break other,
+            }
+        };
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -216,8 +216,16 @@ impl Agent {
     /// `lazy`: resume after the eager pages; the rest is served on demand
     /// and pushed in the background, and the original is killed once every
     /// page has gone (and the destination says it needs no more). Returns
-    /// then, with the downtime (freeze to copy running) and the total.
-    pub fn move_out(self: &Arc<Self>, pid: u32, to: u16, lazy: bool) -> Result<MoveReport, String> {
+    /// then, with the downtime (freeze to copy running) and the total;
+    /// `running` is called as soon as the copy runs, with its pid and the
+    /// downtime.
+    pub fn move_out(
+        self: &Arc<Self>,
+        pid: u32,
+        to: u16,
+        lazy: bool,
+        running: impl FnOnce(u32, Duration),
+    ) -> Result<MoveReport, String> {
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
         let frozen = migrate::freeze(pid_i).map_err(|e| crate::error_text(&e))?;
@@ -307,6 +315,7 @@ impl Agent {
                     total: t0.elapsed(),
                     image_bytes,
                 };
+                running(new_pid, report.downtime);
                 let server = lock(&self.migrations.servers).get(&(to, mig)).cloned();
                 if let Some(server) = server {
                     let eager = server.progress().sent;
@@ -472,7 +481,17 @@ impl Agent {
                     // The report goes out when the move is over: in lazy
                     // mode, once every page has moved and the original is
                     // gone (its downtime ended long before).
-                    let answer = match me.move_out(pid, to, lazy) {
+                    let progress = |new_pid, downtime: Duration| {
+                        let _ = me.send(
+                            peer,
+                            &Msg::MigrateProgress {
+                                req,
+                                new_pid,
+                                downtime_ns: u64::try_from(downtime.as_nanos()).unwrap_or(u64::MAX),
+                            },
+                        );
+                    };
+                    let answer = match me.move_out(pid, to, lazy, progress) {
                         Ok(r) => Msg::MigrateReport {
                             req,
                             new_pid: r.new_pid,

@@ -247,6 +247,14 @@ pub enum Msg {
         total_ns: u64,
         image_bytes: u64,
     },
+    /// Progress of a `MigrateOut` (not its end): the copy runs on the
+    /// destination as `new_pid`, after `downtime_ns`; a lazy move goes on
+    /// moving pages until its `MigrateReport`.
+    MigrateProgress {
+        req: u32,
+        new_pid: u32,
+        downtime_ns: u64,
+    },
     /// Origin to destination: a process image follows in `MigrateChunk`s,
     /// closed by `MigrateEnd` (or `MigrateAbort`). `mig` is the origin's id.
     MigrateBegin {
@@ -377,6 +385,7 @@ const K_PAGE_DATA: u16 = 36;
 const K_PAGE_REFUSED: u16 = 37;
 const K_PAGES_DONE: u16 = 38;
 const K_PAGES_IN: u16 = 39;
+const K_MIGRATE_PROGRESS: u16 = 40;
 
 impl Msg {
     /// The request id the message answers or belongs to, if any.
@@ -399,6 +408,7 @@ impl Msg {
             | Msg::Done { req }
             | Msg::MigrateOut { req, .. }
             | Msg::MigrateReport { req, .. }
+            | Msg::MigrateProgress { req, .. }
             | Msg::Checkpoint { req, .. }
             | Msg::ImageChunk { req, .. }
             | Msg::RestoreImage { req } => Some(*req),
@@ -653,6 +663,16 @@ impl Msg {
                 w.u64(*total_ns);
                 w.u64(*image_bytes);
             }
+            Msg::MigrateProgress {
+                req,
+                new_pid,
+                downtime_ns,
+            } => {
+                w.head(K_MIGRATE_PROGRESS);
+                w.u32(*req);
+                w.u32(*new_pid);
+                w.u64(*downtime_ns);
+            }
             Msg::MigrateBegin { mig } => {
                 w.head(K_MIGRATE_BEGIN);
                 w.u32(*mig);
@@ -902,6 +922,11 @@ impl Msg {
                 downtime_ns: r.u64()?,
                 total_ns: r.u64()?,
                 image_bytes: r.u64()?,
+            },
+            K_MIGRATE_PROGRESS => Msg::MigrateProgress {
+                req: r.u32()?,
+                new_pid: r.u32()?,
+                downtime_ns: r.u64()?,
             },
             K_MIGRATE_BEGIN => Msg::MigrateBegin { mig: r.u32()? },
             K_MIGRATE_CHUNK => Msg::MigrateChunk {
@@ -1339,6 +1364,13 @@ mod tests {
                 .prop_map(|(req, pid, kill)| Msg::Checkpoint { req, pid, kill }),
             any::<u32>().prop_map(|mig| Msg::PagesDone { mig }),
             any::<u32>().prop_map(|mig| Msg::PagesIn { mig }),
+            (any::<u32>(), any::<u32>(), any::<u64>()).prop_map(|(req, new_pid, downtime_ns)| {
+                Msg::MigrateProgress {
+                    req,
+                    new_pid,
+                    downtime_ns,
+                }
+            }),
         ]
     }
 

@@ -147,7 +147,7 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
         let to = if at == "alpha" { "beta" } else { "alpha" };
         // Lazy (post-copy), stop-copy, lazy.
         let mode = if hop == 1 { "stop-copy" } else { "lazy" };
-        let r = m
+        let out = m
             .run(&[
                 "migrate",
                 &pid.to_string(),
@@ -159,10 +159,17 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
                 mode,
                 "--json",
             ])
-            .ok()
-            .json();
+            .ok();
+        let r = out.json();
         eprintln!("hop {hop}: {r}");
         let new_pid = r["new_pid"].as_u64().unwrap() as u32;
+        // Progress while it runs: the copy's pid as soon as it runs.
+        assert!(
+            out.stderr
+                .contains(&format!("running as pid {new_pid} after")),
+            "{}",
+            out.stderr
+        );
         // The origin no longer has it: killed once the move was over, and
         // reaped there (not left a zombie while its output goes on).
         let deadline = Instant::now() + Duration::from_secs(60);

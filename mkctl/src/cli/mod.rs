@@ -194,9 +194,10 @@ pub enum Command {
     /// Move a running process to another kernel: freeze it with ptrace,
     /// stream its image over the window, restore it there;
     /// its output keeps flowing where it went. A failure before the copy
-    /// runs leaves the original running. Returns when the move is over
-    /// (lazy: once every page has moved and the original is gone) with the
-    /// new pid, the downtime, the total time and the bytes moved. Both
+    /// runs leaves the original running. Says on stderr as soon as the copy
+    /// runs; returns when the move is over (lazy: once every page has moved
+    /// and the original is gone) with the new pid, the downtime, the total
+    /// time and the bytes moved. Both
     /// kernels must run the same kernel build (the vDSO moves with it).
     Migrate {
         /// The process id on the origin kernel.

@@ -316,7 +316,7 @@ impl Daemon {
                 from,
                 to,
                 lazy,
-            } => self.migrate(pid, &from, &to, lazy),
+            } => self.migrate(pid, &from, &to, lazy, &progress),
             Request::Checkpoint { pid, on, kill } => self.checkpoint(pid, &on, kill, &writer),
             Request::Restore { on } => match self.restore(&on, reader, &writer) {
                 Ok(()) => return,
@@ -1078,17 +1078,38 @@ impl Daemon {
         Ok(())
     }
 
-    fn migrate(&self, pid: u32, from: &str, to: &str, lazy: bool) -> Result<Reply, (String, i32)> {
+    fn migrate(
+        &self,
+        pid: u32,
+        from: &str,
+        to: &str,
+        lazy: bool,
+        progress: &dyn Fn(&str, &str),
+    ) -> Result<Reply, (String, i32)> {
         let a = self.ready_endpoint(from)?;
         let b = self.ready_endpoint(to)?;
         if a == b {
             return Err((format!("the process is already on {from}"), 2));
         }
         let agent = self.agent()?;
+        let running = |new_pid: u32, downtime: Duration| {
+            progress(
+                to,
+                &format!(
+                    "running as pid {new_pid} after {:.1} ms of downtime{}",
+                    downtime.as_secs_f64() * 1e3,
+                    if lazy {
+                        "; the remaining pages follow"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        };
         let report = if a == 0 {
             // The host's agent is the origin: freeze and stream from here
             // (ptrace wants one thread from freeze to kill: this one).
-            let r = agent.move_out(pid, b, lazy).map_err(|e| (e, 1))?;
+            let r = agent.move_out(pid, b, lazy, running).map_err(|e| (e, 1))?;
             (
                 r.new_pid,
                 r.downtime.as_nanos(),
@@ -1096,12 +1117,32 @@ impl Daemon {
                 r.image_bytes,
             )
         } else {
-            match agent.call(a, Duration::from_secs(600), |req| Msg::MigrateOut {
-                req,
-                pid,
-                to: b,
-                lazy,
-            }) {
+            let (req, rx) = agent
+                .request(a, |req| Msg::MigrateOut {
+                    req,
+                    pid,
+                    to: b,
+                    lazy,
+                })
+                .map_err(|e| (crate::error_chain(&e), 1))?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(600);
+            let mut running = Some(running);
+            let answer = loop {
+                match rx.recv_deadline(deadline) {
+                    Ok(Msg::MigrateProgress {
+                        new_pid,
+                        downtime_ns,
+                        ..
+                    }) => {
+                        if let Some(f) = running.take() {
+                            f(new_pid, Duration::from_nanos(downtime_ns));
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            agent.forget(a, req);
+            match answer {
                 Ok(Msg::MigrateReport {
                     new_pid,
                     downtime_ns,
@@ -1114,8 +1155,14 @@ impl Daemon {
                     u128::from(total_ns),
                     image_bytes,
                 ),
+                Ok(Msg::Failed { message, .. }) => return Err((message, 1)),
                 Ok(other) => return Err((format!("unexpected answer {other:?}"), 1)),
-                Err(e) => return Err((crate::error_chain(&e), 1)),
+                Err(_) => {
+                    return Err((
+                        format!("no answer from {from} about the move within 10 min"),
+                        1,
+                    ))
+                }
             }
         };
         Ok(Reply::Migrated {
