@@ -2,7 +2,8 @@
 # Sets everything up and runs the main job on the default topology
 # (configs/demo.toml, or the file given): validate and plan it, boot its
 # kernels under QEMU, run a command on each, send traffic and ping between
-# them over the shared window, and stop them.
+# them over the shared window, move a running process from one kernel to
+# another and back, and stop them.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -37,6 +38,26 @@ if [ $# -ge 2 ]; then
   "$mkctl" traffic "$1" "$2" --count 5000
   "$mkctl" ping host "$1" --count 200
   "$mkctl" ping "$1" "$2" --count 200
+fi
+
+if [ $# -ge 2 ] && [ -x .cache/mkcounter ]; then
+  step "a running process moves between kernels: mkcounter on $1, to $2 (lazy), back to $1 (stop-copy)"
+  # The static test program goes into the guest through exec's stdin.
+  "$mkctl" exec "$1" -- sh -c 'cat > /tmp/mkcounter && chmod +x /tmp/mkcounter' < .cache/mkcounter
+  # Its output streams here, through every move, with no gap in seq=.
+  "$mkctl" exec "$1" -- /tmp/mkcounter --mem 16M --threads 2 --interval-ms 300 </dev/null &
+  counter=$!
+  sleep 2
+  pid=$("$mkctl" exec "$1" -- pidof mkcounter)
+  "$mkctl" migrate "$pid" --from "$1" --to "$2"
+  sleep 2
+  pid=$("$mkctl" exec "$2" -- pidof mkcounter)
+  "$mkctl" migrate "$pid" --from "$2" --to "$1" --mode stop-copy
+  sleep 2
+  pid=$("$mkctl" exec "$1" -- pidof mkcounter)
+  # Its end comes back to the first exec (128 + 15 for SIGTERM).
+  "$mkctl" exec "$1" -- kill "$pid"
+  wait "$counter" || echo "mkcounter ended with status $? (143 = SIGTERM)"
 fi
 
 step "mkctl stop --all"
