@@ -239,18 +239,6 @@ impl Error {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Corruption {
-    /// The write position read from the window is not 8-aligned or not within
-    /// `lowest..=highest` (it may not move back, nor more than one capacity
-    /// past the read position).
-    #[error("write position 0x{head:x} is outside 0x{lowest:x}..=0x{highest:x} or not 8-aligned")]
-    HeadOutOfRange {
-        /// The value read.
-        head: u64,
-        /// Smallest acceptable value.
-        lowest: u64,
-        /// Largest acceptable value.
-        highest: u64,
-    },
     /// The read position read from the window is not 8-aligned or not within
     /// `lowest..=highest` (it may not move back, nor past what was published).
     #[error("read position 0x{tail:x} is outside 0x{lowest:x}..=0x{highest:x} or not 8-aligned")]
@@ -280,16 +268,6 @@ pub enum Corruption {
         offset: u64,
         /// Size of the data area.
         capacity: u64,
-    },
-    /// A frame that ends after the published write position.
-    #[error("frame at position 0x{pos:x} ends at 0x{end:x}, past the write position 0x{head:x}")]
-    FrameBeyondHead {
-        /// Position of the header.
-        pos: u64,
-        /// Position just after the frame.
-        end: u64,
-        /// The published write position.
-        head: u64,
     },
     /// A padding record that does not cover exactly the rest of the data area.
     #[error("padding at position 0x{pos:x} covers 0x{len:x} bytes, expected 0x{expected:x}")]

@@ -117,7 +117,6 @@ fn run(target: Target) {
                 broken,
                 shmem_ring::Corruption::FrameHeader { .. }
                     | shmem_ring::Corruption::FrameLength { .. }
-                    | shmem_ring::Corruption::FrameBeyondHead { .. }
                     | shmem_ring::Corruption::Padding { .. }
             ),
             "{broken}"
