@@ -684,6 +684,21 @@ impl Agent {
         }
     }
 
+    /// Registers `pid` as what request `(peer, req)` runs, so that its
+    /// `Signal`s reach it (a restored process, like an exec'd one);
+    /// `None` forgets it.
+    pub(crate) fn set_running(&self, peer: u16, req: u32, pid: Option<u32>) {
+        let mut execs = self.execs.lock().unwrap_or_else(|e| e.into_inner());
+        match pid {
+            Some(pid) => {
+                execs.insert((peer, req), ExecState { pid, stdin: None });
+            }
+            None => {
+                execs.remove(&(peer, req));
+            }
+        }
+    }
+
     /// Marks `pid` (a process of ours) as moved away: `final_status`
     /// will wait for `rx` instead of trusting the local kill.
     pub(crate) fn mark_moved(&self, pid: u32, rx: Receiver<ExitStatus>) {

@@ -666,6 +666,7 @@ impl Agent {
                         None,
                         |pid| {
                             lock(&me.migrations.restores).remove(&(peer, req));
+                            me.set_running(peer, req, Some(pid));
                             let _ = me.send(peer, &Msg::Started { req, pid });
                         },
                         |stream, bytes| {
@@ -677,6 +678,7 @@ impl Agent {
                         },
                     );
                     lock(&me.migrations.restores).remove(&(peer, req));
+                    me.set_running(peer, req, None);
                     let _ = match result {
                         Ok(status) => me.send(peer, &Msg::Exited { req, status }),
                         Err(message) => me.send(peer, &Msg::Failed { req, message }),

@@ -3,7 +3,8 @@
 //! guest). A multithreaded `mkcounter` is saved while it runs on, saved
 //! again and stopped, and restored as mkctl's child: its output goes on
 //! from the next line with no gap or repeat, its memory checksum is the
-//! same, and its end becomes mkctl's exit status. A process that cannot be
+//! same, and a signal to mkctl reaches it and its end becomes mkctl's exit
+//! status. A process that cannot be
 //! saved is refused by name and keeps running, and no image is left.
 
 use std::io::{BufRead, BufReader, Read};
@@ -178,15 +179,21 @@ fn checkpoint_and_restore_on_the_host() {
     for w in seqs.windows(2) {
         assert_eq!(w[1], w[0] + 1, "gap or repeat after the restore");
     }
+    // SIGTERM to mkctl reaches the process (as with exec), whose end
+    // becomes mkctl's status.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(new_pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
+        nix::unistd::Pid::from_raw(r.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
     )
-    .expect("kill the restored process");
+    .expect("SIGTERM to mkctl restore");
     let mut rest = String::new();
     let _ = err.read_to_string(&mut rest);
     let status = r.wait().expect("mkctl restore ends");
-    assert_eq!(status.code(), Some(128 + 9), "{rest}");
+    assert_eq!(status.code(), Some(128 + 15), "{rest}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{new_pid}")).exists(),
+        "the restored process outlived mkctl"
+    );
 }
 
 #[test]

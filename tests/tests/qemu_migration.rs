@@ -4,7 +4,9 @@
 //! printing with no gap and no repeat, the memory checksum (printed on
 //! SIGUSR1) stays the same, the origin no longer runs it, and its end
 //! comes back as the exec's exit status. Then a destination that dies in
-//! the middle of a transfer leaves the original running on the origin.
+//! the middle of a transfer leaves the original running on the origin. And
+//! a checkpoint on alpha restored on beta goes on from the next line with
+//! the same memory, and dies with the `mkctl restore` that runs it.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
@@ -64,7 +66,7 @@ impl Watched {
 }
 
 fn start(m: &Mkctl, on: &str, mem: &str) -> Watched {
-    let mut child = m
+    let child = m
         .command()
         .args([
             "exec",
@@ -81,6 +83,12 @@ fn start(m: &Mkctl, on: &str, mem: &str) -> Watched {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    watch(child)
+}
+
+/// Collects the stdout lines of `child` (an exec or a restore) and waits
+/// for its first ones.
+fn watch(mut child: Child) -> Watched {
     let out = child.stdout.take().unwrap();
     let lines = Arc::new(Mutex::new(Vec::new()));
     let l2 = Arc::clone(&lines);
@@ -287,4 +295,79 @@ fn destination_dying_mid_transfer_leaves_the_original_running() {
     let c = w.checksums();
     assert_eq!(c[0], c[1]);
     no_gap(&w.seqs());
+}
+
+#[test]
+fn checkpoint_on_alpha_restores_on_beta_and_goes_with_its_mkctl() {
+    let m = boot();
+    let mut w = start(&m, "alpha", "8M");
+    let pid = pid_on(&m, "alpha");
+    usr1(&m, "alpha", pid);
+    w.wait_for("checksum", Duration::from_secs(20), |l| {
+        l.iter().any(|x| x.starts_with("checksum="))
+    });
+    let before = w.checksums()[0].clone();
+    let img = m.run_dir().join("counter.img");
+    let img_s = img.display().to_string();
+    m.run(&[
+        "checkpoint",
+        &pid.to_string(),
+        "--on",
+        "alpha",
+        "--kill",
+        "-o",
+        &img_s,
+    ])
+    .ok();
+    // Stopped once saved: the exec ends with SIGKILL's status.
+    assert_eq!(w.child.wait().unwrap().code(), Some(128 + 9));
+    std::thread::sleep(Duration::from_millis(200));
+    let last = *w.seqs().last().expect("output before the checkpoint");
+
+    let child = m
+        .command()
+        .args(["restore", &img_s, "--on", "beta"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let r = watch(child);
+    r.wait_for("12 lines after the restore", Duration::from_secs(30), |l| {
+        l.iter().filter(|x| x.starts_with("seq=")).count() >= 12
+    });
+    assert_eq!(
+        r.seqs()[0],
+        last + 1,
+        "the restored process goes on from the next line"
+    );
+    no_gap(&r.seqs());
+    let pid2 = pid_on(&m, "beta");
+    usr1(&m, "beta", pid2);
+    r.wait_for("checksum after the restore", Duration::from_secs(20), |l| {
+        l.iter().any(|x| x.starts_with("checksum="))
+    });
+    assert_eq!(r.checksums()[0], before, "memory changed");
+
+    // The restored process goes with the mkctl that runs it, as with exec.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = m
+            .run(&["exec", "beta", "--", "sh", "-c", "pidof mkcounter || true"])
+            .ok()
+            .text();
+        if left.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mkcounter {left:?} outlived its mkctl restore"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -731,8 +731,10 @@ fn checkpoint_here(pid: u32, output: &Path, kill: bool) -> Res {
 /// with its stdin/stdout/stderr, and its exit status becomes mkctl's.
 fn restore_here(file: &Path) -> Res {
     use std::os::fd::AsFd;
-    let image =
-        std::fs::File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+    let image = match std::fs::File::open(file) {
+        Ok(f) => f,
+        Err(e) => return Ok(failed(&format!("cannot open {}: {e}", file.display()), 2)),
+    };
     let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
     let stdio = mknode::migrate::StdioPlan {
         stdin: dup(std::io::stdin().as_fd())?,
@@ -756,12 +758,61 @@ fn restore_here(file: &Path) -> Res {
     );
     use nix::sys::wait::{waitpid, WaitStatus};
     let pid = nix::unistd::Pid::from_raw(restored.pid);
+    forward_signals_until_exit(pid);
     loop {
         match waitpid(pid, None) {
             Ok(WaitStatus::Exited(_, code)) => return Ok(code),
             Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Ok(failed(&format!("waiting for {pid}: {e}"), EXIT_FAIL)),
+        }
+    }
+}
+
+/// Passes SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to mkctl on to `child`
+/// (as `mkctl exec` does to a remote command) until it has exited.
+/// mkctl blocks them and reads them from a signalfd; the child is not
+/// affected (its signal mask came from its image).
+fn forward_signals_until_exit(child: nix::unistd::Pid) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    use std::os::fd::AsFd;
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        set.add(s);
+    }
+    let Ok(pidfd) = mknode::migrate::pidfd_open(child) else {
+        return;
+    };
+    if set.thread_block().is_err() {
+        return;
+    }
+    let Ok(sfd) = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) else {
+        return;
+    };
+    loop {
+        let mut fds = [
+            PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return;
+        }
+        while let Ok(Some(info)) = sfd.read_signal() {
+            if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
+                let _ = nix::sys::signal::kill(child, sig);
+            }
         }
     }
 }
@@ -812,8 +863,10 @@ pub(super) fn restore(file: &Path, on: &str) -> Res {
     if is_host(on) {
         return restore_here(file);
     }
-    let mut image =
-        std::fs::File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+    let mut image = match std::fs::File::open(file) {
+        Ok(f) => f,
+        Err(e) => return Ok(failed(&format!("cannot open {}: {e}", file.display()), 2)),
+    };
     let mut c = match connect() {
         Ok(c) => c,
         Err(code) => return Ok(code),

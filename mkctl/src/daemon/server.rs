@@ -1240,13 +1240,28 @@ impl Daemon {
         thread::spawn(move || loop {
             match control::read_frame(&mut client_rx, Side::Daemon) {
                 Ok(Frame::Wire(Msg::ImageChunk { bytes, .. })) => {
-                    let last = bytes.is_empty();
-                    if fwd.send(id, &Msg::ImageChunk { req, bytes }).is_err() || last {
+                    if fwd.send(id, &Msg::ImageChunk { req, bytes }).is_err() {
+                        return;
+                    }
+                }
+                // Then, as for exec: signals go through, and a client that
+                // went away takes the process with it.
+                Ok(Frame::Wire(Msg::Signal { signal, .. })) => {
+                    if fwd.send(id, &Msg::Signal { req, signal }).is_err() {
                         return;
                     }
                 }
                 Ok(_) => {}
-                Err(_) => return,
+                Err(_) => {
+                    let _ = fwd.send(
+                        id,
+                        &Msg::Signal {
+                            req,
+                            signal: libc::SIGKILL,
+                        },
+                    );
+                    return;
+                }
             }
         });
         relay_answers(&agent, id, req, &rx, client_tx);

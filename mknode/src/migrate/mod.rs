@@ -42,6 +42,8 @@ pub use lazy::{
 pub use pager::{LazyError, Pager, PagerOptions, PagerStats};
 pub use precheck::{check_at, check_migratable, Blocker, Precheck, Refusal};
 pub use restore::{restore, restore_lazy, LazyRestored, RestoreError, Restored, StdioPlan};
+/// `pidfd_open(pid, 0)`.
+pub use uffd::pidfd_open;
 pub(crate) use uffd::wait_exit;
 
 /// A failed system call made on behalf of capture or restore.

@@ -267,7 +267,7 @@ impl AsFd for Uffd {
 }
 
 /// `pidfd_open(pid, 0)`.
-pub(crate) fn pidfd_open(pid: Pid) -> nix::Result<OwnedFd> {
+pub fn pidfd_open(pid: Pid) -> nix::Result<OwnedFd> {
     // SAFETY: pidfd_open takes two integers and returns a new descriptor,
     // which we own from here on.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0u32) };
