@@ -81,7 +81,7 @@ pub struct Agent {
     blobs: Mutex<HashMap<u16, BlobStats>>,
     bad_frames: AtomicU64,
     stop: AtomicBool,
-    hooks: Hooks,
+    pub(crate) hooks: Hooks,
 }
 
 /// A request could not be completed.

@@ -228,6 +228,7 @@ impl Agent {
     ) -> Result<MoveReport, String> {
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
+        self.same_kernel(to)?;
         let frozen = migrate::freeze(pid_i).map_err(|e| crate::error_text(&e))?;
         // The original's own stdout and stderr, for the copy's output: opened
         // now, while the process still holds them.
@@ -381,6 +382,26 @@ impl Agent {
                 ))
             }
         }
+    }
+
+    /// Refuses, before anything is frozen, a destination that runs another
+    /// kernel than this one (its restore would refuse the image after the
+    /// whole transfer). Without an answer the destination's own check, on
+    /// the image, decides.
+    fn same_kernel(&self, to: u16) -> Result<(), String> {
+        let Ok(Msg::Info { info, .. }) =
+            self.call(to, Duration::from_secs(10), |req| Msg::InfoRequest { req })
+        else {
+            return Ok(());
+        };
+        let here = (self.hooks.info)();
+        if (&info.release, &info.version) == (&here.release, &here.version) {
+            return Ok(());
+        }
+        Err(format!(
+            "endpoint {to} runs another kernel ({} {}) than this one ({} {}): a process moves only between kernels of the same build; nothing was frozen, the original runs on",
+            info.release, info.version, here.release, here.version
+        ))
     }
 
     /// Writes an image of `pid` to the requester as `ImageChunk`s; the

@@ -226,3 +226,42 @@ fn lazy_copy_reading_all_its_memory_survives_the_last_pushes() {
     )
     .unwrap();
 }
+
+/// A destination on another kernel build is refused before anything is
+/// frozen: the process never stops printing.
+#[test]
+fn destination_on_another_kernel_is_refused_before_the_freeze() {
+    let n = common::agents::net_where(|| {
+        let mut k = mknode::agent::kernel_info();
+        k.release = "0.0.0-another-build".into();
+        k
+    });
+    let (pid, mut out) = start(&n, 1, "1M");
+    let t = Instant::now();
+    let err = n.agents[0]
+        .call(1, Duration::from_secs(60), |req| Msg::MigrateOut {
+            req,
+            pid,
+            to: 2,
+            lazy: true,
+        })
+        .expect_err("must be refused")
+        .to_string();
+    assert!(
+        err.contains("another kernel (0.0.0-another-build") && err.contains("nothing was frozen"),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(stat.contains("TracerPid:\t0"), "{stat}");
+    let seen = out.seqs().len();
+    out.until(Duration::from_secs(10), |t| {
+        t.matches("seq=").count() >= seen + 10
+    });
+    no_gap(&out.seqs());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}

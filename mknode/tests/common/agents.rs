@@ -24,6 +24,11 @@ pub(crate) struct Net {
 
 /// Three agents 0 (client), 1 and 2, all linked.
 pub(crate) fn net() -> Net {
+    net_where(kernel_info)
+}
+
+/// [`net`], with agent 2 describing its kernel through `info2`.
+pub(crate) fn net_where(info2: fn() -> mknode::wire::KernelInfo) -> Net {
     let dir = tempfile::Builder::new()
         .prefix("mover")
         .tempdir_in("/dev/shm")
@@ -35,7 +40,7 @@ pub(crate) fn net() -> Net {
         let ep = window.attach(id).expect("attach");
         let hooks = Hooks {
             power_off: Box::new(|| {}),
-            info: Box::new(kernel_info),
+            info: Box::new(if id == 2 { info2 } else { kernel_info }),
         };
         let a = Agent::new(id, hooks);
         for peer in (0..3u16).filter(|&p| p != id) {
