@@ -261,12 +261,14 @@ pub(super) fn exec(
             });
         });
     }
-    relay_output(&mut c, instance)
+    relay_output(&mut c, instance, None)
 }
 
 /// Copies a remote process's output to ours until it ends; returns its
 /// exit status as ours.
-fn relay_output(c: &mut Client, instance: &str) -> Res {
+/// Streams a remote process's output here until it ends; `restored` (the
+/// image file) has its new pid said on stderr when it starts.
+fn relay_output(c: &mut Client, instance: &str, restored: Option<&Path>) -> Res {
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr();
     loop {
@@ -280,6 +282,14 @@ fn relay_output(c: &mut Client, instance: &str) -> Res {
                 if r.is_err() {
                     // Our stdout was closed (e.g. piped into `head`).
                     return Ok(EXIT_FAIL);
+                }
+            }
+            Frame::Wire(Msg::Started { pid, .. }) => {
+                if let Some(file) = restored {
+                    eprintln!(
+                        "mkctl: restored {} on {instance} as pid {pid}",
+                        file.display()
+                    );
                 }
             }
             Frame::Wire(Msg::Exited { status, .. }) => {
@@ -671,15 +681,27 @@ fn write_atomically(
     path: &Path,
     fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), String>,
 ) -> Result<u64, String> {
+    if path.is_dir() {
+        return Err(format!(
+            "{} is a directory; give a file name",
+            path.display()
+        ));
+    }
     let tmp = path.with_extension("partial");
-    let file =
-        std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let file = std::fs::File::create(&tmp).map_err(|e| {
+        format!(
+            "cannot write {} (through {}): {e}",
+            path.display(),
+            tmp.display()
+        )
+    })?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let done = fill(&mut w).and_then(|()| {
         let f = w.into_inner().map_err(|e| e.to_string())?;
         f.sync_all().map_err(|e| e.to_string())?;
         let len = f.metadata().map_err(|e| e.to_string())?.len();
-        std::fs::rename(&tmp, path).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))?;
         Ok(len)
     });
     if done.is_err() {
@@ -825,37 +847,41 @@ pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, kill: bool) -> Res {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let tmp = output.with_extension("partial");
-    let mut file =
-        std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-    c.send(&Request::Checkpoint {
-        pid,
-        on: on.to_string(),
-        kill,
-    })?;
-    let mut bytes = 0u64;
-    loop {
-        match c.read()? {
-            Frame::Wire(Msg::ImageChunk { bytes: b, .. }) => {
-                bytes += b.len() as u64;
-                file.write_all(&b)?;
+    // The exit code the daemon gives a failure (2: no such instance).
+    let mut code = EXIT_FAIL;
+    // The request goes out once the file is there to take the image.
+    let written = write_atomically(output, |w| {
+        c.send(&Request::Checkpoint {
+            pid,
+            on: on.to_string(),
+            kill,
+        })
+        .map_err(|e| e.to_string())?;
+        loop {
+            match c.read().map_err(|e| e.to_string())? {
+                Frame::Wire(Msg::ImageChunk { bytes, .. }) => {
+                    w.write_all(&bytes).map_err(|e| e.to_string())?
+                }
+                Frame::Reply(Reply::Ok { .. }) => return Ok(()),
+                Frame::Reply(Reply::Error { message, code: c }) => {
+                    code = c;
+                    return Err(message);
+                }
+                _ => {}
             }
-            Frame::Reply(Reply::Ok { .. }) => {
-                file.sync_all()?;
-                std::fs::rename(&tmp, output)?;
-                println!(
-                    "wrote {} ({}) of process {pid} on {on}",
-                    output.display(),
-                    ByteSize(bytes).human()
-                );
-                return Ok(EXIT_OK);
-            }
-            Frame::Reply(Reply::Error { message, code }) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Ok(failed(&message, code));
-            }
-            _ => {}
         }
+    });
+    match written {
+        Ok(bytes) => {
+            println!(
+                "wrote {} ({}) of process {pid} on {on}{}",
+                output.display(),
+                ByteSize(bytes).human(),
+                if kill { "; it was stopped" } else { "" }
+            );
+            Ok(EXIT_OK)
+        }
+        Err(e) => Ok(failed(&format!("checkpoint of {pid} on {on}: {e}"), code)),
     }
 }
 
@@ -891,5 +917,5 @@ pub(super) fn restore(file: &Path, on: &str) -> Res {
             }
         }
     });
-    relay_output(&mut c, on)
+    relay_output(&mut c, on, Some(file))
 }

@@ -316,7 +316,13 @@ impl Daemon {
                 from,
                 to,
                 lazy,
-            } => self.migrate(pid, &from, &to, lazy, &progress),
+            } => self
+                .migrate(pid, &from, &to, lazy, &progress)
+                // Failures of the move itself say where they happened.
+                .map_err(|(m, code)| match code {
+                    1 => (format!("on {from}: {m}"), code),
+                    _ => (m, code),
+                }),
             Request::Checkpoint { pid, on, kill } => self.checkpoint(pid, &on, kill, &writer),
             Request::Restore { on } => match self.restore(&on, reader, &writer) {
                 Ok(()) => return,
