@@ -673,7 +673,7 @@ pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) ->
 /// `--on host` (or endpoint 0): the host kernel, where mkctl itself can do
 /// the work.
 fn is_host(on: &str) -> bool {
-    on == "host" || on == "0"
+    on.eq_ignore_ascii_case("host") || on == "0"
 }
 
 /// Writes `path` through a `.partial` file renamed into place once whole.

@@ -219,6 +219,7 @@ pub enum Command {
     },
     /// Save a process's image to a file (it keeps running unless --kill).
     Checkpoint {
+        /// The process id on that kernel.
         pid: u32,
         /// The kernel it runs on: an instance name or id, or `host` (done
         /// by this mkctl itself, no daemon needed).

@@ -44,15 +44,9 @@ pub enum Blocker {
 impl fmt::Display for Blocker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Blocker::OpenFd { fd, target } => write!(
-                f,
-                "fd {fd} is open ({target}); only fds 0, 1 and 2 are carried"
-            ),
+            Blocker::OpenFd { fd, target } => write!(f, "fd {fd} is open ({target})"),
             Blocker::Socket { fd, target } => write!(f, "fd {fd} is a socket ({target})"),
-            Blocker::Stdio { fd, target } => write!(
-                f,
-                "fd {fd} is {target}; fds 0-2 must be pipes, ttys or /dev/null"
-            ),
+            Blocker::Stdio { fd, target } => write!(f, "fd {fd} is {target}"),
             Blocker::SharedMapping { start, end, name } => write!(
                 f,
                 "shared memory mapping {start:#x}-{end:#x} ({})",
@@ -78,7 +72,7 @@ impl fmt::Display for Blocker {
 /// Why a process is not migrated.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    #[error("process {pid} cannot be migrated: {}", join(blockers))]
+    #[error("process {pid} cannot be moved or saved: {}", join(blockers))]
     Blocked { pid: i32, blockers: Vec<Blocker> },
     #[error("cannot inspect process {pid} through /proc")]
     Inspect {
@@ -88,11 +82,20 @@ pub enum Refusal {
     },
 }
 
+/// The blockers, then each rule they break, once.
 fn join(b: &[Blocker]) -> String {
-    b.iter()
+    let mut s = b
+        .iter()
         .map(|x| x.to_string())
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    if b.iter().any(|x| matches!(x, Blocker::Stdio { .. })) {
+        s.push_str(" (fds 0-2 must be pipes, ttys or /dev/null)");
+    }
+    if b.iter().any(|x| matches!(x, Blocker::OpenFd { .. })) {
+        s.push_str(" (only fds 0, 1 and 2 are carried)");
+    }
+    s
 }
 
 /// What the pre-check saw of a migratable process.
@@ -287,7 +290,9 @@ mod tests {
         let e = check_at(d.path(), 7, 1).unwrap_err();
         let msg = e.to_string();
         for want in [
-            "fd 1 is /tmp/log; fds 0-2 must be pipes",
+            "fd 1 is /tmp/log;",
+            "(fds 0-2 must be pipes, ttys or /dev/null)",
+            "(only fds 0, 1 and 2 are carried)",
             "fd 3 is a socket (socket:[77])",
             "fd 4 is open (/etc/passwd)",
             "shared memory mapping 0x7f000000-0x7f001000 (/SYSV00000000 (deleted))",
