@@ -710,6 +710,17 @@ fn write_atomically(
     done
 }
 
+/// What a checkpoint that worked prints.
+fn say_written(output: &Path, bytes: u64, pid: u32, on: &str, kill: bool) -> Res {
+    println!(
+        "wrote {} ({}) of process {pid} on {on}{}",
+        output.display(),
+        ByteSize(bytes).human(),
+        if kill { "; it was stopped" } else { "" }
+    );
+    Ok(EXIT_OK)
+}
+
 /// Checkpoint of a host process, done here: freeze, write, then let it go
 /// on (or kill it). Any failure leaves it running untouched.
 fn checkpoint_here(pid: u32, output: &Path, kill: bool) -> Res {
@@ -731,13 +742,7 @@ fn checkpoint_here(pid: u32, output: &Path, kill: bool) -> Res {
             } else {
                 frozen.resume();
             }
-            println!(
-                "wrote {} ({}) of process {pid} on host{}",
-                output.display(),
-                ByteSize(bytes).human(),
-                if kill { "; it was stopped" } else { "" }
-            );
-            Ok(EXIT_OK)
+            say_written(output, bytes, pid, "host", kill)
         }
         Err(e) => {
             drop(frozen);
@@ -872,15 +877,7 @@ pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, kill: bool) -> Res {
         }
     });
     match written {
-        Ok(bytes) => {
-            println!(
-                "wrote {} ({}) of process {pid} on {on}{}",
-                output.display(),
-                ByteSize(bytes).human(),
-                if kill { "; it was stopped" } else { "" }
-            );
-            Ok(EXIT_OK)
-        }
+        Ok(bytes) => say_written(output, bytes, pid, on, kill),
         Err(e) => Ok(failed(&format!("checkpoint of {pid} on {on}: {e}"), code)),
     }
 }
