@@ -1022,7 +1022,7 @@ impl Daemon {
         &self,
         name: &str,
         exec: ExecRequest,
-        mut client_rx: UnixStream,
+        client_rx: UnixStream,
         client_tx: &Mutex<UnixStream>,
     ) -> Result<(), (String, i32)> {
         let id = self.ready_endpoint(name)?;
@@ -1038,47 +1038,24 @@ impl Daemon {
             let _ = control::send_reply(&mut *w, &Reply::ExecStarted);
         }
         // Client -> agent: stdin and signals, with the request id rewritten.
-        let fwd_agent = Arc::clone(&agent);
-        thread::spawn(move || loop {
-            match control::read_frame(&mut client_rx, Side::Daemon) {
-                Ok(Frame::Wire(m)) => {
-                    let m = match m {
-                        Msg::Data {
-                            stream: Stream::Stdin,
-                            bytes,
-                            ..
-                        } => Msg::Data {
-                            req,
-                            stream: Stream::Stdin,
-                            bytes,
-                        },
-                        Msg::Eof {
-                            stream: Stream::Stdin,
-                            ..
-                        } => Msg::Eof {
-                            req,
-                            stream: Stream::Stdin,
-                        },
-                        Msg::Signal { signal, .. } => Msg::Signal { req, signal },
-                        _ => continue,
-                    };
-                    if fwd_agent.send(id, &m).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    // The client went away: stop the command.
-                    let _ = fwd_agent.send(
-                        id,
-                        &Msg::Signal {
-                            req,
-                            signal: libc::SIGKILL,
-                        },
-                    );
-                    return;
-                }
-            }
+        forward_from_client(client_rx, Arc::clone(&agent), id, req, move |m| match m {
+            Msg::Data {
+                stream: Stream::Stdin,
+                bytes,
+                ..
+            } => Some(Msg::Data {
+                req,
+                stream: Stream::Stdin,
+                bytes,
+            }),
+            Msg::Eof {
+                stream: Stream::Stdin,
+                ..
+            } => Some(Msg::Eof {
+                req,
+                stream: Stream::Stdin,
+            }),
+            _ => None,
         });
         relay_answers(&agent, id, req, &rx, client_tx);
         Ok(())
@@ -1224,7 +1201,7 @@ impl Daemon {
     fn restore(
         &self,
         on: &str,
-        mut client_rx: UnixStream,
+        client_rx: UnixStream,
         client_tx: &Mutex<UnixStream>,
     ) -> Result<(), (String, i32)> {
         let id = self.ready_endpoint(on)?;
@@ -1242,33 +1219,10 @@ impl Daemon {
             let mut w = client_tx.lock().unwrap_or_else(|e| e.into_inner());
             let _ = control::send_reply(&mut *w, &Reply::ExecStarted);
         }
-        let fwd = Arc::clone(&agent);
-        thread::spawn(move || loop {
-            match control::read_frame(&mut client_rx, Side::Daemon) {
-                Ok(Frame::Wire(Msg::ImageChunk { bytes, .. })) => {
-                    if fwd.send(id, &Msg::ImageChunk { req, bytes }).is_err() {
-                        return;
-                    }
-                }
-                // Then, as for exec: signals go through, and a client that
-                // went away takes the process with it.
-                Ok(Frame::Wire(Msg::Signal { signal, .. })) => {
-                    if fwd.send(id, &Msg::Signal { req, signal }).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = fwd.send(
-                        id,
-                        &Msg::Signal {
-                            req,
-                            signal: libc::SIGKILL,
-                        },
-                    );
-                    return;
-                }
-            }
+        // Client -> agent: the image, then signals.
+        forward_from_client(client_rx, Arc::clone(&agent), id, req, move |m| match m {
+            Msg::ImageChunk { bytes, .. } => Some(Msg::ImageChunk { req, bytes }),
+            _ => None,
         });
         relay_answers(&agent, id, req, &rx, client_tx);
         Ok(())
@@ -1363,6 +1317,42 @@ impl Daemon {
             progress(name, "stopped");
         }
     }
+}
+
+/// Forwards what a client sends for request `req` on endpoint `id` (in a
+/// thread of its own): what `map` keeps, with the request id rewritten,
+/// and signals. A client that goes away takes the process with it
+/// (SIGKILL), as a terminal's process group would.
+fn forward_from_client(
+    mut client_rx: UnixStream,
+    agent: Arc<Agent>,
+    id: u16,
+    req: u32,
+    map: impl Fn(Msg) -> Option<Msg> + Send + 'static,
+) {
+    thread::spawn(move || loop {
+        let m = match control::read_frame(&mut client_rx, Side::Daemon) {
+            Ok(Frame::Wire(Msg::Signal { signal, .. })) => Msg::Signal { req, signal },
+            Ok(Frame::Wire(m)) => match map(m) {
+                Some(m) => m,
+                None => continue,
+            },
+            Ok(_) => continue,
+            Err(_) => {
+                let _ = agent.send(
+                    id,
+                    &Msg::Signal {
+                        req,
+                        signal: libc::SIGKILL,
+                    },
+                );
+                return;
+            }
+        };
+        if agent.send(id, &m).is_err() {
+            return;
+        }
+    });
 }
 
 /// Copies an agent's answers to one request to the client as wire frames,
