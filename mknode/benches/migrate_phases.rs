@@ -71,13 +71,34 @@ fn spawn_resident(mib: usize) -> std::process::Child {
     child
 }
 
-fn one_round(mib: usize, img: &mut Vec<u8>) -> Round {
-    let mut child = spawn_resident(mib);
-    let t00 = Instant::now();
+/// A resident mkcounter, frozen: the process, its `Frozen`, and the times
+/// of the call to `freeze`, of the first thread stopping (the downtime
+/// starts there, not at the pre-check) and of `freeze` returning.
+fn freeze_resident(
+    mib: usize,
+) -> (
+    std::process::Child,
+    mknode::migrate::Frozen,
+    Instant,
+    Instant,
+    Instant,
+) {
+    let child = spawn_resident(mib);
+    let called = Instant::now();
     let frozen = freeze(child.id() as i32).expect("freeze");
-    let t1 = Instant::now();
-    // Downtime starts when the process stops, not at the pre-check.
-    let t0 = frozen.frozen_at();
+    let returned = Instant::now();
+    let stopped = frozen.frozen_at();
+    (child, frozen, called, stopped, returned)
+}
+
+/// Kills and reaps a restored process (a child of this one).
+fn end_restored(pid: i32) {
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill restored");
+    let _ = waitpid(Pid::from_raw(pid), None);
+}
+
+fn one_round(mib: usize, img: &mut Vec<u8>) -> Round {
+    let (mut child, frozen, t00, t0, t1) = freeze_resident(mib);
     img.clear();
     frozen
         .write_image(&mut *img, ImageOptions::default())
@@ -89,8 +110,7 @@ fn one_round(mib: usize, img: &mut Vec<u8>) -> Round {
     child.wait().expect("reap origin");
     let t4 = Instant::now();
 
-    kill(Pid::from_raw(r.pid), Signal::SIGKILL).expect("kill restored");
-    let _ = waitpid(Pid::from_raw(r.pid), None);
+    end_restored(r.pid);
     Round {
         freeze: ms(t1 - t0),
         dump: ms(t2 - t1),
@@ -104,12 +124,7 @@ fn one_round(mib: usize, img: &mut Vec<u8>) -> Round {
 /// A lazy move: downtime ends when the copy runs; total when every page has
 /// moved and the original is killed.
 fn lazy_round(mib: usize, img: &mut Vec<u8>) -> Round {
-    let mut child = spawn_resident(mib);
-    let t00 = Instant::now();
-    let frozen = freeze(child.id() as i32).expect("freeze");
-    let t1 = Instant::now();
-    // Downtime starts when the process stops, not at the pre-check.
-    let t0 = frozen.frozen_at();
+    let (mut child, frozen, t00, t0, t1) = freeze_resident(mib);
     img.clear();
     let (_, server) = frozen
         .write_lazy_image(&mut *img, LazyOptions::default())
@@ -136,8 +151,7 @@ fn lazy_round(mib: usize, img: &mut Vec<u8>) -> Round {
     let t4 = Instant::now();
     drop(loops);
 
-    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill restored");
-    let _ = waitpid(Pid::from_raw(pid), None);
+    end_restored(pid);
     Round {
         freeze: ms(t1 - t0),
         dump: ms(t2 - t1),

@@ -86,8 +86,10 @@ fn mkcounter_cmd(setup: &str, args: &str) -> Command {
     c
 }
 
-fn mkcounter() -> (Child, Receiver<String>) {
-    let mut child = mkcounter_cmd("", "--mem 8M --interval-ms 5")
+/// mkcounter started as [`mkcounter_cmd`] says, its output read in the
+/// background, once it has printed a few lines.
+fn mkcounter_running(setup: &str, args: &str) -> (Child, Receiver<String>) {
+    let mut child = mkcounter_cmd(setup, args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -119,7 +121,7 @@ fn checkpoint(pid: u32, kill: bool, img: &std::path::Path) -> std::process::Outp
 #[test]
 fn checkpoint_and_restore_on_the_host() {
     let dir = Scratch::new("host_checkpoint");
-    let (mut child, rx) = mkcounter();
+    let (mut child, rx) = mkcounter_running("", "--mem 8M --interval-ms 5");
     let pid = child.id();
     let sum = checksum(&rx, pid);
 
@@ -200,14 +202,7 @@ fn checkpoint_and_restore_on_the_host() {
 fn refused_checkpoint_leaves_the_process_running_and_no_file() {
     let dir = Scratch::new("host_checkpoint_refused");
     // An open file the image cannot carry.
-    let mut child = mkcounter_cmd("exec 7</etc/hostname;", "--mem 1M --interval-ms 5")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let rx = lines(child.stdout.take().expect("stdout"));
-    until(&rx, |l| seq(l).is_some_and(|s| s >= 3));
+    let (mut child, rx) = mkcounter_running("exec 7</etc/hostname;", "--mem 1M --interval-ms 5");
     let pid = child.id();
     let img = dir.join("never.img");
     let out = checkpoint(pid, true, &img);
