@@ -161,35 +161,6 @@ fn ring_window() -> Window {
     Window::anonymous(Layout::with_capacity(2, RING_CAPACITY).unwrap()).unwrap()
 }
 
-fn ring_latency(cpu: usize, n: u64) -> f64 {
-    let w = ring_window();
-    let (a, b) = (w.attach(0).unwrap(), w.attach(1).unwrap());
-    with_child(
-        cpu,
-        || {
-            let (mut tx, mut rx) = b.channel(0).unwrap();
-            let mut buf = Vec::with_capacity(SMALL);
-            for _ in 0..n + 1000 {
-                rx.recv(&mut buf, LONG).unwrap();
-                tx.try_send(&buf).unwrap();
-            }
-        },
-        || {
-            let (mut tx, mut rx) = a.channel(1).unwrap();
-            let msg = [7u8; SMALL];
-            let mut buf = Vec::with_capacity(SMALL);
-            for _ in 0..1000 {
-                tx.try_send(&msg).unwrap();
-                rx.recv(&mut buf, LONG).unwrap();
-            }
-            timed(n, 1000, || {
-                tx.try_send(&msg).unwrap();
-                rx.recv(&mut buf, LONG).unwrap();
-            }) / 2.0
-        },
-    )
-}
-
 /// The child sends `n` messages of `size` bytes (publishing every `batch`);
 /// the parent receives them and times first to last.
 fn ring_throughput(cpu: usize, n: u64, size: usize, batch: u64) -> f64 {
@@ -302,30 +273,61 @@ impl RawRing {
     }
 }
 
-fn raw_latency(cpu: usize, n: u64) -> f64 {
+/// One-way latency of 64 B messages, this ring and the floor, measured in
+/// ONE pair of processes that alternate between the two every chunk of
+/// `CHUNK_RTT` round trips: each pair of neighbouring chunks shares the vCPU
+/// placement, which on this machine changes the hop time by 4x from one
+/// second to the next. Returns the per-chunk one-way times, ns, as
+/// (ring, floor) pairs.
+fn latency_pairs(cpu: usize, chunks: usize) -> Vec<(f64, f64)> {
+    const CHUNK_RTT: u64 = 1000;
+    const WARM: usize = 4;
+    let w = ring_window();
+    let (a, b) = (w.attach(0).unwrap(), w.attach(1).unwrap());
     let (ab, ba) = (RawRing::new(SMALL), RawRing::new(SMALL));
     with_child(
         cpu,
         || {
+            let (mut tx, mut rx) = b.channel(0).unwrap();
+            let mut buf = Vec::with_capacity(SMALL);
             let (mut h, mut tc, mut t, mut hc) = (0, 0, 0, 0);
-            let mut buf = [0u8; SMALL];
-            for _ in 0..n + 1000 {
-                ab.recv(&mut t, &mut hc, &mut buf);
-                ba.send(&mut h, &mut tc, &buf);
+            let mut raw_buf = [0u8; SMALL];
+            for _ in 0..WARM + chunks {
+                for _ in 0..CHUNK_RTT {
+                    rx.recv(&mut buf, LONG).unwrap();
+                    tx.try_send(&buf).unwrap();
+                }
+                for _ in 0..CHUNK_RTT {
+                    ab.recv(&mut t, &mut hc, &mut raw_buf);
+                    ba.send(&mut h, &mut tc, &raw_buf);
+                }
             }
         },
         || {
-            let (mut h, mut tc, mut t, mut hc) = (0, 0, 0, 0);
+            let (mut tx, mut rx) = a.channel(1).unwrap();
             let msg = [7u8; SMALL];
-            let mut buf = [0u8; SMALL];
-            for _ in 0..1000 {
-                ab.send(&mut h, &mut tc, &msg);
-                ba.recv(&mut t, &mut hc, &mut buf);
+            let mut buf = Vec::with_capacity(SMALL);
+            let (mut h, mut tc, mut t, mut hc) = (0, 0, 0, 0);
+            let mut raw_buf = [0u8; SMALL];
+            let mut pairs = Vec::with_capacity(chunks);
+            for i in 0..WARM + chunks {
+                let start = Instant::now();
+                for _ in 0..CHUNK_RTT {
+                    tx.try_send(&msg).unwrap();
+                    rx.recv(&mut buf, LONG).unwrap();
+                }
+                let mid = Instant::now();
+                for _ in 0..CHUNK_RTT {
+                    ab.send(&mut h, &mut tc, &msg);
+                    ba.recv(&mut t, &mut hc, &mut raw_buf);
+                }
+                let end = Instant::now();
+                let one_way = |d: Duration| d.as_nanos() as f64 / (2 * CHUNK_RTT) as f64;
+                if i >= WARM {
+                    pairs.push((one_way(mid - start), one_way(end - mid)));
+                }
             }
-            timed(n, 1000, || {
-                ab.send(&mut h, &mut tc, &msg);
-                ba.recv(&mut t, &mut hc, &mut buf);
-            }) / 2.0
+            pairs
         },
     )
 }
@@ -562,7 +564,9 @@ struct Paired {
     raw: Figures,
     /// One-way latency of a bare cache-line ping-pong, ns (the hardware).
     line: f64,
-    /// ring/raw latency, ring/raw 64 B throughput, ring/raw 4 KiB throughput.
+    /// ring/raw latency (median over runs of the median over interleaved
+    /// chunk pairs), ring/raw 64 B throughput, ring/raw 4 KiB throughput
+    /// (medians of the ratios of neighbouring runs).
     ratios: [f64; 3],
 }
 
@@ -595,10 +599,14 @@ fn line_pingpong(cpus: (usize, usize), n: u64) -> f64 {
 
 fn ring_vs_raw(cpus: (usize, usize)) -> Paired {
     let mut v: [Vec<f64>; 9] = Default::default();
+    // Per run: the median over chunk pairs of ring / floor latency.
+    let mut latency_ratios = Vec::with_capacity(PAIRED_RUNS);
     for _ in 0..PAIRED_RUNS {
         v[6].push(line_pingpong(cpus, FAST.rtt));
-        v[0].push(ring_latency(cpus.1, FAST.rtt));
-        v[1].push(raw_latency(cpus.1, FAST.rtt));
+        let pairs = latency_pairs(cpus.1, (FAST.rtt / 1000) as usize);
+        v[0].push(median(pairs.iter().map(|p| p.0).collect()));
+        v[1].push(median(pairs.iter().map(|p| p.1).collect()));
+        latency_ratios.push(median(pairs.iter().map(|p| p.0 / p.1).collect()));
         v[2].push(ring_throughput(cpus.1, FAST.small, SMALL, 1));
         v[3].push(raw_throughput(cpus.1, FAST.small, SMALL));
         v[4].push(ring_throughput(cpus.1, FAST.page, PAGE, 1));
@@ -608,6 +616,7 @@ fn ring_vs_raw(cpus: (usize, usize)) -> Paired {
     }
     if std::env::var("RING_BENCH_DEBUG").is_ok() {
         eprintln!("{v:.1?}");
+        eprintln!("latency ratios per run: {latency_ratios:.2?}");
     }
     let ratio = |a: usize, b: usize| median(v[a].iter().zip(&v[b]).map(|(x, y)| x / y).collect());
     Paired {
@@ -627,7 +636,7 @@ fn ring_vs_raw(cpus: (usize, usize)) -> Paired {
             page: Some(median(v[5].clone())),
         },
         line: median(v[6].clone()),
-        ratios: [ratio(0, 1), ratio(2, 3), ratio(4, 5)],
+        ratios: [median(latency_ratios), ratio(2, 3), ratio(4, 5)],
     }
 }
 

@@ -106,16 +106,11 @@ fn model(capacity: usize, sizes: &'static [usize], batch: usize) {
         let t = thread::spawn(move || {
             for (i, &len) in sizes.iter().enumerate() {
                 let msg = payload(i, len);
+                // `send` takes its fast path while the frame fits in the
+                // room known, and `try_reserve`'s general one otherwise.
                 loop {
-                    match producer.try_reserve(len) {
-                        Ok(r) => {
-                            producer.fill(&r, &msg);
-                            producer.commit(r);
-                            if (i + 1) % batch == 0 {
-                                producer.publish();
-                            }
-                            break;
-                        }
+                    match producer.send(&msg, (i + 1) % batch == 0) {
+                        Ok(()) => break,
                         Err(TryError::Full) => thread::yield_now(),
                         Err(e) => panic!("producer: {e:?}"),
                     }
@@ -126,7 +121,13 @@ fn model(capacity: usize, sizes: &'static [usize], batch: usize) {
         let mut buf = Vec::new();
         for (i, &len) in sizes.iter().enumerate() {
             loop {
-                match consumer.try_peek() {
+                // The blocking receive's `poll` and `try_peek`, in turn.
+                let next = if i % 2 == 0 {
+                    consumer.poll()
+                } else {
+                    consumer.try_peek()
+                };
+                match next {
                     Ok(f) => {
                         buf.clear();
                         consumer.read(&f, &mut buf);

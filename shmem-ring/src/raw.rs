@@ -140,7 +140,21 @@ pub(crate) struct RingPlace {
 pub(crate) struct RingArea {
     region: Arc<Region>,
     place: RingPlace,
+    /// Start of the data area inside `region`'s mapping, computed once so the
+    /// hot path does not chase `region` for it.
+    data: *mut u8,
+    /// The read position word inside `region`'s mapping, likewise.
+    tail: *const AtomicU64,
 }
+
+// SAFETY: `data` and `tail` point into the mapping owned by `region`, which
+// `RingArea` keeps alive; `Region` (a `memmap2::MmapRaw`) is `Send + Sync`, and the
+// pointer is only used for the same bounds-checked accesses as `region`'s own
+// (module doc). Sending or sharing a `RingArea` shares nothing `Region` does
+// not already share.
+unsafe impl Send for RingArea {}
+// SAFETY: as for `Send`: `&RingArea` gives only the accesses `&Region` gives.
+unsafe impl Sync for RingArea {}
 
 /// A checked byte range inside a ring's data area, handed to one role (module
 /// doc, point 4). Not `Clone`: one lease gives at most one `&mut [u8]` at a time.
@@ -159,7 +173,25 @@ impl RingArea {
             && place.data % 8 == 0
             && region.in_bounds(place.data, place.capacity)
             && region.word(place.tail).is_some();
-        ok.then_some(RingArea { region, place })
+        if !ok {
+            return None;
+        }
+        // SAFETY: `data + capacity <= len` and `tail + 8 <= len` (checked
+        // above), so both pointers are inside the mapping, which `region`
+        // keeps alive.
+        let (data, tail) = unsafe {
+            let base = region.map.as_mut_ptr();
+            (
+                base.add(place.data),
+                base.add(place.tail).cast::<AtomicU64>(),
+            )
+        };
+        Some(RingArea {
+            region,
+            place,
+            data,
+            tail,
+        })
     }
 
     /// Size of the data area in bytes.
@@ -173,16 +205,16 @@ impl RingArea {
     }
 
     /// The read position word.
+    #[inline(always)]
     pub(crate) fn tail(&self) -> &AtomicU64 {
-        let off = self.place.tail;
-        debug_assert!(off % 8 == 0 && off + 8 <= self.region.len());
         // SAFETY: `place.tail` was checked by `new` to be an aligned word inside
         // the mapping, which lives as long as `self.region`; see `Region::word`
         // for why a shared `&AtomicU64` is fine.
-        unsafe { &*self.region.map.as_mut_ptr().add(off).cast::<AtomicU64>() }
+        unsafe { &*self.tail }
     }
 
     /// The data-area word containing byte `pos mod capacity`, rounded down to 8.
+    #[inline(always)]
     pub(crate) fn data_word(&self, pos: u64) -> &AtomicU64 {
         // Truncating `pos` is intended: only its low bits select the offset.
         #[allow(clippy::cast_possible_truncation)]
@@ -190,14 +222,26 @@ impl RingArea {
         // SAFETY: `off < capacity` (mask with a power of two) and `off % 8 == 0`,
         // so with `capacity % 8 == 0` the word lies inside the data area, which
         // `new` checked is inside the mapping with an 8-aligned start.
+        unsafe { &*self.data.add(off).cast::<AtomicU64>() }
+    }
+
+    /// Asks the CPU to fetch the cache line holding byte `pos mod capacity`
+    /// of the data area (a hint; nothing is read).
+    #[inline(always)]
+    pub(crate) fn prefetch(&self, pos: u64) {
+        // Truncating `pos` is intended: only its low bits select the offset.
+        #[allow(clippy::cast_possible_truncation)]
+        let off = (pos as usize) & (self.place.capacity - 1);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `off < capacity`, so the address is inside the data area
+        // (checked by `new`); a prefetch never faults and is not a memory
+        // access in the language's sense, so it cannot race with anything.
         unsafe {
-            &*self
-                .region
-                .map
-                .as_mut_ptr()
-                .add(self.place.data + off)
-                .cast::<AtomicU64>()
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(self.data.add(off).cast::<i8>());
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = off;
     }
 
     /// A lease on `len` bytes at data-area offset `off`, if they fit inside the
@@ -213,14 +257,9 @@ impl RingArea {
         if lease.off.checked_add(lease.len)? > self.place.capacity {
             return None;
         }
-        // SAFETY: `data + off + len <= data + capacity`, inside the mapping
-        // (checked by `new`), so the pointer stays within the same allocation.
-        Some(unsafe {
-            self.region
-                .map
-                .as_mut_ptr()
-                .add(self.place.data + lease.off)
-        })
+        // SAFETY: `off + len <= capacity`, inside the data area (checked by
+        // `new`), so the pointer stays within the mapping.
+        Some(unsafe { self.data.add(lease.off) })
     }
 
     /// The leased bytes, read-only (a receiver's view of a frame).
@@ -250,47 +289,145 @@ impl RingArea {
     }
 
     /// Copies `src` to data-area offset `off`; false (nothing written) if it
-    /// would not fit before the end of the data area. Large payloads go with
-    /// [`vector_copy`].
+    /// would not fit before the end of the data area. Small payloads go with
+    /// [`small_copy`], large ones with [`vector_copy`].
+    #[inline(always)]
     pub(crate) fn copy_in(&self, off: usize, src: &[u8]) -> bool {
-        match off.checked_add(src.len()) {
-            Some(end) if end <= self.place.capacity => {
-                #[cfg(target_arch = "x86_64")]
-                if src.len() >= VECTOR_MIN {
-                    // SAFETY: `data + off + src.len() <= data + capacity`, which
-                    // `new` checked is inside the mapping.
-                    let dst = unsafe { self.region.map.as_mut_ptr().add(self.place.data + off) };
-                    let (d, s) = (dst as usize, src.as_ptr() as usize);
-                    if d + src.len() <= s || s + src.len() <= d {
-                        // SAFETY: the destination is inside the mapping (above),
-                        // `src` is a live slice of that length, and the two
-                        // ranges do not overlap (checked just now).
-                        unsafe { vector_copy(dst, src.as_ptr(), src.len()) };
-                        return true;
-                    }
-                }
-                self.region
-                    .write_bytes(self.place.data + off, src)
-                    .is_some()
-            }
-            _ => false,
+        let len = src.len();
+        if off
+            .checked_add(len)
+            .is_none_or(|end| end > self.place.capacity)
+        {
+            return false;
         }
+        // SAFETY: `off + len <= capacity`: inside the data area, which `new`
+        // checked is inside the mapping.
+        let dst = unsafe { self.data.add(off) };
+        // SAFETY: the destination range is inside the mapping (above) and
+        // `src` is a live slice of `len` bytes; `copy` allows the two to
+        // overlap (should `src` point into the window).
+        unsafe { copy(dst, src.as_ptr(), len) };
+        true
     }
 
     /// Appends `len` bytes from data-area offset `off` to `dst`; false (nothing
     /// appended) if they would not fit before the end of the data area.
+    #[inline(always)]
     pub(crate) fn append_to(&self, off: usize, len: usize, dst: &mut Vec<u8>) -> bool {
-        match self.lease(off, len) {
-            #[cfg(target_arch = "x86_64")]
-            Some(lease) if len >= VECTOR_MIN => {
-                vector_append(self.bytes(&lease), dst);
-                true
+        if off
+            .checked_add(len)
+            .is_none_or(|end| end > self.place.capacity)
+        {
+            return false;
+        }
+        dst.reserve(len);
+        let start = dst.len();
+        // SAFETY: the source range is inside the data area (checked above),
+        // thus inside the mapping; `reserve` made room for `len` bytes after
+        // `start` in `dst`, whose unique borrow the window cannot alias; any
+        // byte is a valid u8 (safety argument, point 3). After the copy the
+        // first `start + len` bytes are initialised, so `set_len` is sound.
+        unsafe {
+            copy(dst.as_mut_ptr().add(start), self.data.add(off), len);
+            dst.set_len(start + len);
+        }
+        true
+    }
+}
+
+/// Copies `len` bytes from `src` to `dst` as `ptr::copy` (memmove) does: the
+/// ranges may overlap. Up to 64 bytes are copied inline ([`small_copy`]);
+/// large disjoint copies on x86_64 go through [`vector_copy`]; the rest
+/// through `ptr::copy`.
+///
+/// # Safety
+///
+/// `src..src + len` must be readable and `dst..dst + len` writable.
+#[inline]
+unsafe fn copy(dst: *mut u8, src: *const u8, len: usize) {
+    if len <= SMALL_MAX {
+        // SAFETY: forwarded from the caller.
+        unsafe { small_copy(dst, src, len) };
+    } else {
+        // SAFETY: forwarded from the caller.
+        unsafe { large_copy(dst, src, len) };
+    }
+}
+
+/// [`copy`] for more than [`SMALL_MAX`] bytes, out of line so the small
+/// case stays short.
+///
+/// # Safety
+///
+/// As for [`copy`].
+#[inline(never)]
+unsafe fn large_copy(dst: *mut u8, src: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if len >= VECTOR_MIN {
+        let (d, s) = (dst as usize, src as usize);
+        if d + len <= s || s + len <= d {
+            // SAFETY: forwarded from the caller; the ranges do not overlap
+            // (checked just now).
+            unsafe { vector_copy(dst, src, len) };
+            return;
+        }
+    }
+    // SAFETY: forwarded from the caller; `ptr::copy` allows overlap.
+    unsafe { ptr::copy(src, dst, len) };
+}
+
+/// The largest copy [`small_copy`] does.
+const SMALL_MAX: usize = 64;
+
+/// Copies up to [`SMALL_MAX`] bytes inline, without a call into libc: a
+/// message of a few dozen bytes costs less to copy than the call and
+/// dispatch of `memmove` (measured with `examples/hotpath.rs`). Every load
+/// is done before the first store, so overlapping ranges copy as memmove
+/// does; the loads and stores are unaligned and may overlap each other.
+///
+/// # Safety
+///
+/// `len <= SMALL_MAX`, `src..src + len` readable, `dst..dst + len` writable.
+#[inline]
+unsafe fn small_copy(dst: *mut u8, src: *const u8, len: usize) {
+    // SAFETY: each access below covers `[i, i + w)` with
+    // `0 <= i` and `i + w <= len`, so it stays inside both ranges the caller
+    // guarantees; unaligned reads and writes of plain integers have no
+    // alignment requirement and any bits are valid.
+    unsafe {
+        if len >= 16 {
+            let r = |i: usize| ptr::read_unaligned(src.add(i).cast::<u128>());
+            let w = |i: usize, v: u128| ptr::write_unaligned(dst.add(i).cast::<u128>(), v);
+            if len > 32 {
+                let (a, b, c, d) = (r(0), r(16), r(len - 32), r(len - 16));
+                w(0, a);
+                w(16, b);
+                w(len - 32, c);
+                w(len - 16, d);
+            } else {
+                let (a, d) = (r(0), r(len - 16));
+                w(0, a);
+                w(len - 16, d);
             }
-            Some(lease) => {
-                dst.extend_from_slice(self.bytes(&lease));
-                true
-            }
-            None => false,
+        } else if len >= 8 {
+            let (a, d) = (
+                ptr::read_unaligned(src.cast::<u64>()),
+                ptr::read_unaligned(src.add(len - 8).cast::<u64>()),
+            );
+            ptr::write_unaligned(dst.cast::<u64>(), a);
+            ptr::write_unaligned(dst.add(len - 8).cast::<u64>(), d);
+        } else if len >= 4 {
+            let (a, d) = (
+                ptr::read_unaligned(src.cast::<u32>()),
+                ptr::read_unaligned(src.add(len - 4).cast::<u32>()),
+            );
+            ptr::write_unaligned(dst.cast::<u32>(), a);
+            ptr::write_unaligned(dst.add(len - 4).cast::<u32>(), d);
+        } else if len > 0 {
+            let (a, m, d) = (*src, *src.add(len / 2), *src.add(len - 1));
+            *dst = a;
+            *dst.add(len / 2) = m;
+            *dst.add(len - 1) = d;
         }
     }
 }
@@ -332,24 +469,6 @@ unsafe fn vector_copy(dst: *mut u8, src: *const u8, len: usize) {
     }
 }
 
-/// Appends `src` to `dst` with [`vector_copy`].
-#[cfg(target_arch = "x86_64")]
-fn vector_append(src: &[u8], dst: &mut Vec<u8>) {
-    let len = src.len();
-    dst.reserve(len);
-    let start = dst.len();
-    // SAFETY: `reserve` made room for `len` more bytes after `start`, so
-    // `out..out + len` is inside `dst`'s allocation and writable; `src` is a
-    // live slice of `len` bytes that cannot overlap `dst`'s unique borrow.
-    // After the copy the first `start + len` bytes are initialised, so
-    // `set_len` is sound.
-    unsafe {
-        let out = dst.as_mut_ptr().add(start);
-        vector_copy(out, src.as_ptr(), len);
-        dst.set_len(start + len);
-    }
-}
-
 /// Heap bytes for the loom model of the index protocol (`loom_model.rs`):
 /// loom checks every access against the happens-before order its atomics
 /// build and fails the model on any pair of accesses that is not ordered.
@@ -378,5 +497,38 @@ impl LoomCells {
         // SAFETY: as in `read`; loom reports a write not ordered after every
         // earlier read and write of the cell.
         self.0[i % self.0.len()].with_mut(|p| unsafe { *p = v });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `copy` must behave as memmove for every length around the small/large
+    /// split, at every relative offset, overlapping in both directions.
+    #[test]
+    fn copy_is_memmove_for_every_small_length_and_overlap() {
+        let pattern: Vec<u8> = (0..=255u8).cycle().take(512).collect();
+        for len in 0..=SMALL_MAX + 8 {
+            // Disjoint.
+            let mut dst = vec![0xAA; len + 16];
+            // SAFETY: both ranges are inside live buffers of sufficient length.
+            unsafe { copy(dst.as_mut_ptr().add(3), pattern.as_ptr().add(5), len) };
+            assert_eq!(&dst[3..3 + len], &pattern[5..5 + len], "len {len}");
+            assert!(dst[..3].iter().chain(&dst[3 + len..]).all(|&b| b == 0xAA));
+            // Overlapping, destination before and after the source.
+            for shift in [1usize, 7, 8, 15, 16, 17, 31, 33] {
+                for forward in [true, false] {
+                    let mut buf = pattern[..len + 40].to_vec();
+                    let (from, to) = if forward { (0, shift) } else { (shift, 0) };
+                    let mut want = buf.clone();
+                    want.copy_within(from..from + len, to);
+                    // SAFETY: `from + len` and `to + len` are at most
+                    // `len + 33 < buf.len()`.
+                    unsafe { copy(buf.as_mut_ptr().add(to), buf.as_ptr().add(from), len) };
+                    assert_eq!(buf, want, "len {len} shift {shift} forward {forward}");
+                }
+            }
+        }
     }
 }
