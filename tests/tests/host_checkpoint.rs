@@ -220,3 +220,75 @@ fn refused_checkpoint_leaves_the_process_running_and_no_file() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `-o -` and `restore -`: the image goes through a pipe between two mkctl
+/// processes, nothing is written to disk, and the output goes on from the
+/// next number.
+#[test]
+fn checkpoint_to_stdout_restores_from_stdin() {
+    let dir = Scratch::new("host_checkpoint_pipe");
+    let (mut child, rx) = mkcounter_running("", "--mem 4M --interval-ms 5");
+    let pid = child.id();
+    let sum = checksum(&rx, pid);
+    let mut save = mkctl()
+        .args([
+            "checkpoint",
+            &pid.to_string(),
+            "--on",
+            "host",
+            "--kill",
+            "-o",
+            "-",
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mkctl checkpoint -o -");
+    let pipe = save.stdout.take().expect("stdout");
+    let mut r = mkctl()
+        .args(["restore", "-", "--on", "host"])
+        .stdin(Stdio::from(pipe))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mkctl restore -");
+    let saved = save.wait_with_output().expect("checkpoint ends");
+    let said = String::from_utf8_lossy(&saved.stderr);
+    assert!(saved.status.success(), "{said}");
+    assert!(said.contains("wrote the image to stdout"), "{said}");
+    // The original's last lines, then its end.
+    let mut last = 0;
+    while let Ok(l) = rx.recv_timeout(T) {
+        if let Some(s) = seq(&l) {
+            last = s;
+        }
+    }
+    let _ = child.wait();
+    assert!(
+        std::fs::read_dir(dir.path())
+            .expect("scratch dir")
+            .next()
+            .is_none(),
+        "-o - wrote a file"
+    );
+    let rx2 = lines(r.stdout.take().expect("stdout"));
+    let mut err = BufReader::new(r.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    err.read_line(&mut line).expect("stderr line");
+    assert!(line.contains("from stdin"), "{line}");
+    let new_pid: u32 = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    let got = until(&rx2, |l| seq(l).is_some());
+    assert_eq!(got.iter().filter_map(|l| seq(l)).next(), Some(last + 1));
+    assert_eq!(checksum(&rx2, new_pid), sum, "memory changed");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert_eq!(r.wait().expect("restore ends").code(), Some(143));
+}

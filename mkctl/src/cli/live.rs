@@ -710,15 +710,106 @@ fn write_atomically(
     done
 }
 
-/// What a checkpoint that worked prints.
+/// `-` as an image path: stdout for checkpoint, stdin for restore.
+fn is_stdio(path: &Path) -> bool {
+    path == Path::new("-")
+}
+
+/// Why `-` cannot be used here, if it cannot: an image is binary, and a
+/// terminal is no place to write or type one. Checked before anything is
+/// frozen or started.
+fn stdio_refusal(path: &Path, reading: bool) -> Option<String> {
+    if !is_stdio(path) {
+        return None;
+    }
+    if reading && std::io::stdin().is_terminal() {
+        return Some(
+            "restore - reads the image from stdin, which is a terminal: pipe an image in (mkctl checkpoint ... -o - | mkctl restore - ...) or give a file"
+                .into(),
+        );
+    }
+    if !reading && std::io::stdout().is_terminal() {
+        return Some(
+            "-o - writes the image to stdout, which is a terminal: redirect it or give a file name"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Counts what goes through to `inner`.
+struct Counting<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes an image to `path` (through a `.partial` file, see
+/// [`write_atomically`]) or, for `-`, to stdout; returns its size.
+fn write_image_out(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), String>,
+) -> Result<u64, String> {
+    if !is_stdio(path) {
+        return write_atomically(path, |w| fill(w));
+    }
+    let mut out = Counting {
+        inner: std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
+        bytes: 0,
+    };
+    fill(&mut out)?;
+    out.flush()
+        .map_err(|e| format!("cannot write the image to stdout: {e}"))?;
+    Ok(out.bytes)
+}
+
+/// What a checkpoint that worked prints: on stdout, or on stderr when the
+/// image itself went to stdout.
 fn say_written(output: &Path, bytes: u64, pid: u32, on: &str, kill: bool) -> Res {
-    println!(
-        "wrote {} ({}) of process {pid} on {on}{}",
-        output.display(),
+    let what = if is_stdio(output) {
+        "the image to stdout".to_string()
+    } else {
+        output.display().to_string()
+    };
+    let line = format!(
+        "wrote {what} ({}) of process {pid} on {on}{}",
         ByteSize(bytes).human(),
         if kill { "; it was stopped" } else { "" }
     );
+    if is_stdio(output) {
+        eprintln!("mkctl: {line}");
+    } else {
+        println!("{line}");
+    }
     Ok(EXIT_OK)
+}
+
+/// The image to restore: a file, or stdin for `-`. Exit code 2 when the file
+/// cannot be opened.
+fn open_image(file: &Path) -> Result<Box<dyn Read + Send>, Res> {
+    if let Some(why) = stdio_refusal(file, true) {
+        return Err(Ok(failed(&why, 2)));
+    }
+    if is_stdio(file) {
+        return Ok(Box::new(std::io::stdin()));
+    }
+    match std::fs::File::open(file) {
+        Ok(f) => Ok(Box::new(f)),
+        Err(e) => Err(Ok(failed(
+            &format!("cannot open {}: {e}", file.display()),
+            2,
+        ))),
+    }
 }
 
 /// Checkpoint of a host process, done here: freeze, write, then let it go
@@ -729,7 +820,7 @@ fn checkpoint_here(pid: u32, output: &Path, kill: bool) -> Res {
         Ok(f) => f,
         Err(e) => return Ok(failed(&crate::error_chain(&e), EXIT_FAIL)),
     };
-    let written = write_atomically(output, |w| {
+    let written = write_image_out(output, |w| {
         frozen
             .write_image(w, mknode::migrate::ImageOptions::default())
             .map(|_| ())
@@ -758,13 +849,20 @@ fn checkpoint_here(pid: u32, output: &Path, kill: bool) -> Res {
 /// with its stdin/stdout/stderr, and its exit status becomes mkctl's.
 fn restore_here(file: &Path) -> Res {
     use std::os::fd::AsFd;
-    let image = match std::fs::File::open(file) {
+    let image = match open_image(file) {
         Ok(f) => f,
-        Err(e) => return Ok(failed(&format!("cannot open {}: {e}", file.display()), 2)),
+        Err(res) => return res,
     };
     let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
+    // With the image on stdin, the process gets /dev/null there: what
+    // follows the image in the pipe is not its input.
+    let stdin = if is_stdio(file) {
+        std::fs::File::open("/dev/null")?.into()
+    } else {
+        dup(std::io::stdin().as_fd())?
+    };
     let stdio = mknode::migrate::StdioPlan {
-        stdin: dup(std::io::stdin().as_fd())?,
+        stdin,
         stdout: dup(std::io::stdout().as_fd())?,
         stderr: dup(std::io::stderr().as_fd())?,
     };
@@ -773,14 +871,18 @@ fn restore_here(file: &Path) -> Res {
             Ok(r) => r,
             Err(e) => {
                 return Ok(failed(
-                    &format!("restore of {}: {}", file.display(), crate::error_chain(&e)),
+                    &format!(
+                        "restore of {}: {}",
+                        image_name(file),
+                        crate::error_chain(&e)
+                    ),
                     EXIT_FAIL,
                 ))
             }
         };
     eprintln!(
         "mkctl: restored {} on host as pid {}",
-        file.display(),
+        image_name(file),
         restored.pid
     );
     use nix::sys::wait::{waitpid, WaitStatus};
@@ -845,6 +947,9 @@ fn forward_signals_until_exit(child: nix::unistd::Pid) {
 }
 
 pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, kill: bool) -> Res {
+    if let Some(why) = stdio_refusal(output, false) {
+        return Ok(failed(&why, 2));
+    }
     if is_host(on) {
         return checkpoint_here(pid, output, kill);
     }
@@ -855,7 +960,7 @@ pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, kill: bool) -> Res {
     // The exit code the daemon gives a failure (2: no such instance).
     let mut code = EXIT_FAIL;
     // The request goes out once the file is there to take the image.
-    let written = write_atomically(output, |w| {
+    let written = write_image_out(output, |w| {
         c.send(&Request::Checkpoint {
             pid,
             on: on.to_string(),
@@ -886,9 +991,9 @@ pub(super) fn restore(file: &Path, on: &str) -> Res {
     if is_host(on) {
         return restore_here(file);
     }
-    let mut image = match std::fs::File::open(file) {
+    let mut image = match open_image(file) {
         Ok(f) => f,
-        Err(e) => return Ok(failed(&format!("cannot open {}: {e}", file.display()), 2)),
+        Err(res) => return res,
     };
     let mut c = match connect() {
         Ok(c) => c,
@@ -914,5 +1019,14 @@ pub(super) fn restore(file: &Path, on: &str) -> Res {
             }
         }
     });
-    relay_output(&mut c, on, Some(file))
+    relay_output(&mut c, on, Some(Path::new(&image_name(file))))
+}
+
+/// How messages name an image path: `-` is stdin.
+fn image_name(file: &Path) -> String {
+    if is_stdio(file) {
+        "the image from stdin".into()
+    } else {
+        file.display().to_string()
+    }
 }

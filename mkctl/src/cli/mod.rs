@@ -225,7 +225,8 @@ pub enum Command {
         /// by this mkctl itself, no daemon needed).
         #[arg(long)]
         on: String,
-        /// The image file to write.
+        /// The image file to write (through FILE.partial, renamed once
+        /// whole), or `-` for stdout, e.g. to pipe it into `mkctl restore -`.
         #[arg(short, long)]
         output: PathBuf,
         /// Stop the process once the image is written.
@@ -235,7 +236,9 @@ pub enum Command {
     /// Run a process from an image file on a kernel; like exec, its output
     /// comes back and its exit status becomes mkctl's.
     Restore {
-        /// The image file (from `mkctl checkpoint`).
+        /// The image file (from `mkctl checkpoint`), or `-` to read it from
+        /// stdin (a process restored on the host then gets /dev/null as its
+        /// stdin).
         file: PathBuf,
         /// The kernel to run it on: an instance name or id, or `host` (the
         /// process then runs as this mkctl's child, with its stdio).

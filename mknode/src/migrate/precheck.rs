@@ -74,12 +74,27 @@ impl fmt::Display for Blocker {
 pub enum Refusal {
     #[error("process {pid} cannot be moved or saved: {}", join(blockers))]
     Blocked { pid: i32, blockers: Vec<Blocker> },
-    #[error("cannot inspect process {pid} through /proc")]
+    #[error("{}", inspect_failure(*pid, source))]
     Inspect {
         pid: i32,
         #[source]
         source: io::Error,
     },
+}
+
+/// What a failure to read `/proc/<pid>` means, in words a user can act on.
+fn inspect_failure(pid: i32, e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => format!(
+            "there is no process {pid} on this kernel (it has exited, or it runs on another one)"
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "the kernel does not let mkctl read process {pid}'s memory map: that takes the \
+             access ptrace takes (root, and a process that is dumpable and in mkctl's \
+             namespaces)"
+        ),
+        _ => format!("cannot inspect process {pid} through /proc"),
+    }
 }
 
 /// The blockers, then each rule they break, once.
@@ -307,9 +322,12 @@ mod tests {
     #[test]
     fn missing_process_is_inspect_error() {
         let d = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            check_at(d.path(), 12345, 1),
-            Err(Refusal::Inspect { pid: 12345, .. })
-        ));
+        let e = check_at(d.path(), 12345, 1).unwrap_err();
+        assert!(matches!(e, Refusal::Inspect { pid: 12345, .. }));
+        assert!(
+            e.to_string()
+                .contains("there is no process 12345 on this kernel"),
+            "{e}"
+        );
     }
 }
