@@ -62,7 +62,14 @@ pub fn window_file(source: &WindowSource, root: &Path) -> (PathBuf, u64) {
 
 /// Runs the agent until a power-off is asked for; returns the signal or
 /// reason that ended it. The endpoint is detached on return.
-pub fn run(id: Option<u32>, file: &Path, offset: u64, len: u64) -> Result<String, AgentError> {
+/// `peers` names the endpoints for the agent's messages (`mk.peers`).
+pub fn run(
+    id: Option<u32>,
+    peers: &[(u16, String)],
+    file: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<String, AgentError> {
     let id = id.ok_or(AgentError::NoId)?;
     let id = u16::try_from(id).map_err(|_| AgentError::IdRange(id))?;
     let window =
@@ -101,6 +108,7 @@ pub fn run(id: Option<u32>, file: &Path, offset: u64, len: u64) -> Result<String
         info: Box::new(mknode::agent::kernel_info),
     };
     let agent = Agent::new(id, hooks);
+    agent.name_peers(peers.iter().cloned());
     for peer in (0..endpoints).filter(|&p| p != id) {
         match RingLink::open(&endpoint, peer) {
             Ok(link) => agent.add_link(peer, Arc::new(link)),

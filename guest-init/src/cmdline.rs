@@ -92,6 +92,8 @@ pub struct BootArgs {
     pub window: Option<PhysWindow>,
     /// `mk.selftest=1`: write the selftest record into the window and power off.
     pub selftest: bool,
+    /// `mk.peers=<id>:<name>,...`: endpoint names, for the agent's messages.
+    pub peers: Vec<(u16, String)>,
 }
 
 /// A `mk.*` key whose value guest-init cannot use.
@@ -149,11 +151,30 @@ impl BootArgs {
                 "mk.window" => {
                     args.window = Some(parse_window(&value).map_err(|r| err("mk.window", &r))?);
                 }
+                "mk.peers" => {
+                    args.peers = parse_peers(&value).ok_or_else(|| {
+                        err(
+                            "mk.peers",
+                            "expected <id>:<name> pairs separated by commas, e.g. 0:host,1:alpha",
+                        )
+                    })?;
+                }
                 _ => {}
             }
         }
         Ok(args)
     }
+}
+
+/// Parses `0:host,1:alpha`; `None` if any pair is not `<u16>:<valid name>`.
+fn parse_peers(text: &str) -> Option<Vec<(u16, String)>> {
+    text.split(',')
+        .map(|pair| {
+            let (id, name) = pair.split_once(':')?;
+            let id = id.parse::<u16>().ok()?;
+            valid_name(name).then(|| (id, name.to_string()))
+        })
+        .collect()
 }
 
 fn valid_name(name: &str) -> bool {
@@ -248,6 +269,12 @@ mod tests {
 
         let a = BootArgs::parse("console=ttyS0").unwrap();
         assert_eq!(a, BootArgs::default());
+
+        let a = BootArgs::parse("mk.peers=0:host,1:alpha,2:beta").unwrap();
+        assert_eq!(
+            a.peers,
+            vec![(0, "host".into()), (1, "alpha".into()), (2, "beta".into())]
+        );
     }
 
     #[test]
@@ -284,6 +311,11 @@ mod tests {
             "mk.window=0x1001@4K",
             "mk.window=0xfffffffffffff000@8K",
             "mk.window=0x1000@99999999999999999999G",
+            "mk.peers=",
+            "mk.peers=1",
+            "mk.peers=x:alpha",
+            "mk.peers=70000:alpha",
+            "mk.peers=1:alpha,2:a/b",
         ] {
             let e = BootArgs::parse(bad).unwrap_err();
             assert!(bad.starts_with(e.key), "{bad}: {e}");

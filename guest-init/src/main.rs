@@ -79,7 +79,7 @@ fn main() {
     let (file, offset) = agent::window_file(window.source(), Path::new("/"));
     let len = window.len() as u64;
     drop(window);
-    match agent::run(args.id, &file, offset, len) {
+    match agent::run(args.id, &args.peers, &file, offset, len) {
         Ok(why) => say!("{why}"),
         Err(e) => say!("agent: {}", power::error_chain(&e)),
     }

@@ -65,6 +65,8 @@ struct ExecState {
 #[derive(Debug)]
 pub struct Agent {
     id: u16,
+    /// Instance names by endpoint id, for messages (`host` for 0).
+    names: RwLock<HashMap<u16, String>>,
     links: RwLock<HashMap<u16, LinkEntry>>,
     next_req: AtomicU32,
     next_ping: AtomicU64,
@@ -84,29 +86,47 @@ pub struct Agent {
     pub(crate) hooks: Hooks,
 }
 
+/// A peer as messages name it: its instance name when this agent was told
+/// it ([`Agent::name_peers`]), `endpoint <id>` otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub id: u16,
+    pub name: Option<String>,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(n) => f.write_str(n),
+            None => write!(f, "endpoint {}", self.id),
+        }
+    }
+}
+
 /// A request could not be completed.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("no link to endpoint {0}")]
-    NoLink(u16),
-    #[error("link to endpoint {peer}")]
+    #[error("no link to {0}")]
+    NoLink(Peer),
+    #[error("link to {peer}")]
     Link {
-        peer: u16,
+        peer: Peer,
         #[source]
         source: LinkError,
     },
-    #[error("endpoint {peer} did not answer within {timeout:?}")]
-    NoAnswer { peer: u16, timeout: Duration },
-    #[error("endpoint {peer} refused: {message}")]
-    Failed { peer: u16, message: String },
-    #[error("endpoint {peer} answered with an unexpected {got}")]
-    Unexpected { peer: u16, got: String },
+    #[error("{peer} did not answer within {timeout:?}")]
+    NoAnswer { peer: Peer, timeout: Duration },
+    #[error("{peer} refused: {message}")]
+    Failed { peer: Peer, message: String },
+    #[error("{peer} answered with an unexpected {got}")]
+    Unexpected { peer: Peer, got: String },
 }
 
 impl Agent {
     pub fn new(id: u16, hooks: Hooks) -> Arc<Agent> {
         Arc::new(Agent {
             id,
+            names: RwLock::new(HashMap::new()),
             links: RwLock::new(HashMap::new()),
             next_req: AtomicU32::new(1),
             next_ping: AtomicU64::new(1),
@@ -125,6 +145,28 @@ impl Agent {
     /// This agent's endpoint id.
     pub fn id(&self) -> u16 {
         self.id
+    }
+
+    /// Tells the agent the instance names of endpoints (this one's too), so
+    /// its messages say `beta` rather than `endpoint 2`.
+    pub fn name_peers(&self, names: impl IntoIterator<Item = (u16, String)>) {
+        self.names
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(names);
+    }
+
+    /// `id` as messages name it.
+    pub fn peer(&self, id: u16) -> Peer {
+        Peer {
+            id,
+            name: self
+                .names
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .cloned(),
+        }
     }
 
     /// Frames from peers that did not decode, so far.
@@ -187,14 +229,17 @@ impl Agent {
             .unwrap_or_else(|e| e.into_inner())
             .get(&peer)
             .map(|e| Arc::clone(&e.link))
-            .ok_or(AgentError::NoLink(peer))
+            .ok_or_else(|| AgentError::NoLink(self.peer(peer)))
     }
 
     /// Sends one message to `peer`.
     pub fn send(&self, peer: u16, msg: &Msg) -> Result<(), AgentError> {
         let link = self.link(peer)?;
         link.send(&msg.encode(), SEND_TIMEOUT)
-            .map_err(|source| AgentError::Link { peer, source })
+            .map_err(|source| AgentError::Link {
+                peer: self.peer(peer),
+                source,
+            })
     }
 
     /// Sends a request built around a fresh request id; answers arrive on
@@ -241,9 +286,15 @@ impl Agent {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(peer, req));
         match r {
-            Ok(Msg::Failed { message, .. }) => Err(AgentError::Failed { peer, message }),
+            Ok(Msg::Failed { message, .. }) => Err(AgentError::Failed {
+                peer: self.peer(peer),
+                message,
+            }),
             Ok(m) => Ok(m),
-            Err(_) => Err(AgentError::NoAnswer { peer, timeout }),
+            Err(_) => Err(AgentError::NoAnswer {
+                peer: self.peer(peer),
+                timeout,
+            }),
         }
     }
 
@@ -266,13 +317,13 @@ impl Agent {
                     Err(e) => {
                         self.bad_frames.fetch_add(1, Ordering::Relaxed);
                         if !warned {
-                            eprintln!("mknode: bad frame from endpoint {peer}: {e} (further ones are counted, not logged)");
+                            eprintln!("mknode: bad frame from {}: {e} (further ones are counted, not logged)", self.peer(peer));
                             warned = true;
                         }
                     }
                 },
                 Err(e) => {
-                    eprintln!("mknode: link to endpoint {peer} closed: {e}");
+                    eprintln!("mknode: link to {} closed: {e}", self.peer(peer));
                     self.fail_peer(peer, &e.to_string());
                     let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
                     // Only our own entry: a newer link may have replaced it.
@@ -477,7 +528,10 @@ impl Agent {
             buf.clear();
             m.encode_into(&mut buf);
             link.send(&buf, SEND_TIMEOUT)
-                .map_err(|source| AgentError::Link { peer, source })?;
+                .map_err(|source| AgentError::Link {
+                    peer: self.peer(peer),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -496,7 +550,10 @@ impl Agent {
             let t0 = Instant::now();
             let m = Msg::Ping { seq, t_ns: 0 };
             link.send(&m.encode(), SEND_TIMEOUT)
-                .map_err(|source| AgentError::Link { peer, source })?;
+                .map_err(|source| AgentError::Link {
+                    peer: self.peer(peer),
+                    source,
+                })?;
             match rx.recv_timeout(PING_TIMEOUT) {
                 Ok(t1) => rtts.push(t1.duration_since(t0)),
                 Err(_) => {
@@ -505,7 +562,7 @@ impl Agent {
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&(peer, seq));
                     return Err(AgentError::NoAnswer {
-                        peer,
+                        peer: self.peer(peer),
                         timeout: PING_TIMEOUT,
                     });
                 }
@@ -899,6 +956,17 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_peers_by_instance_name_once_told() {
+        let (a, _b) = pair();
+        a.name_peers([(0, "host".to_string()), (7, "gamma".to_string())]);
+        let ping = Msg::Ping { seq: 1, t_ns: 0 };
+        let e = a.send(7, &ping).unwrap_err();
+        assert_eq!(e.to_string(), "no link to gamma");
+        let e = a.send(8, &ping).unwrap_err();
+        assert_eq!(e.to_string(), "no link to endpoint 8");
+    }
+
+    #[test]
     fn exec_streams_and_status() {
         let (a, _b) = pair();
         let (out, err, st) = run(&a, 1, &["sh", "-c", "echo out; echo err >&2; exit 7"], None);
@@ -941,7 +1009,7 @@ mod tests {
             a.call(1, Duration::from_millis(100), |req| Msg::InfoRequest {
                 req
             }),
-            Err(AgentError::NoLink(1))
+            Err(AgentError::NoLink(Peer { id: 1, name: None }))
         ));
         assert!(e0.channel(1).is_ok());
     }

@@ -369,7 +369,8 @@ impl Agent {
                 forget();
                 drop(frozen);
                 Err(format!(
-                    "endpoint {to} could not restore it: {m}; the original runs on"
+                    "{} could not restore it: {m}; the original runs on",
+                    self.peer(to)
                 ))
             }
             // (`PagesIn` was consumed by the loop above.)
@@ -378,7 +379,8 @@ impl Agent {
                 forget();
                 drop(frozen);
                 Err(format!(
-                    "endpoint {to} did not say the copy runs within {ANSWER_TIMEOUT:?}; the original runs on"
+                    "{} did not say the copy runs within {ANSWER_TIMEOUT:?}; the original runs on",
+                    self.peer(to)
                 ))
             }
         }
@@ -399,8 +401,12 @@ impl Agent {
             return Ok(());
         }
         Err(format!(
-            "endpoint {to} runs another kernel ({} {}) than this one ({} {}): a process moves only between kernels of the same build; nothing was frozen, the original runs on",
-            info.release, info.version, here.release, here.version
+            "{} runs another kernel ({} {}) than this one ({} {}): a process moves only between kernels of the same build; nothing was frozen, the original runs on",
+            self.peer(to),
+            info.release,
+            info.version,
+            here.release,
+            here.version
         ))
     }
 

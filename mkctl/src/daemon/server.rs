@@ -586,8 +586,15 @@ impl Daemon {
         }
     }
 
-    /// The window and the host's agent, created at the first boot.
+    /// The window and the host's agent, created at the first boot; the
+    /// agent learns the topology's instance names for its messages.
     fn ensure_window(&self, t: &Topology) -> Result<Arc<HostWindow>, String> {
+        let hw = self.window_for(t)?;
+        hw.agent.name_peers(endpoint_names(t));
+        Ok(hw)
+    }
+
+    fn window_for(&self, t: &Topology) -> Result<Arc<HostWindow>, String> {
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = w.as_ref() {
             let need = t.instances.iter().map(|i| i.id.0).max().unwrap_or(0);
@@ -654,6 +661,7 @@ impl Daemon {
             &initrd,
             &GuestCmdline::new(&i.name, i.id)
                 .extra(&i.cmdline)
+                .peers(endpoint_names(t))
                 .to_string(),
             &dir.console_log(),
         );
@@ -1381,6 +1389,18 @@ fn relay_answers(
             return;
         }
     }
+}
+
+/// Endpoint ids and the names messages use for them: `host` for 0, then
+/// the topology's instances.
+fn endpoint_names(t: &Topology) -> Vec<(u16, String)> {
+    std::iter::once((0, "host".to_string()))
+        .chain(
+            t.instances
+                .iter()
+                .filter_map(|i| Some((u16::try_from(i.id.0).ok()?, i.name.clone()))),
+        )
+        .collect()
 }
 
 /// Guest NUMA nodes for an instance: one per machine node its CPUs sit

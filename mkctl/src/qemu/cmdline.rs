@@ -8,6 +8,7 @@
 //! | `mk.id=<n>` | the instance's endpoint id in the window |
 //! | `mk.window=<phys>@<size>` | map the window from `/dev/mem` (kexec backend) instead of ivshmem |
 //! | `mk.selftest=1` | write the selftest record into the window and power off |
+//! | `mk.peers=<id>:<name>,...` | names of the endpoints, for the agent's messages (`0:host,1:alpha,2:beta`) |
 
 use std::fmt;
 
@@ -28,6 +29,7 @@ pub struct GuestCmdline {
     window: Option<(PhysAddr, ByteSize)>,
     selftest: bool,
     extra: Vec<String>,
+    peers: Vec<(u16, String)>,
 }
 
 impl GuestCmdline {
@@ -41,7 +43,14 @@ impl GuestCmdline {
             window: None,
             selftest: false,
             extra: Vec::new(),
+            peers: Vec::new(),
         }
+    }
+
+    /// Names of the endpoints (valid instance names, or `host`).
+    pub fn peers(mut self, names: impl IntoIterator<Item = (u16, String)>) -> Self {
+        self.peers.extend(names);
+        self
     }
 
     /// Replaces the base part (everything not `mk.*`).
@@ -82,6 +91,14 @@ impl fmt::Display for GuestCmdline {
         if self.selftest {
             words.push("mk.selftest=1".into());
         }
+        if !self.peers.is_empty() {
+            let list: Vec<String> = self
+                .peers
+                .iter()
+                .map(|(id, name)| format!("{id}:{name}"))
+                .collect();
+            words.push(format!("mk.peers={}", list.join(",")));
+        }
         f.write_str(&words.join(" "))
     }
 }
@@ -104,6 +121,15 @@ mod tests {
         assert_eq!(
             c.to_string(),
             "console=ttyS0 quiet loglevel=3 mk.name=beta mk.id=2 mk.window=0x100000000@0x1000000"
+        );
+        let c = GuestCmdline::new("alpha", InstanceId(1)).peers([
+            (0, "host".to_string()),
+            (1, "alpha".into()),
+            (2, "beta".into()),
+        ]);
+        assert_eq!(
+            c.to_string(),
+            "console=ttyS0 panic=-1 mk.name=alpha mk.id=1 mk.peers=0:host,1:alpha,2:beta"
         );
     }
 }
