@@ -16,7 +16,8 @@ use xxhash_rust::xxh3::Xxh3;
 /// First bytes of every image.
 pub const MAGIC: [u8; 8] = *b"MKPROCIM";
 /// Version of the layout written by this code; others are refused.
-pub const VERSION: u16 = 1;
+/// Version 2 added the header checksum.
+pub const VERSION: u16 = 2;
 /// ELF machine number of x86_64, the only architecture of version 1.
 pub const ARCH_X86_64: u16 = 0x3E;
 /// Page size of the image.
@@ -84,6 +85,10 @@ pub enum ImageError {
     Invalid { at: u64, why: String },
     #[error("checksum mismatch: image says {stored:#018x}, content hashes to {computed:#018x}")]
     Checksum { stored: u64, computed: u64 },
+    #[error(
+        "the image header is damaged: it says {stored:#018x}, its bytes hash to {computed:#018x}"
+    )]
+    HeaderChecksum { stored: u64, computed: u64 },
     #[error("writer misuse: {0}")]
     Order(&'static str),
 }
@@ -465,6 +470,10 @@ impl<W: Write> ImageWriter<W> {
         v.extend_from_slice(&header.kernel.vdso_len.to_le_bytes());
         v.extend_from_slice(&(PAGE as u32).to_le_bytes());
         w.put(&v)?;
+        // The header's own checksum, so a reader can trust the kernel
+        // fingerprint before it has the whole image.
+        let check = w.hash.digest();
+        w.put(&check.to_le_bytes())?;
         Ok(ImageWriter {
             w,
             stage: Stage::Process,
@@ -986,6 +995,16 @@ impl<R: Read> ImageReader<R> {
         let vdso_hash = u64::from_le_bytes(tail[..8].try_into().unwrap_or([0; 8]));
         let vdso_len = u32::from_le_bytes(tail[8..12].try_into().unwrap_or([0; 4]));
         let page = u32::from_le_bytes(tail[12..16].try_into().unwrap_or([0; 4]));
+        // Checked before anything else in the header is believed past the
+        // fixed fields: a damaged kernel string must not read as another
+        // kernel.
+        let computed = self.r.hash.digest();
+        let mut stored = [0u8; 8];
+        self.r.fill(&mut stored)?;
+        let stored = u64::from_le_bytes(stored);
+        if stored != computed {
+            return Err(ImageError::HeaderChecksum { stored, computed });
+        }
         if u64::from(page) != PAGE {
             return Err(ImageError::Bound {
                 at: self.r.n,
@@ -1569,6 +1588,32 @@ pub(crate) mod tests {
         assert_eq!(d.stats.data_pages, 6);
         assert_eq!(d.stats.zero_pages, 6);
         assert_eq!(d.stats.bytes, bytes.len() as u64);
+    }
+
+    #[test]
+    fn a_damaged_header_is_reported_as_such() {
+        let (meta, data, zero) = sample(1, 0);
+        let bytes = encode(&meta, &data, &zero);
+        // A flipped bit in the kernel release ("6.18.44" -> "6.19.44"): the
+        // header check catches it before any kernel comparison could.
+        let at = bytes
+            .windows(7)
+            .position(|w| w == b"6.18.44")
+            .expect("release in the header");
+        for (i, flip) in [(at + 3, 0x01u8), (at + 1, 0x40), (18, 0x01)] {
+            let mut bad = bytes.clone();
+            bad[i] ^= flip;
+            let e = decode_all(&bad[..]).unwrap_err();
+            assert!(
+                matches!(e, ImageError::HeaderChecksum { .. }),
+                "flip at {i}: {e}"
+            );
+            assert!(e.to_string().contains("header is damaged"), "{e}");
+        }
+        // An image of the previous version is refused by version.
+        let mut old = bytes.clone();
+        old[8..10].copy_from_slice(&1u16.to_le_bytes());
+        assert!(matches!(decode_all(&old[..]), Err(ImageError::Version(1))));
     }
 
     #[test]

@@ -69,7 +69,7 @@ impl StdioPlan {
 pub enum RestoreError {
     #[error("reading the image")]
     Image(#[from] ImageError),
-    #[error("the image was taken on another kernel (or its header is damaged): its {what} is {image:?}, this kernel's is {local:?}; restore needs the same kernel image")]
+    #[error("the image was taken on another kernel: its {what} is {image:?}, this kernel's is {local:?}; restore needs the same kernel image")]
     Kernel {
         what: &'static str,
         image: String,
