@@ -106,6 +106,21 @@ fn hop_and_check(
     // Reaped by its exec on the origin, not left a zombie while the copy's
     // output goes on.
     assert!(reaped(pid), "hop {hop}: the original {pid} was not reaped");
+    // Moving the old pid again, at once, is refused in words.
+    let again = n.agents[0].call(at, Duration::from_secs(30), |req| Msg::MigrateOut {
+        req,
+        pid,
+        to,
+        lazy,
+    });
+    let Err(e) = again else {
+        panic!("hop {hop}: a second move of {pid}: {again:?}")
+    };
+    assert!(
+        e.to_string()
+            .contains(&format!("there is no process {pid} on this kernel")),
+        "hop {hop}: {e}"
+    );
     let seen = out.seqs().len();
     out.until(Duration::from_secs(10), |t| {
         t.matches("seq=").count() >= seen + 20
