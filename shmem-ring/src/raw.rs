@@ -390,45 +390,53 @@ const SMALL_MAX: usize = 64;
 /// `len <= SMALL_MAX`, `src..src + len` readable, `dst..dst + len` writable.
 #[inline]
 unsafe fn small_copy(dst: *mut u8, src: *const u8, len: usize) {
-    // SAFETY: each access below covers `[i, i + w)` with
-    // `0 <= i` and `i + w <= len`, so it stays inside both ranges the caller
-    // guarantees; unaligned reads and writes of plain integers have no
-    // alignment requirement and any bits are valid.
+    // SAFETY: each access below covers `[i, i + w)` with `0 <= i` and
+    // `i + w <= len`, so it stays inside both ranges the caller guarantees;
+    // unaligned reads and writes of plain integers have no alignment
+    // requirement and any bits are valid.
     unsafe {
-        if len >= 16 {
+        if len > 32 {
             let r = |i: usize| ptr::read_unaligned(src.add(i).cast::<u128>());
             let w = |i: usize, v: u128| ptr::write_unaligned(dst.add(i).cast::<u128>(), v);
-            if len > 32 {
-                let (a, b, c, d) = (r(0), r(16), r(len - 32), r(len - 16));
-                w(0, a);
-                w(16, b);
-                w(len - 32, c);
-                w(len - 16, d);
-            } else {
-                let (a, d) = (r(0), r(len - 16));
-                w(0, a);
-                w(len - 16, d);
-            }
+            let (a, b, c, d) = (r(0), r(16), r(len - 32), r(len - 16));
+            w(0, a);
+            w(16, b);
+            w(len - 32, c);
+            w(len - 16, d);
+        } else if len >= 16 {
+            both_ends::<u128>(dst, src, len);
         } else if len >= 8 {
-            let (a, d) = (
-                ptr::read_unaligned(src.cast::<u64>()),
-                ptr::read_unaligned(src.add(len - 8).cast::<u64>()),
-            );
-            ptr::write_unaligned(dst.cast::<u64>(), a);
-            ptr::write_unaligned(dst.add(len - 8).cast::<u64>(), d);
+            both_ends::<u64>(dst, src, len);
         } else if len >= 4 {
-            let (a, d) = (
-                ptr::read_unaligned(src.cast::<u32>()),
-                ptr::read_unaligned(src.add(len - 4).cast::<u32>()),
-            );
-            ptr::write_unaligned(dst.cast::<u32>(), a);
-            ptr::write_unaligned(dst.add(len - 4).cast::<u32>(), d);
+            both_ends::<u32>(dst, src, len);
         } else if len > 0 {
             let (a, m, d) = (*src, *src.add(len / 2), *src.add(len - 1));
             *dst = a;
             *dst.add(len / 2) = m;
             *dst.add(len - 1) = d;
         }
+    }
+}
+
+/// Copies the first and the last `size_of::<T>()` bytes, both loaded before
+/// either is stored: all of them when `len` is at most twice that size.
+///
+/// # Safety
+///
+/// `size_of::<T>() <= len`, `src..src + len` readable, `dst..dst + len`
+/// writable.
+#[inline(always)]
+unsafe fn both_ends<T: Copy>(dst: *mut u8, src: *const u8, len: usize) {
+    let w = std::mem::size_of::<T>();
+    // SAFETY: both accesses cover `[0, w)` and `[len - w, len)`, inside the
+    // ranges the caller guarantees (`w <= len`); unaligned plain integers.
+    unsafe {
+        let (a, d) = (
+            ptr::read_unaligned(src.cast::<T>()),
+            ptr::read_unaligned(src.add(len - w).cast::<T>()),
+        );
+        ptr::write_unaligned(dst.cast::<T>(), a);
+        ptr::write_unaligned(dst.add(len - w).cast::<T>(), d);
     }
 }
 

@@ -8,7 +8,7 @@
 //! saved is refused by name and keeps running, and no image is left.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
@@ -107,6 +107,22 @@ fn mkctl() -> Command {
     c
 }
 
+/// A `mkctl restore` just spawned: its output lines, its stderr after the
+/// first line, that line (`mkctl: restored ... as pid N`) and the pid in it.
+fn restoring(r: &mut Child) -> (Receiver<String>, BufReader<ChildStderr>, String, u32) {
+    let out = lines(r.stdout.take().expect("stdout"));
+    let mut err = BufReader::new(r.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    err.read_line(&mut said).expect("stderr line");
+    let pid = said
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {said:?}"));
+    (out, err, said, pid)
+}
+
 /// `mkctl checkpoint <pid> --on host [--kill] -o <img>`.
 fn checkpoint(pid: u32, kill: bool, img: &std::path::Path) -> std::process::Output {
     let mut c = mkctl();
@@ -159,16 +175,7 @@ fn checkpoint_and_restore_on_the_host() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("mkctl restore");
-    let rx2 = lines(r.stdout.take().expect("stdout"));
-    let mut err = BufReader::new(r.stderr.take().expect("stderr"));
-    let mut said = String::new();
-    err.read_line(&mut said).expect("stderr line");
-    let new_pid: u32 = said
-        .trim()
-        .rsplit(' ')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {said:?}"));
+    let (rx2, mut err, _, new_pid) = restoring(&mut r);
     let got = until(&rx2, |l| seq(l).is_some());
     assert_eq!(
         got.iter().filter_map(|l| seq(l)).next(),
@@ -272,17 +279,8 @@ fn checkpoint_to_stdout_restores_from_stdin() {
             .is_none(),
         "-o - wrote a file"
     );
-    let rx2 = lines(r.stdout.take().expect("stdout"));
-    let mut err = BufReader::new(r.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    err.read_line(&mut line).expect("stderr line");
+    let (rx2, _, line, new_pid) = restoring(&mut r);
     assert!(line.contains("from stdin"), "{line}");
-    let new_pid: u32 = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line:?}"));
     let got = until(&rx2, |l| seq(l).is_some());
     assert_eq!(got.iter().filter_map(|l| seq(l)).next(), Some(last + 1));
     assert_eq!(checksum(&rx2, new_pid), sum, "memory changed");
