@@ -30,6 +30,7 @@ use super::paths::{self, InstanceDir, RunDir};
 use super::qmp::Qmp;
 use super::window::HostWindow;
 use crate::initramfs::Initramfs;
+use crate::qemu::cmdline::endpoint_names;
 use crate::qemu::{GuestCmdline, MachineSpec, NumaNode, SharedWindow};
 use crate::topology::{self, Backend, ImageSpec, Instance, Topology};
 use crate::units::{ByteSize, CpuSet, MIB};
@@ -1389,18 +1390,6 @@ fn relay_answers(
             return;
         }
     }
-}
-
-/// Endpoint ids and the names messages use for them: `host` for 0, then
-/// the topology's instances.
-fn endpoint_names(t: &Topology) -> Vec<(u16, String)> {
-    std::iter::once((0, "host".to_string()))
-        .chain(
-            t.instances
-                .iter()
-                .filter_map(|i| Some((u16::try_from(i.id.0).ok()?, i.name.clone()))),
-        )
-        .collect()
 }
 
 /// Guest NUMA nodes for an instance: one per machine node its CPUs sit

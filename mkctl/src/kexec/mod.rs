@@ -27,6 +27,10 @@
 //! `/dev/mem`. The current interface places pool and instance memory
 //! itself, so the boot checks (step `check window`) that no instance was
 //! given memory overlapping the window.
+//!
+//! The command line also carries the keys a QEMU guest gets
+//! (`qemu::cmdline`): `mk.name`, `mk.id` (guest-init's agent needs its
+//! endpoint id) and `mk.peers` (the endpoint names for its messages).
 
 pub mod console;
 pub mod dryrun;
@@ -41,8 +45,6 @@ pub use engine::{Engine, Options, StepError};
 pub use iface::{Call, Errno, KernelIface, KexecLoad, RealKernel, RebootCmd};
 pub use probe::{preflight, probe, FsState, InstanceState, Refusal};
 pub use request::{plan_boot, BootPlan, BootTarget, PlanError, PoolState};
-
-use crate::units::MemRange;
 
 /// The two generations of the kernel interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -63,10 +65,4 @@ impl std::fmt::Display for Generation {
             Generation::Current => "current",
         })
     }
-}
-
-/// The command-line parameter that tells a spawned kernel where the window
-/// is: `mk.window=<phys>@<size>`.
-pub fn window_param(range: &MemRange) -> String {
-    format!("mk.window={:#x}@{:#x}", range.start.0, range.size())
 }

@@ -12,10 +12,11 @@ use crate::dtb::{
     MAX_BASELINE_BYTES, MAX_OVERLAY_BYTES,
 };
 use crate::topology::{Backend, Instance, Topology};
-use crate::units::{CpuSet, InstanceId, MemRange};
+use crate::units::{ByteSize, CpuSet, InstanceId, MemRange};
 
 use super::iface::KernelSource;
-use super::{image, window_param, Generation};
+use super::{image, Generation};
+use crate::qemu::cmdline::{endpoint_names, GuestCmdline};
 
 /// x86 `COMMAND_LINE_SIZE` (`arch/x86/include/uapi/asm/setup.h`), NUL
 /// included.
@@ -269,17 +270,19 @@ fn plan(
                 ));
             }
         }
-        let mut cmdline = i.cmdline.trim().to_string();
+        let mut base = i.cmdline.trim().to_string();
         // kerf adds the multikernel console unless one is named.
-        if !cmdline
-            .split_whitespace()
-            .any(|w| w.starts_with("console="))
-        {
-            push_word(&mut cmdline, "console=mktty0");
+        if !base.split_whitespace().any(|w| w.starts_with("console=")) {
+            push_word(&mut base, "console=mktty0");
         }
+        // The same mk.* keys as under QEMU: guest-init needs its id and name.
+        let mut mk = GuestCmdline::new(name, i.id)
+            .base(&base)
+            .peers(endpoint_names(t));
         if let Some(w) = &t.window.range {
-            push_word(&mut cmdline, &window_param(w));
+            mk = mk.window(w.start, ByteSize(w.size()));
         }
+        let cmdline = mk.to_string();
         if cmdline.len() + 1 > COMMAND_LINE_SIZE {
             problems.push(format!(
                 "instance \"{name}\": the command line is {} bytes, past the kernel's {COMMAND_LINE_SIZE}",

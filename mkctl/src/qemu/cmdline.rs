@@ -12,6 +12,7 @@
 
 use std::fmt;
 
+use crate::topology::Topology;
 use crate::units::{ByteSize, InstanceId, PhysAddr};
 
 /// What every guest gets unless the topology says otherwise: the console on
@@ -101,6 +102,18 @@ impl fmt::Display for GuestCmdline {
         }
         f.write_str(&words.join(" "))
     }
+}
+
+/// Endpoint ids and the names messages use for them (`mk.peers`): `host`
+/// for 0, then the topology's instances.
+pub fn endpoint_names(t: &Topology) -> Vec<(u16, String)> {
+    std::iter::once((0, "host".to_string()))
+        .chain(
+            t.instances
+                .iter()
+                .filter_map(|i| Some((u16::try_from(i.id.0).ok()?, i.name.clone()))),
+        )
+        .collect()
 }
 
 #[cfg(test)]
