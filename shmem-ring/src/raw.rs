@@ -365,7 +365,10 @@ unsafe fn large_copy(dst: *mut u8, src: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     if len >= VECTOR_MIN {
         let (d, s) = (dst as usize, src as usize);
-        if d + len <= s || s + len <= d {
+        // Only in the band where `rep movsb` is slow: the destination a few
+        // bytes past the source modulo 4 KiB (see `vector_copy`).
+        let slow_band = d.wrapping_sub(s) % 4096 < 64;
+        if slow_band && (d + len <= s || s + len <= d) {
             // SAFETY: forwarded from the caller; the ranges do not overlap
             // (checked just now).
             unsafe { vector_copy(dst, src, len) };
@@ -450,7 +453,8 @@ const VECTOR_MIN: usize = 2048;
 /// this machine's AMD cores drops from ~50 to ~2 GB/s when the destination is
 /// 8-24 bytes past the source modulo 4 KiB; frames of 4 KiB + 8 step through
 /// every such distance, so one frame in ~170 would hit it. The loop has no
-/// such case (worst ~29 GB/s in cache over all 512 distances). The stores
+/// such case (worst ~29 GB/s in cache over all 512 distances), but is slower
+/// than memcpy elsewhere, so `large_copy` uses it only in that band. The stores
 /// are ordinary cached ones: streaming stores, tried before, send the bytes
 /// to DRAM, and the receiving core then reads them at DRAM speed instead of
 /// from this core's cache.
@@ -537,6 +541,45 @@ mod tests {
                     assert_eq!(buf, want, "len {len} shift {shift} forward {forward}");
                 }
             }
+        }
+    }
+
+    /// Page-sized copies, in and out of the 4 KiB-aliasing band where the
+    /// vector loop takes over, disjoint and overlapping.
+    #[test]
+    fn large_copies_are_memmove_in_and_out_of_the_aliasing_band() {
+        let len = 4096 + 24;
+        let src: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let mut space = vec![0u8; 3 * 8192];
+        let base = space.as_ptr() as usize;
+        for distance in [8usize, 24, 63, 64, 2048] {
+            // Place the destination `distance` bytes past the source modulo
+            // 4 KiB: copy the source into `space` first, then copy within.
+            let s_off = (4096 - base % 4096) % 4096;
+            let d_off = s_off + 8192 + distance;
+            space[s_off..s_off + len].copy_from_slice(&src);
+            // SAFETY: both ranges are inside `space` (d_off + len < 3 * 8192).
+            unsafe {
+                copy(
+                    space.as_mut_ptr().add(d_off),
+                    space.as_ptr().add(s_off),
+                    len,
+                )
+            };
+            assert_eq!(&space[d_off..d_off + len], &src[..], "distance {distance}");
+            // Overlapping by all but `distance` bytes.
+            let mut buf = space.clone();
+            let mut want = buf.clone();
+            want.copy_within(s_off..s_off + len, s_off + distance);
+            // SAFETY: `s_off + distance + len` is inside `buf`.
+            unsafe {
+                copy(
+                    buf.as_mut_ptr().add(s_off + distance),
+                    buf.as_ptr().add(s_off),
+                    len,
+                )
+            };
+            assert_eq!(buf, want, "overlapping, distance {distance}");
         }
     }
 }
