@@ -499,6 +499,9 @@ pub struct Receiver {
     watch: PeerWatch,
     peer: u16,
     hold: Hold,
+    /// How long blocking receives have waited in a row without a message:
+    /// an idle receiver polls less often (`Waiter::after_idle`).
+    idle: Duration,
 }
 
 impl Receiver {
@@ -510,6 +513,7 @@ impl Receiver {
             watch: PeerWatch::new(),
             peer,
             hold,
+            idle: Duration::ZERO,
         })
     }
 
@@ -597,7 +601,17 @@ impl Receiver {
     /// whenever the waiter reads the clock.
     #[inline(never)]
     fn wait_long(&mut self, timeout: Duration) -> Result<Frame, Error> {
-        let mut waiter = Waiter::new();
+        let mut waiter = Waiter::after_idle(self.idle);
+        let r = self.wait_with(&mut waiter, timeout);
+        self.idle = match r {
+            // Only a wait that ran out adds to the idle time.
+            Err(Error::Timeout { waited, .. }) => self.idle + waited,
+            _ => Duration::ZERO,
+        };
+        r
+    }
+
+    fn wait_with(&mut self, waiter: &mut Waiter, timeout: Duration) -> Result<Frame, Error> {
         loop {
             if let Some(now) = waiter.pause() {
                 match self.consumer.try_peek() {
@@ -613,7 +627,7 @@ impl Receiver {
                     (self.peer, progress),
                     now,
                     timeout,
-                    &waiter,
+                    waiter,
                     ring,
                 ) {
                     // A last message may have been published just before the

@@ -68,7 +68,8 @@
 //! - [`Receiver`]: `try_recv`/`recv`, `try_peek`/`peek` -> [`RecvSlot`]
 //!   (`release`).
 //! - Waiting spins for [`wait::SPIN_FOR`], yields, then sleeps with back-off
-//!   up to [`wait::MAX_SLEEP`]; no futex, since the peer may be another kernel.
+//!   up to [`wait::MAX_SLEEP`] (up to [`wait::IDLE_SLEEP`] for a receiver
+//!   idle for long); no futex, since the peer may be another kernel.
 //!
 //! Unsafe code lives in one private module (`raw`), which owns the mapping
 //! and offers bounds-checked atomics and copies; its doc holds the safety

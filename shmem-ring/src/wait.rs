@@ -12,8 +12,12 @@ pub const SPIN_FOR: Duration = Duration::from_micros(50);
 pub const YIELD_FOR: Duration = Duration::from_micros(100);
 /// First sleep; it doubles on each round up to [`MAX_SLEEP`].
 pub const FIRST_SLEEP: Duration = Duration::from_micros(10);
-/// Longest sleep between two polls.
+/// Longest sleep between two polls in the first ~10 ms of a wait.
 pub const MAX_SLEEP: Duration = Duration::from_millis(1);
+/// Longest sleep between two polls of a receiver idle for long: sleeps grow
+/// to a tenth of the time it has been idle (so a message is seen at most
+/// ~10% of the idle time late), up to this.
+pub const IDLE_SLEEP: Duration = Duration::from_millis(10);
 
 /// How many spin rounds between two clock reads.
 const SPINS_PER_CHECK: u32 = 64;
@@ -34,6 +38,8 @@ pub(crate) struct Waiter {
     phase: Phase,
     spins: u32,
     sleep: Duration,
+    /// Idle time before this wait (earlier waits that found nothing).
+    idle: Duration,
 }
 
 impl Waiter {
@@ -43,6 +49,24 @@ impl Waiter {
             phase: Phase::Spin,
             spins: 0,
             sleep: FIRST_SLEEP,
+            idle: Duration::ZERO,
+        }
+    }
+
+    /// A wait that goes on from `idle` of waiting that found nothing (a
+    /// receiver polled in a loop of timeouts). Once that is past the spin
+    /// and yield phases, it sleeps at once, as long as the whole idle time
+    /// allows (see [`IDLE_SLEEP`]).
+    pub(crate) fn after_idle(idle: Duration) -> Waiter {
+        if idle < SPIN_FOR + YIELD_FOR {
+            return Waiter::new();
+        }
+        Waiter {
+            start: Some(Instant::now()),
+            phase: Phase::Sleep,
+            spins: 0,
+            sleep: sleep_cap(idle),
+            idle,
         }
     }
 
@@ -79,11 +103,19 @@ impl Waiter {
             }
             Phase::Sleep => {
                 std::thread::sleep(self.sleep);
-                self.sleep = (self.sleep * 2).min(MAX_SLEEP);
-                Some(Instant::now())
+                let now = Instant::now();
+                let idle = self.idle + now.saturating_duration_since(self.start());
+                self.sleep = (self.sleep * 2).min(sleep_cap(idle));
+                Some(now)
             }
         }
     }
+}
+
+/// The longest sleep after `idle` of waiting: [`MAX_SLEEP`], or a tenth of
+/// the idle time, up to [`IDLE_SLEEP`].
+fn sleep_cap(idle: Duration) -> Duration {
+    (idle / 10).clamp(MAX_SLEEP, IDLE_SLEEP)
 }
 
 #[cfg(test)]
@@ -100,8 +132,27 @@ mod tests {
             polls += 1;
         }
         assert_eq!(w.phase, Phase::Sleep);
-        assert_eq!(w.sleep, MAX_SLEEP);
+        // 30 ms in: a tenth of it.
+        assert!(
+            w.sleep >= MAX_SLEEP && w.sleep <= Duration::from_millis(4),
+            "{:?}",
+            w.sleep
+        );
         // Spinning polls often; sleeping keeps the rest of 30 ms to a few dozen.
         assert!(polls > 100, "{polls} polls");
+    }
+
+    #[test]
+    fn a_long_idle_receiver_sleeps_at_once_and_longer() {
+        let w = Waiter::after_idle(Duration::from_millis(50));
+        assert_eq!(w.phase, Phase::Sleep);
+        assert_eq!(w.sleep, Duration::from_millis(5));
+        let w = Waiter::after_idle(Duration::from_secs(60));
+        assert_eq!(w.sleep, IDLE_SLEEP);
+        // Not idle yet: the usual spin first.
+        assert_eq!(
+            Waiter::after_idle(Duration::from_micros(20)).phase,
+            Phase::Spin
+        );
     }
 }
