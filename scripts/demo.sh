@@ -7,12 +7,19 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
+# The cache setup fills (kernel, guest-init): mkctl finds it by itself when
+# it is built under this checkout, not with a CARGO_TARGET_DIR elsewhere.
+export MKCTL_CACHE=${MKCTL_CACHE:-$repo/.cache}
 "$repo/scripts/setup.sh"
 mkctl="${CARGO_TARGET_DIR:-$repo/target}/debug/mkctl"
 config=${1:-configs/demo.toml}
 # A run directory of the demo's own, so it never disturbs another daemon.
 export MKCTL_RUN_DIR=${MKCTL_RUN_DIR:-$repo/.cache/demo-run}
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+if [ -t 1 ]; then
+  step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+else
+  step() { printf '\n== %s\n' "$*"; }
+fi
 cleanup() { "$mkctl" daemon stop >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 

@@ -6,6 +6,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
+export MKCTL_CACHE=${MKCTL_CACHE:-$repo/.cache}
 "$repo/scripts/setup.sh"
 target=${CARGO_TARGET_DIR:-$repo/target}
 

@@ -171,6 +171,27 @@ fn kexec_boot_is_refused_here_and_changes_nothing() {
         .stderr(predicate::str::contains("no multikernel interface"));
 }
 
+/// A missing stock kernel is found before the daemon would start: one
+/// message naming the file and the variables, exit 1, no run directory.
+#[test]
+fn boot_without_the_stock_kernel_starts_no_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    cargo_bin_cmd!("mkctl")
+        .arg("boot")
+        .arg(common::config("demo"))
+        .env("MKCTL_RUN_DIR", &run)
+        .env("MKCTL_CACHE", dir.path().join("no-cache"))
+        .env_remove("MKCTL_KERNEL")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "no-cache/kernel/vmlinuz, which does not exist",
+        ))
+        .stderr(predicate::str::contains("MKCTL_CACHE"));
+    assert!(!run.exists(), "a daemon was started");
+}
+
 #[test]
 fn dtb_current_generation_baseline_and_overlay() {
     cargo_bin_cmd!("mkctl")

@@ -98,6 +98,15 @@ pub(super) fn boot(
     }
     let config = std::fs::canonicalize(file)?;
     let run = RunDir::from_env();
+    // A daemon about to be started would find the same images missing: say
+    // so now and start nothing. (A running one was started with its own
+    // environment and judges for itself.)
+    if Client::connect(&run).is_err() {
+        let chosen = t.instances.iter().filter(|i| qemu.contains(&i.name));
+        if let Some(why) = crate::daemon::paths::missing_auto_images(chosen) {
+            return Ok(failed(&why, EXIT_FAIL));
+        }
+    }
     let mut c = Client::connect_or_start(&run, |m| eprintln!("mkctl: {m}"))?;
     let reply = c.call(
         &Request::Boot {

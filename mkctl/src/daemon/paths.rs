@@ -113,8 +113,12 @@ pub fn cache_dir() -> PathBuf {
     if let Some(c) = std::env::var_os("MKCTL_CACHE") {
         return PathBuf::from(c);
     }
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1) {
+    // The checkout mkctl was built in (its binary under target/), or the one
+    // it is run from (a target dir elsewhere, CARGO_TARGET_DIR).
+    let exe = std::env::current_exe().ok();
+    let cwd = std::env::current_dir().ok();
+    for start in [exe.as_deref(), cwd.as_deref()].into_iter().flatten() {
+        for dir in start.ancestors() {
             let c = dir.join(".cache");
             if c.join("kernel").is_dir() || c.join("guest-init").is_file() {
                 return c;
@@ -122,6 +126,30 @@ pub fn cache_dir() -> PathBuf {
         }
     }
     PathBuf::from("/var/cache/mkctl")
+}
+
+/// Why `instances` cannot boot here, if one of them asks for the stock
+/// kernel or initramfs (`"auto"`) and `qemu/setup.sh` has not made it.
+pub fn missing_auto_images<'a>(
+    instances: impl IntoIterator<Item = &'a crate::topology::Instance>,
+) -> Option<String> {
+    use crate::topology::ImageSpec;
+    let (kernel, init) = (auto_kernel(), guest_init());
+    for i in instances {
+        if i.kernel == ImageSpec::Auto && !kernel.is_file() {
+            return Some(format!(
+                "kernel = \"auto\" needs {}, which does not exist: run qemu/setup.sh first, or set MKCTL_CACHE to the cache it filled (MKCTL_KERNEL to a kernel image)",
+                kernel.display()
+            ));
+        }
+        if i.initrd == ImageSpec::Auto && !init.is_file() {
+            return Some(format!(
+                "initrd = \"auto\" needs the static guest-init at {}, which does not exist: run qemu/setup.sh first, or set MKCTL_CACHE to the cache it filled (MKCTL_GUEST_INIT to a guest-init binary)",
+                init.display()
+            ));
+        }
+    }
+    None
 }
 
 /// The stock guest kernel (`kernel = "auto"`): `$MKCTL_KERNEL` or the cache's.

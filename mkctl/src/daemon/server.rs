@@ -493,25 +493,8 @@ impl Daemon {
         }
         let kernel_auto = paths::auto_kernel();
         let guest_init = paths::guest_init();
-        for i in &selected {
-            if i.kernel == ImageSpec::Auto && !kernel_auto.is_file() {
-                return Err((
-                    format!(
-                        "kernel = \"auto\" needs {}, which does not exist: run qemu/setup.sh (or scripts/setup.sh) first",
-                        kernel_auto.display()
-                    ),
-                    1,
-                ));
-            }
-            if i.initrd == ImageSpec::Auto && !guest_init.is_file() {
-                return Err((
-                    format!(
-                        "initrd = \"auto\" needs the static guest-init at {}: run qemu/setup.sh first",
-                        guest_init.display()
-                    ),
-                    1,
-                ));
-            }
+        if let Some(why) = paths::missing_auto_images(&selected) {
+            return Err((why, 1));
         }
         let window = self.ensure_window(&t).map_err(|e| (e, 1))?;
         let initramfs = self.run.initramfs();
