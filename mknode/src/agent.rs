@@ -25,6 +25,10 @@ use crate::wire::{self, ExecRequest, ExitStatus, KernelInfo, Msg, Stream, MAX_CH
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one ping may take before it counts as lost.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer whose link has reported it dead (no heartbeat for the ring's
+/// `dead_after`, 2 s) this much longer is taken as lost: what waits on it
+/// fails. One that detached is lost at once.
+const PEER_LOST_AFTER: Duration = Duration::from_secs(3);
 
 /// What the embedding program provides.
 pub struct Hooks {
@@ -76,7 +80,7 @@ pub struct Agent {
     execs: Mutex<HashMap<(u16, u32), ExecState>>,
     /// Processes of ours that moved to another kernel: their real exit
     /// status arrives from there (by pid).
-    moved: Mutex<HashMap<u32, Receiver<ExitStatus>>>,
+    moved: Mutex<HashMap<u32, Receiver<Result<ExitStatus, String>>>>,
     /// Migrations in flight or forwarding output, by (peer, mig).
     pub(crate) migrations: crate::mover::Table,
     pongs: Mutex<HashMap<(u16, u64), Sender<Instant>>>,
@@ -114,7 +118,7 @@ pub enum AgentError {
         #[source]
         source: LinkError,
     },
-    #[error("{peer} did not answer within {timeout:?}")]
+    #[error("{peer} did not answer within {:.1} s", .timeout.as_secs_f64())]
     NoAnswer { peer: Peer, timeout: Duration },
     #[error("{peer} refused: {message}")]
     Failed { peer: Peer, message: String },
@@ -309,9 +313,30 @@ impl Agent {
     fn serve(self: Arc<Self>, peer: u16, link: Arc<dyn Link>, stop: Arc<AtomicBool>) {
         let mut buf = Vec::new();
         let mut warned = false;
+        // Since when the peer has been down, and whether its requests were
+        // failed for it (once per time it goes down).
+        let mut down: Option<Instant> = None;
+        let mut failed = false;
         while !self.stop.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
-            match link.recv(&mut buf, Duration::from_millis(100)) {
+            let got = link.recv(&mut buf, Duration::from_millis(100));
+            if matches!(got, Ok(true)) {
+                down = None;
+                failed = false;
+            }
+            match got {
                 Ok(false) => continue,
+                Err(LinkError::PeerDown { why, detached }) => {
+                    // Silent past the ring's dead threshold, then another
+                    // PEER_LOST_AFTER: a guest starved of CPU for a while
+                    // under TCG is not lost.
+                    let since = *down.get_or_insert_with(Instant::now);
+                    if !failed && (detached || since.elapsed() >= PEER_LOST_AFTER) {
+                        let who = self.peer(peer);
+                        eprintln!("mknode: {who} is down: {why}");
+                        self.fail_peer(peer, &format!("{who} is down ({why})"));
+                        failed = true;
+                    }
+                }
                 Ok(true) => match Msg::decode(&buf) {
                     Ok(m) => self.handle(peer, m),
                     Err(e) => {
@@ -352,6 +377,8 @@ impl Agent {
                 });
             }
         }
+        drop(p);
+        self.migrations.peer_lost(peer, why);
     }
 
     fn handle(self: &Arc<Self>, peer: u16, m: Msg) {
@@ -693,12 +720,15 @@ impl Agent {
             }
             // Killed because it moved to another kernel: its real end is
             // reported from there.
-            let status = me.final_status(pid, status);
+            let end = match me.final_status(pid, status) {
+                Ok(status) => Msg::Exited { req, status },
+                Err(message) => Msg::Failed { req, message },
+            };
             me.execs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&(peer, req));
-            let _ = me.send(peer, &Msg::Exited { req, status });
+            let _ = me.send(peer, &end);
         });
     }
 
@@ -758,7 +788,7 @@ impl Agent {
 
     /// Marks `pid` (a process of ours) as moved away: `final_status`
     /// will wait for `rx` instead of trusting the local kill.
-    pub(crate) fn mark_moved(&self, pid: u32, rx: Receiver<ExitStatus>) {
+    pub(crate) fn mark_moved(&self, pid: u32, rx: Receiver<Result<ExitStatus, String>>) {
         self.moved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -766,16 +796,17 @@ impl Agent {
     }
 
     /// The exit status to report for `pid`: the local one, unless the
-    /// process moved to another kernel, then the one from there (waits).
-    pub(crate) fn final_status(&self, pid: u32, local: ExitStatus) -> ExitStatus {
+    /// process moved to another kernel, then the one from there (waits);
+    /// `Err` when that kernel went down with it.
+    pub(crate) fn final_status(&self, pid: u32, local: ExitStatus) -> Result<ExitStatus, String> {
         let rx = self
             .moved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&pid);
         match rx {
-            Some(rx) => rx.recv().unwrap_or(local),
-            None => local,
+            Some(rx) => rx.recv().unwrap_or(Ok(local)),
+            None => Ok(local),
         }
     }
 }

@@ -15,6 +15,15 @@ pub enum LinkError {
     Timeout(Duration),
     #[error("the peer is gone: {0}")]
     PeerGone(String),
+    /// The peer stopped (no heartbeat) or detached, but may attach again:
+    /// the link stays. `recv` returns it after waiting out its timeout, so a
+    /// caller's loop does not spin.
+    #[error("the peer is down: {why}")]
+    PeerDown {
+        why: String,
+        /// Detached on purpose (not just silent).
+        detached: bool,
+    },
     #[error("the link is broken: {0}")]
     Broken(String),
     #[error("message of {len} bytes is larger than the link's limit of {max}")]
@@ -173,13 +182,23 @@ mod tests {
     }
 
     #[test]
-    fn ringlink_absent_peer_is_quiet_not_an_error() {
+    fn ringlink_detached_peer_is_down_after_the_timeout() {
         let (e0, e1) = ring_pair();
         let a = RingLink::open(&e0, 1).unwrap();
         drop(e1);
         let mut buf = Vec::new();
         let t0 = std::time::Instant::now();
-        assert!(!a.recv(&mut buf, Duration::from_millis(30)).unwrap());
+        // Said after the timeout, like an idle link, so a loop does not
+        // spin; the link stays (the peer may attach again).
+        match a.recv(&mut buf, Duration::from_millis(30)) {
+            Err(LinkError::PeerDown {
+                detached: true,
+                why,
+            }) => {
+                assert!(why.contains("detached"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(t0.elapsed() >= Duration::from_millis(25));
     }
 
@@ -242,18 +261,23 @@ impl Link for RingLink {
     }
 
     fn recv(&self, buf: &mut Vec<u8>, timeout: Duration) -> Result<bool, LinkError> {
+        use shmem_ring::Error as E;
         let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         let t0 = std::time::Instant::now();
         match rx.recv(buf, timeout) {
             Ok(_) => Ok(true),
+            Err(e @ (E::PeerDead { .. } | E::PeerGone { .. })) => {
+                // Nobody there: wait as an idle link would (no spinning),
+                // then say so; the peer may attach again.
+                drop(rx);
+                std::thread::sleep(timeout.saturating_sub(t0.elapsed()));
+                Err(LinkError::PeerDown {
+                    detached: matches!(e, E::PeerGone { .. }),
+                    why: e.to_string(),
+                })
+            }
             Err(e) => match ring_error(e, timeout) {
                 LinkError::Timeout(_) => Ok(false),
-                LinkError::PeerGone(_) => {
-                    // Nobody there: behave like an idle link (no spinning).
-                    drop(rx);
-                    std::thread::sleep(timeout.saturating_sub(t0.elapsed()));
-                    Ok(false)
-                }
                 other => Err(other),
             },
         }

@@ -50,6 +50,8 @@ enum Piece {
 enum Ctl {
     Running(u32),
     Failed(String),
+    /// The destination's kernel went down (see `Table::peer_lost`).
+    Lost(String),
     /// Lazy mode: the destination needs no more pages.
     PagesIn,
 }
@@ -59,7 +61,8 @@ struct Outgoing {
     ctl: Sender<Ctl>,
     out: Option<File>,
     err: Option<File>,
-    exit: Option<Sender<ExitStatus>>,
+    /// Once the copy runs: where its end goes (`Err`: lost with its kernel).
+    exit: Option<Sender<Result<ExitStatus, String>>>,
 }
 
 /// The pages a fetch asked for, or why the origin refused.
@@ -82,6 +85,33 @@ pub(crate) struct Table {
     pushes: Mutex<HashMap<(u16, u32), Sender<Pushed>>>,
     fetches: Mutex<HashMap<(u16, u32, u32), Sender<FetchAnswer>>>,
     next_fetch: AtomicU32,
+}
+
+impl Table {
+    /// `peer`'s kernel went down: moves to it fail now instead of at their
+    /// timeout, processes that moved there end as lost (their execs on
+    /// this side answer with why), and page fetches waiting on it fail.
+    pub(crate) fn peer_lost(&self, peer: u16, why: &str) {
+        let mut outgoing = lock(&self.outgoing);
+        for ((to, _), o) in outgoing.iter_mut() {
+            if *to == peer {
+                let _ = o.ctl.try_send(Ctl::Lost(why.to_string()));
+                if let Some(exit) = o.exit.take() {
+                    let _ = exit.send(Err(format!("the process was lost: {why}")));
+                }
+            }
+        }
+        // Moves still in progress are forgotten by their own thread.
+        outgoing.retain(|(to, _), o| *to != peer || o.out.is_some() && o.exit.is_some());
+        drop(outgoing);
+        let mut fetches = lock(&self.fetches);
+        for ((origin, _, _), tx) in fetches.iter() {
+            if *origin == peer {
+                let _ = tx.send(Err(why.to_string()));
+            }
+        }
+        fetches.retain(|(origin, _, _), _| *origin != peer);
+    }
 }
 
 impl std::fmt::Debug for Table {
@@ -373,6 +403,11 @@ impl Agent {
                     self.peer(to)
                 ))
             }
+            Ok(Ctl::Lost(why)) => {
+                forget();
+                drop(frozen);
+                Err(format!("{why}; the original runs on"))
+            }
             // (`PagesIn` was consumed by the loop above.)
             Ok(Ctl::PagesIn) | Err(_) => {
                 let _ = self.send(to, &Msg::MigrateAbort { mig });
@@ -495,7 +530,7 @@ impl Agent {
             migrate::wait_exit(nix::unistd::Pid::from_raw(restored.pid));
             wait_pid(pid)
         });
-        Ok(self.final_status(pid, local))
+        self.final_status(pid, local)
     }
 
     /// Handles the migration messages; gives back any other message.
@@ -669,7 +704,7 @@ impl Agent {
                     drop(o.out);
                     drop(o.err);
                     if let Some(exit) = o.exit {
-                        let _ = exit.send(status);
+                        let _ = exit.send(Ok(status));
                     }
                 }
             }

@@ -216,6 +216,56 @@ fn destination_gone_mid_transfer_leaves_the_original_running() {
     .unwrap();
 }
 
+/// A process moved to a kernel that then goes down (its endpoint detaches,
+/// its agent stops answering, the copy dies with it): the exec that started
+/// it on the origin ends with why, instead of waiting for an exit status
+/// that will never come.
+#[test]
+fn a_process_lost_with_its_kernel_ends_its_exec() {
+    let n = net();
+    let (pid, mut out) = start(&n, 1, "4M");
+    let r = n.agents[0]
+        .call(1, Duration::from_secs(60), |req| Msg::MigrateOut {
+            req,
+            pid,
+            to: 2,
+            lazy: false,
+        })
+        .expect("move to 2");
+    let Msg::MigrateReport { new_pid, .. } = r else {
+        panic!("{r:?}")
+    };
+    let seen = out.seqs().len();
+    out.until(Duration::from_secs(10), |t| {
+        t.matches("seq=").count() >= seen + 5
+    });
+    // Kernel 2 goes down as a killed QEMU does: its agent stops answering,
+    // its heartbeat stops, and the copy goes with it.
+    for p in [0, 1] {
+        n.agents[2].remove_link(p);
+    }
+    n.silenced[2].store(true, std::sync::atomic::Ordering::Relaxed);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    out.until(Duration::from_secs(20), |_| false);
+    let why = out.failed.clone().unwrap_or_else(|| {
+        panic!(
+            "the exec ended with {:?}, not as lost:\n{}",
+            out.exited,
+            tail(&out.text)
+        )
+    });
+    assert!(
+        why.contains("the process was lost") && why.contains("endpoint 2"),
+        "{why}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+}
+
 /// A lazy copy that reads all of its memory while the rest is pushed: its
 /// faults race the pushes, and a fetch can still be on its way when the
 /// last page has gone out. The origin must answer it (not drop the move

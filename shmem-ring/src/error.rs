@@ -176,7 +176,7 @@ pub enum Error {
         to: u16,
     },
     /// A blocking call waited its whole timeout; the peer is alive or silent.
-    #[error("timed out after {waited:?} on ring {from}->{to}")]
+    #[error("timed out after {:.3} s on ring {from}->{to}", .waited.as_secs_f64())]
     Timeout {
         /// Producing endpoint.
         from: u16,
@@ -186,7 +186,7 @@ pub enum Error {
         waited: Duration,
     },
     /// The peer's heartbeat has not moved for longer than the dead threshold.
-    #[error("peer {peer} is dead: no heartbeat for {quiet:?}")]
+    #[error("peer {peer} is dead: no heartbeat for {:.1} s", .quiet.as_secs_f64())]
     PeerDead {
         /// The peer endpoint.
         peer: u16,

@@ -395,7 +395,7 @@ impl PageServer {
 /// Why the destination could not get pages.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("no answer from the origin within {0:?}")]
+    #[error("no answer from the origin within {:.1} s", .0.as_secs_f64())]
     Timeout(Duration),
     #[error("the link to the origin is closed")]
     Disconnected,

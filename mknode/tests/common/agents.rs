@@ -20,6 +20,8 @@ pub(crate) struct Net {
     _window: shmem_ring::Window,
     pub(crate) agents: Vec<Arc<Agent>>,
     pub(crate) endpoints: Vec<Option<shmem_ring::Endpoint>>,
+    /// Set to stop an endpoint's heartbeat (its kernel "dies").
+    pub(crate) silenced: Vec<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Three agents 0 (client), 1 and 2, all linked.
@@ -36,6 +38,7 @@ pub(crate) fn net_where(info2: fn() -> mknode::wire::KernelInfo) -> Net {
     let window = shmem_ring::Window::create(dir.path().join("window"), WINDOW, 3).expect("window");
     let mut agents = Vec::new();
     let mut endpoints = Vec::new();
+    let mut silenced = Vec::new();
     for id in 0..3u16 {
         let ep = window.attach(id).expect("attach");
         let hooks = Hooks {
@@ -47,19 +50,23 @@ pub(crate) fn net_where(info2: fn() -> mknode::wire::KernelInfo) -> Net {
             a.add_link(peer, Arc::new(RingLink::open(&ep, peer).expect("link")));
         }
         let beat = ep.heartbeat_handle();
+        let quiet = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let q = Arc::clone(&quiet);
         std::thread::spawn(move || {
-            while beat.beat().is_ok() {
+            while !q.load(std::sync::atomic::Ordering::Relaxed) && beat.beat().is_ok() {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
         agents.push(a);
         endpoints.push(Some(ep));
+        silenced.push(quiet);
     }
     Net {
         _dir: dir,
         _window: window,
         agents,
         endpoints,
+        silenced,
     }
 }
 
@@ -68,6 +75,8 @@ pub(crate) struct ExecStream {
     rx: Receiver<Msg>,
     pub(crate) text: String,
     pub(crate) exited: Option<ExitStatus>,
+    /// The request's `Failed` answer, if it ended that way.
+    pub(crate) failed: Option<String>,
 }
 
 impl ExecStream {
@@ -84,6 +93,10 @@ impl ExecStream {
                 }) => self.text.push_str(&String::from_utf8_lossy(&bytes)),
                 Ok(Msg::Exited { status, .. }) => {
                     self.exited = Some(status);
+                    return;
+                }
+                Ok(Msg::Failed { message, .. }) => {
+                    self.failed = Some(message);
                     return;
                 }
                 Ok(_) => {}
@@ -136,6 +149,7 @@ pub(crate) fn start(n: &Net, on: u16, args: &[&str]) -> (u32, ExecStream) {
         rx,
         text: String::new(),
         exited: None,
+        failed: None,
     };
     s.until(Duration::from_secs(30), |t| t.matches("seq=").count() >= 2);
     (pid, s)
