@@ -155,14 +155,17 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
         let to = if at == "alpha" { "beta" } else { "alpha" };
         // Lazy (post-copy), stop-copy, lazy.
         let mode = if hop == 1 { "stop-copy" } else { "lazy" };
+        // Hop 1 names the kernels by id; messages still use their names.
+        let id = |n: &str| if n == "alpha" { "1" } else { "2" };
+        let (from_arg, to_arg) = if hop == 1 { (id(at), id(to)) } else { (at, to) };
         let out = m
             .run(&[
                 "migrate",
                 &pid.to_string(),
                 "--from",
-                at,
+                from_arg,
                 "--to",
-                to,
+                to_arg,
                 "--mode",
                 mode,
                 "--json",
@@ -174,7 +177,7 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
         // Progress while it runs: the copy's pid as soon as it runs.
         assert!(
             out.stderr
-                .contains(&format!("running as pid {new_pid} after")),
+                .contains(&format!("[{to}] running as pid {new_pid} after")),
             "{}",
             out.stderr
         );

@@ -679,6 +679,23 @@ pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) ->
     }
 }
 
+/// A kernel as messages name it: `host` for the host in any spelling (or
+/// endpoint 0), an instance's name when given its id (the daemon knows
+/// which), otherwise the argument as given.
+pub(super) fn named(arg: &str) -> String {
+    if is_host(arg) {
+        return "host".into();
+    }
+    if arg.parse::<u32>().is_ok() {
+        if let Ok(Some(st)) = fetch_status() {
+            if let Some(i) = st.instances.iter().find(|i| i.id.to_string() == arg) {
+                return i.name.clone();
+            }
+        }
+    }
+    arg.to_string()
+}
+
 /// `--on host` (or endpoint 0): the host kernel, where mkctl itself can do
 /// the work.
 fn is_host(on: &str) -> bool {
