@@ -652,11 +652,27 @@ impl Agent {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
+                // As a shell says it: the reason on stderr, and status 127
+                // for a command not found, 126 for one that cannot run.
+                let code = if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                };
+                let text = format!("cannot run {prog}: {}\n", plain_os_error(&e));
                 let _ = self.send(
                     peer,
-                    &Msg::Failed {
+                    &Msg::Data {
                         req,
-                        message: format!("cannot run {prog}: {e}"),
+                        stream: Stream::Stderr,
+                        bytes: text.into_bytes(),
+                    },
+                );
+                let _ = self.send(
+                    peer,
+                    &Msg::Exited {
+                        req,
+                        status: ExitStatus::Code(code),
                     },
                 );
                 return;
@@ -808,6 +824,15 @@ impl Agent {
             Some(rx) => rx.recv().unwrap_or(Ok(local)),
             None => Ok(local),
         }
+    }
+}
+
+/// An OS error's text without the ` (os error N)` Rust appends.
+fn plain_os_error(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }
 
@@ -1072,9 +1097,22 @@ mod tests {
                 stdin: false,
             },
         });
+        // Like a shell: status 127, the reason on stderr.
         assert!(
-            matches!(r, Err(AgentError::Failed { ref message, .. }) if message.contains("cannot run /no/such/prog")),
+            matches!(
+                r,
+                Ok(Msg::Exited {
+                    status: ExitStatus::Code(127),
+                    ..
+                })
+            ),
             "{r:?}"
+        );
+        let (_, err, st) = run(&a, 1, &["/no/such/prog"], None);
+        assert_eq!(st, ExitStatus::Code(127));
+        assert_eq!(
+            String::from_utf8_lossy(&err),
+            "cannot run /no/such/prog: No such file or directory\n"
         );
     }
 

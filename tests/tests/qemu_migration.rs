@@ -223,8 +223,25 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
     // The host runs another kernel build than the guests: a move there is
     // refused up front (the origin asks the destination's kernel first),
     // by name, and the process runs on.
-    let r = m.run(&["migrate", &pid.to_string(), "--from", at, "--to", "host"]);
+    let r = m.run(&[
+        "migrate",
+        &pid.to_string(),
+        "--from",
+        at,
+        "--to",
+        "host",
+        "--json",
+    ]);
     assert_eq!(r.code, 1, "{r:?}");
+    // --json: the failure comes on stdout as JSON too.
+    let j = r.json();
+    assert_eq!(j["exit_code"], 1, "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("host runs another kernel")),
+        "{j}"
+    );
     assert!(
         // The guest's agent names the host as such (mk.peers), not by id.
         r.stderr.contains("host runs another kernel")

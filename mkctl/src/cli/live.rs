@@ -318,21 +318,41 @@ fn relay_output(c: &mut Client, instance: &str, restored: Option<&Path>) -> Res 
     }
 }
 
-fn simple(req: Request) -> Result<Result<Reply, i32>, Box<dyn std::error::Error>> {
+/// One request, one reply. With `json`, a failure is also printed on stdout
+/// as `{"error": ..., "exit_code": ...}`, so a script reading stdout gets
+/// JSON either way.
+fn simple(req: Request, json: bool) -> Result<Result<Reply, i32>, Box<dyn std::error::Error>> {
+    let json_error = |message: &str, code: i32| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "error": message, "exit_code": code })
+            );
+        }
+    };
     let mut c = match connect() {
         Ok(c) => c,
-        Err(code) => return Ok(Err(code)),
+        Err(code) => {
+            json_error("no mkctl daemon runs", code);
+            return Ok(Err(code));
+        }
     };
     match c.call(&req, progress)? {
-        Reply::Error { message, code } => Ok(Err(failed(&message, code))),
+        Reply::Error { message, code } => {
+            json_error(&message, code);
+            Ok(Err(failed(&message, code)))
+        }
         r => Ok(Ok(r)),
     }
 }
 
 pub(super) fn info(instance: &str, json: bool) -> Res {
-    let info = match simple(Request::Info {
-        instance: instance.to_string(),
-    })? {
+    let info = match simple(
+        Request::Info {
+            instance: instance.to_string(),
+        },
+        json,
+    )? {
         Ok(Reply::Info { info }) => info,
         Ok(other) => return Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
         Err(code) => return Ok(code),
@@ -368,11 +388,14 @@ pub(super) fn info(instance: &str, json: bool) -> Res {
 }
 
 pub(super) fn ping(from: &str, to: &str, count: u32, json: bool) -> Res {
-    match simple(Request::Ping {
-        from: from.to_string(),
-        to: to.to_string(),
-        count,
-    })? {
+    match simple(
+        Request::Ping {
+            from: from.to_string(),
+            to: to.to_string(),
+            count,
+        },
+        json,
+    )? {
         Ok(Reply::Ping {
             count,
             min_ns,
@@ -400,12 +423,15 @@ pub(super) fn ping(from: &str, to: &str, count: u32, json: bool) -> Res {
 }
 
 pub(super) fn traffic(from: &str, to: &str, count: u32, size: u32, json: bool) -> Res {
-    match simple(Request::Traffic {
-        from: from.to_string(),
-        to: to.to_string(),
-        count,
-        size,
-    })? {
+    match simple(
+        Request::Traffic {
+            from: from.to_string(),
+            to: to.to_string(),
+            count,
+            size,
+        },
+        json,
+    )? {
         Ok(Reply::Traffic {
             sent,
             good,
@@ -647,12 +673,15 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
 }
 
 pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) -> Res {
-    match simple(Request::Migrate {
-        pid,
-        from: from.to_string(),
-        to: to.to_string(),
-        lazy: mode == "lazy",
-    })? {
+    match simple(
+        Request::Migrate {
+            pid,
+            from: from.to_string(),
+            to: to.to_string(),
+            lazy: mode == "lazy",
+        },
+        json,
+    )? {
         Ok(Reply::Migrated {
             new_pid,
             downtime_ns,
@@ -713,7 +742,9 @@ fn write_atomically(
             path.display()
         ));
     }
-    let tmp = path.with_extension("partial");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
     let file = std::fs::File::create(&tmp).map_err(|e| {
         format!(
             "cannot write {} (through {}): {e}",
@@ -802,16 +833,20 @@ fn write_image_out(
 /// What a checkpoint that worked prints: on stdout, or on stderr when the
 /// image itself went to stdout.
 fn say_written(output: &Path, bytes: u64, pid: u32, on: &str, kill: bool) -> Res {
-    let what = if is_stdio(output) {
-        "the image to stdout".to_string()
+    let line = if is_stdio(output) {
+        format!(
+            "wrote the image of process {pid} on {on} to stdout ({}){}",
+            ByteSize(bytes).human(),
+            if kill { "; it was stopped" } else { "" }
+        )
     } else {
-        output.display().to_string()
+        format!(
+            "wrote {} ({}) of process {pid} on {on}{}",
+            output.display(),
+            ByteSize(bytes).human(),
+            if kill { "; it was stopped" } else { "" }
+        )
     };
-    let line = format!(
-        "wrote {what} ({}) of process {pid} on {on}{}",
-        ByteSize(bytes).human(),
-        if kill { "; it was stopped" } else { "" }
-    );
     if is_stdio(output) {
         eprintln!("mkctl: {line}");
     } else {
@@ -820,21 +855,68 @@ fn say_written(output: &Path, bytes: u64, pid: u32, on: &str, kill: bool) -> Res
     Ok(EXIT_OK)
 }
 
-/// The image to restore: a file, or stdin for `-`. Exit code 2 when the file
-/// cannot be opened.
+/// The image to restore: a file, or stdin for `-`, checked to begin like a
+/// process image before anything is started. Exit code 2 when it cannot be
+/// opened or is not an image.
 fn open_image(file: &Path) -> Result<Box<dyn Read + Send>, Res> {
     if let Some(why) = stdio_refusal(file, true) {
         return Err(Ok(failed(&why, 2)));
     }
-    if is_stdio(file) {
-        return Ok(Box::new(std::io::stdin()));
-    }
-    match std::fs::File::open(file) {
-        Ok(f) => Ok(Box::new(f)),
-        Err(e) => Err(Ok(failed(
-            &format!("cannot open {}: {e}", file.display()),
+    if file.is_dir() {
+        return Err(Ok(failed(
+            &format!("{} is a directory; give an image file", file.display()),
             2,
-        ))),
+        )));
+    }
+    let mut r: Box<dyn Read + Send> = if is_stdio(file) {
+        Box::new(std::io::stdin())
+    } else {
+        match std::fs::File::open(file) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                return Err(Ok(failed(
+                    &format!("cannot open {}: {}", file.display(), plain_error(&e)),
+                    2,
+                )))
+            }
+        }
+    };
+    let magic = &mknode::migrate::image::MAGIC;
+    let mut head = Vec::with_capacity(magic.len());
+    if let Err(e) = (&mut r).take(magic.len() as u64).read_to_end(&mut head) {
+        return Err(Ok(failed(
+            &format!("cannot read {}: {}", image_name(file), plain_error(&e)),
+            2,
+        )));
+    }
+    if head.is_empty() {
+        let why = if is_stdio(file) {
+            "nothing came on stdin (did the checkpoint before the pipe fail?)".to_string()
+        } else {
+            format!("{} is empty", file.display())
+        };
+        return Err(Ok(failed(&why, 2)));
+    }
+    if head != magic[..] {
+        return Err(Ok(failed(
+            &format!(
+                "{} is not a process image (it begins with {:?}, not {:?})",
+                image_name(file),
+                String::from_utf8_lossy(&head),
+                String::from_utf8_lossy(magic)
+            ),
+            2,
+        )));
+    }
+    Ok(Box::new(std::io::Cursor::new(head).chain(r)))
+}
+
+/// An I/O error's text without the ` (os error N)` Rust appends.
+fn plain_error(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }
 

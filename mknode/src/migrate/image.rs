@@ -63,27 +63,29 @@ const MAX_RECORD: u32 = MAX_RUN_PAGES * PAGE as u32 + 12;
 pub enum ImageError {
     #[error("i/o on the image stream")]
     Io(#[source] io::Error),
-    #[error("the image ends early (at byte {at})")]
+    #[error("the image ends early, at byte {at}: it was cut short")]
     Truncated { at: u64 },
-    #[error("not a process image (magic {0:02x?})")]
+    #[error("not a process image (it begins with {:?})", String::from_utf8_lossy(.0))]
     Magic([u8; 8]),
-    #[error("image version {0}, this code reads version {VERSION}")]
+    #[error(
+        "image version {0}, this code reads version {VERSION}: it was written by another mkctl"
+    )]
     Version(u16),
     #[error("image architecture {0:#x}, this code restores x86_64 (0x3e) only")]
     Arch(u16),
     #[error("unknown image flags {0:#x}")]
     Flags(u16),
-    #[error("record at byte {at}: unexpected tag {tag:#x} ({why})")]
+    #[error("the image is damaged: record at byte {at}: unexpected tag {tag:#x} ({why})")]
     Tag { at: u64, tag: u8, why: &'static str },
-    #[error("record at byte {at}: {what} = {value:#x} is out of bounds")]
+    #[error("the image is damaged: record at byte {at}: {what} = {value:#x} is out of bounds")]
     Bound {
         at: u64,
         what: &'static str,
         value: u64,
     },
-    #[error("record at byte {at}: {why}")]
+    #[error("the image is damaged: record at byte {at}: {why}")]
     Invalid { at: u64, why: String },
-    #[error("checksum mismatch: image says {stored:#018x}, content hashes to {computed:#018x}")]
+    #[error("the image is damaged: it says its checksum is {stored:#018x}, its bytes hash to {computed:#018x}")]
     Checksum { stored: u64, computed: u64 },
     #[error(
         "the image header is damaged: it says {stored:#018x}, its bytes hash to {computed:#018x}"
@@ -968,6 +970,9 @@ impl<R: Read> ImageReader<R> {
         ))
     }
 
+    /// Reads the header and checks its own checksum before it believes any
+    /// field but the magic: a damaged header is reported as such, not as
+    /// another version, architecture or kernel.
     fn read_header(&mut self) -> Result<Header, ImageError> {
         let mut fixed = [0u8; 16];
         self.r.fill(&mut fixed)?;
@@ -977,6 +982,21 @@ impl<R: Read> ImageReader<R> {
             return Err(ImageError::Magic(magic));
         }
         let version = u16::from_le_bytes([fixed[8], fixed[9]]);
+        // Version 1 had no header checksum: say so rather than "damaged".
+        if version == 1 {
+            return Err(ImageError::Version(version));
+        }
+        let release = self.read_kstr("kernel release length")?;
+        let version_s = self.read_kstr("kernel version length")?;
+        let mut tail = [0u8; 16];
+        self.r.fill(&mut tail)?;
+        let computed = self.r.hash.digest();
+        let mut stored = [0u8; 8];
+        self.r.fill(&mut stored)?;
+        let stored = u64::from_le_bytes(stored);
+        if stored != computed {
+            return Err(ImageError::HeaderChecksum { stored, computed });
+        }
         if version != VERSION {
             return Err(ImageError::Version(version));
         }
@@ -988,23 +1008,9 @@ impl<R: Read> ImageReader<R> {
         if arch != ARCH_X86_64 {
             return Err(ImageError::Arch(arch));
         }
-        let release = self.read_kstr("kernel release length")?;
-        let version_s = self.read_kstr("kernel version length")?;
-        let mut tail = [0u8; 16];
-        self.r.fill(&mut tail)?;
         let vdso_hash = u64::from_le_bytes(tail[..8].try_into().unwrap_or([0; 8]));
         let vdso_len = u32::from_le_bytes(tail[8..12].try_into().unwrap_or([0; 4]));
         let page = u32::from_le_bytes(tail[12..16].try_into().unwrap_or([0; 4]));
-        // Checked before anything else in the header is believed past the
-        // fixed fields: a damaged kernel string must not read as another
-        // kernel.
-        let computed = self.r.hash.digest();
-        let mut stored = [0u8; 8];
-        self.r.fill(&mut stored)?;
-        let stored = u64::from_le_bytes(stored);
-        if stored != computed {
-            return Err(ImageError::HeaderChecksum { stored, computed });
-        }
         if u64::from(page) != PAGE {
             return Err(ImageError::Bound {
                 at: self.r.n,
@@ -1012,18 +1018,26 @@ impl<R: Read> ImageReader<R> {
                 value: u64::from(page),
             });
         }
+        let text = |b: Vec<u8>| {
+            String::from_utf8(b).map_err(|_| ImageError::Invalid {
+                at: 16,
+                why: "kernel string is not UTF-8".into(),
+            })
+        };
         Ok(Header {
             flags,
             kernel: KernelFingerprint {
-                release,
-                version: version_s,
+                release: text(release)?,
+                version: text(version_s)?,
                 vdso_hash,
                 vdso_len,
             },
         })
     }
 
-    fn read_kstr(&mut self, what: &'static str) -> Result<String, ImageError> {
+    /// A `str16` of the header, as bytes (decoded once the header checksum
+    /// is known good).
+    fn read_kstr(&mut self, what: &'static str) -> Result<Vec<u8>, ImageError> {
         let at = self.r.n;
         let mut l = [0u8; 2];
         self.r.fill(&mut l)?;
@@ -1037,10 +1051,7 @@ impl<R: Read> ImageReader<R> {
         }
         let mut b = vec![0u8; n];
         self.r.fill(&mut b)?;
-        String::from_utf8(b).map_err(|_| ImageError::Invalid {
-            at,
-            why: "kernel string is not UTF-8".into(),
-        })
+        Ok(b)
     }
 
     /// Finds the mapping that holds `[addr, addr+len)` at or after the
@@ -1600,7 +1611,16 @@ pub(crate) mod tests {
             .windows(7)
             .position(|w| w == b"6.18.44")
             .expect("release in the header");
-        for (i, flip) in [(at + 3, 0x01u8), (at + 1, 0x40), (18, 0x01)] {
+        // Also the version (not "version 253"), the flags, and a byte that
+        // makes the string invalid UTF-8 (not "not UTF-8").
+        for (i, flip) in [
+            (at + 3, 0x01u8),
+            (at + 1, 0x40),
+            (18, 0x01),
+            (8, 0xff),
+            (10, 0x80),
+            (at + 2, 0x80),
+        ] {
             let mut bad = bytes.clone();
             bad[i] ^= flip;
             let e = decode_all(&bad[..]).unwrap_err();

@@ -39,6 +39,8 @@ pub enum Blocker {
     LeaderGone,
     /// The caller itself.
     SelfProcess,
+    /// A kernel thread: no user memory to save.
+    KernelThread,
 }
 
 impl fmt::Display for Blocker {
@@ -64,7 +66,11 @@ impl fmt::Display for Blocker {
                 write!(f, "is in state {state:?} (stopped, zombie or dead)")
             }
             Blocker::LeaderGone => write!(f, "its main thread has exited"),
-            Blocker::SelfProcess => write!(f, "is the calling process itself"),
+            Blocker::SelfProcess => write!(
+                f,
+                "is the process doing the move or save itself (the mkctl agent, or this mkctl)"
+            ),
+            Blocker::KernelThread => write!(f, "is a kernel thread"),
         }
     }
 }
@@ -171,10 +177,24 @@ pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusa
     let inspect = |source| Refusal::Inspect { pid, source };
     let pd = ProcDir::new(root, pid);
     let mut blockers = Vec::new();
+    let only = |b: Blocker| {
+        Err(Refusal::Blocked {
+            pid,
+            blockers: vec![b],
+        })
+    };
+    // These say all there is to say: the rest (its fds, mappings, children)
+    // would only bury it.
     if pid == self_pid {
-        blockers.push(Blocker::SelfProcess);
+        return only(Blocker::SelfProcess);
     }
     let st = pd.status().map_err(inspect)?;
+    // Older kernels print no `Kthread:`; a process without a single mapping
+    // is one too.
+    let maps = pd.maps().map_err(inspect)?;
+    if st.kthread || maps.is_empty() {
+        return only(Blocker::KernelThread);
+    }
     if matches!(st.state, 'T' | 't' | 'Z' | 'X' | 'x') {
         blockers.push(Blocker::State { state: st.state });
     }
@@ -206,7 +226,6 @@ pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusa
             blockers.push(Blocker::OpenFd { fd, target });
         }
     }
-    let maps = pd.maps().map_err(inspect)?;
     mapping_blockers(&maps, &mut blockers);
     let children = pd.children().map_err(inspect)?;
     if !children.is_empty() {
@@ -284,6 +303,26 @@ mod tests {
             [StdioKind::DevNull, StdioKind::Pipe, StdioKind::Tty]
         );
         assert_eq!(p.threads, 1);
+    }
+
+    #[test]
+    fn kernel_threads_and_the_caller_are_refused_in_one_line() {
+        // A kernel thread (Kthread: 1, or no mappings on older kernels),
+        // with an open fd that would otherwise be listed too.
+        for (maps, extra) in [(OK_MAPS, "Kthread:\t1\n"), ("", "")] {
+            let d = tree(&[("5", "/etc/passwd")], maps, extra);
+            let e = check_at(d.path(), 7, 1).unwrap_err().to_string();
+            assert_eq!(e, "process 7 cannot be moved or saved: is a kernel thread");
+        }
+        let d = tree(&[("5", "/etc/passwd")], OK_MAPS, "");
+        let e = check_at(d.path(), 7, 7).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "is the process doing the move or save itself (the mkctl agent, or this mkctl)"
+            ),
+            "{e}"
+        );
+        assert!(!e.contains("/etc/passwd"), "{e}");
     }
 
     #[test]

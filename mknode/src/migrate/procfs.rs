@@ -121,6 +121,8 @@ pub(crate) struct Status {
     pub(crate) sig_cgt: u64,
     pub(crate) sig_ign: u64,
     pub(crate) threads: u32,
+    /// `Kthread: 1` (kernels that print it).
+    pub(crate) kthread: bool,
 }
 
 pub(crate) fn parse_status(text: &str) -> io::Result<Status> {
@@ -140,6 +142,7 @@ pub(crate) fn parse_status(text: &str) -> io::Result<Status> {
             "SigCgt" => s.sig_cgt = hex()?,
             "SigIgn" => s.sig_ign = hex()?,
             "x86_Thread_features" => s.shadow_stack = v.split_whitespace().any(|f| f == "shstk"),
+            "Kthread" => s.kthread = v == "1",
             _ => {}
         }
     }
