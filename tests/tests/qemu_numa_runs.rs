@@ -65,6 +65,13 @@ fn demo_topology_end_to_end() {
         boot.stderr
     );
     assert!(boot.text().contains("alpha, beta ready"), "{}", boot.text());
+    // Booting it again changes nothing and is not an error.
+    let again = m.run(&["boot", &demo()]).ok();
+    assert!(
+        again.text().contains("alpha, beta already ready"),
+        "{}",
+        again.text()
+    );
 
     // What each guest sees matches the topology: the stock kernel, its
     // CPUs, one NUMA node (each instance sits on one node), its memory.

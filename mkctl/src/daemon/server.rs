@@ -304,9 +304,17 @@ impl Daemon {
                 };
                 match self.check_names(&names) {
                     Ok(()) => {
+                        // What each was before: only running ones are "stopped".
+                        let before: Vec<(String, Option<State>)> = {
+                            let inner = self.lock();
+                            names
+                                .iter()
+                                .map(|n| (n.clone(), inner.instances.get(n).map(|i| i.state)))
+                                .collect()
+                        };
                         self.stop_instances(&names, Duration::from_millis(timeout_ms), &progress);
                         Ok(Reply::Ok {
-                            message: format!("stopped {}", names.join(", ")),
+                            message: stop_summary(&before),
                         })
                     }
                     Err(e) => Err(e),
@@ -393,9 +401,12 @@ impl Daemon {
         if inst.state != State::Ready {
             return Err((
                 format!(
-                    "instance \"{}\" is {}{}",
+                    "instance \"{}\" {}{}",
                     inst.name,
-                    inst.state.as_str(),
+                    match inst.state {
+                        State::Failed => "has failed".to_string(),
+                        s => format!("is {}", s.as_str()),
+                    },
                     inst.reason
                         .as_deref()
                         .map(|r| format!(": {r}"))
@@ -463,6 +474,7 @@ impl Daemon {
                 1,
             ));
         }
+        let already: Vec<String>;
         {
             let inner = self.lock();
             if let Some(c) = &inner.config {
@@ -480,16 +492,38 @@ impl Daemon {
                     ));
                 }
             }
-            for i in &selected {
-                if let Some(old) = inner.instances.get(&i.name) {
-                    if matches!(old.state, State::Booting | State::Ready | State::Stopping) {
-                        return Err((
-                            format!("instance \"{}\" is already {}", i.name, old.state.as_str()),
-                            1,
-                        ));
+            // Booting or stopping: say which and wait. Already ready: left
+            // as it is (booting a running topology again is not an error).
+            let state_of = |i: &Instance| inner.instances.get(&i.name).map(|o| o.state);
+            let busy: Vec<String> = selected
+                .iter()
+                .filter_map(|i| match state_of(i) {
+                    Some(s @ (State::Booting | State::Stopping)) => {
+                        Some(format!("{} is {}", i.name, s.as_str()))
                     }
-                }
+                    _ => None,
+                })
+                .collect();
+            if !busy.is_empty() {
+                return Err((
+                    format!("{}; wait for it, or stop it first", busy.join(", ")),
+                    1,
+                ));
             }
+            already = selected
+                .iter()
+                .filter(|i| state_of(i) == Some(State::Ready))
+                .map(|i| i.name.clone())
+                .collect();
+        }
+        let selected: Vec<Instance> = selected
+            .into_iter()
+            .filter(|i| !already.contains(&i.name))
+            .collect();
+        if selected.is_empty() {
+            return Ok(Reply::Ok {
+                message: format!("{} already ready", already.join(", ")),
+            });
         }
         let kernel_auto = paths::auto_kernel();
         let guest_init = paths::guest_init();
@@ -1375,6 +1409,25 @@ fn relay_answers(
     }
 }
 
+/// What `mkctl stop` did: the instances it stopped, and those that were not
+/// running (already stopped, or failed) named as such.
+fn stop_summary(before: &[(String, Option<State>)]) -> String {
+    let (mut stopped, mut others) = (Vec::new(), Vec::new());
+    for (name, state) in before {
+        match state {
+            Some(State::Failed) => others.push(format!("{name} had failed")),
+            Some(State::Stopped) | None => others.push(format!("{name} was not running")),
+            Some(_) => stopped.push(name.as_str()),
+        }
+    }
+    let mut parts = Vec::new();
+    if !stopped.is_empty() {
+        parts.push(format!("stopped {}", stopped.join(", ")));
+    }
+    parts.extend(others);
+    parts.join("; ")
+}
+
 /// Guest NUMA nodes for an instance: one per machine node its CPUs sit
 /// on, each with the vCPUs of those CPUs and a share of the memory in
 /// proportion (whole MiB); none when all CPUs sit on one node.
@@ -1549,4 +1602,35 @@ pub fn console_tail(log: &Path, n: usize) -> String {
         .collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_names_only_running_instances_as_stopped() {
+        let s = |v: &[(&str, Option<State>)]| {
+            stop_summary(
+                &v.iter()
+                    .map(|(n, st)| (n.to_string(), *st))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            s(&[("alpha", Some(State::Failed)), ("beta", Some(State::Ready))]),
+            "stopped beta; alpha had failed"
+        );
+        assert_eq!(
+            s(&[
+                ("alpha", Some(State::Ready)),
+                ("beta", Some(State::Booting))
+            ]),
+            "stopped alpha, beta"
+        );
+        assert_eq!(
+            s(&[("gamma", Some(State::Stopped))]),
+            "gamma was not running"
+        );
+    }
 }
