@@ -325,15 +325,24 @@ impl Agent {
             }
             match got {
                 Ok(false) => continue,
-                Err(LinkError::PeerDown { why, detached }) => {
+                Err(LinkError::PeerDown {
+                    detached, quiet, ..
+                }) => {
                     // Silent past the ring's dead threshold, then another
                     // PEER_LOST_AFTER: a guest starved of CPU for a while
                     // under TCG is not lost.
                     let since = *down.get_or_insert_with(Instant::now);
                     if !failed && (detached || since.elapsed() >= PEER_LOST_AFTER) {
                         let who = self.peer(peer);
-                        eprintln!("mknode: {who} is down: {why}");
-                        self.fail_peer(peer, &format!("{who} is down ({why})"));
+                        let why = match quiet {
+                            Some(q) if !detached => format!(
+                                "{who} stopped answering (no heartbeat for {:.1} s)",
+                                q.as_secs_f64()
+                            ),
+                            _ => format!("{who} stopped (it left the shared window)"),
+                        };
+                        eprintln!("mknode: {why}");
+                        self.fail_peer(peer, &why);
                         failed = true;
                     }
                 }

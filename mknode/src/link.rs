@@ -23,6 +23,8 @@ pub enum LinkError {
         why: String,
         /// Detached on purpose (not just silent).
         detached: bool,
+        /// How long it has been silent, when it did not detach.
+        quiet: Option<Duration>,
     },
     #[error("the link is broken: {0}")]
     Broken(String),
@@ -193,6 +195,7 @@ mod tests {
         match a.recv(&mut buf, Duration::from_millis(30)) {
             Err(LinkError::PeerDown {
                 detached: true,
+                quiet: None,
                 why,
             }) => {
                 assert!(why.contains("detached"), "{why}")
@@ -273,6 +276,10 @@ impl Link for RingLink {
                 std::thread::sleep(timeout.saturating_sub(t0.elapsed()));
                 Err(LinkError::PeerDown {
                     detached: matches!(e, E::PeerGone { .. }),
+                    quiet: match e {
+                        E::PeerDead { quiet, .. } => Some(quiet),
+                        _ => None,
+                    },
                     why: e.to_string(),
                 })
             }
