@@ -68,6 +68,17 @@ fn no_gap(seqs: &[u64]) {
     }
 }
 
+/// Asks agent `at`, through the client (agent 0), to move `pid` to `to`.
+fn move_out(
+    n: &Net,
+    (at, pid): (u16, u32),
+    to: u16,
+    lazy: bool,
+    t: Duration,
+) -> Result<Msg, mknode::agent::AgentError> {
+    n.agents[0].call(at, t, |req| Msg::MigrateOut { req, pid, to, lazy })
+}
+
 /// Moves `pid` from agent `at` to the other one (1 <-> 2) and checks the
 /// move: the original gone and reaped, the copy printing on, its memory
 /// checksum `before`. Returns the new pid.
@@ -80,13 +91,7 @@ fn hop_and_check(
     hop: usize,
 ) -> u32 {
     let to = 3 - at;
-    let r = n.agents[0]
-        .call(at, Duration::from_secs(120), |req| Msg::MigrateOut {
-            req,
-            pid,
-            to,
-            lazy,
-        })
+    let r = move_out(n, (at, pid), to, lazy, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("hop {hop}: {e}"));
     let Msg::MigrateReport {
         new_pid,
@@ -107,12 +112,7 @@ fn hop_and_check(
     // output goes on.
     assert!(reaped(pid), "hop {hop}: the original {pid} was not reaped");
     // Moving the old pid again, at once, is refused in words.
-    let again = n.agents[0].call(at, Duration::from_secs(30), |req| Msg::MigrateOut {
-        req,
-        pid,
-        to,
-        lazy,
-    });
+    let again = move_out(n, (at, pid), to, lazy, Duration::from_secs(30));
     let Err(e) = again else {
         panic!("hop {hop}: a second move of {pid}: {again:?}")
     };
@@ -188,12 +188,7 @@ fn destination_gone_mid_transfer_leaves_the_original_running() {
         }
         drop(ep);
     });
-    let r = n.agents[0].call(1, Duration::from_secs(120), |req| Msg::MigrateOut {
-        req,
-        pid,
-        to: 2,
-        lazy: false,
-    });
+    let r = move_out(&n, (1, pid), 2, false, Duration::from_secs(120));
     killer.join().unwrap();
     let err = r.expect_err("the move must fail").to_string();
     assert!(err.contains("the original runs on"), "{err}");
@@ -224,14 +219,7 @@ fn destination_gone_mid_transfer_leaves_the_original_running() {
 fn a_process_lost_with_its_kernel_ends_its_exec() {
     let n = net();
     let (pid, mut out) = start(&n, 1, "4M");
-    let r = n.agents[0]
-        .call(1, Duration::from_secs(60), |req| Msg::MigrateOut {
-            req,
-            pid,
-            to: 2,
-            lazy: false,
-        })
-        .expect("move to 2");
+    let r = move_out(&n, (1, pid), 2, false, Duration::from_secs(60)).expect("move to 2");
     let Msg::MigrateReport { new_pid, .. } = r else {
         panic!("{r:?}")
     };
@@ -303,13 +291,7 @@ fn destination_on_another_kernel_is_refused_before_the_freeze() {
     });
     let (pid, mut out) = start(&n, 1, "1M");
     let t = Instant::now();
-    let err = n.agents[0]
-        .call(1, Duration::from_secs(60), |req| Msg::MigrateOut {
-            req,
-            pid,
-            to: 2,
-            lazy: true,
-        })
+    let err = move_out(&n, (1, pid), 2, true, Duration::from_secs(60))
         .expect_err("must be refused")
         .to_string();
     assert!(
