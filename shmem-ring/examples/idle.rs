@@ -1,14 +1,33 @@
 //! What an idle blocking receive costs: a receiver waits on an empty ring in
 //! a loop of `recv` calls with a 100 ms timeout (as mknode's agents do) for
-//! 3 s, and this prints the CPU time it used, its voluntary context
-//! switches (one per sleep) and the delay of one message sent after the
-//! idle period.
+//! 5 s, and this prints the CPU time it used and its voluntary context
+//! switches (one per sleep) over the first second and over the rest, and
+//! the delay of one message sent after the idle period.
 //! `cargo run -p shmem-ring --release --example idle`
 
 use std::time::{Duration, Instant};
 
-use nix::sys::resource::{getrusage, UsageWho};
+use nix::sys::resource::{getrusage, Usage, UsageWho};
 use shmem_ring::{Error, Layout, Window};
+
+fn usage() -> Usage {
+    getrusage(UsageWho::RUSAGE_THREAD).expect("getrusage")
+}
+
+/// CPU share and wake-ups per second between two samples `secs` apart.
+fn span(a: &Usage, b: &Usage, secs: f64) -> String {
+    let cpu = |u: &Usage| {
+        let t = |v: nix::sys::time::TimeVal| {
+            Duration::from_secs(v.tv_sec() as u64) + Duration::from_micros(v.tv_usec() as u64)
+        };
+        t(u.user_time()) + t(u.system_time())
+    };
+    format!(
+        "{:.2}% of a core, {:.0} wake-ups/s",
+        (cpu(b) - cpu(a)).as_secs_f64() / secs * 100.0,
+        (b.voluntary_context_switches() - a.voluntary_context_switches()) as f64 / secs
+    )
+}
 
 fn main() -> Result<(), Error> {
     let w = Window::anonymous(Layout::with_capacity(2, 64 << 10)?)?;
@@ -16,7 +35,7 @@ fn main() -> Result<(), Error> {
     let beat = a.heartbeat_handle();
     let (mut tx, _) = a.channel(1)?;
     let (_, mut rx) = b.channel(0)?;
-    let idle = Duration::from_secs(3);
+    let idle = Duration::from_secs(5);
     let sender = std::thread::spawn(move || {
         // Keep endpoint 0 alive while the receiver idles, then send once.
         let start = Instant::now();
@@ -27,30 +46,32 @@ fn main() -> Result<(), Error> {
         let sent = Instant::now();
         tx.try_send(b"wake up").map(|()| sent)
     });
-    let before = getrusage(UsageWho::RUSAGE_THREAD).expect("getrusage");
+    let start = Instant::now();
+    let first = usage();
+    let mut mid = None;
     let mut buf = Vec::new();
     let got = loop {
         match rx.recv(&mut buf, Duration::from_millis(100)) {
             Ok(_) => break Instant::now(),
-            Err(Error::Timeout { .. }) => continue,
+            Err(Error::Timeout { .. }) => {
+                if mid.is_none() && start.elapsed() >= Duration::from_secs(1) {
+                    mid = Some((start.elapsed(), usage()));
+                }
+            }
             Err(e) => return Err(e),
         }
     };
-    let after = getrusage(UsageWho::RUSAGE_THREAD).expect("getrusage");
+    let last = usage();
     let sent = sender.join().expect("sender thread")?;
-    let cpu = |u: &nix::sys::resource::Usage| {
-        let us = |t: nix::sys::time::TimeVal| {
-            Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
-        };
-        us(u.user_time()) + us(u.system_time())
-    };
-    let used = cpu(&after) - cpu(&before);
+    let (mid_at, mid) = mid.expect("a second passed");
+    let rest = got.duration_since(start) - mid_at;
     println!(
-        "idle {:.1} s: cpu {:.1} ms ({:.2}% of a core), {} sleeps; a message after it arrived {:.2} ms late",
+        "first {:.1} s idle: {}; next {:.1} s: {}; a message after {:.0} s idle arrived {:.2} ms late",
+        mid_at.as_secs_f64(),
+        span(&first, &mid, mid_at.as_secs_f64()),
+        rest.as_secs_f64(),
+        span(&mid, &last, rest.as_secs_f64()),
         idle.as_secs_f64(),
-        used.as_secs_f64() * 1e3,
-        used.as_secs_f64() / idle.as_secs_f64() * 100.0,
-        after.voluntary_context_switches() - before.voluntary_context_switches(),
         got.duration_since(sent).as_secs_f64() * 1e3
     );
     Ok(())

@@ -14,10 +14,14 @@ pub const YIELD_FOR: Duration = Duration::from_micros(100);
 pub const FIRST_SLEEP: Duration = Duration::from_micros(10);
 /// Longest sleep between two polls in the first ~10 ms of a wait.
 pub const MAX_SLEEP: Duration = Duration::from_millis(1);
-/// Longest sleep between two polls of a receiver idle for long: sleeps grow
-/// to a tenth of the time it has been idle (so a message is seen at most
-/// ~10% of the idle time late), up to this.
+/// Longest sleep between two polls of a receiver idle for long (at least
+/// [`IDLE_AFTER`]): sleeps grow to a tenth of the time it has been idle (so
+/// a message is seen at most ~10% of the idle time late), up to this.
 pub const IDLE_SLEEP: Duration = Duration::from_millis(10);
+/// How long a receiver must have waited in vain before its sleeps grow past
+/// [`MAX_SLEEP`]: a peer in the middle of an exchange (an image that takes a
+/// few hundred ms to stream) is still answered within 1 ms.
+pub const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// How many spin rounds between two clock reads.
 const SPINS_PER_CHECK: u32 = 64;
@@ -58,8 +62,11 @@ impl Waiter {
     /// and yield phases, it sleeps at once, as long as the whole idle time
     /// allows (see [`IDLE_SLEEP`]).
     pub(crate) fn after_idle(idle: Duration) -> Waiter {
-        if idle < SPIN_FOR + YIELD_FOR {
-            return Waiter::new();
+        if idle < IDLE_AFTER {
+            return Waiter {
+                idle,
+                ..Waiter::new()
+            };
         }
         Waiter {
             start: Some(Instant::now()),
@@ -112,9 +119,12 @@ impl Waiter {
     }
 }
 
-/// The longest sleep after `idle` of waiting: [`MAX_SLEEP`], or a tenth of
-/// the idle time, up to [`IDLE_SLEEP`].
+/// The longest sleep after `idle` of waiting: [`MAX_SLEEP`], or past
+/// [`IDLE_AFTER`] a tenth of the idle time, up to [`IDLE_SLEEP`].
 fn sleep_cap(idle: Duration) -> Duration {
+    if idle < IDLE_AFTER {
+        return MAX_SLEEP;
+    }
     (idle / 10).clamp(MAX_SLEEP, IDLE_SLEEP)
 }
 
@@ -132,27 +142,24 @@ mod tests {
             polls += 1;
         }
         assert_eq!(w.phase, Phase::Sleep);
-        // 30 ms in: a tenth of it.
-        assert!(
-            w.sleep >= MAX_SLEEP && w.sleep <= Duration::from_millis(4),
-            "{:?}",
-            w.sleep
-        );
+        // 30 ms in: not idle for long yet.
+        assert_eq!(w.sleep, MAX_SLEEP);
         // Spinning polls often; sleeping keeps the rest of 30 ms to a few dozen.
         assert!(polls > 100, "{polls} polls");
     }
 
     #[test]
     fn a_long_idle_receiver_sleeps_at_once_and_longer() {
-        let w = Waiter::after_idle(Duration::from_millis(50));
+        let w = Waiter::after_idle(Duration::from_millis(1500));
         assert_eq!(w.phase, Phase::Sleep);
-        assert_eq!(w.sleep, Duration::from_millis(5));
+        assert_eq!(w.sleep, Duration::from_millis(10).min(IDLE_SLEEP));
         let w = Waiter::after_idle(Duration::from_secs(60));
         assert_eq!(w.sleep, IDLE_SLEEP);
-        // Not idle yet: the usual spin first.
+        // Not idle for long yet: the usual spin first, sleeps up to 1 ms.
         assert_eq!(
-            Waiter::after_idle(Duration::from_micros(20)).phase,
+            Waiter::after_idle(Duration::from_millis(300)).phase,
             Phase::Spin
         );
+        assert_eq!(sleep_cap(Duration::from_millis(900)), MAX_SLEEP);
     }
 }
