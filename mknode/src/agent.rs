@@ -781,19 +781,13 @@ impl Agent {
     }
 
     /// Reaps the orphans re-parented to PID 1 (call it from the main
-    /// thread on SIGCHLD). `__WNOTHREAD` limits it to the calling thread's
-    /// own children: commands and restored processes are children of agent
-    /// threads, waited for by pid there, and ptrace stops of a migration in
-    /// progress are never taken from its thread. Returns how many.
+    /// thread on SIGCHLD). Only the calling thread's own children, one by
+    /// one: commands and restored processes are children of agent threads,
+    /// waited for by pid there, and an orphan being moved or saved is
+    /// skipped (see `migrate::reap_orphans`: a wait here would take the
+    /// ptrace stop its capture waits for). Returns how many.
     pub fn reap(&self) -> usize {
-        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-        let mut n = 0;
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return n,
-                Ok(_) => n += 1,
-            }
-        }
+        crate::migrate::reap_orphans()
     }
 
     /// Registers `pid` as what request `(peer, req)` runs, so that its

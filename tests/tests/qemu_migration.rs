@@ -394,4 +394,68 @@ fn checkpoint_on_alpha_restores_on_beta_and_goes_with_its_mkctl() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // A process started in the background is an orphan, a child of the
+    // guest's PID 1, where the agent runs. Saving and moving it must not
+    // hang with it frozen (PID 1's reaper once took the ptrace stops the
+    // capture waited for), and the original must be reaped after the move.
+    m.run(&[
+        "exec",
+        "beta",
+        "--",
+        "sh",
+        "-c",
+        "mkcounter --mem 1M --interval-ms 100 >/dev/null 2>&1 &",
+    ])
+    .ok();
+    let bg = pid_on(&m, "beta");
+    let img2 = m.run_dir().join("bg.img").display().to_string();
+    // Each within a minute (the hang lasted until the client gave up).
+    let bounded = |args: &[&str]| {
+        let mut c = m.command().args(args).spawn().unwrap();
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(st.success(), "mkctl {args:?}: {st:?}");
+                return;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = c.kill();
+                panic!("mkctl {args:?} hung");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    bounded(&["checkpoint", &bg.to_string(), "--on", "beta", "-o", &img2]);
+    bounded(&[
+        "migrate",
+        &bg.to_string(),
+        "--from",
+        "beta",
+        "--to",
+        "alpha",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = m
+            .run(&[
+                "exec",
+                "beta",
+                "--",
+                "sh",
+                "-c",
+                &format!("cat /proc/{bg}/stat 2>/dev/null || true"),
+            ])
+            .ok()
+            .text();
+        if left.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the original {bg} was not reaped on beta: {left}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(pid_on(&m, "alpha") > 0);
 }

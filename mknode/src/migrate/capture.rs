@@ -87,6 +87,85 @@ impl Default for ImageOptions {
     }
 }
 
+/// Processes this process has under ptrace (by pid). When the tracer is in
+/// the same thread group as a process's real parent (the agent in a guest's
+/// PID 1, whose orphans are its children), the kernel reports the process's
+/// ptrace stops to a wait of that parent too ("pretend the caller is
+/// ptrace_do_wait", kernel/exit.c): a reaper's wait would take the stop the
+/// capture thread waits for, and the capture would hang with the process
+/// frozen. [`reap_orphans`] never waits on these.
+static TRACED: std::sync::Mutex<BTreeSet<i32>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// `pid` stays in [`TRACED`] while this lives.
+#[derive(Debug)]
+struct Traced(i32);
+
+impl Traced {
+    fn new(pid: i32) -> Traced {
+        TRACED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(pid);
+        Traced(pid)
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        TRACED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.0);
+        // A reaper that skipped the process while it was traced (it may have
+        // exited meanwhile: killed after a move) gets another chance. Where
+        // nobody handles SIGCHLD, its default action is to be ignored.
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGCHLD);
+    }
+}
+
+/// Reaps the calling thread's exited children that are not under our
+/// ptrace (see [`TRACED`]); returns how many. For PID 1's main thread on
+/// SIGCHLD: its children are the orphans of the whole kernel.
+pub fn reap_orphans() -> usize {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let flags = Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD);
+    // Held for the whole pass: no capture seizes a child between the check
+    // and the wait.
+    let traced = TRACED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let tid = nix::unistd::gettid();
+    let listed = std::fs::read_to_string(format!("/proc/self/task/{tid}/children"));
+    let mut n = 0;
+    match listed {
+        Ok(list) => {
+            for child in list
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                if traced.contains(&child) {
+                    continue;
+                }
+                if let Ok(st) = waitpid(Pid::from_raw(child), flags) {
+                    if st != WaitStatus::StillAlive {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        // No per-thread children list (CONFIG_PROC_CHILDREN): wait for any
+        // child only while nothing is under capture.
+        Err(_) if traced.is_empty() => loop {
+            match waitpid(None, flags) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => n += 1,
+            }
+        },
+        Err(_) => {}
+    }
+    n
+}
+
 /// A process with every thread stopped under our ptrace. Dropping it resumes
 /// the process exactly where it was. Not `Send`: ptrace requests are only
 /// accepted from the thread that attached.
@@ -102,6 +181,9 @@ pub struct Frozen {
     frozen: Arc<AtomicBool>,
     /// When the first thread was seized: the process's downtime starts here.
     frozen_at: std::time::Instant,
+    /// Registered before the first seize; dropped after `Drop` released the
+    /// process (fields drop after `drop` runs).
+    _traced: Traced,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -120,6 +202,7 @@ pub fn freeze(pid: i32) -> Result<Frozen, CaptureError> {
         live: true,
         frozen: Arc::new(AtomicBool::new(true)),
         frozen_at: std::time::Instant::now(),
+        _traced: Traced::new(pid),
         _not_send: PhantomData,
     };
     // Residency and THP flags are hints (restore speed only): read them

@@ -33,7 +33,7 @@ mod restore;
 mod sys;
 mod uffd;
 
-pub use capture::{freeze, CaptureError, Frozen, ImageOptions};
+pub use capture::{freeze, reap_orphans, CaptureError, Frozen, ImageOptions};
 pub use image::{ImageError, ImageMeta, ImageStats};
 pub use lazy::{
     channel_link, LazyLink, LazyOptions, OriginLoops, PageRun, PageServer, PageSource, Progress,
