@@ -115,6 +115,29 @@ fn toml_syntax_error_points_at_the_place() {
     assert_eq!(line, line_of(&text, "name = \"a", 0));
 }
 
+/// A required key spelt wrong is one finding (the unknown key, with the
+/// guess), not also "has no `memory`".
+#[test]
+fn a_misspelt_required_key_is_reported_once() {
+    let text = with("[[instance]]\nname = \"a\"\nid = 1\ncpus = \"1\"\nmemroy = \"1G\"\n");
+    let (_, ds) = diags(&text);
+    let codes: Vec<&str> = ds.iter().map(|d| d.code).collect();
+    assert_eq!(codes, ["unknown-key"], "{ds:?}");
+    assert!(ds[0]
+        .help
+        .as_deref()
+        .unwrap_or("")
+        .contains("did you mean `memory`"));
+    // Without a near miss, the missing key is still reported.
+    let text = with("[[instance]]\nname = \"a\"\nid = 1\ncpus = \"1\"\n");
+    let (_, ds) = diags(&text);
+    assert!(
+        ds.iter()
+            .any(|d| d.code == "missing-key" && d.message.contains("`memory`")),
+        "{ds:?}"
+    );
+}
+
 #[test]
 fn unknown_keys_are_all_reported_with_a_guess() {
     let text = with(

@@ -101,7 +101,7 @@ pub(super) fn boot(sysroot: &Path, t: &Topology, only: &[String], dry_run: bool)
                 EXIT_OK
             }
             Err(e) => {
-                eprintln!("{}", e.render());
+                eprint!("{}", e.render());
                 EXIT_FAIL
             }
         });
@@ -120,7 +120,7 @@ pub(super) fn boot(sysroot: &Path, t: &Topology, only: &[String], dry_run: bool)
             Ok(EXIT_OK)
         }
         Err(e) => {
-            eprintln!("{}", e.render());
+            eprint!("{}", e.render());
             Ok(EXIT_FAIL)
         }
     }
@@ -150,7 +150,7 @@ pub(super) fn stop(sysroot: &Path, names: &[String], dry_run: bool) -> Res {
             Ok(EXIT_OK)
         }
         Err(e) => {
-            eprintln!("{}", e.render());
+            eprint!("{}", e.render());
             Ok(EXIT_FAIL)
         }
     }
@@ -178,7 +178,7 @@ pub(super) fn release(sysroot: &Path, unmount: bool, dry_run: bool) -> Res {
             Ok(EXIT_OK)
         }
         Err(e) => {
-            eprintln!("{}", e.render());
+            eprint!("{}", e.render());
             Ok(EXIT_FAIL)
         }
     }

@@ -152,10 +152,12 @@ pub enum Command {
     /// Round trips between two kernels over the shared window, measured by
     /// the first one's agent (either may be "host").
     Ping {
+        /// The kernel that measures: an instance name or id, or `host`.
         from: String,
+        /// The kernel that answers: an instance name or id, or `host`.
         to: String,
-        /// Number of round trips.
-        #[arg(short, long, default_value_t = 1000)]
+        /// Number of round trips (1 or more).
+        #[arg(short, long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         count: u32,
         /// Print JSON for tools.
         #[arg(long)]
@@ -164,10 +166,12 @@ pub enum Command {
     /// Send checksummed messages from one kernel to another and report how
     /// many arrived intact and in order (either may be "host").
     Traffic {
+        /// The sending kernel: an instance name or id, or `host`.
         from: String,
+        /// The receiving kernel: an instance name or id, or `host`.
         to: String,
-        /// Number of messages.
-        #[arg(short, long, default_value_t = 10000)]
+        /// Number of messages (1 or more).
+        #[arg(short, long, default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..))]
         count: u32,
         /// Payload bytes per message.
         #[arg(short, long, default_value_t = 256)]
@@ -253,7 +257,7 @@ pub enum Command {
     /// Attach to an instance's serial console (Ctrl-] detaches), or print
     /// its log with --tail.
     Console {
-        /// Instance name.
+        /// Instance name or id.
         instance: String,
         /// Print the last N lines of the console log and exit.
         #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "40")]
@@ -412,7 +416,9 @@ fn dispatch(cli: Cli) -> Res {
         Command::Pool {
             action: PoolAction::Release { unmount, dry_run },
         } => kexec::release(&cli.sysroot, unmount, dry_run),
-        Command::Console { instance, tail } => live::console(&cli.sysroot, &instance, tail),
+        Command::Console { instance, tail } => {
+            live::console(&cli.sysroot, &live::named(&instance), tail)
+        }
         Command::Daemon { action } => live::daemon(action),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "mkctl", &mut std::io::stdout());
@@ -449,10 +455,7 @@ fn load(sysroot: &Path, file: &Path) -> Result<Topology, i32> {
     topology::load(file, move || discover_machine(&sysroot)).map_err(|e| {
         eprint!("{}", e.render());
         match e {
-            LoadError::Read { .. } => {
-                eprintln!();
-                EXIT_USAGE
-            }
+            LoadError::Read { .. } => EXIT_USAGE,
             LoadError::Invalid { .. } => EXIT_FAIL,
         }
     })

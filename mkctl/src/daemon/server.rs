@@ -238,6 +238,8 @@ impl Daemon {
         let req = match control::read_frame(&mut reader, Side::Daemon) {
             Ok(Frame::Request(r)) => r,
             Ok(_) => return,
+            // A client that only checked the daemon is there.
+            Err(control::FrameError::Closed) => return,
             Err(e) => {
                 eprintln!("mkctl daemon: bad request: {}", crate::error_chain(&e));
                 return;

@@ -38,7 +38,7 @@ impl LoadError {
     /// Every finding rendered for a terminal, errors first, with a summary.
     pub fn render(&self) -> String {
         match self {
-            LoadError::Read { .. } => crate::error_chain(self),
+            LoadError::Read { .. } => format!("mkctl: {}\n", crate::error_chain(self)),
             LoadError::Invalid { file, diagnostics } => render_all(file, diagnostics),
         }
     }

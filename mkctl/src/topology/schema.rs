@@ -384,6 +384,15 @@ impl<'t, 'd, 'i> Reader<'t, 'd, 'i> {
         self.known.pop();
         if !present {
             self.known.push(key);
+            // A misspelling of it is reported once, as an unknown key that
+            // suggests this one (see `finish`).
+            let misspelt = self
+                .table
+                .iter()
+                .any(|(k, _)| did_you_mean(k.get_ref().as_ref(), &[key]).is_some());
+            if misspelt {
+                return None;
+            }
             let d = Diagnostic::error("missing-key", format!("{} has no `{key}`", self.section))
                 .at(self.span.clone())
                 .help(format!("add {example}"));
