@@ -79,24 +79,39 @@ fn run(target: Target) {
             started.elapsed() < Duration::from_secs(20),
             "no corruption detected after {seq01} messages on the scribbled ring"
         );
-        common::make_message(seq01, common::message_len(seq01, 48), &mut msg);
-        match tx01.try_send(&msg) {
-            Ok(()) => seq01 += 1,
-            Err(Error::Full { .. }) => {}
-            // The sender may find the read position scribbled first.
-            Err(Error::Broken { .. }) => {}
-            Err(e) => panic!("sender of the scribbled ring: {e}"),
+        // A burst, then drain it: most of the ring holds frames not yet
+        // read, so a scribble soon lands on a header the receiver will
+        // check (one frame at a time left it live for a few ns only, and
+        // how soon a scribble hit it was down to luck).
+        for _ in 0..32 {
+            common::make_message(seq01, common::message_len(seq01, 48), &mut msg);
+            match tx01.try_send(&msg) {
+                Ok(()) => seq01 += 1,
+                Err(Error::Full { .. }) => break,
+                // The sender may find the read position scribbled first.
+                Err(Error::Broken { .. }) => break,
+                Err(e) => panic!("sender of the scribbled ring: {e}"),
+            }
         }
-        match rx01.try_recv(&mut buf) {
-            // Payload bytes are not the transport's to check: count them.
-            Ok(_) => garbled += u64::from(common::check_message(&buf).is_err()),
-            Err(Error::Empty { .. }) => {}
-            Err(Error::Broken {
-                from: 0,
-                to: 1,
-                cause,
-            }) => break cause,
-            Err(e) => panic!("receiver of the scribbled ring: {e}"),
+        let mut cause = None;
+        loop {
+            match rx01.try_recv(&mut buf) {
+                // Payload bytes are not the transport's to check: count them.
+                Ok(_) => garbled += u64::from(common::check_message(&buf).is_err()),
+                Err(Error::Empty { .. }) => break,
+                Err(Error::Broken {
+                    from: 0,
+                    to: 1,
+                    cause: c,
+                }) => {
+                    cause = Some(c);
+                    break;
+                }
+                Err(e) => panic!("receiver of the scribbled ring: {e}"),
+            }
+        }
+        if let Some(c) = cause {
+            break c;
         }
 
         // The other channel of the same window is untouched.
