@@ -668,7 +668,7 @@ impl Agent {
                 } else {
                     126
                 };
-                let text = format!("cannot run {prog}: {}\n", plain_os_error(&e));
+                let text = format!("cannot run {prog}: {}\n", crate::io_error_text(&e));
                 let _ = self.send(
                     peer,
                     &Msg::Data {
@@ -827,15 +827,6 @@ impl Agent {
             Some(rx) => rx.recv().unwrap_or(Ok(local)),
             None => Ok(local),
         }
-    }
-}
-
-/// An OS error's text without the ` (os error N)` Rust appends.
-fn plain_os_error(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
     }
 }
 

@@ -11,6 +11,16 @@ pub mod migrate;
 pub mod mover;
 pub mod wire;
 
+/// An I/O error's text without the ` (os error N)` Rust appends, for
+/// messages a user reads.
+pub fn io_error_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
 /// An error and its causes joined with ": " (each message says only its
 /// own part).
 pub fn error_text(err: &dyn std::error::Error) -> String {

@@ -112,6 +112,21 @@ fn pid_on(m: &Mkctl, on: &str) -> u32 {
         .unwrap_or_else(|| panic!("no mkcounter on {on}: {out:?}"))
 }
 
+/// Runs `script` on `on` until it prints nothing, failing with `why(output)`
+/// after `t`.
+fn until_empty(m: &Mkctl, on: &str, script: &str, t: Duration, why: impl Fn(&str) -> String) {
+    let deadline = Instant::now() + t;
+    let script = format!("{script} || true");
+    loop {
+        let left = m.run(&["exec", on, "--", "sh", "-c", &script]).ok().text();
+        if left.trim().is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{}", why(&left));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn usr1(m: &Mkctl, on: &str, pid: u32) {
     m.run(&["exec", on, "--", "kill", "-USR1", &pid.to_string()])
         .ok();
@@ -379,21 +394,13 @@ fn checkpoint_on_alpha_restores_on_beta_and_goes_with_its_mkctl() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = m
-            .run(&["exec", "beta", "--", "sh", "-c", "pidof mkcounter || true"])
-            .ok()
-            .text();
-        if left.trim().is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "mkcounter {left:?} outlived its mkctl restore"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    until_empty(
+        &m,
+        "beta",
+        "pidof mkcounter",
+        Duration::from_secs(20),
+        |left| format!("mkcounter {left:?} outlived its mkctl restore"),
+    );
 
     // A process started in the background is an orphan, a child of the
     // guest's PID 1, where the agent runs. Saving and moving it must not
@@ -435,27 +442,12 @@ fn checkpoint_on_alpha_restores_on_beta_and_goes_with_its_mkctl() {
         "--to",
         "alpha",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = m
-            .run(&[
-                "exec",
-                "beta",
-                "--",
-                "sh",
-                "-c",
-                &format!("cat /proc/{bg}/stat 2>/dev/null || true"),
-            ])
-            .ok()
-            .text();
-        if left.trim().is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the original {bg} was not reaped on beta: {left}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    until_empty(
+        &m,
+        "beta",
+        &format!("cat /proc/{bg}/stat 2>/dev/null"),
+        Duration::from_secs(10),
+        |left| format!("the original {bg} was not reaped on beta: {left}"),
+    );
     assert!(pid_on(&m, "alpha") > 0);
 }

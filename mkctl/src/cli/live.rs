@@ -875,7 +875,11 @@ fn open_image(file: &Path) -> Result<Box<dyn Read + Send>, Res> {
             Ok(f) => Box::new(f),
             Err(e) => {
                 return Err(Ok(failed(
-                    &format!("cannot open {}: {}", file.display(), plain_error(&e)),
+                    &format!(
+                        "cannot open {}: {}",
+                        file.display(),
+                        mknode::io_error_text(&e)
+                    ),
                     2,
                 )))
             }
@@ -885,7 +889,11 @@ fn open_image(file: &Path) -> Result<Box<dyn Read + Send>, Res> {
     let mut head = Vec::with_capacity(magic.len());
     if let Err(e) = (&mut r).take(magic.len() as u64).read_to_end(&mut head) {
         return Err(Ok(failed(
-            &format!("cannot read {}: {}", image_name(file), plain_error(&e)),
+            &format!(
+                "cannot read {}: {}",
+                image_name(file),
+                mknode::io_error_text(&e)
+            ),
             2,
         )));
     }
@@ -909,15 +917,6 @@ fn open_image(file: &Path) -> Result<Box<dyn Read + Send>, Res> {
         )));
     }
     Ok(Box::new(std::io::Cursor::new(head).chain(r)))
-}
-
-/// An I/O error's text without the ` (os error N)` Rust appends.
-fn plain_error(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
 }
 
 /// Checkpoint of a host process, done here: freeze, write, then let it go
