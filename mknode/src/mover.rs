@@ -101,8 +101,9 @@ impl Table {
                 }
             }
         }
-        // Moves still in progress are forgotten by their own thread.
-        outgoing.retain(|(to, _), o| *to != peer || o.out.is_some() && o.exit.is_some());
+        // A move still in progress finds `Lost` queued on its control
+        // channel and gives up on its own; the entries can go now.
+        outgoing.retain(|(to, _), _| *to != peer);
         drop(outgoing);
         let mut fetches = lock(&self.fetches);
         for ((origin, _, _), tx) in fetches.iter() {
