@@ -359,10 +359,7 @@ impl Sender {
         }
         let r = self.reserve_inner(msg.len(), timeout)?;
         self.producer.fill(&r, msg);
-        self.producer.commit(r);
-        if publish {
-            self.producer.publish();
-        }
+        self.producer.commit_with(r, publish);
         Ok(())
     }
 
@@ -468,8 +465,7 @@ impl SendSlot<'_> {
     /// Commits the message and publishes it (with everything batched before).
     pub fn commit(self) {
         let SendSlot { sender, res, .. } = self;
-        sender.producer.commit(res);
-        sender.producer.publish();
+        sender.producer.commit_with(res, true);
     }
 
     /// Commits the message without publishing it (see [`Sender::flush`]).
