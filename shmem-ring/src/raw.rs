@@ -289,15 +289,12 @@ impl RingArea {
     }
 
     /// Copies `src` to data-area offset `off`; false (nothing written) if it
-    /// would not fit before the end of the data area. Small payloads go with
-    /// [`small_copy`], large ones with [`vector_copy`].
+    /// would not fit before the end of the data area. The copy is [`copy`]'s
+    /// (inline for small payloads).
     #[inline(always)]
     pub(crate) fn copy_in(&self, off: usize, src: &[u8]) -> bool {
         let len = src.len();
-        if off
-            .checked_add(len)
-            .is_none_or(|end| end > self.place.capacity)
-        {
+        if self.lease(off, len).is_none() {
             return false;
         }
         // SAFETY: `off + len <= capacity`: inside the data area, which `new`
@@ -314,10 +311,7 @@ impl RingArea {
     /// appended) if they would not fit before the end of the data area.
     #[inline(always)]
     pub(crate) fn append_to(&self, off: usize, len: usize, dst: &mut Vec<u8>) -> bool {
-        if off
-            .checked_add(len)
-            .is_none_or(|end| end > self.place.capacity)
-        {
+        if self.lease(off, len).is_none() {
             return false;
         }
         dst.reserve(len);
