@@ -830,18 +830,9 @@ impl Agent {
     }
 }
 
-/// True for the answer that ends a request.
+/// True for the answer that ends a request (see the table in `wire.rs`).
 pub fn is_final(m: &Msg) -> bool {
-    matches!(
-        m,
-        Msg::Exited { .. }
-            | Msg::Failed { .. }
-            | Msg::Info { .. }
-            | Msg::PingReport { .. }
-            | Msg::BlobReport { .. }
-            | Msg::Done { .. }
-            | Msg::MigrateReport { .. }
-    )
+    m.is_final()
 }
 
 fn exit_status(s: std::process::ExitStatus) -> ExitStatus {

@@ -6,6 +6,7 @@
 //! DSM page-coherence engine. It does not know how kernels are booted.
 
 pub mod agent;
+pub mod codec;
 pub mod link;
 pub mod migrate;
 pub mod mover;
