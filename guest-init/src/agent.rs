@@ -124,7 +124,7 @@ pub fn run(
     let why = loop {
         match set.wait() {
             Ok(Signal::SIGCHLD) => {
-                agent.reap();
+                mknode::migrate::reap_orphans();
             }
             Ok(Signal::SIGUSR2) => break "power-off requested".to_string(),
             Ok(sig) => break format!("{sig} received"),

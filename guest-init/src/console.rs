@@ -16,6 +16,30 @@ pub fn say(args: std::fmt::Arguments<'_>) {
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
+/// Where the agent's log (the `log` facade `mknode` writes to) goes in a
+/// guest: the console, as `say!` lines tagged `mknode:`.
+#[derive(Debug)]
+pub struct ConsoleLog;
+
+impl log::Log for ConsoleLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            say(format_args!("mknode: {}", r.args()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Sends the `log` facade to the console (once; later calls do nothing).
+pub fn install_log() {
+    if log::set_logger(&ConsoleLog).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+}
+
 /// `say!("...", args)`: a progress line on the console.
 #[macro_export]
 macro_rules! say {

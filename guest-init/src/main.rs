@@ -18,6 +18,7 @@ fn main() {
         std::process::exit(2);
     }
     power::install_panic_hook();
+    console::install_log();
     if let Err(e) = supervise::block_signals() {
         say!("cannot block signals: {e}");
     }

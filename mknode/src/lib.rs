@@ -9,7 +9,6 @@ pub mod agent;
 pub mod codec;
 pub mod link;
 pub mod migrate;
-pub mod mover;
 pub mod wire;
 
 /// An I/O error's text without the ` (os error N)` Rust appends, for

@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender};
-use mknode::agent::{Agent, Hooks};
+use mknode::agent::{Agent, Diag, Hooks, Migration};
 use mknode::wire::{ExecRequest, Msg, Stream};
 
 use super::control::{self, DaemonStatus, Frame, InstanceStatus, Reply, Request, Side};
@@ -121,9 +121,33 @@ extern "C" fn on_signal(_: libc::c_int) {
     SIGNALLED.store(true, Ordering::SeqCst);
 }
 
+/// Where the host agent's log (the `log` facade) goes: the daemon's
+/// stderr, which is its log file in the run directory.
+#[derive(Debug)]
+struct DaemonLog;
+
+impl log::Log for DaemonLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!(
+                "mkctl daemon: {}: {}",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
 /// `mkctl daemon run`: serves until asked to stop (or SIGTERM/SIGINT),
 /// then stops every instance.
 pub fn run(run: RunDir) -> Result<(), DaemonError> {
+    if log::set_logger(&DaemonLog).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     std::fs::create_dir_all(run.path()).map_err(|source| DaemonError::RunDir {
         path: run.path().into(),
         source,
@@ -948,6 +972,7 @@ impl Daemon {
         let count = count.max(1);
         if a == 0 {
             let rtts = agent
+                .facet::<Diag>()
                 .ping(b, count)
                 .map_err(|e| (crate::error_chain(&e), 1))?;
             let mut ns: Vec<u64> = rtts
@@ -997,6 +1022,7 @@ impl Daemon {
         let timeout = Duration::from_secs(60);
         if a == 0 {
             agent
+                .facet::<Diag>()
                 .send_blobs(b, count, size, seed)
                 .map_err(|e| (crate::error_chain(&e), 1))?;
         } else {
@@ -1016,7 +1042,8 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (good, bad, next) = if b == 0 {
-                agent.blob_report(a)
+                let r = agent.facet::<Diag>().blob_report(a);
+                (r.good, r.bad, r.next_seq)
             } else {
                 match agent.call(b, Duration::from_secs(5), |req| Msg::BlobCheck {
                     req,
@@ -1120,7 +1147,10 @@ impl Daemon {
         let report = if a == 0 {
             // The host's agent is the origin: freeze and stream from here
             // (ptrace wants one thread from freeze to kill: this one).
-            let r = agent.move_out(pid, b, lazy, running).map_err(|e| (e, 1))?;
+            let r = agent
+                .facet::<Migration>()
+                .move_out(pid, b, lazy, running)
+                .map_err(|e| (crate::error_chain(&e), 1))?;
             (
                 r.new_pid,
                 r.downtime.as_nanos(),
@@ -1399,7 +1429,7 @@ fn relay_answers(
                 req,
                 message: "no answer from the agent".into(),
             });
-        let last = mknode::agent::is_final(&m);
+        let last = m.is_final();
         let ok = {
             let mut w = client_tx.lock().unwrap_or_else(|e| e.into_inner());
             control::send_wire(&mut *w, &m).is_ok()

@@ -1,0 +1,970 @@
+//! The migration facet: moving a process between kernels over agent links,
+//! the protocol around `migrate`'s capture and restore.
+//!
+//! Origin: freeze the process, stream its image to the destination in
+//! `MigrateChunk`s, wait for `MigrateRunning`; then kill the frozen
+//! original, or — on any failure before that — let it go on untouched.
+//! Destination: restore from the stream with pipes for stdout/stderr, say
+//! `MigrateRunning`, and carry the process's output and exit status back to
+//! the origin, which writes the bytes to the original's own descriptors
+//! (opened through `/proc/<pid>/fd` before it was killed) and reports the
+//! status where the original's would have gone. A process moved several
+//! times forwards through each hop, so its first stream never sees a gap.
+//!
+//! Lazy moves add page fetches (`PageFetch` → `PageData`/`PageRefused`),
+//! background pushes, and `PagesDone`/`PagesIn` to end them.
+//!
+//! Checkpoint and restore through a peer use the same pieces: the image
+//! goes to the requester in `ImageChunk`s, or comes from it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use super::exec::{Exec, ProcessLost};
+use super::{lock, Agent, AgentError, AgentRef, Facet, Peer};
+use crate::migrate::{
+    self, CaptureError, ImageOptions, LazyLink, LazyOptions, PageServer, PageSource, PagerOptions,
+    Pushed, RestoreError, SourceError, StdioPlan,
+};
+use crate::wire::{ExitStatus, Kind, Msg, Stream, MAX_CHUNK};
+
+/// How long the origin waits for the destination to say "running" after
+/// the whole image went out, and how long a destination waits for the next
+/// piece of an image.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the origin of a lazy move waits, once every page went out, for
+/// the destination to say it needs no more.
+const PAGES_IN_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum Piece {
+    Bytes(Vec<u8>),
+    End,
+    Abort,
+}
+
+enum Ctl {
+    Running(u32),
+    Failed(String),
+    /// The destination's kernel went down (see `Table::peer_lost`).
+    Lost(String),
+    /// Lazy mode: the destination needs no more pages.
+    PagesIn,
+}
+
+/// The origin's side of one migration.
+struct Outgoing {
+    ctl: Sender<Ctl>,
+    out: Option<File>,
+    err: Option<File>,
+    /// Once the copy runs: where its end goes.
+    exit: Option<Sender<Result<ExitStatus, ProcessLost>>>,
+}
+
+/// The pages a fetch asked for, or why the origin refused.
+type FetchAnswer = Result<Vec<u8>, String>;
+
+/// See the module doc: the migrations this agent takes part in.
+pub struct Migration {
+    agent: AgentRef,
+    next: AtomicU32,
+    /// Destination: image pieces of `(origin, mig)`, and of restores
+    /// requested as `(peer, req)`.
+    incoming: Mutex<HashMap<(u16, u32), Sender<Piece>>>,
+    restores: Mutex<HashMap<(u16, u32), Sender<Piece>>>,
+    /// Origin: by `(destination, mig)`.
+    outgoing: Mutex<HashMap<(u16, u32), Outgoing>>,
+    /// Origin, lazy mode: what answers page fetches, by `(destination, mig)`.
+    servers: Mutex<HashMap<(u16, u32), PageServer>>,
+    /// Destination, lazy mode: background pushes by `(origin, mig)`, and
+    /// fetches waiting for their answer by `(origin, mig, id)`.
+    pushes: Mutex<HashMap<(u16, u32), Sender<Pushed>>>,
+    fetches: Mutex<HashMap<(u16, u32, u32), Sender<FetchAnswer>>>,
+    next_fetch: AtomicU32,
+}
+
+impl std::fmt::Debug for Migration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Migration")
+    }
+}
+
+/// What a finished move reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoveReport {
+    pub new_pid: u32,
+    /// From freezing the original to the copy running.
+    pub downtime: Duration,
+    pub total: Duration,
+    pub image_bytes: u64,
+}
+
+/// Sends whatever is written as messages of at most `MAX_CHUNK` bytes.
+struct ChunkWriter<'a, F: FnMut(Vec<u8>) -> Msg> {
+    agent: &'a Agent,
+    to: u16,
+    wrap: F,
+    buf: Vec<u8>,
+    sent: u64,
+}
+
+impl<F: FnMut(Vec<u8>) -> Msg> ChunkWriter<'_, F> {
+    fn push(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let bytes = std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_CHUNK));
+        self.sent += bytes.len() as u64;
+        self.agent
+            .send(self.to, &(self.wrap)(bytes))
+            .map_err(io::Error::other)
+    }
+}
+
+impl<F: FnMut(Vec<u8>) -> Msg> Write for ChunkWriter<'_, F> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(MAX_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == MAX_CHUNK {
+            self.push()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.push()
+    }
+}
+
+/// Reads an image from pieces as they arrive.
+struct PieceReader {
+    rx: Receiver<Piece>,
+    buf: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl Read for PieceReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.buf.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv_timeout(PIECE_TIMEOUT) {
+                Ok(Piece::Bytes(b)) => {
+                    self.buf = b;
+                    self.at = 0;
+                }
+                Ok(Piece::End) => self.done = true,
+                Ok(Piece::Abort) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the origin aborted the transfer",
+                    ))
+                }
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no part of the image arrived for {PIECE_TIMEOUT:?}"),
+                    ))
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+fn pipe() -> io::Result<(File, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    Ok((File::from(r), w))
+}
+
+fn dev_null() -> io::Result<OwnedFd> {
+    Ok(File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?
+        .into())
+}
+
+/// Waits for `pid` (a child of this process) and returns how it ended.
+fn wait_pid(pid: u32) -> ExitStatus {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    let p = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(-1));
+    loop {
+        match waitpid(p, None) {
+            Ok(WaitStatus::Exited(_, c)) => return ExitStatus::Code(c),
+            Ok(WaitStatus::Signaled(_, s, _)) => return ExitStatus::Signal(s as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return ExitStatus::Code(-1),
+        }
+    }
+}
+
+/// A move did not happen; unless said otherwise, the original runs on,
+/// untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("pid {0} out of range")]
+    Pid(u32),
+    #[error(
+        "{peer} runs another kernel ({theirs}) than this one ({ours}): a process moves only between kernels of the same build; nothing was frozen, the original runs on"
+    )]
+    OtherKernel {
+        peer: Peer,
+        theirs: String,
+        ours: String,
+    },
+    /// The process could not be frozen (refused, gone, not ours...).
+    #[error(transparent)]
+    Freeze(CaptureError),
+    #[error("sending the image to {peer} failed; the original runs on")]
+    Send {
+        peer: Peer,
+        #[source]
+        source: SendError,
+    },
+    #[error("{peer} could not restore it: {message}; the original runs on")]
+    Refused { peer: Peer, message: String },
+    /// The destination's kernel went down during the move.
+    #[error("{why}; the original runs on")]
+    Lost { why: String },
+    #[error("{peer} did not say the copy runs within {timeout:?}; the original runs on")]
+    NoAnswer { peer: Peer, timeout: Duration },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// An image could not be sent to a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("flushing the last piece")]
+    Flush(#[source] io::Error),
+}
+
+/// A process could not be restored and run here.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot make the pipes for its output")]
+    Pipes(#[source] io::Error),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Lost(#[from] ProcessLost),
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Migration {
+    pub fn new(agent: AgentRef) -> Self {
+        Migration {
+            agent,
+            next: AtomicU32::new(0),
+            incoming: Mutex::new(HashMap::new()),
+            restores: Mutex::new(HashMap::new()),
+            outgoing: Mutex::new(HashMap::new()),
+            servers: Mutex::new(HashMap::new()),
+            pushes: Mutex::new(HashMap::new()),
+            fetches: Mutex::new(HashMap::new()),
+            next_fetch: AtomicU32::new(0),
+        }
+    }
+
+    /// Moves local process `pid` to endpoint `to`. Runs on the calling
+    /// thread, which must stay the same from freeze to kill (ptrace). On
+    /// error the original runs on, untouched.
+    ///
+    /// Stop-and-copy sends every page before the copy runs. `lazy` resumes
+    /// the copy after the eager pages; the rest is served on demand and
+    /// pushed in the background, and the original is killed once every page
+    /// has gone (and the destination says it needs no more). Returns then,
+    /// with the downtime (freeze to copy running) and the total; `running`
+    /// is called as soon as the copy runs, with its pid and the downtime.
+    pub fn move_out(
+        &self,
+        pid: u32,
+        to: u16,
+        lazy: bool,
+        running: impl FnOnce(u32, Duration),
+    ) -> Result<MoveReport, MoveError> {
+        let agent = self.agent.get()?;
+        let t0 = Instant::now();
+        let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
+        self.same_kernel(&agent, to)?;
+        let frozen = migrate::freeze(pid_i).map_err(MoveError::Freeze)?;
+        // The original's own stdout and stderr, for the copy's output: opened
+        // now, while the process still holds them.
+        let open_fd = |n: u32| {
+            File::options()
+                .write(true)
+                .open(format!("/proc/{pid}/fd/{n}"))
+                .ok()
+        };
+        let (out, err) = (open_fd(1), open_fd(2));
+        let mig = self.next.fetch_add(1, Ordering::Relaxed);
+        let (ctl_tx, ctl_rx) = bounded(4);
+        lock(&self.outgoing).insert(
+            (to, mig),
+            Outgoing {
+                ctl: ctl_tx,
+                out,
+                err,
+                exit: None,
+            },
+        );
+        let forget = || {
+            lock(&self.outgoing).remove(&(to, mig));
+            lock(&self.servers).remove(&(to, mig));
+        };
+        let streamed = (|| -> Result<u64, SendError> {
+            let begin = if lazy {
+                Msg::MigrateBeginLazy { mig }
+            } else {
+                Msg::MigrateBegin { mig }
+            };
+            agent.send(to, &begin)?;
+            let mut w = ChunkWriter {
+                agent: &agent,
+                to,
+                wrap: |bytes| Msg::MigrateChunk { mig, bytes },
+                buf: Vec::with_capacity(MAX_CHUNK),
+                sent: 0,
+            };
+            if lazy {
+                let (_, server) = frozen.write_lazy_image(&mut w, LazyOptions::default())?;
+                lock(&self.servers).insert((to, mig), server);
+            } else {
+                frozen.write_image(&mut w, ImageOptions::default())?;
+            }
+            w.flush().map_err(SendError::Flush)?;
+            agent.send(to, &Msg::MigrateEnd { mig })?;
+            Ok(w.sent)
+        })();
+        let image_bytes = match streamed {
+            Ok(n) => n,
+            Err(source) => {
+                let _ = agent.send(to, &Msg::MigrateAbort { mig });
+                forget();
+                drop(frozen);
+                return Err(MoveError::Send {
+                    peer: agent.peer(to),
+                    source,
+                });
+            }
+        };
+        // A small lazy copy may have every page before its "running" is
+        // sent: remember that answer.
+        let mut pages_in = false;
+        let answer = loop {
+            match ctl_rx.recv_timeout(ANSWER_TIMEOUT) {
+                Ok(Ctl::PagesIn) => pages_in = true,
+                other => break other,
+            }
+        };
+        let new_pid = match answer {
+            Ok(Ctl::Running(new_pid)) => new_pid,
+            failed => {
+                forget();
+                drop(frozen);
+                return Err(match failed {
+                    Ok(Ctl::Failed(message)) => MoveError::Refused {
+                        peer: agent.peer(to),
+                        message,
+                    },
+                    Ok(Ctl::Lost(why)) => MoveError::Lost { why },
+                    // (`PagesIn` was consumed by the loop above.)
+                    _ => {
+                        let _ = agent.send(to, &Msg::MigrateAbort { mig });
+                        MoveError::NoAnswer {
+                            peer: agent.peer(to),
+                            timeout: ANSWER_TIMEOUT,
+                        }
+                    }
+                });
+            }
+        };
+        let (etx, erx) = bounded(1);
+        if let Some(o) = lock(&self.outgoing).get_mut(&(to, mig)) {
+            o.exit = Some(etx);
+        }
+        // Before the kill: whoever waits for the original learns its real
+        // end from the destination.
+        agent.facet::<Exec>().mark_moved(pid, erx);
+        let mut report = MoveReport {
+            new_pid,
+            downtime: t0.elapsed(),
+            total: t0.elapsed(),
+            image_bytes,
+        };
+        running(new_pid, report.downtime);
+        let server = lock(&self.servers).get(&(to, mig)).cloned();
+        if let Some(server) = server {
+            let eager = server.progress().sent;
+            self.finish_lazy(&agent, to, mig, &server, &ctl_rx, pages_in);
+            lock(&self.servers).remove(&(to, mig));
+            report.image_bytes += server.progress().sent.saturating_sub(eager) * 4096;
+        }
+        frozen.kill();
+        report.total = t0.elapsed();
+        Ok(report)
+    }
+
+    /// The rest of a lazy move once the copy runs: pushes what is left,
+    /// answers fetches meanwhile (in the receive thread), and returns when
+    /// all has gone and the destination needs nothing more.
+    fn finish_lazy(
+        &self,
+        agent: &Arc<Agent>,
+        to: u16,
+        mig: u32,
+        server: &PageServer,
+        ctl_rx: &Receiver<Ctl>,
+        mut pages_in: bool,
+    ) {
+        let me = Arc::clone(agent);
+        let pusher = server.clone();
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            while let Ok(Some(run)) = pusher.next_push(64, &mut buf) {
+                let m = Msg::PageData {
+                    mig,
+                    id: 0,
+                    addr: run.addr,
+                    bytes: std::mem::take(&mut buf),
+                };
+                if me.send(to, &m).is_err() {
+                    return;
+                }
+            }
+            let _ = me.send(to, &Msg::PagesDone { mig });
+        });
+        if !server.wait_all_sent(Duration::from_secs(600)) {
+            log::warn!("migration {mig} to {to}: not every page went out in 10 min; the copy will be killed by its pager");
+        }
+        // Fetches may still be on their way (sent before the push of the
+        // same page arrived): serve them until the destination says it
+        // needs nothing more.
+        let deadline = Instant::now() + PAGES_IN_TIMEOUT;
+        while !pages_in {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match ctl_rx.recv_timeout(left) {
+                Ok(Ctl::PagesIn) => pages_in = true,
+                Ok(_) => continue,
+                Err(_) => {
+                    log::warn!("migration {mig} to {to}: every page went out but the destination did not confirm within {PAGES_IN_TIMEOUT:?}; letting go of the original");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Refuses, before anything is frozen, a destination that runs another
+    /// kernel than this one (its restore would refuse the image after the
+    /// whole transfer). Without an answer the destination's own check, on
+    /// the image, decides.
+    fn same_kernel(&self, agent: &Agent, to: u16) -> Result<(), MoveError> {
+        let Ok(Msg::Info { info, .. }) =
+            agent.call(to, Duration::from_secs(10), |req| Msg::InfoRequest { req })
+        else {
+            return Ok(());
+        };
+        let here = (agent.hooks().info)();
+        if (&info.release, &info.version) == (&here.release, &here.version) {
+            return Ok(());
+        }
+        Err(MoveError::OtherKernel {
+            peer: agent.peer(to),
+            theirs: format!("{} {}", info.release, info.version),
+            ours: format!("{} {}", here.release, here.version),
+        })
+    }
+
+    /// Writes an image of `pid` to the requester as `ImageChunk`s; the
+    /// process runs on unless `kill`.
+    fn checkpoint_to(
+        &self,
+        agent: &Agent,
+        peer: u16,
+        req: u32,
+        pid: u32,
+        kill: bool,
+    ) -> Result<(), MoveError> {
+        let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
+        let frozen = migrate::freeze(pid_i).map_err(MoveError::Freeze)?;
+        let mut w = ChunkWriter {
+            agent,
+            to: peer,
+            wrap: |bytes| Msg::ImageChunk { req, bytes },
+            buf: Vec::with_capacity(MAX_CHUNK),
+            sent: 0,
+        };
+        let sent = frozen
+            .write_image(&mut w, ImageOptions::default())
+            .map_err(SendError::from)
+            .and_then(|_| w.flush().map_err(SendError::Flush));
+        if let Err(source) = sent {
+            return Err(MoveError::Send {
+                peer: agent.peer(peer),
+                source,
+            });
+        }
+        if kill {
+            frozen.kill();
+        } else {
+            frozen.resume();
+        }
+        Ok(())
+    }
+
+    /// Restores from `pieces`; on success runs `started` with the new pid,
+    /// then pumps output through `output` and returns the final status.
+    fn restore_and_run(
+        &self,
+        agent: &Agent,
+        pieces: Receiver<Piece>,
+        lazy: Option<(LazyLink, Box<dyn FnOnce() + Send>)>,
+        started: impl FnOnce(u32),
+        output: impl Fn(Stream, Option<Vec<u8>>) + Send + Sync,
+    ) -> Result<ExitStatus, RunError> {
+        let reader = PieceReader {
+            rx: pieces,
+            buf: Vec::new(),
+            at: 0,
+            done: false,
+        };
+        let (out_r, out_w) = pipe().map_err(RunError::Pipes)?;
+        let (err_r, err_w) = pipe().map_err(RunError::Pipes)?;
+        let plan = StdioPlan {
+            stdin: dev_null().map_err(RunError::Pipes)?,
+            stdout: out_w,
+            stderr: err_w,
+        };
+        let restored = match lazy {
+            None => migrate::restore(reader, plan)?,
+            Some((link, pages_in)) => {
+                let r = migrate::restore_lazy(reader, plan, link, PagerOptions::default())?;
+                let pager = r.pager;
+                thread::spawn(move || {
+                    if let Err(e) = pager.wait() {
+                        // On a guest this lands on the console.
+                        log::error!("{}", crate::error_text(&e));
+                    }
+                    pages_in();
+                });
+                r.restored
+            }
+        };
+        let pid = u32::try_from(restored.pid).unwrap_or(0);
+        started(pid);
+        // The pumps run until the output ends (elsewhere, if the process
+        // moves on); the wait comes once the process has exited (see the
+        // exec facet: no waitpid while a migration may hold it under
+        // ptrace), so one that moves on is reaped here at once.
+        let local = thread::scope(|s| {
+            for (stream, mut r) in [(Stream::Stdout, out_r), (Stream::Stderr, err_r)] {
+                let output = &output;
+                s.spawn(move || {
+                    let mut buf = vec![0u8; MAX_CHUNK];
+                    loop {
+                        match r.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => output(stream, Some(buf[..n].to_vec())),
+                        }
+                    }
+                    output(stream, None);
+                });
+            }
+            migrate::wait_exit(nix::unistd::Pid::from_raw(restored.pid));
+            wait_pid(pid)
+        });
+        Ok(agent.facet::<Exec>().final_status(pid, local)?)
+    }
+}
+
+impl Facet for Migration {
+    fn kinds(&self) -> &'static [Kind] {
+        &[
+            Kind::MigrateOut,
+            Kind::PageFetch,
+            Kind::PageData,
+            Kind::PageRefused,
+            Kind::PagesDone,
+            Kind::PagesIn,
+            Kind::MigrateBegin,
+            Kind::MigrateBeginLazy,
+            Kind::MigrateChunk,
+            Kind::MigrateEnd,
+            Kind::MigrateAbort,
+            Kind::MigrateRunning,
+            Kind::MigrateFailed,
+            Kind::MigratedOutput,
+            Kind::MigratedExit,
+            Kind::Checkpoint,
+            Kind::RestoreImage,
+            Kind::ImageChunk,
+        ]
+    }
+
+    /// `peer`'s kernel went down: moves to it fail now instead of at their
+    /// timeout, processes that moved there end as lost (their execs on
+    /// this side answer with why), and page fetches waiting on it fail.
+    fn peer_lost(&self, peer: u16, why: &str) {
+        let mut outgoing = lock(&self.outgoing);
+        for ((to, _), o) in outgoing.iter_mut() {
+            if *to == peer {
+                let _ = o.ctl.try_send(Ctl::Lost(why.to_string()));
+                if let Some(exit) = o.exit.take() {
+                    let _ = exit.send(Err(ProcessLost {
+                        why: why.to_string(),
+                    }));
+                }
+            }
+        }
+        // A move still in progress finds `Lost` queued on its control
+        // channel and gives up on its own; the entries can go now.
+        outgoing.retain(|(to, _), _| *to != peer);
+        drop(outgoing);
+        let mut fetches = lock(&self.fetches);
+        for ((origin, _, _), tx) in fetches.iter() {
+            if *origin == peer {
+                let _ = tx.send(Err(why.to_string()));
+            }
+        }
+        fetches.retain(|(origin, _, _), _| *origin != peer);
+    }
+
+    fn handle(self: Arc<Self>, agent: &Arc<Agent>, peer: u16, m: Msg) -> Option<Msg> {
+        match m {
+            Msg::MigrateOut { req, pid, to, lazy } => {
+                let me = Arc::clone(agent);
+                thread::spawn(move || {
+                    // The report goes out when the move is over: in lazy
+                    // mode, once every page has moved and the original is
+                    // gone (its downtime ended long before).
+                    let progress = |new_pid, downtime: Duration| {
+                        let _ = me.send(
+                            peer,
+                            &Msg::MigrateProgress {
+                                req,
+                                new_pid,
+                                downtime_ns: nanos(downtime),
+                            },
+                        );
+                    };
+                    let answer = match self.move_out(pid, to, lazy, progress) {
+                        Ok(r) => Msg::MigrateReport {
+                            req,
+                            new_pid: r.new_pid,
+                            downtime_ns: nanos(r.downtime),
+                            total_ns: nanos(r.total),
+                            image_bytes: r.image_bytes,
+                        },
+                        Err(e) => Msg::Failed {
+                            req,
+                            message: crate::error_text(&e),
+                        },
+                    };
+                    let _ = me.send(peer, &answer);
+                });
+            }
+            Msg::PageFetch { mig, id, addr, len } => {
+                let server = lock(&self.servers).get(&(peer, mig)).cloned();
+                let answer = match server {
+                    Some(s) => {
+                        let mut buf = vec![0u8; len as usize];
+                        match s.read(addr, &mut buf) {
+                            Ok(()) => Msg::PageData {
+                                mig,
+                                id,
+                                addr,
+                                bytes: buf,
+                            },
+                            Err(e) => Msg::PageRefused {
+                                mig,
+                                id,
+                                message: crate::error_text(&e),
+                            },
+                        }
+                    }
+                    None => Msg::PageRefused {
+                        mig,
+                        id,
+                        message: "no such migration here".into(),
+                    },
+                };
+                let _ = agent.send(peer, &answer);
+            }
+            Msg::PageData {
+                mig,
+                id,
+                addr,
+                bytes,
+            } => {
+                if id == 0 {
+                    let tx = lock(&self.pushes).get(&(peer, mig)).cloned();
+                    if let Some(tx) = tx {
+                        let _ = tx.send(Pushed::Pages { addr, data: bytes });
+                    }
+                } else if let Some(tx) = lock(&self.fetches).remove(&(peer, mig, id)) {
+                    let _ = tx.send(Ok(bytes));
+                }
+            }
+            Msg::PageRefused { mig, id, message } => {
+                if let Some(tx) = lock(&self.fetches).remove(&(peer, mig, id)) {
+                    let _ = tx.send(Err(message));
+                }
+            }
+            Msg::PagesDone { mig } => {
+                if let Some(tx) = lock(&self.pushes).remove(&(peer, mig)) {
+                    let _ = tx.send(Pushed::Done);
+                }
+            }
+            Msg::MigrateBegin { mig } => self.incoming(agent, peer, mig, false),
+            Msg::MigrateBeginLazy { mig } => self.incoming(agent, peer, mig, true),
+            Msg::MigrateChunk { mig, bytes } => {
+                feed(&self.incoming, (peer, mig), Piece::Bytes(bytes))
+            }
+            Msg::MigrateEnd { mig } => feed(&self.incoming, (peer, mig), Piece::End),
+            Msg::MigrateAbort { mig } => feed(&self.incoming, (peer, mig), Piece::Abort),
+            Msg::MigrateRunning { mig, pid } => self.control(peer, mig, Ctl::Running(pid)),
+            Msg::MigrateFailed { mig, message } => self.control(peer, mig, Ctl::Failed(message)),
+            Msg::PagesIn { mig } => self.control(peer, mig, Ctl::PagesIn),
+            Msg::MigratedOutput { mig, stream, bytes } => {
+                let mut out = lock(&self.outgoing);
+                if let Some(o) = out.get_mut(&(peer, mig)) {
+                    let f = if stream == Stream::Stderr {
+                        &mut o.err
+                    } else {
+                        &mut o.out
+                    };
+                    if let Some(file) = f {
+                        if file.write_all(&bytes).is_err() {
+                            *f = None;
+                        }
+                    }
+                }
+            }
+            Msg::MigratedExit { mig, status } => {
+                let o = lock(&self.outgoing).remove(&(peer, mig));
+                if let Some(o) = o {
+                    // Closing the forwarded descriptors lets the original's
+                    // readers see end of file.
+                    drop(o.out);
+                    drop(o.err);
+                    if let Some(exit) = o.exit {
+                        let _ = exit.send(Ok(status));
+                    }
+                }
+            }
+            Msg::Checkpoint { req, pid, kill } => {
+                let me = Arc::clone(agent);
+                thread::spawn(move || {
+                    let answer = match self.checkpoint_to(&me, peer, req, pid, kill) {
+                        Ok(()) => Msg::Done { req },
+                        Err(e) => Msg::Failed {
+                            req,
+                            message: crate::error_text(&e),
+                        },
+                    };
+                    let _ = me.send(peer, &answer);
+                });
+            }
+            Msg::RestoreImage { req } => self.restore_for(agent, peer, req),
+            Msg::ImageChunk { req, bytes } => {
+                // Input of a restore we run, or an answer to our checkpoint.
+                let tx = lock(&self.restores).get(&(peer, req)).cloned();
+                match tx {
+                    Some(tx) => {
+                        let piece = if bytes.is_empty() {
+                            Piece::End
+                        } else {
+                            Piece::Bytes(bytes)
+                        };
+                        let _ = tx.send(piece);
+                    }
+                    None => return Some(Msg::ImageChunk { req, bytes }),
+                }
+            }
+            other => return Some(other),
+        }
+        None
+    }
+}
+
+impl Migration {
+    /// Hands a destination's answer to the move waiting for it.
+    fn control(&self, peer: u16, mig: u32, c: Ctl) {
+        if let Some(o) = lock(&self.outgoing).get(&(peer, mig)) {
+            let _ = o.ctl.send(c);
+        }
+    }
+
+    /// Destination: an image from `peer` begins; restore and run it on a
+    /// thread of its own, reporting to the origin.
+    fn incoming(self: Arc<Self>, agent: &Arc<Agent>, peer: u16, mig: u32, lazy: bool) {
+        let (tx, rx) = bounded(64);
+        lock(&self.incoming).insert((peer, mig), tx);
+        let link = lazy.then(|| {
+            let (ptx, prx) = crossbeam_channel::unbounded();
+            lock(&self.pushes).insert((peer, mig), ptx);
+            let source = RingSource {
+                agent: Arc::clone(agent),
+                origin: peer,
+                mig,
+            };
+            let me = Arc::clone(agent);
+            let pages_in: Box<dyn FnOnce() + Send> = Box::new(move || {
+                let _ = me.send(peer, &Msg::PagesIn { mig });
+            });
+            (
+                LazyLink {
+                    source: Box::new(source),
+                    pushes: prx,
+                },
+                pages_in,
+            )
+        });
+        let me = Arc::clone(agent);
+        thread::spawn(move || {
+            let result = self.restore_and_run(
+                &me,
+                rx,
+                link,
+                |pid| {
+                    lock(&self.incoming).remove(&(peer, mig));
+                    let _ = me.send(peer, &Msg::MigrateRunning { mig, pid });
+                },
+                |stream, bytes| {
+                    if let Some(bytes) = bytes {
+                        let _ = me.send(peer, &Msg::MigratedOutput { mig, stream, bytes });
+                    }
+                },
+            );
+            lock(&self.incoming).remove(&(peer, mig));
+            let _ = match result {
+                Ok(status) => me.send(peer, &Msg::MigratedExit { mig, status }),
+                Err(e) => me.send(
+                    peer,
+                    &Msg::MigrateFailed {
+                        mig,
+                        message: crate::error_text(&e),
+                    },
+                ),
+            };
+        });
+    }
+
+    /// Restores the image `peer` sends for its request `req`, answering like
+    /// an exec: `Started`, `Data`/`Eof`, `Exited`.
+    fn restore_for(self: Arc<Self>, agent: &Arc<Agent>, peer: u16, req: u32) {
+        let (tx, rx) = bounded(64);
+        lock(&self.restores).insert((peer, req), tx);
+        let me = Arc::clone(agent);
+        thread::spawn(move || {
+            let exec = me.facet::<Exec>();
+            let result = self.restore_and_run(
+                &me,
+                rx,
+                None,
+                |pid| {
+                    lock(&self.restores).remove(&(peer, req));
+                    exec.set_running(peer, req, Some(pid));
+                    let _ = me.send(peer, &Msg::Started { req, pid });
+                },
+                |stream, bytes| {
+                    let m = match bytes {
+                        Some(bytes) => Msg::Data { req, stream, bytes },
+                        None => Msg::Eof { req, stream },
+                    };
+                    let _ = me.send(peer, &m);
+                },
+            );
+            lock(&self.restores).remove(&(peer, req));
+            exec.set_running(peer, req, None);
+            let _ = match result {
+                Ok(status) => me.send(peer, &Msg::Exited { req, status }),
+                Err(e) => me.send(
+                    peer,
+                    &Msg::Failed {
+                        req,
+                        message: crate::error_text(&e),
+                    },
+                ),
+            };
+        });
+    }
+}
+
+fn feed(map: &Mutex<HashMap<(u16, u32), Sender<Piece>>>, key: (u16, u32), p: Piece) {
+    let tx = lock(map).get(&key).cloned();
+    if let Some(tx) = tx {
+        // A full channel means the restore stalled: wait (backpressure).
+        let _ = tx.send(p);
+    }
+}
+
+/// Pages fetched over the link from the origin (lazy mode's destination).
+struct RingSource {
+    agent: Arc<Agent>,
+    origin: u16,
+    mig: u32,
+}
+
+impl PageSource for RingSource {
+    fn fetch(&mut self, addr: u64, out: &mut [u8], deadline: Instant) -> Result<(), SourceError> {
+        let t = self.agent.facet::<Migration>();
+        // Ids start at 1: 0 marks background pushes.
+        let id = t.next_fetch.fetch_add(1, Ordering::Relaxed) | 1;
+        let (tx, rx) = bounded(1);
+        lock(&t.fetches).insert((self.origin, self.mig, id), tx);
+        let len =
+            u32::try_from(out.len()).map_err(|_| SourceError::Refused("fetch too large".into()))?;
+        let sent = self.agent.send(
+            self.origin,
+            &Msg::PageFetch {
+                mig: self.mig,
+                id,
+                addr,
+                len,
+            },
+        );
+        if sent.is_err() {
+            lock(&t.fetches).remove(&(self.origin, self.mig, id));
+            return Err(SourceError::Disconnected);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Ok(bytes)) if bytes.len() == out.len() => {
+                out.copy_from_slice(&bytes);
+                Ok(())
+            }
+            Ok(Ok(bytes)) => Err(SourceError::Refused(format!(
+                "asked for {} bytes, got {}",
+                out.len(),
+                bytes.len()
+            ))),
+            Ok(Err(m)) => Err(SourceError::Refused(m)),
+            Err(_) => {
+                lock(&t.fetches).remove(&(self.origin, self.mig, id));
+                Err(SourceError::Timeout(left))
+            }
+        }
+    }
+}
