@@ -8,8 +8,10 @@
 //! order, and mtime, uid and gid are 0. The same inputs give the same bytes,
 //! which keeps images cacheable and comparable.
 //!
-//! This module only builds archives; it does not decide what goes in them
-//! beyond [`Initramfs::base`] and [`Initramfs::for_guest`].
+//! This module builds archives; what goes in a guest's is decided by
+//! [`Initramfs::base`], [`Initramfs::for_guest`] and
+//! [`Initramfs::for_topology`] (guest-init, a topology's `files`, and the
+//! host's static busybox when there is one).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -133,6 +135,28 @@ impl Initramfs {
     pub fn for_guest(guest_init: &Path) -> Result<Self, InitramfsError> {
         let mut ir = Self::base();
         ir.host_file("/init", guest_init, Some(0o755))?;
+        Ok(ir)
+    }
+
+    /// What a topology's guests boot with: [`Initramfs::for_guest`], the
+    /// topology's `files` (guest path, host path), and — when the host has
+    /// a static `/bin/busybox` — busybox and its common applets, so a guest
+    /// can be poked at with `mkctl exec alpha -- sh`.
+    pub fn for_topology(
+        guest_init: &Path,
+        files: &[(String, PathBuf)],
+    ) -> Result<Self, InitramfsError> {
+        let mut ir = Self::for_guest(guest_init)?;
+        for (guest, host) in files {
+            ir.host_file(guest, host, None)?;
+        }
+        let busybox = Path::new("/bin/busybox");
+        if is_static(busybox) {
+            ir.host_file("/bin/busybox", busybox, Some(0o755))?;
+            for applet in BUSYBOX_APPLETS {
+                ir.symlink(&format!("/bin/{applet}"), "busybox")?;
+            }
+        }
         Ok(ir)
     }
 
@@ -403,6 +427,52 @@ fn write_entry(out: &mut impl Write, h: &Header, name: &str, data: &[u8]) -> io:
 /// Bytes needed to bring `n` to a multiple of 4.
 fn pad4(n: usize) -> usize {
     (4 - n % 4) % 4
+}
+
+/// Applets linked into the guest's /bin when busybox is included.
+const BUSYBOX_APPLETS: &[&str] = &[
+    "sh",
+    "cat",
+    "ls",
+    "echo",
+    "uname",
+    "head",
+    "tail",
+    "dd",
+    "sha256sum",
+    "md5sum",
+    "wc",
+    "grep",
+    "sleep",
+    "ps",
+    "free",
+    "nproc",
+    "mount",
+    "dmesg",
+    "true",
+    "false",
+    "env",
+    "od",
+    "seq",
+    "kill",
+    "pidof",
+    "hostname",
+    "tr",
+    "sed",
+    "rm",
+];
+
+/// True for a 64-bit ELF executable with no program interpreter (a static
+/// binary runs in a guest with no libc); false for anything else, or
+/// anything unreadable.
+pub fn is_static(path: &Path) -> bool {
+    let Ok(bytes) = fs::read(path) else {
+        return false;
+    };
+    match goblin::elf::Elf::parse(&bytes) {
+        Ok(elf) => elf.is_64 && elf.interpreter.is_none(),
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]

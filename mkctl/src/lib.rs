@@ -1,9 +1,17 @@
 //! mkctl: one machine, several Linux kernels side by side.
 //!
-//! The library behind the `mkctl` binary. It owns the topology (parsing a TOML
-//! file into a validated model), host discovery, allocation planning, device
-//! tree output for the Linux multikernel interface, and, later, the boot
-//! backends (`qemu`, `kexec`) and the host daemon that talks to the agents.
+//! The library behind the `mkctl` binary:
+//! - [`topology`]: a TOML file parsed into a validated model, with
+//!   diagnostics that point at file:line:column; [`plan`] shows how it
+//!   splits the machine; [`units`] are the typed quantities;
+//! - [`host`]: what this machine has and what is reserved;
+//! - [`dtb`]: the device trees the Linux multikernel interface takes;
+//! - the boot backends: [`kexec`] (the multikernel interface itself) and
+//!   [`qemu`] (an instance as a QEMU process, with an [`initramfs`] built
+//!   here);
+//! - [`daemon`]: the host daemon that owns QEMU instances and the shared
+//!   window, runs the host's agent, and serves the CLI;
+//! - [`cli`]: the command line; [`exit`]: its exit codes.
 //!
 //! Nothing here starts a kernel before [`topology::Topology`] has been built,
 //! and a `Topology` only exists once every validation rule has passed.
@@ -11,6 +19,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod dtb;
+pub mod exit;
 pub mod host;
 pub mod initramfs;
 pub mod kexec;

@@ -531,10 +531,7 @@ pub(super) fn console(sysroot: &Path, instance: &str, tail: Option<usize>) -> Re
         return Ok(EXIT_USAGE);
     }
     if let Some(n) = tail {
-        println!(
-            "{}",
-            crate::daemon::server::console_tail(&dir.console_log(), n)
-        );
+        println!("{}", dir.console_tail(n));
         return Ok(EXIT_OK);
     }
     let sock = UnixStream::connect(dir.console_socket()).map_err(|e| {

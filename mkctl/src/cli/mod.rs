@@ -13,12 +13,7 @@ use crate::topology::{self, LoadError, Topology};
 mod kexec;
 mod live;
 
-/// Exit code: success.
-pub const EXIT_OK: i32 = 0;
-/// Exit code: the topology is invalid, or the operation failed.
-pub const EXIT_FAIL: i32 = 1;
-/// Exit code: usage error (bad arguments, unreadable input).
-pub const EXIT_USAGE: i32 = 2;
+pub use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 success; 1 invalid topology or failed operation; 2 usage error.

@@ -2,7 +2,12 @@
 //! process per instance, runs the host's agent (endpoint 0), and serves the
 //! CLI over a Unix socket.
 //!
-//! - [`server`]: the daemon process (`mkctl daemon run`);
+//! - [`server`]: the daemon process (`mkctl daemon run`): accept loop and
+//!   dispatch, with the instances' lifecycle and the relays to agents in
+//!   its children;
+//! - [`state`]: the instances and the rules of their lifecycle (what each
+//!   request may do in each state), apart from sockets and QEMU;
+//! - [`error`]: why a request failed, and its exit code;
 //! - [`client`]: the CLI's side, starting a daemon when needed;
 //! - [`control`]: the frames between them;
 //! - [`window`]: the host's side of the shared window;
@@ -11,7 +16,9 @@
 
 pub mod client;
 pub mod control;
+pub mod error;
 pub mod paths;
 pub mod qmp;
 pub mod server;
+pub mod state;
 pub mod window;

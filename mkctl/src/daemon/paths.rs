@@ -2,6 +2,7 @@
 //! log, window, one directory per instance) and the cache `qemu/setup.sh`
 //! fills (guest kernel, static guest-init).
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 /// The daemon's run directory: `$MKCTL_RUN_DIR`, or `/run/mkctl`.
@@ -103,6 +104,45 @@ impl InstanceDir {
     }
     pub fn qmp(&self) -> PathBuf {
         self.0.join("qmp.sock")
+    }
+    /// Where QEMU's own stderr goes.
+    pub fn qemu_stderr(&self) -> PathBuf {
+        self.0.join("qemu.stderr")
+    }
+
+    /// The last `n` lines of the console log.
+    pub fn console_tail(&self, n: usize) -> String {
+        let log = self.console_log();
+        let Ok(f) = std::fs::File::open(&log) else {
+            return format!("(no console log at {})", log.display());
+        };
+        let lines: Vec<String> = std::io::BufReader::new(f)
+            .split(b'\n')
+            .map_while(Result::ok)
+            .map(|l| {
+                String::from_utf8_lossy(&l)
+                    .trim_end_matches('\r')
+                    .to_string()
+            })
+            .collect();
+        let start = lines.len().saturating_sub(n);
+        lines[start..].join("\n")
+    }
+
+    /// Why a boot went wrong, as far as the files tell: what QEMU said on
+    /// stderr, and the console's last lines.
+    pub fn boot_evidence(&self) -> String {
+        let stderr = std::fs::read_to_string(self.qemu_stderr()).unwrap_or_default();
+        let mut out = String::new();
+        if !stderr.trim().is_empty() {
+            out.push_str(&format!("QEMU said: {}\n", stderr.trim()));
+        }
+        out.push_str(&format!(
+            "console tail ({}):\n{}",
+            self.console_log().display(),
+            self.console_tail(25)
+        ));
+        out
     }
 }
 

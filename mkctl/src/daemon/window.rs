@@ -15,6 +15,31 @@ use shmem_ring::{Endpoint, Layout, PeerState, Window};
 /// How often the host beats (peers call it silent after 200 ms).
 const BEAT: Duration = Duration::from_millis(50);
 
+/// The window could not be made, or a channel in it reset.
+#[derive(Debug, thiserror::Error)]
+pub enum WindowError {
+    #[error("cannot create the window {}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot lay out the window {}", path.display())]
+    Ring {
+        path: std::path::PathBuf,
+        #[source]
+        source: shmem_ring::Error,
+    },
+    #[error("cannot start the heartbeat thread")]
+    Thread(#[source] std::io::Error),
+    #[error("channel to endpoint {id}")]
+    Channel {
+        id: u16,
+        #[source]
+        source: shmem_ring::Error,
+    },
+}
+
 /// The formatted window, endpoint 0 and the host agent's links.
 #[derive(Debug)]
 pub struct HostWindow {
@@ -33,23 +58,27 @@ impl HostWindow {
         size: u64,
         endpoints: u16,
         agent: Arc<Agent>,
-    ) -> Result<HostWindow, String> {
+    ) -> Result<HostWindow, WindowError> {
         // The file must be exactly `size` bytes (QEMU checks the backing
         // store against the BAR size); the layout fills what it needs of it.
-        let file = std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        file.set_len(size)
-            .map_err(|e| format!("cannot size {}: {e}", path.display()))?;
-        drop(file);
-        let layout = Layout::for_size(size, endpoints).map_err(|e| crate::error_chain(&e))?;
-        let window =
-            Window::format_at(path, 0, size, layout).map_err(|e| crate::error_chain(&e))?;
-        let endpoint = window.attach(0).map_err(|e| crate::error_chain(&e))?;
+            .and_then(|f| f.set_len(size))
+            .map_err(|source| WindowError::File {
+                path: path.into(),
+                source,
+            })?;
+        let ring = |source| WindowError::Ring {
+            path: path.into(),
+            source,
+        };
+        let layout = Layout::for_size(size, endpoints).map_err(ring)?;
+        let window = Window::format_at(path, 0, size, layout).map_err(ring)?;
+        let endpoint = window.attach(0).map_err(ring)?;
         let stop = Arc::new(AtomicBool::new(false));
         let beat = endpoint.heartbeat_handle();
         let st = Arc::clone(&stop);
@@ -58,17 +87,16 @@ impl HostWindow {
             .spawn(move || {
                 while !st.load(Ordering::Relaxed) {
                     if beat.beat().is_err() {
-                        eprintln!(
-                            "mkctl daemon: endpoint 0 was attached elsewhere; heartbeat stops"
-                        );
+                        log::error!("endpoint 0 was attached elsewhere; heartbeat stops");
                         return;
                     }
                     thread::sleep(BEAT);
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(WindowError::Thread)?;
         for peer in 1..endpoints {
-            let link = RingLink::open(&endpoint, peer).map_err(|e| crate::error_chain(&e))?;
+            let link = RingLink::open(&endpoint, peer)
+                .map_err(|source| WindowError::Channel { id: peer, source })?;
             agent.add_link(peer, Arc::new(link));
         }
         Ok(HostWindow {
@@ -87,7 +115,7 @@ impl HostWindow {
     /// Empties the channel to `id` before its kernel (re)boots, so nothing
     /// a previous incarnation left behind is delivered to the new one.
     /// Waits up to 3 s for a previous incarnation to be seen dead.
-    pub fn reset(&self, id: u16) -> Result<(), String> {
+    pub fn reset(&self, id: u16) -> Result<(), WindowError> {
         self.agent.remove_link(id);
         let deadline = Instant::now() + Duration::from_secs(3);
         let result = loop {
@@ -96,11 +124,12 @@ impl HostWindow {
                 Err(shmem_ring::Error::PeerAlive { .. }) if Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => break Err(crate::error_chain(&e)),
+                Err(source) => break Err(WindowError::Channel { id, source }),
             }
         };
         // Whatever happened, the instance gets a link again.
-        let link = RingLink::open(&self.endpoint, id).map_err(|e| crate::error_chain(&e))?;
+        let link = RingLink::open(&self.endpoint, id)
+            .map_err(|source| WindowError::Channel { id, source })?;
         self.agent.add_link(id, Arc::new(link));
         result
     }

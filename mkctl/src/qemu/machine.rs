@@ -16,6 +16,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::topology::{Instance, Topology};
 use crate::units::{ByteSize, CpuSet, MIB};
 
 /// How QEMU runs guest code.
@@ -518,6 +519,44 @@ fn range_text((lo, hi): (u32, u32)) -> String {
     } else {
         format!("{lo}-{hi}")
     }
+}
+
+/// Guest NUMA nodes for an instance: one per machine node its CPUs sit
+/// on, each with the vCPUs of those CPUs and a share of the memory in
+/// proportion (whole MiB); none when all CPUs sit on one node.
+pub fn guest_numa(t: &Topology, i: &Instance) -> Vec<NumaNode> {
+    let nodes = t.machine.nodes_of_cpus(&i.cpus);
+    if nodes.len() <= 1 {
+        return Vec::new();
+    }
+    let cpus: Vec<u32> = i.cpus.iter().collect();
+    let total_mib = i.memory.size() / MIB;
+    let mut out = Vec::new();
+    let mut given = 0u64;
+    for (k, n) in nodes.iter().enumerate() {
+        let vcpus: CpuSet = cpus
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| t.machine.node_of_cpu(**c) == Some(*n))
+            .map(|(v, _)| u32::try_from(v).unwrap_or(0))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(CpuSet::new(), |mut s, v| {
+                s.insert(v);
+                s
+            });
+        let mib = if k + 1 == nodes.len() {
+            total_mib - given
+        } else {
+            total_mib * vcpus.len() as u64 / cpus.len() as u64
+        };
+        given += mib;
+        out.push(NumaNode {
+            cpus: vcpus,
+            memory: ByteSize(mib * MIB),
+        });
+    }
+    out
 }
 
 #[cfg(test)]

@@ -16,4 +16,4 @@ pub mod cmdline;
 pub mod machine;
 
 pub use cmdline::GuestCmdline;
-pub use machine::{Accel, Console, MachineError, MachineSpec, NumaNode, SharedWindow};
+pub use machine::{guest_numa, Accel, Console, MachineError, MachineSpec, NumaNode, SharedWindow};

@@ -1,0 +1,588 @@
+//! The lifecycle of the daemon's instances: boot (validate, window,
+//! initramfs, one QEMU each, wait for every agent), stop (agent power-off,
+//! then QMP quit, then kill), the monitor that notices QEMU exits and lost
+//! heartbeats, and status. Which transitions are allowed is
+//! [`crate::daemon::state`]'s to say; this file carries them out.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::bounded;
+use mknode::agent::{Agent, Hooks};
+use mknode::wire::Msg;
+
+use super::{Daemon, Progress};
+use crate::daemon::control::{DaemonStatus, InstanceStatus, Reply};
+use crate::daemon::error::{InstanceError, RequestError};
+use crate::daemon::paths;
+use crate::daemon::qmp::Qmp;
+use crate::daemon::state::{Inst, State};
+use crate::daemon::window::HostWindow;
+use crate::initramfs::Initramfs;
+use crate::qemu::cmdline::endpoint_names;
+use crate::qemu::{guest_numa, GuestCmdline, MachineSpec, SharedWindow};
+use crate::topology::{self, Backend, ImageSpec, Instance, Topology};
+use crate::units::CpuSet;
+
+/// How often the monitor looks at QEMU processes and heartbeats.
+const MONITOR_PERIOD: Duration = Duration::from_millis(250);
+
+impl Daemon {
+    pub(super) fn boot(
+        &self,
+        config: &Path,
+        only: &[String],
+        timeout: Duration,
+        progress: Progress<'_>,
+    ) -> Result<Reply, RequestError> {
+        // Validate first: nothing starts for an invalid topology.
+        let t = topology::load(config, || {
+            crate::host::HostInfo::discover(Path::new("/"))
+                .ok()
+                .map(|h| topology::Machine::from_host(&h))
+        })
+        .map_err(RequestError::Topology)?;
+        let config = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
+        let selected: Vec<Instance> = if only.is_empty() {
+            t.instances.clone()
+        } else {
+            let mut v = Vec::new();
+            for n in only {
+                match t.instance(n) {
+                    Some(i) => v.push(i.clone()),
+                    None => {
+                        return Err(RequestError::NotInTopology {
+                            config,
+                            name: n.clone(),
+                            known: t
+                                .instances
+                                .iter()
+                                .map(|i| i.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        })
+                    }
+                }
+            }
+            v
+        };
+        if let Some(k) = selected.iter().find(|i| i.backend == Backend::Kexec) {
+            return Err(RequestError::KexecInstance {
+                name: k.name.clone(),
+            });
+        }
+        let (selected, already) = self.registry().admit_boot(&config, selected)?;
+        if selected.is_empty() {
+            return Ok(Reply::Ok {
+                message: format!("{} already ready", already.join(", ")),
+            });
+        }
+        if let Some(why) = paths::missing_auto_images(&selected) {
+            return Err(RequestError::MissingImages(why));
+        }
+        let window = self.ensure_window(&t)?;
+        let initramfs = self.run.initramfs();
+        if selected.iter().any(|i| i.initrd == ImageSpec::Auto) {
+            Initramfs::for_topology(&paths::guest_init(), &t.files)?.write_file(&initramfs)?;
+        }
+        {
+            let mut reg = self.registry();
+            reg.config = Some(config.clone());
+            reg.topology = Some(t.clone());
+        }
+
+        // Start every QEMU, then wait for all agents together.
+        let kernel_auto = paths::auto_kernel();
+        let mut failures: Vec<(String, InstanceError)> = Vec::new();
+        let mut waiting: Vec<&Instance> = Vec::new();
+        for i in &selected {
+            match self.start_qemu(&t, i, &window, &kernel_auto, &initramfs, progress) {
+                Ok(()) => waiting.push(i),
+                Err(e) => {
+                    progress(&i.name, &format!("failed: {}", crate::error_chain(&e)));
+                    failures.push((i.name.clone(), e));
+                }
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut announced: Vec<String> = Vec::new();
+        while !waiting.is_empty() {
+            waiting.retain(
+                |i| match self.check_ready(&window, i, &mut announced, progress) {
+                    Ok(true) => false,
+                    Ok(false) => true,
+                    Err(e) => {
+                        progress(&i.name, &format!("failed: {}", crate::error_chain(&e)));
+                        failures.push((i.name.clone(), e));
+                        false
+                    }
+                },
+            );
+            if waiting.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                for i in &waiting {
+                    let evidence = self.run.instance(&i.name).boot_evidence();
+                    self.fail(&i.name, "boot timed out", true);
+                    failures.push((i.name.clone(), InstanceError::Timeout { timeout, evidence }));
+                }
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        if !failures.is_empty() {
+            return Err(RequestError::Boot(failures));
+        }
+        Ok(Reply::Ok {
+            message: format!(
+                "{} ready",
+                selected
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+    }
+
+    /// The window and the host's agent, created at the first boot; the
+    /// agent learns the topology's instance names for its messages.
+    fn ensure_window(&self, t: &Topology) -> Result<Arc<HostWindow>, RequestError> {
+        let hw = self.window_for(t)?;
+        hw.agent.name_peers(endpoint_names(t));
+        Ok(hw)
+    }
+
+    fn window_for(&self, t: &Topology) -> Result<Arc<HostWindow>, RequestError> {
+        let need = t.instances.iter().map(|i| i.id.0).max().unwrap_or(0);
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = w.as_ref() {
+            if u32::from(w.endpoints()) <= need {
+                return Err(RequestError::WindowTooSmall {
+                    endpoints: w.endpoints(),
+                    need,
+                });
+            }
+            return Ok(Arc::clone(w));
+        }
+        let endpoints = u16::try_from(need + 1).map_err(|_| RequestError::TooManyEndpoints)?;
+        let hooks = Hooks {
+            power_off: Box::new(|| {}),
+            info: Box::new(mknode::agent::kernel_info),
+        };
+        let agent = Agent::new(0, hooks);
+        let hw = Arc::new(HostWindow::create(
+            &self.run.window(),
+            t.window.size.0,
+            endpoints,
+            agent,
+        )?);
+        *w = Some(Arc::clone(&hw));
+        Ok(hw)
+    }
+
+    /// The host agent, once a window exists.
+    pub(super) fn agent(&self) -> Result<Arc<Agent>, RequestError> {
+        self.window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|w| Arc::clone(&w.agent))
+            .ok_or(RequestError::NoWindow)
+    }
+
+    fn start_qemu(
+        &self,
+        t: &Topology,
+        i: &Instance,
+        window: &HostWindow,
+        kernel_auto: &Path,
+        initramfs: &Path,
+        progress: Progress<'_>,
+    ) -> Result<(), InstanceError> {
+        let id = u16::try_from(i.id.0).map_err(|_| InstanceError::Id(i.id.0))?;
+        let dir = self.run.instance(&i.name);
+        let ram = self.run.ram(&i.name);
+        for d in [dir.path(), ram.as_path()] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).map_err(|source| InstanceError::Dir {
+                path: d.to_path_buf(),
+                source,
+            })?;
+        }
+        window.reset(id).map_err(InstanceError::Channel)?;
+
+        let kernel = match &i.kernel {
+            ImageSpec::Auto => kernel_auto.to_path_buf(),
+            ImageSpec::Path(p) => p.clone(),
+        };
+        let initrd = match &i.initrd {
+            ImageSpec::Auto => initramfs.to_path_buf(),
+            ImageSpec::Path(p) => p.clone(),
+        };
+        let mut spec = MachineSpec::new(
+            &i.name,
+            &kernel,
+            &initrd,
+            &GuestCmdline::new(&i.name, i.id)
+                .extra(&i.cmdline)
+                .peers(endpoint_names(t))
+                .to_string(),
+            &dir.console_log(),
+        );
+        spec.qemu = std::env::var_os("MKCTL_QEMU")
+            .map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from);
+        spec.vcpus = u32::try_from(i.cpus.len()).unwrap_or(1);
+        spec.memory = i.memory_size();
+        spec.numa = guest_numa(t, i);
+        spec.ram_dir = Some(ram);
+        spec.window = Some(SharedWindow {
+            path: self.run.window(),
+            size: t.window.size,
+        });
+        spec.console.socket = Some(dir.console_socket());
+        spec.qmp = Some(dir.qmp());
+        let mut cmd = spec.command()?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(
+            std::fs::File::create(dir.qemu_stderr())
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+        );
+        // SAFETY: the closure runs in the forked child before exec and
+        // only calls prctl(2), which is async-signal-safe; it allocates
+        // nothing and touches no lock.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let (tx, rx) = bounded(1);
+        self.spawner
+            .send((cmd, tx))
+            .map_err(|_| InstanceError::Spawner)?;
+        let child = rx
+            .recv()
+            .map_err(|_| InstanceError::Spawner)?
+            .map_err(|source| InstanceError::Spawn {
+                qemu: spec.qemu.clone(),
+                source,
+            })?;
+        let pid = child.id();
+        progress(
+            &i.name,
+            &format!(
+                "qemu pid {pid}, {} vCPU(s), {}",
+                spec.vcpus,
+                spec.memory.human()
+            ),
+        );
+        self.registry().instances.insert(
+            i.name.clone(),
+            Inst {
+                name: i.name.clone(),
+                id,
+                cpus: i.cpus.clone(),
+                memory: i.memory.size(),
+                state: State::Booting,
+                reason: None,
+                child: Some(child),
+                started: Some(Instant::now()),
+                kernel: None,
+                dir: dir.clone(),
+            },
+        );
+        match pin_vcpus(&dir.qmp(), &i.cpus) {
+            Ok(msg) => progress(&i.name, &msg),
+            Err(e) => progress(
+                &i.name,
+                &format!("vCPUs not pinned: {}", crate::error_chain(&e)),
+            ),
+        }
+        Ok(())
+    }
+
+    /// True once the instance's agent answered; an error when QEMU died.
+    fn check_ready(
+        &self,
+        window: &HostWindow,
+        i: &Instance,
+        announced: &mut Vec<String>,
+        progress: Progress<'_>,
+    ) -> Result<bool, InstanceError> {
+        let id = u16::try_from(i.id.0).unwrap_or(u16::MAX);
+        {
+            let mut reg = self.registry();
+            let Some(inst) = reg.instances.get_mut(&i.name) else {
+                return Err(InstanceError::Died {
+                    reason: "forgotten".into(),
+                    evidence: String::new(),
+                });
+            };
+            if let Some(child) = inst.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    inst.fail(format!("qemu exited during boot ({status})"));
+                    inst.child = None;
+                }
+            }
+            if inst.state == State::Failed {
+                return Err(InstanceError::Died {
+                    reason: inst.reason.clone().unwrap_or_else(|| "failed".into()),
+                    evidence: inst.dir.boot_evidence(),
+                });
+            }
+        }
+        if !window.peer_alive(id) {
+            return Ok(false);
+        }
+        if !announced.contains(&i.name) {
+            progress(&i.name, "agent attached to the window");
+            announced.push(i.name.clone());
+        }
+        let Ok(Msg::Info { info, .. }) =
+            window
+                .agent
+                .call(id, Duration::from_millis(1500), |req| Msg::InfoRequest {
+                    req,
+                })
+        else {
+            return Ok(false);
+        };
+        let mut reg = self.registry();
+        if let Some(inst) = reg.instances.get_mut(&i.name) {
+            inst.state = State::Ready;
+            inst.kernel = Some(info.release.clone());
+            let secs = inst.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+            drop(reg);
+            progress(
+                &i.name,
+                &format!(
+                    "ready in {secs:.1} s: {} {}, CPUs {}",
+                    info.sysname, info.release, info.cpus_online
+                ),
+            );
+        }
+        Ok(true)
+    }
+
+    /// Marks an instance failed; kills its QEMU when asked.
+    fn fail(&self, name: &str, reason: &str, kill: bool) {
+        let mut reg = self.registry();
+        if let Some(inst) = reg.instances.get_mut(name) {
+            inst.fail(reason);
+            if kill {
+                if let Some(mut c) = inst.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+    }
+
+    pub(super) fn monitor(self: Arc<Self>) {
+        while !self.stopping() {
+            thread::sleep(MONITOR_PERIOD);
+            let window = self
+                .window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let mut reg = self.registry();
+            for inst in reg.instances.values_mut() {
+                if let Some(child) = inst.child.as_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        inst.child = None;
+                        if inst.state.on_process_exit() == State::Failed {
+                            inst.fail(format!("qemu exited unexpectedly ({status})"));
+                            if let Some(w) = &window {
+                                w.agent.fail_peer(inst.id, "its QEMU exited");
+                            }
+                        }
+                        continue;
+                    }
+                }
+                if inst.state.on_heartbeat_lost() != inst.state {
+                    if let Some(quiet) = window.as_ref().and_then(|w| w.peer_dead(inst.id)) {
+                        inst.fail(format!(
+                            "heartbeat stopped {:.1} s ago",
+                            quiet.as_secs_f64()
+                        ));
+                        if let Some(w) = &window {
+                            w.agent.fail_peer(inst.id, "its heartbeat stopped");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn status(&self) -> DaemonStatus {
+        let window = self
+            .window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let reg = self.registry();
+        DaemonStatus {
+            pid: std::process::id(),
+            build: self.build.clone(),
+            run_dir: self.run.path().to_path_buf(),
+            config: reg.config.clone(),
+            window: window.as_ref().map(|_| self.run.window()),
+            instances: reg
+                .instances
+                .values()
+                .map(|i| InstanceStatus {
+                    name: i.name.clone(),
+                    id: u32::from(i.id),
+                    state: i.state.as_str().into(),
+                    reason: i.reason.clone(),
+                    pid: i.child.as_ref().map(Child::id),
+                    cpus: i.cpus.to_string(),
+                    memory: i.memory,
+                    uptime_ms: i
+                        .started
+                        .filter(|_| i.state.is_live())
+                        .map(|s| u64::try_from(s.elapsed().as_millis()).unwrap_or(u64::MAX)),
+                    heartbeat_age_ms: window
+                        .as_ref()
+                        .filter(|_| i.state.is_live())
+                        .and_then(|w| w.heartbeat_age(i.id))
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    kernel: i.kernel.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Clean power-off through the agent, then QMP quit, then kill.
+    /// Returns each instance's state before, for the summary.
+    pub(super) fn stop_instances(
+        &self,
+        names: &[String],
+        timeout: Duration,
+        progress: Progress<'_>,
+    ) -> Vec<(String, Option<State>)> {
+        let window = self
+            .window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (targets, before) = self.registry().begin_stop(names);
+        for (name, id, _) in &targets {
+            if let Some(w) = &window {
+                if w.agent.send(*id, &Msg::PowerOff).is_ok() {
+                    progress(name, "asked the agent to power off");
+                }
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut quit_sent = false;
+        loop {
+            let mut left = 0;
+            {
+                let mut reg = self.registry();
+                for (name, _, _) in &targets {
+                    let Some(inst) = reg.instances.get_mut(name) else {
+                        continue;
+                    };
+                    if let Some(c) = inst.child.as_mut() {
+                        if let Ok(Some(_)) = c.try_wait() {
+                            inst.child = None;
+                        } else {
+                            left += 1;
+                        }
+                    }
+                }
+            }
+            if left == 0 {
+                break;
+            }
+            let now = Instant::now();
+            if now > deadline + Duration::from_secs(3) {
+                let mut reg = self.registry();
+                for (name, _, _) in &targets {
+                    if let Some(inst) = reg.instances.get_mut(name) {
+                        if let Some(mut c) = inst.child.take() {
+                            progress(name, "killed");
+                            let _ = c.kill();
+                            let _ = c.wait();
+                        }
+                    }
+                }
+                break;
+            }
+            if now > deadline && !quit_sent {
+                quit_sent = true;
+                for (name, _, dir) in &targets {
+                    if let Ok(mut q) = Qmp::connect(&dir.qmp(), Duration::from_millis(500)) {
+                        let _ = q.quit();
+                        progress(name, "QMP quit");
+                    }
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let mut reg = self.registry();
+        for (name, id, _) in &targets {
+            if let Some(inst) = reg.instances.get_mut(name) {
+                inst.state = State::Stopped;
+                inst.started = None;
+            }
+            if let Some(w) = &window {
+                w.agent.fail_peer(*id, "the instance stopped");
+            }
+            // The RAM files are the instance's memory: gone with it.
+            let _ = std::fs::remove_dir_all(self.run.ram(name));
+            progress(name, "stopped");
+        }
+        before
+    }
+}
+
+/// Why vCPU threads could not be pinned.
+#[derive(Debug, thiserror::Error)]
+enum PinError {
+    #[error(transparent)]
+    Qmp(#[from] crate::daemon::qmp::QmpError),
+    #[error("sched_setaffinity({tid}) to host CPU {cpu}")]
+    Affinity {
+        tid: i32,
+        cpu: usize,
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
+
+/// Pins each vCPU thread to its host CPU: topology CPU `c` runs on host
+/// CPU `c mod` the host's CPU count (the demo machine may be larger than
+/// the host it is emulated on).
+fn pin_vcpus(qmp: &Path, cpus: &CpuSet) -> Result<String, PinError> {
+    let mut q = Qmp::connect(qmp, Duration::from_secs(10))?;
+    let threads = q.vcpu_threads()?;
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let topo: Vec<u32> = cpus.iter().collect();
+    let mut done = Vec::new();
+    for t in &threads {
+        let Some(&c) = topo.get(t.cpu_index as usize) else {
+            continue;
+        };
+        let h = c as usize % host;
+        let mut set = nix::sched::CpuSet::new();
+        let affinity = |source| PinError::Affinity {
+            tid: t.thread_id,
+            cpu: h,
+            source,
+        };
+        set.set(h).map_err(affinity)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(t.thread_id), &set)
+            .map_err(affinity)?;
+        done.push(format!("vCPU {} -> host CPU {h}", t.cpu_index));
+    }
+    Ok(format!("pinned {}", done.join(", ")))
+}

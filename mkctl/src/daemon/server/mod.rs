@@ -1,0 +1,349 @@
+//! The daemon process (`mkctl daemon run`): owns the run directory, the
+//! shared window and one QEMU process per instance; runs the host's agent
+//! (endpoint 0); serves the CLI over the control socket, one thread per
+//! connection.
+//!
+//! This file is the accept loop and the dispatch: each [`Request`] goes to
+//! the one method that carries it out and answers a `Reply` or a
+//! [`RequestError`], which becomes the error reply here and nowhere else.
+//! The work lives in the children:
+//! - [`instances`]: boot, stop, the monitor, status — the lifecycle, by the
+//!   rules of [`super::state`];
+//! - [`relay`]: requests carried out by agents (exec, info, ping, traffic,
+//!   migrate, checkpoint, restore).
+//!
+//! Invariants it keeps:
+//! - nothing starts before the topology validated;
+//! - every QEMU is a child of the daemon's spawner thread with
+//!   `PR_SET_PDEATHSIG = SIGKILL`, so no QEMU outlives the daemon, even
+//!   when the daemon is killed;
+//! - an instance whose QEMU exits or whose agent's heartbeat stops is shown
+//!   `failed` with the reason, within a second or two.
+
+mod instances;
+mod relay;
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Sender};
+
+use super::control::{self, Frame, Reply, Request, Side};
+use super::error::RequestError;
+use super::paths::RunDir;
+use super::state::{stop_summary, Registry};
+use super::window::HostWindow;
+
+/// Runs QEMU (and only QEMU) from one long-lived thread, because
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits.
+type SpawnReq = (Command, Sender<std::io::Result<Child>>);
+
+#[derive(Debug)]
+struct Daemon {
+    run: RunDir,
+    registry: Mutex<Registry>,
+    window: Mutex<Option<Arc<HostWindow>>>,
+    spawner: Sender<SpawnReq>,
+    stop: AtomicBool,
+    /// Taken at start: the executable may be replaced while we run.
+    build: String,
+}
+
+/// The daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot use run directory {}", path.display())]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another daemon (pid {pid}) already serves {}", dir.display())]
+    AlreadyRunning { pid: u32, dir: PathBuf },
+    #[error("cannot listen on {}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+/// Where the host agent's log (the `log` facade) goes: the daemon's
+/// stderr, which is its log file in the run directory.
+#[derive(Debug)]
+struct DaemonLog;
+
+impl log::Log for DaemonLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!(
+                "mkctl daemon: {}: {}",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// `mkctl daemon run`: serves until asked to stop (or SIGTERM/SIGINT),
+/// then stops every instance.
+pub fn run(run: RunDir) -> Result<(), DaemonError> {
+    if log::set_logger(&DaemonLog).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+    std::fs::create_dir_all(run.path()).map_err(|source| DaemonError::RunDir {
+        path: run.path().into(),
+        source,
+    })?;
+    if let Ok(c) = UnixStream::connect(run.socket()) {
+        drop(c);
+        let pid = std::fs::read_to_string(run.pid_file())
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        return Err(DaemonError::AlreadyRunning {
+            pid,
+            dir: run.path().into(),
+        });
+    }
+    let _ = std::fs::remove_file(run.socket());
+    let listen_err = |source| DaemonError::Listen {
+        path: run.socket(),
+        source,
+    };
+    let listener = UnixListener::bind(run.socket()).map_err(listen_err)?;
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    std::fs::write(run.pid_file(), format!("{}\n", std::process::id())).map_err(|source| {
+        DaemonError::RunDir {
+            path: run.pid_file(),
+            source,
+        }
+    })?;
+    for sig in [
+        nix::sys::signal::SIGTERM,
+        nix::sys::signal::SIGINT,
+        nix::sys::signal::SIGHUP,
+    ] {
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(on_signal),
+            nix::sys::signal::SaFlags::empty(),
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; no other handler for these signals exists.
+        unsafe {
+            let _ = nix::sys::signal::sigaction(sig, &action);
+        }
+    }
+
+    let (spawn_tx, spawn_rx) = bounded::<SpawnReq>(0);
+    thread::Builder::new()
+        .name("qemu-spawner".into())
+        .spawn(move || {
+            for (mut cmd, reply) in spawn_rx {
+                let _ = reply.send(cmd.spawn());
+            }
+        })
+        .expect("spawning a thread");
+
+    let d = Arc::new(Daemon {
+        run: run.clone(),
+        registry: Mutex::new(Registry::default()),
+        window: Mutex::new(None),
+        spawner: spawn_tx,
+        stop: AtomicBool::new(false),
+        build: control::build_id(),
+    });
+    eprintln!(
+        "mkctl daemon {} serving {}",
+        std::process::id(),
+        run.socket().display()
+    );
+    let monitor = {
+        let d = Arc::clone(&d);
+        thread::spawn(move || d.monitor())
+    };
+    while !d.stopping() {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let d = Arc::clone(&d);
+                thread::spawn(move || d.serve(stream));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => log::warn!("accept: {e}"),
+        }
+    }
+    eprintln!("mkctl daemon: stopping every instance");
+    d.stop.store(true, Ordering::SeqCst);
+    let names: Vec<String> = d.registry().instances.keys().cloned().collect();
+    d.stop_instances(&names, Duration::from_secs(10), &|_, _| {});
+    let _ = monitor.join();
+    let _ = std::fs::remove_file(run.socket());
+    let _ = std::fs::remove_file(run.pid_file());
+    if let Some(tree) = run.ram_tree() {
+        let _ = std::fs::remove_dir_all(tree);
+    }
+    Ok(())
+}
+
+/// Sends progress lines of one request back to its client.
+type Progress<'a> = &'a dyn Fn(&str, &str);
+
+/// The client's connection: requests that stream (exec, restore,
+/// checkpoint) read from it and write wire frames to it.
+struct Conn {
+    rx: UnixStream,
+    tx: Mutex<UnixStream>,
+}
+
+impl Conn {
+    fn reply(&self, r: &Reply) -> bool {
+        let mut w = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        control::send_reply(&mut *w, r).is_ok()
+    }
+    fn wire(&self, m: &mknode::wire::Msg) -> bool {
+        let mut w = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        control::send_wire(&mut *w, m).is_ok()
+    }
+}
+
+impl Daemon {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || SIGNALLED.load(Ordering::SeqCst)
+    }
+
+    fn serve(self: Arc<Self>, stream: UnixStream) {
+        let Ok(rx) = stream.try_clone() else { return };
+        let mut conn = Conn {
+            rx,
+            tx: Mutex::new(stream),
+        };
+        let req = match control::read_frame(&mut conn.rx, Side::Daemon) {
+            Ok(Frame::Request(r)) => r,
+            Ok(_) => return,
+            // A client that only checked the daemon is there.
+            Err(control::FrameError::Closed) => return,
+            Err(e) => {
+                log::warn!("bad request: {}", crate::error_chain(&e));
+                return;
+            }
+        };
+        let progress = |instance: &str, message: &str| {
+            conn.reply(&Reply::Progress {
+                instance: instance.into(),
+                message: message.into(),
+            });
+        };
+        let reply = match self.dispatch(req, &conn, &progress) {
+            Ok(Some(reply)) => reply,
+            // A streamed request answered as it went.
+            Ok(None) => return,
+            Err(e) => e.reply(),
+        };
+        conn.reply(&reply);
+    }
+
+    /// Carries out one request: its reply, or `None` when it streamed its
+    /// answers to the client itself.
+    fn dispatch(
+        &self,
+        req: Request,
+        conn: &Conn,
+        progress: Progress<'_>,
+    ) -> Result<Option<Reply>, RequestError> {
+        let reply = match req {
+            Request::Boot {
+                config,
+                instances,
+                timeout_ms,
+            } => self.boot(
+                &config,
+                &instances,
+                Duration::from_millis(timeout_ms),
+                progress,
+            )?,
+            Request::Status => Reply::Status {
+                status: self.status(),
+            },
+            Request::Stop {
+                instances,
+                timeout_ms,
+            } => {
+                let names = if instances.is_empty() {
+                    self.registry().instances.keys().cloned().collect()
+                } else {
+                    instances
+                };
+                self.registry().check_names(&names)?;
+                let before =
+                    self.stop_instances(&names, Duration::from_millis(timeout_ms), progress);
+                Reply::Ok {
+                    message: stop_summary(&before),
+                }
+            }
+            Request::Shutdown => {
+                self.stop.store(true, Ordering::SeqCst);
+                Reply::Ok {
+                    message: "the daemon is stopping its instances and exiting".into(),
+                }
+            }
+            Request::Info { instance } => self.info(&instance)?,
+            Request::Ping { from, to, count } => self.ping(&from, &to, count)?,
+            Request::Traffic {
+                from,
+                to,
+                count,
+                size,
+            } => self.traffic(&from, &to, count, size)?,
+            Request::Migrate {
+                pid,
+                from,
+                to,
+                lazy,
+            } => self.migrate(pid, &from, &to, lazy, progress)?,
+            Request::Checkpoint { pid, on, kill } => self.checkpoint(pid, &on, kill, conn)?,
+            Request::Exec {
+                instance,
+                argv,
+                env,
+                cwd,
+                stdin,
+            } => {
+                let exec = mknode::wire::ExecRequest {
+                    argv,
+                    env,
+                    cwd,
+                    stdin,
+                };
+                self.exec(&instance, exec, conn)?;
+                return Ok(None);
+            }
+            Request::Restore { on } => {
+                self.restore(&on, conn)?;
+                return Ok(None);
+            }
+        };
+        Ok(Some(reply))
+    }
+}

@@ -1,0 +1,442 @@
+//! Requests the agents carry out, relayed from the CLI: info, ping,
+//! traffic, migrate (answered with one reply), and exec, checkpoint,
+//! restore (streams between the client and an agent: stdin, output,
+//! signals, image chunks, with the request id rewritten on the way).
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mknode::agent::{Agent, Diag, Migration, RttSummary};
+use mknode::wire::{ExecRequest, Msg, Stream};
+
+use super::{Conn, Daemon, Progress};
+use crate::daemon::control::{self, Frame, Reply, Side};
+use crate::daemon::error::RequestError;
+
+/// How long a move may take before the daemon stops waiting for its end.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long an agent may take to send the next piece of a checkpoint.
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Daemon {
+    /// The endpoint of a kernel that serves requests now.
+    fn ready(&self, name: &str) -> Result<u16, RequestError> {
+        self.registry().ready_endpoint(name)
+    }
+
+    /// Two different ready kernels, for `what`.
+    fn two(&self, what: &'static str, a: &str, b: &str) -> Result<(u16, u16), RequestError> {
+        let (a, b) = (self.ready(a)?, self.ready(b)?);
+        if a == b {
+            return Err(RequestError::SameKernel { what });
+        }
+        Ok((a, b))
+    }
+
+    pub(super) fn info(&self, name: &str) -> Result<Reply, RequestError> {
+        let id = self.ready(name)?;
+        let info = if id == 0 {
+            mknode::agent::kernel_info()
+        } else {
+            self.agent()?.call_for(
+                id,
+                Duration::from_secs(5),
+                |req| Msg::InfoRequest { req },
+                |m| match m {
+                    Msg::Info { info, .. } => Some(info),
+                    _ => None,
+                },
+            )?
+        };
+        Ok(Reply::Info {
+            info: serde_json::json!({
+                "hostname": info.hostname,
+                "sysname": info.sysname,
+                "release": info.release,
+                "version": info.version,
+                "machine": info.machine,
+                "cpus_online": info.cpus_online,
+                "nodes": info.nodes.iter().map(|n| serde_json::json!({"id": n.id, "cpus": n.cpus, "mem_total": n.mem_total})).collect::<Vec<_>>(),
+                "mem_total": info.mem_total,
+                "uptime_ms": info.uptime_ms,
+            }),
+        })
+    }
+
+    pub(super) fn ping(&self, from: &str, to: &str, count: u32) -> Result<Reply, RequestError> {
+        let (a, b) = self.two("ping", from, to)?;
+        let agent = self.agent()?;
+        let count = count.max(1);
+        let s = if a == 0 {
+            RttSummary::of(&agent.facet::<Diag>().ping(b, count)?)
+        } else {
+            let timeout = Duration::from_secs(10) + Duration::from_millis(u64::from(count) * 5);
+            agent.call_for(
+                a,
+                timeout,
+                |req| Msg::PingPeer {
+                    req,
+                    peer: b,
+                    count,
+                },
+                |m| match m {
+                    Msg::PingReport {
+                        count,
+                        rtt_min_ns,
+                        rtt_median_ns,
+                        rtt_max_ns,
+                        ..
+                    } => Some(RttSummary {
+                        count,
+                        min_ns: rtt_min_ns,
+                        median_ns: rtt_median_ns,
+                        max_ns: rtt_max_ns,
+                    }),
+                    _ => None,
+                },
+            )?
+        };
+        Ok(Reply::Ping {
+            count: s.count,
+            min_ns: s.min_ns,
+            median_ns: s.median_ns,
+            max_ns: s.max_ns,
+        })
+    }
+
+    pub(super) fn traffic(
+        &self,
+        from: &str,
+        to: &str,
+        count: u32,
+        size: u32,
+    ) -> Result<Reply, RequestError> {
+        let (a, b) = self.two("traffic", from, to)?;
+        let agent = self.agent()?;
+        let t0 = Instant::now();
+        let seed = u64::from(std::process::id()) ^ nanos(t0.elapsed()) ^ 0x5eed;
+        if a == 0 {
+            agent.facet::<Diag>().send_blobs(b, count, size, seed)?;
+        } else {
+            agent.call_for(
+                a,
+                Duration::from_secs(60),
+                |req| Msg::SendBlobs {
+                    req,
+                    peer: b,
+                    count,
+                    size,
+                    seed,
+                },
+                |m| matches!(m, Msg::Done { .. }).then_some(()),
+            )?;
+        }
+        // The last blobs may still be in the ring: poll the receiver.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = if b == 0 {
+                agent.facet::<Diag>().blob_report(a)
+            } else {
+                agent.call_for(
+                    b,
+                    Duration::from_secs(5),
+                    |req| Msg::BlobCheck { req, from: a },
+                    |m| match m {
+                        Msg::BlobReport {
+                            good,
+                            bad,
+                            next_seq,
+                            ..
+                        } => Some(mknode::agent::BlobReport {
+                            good,
+                            bad,
+                            next_seq,
+                        }),
+                        _ => None,
+                    },
+                )?
+            };
+            if r.next_seq >= u64::from(count) || Instant::now() > deadline {
+                return Ok(Reply::Traffic {
+                    sent: u64::from(count),
+                    good: r.good,
+                    bad: r.bad,
+                    elapsed_ns: nanos(t0.elapsed()),
+                });
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Relays one command: the agent's answers go to the client as wire
+    /// frames; the client's stdin and signals go to the agent.
+    pub(super) fn exec(
+        &self,
+        name: &str,
+        exec: ExecRequest,
+        conn: &Conn,
+    ) -> Result<(), RequestError> {
+        let id = self.ready(name)?;
+        if id == 0 {
+            return Err(RequestError::NotOnHost {
+                what: "exec",
+                instead: "run the command directly",
+            });
+        }
+        let agent = self.agent()?;
+        let (req, rx) = agent.request(id, |req| Msg::Exec { req, exec })?;
+        conn.reply(&Reply::ExecStarted);
+        // Client -> agent: stdin and signals, with the request id rewritten.
+        forward_from_client(conn, Arc::clone(&agent), id, req, move |m| match m {
+            Msg::Data {
+                stream: Stream::Stdin,
+                bytes,
+                ..
+            } => Some(Msg::Data {
+                req,
+                stream: Stream::Stdin,
+                bytes,
+            }),
+            Msg::Eof {
+                stream: Stream::Stdin,
+                ..
+            } => Some(Msg::Eof {
+                req,
+                stream: Stream::Stdin,
+            }),
+            _ => None,
+        });
+        relay_answers(&agent, id, req, &rx, conn);
+        Ok(())
+    }
+
+    pub(super) fn migrate(
+        &self,
+        pid: u32,
+        from: &str,
+        to: &str,
+        lazy: bool,
+        progress: Progress<'_>,
+    ) -> Result<Reply, RequestError> {
+        let (a, b) = (self.ready(from)?, self.ready(to)?);
+        if a == b {
+            return Err(RequestError::AlreadyThere {
+                kernel: from.to_string(),
+            });
+        }
+        let agent = self.agent()?;
+        let running = |new_pid: u32, downtime: Duration| {
+            progress(
+                to,
+                &format!(
+                    "running as pid {new_pid} after {:.1} ms of downtime{}",
+                    downtime.as_secs_f64() * 1e3,
+                    if lazy {
+                        "; the remaining pages follow"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        };
+        if a == 0 {
+            // The host's agent is the origin: freeze and stream from here
+            // (ptrace wants one thread from freeze to kill: this one).
+            let r = agent
+                .facet::<Migration>()
+                .move_out(pid, b, lazy, running)
+                .map_err(|e| RequestError::Move {
+                    on: from.to_string(),
+                    source: Box::new(e),
+                })?;
+            return Ok(Reply::Migrated {
+                new_pid: r.new_pid,
+                downtime_ns: nanos(r.downtime),
+                total_ns: nanos(r.total),
+                image_bytes: r.image_bytes,
+            });
+        }
+        let (req, rx) = agent.request(a, |req| Msg::MigrateOut {
+            req,
+            pid,
+            to: b,
+            lazy,
+        })?;
+        let deadline = Instant::now() + MOVE_TIMEOUT;
+        let mut running = Some(running);
+        let answer = loop {
+            match rx.recv_deadline(deadline) {
+                Ok(Msg::MigrateProgress {
+                    new_pid,
+                    downtime_ns,
+                    ..
+                }) => {
+                    if let Some(f) = running.take() {
+                        f(new_pid, Duration::from_nanos(downtime_ns));
+                    }
+                }
+                other => break other,
+            }
+        };
+        agent.forget(a, req);
+        match answer {
+            Ok(Msg::MigrateReport {
+                new_pid,
+                downtime_ns,
+                total_ns,
+                image_bytes,
+                ..
+            }) => Ok(Reply::Migrated {
+                new_pid,
+                downtime_ns,
+                total_ns,
+                image_bytes,
+            }),
+            Ok(Msg::Failed { message, .. }) => Err(RequestError::Remote {
+                on: from.to_string(),
+                message,
+            }),
+            Ok(other) => Err(mknode::agent::AgentError::Unexpected {
+                peer: agent.peer(a),
+                got: other.kind().name().to_string(),
+            }
+            .into()),
+            Err(_) => Err(RequestError::NoAnswer {
+                on: from.to_string(),
+                timeout: MOVE_TIMEOUT,
+            }),
+        }
+    }
+
+    /// Relays an agent's image of a process to the client, as wire frames.
+    pub(super) fn checkpoint(
+        &self,
+        pid: u32,
+        on: &str,
+        kill: bool,
+        conn: &Conn,
+    ) -> Result<Reply, RequestError> {
+        let id = self.ready(on)?;
+        if id == 0 {
+            return Err(RequestError::NotOnHost {
+                what: "checkpoint",
+                instead: "not supported yet; use an instance",
+            });
+        }
+        let agent = self.agent()?;
+        let (req, rx) = agent.request(id, |req| Msg::Checkpoint { req, pid, kill })?;
+        let result = loop {
+            match rx.recv_timeout(CHECKPOINT_TIMEOUT) {
+                Ok(m @ Msg::ImageChunk { .. }) => {
+                    if !conn.wire(&m) {
+                        break Err(RequestError::ClientGone);
+                    }
+                }
+                Ok(Msg::Done { .. }) => {
+                    break Ok(Reply::Ok {
+                        message: format!("checkpoint of {pid} on {on} written"),
+                    })
+                }
+                Ok(Msg::Failed { message, .. }) => {
+                    break Err(RequestError::Remote {
+                        on: on.to_string(),
+                        message,
+                    })
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    break Err(RequestError::NoAnswer {
+                        on: on.to_string(),
+                        timeout: CHECKPOINT_TIMEOUT,
+                    })
+                }
+            }
+        };
+        agent.forget(id, req);
+        result
+    }
+
+    /// Relays an image from the client to an agent that restores it, then
+    /// the process's output back, like exec.
+    pub(super) fn restore(&self, on: &str, conn: &Conn) -> Result<(), RequestError> {
+        let id = self.ready(on)?;
+        if id == 0 {
+            return Err(RequestError::NotOnHost {
+                what: "restore",
+                instead: "not supported yet; use an instance",
+            });
+        }
+        let agent = self.agent()?;
+        let (req, rx) = agent.request(id, |req| Msg::RestoreImage { req })?;
+        conn.reply(&Reply::ExecStarted);
+        // Client -> agent: the image, then signals.
+        forward_from_client(conn, Arc::clone(&agent), id, req, move |m| match m {
+            Msg::ImageChunk { bytes, .. } => Some(Msg::ImageChunk { req, bytes }),
+            _ => None,
+        });
+        relay_answers(&agent, id, req, &rx, conn);
+        Ok(())
+    }
+}
+
+/// Forwards what a client sends for request `req` on endpoint `id` (in a
+/// thread of its own): what `map` keeps, with the request id rewritten,
+/// and signals. A client that goes away takes the process with it
+/// (SIGKILL), as a terminal's process group would.
+fn forward_from_client(
+    conn: &Conn,
+    agent: Arc<Agent>,
+    id: u16,
+    req: u32,
+    map: impl Fn(Msg) -> Option<Msg> + Send + 'static,
+) {
+    let Ok(mut client_rx) = conn.rx.try_clone() else {
+        return;
+    };
+    thread::spawn(move || loop {
+        let m = match control::read_frame(&mut client_rx, Side::Daemon) {
+            Ok(Frame::Wire(Msg::Signal { signal, .. })) => Msg::Signal { req, signal },
+            Ok(Frame::Wire(m)) => match map(m) {
+                Some(m) => m,
+                None => continue,
+            },
+            Ok(_) => continue,
+            Err(_) => {
+                let _ = agent.send(
+                    id,
+                    &Msg::Signal {
+                        req,
+                        signal: libc::SIGKILL,
+                    },
+                );
+                return;
+            }
+        };
+        if agent.send(id, &m).is_err() {
+            return;
+        }
+    });
+}
+
+/// Copies an agent's answers to one request to the client as wire frames,
+/// until the final one (or the client goes away).
+fn relay_answers(agent: &Agent, id: u16, req: u32, rx: &Receiver<Msg>, conn: &Conn) {
+    loop {
+        let m = rx
+            .recv_timeout(Duration::from_secs(3600))
+            .unwrap_or(Msg::Failed {
+                req,
+                message: "no answer from the agent".into(),
+            });
+        if !conn.wire(&m) || m.is_final() {
+            agent.forget(id, req);
+            return;
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! The daemon's instances and the rules of their lifecycle, apart from
+//! sockets and QEMU so the rules can be tested alone.
+//!
+//! ```text
+//!            boot                 agent answers
+//!  (none) ─────────▶ booting ───────────────────▶ ready
+//!  stopped ─────────▶   │                           │
+//!  failed  ─────────▶   │ QEMU exits, timeout       │ QEMU exits, heartbeat stops
+//!                       ▼                           ▼
+//!                    failed ◀───────────────────────┘
+//!   booting/ready ── stop ──▶ stopping ── QEMU gone ──▶ stopped
+//! ```
+//!
+//! What a request may do in each state:
+//!
+//! | state    | boot                 | exec, info, ping, migrate... | stop            |
+//! | ---      | ---                  | ---                          | ---             |
+//! | (none)   | starts it            | refused: unknown             | refused: unknown|
+//! | booting  | refused: busy        | refused: is booting          | stops it        |
+//! | ready    | nothing (is ready)   | served                       | stops it        |
+//! | stopping | refused: busy        | refused: is stopping         | waits with it   |
+//! | stopped  | starts it            | refused: is stopped          | nothing to do   |
+//! | failed   | starts it            | refused: has failed (why)    | stays failed    |
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::Instant;
+
+use super::error::RequestError;
+use super::paths::InstanceDir;
+use crate::topology::{Instance, Topology};
+use crate::units::CpuSet;
+
+/// Lifecycle of one instance, as `mkctl status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Booting,
+    Ready,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+/// What `boot` does with an instance in some state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBoot {
+    Start,
+    /// Already up: left as it is (booting a running topology is no error).
+    AlreadyReady,
+    /// Booting or stopping: the caller must wait.
+    Busy,
+}
+
+/// What `stop` does with an instance in some state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStop {
+    /// It has a process: stop it.
+    Stop,
+    /// Nothing runs: mark it stopped.
+    NothingRuns,
+    /// It failed, and stays failed (the reason is kept).
+    StaysFailed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Booting => "booting",
+            State::Ready => "ready",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+        }
+    }
+
+    /// A kernel is up or on its way (or on its way down).
+    pub fn is_running(self) -> bool {
+        matches!(self, State::Booting | State::Ready | State::Stopping)
+    }
+
+    /// Whether it has an uptime and a heartbeat worth showing.
+    pub fn is_live(self) -> bool {
+        matches!(self, State::Booting | State::Ready)
+    }
+
+    pub fn on_boot(self) -> OnBoot {
+        match self {
+            State::Ready => OnBoot::AlreadyReady,
+            State::Booting | State::Stopping => OnBoot::Busy,
+            State::Stopped | State::Failed => OnBoot::Start,
+        }
+    }
+
+    /// Only a ready instance serves requests.
+    pub fn serves(self) -> bool {
+        self == State::Ready
+    }
+
+    /// `has_process`: its QEMU still runs.
+    pub fn on_stop(self, has_process: bool) -> OnStop {
+        match (self, has_process) {
+            (_, true) => OnStop::Stop,
+            (State::Failed, false) => OnStop::StaysFailed,
+            (_, false) => OnStop::NothingRuns,
+        }
+    }
+
+    /// The state after its QEMU exited on its own (not by a stop).
+    pub fn on_process_exit(self) -> State {
+        match self {
+            // A stop finishes the job (and marks it stopped).
+            State::Stopping => State::Stopping,
+            _ => State::Failed,
+        }
+    }
+
+    /// The state after its agent stopped beating.
+    pub fn on_heartbeat_lost(self) -> State {
+        match self {
+            State::Ready => State::Failed,
+            s => s,
+        }
+    }
+}
+
+/// One instance as the daemon runs it.
+#[derive(Debug)]
+pub struct Inst {
+    pub name: String,
+    pub id: u16,
+    pub cpus: CpuSet,
+    pub memory: u64,
+    pub state: State,
+    pub reason: Option<String>,
+    pub child: Option<Child>,
+    pub started: Option<Instant>,
+    pub kernel: Option<String>,
+    pub dir: InstanceDir,
+}
+
+impl Inst {
+    /// Marks it failed for `reason`.
+    pub fn fail(&mut self, reason: impl Into<String>) {
+        self.state = State::Failed;
+        self.reason = Some(reason.into());
+    }
+}
+
+/// Every instance of the daemon, and the topology they come from.
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub config: Option<PathBuf>,
+    pub topology: Option<Topology>,
+    pub instances: BTreeMap<String, Inst>,
+}
+
+fn list_or_none(names: Vec<&str>) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+impl Registry {
+    fn known(&self) -> Vec<&str> {
+        self.instances.keys().map(String::as_str).collect()
+    }
+
+    /// Every name must be an instance of this daemon.
+    pub fn check_names(&self, names: &[String]) -> Result<(), RequestError> {
+        match names.iter().find(|n| !self.instances.contains_key(*n)) {
+            None => Ok(()),
+            Some(n) => Err(RequestError::UnknownInstance {
+                name: n.clone(),
+                known: list_or_none(self.known()),
+            }),
+        }
+    }
+
+    /// A kernel's endpoint id, by instance name or id; "host" and "0" are
+    /// the host.
+    pub fn endpoint_of(&self, name: &str) -> Result<u16, RequestError> {
+        if name == "host" || name == "0" {
+            return Ok(0);
+        }
+        self.instances
+            .get(name)
+            .or_else(|| self.instances.values().find(|i| i.id.to_string() == name))
+            .map(|i| i.id)
+            .ok_or_else(|| RequestError::UnknownKernel {
+                name: name.to_string(),
+                known: self.known().join(", "),
+            })
+    }
+
+    /// [`Registry::endpoint_of`] a kernel that serves requests now.
+    pub fn ready_endpoint(&self, name: &str) -> Result<u16, RequestError> {
+        let id = self.endpoint_of(name)?;
+        match self.instances.values().find(|i| i.id == id) {
+            Some(i) if !i.state.serves() => Err(RequestError::NotReady {
+                name: i.name.clone(),
+                state: i.state.as_str(),
+                reason: i.reason.clone(),
+            }),
+            _ => Ok(id),
+        }
+    }
+
+    /// Which of `selected` (from `config`) a boot starts; refuses the boot
+    /// when another topology runs or one of them is busy.
+    pub fn admit_boot(
+        &self,
+        config: &PathBuf,
+        selected: Vec<Instance>,
+    ) -> Result<(Vec<Instance>, Vec<String>), RequestError> {
+        if let Some(c) = &self.config {
+            if c != config && self.instances.values().any(|i| i.state.is_running()) {
+                return Err(RequestError::OtherTopology { config: c.clone() });
+            }
+        }
+        let state_of = |i: &Instance| self.instances.get(&i.name).map(|o| o.state);
+        let busy: Vec<String> = selected
+            .iter()
+            .filter_map(|i| match state_of(i) {
+                Some(s) if s.on_boot() == OnBoot::Busy => {
+                    Some(format!("{} is {}", i.name, s.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        if !busy.is_empty() {
+            return Err(RequestError::Busy { busy });
+        }
+        let (ready, start): (Vec<Instance>, Vec<Instance>) = selected
+            .into_iter()
+            .partition(|i| state_of(i).map(State::on_boot) == Some(OnBoot::AlreadyReady));
+        Ok((start, ready.into_iter().map(|i| i.name).collect()))
+    }
+
+    /// Starts a stop of `names`: those with a process become `stopping`
+    /// and are returned (name, id, dir); the others are settled at once.
+    /// Also returns each one's state before, for [`stop_summary`].
+    #[allow(clippy::type_complexity)]
+    pub fn begin_stop(
+        &mut self,
+        names: &[String],
+    ) -> (
+        Vec<(String, u16, InstanceDir)>,
+        Vec<(String, Option<State>)>,
+    ) {
+        let before = names
+            .iter()
+            .map(|n| (n.clone(), self.instances.get(n).map(|i| i.state)))
+            .collect();
+        let mut targets = Vec::new();
+        for n in names {
+            let Some(inst) = self.instances.get_mut(n) else {
+                continue;
+            };
+            match inst.state.on_stop(inst.child.is_some()) {
+                OnStop::Stop => {
+                    inst.state = State::Stopping;
+                    targets.push((n.clone(), inst.id, inst.dir.clone()));
+                }
+                OnStop::NothingRuns => inst.state = State::Stopped,
+                OnStop::StaysFailed => {}
+            }
+        }
+        (targets, before)
+    }
+}
+
+/// What `mkctl stop` did: the instances it stopped, and those that were not
+/// running (already stopped, or failed) named as such.
+pub fn stop_summary(before: &[(String, Option<State>)]) -> String {
+    let (mut stopped, mut others) = (Vec::new(), Vec::new());
+    for (name, state) in before {
+        match state {
+            Some(State::Failed) => others.push(format!("{name} had failed")),
+            Some(State::Stopped) | None => others.push(format!("{name} was not running")),
+            Some(_) => stopped.push(name.as_str()),
+        }
+    }
+    let mut parts = Vec::new();
+    if !stopped.is_empty() {
+        parts.push(format!("stopped {}", stopped.join(", ")));
+    }
+    parts.extend(others);
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [State; 5] = [
+        State::Booting,
+        State::Ready,
+        State::Stopping,
+        State::Stopped,
+        State::Failed,
+    ];
+
+    fn inst(name: &str, id: u16, state: State) -> Inst {
+        Inst {
+            name: name.into(),
+            id,
+            cpus: CpuSet::new(),
+            memory: 0,
+            state,
+            reason: (state == State::Failed).then(|| "qemu exited unexpectedly".into()),
+            child: None,
+            started: None,
+            kernel: None,
+            dir: InstanceDir(PathBuf::from("/nonexistent").join(name)),
+        }
+    }
+
+    fn registry(states: &[(&str, State)]) -> Registry {
+        let mut r = Registry {
+            config: Some(PathBuf::from("/t/demo.toml")),
+            ..Registry::default()
+        };
+        for (k, (n, s)) in states.iter().enumerate() {
+            r.instances.insert(n.to_string(), inst(n, k as u16 + 1, *s));
+        }
+        r
+    }
+
+    /// An instance of the demo topology.
+    fn topo_instance(name: &str) -> Instance {
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/demo.toml");
+        let t = crate::topology::load(&demo, || None).expect("the demo topology loads");
+        t.instance(name).expect("the demo has it").clone()
+    }
+
+    #[test]
+    fn what_each_request_may_do_in_each_state() {
+        let table: Vec<(State, OnBoot, bool, OnStop, OnStop)> = ALL
+            .iter()
+            .map(|&s| {
+                (
+                    s,
+                    s.on_boot(),
+                    s.serves(),
+                    s.on_stop(true),
+                    s.on_stop(false),
+                )
+            })
+            .collect();
+        use OnBoot::*;
+        use OnStop::*;
+        assert_eq!(
+            table,
+            vec![
+                (State::Booting, Busy, false, Stop, NothingRuns),
+                (State::Ready, AlreadyReady, true, Stop, NothingRuns),
+                (State::Stopping, Busy, false, Stop, NothingRuns),
+                (State::Stopped, Start, false, Stop, NothingRuns),
+                (State::Failed, Start, false, Stop, StaysFailed),
+            ]
+        );
+    }
+
+    #[test]
+    fn events_move_states_as_the_diagram_says() {
+        let after_exit: Vec<State> = ALL.iter().map(|s| s.on_process_exit()).collect();
+        assert_eq!(
+            after_exit,
+            [
+                State::Failed,
+                State::Failed,
+                State::Stopping,
+                State::Failed,
+                State::Failed
+            ]
+        );
+        let after_silence: Vec<State> = ALL.iter().map(|s| s.on_heartbeat_lost()).collect();
+        assert_eq!(
+            after_silence,
+            [
+                State::Booting,
+                State::Failed,
+                State::Stopping,
+                State::Stopped,
+                State::Failed
+            ]
+        );
+        let live: Vec<bool> = ALL.iter().map(|s| s.is_live()).collect();
+        assert_eq!(live, [true, true, false, false, false]);
+        let running: Vec<bool> = ALL.iter().map(|s| s.is_running()).collect();
+        assert_eq!(running, [true, true, true, false, false]);
+    }
+
+    #[test]
+    fn requests_reach_only_ready_kernels_and_say_why_not() {
+        let r = registry(&[("alpha", State::Ready), ("beta", State::Failed)]);
+        assert_eq!(r.ready_endpoint("alpha").unwrap(), 1);
+        assert_eq!(r.ready_endpoint("1").unwrap(), 1);
+        assert_eq!(r.ready_endpoint("host").unwrap(), 0);
+        let e = r.ready_endpoint("beta").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "instance \"beta\" has failed: qemu exited unexpectedly"
+        );
+        assert_eq!(e.exit_code(), 1);
+        let e = r.ready_endpoint("gamma").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no instance \"gamma\" (known: host, alpha, beta)"
+        );
+        assert_eq!(e.exit_code(), 2);
+        let e = r.check_names(&["alpha".into(), "zeta".into()]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no instance \"zeta\" in this daemon (it has: alpha, beta)"
+        );
+        let e = Registry::default().check_names(&["x".into()]).unwrap_err();
+        assert!(e.to_string().ends_with("(it has: none)"), "{e}");
+    }
+
+    #[test]
+    fn boot_starts_stopped_and_failed_skips_ready_and_refuses_busy() {
+        let config = PathBuf::from("/t/demo.toml");
+        for (state, starts, ready) in [
+            (None, true, false),
+            (Some(State::Stopped), true, false),
+            (Some(State::Failed), true, false),
+            (Some(State::Ready), false, true),
+        ] {
+            let r = match state {
+                Some(s) => registry(&[("alpha", s)]),
+                None => registry(&[]),
+            };
+            let (start, already) = r.admit_boot(&config, vec![topo_instance("alpha")]).unwrap();
+            assert_eq!(start.len() == 1, starts, "{state:?}");
+            assert_eq!(already == ["alpha"], ready, "{state:?}");
+        }
+        for s in [State::Booting, State::Stopping] {
+            let e = registry(&[("alpha", s)])
+                .admit_boot(&config, vec![topo_instance("alpha")])
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("alpha is {}; wait for it, or stop it first", s.as_str())
+            );
+        }
+        // Another topology is refused while this one runs, not after.
+        let other = PathBuf::from("/t/other.toml");
+        let e = registry(&[("alpha", State::Ready)])
+            .admit_boot(&other, vec![topo_instance("alpha")])
+            .unwrap_err();
+        assert!(matches!(e, RequestError::OtherTopology { .. }), "{e}");
+        assert!(registry(&[("alpha", State::Stopped)])
+            .admit_boot(&other, vec![topo_instance("alpha")])
+            .is_ok());
+    }
+
+    #[test]
+    fn stop_settles_what_does_not_run_and_names_it() {
+        let mut r = registry(&[
+            ("alpha", State::Failed),
+            ("beta", State::Stopped),
+            ("gamma", State::Ready),
+        ]);
+        let names: Vec<String> = ["alpha", "beta", "gamma"].map(String::from).to_vec();
+        let (targets, before) = r.begin_stop(&names);
+        // No QEMU runs in this test, so nothing needs stopping; a failed
+        // instance keeps its state and reason.
+        assert!(targets.is_empty());
+        assert_eq!(r.instances["alpha"].state, State::Failed);
+        assert!(r.instances["alpha"].reason.is_some());
+        assert_eq!(r.instances["gamma"].state, State::Stopped);
+        assert_eq!(
+            stop_summary(&before),
+            "stopped gamma; alpha had failed; beta was not running"
+        );
+    }
+
+    #[test]
+    fn stop_names_only_running_instances_as_stopped() {
+        let s = |v: &[(&str, Option<State>)]| {
+            stop_summary(
+                &v.iter()
+                    .map(|(n, st)| (n.to_string(), *st))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            s(&[("alpha", Some(State::Failed)), ("beta", Some(State::Ready))]),
+            "stopped beta; alpha had failed"
+        );
+        assert_eq!(
+            s(&[
+                ("alpha", Some(State::Ready)),
+                ("beta", Some(State::Booting))
+            ]),
+            "stopped alpha, beta"
+        );
+        assert_eq!(
+            s(&[("gamma", Some(State::Stopped))]),
+            "gamma was not running"
+        );
+    }
+}
