@@ -52,7 +52,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use crate::link::{Link, LinkError};
 use crate::wire::{KernelInfo, Kind, Msg};
 
-pub use diag::{kernel_info, Diag};
+pub use diag::{kernel_info, BlobReport, Diag, RttSummary};
 pub use exec::Exec;
 pub use migration::{Migration, MoveError, MoveReport};
 
