@@ -219,3 +219,47 @@ fn dtb_current_generation_baseline_and_overlay() {
         .code(2)
         .stderr(predicate::str::contains("--overlay needs --abi current"));
 }
+
+/// Under `--json`, every failure is also JSON on stdout with its exit code:
+/// bad arguments (2), no daemon (1), a usage error found by mkctl (2).
+#[test]
+fn json_failures_are_json_with_the_exit_code() {
+    let run = tempfile::tempdir().unwrap();
+    let json_of = |args: &[&str], code: i32| {
+        let out = cargo_bin_cmd!("mkctl")
+            .env("MKCTL_RUN_DIR", run.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {out:?}"));
+        assert_eq!(v["exit_code"], code, "{v}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("mkctl:")
+                || String::from_utf8_lossy(&out.stderr).contains("error:"),
+            "{out:?}"
+        );
+        v["error"].as_str().unwrap().to_string()
+    };
+    let e = json_of(&["ping", "alpha", "beta", "--count", "0", "--json"], 2);
+    assert!(!e.is_empty());
+    let e = json_of(&["ping", "alpha", "beta", "--json"], 1);
+    assert!(e.contains("no mkctl daemon runs"), "{e}");
+    let e = json_of(&["migrate", "1", "--from", "a", "--to", "b", "--json"], 1);
+    assert!(e.contains("mkctl boot"), "{e}");
+    // Without --json, stdout stays empty.
+    cargo_bin_cmd!("mkctl")
+        .env("MKCTL_RUN_DIR", run.path())
+        .args(["ping", "alpha", "beta"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::is_empty());
+    // A --json after `--` belongs to the remote command, not to mkctl.
+    cargo_bin_cmd!("mkctl")
+        .env("MKCTL_RUN_DIR", run.path())
+        .args(["exec", "alpha", "--bogus", "--", "prog", "--json"])
+        .assert()
+        .code(2)
+        .stdout(predicate::str::is_empty());
+}

@@ -1,5 +1,10 @@
 //! The commands that act on running instances through the daemon: boot,
-//! status, exec, info, ping, traffic, stop, console, daemon.
+//! status, exec, info, ping, traffic, stop, migrate, console, daemon
+//! (checkpoint and restore are in `image.rs`).
+//!
+//! Each sends one [`Request`] and reads its replies; a failure is returned
+//! as a [`Failure`] with the daemon's message and exit code, and printed
+//! once by `cli::run` (as JSON too under `--json`).
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -8,32 +13,45 @@ use std::time::Duration;
 
 use mknode::wire::{ExitStatus, Msg, Stream, MAX_CHUNK};
 
-use super::{DaemonAction, Res, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+use super::{DaemonAction, Failure, Res, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 use crate::daemon::client::{Client, ClientError};
 use crate::daemon::control::{DaemonStatus, Frame, Reply, Request};
 use crate::daemon::paths::RunDir;
 use crate::topology;
 use crate::units::ByteSize;
 
-fn progress(instance: &str, message: &str) {
+pub(super) fn progress(instance: &str, message: &str) {
     eprintln!("[{instance}] {message}");
 }
 
-/// Prints an error reply and returns its exit code.
-fn failed(message: &str, code: i32) -> i32 {
-    eprintln!("mkctl: {message}");
-    code
+/// A connection to the running daemon.
+pub(super) fn connect() -> Result<Client, Failure> {
+    Client::connect(&RunDir::from_env()).map_err(|e| {
+        Failure::Failed(format!(
+            "{} (start instances with `mkctl boot <topology>`)",
+            crate::error_chain(&e)
+        ))
+    })
 }
 
-fn connect() -> Result<Client, i32> {
-    let run = RunDir::from_env();
-    Client::connect(&run).map_err(|e| {
-        eprintln!(
-            "mkctl: {} (start instances with `mkctl boot <topology>`)",
-            crate::error_chain(&e)
-        );
-        EXIT_FAIL
-    })
+/// What a reply that is not the one expected means: the daemon's error,
+/// or an answer this command does not know.
+pub(super) fn refused(r: Reply) -> Failure {
+    match r {
+        Reply::Error { message, code } => Failure::Daemon { message, code },
+        other => Failure::Unexpected(other.kind()),
+    }
+}
+
+/// One request and its reply; an error reply is the daemon's failure.
+fn ask(req: Request) -> Result<Reply, Failure> {
+    match connect()?
+        .call(&req, progress)
+        .map_err(|e| Failure::Failed(crate::error_chain(&e)))?
+    {
+        r @ Reply::Error { .. } => Err(refused(r)),
+        r => Ok(r),
+    }
 }
 
 pub(super) fn boot(
@@ -59,16 +77,14 @@ pub(super) fn boot(
             });
         }
     };
-    for n in instances {
-        if t.instance(n).is_none() {
-            let names: Vec<&str> = t.instances.iter().map(|i| i.name.as_str()).collect();
-            eprintln!(
-                "mkctl: {} has no instance \"{n}\"; it has: {}",
-                file.display(),
-                names.join(", ")
-            );
-            return Ok(EXIT_USAGE);
-        }
+    if let Some(n) = instances.iter().find(|n| t.instance(n).is_none()) {
+        let names: Vec<&str> = t.instances.iter().map(|i| i.name.as_str()).collect();
+        return Err(Failure::Usage(format!(
+            "{} has no instance \"{n}\"; it has: {}",
+            file.display(),
+            names.join(", ")
+        ))
+        .into());
     }
     // kexec instances boot through the kernel's interface, without the
     // daemon; a refusal stops everything before any instance starts.
@@ -90,11 +106,11 @@ pub(super) fn boot(
             return Ok(code);
         }
     } else if dry_run {
-        eprintln!(
-            "mkctl: --dry-run applies to kexec instances; {} has none to boot",
+        return Err(Failure::Usage(format!(
+            "--dry-run applies to kexec instances; {} has none to boot",
             file.display()
-        );
-        return Ok(EXIT_USAGE);
+        ))
+        .into());
     }
     let config = std::fs::canonicalize(file)?;
     let run = RunDir::from_env();
@@ -104,7 +120,7 @@ pub(super) fn boot(
     if Client::connect(&run).is_err() {
         let chosen = t.instances.iter().filter(|i| qemu.contains(&i.name));
         if let Some(why) = crate::daemon::paths::missing_auto_images(chosen) {
-            return Ok(failed(&why, EXIT_FAIL));
+            return Err(Failure::Failed(why).into());
         }
     }
     let mut c = Client::connect_or_start(&run, |m| eprintln!("mkctl: {m}"))?;
@@ -116,14 +132,13 @@ pub(super) fn boot(
         },
         progress,
     )?;
-    Ok(match reply {
+    match reply {
         Reply::Ok { message } => {
             println!("{message}");
-            EXIT_OK
+            Ok(EXIT_OK)
         }
-        Reply::Error { message, code } => failed(&message, code),
-        other => failed(&format!("unexpected reply {other:?}"), EXIT_FAIL),
-    })
+        other => Err(refused(other).into()),
+    }
 }
 
 fn fetch_status() -> Result<Option<DaemonStatus>, Box<dyn std::error::Error>> {
@@ -135,7 +150,7 @@ fn fetch_status() -> Result<Option<DaemonStatus>, Box<dyn std::error::Error>> {
     };
     match c.call(&Request::Status, progress)? {
         Reply::Status { status } => Ok(Some(status)),
-        other => Err(format!("unexpected reply {other:?}").into()),
+        other => Err(refused(other).into()),
     }
 }
 
@@ -218,20 +233,14 @@ pub(super) fn exec(
     for e in env {
         match e.split_once('=') {
             Some((k, v)) if !k.is_empty() => pairs.push((k.to_string(), v.to_string())),
-            _ => {
-                eprintln!("mkctl: --env takes NAME=VALUE, got {e:?}");
-                return Ok(EXIT_USAGE);
-            }
+            _ => return Err(Failure::Usage(format!("--env takes NAME=VALUE, got {e:?}")).into()),
         }
     }
     if !pairs.iter().any(|(k, _)| k == "PATH") {
         pairs.push(("PATH".into(), "/bin:/sbin:/usr/bin:/usr/sbin".into()));
     }
     let forward_stdin = interactive || !std::io::stdin().is_terminal();
-    let mut c = match connect() {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
-    };
+    let mut c = connect()?;
     c.send(&Request::Exec {
         instance: instance.to_string(),
         argv: command,
@@ -239,11 +248,7 @@ pub(super) fn exec(
         cwd,
         stdin: forward_stdin,
     })?;
-    match c.read()? {
-        Frame::Reply(Reply::ExecStarted) => {}
-        Frame::Reply(Reply::Error { message, code }) => return Ok(failed(&message, code)),
-        other => return Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
-    }
+    started(&mut c)?;
     if forward_stdin {
         let mut w = c.try_clone()?;
         std::thread::spawn(move || {
@@ -273,11 +278,19 @@ pub(super) fn exec(
     relay_output(&mut c, instance, None)
 }
 
-/// Copies a remote process's output to ours until it ends; returns its
-/// exit status as ours.
-/// Streams a remote process's output here until it ends; `restored` (the
-/// image file) has its new pid said on stderr when it starts.
-fn relay_output(c: &mut Client, instance: &str, restored: Option<&Path>) -> Res {
+/// Waits for the daemon to accept a streamed request (exec, restore).
+pub(super) fn started(c: &mut Client) -> Result<(), Box<dyn std::error::Error>> {
+    match c.read()? {
+        Frame::Reply(Reply::ExecStarted) => Ok(()),
+        Frame::Reply(r) => Err(refused(r).into()),
+        _ => Err(Failure::Unexpected("wire message").into()),
+    }
+}
+
+/// Streams a remote process's output here until it ends, and returns its
+/// exit status as ours; `restored` (the image file) has its new pid said
+/// on stderr when it starts.
+pub(super) fn relay_output(c: &mut Client, instance: &str, restored: Option<&Path>) -> Res {
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr();
     loop {
@@ -310,52 +323,20 @@ fn relay_output(c: &mut Client, instance: &str, restored: Option<&Path>) -> Res 
             }
             Frame::Wire(Msg::Failed { message, .. }) => {
                 out.flush()?;
-                return Ok(failed(&format!("{instance}: {message}"), EXIT_FAIL));
+                return Err(Failure::Failed(format!("{instance}: {message}")).into());
             }
-            Frame::Reply(Reply::Error { message, code }) => return Ok(failed(&message, code)),
+            Frame::Reply(r @ Reply::Error { .. }) => return Err(refused(r).into()),
             _ => {}
         }
     }
 }
 
-/// One request, one reply. With `json`, a failure is also printed on stdout
-/// as `{"error": ..., "exit_code": ...}`, so a script reading stdout gets
-/// JSON either way.
-fn simple(req: Request, json: bool) -> Result<Result<Reply, i32>, Box<dyn std::error::Error>> {
-    let json_error = |message: &str, code: i32| {
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({ "error": message, "exit_code": code })
-            );
-        }
-    };
-    let mut c = match connect() {
-        Ok(c) => c,
-        Err(code) => {
-            json_error("no mkctl daemon runs", code);
-            return Ok(Err(code));
-        }
-    };
-    match c.call(&req, progress)? {
-        Reply::Error { message, code } => {
-            json_error(&message, code);
-            Ok(Err(failed(&message, code)))
-        }
-        r => Ok(Ok(r)),
-    }
-}
-
 pub(super) fn info(instance: &str, json: bool) -> Res {
-    let info = match simple(
-        Request::Info {
-            instance: instance.to_string(),
-        },
-        json,
-    )? {
-        Ok(Reply::Info { info }) => info,
-        Ok(other) => return Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
-        Err(code) => return Ok(code),
+    let info = match ask(Request::Info {
+        instance: instance.to_string(),
+    })? {
+        Reply::Info { info } => info,
+        other => return Err(refused(other).into()),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
@@ -388,20 +369,17 @@ pub(super) fn info(instance: &str, json: bool) -> Res {
 }
 
 pub(super) fn ping(from: &str, to: &str, count: u32, json: bool) -> Res {
-    match simple(
-        Request::Ping {
-            from: from.to_string(),
-            to: to.to_string(),
-            count,
-        },
-        json,
-    )? {
-        Ok(Reply::Ping {
+    match ask(Request::Ping {
+        from: from.to_string(),
+        to: to.to_string(),
+        count,
+    })? {
+        Reply::Ping {
             count,
             min_ns,
             median_ns,
             max_ns,
-        }) => {
+        } => {
             if json {
                 println!(
                     "{}",
@@ -417,27 +395,23 @@ pub(super) fn ping(from: &str, to: &str, count: u32, json: bool) -> Res {
             }
             Ok(EXIT_OK)
         }
-        Ok(other) => Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
-        Err(code) => Ok(code),
+        other => Err(refused(other).into()),
     }
 }
 
 pub(super) fn traffic(from: &str, to: &str, count: u32, size: u32, json: bool) -> Res {
-    match simple(
-        Request::Traffic {
-            from: from.to_string(),
-            to: to.to_string(),
-            count,
-            size,
-        },
-        json,
-    )? {
-        Ok(Reply::Traffic {
+    match ask(Request::Traffic {
+        from: from.to_string(),
+        to: to.to_string(),
+        count,
+        size,
+    })? {
+        Reply::Traffic {
             sent,
             good,
             bad,
             elapsed_ns,
-        }) => {
+        } => {
             if json {
                 println!(
                     "{}",
@@ -455,8 +429,7 @@ pub(super) fn traffic(from: &str, to: &str, count: u32, size: u32, json: bool) -
                 EXIT_FAIL
             })
         }
-        Ok(other) => Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
-        Err(code) => Ok(code),
+        other => Err(refused(other).into()),
     }
 }
 
@@ -468,8 +441,7 @@ pub(super) fn stop(
     dry_run: bool,
 ) -> Res {
     if instances.is_empty() && !all {
-        eprintln!("mkctl: name the instances to stop, or use --all");
-        return Ok(EXIT_USAGE);
+        return Err(Failure::Usage("name the instances to stop, or use --all".into()).into());
     }
     // Instances the kernel lists are kexec instances: stop them there.
     let listed: Vec<String> = super::kexec::listed(sysroot)
@@ -495,7 +467,7 @@ pub(super) fn stop(
             println!("no mkctl daemon runs; nothing to stop");
             return Ok(EXIT_OK);
         }
-        Err(e) => return Ok(failed(&crate::error_chain(&e), EXIT_FAIL)),
+        Err(e) => return Err(e.into()),
     };
     match c.call(
         &Request::Stop {
@@ -508,8 +480,7 @@ pub(super) fn stop(
             println!("{message}");
             Ok(EXIT_OK)
         }
-        Reply::Error { message, code } => Ok(failed(&message, code)),
-        other => Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
+        other => Err(refused(other).into()),
     }
 }
 
@@ -524,11 +495,11 @@ pub(super) fn console(sysroot: &Path, instance: &str, tail: Option<usize>) -> Re
         {
             return super::kexec::console(sysroot, id);
         }
-        eprintln!(
-            "mkctl: no instance \"{instance}\" was booted in {}",
+        return Err(Failure::Usage(format!(
+            "no instance \"{instance}\" was booted in {}",
             run.path().display()
-        );
-        return Ok(EXIT_USAGE);
+        ))
+        .into());
     }
     if let Some(n) = tail {
         println!("{}", dir.console_tail(n));
@@ -652,7 +623,7 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
                 .and_then(|s| s.trim().parse::<i32>().ok());
             match c.call(&Request::Shutdown, progress)? {
                 Reply::Ok { message } => println!("{message}"),
-                Reply::Error { message, code } => return Ok(failed(&message, code)),
+                r @ Reply::Error { .. } => return Err(refused(r).into()),
                 _ => {}
             }
             // Wait for it to be gone, so a following `boot` starts afresh.
@@ -670,21 +641,18 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
 }
 
 pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) -> Res {
-    match simple(
-        Request::Migrate {
-            pid,
-            from: from.to_string(),
-            to: to.to_string(),
-            lazy: mode == "lazy",
-        },
-        json,
-    )? {
-        Ok(Reply::Migrated {
+    match ask(Request::Migrate {
+        pid,
+        from: from.to_string(),
+        to: to.to_string(),
+        lazy: mode == "lazy",
+    })? {
+        Reply::Migrated {
             new_pid,
             downtime_ns,
             total_ns,
             image_bytes,
-        }) => {
+        } => {
             if json {
                 println!(
                     "{}",
@@ -700,8 +668,7 @@ pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) ->
             }
             Ok(EXIT_OK)
         }
-        Ok(other) => Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
-        Err(code) => Ok(code),
+        other => Err(refused(other).into()),
     }
 }
 
@@ -724,413 +691,6 @@ pub(super) fn named(arg: &str) -> String {
 
 /// `--on host` (or endpoint 0): the host kernel, where mkctl itself can do
 /// the work.
-fn is_host(on: &str) -> bool {
+pub(super) fn is_host(on: &str) -> bool {
     on.eq_ignore_ascii_case("host") || on == "0"
-}
-
-/// Writes `path` through a `.partial` file renamed into place once whole.
-fn write_atomically(
-    path: &Path,
-    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), String>,
-) -> Result<u64, String> {
-    if path.is_dir() {
-        return Err(format!(
-            "{} is a directory; give a file name",
-            path.display()
-        ));
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = std::path::PathBuf::from(tmp);
-    let file = std::fs::File::create(&tmp).map_err(|e| {
-        format!(
-            "cannot write {} (through {}): {e}",
-            path.display(),
-            tmp.display()
-        )
-    })?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let done = fill(&mut w).and_then(|()| {
-        let f = w.into_inner().map_err(|e| e.to_string())?;
-        f.sync_all().map_err(|e| e.to_string())?;
-        let len = f.metadata().map_err(|e| e.to_string())?.len();
-        std::fs::rename(&tmp, path)
-            .map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))?;
-        Ok(len)
-    });
-    if done.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    done
-}
-
-/// `-` as an image path: stdout for checkpoint, stdin for restore.
-fn is_stdio(path: &Path) -> bool {
-    path == Path::new("-")
-}
-
-/// Why `-` cannot be used here, if it cannot: an image is binary, and a
-/// terminal is no place to write or type one. Checked before anything is
-/// frozen or started.
-fn stdio_refusal(path: &Path, reading: bool) -> Option<String> {
-    if !is_stdio(path) {
-        return None;
-    }
-    if reading && std::io::stdin().is_terminal() {
-        return Some(
-            "restore - reads the image from stdin, which is a terminal: pipe an image in (mkctl checkpoint ... -o - | mkctl restore - ...) or give a file"
-                .into(),
-        );
-    }
-    if !reading && std::io::stdout().is_terminal() {
-        return Some(
-            "-o - writes the image to stdout, which is a terminal: redirect it or give a file name"
-                .into(),
-        );
-    }
-    None
-}
-
-/// Counts what goes through to `inner`.
-struct Counting<W> {
-    inner: W,
-    bytes: u64,
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(b)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Writes an image to `path` (through a `.partial` file, see
-/// [`write_atomically`]) or, for `-`, to stdout; returns its size.
-fn write_image_out(
-    path: &Path,
-    fill: impl FnOnce(&mut dyn Write) -> Result<(), String>,
-) -> Result<u64, String> {
-    if !is_stdio(path) {
-        return write_atomically(path, |w| fill(w));
-    }
-    let mut out = Counting {
-        inner: std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
-        bytes: 0,
-    };
-    fill(&mut out)?;
-    out.flush()
-        .map_err(|e| format!("cannot write the image to stdout: {e}"))?;
-    Ok(out.bytes)
-}
-
-/// What a checkpoint that worked prints: on stdout, or on stderr when the
-/// image itself went to stdout.
-fn say_written(output: &Path, bytes: u64, pid: u32, on: &str, kill: bool) -> Res {
-    let line = if is_stdio(output) {
-        format!(
-            "wrote the image of process {pid} on {on} to stdout ({}){}",
-            ByteSize(bytes).human(),
-            if kill { "; it was stopped" } else { "" }
-        )
-    } else {
-        format!(
-            "wrote {} ({}) of process {pid} on {on}{}",
-            output.display(),
-            ByteSize(bytes).human(),
-            if kill { "; it was stopped" } else { "" }
-        )
-    };
-    if is_stdio(output) {
-        eprintln!("mkctl: {line}");
-    } else {
-        println!("{line}");
-    }
-    Ok(EXIT_OK)
-}
-
-/// The image to restore: a file, or stdin for `-`, checked to begin like a
-/// process image before anything is started. Exit code 2 when it cannot be
-/// opened or is not an image.
-fn open_image(file: &Path) -> Result<Box<dyn Read + Send>, Res> {
-    if let Some(why) = stdio_refusal(file, true) {
-        return Err(Ok(failed(&why, 2)));
-    }
-    if file.is_dir() {
-        return Err(Ok(failed(
-            &format!("{} is a directory; give an image file", file.display()),
-            2,
-        )));
-    }
-    let mut r: Box<dyn Read + Send> = if is_stdio(file) {
-        Box::new(std::io::stdin())
-    } else {
-        match std::fs::File::open(file) {
-            Ok(f) => Box::new(f),
-            Err(e) => {
-                return Err(Ok(failed(
-                    &format!(
-                        "cannot open {}: {}",
-                        file.display(),
-                        mknode::io_error_text(&e)
-                    ),
-                    2,
-                )))
-            }
-        }
-    };
-    let magic = &mknode::migrate::image::MAGIC;
-    let mut head = Vec::with_capacity(magic.len());
-    if let Err(e) = (&mut r).take(magic.len() as u64).read_to_end(&mut head) {
-        return Err(Ok(failed(
-            &format!(
-                "cannot read {}: {}",
-                image_name(file),
-                mknode::io_error_text(&e)
-            ),
-            2,
-        )));
-    }
-    if head.is_empty() {
-        let why = if is_stdio(file) {
-            "nothing came on stdin (did the checkpoint before the pipe fail?)".to_string()
-        } else {
-            format!("{} is empty", file.display())
-        };
-        return Err(Ok(failed(&why, 2)));
-    }
-    if head != magic[..] {
-        return Err(Ok(failed(
-            &format!(
-                "{} is not a process image (it begins with {:?}, not {:?})",
-                image_name(file),
-                String::from_utf8_lossy(&head),
-                String::from_utf8_lossy(magic)
-            ),
-            2,
-        )));
-    }
-    Ok(Box::new(std::io::Cursor::new(head).chain(r)))
-}
-
-/// Checkpoint of a host process, done here: freeze, write, then let it go
-/// on (or kill it). Any failure leaves it running untouched.
-fn checkpoint_here(pid: u32, output: &Path, kill: bool) -> Res {
-    let pid_i = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
-    let frozen = match mknode::migrate::freeze(pid_i) {
-        Ok(f) => f,
-        Err(e) => return Ok(failed(&crate::error_chain(&e), EXIT_FAIL)),
-    };
-    let written = write_image_out(output, |w| {
-        frozen
-            .write_image(w, mknode::migrate::ImageOptions::default())
-            .map(|_| ())
-            .map_err(|e| crate::error_chain(&e))
-    });
-    match written {
-        Ok(bytes) => {
-            if kill {
-                frozen.kill();
-            } else {
-                frozen.resume();
-            }
-            say_written(output, bytes, pid, "host", kill)
-        }
-        Err(e) => {
-            drop(frozen);
-            Ok(failed(
-                &format!("checkpoint of {pid}: {e}; the process runs on"),
-                EXIT_FAIL,
-            ))
-        }
-    }
-}
-
-/// Restore on the host, done here: the process becomes this mkctl's child
-/// with its stdin/stdout/stderr, and its exit status becomes mkctl's.
-fn restore_here(file: &Path) -> Res {
-    use std::os::fd::AsFd;
-    let image = match open_image(file) {
-        Ok(f) => f,
-        Err(res) => return res,
-    };
-    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
-    // With the image on stdin, the process gets /dev/null there: what
-    // follows the image in the pipe is not its input.
-    let stdin = if is_stdio(file) {
-        std::fs::File::open("/dev/null")?.into()
-    } else {
-        dup(std::io::stdin().as_fd())?
-    };
-    let stdio = mknode::migrate::StdioPlan {
-        stdin,
-        stdout: dup(std::io::stdout().as_fd())?,
-        stderr: dup(std::io::stderr().as_fd())?,
-    };
-    let restored =
-        match mknode::migrate::restore(std::io::BufReader::with_capacity(1 << 20, image), stdio) {
-            Ok(r) => r,
-            Err(e) => {
-                return Ok(failed(
-                    &format!(
-                        "restore of {}: {}",
-                        image_name(file),
-                        crate::error_chain(&e)
-                    ),
-                    EXIT_FAIL,
-                ))
-            }
-        };
-    eprintln!(
-        "mkctl: restored {} on host as pid {}",
-        image_name(file),
-        restored.pid
-    );
-    use nix::sys::wait::{waitpid, WaitStatus};
-    let pid = nix::unistd::Pid::from_raw(restored.pid);
-    forward_signals_until_exit(pid);
-    loop {
-        match waitpid(pid, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Ok(failed(&format!("waiting for {pid}: {e}"), EXIT_FAIL)),
-        }
-    }
-}
-
-/// Passes SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to mkctl on to `child`
-/// (as `mkctl exec` does to a remote command) until it has exited.
-/// mkctl blocks them and reads them from a signalfd; the child is not
-/// affected (its signal mask came from its image).
-fn forward_signals_until_exit(child: nix::unistd::Pid) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use nix::sys::signal::{SigSet, Signal};
-    use nix::sys::signalfd::{SfdFlags, SignalFd};
-    use std::os::fd::AsFd;
-    let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        set.add(s);
-    }
-    let Ok(pidfd) = mknode::migrate::pidfd_open(child) else {
-        return;
-    };
-    if set.thread_block().is_err() {
-        return;
-    }
-    let Ok(sfd) = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) else {
-        return;
-    };
-    loop {
-        let mut fds = [
-            PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return,
-        }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-            return;
-        }
-        while let Ok(Some(info)) = sfd.read_signal() {
-            if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
-                let _ = nix::sys::signal::kill(child, sig);
-            }
-        }
-    }
-}
-
-pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, kill: bool) -> Res {
-    if let Some(why) = stdio_refusal(output, false) {
-        return Ok(failed(&why, 2));
-    }
-    if is_host(on) {
-        return checkpoint_here(pid, output, kill);
-    }
-    let mut c = match connect() {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
-    };
-    // The exit code the daemon gives a failure (2: no such instance).
-    let mut code = EXIT_FAIL;
-    // The request goes out once the file is there to take the image.
-    let written = write_image_out(output, |w| {
-        c.send(&Request::Checkpoint {
-            pid,
-            on: on.to_string(),
-            kill,
-        })
-        .map_err(|e| e.to_string())?;
-        loop {
-            match c.read().map_err(|e| e.to_string())? {
-                Frame::Wire(Msg::ImageChunk { bytes, .. }) => {
-                    w.write_all(&bytes).map_err(|e| e.to_string())?
-                }
-                Frame::Reply(Reply::Ok { .. }) => return Ok(()),
-                Frame::Reply(Reply::Error { message, code: c }) => {
-                    code = c;
-                    return Err(message);
-                }
-                _ => {}
-            }
-        }
-    });
-    match written {
-        Ok(bytes) => say_written(output, bytes, pid, on, kill),
-        Err(e) => Ok(failed(&format!("checkpoint of {pid} on {on}: {e}"), code)),
-    }
-}
-
-pub(super) fn restore(file: &Path, on: &str) -> Res {
-    if is_host(on) {
-        return restore_here(file);
-    }
-    let mut image = match open_image(file) {
-        Ok(f) => f,
-        Err(res) => return res,
-    };
-    let mut c = match connect() {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
-    };
-    c.send(&Request::Restore { on: on.to_string() })?;
-    match c.read()? {
-        Frame::Reply(Reply::ExecStarted) => {}
-        Frame::Reply(Reply::Error { message, code }) => return Ok(failed(&message, code)),
-        other => return Ok(failed(&format!("unexpected reply {other:?}"), EXIT_FAIL)),
-    }
-    let mut w = c.try_clone()?;
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; MAX_CHUNK];
-        loop {
-            let n = image.read(&mut buf).unwrap_or_default();
-            let m = Msg::ImageChunk {
-                req: 0,
-                bytes: buf[..n].to_vec(),
-            };
-            if w.send_wire(&m).is_err() || n == 0 {
-                return;
-            }
-        }
-    });
-    relay_output(&mut c, on, Some(Path::new(&image_name(file))))
-}
-
-/// How messages name an image path: `-` is stdin.
-fn image_name(file: &Path) -> String {
-    if is_stdio(file) {
-        "the image from stdin".into()
-    } else {
-        file.display().to_string()
-    }
 }

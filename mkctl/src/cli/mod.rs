@@ -10,6 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::topology::{self, LoadError, Topology};
 
+mod image;
 mod kexec;
 mod live;
 
@@ -318,14 +319,95 @@ pub fn run() -> i32 {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            if !e.use_stderr() {
+                return EXIT_OK;
+            }
+            // A script that asked for JSON gets JSON, even for bad arguments.
+            if json_in_args(std::env::args()) {
+                print_json_error(&e.kind().to_string(), EXIT_USAGE);
+            }
+            return EXIT_USAGE;
         }
     };
+    let json = cli.command.json();
     match dispatch(cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("mkctl: {}", crate::error_chain(e.as_ref()));
-            EXIT_FAIL
+        Err(e) => report(e.as_ref(), json),
+    }
+}
+
+/// Prints a failed command's error (and its causes) on stderr — and, when
+/// the command was asked for JSON, `{"error", "exit_code"}` on stdout — and
+/// returns its exit code: the [`Failure`]'s own, or 1 for any other error.
+fn report(e: &(dyn std::error::Error + 'static), json: bool) -> i32 {
+    let code = e
+        .downcast_ref::<Failure>()
+        .map_or(EXIT_FAIL, Failure::exit_code);
+    let message = crate::error_chain(e);
+    eprintln!("mkctl: {message}");
+    if json {
+        print_json_error(&message, code);
+    }
+    code
+}
+
+fn print_json_error(message: &str, code: i32) {
+    println!(
+        "{}",
+        serde_json::json!({ "error": message, "exit_code": code })
+    );
+}
+
+/// Whether `--json` is among the arguments (before any `--`, after which
+/// they belong to a command run elsewhere).
+fn json_in_args(args: impl Iterator<Item = String>) -> bool {
+    args.take_while(|a| a != "--").any(|a| a == "--json")
+}
+
+/// Why a command failed, with its exit code. A command returns it as its
+/// error; [`run`] prints it once.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Bad arguments or input; nothing was done (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The command failed (exit 1).
+    #[error("{0}")]
+    Failed(String),
+    /// The daemon's error reply: its message (the whole chain) and code.
+    #[error("{message}")]
+    Daemon { message: String, code: i32 },
+    /// The daemon answered something this command does not expect.
+    #[error("the daemon answered with an unexpected {0}")]
+    Unexpected(&'static str),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Usage(_) => EXIT_USAGE,
+            Failure::Failed(_) | Failure::Unexpected(_) => EXIT_FAIL,
+            Failure::Daemon { code, .. } => *code,
+        }
+    }
+}
+
+impl Command {
+    /// Whether the command was asked for JSON output.
+    fn json(&self) -> bool {
+        match self {
+            Command::Host { json }
+            | Command::Validate { json, .. }
+            | Command::Plan { json, .. }
+            | Command::Status { json }
+            | Command::Info { json, .. }
+            | Command::Ping { json, .. }
+            | Command::Traffic { json, .. }
+            | Command::Migrate { json, .. } => *json,
+            Command::Daemon {
+                action: DaemonAction::Status { json },
+            } => *json,
+            _ => false,
         }
     }
 }
@@ -406,8 +488,8 @@ fn dispatch(cli: Cli) -> Res {
             on,
             output,
             kill,
-        } => live::checkpoint(pid, &live::named(&on), &output, kill),
-        Command::Restore { file, on } => live::restore(&file, &live::named(&on)),
+        } => image::checkpoint(pid, &live::named(&on), &output, kill),
+        Command::Restore { file, on } => image::restore(&file, &live::named(&on)),
         Command::Pool {
             action: PoolAction::Release { unmount, dry_run },
         } => kexec::release(&cli.sysroot, unmount, dry_run),

@@ -129,6 +129,23 @@ pub enum Reply {
     },
 }
 
+impl Reply {
+    /// The reply's kind, as its JSON tag names it (for messages).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reply::Progress { .. } => "progress",
+            Reply::Ok { .. } => "ok",
+            Reply::Error { .. } => "error",
+            Reply::Status { .. } => "status",
+            Reply::Info { .. } => "info",
+            Reply::Ping { .. } => "ping",
+            Reply::Traffic { .. } => "traffic",
+            Reply::ExecStarted => "exec-started",
+            Reply::Migrated { .. } => "migrated",
+        }
+    }
+}
+
 /// The daemon and every instance it runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DaemonStatus {
