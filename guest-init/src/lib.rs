@@ -1,7 +1,7 @@
 //! `guest-init`: PID 1 of every kernel that mkctl spawns.
 //!
 //! It mounts the pseudo filesystems ([`mounts`]), reads what mkctl put on the
-//! kernel command line ([`cmdline`]), names the host after its instance, maps
+//! kernel command line ([`mknode::bootargs`]), names the host after its instance, maps
 //! the shared window ([`window`]: the ivshmem BAR under QEMU, or `/dev/mem` at
 //! `mk.window=` on the kexec backend) and then either writes the selftest
 //! record ([`selftest`]) or runs the `mknode` agent ([`agent`]) until asked
@@ -13,7 +13,6 @@
 //! the thin sequence over it, built static by `qemu/setup.sh`.
 
 pub mod agent;
-pub mod cmdline;
 pub mod console;
 pub mod mounts;
 pub mod power;

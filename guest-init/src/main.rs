@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use guest_init::cmdline::BootArgs;
 use guest_init::power::{fatal, power_off};
 use guest_init::window::{Window, WindowError};
 use guest_init::{agent, console, mounts, power, probe, say, selftest, supervise};
+use mknode::bootargs::BootArgs;
 
 fn main() {
     if std::process::id() != 1 {

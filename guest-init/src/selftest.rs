@@ -243,7 +243,7 @@ mod tests {
         let mem = t.path().join("mem");
         let size = 256 << 10;
         std::fs::File::create(&mem).unwrap().set_len(size).unwrap();
-        let w = Window::open_phys(&mem, crate::cmdline::PhysWindow { phys: 0, size }).unwrap();
+        let w = Window::open_phys(&mem, mknode::bootargs::PhysWindow { phys: 0, size }).unwrap();
         (mem, w)
     }
 

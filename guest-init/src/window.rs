@@ -21,7 +21,7 @@ use std::ptr::NonNull;
 
 use memmap2::{MmapMut, MmapOptions};
 
-use crate::cmdline::{BootArgs, PhysWindow};
+use mknode::bootargs::{BootArgs, PhysWindow};
 
 /// PCI vendor id of ivshmem (Red Hat, Inc.).
 pub const IVSHMEM_VENDOR: u16 = 0x1af4;

@@ -27,6 +27,13 @@ const S_IFREG: u32 = 0o100_000;
 const S_IFLNK: u32 = 0o120_000;
 const S_IFCHR: u32 = 0o020_000;
 const S_IFBLK: u32 = 0o060_000;
+const _: () = {
+    assert!(S_IFDIR == libc::S_IFDIR);
+    assert!(S_IFREG == libc::S_IFREG);
+    assert!(S_IFLNK == libc::S_IFLNK);
+    assert!(S_IFCHR == libc::S_IFCHR);
+    assert!(S_IFBLK == libc::S_IFBLK);
+};
 
 /// Longest path the kernel's unpacker accepts (`PATH_MAX`, NUL included).
 const MAX_NAME: usize = 4096;

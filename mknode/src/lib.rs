@@ -1,11 +1,22 @@
 //! The agent that runs on every kernel (the host's daemon and each guest's
 //! `guest-init` alike), so the protocols between kernels are symmetric.
 //!
-//! It will own the wire messages carried over `shmem-ring` channels (requests,
-//! replies, streams), remote exec, process capture/restore for migration, and the
-//! DSM page-coherence engine. It does not know how kernels are booted.
+//! - [`wire`]: every message between agents, declared once in a table, on
+//!   the little-endian [`codec`] the process image shares;
+//! - [`link`]: a duplex message connection to one peer (a `shmem-ring`
+//!   channel between kernels, an in-process pair in tests);
+//! - [`agent`]: the core (links, requests and answers, peer liveness) and
+//!   its facets — exec, diagnostics, migration — each a file of its own;
+//!   its module doc says how to add a message and a facet;
+//! - [`migrate`]: capture and restore of a process, lazy pages;
+//! - [`bootargs`]: the `mk.*` kernel command line keys mkctl writes and
+//!   guest-init reads.
+//!
+//! It does not know how kernels are booted. It logs through the `log`
+//! facade; the program that embeds it decides where that goes.
 
 pub mod agent;
+pub mod bootargs;
 pub mod codec;
 pub mod link;
 pub mod migrate;

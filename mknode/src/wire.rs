@@ -1,6 +1,6 @@
 //! Wire messages between agents: one message per ring frame.
 //!
-//! Every message is declared once, in the [`messages!`] table below: its
+//! Every message is declared once, in the `messages!` table below: its
 //! kind number, its role in a request (see [`Role`]), its name and its
 //! fields. The variant of [`Msg`], the [`Kind`] number, the encoding, the
 //! decoding, [`Msg::req`] and [`Msg::is_final`] all come from that row, so

@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::endpoint::{EndpointInner, PeerState, PeerStatus, PeerWatch};
 use crate::error::Corruption;
 use crate::layout::{self, RingOffsets, FLAG_BROKEN};
+use crate::peer::{EndpointInner, PeerState, PeerStatus, PeerWatch};
 use crate::raw::{Lease, RingArea, RingPlace};
 use crate::ring::{Consumer, Frame, Producer, Reservation, RingMem, TryError};
 use crate::wait::Waiter;

@@ -83,6 +83,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzz;
 mod layout;
+mod peer;
 mod raw;
 mod ring;
 pub mod wait;
@@ -92,10 +93,11 @@ mod window;
 mod loom_model;
 
 pub use channel::{Receiver, RecvSlot, SendSlot, Sender};
-pub use endpoint::{Endpoint, Heartbeat, Liveness, PeerState, PeerStatus};
+pub use endpoint::{Endpoint, Heartbeat};
 pub use error::{Corruption, Error};
 pub use layout::{
     Layout, RingOffsets, FRAME_HEADER, LAYOUT_VERSION, MAGIC, MAX_ENDPOINTS, MAX_RING_CAPACITY,
     MIN_RING_CAPACITY,
 };
+pub use peer::{Liveness, PeerState, PeerStatus};
 pub use window::Window;

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use crate::endpoint::{Endpoint, Liveness};
 use crate::layout::{self, Layout, LAYOUT_VERSION, MAGIC};
 use crate::raw::Region;
 use crate::Error;
@@ -240,19 +239,6 @@ impl Window {
     /// formatted again.
     pub fn format_id(&self) -> u64 {
         self.read_word(layout::H_FORMAT_ID).unwrap_or(0)
-    }
-
-    /// Claims endpoint `id` with the default [`Liveness`] thresholds.
-    pub fn attach(&self, id: u16) -> Result<Endpoint, Error> {
-        self.attach_with(id, Liveness::default())
-    }
-
-    /// Claims endpoint `id`: marks it attached and bumps its generation, so
-    /// peers can tell a restart. Attaching an id again (after a crash, or from
-    /// another process) takes it over; the older handle gets
-    /// [`Error::Superseded`] from then on.
-    pub fn attach_with(&self, id: u16, liveness: Liveness) -> Result<Endpoint, Error> {
-        Endpoint::attach(self.clone(), id, liveness)
     }
 
     pub(crate) fn inner(&self) -> &Arc<WindowInner> {

@@ -20,6 +20,7 @@
 //!   `proc/config.gz`)
 
 pub mod cmdline;
+pub mod kconfig;
 pub mod multikernel;
 pub mod procfs;
 mod render;
@@ -486,7 +487,7 @@ fn read_kernel_config(
     };
     // One reader for /proc/config.gz and /boot/config-<release>: the one
     // the kexec backend's preflight uses, so both always agree.
-    match crate::kexec::probe::read_kernel_config(root.dir) {
+    match kconfig::read(root.dir) {
         Some(k) => {
             let value = |name: &str| match k.options.get(name) {
                 Some(v) => ConfigValue::from_text(v),

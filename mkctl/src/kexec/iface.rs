@@ -24,6 +24,19 @@ pub const KEXEC_MULTIKERNEL: u64 = 0x10;
 pub const KEXEC_MK_ID_MASK: u64 = 0xffe0;
 pub const KEXEC_MK_ID_SHIFT: u32 = 5;
 
+// The upstream flags as the libc crate has them; the multikernel ones are
+// not upstream: their ID field is the 11 bits above the flags.
+const _: () = {
+    assert!(KEXEC_FILE_UNLOAD == libc::KEXEC_FILE_UNLOAD as u64);
+    assert!(KEXEC_FILE_NO_INITRAMFS == libc::KEXEC_FILE_NO_INITRAMFS as u64);
+    assert!(KEXEC_MK_ID_MASK == 0x7ff << KEXEC_MK_ID_SHIFT);
+    assert!(KEXEC_MULTIKERNEL < 1 << KEXEC_MK_ID_SHIFT);
+    assert!(LINUX_REBOOT_MAGIC1 as i32 == libc::LINUX_REBOOT_MAGIC1);
+    assert!(LINUX_REBOOT_MAGIC2 as i32 == libc::LINUX_REBOOT_MAGIC2);
+    assert!(SYS_KEXEC_FILE_LOAD == libc::SYS_kexec_file_load);
+    assert!(SYS_REBOOT == libc::SYS_reboot);
+};
+
 /// `KEXEC_MK_ID(id)` of `include/uapi/linux/kexec.h`.
 pub fn kexec_mk_id(id: InstanceId) -> u64 {
     (u64::from(id.0) << KEXEC_MK_ID_SHIFT) & KEXEC_MK_ID_MASK

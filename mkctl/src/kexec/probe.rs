@@ -3,14 +3,11 @@
 //! which generation, what it holds) and the two kernel options the backend
 //! needs. [`preflight`] turns that into a go or a [`Refusal`].
 //!
-//! `host.rs` reads the kernel configuration and the CPU → APIC id map for
-//! `mkctl host`; the config reader here is the minimum `preflight` needs
-//! (two options) and can be replaced by host.rs's once that lands.
+//! The kernel configuration comes from [`crate::host::kconfig`], the one
+//! reader `mkctl host` uses too, so both always agree.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::topology::{Backend, Topology};
 
@@ -99,52 +96,6 @@ pub fn probe(sysroot: &Path) -> FsState {
     }
 }
 
-/// A kernel build configuration: `CONFIG_*` options and where they came
-/// from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelConfig {
-    pub source: PathBuf,
-    pub options: BTreeMap<String, String>,
-}
-
-impl KernelConfig {
-    /// Parses `.config` text (`CONFIG_X=y`, `# CONFIG_X is not set`).
-    pub fn parse(source: PathBuf, text: &str) -> Self {
-        let options = text
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .filter(|(k, _)| k.starts_with("CONFIG_"))
-            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-            .collect();
-        Self { source, options }
-    }
-
-    /// True when `option` is built in (`=y`).
-    pub fn enabled(&self, option: &str) -> bool {
-        self.options.get(option).map(String::as_str) == Some("y")
-    }
-}
-
-/// The running kernel's configuration, from `/proc/config.gz` or
-/// `/boot/config-<release>` under `sysroot`; `None` when neither is there.
-pub fn read_kernel_config(sysroot: &Path) -> Option<KernelConfig> {
-    let gz = sysroot.join("proc/config.gz");
-    if let Ok(raw) = std::fs::read(&gz) {
-        let mut text = String::new();
-        if flate2::read::GzDecoder::new(&raw[..])
-            .take(16 << 20)
-            .read_to_string(&mut text)
-            .is_ok()
-        {
-            return Some(KernelConfig::parse(PathBuf::from("/proc/config.gz"), &text));
-        }
-    }
-    let release = std::fs::read_to_string(sysroot.join("proc/sys/kernel/osrelease")).ok()?;
-    let rel = format!("boot/config-{}", release.trim());
-    let text = std::fs::read_to_string(sysroot.join(&rel)).ok()?;
-    Some(KernelConfig::parse(PathBuf::from("/").join(rel), &text))
-}
-
 /// Why the kexec backend will not run here. Nothing was touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -195,7 +146,7 @@ pub fn preflight(sysroot: &Path, topology: &Topology) -> Result<Option<Generatio
         return Ok(None);
     }
     let fs = probe(sysroot);
-    let config = read_kernel_config(sysroot);
+    let config = crate::host::kconfig::read(sysroot);
     let mut missing = Vec::new();
     if !fs.mount_point && !fs.registered {
         missing.push(

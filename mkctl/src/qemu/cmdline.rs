@@ -1,16 +1,11 @@
 //! The guest kernel command line mkctl passes: a base (console, panic
-//! behaviour, the topology's own `cmdline`) plus the `mk.*` keys that
-//! guest-init reads (`guest-init/src/cmdline.rs` is the other side):
-//!
-//! | key | meaning |
-//! | --- | --- |
-//! | `mk.name=<name>` | instance name; guest-init sets it as hostname |
-//! | `mk.id=<n>` | the instance's endpoint id in the window |
-//! | `mk.window=<phys>@<size>` | map the window from `/dev/mem` (kexec backend) instead of ivshmem |
-//! | `mk.selftest=1` | write the selftest record into the window and power off |
-//! | `mk.peers=<id>:<name>,...` | names of the endpoints, for the agent's messages (`0:host,1:alpha,2:beta`) |
+//! behaviour, the topology's own `cmdline`) plus the `mk.*` keys guest-init
+//! reads, written by [`mknode::bootargs::BootArgs`] (the one type both
+//! sides share; its module lists the keys).
 
 use std::fmt;
+
+use mknode::bootargs::{BootArgs, PhysWindow};
 
 use crate::topology::Topology;
 use crate::units::{ByteSize, InstanceId, PhysAddr};
@@ -25,12 +20,8 @@ pub const DEFAULT_BASE: &str = "console=ttyS0 panic=-1";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestCmdline {
     base: String,
-    name: String,
-    id: InstanceId,
-    window: Option<(PhysAddr, ByteSize)>,
-    selftest: bool,
     extra: Vec<String>,
-    peers: Vec<(u16, String)>,
+    args: BootArgs,
 }
 
 impl GuestCmdline {
@@ -39,18 +30,18 @@ impl GuestCmdline {
     pub fn new(name: &str, id: InstanceId) -> Self {
         Self {
             base: DEFAULT_BASE.to_string(),
-            name: name.to_string(),
-            id,
-            window: None,
-            selftest: false,
             extra: Vec::new(),
-            peers: Vec::new(),
+            args: BootArgs {
+                name: Some(name.to_string()),
+                id: Some(id.0),
+                ..BootArgs::default()
+            },
         }
     }
 
     /// Names of the endpoints (valid instance names, or `host`).
     pub fn peers(mut self, names: impl IntoIterator<Item = (u16, String)>) -> Self {
-        self.peers.extend(names);
+        self.args.peers.extend(names);
         self
     }
 
@@ -69,38 +60,35 @@ impl GuestCmdline {
 
     /// The window is physical memory at `phys` (kexec backend).
     pub fn window(mut self, phys: PhysAddr, size: ByteSize) -> Self {
-        self.window = Some((phys, size));
+        self.args.window = Some(PhysWindow {
+            phys: phys.get(),
+            size: size.bytes(),
+        });
         self
     }
 
     /// Run the selftest instead of the agent.
     pub fn selftest(mut self, on: bool) -> Self {
-        self.selftest = on;
+        self.args.selftest = on;
         self
     }
 }
 
 impl fmt::Display for GuestCmdline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut words: Vec<String> = self.base.split_whitespace().map(str::to_string).collect();
-        words.extend(self.extra.iter().cloned());
-        words.push(format!("mk.name={}", self.name));
-        words.push(format!("mk.id={}", self.id));
-        if let Some((phys, size)) = self.window {
-            words.push(format!("mk.window={:#x}@{:#x}", phys.get(), size.bytes()));
-        }
-        if self.selftest {
-            words.push("mk.selftest=1".into());
-        }
-        if !self.peers.is_empty() {
-            let list: Vec<String> = self
-                .peers
-                .iter()
-                .map(|(id, name)| format!("{id}:{name}"))
-                .collect();
-            words.push(format!("mk.peers={}", list.join(",")));
-        }
-        f.write_str(&words.join(" "))
+        let words: Vec<&str> = self
+            .base
+            .split_whitespace()
+            .chain(self.extra.iter().map(String::as_str))
+            .collect();
+        write!(f, "{} {}", words.join(" "), self.args)
+    }
+}
+
+impl GuestCmdline {
+    /// The `mk.*` keys it carries.
+    pub fn args(&self) -> &BootArgs {
+        &self.args
     }
 }
 
@@ -119,6 +107,27 @@ pub fn endpoint_names(t: &Topology) -> Vec<(u16, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What mkctl writes is what guest-init reads: the line, parsed with
+    /// the guest's own parser, gives back the keys.
+    #[test]
+    fn guest_init_reads_back_what_mkctl_writes() {
+        let c = GuestCmdline::new("beta", InstanceId(2))
+            .extra("quiet mk_not=ours")
+            .window(PhysAddr(0x3_ff00_0000), ByteSize(16 << 20))
+            .peers([(0, "host".to_string()), (2, "beta".into())]);
+        let read = BootArgs::parse(&c.to_string()).unwrap();
+        assert_eq!(&read, c.args());
+        assert_eq!(read.name.as_deref(), Some("beta"));
+        assert_eq!(read.id, Some(2));
+        assert_eq!(
+            read.window,
+            Some(PhysWindow {
+                phys: 0x3_ff00_0000,
+                size: 16 << 20
+            })
+        );
+    }
 
     #[test]
     fn formats_mk_keys_after_the_base() {

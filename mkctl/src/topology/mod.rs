@@ -7,6 +7,7 @@
 
 pub mod diag;
 pub mod model;
+pub mod place;
 pub mod schema;
 pub mod validate;
 

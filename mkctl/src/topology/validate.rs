@@ -1,5 +1,6 @@
 //! The rules a topology must obey, checked all together, and the placement
-//! of instance memory that has no explicit base.
+//! of instance memory that has no explicit base (which ranges are free is
+//! [`super::place`]'s arithmetic; what to place and what is wrong is here).
 //!
 //! Every rule reports with the span of the value at fault, the instances
 //! involved and a concrete fix (free CPUs to use, the next free aligned base,
@@ -14,6 +15,7 @@ use toml::Spanned;
 
 use super::diag::{Diagnostic, Source};
 use super::model::{HostShare, ImageSpec, Instance, Machine, Node, Pool, Topology, WindowSpec};
+use super::place::{largest_gap, next_free, Taken};
 use super::schema::{Backend, RawInstance, RawTopology};
 use crate::units::{align_up, ByteSize, CpuSet, InstanceId, MemRange, PhysAddr, GIB, KIB, MIB};
 
@@ -871,7 +873,7 @@ impl Validator<'_> {
         }
 
         // Explicit ranges: aligned, inside the pool, not overlapping.
-        let mut taken: Vec<(MemRange, String, Range<usize>)> = Vec::new();
+        let mut taken: Vec<Taken> = Vec::new();
         if let Some(r) = window.spec.range {
             taken.push((
                 r,
@@ -1097,38 +1099,8 @@ fn covered(ranges: &[MemRange], r: &MemRange) -> bool {
     at >= r.end.0
 }
 
-/// The free gaps of the pool, ascending.
-fn gaps(pool: &Pool, taken: &[(MemRange, String, Range<usize>)]) -> Vec<MemRange> {
-    let mut used: Vec<MemRange> = taken.iter().map(|t| t.0).collect();
-    used.sort();
-    let mut out = Vec::new();
-    let mut at = pool.range.start.0;
-    for u in used {
-        if u.start.0 > at {
-            out.push(MemRange {
-                start: PhysAddr(at),
-                end: u.start.min(pool.range.end),
-            });
-        }
-        at = at.max(u.end.0);
-    }
-    if at < pool.range.end.0 {
-        out.push(MemRange {
-            start: PhysAddr(at),
-            end: pool.range.end,
-        });
-    }
-    out
-}
-
 /// "use memory_base = ..." with the next free aligned base for `size` bytes.
-fn free_base_hint(
-    pool: &Pool,
-    taken: &[(MemRange, String, Range<usize>)],
-    size: u64,
-    align: u64,
-    m: &Machine,
-) -> String {
+fn free_base_hint(pool: &Pool, taken: &[Taken], size: u64, align: u64, m: &Machine) -> String {
     next_free(pool, taken, size, align, None, m).map_or_else(
         || "no free range of that size is left in the pool".to_string(),
         |f| {
@@ -1138,48 +1110,6 @@ fn free_base_hint(
             )
         },
     )
-}
-
-/// The first aligned free range of `size` bytes, inside `node` when given.
-fn next_free(
-    pool: &Pool,
-    taken: &[(MemRange, String, Range<usize>)],
-    size: u64,
-    align: u64,
-    node: Option<u32>,
-    m: &Machine,
-) -> Option<MemRange> {
-    let limits: Vec<MemRange> = match node.and_then(|n| m.node(n)) {
-        Some(n) => n.memory.clone(),
-        None => vec![pool.range],
-    };
-    for g in gaps(pool, taken) {
-        for lim in &limits {
-            let start = align_up(g.start.0.max(lim.start.0), align)?;
-            let end = g.end.0.min(lim.end.0);
-            if start.checked_add(size).is_some_and(|e| e <= end) {
-                return MemRange::new(start, size);
-            }
-        }
-    }
-    None
-}
-
-fn largest_gap(pool: &Pool, taken: &[(MemRange, String, Range<usize>)], align: u64) -> MemRange {
-    gaps(pool, taken)
-        .into_iter()
-        .map(|g| {
-            let s = align_up(g.start.0, align).unwrap_or(g.end.0).min(g.end.0);
-            MemRange {
-                start: PhysAddr(s),
-                end: g.end,
-            }
-        })
-        .max_by_key(MemRange::size)
-        .unwrap_or(MemRange {
-            start: pool.range.start,
-            end: pool.range.start,
-        })
 }
 
 /// A concrete CPU suggestion: `want` free CPUs, from `node` first.

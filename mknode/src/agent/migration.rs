@@ -70,7 +70,7 @@ struct Outgoing {
 }
 
 /// The pages a fetch asked for, or why the origin refused.
-type FetchAnswer = Result<Vec<u8>, String>;
+type FetchAnswer = Result<Vec<u8>, SourceError>;
 
 /// See the module doc: the migrations this agent takes part in.
 pub struct Migration {
@@ -644,7 +644,7 @@ impl Facet for Migration {
         let mut fetches = lock(&self.fetches);
         for ((origin, _, _), tx) in fetches.iter() {
             if *origin == peer {
-                let _ = tx.send(Err(why.to_string()));
+                let _ = tx.send(Err(SourceError::Lost(why.to_string())));
             }
         }
         fetches.retain(|(origin, _, _), _| *origin != peer);
@@ -728,7 +728,7 @@ impl Facet for Migration {
             }
             Msg::PageRefused { mig, id, message } => {
                 if let Some(tx) = lock(&self.fetches).remove(&(peer, mig, id)) {
-                    let _ = tx.send(Err(message));
+                    let _ = tx.send(Err(SourceError::Refused(message)));
                 }
             }
             Msg::PagesDone { mig } => {
@@ -960,7 +960,7 @@ impl PageSource for RingSource {
                 out.len(),
                 bytes.len()
             ))),
-            Ok(Err(m)) => Err(SourceError::Refused(m)),
+            Ok(Err(e)) => Err(e),
             Err(_) => {
                 lock(&t.fetches).remove(&(self.origin, self.mig, id));
                 Err(SourceError::Timeout(left))

@@ -320,7 +320,7 @@ impl PageServer {
         // (execute-only): rare, so per call, and the fetch and push loops
         // never wait on each other here.
         let mut mem: Option<File> = None;
-        super::capture::read_pages(self.inner.pid, &mut mem, &self.inner.maps[i], addr, out)
+        super::memory::read_pages(self.inner.pid, &mut mem, &self.inner.maps[i], addr, out)
             .map_err(|source| ServeError::Read { pid, addr, source })?;
         // Read while it was frozen? Otherwise the bytes may be torn.
         if !self.inner.frozen.load(Ordering::Acquire) {
@@ -401,6 +401,9 @@ pub enum SourceError {
     Disconnected,
     #[error("the origin refused the request: {0}")]
     Refused(String),
+    /// The origin's kernel went down (how, in words).
+    #[error("{0}")]
+    Lost(String),
 }
 
 /// The destination's way to ask the origin for pages. Addresses are the
@@ -461,7 +464,7 @@ struct Request {
     npages: u64,
 }
 
-type Answer = (u64, Result<Vec<u8>, String>);
+type Answer = (u64, Result<Vec<u8>, SourceError>);
 
 /// [`PageSource`] over in-process channels (see [`channel_link`]).
 struct ChannelSource {
@@ -498,7 +501,7 @@ impl PageSource for ChannelSource {
                         out.len()
                     )))
                 }
-                Ok((_, Err(why))) => return Err(SourceError::Refused(why)),
+                Ok((_, Err(e))) => return Err(e),
                 Err(RecvTimeoutError::Timeout) => return Err(SourceError::Timeout(Duration::ZERO)),
                 Err(RecvTimeoutError::Disconnected) => return Err(SourceError::Disconnected),
             }
@@ -573,13 +576,16 @@ pub fn channel_link(
                     .checked_mul(PAGE)
                     .filter(|&l| l <= u64::from(MAX_RUN_PAGES) * PAGE)
                 else {
-                    let _ = ans_tx.send((r.id, Err(format!("{} pages", r.npages))));
+                    let _ = ans_tx.send((
+                        r.id,
+                        Err(SourceError::Refused(format!("{} pages", r.npages))),
+                    ));
                     continue;
                 };
                 buf.resize(len as usize, 0);
                 let a = match s.read(r.addr, &mut buf) {
                     Ok(()) => Ok(std::mem::take(&mut buf)),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(SourceError::Refused(e.to_string())),
                 };
                 if ans_tx.send((r.id, a)).is_err() {
                     hung.store(true, Ordering::Release);

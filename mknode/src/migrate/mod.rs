@@ -18,14 +18,25 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Layers: `procfs` (parsers) → `precheck` → `sys` (the only unsafe: ptrace
-//! register sets, signal queues, the stub's fork) → `inject` (one syscall in
-//! a stopped thread) → `capture` / `restore`; `image` is pure.
+//! Layers, each using only those before it:
+//! - `procfs` (parsers of `/proc/pid/*`) → `precheck` (what cannot move,
+//!   said before anything is frozen);
+//! - `sys` (the only unsafe: ptrace register sets, signal queues, the
+//!   stub's fork), `uffd` (userfaultfd and pidfd), `memory` (another
+//!   process's pages and mappings, the kernel fingerprint);
+//! - `inject` (one syscall in a stopped thread);
+//! - `lazy` (the origin's page server), then `capture` (freeze and write an
+//!   image) and `pager` (the destination's fault handler), then `restore`.
+//!
+//! `image` is the format, pure, on the shared codec. The agents' protocol
+//! around all this (streaming, page fetches over the links) is the
+//! migration facet's, in `crate::agent::migration`.
 
 mod capture;
 pub mod image;
 mod inject;
 mod lazy;
+mod memory;
 mod pager;
 mod precheck;
 mod procfs;

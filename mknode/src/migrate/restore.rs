@@ -25,13 +25,13 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::capture::{fingerprint, read_remote, to_mapping, write_remote};
 use super::image::{
     ImageError, ImageMeta, ImageReader, ImageStats, Mapping, MappingKind, Pages, ThreadState,
     FLAG_LAZY, MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, USER_TOP,
 };
 use super::inject::{inject, ptrace_err, wait, Call};
 use super::lazy::{carried, LazyLink};
+use super::memory::{fingerprint, read_remote, to_mapping, write_remote};
 use super::pager::{self, LazyError, PageTable, Pager, PagerOptions};
 use super::procfs::{parse_maps, ProcDir};
 use super::uffd::{self, Uffd};

@@ -18,6 +18,19 @@ pub(crate) const NT_X86_XSTATE: u32 = 0x202;
 const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
 
+// Checked against the libc crate where it has them (NT_X86_XSTATE it has
+// not: 0x202 in include/uapi/linux/elf.h), and the layouts against the
+// kernel's structs.
+const _: () = {
+    assert!(NT_PRFPREG as i32 == libc::NT_PRFPREG);
+    assert!(PTRACE_GET_RSEQ_CONFIGURATION == libc::PTRACE_GET_RSEQ_CONFIGURATION);
+    assert!(PTRACE_PEEKSIGINFO_SHARED == libc::PTRACE_PEEKSIGINFO_SHARED);
+    // struct ptrace_peeksiginfo_args { __u64 off; __u32 flags; __s32 nr; }
+    assert!(size_of::<PeekSiginfoArgs>() == 16);
+    // struct ptrace_rseq_configuration { __u64; __u32 x2; __u32 flags; __u32 pad; }
+    assert!(size_of::<RseqConfig>() == 24);
+};
+
 fn check(r: libc::c_long) -> nix::Result<libc::c_long> {
     if r == -1 {
         Err(Errno::last())

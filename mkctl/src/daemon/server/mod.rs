@@ -7,9 +7,9 @@
 //! the one method that carries it out and answers a `Reply` or a
 //! [`RequestError`], which becomes the error reply here and nowhere else.
 //! The work lives in the children:
-//! - [`instances`]: boot, stop, the monitor, status — the lifecycle, by the
+//! - `instances`: boot, stop, the monitor, status — the lifecycle, by the
 //!   rules of [`super::state`];
-//! - [`relay`]: requests carried out by agents (exec, info, ping, traffic,
+//! - `relay`: requests carried out by agents (exec, info, ping, traffic,
 //!   migrate, checkpoint, restore).
 //!
 //! Invariants it keeps:

@@ -1,11 +1,20 @@
-//! The kernel command line, as `/proc/cmdline` shows it, and the `mk.*` keys
-//! mkctl puts on it for guest-init.
+//! The `mk.*` keys mkctl puts on a spawned kernel's command line and
+//! guest-init reads back: one type, [`BootArgs`], for both sides — its
+//! `Display` writes them (mkctl's QEMU and kexec backends), its
+//! [`BootArgs::parse`] reads them from `/proc/cmdline` (guest-init).
+//!
+//! | key | meaning |
+//! | --- | --- |
+//! | `mk.name=<name>` | instance name; guest-init sets it as hostname |
+//! | `mk.id=<n>` | the instance's endpoint id in the window |
+//! | `mk.window=<phys>@<size>` | map the window from `/dev/mem` (kexec backend) instead of ivshmem |
+//! | `mk.selftest=1` | write the selftest record into the window and power off |
+//! | `mk.peers=<id>:<name>,...` | names of the endpoints, for the agent's messages (`0:host,1:alpha,2:beta`) |
 //!
 //! Splitting follows the kernel's own `next_arg()` (kernel/params.c): words are
 //! separated by whitespace outside double quotes, a quoted value loses its
 //! quotes, a word without `=` is a flag. When a key repeats, the last one wins,
-//! as for most kernel parameters. This module only parses; it never touches the
-//! system.
+//! as for most kernel parameters. This module never touches the system.
 
 use std::fmt;
 
@@ -149,7 +158,7 @@ impl BootArgs {
                     };
                 }
                 "mk.window" => {
-                    args.window = Some(parse_window(&value).map_err(|r| err("mk.window", &r))?);
+                    args.window = Some(parse_window(&value).map_err(|r| err("mk.window", r))?);
                 }
                 "mk.peers" => {
                     args.peers = parse_peers(&value).ok_or_else(|| {
@@ -166,6 +175,45 @@ impl BootArgs {
     }
 }
 
+/// The `mk.*` words, in the order mkctl writes them (name, id, window,
+/// selftest, peers), separated by spaces; what is unset is left out.
+impl fmt::Display for BootArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut words: Vec<String> = Vec::new();
+        if let Some(n) = &self.name {
+            words.push(format!("mk.name={n}"));
+        }
+        if let Some(id) = self.id {
+            words.push(format!("mk.id={id}"));
+        }
+        if let Some(w) = self.window {
+            words.push(format!("mk.window={w}"));
+        }
+        if self.selftest {
+            words.push("mk.selftest=1".into());
+        }
+        if !self.peers.is_empty() {
+            let list: Vec<String> = self
+                .peers
+                .iter()
+                .map(|(id, name)| format!("{id}:{name}"))
+                .collect();
+            words.push(format!("mk.peers={}", list.join(",")));
+        }
+        f.write_str(&words.join(" "))
+    }
+}
+
+/// True for a name `mk.name` and `mk.peers` accept: 1 to 64 characters
+/// from `[A-Za-z0-9._-]` (a hostname; the topology checks the same).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Parses `0:host,1:alpha`; `None` if any pair is not `<u16>:<valid name>`.
 fn parse_peers(text: &str) -> Option<Vec<(u16, String)>> {
     text.split(',')
@@ -177,30 +225,22 @@ fn parse_peers(text: &str) -> Option<Vec<(u16, String)>> {
         .collect()
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 /// Parses `<phys>@<size>`; both sides take `0x` hex or decimal, the size also
 /// a `K`, `M` or `G` suffix (powers of 1024).
-fn parse_window(text: &str) -> Result<PhysWindow, String> {
+fn parse_window(text: &str) -> Result<PhysWindow, &'static str> {
     let (phys, size) = text
         .split_once('@')
         .ok_or("expected <phys>@<size>, e.g. 0x100000000@16M")?;
     let phys = parse_number(phys).ok_or("physical address is not a number")?;
     let size = parse_size(size).ok_or("size is not a number with an optional K/M/G suffix")?;
     if size == 0 {
-        return Err("size is zero".into());
+        return Err("size is zero");
     }
     if phys % PAGE != 0 || size % PAGE != 0 {
-        return Err("address and size must be multiples of 4 KiB".into());
+        return Err("address and size must be multiples of 4 KiB");
     }
     if phys.checked_add(size).is_none() {
-        return Err("range runs past the end of the address space".into());
+        return Err("range runs past the end of the address space");
     }
     Ok(PhysWindow { phys, size })
 }
@@ -323,5 +363,42 @@ mod tests {
         }
         let long = format!("mk.name={}", "a".repeat(65));
         assert!(BootArgs::parse(&long).is_err());
+    }
+
+    fn arb_name() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::string::string_regex("[A-Za-z0-9._-]{1,64}").unwrap()
+    }
+
+    fn arb_args() -> impl proptest::strategy::Strategy<Value = BootArgs> {
+        use proptest::prelude::*;
+        (
+            proptest::option::of(arb_name()),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of((0u64..1 << 40, 1u64..1 << 20)),
+            any::<bool>(),
+            proptest::collection::vec((any::<u16>(), arb_name()), 0..5),
+        )
+            .prop_map(|(name, id, window, selftest, peers)| BootArgs {
+                name,
+                id,
+                window: window.map(|(p, s)| PhysWindow {
+                    phys: p * PAGE,
+                    size: s * PAGE,
+                }),
+                selftest,
+                peers,
+            })
+    }
+
+    proptest::proptest! {
+        /// What mkctl writes, guest-init reads back unchanged, whatever the
+        /// words around it.
+        #[test]
+        fn written_args_read_back(args in arb_args(), base in "[a-z=0-9 ]{0,40}") {
+            let line = format!("{base} {args} panic=-1\n");
+            // The base may itself hold words that look like ours only if
+            // they start with mk.; this alphabet cannot.
+            proptest::prop_assert_eq!(BootArgs::parse(&line).unwrap(), args);
+        }
     }
 }
