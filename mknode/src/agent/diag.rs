@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender};
@@ -104,47 +103,26 @@ impl Facet for Diag {
                 req,
                 peer: target,
                 count,
-            } => {
-                let me = Arc::clone(agent);
-                thread::spawn(move || {
-                    let answer = match self.ping(target, count) {
-                        Ok(rtts) => {
-                            let s = RttSummary::of(&rtts);
-                            Msg::PingReport {
-                                req,
-                                count: s.count,
-                                rtt_min_ns: s.min_ns,
-                                rtt_median_ns: s.median_ns,
-                                rtt_max_ns: s.max_ns,
-                            }
-                        }
-                        Err(e) => Msg::Failed {
-                            req,
-                            message: e.to_string(),
-                        },
-                    };
-                    let _ = me.send(peer, &answer);
-                });
-            }
+            } => agent.answer_later(peer, req, move |_| {
+                let s = RttSummary::of(&self.ping(target, count)?);
+                Ok::<_, AgentError>(Msg::PingReport {
+                    req,
+                    count: s.count,
+                    rtt_min_ns: s.min_ns,
+                    rtt_median_ns: s.median_ns,
+                    rtt_max_ns: s.max_ns,
+                })
+            }),
             Msg::SendBlobs {
                 req,
                 peer: target,
                 count,
                 size,
                 seed,
-            } => {
-                let me = Arc::clone(agent);
-                thread::spawn(move || {
-                    let answer = match self.send_blobs(target, count, size, seed) {
-                        Ok(()) => Msg::Done { req },
-                        Err(e) => Msg::Failed {
-                            req,
-                            message: e.to_string(),
-                        },
-                    };
-                    let _ = me.send(peer, &answer);
-                });
-            }
+            } => agent.answer_later(peer, req, move |_| {
+                self.send_blobs(target, count, size, seed)?;
+                Ok::<_, AgentError>(Msg::Done { req })
+            }),
             Msg::Blob {
                 seq,
                 checksum,
@@ -332,6 +310,7 @@ fn meminfo_kb(text: &str, key: &str) -> u64 {
 mod tests {
     use super::super::tests::pair;
     use super::*;
+    use std::thread;
 
     #[test]
     fn info_ping_and_blobs() {

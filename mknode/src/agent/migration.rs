@@ -652,38 +652,29 @@ impl Facet for Migration {
 
     fn handle(self: Arc<Self>, agent: &Arc<Agent>, peer: u16, m: Msg) -> Option<Msg> {
         match m {
-            Msg::MigrateOut { req, pid, to, lazy } => {
-                let me = Arc::clone(agent);
-                thread::spawn(move || {
-                    // The report goes out when the move is over: in lazy
-                    // mode, once every page has moved and the original is
-                    // gone (its downtime ended long before).
-                    let progress = |new_pid, downtime: Duration| {
-                        let _ = me.send(
-                            peer,
-                            &Msg::MigrateProgress {
-                                req,
-                                new_pid,
-                                downtime_ns: nanos(downtime),
-                            },
-                        );
-                    };
-                    let answer = match self.move_out(pid, to, lazy, progress) {
-                        Ok(r) => Msg::MigrateReport {
+            // The report goes out when the move is over: in lazy mode, once
+            // every page has moved and the original is gone (its downtime
+            // ended long before); progress says when the copy runs.
+            Msg::MigrateOut { req, pid, to, lazy } => agent.answer_later(peer, req, move |me| {
+                let progress = |new_pid, downtime: Duration| {
+                    let _ = me.send(
+                        peer,
+                        &Msg::MigrateProgress {
                             req,
-                            new_pid: r.new_pid,
-                            downtime_ns: nanos(r.downtime),
-                            total_ns: nanos(r.total),
-                            image_bytes: r.image_bytes,
+                            new_pid,
+                            downtime_ns: nanos(downtime),
                         },
-                        Err(e) => Msg::Failed {
-                            req,
-                            message: crate::error_text(&e),
-                        },
-                    };
-                    let _ = me.send(peer, &answer);
-                });
-            }
+                    );
+                };
+                let r = self.move_out(pid, to, lazy, progress)?;
+                Ok::<_, MoveError>(Msg::MigrateReport {
+                    req,
+                    new_pid: r.new_pid,
+                    downtime_ns: nanos(r.downtime),
+                    total_ns: nanos(r.total),
+                    image_bytes: r.image_bytes,
+                })
+            }),
             Msg::PageFetch { mig, id, addr, len } => {
                 let server = lock(&self.servers).get(&(peer, mig)).cloned();
                 let answer = match server {
@@ -773,19 +764,10 @@ impl Facet for Migration {
                     }
                 }
             }
-            Msg::Checkpoint { req, pid, kill } => {
-                let me = Arc::clone(agent);
-                thread::spawn(move || {
-                    let answer = match self.checkpoint_to(&me, peer, req, pid, kill) {
-                        Ok(()) => Msg::Done { req },
-                        Err(e) => Msg::Failed {
-                            req,
-                            message: crate::error_text(&e),
-                        },
-                    };
-                    let _ = me.send(peer, &answer);
-                });
-            }
+            Msg::Checkpoint { req, pid, kill } => agent.answer_later(peer, req, move |me| {
+                self.checkpoint_to(me, peer, req, pid, kill)?;
+                Ok::<_, MoveError>(Msg::Done { req })
+            }),
             Msg::RestoreImage { req } => self.restore_for(agent, peer, req),
             Msg::ImageChunk { req, bytes } => {
                 // Input of a restore we run, or an answer to our checkpoint.

@@ -439,6 +439,25 @@ impl Agent {
         })
     }
 
+    /// Serves request `req` of `peer` on a thread of its own: `work`'s
+    /// answer goes back, or a `Failed` that says why (for facets whose work
+    /// may block the link).
+    pub fn answer_later<E: std::error::Error>(
+        self: &Arc<Self>,
+        peer: u16,
+        req: u32,
+        work: impl FnOnce(&Arc<Agent>) -> Result<Msg, E> + Send + 'static,
+    ) {
+        let me = Arc::clone(self);
+        thread::spawn(move || {
+            let answer = work(&me).unwrap_or_else(|e| Msg::Failed {
+                req,
+                message: crate::error_text(&e),
+            });
+            let _ = me.send(peer, &answer);
+        });
+    }
+
     /// Forgets a request (its answers are dropped from now on).
     pub fn forget(&self, peer: u16, req: u32) {
         lock(&self.pending).remove(&(peer, req));

@@ -30,6 +30,21 @@ impl Daemon {
         self.registry().ready_endpoint(name)
     }
 
+    /// A ready instance (not the host, where `what` is not done: `instead`
+    /// says what to do) and the agent that reaches it.
+    fn instance(
+        &self,
+        name: &str,
+        what: &'static str,
+        instead: &'static str,
+    ) -> Result<(u16, Arc<Agent>), RequestError> {
+        let id = self.ready(name)?;
+        if id == 0 {
+            return Err(RequestError::NotOnHost { what, instead });
+        }
+        Ok((id, self.agent()?))
+    }
+
     /// Two different ready kernels, for `what`.
     fn two(&self, what: &'static str, a: &str, b: &str) -> Result<(u16, u16), RequestError> {
         let (a, b) = (self.ready(a)?, self.ready(b)?);
@@ -182,14 +197,7 @@ impl Daemon {
         exec: ExecRequest,
         conn: &Conn,
     ) -> Result<(), RequestError> {
-        let id = self.ready(name)?;
-        if id == 0 {
-            return Err(RequestError::NotOnHost {
-                what: "exec",
-                instead: "run the command directly",
-            });
-        }
-        let agent = self.agent()?;
+        let (id, agent) = self.instance(name, "exec", "run the command directly")?;
         let (req, rx) = agent.request(id, |req| Msg::Exec { req, exec })?;
         conn.reply(&Reply::ExecStarted);
         // Client -> agent: stdin and signals, with the request id rewritten.
@@ -322,14 +330,7 @@ impl Daemon {
         kill: bool,
         conn: &Conn,
     ) -> Result<Reply, RequestError> {
-        let id = self.ready(on)?;
-        if id == 0 {
-            return Err(RequestError::NotOnHost {
-                what: "checkpoint",
-                instead: "not supported yet; use an instance",
-            });
-        }
-        let agent = self.agent()?;
+        let (id, agent) = self.instance(on, "checkpoint", "not supported yet; use an instance")?;
         let (req, rx) = agent.request(id, |req| Msg::Checkpoint { req, pid, kill })?;
         let result = loop {
             match rx.recv_timeout(CHECKPOINT_TIMEOUT) {
@@ -365,14 +366,7 @@ impl Daemon {
     /// Relays an image from the client to an agent that restores it, then
     /// the process's output back, like exec.
     pub(super) fn restore(&self, on: &str, conn: &Conn) -> Result<(), RequestError> {
-        let id = self.ready(on)?;
-        if id == 0 {
-            return Err(RequestError::NotOnHost {
-                what: "restore",
-                instead: "not supported yet; use an instance",
-            });
-        }
-        let agent = self.agent()?;
+        let (id, agent) = self.instance(on, "restore", "not supported yet; use an instance")?;
         let (req, rx) = agent.request(id, |req| Msg::RestoreImage { req })?;
         conn.reply(&Reply::ExecStarted);
         // Client -> agent: the image, then signals.
