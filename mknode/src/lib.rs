@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod bootargs;
 pub mod codec;
+pub mod dsm;
 pub mod link;
 pub mod migrate;
 pub mod wire;
