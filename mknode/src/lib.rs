@@ -21,6 +21,7 @@ pub mod codec;
 pub mod dsm;
 pub mod link;
 pub mod migrate;
+mod uffd;
 pub mod wire;
 
 /// An I/O error's text without the ` (os error N)` Rust appends, for

@@ -442,6 +442,27 @@ messages! {
     /// destination as `new_pid`, after `downtime_ns`; a lazy move goes on
     /// moving pages until its `MigrateReport`.
     40 req MigrateProgress { req: u32, new_pid: u32, downtime_ns: u64 },
+    /// DSM, a kernel's cache to the page's home: a fault here needs the
+    /// page (`write`: the only, writable copy). See `dsm/README.md`.
+    41 peer DsmRequest { region: u32, page: u64, write: bool },
+    /// DSM, home to cache: granted; `data` is the page's content, or empty
+    /// when the cache holds the current one. `version` counts the page's
+    /// exclusive grants.
+    42 peer DsmGrant { region: u32, page: u64, write: bool, version: u64, data: Vec<u8> },
+    /// DSM, home to cache: give the page up (`downgrade`: keep a read-only
+    /// copy).
+    43 peer DsmInvalidate { region: u32, page: u64, downgrade: bool },
+    /// DSM, cache to home: done; the content when it held the page
+    /// exclusive, else empty.
+    44 peer DsmAck { region: u32, page: u64, data: Vec<u8> },
+    /// DSM, home to cache: the page can never be served (it was lost with
+    /// the kernel that held it).
+    45 peer DsmFail { region: u32, page: u64 },
+    /// DSM, to the registry (endpoint 0): open region `name` of `size`
+    /// bytes, creating it (zero-filled, homed at the asking kernel) the
+    /// first time.
+    46 req DsmOpen { req: u32, name: String, size: u64 },
+    47 end DsmOpened { req: u32, region: u32, size: u64, home: u16 },
 }
 
 impl Msg {
@@ -610,7 +631,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 40);
+        assert_eq!(Kind::ALL.len(), 47);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,

@@ -12,7 +12,9 @@
 //! - [`diag`]: what this kernel is (info, power-off), ping and traffic
 //!   checks;
 //! - [`migration`]: moving processes between kernels, checkpoint and
-//!   restore through a peer.
+//!   restore through a peer;
+//! - [`dsm`]: distributed shared memory (the protocol's messages, the
+//!   region registry, the local socket for processes).
 //!
 //! The receive thread decodes each frame and hands it to the facet that
 //! registered its kind. A facet may give a message back (a `Data` frame
@@ -37,6 +39,7 @@
 //! A kind served by two facets is refused when the agent is built.
 
 pub mod diag;
+pub mod dsm;
 pub mod exec;
 pub mod migration;
 
@@ -53,6 +56,7 @@ use crate::link::{Link, LinkError};
 use crate::wire::{KernelInfo, Kind, Msg};
 
 pub use diag::{kernel_info, BlobReport, Diag, RttSummary};
+pub use dsm::Dsm;
 pub use exec::Exec;
 pub use migration::{Migration, MoveError, MoveReport};
 
@@ -139,6 +143,7 @@ pub fn standard_facets(f: &mut Facets) {
     f.add(Exec::new);
     f.add(Diag::new);
     f.add(Migration::new);
+    f.add(Dsm::new);
 }
 
 #[derive(Debug)]

@@ -42,8 +42,10 @@ mod precheck;
 mod procfs;
 mod restore;
 mod sys;
-mod uffd;
 
+/// `pidfd_open(pid, 0)`.
+pub use crate::uffd::pidfd_open;
+pub(crate) use crate::uffd::wait_exit;
 pub use capture::{freeze, reap_orphans, CaptureError, Frozen, ImageOptions};
 pub use image::{ImageError, ImageMeta, ImageStats};
 pub use lazy::{
@@ -53,9 +55,6 @@ pub use lazy::{
 pub use pager::{LazyError, Pager, PagerOptions, PagerStats};
 pub use precheck::{check_at, check_migratable, Blocker, Precheck, Refusal};
 pub use restore::{restore, restore_lazy, LazyRestored, RestoreError, Restored, StdioPlan};
-/// `pidfd_open(pid, 0)`.
-pub use uffd::pidfd_open;
-pub(crate) use uffd::wait_exit;
 
 /// A failed system call made on behalf of capture or restore.
 #[derive(Debug, thiserror::Error)]

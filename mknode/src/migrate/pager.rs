@@ -30,7 +30,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::image::{Mapping, PAGE};
 use super::lazy::{carried, LazyLink, PageSource, Pushed, SourceError};
-use super::uffd::{pidfd_kill, Msg, Uffd};
+use crate::uffd::{pidfd_kill, Msg, Uffd};
 
 /// How the destination fetches pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -630,7 +630,7 @@ impl Run {
             let mut faults = Vec::new();
             for m in msgs.drain(..) {
                 match m {
-                    Msg::Fault { address } => faults.push(address & !(PAGE - 1)),
+                    Msg::Fault { address, .. } => faults.push(address & !(PAGE - 1)),
                     Msg::Remap { from, to, len } => self.table.remap(from, to, len),
                     Msg::Remove { start, end } | Msg::Unmap { start, end } => {
                         for o in self.table.forget(start, end) {

@@ -34,8 +34,8 @@ use super::lazy::{carried, LazyLink};
 use super::memory::{fingerprint, read_remote, to_mapping, write_remote};
 use super::pager::{self, LazyError, PageTable, Pager, PagerOptions};
 use super::procfs::{parse_maps, ProcDir};
-use super::uffd::{self, Uffd};
 use super::{sys, SysError};
+use crate::uffd::{self, Uffd};
 
 /// What the restored process gets as fds 0, 1, 2 (the destination's own:
 /// pipes to the agent, or /dev/null). Every other descriptor is closed.

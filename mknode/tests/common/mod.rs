@@ -21,39 +21,43 @@ use std::time::{Duration, Instant};
 /// once per process, and returns its path; `$MKNODE_MKCOUNTER` overrides.
 pub(crate) fn mkcounter() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        cloexec_inherited();
+    PATH.get_or_init(|| match std::env::var_os("MKNODE_MKCOUNTER") {
         // A prebuilt one (e.g. the static build for the guests).
-        if let Some(p) = std::env::var_os("MKNODE_MKCOUNTER") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("current_exe");
-        // <target>/<profile>/deps/<this binary>
-        let target = exe
-            .parent()
-            .and_then(|p| p.parent())
-            .and_then(|p| p.parent())
-            .expect("target dir")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--release",
-                "-p",
-                "testprogs",
-                "--bin",
-                "mkcounter",
-            ])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("running cargo build for mkcounter");
-        assert!(st.success(), "building mkcounter failed");
-        target.join("release/mkcounter")
+        Some(p) => PathBuf::from(p),
+        None => testprog("mkcounter"),
     })
     .clone()
+}
+
+/// Builds testprogs' `bin` (release) into the target dir this binary runs
+/// from, and returns its path.
+pub(crate) fn testprog(bin: &str) -> PathBuf {
+    cloexec_inherited();
+    let exe = std::env::current_exe().expect("current_exe");
+    // <target>/<profile>/deps/<this binary>
+    let target = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "testprogs",
+            "--bin",
+            bin,
+        ])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap_or_else(|e| panic!("running cargo build for {bin}: {e}"));
+    assert!(st.success(), "building {bin} failed");
+    target.join("release").join(bin)
 }
 
 /// Descriptors this test process inherited without `O_CLOEXEC` (from a

@@ -1,7 +1,8 @@
-//! The unsafe core of lazy restore: the few `userfaultfd` ioctls and the
-//! pidfd calls that move a descriptor out of the restored process, written
-//! by hand from the uAPI header `include/uapi/linux/userfaultfd.h` (the
-//! `userfaultfd` crate's -sys crate needs libclang at build time).
+//! The unsafe core of userfaultfd, shared by lazy restore and the DSM: the
+//! few `userfaultfd` ioctls and the pidfd calls that move a descriptor out
+//! of another process, written by hand from the uAPI header
+//! `include/uapi/linux/userfaultfd.h` (the `userfaultfd` crate's -sys crate
+//! needs libclang at build time).
 //!
 //! Each wrapper passes the kernel a pointer to a `#[repr(C)]` struct laid
 //! out as in that header, owned by the wrapper for the whole call; that is
@@ -37,6 +38,9 @@ pub(crate) const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, size_of::<Uf
 /// `UFFDIO_ZEROPAGE _IOWR(UFFDIO, _UFFDIO_ZEROPAGE (0x04), struct uffdio_zeropage)`
 pub(crate) const UFFDIO_ZEROPAGE: u64 =
     ioc(IOC_READ | IOC_WRITE, 0x04, size_of::<UffdioZeropage>());
+/// `UFFDIO_WRITEPROTECT _IOWR(UFFDIO, _UFFDIO_WRITEPROTECT (0x06), struct uffdio_writeprotect)`
+pub(crate) const UFFDIO_WRITEPROTECT: u64 =
+    ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<UffdioWriteprotect>());
 
 // The numbers the header's macros compile to on x86_64, and the sizes of
 // its structs: a hand-written value or layout that drifts fails the build.
@@ -46,6 +50,8 @@ const _: () = {
     assert!(UFFDIO_WAKE == 0x8010_aa02);
     assert!(UFFDIO_COPY == 0xc028_aa03);
     assert!(UFFDIO_ZEROPAGE == 0xc020_aa04);
+    assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
+    assert!(size_of::<UffdioWriteprotect>() == 24);
     assert!(size_of::<UffdioApi>() == 24);
     assert!(size_of::<UffdioRange>() == 16);
     assert!(size_of::<UffdioRegister>() == 32);
@@ -55,6 +61,22 @@ const _: () = {
 
 /// `UFFDIO_REGISTER_MODE_MISSING ((__u64)1<<0)`
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `UFFDIO_REGISTER_MODE_WP ((__u64)1<<1)`
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFDIO_WRITEPROTECT_MODE_WP ((__u64)1<<0)`
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+/// `UFFD_PAGEFAULT_FLAG_WRITE (1<<0)`, `UFFD_PAGEFAULT_FLAG_WP (1<<1)`
+/// (`uffd_msg.arg.pagefault.flags`).
+pub(crate) const PAGEFAULT_FLAG_WRITE: u64 = 1;
+pub(crate) const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+
+/// `UFFD_FEATURE_MISSING_SHMEM (1<<5)`: missing faults on shmem (memfd).
+pub(crate) const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFD_FEATURE_THREAD_ID (1<<8)`: the faulting thread's id in the message.
+pub(crate) const FEATURE_THREAD_ID: u64 = 1 << 8;
+/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1<<12)`: write-protect on shmem (and
+/// markers on pages not mapped yet, so no write slips through).
+pub(crate) const FEATURE_WP_SHMEM: u64 = 1 << 12;
 
 /// `UFFD_FEATURE_EVENT_REMAP (1<<2)`: mremap of a registered range keeps it
 /// registered and reports the move (without it the moved range silently
@@ -117,6 +139,14 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
+/// `struct uffdio_writeprotect { struct uffdio_range range; __u64 mode; }`
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
 /// `sizeof(struct uffd_msg)`: 8 bytes of event + reserved, a 24-byte union
 /// (`__attribute__((packed))`).
 pub(crate) const MSG_SIZE: usize = 32;
@@ -124,9 +154,12 @@ pub(crate) const MSG_SIZE: usize = 32;
 /// One `struct uffd_msg`, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Msg {
-    /// `arg.pagefault.{flags, address}`
+    /// `arg.pagefault.{flags, address, feat.ptid}` (`tid` is 0 without
+    /// `UFFD_FEATURE_THREAD_ID`).
     Fault {
         address: u64,
+        flags: u64,
+        tid: u32,
     },
     /// `arg.remap.{from, to, len}`
     Remap {
@@ -152,7 +185,11 @@ impl Msg {
         let w =
             |i: usize| u64::from_le_bytes(b[8 + i * 8..16 + i * 8].try_into().unwrap_or([0; 8]));
         match b[0] {
-            EVENT_PAGEFAULT => Msg::Fault { address: w(1) },
+            EVENT_PAGEFAULT => Msg::Fault {
+                address: w(1),
+                flags: w(0),
+                tid: u32::from_le_bytes(b[24..28].try_into().unwrap_or([0; 4])),
+            },
             EVENT_REMAP => Msg::Remap {
                 from: w(0),
                 to: w(1),
@@ -212,6 +249,28 @@ impl Uffd {
         };
         ioctl(self.0.as_raw_fd(), UFFDIO_REGISTER, &mut r)?;
         Ok(r.ioctls)
+    }
+
+    /// `UFFDIO_REGISTER` in missing and write-protect modes.
+    pub(crate) fn register_missing_wp(&self, start: u64, len: u64) -> nix::Result<u64> {
+        let mut r = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        ioctl(self.0.as_raw_fd(), UFFDIO_REGISTER, &mut r)?;
+        Ok(r.ioctls)
+    }
+
+    /// `UFFDIO_WRITEPROTECT` of `[start, start + len)`: on (writes fault;
+    /// on a page not mapped yet a marker is left, so its first write faults
+    /// too), or off (which wakes the threads waiting there).
+    pub(crate) fn write_protect(&self, start: u64, len: u64, on: bool) -> nix::Result<()> {
+        let mut w = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode: if on { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        ioctl(self.0.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut w)
     }
 
     /// `UFFDIO_COPY` of `src` (whole pages) to `dst`, waking the faulting
@@ -330,6 +389,30 @@ pub(crate) fn pidfd_kill(pidfd: &OwnedFd, sig: i32) -> nix::Result<()> {
     }
 }
 
+/// A new userfaultfd of the calling process (`O_CLOEXEC | O_NONBLOCK`).
+pub(crate) fn create() -> nix::Result<OwnedFd> {
+    // SAFETY: userfaultfd(2) takes flags and returns a new descriptor that
+    // we own from here on.
+    let r = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `r` is the descriptor the kernel just opened for us.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// `tgkill(pid, tid, sig)`: a signal to one thread (a DSM fault that can
+/// never be served gets SIGBUS in the thread that faulted).
+pub(crate) fn tgkill(pid: i32, tid: i32, sig: i32) -> nix::Result<()> {
+    // SAFETY: three integers in; no memory is passed.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
 /// `pidfd_getfd(pidfd, fd, 0)`: a duplicate (close-on-exec) of descriptor
 /// `fd` of the process behind `pidfd`.
 pub(crate) fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> nix::Result<OwnedFd> {
@@ -352,10 +435,13 @@ mod tests {
         b[0] = EVENT_PAGEFAULT;
         b[8..16].copy_from_slice(&1u64.to_le_bytes()); // flags: write
         b[16..24].copy_from_slice(&0x7f00_1234_5000u64.to_le_bytes());
+        b[24..28].copy_from_slice(&77u32.to_le_bytes()); // ptid
         assert_eq!(
             Msg::parse(&b),
             Msg::Fault {
-                address: 0x7f00_1234_5000
+                address: 0x7f00_1234_5000,
+                flags: PAGEFAULT_FLAG_WRITE,
+                tid: 77
             }
         );
         b[0] = EVENT_REMAP;

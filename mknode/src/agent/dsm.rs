@@ -1,0 +1,229 @@
+//! The DSM facet: carries the coherence protocol's messages between this
+//! kernel's DSM engine ([`crate::dsm::Engine`], started on first use) and
+//! the others', keeps the region registry when this is endpoint 0, and
+//! serves local processes on a Unix socket ([`Dsm::serve_local`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{lock, Agent, AgentError, AgentRef, Facet};
+use crate::dsm::engine::{Command, Event};
+use crate::dsm::local::{self, LocalServer, Opener};
+use crate::dsm::stats::Stats;
+use crate::dsm::{check_name, check_size, DsmConfig, DsmError, Engine, RegionInfo};
+use crate::wire::{Kind, Msg};
+
+/// The endpoint that keeps the registry of region names.
+pub const REGISTRY: u16 = 0;
+
+/// How long an open waits for the registry.
+const REGISTRY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct Registry {
+    by_name: HashMap<String, RegionInfo>,
+    next: u32,
+}
+
+/// See the module doc.
+#[derive(Debug)]
+pub struct Dsm {
+    agent: AgentRef,
+    config: Mutex<DsmConfig>,
+    engine: Mutex<Option<Arc<Engine>>>,
+    registry: Mutex<Registry>,
+    server: Mutex<Option<LocalServer>>,
+}
+
+impl Facet for Dsm {
+    fn kinds(&self) -> &'static [Kind] {
+        &[
+            Kind::DsmRequest,
+            Kind::DsmGrant,
+            Kind::DsmInvalidate,
+            Kind::DsmAck,
+            Kind::DsmFail,
+            Kind::DsmOpen,
+        ]
+    }
+
+    fn handle(self: Arc<Self>, agent: &Arc<Agent>, peer: u16, msg: Msg) -> Option<Msg> {
+        match msg {
+            Msg::DsmOpen { req, name, size } => {
+                let answer = if agent.id() == REGISTRY {
+                    match self.register(&name, size, peer) {
+                        Ok(i) => Msg::DsmOpened {
+                            req,
+                            region: i.id,
+                            size: i.size,
+                            home: i.home,
+                        },
+                        Err(e) => Msg::Failed {
+                            req,
+                            message: crate::error_text(&e),
+                        },
+                    }
+                } else {
+                    Msg::Failed {
+                        req,
+                        message: format!("the DSM registry is endpoint {REGISTRY}"),
+                    }
+                };
+                let _ = agent.send(peer, &answer);
+            }
+            msg => match self.engine() {
+                Ok(e) => e.post(Event::Message { from: peer, msg }),
+                Err(e) => log::warn!("dsm: {}", crate::error_text(&e)),
+            },
+        }
+        None
+    }
+
+    fn peer_lost(&self, peer: u16, why: &str) {
+        if let Some(e) = lock(&self.engine).as_ref() {
+            e.post(Event::PeerLost {
+                node: peer,
+                why: why.to_string(),
+            });
+        }
+    }
+}
+
+impl Dsm {
+    pub fn new(agent: AgentRef) -> Self {
+        Dsm {
+            agent,
+            config: Mutex::new(DsmConfig::default()),
+            engine: Mutex::new(None),
+            registry: Mutex::new(Registry::default()),
+            server: Mutex::new(None),
+        }
+    }
+
+    /// Sets the engine's knobs; only before its first use.
+    pub fn configure(&self, config: DsmConfig) {
+        *lock(&self.config) = config;
+    }
+
+    /// The engine, started on first use.
+    pub fn engine(&self) -> Result<Arc<Engine>, DsmError> {
+        let mut e = lock(&self.engine);
+        if let Some(e) = e.as_ref() {
+            return Ok(Arc::clone(e));
+        }
+        let agent = self.agent.get().map_err(DsmError::Registry)?;
+        let out = self.agent.clone();
+        let engine = Arc::new(Engine::start(
+            agent.id(),
+            *lock(&self.config),
+            Box::new(move |to, m| {
+                if let Ok(a) = out.get() {
+                    if let Err(e) = a.send(to, m) {
+                        log::warn!("dsm: {}", crate::error_text(&e));
+                    }
+                }
+            }),
+        )?);
+        *e = Some(Arc::clone(&engine));
+        Ok(engine)
+    }
+
+    /// Serves this kernel's processes on a Unix socket at `path` (see
+    /// [`crate::dsm::local`]); replaces an earlier one.
+    pub fn serve_local(self: &Arc<Self>, path: &Path) -> Result<(), DsmError> {
+        let server = local::serve(path, self.engine()?, Arc::new(Resolver(Arc::clone(self))))?;
+        *lock(&self.server) = Some(server);
+        Ok(())
+    }
+
+    /// Stops serving local processes.
+    pub fn stop_local(&self) {
+        lock(&self.server).take();
+    }
+
+    /// What this kernel's DSM holds and counted.
+    pub fn stats(&self) -> Result<Stats, DsmError> {
+        self.engine()?.ask(|reply| Command::Stats { reply })
+    }
+
+    /// The registry (at endpoint 0): region `name`, created homed at
+    /// `asker` if new.
+    fn register(&self, name: &str, size: u64, asker: u16) -> Result<RegionInfo, DsmError> {
+        check_name(name)?;
+        check_size(size)?;
+        let mut r = lock(&self.registry);
+        if let Some(i) = r.by_name.get(name) {
+            if i.size != size {
+                return Err(DsmError::SizeMismatch {
+                    name: name.to_string(),
+                    size,
+                    existing: i.size,
+                });
+            }
+            return Ok(i.clone());
+        }
+        r.next += 1;
+        let info = RegionInfo {
+            id: r.next,
+            name: name.to_string(),
+            size,
+            home: asker,
+        };
+        r.by_name.insert(name.to_string(), info.clone());
+        log::info!("dsm: region {name} ({size} bytes) created, home {asker}");
+        Ok(info)
+    }
+
+    /// Asks the registry for region `name`.
+    fn resolve(&self, name: &str, size: u64) -> Result<RegionInfo, DsmError> {
+        let agent = self.agent.get().map_err(DsmError::Registry)?;
+        if agent.id() == REGISTRY {
+            return self.register(name, size, REGISTRY);
+        }
+        let (id, size, home) = agent
+            .call_for(
+                REGISTRY,
+                REGISTRY_TIMEOUT,
+                |req| Msg::DsmOpen {
+                    req,
+                    name: name.to_string(),
+                    size,
+                },
+                |m| match m {
+                    Msg::DsmOpened {
+                        region, size, home, ..
+                    } => Some((region, size, home)),
+                    _ => None,
+                },
+            )
+            .map_err(|e| match e {
+                // The registry's own refusal says what is wrong.
+                AgentError::Failed { message, .. } => DsmError::Refused {
+                    errno: if message.contains("exists with") {
+                        libc::EINVAL
+                    } else {
+                        libc::EIO
+                    },
+                    message,
+                },
+                e => DsmError::Registry(e),
+            })?;
+        Ok(RegionInfo {
+            id,
+            name: name.to_string(),
+            size,
+            home,
+        })
+    }
+}
+
+/// The registry as the local socket sees it.
+struct Resolver(Arc<Dsm>);
+
+impl Opener for Resolver {
+    fn open(&self, name: &str, size: u64) -> Result<RegionInfo, DsmError> {
+        self.0.resolve(name, size)
+    }
+}

@@ -1,0 +1,96 @@
+//! What a kernel's DSM counts, per region: faults, requests, invalidations,
+//! bytes, fault latency, and how many pages it holds in which state.
+
+use std::time::Duration;
+
+use super::protocol::{Cache, Local};
+use super::RegionInfo;
+
+/// Fault latencies, kept as a bounded sample (the most recent ones).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Latency {
+    /// Microseconds, newest last, at most `KEEP`.
+    samples: Vec<u32>,
+    next: usize,
+    count: u64,
+}
+
+const KEEP: usize = 4096;
+
+impl Latency {
+    pub fn record(&mut self, d: Duration) {
+        let us = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        if self.samples.len() < KEEP {
+            self.samples.push(us);
+        } else {
+            self.samples[self.next] = us;
+        }
+        self.next = (self.next + 1) % KEEP;
+        self.count += 1;
+    }
+
+    /// Faults resolved so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Mean of the kept samples, in µs.
+    pub fn mean_us(&self) -> u64 {
+        if self.samples.is_empty() {
+            return 0;
+        }
+        self.samples.iter().map(|&s| u64::from(s)).sum::<u64>() / self.samples.len() as u64
+    }
+
+    /// 99th percentile of the kept samples, in µs.
+    pub fn p99_us(&self) -> u64 {
+        let mut v = self.samples.clone();
+        v.sort_unstable();
+        v.get(v.len().saturating_sub(1) * 99 / 100)
+            .copied()
+            .map_or(0, u64::from)
+    }
+}
+
+/// One region on one kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegionStats {
+    pub info: Option<RegionInfo>,
+    pub mappers: u64,
+    pub read_faults: u64,
+    pub write_faults: u64,
+    /// Requests sent to the home.
+    pub requests: u64,
+    /// Invalidations received.
+    pub invalidations: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Faults failed (SIGBUS).
+    pub failed: u64,
+    /// Pages lost with their owner (home only).
+    pub lost_pages: u64,
+    pub latency: Latency,
+    /// Pages held read-only and exclusive here.
+    pub shared: u64,
+    pub exclusive: u64,
+    /// Why it cannot be served any more, if so.
+    pub error: Option<String>,
+}
+
+impl RegionStats {
+    pub(super) fn count_states(&mut self, caches: &[Cache]) {
+        self.shared = caches.iter().filter(|c| c.state() == Local::Shared).count() as u64;
+        self.exclusive = caches
+            .iter()
+            .filter(|c| c.state() == Local::Exclusive)
+            .count() as u64;
+    }
+}
+
+/// A kernel's DSM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub node: u16,
+    pub bad_messages: u64,
+    pub regions: Vec<RegionStats>,
+}
