@@ -118,24 +118,25 @@ fn counters_on_three_kernels_are_exact() {
     all(
         &k,
         &[
-            (0, args(&["add", "ctr", "8192", &n])),
-            (1, args(&["add", "ctr", "8192", &n])),
-            (2, args(&["add", "ctr", "8192", &n])),
+            (0, args(&["add", "ctr", "12288", &n])),
+            (1, args(&["add", "ctr", "12288", &n])),
+            (2, args(&["add", "ctr", "12288", &n])),
         ],
     );
-    let m = (N / 10).to_string();
+    // Under a lock: every acquisition moves the lock's page, so fewer.
+    let m = (N / 30).to_string();
     all(
         &k,
         &[
-            (0, args(&["locked", "ctr", "8192", &m])),
-            (1, args(&["locked", "ctr", "8192", &m])),
-            (2, args(&["locked", "ctr", "8192", &m])),
+            (0, args(&["locked", "ctr", "12288", &m])),
+            (1, args(&["locked", "ctr", "12288", &m])),
+            (2, args(&["locked", "ctr", "12288", &m])),
         ],
     );
     for on in 0..3 {
         assert_eq!(
-            k.run(on, &["get", "ctr", "8192"]).trim(),
-            format!("atomic={} locked={}", 3 * N, 3 * (N / 10)),
+            k.run(on, &["get", "ctr", "12288"]).trim(),
+            format!("atomic={} locked={}", 3 * N, 3 * (N / 30)),
             "as kernel {on} sees it"
         );
     }
@@ -143,12 +144,12 @@ fn counters_on_three_kernels_are_exact() {
     all(
         &k,
         &[
-            (1, args(&["add", "ctr", "8192", &n])),
-            (1, args(&["add", "ctr", "8192", &n])),
+            (1, args(&["add", "ctr", "12288", &n])),
+            (1, args(&["add", "ctr", "12288", &n])),
         ],
     );
     assert!(k
-        .run(2, &["get", "ctr", "8192"])
+        .run(2, &["get", "ctr", "12288"])
         .starts_with(&format!("atomic={}", 5 * N)));
 }
 
@@ -201,39 +202,57 @@ fn a_size_that_differs_is_refused_with_einval() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("errno 22"));
 }
 
+/// A kernel that goes down takes the pages only it held: a process that
+/// then needs one gets SIGBUS within the stated time (the agent declares a
+/// peer lost 5 s after its last heartbeat), never a hang or a stale page;
+/// a region homed elsewhere goes on working.
 #[test]
-#[ignore]
-fn debug_add() {
+fn a_lost_home_makes_faults_fail_with_sigbus_and_others_go_on() {
+    use std::io::{BufRead, BufReader, Write};
     let k = kernels();
-    let n = std::env::var("N").unwrap_or("100".into());
-    let op = std::env::var("OP").unwrap_or("add".into());
-    let t = std::time::Instant::now();
-    let out = all(
-        &k,
-        &[
-            (0, args(&[&op, "dbg", "8192", &n])),
-            (1, args(&[&op, "dbg", "8192", &n])),
-            (2, args(&[&op, "dbg", "8192", &n])),
-        ],
-    );
-    eprintln!("{out:?} in {:?}", t.elapsed());
-    for a in &k.net.agents {
-        eprintln!(
-            "{:?}",
-            a.facet::<Dsm>()
-                .stats()
-                .unwrap()
-                .regions
-                .iter()
-                .map(|r| (
-                    r.read_faults,
-                    r.write_faults,
-                    r.requests,
-                    r.invalidations,
-                    r.latency.mean_us(),
-                    r.latency.p99_us()
-                ))
-                .collect::<Vec<_>>()
-        );
+    // Region "lost" is homed on kernel 1 (it maps it first); "kept" on 2.
+    k.run(1, &["add", "lost", "16384", "5"]);
+    k.run(2, &["add", "kept", "8192", "5"]);
+    let mut victim = k.spawn(2, &["touch", "lost", "16384", "3"]);
+    let mut out = BufReader::new(victim.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("mapped line");
+    assert_eq!(line.trim(), "mapped");
+
+    // Kernel 1 goes down as a killed QEMU does: its agent stops answering
+    // and its heartbeat stops.
+    for p in [0, 2] {
+        k.net.agents[1].remove_link(p);
     }
+    k.net.silenced[1].store(true, std::sync::atomic::Ordering::Relaxed);
+    let t0 = std::time::Instant::now();
+    // Page 3 was never fetched by kernel 2: it needs the lost home.
+    victim
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write");
+    let status = wait(victim, Duration::from_secs(30)).status;
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+    assert!(t0.elapsed() < Duration::from_secs(12), "{:?}", t0.elapsed());
+    // Kernel 2's stats say why.
+    let st = k.net.agents[2].facet::<Dsm>().stats().expect("stats");
+    let lost = st
+        .regions
+        .iter()
+        .find(|r| r.info.as_ref().is_some_and(|i| i.name == "lost"))
+        .expect("region lost");
+    assert!(lost.failed >= 1, "{}", lost.failed);
+    assert!(
+        lost.error
+            .as_deref()
+            .is_some_and(|e| e.contains("home is lost")),
+        "{:?}",
+        lost.error
+    );
+    // A region homed on a live kernel goes on: kernels 0 and 2 share it.
+    k.run(0, &["add", "kept", "8192", "100"]);
+    assert!(k.run(2, &["get", "kept", "8192"]).starts_with("atomic=105"));
 }

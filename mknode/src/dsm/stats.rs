@@ -46,9 +46,9 @@ impl Latency {
     pub fn p99_us(&self) -> u64 {
         let mut v = self.samples.clone();
         v.sort_unstable();
-        v.get(v.len().saturating_sub(1) * 99 / 100)
-            .copied()
-            .map_or(0, u64::from)
+        // The smallest sample with at least 99% of them at or below it.
+        let at = (v.len() * 99).div_ceil(100).saturating_sub(1);
+        v.get(at).copied().map_or(0, u64::from)
     }
 }
 
@@ -93,4 +93,23 @@ pub struct Stats {
     pub node: u16,
     pub bad_messages: u64,
     pub regions: Vec<RegionStats>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_p99() {
+        let mut l = Latency::default();
+        assert_eq!((l.mean_us(), l.p99_us()), (0, 0));
+        for us in 1..=100 {
+            l.record(Duration::from_micros(us));
+        }
+        assert_eq!((l.count(), l.mean_us(), l.p99_us()), (100, 50, 99));
+        let mut two = Latency::default();
+        two.record(Duration::from_micros(5));
+        two.record(Duration::from_micros(900));
+        assert_eq!(two.p99_us(), 900);
+    }
 }

@@ -6,7 +6,7 @@
 //! ```text
 //! dsmtest add NAME SIZE N          N atomic increments of the u64 at offset 0
 //! dsmtest locked NAME SIZE N       N increments of a plain u64 (page 1) under a
-//!                                  spinlock on page 0
+//!                                  spinlock on page 2 (SIZE >= 12288)
 //! dsmtest get NAME SIZE            prints "atomic=<page 0 u64> locked=<page 1 u64>"
 //! dsmtest produce NAME SIZE N      writes N records, each acknowledged
 //! dsmtest consume NAME SIZE N      checks the N records arrive in order, intact
@@ -88,7 +88,7 @@ fn main() {
         }
         "locked" => {
             let n: u64 = arg(&args, 4, "N");
-            let lock = word32(base, 0);
+            let lock = word32(base, 2 * PAGE);
             let counter = word(base, PAGE);
             for _ in 0..n {
                 while lock
