@@ -163,7 +163,7 @@ fn main() {
             while t0.elapsed() < Duration::from_millis(ms) {
                 let p = usize::try_from(rng.next() % pages as u64).unwrap_or(0);
                 let w = word(base, p * PAGE);
-                let v = if rng.next() % 4 == 0 {
+                let v = if rng.next().is_multiple_of(4) {
                     writes += 1;
                     w.fetch_add(1, Ordering::AcqRel) + 1
                 } else {
