@@ -1,0 +1,69 @@
+//! libmk: what programs link to use mkctl's kernels — `mk.h` with
+//! `libmk.a` / `libmk.so` for C, and the same calls in Rust.
+//!
+//! - [`mkdsm_map`] / [`mkdsm_unmap`] (and [`map`] / [`unmap`] in Rust):
+//!   distributed shared memory regions, served by the agent of the kernel
+//!   the process runs on (see `mk.h` for how it is found and every errno).
+//!
+//! The work is `mknode::dsm::client`'s; this crate is the C ABI around it:
+//! no panic crosses it, every failure is a NULL or -1 with `errno`.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+pub use mknode::dsm::client::{map, unmap};
+pub use mknode::dsm::DsmError;
+
+fn set_errno(e: i32) {
+    // SAFETY: __errno_location returns this thread's errno, valid for the
+    // thread's lifetime.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// `void *mkdsm_map(const char *name, size_t size)` (see `mk.h`).
+///
+/// # Safety
+/// `name` must be a NUL-terminated string (or NULL, which fails with
+/// `EINVAL`).
+#[no_mangle]
+pub unsafe extern "C" fn mkdsm_map(name: *const c_char, size: usize) -> *mut c_void {
+    if name.is_null() {
+        set_errno(libc::EINVAL);
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the caller passes a NUL-terminated string, checked non-null.
+    let name = unsafe { CStr::from_ptr(name) };
+    let Ok(name) = name.to_str() else {
+        set_errno(libc::EINVAL);
+        return std::ptr::null_mut();
+    };
+    match std::panic::catch_unwind(|| map(name, size)) {
+        Ok(Ok(p)) => p.cast(),
+        Ok(Err(e)) => {
+            set_errno(e.errno());
+            std::ptr::null_mut()
+        }
+        Err(_) => {
+            set_errno(libc::EIO);
+            std::ptr::null_mut()
+        }
+    }
+}
+
+/// `int mkdsm_unmap(void *addr, size_t size)` (see `mk.h`).
+///
+/// # Safety
+/// `addr` must not be used after a successful call.
+#[no_mangle]
+pub unsafe extern "C" fn mkdsm_unmap(addr: *mut c_void, size: usize) -> c_int {
+    match std::panic::catch_unwind(|| unmap(addr.cast(), size)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            set_errno(e.errno());
+            -1
+        }
+        Err(_) => {
+            set_errno(libc::EIO);
+            -1
+        }
+    }
+}
