@@ -109,6 +109,17 @@ pub fn run(
     };
     let agent = Agent::new(id, hooks);
     agent.name_peers(peers.iter().cloned());
+    // This kernel's processes reach the DSM here (libmk's default path).
+    match agent
+        .facet::<mknode::agent::Dsm>()
+        .serve_local(std::path::Path::new(mknode::dsm::local::GUEST_SOCKET))
+    {
+        Ok(()) => say!("agent: DSM served at {}", mknode::dsm::local::GUEST_SOCKET),
+        Err(e) => say!(
+            "agent: no DSM for this kernel's processes: {}",
+            mknode::error_text(&e)
+        ),
+    }
     for peer in (0..endpoints).filter(|&p| p != id) {
         match RingLink::open(&endpoint, peer) {
             Ok(link) => agent.add_link(peer, Arc::new(link)),

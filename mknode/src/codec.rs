@@ -325,14 +325,34 @@ macro_rules! field_struct {
             type Strategy = proptest::strategy::BoxedStrategy<Self>;
             fn arbitrary_with(_: ()) -> Self::Strategy {
                 use proptest::prelude::*;
-                any::<($($t,)*)>()
-                    .prop_map(|($($f,)*)| $name { $($f),* })
+                // Nested pairs: a struct may have more fields than the
+                // largest tuple proptest knows.
+                any::<$crate::codec::nest_ty!($($t),*)>()
+                    .prop_map(|$crate::codec::nest_pat!($($f),*)| $name { $($f),* })
                     .boxed()
             }
         }
     };
 }
 pub(crate) use field_struct;
+
+/// `(A, (B, (C, ())))` for types `A, B, C` (the tests' strategies).
+#[cfg(test)]
+macro_rules! nest_ty {
+    () => { () };
+    ($t:ty $(, $rest:ty)*) => { ($t, $crate::codec::nest_ty!($($rest),*)) };
+}
+#[cfg(test)]
+pub(crate) use nest_ty;
+
+/// The pattern that takes `nest_ty!` apart.
+#[cfg(test)]
+macro_rules! nest_pat {
+    () => { () };
+    ($f:ident $(, $rest:ident)*) => { ($f, $crate::codec::nest_pat!($($rest),*)) };
+}
+#[cfg(test)]
+pub(crate) use nest_pat;
 
 #[cfg(test)]
 mod tests {

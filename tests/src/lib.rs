@@ -443,3 +443,65 @@ impl Drop for Mkctl {
         }
     }
 }
+
+/// Builds `libmk.a` (release) and the README's `libmk/examples/counter.c`
+/// against it exactly as the README says (`cc -static -s ... libmk.a
+/// -lpthread`), once per test process; returns the static binary.
+pub fn c_counter() -> PathBuf {
+    static P: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let root = repo_root();
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "--quiet", "--release", "-p", "libmk"])
+            .current_dir(&root)
+            .status()
+            .expect("cargo build -p libmk");
+        assert!(st.success(), "building libmk failed");
+        let out = target.join("counter-static");
+        let cc = Command::new("cc")
+            .arg("-static")
+            .arg("-s")
+            .arg(root.join("libmk/examples/counter.c"))
+            .arg("-I")
+            .arg(root.join("libmk/include"))
+            .arg(target.join("release/libmk.a"))
+            .arg("-lpthread")
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .expect("running cc");
+        assert!(
+            cc.status.success(),
+            "cc failed:\n{}",
+            String::from_utf8_lossy(&cc.stderr)
+        );
+        out
+    })
+    .clone()
+}
+
+/// Builds testprogs' `bin` (release, for the host) and returns its path.
+pub fn host_testprog(bin: &str) -> PathBuf {
+    let root = repo_root();
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "testprogs",
+            "--bin",
+            bin,
+        ])
+        .current_dir(&root)
+        .status()
+        .expect("cargo build -p testprogs");
+    assert!(st.success(), "building {bin} failed");
+    target.join("release").join(bin)
+}

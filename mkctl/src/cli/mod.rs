@@ -10,6 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::topology::{self, LoadError, Topology};
 
+mod dsm;
 mod image;
 mod kexec;
 mod live;
@@ -245,6 +246,12 @@ pub enum Command {
         #[arg(long)]
         on: String,
     },
+    /// Distributed shared memory: the regions programs map with
+    /// mkdsm_map() (mk.h / libmk), across every kernel of the daemon.
+    Dsm {
+        #[command(subcommand)]
+        action: DsmAction,
+    },
     /// The multikernel memory and CPU pool (kexec backend).
     Pool {
         #[command(subcommand)]
@@ -284,6 +291,32 @@ pub enum PoolAction {
         /// Print the sequence, change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DsmAction {
+    /// Every region: size, home kernel, and where it is mapped.
+    Ls {
+        /// Print JSON for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One region on every kernel: pages held read-only and exclusive,
+    /// faults, fetches, invalidations, bytes, fault latency (mean, p99),
+    /// failures and why.
+    Show {
+        /// The region's name.
+        name: String,
+        /// Print JSON for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a region (refused while a process maps it anywhere); its
+    /// content is gone.
+    Rm {
+        /// The region's name.
+        name: String,
     },
 }
 
@@ -406,6 +439,9 @@ impl Command {
             | Command::Migrate { json, .. } => *json,
             Command::Daemon {
                 action: DaemonAction::Status { json },
+            }
+            | Command::Dsm {
+                action: DsmAction::Ls { json } | DsmAction::Show { json, .. },
             } => *json,
             _ => false,
         }
@@ -476,6 +512,7 @@ fn dispatch(cli: Cli) -> Res {
             timeout,
             dry_run,
         } => live::stop(&cli.sysroot, &instances, all, timeout, dry_run),
+        Command::Dsm { action } => dsm::run(action),
         Command::Migrate {
             pid,
             from,

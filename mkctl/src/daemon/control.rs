@@ -79,6 +79,15 @@ pub enum Request {
     Restore {
         on: String,
     },
+    /// DSM regions: every one the registry knows, with what each kernel
+    /// holds of it (`name`: only that one).
+    DsmReport {
+        name: Option<String>,
+    },
+    /// Remove DSM region `name` (refused while it is mapped anywhere).
+    DsmRemove {
+        name: String,
+    },
     /// Stop every instance and exit.
     Shutdown,
 }
@@ -127,6 +136,46 @@ pub enum Reply {
         total_ns: u64,
         image_bytes: u64,
     },
+    /// DSM regions (see `Request::DsmReport`).
+    Dsm {
+        regions: Vec<DsmRegion>,
+    },
+}
+
+/// One DSM region across the kernels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DsmRegion {
+    pub name: String,
+    pub id: u32,
+    pub size: u64,
+    /// The kernel that keeps its directory.
+    pub home: String,
+    /// What each kernel holds and counted (those that know the region).
+    pub kernels: Vec<DsmKernel>,
+}
+
+/// One region on one kernel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DsmKernel {
+    pub kernel: String,
+    pub mappers: u64,
+    pub shared_pages: u64,
+    pub exclusive_pages: u64,
+    pub read_faults: u64,
+    pub write_faults: u64,
+    /// Requests sent to the home.
+    pub fetches: u64,
+    pub invalidations: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Faults that failed (SIGBUS).
+    pub failed: u64,
+    /// Pages lost with the kernel that held them (counted at the home).
+    pub lost_pages: u64,
+    pub fault_mean_us: u64,
+    pub fault_p99_us: u64,
+    /// Why faults there cannot be served, if so.
+    pub error: Option<String>,
 }
 
 impl Reply {
@@ -142,6 +191,7 @@ impl Reply {
             Reply::Traffic { .. } => "traffic",
             Reply::ExecStarted => "exec-started",
             Reply::Migrated { .. } => "migrated",
+            Reply::Dsm { .. } => "dsm",
         }
     }
 }

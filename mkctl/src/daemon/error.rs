@@ -72,6 +72,12 @@ pub enum RequestError {
     NoWindow,
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error("the DSM")]
+    Dsm(#[from] mknode::dsm::DsmError),
+    #[error("no DSM region {0} (mkctl dsm ls lists them)")]
+    NoRegion(String),
+    #[error("region {name} is still mapped on {places}; unmap it there first")]
+    RegionMapped { name: String, places: String },
     /// A move that failed on the kernel that was to send the process.
     #[error("on {on}")]
     Move {
@@ -105,6 +111,7 @@ impl RequestError {
             | RequestError::NotInTopology { .. }
             | RequestError::SameKernel { .. }
             | RequestError::AlreadyThere { .. }
+            | RequestError::NoRegion(_)
             | RequestError::NotOnHost { .. } => EXIT_USAGE,
             _ => EXIT_FAIL,
         }

@@ -41,6 +41,12 @@ impl RunDir {
         self.0.join("window")
     }
 
+    /// Where the host kernel's processes reach its agent for the DSM
+    /// (`libmk` finds it through `$MKCTL_RUN_DIR`).
+    pub fn agent_socket(&self) -> PathBuf {
+        self.0.join("agent.sock")
+    }
+
     /// The initramfs built for this run.
     pub fn initramfs(&self) -> PathBuf {
         self.0.join("initramfs.cpio")

@@ -46,6 +46,8 @@ impl Facet for Dsm {
             Kind::DsmAck,
             Kind::DsmFail,
             Kind::DsmOpen,
+            Kind::DsmStat,
+            Kind::DsmDrop,
         ]
     }
 
@@ -73,6 +75,13 @@ impl Facet for Dsm {
                 };
                 let _ = agent.send(peer, &answer);
             }
+            Msg::DsmStat { req } => agent.answer_later(peer, req, move |_| {
+                let st = self.stats()?;
+                Ok::<_, DsmError>(Msg::DsmStats {
+                    req,
+                    regions: st.regions.iter().map(|r| r.to_wire()).collect(),
+                })
+            }),
             msg => match self.engine() {
                 Ok(e) => e.post(Event::Message { from: peer, msg }),
                 Err(e) => log::warn!("dsm: {}", crate::error_text(&e)),
@@ -146,6 +155,36 @@ impl Dsm {
     /// What this kernel's DSM holds and counted.
     pub fn stats(&self) -> Result<Stats, DsmError> {
         self.engine()?.ask(|reply| Command::Stats { reply })
+    }
+
+    /// Every region the registry knows (endpoint 0 only: elsewhere none).
+    pub fn regions(&self) -> Vec<RegionInfo> {
+        let mut v: Vec<RegionInfo> = lock(&self.registry).by_name.values().cloned().collect();
+        v.sort_by_key(|r| r.id);
+        v
+    }
+
+    /// Removes region `name` from the registry (endpoint 0) and tells every
+    /// kernel linked to this one, and this one, to forget it. The caller
+    /// checks first that nothing maps it.
+    pub fn remove(&self, name: &str) -> Result<RegionInfo, DsmError> {
+        let info = lock(&self.registry)
+            .by_name
+            .remove(name)
+            .ok_or_else(|| DsmError::Refused {
+                errno: libc::ENOENT,
+                message: format!("no region {name}"),
+            })?;
+        let agent = self.agent.get().map_err(DsmError::Registry)?;
+        let drop = Msg::DsmDrop { region: info.id };
+        for peer in agent.peers() {
+            let _ = agent.send(peer, &drop);
+        }
+        self.engine()?.post(Event::Message {
+            from: agent.id(),
+            msg: drop,
+        });
+        Ok(info)
     }
 
     /// The registry (at endpoint 0): region `name`, created homed at

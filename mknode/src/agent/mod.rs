@@ -354,6 +354,19 @@ impl Agent {
         self.stop.store(true, Ordering::SeqCst);
     }
 
+    /// The endpoints this agent has links to.
+    pub fn peers(&self) -> Vec<u16> {
+        let mut v: Vec<u16> = self
+            .links
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// The link to `peer`.
     pub fn link(&self, peer: u16) -> Result<Arc<dyn Link>, AgentError> {
         self.links

@@ -210,7 +210,6 @@ impl Engine {
                     early: Vec::new(),
                     timers: BinaryHeap::new(),
                     local: std::collections::VecDeque::new(),
-                    lost: Vec::new(),
                     bad: 0,
                 }
                 .run(&rx)
@@ -277,8 +276,6 @@ struct Worker {
     /// Protocol messages this kernel sends itself (its cache and its
     /// directory), handled in order before anything else.
     local: std::collections::VecDeque<(u32, u64, protocol::Msg<Vec<u8>>)>,
-    /// Kernels declared lost.
-    lost: Vec<Node>,
     /// Messages refused as malformed or out of place.
     bad: u64,
 }
@@ -673,7 +670,6 @@ impl Worker {
             .add(u.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, id))
             .map_err(DsmError::sys("epoll_ctl"))?;
         r.mappers.push(id);
-        r.stats.mappers += 1;
         self.mappers.insert(
             id,
             Mapper {
@@ -830,6 +826,10 @@ impl Worker {
     }
 
     fn message(&mut self, from: Node, msg: Msg) {
+        if let Msg::DsmDrop { region } = msg {
+            self.drop_region(from, region);
+            return;
+        }
         let Some((region, page, m)) = from_wire(msg.clone()) else {
             self.refuse(from, "a malformed DSM message");
             return;
@@ -933,6 +933,30 @@ impl Worker {
         self.dispatch(region, page, out);
     }
 
+    /// The registry removed `region`: forget it (only if nothing maps it
+    /// here any more; the registry checked, but a process may have mapped
+    /// it since).
+    fn drop_region(&mut self, from: Node, region: u32) {
+        if from != crate::agent::dsm::REGISTRY && from != self.me {
+            self.refuse(from, "a region removal not from the registry");
+            return;
+        }
+        match self.regions.get(&region) {
+            Some(r) if !r.mappers.is_empty() => {
+                log::warn!(
+                    "dsm: region {} removed by the registry but still mapped here by {} process(es); kept",
+                    r.info.name,
+                    r.mappers.len()
+                );
+            }
+            Some(_) => {
+                self.regions.remove(&region);
+                self.timers.retain(|Reverse((_, r, _))| *r != region);
+            }
+            None => {}
+        }
+    }
+
     fn refuse(&mut self, from: Node, what: &str) {
         self.bad += 1;
         if self.bad == 1 {
@@ -985,16 +1009,20 @@ impl Worker {
             } else if at.elapsed() < self.config.early_wait {
                 self.early.push((at, from, msg));
             } else {
+                // A request must not leave a fault waiting forever (the
+                // region's home was restarted and knows it no more).
+                if let Msg::DsmRequest { region, page, .. } = msg {
+                    (self.send)(from, &Msg::DsmFail { region, page });
+                }
                 self.refuse(from, "a message for a region unknown here");
             }
         }
     }
 
     fn peer_lost(&mut self, node: Node, why: &str) {
-        if self.lost.contains(&node) {
-            return;
-        }
-        self.lost.push(node);
+        // Not remembered: a kernel declared lost may boot again (a new
+        // incarnation, with none of the old one's pages); what failed
+        // stays failed in the regions it homed.
         let ids: Vec<u32> = self.regions.keys().copied().collect();
         for region in ids {
             let Some(r) = self.regions.get_mut(&region) else {
@@ -1038,6 +1066,7 @@ impl Worker {
             .map(|r| {
                 let mut s = r.stats.clone();
                 s.info = Some(r.info.clone());
+                s.mappers = r.mappers.len() as u64;
                 s.count_states(&r.caches);
                 s
             })

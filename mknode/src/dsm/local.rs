@@ -40,13 +40,15 @@ use crate::codec::{Field, Reader, Writer};
 
 /// The environment variable that names the socket.
 pub const ENV: &str = "MK_AGENT";
+/// Where a guest kernel's agent (guest-init) serves its processes.
+pub const GUEST_SOCKET: &str = "/run/mk/agent.sock";
 
 /// Where a process looks for its agent.
 pub fn agent_path() -> PathBuf {
     if let Some(p) = std::env::var_os(ENV) {
         return PathBuf::from(p);
     }
-    let mut candidates = vec![PathBuf::from("/run/mk/agent.sock")];
+    let mut candidates = vec![PathBuf::from(GUEST_SOCKET)];
     if let Some(d) = std::env::var_os("MKCTL_RUN_DIR") {
         candidates.push(Path::new(&d).join("agent.sock"));
     }

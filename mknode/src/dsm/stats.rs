@@ -87,6 +87,39 @@ impl RegionStats {
     }
 }
 
+impl RegionStats {
+    /// As the wire carries it.
+    pub fn to_wire(&self) -> crate::wire::DsmRegionStat {
+        let info = self.info.clone().unwrap_or(RegionInfo {
+            id: 0,
+            name: String::new(),
+            size: 0,
+            home: 0,
+        });
+        crate::wire::DsmRegionStat {
+            region: info.id,
+            name: info.name,
+            size: info.size,
+            home: info.home,
+            mappers: self.mappers,
+            shared: self.shared,
+            exclusive: self.exclusive,
+            read_faults: self.read_faults,
+            write_faults: self.write_faults,
+            requests: self.requests,
+            invalidations: self.invalidations,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            failed: self.failed,
+            lost_pages: self.lost_pages,
+            faults: self.latency.count(),
+            mean_us: self.latency.mean_us(),
+            p99_us: self.latency.p99_us(),
+            error: self.error.clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// A kernel's DSM.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {

@@ -180,8 +180,12 @@ impl Daemon {
             &self.run.window(),
             t.window.size.0,
             endpoints,
-            agent,
+            Arc::clone(&agent),
         )?);
+        // The host's processes reach the DSM here.
+        agent
+            .facet::<mknode::agent::Dsm>()
+            .serve_local(&self.run.agent_socket())?;
         *w = Some(Arc::clone(&hw));
         Ok(hw)
     }

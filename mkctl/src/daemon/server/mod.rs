@@ -20,6 +20,7 @@
 //! - an instance whose QEMU exits or whose agent's heartbeat stops is shown
 //!   `failed` with the reason, within a second or two.
 
+mod dsm;
 mod instances;
 mod relay;
 
@@ -196,6 +197,7 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
     d.stop_instances(&names, Duration::from_secs(10), &|_, _| {});
     let _ = monitor.join();
     let _ = std::fs::remove_file(run.socket());
+    let _ = std::fs::remove_file(run.agent_socket());
     let _ = std::fs::remove_file(run.pid_file());
     if let Some(tree) = run.ram_tree() {
         let _ = std::fs::remove_dir_all(tree);
@@ -302,6 +304,10 @@ impl Daemon {
                     message: stop_summary(&before),
                 }
             }
+            Request::DsmReport { name } => Reply::Dsm {
+                regions: self.dsm_report(name.as_deref())?,
+            },
+            Request::DsmRemove { name } => self.dsm_remove(&name)?,
             Request::Shutdown => {
                 self.stop.store(true, Ordering::SeqCst);
                 Reply::Ok {
