@@ -7,6 +7,12 @@
 //! - [`RingLink`] (`ring.rs`): a `shmem-ring` channel, between kernels of
 //!   one machine; a peer that stops is [`LinkError::PeerDown`] and the link
 //!   stays, since the peer may attach again.
+//! - [`TcpLink`] (`tcp.rs`): length-prefixed frames over a TCP connection,
+//!   with a small handshake ([`tcp::listen`], [`tcp::connect`]) that tells
+//!   each side the other's endpoint id. The transport Popcorn Linux used,
+//!   here to compare the rings against and to span machines. A closed
+//!   connection is [`LinkError::PeerGone`], for good: a peer that comes
+//!   back connects again and becomes a new link.
 //! - [`MemLink`] (`mem.rs`): an in-process pair, for the agent's unit tests.
 //!
 //! Every implementation must pass the same conformance checks
@@ -17,9 +23,11 @@ use std::time::Duration;
 
 mod mem;
 mod ring;
+pub mod tcp;
 
 pub use mem::MemLink;
 pub use ring::RingLink;
+pub use tcp::TcpLink;
 
 /// Why a link could not carry a message.
 #[derive(Debug, thiserror::Error)]
