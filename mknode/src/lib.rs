@@ -4,7 +4,8 @@
 //! - [`wire`]: every message between agents, declared once in a table, on
 //!   the little-endian [`codec`] the process image shares;
 //! - [`link`]: a duplex message connection to one peer (a `shmem-ring`
-//!   channel between kernels, an in-process pair in tests);
+//!   channel between kernels, a TCP connection, an in-process pair in
+//!   tests);
 //! - [`agent`]: the core (links, requests and answers, peer liveness) and
 //!   its facets — exec, diagnostics, migration — each a file of its own;
 //!   its module doc says how to add a message and a facet;
