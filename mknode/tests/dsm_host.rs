@@ -10,8 +10,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use common::agents::{net, Net};
-use mknode::agent::Dsm;
+use mknode::agent::{Agent, Dsm};
 
 fn dsmtest() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
@@ -21,18 +23,50 @@ fn dsmtest() -> &'static Path {
 /// The three agents, each serving processes at `<dir>/agent<N>.sock`.
 struct Kernels {
     net: Net,
+    /// The same over TCP, when the test runs there ([`kernels_tcp`]).
+    tcp: Vec<Arc<Agent>>,
     dir: tempfile::TempDir,
+}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        for a in &self.tcp {
+            a.facet::<Dsm>().stop_local();
+            a.shutdown();
+        }
+    }
+}
+
+fn serve(agents: &[Arc<Agent>], dir: &Path) {
+    for (i, a) in agents.iter().enumerate() {
+        a.facet::<Dsm>()
+            .serve_local(&dir.join(format!("agent{i}.sock")))
+            .expect("serving the local socket");
+    }
 }
 
 fn kernels() -> Kernels {
     let net = net();
     let dir = tempfile::tempdir().expect("tempdir");
-    for (i, a) in net.agents.iter().enumerate() {
-        a.facet::<Dsm>()
-            .serve_local(&dir.path().join(format!("agent{i}.sock")))
-            .expect("serving the local socket");
+    serve(&net.agents, dir.path());
+    Kernels {
+        net,
+        tcp: Vec::new(),
+        dir,
     }
-    Kernels { net, dir }
+}
+
+/// The DSM over TCP links (the window's agents stay idle): the same
+/// engine, another transport.
+fn kernels_tcp() -> Kernels {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tcp = common::agents::net_tcp(false);
+    serve(&tcp, dir.path());
+    Kernels {
+        net: net(),
+        tcp,
+        dir,
+    }
 }
 
 impl Kernels {
@@ -112,7 +146,15 @@ fn args(v: &[&str]) -> Vec<String> {
 
 #[test]
 fn counters_on_three_kernels_are_exact() {
-    let k = kernels();
+    counters(&kernels());
+}
+
+#[test]
+fn counters_are_exact_over_tcp_too() {
+    counters(&kernels_tcp());
+}
+
+fn counters(k: &Kernels) {
     const N: u64 = 3000;
     let n = N.to_string();
     all(
@@ -155,19 +197,28 @@ fn counters_on_three_kernels_are_exact() {
 
 #[test]
 fn a_consumer_sees_every_record_in_order() {
-    let k = kernels();
-    all(
-        &k,
-        &[
-            (1, args(&["produce", "pipe", "16384", "300"])),
-            (2, args(&["consume", "pipe", "16384", "300"])),
-        ],
-    );
+    for k in [kernels(), kernels_tcp()] {
+        all(
+            &k,
+            &[
+                (1, args(&["produce", "pipe", "16384", "300"])),
+                (2, args(&["consume", "pipe", "16384", "300"])),
+            ],
+        );
+    }
 }
 
 #[test]
 fn random_reads_and_writes_never_go_back_in_time() {
-    let k = kernels();
+    stress(&kernels());
+}
+
+#[test]
+fn random_reads_and_writes_over_tcp() {
+    stress(&kernels_tcp());
+}
+
+fn stress(k: &Kernels) {
     let out = all(
         &k,
         &[

@@ -154,3 +154,39 @@ pub(crate) fn start(n: &Net, on: u16, args: &[&str]) -> (u32, ExecStream) {
     s.until(Duration::from_secs(30), |t| t.matches("seq=").count() >= 2);
     (pid, s)
 }
+
+/// Three agents 0, 1 and 2 linked pairwise by TCP over loopback (the
+/// transport Popcorn used) instead of the shared window; `busy` polls
+/// rather than blocking in the kernel.
+pub(crate) fn net_tcp(busy: bool) -> Vec<Arc<Agent>> {
+    use mknode::link::tcp::{connect, listen, TcpOptions};
+    let opts = if busy {
+        TcpOptions::default().busy_poll(mknode::link::tcp::DEFAULT_SPIN)
+    } else {
+        TcpOptions::default()
+    };
+    let agents: Vec<Arc<Agent>> = (0..3u16)
+        .map(|id| {
+            Agent::new(
+                id,
+                Hooks {
+                    power_off: Box::new(|| {}),
+                    info: Box::new(kernel_info),
+                },
+            )
+        })
+        .collect();
+    for i in 0..3u16 {
+        for j in i + 1..3 {
+            let l = listen("127.0.0.1:0".parse().unwrap(), i, opts).expect("listen");
+            let addr = l.local_addr().expect("addr");
+            let t = std::thread::spawn(move || l.accept().expect("accept"));
+            let (pi, to_i) = connect(addr, j, Duration::from_secs(5), opts).expect("connect");
+            let (pj, to_j) = t.join().expect("accept thread");
+            assert_eq!((pi, pj), (i, j));
+            agents[usize::from(j)].add_link(i, Arc::new(to_i));
+            agents[usize::from(i)].add_link(j, Arc::new(to_j));
+        }
+    }
+    agents
+}
