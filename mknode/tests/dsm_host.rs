@@ -158,7 +158,7 @@ fn counters(k: &Kernels) {
     const N: u64 = 3000;
     let n = N.to_string();
     all(
-        &k,
+        k,
         &[
             (0, args(&["add", "ctr", "12288", &n])),
             (1, args(&["add", "ctr", "12288", &n])),
@@ -168,7 +168,7 @@ fn counters(k: &Kernels) {
     // Under a lock: every acquisition moves the lock's page, so fewer.
     let m = (N / 30).to_string();
     all(
-        &k,
+        k,
         &[
             (0, args(&["locked", "ctr", "12288", &m])),
             (1, args(&["locked", "ctr", "12288", &m])),
@@ -184,7 +184,7 @@ fn counters(k: &Kernels) {
     }
     // Two processes on one kernel share that kernel's copy.
     all(
-        &k,
+        k,
         &[
             (1, args(&["add", "ctr", "12288", &n])),
             (1, args(&["add", "ctr", "12288", &n])),
@@ -220,7 +220,7 @@ fn random_reads_and_writes_over_tcp() {
 
 fn stress(k: &Kernels) {
     let out = all(
-        &k,
+        k,
         &[
             (0, args(&["stress", "st", "65536", "3000", "1"])),
             (1, args(&["stress", "st", "65536", "3000", "2"])),
