@@ -45,7 +45,7 @@ mod ring;
 pub mod tcp;
 
 pub use mem::MemLink;
-pub use ring::RingLink;
+pub use ring::{RingLink, AGENT_SPIN};
 pub use tcp::TcpLink;
 
 /// Why a link could not carry a message.

@@ -6,6 +6,15 @@ use std::time::Duration;
 
 use super::{Link, LinkError};
 
+/// How long an agent's receives spin: not at all. An agent runs a receiving
+/// thread per link, the DSM engine and the local socket's threads, more than
+/// a kernel's CPUs; a spinning receiver keeps the CPU from the thread whose
+/// answer it waits for. Measured with `cargo bench -p mknode --bench dsm`
+/// on 2 vCPUs: a remote read fault took ~150 µs with the ring's default
+/// 50 µs spin and ~40 µs yielding at once; `cargo bench -p mknode --bench
+/// link` shows what yielding costs a lone pair of threads.
+pub const AGENT_SPIN: Duration = Duration::ZERO;
+
 /// A `shmem-ring` channel as a link: the sender and receiver halves of one
 /// endpoint's channel to a peer, each behind a lock so a send and a receive
 /// can run at once on different threads.
@@ -30,10 +39,22 @@ impl RingLink {
         }
     }
 
-    /// Opens `endpoint`'s channel to `peer` as a link.
+    /// Opens `endpoint`'s channel to `peer` as a link whose receives yield
+    /// the CPU from the start instead of spinning first ([`AGENT_SPIN`]).
     pub fn open(endpoint: &shmem_ring::Endpoint, peer: u16) -> Result<RingLink, shmem_ring::Error> {
         let (tx, rx) = endpoint.channel(peer)?;
-        Ok(RingLink::new(tx, rx))
+        Ok(RingLink::new(tx, rx).spinning(AGENT_SPIN))
+    }
+
+    /// This link with receives that spin for `spin` before they yield (see
+    /// `shmem_ring::Receiver::set_spin`): worth it only when the receiving
+    /// thread has a CPU of its own.
+    pub fn spinning(self, spin: Duration) -> RingLink {
+        self.rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_spin(spin);
+        self
     }
 }
 
