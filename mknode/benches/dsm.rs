@@ -11,7 +11,7 @@
 //!   1 (and 0) hold read-only;
 //! - **ping-pong**: kernels 1 and 2 take turns writing one page (turns/s);
 //! - **sequential read of 64 MiB** written on kernel 1, read on kernel 2;
-//! - **first fault after 5 s idle** against a busy one;
+//! - **first fault after 5 s idle** against a busy one (median of 5);
 //! - the **floor**: a fault resolved in this process by `UFFDIO_COPY` of a
 //!   ready page, from a handler thread that polls as the engine does.
 //!
@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 use mknode::agent::{Agent, Dsm};
 
 const PAGE: usize = 4096;
+/// How many first faults after idle are measured (the median is shown).
+const IDLE_SAMPLES: usize = 5;
 
 // ----------------------------------------------------------------- roles
 
@@ -90,6 +92,22 @@ fn role(args: &[String]) {
             println!("{}", t.elapsed().as_nanos());
         }
         // Takes turns with the other side on page 0 (side 0: even, 1: odd).
+        // Reads page i after `idle_ms` of quiet, for each page (ns per line).
+        "idleread" => {
+            let idle = Duration::from_millis(args[3].parse().expect("idle ms"));
+            let mut ns = Vec::with_capacity(pages);
+            // Backwards: an ascending reader would be served by read-ahead.
+            for i in (0..pages).rev() {
+                std::thread::sleep(idle);
+                let t = Instant::now();
+                std::hint::black_box(word(i).load(Ordering::Acquire));
+                ns.push(t.elapsed().as_nanos() as u64);
+            }
+            println!(
+                "{}",
+                ns.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
+            );
+        }
         "pingpong" => {
             let side: u64 = args[3].parse().expect("side");
             let turns: u64 = args[4].parse().expect("turns");
@@ -294,10 +312,15 @@ fn measure(tcp: bool, pages: usize, scan_mib: usize, turns: u64, idle: Duration)
     k.run(1, &["write", "scan", &scan]);
     let ns = nums(&k.run(2, &["scan", "scan", &scan]))[0];
     let scan_gbs = (scan_mib << 20) as f64 / ns as f64;
-    // The first fault after a quiet while.
-    k.run(1, &["write", "idle", "4096"]);
-    std::thread::sleep(idle);
-    let idle = nums(&k.run(2, &["read", "idle", "4096"]))[0];
+    // The first fault after a quiet while, a few times (the process
+    // sleeps between its reads, so no mapping or start-up comes just
+    // before one).
+    let idle_pages = (IDLE_SAMPLES * PAGE).to_string();
+    k.run(1, &["write", "idle", &idle_pages]);
+    let ms = idle.as_millis().to_string();
+    let idle = median(&mut nums(
+        &k.run(2, &["idleread", "idle", &idle_pages, &ms]),
+    ));
     Figures {
         read,
         write1,

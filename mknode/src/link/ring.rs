@@ -104,6 +104,18 @@ impl Link for RingLink {
     fn max_message(&self) -> usize {
         self.max
     }
+
+    fn try_send(&self, msg: &[u8]) -> Result<bool, LinkError> {
+        // Another thread's send may be waiting for room: do not queue behind it.
+        let Ok(mut tx) = self.tx.try_lock() else {
+            return Ok(false);
+        };
+        match tx.try_send(msg) {
+            Ok(()) => Ok(true),
+            Err(shmem_ring::Error::Full { .. }) => Ok(false),
+            Err(e) => Err(ring_error(e, Duration::ZERO)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -116,6 +128,30 @@ mod tests {
             shmem_ring::Window::anonymous(shmem_ring::Layout::with_capacity(2, 256 << 10).unwrap())
                 .unwrap();
         (w.attach(0).unwrap(), w.attach(1).unwrap())
+    }
+
+    #[test]
+    fn try_send_sends_whole_messages_until_the_ring_is_full_then_says_later() {
+        let (e0, e1) = ring_pair();
+        let a = RingLink::open(&e0, 1).unwrap();
+        let b = RingLink::open(&e1, 0).unwrap();
+        let msg = vec![7u8; 4000];
+        let mut sent = 0u32;
+        while a.try_send(&msg).unwrap() {
+            sent += 1;
+            assert!(sent < 100_000, "the ring never filled");
+        }
+        assert!(sent > 0);
+        let mut buf = Vec::new();
+        for _ in 0..sent {
+            assert!(b.recv(&mut buf, Duration::from_secs(1)).unwrap());
+            assert_eq!(buf, msg);
+        }
+        assert!(
+            !b.recv(&mut buf, Duration::from_millis(1)).unwrap(),
+            "a part was sent"
+        );
+        assert!(a.try_send(&msg).unwrap(), "room again once read");
     }
 
     #[test]
