@@ -304,6 +304,7 @@ impl Engine {
                     skip_ack_wait: false,
                 },
                 out: Vec::new(),
+                new_timer: false,
                 epoll: Arc::clone(&epoll),
                 start: Instant::now(),
                 regions: HashMap::new(),
@@ -352,9 +353,11 @@ impl Engine {
     /// link has room, or later from the engine's thread. Never waits for a
     /// link.
     pub fn deliver(&self, from: Node, msg: Msg) {
-        self.shared
-            .with_worker(|w| w.message_and_follow_ups(from, msg));
-        if !self.shared.flush(false) {
+        let timer = self.shared.with_worker(|w| {
+            w.message_and_follow_ups(from, msg);
+            std::mem::take(&mut w.new_timer)
+        });
+        if !self.shared.flush(false) || timer {
             self.shared.waker.wake();
         }
     }
@@ -385,6 +388,10 @@ struct Worker {
     proto: Config,
     /// What this worker sent since its lock was taken (see `Shared::with_worker`).
     out: Vec<(Node, Msg)>,
+    /// A timer was set since the engine's thread last looked: a receive
+    /// thread that set one wakes it (it may sleep past the timer's due
+    /// time otherwise).
+    new_timer: bool,
     epoll: Arc<Epoll>,
     start: Instant,
     regions: HashMap<u32, Region>,
@@ -600,6 +607,7 @@ impl Shared {
             // Timers due within the next millisecond (epoll's resolution)
             // keep the thread polling: the hold time is a few 100 µs.
             let soon = self.with_worker(|w| {
+                w.new_timer = false;
                 w.run_timers();
                 w.timer_within(Duration::from_millis(1))
             });
@@ -1142,6 +1150,7 @@ impl Worker {
                     Ok(rel) => {
                         if let Some(due) = r.caches[p].deferred_until() {
                             self.timers.push(Reverse((due, region, page)));
+                            self.new_timer = true;
                         }
                         release = Some(rel);
                     }
