@@ -248,6 +248,10 @@ fn json_failures_are_json_with_the_exit_code() {
     assert!(e.contains("no mkctl daemon runs"), "{e}");
     let e = json_of(&["migrate", "1", "--from", "a", "--to", "b", "--json"], 1);
     assert!(e.contains("mkctl boot"), "{e}");
+    // `--from` defaults to the host: `mkctl migrate <pid> --to <kernel>` is
+    // a whole command (it gets as far as looking for the daemon).
+    let e = json_of(&["migrate", "1", "--to", "b", "--json"], 1);
+    assert!(e.contains("mkctl boot"), "{e}");
     // Without --json, stdout stays empty.
     cargo_bin_cmd!("mkctl")
         .env("MKCTL_RUN_DIR", run.path())

@@ -203,8 +203,9 @@ pub enum Command {
     Migrate {
         /// The process id on the origin kernel.
         pid: u32,
-        /// Origin: instance name, id, or "host".
-        #[arg(long)]
+        /// Origin: instance name, id, or "host" (where a pid you see with
+        /// `ps` lives).
+        #[arg(long, default_value = "host")]
         from: String,
         /// Destination: instance name, id, or "host".
         #[arg(long)]
