@@ -303,3 +303,14 @@ fn a_daemon_whose_run_directory_is_removed_exits() {
     std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("nobody can reach this daemon"), "{err}");
 }
+
+/// `--help` says which environment variables mkctl reads.
+#[test]
+fn help_names_the_environment() {
+    let out = cargo_bin_cmd!("mkctl").arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for var in ["MKCTL_RUN_DIR", "MKCTL_CACHE", "MKCTL_KERNEL", "MKCTL_QEMU"] {
+        assert!(text.contains(var), "--help does not name {var}:\n{text}");
+    }
+}
