@@ -447,7 +447,7 @@ impl Frozen {
             })
         })?;
 
-        let stdio = match super::precheck::check_migratable_stdio(&pd) {
+        let (stdio, files) = match super::precheck::open_files(&pd) {
             Ok(s) => s,
             Err(e) => return Err(self.proc_err("fd")(e)),
         };
@@ -465,6 +465,7 @@ impl Frozen {
                 sigactions,
                 shared_pending,
                 exe: pd.exe(),
+                files,
             },
             threads,
             mappings,

@@ -274,6 +274,30 @@ impl ProcDir {
         Ok(v)
     }
 
+    /// `pos` and `flags` (octal) of `fdinfo/<fd>`.
+    pub(crate) fn fdinfo(&self, fd: i32) -> io::Result<(u64, u32)> {
+        let text = fs::read_to_string(self.path(&format!("fdinfo/{fd}")))?;
+        let field = |name: &str, radix: u32| -> io::Result<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim(), radix).ok())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("fdinfo/{fd} has no {name}"),
+                    )
+                })
+        };
+        let flags = u32::try_from(field("flags:", 8)?)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "flags"))?;
+        Ok((field("pos:", 10)?, flags))
+    }
+
+    /// What `fd/<fd>` is open on (the link followed).
+    pub(crate) fn fd_metadata(&self, fd: i32) -> io::Result<fs::Metadata> {
+        fs::metadata(self.path(&format!("fd/{fd}")))
+    }
+
     /// Children of every thread (`task/*/children`).
     pub(crate) fn children(&self) -> io::Result<Vec<i32>> {
         let mut out = Vec::new();

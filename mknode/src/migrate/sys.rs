@@ -204,6 +204,12 @@ pub(crate) struct StubPlan {
     pub(crate) ctl: u64,
     /// Bytes placed at the start of the control page.
     pub(crate) code: [u8; 4],
+    /// Files to install after the stdio: `(source, target, close-on-exec)`.
+    /// Every source is at least `keep_below`, every target below it (so no
+    /// `dup2` clobbers a source still needed); every descriptor from 3 up
+    /// that is not a target is closed.
+    pub(crate) files: Vec<(libc::c_int, libc::c_int, bool)>,
+    pub(crate) keep_below: libc::c_int,
 }
 
 /// Exit codes of a stub that failed before stopping.
@@ -212,8 +218,8 @@ pub(crate) const STUB_EXIT_TRACEME: i32 = 101;
 pub(crate) const STUB_EXIT_RESUMED: i32 = 102;
 pub(crate) const STUB_EXIT_DUP: i32 = 103;
 
-/// Forks the stub. The child dups the stdio plan onto 0/1/2, closes every
-/// other descriptor, blocks all signals and resets their dispositions, maps
+/// Forks the stub. The child dups the stdio plan onto 0/1/2 and the files
+/// onto their descriptors, closes every other descriptor, blocks all signals and resets their dispositions, maps
 /// the control page with `plan.code` at its start, and stops itself under
 /// `PTRACE_TRACEME`. Returns the child's pid; the caller must wait for the
 /// stop (or the exit code of a failed stub).
@@ -251,10 +257,32 @@ fn stub_child(plan: &StubPlan) -> ! {
             stub_exit(STUB_EXIT_DUP);
         }
     }
+    for &(src, dst, cloexec) in &plan.files {
+        // SAFETY: plain fd syscalls on integers; `plan.files` was built
+        // before the fork and is only read here (no allocation).
+        let ok = unsafe {
+            libc::dup2(src, dst) != -1
+                && (!cloexec || libc::fcntl(dst, libc::F_SETFD, libc::FD_CLOEXEC) != -1)
+        };
+        if !ok {
+            stub_exit(STUB_EXIT_DUP);
+        }
+    }
+    for fd in 3..plan.keep_below.max(3) {
+        if !plan.files.iter().any(|&(_, dst, _)| dst == fd) {
+            // SAFETY: closes a descriptor number in this child only.
+            unsafe { libc::close(fd) };
+        }
+    }
     // SAFETY: close_range on integers; closes the parent's other descriptors
-    // in this child only.
+    // (and the sources of the files) in this child only.
     unsafe {
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::syscall(
+            libc::SYS_close_range,
+            plan.keep_below.max(3) as u32,
+            u32::MAX,
+            0u32,
+        );
     }
     let all: u64 = !0;
     // SAFETY: rt_sigprocmask reads 8 bytes from `all`, a live local; the old
