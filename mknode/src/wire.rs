@@ -675,7 +675,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 50);
+        assert_eq!(Kind::ALL.len(), 52);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,
