@@ -409,3 +409,58 @@ fn files_on_any_descriptor_are_carried() {
         "{err}"
     );
 }
+
+/// `mono_ms=` of an mkcounter line.
+fn mono_ms(line: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("mono_ms="))?
+        .parse()
+        .ok()
+}
+
+/// Saved, left 3 s, restored: the process's CLOCK_MONOTONIC goes on from
+/// where it stopped (a time namespace with offsets), instead of jumping by
+/// the time it was away (or, on another kernel, by the difference of boot
+/// times, backwards too).
+#[test]
+fn clocks_go_on_from_where_they_stopped() {
+    let dir = Scratch::new("host_checkpoint_clocks");
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 5");
+    let pid = child.id();
+    let img = dir.join("clocks.img");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let mut last = None;
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        last = mono_ms(&l).or(last);
+    }
+    let _ = child.wait();
+    let before = last.expect("a mono_ms before the checkpoint");
+    std::thread::sleep(Duration::from_secs(3));
+    let mut r = mkctl()
+        .args(["restore", "--on", "host"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mkctl restore");
+    let (rx2, _err, _, new_pid) = restoring(&mut r);
+    let got = until(&rx2, |l| mono_ms(l).is_some());
+    let after = got.iter().find_map(|l| mono_ms(l)).unwrap();
+    assert!(
+        after >= before && after < before + 1500,
+        "CLOCK_MONOTONIC went from {before} ms to {after} ms over a 3 s absence"
+    );
+    let offsets = std::fs::read_to_string(format!("/proc/{new_pid}/timens_offsets")).unwrap();
+    assert!(
+        offsets.contains("monotonic") && !offsets.contains("monotonic           0"),
+        "{offsets}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = r.wait();
+}

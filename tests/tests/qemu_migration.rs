@@ -235,6 +235,28 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
         assert_eq!(w.checksums()[k], before, "memory changed at hop {hop}");
     }
     no_gap(&w.seqs());
+    // CLOCK_MONOTONIC went on across the moves between two guests that
+    // booted at different moments: never backwards, never a jump (a line
+    // every 20 ms; a lazy move's downtime is well under a second).
+    let monos: Vec<u64> = w
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("mono_ms="))
+        })
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    for p in monos.windows(2) {
+        assert!(
+            p[1] >= p[0] && p[1] - p[0] < 3000,
+            "CLOCK_MONOTONIC went from {} to {} ms",
+            p[0],
+            p[1]
+        );
+    }
     // The host runs another kernel build than the guests: a move there is
     // refused up front (the origin asks the destination's kernel first),
     // by name, and the process runs on.

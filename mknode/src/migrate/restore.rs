@@ -97,6 +97,8 @@ pub enum RestoreError {
     },
     #[error("lazy pages")]
     Lazy(#[source] LazyError),
+    #[error("giving the process its clocks back (a time namespace with offsets): {0}")]
+    Clocks(String),
     #[error("fd {fd}: cannot reopen {path} here: {why}")]
     File { fd: u32, path: String, why: String },
     #[error("reading this process's own {what}")]
@@ -375,8 +377,44 @@ fn open_files(files: &[OpenFile]) -> Result<OpenedFiles, RestoreError> {
     Ok((owned, plan, keep_below))
 }
 
+/// What the stub writes to its time namespace's `timens_offsets` so that
+/// its `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` go on from `monotonic_ns` and
+/// `boottime_ns` (the process's clocks at the freeze): on another kernel,
+/// booted at another time, they would jump (by seconds, backwards too) and
+/// break every timeout the process holds. The time it spent frozen does not
+/// show. `None` when the image does not know its clocks.
+fn clock_offsets(monotonic_ns: u64, boottime_ns: u64) -> Result<Option<Vec<u8>>, RestoreError> {
+    if monotonic_ns == 0 && boottime_ns == 0 {
+        return Ok(None);
+    }
+    let clocks = |e: String| RestoreError::Clocks(e);
+    let offsets = "/proc/self/timens_offsets";
+    let ours = std::fs::read_to_string(offsets).map_err(|e| {
+        clocks(format!(
+            "{offsets}: {e} (this kernel has no time namespaces, CONFIG_TIME_NS)"
+        ))
+    })?;
+    let (our_m, our_b) =
+        super::procfs::parse_timens_offsets(&ours).map_err(|e| clocks(e.to_string()))?;
+    let now = |c| -> Result<i128, RestoreError> {
+        let t = nix::time::clock_gettime(c).map_err(|e| clocks(format!("clock_gettime: {e}")))?;
+        Ok(i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+    };
+    // Offsets count from the kernel's own clocks, not from ours.
+    let m = i128::from(monotonic_ns) - (now(nix::time::ClockId::CLOCK_MONOTONIC)? - our_m);
+    let b = i128::from(boottime_ns) - (now(nix::time::ClockId::CLOCK_BOOTTIME)? - our_b);
+    let line = |name: &str, ns: i128| {
+        let (sec, nsec) = (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
+        format!("{name} {sec} {nsec}\n")
+    };
+    Ok(Some(
+        (line("monotonic", m) + &line("boottime", b)).into_bytes(),
+    ))
+}
+
 fn spawn(meta: &ImageMeta, stdio: &StdioPlan) -> Result<(Stub, u64), RestoreError> {
     let (_files, files, keep_below) = open_files(&meta.process.files)?;
+    let timens = clock_offsets(meta.process.monotonic_ns, meta.process.boottime_ns)?;
     let mut last = 0;
     for _ in 0..4 {
         let ctl = control_page(&meta.mappings, &own_ranges()?)?;
@@ -391,6 +429,7 @@ fn spawn(meta: &ImageMeta, stdio: &StdioPlan) -> Result<(Stub, u64), RestoreErro
             code: [0x0f, 0x05, 0xcc, 0xcc],
             files: files.clone(),
             keep_below,
+            timens: timens.clone(),
         };
         let pid = sys::spawn_stub(&plan).map_err(|e| SysError::Ptrace {
             op: "fork",
@@ -415,6 +454,12 @@ fn spawn(meta: &ImageMeta, stdio: &StdioPlan) -> Result<(Stub, u64), RestoreErro
                 // Reaped: nothing left to kill.
                 stub.armed = false;
                 last = code;
+                if let Some(step) = sys::timens_step(code) {
+                    return Err(RestoreError::Clocks(format!(
+                        "the stub's {step} failed (unshare needs CAP_SYS_ADMIN; offsets {:?})",
+                        String::from_utf8_lossy(timens.as_deref().unwrap_or_default())
+                    )));
+                }
                 if code != sys::STUB_EXIT_MMAP {
                     return Err(RestoreError::Stub(code));
                 }
