@@ -502,11 +502,12 @@ messages! {
     /// DSM, registry to every kernel: region `region` was removed; forget
     /// it (it is mapped nowhere).
     50 peer DsmDrop { region: u32 },
-    /// Before a move, origin to destination: could a process open these
-    /// files there? `devices[i]`: `paths[i]` is one of the devices carried
-    /// (else a regular file). `problems` names each that could not, and why.
-    51 req FilesProbe { req: u32, paths: Vec<String>, devices: Vec<bool> },
-    52 end FilesProbed { req: u32, problems: Vec<String> },
+    /// Before a move, origin to destination: could a process with these
+    /// files open be restored there (the files, time namespaces)?
+    /// `devices[i]`: `paths[i]` is one of the devices carried (else a
+    /// regular file). `problems` names what would fail, and why.
+    51 req RestoreProbe { req: u32, paths: Vec<String>, devices: Vec<bool> },
+    52 end RestoreProbed { req: u32, problems: Vec<String> },
 }
 
 impl Msg {

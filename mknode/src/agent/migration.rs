@@ -227,9 +227,9 @@ pub enum MoveError {
         ours: String,
     },
     #[error(
-        "the process has files open that {peer} cannot open: {problems}; nothing was frozen, the original runs on"
+        "{peer} could not restore the process: {problems}; nothing was frozen, the original runs on"
     )]
-    FilesElsewhere { peer: Peer, problems: String },
+    NotRestorable { peer: Peer, problems: String },
     /// The process could not be frozen (refused, gone, not ours...).
     #[error(transparent)]
     Freeze(CaptureError),
@@ -312,7 +312,7 @@ impl Migration {
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
         self.same_kernel(&agent, to)?;
-        self.files_there(&agent, to, pid_i)?;
+        self.restorable_there(&agent, to, pid_i)?;
         let frozen = migrate::freeze(pid_i).map_err(MoveError::Freeze)?;
         // The original's own stdout and stderr, for the copy's output: opened
         // now, while the process still holds them.
@@ -501,24 +501,21 @@ impl Migration {
         })
     }
 
-    /// Refuses, before anything is frozen, a destination where the files the
-    /// process has open cannot be opened (a guest that has no such path).
+    /// Refuses, before anything is frozen, a destination that could not
+    /// restore the process: one where the files it has open cannot be
+    /// opened (a guest that has no such path), or without time namespaces
+    /// (its clocks would jump).
     /// Whether it is the same file is checked on restore, against the size
     /// and time at the freeze. Without an answer the restore decides.
-    fn files_there(&self, agent: &Agent, to: u16, pid: i32) -> Result<(), MoveError> {
-        let Ok(files) = migrate::files_of(pid) else {
-            // The freeze will say what is wrong with the process.
-            return Ok(());
-        };
-        if files.is_empty() {
-            return Ok(());
-        }
+    fn restorable_there(&self, agent: &Agent, to: u16, pid: i32) -> Result<(), MoveError> {
+        // Unreadable: the freeze will say what is wrong with the process.
+        let files = migrate::files_of(pid).unwrap_or_default();
         let (paths, devices): (Vec<String>, Vec<bool>) = files
             .into_iter()
             .map(|(path, kind)| (path, kind == migrate::FileKind::Device))
             .unzip();
-        let Ok(Msg::FilesProbed { problems, .. }) =
-            agent.call(to, Duration::from_secs(10), |req| Msg::FilesProbe {
+        let Ok(Msg::RestoreProbed { problems, .. }) =
+            agent.call(to, Duration::from_secs(10), |req| Msg::RestoreProbe {
                 req,
                 paths,
                 devices,
@@ -529,7 +526,7 @@ impl Migration {
         if problems.is_empty() {
             return Ok(());
         }
-        Err(MoveError::FilesElsewhere {
+        Err(MoveError::NotRestorable {
             peer: agent.peer(to),
             problems: problems.join("; "),
         })
@@ -658,7 +655,7 @@ impl Facet for Migration {
             Kind::Checkpoint,
             Kind::RestoreImage,
             Kind::ImageChunk,
-            Kind::FilesProbe,
+            Kind::RestoreProbe,
         ]
     }
 
@@ -694,14 +691,14 @@ impl Facet for Migration {
         match m {
             // A stat per file, on a thread of its own (a file system may
             // hang).
-            Msg::FilesProbe {
+            Msg::RestoreProbe {
                 req,
                 paths,
                 devices,
             } => agent.answer_later(peer, req, move |_| {
-                Ok::<_, std::convert::Infallible>(Msg::FilesProbed {
+                Ok::<_, std::convert::Infallible>(Msg::RestoreProbed {
                     req,
-                    problems: probe_files(&paths, &devices),
+                    problems: probe_restore(&paths, &devices),
                 })
             }),
             // The report goes out when the move is over: in lazy mode, once
@@ -1003,24 +1000,62 @@ impl PageSource for RingSource {
     }
 }
 
-/// What keeps each of `paths` from being opened here as the kind it is on
-/// the origin (`devices[i]`: a character device, else a regular file).
-fn probe_files(paths: &[String], devices: &[bool]) -> Vec<String> {
+/// What keeps a process from being restored here: no time namespaces, and
+/// each of `paths` that cannot be opened as the kind it is on the origin
+/// (`devices[i]`: a character device, else a regular file).
+fn probe_restore(paths: &[String], devices: &[bool]) -> Vec<String> {
     use std::os::unix::fs::FileTypeExt;
-    paths
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| {
-            let device = devices.get(i).copied().unwrap_or(false);
-            let why = match std::fs::metadata(p) {
-                Err(e) => e.to_string(),
-                Ok(m) if device && !m.file_type().is_char_device() => {
-                    "not a character device".to_string()
-                }
-                Ok(m) if !device && !m.is_file() => "not a regular file".to_string(),
-                Ok(_) => return None,
-            };
-            Some(format!("{p}: {why}"))
-        })
-        .collect()
+    let mut problems = Vec::new();
+    if !std::path::Path::new("/proc/self/timens_offsets").exists() {
+        problems.push(
+            "this kernel has no time namespaces (CONFIG_TIME_NS), so the process's clocks would jump"
+                .to_string(),
+        );
+    }
+    let files = paths.iter().enumerate().filter_map(|(i, p)| {
+        let device = devices.get(i).copied().unwrap_or(false);
+        let why = match std::fs::metadata(p) {
+            Err(e) => e.to_string(),
+            Ok(m) if device && !m.file_type().is_char_device() => {
+                "not a character device".to_string()
+            }
+            Ok(m) if !device && !m.is_file() => "not a regular file".to_string(),
+            Ok(_) => return None,
+        };
+        Some(format!("{p}: {why}"))
+    });
+    problems.extend(files);
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe_restore;
+
+    #[test]
+    fn the_restore_probe_names_each_file_that_would_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let s = |p: &std::path::Path| p.display().to_string();
+        let paths = [
+            s(&file),
+            s(&dir.path().join("missing")),
+            s(dir.path()),
+            "/dev/null".to_string(),
+            s(&file),
+        ];
+        let problems = probe_restore(&paths, &[false, false, false, true, true]);
+        // This kernel has time namespaces: only the files are named.
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!("{}: ", paths[1])),
+            "{problems:?}"
+        );
+        assert!(problems[1].ends_with("not a regular file"), "{problems:?}");
+        assert!(
+            problems[2].ends_with("not a character device"),
+            "{problems:?}"
+        );
+    }
 }
