@@ -464,3 +464,47 @@ fn clocks_go_on_from_where_they_stopped() {
     .unwrap();
     let _ = r.wait();
 }
+
+/// `alarms=` of an mkcounter line.
+fn alarms(line: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("alarms="))?
+        .parse()
+        .ok()
+}
+
+/// An interval timer (`setitimer`, as `alarm` uses) goes on firing after a
+/// save and restore: the count of SIGALRMs keeps rising.
+#[test]
+fn interval_timers_go_on() {
+    let dir = Scratch::new("host_checkpoint_itimer");
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 5 --alarm-ms 20");
+    let pid = child.id();
+    let img = dir.join("itimer.img");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let mut last = None;
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        last = alarms(&l).or(last);
+    }
+    let _ = child.wait();
+    let before = last.expect("an alarms= line before the checkpoint");
+    assert!(before > 0, "the timer never fired before the checkpoint");
+    let mut r = mkctl()
+        .args(["restore", "--on", "host"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mkctl restore");
+    let (rx2, _err, _, _) = restoring(&mut r);
+    // 20 more alarms: 400 ms at one every 20 ms.
+    until(&rx2, |l| alarms(l).is_some_and(|a| a >= before + 20));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = r.wait();
+}

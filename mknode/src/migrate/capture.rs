@@ -258,6 +258,17 @@ fn with_hints(now: &MapsEntry, hint: Option<&SmapsEntry>) -> Option<Mapping> {
     Some(m)
 }
 
+/// One armed interval timer: which, and its `struct itimerval` words.
+type ItimerState = (u8, [u64; 4]);
+
+/// What is asked of the leader only: its status, and where its signal
+/// actions and interval timers go.
+type LeaderAsks<'a> = (
+    &'a super::procfs::Status,
+    &'a mut Vec<SigAction>,
+    &'a mut Vec<ItimerState>,
+);
+
 /// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as process `pd` sees them now:
 /// ours, moved by the difference between its time namespace's offsets and
 /// ours (both are offsets from the kernel's own clocks).
@@ -454,7 +465,7 @@ impl Frozen {
         })?;
         let asked = self.ask_process(insn, scratch, &status, &mut threads);
         let put_back = write_remote(pid, scratch, &saved);
-        let sigactions = asked?;
+        let (sigactions, itimers) = asked?;
         put_back.map_err(|e| {
             self.sys()(SysError::Mem {
                 what: "restoring scratch bytes",
@@ -486,6 +497,7 @@ impl Frozen {
                 files,
                 monotonic_ns,
                 boottime_ns,
+                itimers,
             },
             threads,
             mappings,
@@ -561,8 +573,9 @@ impl Frozen {
         scratch: u64,
         status: &super::procfs::Status,
         threads: &mut [ThreadState],
-    ) -> Result<Vec<SigAction>, CaptureError> {
+    ) -> Result<(Vec<SigAction>, Vec<ItimerState>), CaptureError> {
         let mut actions = Vec::new();
+        let mut itimers = Vec::new();
         for (i, t) in threads.iter_mut().enumerate() {
             let tid = Pid::from_raw(t.tid as i32);
             let r = self.ask_thread(
@@ -571,7 +584,7 @@ impl Frozen {
                 scratch,
                 t,
                 if i == 0 {
-                    Some((status, &mut actions))
+                    Some((status, &mut actions, &mut itimers))
                 } else {
                     None
                 },
@@ -583,7 +596,7 @@ impl Frozen {
             back_regs.map_err(|e| self.sys()(ptrace_err("PTRACE_SETREGS", tid)(e)))?;
             back_mask.map_err(|e| self.sys()(ptrace_err("PTRACE_SETSIGMASK", tid)(e)))?;
         }
-        Ok(actions)
+        Ok((actions, itimers))
     }
 
     fn ask_thread(
@@ -592,7 +605,7 @@ impl Frozen {
         insn: u64,
         scratch: u64,
         t: &mut ThreadState,
-        leader: Option<(&super::procfs::Status, &mut Vec<SigAction>)>,
+        leader: Option<LeaderAsks<'_>>,
     ) -> Result<(), CaptureError> {
         let pid = self.pid;
         let mem_err = |what| {
@@ -646,7 +659,23 @@ impl Frozen {
             flags: u32::from_le_bytes(ss[8..12].try_into().unwrap_or([0; 4])),
             size: u64::from_le_bytes(ss[16..24].try_into().unwrap_or([0; 8])),
         };
-        if let Some((status, actions)) = leader {
+        if let Some((status, actions, itimers)) = leader {
+            for which in 0..3u8 {
+                run(Call::new(
+                    "getitimer",
+                    libc::SYS_getitimer,
+                    &[u64::from(which), scratch],
+                ))?;
+                let mut v = [0u8; 32];
+                read_remote(pid, scratch, &mut v).map_err(mem_err("reading an itimerval"))?;
+                let w =
+                    |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+                let t = [w(0), w(1), w(2), w(3)];
+                // Armed when time is left.
+                if t[2] != 0 || t[3] != 0 {
+                    itimers.push((which, t));
+                }
+            }
             for sig in 1..=64u8 {
                 let bit = 1u64 << (sig - 1);
                 if sig == 9 || sig == 19 {

