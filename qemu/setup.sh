@@ -142,11 +142,13 @@ else
     touch "$CACHE/guest-init"
 fi
 
-# The test program the migration tests run inside guests.
-prog="$STATIC_TARGET/$TRIPLE/release/mkcounter"
-if ! cmp -s "$prog" "$CACHE/mkcounter" 2>/dev/null; then
-    cp "$prog" "$CACHE/mkcounter.tmp" && mv "$CACHE/mkcounter.tmp" "$CACHE/mkcounter"
-fi
+# The test programs the migration and DSM tests run inside guests.
+for name in mkcounter dsmtest; do
+    prog="$STATIC_TARGET/$TRIPLE/release/$name"
+    if ! cmp -s "$prog" "$CACHE/$name" 2>/dev/null; then
+        cp "$prog" "$CACHE/$name.tmp" && mv "$CACHE/$name.tmp" "$CACHE/$name"
+    fi
+done
 
 say "qemu:       $(command -v qemu-system-x86_64)"
 say "kernel:     $KDIR/vmlinuz ($(cat "$KDIR/version"), from $(cat "$KDIR/package"))"

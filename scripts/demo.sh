@@ -2,8 +2,9 @@
 # Sets everything up and runs the main job on the default topology
 # (configs/demo.toml, or the file given): validate and plan it, boot its
 # kernels under QEMU, run a command on each, send traffic and ping between
-# them over the shared window, move a running process from one kernel to
-# another and back, and stop them.
+# them over the shared window, count together on one page of distributed
+# shared memory from a C program on every kernel, move a running process
+# from one kernel to another and back, and stop them.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -45,6 +46,25 @@ if [ $# -ge 2 ]; then
   "$mkctl" traffic "$1" "$2" --count 5000
   "$mkctl" ping host "$1" --count 200
   "$mkctl" ping "$1" "$2" --count 200
+fi
+
+if [ $# -ge 2 ] && [ -x .cache/dsm-counter ]; then
+  step "distributed shared memory: a C program (libmk) counts on the host, $1 and $2 at once"
+  for n in "$1" "$2"; do
+    "$mkctl" exec "$n" -- sh -c 'cat > /tmp/counter && chmod +x /tmp/counter' < .cache/dsm-counter
+  done
+  # Each adds 20000 to one counter in region "demo", atomically; the page
+  # moves between the kernels as they write it.
+  "$mkctl" exec "$1" -- /tmp/counter demo 20000 &
+  a=$!
+  "$mkctl" exec "$2" -- /tmp/counter demo 20000 &
+  b=$!
+  .cache/dsm-counter demo 20000
+  wait "$a" "$b"
+  echo "every kernel sees the same total (60000):"
+  "$mkctl" exec "$1" -- /tmp/counter demo 0
+  "$mkctl" exec "$2" -- /tmp/counter demo 0
+  "$mkctl" dsm show demo
 fi
 
 if [ $# -ge 2 ] && [ -x .cache/mkcounter ]; then

@@ -5,7 +5,7 @@
 #   - apt packages (only when one is missing),
 #   - the guest kernel and static guest-init for the QEMU backend (qemu/setup.sh),
 #   - kerf, the multikernel project's CLI, in a venv (a peer the tests compare with),
-#   - builds the workspace.
+#   - builds the workspace, libmk.a and the C DSM example (libmk/examples).
 # Everything lands in $MKCTL_CACHE (default: <repo>/.cache) or target/.
 set -euo pipefail
 
@@ -20,7 +20,8 @@ command -v cargo >/dev/null || die "cargo not found: install Rust 1.85 or newer 
 
 # apt packages for the tests (QEMU's own list lives in qemu/setup.sh).
 need=()
-for p in python3-venv util-linux; do
+# gcc and libc6-dev: C programs built against libmk.a, statically.
+for p in python3-venv util-linux gcc libc6-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -46,4 +47,18 @@ fi
 
 say "building mkctl"
 (cd "$repo" && cargo build --quiet --workspace --all-targets)
+
+# libmk.a (mk.h's library) and the README's DSM example built against it,
+# static, exactly as the README tells users to: the demo copies it into the
+# guests.
+say "building libmk.a and the DSM example"
+target=${CARGO_TARGET_DIR:-$repo/target}
+(cd "$repo" && cargo build --quiet --release -p libmk)
+if [ ! -x "$cache/dsm-counter" ] || [ "$target/release/libmk.a" -nt "$cache/dsm-counter" ] \
+   || [ "$repo/libmk/examples/counter.c" -nt "$cache/dsm-counter" ]; then
+  cc -static -s "$repo/libmk/examples/counter.c" -I "$repo/libmk/include" \
+     "$target/release/libmk.a" -lpthread -o "$cache/dsm-counter.tmp" 2>/dev/null \
+    || die "cc could not build libmk/examples/counter.c against libmk.a"
+  mv "$cache/dsm-counter.tmp" "$cache/dsm-counter"
+fi
 say "ready"

@@ -315,3 +315,39 @@ fn json_failures_are_json_with_the_exit_code() {
         .code(2)
         .stdout(predicate::str::is_empty());
 }
+
+/// A daemon nobody can reach any more (its run directory was removed, as
+/// when a test that started it is killed) stops by itself instead of
+/// running for ever.
+#[test]
+fn a_daemon_whose_run_directory_is_removed_exits() {
+    let run = tempfile::tempdir().unwrap();
+    let dir = run.path().join("run");
+    let mut daemon = std::process::Command::new(assert_cmd::cargo::cargo_bin!("mkctl"))
+        .args(["daemon", "run"])
+        .env("MKCTL_RUN_DIR", &dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !dir.join("mkctl.sock").exists() {
+        assert!(t0.elapsed().as_secs() < 20, "the daemon never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            assert!(st.success(), "{st}");
+            break;
+        }
+        if t0.elapsed().as_secs() >= 10 {
+            let _ = daemon.kill();
+            panic!("the daemon still runs 10 s after its run directory went");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("nobody can reach this daemon"), "{err}");
+}

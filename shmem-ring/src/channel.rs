@@ -11,12 +11,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::doorbell::{Bell, Doorbell};
 use crate::error::Corruption;
 use crate::layout::{self, RingOffsets, FLAG_BROKEN};
 use crate::peer::{EndpointInner, PeerState, PeerStatus, PeerWatch};
 use crate::raw::{Lease, RingArea, RingPlace};
 use crate::ring::{Consumer, Frame, Producer, Reservation, RingMem, TryError};
-use crate::wait::Waiter;
+use crate::wait::{Waiter, LOOK_EVERY};
 use crate::Error;
 
 /// Polls a blocking receive makes inline before it sets up a waiter (about
@@ -29,6 +30,10 @@ pub(crate) struct WindowRing {
     area: RingArea,
     own_flags: usize,
     peer_flags: usize,
+    /// The ring's doorbell word, and the endpoint's doorbell that rings it
+    /// (sender) or sleeps on it (receiver).
+    bell: Bell,
+    doorbell: Option<Arc<dyn Doorbell>>,
 }
 
 impl RingMem for WindowRing {
@@ -74,6 +79,24 @@ impl RingMem for WindowRing {
     fn flag_broken(&self) {
         if let Some(w) = self.area.region().word(self.own_flags) {
             w.fetch_or(FLAG_BROKEN, Ordering::Relaxed);
+        }
+    }
+    #[inline(always)]
+    fn load_bell(&self, order: Ordering) -> u64 {
+        self.area.bell().load(order)
+    }
+    fn store_bell(&self, value: u64, order: Ordering) {
+        self.area.bell().store(value, order);
+    }
+    fn swap_bell(&self, current: u64, new: u64) -> bool {
+        self.area
+            .bell()
+            .compare_exchange(current, new, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+    fn ring_bell(&self) {
+        if let Some(d) = &self.doorbell {
+            d.ring(&self.bell);
         }
     }
 }
@@ -157,15 +180,18 @@ fn window_ring(
     let control = offset(ring.control);
     let place = RingPlace {
         tail: control + layout::C_TAIL as usize,
+        bell: control + layout::C_BELL as usize,
         data: offset(ring.data),
         capacity: offset(ring.capacity),
     };
     let region = Arc::clone(&endpoint.window.inner().region);
-    let area = RingArea::new(region, place).ok_or(Error::OutOfBounds {
+    let out_of_bounds = || Error::OutOfBounds {
         offset: ring.data,
         len: ring.capacity,
         size: endpoint.window.inner().region.len() as u64,
-    })?;
+    };
+    let bell = Bell::new(Arc::clone(&region), place.bell, from, to).ok_or_else(out_of_bounds)?;
+    let area = RingArea::new(region, place).ok_or_else(out_of_bounds)?;
     let producer_flags = control + layout::C_PRODUCER_FLAGS as usize;
     let consumer_flags = control + layout::C_CONSUMER_FLAGS as usize;
     let sender_side = from == endpoint.id;
@@ -180,6 +206,8 @@ fn window_ring(
             area,
             own_flags,
             peer_flags,
+            bell,
+            doorbell: endpoint.doorbell.clone(),
         },
     ))
 }
@@ -215,6 +243,7 @@ pub(crate) fn reset(endpoint: &EndpointInner, peer: u16) -> Result<(), Error> {
             layout::C_TAIL,
             layout::C_CONSUMER_CLAIM,
             layout::C_CONSUMER_FLAGS,
+            layout::C_BELL,
         ] {
             if let Some(w) = inner.region.word(offset(ring.control + word)) {
                 w.store(0, Ordering::Release);
@@ -498,18 +527,32 @@ pub struct Receiver {
     /// How long blocking receives have waited in a row without a message:
     /// an idle receiver polls less often (`Waiter::after_idle`).
     idle: Duration,
+    /// Whether this receiver sleeps on its endpoint's doorbell once spinning
+    /// is over (it has one, and its wait has not failed); else it sleeps
+    /// with timed back-off.
+    dozes: bool,
+    /// Longest doze before a look at the peer's liveness.
+    look_every: Duration,
 }
 
 impl Receiver {
     pub(crate) fn open(endpoint: Arc<EndpointInner>, peer: u16) -> Result<Receiver, Error> {
         let (ring, mem) = window_ring(&endpoint, peer, endpoint.id)?;
         let hold = Hold::take(&endpoint, ring, (peer, endpoint.id))?;
+        let dozes = endpoint.doorbell.is_some();
+        let look_every = LOOK_EVERY.min(endpoint.liveness.dead_after / 4);
+        let consumer = Consumer::new(mem);
+        // An announcement a crashed predecessor left would make the sender
+        // ring for nothing once.
+        consumer.awake();
         Ok(Receiver {
-            consumer: Consumer::new(mem),
+            consumer,
             watch: PeerWatch::new(),
             peer,
             hold,
             idle: Duration::ZERO,
+            dozes,
+            look_every,
         })
     }
 
@@ -592,9 +635,10 @@ impl Receiver {
         self.wait_long(timeout)
     }
 
-    /// [`Receiver::wait`] past its inline polls: spin, yield, then sleep,
-    /// watching the producer's flag, the peer's liveness and the deadline
-    /// whenever the waiter reads the clock.
+    /// [`Receiver::wait`] past its inline polls: spin, yield, then sleep on
+    /// the doorbell (or with timed back-off without one), watching the
+    /// producer's flag, the peer's liveness and the deadline whenever the
+    /// waiter reads the clock or the doorbell wakes it.
     #[inline(never)]
     fn wait_long(&mut self, timeout: Duration) -> Result<Frame, Error> {
         let mut waiter = Waiter::after_idle(self.idle);
@@ -609,7 +653,15 @@ impl Receiver {
 
     fn wait_with(&mut self, waiter: &mut Waiter, timeout: Duration) -> Result<Frame, Error> {
         loop {
-            if let Some(now) = waiter.pause() {
+            let looked = if self.dozes && waiter.sleeping() {
+                if let Some(f) = self.doze(waiter, timeout)? {
+                    return Ok(f);
+                }
+                Some(Instant::now())
+            } else {
+                waiter.pause()
+            };
+            if let Some(now) = looked {
                 match self.consumer.try_peek() {
                     Ok(f) => return Ok(f),
                     Err(TryError::Empty) => {}
@@ -638,6 +690,43 @@ impl Receiver {
                 Err(e) => return Err(self.error(e)),
             }
         }
+    }
+
+    /// Sleeps on the doorbell (`ring.rs`, "The doorbell"): announces the
+    /// sleep, looks at the ring once more, then waits until the sender rings,
+    /// the deadline, or the next look at the peer's liveness is due. A frame
+    /// found by the second look is returned; after a wake-up the caller
+    /// looks again.
+    #[cold]
+    fn doze(&mut self, waiter: &Waiter, timeout: Duration) -> Result<Option<Frame>, Error> {
+        match self.consumer.prepare_sleep() {
+            Ok(f) => return Ok(Some(f)),
+            Err(TryError::Empty) => {}
+            Err(e) => return Err(self.error(e)),
+        }
+        let look = Instant::now() + self.look_every;
+        let deadline = waiter
+            .start()
+            .checked_add(timeout)
+            .map_or(look, |end| end.min(look));
+        let mem = self.consumer.mem();
+        let slept = match &mem.doorbell {
+            Some(d) => d.wait(&mem.bell, deadline),
+            None => Err(std::io::ErrorKind::Unsupported.into()),
+        };
+        self.consumer.awake();
+        if slept.is_err() {
+            // This doorbell cannot wait here: back-off sleeps from now on,
+            // and no more announcements for senders to ring in vain.
+            self.dozes = false;
+        }
+        Ok(None)
+    }
+
+    /// Whether this receiver sleeps on its doorbell when idle (false without
+    /// one, or once its wait failed: then it polls with timed back-off).
+    pub fn dozes(&self) -> bool {
+        self.dozes
     }
 
     fn slot(&mut self, f: Frame) -> Result<RecvSlot<'_>, Error> {

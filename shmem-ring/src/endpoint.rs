@@ -6,12 +6,14 @@ use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use crate::channel::{Receiver, Sender};
+use crate::doorbell::{Doorbell, FutexBell};
 use crate::peer::{EndpointInner, Liveness, PeerState, PeerStatus};
 use crate::window::Window;
 use crate::Error;
 
 impl Window {
-    /// Claims endpoint `id` with the default [`Liveness`] thresholds.
+    /// Claims endpoint `id` with the default [`Liveness`] thresholds and the
+    /// same-kernel doorbell ([`FutexBell`]).
     pub fn attach(&self, id: u16) -> Result<Endpoint, Error> {
         self.attach_with(id, Liveness::default())
     }
@@ -19,10 +21,27 @@ impl Window {
     /// Claims endpoint `id`: marks it attached and bumps its generation, so
     /// peers can tell a restart. Attaching an id again (after a crash, or from
     /// another process) takes it over; the older handle gets
-    /// [`Error::Superseded`] from then on.
+    /// [`Error::Superseded`] from then on. Its receivers sleep on, and its
+    /// senders ring, the same-kernel doorbell ([`FutexBell`]): right when
+    /// every peer runs on this kernel.
     pub fn attach_with(&self, id: u16, liveness: Liveness) -> Result<Endpoint, Error> {
+        self.attach_with_doorbell(id, liveness, Some(Arc::new(FutexBell)))
+    }
+
+    /// [`Window::attach_with`] with the doorbell given: one that reaches the
+    /// peers' kernels (a relay for QEMU guests), or `None` to poll with
+    /// back-off and never ring (see [`crate::doorbell`]). Every endpoint of
+    /// a window should use a doorbell that reaches its peers: a receiver
+    /// whose sender cannot ring it sleeps until its next look at its peer
+    /// (up to [`crate::wait::LOOK_EVERY`]).
+    pub fn attach_with_doorbell(
+        &self,
+        id: u16,
+        liveness: Liveness,
+        doorbell: Option<Arc<dyn Doorbell>>,
+    ) -> Result<Endpoint, Error> {
         Ok(Endpoint {
-            inner: EndpointInner::claim(self.clone(), id, liveness)?,
+            inner: EndpointInner::claim(self.clone(), id, liveness, doorbell)?,
         })
     }
 }
@@ -63,6 +82,11 @@ impl Endpoint {
     /// The window this endpoint is attached to.
     pub fn window(&self) -> &Window {
         &self.inner.window
+    }
+
+    /// The doorbell this endpoint's receivers sleep on and senders ring.
+    pub fn doorbell(&self) -> Option<&Arc<dyn Doorbell>> {
+        self.inner.doorbell.as_ref()
     }
 
     /// The liveness thresholds this endpoint judges peers by.

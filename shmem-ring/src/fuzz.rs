@@ -17,6 +17,9 @@ use crate::ring::{decode, encode, Consumer, Producer, RingMem, TryError, KIND_DA
 pub(crate) struct HeapRing {
     tail: AtomicU64,
     words: Vec<AtomicU64>,
+    bell: AtomicU64,
+    /// Times the producer rang the doorbell.
+    pub(crate) rings: AtomicU64,
 }
 
 impl HeapRing {
@@ -25,6 +28,8 @@ impl HeapRing {
         HeapRing {
             tail: AtomicU64::new(0),
             words: (0..capacity / 8).map(|_| AtomicU64::new(0)).collect(),
+            bell: AtomicU64::new(0),
+            rings: AtomicU64::new(0),
         }
     }
 
@@ -68,6 +73,20 @@ impl RingMem for &HeapRing {
                 .load(Ordering::Relaxed)
                 .to_le_bytes()[(at % 8) as usize]
         }));
+    }
+    fn load_bell(&self, order: Ordering) -> u64 {
+        self.bell.load(order)
+    }
+    fn store_bell(&self, value: u64, order: Ordering) {
+        self.bell.store(value, order);
+    }
+    fn swap_bell(&self, current: u64, new: u64) -> bool {
+        self.bell
+            .compare_exchange(current, new, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+    fn ring_bell(&self) {
+        self.rings.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -23,6 +23,7 @@
 //!         +0x10 producer flags (bit 0: producer found the ring corrupt)
 //!         +0x80 tail (read position, consumer's line)
 //!         +0x88 consumer claim   +0x90 consumer flags
+//!         +0xc0 doorbell word (consumer's second line: 1 = asleep, ring me)
 //! align 4096: ring data areas, `capacity` bytes each, in ring index order;
 //!         frames as described in `ring.rs`; the first word of each is zeroed
 //!         when formatting (the "no frame yet" marker for position 0)
@@ -33,7 +34,10 @@ use crate::Error;
 /// First word of a formatted window: "MKSHRING" in little-endian bytes.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MKSHRING");
 /// Version of the layout described in this module; bumped on any change.
-pub const LAYOUT_VERSION: u32 = 2;
+/// (3: the doorbell word; a consumer of version 2 would never announce its
+/// sleep, and one of version 3 would wait for a ring a version 2 producer
+/// never gives.)
+pub const LAYOUT_VERSION: u32 = 3;
 /// Most endpoints a window can hold (each pair costs two rings).
 pub const MAX_ENDPOINTS: u16 = 64;
 /// Smallest ring data area (one page).
@@ -70,6 +74,11 @@ pub(crate) const C_PRODUCER_FLAGS: u64 = 0x10;
 pub(crate) const C_TAIL: u64 = 0x80;
 pub(crate) const C_CONSUMER_CLAIM: u64 = 0x88;
 pub(crate) const C_CONSUMER_FLAGS: u64 = 0x90;
+/// The consumer's doorbell word, alone on its cache line: the producer reads
+/// it after every publish, and it changes only when the consumer goes to
+/// sleep or wakes, so that read stays a hit in the producer's cache while
+/// the tail's line (written on every release) moves back and forth.
+pub(crate) const C_BELL: u64 = 0xC0;
 
 /// Flag bit: this side found the ring corrupt and stopped using it.
 pub(crate) const FLAG_BROKEN: u64 = 1;

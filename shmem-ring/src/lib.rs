@@ -67,9 +67,13 @@
 //!   `reserve` -> [`SendSlot`] (`commit`, `commit_batched`).
 //! - [`Receiver`]: `try_recv`/`recv`, `try_peek`/`peek` -> [`RecvSlot`]
 //!   (`release`).
-//! - Waiting spins for [`wait::SPIN_FOR`], yields, then sleeps with back-off
-//!   up to [`wait::MAX_SLEEP`] (up to [`wait::IDLE_SLEEP`] for a receiver
-//!   idle for long); no futex, since the peer may be another kernel.
+//! - Waiting spins for [`wait::SPIN_FOR`], yields, then sleeps: a receiver
+//!   on its endpoint's [`Doorbell`] (the sender rings it only when the
+//!   receiver announced its sleep in the ring's doorbell word, so busy
+//!   traffic makes no system call), a sender waiting for room with back-off
+//!   up to [`wait::MAX_SLEEP`]. [`FutexBell`] serves peers on one kernel;
+//!   peers on other kernels need a doorbell that reaches them
+//!   ([`Window::attach_with_doorbell`]).
 //!
 //! Unsafe code lives in one private module (`raw`), which owns the mapping
 //! and offers bounds-checked atomics and copies; its doc holds the safety
@@ -78,6 +82,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod channel;
+pub mod doorbell;
 mod endpoint;
 mod error;
 #[doc(hidden)]
@@ -93,6 +98,7 @@ mod window;
 mod loom_model;
 
 pub use channel::{Receiver, RecvSlot, SendSlot, Sender};
+pub use doorbell::{Bell, Doorbell, FutexBell};
 pub use endpoint::{Endpoint, Heartbeat};
 pub use error::{Corruption, Error};
 pub use layout::{

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::doorbell::Doorbell;
 use crate::layout;
 use crate::window::Window;
 use crate::Error;
@@ -133,12 +134,20 @@ pub(crate) struct EndpointInner {
     pub(crate) liveness: Liveness,
     entry: u64,
     pub(crate) watches: Mutex<Vec<PeerWatch>>,
+    /// How this endpoint's receivers sleep and its senders wake peers
+    /// (`None`: poll with back-off, never ring).
+    pub(crate) doorbell: Option<Arc<dyn Doorbell>>,
 }
 
 impl EndpointInner {
     /// Claims endpoint `id` of `window`: marks it attached and bumps its
     /// generation (see [`Window::attach_with`]).
-    pub(crate) fn claim(window: Window, id: u16, liveness: Liveness) -> Result<Arc<Self>, Error> {
+    pub(crate) fn claim(
+        window: Window,
+        id: u16,
+        liveness: Liveness,
+        doorbell: Option<Arc<dyn Doorbell>>,
+    ) -> Result<Arc<Self>, Error> {
         let layout = *window.layout();
         let entry = layout.entry_offset(id).ok_or(Error::NoSuchEndpoint {
             id,
@@ -174,6 +183,7 @@ impl EndpointInner {
             liveness,
             entry,
             watches: Mutex::new(vec![PeerWatch::new(); usize::from(layout.endpoints())]),
+            doorbell,
         });
         inner.beat()?;
         Ok(inner)

@@ -39,6 +39,11 @@
 //!    free space of a ring whose single [`crate::Sender`] it belongs to (or the
 //!    filled space for the single [`crate::Receiver`]); those two ranges are
 //!    disjoint by the index protocol that the loom model checks.
+//! 5. The futex calls ([`Region::futex_wait`], [`Region::futex_wake`]) pass
+//!    the kernel the address of a checked, aligned word inside the mapping
+//!    and nothing else; the kernel reads it (atomically, for the wait) and
+//!    writes nothing. A word that a peer changes at any time is exactly what
+//!    a futex is for.
 
 use std::ptr;
 use std::sync::atomic::AtomicU64;
@@ -112,6 +117,92 @@ impl Region {
         Some(())
     }
 
+    /// The address of the 32-bit futex word of the 64-bit word at `off`: its
+    /// low half (the doorbell's values fit in it), if the word is inside the
+    /// window.
+    fn futex_word(&self, off: usize) -> Option<*const u32> {
+        let word = self.word(off)?;
+        let low_half = if cfg!(target_endian = "little") { 0 } else { 4 };
+        // `wrapping_byte_add` keeps this a pointer computation; the word is
+        // 8 bytes inside the mapping (checked by `word`), so `+ 4` is too.
+        Some(
+            std::ptr::from_ref(word)
+                .cast::<u32>()
+                .wrapping_byte_add(low_half),
+        )
+    }
+
+    /// `FUTEX_WAIT` (shared: other processes map the same file) on the low
+    /// half of the word at `off`: sleeps while it holds `expected`, until a
+    /// `FUTEX_WAKE` on the same word, `timeout`, or a signal. A value that
+    /// differs already, a timeout and a signal are all `Ok`: the caller looks
+    /// again either way. Fails with `EFAULT` on mappings the kernel cannot
+    /// key a shared futex on (a PCI BAR, `/dev/mem`), `ENOSYS` without
+    /// futexes, `EINVAL` for a word outside the window.
+    pub(crate) fn futex_wait(
+        &self,
+        off: usize,
+        expected: u32,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<()> {
+        let addr = self
+            .futex_word(off)
+            .ok_or(std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+        };
+        // SAFETY: `addr` is a 4-aligned u32 inside the mapping (`futex_word`:
+        // an 8-aligned word checked to lie inside it), which stays mapped
+        // while `self` lives; FUTEX_WAIT only reads it. `ts` is a valid
+        // timespec on this stack frame for the duration of the call; the
+        // last two arguments are unused by FUTEX_WAIT.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                addr,
+                libc::FUTEX_WAIT,
+                expected,
+                std::ptr::from_ref(&ts),
+                std::ptr::null::<u32>(),
+                0u32,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::ETIMEDOUT | libc::EINTR) => Ok(()),
+            _ => Err(e),
+        }
+    }
+
+    /// `FUTEX_WAKE` of every waiter on the low half of the word at `off`.
+    pub(crate) fn futex_wake(&self, off: usize) -> std::io::Result<()> {
+        let addr = self
+            .futex_word(off)
+            .ok_or(std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: as in `futex_wait`: a checked, aligned word inside the
+        // mapping; FUTEX_WAKE reads no memory (it only keys on the address)
+        // and ignores the last three arguments.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                addr,
+                libc::FUTEX_WAKE,
+                i32::MAX,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<u32>(),
+                0u32,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Sets `len` bytes at `off` to zero; `None` if the range is not inside the
     /// window.
     pub(crate) fn zero(&self, off: usize, len: usize) -> Option<()> {
@@ -129,6 +220,8 @@ impl Region {
 pub(crate) struct RingPlace {
     /// The consumer-owned word holding the read position.
     pub(crate) tail: usize,
+    /// The consumer's doorbell word (`ring.rs`, "The doorbell").
+    pub(crate) bell: usize,
     /// Start of the data area.
     pub(crate) data: usize,
     /// Size of the data area: a power of two, multiple of 8.
@@ -145,9 +238,11 @@ pub(crate) struct RingArea {
     data: *mut u8,
     /// The read position word inside `region`'s mapping, likewise.
     tail: *const AtomicU64,
+    /// The doorbell word, likewise (the producer loads it on every publish).
+    bell: *const AtomicU64,
 }
 
-// SAFETY: `data` and `tail` point into the mapping owned by `region`, which
+// SAFETY: `data`, `tail` and `bell` point into the mapping owned by `region`, which
 // `RingArea` keeps alive; `Region` (a `memmap2::MmapRaw`) is `Send + Sync`, and the
 // pointer is only used for the same bounds-checked accesses as `region`'s own
 // (module doc). Sending or sharing a `RingArea` shares nothing `Region` does
@@ -172,18 +267,20 @@ impl RingArea {
             && place.capacity >= 8
             && place.data % 8 == 0
             && region.in_bounds(place.data, place.capacity)
-            && region.word(place.tail).is_some();
+            && region.word(place.tail).is_some()
+            && region.word(place.bell).is_some();
         if !ok {
             return None;
         }
-        // SAFETY: `data + capacity <= len` and `tail + 8 <= len` (checked
-        // above), so both pointers are inside the mapping, which `region`
-        // keeps alive.
-        let (data, tail) = unsafe {
+        // SAFETY: `data + capacity <= len`, `tail + 8 <= len` and
+        // `bell + 8 <= len` (checked above), so the pointers are inside the
+        // mapping, which `region` keeps alive.
+        let (data, tail, bell) = unsafe {
             let base = region.map.as_mut_ptr();
             (
                 base.add(place.data),
                 base.add(place.tail).cast::<AtomicU64>(),
+                base.add(place.bell).cast::<AtomicU64>(),
             )
         };
         Some(RingArea {
@@ -191,6 +288,7 @@ impl RingArea {
             place,
             data,
             tail,
+            bell,
         })
     }
 
@@ -211,6 +309,14 @@ impl RingArea {
         // the mapping, which lives as long as `self.region`; see `Region::word`
         // for why a shared `&AtomicU64` is fine.
         unsafe { &*self.tail }
+    }
+
+    /// The doorbell word.
+    #[inline(always)]
+    pub(crate) fn bell(&self) -> &AtomicU64 {
+        // SAFETY: as for `tail`: `place.bell` was checked by `new` to be an
+        // aligned word inside the mapping, which `self.region` keeps alive.
+        unsafe { &*self.bell }
     }
 
     /// The data-area word containing byte `pos mod capacity`, rounded down to 8.

@@ -36,6 +36,25 @@
 //! frames get their headers at once; publishing stores the held header with
 //! Release, which makes the whole burst visible with one store.
 //!
+//! **The doorbell.** A consumer that found nothing for a while sleeps
+//! instead of polling, and the producer wakes it, but only then: busy
+//! traffic pays one fence and one load that hits in the producer's cache,
+//! never a system call. The consumer's *doorbell word* (its own cache line)
+//! says whether it is asleep. Going to sleep, the consumer stores `ASLEEP`
+//! there, fences, and looks at the ring once more; only if that finds
+//! nothing does it sleep. After every publish the producer fences and loads
+//! the word; if it reads `ASLEEP`, it swaps it back to `AWAKE` (so a burst
+//! rings once) and rings the doorbell. This is Dekker's pattern: of the
+//! consumer's store-fence-load and the producer's store-fence-load, the
+//! SeqCst fences are ordered one way or the other, and whichever comes
+//! second sees the other's store. Either the producer sees `ASLEEP` and
+//! rings, or the consumer's second look sees the frame. No lost wake-up;
+//! the loom model checks it and fails when the second look is left out.
+//! How a ring reaches the sleeper (a futex, a message through a relay) is
+//! the [`crate::Doorbell`]'s business; its wait returns as soon as the word
+//! no longer reads `ASLEEP`, so a ring that comes before the sleep is not
+//! lost either.
+//!
 //! The consumer trusts nothing it reads: a header must be zero, decode for its
 //! position, or decode for the position one lap back; a frame must end before
 //! the end of the data area; padding must cover exactly the rest of the area
@@ -50,6 +69,11 @@ use crate::layout::FRAME_HEADER;
 
 pub(crate) const KIND_DATA: u16 = 0xD47A;
 pub(crate) const KIND_PAD: u16 = 0x9AD0;
+
+/// Doorbell word: the consumer is awake (polling, or not waiting at all).
+pub(crate) const BELL_AWAKE: u64 = 0;
+/// Doorbell word: the consumer sleeps (or is about to) until it is rung.
+pub(crate) const BELL_ASLEEP: u64 = 1;
 
 /// The memory one ring lives in.
 pub(crate) trait RingMem {
@@ -73,6 +97,19 @@ pub(crate) trait RingMem {
     }
     /// Tells the other side that this side found the ring corrupt.
     fn flag_broken(&self) {}
+    /// The consumer's doorbell word ([`BELL_AWAKE`] or [`BELL_ASLEEP`]; any
+    /// other value, written by a misbehaving peer, reads as awake).
+    fn load_bell(&self, order: Ordering) -> u64;
+    fn store_bell(&self, value: u64, order: Ordering);
+    /// Compare-and-swap of the doorbell word; true if it held `current`.
+    fn swap_bell(&self, current: u64, new: u64) -> bool;
+    /// A sequentially consistent fence (loom's own in the model).
+    fn fence(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+    /// Wakes the consumer, whose announcement of sleep the producer has
+    /// just taken back.
+    fn ring_bell(&self) {}
 }
 
 /// Why a non-blocking ring operation did not complete.
@@ -416,6 +453,7 @@ impl<M: RingMem> Producer<M> {
             self.mem.store_word(self.head, word, Ordering::Release);
             self.head = end;
             self.published = end;
+            self.wake_consumer();
         } else {
             self.seal(word, end);
             if publish {
@@ -436,6 +474,32 @@ impl<M: RingMem> Producer<M> {
             self.mem
                 .store_word(self.published, self.held, Ordering::Release);
             self.published = self.head;
+            self.wake_consumer();
+        }
+    }
+
+    /// After a publish: rings the consumer's doorbell if it announced that
+    /// it sleeps (module doc). One fence and a load of a line the consumer
+    /// rarely writes: no system call while traffic flows.
+    #[inline(always)]
+    fn wake_consumer(&self) {
+        ////////////////
+        // SYNC POINT: doorbell (see `Consumer::announce_sleep`): the header
+        // stored above, then this fence, then the load of the doorbell word
+        ////////////////
+        self.mem.fence();
+        if self.mem.load_bell(Ordering::Relaxed) == BELL_ASLEEP {
+            self.ring();
+        }
+    }
+
+    /// Takes the consumer's announcement back and rings, once per sleep:
+    /// the frames of a burst that follow find the word awake.
+    #[cold]
+    #[inline(never)]
+    fn ring(&self) {
+        if self.mem.swap_bell(BELL_ASLEEP, BELL_AWAKE) {
+            self.mem.ring_bell();
         }
     }
 }
@@ -617,6 +681,40 @@ impl<M: RingMem> Consumer<M> {
                 }
             }
         }
+    }
+
+    /// Announces that the consumer is going to sleep: stores `ASLEEP` in its
+    /// doorbell word, then fences. The caller must look at the ring again
+    /// before it sleeps ([`Consumer::prepare_sleep`] does both).
+    pub(crate) fn announce_sleep(&self) {
+        self.mem.store_bell(BELL_ASLEEP, Ordering::Relaxed);
+        ////////////////
+        // SYNC POINT: doorbell (see `Producer::wake_consumer`): the doorbell
+        // word stored above, then this fence, then the caller's second look
+        // at the header
+        ////////////////
+        self.mem.fence();
+    }
+
+    /// Gets ready to sleep: announces it, then looks at the ring once more.
+    /// `Err(Empty)`: nothing came, and the caller may sleep on its doorbell
+    /// until rung (and must call [`Consumer::awake`] when it wakes). Anything
+    /// else (a frame, a broken ring) withdraws the announcement.
+    pub(crate) fn prepare_sleep(&mut self) -> Result<Frame, TryError> {
+        self.announce_sleep();
+        match self.try_peek() {
+            Err(TryError::Empty) => Err(TryError::Empty),
+            other => {
+                self.awake();
+                other
+            }
+        }
+    }
+
+    /// The consumer is awake again (woken, timed out, or never slept): the
+    /// producer need not ring.
+    pub(crate) fn awake(&self) {
+        self.mem.store_bell(BELL_AWAKE, Ordering::Relaxed);
     }
 
     /// Appends a peeked frame's payload to `dst`.
@@ -890,6 +988,83 @@ mod tests {
             p.try_reserve(57).err(),
             Some(TryError::TooLarge { len: 57, max: 56 })
         );
+    }
+
+    fn rings(ring: &HeapRing) -> u64 {
+        ring.rings.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_consumer_that_does_not_sleep_is_never_rung() {
+        let ring = HeapRing::new(256);
+        let mut p = Producer::new(&ring);
+        let mut c = Consumer::new(&ring);
+        for i in 0..1000u32 {
+            send(&mut p, &i.to_le_bytes()).unwrap();
+            assert_eq!(recv(&mut c).unwrap(), i.to_le_bytes());
+        }
+        assert_eq!(rings(&ring), 0, "busy traffic rang the doorbell");
+    }
+
+    #[test]
+    fn a_sleeping_consumer_is_rung_once_per_sleep() {
+        let ring = HeapRing::new(256);
+        let mut p = Producer::new(&ring);
+        let mut c = Consumer::new(&ring);
+        assert_eq!(c.prepare_sleep().err(), Some(TryError::Empty));
+        assert_eq!((&ring).load_bell(Ordering::Relaxed), BELL_ASLEEP);
+        // A burst: the first publish takes the announcement back and rings,
+        // the others find the consumer awake.
+        for i in 0..3u8 {
+            send(&mut p, &[i; 8]).unwrap();
+        }
+        assert_eq!(rings(&ring), 1);
+        assert_eq!((&ring).load_bell(Ordering::Relaxed), BELL_AWAKE);
+        c.awake();
+        for i in 0..3u8 {
+            assert_eq!(recv(&mut c).unwrap(), [i; 8]);
+        }
+        // Next sleep, next ring; batched frames ring at the publish only.
+        assert_eq!(c.prepare_sleep().err(), Some(TryError::Empty));
+        send_batched(&mut p, &[7; 8]).unwrap();
+        send_batched(&mut p, &[8; 8]).unwrap();
+        assert_eq!(rings(&ring), 1, "rang before the frames were visible");
+        p.publish();
+        assert_eq!(rings(&ring), 2);
+    }
+
+    #[test]
+    fn the_second_look_finds_what_came_before_the_announcement() {
+        let ring = HeapRing::new(256);
+        let mut p = Producer::new(&ring);
+        let mut c = Consumer::new(&ring);
+        send(&mut p, &[5; 8]).unwrap();
+        let f = c.prepare_sleep().expect("the frame already there");
+        // Found something: the announcement is withdrawn, nobody rings.
+        assert_eq!((&ring).load_bell(Ordering::Relaxed), BELL_AWAKE);
+        let mut v = Vec::new();
+        c.read(&f, &mut v);
+        c.release(f);
+        assert_eq!(v, [5; 8]);
+        send(&mut p, &[6; 8]).unwrap();
+        assert_eq!(rings(&ring), 0);
+    }
+
+    #[test]
+    fn a_full_ring_publishes_and_rings_before_it_says_full() {
+        let ring = HeapRing::new(64);
+        let mut p = Producer::new(&ring);
+        let mut c = Consumer::new(&ring);
+        assert_eq!(c.prepare_sleep().err(), Some(TryError::Empty));
+        for i in 0..4u8 {
+            send_batched(&mut p, &[i; 8]).unwrap();
+        }
+        assert_eq!(rings(&ring), 0);
+        // No room for a fifth: the batch goes out (and the sleeper is rung)
+        // so the consumer can make room.
+        assert_eq!(p.try_reserve(8).err(), Some(TryError::Full));
+        assert_eq!(rings(&ring), 1);
+        assert_eq!(recv(&mut c).unwrap(), [0; 8]);
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! How a blocking call waits: spin, then yield, then sleep with exponential
-//! back-off. No futex or other kernel wake-up: the other side may be another
-//! kernel, and on this kind of machine a blocking hand-off between two vCPUs
-//! costs ~25 µs anyway, so the spin phase covers tens of microseconds.
+//! How a blocking call waits: spin, then yield, then sleep. A receiver with
+//! a doorbell sleeps on it once spinning and yielding found nothing
+//! (`Receiver::doze` in `channel.rs`): on this kind of machine a blocking
+//! hand-off between two vCPUs costs ~25 µs, so the spin phase covers the
+//! tens of microseconds in which a busy peer answers, and only a receiver
+//! that is idle pays the wake-up. Senders waiting for room, and receivers
+//! without a doorbell, sleep with exponential back-off instead.
 
 use std::hint::spin_loop;
 use std::time::{Duration, Instant};
@@ -22,6 +25,12 @@ pub const IDLE_SLEEP: Duration = Duration::from_millis(10);
 /// [`MAX_SLEEP`]: a peer in the middle of an exchange (an image that takes a
 /// few hundred ms to stream) is still answered within 1 ms.
 pub const IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// Longest sleep on a doorbell before a receiver looks at its peer's
+/// liveness (and at the producer's broken flag) again; shorter when the
+/// endpoint's `Liveness::dead_after` is below four times this. Also the
+/// bound on how late a message is when its ring got lost on the way.
+pub const LOOK_EVERY: Duration = Duration::from_millis(100);
 
 /// How many spin rounds between two clock reads.
 const SPINS_PER_CHECK: u32 = 64;
@@ -75,6 +84,13 @@ impl Waiter {
             sleep: sleep_cap(idle),
             idle,
         }
+    }
+
+    /// Whether the spin and yield phases are over: the caller should sleep
+    /// now (on its doorbell, if it has one; [`Waiter::pause`] sleeps with
+    /// timed back-off).
+    pub(crate) fn sleeping(&self) -> bool {
+        self.phase == Phase::Sleep
     }
 
     /// When the wait's clock started (the first check), or now.

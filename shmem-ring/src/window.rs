@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use crate::doorbell::Bell;
 use crate::layout::{self, Layout, LAYOUT_VERSION, MAGIC};
 use crate::raw::Region;
 use crate::Error;
@@ -248,6 +249,26 @@ impl Window {
     pub(crate) fn read_word(&self, off: u64) -> Option<u64> {
         let w = self.inner.region.word(usize::try_from(off).ok()?)?;
         Some(w.load(Ordering::Acquire))
+    }
+
+    /// The doorbell word of ring `from -> to`: what a relay wakes when a
+    /// ring for a receiver of this kernel comes from another kernel (see
+    /// [`crate::doorbell`]).
+    pub fn bell(&self, from: u16, to: u16) -> Result<Bell, Error> {
+        let layout = self.layout();
+        let ring = layout.ring(from, to).ok_or(Error::NoSuchEndpoint {
+            id: from.max(to),
+            endpoints: layout.endpoints(),
+        })?;
+        let off = ring.control + layout::C_BELL;
+        usize::try_from(off)
+            .ok()
+            .and_then(|o| Bell::new(Arc::clone(&self.inner.region), o, from, to))
+            .ok_or(Error::OutOfBounds {
+                offset: off,
+                len: 8,
+                size: self.inner.region.len() as u64,
+            })
     }
 
     /// Copies window bytes at `offset` into `buf` (for inspection tools).

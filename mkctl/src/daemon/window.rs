@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use mknode::agent::Agent;
 use mknode::link::RingLink;
-use shmem_ring::{Endpoint, Layout, PeerState, Window};
+use shmem_ring::{Endpoint, Layout, Liveness, PeerState, Window};
 
 /// How often the host beats (peers call it silent after 200 ms).
 const BEAT: Duration = Duration::from_millis(50);
@@ -78,7 +78,11 @@ impl HostWindow {
         };
         let layout = Layout::for_size(size, endpoints).map_err(ring)?;
         let window = Window::format_at(path, 0, size, layout).map_err(ring)?;
-        let endpoint = window.attach(0).map_err(ring)?;
+        // Every peer of the daemon's endpoint is a guest, which no futex
+        // reaches: poll (the guests' relay doorbell is not there yet).
+        let endpoint = window
+            .attach_with_doorbell(0, Liveness::default(), None)
+            .map_err(ring)?;
         let stop = Arc::new(AtomicBool::new(false));
         let beat = endpoint.heartbeat_handle();
         let st = Arc::clone(&stop);

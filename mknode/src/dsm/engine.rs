@@ -53,7 +53,11 @@ pub struct DsmConfig {
     /// A granted page is kept at least this long before it is given up
     /// (the fairness rule; see the protocol's README).
     pub hold: Duration,
-    /// How long the engine spins after activity before it sleeps.
+    /// How long the engine keeps polling (yielding the CPU between polls)
+    /// after activity before it sleeps. Busy-spinning was measured worse
+    /// here: with more threads than CPUs it takes the CPU from the very
+    /// thread it waits for (remote read fault 146 µs without spinning,
+    /// 269 µs spinning 50 µs, 2 ms spinning 1 ms; yielding 100 µs: 139 µs).
     pub spin: Duration,
     /// A message for a region this kernel is still creating waits this
     /// long before it is dropped.
@@ -64,7 +68,7 @@ impl Default for DsmConfig {
     fn default() -> Self {
         DsmConfig {
             hold: Duration::from_micros(250),
-            spin: Duration::from_micros(200),
+            spin: Duration::from_micros(100),
             early_wait: Duration::from_secs(5),
         }
     }
@@ -111,6 +115,10 @@ struct Region {
     waiters: HashMap<u64, Vec<Waiter>>,
     mappers: Vec<u64>,
     stats: RegionStats,
+    /// Read-ahead: the page a sequential reader faults on next, and how
+    /// many pages past it are being fetched ahead.
+    next_read: u64,
+    ahead: u64,
 }
 
 /// Commands from local processes (through the local socket's threads).
@@ -171,6 +179,8 @@ pub struct Engine {
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
+/// The largest read-ahead window, in pages.
+const MAX_AHEAD: u64 = 32;
 
 impl Engine {
     /// Starts kernel `me`'s engine.
@@ -461,7 +471,9 @@ impl Worker {
                 continue;
             }
             if idle_since.elapsed() < self.config.spin {
-                std::hint::spin_loop();
+                // Yield rather than spin: with more threads than CPUs, the
+                // one this is waiting for may need this CPU.
+                thread::yield_now();
                 continue;
             }
             if let Some(stop) = self.sleep(rx, &mut events) {
@@ -621,6 +633,8 @@ impl Worker {
             waiters: HashMap::new(),
             mappers: Vec::new(),
             stats: RegionStats::default(),
+            next_read: u64::MAX,
+            ahead: 0,
             info,
         };
         log::info!(
@@ -739,6 +753,45 @@ impl Worker {
             Fault::Failed => self.fail_waiter(region, waiter),
         }
         self.dispatch(region, page, out);
+        if access == Access::Read {
+            self.read_ahead(region, page);
+        }
+    }
+
+    /// A reader going through a region page by page gets the next pages
+    /// asked for before it faults on them (a window that doubles up to
+    /// [`MAX_AHEAD`] while the pattern holds): their round trips overlap.
+    fn read_ahead(&mut self, region: u32, page: u64) {
+        let Some(r) = self.regions.get_mut(&region) else {
+            return;
+        };
+        if page != r.next_read {
+            r.next_read = page + 1;
+            r.ahead = 0;
+            return;
+        }
+        r.next_read = page + 1;
+        r.ahead = (r.ahead * 2).clamp(4, MAX_AHEAD);
+        let end = (page + 1 + r.ahead).min(r.npages);
+        let mut batches = Vec::new();
+        for q in page + 1..end {
+            let Some(c) = usize::try_from(q).ok().and_then(|i| r.caches.get_mut(i)) else {
+                break;
+            };
+            if c.state() != protocol::Local::Invalid || c.pending().is_some() {
+                continue;
+            }
+            let mut out = Vec::new();
+            // No waiter: the grant just installs the page.
+            if c.fault(Access::Read, &mut out) == Fault::Wait {
+                r.stats.requests += out.len() as u64;
+                r.stats.read_ahead += 1;
+                batches.push((q, out));
+            }
+        }
+        for (q, out) in batches {
+            self.dispatch(region, q, out);
+        }
     }
 
     /// Lets one fault go on.

@@ -61,6 +61,8 @@ pub struct RegionStats {
     pub write_faults: u64,
     /// Requests sent to the home.
     pub requests: u64,
+    /// Of those, pages asked for ahead of a sequential reader.
+    pub read_ahead: u64,
     /// Invalidations received.
     pub invalidations: u64,
     pub bytes_in: u64,

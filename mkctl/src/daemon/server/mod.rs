@@ -30,7 +30,7 @@ use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender};
 
@@ -101,6 +101,15 @@ impl log::Log for DaemonLog {
     fn flush(&self) {}
 }
 
+/// How often the daemon checks that its socket is still its own.
+const SOCKET_CHECK: Duration = Duration::from_secs(2);
+
+/// The inode of the run directory's socket, if it is there.
+fn socket_inode(run: &RunDir) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(run.socket()).ok().map(|m| m.ino())
+}
+
 /// `mkctl daemon run`: serves until asked to stop (or SIGTERM/SIGINT),
 /// then stops every instance.
 pub fn run(run: RunDir) -> Result<(), DaemonError> {
@@ -129,6 +138,7 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
     };
     let listener = UnixListener::bind(run.socket()).map_err(listen_err)?;
     listener.set_nonblocking(true).map_err(listen_err)?;
+    let socket_ino = socket_inode(&run);
     std::fs::write(run.pid_file(), format!("{}\n", std::process::id())).map_err(|source| {
         DaemonError::RunDir {
             path: run.pid_file(),
@@ -179,7 +189,21 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
         let d = Arc::clone(&d);
         thread::spawn(move || d.monitor())
     };
+    let mut last_check = Instant::now();
     while !d.stopping() {
+        if last_check.elapsed() >= SOCKET_CHECK {
+            last_check = Instant::now();
+            if socket_inode(&run) != socket_ino {
+                // Nobody can reach this daemon to stop it any more (its run
+                // directory was removed, say by a test that was killed):
+                // stop rather than keep instances running for ever.
+                log::warn!(
+                    "{} was removed or replaced; nobody can reach this daemon",
+                    run.socket().display()
+                );
+                break;
+            }
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 let d = Arc::clone(&d);
@@ -196,9 +220,12 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
     let names: Vec<String> = d.registry().instances.keys().cloned().collect();
     d.stop_instances(&names, Duration::from_secs(10), &|_, _| {});
     let _ = monitor.join();
-    let _ = std::fs::remove_file(run.socket());
-    let _ = std::fs::remove_file(run.agent_socket());
-    let _ = std::fs::remove_file(run.pid_file());
+    if socket_inode(&run) == socket_ino {
+        // Only what is still ours: a newer daemon may serve this directory.
+        let _ = std::fs::remove_file(run.socket());
+        let _ = std::fs::remove_file(run.agent_socket());
+        let _ = std::fs::remove_file(run.pid_file());
+    }
     if let Some(tree) = run.ram_tree() {
         let _ = std::fs::remove_dir_all(tree);
     }

@@ -1,0 +1,148 @@
+//! Doorbells: how a receiver that went to sleep on an empty ring is woken.
+//!
+//! The protocol is the ring's (`ring.rs`, "The doorbell"): the receiver
+//! announces its sleep in the ring's doorbell word and looks once more; a
+//! sender that publishes and finds the word saying "asleep" takes the
+//! announcement back and rings. This module is the part that differs from
+//! one pair of kernels to another, behind one trait:
+//!
+//! - [`FutexBell`]: both sides on one kernel (processes or threads mapping
+//!   the same file): `FUTEX_WAIT` / `FUTEX_WAKE` on the doorbell word itself,
+//!   shared (not `FUTEX_PRIVATE`), so it works across processes. This is
+//!   what [`crate::Window::attach`] gives.
+//! - across kernels a futex cannot reach the other side; there the doorbell
+//!   is a message on some channel the two kernels share (a virtio-serial port
+//!   relayed by the host for QEMU guests, AF_VSOCK on a multikernel kernel),
+//!   implemented outside this crate against the same trait.
+//! - none ([`crate::Window::attach_with_doorbell`] with `None`): receivers
+//!   never announce a sleep and poll with timed back-off, as before the
+//!   doorbell; senders never ring them.
+//!
+//! The doorbell is an optimisation of waiting, never of correctness: a
+//! receiver also wakes by itself every so often to look at its peer's
+//! liveness, so a ring that got lost on its way (a relay restarting) costs
+//! latency, not a message.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::raw::Region;
+use crate::ring::BELL_ASLEEP;
+
+/// How a ring's receiver is woken from a sleep it announced. One value per
+/// endpoint serves all of its rings: [`Doorbell::ring`] for the rings it
+/// sends on, [`Doorbell::wait`] for those it receives on.
+pub trait Doorbell: Send + Sync + fmt::Debug {
+    /// Wakes the receiver of `bell`'s ring. Called by the ring's sender once
+    /// per announced sleep, after it set the doorbell word back to awake.
+    /// Must not block for long (it runs on the sender's path); a ring that
+    /// cannot be delivered may be dropped.
+    fn ring(&self, bell: &Bell);
+
+    /// Sleeps until `bell`'s ring is rung after this call began, until
+    /// [`Bell::asleep`] no longer holds, or until `deadline`; may return
+    /// earlier (spuriously). Called by the ring's receiver after it
+    /// announced its sleep and found the ring still empty. It must not
+    /// sleep through a ring that came between the announcement and this
+    /// call: checking [`Bell::asleep`] after arming whatever the ring will
+    /// trigger is enough, since the sender clears the word before it rings.
+    ///
+    /// An error says this doorbell cannot wait here at all (a futex on a
+    /// mapping that does not support one, say): the receiver then falls back
+    /// to timed polling for good and stops announcing its sleeps.
+    fn wait(&self, bell: &Bell, deadline: Instant) -> io::Result<()>;
+}
+
+/// The doorbell word of one ring (`from -> to`) in a window: what a
+/// [`Doorbell`] rings and waits on. Cheap to clone; it keeps the mapping.
+#[derive(Clone)]
+pub struct Bell {
+    region: Arc<Region>,
+    off: usize,
+    from: u16,
+    to: u16,
+}
+
+impl fmt::Debug for Bell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bell")
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("offset", &format_args!("{:#x}", self.off))
+            .finish()
+    }
+}
+
+impl Bell {
+    /// The doorbell word at `off` of ring `from -> to`, if it lies inside
+    /// the window.
+    pub(crate) fn new(region: Arc<Region>, off: usize, from: u16, to: u16) -> Option<Bell> {
+        region.word(off)?;
+        Some(Bell {
+            region,
+            off,
+            from,
+            to,
+        })
+    }
+
+    /// The sending endpoint of the ring.
+    pub fn from(&self) -> u16 {
+        self.from
+    }
+
+    /// The receiving endpoint of the ring (the one that sleeps).
+    pub fn to(&self) -> u16 {
+        self.to
+    }
+
+    /// Whether the receiver announced that it sleeps and no sender has
+    /// taken the announcement back yet.
+    pub fn asleep(&self) -> bool {
+        self.region
+            .word(self.off)
+            .is_some_and(|w| w.load(Ordering::Acquire) == BELL_ASLEEP)
+    }
+
+    /// `FUTEX_WAIT` on the word while it says asleep, up to `deadline`
+    /// (same-kernel doorbells; see [`FutexBell`]).
+    pub fn futex_wait(&self, deadline: Instant) -> io::Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        // BELL_ASLEEP is 1: it fits the futex word (the low half).
+        self.region.futex_wait(self.off, BELL_ASLEEP as u32, left)
+    }
+
+    /// `FUTEX_WAKE` on the word: wakes a receiver of this kernel sleeping in
+    /// [`Bell::futex_wait`] (a relay calls it for a ring that came from
+    /// another kernel).
+    pub fn futex_wake(&self) -> io::Result<()> {
+        self.region.futex_wake(self.off)
+    }
+}
+
+/// The doorbell of peers on one kernel: a futex on the doorbell word in the
+/// shared mapping. A ring is one `FUTEX_WAKE`, a wait one `FUTEX_WAIT` that
+/// the kernel skips when the word already says awake, so no ring is lost
+/// between the receiver's last look and its sleep. Fails to wait on
+/// mappings the kernel cannot key a shared futex on (a PCI BAR or `/dev/mem`
+/// inside a guest: `EFAULT`), and then receivers fall back to polling.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FutexBell;
+
+impl Doorbell for FutexBell {
+    fn ring(&self, bell: &Bell) {
+        // Nothing to do about a failure here: the receiver's own wake-ups
+        // (to look at its peer's liveness) still find the message.
+        let _ = bell.futex_wake();
+    }
+
+    fn wait(&self, bell: &Bell, deadline: Instant) -> io::Result<()> {
+        bell.futex_wait(deadline)
+    }
+}
