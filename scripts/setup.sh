@@ -43,6 +43,13 @@ if ! "$repo/qemu/multikernel/build.sh" --print >/dev/null 2>&1; then
   say "building the multikernel host kernel (Linux 7.2 + qemu/multikernel/multikernel.patch; ~5 min the first time)"
 fi
 nice -n 10 "$repo/qemu/multikernel/build.sh" >/dev/null || die "the multikernel host kernel did not build (qemu/multikernel/build.sh)"
+# mkctl linked statically: the multikernel e2e test runs it inside that
+# kernel's busybox initramfs (the test rebuilds it if stale; this keeps the
+# test itself short).
+RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static -C strip=debuginfo" \
+  cargo build --quiet --release -p mkctl --target x86_64-unknown-linux-gnu \
+  --target-dir "${CARGO_TARGET_DIR:-$repo/target}/static" --manifest-path "$repo/Cargo.toml" \
+  || die "static build of mkctl failed"
 
 # kerf 0.4.0 (PyPI kerf-multikernel), the reference tool for the multikernel
 # interface; the DTB tests feed it our output.
