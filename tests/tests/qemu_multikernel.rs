@@ -263,6 +263,10 @@ fn static_mkctl() -> PathBuf {
 /// from it: one instance on CPU 1 with 64 MiB, the window in the pool's
 /// last 16 MiB.
 const POOL_PARAM: &str = "mkkernel_pool=256M@0x20000000";
+/// The window's first word, where the spawned kernel's init writes
+/// [`MARK`] ("MKOK") through `/dev/mem` and the host polls for it.
+const WINDOW: &str = "0x2f000000";
+const MARK: &str = "0x4D4B4F4B";
 const TOPOLOGY: &str = r#"
 [[machine.node]]
 id = 0
@@ -285,7 +289,7 @@ base = "0x2f000000"
 backend = "kexec"
 kernel = "bzImage"
 initrd = "spawned.cpio"
-cmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200"
+cmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 acpi=off nosmp noapic pci=off no5lvl hpet=disable"
 
 [[instance]]
 name = "worker"
@@ -308,8 +312,14 @@ fn boot_initramfs(s: &Scratch, kernel: &Path, script: &str) -> PathBuf {
          /bin/busybox --install -s /bin\n\
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
-         echo \"mk-spawned: user space up on $(uname -r), CPUs $(cat /sys/devices/system/cpu/online)\"\n\
-         poweroff -f\n",
+         mount -t devtmpfs dev /dev\n\
+         echo \"mk-spawned: user space up on $(uname -r), CPUs $(cat /sys/devices/system/cpu/online), $(grep -m1 apicid /proc/cpuinfo | tr -d '\\t')\"\n\
+         echo \"mk-spawned: $(grep MemTotal /proc/meminfo)\"\n\
+         devmem {WINDOW} 32 {MARK}\n\
+         echo \"mk-spawned: wrote {MARK} to the window at {WINDOW}, reads back $(devmem {WINDOW} 32)\"\n\
+         poweroff -f\n"
+        .replace("{WINDOW}", WINDOW)
+        .replace("{MARK}", MARK),
         0o755,
     )
     .expect("init");
@@ -332,29 +342,41 @@ fn boot_initramfs(s: &Scratch, kernel: &Path, script: &str) -> PathBuf {
     host
 }
 
-/// Stage 2: `mkctl boot` inside the QEMU host drives our kernel's v1
+/// Stages 2 to 4: `mkctl boot` inside the QEMU host drives our kernel's v1
 /// interface through `RealKernel`, the code path of any multikernel host:
 /// preflight passes (filesystem, `/proc/kimage`, config), the filesystem
 /// mounts, the device tree creates the instance with memory from the pool
-/// reserved at boot, its CPU goes offline. The load is where the patch
-/// stops today: `kexec_file_load` refuses with EOPNOTSUPP, and mkctl rolls
-/// everything back (CPU online, instance removed, region back in the pool,
-/// filesystem unmounted).
+/// reserved at boot, its CPU goes offline, `kexec_file_load` places the
+/// bzImage, initrd, command line and boot parameters in the instance's
+/// region, and the start command wakes CPU 1 with INIT/SIPI into it. The
+/// spawned kernel boots on its own serial port (ttyS1) with an e820 map of
+/// its region only, reaches user space on APIC id 1, and writes a word into
+/// the window that the host reads back: two kernels, one machine.
 #[test]
-fn mkctl_boot_drives_the_v1_interface() {
+fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
     let kernel = mk_kernel();
     let s = Scratch::new("mk-v1");
     let initrd = boot_initramfs(
         &s,
         &kernel,
-        "grep -i 'multikernel' /proc/iomem\n\
-         cd /boot\n\
-         mkctl boot mk.toml\n\
-         echo \"mkctl-boot-exit=$?\"\n\
-         echo \"after: cpus online $(cat /sys/devices/system/cpu/online)\"\n\
-         echo \"after: mount point holds [$(ls /sys/fs/multikernel 2>&1)]\"\n\
-         echo \"after: mounted [$(grep multikernel /proc/mounts)]\"\n\
-         echo \"after: kimage [$(cat /proc/kimage)]\"",
+        &format!(
+            "grep -i 'multikernel' /proc/iomem\n\
+             cd /boot\n\
+             mkctl boot mk.toml\n\
+             echo \"mkctl-boot-exit=$?\"\n\
+             echo \"after: cpus online $(cat /sys/devices/system/cpu/online)\"\n\
+             echo \"after: kimage [$(cat /proc/kimage)]\"\n\
+             for i in $(seq 1 300); do\n\
+               v=$(devmem {WINDOW} 32); [ \"$v\" = {MARK} ] && break\n\
+               [ $((i % 50)) = 0 ] && echo \"host: poll $i reads $v\"; sleep 0.1\n\
+             done\n\
+             echo \"host: the window reads $v\"\n\
+             echo 1 > /sys/devices/system/cpu/cpu1/online 2>/dev/null; \
+             echo \"host: onlining CPU 1 exit=$?\"\n\
+             mkctl status\n\
+             mkctl stop worker\n\
+             echo \"mkctl-stop-exit=$?\""
+        ),
     );
     let append = format!("console=ttyS0 panic=-1 {POOL_PARAM}");
     let run = Host::start(&s, &kernel, &initrd, &append, 1024).wait(timeout());
@@ -369,22 +391,52 @@ fn mkctl_boot_drives_the_v1_interface() {
         "multikernel: instance 'worker' (id 1): CPUs 1, memory [mem 0x20000000-0x23ffffff]",
         "[kexec]   ok: check \"worker\" is ready",
         "[kexec]   ok: offline CPU 1 for \"worker\"",
-        "step \"load the kernel of \"worker\"\" failed: kexec_file_load(",
-        "KEXEC_MULTIKERNEL|KEXEC_MK_ID(1)",
-        "EOPNOTSUPP",
-        "placing a kernel in an instance's memory is not implemented by this patch yet",
-        // The rollback, and the machine as it was.
-        "multikernel: instance 'worker' (id 1) removed; [mem 0x20000000-0x23ffffff] back in the pool",
-        "mkctl-boot-exit=1",
-        "after: cpus online 0-1",
-        "after: mount point holds []",
-        "after: mounted []",
-        "after: kimage []",
+        "[kexec]   ok: load the kernel of \"worker\"",
+        "multikernel: loaded 'worker': kernel 0x0000000020200000",
+        "[kexec]   ok: check \"worker\" is loading",
+        "multikernel: starting 'worker' on CPU 1 (APIC id 1): INIT, SIPI to 0x8f000",
+        "multikernel: 'worker': CPU 1 entered the kernel at 0x0000000020200000",
+        "[kexec]   ok: wait for \"worker\" to be active",
+        "worker active (multikernel v1 interface)",
+        "mkctl-boot-exit=0",
+        "after: cpus online 0\r",
+        "after: kimage [1 worker active 0x0000000020000000-0x0000000023ffffff boot_params=0x0000000020000000 kernel=0x0000000020200000+",
+        // The spawned kernel wrote into the window; the host read it.
+        &format!("host: the window reads {MARK}"),
+        // The host cannot take the CPU back while the instance runs.
+        "multikernel: CPU 1 runs a spawned kernel; it cannot come back to the host",
+        "host: onlining CPU 1 exit=1",
+        // v1 has no halt command: stop says so and changes nothing.
+        "has no halt command",
+        "mkctl-stop-exit=1",
+        "mk-host: done",
     ] {
-        assert!(run.host.contains(want), "no \"{want}\"\n{}", run.report());
+        assert!(run.host.contains(want), "no \"{want}\" on the host\n{}", run.report());
     }
+    for want in [
+        "Linux version 7.2.",
+        "mk.name=worker mk.id=1 mk.window=0x2f000000@0x1000000",
+        // Its memory map is its region and the low block, nothing else.
+        "BIOS-e820: [mem 0x0000000000070000-0x000000000008efff]  System RAM",
+        "BIOS-e820: [mem 0x0000000020000000-0x0000000023ffffff]  System RAM",
+        "RAMDISK: [mem 0x23e",
+        "mk-spawned: user space up on 7.2.13, CPUs 0, apicid: 1",
+        &format!("mk-spawned: wrote {MARK} to the window at {WINDOW}, reads back {MARK}"),
+    ] {
+        assert!(
+            run.spawned.contains(want),
+            "no \"{want}\" from the spawned kernel\n{}",
+            run.report()
+        );
+    }
+    assert_eq!(
+        run.spawned.matches("BIOS-e820: [mem").count(),
+        2,
+        "the spawned kernel sees other memory\n{}",
+        run.report()
+    );
     eprintln!(
-        "multikernel host: mkctl boot (stops at the load) and power-off {:.2} s",
+        "multikernel host: mkctl boot, spawned kernel to user space, window handshake, power-off {:.2} s",
         run.elapsed.as_secs_f64()
     );
 }
