@@ -440,3 +440,40 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
         run.elapsed.as_secs_f64()
     );
 }
+
+/// The same `mkctl boot` on a host booted without a pool: the kernel
+/// refuses the device tree and says which boot parameter is missing; mkctl
+/// reports the step with the kernel's words and leaves the machine as it
+/// was (no instance, CPU 1 online, filesystem unmounted).
+#[test]
+fn mkctl_boot_without_a_pool_names_the_boot_parameter() {
+    let kernel = mk_kernel();
+    let s = Scratch::new("mk-nopool");
+    let initrd = boot_initramfs(
+        &s,
+        &kernel,
+        "cd /boot\n\
+         mkctl boot mk.toml\n\
+         echo \"mkctl-boot-exit=$?\"\n\
+         echo \"after: cpus online $(cat /sys/devices/system/cpu/online)\"\n\
+         echo \"after: mounted [$(grep multikernel /proc/mounts)]\"\n\
+         echo \"after: kimage [$(cat /proc/kimage)]\"",
+    );
+    let run = Host::start(&s, &kernel, &initrd, "console=ttyS0 panic=-1", 1024).wait(timeout());
+    assert!(run.exited, "QEMU did not power off\n{}", run.report());
+    for want in [
+        "multikernel: no pool (mkkernel_pool=<size>@<address>)",
+        "step \"write the v1 device tree\" failed: write /sys/fs/multikernel/device_tree",
+        "ENOMEM",
+        // The kernel's own words, in mkctl's report.
+        "  multikernel: device_tree: instance 'worker': there is no pool to take memory from; boot the host with mkkernel_pool=<size>@<address>",
+        "rolled back:",
+        "mkctl-boot-exit=1",
+        "after: cpus online 0-1\r",
+        "after: mounted []",
+        "after: kimage []",
+    ] {
+        assert!(run.host.contains(want), "no \"{want}\"\n{}", run.report());
+    }
+    assert!(run.spawned.is_empty(), "{}", run.report());
+}
