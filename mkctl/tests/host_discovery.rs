@@ -391,10 +391,7 @@ fn multikernel_descriptor_generation_is_recognised_not_supported() {
     };
     assert_eq!(missing.len(), 1, "{missing:?}");
     assert!(missing[0].contains("/proc/kimage is not"), "{missing:?}");
-    assert!(
-        missing[0].contains("does not support yet"),
-        "{missing:?}"
-    );
+    assert!(missing[0].contains("does not support yet"), "{missing:?}");
     let text = h.render();
     assert!(
         text.contains(
