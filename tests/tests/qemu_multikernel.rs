@@ -429,6 +429,16 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
             run.report()
         );
     }
+    // Its clocks come from the host (appended by the loader), not from the
+    // PIT the host owns.
+    for want in ["cpu_early_khz=", "tsc_early_khz=", "lapic_timer_period="] {
+        assert!(run.spawned.contains(want), "no {want}\n{}", run.report());
+    }
+    assert!(
+        !run.spawned.contains("PIT"),
+        "the spawned kernel used the PIT\n{}",
+        run.report()
+    );
     assert_eq!(
         run.spawned.matches("BIOS-e820: [mem").count(),
         2,
