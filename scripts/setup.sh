@@ -4,6 +4,8 @@
 #   - checks for a Rust toolchain (cargo >= 1.85),
 #   - apt packages (only when one is missing),
 #   - the guest kernel and static guest-init for the QEMU backend (qemu/setup.sh),
+#   - the multikernel host kernel (qemu/multikernel/build.sh: Linux 7.2 and our
+#     patch, cached by a hash of its inputs; ~5 min on 2 cores the first time),
 #   - kerf, the multikernel project's CLI, in a venv (a peer the tests compare with),
 #   - builds the workspace, libmk.a and the C DSM example (libmk/examples).
 # Everything lands in $MKCTL_CACHE (default: <repo>/.cache) or target/.
@@ -21,7 +23,8 @@ command -v cargo >/dev/null || die "cargo not found: install Rust 1.85 or newer 
 # apt packages for the tests (QEMU's own list lives in qemu/setup.sh).
 need=()
 # gcc and libc6-dev: C programs built against libmk.a, statically.
-for p in python3-venv util-linux gcc libc6-dev; do
+# make, flex, bison, bc, xz-utils, libelf-dev: the multikernel host kernel.
+for p in python3-venv util-linux gcc libc6-dev make flex bison bc xz-utils libelf-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -33,6 +36,20 @@ fi
 
 # The QEMU backend: qemu-system-x86, the stock guest kernel, static guest-init.
 "$repo/qemu/setup.sh"
+
+# The multikernel host kernel the tests boot under QEMU (tests/tests/
+# qemu_multikernel.rs): built once per change of its inputs, at low priority.
+if ! "$repo/qemu/multikernel/build.sh" --print >/dev/null 2>&1; then
+  say "building the multikernel host kernel (Linux 7.2 + qemu/multikernel/multikernel.patch; ~5 min the first time)"
+fi
+nice -n 10 "$repo/qemu/multikernel/build.sh" >/dev/null || die "the multikernel host kernel did not build (qemu/multikernel/build.sh)"
+# mkctl linked statically: the multikernel e2e test runs it inside that
+# kernel's busybox initramfs (the test rebuilds it if stale; this keeps the
+# test itself short).
+RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static -C strip=debuginfo" \
+  cargo build --quiet --release -p mkctl --target x86_64-unknown-linux-gnu \
+  --target-dir "${CARGO_TARGET_DIR:-$repo/target}/static" --manifest-path "$repo/Cargo.toml" \
+  || die "static build of mkctl failed"
 
 # kerf 0.4.0 (PyPI kerf-multikernel), the reference tool for the multikernel
 # interface; the DTB tests feed it our output.

@@ -171,6 +171,58 @@ fn kexec_boot_is_refused_here_and_changes_nothing() {
         .stderr(predicate::str::contains("no multikernel interface"));
 }
 
+/// On a kernel of the instance-descriptor generation (fixture
+/// `mk-descriptors`), `host` names it, and `boot` (dry run too), `stop`
+/// and `pool release` refuse it without a single kernel call.
+#[test]
+fn descriptor_generation_is_named_and_refused() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sysroot/mk-descriptors");
+    cargo_bin_cmd!("mkctl")
+        .arg("--sysroot")
+        .arg(&root)
+        .arg("host")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "interface generation descriptors (no /proc/kimage",
+        ))
+        .stdout(predicate::str::contains("does not support yet"));
+    for dry in [false, true] {
+        let mut c = cargo_bin_cmd!("mkctl");
+        c.arg("--sysroot").arg(&root).arg("boot");
+        if dry {
+            c.arg("--dry-run");
+        }
+        c.arg(common::config("kexec"))
+            .env("MKCTL_RUN_DIR", tempfile::tempdir().unwrap().path())
+            .assert()
+            .code(1)
+            .stdout(predicate::str::contains("kexec_file_load").not())
+            .stderr(predicate::str::contains(
+                "it speaks the instance-descriptor interface of multikernel/linux v7.0-mk5",
+            ))
+            .stderr(predicate::str::contains(
+                "Boot a host kernel of the v1 or current generation",
+            ));
+    }
+    for args in [
+        &["stop", "web"][..],
+        &["stop", "--dry-run", "web"][..],
+        &["pool", "release"][..],
+    ] {
+        cargo_bin_cmd!("mkctl")
+            .arg("--sysroot")
+            .arg(&root)
+            .args(args)
+            .env("MKCTL_RUN_DIR", tempfile::tempdir().unwrap().path())
+            .assert()
+            .code(1)
+            .stdout(predicate::str::is_empty())
+            .stderr(predicate::str::contains("does not support that generation"));
+    }
+}
+
 /// A missing stock kernel is found before the daemon would start: one
 /// message naming the file and the variables, exit 1, no run directory.
 #[test]

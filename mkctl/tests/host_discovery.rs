@@ -380,6 +380,39 @@ fn multikernel_present_but_not_mounted() {
     );
 }
 
+/// `/sys/fs/multikernel` without `/proc/kimage`: the instance-descriptor
+/// generation, named in the report and refused by the verdict.
+#[test]
+fn multikernel_descriptor_generation_is_recognised_not_supported() {
+    let h = discover("mk-descriptors");
+    assert_eq!(h.multikernel.generation, Some(Generation::Descriptors));
+    let KexecVerdict::Unavailable { missing } = &h.kexec else {
+        panic!("{:?}", h.kexec)
+    };
+    assert_eq!(missing.len(), 1, "{missing:?}");
+    assert!(missing[0].contains("/proc/kimage is not"), "{missing:?}");
+    assert!(missing[0].contains("does not support yet"), "{missing:?}");
+    let text = h.render();
+    assert!(
+        text.contains(
+            "interface generation descriptors (no /proc/kimage: multikernel v7.0-mk5 or later)"
+        ),
+        "{text}"
+    );
+    // Unmounted, it is still told apart: /proc/kimage does not depend on the mount.
+    let dir = scratch("mk-descriptors");
+    let mounts = fs::read_to_string(dir.path().join("proc/mounts")).unwrap();
+    fs::write(
+        dir.path().join("proc/mounts"),
+        mounts.replace("none /sys/fs/multikernel multikernel rw,relatime 0 0\n", ""),
+    )
+    .unwrap();
+    let h = HostInfo::discover(dir.path()).unwrap();
+    assert!(!h.multikernel.mounted);
+    assert_eq!(h.multikernel.generation, Some(Generation::Descriptors));
+    assert!(!h.kexec.is_usable());
+}
+
 #[test]
 fn kexec_file_disabled_blocks_kexec() {
     let dir = scratch("mk-current");

@@ -120,6 +120,69 @@ fn lzma(b: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `xz --x86 --lzma2 --check=crc32`, as the kernel's `scripts/xz_wrap.sh`
+/// compresses x86 kernels (the `xz` tool; scripts/setup.sh installs it).
+fn xz_x86(b: &[u8]) -> Vec<u8> {
+    let mut child = std::process::Command::new("xz")
+        .args([
+            "--format=xz",
+            "--check=crc32",
+            "--x86",
+            "--lzma2=dict=1MiB",
+            "-c",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run xz (apt-get install xz-utils)");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = b.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+/// x86 code-like bytes: CALL/JMP opcodes with near operands, data between.
+fn code_like(n: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n);
+    let mut x: u32 = 0x1234_5678;
+    while v.len() < n {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        match x >> 29 {
+            0 | 1 => {
+                v.push(if x & 1 == 0 { 0xe8 } else { 0xe9 });
+                let rel = (x >> 8) as i32 % 0x40000 - 0x20000;
+                v.extend_from_slice(&rel.to_le_bytes());
+            }
+            2 => v.extend_from_slice(&[0xe8, 0xe8, 0xff, 0x00]),
+            _ => v.push((x >> 16) as u8),
+        }
+    }
+    v.truncate(n);
+    v
+}
+
+#[test]
+fn xz_kernels_with_the_x86_filter_decode() {
+    let (mut elf, size) = tiny_elf_with_tail(0);
+    elf.truncate(size);
+    let body = code_like(200_000);
+    // One PT_LOAD holding the code.
+    elf[64 + 32..64 + 40].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&body);
+    let img = bzimage(&xz_x86(&elf));
+    let out = image::extract_vmlinux(&img).expect("x86-filtered xz payload");
+    assert_eq!(out.len(), elf.len());
+    assert!(out == elf, "decoded bytes differ from the original");
+    // A flipped byte in the compressed data is caught, not returned.
+    let mut bad = xz_x86(&elf);
+    let n = bad.len();
+    bad[n / 2] ^= 0x40;
+    assert!(image::extract_vmlinux(&bzimage(&bad)).is_err());
+}
+
 #[test]
 fn synthetic_images_in_each_compression() {
     let (elf, size) = tiny_elf_with_tail(3000);

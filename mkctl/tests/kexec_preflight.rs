@@ -59,12 +59,18 @@ fn sysroot(files: &[(&str, &str)], dirs: &[&str]) -> tempfile::TempDir {
 }
 
 const GOOD_CONFIG: &str = "CONFIG_KEXEC_FILE=y\nCONFIG_MULTIKERNEL=y\n";
+/// What `/proc/kimage` reads with nothing loaded (RFC v2 patch 11/16);
+/// only its presence matters to mkctl.
+const KIMAGE: &str = "MK_ID  Type        Start Address   Segments\n\
+                      -----  ----------  --------------  --------\n\
+                      No kimages loaded\n";
 
 #[test]
 fn a_multikernel_host_passes() {
     let root = sysroot(
         &[
             ("proc/filesystems", "nodev\tsysfs\nnodev\tmultikernel\n"),
+            ("proc/kimage", KIMAGE),
             ("proc/sys/kernel/osrelease", "7.0.0-mk2\n"),
             ("boot/config-7.0.0-mk2", GOOD_CONFIG),
             ("proc/mounts", "sysfs /sys sysfs rw 0 0\n"),
@@ -77,6 +83,7 @@ fn a_multikernel_host_passes() {
     let root = sysroot(
         &[
             ("proc/filesystems", "nodev\tmultikernel\n"),
+            ("proc/kimage", KIMAGE),
             ("proc/sys/kernel/osrelease", "7.0.0-mk2\n"),
             ("boot/config-7.0.0-mk2", GOOD_CONFIG),
             (
@@ -100,6 +107,7 @@ fn a_multikernel_host_passes() {
     let root = sysroot(
         &[
             ("proc/filesystems", "nodev\tmultikernel\n"),
+            ("proc/kimage", KIMAGE),
             ("proc/sys/kernel/osrelease", "6.18.0-rfc\n"),
             ("boot/config-6.18.0-rfc", GOOD_CONFIG),
             (
@@ -149,4 +157,57 @@ fn qemu_only_topologies_are_not_checked() {
     let t = topology::parse(Source::new(&path, text), || None).unwrap();
     let root = tempfile::tempdir().unwrap();
     assert_eq!(preflight(root.path(), &t), Ok(None));
+}
+
+/// A multikernel kernel without `/proc/kimage` is the instance-descriptor
+/// generation (v7.0-mk5, kerf 0.6.0): refused as unsupported, mounted or
+/// not, with no list of things to install.
+#[test]
+fn the_descriptor_generation_is_recognised_and_refused() {
+    for mounted in [false, true] {
+        let mounts = if mounted {
+            "none /sys/fs/multikernel multikernel rw 0 0\n"
+        } else {
+            "sysfs /sys sysfs rw 0 0\n"
+        };
+        let root = sysroot(
+            &[
+                ("proc/filesystems", "nodev\tmultikernel\n"),
+                ("proc/sys/kernel/osrelease", "7.0.0-mk5\n"),
+                ("boot/config-7.0.0-mk5", GOOD_CONFIG),
+                ("proc/mounts", mounts),
+            ],
+            if mounted {
+                &[
+                    "sys/fs/multikernel/overlays",
+                    "sys/fs/multikernel/instances",
+                ]
+            } else {
+                &["sys/fs/multikernel"]
+            },
+        );
+        let fs = probe(root.path());
+        assert!(fs.descriptor_interface(), "mounted={mounted}");
+        let r = preflight(root.path(), &kexec_topology()).unwrap_err();
+        assert!(r.unsupported_generation);
+        assert_eq!(r.missing.len(), 1, "{r}");
+        let text = r.to_string();
+        assert!(text.contains("no /proc/kimage"), "{text}");
+        assert!(text.contains("v7.0-mk5"), "{text}");
+        assert!(text.contains("does not support that generation"), "{text}");
+        assert!(!text.contains("CONFIG_MULTIKERNEL=y"), "{text}");
+
+        // The same tree with /proc/kimage is an ordinary multikernel host.
+        std::fs::write(root.path().join("proc/kimage"), KIMAGE).unwrap();
+        assert!(!probe(root.path()).descriptor_interface());
+        assert!(preflight(root.path(), &kexec_topology()).is_ok());
+    }
+    // No multikernel filesystem at all is not this generation.
+    let root = sysroot(&[("proc/filesystems", "nodev\tsysfs\n")], &[]);
+    assert!(!probe(root.path()).descriptor_interface());
+    assert!(
+        !preflight(root.path(), &kexec_topology())
+            .unwrap_err()
+            .unsupported_generation
+    );
 }

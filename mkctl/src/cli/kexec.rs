@@ -66,7 +66,10 @@ fn images(scratch: &Path) -> impl Fn(&Instance) -> Result<Images, String> + '_ {
 /// `dry_run`, the exact sequence against a model of the host.
 pub(super) fn boot(sysroot: &Path, t: &Topology, only: &[String], dry_run: bool) -> Res {
     let refusal = kexec::preflight(sysroot, t).err();
-    if let (Some(r), false) = (&refusal, dry_run) {
+    if let Some(r) = refusal
+        .as_ref()
+        .filter(|r| !dry_run || r.unsupported_generation)
+    {
         eprintln!("mkctl: {r}");
         return Ok(EXIT_FAIL);
     }
@@ -126,6 +129,20 @@ pub(super) fn boot(sysroot: &Path, t: &Topology, only: &[String], dry_run: bool)
     }
 }
 
+/// On a kernel of the instance-descriptor generation: says why nothing is
+/// done (dry run or not: the model speaks the older generations) and
+/// returns true.
+fn refuse_descriptors(sysroot: &Path, what: &str) -> bool {
+    if !kexec::probe(sysroot).descriptor_interface() {
+        return false;
+    }
+    eprintln!(
+        "mkctl: cannot {what}: {}. Nothing was changed.",
+        kexec::probe::DESCRIPTORS_UNSUPPORTED
+    );
+    true
+}
+
 /// Instances the multikernel filesystem lists (empty when there is none).
 pub(super) fn listed(sysroot: &Path) -> Vec<kexec::InstanceState> {
     kexec::probe(sysroot).instances
@@ -134,6 +151,9 @@ pub(super) fn listed(sysroot: &Path) -> Vec<kexec::InstanceState> {
 /// Stops kexec instances by name: halt, force after a timeout, unload,
 /// remove.
 pub(super) fn stop(sysroot: &Path, names: &[String], dry_run: bool) -> Res {
+    if refuse_descriptors(sysroot, "stop") {
+        return Ok(EXIT_FAIL);
+    }
     let mut log = |line: &str| eprintln!("[kexec] {line}");
     let r = if dry_run {
         let fs = kexec::probe(sysroot);
@@ -158,6 +178,9 @@ pub(super) fn stop(sysroot: &Path, names: &[String], dry_run: bool) -> Res {
 
 /// `mkctl pool release`: gives the pool's CPUs and memory back to the host.
 pub(super) fn release(sysroot: &Path, unmount: bool, dry_run: bool) -> Res {
+    if refuse_descriptors(sysroot, "release the pool") {
+        return Ok(EXIT_FAIL);
+    }
     let fs = kexec::probe(sysroot);
     if !fs.mount_point && !fs.registered && !dry_run {
         eprintln!("mkctl: this host has no multikernel interface (/sys/fs/multikernel): there is no pool to release");

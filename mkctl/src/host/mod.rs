@@ -649,7 +649,13 @@ fn kexec_verdict(
     if cfg.kexec_file == ConfigValue::No {
         missing.push("CONFIG_KEXEC_FILE is not set: no kexec_file_load".into());
     }
-    if mk.present {
+    if mk.generation == Some(Generation::Descriptors) {
+        missing.push(format!(
+            "{mp} is there but /proc/kimage is not: this kernel speaks the \
+             instance-descriptor interface of multikernel v7.0-mk5 / kerf 0.6.0, \
+             which mkctl does not support yet"
+        ));
+    } else if mk.present {
         if let Some(other) = &mk.other_mount {
             missing.push(format!("{mp} has a {other} filesystem mounted on it"));
         } else if mk.mounted && mk.generation.is_none() {

@@ -8,6 +8,9 @@ use super::Root;
 /// names, independent of the sysroot).
 pub const MOUNT_POINT: &str = "/sys/fs/multikernel";
 const FSTYPE: &str = "multikernel";
+/// Every kernel of the v1 (RFC v2 patch 11/16) and current generations
+/// creates it at boot; the instance-descriptor generation dropped it.
+pub const KIMAGE: &str = "proc/kimage";
 
 /// Which generation of the interface a mounted `/sys/fs/multikernel` is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -19,6 +22,12 @@ pub enum Generation {
     /// The LKML RFC v2 series: one `multikernel-v1` DTB written to
     /// `device_tree`, no `overlays/`.
     V1,
+    /// multikernel/linux v7.0-mk5 and kerf 0.6.0: `kexec_file_load()`
+    /// returns an instance descriptor, start and halt are ioctls on it, the
+    /// `reboot()` commands and `/proc/kimage` are gone. Recognised (by the
+    /// missing `/proc/kimage`, which both older generations create at boot)
+    /// but not supported: its uAPI is not published where mkctl could read it.
+    Descriptors,
 }
 
 impl Generation {
@@ -27,6 +36,7 @@ impl Generation {
         match self {
             Generation::Current => "current",
             Generation::V1 => "v1",
+            Generation::Descriptors => "descriptors",
         }
     }
 
@@ -35,6 +45,7 @@ impl Generation {
         match self {
             Generation::Current => "has overlays/",
             Generation::V1 => "device_tree without overlays/",
+            Generation::Descriptors => "no /proc/kimage: multikernel v7.0-mk5 or later",
         }
     }
 }
@@ -62,7 +73,8 @@ pub struct MultikernelState {
     pub fs_registered: Option<bool>,
     /// Known from the directory's contents: `overlays/` means current,
     /// `device_tree` alone means v1. `None` when neither is there (for
-    /// example, not mounted yet).
+    /// example, not mounted yet). `descriptors` whenever `/proc/kimage` is
+    /// missing, mounted or not.
     pub generation: Option<Generation>,
     pub instances: Vec<McInstance>,
 }
@@ -92,7 +104,9 @@ pub(super) fn read(root: &Root, warnings: &mut Vec<String>) -> MultikernelState 
             super::unreadable(&root.path("proc/mounts"), &e)
         )),
     }
-    st.generation = if dir.join("overlays").is_dir() {
+    st.generation = if !root.path(KIMAGE).exists() {
+        Some(Generation::Descriptors)
+    } else if dir.join("overlays").is_dir() {
         Some(Generation::Current)
     } else if dir.join("device_tree").exists() {
         Some(Generation::V1)

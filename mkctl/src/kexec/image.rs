@@ -232,9 +232,17 @@ fn decompress(format: Compression, payload: &[u8]) -> Result<Vec<u8>, ImageError
                 }
                 _ => payload,
             };
-            let mut r = std::io::BufReader::new(stream);
-            let mut w = Capped::new(&mut out);
-            lzma_rs::xz_decompress(&mut r, &mut w).map_err(|e| capped_or(&w, err(Box::new(e))))?;
+            // x86 kernels built with CONFIG_KERNEL_XZ put the x86 branch
+            // filter before LZMA2, which lzma-rs does not read.
+            if super::xz::first_block_filters(stream).is_some_and(|f| f.contains(&0x04)) {
+                out = super::xz::decode_x86_lzma2(stream, MAX_VMLINUX + 1)
+                    .map_err(|e| err(Box::new(e)))?;
+            } else {
+                let mut r = std::io::BufReader::new(stream);
+                let mut w = Capped::new(&mut out);
+                lzma_rs::xz_decompress(&mut r, &mut w)
+                    .map_err(|e| capped_or(&w, err(Box::new(e))))?;
+            }
         }
         Compression::Lzma => {
             // .lzma has no footer: try without the appended 4-byte size

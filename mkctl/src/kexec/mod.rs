@@ -9,7 +9,8 @@
 //!   tests, and a printer of the exact sequence that changes nothing;
 //! - [`probe`]: what a sysroot offers, read-only, and [`preflight`], which
 //!   refuses before anything is touched on a kernel without the interface;
-//! - [`image`]: bzImage → ELF vmlinux;
+//! - [`image`]: bzImage → ELF vmlinux ([`xz`]: the x86-filtered `.xz`
+//!   payload of `CONFIG_KERNEL_XZ` kernels);
 //! - [`request`]: a validated plan from a topology (APIC ids, trees, images);
 //! - [`console`]: the `/dev/mktty` handshake for `mkctl console`;
 //! - [`engine`]: boot / stop / release / status as logged steps, each
@@ -40,6 +41,7 @@ pub mod iface;
 pub mod image;
 pub mod probe;
 pub mod request;
+pub mod xz;
 
 pub use engine::{Engine, Options, StepError};
 pub use iface::{Call, Errno, KernelIface, KexecLoad, RealKernel, RebootCmd};

@@ -31,7 +31,30 @@ pub struct FsState {
     pub generation: Option<Generation>,
     /// `instances/<name>/{id,status}`.
     pub instances: Vec<InstanceState>,
+    /// `/proc/kimage` exists: every kernel of the two generations mkctl
+    /// speaks creates it at boot (RFC v2 patch 11/16, `kernel/kexec_core.c`);
+    /// the instance-descriptor generation (multikernel/linux v7.0-mk5, kerf
+    /// 0.6.0) removed it.
+    pub kimage: bool,
 }
+
+impl FsState {
+    /// The multikernel filesystem is there but `/proc/kimage` is not: the
+    /// instance-descriptor generation, which mkctl recognises and does not
+    /// speak (see [`DESCRIPTORS_UNSUPPORTED`]).
+    pub fn descriptor_interface(&self) -> bool {
+        (self.mount_point || self.registered) && !self.kimage
+    }
+}
+
+/// Why the instance-descriptor generation is refused, for every message
+/// that refuses it.
+pub const DESCRIPTORS_UNSUPPORTED: &str = "this kernel has the multikernel filesystem but no \
+     /proc/kimage: it speaks the instance-descriptor interface of multikernel/linux v7.0-mk5 \
+     and kerf 0.6.0 (kexec_file_load returns an instance descriptor; start and halt are \
+     ioctls on it; the reboot() commands are gone). mkctl does not support that generation \
+     yet: its uAPI (ioctl numbers, argument layouts) is published nowhere mkctl's authors \
+     could read. Only the v1 (RFC v2) and current (v7.0-mk2 to mk4) interfaces are spoken";
 
 /// One instance as the kernel lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -93,6 +116,7 @@ pub fn probe(sysroot: &Path) -> FsState {
         mounted,
         generation,
         instances,
+        kimage: sysroot.join("proc/kimage").exists(),
     }
 }
 
@@ -103,21 +127,36 @@ pub struct Refusal {
     pub instances: Vec<String>,
     /// What is missing, one item each.
     pub missing: Vec<String>,
+    /// The interface is there but of a generation mkctl does not speak (a
+    /// dry run against the model of another generation would mislead).
+    pub unsupported_generation: bool,
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "cannot boot {} with backend = \"kexec\": this host has no Linux multikernel interface",
+            "cannot boot {} with backend = \"kexec\": this host has no Linux multikernel interface{}",
             self.instances
                 .iter()
                 .map(|n| format!("\"{n}\""))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            if self.unsupported_generation {
+                " mkctl speaks"
+            } else {
+                ""
+            }
         )?;
         for m in &self.missing {
             writeln!(f, "  - {m}")?;
+        }
+        if self.unsupported_generation {
+            return write!(
+                f,
+                "Nothing was changed. Boot a host kernel of the v1 or current generation, \
+                 or set backend = \"qemu\" for these instances to run them as QEMU guests."
+            );
         }
         write!(
             f,
@@ -146,6 +185,13 @@ pub fn preflight(sysroot: &Path, topology: &Topology) -> Result<Option<Generatio
         return Ok(None);
     }
     let fs = probe(sysroot);
+    if fs.descriptor_interface() {
+        return Err(Refusal {
+            instances,
+            missing: vec![DESCRIPTORS_UNSUPPORTED.to_string()],
+            unsupported_generation: true,
+        });
+    }
     let config = crate::host::kconfig::read(sysroot);
     let mut missing = Vec::new();
     if !fs.mount_point && !fs.registered {
@@ -179,6 +225,10 @@ pub fn preflight(sysroot: &Path, topology: &Topology) -> Result<Option<Generatio
     if missing.is_empty() {
         Ok(fs.generation)
     } else {
-        Err(Refusal { instances, missing })
+        Err(Refusal {
+            instances,
+            missing,
+            unsupported_generation: false,
+        })
     }
 }
