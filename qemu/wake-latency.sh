@@ -1,51 +1,64 @@
 #!/usr/bin/env bash
-# How fast an idle link wakes up between kernels under QEMU, and what an
-# idle link costs: boots configs/demo.toml (host + alpha + beta) in a run
-# directory of its own, then
-#   - ROUNDS times: waits 5 s with no traffic and pings once, host -> alpha
-#     and alpha -> beta (one round trip each: two first messages after 5 s
-#     of silence, one in each direction), and prints each round trip;
-#   - the CPU the daemon and each QEMU process use while nothing is sent
-#     (10 s, from /proc/<pid>/stat), and the daemon's wake-ups per second.
-# Usage: qemu/wake-latency.sh [rounds]     (after scripts/setup.sh)
+# How fast an idle link wakes up between kernels under QEMU, and what idle
+# links cost, with the doorbell relay and without it (MKCTL_DOORBELL=off:
+# every receiver polls, as before the relay), in one run. For each mode it
+# boots configs/demo.toml (host + alpha + beta) in a run directory of its
+# own, then
+#   - the CPU the daemon and each QEMU use while nothing is sent (10 s, from
+#     utime + stime in /proc/<pid>/stat), after 5 s of settling;
+#   - ROUNDS times: waits 5 s with no traffic and pings once, host -> alpha,
+#     then again alpha -> beta: each is one round trip whose two messages
+#     are both the first on their ring after >= 5 s of silence, and prints
+#     the round trips and their medians.
+# Usage: qemu/wake-latency.sh [rounds]     (after scripts/setup.sh; ~2.5 min)
 # Environment: MKCTL (the mkctl binary, default target/debug/mkctl),
-# MKCTL_CACHE, MKCTL_GUEST_INIT (as for mkctl itself).
+# MKCTL_CACHE, MKCTL_GUEST_INIT (as for mkctl itself); MODES (default
+# "off on").
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 rounds=${1:-5}
 export MKCTL_CACHE=${MKCTL_CACHE:-$repo/.cache}
 mkctl=${MKCTL:-${CARGO_TARGET_DIR:-$repo/target}/debug/mkctl}
-export MKCTL_RUN_DIR=${MKCTL_RUN_DIR:-$(mktemp -d /tmp/mk-wake.XXXXXX)}
-cleanup() { "$mkctl" daemon stop >/dev/null 2>&1 || true; }
+[ -x "$mkctl" ] || { echo "wake-latency: $mkctl is not built (cargo build)" >&2; exit 1; }
+cleanup() { [ -n "${MKCTL_RUN_DIR:-}" ] && "$mkctl" daemon stop >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
-"$mkctl" boot configs/demo.toml >/dev/null
-status=$("$mkctl" status --json)
-pids=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1])["daemon"]; print(d["pid"], " ".join(str(i["pid"]) for i in d["instances"]))' "$status")
-names=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1])["daemon"]; print("daemon", " ".join("qemu-"+i["name"] for i in d["instances"]))' "$status")
+rtt_us() { "$mkctl" ping "$1" "$2" --count 1 --json | python3 -c 'import json,sys; print("%.0f" % (json.load(sys.stdin)["rtt_median_ns"] / 1e3))'; }
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
-rtt() { "$mkctl" ping "$1" "$2" --count 1 --json | python3 -c 'import json,sys; print("%.1f" % (json.load(sys.stdin)["rtt_median_ns"] / 1e3))'; }
-for r in $(seq "$rounds"); do
-  sleep 5
-  a=$(rtt host alpha)
-  sleep 5
-  b=$(rtt alpha beta)
-  printf 'round %d: first round trip after 5 s idle: host->alpha %s µs, alpha->beta %s µs\n' "$r" "$a" "$b"
-done
+for mode in ${MODES:-off on}; do
+  export MKCTL_DOORBELL=$mode
+  export MKCTL_RUN_DIR=$(mktemp -d /tmp/mk-wake.XXXXXX)
+  "$mkctl" boot configs/demo.toml >/dev/null
+  status=$("$mkctl" status --json)
+  read -r -a pids <<<"$(python3 -c 'import json,sys; d=json.loads(sys.argv[1])["daemon"]; print(d["pid"], " ".join(str(i["pid"]) for i in d["instances"]))' "$status")"
+  read -r -a names <<<"$(python3 -c 'import json,sys; d=json.loads(sys.argv[1])["daemon"]; print("daemon", " ".join("qemu-"+i["name"] for i in d["instances"]))' "$status")"
 
-# CPU while idle: utime + stime ticks over 10 s, and the daemon's
-# voluntary context switches (one per sleep of any of its threads).
-ticks() { for p in $pids; do awk '{print $14 + $15}' "/proc/$p/stat"; done; }
-switches() { local s=0; for t in /proc/"${pids%% *}"/task/*/status; do s=$((s + $(awk '/^voluntary_ctxt_switches/ {print $2}' "$t"))); done; echo "$s"; }
-sleep 2
-t0=($(ticks)); s0=$(switches)
-sleep 10
-t1=($(ticks)); s1=$(switches)
-hz=$(getconf CLK_TCK)
-i=0
-for n in $names; do
-  printf 'idle 10 s: %-12s %5.2f%% of a core\n' "$n" "$(echo "(${t1[$i]} - ${t0[$i]}) * 100 / $hz / 10" | bc -l)"
-  i=$((i + 1))
+  # Idle CPU: utime + stime ticks over 10 s.
+  ticks() { for p in "${pids[@]}"; do awk '{print $14 + $15}' "/proc/$p/stat"; done; }
+  sleep 5
+  mapfile -t t0 < <(ticks)
+  sleep 10
+  mapfile -t t1 < <(ticks)
+  hz=$(getconf CLK_TCK)
+  total=0
+  line="doorbell $mode: idle CPU over 10 s (% of one core):"
+  for i in "${!pids[@]}"; do
+    pct=$(echo "scale=1; (${t1[$i]} - ${t0[$i]}) * 100 / $hz / 10" | bc -l)
+    total=$(echo "$total + $pct" | bc -l)
+    line+=" ${names[$i]} $pct,"
+  done
+  echo "$line total $total"
+
+  ha=(); ab=()
+  for r in $(seq "$rounds"); do
+    sleep 5; ha+=("$(rtt_us host alpha)")
+    sleep 5; ab+=("$(rtt_us alpha beta)")
+  done
+  echo "doorbell $mode: first round trip after 5 s idle (µs): host->alpha ${ha[*]} (median $(median "${ha[@]}")); alpha->beta ${ab[*]} (median $(median "${ab[@]}"))"
+  "$mkctl" daemon stop >/dev/null
+  # Nothing of this mode may run into the next one's figures.
+  for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.2; done; done
+  rm -rf "$MKCTL_RUN_DIR"
 done
-printf 'idle 10 s: daemon wake-ups %d/s\n' $(( (s1 - s0) / 10 ))

@@ -50,6 +50,30 @@ pub const MODULES: [&str; 6] = [
     "virtio_console",
 ];
 
+/// The PCI ids of a virtio console (virtio-serial) device: vendor, and the
+/// transitional and modern device ids.
+const VIRTIO_VENDOR: u32 = 0x1af4;
+const VIRTIO_CONSOLE: [u32; 2] = [0x1003, 0x1043];
+
+/// Whether the machine has a virtio-serial device, from
+/// `root/sys/bus/pci/devices/*/{vendor,device}`: without one there is no
+/// port to wait for (the daemon booted this machine without a doorbell).
+pub fn has_device(root: &Path) -> bool {
+    let hex = |p: PathBuf| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
+    };
+    std::fs::read_dir(root.join("sys/bus/pci/devices"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|d| {
+            hex(d.path().join("vendor")) == Some(VIRTIO_VENDOR)
+                && hex(d.path().join("device")).is_some_and(|id| VIRTIO_CONSOLE.contains(&id))
+        })
+}
+
 /// How long to wait for the port after the driver is loaded (the port and
 /// its name come from QEMU through the device's control queue).
 const PORT_WAIT: Duration = Duration::from_secs(5);
@@ -65,7 +89,11 @@ pub enum DoorbellError {
     Open(PathBuf, #[source] io::Error),
     #[error("cannot load the kernel module {}", .0.display())]
     Module(PathBuf, #[source] nix::Error),
-    #[error("no virtio-serial port named {PORT_NAME} appeared within {0:?} (the machine has no doorbell device)")]
+    #[error(
+        "the machine has no virtio-serial device (booted without a doorbell: MKCTL_DOORBELL=off?)"
+    )]
+    NoDevice,
+    #[error("no virtio-serial port named {PORT_NAME} appeared within {0:?}")]
     NoPort(Duration),
     #[error("cannot start the doorbell thread")]
     Thread(#[source] io::Error),
@@ -138,6 +166,9 @@ impl SerialBell {
     /// it and starts the thread that reads it, for endpoint `me` of a
     /// window with `endpoints` endpoints.
     pub fn open(root: &Path, me: u16, endpoints: u16) -> Result<SerialBell, DoorbellError> {
+        if !has_device(root) {
+            return Err(DoorbellError::NoDevice);
+        }
         load_modules(root)?;
         let t0 = Instant::now();
         let dev = loop {
@@ -294,6 +325,19 @@ mod tests {
         );
         // No module files: nothing to load, not an error.
         assert_eq!(load_modules(root.path()).unwrap(), 0);
+        // No virtio console on the PCI bus: no port to wait for.
+        assert!(!has_device(root.path()));
+        assert!(matches!(
+            SerialBell::open(root.path(), 1, 3),
+            Err(DoorbellError::NoDevice)
+        ));
+        let dev = root.path().join("sys/bus/pci/devices/0000:00:04.0");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("vendor"), "0x1af4\n").unwrap();
+        std::fs::write(dev.join("device"), "0x1000\n").unwrap();
+        assert!(!has_device(root.path()), "virtio-net is not a console");
+        std::fs::write(dev.join("device"), "0x1003\n").unwrap();
+        assert!(has_device(root.path()));
     }
 
     /// Guest endpoint 1 with a SerialBell over one end of a socket pair;

@@ -105,6 +105,10 @@ struct Entry {
     implicit: bool,
 }
 
+/// Where [`Initramfs::kernel_modules`] puts modules (guest-init's
+/// `doorbell::MODULE_DIR`).
+pub const GUEST_MODULE_DIR: &str = "/lib/modules/mkctl";
+
 /// A set of files to pack as a cpio `newc` initramfs. Paths are absolute guest
 /// paths (`/init`, `/etc/x`); a leading `/` is optional. Parent directories are
 /// created as needed (mode 0755).
@@ -165,6 +169,27 @@ impl Initramfs {
             }
         }
         Ok(ir)
+    }
+
+    /// Adds every `*.ko` in `dir` (the guest kernel's modules `qemu/setup.sh`
+    /// copies out of its package) under [`GUEST_MODULE_DIR`], where
+    /// guest-init loads them from (the virtio console driver for the
+    /// doorbell port). A missing `dir` adds nothing. Returns how many.
+    pub fn kernel_modules(&mut self, dir: &Path) -> Result<usize, InitramfsError> {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Ok(0);
+        };
+        let mut kos: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "ko"))
+            .collect();
+        kos.sort();
+        for ko in &kos {
+            let name = ko.file_name().unwrap_or_default().to_string_lossy();
+            self.host_file(&format!("{GUEST_MODULE_DIR}/{name}"), ko, Some(0o644))?;
+        }
+        Ok(kos.len())
     }
 
     /// Adds a directory. Adding one that exists only as the parent of an
