@@ -89,11 +89,15 @@ pub fn route(port: u16, rec: RingMsg, endpoints: u16) -> Route {
     }
 }
 
-/// What the relay did so far (for tests and `status`-like reports).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What the relay did so far (`mkctl status --json`, under `doorbell`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RelayStats {
-    /// Rings delivered: futex wakes here plus records written to a socket.
-    pub relayed: u64,
+    /// Rings from guests that woke a receiver of the daemon (a futex wake).
+    pub to_host: u64,
+    /// Rings from one guest written to another guest's socket.
+    pub between_guests: u64,
+    /// Rings of the daemon's senders written to a guest's socket.
+    pub from_host: u64,
     /// Rings dropped because the receiver's socket was not connected or
     /// could not take the record at once.
     pub dropped: u64,
@@ -116,7 +120,9 @@ struct Inner {
     ports: Mutex<Vec<Option<Port>>>,
     /// By endpoint id: the newest [`Relay::attach`] of each.
     generations: Vec<AtomicU64>,
-    relayed: AtomicU64,
+    to_host: AtomicU64,
+    between_guests: AtomicU64,
+    from_host: AtomicU64,
     dropped: AtomicU64,
     refused: AtomicU64,
 }
@@ -138,7 +144,9 @@ impl Relay {
                 endpoints,
                 ports: Mutex::new((0..endpoints).map(|_| None).collect()),
                 generations: (0..endpoints).map(|_| AtomicU64::new(0)).collect(),
-                relayed: AtomicU64::new(0),
+                to_host: AtomicU64::new(0),
+                between_guests: AtomicU64::new(0),
+                from_host: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
             }),
@@ -191,10 +199,13 @@ impl Relay {
 
     /// Counters so far.
     pub fn stats(&self) -> RelayStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RelayStats {
-            relayed: self.inner.relayed.load(Ordering::Relaxed),
-            dropped: self.inner.dropped.load(Ordering::Relaxed),
-            refused_bytes: self.inner.refused.load(Ordering::Relaxed),
+            to_host: get(&self.inner.to_host),
+            between_guests: get(&self.inner.between_guests),
+            from_host: get(&self.inner.from_host),
+            dropped: get(&self.inner.dropped),
+            refused_bytes: get(&self.inner.refused),
         }
     }
 }
@@ -252,7 +263,11 @@ impl Inner {
                 Ok(n) if n == bytes.len()
             )
         });
-        let counter = if sent { &self.relayed } else { &self.dropped };
+        let counter = match (sent, rec.from) {
+            (false, _) => &self.dropped,
+            (true, 0) => &self.from_host,
+            (true, _) => &self.between_guests,
+        };
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -264,7 +279,7 @@ impl Inner {
                     .window
                     .bell(from, 0)
                     .is_ok_and(|b| b.futex_wake().is_ok());
-                let counter = if woke { &self.relayed } else { &self.dropped };
+                let counter = if woke { &self.to_host } else { &self.dropped };
                 counter.fetch_add(1, Ordering::Relaxed);
                 0
             }
@@ -535,8 +550,18 @@ mod tests {
             relay.stats().refused_bytes - before.refused_bytes == 8 + 5
         });
         wait_for("the good record is counted", || {
-            relay.stats().relayed == before.relayed + 1
+            relay.stats().between_guests == before.between_guests + 1
         });
+        assert_eq!(
+            relay.stats(),
+            RelayStats {
+                to_host: 1,
+                between_guests: 2,
+                from_host: 1,
+                dropped: 0,
+                refused_bytes: 13,
+            }
+        );
 
         // Guest 2's QEMU goes away: rings for it are dropped, not blocked on.
         drop(s2);

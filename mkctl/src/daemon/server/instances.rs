@@ -453,6 +453,7 @@ impl Daemon {
             run_dir: self.run.path().to_path_buf(),
             config: reg.config.clone(),
             window: window.as_ref().map(|_| self.run.window()),
+            doorbell: window.as_ref().and_then(|w| w.relay()).map(|r| r.stats()),
             instances: reg
                 .instances
                 .values()
