@@ -683,6 +683,28 @@ mod tests {
         assert!(g.paths().any(|p| p == "/init"));
     }
 
+    #[test]
+    fn kernel_modules_takes_the_ko_files_only() {
+        let t = tempfile::tempdir().unwrap();
+        for f in ["virtio.ko", "virtio_console.ko", "release"] {
+            fs::write(t.path().join(f), f).unwrap();
+        }
+        let mut ir = Initramfs::new();
+        assert_eq!(ir.kernel_modules(t.path()).unwrap(), 2);
+        let paths: Vec<String> = ir.paths().collect();
+        assert!(
+            paths.contains(&"/lib/modules/mkctl/virtio.ko".to_string()),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"/lib/modules/mkctl/virtio_console.ko".to_string()),
+            "{paths:?}"
+        );
+        assert!(!paths.iter().any(|p| p.ends_with("release")), "{paths:?}");
+        // No directory (setup not run, or a kernel with the driver built in).
+        assert_eq!(ir.kernel_modules(&t.path().join("none")).unwrap(), 0);
+    }
+
     /// GNU cpio (Debian package `cpio`, installed by qemu/setup.sh) must
     /// unpack the archive to exactly what went in.
     #[test]

@@ -95,3 +95,16 @@ fn the_first_message_after_silence_wakes_its_receiver_through_the_relay() {
         "alpha <-> beta after {SILENCE:?} of silence: median {gg:?} (all {guest_guest:?}), want < {GUEST_GUEST:?} — rings between guests lost?"
     );
 }
+
+/// mkctl puts the port's driver where guest-init loads it from.
+#[test]
+fn the_initramfs_holds_the_modules_where_guest_init_looks() {
+    assert_eq!(
+        mkctl::initramfs::GUEST_MODULE_DIR.trim_start_matches('/'),
+        guest_init::doorbell::MODULE_DIR
+    );
+    assert_eq!(
+        mkctl::qemu::machine::DOORBELL_PORT,
+        guest_init::doorbell::PORT_NAME
+    );
+}
