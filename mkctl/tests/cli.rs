@@ -248,6 +248,10 @@ fn json_failures_are_json_with_the_exit_code() {
     assert!(e.contains("no mkctl daemon runs"), "{e}");
     let e = json_of(&["migrate", "1", "--from", "a", "--to", "b", "--json"], 1);
     assert!(e.contains("mkctl boot"), "{e}");
+    // `--from` defaults to the host: `mkctl migrate <pid> --to <kernel>` is
+    // a whole command (it gets as far as looking for the daemon).
+    let e = json_of(&["migrate", "1", "--to", "b", "--json"], 1);
+    assert!(e.contains("mkctl boot"), "{e}");
     // Without --json, stdout stays empty.
     cargo_bin_cmd!("mkctl")
         .env("MKCTL_RUN_DIR", run.path())
@@ -298,4 +302,21 @@ fn a_daemon_whose_run_directory_is_removed_exits() {
     let mut err = String::new();
     std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("nobody can reach this daemon"), "{err}");
+}
+
+/// `--help` says which environment variables mkctl reads.
+#[test]
+fn help_names_the_environment() {
+    let out = cargo_bin_cmd!("mkctl").arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "MKCTL_RUN_DIR",
+        "MKCTL_CACHE",
+        "MKCTL_KERNEL",
+        "MKCTL_QEMU",
+        "MKCTL_DOORBELL",
+    ] {
+        assert!(text.contains(var), "--help does not name {var}:\n{text}");
+    }
 }

@@ -4,7 +4,7 @@
 //! 127.0.0.1, blocking and busy-polling.
 //!
 //! One pair of processes (this one pinned to the first CPU it may use, a
-//! forked child to the second) holds all three links and measures them in
+//! forked child to the second) holds all four links and measures them in
 //! alternation: the host moves the two vCPUs between placements from one
 //! second to the next, and only neighbouring chunks are sure to share one.
 //! Every figure is the median over rounds; every ratio is the median of the
@@ -56,8 +56,9 @@ const QUICK: Plan = Plan {
     burst_page: 200,
 };
 
-const NAMES: [&str; 3] = [
+const NAMES: [&str; 4] = [
     "RingLink (/dev/shm)",
+    "RingLink yielding",
     "TcpLink blocking",
     "TcpLink busy-poll",
 ];
@@ -215,7 +216,7 @@ fn main() {
         .prefix("link-bench")
         .tempdir_in("/dev/shm")
         .expect("a directory in /dev/shm");
-    let layout = shmem_ring::Layout::with_capacity(2, RING_CAPACITY).unwrap();
+    let layout = shmem_ring::Layout::with_capacity(4, RING_CAPACITY).unwrap();
     let window = shmem_ring::Window::create_with(dir.path().join("window"), layout).unwrap();
     // Nobody beats in this benchmark: a peer is never declared dead.
     let forever = shmem_ring::Liveness {
@@ -226,17 +227,29 @@ fn main() {
         window.attach_with(0, forever).unwrap(),
         window.attach_with(1, forever).unwrap(),
     );
+    // The ring as a lone pair of threads gets the most from it (spinning
+    // 50 µs before yielding), and as agents open it (yielding at once, for
+    // their many threads: `mknode::link::AGENT_SPIN`).
+    let spin = shmem_ring::wait::SPIN_FOR;
     let (ring_a, ring_b) = (
-        RingLink::open(&e0, 1).unwrap(),
-        RingLink::open(&e1, 0).unwrap(),
+        RingLink::open(&e0, 1).unwrap().spinning(spin),
+        RingLink::open(&e1, 0).unwrap().spinning(spin),
+    );
+    let (e2, e3) = (
+        window.attach_with(2, forever).unwrap(),
+        window.attach_with(3, forever).unwrap(),
+    );
+    let (yield_a, yield_b) = (
+        RingLink::open(&e2, 3).unwrap(),
+        RingLink::open(&e3, 2).unwrap(),
     );
     let (tcp_a, tcp_b) = tcp_pair(TcpOptions::default());
     let (busy_a, busy_b) = tcp_pair(TcpOptions::default().busy_poll(tcp::DEFAULT_SPIN));
-    let ours: [&dyn Link; 3] = [&ring_a, &tcp_a, &busy_a];
-    let theirs: [&dyn Link; 3] = [&ring_b, &tcp_b, &busy_b];
+    let ours: [&dyn Link; 4] = [&ring_a, &yield_a, &tcp_a, &busy_a];
+    let theirs: [&dyn Link; 4] = [&ring_b, &yield_b, &tcp_b, &busy_b];
 
     eprintln!(
-        "link bench: {} rounds, CPUs {c0} and {c1}; the three links alternate every {} round \
+        "link bench: {} rounds, CPUs {c0} and {c1}; the four links alternate every {} round \
          trips, {} messages of 64 B, {} of 4 KiB",
         p.rounds, p.chunk_rtt, p.burst_small, p.burst_page
     );

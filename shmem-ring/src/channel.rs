@@ -17,7 +17,7 @@ use crate::layout::{self, RingOffsets, FLAG_BROKEN};
 use crate::peer::{EndpointInner, PeerState, PeerStatus, PeerWatch};
 use crate::raw::{Lease, RingArea, RingPlace};
 use crate::ring::{Consumer, Frame, Producer, Reservation, RingMem, TryError};
-use crate::wait::{Waiter, LOOK_EVERY};
+use crate::wait::{Waiter, LOOK_EVERY, SPIN_FOR};
 use crate::Error;
 
 /// Polls a blocking receive makes inline before it sets up a waiter (about
@@ -533,6 +533,9 @@ pub struct Receiver {
     dozes: bool,
     /// Longest doze before a look at the peer's liveness.
     look_every: Duration,
+    /// How long a blocking receive spins before it yields ([`SPIN_FOR`]
+    /// unless set with [`Receiver::set_spin`]).
+    spin: Duration,
 }
 
 impl Receiver {
@@ -553,7 +556,20 @@ impl Receiver {
             idle: Duration::ZERO,
             dozes,
             look_every,
+            spin: SPIN_FOR,
         })
+    }
+
+    /// How long a blocking receive spins before it starts yielding the CPU
+    /// (then it sleeps, see [`crate::wait`]); [`SPIN_FOR`] by default. Zero
+    /// for a receiver in a process with more busy threads than CPUs: there,
+    /// spinning keeps the CPU from the very thread it waits for (an agent
+    /// whose DSM hands each fault over four threads: a remote read fault
+    /// took ~150 µs with 50 µs spins and ~40 µs yielding at once, on 2
+    /// vCPUs; `cargo bench -p mknode --bench dsm`). Yielding costs a system
+    /// call per poll when nothing else wants the CPU.
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
     }
 
     /// The producing endpoint (the peer).
@@ -641,7 +657,7 @@ impl Receiver {
     /// waiter reads the clock or the doorbell wakes it.
     #[inline(never)]
     fn wait_long(&mut self, timeout: Duration) -> Result<Frame, Error> {
-        let mut waiter = Waiter::after_idle(self.idle);
+        let mut waiter = Waiter::after_idle(self.idle).spinning_for(self.spin);
         let r = self.wait_with(&mut waiter, timeout);
         self.idle = match r {
             // Only a wait that ran out adds to the idle time.

@@ -67,7 +67,8 @@
 //!   `reserve` -> [`SendSlot`] (`commit`, `commit_batched`).
 //! - [`Receiver`]: `try_recv`/`recv`, `try_peek`/`peek` -> [`RecvSlot`]
 //!   (`release`).
-//! - Waiting spins for [`wait::SPIN_FOR`], yields, then sleeps: a receiver
+//! - Waiting spins for [`wait::SPIN_FOR`] (a receiver: as long as
+//!   [`Receiver::set_spin`] says), yields, then sleeps: a receiver
 //!   on its endpoint's [`Doorbell`] (the sender rings it only when the
 //!   receiver announced its sleep in the ring's doorbell word, so busy
 //!   traffic makes no system call), a sender waiting for room with back-off

@@ -53,6 +53,8 @@ pub(crate) struct Waiter {
     sleep: Duration,
     /// Idle time before this wait (earlier waits that found nothing).
     idle: Duration,
+    /// How long the spin phase lasts ([`SPIN_FOR`] unless told otherwise).
+    spin: Duration,
 }
 
 impl Waiter {
@@ -63,7 +65,19 @@ impl Waiter {
             spins: 0,
             sleep: FIRST_SLEEP,
             idle: Duration::ZERO,
+            spin: SPIN_FOR,
         }
+    }
+
+    /// This wait with a spin phase of `spin` instead of [`SPIN_FOR`]; zero
+    /// goes straight to yielding (a waiter with more threads than CPUs
+    /// around it: see [`crate::Receiver::set_spin`]).
+    pub(crate) fn spinning_for(mut self, spin: Duration) -> Waiter {
+        self.spin = spin;
+        if spin.is_zero() && self.phase == Phase::Spin {
+            self.phase = Phase::Yield;
+        }
+        self
     }
 
     /// A wait that goes on from `idle` of waiting that found nothing (a
@@ -83,6 +97,7 @@ impl Waiter {
             spins: 0,
             sleep: sleep_cap(idle),
             idle,
+            spin: SPIN_FOR,
         }
     }
 
@@ -111,7 +126,7 @@ impl Waiter {
                 }
                 let now = Instant::now();
                 let start = *self.start.get_or_insert(now);
-                if now.duration_since(start) >= SPIN_FOR {
+                if now.duration_since(start) >= self.spin {
                     self.phase = Phase::Yield;
                 }
                 Some(now)
@@ -119,7 +134,8 @@ impl Waiter {
             Phase::Yield => {
                 std::thread::yield_now();
                 let now = Instant::now();
-                if now.duration_since(self.start()) >= SPIN_FOR + YIELD_FOR {
+                let start = *self.start.get_or_insert(now);
+                if now.duration_since(start) >= self.spin + YIELD_FOR {
                     self.phase = Phase::Sleep;
                 }
                 Some(now)
@@ -177,5 +193,27 @@ mod tests {
             Phase::Spin
         );
         assert_eq!(sleep_cap(Duration::from_millis(900)), MAX_SLEEP);
+    }
+
+    #[test]
+    fn a_waiter_told_not_to_spin_yields_from_the_start_then_sleeps() {
+        let mut w = Waiter::new().spinning_for(Duration::ZERO);
+        assert_eq!(w.phase, Phase::Yield);
+        // Every round reads the clock (no spin rounds without one).
+        assert!(w.pause().is_some());
+        let t0 = Instant::now();
+        while w.phase == Phase::Yield {
+            assert!(w.pause().is_some());
+            assert!(t0.elapsed() < Duration::from_secs(1), "never left yielding");
+        }
+        assert_eq!(w.phase, Phase::Sleep);
+        assert!(t0.elapsed() >= YIELD_FOR - Duration::from_micros(1));
+        // A longer spin is kept as told.
+        let mut w = Waiter::new().spinning_for(Duration::from_millis(5));
+        let t0 = Instant::now();
+        while w.phase == Phase::Spin {
+            w.pause();
+        }
+        assert!(t0.elapsed() >= Duration::from_millis(5));
     }
 }

@@ -20,6 +20,21 @@ pub use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 const AFTER_HELP: &str = "\
 Exit codes: 0 success; 1 invalid topology or failed operation; 2 usage error.
 
+Environment:
+  MKCTL_RUN_DIR     the daemon's run directory: socket, logs, window, one
+                    directory per instance (default /run/mkctl)
+  MKCTL_CACHE       what scripts/setup.sh fills: guest kernel, guest-init
+                    (default: .cache of the checkout mkctl was built in,
+                    else /var/cache/mkctl)
+  MKCTL_KERNEL, MKCTL_GUEST_INIT
+                    a guest kernel image / static guest-init other than the
+                    cache's
+  MKCTL_RAM_DIR     where guest RAM files go (default a directory in /dev/shm)
+  MKCTL_QEMU        the QEMU binary (default qemu-system-x86_64)
+  MKCTL_DOORBELL    off: guests get no doorbell port and every ring
+                    receiver polls (default: the daemon relays the rings)
+  MK_AGENT          for DSM programs: the agent's socket (see mk.h)
+
 Start with `mkctl plan configs/demo.toml` to see how the demo topology splits
 the machine, and `mkctl host` to see what this machine has.";
 
@@ -203,8 +218,9 @@ pub enum Command {
     Migrate {
         /// The process id on the origin kernel.
         pid: u32,
-        /// Origin: instance name, id, or "host".
-        #[arg(long)]
+        /// Origin: instance name, id, or "host" (where a pid you see with
+        /// `ps` lives).
+        #[arg(long, default_value = "host")]
         from: String,
         /// Destination: instance name, id, or "host".
         #[arg(long)]

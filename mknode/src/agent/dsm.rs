@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{lock, Agent, AgentError, AgentRef, Facet};
-use crate::dsm::engine::{Command, Event};
+use crate::dsm::engine::{Command, Event, Outlet};
 use crate::dsm::local::{self, LocalServer, Opener};
 use crate::dsm::stats::Stats;
 use crate::dsm::{check_name, check_size, DsmConfig, DsmError, Engine, RegionInfo};
@@ -25,6 +25,33 @@ const REGISTRY_TIMEOUT: Duration = Duration::from_secs(10);
 struct Registry {
     by_name: HashMap<String, RegionInfo>,
     next: u32,
+}
+
+/// The engine's way out: this agent's links.
+struct AgentOutlet(AgentRef);
+
+impl AgentOutlet {
+    fn sent(&self, r: Result<bool, AgentError>) -> bool {
+        r.unwrap_or_else(|e| {
+            log::warn!("dsm: {}", crate::error_text(&e));
+            true
+        })
+    }
+}
+
+impl Outlet for AgentOutlet {
+    fn try_send(&self, to: u16, m: &Msg) -> bool {
+        match self.0.get() {
+            Ok(a) => self.sent(a.try_send(to, m)),
+            Err(_) => true,
+        }
+    }
+
+    fn send(&self, to: u16, m: &Msg) {
+        if let Ok(a) = self.0.get() {
+            self.sent(a.send(to, m).map(|()| true));
+        }
+    }
 }
 
 /// See the module doc.
@@ -83,7 +110,7 @@ impl Facet for Dsm {
                 })
             }),
             msg => match self.engine() {
-                Ok(e) => e.post(Event::Message { from: peer, msg }),
+                Ok(e) => e.deliver(peer, msg),
                 Err(e) => log::warn!("dsm: {}", crate::error_text(&e)),
             },
         }
@@ -127,13 +154,7 @@ impl Dsm {
         let engine = Arc::new(Engine::start(
             agent.id(),
             *lock(&self.config),
-            Box::new(move |to, m| {
-                if let Ok(a) = out.get() {
-                    if let Err(e) = a.send(to, m) {
-                        log::warn!("dsm: {}", crate::error_text(&e));
-                    }
-                }
-            }),
+            Box::new(AgentOutlet(out)),
         )?);
         *e = Some(Arc::clone(&engine));
         Ok(engine)
@@ -180,10 +201,7 @@ impl Dsm {
         for peer in agent.peers() {
             let _ = agent.send(peer, &drop);
         }
-        self.engine()?.post(Event::Message {
-            from: agent.id(),
-            msg: drop,
-        });
+        self.engine()?.deliver(agent.id(), drop);
         Ok(info)
     }
 

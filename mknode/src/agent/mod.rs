@@ -393,6 +393,17 @@ impl Agent {
             })
     }
 
+    /// Sends one message to `peer` if that needs no wait ([`Link::try_send`]):
+    /// `Ok(false)` when it should be sent later with [`Agent::send`].
+    pub fn try_send(&self, peer: u16, msg: &Msg) -> Result<bool, AgentError> {
+        let link = self.link(peer)?;
+        link.try_send(&msg.encode())
+            .map_err(|source| AgentError::Link {
+                peer: self.peer(peer),
+                source,
+            })
+    }
+
     /// Sends a request built around a fresh request id; answers arrive on
     /// the returned channel until a final one ([`Msg::is_final`]).
     pub fn request(

@@ -1,11 +1,23 @@
 //! The DSM engine of one kernel: its regions, the processes that map them,
-//! their page faults, and the protocol messages, all handled on one thread
-//! that owns every piece of DSM state (no locks around the protocol).
+//! their page faults, and the protocol messages. All DSM state is one
+//! `Worker` behind one lock, taken by whichever thread has work for it:
 //!
-//! What goes in, as [`Event`]s posted from other threads: protocol messages
-//! (the agent's receive threads), a peer lost (the agent core), commands
-//! from local processes (the local socket). What the thread watches itself:
-//! one userfaultfd per mapping, through an epoll set.
+//! - the agent's receive threads hand it protocol messages
+//!   ([`Engine::deliver`]) and handle them on the spot: a page request is
+//!   answered, a grant installed, by the thread that received it, with no
+//!   hand-off to another thread (each hand-off costs a wake-up, ~20 µs
+//!   here, and a DSM fault would take four);
+//! - the engine's own thread watches one userfaultfd per mapping through an
+//!   epoll set, runs the protocol's timers, and serves what is posted to it
+//!   as [`Event`]s: a peer lost (the agent core), commands from local
+//!   processes (the local socket).
+//!
+//! No thread ever waits for a link while it holds the lock, or a receive
+//! thread for a link at all: messages to other kernels go to an outbox, in
+//! the order the protocol made them, and leave at once when the link has
+//! room ([`Outlet::try_send`]); what cannot is sent by the engine's thread,
+//! which may wait. Two receive threads blocked on each other's full rings
+//! could otherwise stop both kernels.
 //!
 //! How protocol states map onto memory here (see `README.md` beside this
 //! file for the protocol):
@@ -26,12 +38,12 @@
 //! - handing the content back: write-protect every mapper, then read it.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -74,8 +86,16 @@ impl Default for DsmConfig {
     }
 }
 
-/// Where protocol messages to other kernels go.
-pub type Outlet = Box<dyn Fn(Node, &Msg) + Send>;
+/// Where protocol messages to other kernels go (the agent's links).
+pub trait Outlet: Send + Sync {
+    /// Sends `m` to `to` if that needs no wait; `false`: send it later with
+    /// [`Outlet::send`], from a thread that may wait. A message that cannot
+    /// be sent at all (the link is gone) is logged and counts as sent: the
+    /// peer's loss reaches the engine as [`Event::PeerLost`].
+    fn try_send(&self, to: Node, m: &Msg) -> bool;
+    /// Sends `m` to `to`, waiting for room; failures as for `try_send`.
+    fn send(&self, to: Node, m: &Msg);
+}
 
 /// A local process's mapping of a region, registered with userfaultfd.
 #[derive(Debug)]
@@ -157,7 +177,6 @@ pub enum Command {
 /// What the engine's thread is told.
 #[derive(Debug)]
 pub enum Event {
-    Message { from: Node, msg: Msg },
     PeerLost { node: Node, why: String },
     Command(Command),
     Stop,
@@ -170,12 +189,93 @@ struct Waker {
     sleeping: AtomicBool,
 }
 
+impl Waker {
+    /// Wakes the engine's thread if it sleeps (after the caller made the
+    /// work it should see visible).
+    fn wake(&self) {
+        // SYNC POINT: pairs with the fence in `Shared::sleep`: either the
+        // thread sees the work before it sleeps, or we see it asleep.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            let _ = self.efd.write(1);
+        }
+    }
+}
+
+/// Messages to other kernels not sent yet, per kernel in the order the
+/// protocol made them (links are FIFO, and the protocol counts on it).
+#[derive(Debug, Default)]
+struct Outbox {
+    queues: HashMap<Node, VecDeque<Msg>>,
+    /// Kernels a thread is sending to right now (one at a time, to keep
+    /// the order); it sends their whole queue.
+    sending: HashSet<Node>,
+}
+
+impl Outbox {
+    /// Sends what the outbox holds, each kernel's queue by one thread at a
+    /// time. `wait`: wait for room (the engine's thread only); else send
+    /// only what goes at once. True when nothing is left that this call
+    /// should have sent (queues another thread is sending are its own).
+    fn flush(outbox: &Mutex<Outbox>, outlet: &dyn Outlet, wait: bool) -> bool {
+        let mut ob = lock(outbox);
+        let mut stuck: Vec<Node> = Vec::new();
+        loop {
+            let next = ob
+                .queues
+                .iter()
+                .find(|(to, q)| !q.is_empty() && !ob.sending.contains(*to) && !stuck.contains(*to))
+                .map(|(to, _)| *to);
+            let Some(to) = next else {
+                return stuck.is_empty();
+            };
+            ob.sending.insert(to);
+            while let Some(m) = ob.queues.get_mut(&to).and_then(VecDeque::pop_front) {
+                drop(ob);
+                let sent = if wait {
+                    outlet.send(to, &m);
+                    true
+                } else {
+                    outlet.try_send(to, &m)
+                };
+                ob = lock(outbox);
+                if !sent {
+                    ob.queues.entry(to).or_default().push_front(m);
+                    stuck.push(to);
+                    break;
+                }
+            }
+            ob.sending.remove(&to);
+        }
+    }
+}
+
+/// What the engine's thread and the threads that deliver share.
+struct Shared {
+    worker: Mutex<Worker>,
+    epoll: Arc<Epoll>,
+    waker: Waker,
+    outbox: Mutex<Outbox>,
+    outlet: Box<dyn Outlet>,
+    /// How long the thread polls after activity (`DsmConfig::spin`).
+    spin: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A handle on the engine's thread.
-#[derive(Debug)]
 pub struct Engine {
     tx: Sender<Event>,
-    waker: Arc<Waker>,
+    shared: Arc<Shared>,
     thread: Option<thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -184,7 +284,7 @@ const MAX_AHEAD: u64 = 32;
 
 impl Engine {
     /// Starts kernel `me`'s engine.
-    pub fn start(me: Node, config: DsmConfig, send: Outlet) -> Result<Engine, DsmError> {
+    pub fn start(me: Node, config: DsmConfig, outlet: Box<dyn Outlet>) -> Result<Engine, DsmError> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(DsmError::sys("epoll"))?;
         let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(DsmError::sys("eventfd"))?;
@@ -194,43 +294,48 @@ impl Engine {
                 EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
             )
             .map_err(DsmError::sys("epoll_ctl"))?;
-        let waker = Arc::new(Waker {
-            efd,
-            sleeping: AtomicBool::new(false),
+        let epoll = Arc::new(epoll);
+        let shared = Arc::new(Shared {
+            worker: Mutex::new(Worker {
+                me,
+                config,
+                proto: Config {
+                    hold: u64::try_from(config.hold.as_nanos()).unwrap_or(u64::MAX),
+                    skip_ack_wait: false,
+                },
+                out: Vec::new(),
+                new_timer: false,
+                epoll: Arc::clone(&epoll),
+                start: Instant::now(),
+                regions: HashMap::new(),
+                mappers: HashMap::new(),
+                next_mapper: 0,
+                early: Vec::new(),
+                timers: BinaryHeap::new(),
+                local: VecDeque::new(),
+                bad: 0,
+            }),
+            epoll,
+            waker: Waker {
+                efd,
+                sleeping: AtomicBool::new(false),
+            },
+            outbox: Mutex::new(Outbox::default()),
+            outlet,
+            spin: config.spin,
         });
         let (tx, rx) = unbounded();
-        let w = Arc::clone(&waker);
+        let sh = Arc::clone(&shared);
         let thread = thread::Builder::new()
             .name("mknode-dsm".into())
-            .spawn(move || {
-                Worker {
-                    me,
-                    config,
-                    proto: Config {
-                        hold: u64::try_from(config.hold.as_nanos()).unwrap_or(u64::MAX),
-                        skip_ack_wait: false,
-                    },
-                    send,
-                    epoll,
-                    waker: w,
-                    start: Instant::now(),
-                    regions: HashMap::new(),
-                    mappers: HashMap::new(),
-                    next_mapper: 0,
-                    early: Vec::new(),
-                    timers: BinaryHeap::new(),
-                    local: std::collections::VecDeque::new(),
-                    bad: 0,
-                }
-                .run(&rx)
-            })
+            .spawn(move || sh.run(&rx))
             .map_err(|e| DsmError::Sys {
                 what: "spawning the engine thread",
                 source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
             })?;
         Ok(Engine {
             tx,
-            waker,
+            shared,
             thread: Some(thread),
         })
     }
@@ -240,11 +345,20 @@ impl Engine {
         if self.tx.send(ev).is_err() {
             return;
         }
-        // SYNC POINT: pairs with the fence in `Worker::sleep`: either the
-        // thread sees the event before it sleeps, or we see it asleep.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.waker.sleeping.load(Ordering::SeqCst) {
-            let _ = self.waker.efd.write(1);
+        self.shared.waker.wake();
+    }
+
+    /// Handles a protocol message from kernel `from` on the calling thread
+    /// (an agent's receive thread): what it answers leaves at once when the
+    /// link has room, or later from the engine's thread. Never waits for a
+    /// link.
+    pub fn deliver(&self, from: Node, msg: Msg) {
+        let timer = self.shared.with_worker(|w| {
+            w.message_and_follow_ups(from, msg);
+            std::mem::take(&mut w.new_timer)
+        });
+        if !self.shared.flush(false) || timer {
+            self.shared.waker.wake();
         }
     }
 
@@ -272,9 +386,13 @@ struct Worker {
     me: Node,
     config: DsmConfig,
     proto: Config,
-    send: Outlet,
-    epoll: Epoll,
-    waker: Arc<Waker>,
+    /// What this worker sent since its lock was taken (see `Shared::with_worker`).
+    out: Vec<(Node, Msg)>,
+    /// A timer was set since the engine's thread last looked: a receive
+    /// thread that set one wakes it (it may sleep past the timer's due
+    /// time otherwise).
+    new_timer: bool,
+    epoll: Arc<Epoll>,
     start: Instant,
     regions: HashMap<u32, Region>,
     mappers: HashMap<u64, Mapper>,
@@ -285,7 +403,7 @@ struct Worker {
     timers: BinaryHeap<Reverse<(u64, u32, u64)>>,
     /// Protocol messages this kernel sends itself (its cache and its
     /// directory), handled in order before anything else.
-    local: std::collections::VecDeque<(u32, u64, protocol::Msg<Vec<u8>>)>,
+    local: VecDeque<(u32, u64, protocol::Msg<Vec<u8>>)>,
     /// Messages refused as malformed or out of place.
     bad: u64,
 }
@@ -440,12 +558,33 @@ impl Store<Vec<u8>> for PageCopy<'_> {
     }
 }
 
-impl Worker {
-    fn now(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+impl Shared {
+    /// Runs `f` on the worker, then queues what it sent, in order, before
+    /// the lock goes (so queues keep the order the protocol made).
+    fn with_worker<T>(&self, f: impl FnOnce(&mut Worker) -> T) -> T {
+        let mut w = lock(&self.worker);
+        let t = f(&mut w);
+        if !w.out.is_empty() {
+            let mut ob = lock(&self.outbox);
+            for (to, m) in w.out.drain(..) {
+                ob.queues.entry(to).or_default().push_back(m);
+            }
+        }
+        t
     }
 
-    fn run(mut self, rx: &Receiver<Event>) {
+    /// Sends what the outbox holds (see [`Outbox::flush`]).
+    fn flush(&self, wait: bool) -> bool {
+        Outbox::flush(&self.outbox, self.outlet.as_ref(), wait)
+    }
+
+    fn has_outgoing(&self) -> bool {
+        lock(&self.outbox).queues.values().any(|q| !q.is_empty())
+    }
+
+    /// The engine's thread: faults, timers, events, and what the receive
+    /// threads could not send.
+    fn run(&self, rx: &Receiver<Event>) {
         let mut idle_since = Instant::now();
         let mut events = [EpollEvent::empty(); 32];
         loop {
@@ -455,7 +594,7 @@ impl Worker {
                 if matches!(ev, Event::Stop) {
                     return;
                 }
-                self.event(ev);
+                self.with_worker(|w| w.event(ev));
             }
             let n = self
                 .epoll
@@ -465,12 +604,22 @@ impl Worker {
                 busy = true;
                 self.ready(&events[..n]);
             }
-            self.run_timers();
+            // Timers due within the next millisecond (epoll's resolution)
+            // keep the thread polling: the hold time is a few 100 µs.
+            let soon = self.with_worker(|w| {
+                w.new_timer = false;
+                w.run_timers();
+                w.timer_within(Duration::from_millis(1))
+            });
+            if self.has_outgoing() {
+                busy = true;
+                self.flush(true);
+            }
             if busy {
                 idle_since = Instant::now();
                 continue;
             }
-            if idle_since.elapsed() < self.config.spin {
+            if soon || idle_since.elapsed() < self.spin {
                 // Yield rather than spin: with more threads than CPUs, the
                 // one this is waiting for may need this CPU.
                 thread::yield_now();
@@ -485,23 +634,25 @@ impl Worker {
         }
     }
 
-    /// Sleeps in epoll until a fault, an event or the next timer. `None`
-    /// when it did not sleep (an event came in meanwhile).
-    fn sleep(&mut self, rx: &Receiver<Event>, events: &mut [EpollEvent]) -> Option<bool> {
+    fn ready(&self, events: &[EpollEvent]) {
+        if events.iter().any(|e| e.data() == WAKE_TOKEN) {
+            let _ = self.waker.efd.read();
+        }
+        self.with_worker(|w| w.ready(events));
+    }
+
+    /// Sleeps in epoll until a fault, an event, work from a receive thread
+    /// or the next timer. `None` when it did not sleep (work came in
+    /// meanwhile).
+    fn sleep(&self, rx: &Receiver<Event>, events: &mut [EpollEvent]) -> Option<bool> {
         self.waker.sleeping.store(true, Ordering::SeqCst);
-        // SYNC POINT: pairs with the fence in `Engine::post`.
+        // SYNC POINT: pairs with the fence in `Waker::wake`.
         std::sync::atomic::fence(Ordering::SeqCst);
-        if !rx.is_empty() {
+        if !rx.is_empty() || self.has_outgoing() {
             self.waker.sleeping.store(false, Ordering::SeqCst);
             return None;
         }
-        let timeout = match self.timers.peek() {
-            Some(Reverse((due, _, _))) => {
-                let ms = due.saturating_sub(self.now()).div_ceil(1_000_000);
-                EpollTimeout::from(u16::try_from(ms.min(100)).unwrap_or(100))
-            }
-            None => EpollTimeout::from(100u16),
-        };
+        let timeout = lock(&self.worker).sleep_for();
         let n = self.epoll.wait(events, timeout).unwrap_or(0);
         self.waker.sleeping.store(false, Ordering::SeqCst);
         if n > 0 {
@@ -509,13 +660,19 @@ impl Worker {
         }
         Some(false)
     }
+}
 
+impl Worker {
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Reads what the userfaultfds in `events` say and handles the faults.
     fn ready(&mut self, events: &[EpollEvent]) {
         let mut msgs = Vec::new();
         for e in events {
             let id = e.data();
             if id == WAKE_TOKEN {
-                let _ = self.waker.efd.read();
                 continue;
             }
             msgs.clear();
@@ -542,9 +699,33 @@ impl Worker {
         }
     }
 
+    /// The next timer is due within `within`.
+    fn timer_within(&self, within: Duration) -> bool {
+        self.timers.peek().is_some_and(|Reverse((due, _, _))| {
+            due.saturating_sub(self.now()) < u64::try_from(within.as_nanos()).unwrap_or(u64::MAX)
+        })
+    }
+
+    /// How long the engine's thread may sleep before the next timer.
+    fn sleep_for(&self) -> EpollTimeout {
+        match self.timers.peek() {
+            Some(Reverse((due, _, _))) => {
+                let ms = due.saturating_sub(self.now()).div_ceil(1_000_000);
+                EpollTimeout::from(u16::try_from(ms.min(100)).unwrap_or(100))
+            }
+            None => EpollTimeout::from(100u16),
+        }
+    }
+
+    fn message_and_follow_ups(&mut self, from: Node, msg: Msg) {
+        self.message(from, msg);
+        self.drain_local();
+        self.retry_early();
+        self.drain_local();
+    }
+
     fn event(&mut self, ev: Event) {
         match ev {
-            Event::Message { from, msg } => self.message(from, msg),
             Event::PeerLost { node, why } => self.peer_lost(node, &why),
             Event::Command(c) => self.command(c),
             Event::Stop => {}
@@ -866,7 +1047,7 @@ impl Worker {
                         _ => 0,
                     };
                 }
-                (self.send)(to, &to_wire(region, page, m));
+                self.out.push((to, to_wire(region, page, m)));
             }
         }
     }
@@ -969,6 +1150,7 @@ impl Worker {
                     Ok(rel) => {
                         if let Some(due) = r.caches[p].deferred_until() {
                             self.timers.push(Reverse((due, region, page)));
+                            self.new_timer = true;
                         }
                         release = Some(rel);
                     }
@@ -1065,7 +1247,7 @@ impl Worker {
                 // A request must not leave a fault waiting forever (the
                 // region's home was restarted and knows it no more).
                 if let Msg::DsmRequest { region, page, .. } = msg {
-                    (self.send)(from, &Msg::DsmFail { region, page });
+                    self.out.push((from, Msg::DsmFail { region, page }));
                 }
                 self.refuse(from, "a message for a region unknown here");
             }
@@ -1130,5 +1312,101 @@ impl Worker {
             bad_messages: self.bad,
             regions,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Records what it sends; `try_send` says "later" while `full` holds
+    /// for the kernel, and `send` waits for nothing.
+    #[derive(Default)]
+    struct Recorder {
+        sent: Mutex<Vec<(Node, u64)>>,
+        full: Mutex<HashSet<Node>>,
+        waits: AtomicUsize,
+    }
+
+    fn seq(m: &Msg) -> u64 {
+        match m {
+            Msg::DsmFail { page, .. } => *page,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    impl Outlet for Recorder {
+        fn try_send(&self, to: Node, m: &Msg) -> bool {
+            if lock(&self.full).contains(&to) {
+                return false;
+            }
+            lock(&self.sent).push((to, seq(m)));
+            true
+        }
+        fn send(&self, to: Node, m: &Msg) {
+            self.waits.fetch_add(1, Ordering::Relaxed);
+            lock(&self.sent).push((to, seq(m)));
+        }
+    }
+
+    fn queue(ob: &Mutex<Outbox>, to: Node, seqs: std::ops::Range<u64>) {
+        let mut o = lock(ob);
+        for page in seqs {
+            o.queues
+                .entry(to)
+                .or_default()
+                .push_back(Msg::DsmFail { region: 0, page });
+        }
+    }
+
+    fn sent_to(r: &Recorder, to: Node) -> Vec<u64> {
+        lock(&r.sent)
+            .iter()
+            .filter(|(t, _)| *t == to)
+            .map(|(_, s)| *s)
+            .collect()
+    }
+
+    #[test]
+    fn what_cannot_go_at_once_waits_for_the_engine_thread_in_order() {
+        let ob = Mutex::new(Outbox::default());
+        let r = Recorder::default();
+        lock(&r.full).insert(2);
+        queue(&ob, 1, 0..3);
+        queue(&ob, 2, 0..3);
+        // A receive thread: kernel 1's queue goes, kernel 2's stays whole.
+        assert!(!Outbox::flush(&ob, &r, false));
+        assert_eq!(sent_to(&r, 1), [0, 1, 2]);
+        assert!(sent_to(&r, 2).is_empty());
+        // More for 2 made meanwhile queues behind what is there, even once
+        // its link has room again: nothing overtakes.
+        queue(&ob, 2, 3..5);
+        lock(&r.full).clear();
+        assert!(Outbox::flush(&ob, &r, false));
+        assert_eq!(sent_to(&r, 2), [0, 1, 2, 3, 4]);
+        assert_eq!(r.waits.load(Ordering::Relaxed), 0);
+        // The engine's thread sends what is stuck, waiting.
+        lock(&r.full).insert(1);
+        queue(&ob, 1, 3..6);
+        assert!(!Outbox::flush(&ob, &r, false));
+        assert!(Outbox::flush(&ob, &r, true));
+        assert_eq!(sent_to(&r, 1), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(r.waits.load(Ordering::Relaxed), 3);
+        assert!(lock(&ob).queues.values().all(VecDeque::is_empty));
+    }
+
+    #[test]
+    fn a_queue_another_thread_is_sending_is_left_to_it() {
+        let ob = Mutex::new(Outbox::default());
+        let r = Recorder::default();
+        queue(&ob, 1, 0..2);
+        lock(&ob).sending.insert(1);
+        // Not ours to send (it would break the order), and not stuck.
+        assert!(Outbox::flush(&ob, &r, true));
+        assert!(sent_to(&r, 1).is_empty());
+        lock(&ob).sending.remove(&1);
+        assert!(Outbox::flush(&ob, &r, false));
+        assert_eq!(sent_to(&r, 1), [0, 1]);
     }
 }

@@ -6,7 +6,8 @@
 //!   down with its correctness argument in `README.md`; `model.rs` checks
 //!   it exhaustively for small systems;
 //! - [`engine`]: one kernel's regions, the processes mapping them, their
-//!   faults and the protocol messages, on one thread;
+//!   faults and the protocol messages: faults on the engine's thread,
+//!   messages on the agent's receive thread that got them (no hand-off);
 //! - [`local`]: how a process reaches its kernel's engine (a Unix socket),
 //!   both sides; [`client`] is the process side as a library call.
 //!

@@ -45,7 +45,7 @@ mod ring;
 pub mod tcp;
 
 pub use mem::MemLink;
-pub use ring::RingLink;
+pub use ring::{RingLink, AGENT_SPIN};
 pub use tcp::TcpLink;
 
 /// Why a link could not carry a message.
@@ -82,6 +82,13 @@ pub trait Link: Send + Sync + std::fmt::Debug {
     fn recv(&self, buf: &mut Vec<u8>, timeout: Duration) -> Result<bool, LinkError>;
     /// The largest message `send` accepts.
     fn max_message(&self) -> usize;
+    /// Sends one message if that needs no wait (room at once, nobody else
+    /// sending): `Ok(true)` when sent, `Ok(false)` when the caller should
+    /// [`Link::send`] later from a thread that may block. Never sends part
+    /// of a message. The default cannot tell, so it always says later.
+    fn try_send(&self, _msg: &[u8]) -> Result<bool, LinkError> {
+        Ok(false)
+    }
 }
 
 /// Checks every `Link` implementation must pass, given a fresh pair.

@@ -6,6 +6,15 @@ use std::time::Duration;
 
 use super::{Link, LinkError};
 
+/// How long an agent's receives spin: not at all. An agent runs a receiving
+/// thread per link, the DSM engine and the local socket's threads, more than
+/// a kernel's CPUs; a spinning receiver keeps the CPU from the thread whose
+/// answer it waits for. Measured with `cargo bench -p mknode --bench dsm`
+/// on 2 vCPUs: a remote read fault took ~150 µs with the ring's default
+/// 50 µs spin and ~40 µs yielding at once; `cargo bench -p mknode --bench
+/// link` shows what yielding costs a lone pair of threads.
+pub const AGENT_SPIN: Duration = Duration::ZERO;
+
 /// A `shmem-ring` channel as a link: the sender and receiver halves of one
 /// endpoint's channel to a peer, each behind a lock so a send and a receive
 /// can run at once on different threads.
@@ -30,10 +39,22 @@ impl RingLink {
         }
     }
 
-    /// Opens `endpoint`'s channel to `peer` as a link.
+    /// Opens `endpoint`'s channel to `peer` as a link whose receives yield
+    /// the CPU from the start instead of spinning first ([`AGENT_SPIN`]).
     pub fn open(endpoint: &shmem_ring::Endpoint, peer: u16) -> Result<RingLink, shmem_ring::Error> {
         let (tx, rx) = endpoint.channel(peer)?;
-        Ok(RingLink::new(tx, rx))
+        Ok(RingLink::new(tx, rx).spinning(AGENT_SPIN))
+    }
+
+    /// This link with receives that spin for `spin` before they yield (see
+    /// `shmem_ring::Receiver::set_spin`): worth it only when the receiving
+    /// thread has a CPU of its own.
+    pub fn spinning(self, spin: Duration) -> RingLink {
+        self.rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_spin(spin);
+        self
     }
 }
 
@@ -83,6 +104,18 @@ impl Link for RingLink {
     fn max_message(&self) -> usize {
         self.max
     }
+
+    fn try_send(&self, msg: &[u8]) -> Result<bool, LinkError> {
+        // Another thread's send may be waiting for room: do not queue behind it.
+        let Ok(mut tx) = self.tx.try_lock() else {
+            return Ok(false);
+        };
+        match tx.try_send(msg) {
+            Ok(()) => Ok(true),
+            Err(shmem_ring::Error::Full { .. }) => Ok(false),
+            Err(e) => Err(ring_error(e, Duration::ZERO)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -95,6 +128,30 @@ mod tests {
             shmem_ring::Window::anonymous(shmem_ring::Layout::with_capacity(2, 256 << 10).unwrap())
                 .unwrap();
         (w.attach(0).unwrap(), w.attach(1).unwrap())
+    }
+
+    #[test]
+    fn try_send_sends_whole_messages_until_the_ring_is_full_then_says_later() {
+        let (e0, e1) = ring_pair();
+        let a = RingLink::open(&e0, 1).unwrap();
+        let b = RingLink::open(&e1, 0).unwrap();
+        let msg = vec![7u8; 4000];
+        let mut sent = 0u32;
+        while a.try_send(&msg).unwrap() {
+            sent += 1;
+            assert!(sent < 100_000, "the ring never filled");
+        }
+        assert!(sent > 0);
+        let mut buf = Vec::new();
+        for _ in 0..sent {
+            assert!(b.recv(&mut buf, Duration::from_secs(1)).unwrap());
+            assert_eq!(buf, msg);
+        }
+        assert!(
+            !b.recv(&mut buf, Duration::from_millis(1)).unwrap(),
+            "a part was sent"
+        );
+        assert!(a.try_send(&msg).unwrap(), "room again once read");
     }
 
     #[test]

@@ -117,6 +117,9 @@ fn main() {
             let n: u64 = arg(&args, 4, "N");
             let (seq, ack) = (word(base, 0), word(base, 2 * PAGE));
             let deadline = t0 + Duration::from_secs(120);
+            // Waits yield the CPU: in the tests three kernels' agents and
+            // both processes share 2 CPUs, and a waiter that never yields
+            // would measure the scheduler's time slice, not the DSM.
             for i in 1..=n {
                 if cmd == "produce" {
                     for k in 0..8 {
@@ -124,7 +127,7 @@ fn main() {
                     }
                     seq.store(i, Ordering::Release);
                     while ack.load(Ordering::Acquire) != i {
-                        std::hint::spin_loop();
+                        std::thread::yield_now();
                         if Instant::now() > deadline {
                             fail(&format!("no ack of record {i}"));
                         }
@@ -135,7 +138,7 @@ fn main() {
                         if s != i - 1 {
                             break s;
                         }
-                        std::hint::spin_loop();
+                        std::thread::yield_now();
                         if Instant::now() > deadline {
                             fail(&format!("record {i} never came"));
                         }
