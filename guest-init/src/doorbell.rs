@@ -17,14 +17,18 @@
 //! ring this kernel receives on has a counter under a lock, which a wait
 //! sleeps on; the wait also returns as soon as the ring's doorbell word no
 //! longer says asleep, so a ring that came before the wait began is not
-//! slept through (the sender clears the word before it rings).
+//! slept through (the sender clears the word before it rings). A wait on
+//! a sender not yet known to ring lasts no longer than a poll would: the
+//! daemon asks whether this kernel rings when it connects, this kernel
+//! answers, and the daemon rings once on behalf of every kernel that
+//! answered (`RingMsg::QUERY`, `RingMsg::hello`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -138,12 +142,22 @@ pub fn find_port(root: &Path) -> Option<PathBuf> {
     None
 }
 
-/// One ring this kernel receives on: how many rings came for it.
+/// One ring this kernel receives on: how many rings came for it, and
+/// whether its sender is known to ring at all.
 #[derive(Debug, Default)]
 struct Slot {
     rung: Mutex<u64>,
     woken: Condvar,
+    /// A ring from this sender came (the relay rings once on behalf of
+    /// every kernel that said it rings: `RingMsg::hello`). Until then a
+    /// wait lasts no longer than a poll would ([`UNPROVEN_WAIT`]): a sender
+    /// whose kernel has no doorbell never rings.
+    rings: AtomicBool,
 }
+
+/// The longest wait on a sender not known to ring: the idle poll period
+/// of a receiver without a doorbell.
+const UNPROVEN_WAIT: Duration = shmem_ring::wait::IDLE_SLEEP;
 
 #[derive(Debug)]
 struct Shared {
@@ -245,8 +259,16 @@ impl Shared {
             let (rings, skipped) = RingMsg::drain(&mut pending);
             let mut bad = skipped as u64;
             for r in rings {
+                if r.is_query() {
+                    // The daemon asks whether this kernel rings: it does.
+                    if let Some(rec) = RingMsg::hello(self.me).encode() {
+                        let _ = (&self.port).write(&rec);
+                    }
+                    continue;
+                }
                 match self.slots.get(usize::from(r.from)) {
-                    Some(slot) if r.to == self.me => {
+                    Some(slot) if r.to == self.me && r.from != self.me => {
+                        slot.rings.store(true, Ordering::Relaxed);
                         *slot.rung.lock().unwrap_or_else(PoisonError::into_inner) += 1;
                         slot.woken.notify_all();
                     }
@@ -276,6 +298,11 @@ impl Doorbell for SerialBell {
             .slots
             .get(usize::from(bell.from()))
             .ok_or(io::ErrorKind::InvalidInput)?;
+        let deadline = if slot.rings.load(Ordering::Relaxed) {
+            deadline
+        } else {
+            deadline.min(Instant::now() + UNPROVEN_WAIT)
+        };
         let mut rung = slot.rung.lock().unwrap_or_else(PoisonError::into_inner);
         let seen = *rung;
         // Checked under the lock the reader takes before it counts a ring:
@@ -360,6 +387,14 @@ mod tests {
         let (mut host_tx, _) = host.channel(1).unwrap();
         let (mut guest_tx, mut guest_rx) = guest.channel(0).unwrap();
 
+        // The daemon asks whether this kernel rings; it answers that it does.
+        daemon_end
+            .write_all(&RingMsg::QUERY.encode().unwrap())
+            .unwrap();
+        let mut rec = [0u8; RingMsg::LEN];
+        daemon_end.read_exact(&mut rec).unwrap();
+        assert_eq!(RingMsg::drain(&mut rec.to_vec()).0, [RingMsg::hello(1)]);
+
         // The guest's sender rings a sleeping host receiver: a record on
         // the port. (The host announces by hand, as its receiver would.)
         w.poke(
@@ -378,19 +413,53 @@ mod tests {
         // The host sends while the guest's receiver sleeps; the daemon
         // relays the ring to the port; the receiver wakes long before its
         // next look at the peer (100 ms).
+        let (got_tx, got_rx) = std::sync::mpsc::channel();
         let receiver = thread::spawn(move || {
-            let mut buf = Vec::new();
-            guest_rx.recv(&mut buf, Duration::from_secs(5)).unwrap();
-            (buf, Instant::now())
+            for _ in 0..2 {
+                let mut buf = Vec::new();
+                guest_rx.recv(&mut buf, Duration::from_secs(5)).unwrap();
+                got_tx.send((buf, Instant::now())).unwrap();
+            }
         });
+        let bell01 = w.bell(0, 1).unwrap();
+        let dozing = || {
+            let t0 = Instant::now();
+            while !bell01.asleep() {
+                assert!(t0.elapsed() < Duration::from_secs(5), "never dozes");
+                thread::sleep(Duration::from_millis(1));
+            }
+        };
+
+        // The host is not known to ring yet: the receiver looks as often
+        // as a poll would, so a message that is not rung for comes in
+        // ~10 ms, not at the next look at the peer (100 ms).
+        dozing();
+        thread::sleep(Duration::from_millis(5));
+        host_tx.try_send(b"unrung").unwrap();
+        let sent = Instant::now();
+        let (buf, got) = got_rx.recv().unwrap();
+        assert_eq!(buf, b"unrung");
+        let took = got.duration_since(sent);
+        assert!(
+            took < Duration::from_millis(60),
+            "found {took:?} after it was sent"
+        );
+
+        // The relay rings once for the host (it said it rings): from now on
+        // the receiver sleeps until rung.
+        daemon_end
+            .write_all(&RingMsg { from: 0, to: 1 }.encode().unwrap())
+            .unwrap();
+        dozing();
         thread::sleep(Duration::from_millis(300));
-        assert!(w.bell(0, 1).unwrap().asleep(), "the receiver dozes");
+        assert!(bell01.asleep(), "the receiver dozes");
         host_tx.try_send(b"to guest").unwrap();
         let sent = Instant::now();
         daemon_end
             .write_all(&RingMsg { from: 0, to: 1 }.encode().unwrap())
             .unwrap();
-        let (buf, got) = receiver.join().unwrap();
+        let (buf, got) = got_rx.recv().unwrap();
+        receiver.join().unwrap();
         assert_eq!(buf, b"to guest");
         assert!(
             got.duration_since(sent) < Duration::from_millis(50),

@@ -153,6 +153,14 @@ impl Doorbell for FutexBell {
 /// endpoint ids (below [`crate::MAX_ENDPOINTS`], so one byte each) and a
 /// check byte, so a reader of a byte stream that lost its place finds the
 /// next record again instead of misreading every one after it.
+///
+/// A receiver may only sleep long on a sender that rings: one whose kernel
+/// has no doorbell (a guest whose kernel could not load the port's driver)
+/// never does. So a relay asks each kernel ([`RingMsg::QUERY`]) and those
+/// that ring answer ([`RingMsg::hello`]); the relay then rings, once, every
+/// receiver of a kernel that answered on behalf of every other that did,
+/// which is how each kernel learns whom it may sleep on. Until a sender is
+/// known to ring, a receiver waits for it no longer than a poll would.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingMsg {
     /// The ring's sender.
@@ -168,6 +176,27 @@ impl RingMsg {
 
     fn check(from: u8, to: u8) -> u8 {
         Self::MAGIC ^ from.rotate_left(3) ^ to ^ 0x5A
+    }
+
+    /// The relay's question to a kernel that just got its end of the
+    /// channel: does it ring? (`from` = `to` = 0: no ring looks like it,
+    /// endpoint 0 never rings itself.)
+    pub const QUERY: RingMsg = RingMsg { from: 0, to: 0 };
+
+    /// A kernel's answer to [`RingMsg::QUERY`]: endpoint `id` rings the
+    /// receivers it sends to, so they may sleep until it does.
+    pub fn hello(id: u16) -> RingMsg {
+        RingMsg { from: id, to: id }
+    }
+
+    /// Whether this is [`RingMsg::QUERY`].
+    pub fn is_query(self) -> bool {
+        self == Self::QUERY
+    }
+
+    /// Whether this is a [`RingMsg::hello`] (of `from`).
+    pub fn is_hello(self) -> bool {
+        self.from == self.to && self.from != 0
     }
 
     /// The record for the ring of `bell`.
@@ -220,6 +249,9 @@ mod tests {
         let a = RingMsg { from: 1, to: 2 }.encode().unwrap();
         let b = RingMsg { from: 63, to: 0 }.encode().unwrap();
         assert_eq!(RingMsg { from: 256, to: 0 }.encode(), None);
+        assert!(RingMsg::QUERY.is_query() && !RingMsg::QUERY.is_hello());
+        assert!(RingMsg::hello(3).is_hello() && !RingMsg::hello(3).is_query());
+        assert!(!RingMsg { from: 1, to: 2 }.is_hello());
         // Two records, garbage in between, and half a record at the end.
         let mut buf = a.to_vec();
         buf.extend_from_slice(&[0xDB, 7, 7]);

@@ -14,6 +14,14 @@
 //! - a ring from guest `k` for guest `j` is written to `j`'s socket;
 //! - a ring of endpoint 0 for guest `k` ([`HostBell`]) goes to `k`'s socket.
 //!
+//! A receiver may only sleep long on a sender that rings, and a guest
+//! whose kernel could not load the port's driver never does. So on
+//! connecting the relay asks ([`RingMsg::QUERY`]); a guest that rings
+//! answers ([`RingMsg::hello`]), and the relay rings it once on behalf of
+//! the daemon and of every other guest that answered, and those on its
+//! behalf: that is how each side learns whom it may sleep on. Until then
+//! receivers wait on a sender no longer than a poll would (10 ms).
+//!
 //! Records off a socket come from another kernel: each is checked (the
 //! framing, then the ids: the sender must be the socket's own guest, the
 //! receiver another endpoint of the window) and one that fails is counted
@@ -22,11 +30,11 @@
 //! every receiver looks at its ring by itself at least every
 //! `shmem_ring::LOOK_EVERY` — never a message.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -37,6 +45,10 @@ use shmem_ring::{Bell, Doorbell, RingMsg, Window};
 /// How long a relay thread keeps trying to connect to a QEMU's socket
 /// (QEMU creates it early in its start-up, well before the guest runs).
 const CONNECT_FOR: Duration = Duration::from_secs(60);
+
+/// The longest wait on a guest that did not say it rings: the idle poll
+/// period of a receiver without a doorbell.
+const UNPROVEN_WAIT: Duration = shmem_ring::wait::IDLE_SLEEP;
 
 /// Between connection attempts.
 const CONNECT_EVERY: Duration = Duration::from_millis(25);
@@ -58,6 +70,8 @@ pub enum Route {
     Host { from: u16 },
     /// Write the record to guest `to`'s socket.
     Guest(RingMsg),
+    /// The guest answered the relay's query: it rings ([`RingMsg::hello`]).
+    Hello,
     /// Not a ring this guest may ask for.
     Refuse(Refusal),
 }
@@ -69,8 +83,6 @@ pub enum Refusal {
     NotItsOwn,
     /// Its receiver is not an endpoint of the window.
     NoSuchEndpoint,
-    /// It rings the sender itself (no ring goes from an endpoint to itself).
-    ToItself,
 }
 
 /// Where the record `rec`, read from the socket of guest `port` in a window
@@ -80,8 +92,8 @@ pub fn route(port: u16, rec: RingMsg, endpoints: u16) -> Route {
         Route::Refuse(Refusal::NotItsOwn)
     } else if rec.to >= endpoints {
         Route::Refuse(Refusal::NoSuchEndpoint)
-    } else if rec.to == rec.from {
-        Route::Refuse(Refusal::ToItself)
+    } else if rec.is_hello() {
+        Route::Hello
     } else if rec.to == 0 {
         Route::Host { from: rec.from }
     } else {
@@ -120,6 +132,10 @@ struct Inner {
     ports: Mutex<Vec<Option<Port>>>,
     /// By endpoint id: the newest [`Relay::attach`] of each.
     generations: Vec<AtomicU64>,
+    /// By endpoint id: whether the guest said it rings ([`RingMsg::hello`]);
+    /// the daemon's receivers wait on one that did not no longer than a
+    /// poll would.
+    rings: Vec<AtomicBool>,
     to_host: AtomicU64,
     between_guests: AtomicU64,
     from_host: AtomicU64,
@@ -144,6 +160,7 @@ impl Relay {
                 endpoints,
                 ports: Mutex::new((0..endpoints).map(|_| None).collect()),
                 generations: (0..endpoints).map(|_| AtomicU64::new(0)).collect(),
+                rings: (0..endpoints).map(|_| AtomicBool::new(false)).collect(),
                 to_host: AtomicU64::new(0),
                 between_guests: AtomicU64::new(0),
                 from_host: AtomicU64::new(0),
@@ -179,8 +196,10 @@ impl Relay {
         let generation =
             self.inner.generations[usize::from(id)].fetch_add(1, Ordering::Relaxed) + 1;
         // The old incarnation's socket is gone with its QEMU: forget it now
-        // so nothing is sent into it meanwhile.
+        // so nothing is sent into it meanwhile; the new one says again
+        // whether it rings.
         self.inner.set_port(id, generation, None);
+        self.inner.rings[usize::from(id)].store(false, Ordering::Relaxed);
         let weak = Arc::downgrade(&self.inner);
         let path = path.to_path_buf();
         thread::Builder::new()
@@ -240,18 +259,37 @@ impl Inner {
             .is_some_and(|g| g.load(Ordering::Relaxed) == generation)
     }
 
+    /// Whether endpoint `id` said it rings (the daemon's own always does).
+    fn rings(&self, id: u16) -> bool {
+        id == 0
+            || self
+                .rings
+                .get(usize::from(id))
+                .is_some_and(|r| r.load(Ordering::Relaxed))
+    }
+
     /// Writes `rec` to guest `rec.to`'s socket without waiting; dropped
     /// (and counted) when the socket is not there or full.
     fn send(&self, rec: RingMsg) {
+        let sent = self.send_raw(rec);
+        let counter = match (sent, rec.from) {
+            (false, _) => &self.dropped,
+            (true, 0) => &self.from_host,
+            (true, _) => &self.between_guests,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// [`Inner::send`] without the counting: whether the socket took it.
+    fn send_raw(&self, rec: RingMsg) -> bool {
         let Some(bytes) = rec.encode() else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         };
         let stream = self
             .ports()
             .get(usize::from(rec.to))
             .and_then(|p| p.as_ref().map(|p| Arc::clone(&p.stream)));
-        let sent = stream.is_some_and(|s| {
+        stream.is_some_and(|s| {
             // One write of the whole record: a stream socket never splits a
             // 4-byte write that it accepts.
             matches!(
@@ -262,13 +300,7 @@ impl Inner {
                 ),
                 Ok(n) if n == bytes.len()
             )
-        });
-        let counter = match (sent, rec.from) {
-            (false, _) => &self.dropped,
-            (true, 0) => &self.from_host,
-            (true, _) => &self.between_guests,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        })
     }
 
     /// Carries out what guest `port` asked for; returns the bytes refused.
@@ -285,6 +317,25 @@ impl Inner {
             }
             Route::Guest(rec) => {
                 self.send(rec);
+                0
+            }
+            Route::Hello => {
+                // Tell `port` that the daemon rings, and it and every other
+                // guest that rings about each other: one ring each way,
+                // which is how a guest learns whom it may sleep on.
+                self.rings[usize::from(port)].store(true, Ordering::Relaxed);
+                self.send_raw(RingMsg { from: 0, to: port });
+                for other in (1..self.endpoints).filter(|&j| j != port && self.rings(j)) {
+                    self.send_raw(RingMsg {
+                        from: other,
+                        to: port,
+                    });
+                    self.send_raw(RingMsg {
+                        from: port,
+                        to: other,
+                    });
+                }
+                log::debug!("doorbell of endpoint {port}: it rings");
                 0
             }
             Route::Refuse(_) => RingMsg::LEN as u64,
@@ -324,6 +375,12 @@ fn relay_port(inner: Weak<Inner>, id: u16, generation: u64, path: PathBuf) {
     match inner.upgrade() {
         Some(i) if i.current(id, generation) => i.set_port(id, generation, Some(writer)),
         _ => return,
+    }
+    // Does the guest ring? It answers once its agent has the port open (QEMU
+    // holds the question until then).
+    if let Err(e) = (&stream).write_all(&RingMsg::QUERY.encode().unwrap_or_default()) {
+        log::warn!("doorbell of endpoint {id}: {e}; its receivers poll");
+        return;
     }
     log::debug!("doorbell of endpoint {id}: connected to {}", path.display());
     let mut reader = &stream;
@@ -380,6 +437,12 @@ impl Doorbell for HostBell {
     }
 
     fn wait(&self, bell: &Bell, deadline: Instant) -> io::Result<()> {
+        // A guest that did not say it rings (its kernel could not load the
+        // port's driver, say) is looked at as often as a poll would.
+        let deadline = match self.inner.upgrade() {
+            Some(i) if i.rings(bell.from()) => deadline,
+            _ => deadline.min(Instant::now() + UNPROVEN_WAIT),
+        };
         // The window is a plain shared file mapping here: a futex on the
         // word, woken by `Inner::deliver` for a ring from a guest.
         bell.futex_wait(deadline)
@@ -405,7 +468,15 @@ mod tests {
             route(2, r(2, 255), 4),
             Route::Refuse(Refusal::NoSuchEndpoint)
         );
-        assert_eq!(route(2, r(2, 2), 4), Route::Refuse(Refusal::ToItself));
+        assert_eq!(route(2, r(2, 2), 4), Route::Hello);
+        assert_eq!(
+            route(2, RingMsg::QUERY, 4),
+            Route::Refuse(Refusal::NotItsOwn)
+        );
+        assert_eq!(
+            route(2, RingMsg::hello(1), 4),
+            Route::Refuse(Refusal::NotItsOwn)
+        );
     }
 
     #[test]
@@ -484,6 +555,44 @@ mod tests {
         wait_for("both sockets connected", || {
             relay.connected(1) && relay.connected(2)
         });
+        // The relay asks each guest whether it rings.
+        assert_eq!(read_record(&mut s1), RingMsg::QUERY);
+        assert_eq!(read_record(&mut s2), RingMsg::QUERY);
+
+        // Guest 1 has not answered yet: the daemon's receiver of ring
+        // 1 -> 0 looks as often as a poll would (10 ms), not only at its
+        // next look at the peer (100 ms).
+        let (_host_tx, mut host_rx) = host.channel(1).unwrap();
+        let (mut g1_tx, _g1_rx) = g1.channel(0).unwrap();
+        let (got_tx, got_rx) = std::sync::mpsc::channel();
+        let receiver = thread::spawn(move || {
+            for _ in 0..3 {
+                let mut buf = Vec::new();
+                host_rx.recv(&mut buf, Duration::from_secs(5)).unwrap();
+                got_tx.send((buf, Instant::now())).unwrap();
+            }
+        });
+        let bell = w.bell(1, 0).unwrap();
+        wait_for("the daemon's receiver dozes", || bell.asleep());
+        thread::sleep(Duration::from_millis(5));
+        g1_tx.try_send(b"unproven").unwrap();
+        let sent = Instant::now();
+        let (buf, got) = got_rx.recv().unwrap();
+        assert_eq!(buf, b"unproven");
+        let took = got.duration_since(sent);
+        assert!(
+            took < Duration::from_millis(50),
+            "found {took:?} after it was sent"
+        );
+
+        // Both answer: each learns, by one ring, that the daemon and the
+        // other guest ring.
+        s1.write_all(&RingMsg::hello(1).encode().unwrap()).unwrap();
+        assert_eq!(read_record(&mut s1), RingMsg { from: 0, to: 1 });
+        s2.write_all(&RingMsg::hello(2).encode().unwrap()).unwrap();
+        assert_eq!(read_record(&mut s2), RingMsg { from: 0, to: 2 });
+        assert_eq!(read_record(&mut s2), RingMsg { from: 1, to: 2 });
+        assert_eq!(read_record(&mut s1), RingMsg { from: 2, to: 1 });
 
         // Guest 1 rings guest 2: the record comes out of 2's socket.
         s1.write_all(&RingMsg { from: 1, to: 2 }.encode().unwrap())
@@ -492,17 +601,6 @@ mod tests {
 
         // The daemon's receiver of ring 1 -> 0 dozes on its futex; guest 1
         // sends and rings (by hand: g1 has no doorbell of its own here).
-        let (_host_tx, mut host_rx) = host.channel(1).unwrap();
-        let (mut g1_tx, _g1_rx) = g1.channel(0).unwrap();
-        let (got_tx, got_rx) = std::sync::mpsc::channel();
-        let receiver = thread::spawn(move || {
-            for _ in 0..2 {
-                let mut buf = Vec::new();
-                host_rx.recv(&mut buf, Duration::from_secs(5)).unwrap();
-                got_tx.send((buf, Instant::now())).unwrap();
-            }
-        });
-        let bell = w.bell(1, 0).unwrap();
         wait_for("the daemon's receiver dozes", || bell.asleep());
         // Past the receiver's spinning, well inside its 100 ms between looks.
         thread::sleep(Duration::from_millis(20));
