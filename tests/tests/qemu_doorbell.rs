@@ -90,6 +90,7 @@ fn the_first_message_after_silence_wakes_its_receiver_through_the_relay() {
     assert!(count("to_host") >= rounds, "{bell}");
     assert!(count("between_guests") >= 2 * rounds, "{bell}");
     assert_eq!(count("refused_bytes"), 0, "{bell}");
+    assert_eq!(count("guests_ringing"), 2, "{bell}");
     assert!(
         gg < GUEST_GUEST,
         "alpha <-> beta after {SILENCE:?} of silence: median {gg:?} (all {guest_guest:?}), want < {GUEST_GUEST:?} — rings between guests lost?"

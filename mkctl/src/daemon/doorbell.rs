@@ -115,6 +115,9 @@ pub struct RelayStats {
     pub dropped: u64,
     /// Bytes read off a socket that were not a ring the guest may ask for.
     pub refused_bytes: u64,
+    /// Guests that said they ring (the others are polled).
+    #[serde(default)]
+    pub guests_ringing: u64,
 }
 
 #[derive(Debug)]
@@ -225,6 +228,9 @@ impl Relay {
             from_host: get(&self.inner.from_host),
             dropped: get(&self.inner.dropped),
             refused_bytes: get(&self.inner.refused),
+            guests_ringing: (1..self.inner.endpoints)
+                .filter(|&id| self.inner.rings(id))
+                .count() as u64,
         }
     }
 }
@@ -658,6 +664,7 @@ mod tests {
                 from_host: 1,
                 dropped: 0,
                 refused_bytes: 13,
+                guests_ringing: 2,
             }
         );
 
