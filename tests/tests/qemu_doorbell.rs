@@ -8,15 +8,16 @@
 //! 2-core TCG machine this was written on, while another QEMU and rustc
 //! ran): a cold round trip is two first messages, one each way. Polling
 //! (`MKCTL_DOORBELL=off`) sleeps up to 10 ms between looks when idle:
-//! host <-> alpha took 7-15 ms. With the relay: 0.9-4 ms host <-> guest,
-//! 3.5-11 ms guest <-> guest (four hops through QEMU and the daemon, each
-//! a host thread to wake on busy cores). A relay that dropped the rings
-//! would leave each receiver to its own look every 100 ms: 50-200 ms.
-//! Between guests polling gave 7-10 ms, too close to the relay's figures
-//! on busy cores for a bound to tell apart reliably: there the daemon's
-//! relay counters (`mkctl status --json`, `doorbell`) show that the rings
-//! did go from guest to guest, and the guests' consoles that they use the
-//! port.
+//! host <-> alpha took 7-18 ms (medians 13-17 ms). With the relay: 0.6-6 ms
+//! host <-> guest (medians 1-3 ms), 1.4-26 ms guest <-> guest (medians
+//! 2-5 ms; four hops through QEMU and the daemon, each a host thread to
+//! wake on busy cores). A relay that dropped the rings would leave each
+//! receiver to its own look every 100 ms: 50-200 ms. Between guests polling
+//! gave 7-18 ms (medians 8-9 ms), too close to the relay's figures on busy
+//! cores for a bound to tell apart reliably: there the daemon's relay
+//! counters (`mkctl status --json`, `doorbell`) show that both guests said
+//! they ring and that the rings did go from guest to guest, and the guests'
+//! consoles that they use the port.
 
 use std::time::Duration;
 
