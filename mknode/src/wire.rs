@@ -502,6 +502,11 @@ messages! {
     /// DSM, registry to every kernel: region `region` was removed; forget
     /// it (it is mapped nowhere).
     50 peer DsmDrop { region: u32 },
+    /// Before a move, origin to destination: could a process open these
+    /// files there? `devices[i]`: `paths[i]` is one of the devices carried
+    /// (else a regular file). `problems` names each that could not, and why.
+    51 req FilesProbe { req: u32, paths: Vec<String>, devices: Vec<bool> },
+    52 end FilesProbed { req: u32, problems: Vec<String> },
 }
 
 impl Msg {
@@ -670,7 +675,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 50);
+        assert_eq!(Kind::ALL.len(), 52);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,

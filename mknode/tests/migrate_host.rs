@@ -220,7 +220,7 @@ fn refused_process_is_untouched() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
     let port = listener.local_addr().expect("addr").port();
     let script = format!(
-        "exec 3</etc/hostname 4<>/dev/tcp/127.0.0.1/{port}; exec {} --mem 1M",
+        "exec 3<>/tmp/mk-refused-$$ 4<>/dev/tcp/127.0.0.1/{port}; rm /tmp/mk-refused-$$; exec {} --mem 1M",
         mkcounter().display()
     );
     let mut child = Command::new("bash")
@@ -234,7 +234,10 @@ fn refused_process_is_untouched() {
     let pid = child.id() as i32;
     let e = check_migratable(pid).expect_err("must refuse");
     let msg = e.to_string();
-    assert!(msg.contains("fd 3 is open (/etc/hostname)"), "{msg}");
+    assert!(
+        msg.contains("fd 3 is open on a deleted file (/tmp/mk-refused-"),
+        "{msg}"
+    );
     assert!(msg.contains("fd 4 is a socket (socket:["), "{msg}");
     match freeze(pid) {
         Err(CaptureError::Refused(Refusal::Blocked { blockers, .. })) => {

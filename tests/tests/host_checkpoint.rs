@@ -7,7 +7,7 @@
 //! status. A process that cannot be
 //! saved is refused by name and keeps running, and no image is left.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
@@ -208,15 +208,21 @@ fn checkpoint_and_restore_on_the_host() {
 #[test]
 fn refused_checkpoint_leaves_the_process_running_and_no_file() {
     let dir = Scratch::new("host_checkpoint_refused");
-    // An open file the image cannot carry.
-    let (mut child, rx) = mkcounter_running("exec 7</etc/hostname;", "--mem 1M --interval-ms 5");
+    // An open file the image cannot carry: it was deleted.
+    let gone = dir.join("gone");
+    let (mut child, rx) = mkcounter_running(
+        &format!("exec 7<>{0}; rm {0};", gone.display()),
+        "--mem 1M --interval-ms 5",
+    );
     let pid = child.id();
     let img = dir.join("never.img");
     let out = checkpoint(pid, true, &img);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("fd 7") && err.contains("/etc/hostname"),
+        err.contains("fd 7")
+            && err.contains(&gone.display().to_string())
+            && err.contains("deleted"),
         "{err}"
     );
     assert!(!img.exists() && !img.with_extension("partial").exists());
@@ -289,4 +295,172 @@ fn checkpoint_to_stdout_restores_from_stdin() {
         nix::sys::signal::Signal::SIGTERM,
     );
     assert_eq!(r.wait().expect("restore ends").code(), Some(143));
+}
+
+/// The last `seq=` number in a file of mkcounter lines, checking on the way
+/// that they count up by one (a line overwritten or lost would break it).
+fn last_seq_in(path: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(path).expect("read the log");
+    let seqs: Vec<u64> = text.lines().filter_map(seq).collect();
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "gap or repeat in {}", path.display());
+    }
+    *seqs.last().expect("some lines")
+}
+
+fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < T, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `./prog >> run.log &`, with more files open: saved and restored on the
+/// host, the process writes on at the end of the same log (flags kept:
+/// O_APPEND), a file it reads keeps its offset, a device stays open. A log
+/// that changed after the save is refused at restore, by name.
+#[test]
+fn files_on_any_descriptor_are_carried() {
+    let dir = Scratch::new("host_checkpoint_files");
+    let log = dir.join("run.log");
+    let data = dir.join("data");
+    std::fs::write(&data, b"0123456789").unwrap();
+    let mut child = mkcounter_cmd(
+        &format!(
+            "exec 5</dev/urandom 6<{}; dd bs=1 count=3 <&6 >/dev/null 2>&1;",
+            data.display()
+        ),
+        "--mem 1M --interval-ms 5",
+    )
+    .stdin(Stdio::null())
+    .stdout(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap(),
+    )
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn mkcounter");
+    let pid = child.id();
+    wait_for("a few lines in the log", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.lines().filter_map(seq).count() >= 5)
+    });
+    let img = dir.join("files.img");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.wait();
+    let last = last_seq_in(&log);
+
+    let mut r = mkctl()
+        .args(["restore", "--on", "host"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mkctl restore");
+    let (_, _err, said, new_pid) = restoring(&mut r);
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{new_pid}/fd/{n}")).unwrap();
+    assert_eq!(fd(1), log, "{said}");
+    assert_eq!(fd(5), std::path::Path::new("/dev/urandom"));
+    assert_eq!(fd(6), data);
+    let info = |n: u32| std::fs::read_to_string(format!("/proc/{new_pid}/fdinfo/{n}")).unwrap();
+    assert!(info(6).contains("pos:\t3\n"), "{}", info(6));
+    let flags = info(1)
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+        .unwrap();
+    assert_ne!(
+        flags & nix::libc::O_APPEND as u32,
+        0,
+        "O_APPEND lost: {flags:o}"
+    );
+    wait_for("the restored process to write on", || {
+        last_seq_in(&log) >= last + 10
+    });
+
+    // Saved again, then the log grows: it is not the same file any more.
+    let img2 = dir.join("files2.img");
+    let out = checkpoint(new_pid, true, &img2);
+    assert!(out.status.success(), "{out:?}");
+    let _ = r.wait();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .unwrap()
+        .write_all(b"a line written meanwhile\n")
+        .unwrap();
+    let out = mkctl()
+        .args(["restore", "--on", "host"])
+        .arg(&img2)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fd 1")
+            && err.contains(&log.display().to_string())
+            && err.contains("not the same file"),
+        "{err}"
+    );
+}
+
+/// `mono_ms=` of an mkcounter line.
+fn mono_ms(line: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("mono_ms="))?
+        .parse()
+        .ok()
+}
+
+/// Saved, left 3 s, restored: the process's CLOCK_MONOTONIC goes on from
+/// where it stopped (a time namespace with offsets), instead of jumping by
+/// the time it was away (or, on another kernel, by the difference of boot
+/// times, backwards too).
+#[test]
+fn clocks_go_on_from_where_they_stopped() {
+    let dir = Scratch::new("host_checkpoint_clocks");
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 5");
+    let pid = child.id();
+    let img = dir.join("clocks.img");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let mut last = None;
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        last = mono_ms(&l).or(last);
+    }
+    let _ = child.wait();
+    let before = last.expect("a mono_ms before the checkpoint");
+    std::thread::sleep(Duration::from_secs(3));
+    let mut r = mkctl()
+        .args(["restore", "--on", "host"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mkctl restore");
+    let (rx2, _err, _, new_pid) = restoring(&mut r);
+    let got = until(&rx2, |l| mono_ms(l).is_some());
+    let after = got.iter().find_map(|l| mono_ms(l)).unwrap();
+    assert!(
+        after >= before && after < before + 1500,
+        "CLOCK_MONOTONIC went from {before} ms to {after} ms over a 3 s absence"
+    );
+    let offsets = std::fs::read_to_string(format!("/proc/{new_pid}/timens_offsets")).unwrap();
+    assert!(
+        offsets.contains("monotonic") && !offsets.contains("monotonic           0"),
+        "{offsets}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = r.wait();
 }

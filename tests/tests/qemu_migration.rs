@@ -235,6 +235,28 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
         assert_eq!(w.checksums()[k], before, "memory changed at hop {hop}");
     }
     no_gap(&w.seqs());
+    // CLOCK_MONOTONIC went on across the moves between two guests that
+    // booted at different moments: never backwards, never a jump (a line
+    // every 20 ms; a lazy move's downtime is well under a second).
+    let monos: Vec<u64> = w
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("mono_ms="))
+        })
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    for p in monos.windows(2) {
+        assert!(
+            p[1] >= p[0] && p[1] - p[0] < 3000,
+            "CLOCK_MONOTONIC went from {} to {} ms",
+            p[0],
+            p[1]
+        );
+    }
     // The host runs another kernel build than the guests: a move there is
     // refused up front (the origin asks the destination's kernel first),
     // by name, and the process runs on.
@@ -450,4 +472,48 @@ fn checkpoint_on_alpha_restores_on_beta_and_goes_with_its_mkctl() {
         |left| format!("the original {bg} was not reaped on beta: {left}"),
     );
     assert!(pid_on(&m, "alpha") > 0);
+}
+
+/// A process with a file open that only its kernel has: the move is refused
+/// before anything is frozen, naming the file, and the process runs on.
+#[test]
+fn a_file_the_destination_lacks_is_named_before_the_freeze() {
+    let m = boot();
+    let child = m
+        .command()
+        .args([
+            "exec",
+            "alpha",
+            "--",
+            "sh",
+            "-c",
+            "echo here > /tmp/only-alpha && exec 7</tmp/only-alpha && exec /bin/mkcounter --mem 1M --interval-ms 20",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let w = watch(child);
+    let pid = pid_on(&m, "alpha");
+    let r = m.run(&[
+        "migrate",
+        &pid.to_string(),
+        "--from",
+        "alpha",
+        "--to",
+        "beta",
+    ]);
+    assert_eq!(r.code, 1, "the move must fail: {}", r.text());
+    assert!(
+        r.stderr.contains("/tmp/only-alpha") && r.stderr.contains("nothing was frozen"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(pid_on(&m, "alpha"), pid);
+    let seen = w.count("seq=");
+    w.wait_for("output after the refusal", Duration::from_secs(30), |l| {
+        l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10
+    });
+    no_gap(&w.seqs());
 }

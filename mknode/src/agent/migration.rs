@@ -226,6 +226,10 @@ pub enum MoveError {
         theirs: String,
         ours: String,
     },
+    #[error(
+        "the process has files open that {peer} cannot open: {problems}; nothing was frozen, the original runs on"
+    )]
+    FilesElsewhere { peer: Peer, problems: String },
     /// The process could not be frozen (refused, gone, not ours...).
     #[error(transparent)]
     Freeze(CaptureError),
@@ -308,6 +312,7 @@ impl Migration {
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
         self.same_kernel(&agent, to)?;
+        self.files_there(&agent, to, pid_i)?;
         let frozen = migrate::freeze(pid_i).map_err(MoveError::Freeze)?;
         // The original's own stdout and stderr, for the copy's output: opened
         // now, while the process still holds them.
@@ -496,6 +501,40 @@ impl Migration {
         })
     }
 
+    /// Refuses, before anything is frozen, a destination where the files the
+    /// process has open cannot be opened (a guest that has no such path).
+    /// Whether it is the same file is checked on restore, against the size
+    /// and time at the freeze. Without an answer the restore decides.
+    fn files_there(&self, agent: &Agent, to: u16, pid: i32) -> Result<(), MoveError> {
+        let Ok(files) = migrate::files_of(pid) else {
+            // The freeze will say what is wrong with the process.
+            return Ok(());
+        };
+        if files.is_empty() {
+            return Ok(());
+        }
+        let (paths, devices): (Vec<String>, Vec<bool>) = files
+            .into_iter()
+            .map(|(path, kind)| (path, kind == migrate::FileKind::Device))
+            .unzip();
+        let Ok(Msg::FilesProbed { problems, .. }) =
+            agent.call(to, Duration::from_secs(10), |req| Msg::FilesProbe {
+                req,
+                paths,
+                devices,
+            })
+        else {
+            return Ok(());
+        };
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(MoveError::FilesElsewhere {
+            peer: agent.peer(to),
+            problems: problems.join("; "),
+        })
+    }
+
     /// Writes an image of `pid` to the requester as `ImageChunk`s; the
     /// process runs on unless `kill`.
     fn checkpoint_to(
@@ -619,6 +658,7 @@ impl Facet for Migration {
             Kind::Checkpoint,
             Kind::RestoreImage,
             Kind::ImageChunk,
+            Kind::FilesProbe,
         ]
     }
 
@@ -652,6 +692,18 @@ impl Facet for Migration {
 
     fn handle(self: Arc<Self>, agent: &Arc<Agent>, peer: u16, m: Msg) -> Option<Msg> {
         match m {
+            // A stat per file, on a thread of its own (a file system may
+            // hang).
+            Msg::FilesProbe {
+                req,
+                paths,
+                devices,
+            } => agent.answer_later(peer, req, move |_| {
+                Ok::<_, std::convert::Infallible>(Msg::FilesProbed {
+                    req,
+                    problems: probe_files(&paths, &devices),
+                })
+            }),
             // The report goes out when the move is over: in lazy mode, once
             // every page has moved and the original is gone (its downtime
             // ended long before); progress says when the copy runs.
@@ -949,4 +1001,26 @@ impl PageSource for RingSource {
             }
         }
     }
+}
+
+/// What keeps each of `paths` from being opened here as the kind it is on
+/// the origin (`devices[i]`: a character device, else a regular file).
+fn probe_files(paths: &[String], devices: &[bool]) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    paths
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let device = devices.get(i).copied().unwrap_or(false);
+            let why = match std::fs::metadata(p) {
+                Err(e) => e.to_string(),
+                Ok(m) if device && !m.file_type().is_char_device() => {
+                    "not a character device".to_string()
+                }
+                Ok(m) if !device && !m.is_file() => "not a regular file".to_string(),
+                Ok(_) => return None,
+            };
+            Some(format!("{p}: {why}"))
+        })
+        .collect()
 }

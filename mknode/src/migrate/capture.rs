@@ -258,6 +258,22 @@ fn with_hints(now: &MapsEntry, hint: Option<&SmapsEntry>) -> Option<Mapping> {
     Some(m)
 }
 
+/// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as process `pd` sees them now:
+/// ours, moved by the difference between its time namespace's offsets and
+/// ours (both are offsets from the kernel's own clocks).
+pub(crate) fn process_clocks(pd: &ProcDir) -> std::io::Result<(u64, u64)> {
+    let (their_m, their_b) = pd.timens_offsets()?;
+    let (our_m, our_b) =
+        ProcDir::new(Path::new("/proc"), std::process::id() as i32).timens_offsets()?;
+    let now = |c| {
+        let t = nix::time::clock_gettime(c).map_err(std::io::Error::from)?;
+        Ok::<i128, std::io::Error>(i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+    };
+    let m = now(nix::time::ClockId::CLOCK_MONOTONIC)? + their_m - our_m;
+    let b = now(nix::time::ClockId::CLOCK_BOOTTIME)? + their_b - our_b;
+    Ok((u64::try_from(m).unwrap_or(0), u64::try_from(b).unwrap_or(0)))
+}
+
 fn is_zero(p: &[u8]) -> bool {
     p.chunks_exact(64)
         .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
@@ -447,7 +463,9 @@ impl Frozen {
             })
         })?;
 
-        let stdio = match super::precheck::check_migratable_stdio(&pd) {
+        let (monotonic_ns, boottime_ns) =
+            process_clocks(&pd).map_err(self.proc_err("timens_offsets"))?;
+        let (stdio, files) = match super::precheck::open_files(&pd) {
             Ok(s) => s,
             Err(e) => return Err(self.proc_err("fd")(e)),
         };
@@ -465,6 +483,9 @@ impl Frozen {
                 sigactions,
                 shared_pending,
                 exe: pd.exe(),
+                files,
+                monotonic_ns,
+                boottime_ns,
             },
             threads,
             mappings,

@@ -18,8 +18,8 @@ use crate::codec::{Reader, Short, Writer};
 /// First bytes of every image.
 pub const MAGIC: [u8; 8] = *b"MKPROCIM";
 /// Version of the layout written by this code; others are refused.
-/// Version 2 added the header checksum.
-pub const VERSION: u16 = 2;
+/// Version 2 added the header checksum; version 3 the open files.
+pub const VERSION: u16 = 3;
 /// ELF machine number of x86_64, the only architecture of version 1.
 pub const ARCH_X86_64: u16 = 0x3E;
 /// Page size of the image.
@@ -37,6 +37,14 @@ pub const MAX_XSTATE: usize = 64 * 1024;
 pub const MAX_AUXV: usize = 64;
 pub const MAX_PENDING: usize = 1024;
 pub const MAX_KSTR: usize = 256;
+/// Most open files one process may carry, and the highest descriptor.
+pub const MAX_FILES: usize = 1024;
+pub const MAX_FD: u32 = 1 << 20;
+/// The open flags a carried file keeps (`O_ACCMODE`, `O_APPEND`,
+/// `O_NONBLOCK`, `O_DSYNC`, `O_DIRECT`, `O_NOATIME`, `O_CLOEXEC`, `O_SYNC`;
+/// `O_LARGEFILE` is implied on x86_64).
+pub const FILE_FLAGS: u32 =
+    0o3 | 0o2000 | 0o4000 | 0o10000 | 0o40000 | 0o1000000 | 0o2000000 | 0o4010000;
 /// Size of one `siginfo_t` as the kernel copies it.
 pub const SIGINFO_SIZE: usize = 128;
 /// Number of `u64` in x86_64 `user_regs_struct`.
@@ -124,15 +132,46 @@ pub struct Header {
     pub kernel: KernelFingerprint,
 }
 
-/// What one of fds 0/1/2 was on the origin (informative: the destination
-/// supplies its own).
+/// What one of fds 0/1/2 was on the origin. The destination supplies its
+/// own for all but `File`, which is in [`ProcessInfo::files`] and reopened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StdioKind {
     Closed,
     DevNull,
     Pipe,
     Tty,
+    File,
 }
+
+/// What an open file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A regular file: reopened only where it is the same file (same size
+    /// and modification time).
+    Regular,
+    /// `/dev/null`, `/dev/zero`, `/dev/random` or `/dev/urandom`.
+    Device,
+}
+
+/// A descriptor open on a file, carried by path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenFile {
+    pub fd: u32,
+    pub kind: FileKind,
+    /// Open flags (within [`FILE_FLAGS`]; `O_CLOEXEC` is the descriptor's).
+    pub flags: u32,
+    /// File offset.
+    pub pos: u64,
+    /// Absolute path on the origin.
+    pub path: String,
+    /// Size and modification time (ns since the epoch) when frozen;
+    /// zero for devices.
+    pub size: u64,
+    pub mtime_ns: u64,
+}
+
+/// The devices a descriptor may be open on.
+pub const DEVICES: [&str; 4] = ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"];
 
 impl StdioKind {
     fn code(self) -> u8 {
@@ -141,6 +180,7 @@ impl StdioKind {
             StdioKind::DevNull => 1,
             StdioKind::Pipe => 2,
             StdioKind::Tty => 3,
+            StdioKind::File => 4,
         }
     }
     fn from_code(c: u8) -> Option<Self> {
@@ -149,6 +189,7 @@ impl StdioKind {
             1 => StdioKind::DevNull,
             2 => StdioKind::Pipe,
             3 => StdioKind::Tty,
+            4 => StdioKind::File,
             _ => return None,
         })
     }
@@ -239,6 +280,13 @@ pub struct ProcessInfo {
     pub shared_pending: Vec<SigInfo>,
     /// `/proc/pid/exe` target on the origin (informative).
     pub exe: String,
+    /// Descriptors open on files (stdio ones included), by fd.
+    pub files: Vec<OpenFile>,
+    /// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as the process saw them at
+    /// the freeze (its time namespace's offsets included), in ns; zero:
+    /// unknown (the restore then leaves its clocks to the kernel's).
+    pub monotonic_ns: u64,
+    pub boottime_ns: u64,
 }
 
 /// Which register file the FP blob is.
@@ -532,6 +580,24 @@ impl<W: Write> ImageWriter<W> {
         }
         put_sigs(w, &p.shared_pending);
         put_str(w, &p.exe, MAX_NAME);
+        if p.files.len() > MAX_FILES {
+            return Err(ImageError::Order("too many open files"));
+        }
+        w.le(p.files.len() as u16);
+        for f in &p.files {
+            w.le(f.fd);
+            w.u8(match f.kind {
+                FileKind::Regular => 0,
+                FileKind::Device => 1,
+            });
+            w.le(f.flags);
+            w.le(f.pos);
+            w.le(f.size);
+            w.le(f.mtime_ns);
+            put_str(w, &f.path, MAX_NAME);
+        }
+        w.le(p.monotonic_ns);
+        w.le(p.boottime_ns);
         self.record(TAG_PROCESS, &v)?;
         self.stage = Stage::Threads;
         Ok(())
@@ -1303,6 +1369,8 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
     }
     let shared_pending = c.sigs()?;
     let exe = c.str(MAX_NAME, "exe path length")?;
+    let files = parse_files(c, &stdio)?;
+    let (monotonic_ns, boottime_ns) = (c.u64()?, c.u64()?);
     c.done()?;
     Ok(ProcessInfo {
         pid,
@@ -1313,7 +1381,87 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         sigactions,
         shared_pending,
         exe,
+        files,
+        monotonic_ns,
+        boottime_ns,
     })
+}
+
+/// The open files: unique fds below [`MAX_FD`], known flags, absolute
+/// paths (devices: one of [`DEVICES`]); a stdio fd is listed exactly when
+/// its kind is `File`.
+fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>, ImageError> {
+    let at = c.at;
+    let n = usize::from(c.u16()?);
+    if n > MAX_FILES {
+        return Err(ImageError::Bound {
+            at,
+            what: "open files",
+            value: n as u64,
+        });
+    }
+    let invalid = |why: String| ImageError::Invalid { at, why };
+    let mut files: Vec<OpenFile> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let fd = c.u32()?;
+        if fd >= MAX_FD || files.iter().any(|f| f.fd == fd) {
+            return Err(ImageError::Bound {
+                at,
+                what: "file descriptor",
+                value: u64::from(fd),
+            });
+        }
+        let kind = match c.u8()? {
+            0 => FileKind::Regular,
+            1 => FileKind::Device,
+            k => {
+                return Err(ImageError::Bound {
+                    at,
+                    what: "file kind",
+                    value: u64::from(k),
+                })
+            }
+        };
+        let flags = c.u32()?;
+        if flags & !FILE_FLAGS != 0 || flags & 3 == 3 {
+            return Err(ImageError::Bound {
+                at,
+                what: "open flags",
+                value: u64::from(flags),
+            });
+        }
+        let (pos, size, mtime_ns) = (c.u64()?, c.u64()?, c.u64()?);
+        let path = c.str(MAX_NAME, "file path length")?;
+        if !path.starts_with('/') || path.contains('\0') {
+            return Err(invalid(format!(
+                "fd {fd}: {path:?} is not an absolute path"
+            )));
+        }
+        if kind == FileKind::Device && !DEVICES.contains(&path.as_str()) {
+            return Err(invalid(format!(
+                "fd {fd}: {path:?} is not a device carried"
+            )));
+        }
+        files.push(OpenFile {
+            fd,
+            kind,
+            flags,
+            pos,
+            path,
+            size,
+            mtime_ns,
+        });
+    }
+    for (fd, k) in stdio.iter().enumerate() {
+        let listed = files.iter().any(|f| f.fd == fd as u32);
+        if listed != (*k == StdioKind::File) {
+            return Err(invalid(format!(
+                "fd {fd} is {k:?} but is {} among the open files",
+                if listed { "listed" } else { "not listed" }
+            )));
+        }
+    }
+    Ok(files)
 }
 
 fn parse_thread(c: &mut Cur<'_>) -> Result<ThreadState, ImageError> {
@@ -1525,6 +1673,28 @@ pub(crate) mod tests {
             }],
             shared_pending: vec![],
             exe: "/bin/x".into(),
+            files: vec![
+                OpenFile {
+                    fd: 5,
+                    kind: FileKind::Regular,
+                    flags: 0o2001,
+                    pos: 1234,
+                    path: "/var/log/x.log".into(),
+                    size: 1234,
+                    mtime_ns: 1_700_000_000_123_456_789,
+                },
+                OpenFile {
+                    fd: 7,
+                    kind: FileKind::Device,
+                    flags: 0o2000000,
+                    pos: 0,
+                    path: "/dev/urandom".into(),
+                    size: 0,
+                    mtime_ns: 0,
+                },
+            ],
+            monotonic_ns: 13_000_000_001,
+            boottime_ns: 14_000_000_002,
         };
         let mut si = [0u8; SIGINFO_SIZE];
         si[0] = 10;
@@ -1598,15 +1768,58 @@ pub(crate) mod tests {
         w.finish().unwrap().0
     }
 
-    /// The bytes of an image are those of format version 2 as first
-    /// written (by hand, before the shared codec): same length, same
-    /// checksum over every byte.
+    /// The bytes of an image are those of format version 3 (version 2,
+    /// as first written by hand before the shared codec, plus the open
+    /// files and the clocks): same length, same checksum over every byte. A change here
+    /// is a format change: bump VERSION and the README's layout.
     #[test]
-    fn encoding_is_the_one_of_version_2() {
+    fn encoding_is_the_one_of_version_3() {
         let (meta, data, zero) = sample(3, 7);
         let bytes = encode(&meta, &data, &zero);
         let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-        assert_eq!((bytes.len(), sum), (27698, 0xe91b_7b5b_fc50_a9a1));
+        assert_eq!((bytes.len(), sum), (27812, 0x21fe_a1c3_d512_a515));
+    }
+
+    /// Files the decoder refuses: a stdio fd whose kind and listing
+    /// disagree, duplicate fds, unknown flags, relative paths, devices not
+    /// carried.
+    #[test]
+    fn bad_open_files_are_refused() {
+        type Change = Box<dyn Fn(&mut ProcessInfo)>;
+        let cases: Vec<(&str, Change)> = vec![
+            (
+                "stdio says file, none listed",
+                Box::new(|p| p.stdio[1] = StdioKind::File),
+            ),
+            (
+                "listed fd 1 but stdio is a pipe",
+                Box::new(|p| p.files[0].fd = 1),
+            ),
+            ("duplicate fd", Box::new(|p| p.files[1].fd = 5)),
+            ("unknown flags", Box::new(|p| p.files[0].flags |= 0o100)),
+            ("O_WRONLY|O_RDWR", Box::new(|p| p.files[0].flags |= 3)),
+            (
+                "relative path",
+                Box::new(|p| p.files[0].path = "x.log".into()),
+            ),
+            (
+                "device not carried",
+                Box::new(|p| p.files[1].path = "/dev/sda".into()),
+            ),
+            ("fd too high", Box::new(|p| p.files[0].fd = MAX_FD)),
+        ];
+        for (what, change) in cases {
+            let (mut meta, data, zero) = sample(1, 1);
+            change(&mut meta.process);
+            let bytes = encode(&meta, &data, &zero);
+            assert!(decode_all(&bytes[..]).is_err(), "{what}: accepted");
+        }
+        // And the sample itself (a file on stdout) is fine.
+        let (mut meta, data, zero) = sample(1, 1);
+        meta.process.stdio[1] = StdioKind::File;
+        meta.process.files[0].fd = 1;
+        let bytes = encode(&meta, &data, &zero);
+        assert_eq!(decode_all(&bytes[..]).unwrap().meta, meta);
     }
 
     #[test]

@@ -47,13 +47,13 @@ mod sys;
 pub use crate::uffd::pidfd_open;
 pub(crate) use crate::uffd::wait_exit;
 pub use capture::{freeze, reap_orphans, CaptureError, Frozen, ImageOptions};
-pub use image::{ImageError, ImageMeta, ImageStats};
+pub use image::{FileKind, ImageError, ImageMeta, ImageStats, OpenFile};
 pub use lazy::{
     channel_link, LazyLink, LazyOptions, OriginLoops, PageRun, PageServer, PageSource, Progress,
     PushPolicy, Pushed, ServeError, SourceError,
 };
 pub use pager::{LazyError, Pager, PagerOptions, PagerStats};
-pub use precheck::{check_at, check_migratable, Blocker, Precheck, Refusal};
+pub use precheck::{check_at, check_migratable, files_of, Blocker, Precheck, Refusal};
 pub use restore::{restore, restore_lazy, LazyRestored, RestoreError, Restored, StdioPlan};
 
 /// A failed system call made on behalf of capture or restore.

@@ -6,14 +6,16 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 
-use super::image::StdioKind;
+use super::image::{FileKind, OpenFile, StdioKind, DEVICES, FILE_FLAGS, MAX_FILES};
 use super::procfs::{MapsEntry, ProcDir};
 
 /// One reason a process cannot be migrated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Blocker {
-    /// A descriptor other than 0, 1, 2 is open.
+    /// A descriptor other than 0, 1, 2 is open on something not carried.
     OpenFd { fd: i32, target: String },
+    /// A descriptor is open on a file that was deleted.
+    DeletedFile { fd: i32, target: String },
     /// A socket (any descriptor).
     Socket { fd: i32, target: String },
     /// fd 0/1/2 is something other than a pipe, a tty or /dev/null.
@@ -47,6 +49,9 @@ impl fmt::Display for Blocker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Blocker::OpenFd { fd, target } => write!(f, "fd {fd} is open ({target})"),
+            Blocker::DeletedFile { fd, target } => {
+                write!(f, "fd {fd} is open on a deleted file ({target})")
+            }
             Blocker::Socket { fd, target } => write!(f, "fd {fd} is a socket ({target})"),
             Blocker::Stdio { fd, target } => write!(f, "fd {fd} is {target}"),
             Blocker::SharedMapping { start, end, name } => write!(
@@ -111,10 +116,15 @@ fn join(b: &[Blocker]) -> String {
         .collect::<Vec<_>>()
         .join("; ");
     if b.iter().any(|x| matches!(x, Blocker::Stdio { .. })) {
-        s.push_str(" (fds 0-2 must be pipes, ttys or /dev/null)");
+        s.push_str(
+            " (fds 0-2 must be pipes, ttys, regular files or /dev/null, zero, random, urandom)",
+        );
     }
     if b.iter().any(|x| matches!(x, Blocker::OpenFd { .. })) {
-        s.push_str(" (only fds 0, 1 and 2 are carried)");
+        s.push_str(" (descriptors are carried when open on regular files or /dev/null, zero, random, urandom)");
+    }
+    if b.iter().any(|x| matches!(x, Blocker::DeletedFile { .. })) {
+        s.push_str(" (deleted files are not carried: their content exists nowhere else)");
     }
     s
 }
@@ -142,6 +152,130 @@ pub(crate) fn stdio_kind(target: &str) -> Option<StdioKind> {
     } else {
         None
     }
+}
+
+/// What a descriptor's `/proc` link says it is open on, for the files that
+/// are carried: a device of [`DEVICES`], or an absolute path outside /dev
+/// that was not deleted (whether it is a regular file is checked on the
+/// file itself where it can be).
+pub(crate) fn carried_file(target: &str) -> Option<FileKind> {
+    if DEVICES.contains(&target) {
+        Some(FileKind::Device)
+    } else if target.starts_with('/')
+        && !target.starts_with("/dev/")
+        && !target.ends_with(" (deleted)")
+    {
+        Some(FileKind::Regular)
+    } else {
+        None
+    }
+}
+
+/// Stdio kinds, and the carried files' descriptors and kinds.
+type SortedFds = ([StdioKind; 3], Vec<(i32, FileKind)>);
+
+/// Sorts the descriptors `pd` lists into stdio kinds, carried files and
+/// blockers. With `stat`, each carried file's `/proc` link is followed to
+/// check it is a regular file (not a directory, socket file or FIFO).
+fn sort_fds(pd: &ProcDir, stat: bool, blockers: &mut Vec<Blocker>) -> io::Result<SortedFds> {
+    let mut stdio = [StdioKind::Closed; 3];
+    let mut files = Vec::new();
+    for (fd, target) in pd.fds()? {
+        if target.starts_with("socket:") {
+            blockers.push(Blocker::Socket { fd, target });
+            continue;
+        }
+        if (0..3).contains(&fd) {
+            if let Some(k) = stdio_kind(&target) {
+                stdio[fd as usize] = k;
+                continue;
+            }
+        }
+        let kind = carried_file(&target).filter(|k| {
+            *k == FileKind::Device || !stat || pd.fd_metadata(fd).is_ok_and(|m| m.is_file())
+        });
+        match kind {
+            Some(k) => {
+                if (0..3).contains(&fd) {
+                    stdio[fd as usize] = StdioKind::File;
+                }
+                files.push((fd, k));
+            }
+            None if target.ends_with(" (deleted)") => {
+                blockers.push(Blocker::DeletedFile { fd, target });
+            }
+            None if (0..3).contains(&fd) => blockers.push(Blocker::Stdio { fd, target }),
+            None => blockers.push(Blocker::OpenFd { fd, target }),
+        }
+    }
+    if files.len() > MAX_FILES {
+        blockers.push(Blocker::OpenFd {
+            fd: files[MAX_FILES].0,
+            target: format!("more than {MAX_FILES} open files"),
+        });
+    }
+    Ok((stdio, files))
+}
+
+/// The files process `pid` has open that a move carries by path, as they
+/// are now (the process runs: for a look before the freeze).
+pub fn files_of(pid: i32) -> io::Result<Vec<(String, FileKind)>> {
+    let pd = ProcDir::new(Path::new("/proc"), pid);
+    let mut blockers = Vec::new();
+    let (_, kinds) = sort_fds(&pd, true, &mut blockers)?;
+    Ok(kinds
+        .into_iter()
+        .filter_map(|(fd, k)| {
+            let p = std::fs::read_link(pd.path(&format!("fd/{fd}"))).ok()?;
+            Some((p.to_string_lossy().into_owned(), k))
+        })
+        .collect())
+}
+
+/// The frozen process's descriptors as the image carries them: stdio kinds
+/// and the files with their flags, offsets, sizes and times. Anything not
+/// carried is an error here (the pre-check refused it before the freeze).
+pub(crate) fn open_files(pd: &ProcDir) -> io::Result<([StdioKind; 3], Vec<OpenFile>)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut blockers = Vec::new();
+    let (stdio, kinds) = sort_fds(pd, true, &mut blockers)?;
+    if !blockers.is_empty() {
+        return Err(io::Error::other(join(&blockers)));
+    }
+    let mut files = Vec::with_capacity(kinds.len());
+    for (fd, kind) in kinds {
+        let (pos, flags) = pd.fdinfo(fd)?;
+        let m = pd.fd_metadata(fd)?;
+        let path = std::fs::read_link(pd.path(&format!("fd/{fd}")))?
+            .to_string_lossy()
+            .into_owned();
+        let ok = match kind {
+            FileKind::Regular => m.is_file(),
+            FileKind::Device => m.file_type().is_char_device(),
+        };
+        if !ok {
+            return Err(io::Error::other(format!("fd {fd} ({path}) changed kind")));
+        }
+        let (size, mtime_ns) = match kind {
+            FileKind::Regular => (
+                m.len(),
+                (m.mtime() as u64)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(m.mtime_nsec() as u64),
+            ),
+            FileKind::Device => (0, 0),
+        };
+        files.push(OpenFile {
+            fd: fd as u32,
+            kind,
+            flags: flags & FILE_FLAGS,
+            pos,
+            path,
+            size,
+            mtime_ns,
+        });
+    }
+    Ok((stdio, files))
 }
 
 /// Special mappings capture knows: carried as content (`[heap]`, `[stack]`),
@@ -213,19 +347,10 @@ pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusa
     if !tasks.contains(&pid) {
         blockers.push(Blocker::LeaderGone);
     }
-    let mut stdio = [StdioKind::Closed; 3];
-    for (fd, target) in pd.fds().map_err(inspect)? {
-        if target.starts_with("socket:") {
-            blockers.push(Blocker::Socket { fd, target });
-        } else if (0..3).contains(&fd) {
-            match stdio_kind(&target) {
-                Some(k) => stdio[fd as usize] = k,
-                None => blockers.push(Blocker::Stdio { fd, target }),
-            }
-        } else {
-            blockers.push(Blocker::OpenFd { fd, target });
-        }
-    }
+    // Under /proc itself each file is looked at; a captured tree has only
+    // the links.
+    let stat = root == Path::new("/proc");
+    let (stdio, _) = sort_fds(&pd, stat, &mut blockers).map_err(inspect)?;
     mapping_blockers(&maps, &mut blockers);
     let children = pd.children().map_err(inspect)?;
     if !children.is_empty() {
@@ -245,18 +370,6 @@ pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusa
     } else {
         Err(Refusal::Blocked { pid, blockers })
     }
-}
-
-/// What fds 0/1/2 are (unknown kinds read as closed; the pre-check refused
-/// those already).
-pub(crate) fn check_migratable_stdio(pd: &ProcDir) -> io::Result<[StdioKind; 3]> {
-    let mut stdio = [StdioKind::Closed; 3];
-    for (fd, target) in pd.fds()? {
-        if (0..3).contains(&fd) {
-            stdio[fd as usize] = stdio_kind(&target).unwrap_or(StdioKind::Closed);
-        }
-    }
-    Ok(stdio)
 }
 
 /// Checks a live process through `/proc`, touching nothing.
@@ -333,9 +446,13 @@ mod tests {
         );
         let d = tree(
             &[
-                ("1", "/tmp/log"),
+                ("1", "anon_inode:[eventfd]"),
                 ("3", "socket:[77]"),
-                ("4", "/etc/passwd"),
+                ("4", "anon_inode:[timerfd]"),
+                ("5", "/tmp/gone (deleted)"),
+                ("6", "/dev/sda"),
+                ("7", "/tmp/log"),
+                ("8", "/dev/urandom"),
             ],
             &maps,
             "TracerPid:\t99\n",
@@ -344,11 +461,14 @@ mod tests {
         let e = check_at(d.path(), 7, 1).unwrap_err();
         let msg = e.to_string();
         for want in [
-            "fd 1 is /tmp/log;",
-            "(fds 0-2 must be pipes, ttys or /dev/null)",
-            "(only fds 0, 1 and 2 are carried)",
+            "fd 1 is anon_inode:[eventfd];",
+            "(fds 0-2 must be pipes, ttys, regular files or /dev/null, zero, random, urandom)",
+            "(descriptors are carried when open on regular files or /dev/null, zero, random, urandom)",
             "fd 3 is a socket (socket:[77])",
-            "fd 4 is open (/etc/passwd)",
+            "fd 4 is open (anon_inode:[timerfd])",
+            "fd 5 is open on a deleted file (/tmp/gone (deleted))",
+            "(deleted files are not carried",
+            "fd 6 is open (/dev/sda)",
             "shared memory mapping 0x7f000000-0x7f001000 (/SYSV00000000 (deleted))",
             "[uprobes]",
             "already traced by pid 99",
@@ -356,6 +476,28 @@ mod tests {
         ] {
             assert!(msg.contains(want), "{want:?} missing from {msg}");
         }
+        // Carried: a file and a device are not blockers.
+        assert!(!msg.contains("fd 7") && !msg.contains("fd 8"), "{msg}");
+    }
+
+    #[test]
+    fn files_on_any_descriptor_pass_the_precheck() {
+        let d = tree(
+            &[
+                ("0", "/dev/zero"),
+                ("1", "/var/log/run.log"),
+                ("2", "/dev/null"),
+                ("3", "/etc/passwd"),
+                ("9", "/dev/random"),
+            ],
+            OK_MAPS,
+            "",
+        );
+        let p = check_at(d.path(), 7, 1).unwrap();
+        assert_eq!(
+            p.stdio,
+            [StdioKind::File, StdioKind::File, StdioKind::DevNull]
+        );
     }
 
     #[test]

@@ -274,6 +274,40 @@ impl ProcDir {
         Ok(v)
     }
 
+    /// `pos` and `flags` (octal) of `fdinfo/<fd>`.
+    pub(crate) fn fdinfo(&self, fd: i32) -> io::Result<(u64, u32)> {
+        let text = fs::read_to_string(self.path(&format!("fdinfo/{fd}")))?;
+        let field = |name: &str, radix: u32| -> io::Result<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim(), radix).ok())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("fdinfo/{fd} has no {name}"),
+                    )
+                })
+        };
+        let flags = u32::try_from(field("flags:", 8)?)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "flags"))?;
+        Ok((field("pos:", 10)?, flags))
+    }
+
+    /// The offsets of the process's time namespace (`timens_offsets`):
+    /// `(monotonic, boottime)` in ns; zero without time namespaces.
+    pub(crate) fn timens_offsets(&self) -> io::Result<(i128, i128)> {
+        match fs::read_to_string(self.path("timens_offsets")) {
+            Ok(t) => parse_timens_offsets(&t),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((0, 0)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What `fd/<fd>` is open on (the link followed).
+    pub(crate) fn fd_metadata(&self, fd: i32) -> io::Result<fs::Metadata> {
+        fs::metadata(self.path(&format!("fd/{fd}")))
+    }
+
     /// Children of every thread (`task/*/children`).
     pub(crate) fn children(&self) -> io::Result<Vec<i32>> {
         let mut out = Vec::new();
@@ -314,6 +348,33 @@ impl ProcDir {
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default()
     }
+}
+
+/// `timens_offsets`: lines `<clock> <sec> <nsec>`, the clock by name
+/// (`monotonic`, `boottime`) or number (1, 7).
+pub(crate) fn parse_timens_offsets(text: &str) -> io::Result<(i128, i128)> {
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("timens_offsets: {text:?}"),
+        )
+    };
+    let (mut mono, mut boot) = (0i128, 0i128);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [clock, sec, nsec] = f[..] else {
+            return Err(bad());
+        };
+        let sec: i64 = sec.parse().map_err(|_| bad())?;
+        let nsec: i64 = nsec.parse().map_err(|_| bad())?;
+        let ns = i128::from(sec) * 1_000_000_000 + i128::from(nsec);
+        match clock {
+            "monotonic" | "1" => mono = ns,
+            "boottime" | "7" => boot = ns,
+            _ => return Err(bad()),
+        }
+    }
+    Ok((mono, boot))
 }
 
 #[cfg(test)]
@@ -433,5 +494,22 @@ VmFlags: rd wr mr mw me ac hg
             pd.fds().unwrap(),
             vec![(1, "pipe:[99]".into()), (3, "socket:[7]".into())]
         );
+    }
+
+    #[test]
+    fn timens_offsets_by_name_or_number_and_negative() {
+        assert_eq!(
+            parse_timens_offsets(
+                "monotonic           0         0\nboottime            0         0\n"
+            )
+            .unwrap(),
+            (0, 0)
+        );
+        assert_eq!(
+            parse_timens_offsets("1 -5 250\n7 3 0\n").unwrap(),
+            (-5_000_000_000 + 250, 3_000_000_000)
+        );
+        assert!(parse_timens_offsets("realtime 1 0\n").is_err());
+        assert!(parse_timens_offsets("monotonic x 0\n").is_err());
     }
 }

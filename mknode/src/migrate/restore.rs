@@ -26,8 +26,9 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::image::{
-    ImageError, ImageMeta, ImageReader, ImageStats, Mapping, MappingKind, Pages, ThreadState,
-    FLAG_LAZY, MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, USER_TOP,
+    FileKind, ImageError, ImageMeta, ImageReader, ImageStats, Mapping, MappingKind, OpenFile,
+    Pages, ThreadState, FLAG_LAZY, MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R,
+    PROT_W, USER_TOP,
 };
 use super::inject::{inject, ptrace_err, wait, Call};
 use super::lazy::{carried, LazyLink};
@@ -96,6 +97,10 @@ pub enum RestoreError {
     },
     #[error("lazy pages")]
     Lazy(#[source] LazyError),
+    #[error("giving the process its clocks back (a time namespace with offsets): {0}")]
+    Clocks(String),
+    #[error("fd {fd}: cannot reopen {path} here: {why}")]
+    File { fd: u32, path: String, why: String },
     #[error("reading this process's own {what}")]
     Local {
         what: &'static str,
@@ -290,7 +295,126 @@ fn own_ranges() -> Result<Vec<(u64, u64)>, RestoreError> {
     Ok(maps.iter().map(|m| (m.start, m.end)).collect())
 }
 
+/// Opens the image's files as they were: same flags and offset, and for a
+/// regular file only if it is the same file (size and modification time as
+/// when frozen, as CRIU checks). Returns the descriptors (moved to numbers
+/// at or above the returned bound, which every target is below) and the
+/// stub's `(source, target, close-on-exec)` list.
+type OpenedFiles = (Vec<OwnedFd>, Vec<(i32, i32, bool)>, i32);
+
+fn open_files(files: &[OpenFile]) -> Result<OpenedFiles, RestoreError> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let keep_below = files
+        .iter()
+        .map(|f| f.fd as i32 + 1)
+        .max()
+        .unwrap_or(3)
+        .max(3);
+    let mut owned = Vec::with_capacity(files.len());
+    let mut plan = Vec::with_capacity(files.len());
+    for f in files {
+        let fail = |why: String| RestoreError::File {
+            fd: f.fd,
+            path: f.path.clone(),
+            why,
+        };
+        let acc = f.flags & libc::O_ACCMODE as u32;
+        let rest = f.flags & !(libc::O_ACCMODE as u32 | libc::O_CLOEXEC as u32);
+        let file = File::options()
+            .read(acc != libc::O_WRONLY as u32)
+            .write(acc != libc::O_RDONLY as u32)
+            .custom_flags(rest as i32 | libc::O_NOCTTY)
+            .open(&f.path)
+            .map_err(|e| fail(e.to_string()))?;
+        let m = file.metadata().map_err(|e| fail(e.to_string()))?;
+        match f.kind {
+            FileKind::Regular => {
+                if !m.is_file() {
+                    return Err(fail("it is not a regular file here".into()));
+                }
+                let mtime = (m.mtime() as u64)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(m.mtime_nsec() as u64);
+                if m.len() != f.size || mtime != f.mtime_ns {
+                    return Err(fail(format!(
+                        "it is not the same file (size {} and mtime {} ns here, {} and {} when frozen)",
+                        m.len(),
+                        mtime,
+                        f.size,
+                        f.mtime_ns
+                    )));
+                }
+            }
+            FileKind::Device => {
+                use std::os::unix::fs::FileTypeExt;
+                if !m.file_type().is_char_device() {
+                    return Err(fail("it is not a character device here".into()));
+                }
+            }
+        }
+        if f.pos != 0 {
+            let pos = i64::try_from(f.pos).map_err(|_| fail(format!("offset {}", f.pos)))?;
+            // SAFETY: lseek on a descriptor we own.
+            if unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_SET) } < 0 {
+                return Err(fail(format!(
+                    "seeking to {pos}: {}",
+                    io::Error::last_os_error()
+                )));
+            }
+        }
+        // Above every target, so the stub's dup2s clobber no source.
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one.
+        let high = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, keep_below) };
+        if high < 0 {
+            return Err(fail(io::Error::last_os_error().to_string()));
+        }
+        // SAFETY: `high` was just returned by fcntl and is ours alone.
+        owned.push(unsafe { OwnedFd::from_raw_fd(high) });
+        drop(file);
+        plan.push((high, f.fd as i32, f.flags & libc::O_CLOEXEC as u32 != 0));
+    }
+    Ok((owned, plan, keep_below))
+}
+
+/// What the stub writes to its time namespace's `timens_offsets` so that
+/// its `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` go on from `monotonic_ns` and
+/// `boottime_ns` (the process's clocks at the freeze): on another kernel,
+/// booted at another time, they would jump (by seconds, backwards too) and
+/// break every timeout the process holds. The time it spent frozen does not
+/// show. `None` when the image does not know its clocks.
+fn clock_offsets(monotonic_ns: u64, boottime_ns: u64) -> Result<Option<Vec<u8>>, RestoreError> {
+    if monotonic_ns == 0 && boottime_ns == 0 {
+        return Ok(None);
+    }
+    let clocks = |e: String| RestoreError::Clocks(e);
+    let offsets = "/proc/self/timens_offsets";
+    let ours = std::fs::read_to_string(offsets).map_err(|e| {
+        clocks(format!(
+            "{offsets}: {e} (this kernel has no time namespaces, CONFIG_TIME_NS)"
+        ))
+    })?;
+    let (our_m, our_b) =
+        super::procfs::parse_timens_offsets(&ours).map_err(|e| clocks(e.to_string()))?;
+    let now = |c| -> Result<i128, RestoreError> {
+        let t = nix::time::clock_gettime(c).map_err(|e| clocks(format!("clock_gettime: {e}")))?;
+        Ok(i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+    };
+    // Offsets count from the kernel's own clocks, not from ours.
+    let m = i128::from(monotonic_ns) - (now(nix::time::ClockId::CLOCK_MONOTONIC)? - our_m);
+    let b = i128::from(boottime_ns) - (now(nix::time::ClockId::CLOCK_BOOTTIME)? - our_b);
+    let line = |name: &str, ns: i128| {
+        let (sec, nsec) = (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
+        format!("{name} {sec} {nsec}\n")
+    };
+    Ok(Some(
+        (line("monotonic", m) + &line("boottime", b)).into_bytes(),
+    ))
+}
+
 fn spawn(meta: &ImageMeta, stdio: &StdioPlan) -> Result<(Stub, u64), RestoreError> {
+    let (_files, files, keep_below) = open_files(&meta.process.files)?;
+    let timens = clock_offsets(meta.process.monotonic_ns, meta.process.boottime_ns)?;
     let mut last = 0;
     for _ in 0..4 {
         let ctl = control_page(&meta.mappings, &own_ranges()?)?;
@@ -303,6 +427,9 @@ fn spawn(meta: &ImageMeta, stdio: &StdioPlan) -> Result<(Stub, u64), RestoreErro
             ctl,
             // syscall; int3; int3
             code: [0x0f, 0x05, 0xcc, 0xcc],
+            files: files.clone(),
+            keep_below,
+            timens: timens.clone(),
         };
         let pid = sys::spawn_stub(&plan).map_err(|e| SysError::Ptrace {
             op: "fork",
@@ -327,6 +454,12 @@ fn spawn(meta: &ImageMeta, stdio: &StdioPlan) -> Result<(Stub, u64), RestoreErro
                 // Reaped: nothing left to kill.
                 stub.armed = false;
                 last = code;
+                if let Some(step) = sys::timens_step(code) {
+                    return Err(RestoreError::Clocks(format!(
+                        "the stub's {step} failed (unshare needs CAP_SYS_ADMIN; offsets {:?})",
+                        String::from_utf8_lossy(timens.as_deref().unwrap_or_default())
+                    )));
+                }
                 if code != sys::STUB_EXIT_MMAP {
                     return Err(RestoreError::Stub(code));
                 }

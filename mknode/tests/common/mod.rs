@@ -108,6 +108,7 @@ pub(crate) fn parse(line: &str) -> Option<Line> {
     let mut it = line.split_whitespace();
     let seq = it.next()?.strip_prefix("seq=")?.parse().ok()?;
     let counters = it
+        .filter(|f| f.starts_with('t'))
         .map(|f| f.split_once('=').and_then(|(_, v)| v.parse().ok()))
         .collect::<Option<Vec<u64>>>()?;
     Some(Line::Seq { seq, counters })

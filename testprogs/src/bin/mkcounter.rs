@@ -7,7 +7,7 @@
 //!   they also sit in `nanosleep` when frozen);
 //! * a heap buffer of SIZE bytes (default 16M) is filled with
 //!   `testprogs::pattern_byte` once at start;
-//! * the main thread prints `seq=<n> t0=<c0> t1=<c1> ...` every MS
+//! * the main thread prints `seq=<n> t0=<c0> t1=<c1> ... mono_ms=<m>` every MS
 //!   milliseconds (default 10) with a strictly increasing `n`, and on SIGUSR1
 //!   prints `checksum=<hex> bytes=<len>` of the buffer (the handler only sets a
 //!   flag; the main thread does the work).
@@ -112,6 +112,7 @@ fn main() {
         for (i, c) in counters.iter().enumerate() {
             line.push_str(&format!(" t{i}={}", c.load(Ordering::Relaxed)));
         }
+        line.push_str(&format!(" mono_ms={}", mono_ms()));
         line.push('\n');
         let mut lock = out.lock();
         if lock
@@ -125,4 +126,15 @@ fn main() {
         drop(lock);
         std::thread::sleep(Duration::from_millis(interval));
     }
+}
+
+/// `CLOCK_MONOTONIC` in ms: a move must not make it jump.
+fn mono_ms() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `t`, a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000
 }
