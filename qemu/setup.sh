@@ -3,7 +3,10 @@
 #   1. host packages (QEMU, dtc, cpio), installed with apt only when missing;
 #   2. Debian's cloud kernel, downloaded once into the cache and unpacked to a
 #      stable path ($MKCTL_CACHE/kernel/vmlinuz + .../version);
-#   3. the statically linked guest-init, copied to $MKCTL_CACHE/guest-init.
+#   3. the guest kernel's virtio console driver and what it needs, copied
+#      out of the same package to $MKCTL_CACHE/kernel/modules/ (the guests'
+#      doorbell port; the cloud kernel builds virtio as modules);
+#   4. the statically linked guest-init, copied to $MKCTL_CACHE/guest-init.
 # Idempotent: when everything is in place it only re-checks and re-runs a
 # no-op cargo build (well under 2 s).
 #
@@ -120,7 +123,38 @@ if [ "$(cat "$KDIR/package" 2>/dev/null)" != "$pkg" ] || [ ! -s "$KDIR/vmlinuz" 
     say "kernel $release unpacked"
 fi
 
-# --- 3. static guest-init ---------------------------------------------------
+# --- 3. modules for the doorbell port ----------------------------------------
+# guest-init loads these from the initramfs in this order (each needs the
+# ones before it; `depends=` in their .modinfo) to get a virtio-serial port,
+# the guests' doorbell (guest-init/src/doorbell.rs).
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console)
+MDIR="$KDIR/modules"
+have_modules() {
+    [ "$(cat "$MDIR/release" 2>/dev/null)" = "$(cat "$KDIR/version")" ] || return 1
+    for m in "${MODULES[@]}"; do [ -s "$MDIR/$m.ko" ] || return 1; done
+}
+if ! have_modules; then
+    deb="$(ls "$KDIR/$(cat "$KDIR/package")"_*.deb 2>/dev/null | sort -V | tail -n1 || true)"
+    if [ -z "$deb" ]; then
+        (cd "$KDIR" && apt-get download -qq "$(cat "$KDIR/package")") || die "apt-get download $(cat "$KDIR/package") failed"
+        deb="$(ls "$KDIR/$(cat "$KDIR/package")"_*.deb | sort -V | tail -n1)"
+    fi
+    x="$(mktemp -d "$KDIR/extract.XXXXXX")"
+    trap 'rm -rf "$x"' EXIT
+    dpkg-deb -x "$deb" "$x" || die "dpkg-deb -x $deb failed"
+    rm -rf "$MDIR" && mkdir -p "$MDIR"
+    for m in "${MODULES[@]}"; do
+        ko="$(find "$x/lib/modules" -name "$m.ko" | head -n1)"
+        [ -n "$ko" ] || die "$deb holds no $m.ko (is virtio built in? then drop it from MODULES)"
+        cp "$ko" "$MDIR/$m.ko"
+    done
+    cp "$KDIR/version" "$MDIR/release"
+    rm -rf "$x"
+    trap - EXIT
+    say "modules ${MODULES[*]} copied to $MDIR"
+fi
+
+# --- 4. static guest-init ---------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found on PATH"
 # crt-static only for the target crates: an explicit --target keeps RUSTFLAGS
 # away from build scripts and proc-macros, and a target dir of its own keeps
@@ -152,4 +186,5 @@ done
 
 say "qemu:       $(command -v qemu-system-x86_64)"
 say "kernel:     $KDIR/vmlinuz ($(cat "$KDIR/version"), from $(cat "$KDIR/package"))"
+say "modules:    $MDIR (${#MODULES[@]}, for the doorbell port)"
 say "guest-init: $CACHE/guest-init"

@@ -1,4 +1,5 @@
-//! The guest's agent: attach to the window as this instance's endpoint,
+//! The guest's agent: attach to the window as this instance's endpoint
+//! (with the doorbell port, [`crate::doorbell`], when the machine has one),
 //! keep a heartbeat, link to the host and to every other instance, and
 //! serve requests until asked to power off.
 //!
@@ -18,7 +19,9 @@ use std::time::Duration;
 use mknode::agent::{Agent, Hooks};
 use mknode::link::RingLink;
 use nix::sys::signal::Signal;
+use shmem_ring::{Doorbell, Liveness};
 
+use crate::doorbell::{SerialBell, PORT_NAME};
 use crate::say;
 use crate::supervise::signals;
 use crate::window::WindowSource;
@@ -78,10 +81,24 @@ pub fn run(
             source,
         })?;
     let endpoints = window.layout().endpoints();
-    // No futex reaches the host or the other guests through the BAR: poll
-    // (the relay doorbell over virtio-serial is not there yet).
+    // No futex reaches the host or the other guests through the BAR: the
+    // daemon relays rings through the machine's virtio-serial port. Without
+    // it the receivers poll (every 1-10 ms when idle).
+    let bell: Option<Arc<dyn Doorbell>> = match SerialBell::open(Path::new("/"), id, endpoints) {
+        Ok(b) => {
+            say!("agent: doorbell port {PORT_NAME} ready");
+            Some(Arc::new(b))
+        }
+        Err(e) => {
+            say!(
+                "agent: no doorbell, receivers will poll: {}",
+                crate::power::error_chain(&e)
+            );
+            None
+        }
+    };
     let endpoint = window
-        .attach_with_doorbell(id, shmem_ring::Liveness::default(), None)
+        .attach_with_doorbell(id, Liveness::default(), bell)
         .map_err(|source| AgentError::Attach { id, source })?;
     say!(
         "agent: endpoint {id} of {endpoints} attached (generation {})",

@@ -14,6 +14,7 @@
 
 pub mod agent;
 pub mod console;
+pub mod doorbell;
 pub mod mounts;
 pub mod power;
 pub mod probe;

@@ -105,6 +105,10 @@ struct Entry {
     implicit: bool,
 }
 
+/// Where [`Initramfs::kernel_modules`] puts modules (guest-init's
+/// `doorbell::MODULE_DIR`).
+pub const GUEST_MODULE_DIR: &str = "/lib/modules/mkctl";
+
 /// A set of files to pack as a cpio `newc` initramfs. Paths are absolute guest
 /// paths (`/init`, `/etc/x`); a leading `/` is optional. Parent directories are
 /// created as needed (mode 0755).
@@ -165,6 +169,27 @@ impl Initramfs {
             }
         }
         Ok(ir)
+    }
+
+    /// Adds every `*.ko` in `dir` (the guest kernel's modules `qemu/setup.sh`
+    /// copies out of its package) under [`GUEST_MODULE_DIR`], where
+    /// guest-init loads them from (the virtio console driver for the
+    /// doorbell port). A missing `dir` adds nothing. Returns how many.
+    pub fn kernel_modules(&mut self, dir: &Path) -> Result<usize, InitramfsError> {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Ok(0);
+        };
+        let mut kos: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "ko"))
+            .collect();
+        kos.sort();
+        for ko in &kos {
+            let name = ko.file_name().unwrap_or_default().to_string_lossy();
+            self.host_file(&format!("{GUEST_MODULE_DIR}/{name}"), ko, Some(0o644))?;
+        }
+        Ok(kos.len())
     }
 
     /// Adds a directory. Adding one that exists only as the parent of an
@@ -656,6 +681,28 @@ mod tests {
         assert_eq!(e[3].mode, 0o100700);
         let g = Initramfs::for_guest(&h).unwrap();
         assert!(g.paths().any(|p| p == "/init"));
+    }
+
+    #[test]
+    fn kernel_modules_takes_the_ko_files_only() {
+        let t = tempfile::tempdir().unwrap();
+        for f in ["virtio.ko", "virtio_console.ko", "release"] {
+            fs::write(t.path().join(f), f).unwrap();
+        }
+        let mut ir = Initramfs::new();
+        assert_eq!(ir.kernel_modules(t.path()).unwrap(), 2);
+        let paths: Vec<String> = ir.paths().collect();
+        assert!(
+            paths.contains(&"/lib/modules/mkctl/virtio.ko".to_string()),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"/lib/modules/mkctl/virtio_console.ko".to_string()),
+            "{paths:?}"
+        );
+        assert!(!paths.iter().any(|p| p.ends_with("release")), "{paths:?}");
+        // No directory (setup not run, or a kernel with the driver built in).
+        assert_eq!(ir.kernel_modules(&t.path().join("none")).unwrap(), 0);
     }
 
     /// GNU cpio (Debian package `cpio`, installed by qemu/setup.sh) must

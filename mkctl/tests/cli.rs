@@ -362,7 +362,13 @@ fn help_names_the_environment() {
     let out = cargo_bin_cmd!("mkctl").arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for var in ["MKCTL_RUN_DIR", "MKCTL_CACHE", "MKCTL_KERNEL", "MKCTL_QEMU"] {
+    for var in [
+        "MKCTL_RUN_DIR",
+        "MKCTL_CACHE",
+        "MKCTL_KERNEL",
+        "MKCTL_QEMU",
+        "MKCTL_DOORBELL",
+    ] {
         assert!(text.contains(var), "--help does not name {var}:\n{text}");
     }
 }

@@ -146,3 +146,130 @@ impl Doorbell for FutexBell {
         bell.futex_wait(deadline)
     }
 }
+
+/// A ring as relays carry it between kernels (a guest's virtio-serial
+/// port and the host daemon, for instance): which ring's receiver to wake.
+/// Four bytes on the wire: a magic byte, the sending and the receiving
+/// endpoint ids (below [`crate::MAX_ENDPOINTS`], so one byte each) and a
+/// check byte, so a reader of a byte stream that lost its place finds the
+/// next record again instead of misreading every one after it.
+///
+/// A receiver may only sleep long on a sender that rings: one whose kernel
+/// has no doorbell (a guest whose kernel could not load the port's driver)
+/// never does. So a relay asks each kernel ([`RingMsg::QUERY`]) and those
+/// that ring answer ([`RingMsg::hello`]); the relay then rings, once, every
+/// receiver of a kernel that answered on behalf of every other that did,
+/// which is how each kernel learns whom it may sleep on. Until a sender is
+/// known to ring, a receiver waits for it no longer than a poll would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingMsg {
+    /// The ring's sender.
+    pub from: u16,
+    /// The ring's receiver: the endpoint to wake.
+    pub to: u16,
+}
+
+impl RingMsg {
+    /// Bytes of one record.
+    pub const LEN: usize = 4;
+    const MAGIC: u8 = 0xDB;
+
+    fn check(from: u8, to: u8) -> u8 {
+        Self::MAGIC ^ from.rotate_left(3) ^ to ^ 0x5A
+    }
+
+    /// The relay's question to a kernel that just got its end of the
+    /// channel: does it ring? (`from` = `to` = 0: no ring looks like it,
+    /// endpoint 0 never rings itself.)
+    pub const QUERY: RingMsg = RingMsg { from: 0, to: 0 };
+
+    /// A kernel's answer to [`RingMsg::QUERY`]: endpoint `id` rings the
+    /// receivers it sends to, so they may sleep until it does.
+    pub fn hello(id: u16) -> RingMsg {
+        RingMsg { from: id, to: id }
+    }
+
+    /// Whether this is [`RingMsg::QUERY`].
+    pub fn is_query(self) -> bool {
+        self == Self::QUERY
+    }
+
+    /// Whether this is a [`RingMsg::hello`] (of `from`).
+    pub fn is_hello(self) -> bool {
+        self.from == self.to && self.from != 0
+    }
+
+    /// The record for the ring of `bell`.
+    pub fn of(bell: &Bell) -> RingMsg {
+        RingMsg {
+            from: bell.from(),
+            to: bell.to(),
+        }
+    }
+
+    /// The four bytes; `None` for ids that no window has (256 and up).
+    pub fn encode(self) -> Option<[u8; Self::LEN]> {
+        let from = u8::try_from(self.from).ok()?;
+        let to = u8::try_from(self.to).ok()?;
+        Some([Self::MAGIC, from, to, Self::check(from, to)])
+    }
+
+    /// Takes every whole record off the front of `buf`, leaving a partial
+    /// one for the next read. Bytes that do not start a valid record are
+    /// skipped one at a time; returns the records and how many bytes were
+    /// skipped.
+    pub fn drain(buf: &mut Vec<u8>) -> (Vec<RingMsg>, usize) {
+        let mut out = Vec::new();
+        let mut skipped = 0;
+        let mut i = 0;
+        while buf.len() - i >= Self::LEN {
+            let r = &buf[i..i + Self::LEN];
+            if r[0] == Self::MAGIC && r[3] == Self::check(r[1], r[2]) {
+                out.push(RingMsg {
+                    from: u16::from(r[1]),
+                    to: u16::from(r[2]),
+                });
+                i += Self::LEN;
+            } else {
+                skipped += 1;
+                i += 1;
+            }
+        }
+        buf.drain(..i);
+        (out, skipped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_records_round_trip_and_resynchronise() {
+        let a = RingMsg { from: 1, to: 2 }.encode().unwrap();
+        let b = RingMsg { from: 63, to: 0 }.encode().unwrap();
+        assert_eq!(RingMsg { from: 256, to: 0 }.encode(), None);
+        assert!(RingMsg::QUERY.is_query() && !RingMsg::QUERY.is_hello());
+        assert!(RingMsg::hello(3).is_hello() && !RingMsg::hello(3).is_query());
+        assert!(!RingMsg { from: 1, to: 2 }.is_hello());
+        // Two records, garbage in between, and half a record at the end.
+        let mut buf = a.to_vec();
+        buf.extend_from_slice(&[0xDB, 7, 7]);
+        buf.extend_from_slice(&b);
+        buf.extend_from_slice(&a[..2]);
+        let (got, skipped) = RingMsg::drain(&mut buf);
+        assert_eq!(
+            got,
+            [RingMsg { from: 1, to: 2 }, RingMsg { from: 63, to: 0 }]
+        );
+        assert_eq!(skipped, 3);
+        assert_eq!(buf, a[..2]);
+        buf.extend_from_slice(&a[2..]);
+        assert_eq!(RingMsg::drain(&mut buf).0, [RingMsg { from: 1, to: 2 }]);
+        assert!(buf.is_empty());
+        // A flipped bit in the check is not a record.
+        let mut bad = a.to_vec();
+        bad[3] ^= 1;
+        assert_eq!(RingMsg::drain(&mut bad).0, []);
+    }
+}

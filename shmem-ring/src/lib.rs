@@ -99,7 +99,7 @@ mod window;
 mod loom_model;
 
 pub use channel::{Receiver, RecvSlot, SendSlot, Sender};
-pub use doorbell::{Bell, Doorbell, FutexBell};
+pub use doorbell::{Bell, Doorbell, FutexBell, RingMsg};
 pub use endpoint::{Endpoint, Heartbeat};
 pub use error::{Corruption, Error};
 pub use layout::{

@@ -31,6 +31,8 @@ Environment:
                     cache's
   MKCTL_RAM_DIR     where guest RAM files go (default a directory in /dev/shm)
   MKCTL_QEMU        the QEMU binary (default qemu-system-x86_64)
+  MKCTL_DOORBELL    off: guests get no doorbell port and every ring
+                    receiver polls (default: the daemon relays the rings)
   MK_AGENT          for DSM programs: the agent's socket (see mk.h)
 
 Start with `mkctl plan configs/demo.toml` to see how the demo topology splits

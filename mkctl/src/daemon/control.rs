@@ -207,6 +207,10 @@ pub struct DaemonStatus {
     pub config: Option<PathBuf>,
     pub window: Option<PathBuf>,
     pub instances: Vec<InstanceStatus>,
+    /// What the doorbell relay did since the window was made; `None`
+    /// without a window or with the relay off (`MKCTL_DOORBELL=off`).
+    #[serde(default)]
+    pub doorbell: Option<super::doorbell::RelayStats>,
 }
 
 /// One instance as the daemon sees it.

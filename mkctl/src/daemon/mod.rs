@@ -16,6 +16,7 @@
 
 pub mod client;
 pub mod control;
+pub mod doorbell;
 pub mod error;
 pub mod paths;
 pub mod qmp;

@@ -111,6 +111,11 @@ impl InstanceDir {
     pub fn qmp(&self) -> PathBuf {
         self.0.join("qmp.sock")
     }
+    /// The host end of the guest's doorbell port (QEMU listens, the
+    /// daemon's relay connects).
+    pub fn doorbell(&self) -> PathBuf {
+        self.0.join("doorbell.sock")
+    }
     /// Where QEMU's own stderr goes.
     pub fn qemu_stderr(&self) -> PathBuf {
         self.0.join("qemu.stderr")
@@ -202,6 +207,12 @@ pub fn missing_auto_images<'a>(
 pub fn auto_kernel() -> PathBuf {
     std::env::var_os("MKCTL_KERNEL")
         .map_or_else(|| cache_dir().join("kernel/vmlinuz"), PathBuf::from)
+}
+
+/// The auto kernel's modules the guests load (`qemu/setup.sh`): the
+/// virtio console driver for the doorbell port.
+pub fn auto_kernel_modules() -> PathBuf {
+    cache_dir().join("kernel/modules")
 }
 
 /// The static guest-init: `$MKCTL_GUEST_INIT` or the cache's.

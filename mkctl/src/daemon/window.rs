@@ -1,6 +1,7 @@
 //! The host's side of the shared window: the file every QEMU maps as its
 //! ivshmem BAR, formatted by the daemon, with the host's agent attached as
-//! endpoint 0 and one link per instance.
+//! endpoint 0 and one link per instance, and the doorbell relay that wakes
+//! sleeping receivers across kernels ([`super::doorbell`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +12,8 @@ use std::time::{Duration, Instant};
 use mknode::agent::Agent;
 use mknode::link::RingLink;
 use shmem_ring::{Endpoint, Layout, Liveness, PeerState, Window};
+
+use super::doorbell::Relay;
 
 /// How often the host beats (peers call it silent after 200 ms).
 const BEAT: Duration = Duration::from_millis(50);
@@ -45,6 +48,8 @@ pub enum WindowError {
 pub struct HostWindow {
     pub agent: Arc<Agent>,
     endpoint: Endpoint,
+    /// `None` when the doorbell is off (`MKCTL_DOORBELL=off`).
+    relay: Option<Relay>,
     endpoints: u16,
     stop: Arc<AtomicBool>,
 }
@@ -79,9 +84,11 @@ impl HostWindow {
         let layout = Layout::for_size(size, endpoints).map_err(ring)?;
         let window = Window::format_at(path, 0, size, layout).map_err(ring)?;
         // Every peer of the daemon's endpoint is a guest, which no futex
-        // reaches: poll (the guests' relay doorbell is not there yet).
+        // reaches: the relay carries the rings over each guest's doorbell
+        // port. Without it (MKCTL_DOORBELL=off) the receivers poll.
+        let relay = super::doorbell::enabled().then(|| Relay::new(window.clone()));
         let endpoint = window
-            .attach_with_doorbell(0, Liveness::default(), None)
+            .attach_with_doorbell(0, Liveness::default(), relay.as_ref().map(Relay::host_bell))
             .map_err(ring)?;
         let stop = Arc::new(AtomicBool::new(false));
         let beat = endpoint.heartbeat_handle();
@@ -106,6 +113,7 @@ impl HostWindow {
         Ok(HostWindow {
             agent,
             endpoint,
+            relay,
             endpoints,
             stop,
         })
@@ -136,6 +144,12 @@ impl HostWindow {
             .map_err(|source| WindowError::Channel { id, source })?;
         self.agent.add_link(id, Arc::new(link));
         result
+    }
+
+    /// The doorbell relay, unless it is off (`MKCTL_DOORBELL=off`): then
+    /// machines get no doorbell port and every receiver polls.
+    pub fn relay(&self) -> Option<&Relay> {
+        self.relay.as_ref()
     }
 
     fn state(&self, id: u16) -> Option<shmem_ring::PeerStatus> {

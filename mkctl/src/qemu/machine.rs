@@ -89,7 +89,16 @@ pub struct MachineSpec {
     pub console: Console,
     /// QMP socket, if any.
     pub qmp: Option<PathBuf>,
+    /// The doorbell: a Unix socket QEMU listens on, wired to a
+    /// virtio-serial port named [`DOORBELL_PORT`] in the guest, through
+    /// which the daemon relays the rings of the window's links
+    /// (`guest-init/src/doorbell.rs`); `None` for no such port.
+    pub doorbell: Option<PathBuf>,
 }
+
+/// The name of the guest's doorbell port (`virtserialport,name=`); the
+/// guest finds its port by it.
+pub const DOORBELL_PORT: &str = "org.mkctl.doorbell";
 
 /// A [`MachineSpec`] QEMU would refuse or that would not do what it says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -185,6 +194,7 @@ impl MachineSpec {
                 socket: None,
             },
             qmp: None,
+            doorbell: None,
         }
     }
 
@@ -271,9 +281,13 @@ impl MachineSpec {
                 return Err(MachineError::BadWindowSize(w.size));
             }
         }
-        for sock in [self.console.socket.as_ref(), self.qmp.as_ref()]
-            .into_iter()
-            .flatten()
+        for sock in [
+            self.console.socket.as_ref(),
+            self.qmp.as_ref(),
+            self.doorbell.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let len = sock.as_os_str().len();
             if len > MAX_SOCKET_PATH {
@@ -382,6 +396,36 @@ impl MachineSpec {
                     "ivshmem-plain".into(),
                     "id=mkwin-dev".into(),
                     "memdev=mkwin".into(),
+                ],
+            );
+        }
+
+        if let Some(sock) = &self.doorbell {
+            // The doorbell: a virtio-serial port whose host end is a socket
+            // the daemon connects to. (ivshmem-doorbell's interrupts are
+            // MSI-X only, which guest user space cannot wait on here:
+            // qemu/README.md.)
+            a.opt(
+                "-chardev",
+                [
+                    "socket".into(),
+                    "id=mkbell".into(),
+                    kv("path", sock.as_os_str()),
+                    "server=on".into(),
+                    "wait=off".into(),
+                ],
+            );
+            a.opt(
+                "-device",
+                ["virtio-serial-pci".into(), "id=mkbell-bus".into()],
+            );
+            a.opt(
+                "-device",
+                [
+                    "virtserialport".into(),
+                    "bus=mkbell-bus.0".into(),
+                    "chardev=mkbell".into(),
+                    format!("name={DOORBELL_PORT}").into(),
                 ],
             );
         }
@@ -590,6 +634,7 @@ mod tests {
         });
         m.console.socket = Some(PathBuf::from("/r/alpha/console.sock"));
         m.qmp = Some(PathBuf::from("/r/alpha/qmp.sock"));
+        m.doorbell = Some(PathBuf::from("/r/alpha/doorbell.sock"));
         m
     }
 
@@ -615,6 +660,9 @@ mod tests {
             "-numa", "node,nodeid=1,cpus=1,memdev=ram-node1",
             "-object", "memory-backend-file,id=mkwin,size=16777216,mem-path=/r/window,share=on",
             "-device", "ivshmem-plain,id=mkwin-dev,memdev=mkwin",
+            "-chardev", "socket,id=mkbell,path=/r/alpha/doorbell.sock,server=on,wait=off",
+            "-device", "virtio-serial-pci,id=mkbell-bus",
+            "-device", "virtserialport,bus=mkbell-bus.0,chardev=mkbell,name=org.mkctl.doorbell",
             "-kernel", "/c/kernel/vmlinuz",
             "-initrd", "/r/alpha/initrd.cpio",
             "-append", "console=ttyS0 panic=-1 mk.name=alpha mk.id=1",
@@ -658,6 +706,7 @@ mod tests {
         assert!(argv.contains("-chardev file,id=con0,path=/log"), "{argv}");
         assert!(!argv.contains("ivshmem"), "{argv}");
         assert!(!argv.contains("-mon"), "{argv}");
+        assert!(!argv.contains("virtio-serial"), "{argv}");
         assert!(!argv.contains("-numa"), "{argv}");
     }
 
@@ -709,6 +758,10 @@ mod tests {
         );
         check(
             &|m| m.qmp = Some(PathBuf::from(format!("/{}", "x".repeat(120)))),
+            "at most 107",
+        );
+        check(
+            &|m| m.doorbell = Some(PathBuf::from(format!("/{}", "x".repeat(120)))),
             "at most 107",
         );
     }

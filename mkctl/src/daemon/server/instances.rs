@@ -87,7 +87,13 @@ impl Daemon {
         let window = self.ensure_window(&t)?;
         let initramfs = self.run.initramfs();
         if selected.iter().any(|i| i.initrd == ImageSpec::Auto) {
-            Initramfs::for_topology(&paths::guest_init(), &t.files)?.write_file(&initramfs)?;
+            let mut ir = Initramfs::for_topology(&paths::guest_init(), &t.files)?;
+            // The doorbell port's driver, built for the auto kernel (with
+            // another kernel it fails to load and those guests poll).
+            if window.relay().is_some() {
+                ir.kernel_modules(&paths::auto_kernel_modules())?;
+            }
+            ir.write_file(&initramfs)?;
         }
         {
             let mut reg = self.registry();
@@ -251,6 +257,7 @@ impl Daemon {
         });
         spec.console.socket = Some(dir.console_socket());
         spec.qmp = Some(dir.qmp());
+        spec.doorbell = window.relay().map(|_| dir.doorbell());
         let mut cmd = spec.command()?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(
             std::fs::File::create(dir.qemu_stderr())
@@ -278,6 +285,14 @@ impl Daemon {
                 source,
             })?;
         let pid = child.id();
+        if let (Some(relay), Some(sock)) = (window.relay(), &spec.doorbell) {
+            if let Err(e) = relay.attach(id, sock) {
+                progress(
+                    &i.name,
+                    &format!("no doorbell relay, its receivers poll: {e}"),
+                );
+            }
+        }
         progress(
             &i.name,
             &format!(
@@ -438,6 +453,7 @@ impl Daemon {
             run_dir: self.run.path().to_path_buf(),
             config: reg.config.clone(),
             window: window.as_ref().map(|_| self.run.window()),
+            doorbell: window.as_ref().and_then(|w| w.relay()).map(|r| r.stats()),
             instances: reg
                 .instances
                 .values()
