@@ -30,6 +30,11 @@ use crate::units::CpuSet;
 
 /// How often the monitor looks at QEMU processes and heartbeats.
 const MONITOR_PERIOD: Duration = Duration::from_millis(250);
+/// How long a guest's heartbeat must have stopped before the instance is
+/// `failed`: as long as its agents wait before they call a peer lost (the
+/// ring's 2 s, then 3 s more): a TCG guest starved of CPU on a loaded host
+/// goes quiet for seconds and comes back (seen: 2.0 s under load ~6).
+const HUNG_AFTER: Duration = Duration::from_secs(5);
 
 impl Daemon {
     pub(super) fn boot(
@@ -426,7 +431,11 @@ impl Daemon {
                     }
                 }
                 if inst.state.on_heartbeat_lost() != inst.state {
-                    if let Some(quiet) = window.as_ref().and_then(|w| w.peer_dead(inst.id)) {
+                    if let Some(quiet) = window
+                        .as_ref()
+                        .and_then(|w| w.peer_dead(inst.id))
+                        .filter(|q| *q >= HUNG_AFTER)
+                    {
                         inst.fail(format!(
                             "heartbeat stopped {:.1} s ago",
                             quiet.as_secs_f64()
