@@ -215,6 +215,41 @@ fn demo_topology_end_to_end() {
     }
     assert_ne!(m.run(&["exec", "alpha", "--", "true"]).code, 0);
 
+    // A failed instance boots again; so does one whose QEMU was killed a
+    // moment ago, before the daemon's monitor looked (the boot looks at
+    // the QEMU first instead of calling it "already ready").
+    for round in 0..2 {
+        if round == 1 {
+            let pid = instance(&status(&m), "alpha")["pid"]
+                .as_u64()
+                .expect("alpha's pid");
+            std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap();
+            // Dead (a zombie until the daemon reaps it), not yet noticed.
+            let t = Instant::now();
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+            {
+                assert!(t.elapsed() < Duration::from_secs(5), "QEMU {pid} lives on");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let r = m.run(&["boot", &demo()]).ok();
+        let said = format!("{}{}", r.text(), r.stderr);
+        assert!(
+            !said.contains("alpha already ready"),
+            "round {round}: {said}"
+        );
+        assert_eq!(
+            instance(&status(&m), "alpha")["state"],
+            "ready",
+            "round {round}"
+        );
+        assert_eq!(sh(&m, "alpha", "echo back").trim(), "back");
+    }
+
     // Stopping the daemon leaves no QEMU behind.
     m.run(&["daemon", "stop"]).ok();
     assert!(m.qemu_pids().is_empty(), "QEMU left: {:?}", m.qemu_pids());

@@ -80,6 +80,7 @@ impl Daemon {
                 name: k.name.clone(),
             });
         }
+        self.notice(false);
         let (selected, already) = self.registry().admit_boot(&config, selected)?;
         if selected.is_empty() {
             return Ok(Reply::Ok {
@@ -411,38 +412,47 @@ impl Daemon {
     pub(super) fn monitor(self: Arc<Self>) {
         while !self.stopping() {
             thread::sleep(MONITOR_PERIOD);
-            let window = self
-                .window
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            let mut reg = self.registry();
-            for inst in reg.instances.values_mut() {
-                if let Some(child) = inst.child.as_mut() {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        inst.child = None;
-                        if inst.state.on_process_exit() == State::Failed {
-                            inst.fail(format!("qemu exited unexpectedly ({status})"));
-                            if let Some(w) = &window {
-                                w.agent.fail_peer(inst.id, "its QEMU exited");
-                            }
-                        }
-                        continue;
-                    }
-                }
-                if inst.state.on_heartbeat_lost() != inst.state {
-                    if let Some(quiet) = window
-                        .as_ref()
-                        .and_then(|w| w.peer_dead(inst.id))
-                        .filter(|q| *q >= HUNG_AFTER)
-                    {
-                        inst.fail(format!(
-                            "heartbeat stopped {:.1} s ago",
-                            quiet.as_secs_f64()
-                        ));
+            self.notice(true);
+        }
+    }
+
+    /// Marks `failed` every instance whose QEMU exited unexpectedly and,
+    /// with `heartbeats`, every one whose heartbeat stopped for
+    /// [`HUNG_AFTER`]. The monitor does this every [`MONITOR_PERIOD`]; a
+    /// boot does it first, so a guest whose QEMU was just killed is booted
+    /// again instead of called "already ready".
+    fn notice(&self, heartbeats: bool) {
+        let window = self
+            .window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut reg = self.registry();
+        for inst in reg.instances.values_mut() {
+            if let Some(child) = inst.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    inst.child = None;
+                    if inst.state.on_process_exit() == State::Failed {
+                        inst.fail(format!("qemu exited unexpectedly ({status})"));
                         if let Some(w) = &window {
-                            w.agent.fail_peer(inst.id, "its heartbeat stopped");
+                            w.agent.fail_peer(inst.id, "its QEMU exited");
                         }
+                    }
+                    continue;
+                }
+            }
+            if heartbeats && inst.state.on_heartbeat_lost() != inst.state {
+                if let Some(quiet) = window
+                    .as_ref()
+                    .and_then(|w| w.peer_dead(inst.id))
+                    .filter(|q| *q >= HUNG_AFTER)
+                {
+                    inst.fail(format!(
+                        "heartbeat stopped {:.1} s ago",
+                        quiet.as_secs_f64()
+                    ));
+                    if let Some(w) = &window {
+                        w.agent.fail_peer(inst.id, "its heartbeat stopped");
                     }
                 }
             }
