@@ -508,3 +508,51 @@ fn interval_timers_go_on() {
     .unwrap();
     let _ = r.wait();
 }
+
+/// An eventfd moves with its counter, semaphore mode and O_NONBLOCK.
+#[test]
+fn an_eventfd_keeps_its_counter() {
+    let dir = Scratch::new("host_checkpoint_eventfd");
+    let (mut child, _rx) = mkcounter_running("", "--mem 1M --interval-ms 5 --eventfd 42");
+    let pid = child.id();
+    let img = dir.join("eventfd.img");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.wait();
+    let mut r = mkctl()
+        .args(["restore", "--on", "host"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mkctl restore");
+    let (_rx2, _err, _, new_pid) = restoring(&mut r);
+    let fd = std::fs::read_dir(format!("/proc/{new_pid}/fd"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy() == "anon_inode:[eventfd]")
+        })
+        .expect("an eventfd in the restored process")
+        .file_name();
+    let info = std::fs::read_to_string(format!("/proc/{new_pid}/fdinfo/{}", fd.to_string_lossy()))
+        .unwrap();
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("eventfd-count:"), "2a", "{info}");
+    assert_eq!(field("eventfd-semaphore:"), "1", "{info}");
+    let flags = u32::from_str_radix(&field("flags:"), 8).unwrap();
+    assert_ne!(flags & nix::libc::O_NONBLOCK as u32, 0, "{info}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = r.wait();
+}

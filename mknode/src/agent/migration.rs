@@ -512,6 +512,8 @@ impl Migration {
         let files = migrate::files_of(pid).unwrap_or_default();
         let (paths, devices): (Vec<String>, Vec<bool>) = files
             .into_iter()
+            // Recreated, not opened: nothing to ask.
+            .filter(|(_, kind)| *kind != migrate::FileKind::Eventfd)
             .map(|(path, kind)| (path, kind == migrate::FileKind::Device))
             .unzip();
         let Ok(Msg::RestoreProbed { problems, .. }) =

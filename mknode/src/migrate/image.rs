@@ -151,7 +151,13 @@ pub enum FileKind {
     Regular,
     /// `/dev/null`, `/dev/zero`, `/dev/random` or `/dev/urandom`.
     Device,
+    /// An eventfd (path [`EVENTFD`]): recreated with its counter (in
+    /// `size`) and semaphore mode (`mtime_ns` 1).
+    Eventfd,
 }
+
+/// What `/proc/pid/fd` says an eventfd is open on.
+pub const EVENTFD: &str = "anon_inode:[eventfd]";
 
 /// A descriptor open on a file, carried by path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -593,6 +599,7 @@ impl<W: Write> ImageWriter<W> {
             w.u8(match f.kind {
                 FileKind::Regular => 0,
                 FileKind::Device => 1,
+                FileKind::Eventfd => 2,
             });
             w.le(f.flags);
             w.le(f.pos);
@@ -1458,6 +1465,7 @@ fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>,
         let kind = match c.u8()? {
             0 => FileKind::Regular,
             1 => FileKind::Device,
+            2 => FileKind::Eventfd,
             k => {
                 return Err(ImageError::Bound {
                     at,
@@ -1476,7 +1484,11 @@ fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>,
         }
         let (pos, size, mtime_ns) = (c.u64()?, c.u64()?, c.u64()?);
         let path = c.str(MAX_NAME, "file path length")?;
-        if !path.starts_with('/') || path.contains('\0') {
+        if kind == FileKind::Eventfd {
+            if path != EVENTFD || mtime_ns > 1 || size == u64::MAX {
+                return Err(invalid(format!("fd {fd}: not an eventfd as carried")));
+            }
+        } else if !path.starts_with('/') || path.contains('\0') {
             return Err(invalid(format!(
                 "fd {fd}: {path:?} is not an absolute path"
             )));
@@ -1853,6 +1865,10 @@ pub(crate) mod tests {
             ),
             ("fd too high", Box::new(|p| p.files[0].fd = MAX_FD)),
             ("timer 3", Box::new(|p| p.itimers[0].0 = 3)),
+            (
+                "eventfd on a path",
+                Box::new(|p| p.files[1].kind = FileKind::Eventfd),
+            ),
             ("a timer twice", Box::new(|p| p.itimers[1].0 = 0)),
             (
                 "usec past a second",

@@ -6,7 +6,7 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 
-use super::image::{FileKind, OpenFile, StdioKind, DEVICES, FILE_FLAGS, MAX_FILES};
+use super::image::{FileKind, OpenFile, StdioKind, DEVICES, EVENTFD, FILE_FLAGS, MAX_FILES};
 use super::procfs::{MapsEntry, ProcDir};
 
 /// One reason a process cannot be migrated.
@@ -117,11 +117,11 @@ fn join(b: &[Blocker]) -> String {
         .join("; ");
     if b.iter().any(|x| matches!(x, Blocker::Stdio { .. })) {
         s.push_str(
-            " (fds 0-2 must be pipes, ttys, regular files or /dev/null, zero, random, urandom)",
+            " (fds 0-2 must be pipes, ttys, regular files, eventfds or /dev/null, zero, random, urandom)",
         );
     }
     if b.iter().any(|x| matches!(x, Blocker::OpenFd { .. })) {
-        s.push_str(" (descriptors are carried when open on regular files or /dev/null, zero, random, urandom)");
+        s.push_str(" (descriptors are carried when open on regular files, eventfds or /dev/null, zero, random, urandom)");
     }
     if b.iter().any(|x| matches!(x, Blocker::DeletedFile { .. })) {
         s.push_str(" (deleted files are not carried: their content exists nowhere else)");
@@ -161,6 +161,8 @@ pub(crate) fn stdio_kind(target: &str) -> Option<StdioKind> {
 pub(crate) fn carried_file(target: &str) -> Option<FileKind> {
     if DEVICES.contains(&target) {
         Some(FileKind::Device)
+    } else if target == EVENTFD {
+        Some(FileKind::Eventfd)
     } else if target.starts_with('/')
         && !target.starts_with("/dev/")
         && !target.ends_with(" (deleted)")
@@ -192,7 +194,7 @@ fn sort_fds(pd: &ProcDir, stat: bool, blockers: &mut Vec<Blocker>) -> io::Result
             }
         }
         let kind = carried_file(&target).filter(|k| {
-            *k == FileKind::Device || !stat || pd.fd_metadata(fd).is_ok_and(|m| m.is_file())
+            *k != FileKind::Regular || !stat || pd.fd_metadata(fd).is_ok_and(|m| m.is_file())
         });
         match kind {
             Some(k) => {
@@ -252,6 +254,7 @@ pub(crate) fn open_files(pd: &ProcDir) -> io::Result<([StdioKind; 3], Vec<OpenFi
         let ok = match kind {
             FileKind::Regular => m.is_file(),
             FileKind::Device => m.file_type().is_char_device(),
+            FileKind::Eventfd => path == EVENTFD,
         };
         if !ok {
             return Err(io::Error::other(format!("fd {fd} ({path}) changed kind")));
@@ -264,6 +267,20 @@ pub(crate) fn open_files(pd: &ProcDir) -> io::Result<([StdioKind; 3], Vec<OpenFi
                     .saturating_add(m.mtime_nsec() as u64),
             ),
             FileKind::Device => (0, 0),
+            FileKind::Eventfd => {
+                let count = pd
+                    .fdinfo_field(fd, "eventfd-count:")?
+                    .and_then(|v| u64::from_str_radix(&v, 16).ok());
+                let sem = pd.fdinfo_field(fd, "eventfd-semaphore:")?;
+                match (count, sem.as_deref()) {
+                    (Some(c), Some(s @ ("0" | "1"))) => (c, u64::from(s == "1")),
+                    _ => {
+                        return Err(io::Error::other(format!(
+                            "fd {fd} is an eventfd and this kernel's fdinfo does not say its count and whether it is a semaphore (Linux 6.7 or later does)"
+                        )))
+                    }
+                }
+            }
         };
         files.push(OpenFile {
             fd: fd as u32,
@@ -446,7 +463,7 @@ mod tests {
         );
         let d = tree(
             &[
-                ("1", "anon_inode:[eventfd]"),
+                ("1", "anon_inode:[signalfd]"),
                 ("3", "socket:[77]"),
                 ("4", "anon_inode:[timerfd]"),
                 ("5", "/tmp/gone (deleted)"),
@@ -461,9 +478,9 @@ mod tests {
         let e = check_at(d.path(), 7, 1).unwrap_err();
         let msg = e.to_string();
         for want in [
-            "fd 1 is anon_inode:[eventfd];",
-            "(fds 0-2 must be pipes, ttys, regular files or /dev/null, zero, random, urandom)",
-            "(descriptors are carried when open on regular files or /dev/null, zero, random, urandom)",
+            "fd 1 is anon_inode:[signalfd];",
+            "(fds 0-2 must be pipes, ttys, regular files, eventfds or /dev/null, zero, random, urandom)",
+            "(descriptors are carried when open on regular files, eventfds or /dev/null, zero, random, urandom)",
             "fd 3 is a socket (socket:[77])",
             "fd 4 is open (anon_inode:[timerfd])",
             "fd 5 is open on a deleted file (/tmp/gone (deleted))",
@@ -489,6 +506,7 @@ mod tests {
                 ("2", "/dev/null"),
                 ("3", "/etc/passwd"),
                 ("9", "/dev/random"),
+                ("10", "anon_inode:[eventfd]"),
             ],
             OK_MAPS,
             "",

@@ -303,6 +303,15 @@ impl ProcDir {
         }
     }
 
+    /// The value after `name` in `fdinfo/<fd>`, if that line is there.
+    pub(crate) fn fdinfo_field(&self, fd: i32, name: &str) -> io::Result<Option<String>> {
+        let text = fs::read_to_string(self.path(&format!("fdinfo/{fd}")))?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string()))
+    }
+
     /// What `fd/<fd>` is open on (the link followed).
     pub(crate) fn fd_metadata(&self, fd: i32) -> io::Result<fs::Metadata> {
         fs::metadata(self.path(&format!("fd/{fd}")))

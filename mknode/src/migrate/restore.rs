@@ -304,7 +304,6 @@ type OpenedFiles = (Vec<OwnedFd>, Vec<(i32, i32, bool)>, i32);
 
 fn open_files(files: &[OpenFile]) -> Result<OpenedFiles, RestoreError> {
     use std::os::fd::FromRawFd;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let keep_below = files
         .iter()
         .map(|f| f.fd as i32 + 1)
@@ -319,50 +318,11 @@ fn open_files(files: &[OpenFile]) -> Result<OpenedFiles, RestoreError> {
             path: f.path.clone(),
             why,
         };
-        let acc = f.flags & libc::O_ACCMODE as u32;
-        let rest = f.flags & !(libc::O_ACCMODE as u32 | libc::O_CLOEXEC as u32);
-        let file = File::options()
-            .read(acc != libc::O_WRONLY as u32)
-            .write(acc != libc::O_RDONLY as u32)
-            .custom_flags(rest as i32 | libc::O_NOCTTY)
-            .open(&f.path)
-            .map_err(|e| fail(e.to_string()))?;
-        let m = file.metadata().map_err(|e| fail(e.to_string()))?;
-        match f.kind {
-            FileKind::Regular => {
-                if !m.is_file() {
-                    return Err(fail("it is not a regular file here".into()));
-                }
-                let mtime = (m.mtime() as u64)
-                    .saturating_mul(1_000_000_000)
-                    .saturating_add(m.mtime_nsec() as u64);
-                if m.len() != f.size || mtime != f.mtime_ns {
-                    return Err(fail(format!(
-                        "it is not the same file (size {} and mtime {} ns here, {} and {} when frozen)",
-                        m.len(),
-                        mtime,
-                        f.size,
-                        f.mtime_ns
-                    )));
-                }
-            }
-            FileKind::Device => {
-                use std::os::unix::fs::FileTypeExt;
-                if !m.file_type().is_char_device() {
-                    return Err(fail("it is not a character device here".into()));
-                }
-            }
-        }
-        if f.pos != 0 {
-            let pos = i64::try_from(f.pos).map_err(|_| fail(format!("offset {}", f.pos)))?;
-            // SAFETY: lseek on a descriptor we own.
-            if unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_SET) } < 0 {
-                return Err(fail(format!(
-                    "seeking to {pos}: {}",
-                    io::Error::last_os_error()
-                )));
-            }
-        }
+        let file: OwnedFd = if f.kind == FileKind::Eventfd {
+            eventfd(f).map_err(|e| fail(e.to_string()))?
+        } else {
+            open_by_path(f, &fail)?
+        };
         // Above every target, so the stub's dup2s clobber no source.
         // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one.
         let high = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, keep_below) };
@@ -375,6 +335,90 @@ fn open_files(files: &[OpenFile]) -> Result<OpenedFiles, RestoreError> {
         plan.push((high, f.fd as i32, f.flags & libc::O_CLOEXEC as u32 != 0));
     }
     Ok((owned, plan, keep_below))
+}
+
+/// An eventfd as it was: its counter and semaphore mode (`OpenFile::size`,
+/// `mtime_ns`), non-blocking if it was.
+fn eventfd(f: &OpenFile) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let mut flags = libc::EFD_CLOEXEC;
+    if f.flags & libc::O_NONBLOCK as u32 != 0 {
+        flags |= libc::EFD_NONBLOCK;
+    }
+    if f.mtime_ns == 1 {
+        flags |= libc::EFD_SEMAPHORE;
+    }
+    // SAFETY: eventfd returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, ours alone.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    if f.size != 0 {
+        // The initial value is 32 bits; a write adds the whole 64-bit count.
+        let b = f.size.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local to our descriptor.
+        if unsafe { libc::write(fd, b.as_ptr().cast(), 8) } != 8 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(owned)
+}
+
+/// A regular file or device reopened by path, with its flags, offset, and
+/// (a regular file) the check that it is the same file.
+fn open_by_path(
+    f: &OpenFile,
+    fail: &dyn Fn(String) -> RestoreError,
+) -> Result<OwnedFd, RestoreError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let acc = f.flags & libc::O_ACCMODE as u32;
+    let rest = f.flags & !(libc::O_ACCMODE as u32 | libc::O_CLOEXEC as u32);
+    let file = File::options()
+        .read(acc != libc::O_WRONLY as u32)
+        .write(acc != libc::O_RDONLY as u32)
+        .custom_flags(rest as i32 | libc::O_NOCTTY)
+        .open(&f.path)
+        .map_err(|e| fail(e.to_string()))?;
+    let m = file.metadata().map_err(|e| fail(e.to_string()))?;
+    match f.kind {
+        FileKind::Eventfd => {}
+        FileKind::Regular => {
+            if !m.is_file() {
+                return Err(fail("it is not a regular file here".into()));
+            }
+            let mtime = (m.mtime() as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec() as u64);
+            if m.len() != f.size || mtime != f.mtime_ns {
+                return Err(fail(format!(
+                    "it is not the same file (size {} and mtime {} ns here, {} and {} when frozen)",
+                    m.len(),
+                    mtime,
+                    f.size,
+                    f.mtime_ns
+                )));
+            }
+        }
+        FileKind::Device => {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_char_device() {
+                return Err(fail("it is not a character device here".into()));
+            }
+        }
+    }
+    if f.pos != 0 {
+        let pos = i64::try_from(f.pos).map_err(|_| fail(format!("offset {}", f.pos)))?;
+        // SAFETY: lseek on a descriptor we own.
+        if unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_SET) } < 0 {
+            return Err(fail(format!(
+                "seeking to {pos}: {}",
+                io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(file.into())
 }
 
 /// What the stub writes to its time namespace's `timens_offsets` so that

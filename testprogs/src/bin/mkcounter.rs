@@ -16,6 +16,9 @@
 //! checksum it throws away): a lazily migrated copy then faults on pages
 //! all the time while the rest are pushed.
 //!
+//! With `--eventfd N`, an eventfd (non-blocking, semaphore mode) with the
+//! counter N stays open, for a move to carry.
+//!
 //! With `--alarm-ms MS`, an interval timer (`setitimer(ITIMER_REAL)`)
 //! fires every MS and the lines end with `alarms=<count>`.
 //!
@@ -33,7 +36,7 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--scan]"
+        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--scan]"
     );
     std::process::exit(2)
 }
@@ -58,6 +61,16 @@ fn main() {
             "--interval-ms" => interval = v.parse().unwrap_or_else(|_| usage()),
             "--join-after-ms" => join_after = Some(v.parse().unwrap_or_else(|_| usage())),
             "--alarm-ms" => alarm_ms = Some(v.parse().unwrap_or_else(|_| usage())),
+            "--eventfd" => {
+                let n: u32 = v.parse().unwrap_or_else(|_| usage());
+                // SAFETY: eventfd returns a new descriptor, kept open for
+                // the life of the process (a move must carry it).
+                let fd = unsafe { libc::eventfd(n, libc::EFD_NONBLOCK | libc::EFD_SEMAPHORE) };
+                if fd < 0 {
+                    eprintln!("mkcounter: eventfd: {}", std::io::Error::last_os_error());
+                    std::process::exit(1);
+                }
+            }
             _ => usage(),
         }
     }
