@@ -276,7 +276,7 @@ pub(crate) fn open_files(pd: &ProcDir) -> io::Result<([StdioKind; 3], Vec<OpenFi
                     (Some(c), Some(s @ ("0" | "1"))) => (c, u64::from(s == "1")),
                     _ => {
                         return Err(io::Error::other(format!(
-                            "fd {fd} is an eventfd and this kernel's fdinfo does not say its count and whether it is a semaphore (Linux 6.7 or later does)"
+                            "fd {fd} is an eventfd and this kernel's fdinfo does not say its count and whether it is a semaphore (newer kernels do; the Debian 6.1 guests do not)"
                         )))
                     }
                 }
