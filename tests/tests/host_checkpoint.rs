@@ -427,10 +427,13 @@ fn clocks_go_on_from_where_they_stopped() {
     let dir = Scratch::new("host_checkpoint_clocks");
     let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 5");
     let pid = child.id();
+    // A value seen before the save (the lines read so far are gone).
+    let mut last = until(&rx, |l| mono_ms(l).is_some())
+        .iter()
+        .find_map(|l| mono_ms(l));
     let img = dir.join("clocks.img");
     let out = checkpoint(pid, true, &img);
     assert!(out.status.success(), "{out:?}");
-    let mut last = None;
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
         last = mono_ms(&l).or(last);
     }
@@ -480,10 +483,12 @@ fn interval_timers_go_on() {
     let dir = Scratch::new("host_checkpoint_itimer");
     let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 5 --alarm-ms 20");
     let pid = child.id();
+    let mut last = until(&rx, |l| alarms(l).is_some_and(|a| a > 0))
+        .iter()
+        .find_map(|l| alarms(l));
     let img = dir.join("itimer.img");
     let out = checkpoint(pid, true, &img);
     assert!(out.status.success(), "{out:?}");
-    let mut last = None;
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
         last = alarms(&l).or(last);
     }
