@@ -8,7 +8,7 @@
  * on it behave as threads of one machine would.
  *
  * A process talks to the agent of the kernel it runs on, over a Unix
- * socket: $MK_AGENT if set, else /run/mk/agent.sock (a guest kernel), else
+ * socket: $MK_AGENT if set and not empty, else /run/mk/agent.sock (a guest kernel), else
  * $MKCTL_RUN_DIR/agent.sock or /run/mkctl/agent.sock (the host, while the
  * mkctl daemon runs). The process needs the right to create a userfaultfd:
  * root, CAP_SYS_PTRACE, or vm.unprivileged_userfaultfd = 1.

@@ -170,5 +170,17 @@ fn failures_come_back_as_null_and_errno() {
         .output()
         .expect("counter");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success() && text.contains("errno 2)"), "{text}");
+    assert!(!out.status.success() && text.contains("errno 2)"), "{text}"); // An empty MK_AGENT counts as unset: the host's run directory is used.
+    let run_dir = k.dir.path().join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::os::unix::fs::symlink(k.dir.path().join("agent0.sock"), run_dir.join("agent.sock"))
+        .unwrap();
+    let out = Command::new(counter())
+        .args(["empty-env", "5"])
+        .env("MK_AGENT", "")
+        .env("MKCTL_RUN_DIR", &run_dir)
+        .output()
+        .expect("counter");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
 }

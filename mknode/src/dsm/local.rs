@@ -2,7 +2,7 @@
 //! served by the agent, one connection per process, kept open while the
 //! process lives (when it closes, the agent drops the process's mappings).
 //!
-//! Where the socket is: `$MK_AGENT` if set; else the first that exists of
+//! Where the socket is: `$MK_AGENT` if set and not empty; else the first that exists of
 //! `/run/mk/agent.sock` (a guest: guest-init's agent),
 //! `$MKCTL_RUN_DIR/agent.sock` and `/run/mkctl/agent.sock` (the host: the
 //! daemon's agent).
@@ -43,13 +43,15 @@ pub const ENV: &str = "MK_AGENT";
 /// Where a guest kernel's agent (guest-init) serves its processes.
 pub const GUEST_SOCKET: &str = "/run/mk/agent.sock";
 
-/// Where a process looks for its agent.
+/// Where a process looks for its agent. An empty variable counts as unset
+/// (`MK_AGENT= prog` in a shell; an empty path could only fail).
 pub fn agent_path() -> PathBuf {
-    if let Some(p) = std::env::var_os(ENV) {
+    let set = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(p) = set(ENV) {
         return PathBuf::from(p);
     }
     let mut candidates = vec![PathBuf::from(GUEST_SOCKET)];
-    if let Some(d) = std::env::var_os("MKCTL_RUN_DIR") {
+    if let Some(d) = set("MKCTL_RUN_DIR") {
         candidates.push(Path::new(&d).join("agent.sock"));
     }
     candidates.push(PathBuf::from("/run/mkctl/agent.sock"));
