@@ -123,6 +123,28 @@ fn restoring(r: &mut Child) -> (Receiver<String>, BufReader<ChildStderr>, String
     (out, err, said, pid)
 }
 
+/// `mkctl restore --on host <img>` running, its output piped.
+fn restore_running(img: &std::path::Path) -> Child {
+    mkctl()
+        .args(["restore", "--on", "host"])
+        .arg(img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mkctl restore")
+}
+
+/// SIGTERM to a running `mkctl restore` (it passes it on), then its end.
+fn end(r: &mut Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = r.wait();
+}
+
 /// `mkctl checkpoint <pid> --on host [--kill] -o <img>`.
 fn checkpoint(pid: u32, kill: bool, img: &std::path::Path) -> std::process::Output {
     let mut c = mkctl();
@@ -167,14 +189,7 @@ fn checkpoint_and_restore_on_the_host() {
     assert!(!img.with_extension("partial").exists());
 
     // Restored here: the next line is the next number.
-    let mut r = mkctl()
-        .args(["restore", "--on", "host"])
-        .arg(&img)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mkctl restore");
+    let mut r = restore_running(&img);
     let (rx2, mut err, _, new_pid) = restoring(&mut r);
     let got = until(&rx2, |l| seq(l).is_some());
     assert_eq!(
@@ -354,14 +369,7 @@ fn files_on_any_descriptor_are_carried() {
     let _ = child.wait();
     let last = last_seq_in(&log);
 
-    let mut r = mkctl()
-        .args(["restore", "--on", "host"])
-        .arg(&img)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mkctl restore");
+    let mut r = restore_running(&img);
     let (_, _err, said, new_pid) = restoring(&mut r);
     let fd = |n: u32| std::fs::read_link(format!("/proc/{new_pid}/fd/{n}")).unwrap();
     assert_eq!(fd(1), log, "{said}");
@@ -440,14 +448,7 @@ fn clocks_go_on_from_where_they_stopped() {
     let _ = child.wait();
     let before = last.expect("a mono_ms before the checkpoint");
     std::thread::sleep(Duration::from_secs(3));
-    let mut r = mkctl()
-        .args(["restore", "--on", "host"])
-        .arg(&img)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mkctl restore");
+    let mut r = restore_running(&img);
     let (rx2, _err, _, new_pid) = restoring(&mut r);
     let got = until(&rx2, |l| mono_ms(l).is_some());
     let after = got.iter().find_map(|l| mono_ms(l)).unwrap();
@@ -460,12 +461,7 @@ fn clocks_go_on_from_where_they_stopped() {
         offsets.contains("monotonic") && !offsets.contains("monotonic           0"),
         "{offsets}"
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(r.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let _ = r.wait();
+    end(&mut r);
 }
 
 /// `alarms=` of an mkcounter line.
@@ -495,23 +491,11 @@ fn interval_timers_go_on() {
     let _ = child.wait();
     let before = last.expect("an alarms= line before the checkpoint");
     assert!(before > 0, "the timer never fired before the checkpoint");
-    let mut r = mkctl()
-        .args(["restore", "--on", "host"])
-        .arg(&img)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mkctl restore");
+    let mut r = restore_running(&img);
     let (rx2, _err, _, _) = restoring(&mut r);
     // 20 more alarms: 400 ms at one every 20 ms.
     until(&rx2, |l| alarms(l).is_some_and(|a| a >= before + 20));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(r.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let _ = r.wait();
+    end(&mut r);
 }
 
 /// An eventfd moves with its counter, semaphore mode and O_NONBLOCK.
@@ -524,14 +508,7 @@ fn an_eventfd_keeps_its_counter() {
     let out = checkpoint(pid, true, &img);
     assert!(out.status.success(), "{out:?}");
     let _ = child.wait();
-    let mut r = mkctl()
-        .args(["restore", "--on", "host"])
-        .arg(&img)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mkctl restore");
+    let mut r = restore_running(&img);
     let (_rx2, _err, _, new_pid) = restoring(&mut r);
     let fd = std::fs::read_dir(format!("/proc/{new_pid}/fd"))
         .unwrap()
@@ -554,10 +531,5 @@ fn an_eventfd_keeps_its_counter() {
     assert_eq!(field("eventfd-semaphore:"), "1", "{info}");
     let flags = u32::from_str_radix(&field("flags:"), 8).unwrap();
     assert_ne!(flags & nix::libc::O_NONBLOCK as u32, 0, "{info}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(r.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let _ = r.wait();
+    end(&mut r);
 }

@@ -521,6 +521,22 @@ struct PageCopy<'a> {
     mappers: Vec<(&'a Uffd, u64)>,
 }
 
+impl<'a> PageCopy<'a> {
+    /// The page at `off` of a region's copy `fd`, as mapped by the mappers
+    /// `ids` (those still in `mappers`).
+    fn new(fd: &'a File, off: u64, ids: &[u64], mappers: &'a HashMap<u64, Mapper>) -> Self {
+        PageCopy {
+            fd,
+            off,
+            mappers: ids
+                .iter()
+                .filter_map(|id| mappers.get(id))
+                .map(|mp| (&mp.uffd, mp.base + off))
+                .collect(),
+        }
+    }
+}
+
 impl Store<Vec<u8>> for PageCopy<'_> {
     fn read(&mut self) -> Vec<u8> {
         let mut b = vec![0u8; PAGE];
@@ -1135,17 +1151,7 @@ impl Worker {
                 if matches!(m, protocol::Msg::Invalidate { .. }) {
                     r.stats.invalidations += 1;
                 }
-                let mappers: Vec<(&Uffd, u64)> = r
-                    .mappers
-                    .iter()
-                    .filter_map(|id| self.mappers.get(id))
-                    .map(|mp| (&mp.uffd, mp.base + off))
-                    .collect();
-                let mut copy = PageCopy {
-                    fd: &r.copy,
-                    off,
-                    mappers,
-                };
+                let mut copy = PageCopy::new(&r.copy, off, &r.mappers, &self.mappers);
                 match r.caches[p].on_message(m, now, &mut copy, &mut out) {
                     Ok(rel) => {
                         if let Some(due) = r.caches[p].deferred_until() {
@@ -1213,17 +1219,7 @@ impl Worker {
                 continue;
             };
             let off = page * PAGE as u64;
-            let mappers: Vec<(&Uffd, u64)> = r
-                .mappers
-                .iter()
-                .filter_map(|id| self.mappers.get(id))
-                .map(|mp| (&mp.uffd, mp.base + off))
-                .collect();
-            let mut copy = PageCopy {
-                fd: &r.copy,
-                off,
-                mappers,
-            };
+            let mut copy = PageCopy::new(&r.copy, off, &r.mappers, &self.mappers);
             let mut out = Vec::new();
             r.caches[p].on_timer(now, &mut copy, &mut out);
             self.dispatch(region, page, out);
