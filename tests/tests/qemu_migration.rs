@@ -66,18 +66,19 @@ impl Watched {
 }
 
 fn start(m: &Mkctl, on: &str, mem: &str) -> Watched {
+    exec_watched(
+        m,
+        on,
+        &["/bin/mkcounter", "--mem", mem, "--interval-ms", "20"],
+    )
+}
+
+/// `mkctl exec <on> -- <argv>`, its output watched (see [`watch`]).
+fn exec_watched(m: &Mkctl, on: &str, argv: &[&str]) -> Watched {
     let child = m
         .command()
-        .args([
-            "exec",
-            on,
-            "--",
-            "/bin/mkcounter",
-            "--mem",
-            mem,
-            "--interval-ms",
-            "20",
-        ])
+        .args(["exec", on, "--"])
+        .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -479,22 +480,15 @@ fn checkpoint_on_alpha_restores_on_beta_and_goes_with_its_mkctl() {
 #[test]
 fn a_file_the_destination_lacks_is_named_before_the_freeze() {
     let m = boot();
-    let child = m
-        .command()
-        .args([
-            "exec",
-            "alpha",
-            "--",
+    let w = exec_watched(
+        &m,
+        "alpha",
+        &[
             "sh",
             "-c",
             "echo here > /tmp/only-alpha && exec 7</tmp/only-alpha && exec /bin/mkcounter --mem 1M --interval-ms 20",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let w = watch(child);
+        ],
+    );
     let pid = pid_on(&m, "alpha");
     let r = m.run(&[
         "migrate",

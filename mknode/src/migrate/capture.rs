@@ -274,14 +274,8 @@ type LeaderAsks<'a> = (
 /// ours (both are offsets from the kernel's own clocks).
 pub(crate) fn process_clocks(pd: &ProcDir) -> std::io::Result<(u64, u64)> {
     let (their_m, their_b) = pd.timens_offsets()?;
-    let (our_m, our_b) =
-        ProcDir::new(Path::new("/proc"), std::process::id() as i32).timens_offsets()?;
-    let now = |c| {
-        let t = nix::time::clock_gettime(c).map_err(std::io::Error::from)?;
-        Ok::<i128, std::io::Error>(i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
-    };
-    let m = now(nix::time::ClockId::CLOCK_MONOTONIC)? + their_m - our_m;
-    let b = now(nix::time::ClockId::CLOCK_BOOTTIME)? + their_b - our_b;
+    let (kernel_m, kernel_b) = super::procfs::kernel_clocks()?;
+    let (m, b) = (kernel_m + their_m, kernel_b + their_b);
     Ok((u64::try_from(m).unwrap_or(0), u64::try_from(b).unwrap_or(0)))
 }
 

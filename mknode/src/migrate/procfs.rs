@@ -359,6 +359,22 @@ impl ProcDir {
     }
 }
 
+/// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` of the kernel itself (its root
+/// time namespace), in ns: ours less our time namespace's offsets. Time
+/// namespace offsets count from these.
+pub(crate) fn kernel_clocks() -> io::Result<(i128, i128)> {
+    let (m_off, b_off) =
+        ProcDir::new(Path::new("/proc"), std::process::id() as i32).timens_offsets()?;
+    let now = |c| -> io::Result<i128> {
+        let t = nix::time::clock_gettime(c).map_err(io::Error::from)?;
+        Ok(i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+    };
+    Ok((
+        now(nix::time::ClockId::CLOCK_MONOTONIC)? - m_off,
+        now(nix::time::ClockId::CLOCK_BOOTTIME)? - b_off,
+    ))
+}
+
 /// `timens_offsets`: lines `<clock> <sec> <nsec>`, the clock by name
 /// (`monotonic`, `boottime`) or number (1, 7).
 pub(crate) fn parse_timens_offsets(text: &str) -> io::Result<(i128, i128)> {

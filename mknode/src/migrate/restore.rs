@@ -433,20 +433,17 @@ fn clock_offsets(monotonic_ns: u64, boottime_ns: u64) -> Result<Option<Vec<u8>>,
     }
     let clocks = |e: String| RestoreError::Clocks(e);
     let offsets = "/proc/self/timens_offsets";
-    let ours = std::fs::read_to_string(offsets).map_err(|e| {
-        clocks(format!(
-            "{offsets}: {e} (this kernel has no time namespaces, CONFIG_TIME_NS)"
-        ))
-    })?;
-    let (our_m, our_b) =
-        super::procfs::parse_timens_offsets(&ours).map_err(|e| clocks(e.to_string()))?;
-    let now = |c| -> Result<i128, RestoreError> {
-        let t = nix::time::clock_gettime(c).map_err(|e| clocks(format!("clock_gettime: {e}")))?;
-        Ok(i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
-    };
-    // Offsets count from the kernel's own clocks, not from ours.
-    let m = i128::from(monotonic_ns) - (now(nix::time::ClockId::CLOCK_MONOTONIC)? - our_m);
-    let b = i128::from(boottime_ns) - (now(nix::time::ClockId::CLOCK_BOOTTIME)? - our_b);
+    if !Path::new(offsets).exists() {
+        return Err(clocks(format!(
+            "no {offsets}: this kernel has no time namespaces (CONFIG_TIME_NS)"
+        )));
+    }
+    let (kernel_m, kernel_b) = super::procfs::kernel_clocks()
+        .map_err(|e| clocks(format!("reading this kernel's clocks: {e}")))?;
+    let (m, b) = (
+        i128::from(monotonic_ns) - kernel_m,
+        i128::from(boottime_ns) - kernel_b,
+    );
     let line = |name: &str, ns: i128| {
         let (sec, nsec) = (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
         format!("{name} {sec} {nsec}\n")
