@@ -735,9 +735,7 @@ impl Worker {
 
     fn message_and_follow_ups(&mut self, from: Node, msg: Msg) {
         self.message(from, msg);
-        self.drain_local();
-        self.retry_early();
-        self.drain_local();
+        self.follow_ups();
     }
 
     fn event(&mut self, ev: Event) {
@@ -746,6 +744,12 @@ impl Worker {
             Event::Command(c) => self.command(c),
             Event::Stop => {}
         }
+        self.follow_ups();
+    }
+
+    /// What a step leaves to do: the messages this kernel sent itself, and
+    /// early messages whose region may exist now.
+    fn follow_ups(&mut self) {
         self.drain_local();
         self.retry_early();
         self.drain_local();
