@@ -53,6 +53,45 @@ void *mkdsm_map(const char *name, size_t size);
  */
 int mkdsm_unmap(void *addr, size_t size);
 
+/*
+ * Thread migration: the calling thread moves to kernel `kernel` (an
+ * instance id as the topology gives it; 0 is the host) and the call
+ * returns 0 there. Its process stays one: the threads left behind keep
+ * running where they are, and all share one address space (the process's
+ * private memory becomes DSM memory, homed on the kernel where the process
+ * began). A thread can move back and move again any number of times.
+ *
+ * Returns 0 on `kernel`, or -1 with errno set where the thread was (it did
+ * not move):
+ *   EALREADY      it runs on `kernel` already
+ *   EINVAL        `kernel` is not an endpoint id (0 to 65535)
+ *   ENOENT        no kernel `kernel` is linked to this one
+ *   ETIMEDOUT     the other kernel did not answer
+ *   ECONNREFUSED  no agent answers at the socket (see mkdsm_map)
+ *   EIO           any other failure (the agents' logs say why)
+ *
+ * What is shared and what is not, after a thread first left: private
+ * memory mapped then is one memory; memory mapped, unmapped or re-protected
+ * later is not (allocate what moving threads share before they move);
+ * descriptors are copies taken at the move (files reopened at the same
+ * offset; sockets and pipes stay with the process's kernel). Mutexes,
+ * condition variables, semaphores and pthread_join work between threads
+ * on different kernels: the process's futex calls are served by its
+ * kernel's agent (FUTEX_WAIT/WAKE and their BITSET forms; the others fail
+ * with ENOSYS), which sets no_new_privs on the process. A thread's exit
+ * ends its twin at home; exit() or a fatal signal in a moved thread ends
+ * the whole process; the process's end ends its threads everywhere.
+ * mmap, munmap, mprotect, brk and fork by a moved thread act on its kernel
+ * only.
+ */
+int mk_migrate(int kernel);
+
+/*
+ * The id of the kernel the calling thread runs on (0 for the host), or -1
+ * with errno set (as for mk_migrate's agent errors).
+ */
+int mk_kernel_id(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,15 +3,19 @@
 //!
 //! - [`mkdsm_map`] / [`mkdsm_unmap`] (and [`map`] / [`unmap`] in Rust):
 //!   distributed shared memory regions, served by the agent of the kernel
-//!   the process runs on (see `mk.h` for how it is found and every errno).
+//!   the process runs on (see `mk.h` for how it is found and every errno);
+//! - [`mk_migrate`] / [`mk_kernel_id`] (and [`migrate`] / [`kernel_id`]):
+//!   the calling thread moves to another kernel, its process stays one.
 //!
-//! The work is `mknode::dsm::client`'s; this crate is the C ABI around it:
+//! The work is `mknode::dsm::client`'s and `mknode::thread`'s; this crate
+//! is the C ABI around them:
 //! no panic crosses it, every failure is a NULL or -1 with `errno`.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
 pub use mknode::dsm::client::{map, unmap};
 pub use mknode::dsm::DsmError;
+pub use mknode::thread::{kernel_id, migrate};
 
 fn set_errno(e: i32) {
     // SAFETY: __errno_location returns this thread's errno, valid for the
@@ -57,6 +61,42 @@ pub unsafe extern "C" fn mkdsm_map(name: *const c_char, size: usize) -> *mut c_v
 pub unsafe extern "C" fn mkdsm_unmap(addr: *mut c_void, size: usize) -> c_int {
     match std::panic::catch_unwind(|| unmap(addr.cast(), size)) {
         Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            set_errno(e.errno());
+            -1
+        }
+        Err(_) => {
+            set_errno(libc::EIO);
+            -1
+        }
+    }
+}
+
+/// `int mk_migrate(int kernel)` (see `mk.h`).
+#[no_mangle]
+pub extern "C" fn mk_migrate(kernel: c_int) -> c_int {
+    let Ok(to) = u16::try_from(kernel) else {
+        set_errno(libc::EINVAL);
+        return -1;
+    };
+    match std::panic::catch_unwind(|| migrate(to)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            set_errno(e.errno());
+            -1
+        }
+        Err(_) => {
+            set_errno(libc::EIO);
+            -1
+        }
+    }
+}
+
+/// `int mk_kernel_id(void)` (see `mk.h`).
+#[no_mangle]
+pub extern "C" fn mk_kernel_id() -> c_int {
+    match std::panic::catch_unwind(kernel_id) {
+        Ok(Ok(id)) => c_int::from(id),
         Ok(Err(e)) => {
             set_errno(e.errno());
             -1

@@ -161,7 +161,7 @@ impl Initramfs {
         for (guest, host) in files {
             ir.host_file(guest, host, None)?;
         }
-        let busybox = Path::new("/bin/busybox");
+        let busybox = Path::new(HOST_BUSYBOX);
         if is_static(busybox) {
             ir.host_file("/bin/busybox", busybox, Some(0o755))?;
             for applet in BUSYBOX_APPLETS {
@@ -493,6 +493,10 @@ const BUSYBOX_APPLETS: &[&str] = &[
     "sed",
     "rm",
 ];
+
+/// The host's busybox that guests get when it is static (Debian's
+/// `busybox-static`): their shell for `mkctl exec`.
+pub const HOST_BUSYBOX: &str = "/bin/busybox";
 
 /// True for a 64-bit ELF executable with no program interpreter (a static
 /// binary runs in a guest with no libc); false for anything else, or

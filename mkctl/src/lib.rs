@@ -11,6 +11,7 @@
 //!   here);
 //! - [`daemon`]: the host daemon that owns QEMU instances and the shared
 //!   window, runs the host's agent, and serves the CLI;
+//! - [`doctor`]: what each backend needs on this machine, and what is missing;
 //! - [`cli`]: the command line; [`exit`]: its exit codes.
 //!
 //! Nothing here starts a kernel before [`topology::Topology`] has been built,
@@ -18,6 +19,7 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod doctor;
 pub mod dtb;
 pub mod exit;
 pub mod host;

@@ -334,7 +334,9 @@ fn a_daemon_whose_run_directory_is_removed_exits() {
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();
-    while !dir.join("mkctl.sock").exists() {
+    // The daemon binds its socket, then writes its pid file: a directory
+    // removed in between makes it fail to start (exit 1), not the case here.
+    while !dir.join("mkctl.sock").exists() || !dir.join("daemon.pid").exists() {
         assert!(t0.elapsed().as_secs() < 20, "the daemon never listened");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -371,4 +373,116 @@ fn help_names_the_environment() {
     ] {
         assert!(text.contains(var), "--help does not name {var}:\n{text}");
     }
+}
+
+/// `doctor`, `restart` and `stop` as scripts meet them without a daemon:
+/// documented exit codes, JSON, every path read under --sysroot, and
+/// refusals that say what to do.
+#[test]
+fn doctor_restart_and_stop_arguments() {
+    let help = cargo_bin_cmd!("mkctl")
+        .args(["doctor", "--help"])
+        .output()
+        .unwrap();
+    // Words as clap wraps them, on one line.
+    let help = String::from_utf8_lossy(&help.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for words in [
+        "Exit codes: 0 when everything the QEMU backend and migration",
+        "\"n/a\" (not available here)",
+        "1 when something",
+        "2 usage error",
+    ] {
+        assert!(
+            help.contains(words),
+            "doctor --help lacks {words:?}:\n{help}"
+        );
+    }
+
+    // A fake multikernel host with nothing of the QEMU backend: the kexec
+    // backend is ready, QEMU is missing (looked for under the sysroot), so
+    // doctor fails and says so in its JSON.
+    let root = common::repo().join("mkctl/tests/fixtures/sysroot/mk-current");
+    let out = cargo_bin_cmd!("mkctl")
+        .arg("--sysroot")
+        .arg(&root)
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = |name: &str| {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {v:#}"))
+            .clone()
+    };
+    assert_eq!(v["ok"], false);
+    assert_eq!(check("qemu")["ok"], false, "{v:#}");
+    assert!(check("qemu")["fix"]
+        .as_str()
+        .unwrap()
+        .contains("qemu-system-x86"));
+    let mk = check("multikernel");
+    assert_eq!(mk["ok"], true, "{mk}");
+    assert!(
+        mk["detail"]
+            .as_str()
+            .unwrap()
+            .contains("generation current"),
+        "{mk}"
+    );
+    assert!(
+        mk["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with(&root.display().to_string()),
+        "{mk}"
+    );
+
+    cargo_bin_cmd!("mkctl")
+        .args(["doctor", "--topology", "/no/such/topology.toml"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("/no/such/topology.toml"));
+
+    let run = tempfile::tempdir().unwrap();
+    cargo_bin_cmd!("mkctl")
+        .env("MKCTL_RUN_DIR", run.path())
+        .arg("restart")
+        .assert()
+        .code(2);
+    cargo_bin_cmd!("mkctl")
+        .env("MKCTL_RUN_DIR", run.path())
+        .args(["restart", "alpha"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("mkctl boot"));
+    cargo_bin_cmd!("mkctl")
+        .env("MKCTL_RUN_DIR", run.path())
+        .args(["stop", "alpha", "--force", "--timeout", "3"])
+        .assert()
+        .code(2);
+    // The kernel's own instances stop by the kernel's escalation.
+    let out = cargo_bin_cmd!("mkctl")
+        .env("MKCTL_RUN_DIR", run.path())
+        .arg("--sysroot")
+        .arg(&root)
+        .args(["stop", "web", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("--json and --force apply to QEMU instances; web is kexec"),
+        "{v}"
+    );
 }

@@ -9,7 +9,10 @@
 //! - [`agent`]: the core (links, requests and answers, peer liveness) and
 //!   its facets — exec, diagnostics, migration — each a file of its own;
 //!   its module doc says how to add a message and a facet;
-//! - [`migrate`]: capture and restore of a process, lazy pages;
+//! - [`migrate`]: capture and restore of a process, lazy pages, and a
+//!   process split across kernels (thread migration);
+//! - [`dsm`]: distributed shared memory; [`thread`]: the process side of
+//!   thread migration (`mk_migrate`);
 //! - [`bootargs`]: the `mk.*` kernel command line keys mkctl writes and
 //!   guest-init reads.
 //!
@@ -22,6 +25,7 @@ pub mod codec;
 pub mod dsm;
 pub mod link;
 pub mod migrate;
+pub mod thread;
 mod uffd;
 pub mod wire;
 

@@ -230,6 +230,7 @@ impl Uffd {
     }
 
     /// `UFFDIO_API` with `features`; returns the features the kernel grants.
+    /// The descriptor, for another owner (the DSM engine registers it).
     pub(crate) fn api(&self, features: u64) -> nix::Result<u64> {
         let mut a = UffdioApi {
             api: UFFD_API,

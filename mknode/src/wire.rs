@@ -226,6 +226,19 @@ field_struct! {
     }
 }
 
+field_struct! {
+    /// A thread of a split process away from its kernel (`mkctl threads`).
+    #[derive(Debug, Clone, PartialEq, Eq, Default)]
+    pub struct AwayThread {
+        /// The process and the thread, as the process's kernel sees them.
+        pub pid: u32,
+        pub tid: u32,
+        /// The kernel it runs on, and its shadow's pid there.
+        pub at: u16,
+        pub shadow_pid: u32,
+    }
+}
+
 /// A message's part in the request/answer pattern (the second column of
 /// the table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -508,6 +521,48 @@ messages! {
     /// regular file). `problems` names what would fail, and why.
     51 req RestoreProbe { req: u32, paths: Vec<String>, devices: Vec<bool> },
     52 end RestoreProbed { req: u32, problems: Vec<String> },
+    /// To the kernel where process `pid` began: move its thread `tid` to
+    /// endpoint `to` (back home when `to` is that kernel). See
+    /// `agent/threads.rs`.
+    /// `reply_buf` non-zero: the thread asked itself (`mk_migrate`) and
+    /// waits in `read(reply_fd, reply_buf, ..)` where it runs now.
+    53 req ThreadMove { req: u32, pid: u32, tid: u32, to: u16, reply_fd: i32, reply_buf: u64 },
+    /// The thread runs at `at` (in shadow process `shadow_pid` there; 0 at
+    /// home), after `downtime_ns` stopped.
+    54 end ThreadMoved { req: u32, at: u16, shadow_pid: u32, downtime_ns: u64 },
+    /// Origin to destination: restore a shadow for thread `tid` of the
+    /// origin's process `pid` from the image that follows in
+    /// `ThreadImage`s (an empty one ends it); `ShadowStarted` answers.
+    /// `reply_buf` non-zero: the shadow's thread moved itself; it gets a
+    /// connection to this agent and its answer there.
+    55 req ShadowStart { req: u32, pid: u32, tid: u32, reply_buf: u64 },
+    56 req ThreadImage { req: u32, bytes: Vec<u8> },
+    57 end ShadowStarted { req: u32, pid: u32 },
+    /// Origin to destination: stop shadow `pid` and give its thread's
+    /// state back (an image without pages).
+    /// (`reply_buf` non-zero: its thread moves itself and waits in a read
+    /// of `reply_fd`, which the state given back completes.)
+    58 req ShadowStop { req: u32, pid: u32, reply_fd: i32, reply_buf: u64 },
+    59 end ShadowStopped { req: u32, image: Vec<u8> },
+    /// Destination to origin: the shadow of thread `tid` of the origin's
+    /// process `pid` ended by itself.
+    60 peer ShadowEnded { pid: u32, tid: u32, status: ExitStatus },
+    /// Origin to destination: the process ended; kill shadow `pid`.
+    61 peer ShadowKill { pid: u32 },
+    /// Destination to origin: what a shadow of the origin's process `pid`
+    /// wrote, for the process's own stdout/stderr.
+    62 peer ShadowOutput { pid: u32, stream: Stream, bytes: Vec<u8> },
+    /// Which threads of this kernel's processes run elsewhere?
+    63 req ThreadsList { req: u32 },
+    64 end ThreadsListed { req: u32, away: Vec<AwayThread> },
+    /// A shadow's `futex` call (its six arguments), to the kernel of the
+    /// process `pid`, every futex's home; `FutexDone` answers with the
+    /// call's result (`ret` as i64: >= 0 the value, < 0 a -errno).
+    65 req FutexCall { req: u32, pid: u32, args: Vec<u64> },
+    66 end FutexDone { req: u32, ret: u64 },
+    /// Destination to origin: the shadow of thread `tid` of the origin's
+    /// process `pid` called `exit_group(code)`: the whole process ends.
+    67 peer ShadowExitGroup { pid: u32, tid: u32, code: i32 },
 }
 
 impl Msg {
@@ -676,7 +731,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 52);
+        assert_eq!(Kind::ALL.len(), 67);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,
@@ -689,6 +744,9 @@ mod tests {
         assert_eq!((page.req(), page.is_final()), (None, false));
         assert_eq!(Msg::PowerOff.kind(), Kind::PowerOff);
         assert_eq!(Kind::MigrateProgress.role(), Role::Req);
+        assert_eq!(Kind::ThreadImage.role(), Role::Req);
+        assert_eq!(Kind::ShadowStopped.role(), Role::End);
+        assert_eq!(Kind::ShadowKill.role(), Role::Peer);
     }
 
     #[test]

@@ -103,7 +103,7 @@ fn migrate_n(
     let first = loop {
         match new_out.next(T).expect("restored process prints") {
             Line::Seq { seq, counters } => break (seq, counters),
-            Line::Checksum { .. } | Line::Joined => {}
+            Line::Checksum { .. } | Line::Joined | Line::Check(_) => {}
         }
     };
     assert_eq!(
@@ -259,7 +259,16 @@ fn refused_process_is_untouched() {
 #[test]
 fn failed_restore_leaves_original_running() {
     let _g = serial();
-    let (mut child, out) = start(&["--mem", "4M"]);
+    // With bytes in flight in a pipe and in socket pairs: capture reads
+    // them without taking them, so the original still has every one.
+    let (mut child, out) = start(&[
+        "--mem",
+        "4M",
+        "--pipe-inflight",
+        "40001",
+        "--socketpairs",
+        "40001",
+    ]);
     running(&out, 3);
     let pid = child.id() as i32;
     let (sum0, _) = checksum(pid, &out);
@@ -301,6 +310,22 @@ fn failed_restore_leaves_original_running() {
         .zip(&before[0].1)
         .all(|(a, b)| a > b));
     assert_eq!(checksum(pid, &out).0, sum0);
+    let checks: Vec<String> = out
+        .until(
+            T,
+            |l| matches!(l, Line::Check(c) if c.starts_with("socket_check=")),
+        )
+        .into_iter()
+        .filter_map(|l| match l {
+            Line::Check(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        checks,
+        ["pipe_check=ok shared=1", "socket_check=ok"],
+        "the original lost bytes in flight"
+    );
     child.kill().expect("kill");
     child.wait().expect("wait");
 }

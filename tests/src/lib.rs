@@ -449,38 +449,41 @@ impl Drop for Mkctl {
 /// -lpthread`), once per test process; returns the static binary.
 pub fn c_counter() -> PathBuf {
     static P: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    P.get_or_init(|| {
-        let root = repo_root();
-        let target =
-            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "--quiet", "--release", "-p", "libmk"])
-            .current_dir(&root)
-            .status()
-            .expect("cargo build -p libmk");
-        assert!(st.success(), "building libmk failed");
-        let out = target.join("counter-static");
-        let cc = Command::new("cc")
-            .arg("-static")
-            .arg("-s")
-            .arg(root.join("libmk/examples/counter.c"))
-            .arg("-I")
-            .arg(root.join("libmk/include"))
-            .arg(target.join("release/libmk.a"))
-            .arg("-lpthread")
-            .arg("-o")
-            .arg(&out)
-            .output()
-            .expect("running cc");
-        assert!(
-            cc.status.success(),
-            "cc failed:\n{}",
-            String::from_utf8_lossy(&cc.stderr)
-        );
-        out
-    })
-    .clone()
+    P.get_or_init(|| c_example("counter")).clone()
+}
+
+/// Builds `libmk/examples/<name>.c` against `libmk.a` as the README says;
+/// returns the static binary.
+pub fn c_example(name: &str) -> PathBuf {
+    let root = repo_root();
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "--quiet", "--release", "-p", "libmk"])
+        .current_dir(&root)
+        .status()
+        .expect("cargo build -p libmk");
+    assert!(st.success(), "building libmk failed");
+    let out = target.join(format!("{name}-static"));
+    let cc = Command::new("cc")
+        .arg("-static")
+        .arg("-s")
+        .arg(root.join(format!("libmk/examples/{name}.c")))
+        .arg("-I")
+        .arg(root.join("libmk/include"))
+        .arg(target.join("release/libmk.a"))
+        .arg("-lpthread")
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("running cc");
+    assert!(
+        cc.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    out
 }
 
 /// Builds testprogs' `bin` (release, for the host) and returns its path.

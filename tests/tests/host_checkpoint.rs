@@ -533,3 +533,355 @@ fn an_eventfd_keeps_its_counter() {
     assert_ne!(flags & nix::libc::O_NONBLOCK as u32, 0, "{info}");
     end(&mut r);
 }
+
+/// The number after `name=` in a line.
+fn field(line: &str, name: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))?
+        .parse()
+        .ok()
+}
+
+/// The restored process's descriptors on `target` (the `/proc` link), by
+/// number, with their fdinfo.
+fn fds_on(pid: u32, target: impl Fn(&str) -> bool) -> Vec<(u32, String, String)> {
+    let mut v: Vec<(u32, String, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let t = std::fs::read_link(e.path())
+                .ok()?
+                .to_string_lossy()
+                .into_owned();
+            let fd: u32 = e.file_name().to_str()?.parse().ok()?;
+            target(&t).then(|| {
+                let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+                (fd, t, info)
+            })
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The value after `name` in an fdinfo text.
+fn info_field(info: &str, name: &str) -> String {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A periodic timerfd moves with its clock, period, time left and unread
+/// expirations: after a save, 1 s away and a restore, the expirations the
+/// process reads keep up with the whole periods its CLOCK_MONOTONIC says
+/// have passed since it armed the timer (the clock goes on from the freeze,
+/// the timer from the time it had left), and a one-shot timer that expired
+/// before the save and was never read still has its expiration to read.
+#[test]
+fn a_timerfd_fires_on_in_step_with_the_process_clock() {
+    let dir = Scratch::new("host_checkpoint_timerfd");
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 40 --timerfd-ms 5");
+    let pid = child.id();
+    let mut last = until(&rx, |l| field(l, "timerfd_fires").is_some_and(|f| f >= 20))
+        .pop()
+        .unwrap();
+    let img = dir.join("timerfd.img");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        if field(&l, "timerfd_fires").is_some() {
+            last = l;
+        }
+    }
+    let _ = child.wait();
+    let before = field(&last, "timerfd_fires").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut r = restore_running(&img);
+    let (rx2, _err, _, new_pid) = restoring(&mut r);
+    let first = until(&rx2, |l| field(l, "timerfd_fires").is_some())
+        .pop()
+        .unwrap();
+    assert_eq!(
+        field(&first, "timerfd_oneshot"),
+        Some(1),
+        "the unread expiration of the one-shot timer was lost: {first}"
+    );
+    let got = until(&rx2, |l| {
+        field(l, "timerfd_fires").is_some_and(|f| f >= before + 60)
+    });
+    for l in got.iter().filter(|l| field(l, "timerfd_fires").is_some()) {
+        let (f, d) = (
+            field(l, "timerfd_fires").unwrap(),
+            field(l, "timerfd_due").unwrap(),
+        );
+        assert!(
+            f + 2 >= d && f <= d + 1,
+            "{f} expirations read where {d} periods passed (before the save: {last}): {l}"
+        );
+    }
+    let timers = fds_on(new_pid, |t| t == "anon_inode:[timerfd]");
+    assert_eq!(timers.len(), 2, "{timers:?}");
+    let (_, _, periodic) = &timers[0];
+    assert_eq!(info_field(periodic, "clockid:"), "1", "{periodic}");
+    assert_eq!(
+        info_field(periodic, "it_interval:"),
+        "(0, 5000000)",
+        "{periodic}"
+    );
+    let flags = u32::from_str_radix(&info_field(periodic, "flags:"), 8).unwrap();
+    assert_ne!(flags & nix::libc::O_NONBLOCK as u32, 0, "{periodic}");
+    assert_ne!(flags & nix::libc::O_CLOEXEC as u32, 0, "{periodic}");
+    let (_, _, oneshot) = &timers[1];
+    assert_eq!(info_field(oneshot, "clockid:"), "7", "{oneshot}");
+    assert_eq!(info_field(oneshot, "it_value:"), "(0, 0)", "{oneshot}");
+    end(&mut r);
+}
+
+/// A signalfd moves with its mask and O_NONBLOCK: SIGUSR2 (blocked in
+/// every thread) sent to the restored process is read from it.
+#[test]
+fn a_signalfd_still_reads_its_signals() {
+    let dir = Scratch::new("host_checkpoint_signalfd");
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 10 --signalfd");
+    let pid = child.id();
+    let usr2 = |pid: u32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGUSR2,
+        )
+        .expect("SIGUSR2")
+    };
+    usr2(pid);
+    until(&rx, |l| field(l, "sigusr2") == Some(1));
+    let img = dir.join("signalfd.img");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.wait();
+    let mut r = restore_running(&img);
+    let (rx2, _err, _, new_pid) = restoring(&mut r);
+    until(&rx2, |l| field(l, "sigusr2") == Some(1));
+    usr2(new_pid);
+    until(&rx2, |l| field(l, "sigusr2") == Some(2));
+    usr2(new_pid);
+    until(&rx2, |l| field(l, "sigusr2") == Some(3));
+    let sfd = fds_on(new_pid, |t| t == "anon_inode:[signalfd]");
+    assert_eq!(sfd.len(), 1, "{sfd:?}");
+    assert_eq!(
+        info_field(&sfd[0].2, "sigmask:"),
+        "0000000000000800",
+        "{}",
+        sfd[0].2
+    );
+    end(&mut r);
+}
+
+/// A pipe whose both ends are in the process moves with the bytes in it,
+/// byte for byte; its ends are connected to each other again, a `dup` of
+/// the read end still shares it, and a save that leaves the process
+/// running (what a failed move does too) takes nothing out of the pipe.
+#[test]
+fn a_pipe_moves_with_its_bytes_in_flight() {
+    let dir = Scratch::new("host_checkpoint_pipe");
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 10 --pipe-inflight 40001");
+    let pid = child.id();
+    let img = dir.join("pipe.img");
+    // Saved, left running: the bytes are all still there, in order.
+    let out = checkpoint(pid, false, &img);
+    assert!(out.status.success(), "{out:?}");
+    usr1(pid);
+    let l = until(&rx, |l| l.starts_with("pipe_check=")).pop().unwrap();
+    assert_eq!(l, "pipe_check=ok shared=1");
+    until(&rx, |l| field(l, "pipe_bytes") == Some(40001));
+    // Saved and stopped, restored: the process checks its pipe itself.
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.wait();
+    let mut r = restore_running(&img);
+    let (rx2, _err, _, new_pid) = restoring(&mut r);
+    let got = until(&rx2, |l| l.starts_with("pipe_check="));
+    assert_eq!(got.last().unwrap(), "pipe_check=ok shared=1", "{got:?}");
+    until(&rx2, |l| field(l, "pipe_bytes") == Some(40001));
+    let ends = fds_on(new_pid, |t| t.starts_with("pipe:["));
+    let on_pipe: Vec<_> = ends.iter().filter(|(fd, _, _)| *fd > 2).collect();
+    assert_eq!(on_pipe.len(), 3, "{ends:?}");
+    assert!(
+        on_pipe.iter().all(|(_, t, _)| *t == on_pipe[0].1),
+        "{ends:?}"
+    );
+    // And once more from the copy: the restored pipe is a pipe like any.
+    usr1(new_pid);
+    let l = until(&rx2, |l| l.starts_with("pipe_check=")).pop().unwrap();
+    assert_eq!(l, "pipe_check=ok shared=1");
+    end(&mut r);
+}
+
+/// A pipe with an end in another process is refused by name (that
+/// process is named), and the process runs on with its bytes.
+#[test]
+fn a_pipe_shared_with_another_process_is_refused_by_name() {
+    let dir = Scratch::new("host_checkpoint_pipe_outside");
+    // fd 5: the read end of a pipe whose write end `sleep` holds.
+    let (mut child, rx) =
+        mkcounter_running("exec 5< <(exec sleep 60);", "--mem 1M --interval-ms 5");
+    let pid = child.id();
+    let img = dir.join("never.img");
+    let out = checkpoint(pid, true, &img);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    // The holder, named in the message, goes when the test does.
+    let holder: Option<i32> = err
+        .split("also open in process ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok());
+    if let Some(h) = holder {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(h),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("fd 5 is a pipe (pipe:[") && holder.is_some(),
+        "{err}"
+    );
+    assert!(!img.exists());
+    let l = until(&rx, |l| seq(l).is_some());
+    let s = seq(l.last().expect("line")).expect("seq");
+    until(&rx, |l| seq(l).is_some_and(|x| x >= s + 10));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// AF_UNIX socket pairs whose two ends are in the process move with what
+/// is queued in them: a stream's 40001 bytes byte for byte, three datagrams
+/// (1, 0 and 1000 bytes) one by one; the new ends are connected to each
+/// other; a save that leaves the process running takes nothing out.
+#[test]
+fn socket_pairs_move_with_what_is_queued() {
+    let dir = Scratch::new("host_checkpoint_socketpairs");
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 10 --socketpairs 40001");
+    let pid = child.id();
+    let img = dir.join("sockets.img");
+    let out = checkpoint(pid, false, &img);
+    assert!(out.status.success(), "{out:?}");
+    usr1(pid);
+    let l = until(&rx, |l| l.starts_with("socket_check="))
+        .pop()
+        .unwrap();
+    assert_eq!(l, "socket_check=ok");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.wait();
+    let mut r = restore_running(&img);
+    let (rx2, _err, _, new_pid) = restoring(&mut r);
+    let got = until(&rx2, |l| l.starts_with("socket_check="));
+    assert_eq!(got.last().unwrap(), "socket_check=ok", "{got:?}");
+    let socks = fds_on(new_pid, |t| t.starts_with("socket:["));
+    assert_eq!(socks.len(), 4, "{socks:?}");
+    usr1(new_pid);
+    let l = until(&rx2, |l| l.starts_with("socket_check="))
+        .pop()
+        .unwrap();
+    assert_eq!(l, "socket_check=ok");
+    end(&mut r);
+}
+
+/// A socket whose peer another process holds is refused, naming it; the
+/// process runs on.
+#[test]
+fn a_socket_whose_peer_is_elsewhere_is_refused_by_name() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = Scratch::new("host_checkpoint_socket_outside");
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(cache_dir().join("mkcounter"));
+    cmd.args(["--mem", "1M", "--interval-ms", "5"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // Only that end on fd 5 (and stdio): whatever else the harness leaks
+    // (other tests' pipes, cargo's jobserver) would be refused too.
+    // SAFETY: dup2, close and close_range in the child between fork and
+    // exec (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec: clear it then (the
+            // end is fd 5 already when the harness holds fewer fds, e.g.
+            // after cargo ran another test binary).
+            let ok = if fd == 5 {
+                nix::libc::fcntl(5, nix::libc::F_SETFD, 0) >= 0
+            } else {
+                nix::libc::dup2(fd, 5) >= 0
+            };
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+            nix::libc::close(3);
+            nix::libc::close(4);
+            nix::libc::syscall(nix::libc::SYS_close_range, 6u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn mkcounter");
+    drop(theirs);
+    let rx = lines(child.stdout.take().unwrap());
+    until(&rx, |l| seq(l).is_some_and(|s| s >= 5));
+    let img = dir.join("never.img");
+    let out = checkpoint(child.id(), true, &img);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let me = std::process::id();
+    assert!(
+        err.contains("fd 5 is a socket (socket:[")
+            && err.contains(&format!("is open in process {me}")),
+        "{err}"
+    );
+    assert!(!img.exists());
+    let l = until(&rx, |l| seq(l).is_some());
+    let s = seq(l.last().expect("line")).expect("seq");
+    until(&rx, |l| seq(l).is_some_and(|x| x >= s + 10));
+    drop(ours);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `kcmp(KCMP_FILE)` of two descriptors of process `pid`: 0 when they
+/// share one open file description.
+fn kcmp_file(pid: u32, a: i32, b: i32) -> i64 {
+    // SAFETY: kcmp takes integers only.
+    unsafe { nix::libc::syscall(nix::libc::SYS_kcmp, pid, pid, 0, a, b) }
+}
+
+/// Descriptors that share one open file description (a `dup`) share one
+/// again after a restore (a write through one moves the other's offset);
+/// two opens of the same file stay two.
+#[test]
+fn dup_descriptors_share_their_open_file_again() {
+    let dir = Scratch::new("host_checkpoint_dups");
+    let log = dir.join("dups.log");
+    let (mut child, _rx) = mkcounter_running(
+        &format!(
+            "exec 3>{0}; exec 4>&3; exec 5<{0}; exec 6<{0};",
+            log.display()
+        ),
+        "--mem 1M --interval-ms 10",
+    );
+    let pid = child.id();
+    assert_eq!(kcmp_file(pid, 3, 4), 0);
+    assert_ne!(kcmp_file(pid, 5, 6), 0);
+    let img = dir.join("dups.img");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.wait();
+    let mut r = restore_running(&img);
+    let (_rx2, _err, _, new_pid) = restoring(&mut r);
+    assert_eq!(
+        kcmp_file(new_pid, 3, 4),
+        0,
+        "fd 4 no longer shares fd 3's file"
+    );
+    assert_ne!(kcmp_file(new_pid, 5, 6), 0, "two opens became one");
+    assert_ne!(kcmp_file(new_pid, 3, 5), 0);
+    end(&mut r);
+}

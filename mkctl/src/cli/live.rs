@@ -1,5 +1,5 @@
 //! The commands that act on running instances through the daemon: boot,
-//! status, exec, info, ping, traffic, stop, migrate, console, daemon
+//! status, exec, info, ping, traffic, stop, restart, migrate, console, daemon
 //! (checkpoint and restore are in `image.rs`).
 //!
 //! Each sends one [`Request`] and reads its replies; a failure is returned
@@ -433,13 +433,24 @@ pub(super) fn traffic(from: &str, to: &str, count: u32, size: u32, json: bool) -
     }
 }
 
-pub(super) fn stop(
-    sysroot: &Path,
-    instances: &[String],
-    all: bool,
-    timeout: u64,
-    dry_run: bool,
-) -> Res {
+/// What `mkctl stop` was asked.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StopArgs {
+    pub all: bool,
+    pub timeout: u64,
+    pub force: bool,
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+pub(super) fn stop(sysroot: &Path, instances: &[String], args: StopArgs) -> Res {
+    let StopArgs {
+        all,
+        timeout,
+        force,
+        dry_run,
+        json,
+    } = args;
     if instances.is_empty() && !all {
         return Err(Failure::Usage("name the instances to stop, or use --all".into()).into());
     }
@@ -450,6 +461,16 @@ pub(super) fn stop(
         .filter(|n| all || instances.contains(n))
         .collect();
     if !listed.is_empty() {
+        // The kernel's own halt escalates by itself (halt, then force) and
+        // reports as it goes: these options are the daemon's.
+        if json || force {
+            return Err(Failure::Usage(format!(
+                "--json and --force apply to QEMU instances; {} {} kexec: stop without them",
+                listed.join(", "),
+                if listed.len() == 1 { "is" } else { "are" }
+            ))
+            .into());
+        }
         let code = super::kexec::stop(sysroot, &listed, dry_run)?;
         let rest: Vec<String> = instances
             .iter()
@@ -464,7 +485,14 @@ pub(super) fn stop(
     let mut c = match Client::connect(&run) {
         Ok(c) => c,
         Err(ClientError::NotRunning(_)) if all => {
-            println!("no mkctl daemon runs; nothing to stop");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"message": "no mkctl daemon runs; nothing to stop", "instances": []})
+                );
+            } else {
+                println!("no mkctl daemon runs; nothing to stop");
+            }
             return Ok(EXIT_OK);
         }
         Err(e) => return Err(e.into()),
@@ -473,9 +501,50 @@ pub(super) fn stop(
         &Request::Stop {
             instances: if all { Vec::new() } else { instances.to_vec() },
             timeout_ms: timeout.saturating_mul(1000),
+            force,
         },
         progress,
     )? {
+        Reply::Stopped { message, instances } => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"message": message, "instances": instances})
+                    )?
+                );
+            } else {
+                println!("{message}");
+            }
+            Ok(EXIT_OK)
+        }
+        other => Err(refused(other).into()),
+    }
+}
+
+pub(super) fn restart(
+    sysroot: &Path,
+    instances: &[String],
+    stop_timeout: u64,
+    timeout: u64,
+) -> Res {
+    // The daemon runs QEMU instances only; the kernel's own instances have
+    // no daemon state to come back from.
+    let kexec = super::kexec::listed(sysroot);
+    if let Some(k) = kexec.iter().find(|k| instances.contains(&k.name)) {
+        return Err(Failure::Failed(format!(
+            "\"{0}\" is a kexec instance, which restart does not handle yet: \
+             mkctl stop {0}, then mkctl boot <topology> {0}",
+            k.name
+        ))
+        .into());
+    }
+    let names: Vec<String> = instances.iter().map(|n| named(n)).collect();
+    match ask(Request::Restart {
+        instances: names,
+        stop_timeout_ms: stop_timeout.saturating_mul(1000),
+        boot_timeout_ms: timeout.saturating_mul(1000),
+    })? {
         Reply::Ok { message } => {
             println!("{message}");
             Ok(EXIT_OK)
@@ -665,6 +734,65 @@ pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) ->
                     total_ns as f64 / 1e6,
                     ByteSize(image_bytes).human()
                 );
+            }
+            Ok(EXIT_OK)
+        }
+        other => Err(refused(other).into()),
+    }
+}
+
+pub(super) fn migrate_thread(pid: u32, tid: u32, from: &str, to: &str, json: bool) -> Res {
+    match ask(Request::MigrateThread {
+        pid,
+        tid,
+        from: from.to_string(),
+        to: to.to_string(),
+    })? {
+        Reply::ThreadMigrated {
+            at,
+            shadow_pid,
+            downtime_ns,
+        } => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"pid": pid, "tid": tid, "from": from, "at": at, "shadow_pid": shadow_pid, "downtime_ns": downtime_ns})
+                );
+            } else if shadow_pid == 0 {
+                println!(
+                    "thread {tid} of {pid} is back on {at}; stopped {:.1} ms",
+                    downtime_ns as f64 / 1e6
+                );
+            } else {
+                println!(
+                    "thread {tid} of {pid} runs on {at} (shadow pid {shadow_pid} there); stopped {:.1} ms",
+                    downtime_ns as f64 / 1e6
+                );
+            }
+            Ok(EXIT_OK)
+        }
+        other => Err(refused(other).into()),
+    }
+}
+
+pub(super) fn threads(json: bool) -> Res {
+    match ask(Request::Threads)? {
+        Reply::Threads { threads } => {
+            if json {
+                println!("{}", serde_json::to_string(&threads)?);
+            } else if threads.is_empty() {
+                println!("no thread runs away from its process's kernel");
+            } else {
+                println!(
+                    "{:<10} {:>8} {:>8}  {:<10} {:>8}",
+                    "KERNEL", "PID", "TID", "RUNS ON", "SHADOW"
+                );
+                for t in &threads {
+                    println!(
+                        "{:<10} {:>8} {:>8}  {:<10} {:>8}",
+                        t.kernel, t.pid, t.tid, t.at, t.shadow_pid
+                    );
+                }
             }
             Ok(EXIT_OK)
         }

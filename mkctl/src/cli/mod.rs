@@ -35,8 +35,9 @@ Environment:
                     receiver polls (default: the daemon relays the rings)
   MK_AGENT          for DSM programs: the agent's socket (see mk.h)
 
-Start with `mkctl plan configs/demo.toml` to see how the demo topology splits
-the machine, and `mkctl host` to see what this machine has.";
+Start with `mkctl doctor` to see what this machine lacks for each backend,
+`mkctl plan configs/demo.toml` to see how the demo topology splits the
+machine, and `mkctl host` to see what this machine has.";
 
 /// Split one machine into partitions and run a Linux kernel in each,
 /// linked by message rings in shared memory.
@@ -61,6 +62,36 @@ pub enum Command {
         /// Print JSON for tools instead of the report.
         #[arg(long)]
         json: bool,
+    },
+    /// Check what each backend needs on this machine: one line per piece,
+    /// ok, or missing and what to do about it.
+    ///
+    /// The QEMU backend: qemu-system-x86_64 (or MKCTL_QEMU) and its
+    /// version; the guest kernel and static guest-init in the cache
+    /// (MKCTL_CACHE; scripts/setup.sh fills it) and a static /bin/busybox;
+    /// free space in /dev/shm (or MKCTL_RAM_DIR) for the guest RAM and the
+    /// window of a topology (--topology, default configs/demo.toml of this
+    /// checkout). Moving processes to and from the host kernel:
+    /// userfaultfd, the ptrace scope, time namespaces. The kexec backend:
+    /// /sys/fs/multikernel and its interface generation, and the kernel
+    /// options it needs (CONFIG_MULTIKERNEL, CONFIG_KEXEC_FILE). Everything
+    /// is read under --sysroot.
+    ///
+    /// Exit codes: 0 when everything the QEMU backend and migration with
+    /// the host need is there; what the kexec backend lacks is shown as
+    /// "n/a" (not available here) and is not an error. 1 when something
+    /// they need is MISSING (its line ends with what to do), or the
+    /// --topology file is invalid. 2 usage error (bad arguments, an
+    /// unreadable --topology file).
+    Doctor {
+        /// Print one JSON object: {"ok", "qemu_ready", "migration_ready",
+        /// "kexec_ready", "checks": [{"name", "backend", "ok", "detail",
+        /// "fix"}]}.
+        #[arg(long)]
+        json: bool,
+        /// Size /dev/shm for this topology instead of configs/demo.toml.
+        #[arg(long, value_name = "FILE")]
+        topology: Option<PathBuf>,
     },
     /// Check a topology file against every rule; print all problems at once.
     ///
@@ -192,20 +223,52 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stop instances: clean power-off through the agent, then QMP quit,
-    /// then kill after the timeout.
+    /// Stop instances: clean power-off through the agent, then QMP quit
+    /// after --timeout, then a kill 3 s later; says which step ended each.
+    ///
+    /// The result names, per instance, the step that ended its QEMU:
+    /// "powered off by its agent" (`agent` in --json), "QMP quit"
+    /// (`qmp-quit`) or "killed" (`kill`), and how long it took; instances
+    /// that were not running or had failed are named as such.
     Stop {
         /// Instances to stop.
         instances: Vec<String>,
         /// Stop every instance.
         #[arg(long)]
         all: bool,
-        /// Seconds to wait for a clean power-off.
+        /// Seconds to wait for a clean power-off before QMP quit.
         #[arg(long, default_value_t = 15, value_name = "SECS")]
         timeout: u64,
+        /// QEMU instances: skip the agent; QMP quit at once, a kill 3 s later
+        /// (for a guest that hangs).
+        #[arg(long, conflicts_with = "timeout")]
+        force: bool,
         /// kexec instances: print the sequence, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON for tools: {"message", "instances": [{"name",
+        /// "before", "step", "elapsed_ms"}]} (QEMU instances).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop instances, then boot them again from the topology the daemon
+    /// runs, and return when each one's agent answers (as boot does).
+    ///
+    /// The stop is `mkctl stop`'s (agent power-off, then QMP quit, then
+    /// kill after --stop-timeout); a failed instance is booted again too.
+    /// Exit codes: 0 every instance is ready again; 1 one did not come
+    /// back (the message says which and why) or no daemon runs; 2 a name
+    /// the daemon does not have (nothing was stopped).
+    Restart {
+        /// Instances to restart (QEMU instances of the daemon).
+        #[arg(required = true)]
+        instances: Vec<String>,
+        /// Seconds to wait for a clean power-off before QMP quit and kill.
+        #[arg(long, default_value_t = 15, value_name = "SECS")]
+        stop_timeout: u64,
+        /// Give up on an instance that is not ready after this many seconds.
+        #[arg(long, default_value_t = 120, value_name = "SECS")]
+        timeout: u64,
     },
     /// Move a running process to another kernel: freeze it with ptrace,
     /// stream its image over the window, restore it there;
@@ -215,9 +278,19 @@ pub enum Command {
     /// and the original is gone) with the new pid, the downtime, the total
     /// time and the bytes moved. Both
     /// kernels must run the same kernel build (the vDSO moves with it).
+    ///
+    /// `PID/TID` moves one thread of the process instead, while its other
+    /// threads run on: the thread runs on the destination in a shadow
+    /// process whose memory stays one with the process's through the DSM
+    /// (the process's kernel stays every page's first home). `--from` is
+    /// the process's kernel whether or not the thread is there now;
+    /// `--to` that kernel brings the thread home. Futexes do not wake
+    /// across kernels yet: threads on different kernels must not wait on
+    /// each other's locks. See README, "Thread migration".
     Migrate {
-        /// The process id on the origin kernel.
-        pid: u32,
+        /// The process id on the origin kernel, or PID/TID for one thread.
+        #[arg(value_name = "PID[/TID]", value_parser = parse_target)]
+        target: (u32, Option<u32>),
         /// Origin: instance name, id, or "host" (where a pid you see with
         /// `ps` lives).
         #[arg(long, default_value = "host")]
@@ -261,6 +334,15 @@ pub enum Command {
         /// process then runs as this mkctl's child, with its stdio).
         #[arg(long)]
         on: String,
+    },
+    /// Threads running away from their process's kernel (thread migration):
+    /// the process's kernel and pid, the thread, where it runs and its
+    /// shadow process there.
+    Threads {
+        /// Print JSON for tools: [{"kernel", "pid", "tid", "at",
+        /// "shadow_pid"}].
+        #[arg(long)]
+        json: bool,
     },
     /// Distributed shared memory: the regions programs map with
     /// mkdsm_map() (mk.h / libmk), across every kernel of the daemon.
@@ -446,19 +528,22 @@ impl Command {
     fn json(&self) -> bool {
         match self {
             Command::Host { json }
+            | Command::Doctor { json, .. }
             | Command::Validate { json, .. }
             | Command::Plan { json, .. }
             | Command::Status { json }
             | Command::Info { json, .. }
             | Command::Ping { json, .. }
             | Command::Traffic { json, .. }
+            | Command::Stop { json, .. }
             | Command::Migrate { json, .. } => *json,
             Command::Daemon {
                 action: DaemonAction::Status { json },
             }
             | Command::Dsm {
                 action: DsmAction::Ls { json } | DsmAction::Show { json, .. },
-            } => *json,
+            }
+            | Command::Threads { json } => *json,
             _ => false,
         }
     }
@@ -466,9 +551,24 @@ impl Command {
 
 pub(crate) type Res = Result<i32, Box<dyn std::error::Error>>;
 
+/// `PID` or `PID/TID`.
+fn parse_target(s: &str) -> Result<(u32, Option<u32>), String> {
+    let num = |v: &str, what: &str| {
+        v.parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{what} {v:?} is not a process id: give PID or PID/TID"))
+    };
+    match s.split_once('/') {
+        None => Ok((num(s, "pid")?, None)),
+        Some((p, t)) => Ok((num(p, "pid")?, Some(num(t, "thread id")?))),
+    }
+}
+
 fn dispatch(cli: Cli) -> Res {
     match cli.command {
         Command::Host { json } => cmd_host(&cli.sysroot, json),
+        Command::Doctor { json, topology } => cmd_doctor(&cli.sysroot, topology.as_deref(), json),
         Command::Validate { file, json } => cmd_validate(&cli.sysroot, &file, json),
         Command::Plan { file, json } => cmd_plan(&cli.sysroot, &file, json),
         Command::Dtb {
@@ -526,16 +626,41 @@ fn dispatch(cli: Cli) -> Res {
             instances,
             all,
             timeout,
+            force,
             dry_run,
-        } => live::stop(&cli.sysroot, &instances, all, timeout, dry_run),
+            json,
+        } => live::stop(
+            &cli.sysroot,
+            &instances,
+            live::StopArgs {
+                all,
+                timeout,
+                force,
+                dry_run,
+                json,
+            },
+        ),
+        Command::Restart {
+            instances,
+            stop_timeout,
+            timeout,
+        } => live::restart(&cli.sysroot, &instances, stop_timeout, timeout),
         Command::Dsm { action } => dsm::run(action),
+        Command::Threads { json } => live::threads(json),
         Command::Migrate {
-            pid,
+            target: (pid, None),
             from,
             to,
             mode,
             json,
         } => live::migrate(pid, &live::named(&from), &live::named(&to), &mode, json),
+        Command::Migrate {
+            target: (pid, Some(tid)),
+            from,
+            to,
+            json,
+            ..
+        } => live::migrate_thread(pid, tid, &live::named(&from), &live::named(&to), json),
         Command::Checkpoint {
             pid,
             on,
@@ -577,6 +702,50 @@ fn cmd_host(sysroot: &Path, json: bool) -> Res {
         print!("{}", info.render());
     }
     Ok(EXIT_OK)
+}
+
+fn cmd_doctor(sysroot: &Path, file: Option<&Path>, json: bool) -> Res {
+    use crate::doctor::{self, Sizing};
+    let env = doctor::Env::from_process(sysroot);
+    let machine = {
+        let sysroot = sysroot.to_path_buf();
+        move || discover_machine(&sysroot)
+    };
+    let (file, loaded) = match file {
+        // A topology asked for must load: its errors are the command's.
+        Some(f) => match topology::load(f, machine) {
+            Ok(t) => (Some(f.to_path_buf()), Ok(t)),
+            Err(e @ LoadError::Read { .. }) => {
+                return Err(Failure::Usage(crate::error_chain(&e)).into())
+            }
+            Err(e) => return Err(Failure::Failed(e.render().trim_end().to_string()).into()),
+        },
+        None => match doctor::default_topology() {
+            Some(f) => {
+                let t = topology::load(&f, machine).map_err(|e| e.render().trim_end().to_string());
+                (Some(f), t)
+            }
+            None => (None, Err(String::new())),
+        },
+    };
+    let sizing = match (&file, &loaded) {
+        (Some(file), Ok(topology)) => Sizing::Topology {
+            file: file.clone(),
+            topology,
+        },
+        (Some(file), Err(why)) => Sizing::Unusable {
+            file: file.clone(),
+            why: why.clone(),
+        },
+        (None, _) => Sizing::None,
+    };
+    let report = doctor::run(&env, &sizing);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(report.exit_code())
 }
 
 /// Loads a topology; on failure prints the findings and returns the exit code.

@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use mknode::wire::{DecodeError, Msg};
 use serde::{Deserialize, Serialize};
 
+use super::state::{StopStep, Stopped};
+
 /// Largest frame either side accepts (a 32 KiB exec chunk is far below).
 pub const MAX_FRAME: usize = 16 << 20;
 
@@ -59,6 +61,16 @@ pub enum Request {
     Stop {
         instances: Vec<String>,
         timeout_ms: u64,
+        /// Skip the agent: QMP quit at once, a kill 3 s later.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Stop instances, then boot them again from the topology the daemon
+    /// runs (all when `instances` is empty).
+    Restart {
+        instances: Vec<String>,
+        stop_timeout_ms: u64,
+        boot_timeout_ms: u64,
     },
     /// Move process `pid` from one kernel to another (names, ids or "host").
     Migrate {
@@ -67,6 +79,14 @@ pub enum Request {
         to: String,
         /// Post-copy: resume first, pages follow on demand.
         lazy: bool,
+    },
+    /// Move thread `tid` of process `pid` (whose kernel is `from`) to `to`
+    /// (back to `from` brings it home).
+    MigrateThread {
+        pid: u32,
+        tid: u32,
+        from: String,
+        to: String,
     },
     /// An image of process `pid` on `on`: `ImageChunk` wire frames, then Ok.
     Checkpoint {
@@ -79,6 +99,8 @@ pub enum Request {
     Restore {
         on: String,
     },
+    /// Every thread running away from its process's kernel.
+    Threads,
     /// DSM regions: every one the registry knows, with what each kernel
     /// holds of it (`name`: only that one).
     DsmReport {
@@ -128,6 +150,11 @@ pub enum Reply {
         bad: u64,
         elapsed_ns: u64,
     },
+    /// A stop is done: what it did, for people and per instance.
+    Stopped {
+        message: String,
+        instances: Vec<StoppedInstance>,
+    },
     /// `exec` accepted: wire messages follow.
     ExecStarted,
     Migrated {
@@ -136,10 +163,59 @@ pub enum Reply {
         total_ns: u64,
         image_bytes: u64,
     },
+    /// A thread runs on `at` (in shadow process `shadow_pid` there; 0 back
+    /// home) after `downtime_ns` stopped.
+    ThreadMigrated {
+        at: String,
+        shadow_pid: u32,
+        downtime_ns: u64,
+    },
+    /// Threads away from their process's kernel (see `Request::Threads`).
+    Threads {
+        threads: Vec<ThreadRow>,
+    },
     /// DSM regions (see `Request::DsmReport`).
     Dsm {
         regions: Vec<DsmRegion>,
     },
+}
+
+/// A thread away from its process's kernel (`mkctl threads`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadRow {
+    /// The kernel the process began on (where its pid is).
+    pub kernel: String,
+    pub pid: u32,
+    pub tid: u32,
+    /// The kernel the thread runs on, and its shadow's pid there.
+    pub at: String,
+    pub shadow_pid: u32,
+}
+
+/// One instance of a stop (`mkctl stop --json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoppedInstance {
+    pub name: String,
+    /// Its state before the stop; `None` when the daemon did not know it.
+    pub before: Option<String>,
+    /// The step that ended its QEMU: `agent`, `qmp-quit` or `kill`; `None`
+    /// when no QEMU ran.
+    pub step: Option<StopStep>,
+    /// From the start of the stop to its QEMU's end.
+    pub elapsed_ms: Option<u64>,
+}
+
+impl From<&Stopped> for StoppedInstance {
+    fn from(s: &Stopped) -> Self {
+        StoppedInstance {
+            name: s.name.clone(),
+            before: s.before.map(|b| b.as_str().to_string()),
+            step: s.step.map(|(step, _)| step),
+            elapsed_ms: s
+                .step
+                .map(|(_, took)| u64::try_from(took.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
 }
 
 /// One DSM region across the kernels.
@@ -189,8 +265,11 @@ impl Reply {
             Reply::Info { .. } => "info",
             Reply::Ping { .. } => "ping",
             Reply::Traffic { .. } => "traffic",
+            Reply::Stopped { .. } => "stopped",
             Reply::ExecStarted => "exec-started",
             Reply::Migrated { .. } => "migrated",
+            Reply::ThreadMigrated { .. } => "thread-migrated",
+            Reply::Threads { .. } => "threads",
             Reply::Dsm { .. } => "dsm",
         }
     }

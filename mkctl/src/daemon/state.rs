@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Child;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::error::RequestError;
 use super::paths::InstanceDir;
@@ -246,13 +246,14 @@ impl Registry {
     pub fn begin_stop(
         &mut self,
         names: &[String],
-    ) -> (
-        Vec<(String, u16, InstanceDir)>,
-        Vec<(String, Option<State>)>,
-    ) {
+    ) -> (Vec<(String, u16, InstanceDir)>, Vec<Stopped>) {
         let before = names
             .iter()
-            .map(|n| (n.clone(), self.instances.get(n).map(|i| i.state)))
+            .map(|n| Stopped {
+                name: n.clone(),
+                before: self.instances.get(n).map(|i| i.state),
+                step: None,
+            })
             .collect();
         let mut targets = Vec::new();
         for n in names {
@@ -272,15 +273,61 @@ impl Registry {
     }
 }
 
-/// What `mkctl stop` did: the instances it stopped, and those that were not
-/// running (already stopped, or failed) named as such.
-pub fn stop_summary(before: &[(String, Option<State>)]) -> String {
+/// The step of a stop's escalation that ended an instance's QEMU: the
+/// agent's power-off, then (after the timeout) QMP `quit`, then (3 s
+/// later) a kill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopStep {
+    /// It powered off after its agent was asked to.
+    Agent,
+    /// It quit when QMP asked.
+    QmpQuit,
+    /// It was killed.
+    Kill,
+}
+
+impl StopStep {
+    /// For people.
+    pub fn words(self) -> &'static str {
+        match self {
+            StopStep::Agent => "powered off by its agent",
+            StopStep::QmpQuit => "QMP quit",
+            StopStep::Kill => "killed",
+        }
+    }
+}
+
+/// One instance of a stop: its state before, and how its QEMU ended
+/// (`None` when none ran) after how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    pub name: String,
+    pub before: Option<State>,
+    pub step: Option<(StopStep, Duration)>,
+}
+
+/// What `mkctl stop` did: the instances it stopped, each with the step that
+/// ended it, and those that were not running (already stopped, or failed)
+/// named as such.
+pub fn stop_summary(outcomes: &[Stopped]) -> String {
     let (mut stopped, mut others) = (Vec::new(), Vec::new());
-    for (name, state) in before {
-        match state {
-            Some(State::Failed) => others.push(format!("{name} had failed")),
-            Some(State::Stopped) | None => others.push(format!("{name} was not running")),
-            Some(_) => stopped.push(name.as_str()),
+    for o in outcomes {
+        let name = &o.name;
+        match (o.before, o.step) {
+            (Some(State::Failed), Some((step, _))) => {
+                others.push(format!("{name} had failed ({})", step.words()));
+            }
+            (Some(State::Failed), None) => others.push(format!("{name} had failed")),
+            (_, Some((step, took))) => stopped.push(format!(
+                "{name} ({}, {:.1} s)",
+                step.words(),
+                took.as_secs_f64()
+            )),
+            (Some(State::Stopped) | None, None) => {
+                others.push(format!("{name} was not running"));
+            }
+            (Some(_), None) => stopped.push(name.clone()),
         }
     }
     let mut parts = Vec::new();
@@ -484,7 +531,11 @@ mod tests {
         let s = |v: &[(&str, Option<State>)]| {
             stop_summary(
                 &v.iter()
-                    .map(|(n, st)| (n.to_string(), *st))
+                    .map(|(n, st)| Stopped {
+                        name: n.to_string(),
+                        before: *st,
+                        step: None,
+                    })
                     .collect::<Vec<_>>(),
             )
         };
@@ -503,5 +554,30 @@ mod tests {
             s(&[("gamma", Some(State::Stopped))]),
             "gamma was not running"
         );
+    }
+
+    #[test]
+    fn stop_says_which_step_ended_each_instance() {
+        let o = |name: &str, before: State, step: StopStep, ms: u64| Stopped {
+            name: name.into(),
+            before: Some(before),
+            step: Some((step, Duration::from_millis(ms))),
+        };
+        assert_eq!(
+            stop_summary(&[
+                o("alpha", State::Ready, StopStep::Agent, 1200),
+                o("beta", State::Booting, StopStep::QmpQuit, 15_050),
+                o("gamma", State::Ready, StopStep::Kill, 18_000),
+                o("delta", State::Failed, StopStep::Kill, 3_000),
+            ]),
+            "stopped alpha (powered off by its agent, 1.2 s), beta (QMP quit, 15.1 s), \
+             gamma (killed, 18.0 s); delta had failed (killed)"
+        );
+        // The JSON names of the steps, which scripts match on.
+        let names: Vec<String> = [StopStep::Agent, StopStep::QmpQuit, StopStep::Kill]
+            .iter()
+            .map(|s| serde_json::to_string(s).unwrap())
+            .collect();
+        assert_eq!(names, ["\"agent\"", "\"qmp-quit\"", "\"kill\""]);
     }
 }

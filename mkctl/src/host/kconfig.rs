@@ -6,6 +6,11 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// The options the kexec backend needs built in (`=y`): the multikernel
+/// interface and `kexec_file_load`. The one list the kexec preflight and
+/// `mkctl doctor` check.
+pub const KEXEC_BACKEND_OPTIONS: [&str; 2] = ["CONFIG_MULTIKERNEL", "CONFIG_KEXEC_FILE"];
+
 /// A kernel build configuration: `CONFIG_*` options and where they came
 /// from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -79,6 +79,14 @@ pub struct MultikernelState {
     pub instances: Vec<McInstance>,
 }
 
+/// Reads `/sys/fs/multikernel` under `sysroot` alone, without the rest of
+/// host discovery (`mkctl doctor`); also returns what could not be read.
+pub fn discover(sysroot: &std::path::Path) -> (MultikernelState, Vec<String>) {
+    let mut warnings = Vec::new();
+    let state = read(&Root { dir: sysroot }, &mut warnings);
+    (state, warnings)
+}
+
 pub(super) fn read(root: &Root, warnings: &mut Vec<String>) -> MultikernelState {
     let rel = MOUNT_POINT.trim_start_matches('/');
     let dir = root.path(rel);

@@ -203,7 +203,7 @@ pub fn preflight(sysroot: &Path, topology: &Topology) -> Result<Option<Generatio
     }
     match &config {
         Some(c) => {
-            for opt in ["CONFIG_MULTIKERNEL", "CONFIG_KEXEC_FILE"] {
+            for opt in crate::host::kconfig::KEXEC_BACKEND_OPTIONS {
                 if !c.enabled(opt) {
                     missing.push(format!("{opt} is not set ({})", c.source.display()));
                 }

@@ -4,15 +4,19 @@
 //! serves local processes on a Unix socket ([`Dsm::serve_local`]).
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::Threads;
 use super::{lock, Agent, AgentError, AgentRef, Facet};
 use crate::dsm::engine::{Command, Event, Outlet};
 use crate::dsm::local::{self, LocalServer, Opener};
 use crate::dsm::stats::Stats;
 use crate::dsm::{check_name, check_size, DsmConfig, DsmError, Engine, RegionInfo};
+use crate::migrate::split::{SelfMove, Share};
 use crate::wire::{Kind, Msg};
 
 /// The endpoint that keeps the registry of region names.
@@ -62,6 +66,9 @@ pub struct Dsm {
     engine: Mutex<Option<Arc<Engine>>>,
     registry: Mutex<Registry>,
     server: Mutex<Option<LocalServer>>,
+    /// Split processes (and shadows) whose memory this agent attached:
+    /// pid → the engine's connection id for their mappings.
+    split: Mutex<HashMap<i32, u64>>,
 }
 
 impl Facet for Dsm {
@@ -135,6 +142,7 @@ impl Dsm {
             engine: Mutex::new(None),
             registry: Mutex::new(Registry::default()),
             server: Mutex::new(None),
+            split: Mutex::new(HashMap::new()),
         }
     }
 
@@ -276,11 +284,123 @@ impl Dsm {
     }
 }
 
+impl Dsm {
+    /// Where this kernel's processes reach its agent, when it serves them.
+    pub fn local_path(&self) -> Option<std::path::PathBuf> {
+        lock(&self.server).as_ref().map(|s| s.path().to_path_buf())
+    }
+
+    /// Forgets what process `pid` (a split process or a shadow, now gone)
+    /// had attached.
+    pub fn release(&self, pid: i32) {
+        if let Some(conn) = lock(&self.split).remove(&pid) {
+            if let Ok(e) = self.engine() {
+                e.post(Event::Command(Command::Closed { conn }));
+            }
+        }
+    }
+}
+
+/// The DSM as a split process sees it.
+impl Share for Dsm {
+    fn adopt(&self, name: &str, size: u64, copy: File, memory: File) -> Result<u32, DsmError> {
+        let me = self.agent.get().map_err(DsmError::Registry)?.id();
+        let info = self.resolve(name, size)?;
+        if info.home != me {
+            return Err(DsmError::Refused {
+                errno: libc::EEXIST,
+                message: format!(
+                    "region {name} exists already, homed at kernel {}",
+                    info.home
+                ),
+            });
+        }
+        let id = info.id;
+        self.engine()?.ask(|reply| Command::Adopt {
+            info,
+            copy,
+            memory,
+            reply,
+        })??;
+        Ok(id)
+    }
+
+    fn open(&self, name: &str, size: u64) -> Result<(u32, OwnedFd), DsmError> {
+        let info = self.resolve(name, size)?;
+        let id = info.id;
+        let fd = self
+            .engine()?
+            .ask(|reply| Command::Open { info, reply })??;
+        Ok((id, fd))
+    }
+
+    fn attach(
+        &self,
+        region: u32,
+        addr: u64,
+        len: u64,
+        uffd: OwnedFd,
+        pid: i32,
+    ) -> Result<(), DsmError> {
+        let conn = *lock(&self.split).entry(pid).or_insert_with(local::new_conn);
+        self.engine()?.ask(|reply| Command::Attach {
+            region,
+            addr,
+            len,
+            uffd,
+            pid,
+            conn,
+            reply,
+        })?
+    }
+}
+
 /// The registry as the local socket sees it.
 struct Resolver(Arc<Dsm>);
 
 impl Opener for Resolver {
     fn open(&self, name: &str, size: u64) -> Result<RegionInfo, DsmError> {
         self.0.resolve(name, size)
+    }
+
+    fn kernel(&self) -> u16 {
+        self.0.agent.get().map(|a| a.id()).unwrap_or(u16::MAX)
+    }
+
+    fn migrate(&self, pid: i32, tid: i32, to: u16, m: SelfMove) -> Result<(), DsmError> {
+        let agent = self.0.agent.get().map_err(DsmError::Registry)?;
+        let threads = agent.facet::<Threads>();
+        let refused = |errno, message| DsmError::Refused { errno, message };
+        let (Ok(pid), Ok(tid)) = (u32::try_from(pid), u32::try_from(tid)) else {
+            return Err(refused(libc::EINVAL, "no such thread".into()));
+        };
+        if let Some((origin, opid, otid)) = threads.shadow_of(pid) {
+            // A shadow's thread: its process's kernel moves it.
+            return agent
+                .call(origin, Duration::from_secs(120), |req| Msg::ThreadMove {
+                    req,
+                    pid: opid,
+                    tid: otid,
+                    to,
+                    reply_fd: m.fd,
+                    reply_buf: m.buf,
+                })
+                .map(drop)
+                .map_err(|e| match e {
+                    AgentError::NoAnswer { .. } => refused(libc::ETIMEDOUT, crate::error_text(&e)),
+                    e => refused(
+                        if e.to_string().contains("no link") {
+                            libc::ENOENT
+                        } else {
+                            libc::EIO
+                        },
+                        crate::error_text(&e),
+                    ),
+                });
+        }
+        threads
+            .move_thread(pid, tid, to, Some(m))
+            .map(drop)
+            .map_err(|e| refused(e.errno(), crate::error_text(&e)))
     }
 }

@@ -45,7 +45,7 @@ const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 /// the destination to say it needs no more.
 const PAGES_IN_TIMEOUT: Duration = Duration::from_secs(30);
 
-enum Piece {
+pub(super) enum Piece {
     Bytes(Vec<u8>),
     End,
     Abort,
@@ -108,7 +108,7 @@ pub struct MoveReport {
 }
 
 /// Sends whatever is written as messages of at most `MAX_CHUNK` bytes.
-struct ChunkWriter<'a, F: FnMut(Vec<u8>) -> Msg> {
+pub(super) struct ChunkWriter<'a, F: FnMut(Vec<u8>) -> Msg> {
     agent: &'a Agent,
     to: u16,
     wrap: F,
@@ -116,7 +116,17 @@ struct ChunkWriter<'a, F: FnMut(Vec<u8>) -> Msg> {
     sent: u64,
 }
 
-impl<F: FnMut(Vec<u8>) -> Msg> ChunkWriter<'_, F> {
+impl<'a, F: FnMut(Vec<u8>) -> Msg> ChunkWriter<'a, F> {
+    pub(super) fn new(agent: &'a Agent, to: u16, wrap: F) -> Self {
+        ChunkWriter {
+            agent,
+            to,
+            wrap,
+            buf: Vec::with_capacity(MAX_CHUNK),
+            sent: 0,
+        }
+    }
+
     fn push(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -145,11 +155,22 @@ impl<F: FnMut(Vec<u8>) -> Msg> Write for ChunkWriter<'_, F> {
 }
 
 /// Reads an image from pieces as they arrive.
-struct PieceReader {
+pub(super) struct PieceReader {
     rx: Receiver<Piece>,
     buf: Vec<u8>,
     at: usize,
     done: bool,
+}
+
+impl PieceReader {
+    pub(super) fn new(rx: Receiver<Piece>) -> Self {
+        PieceReader {
+            rx,
+            buf: Vec::new(),
+            at: 0,
+            done: false,
+        }
+    }
 }
 
 impl Read for PieceReader {
@@ -185,12 +206,12 @@ impl Read for PieceReader {
     }
 }
 
-fn pipe() -> io::Result<(File, OwnedFd)> {
+pub(super) fn pipe() -> io::Result<(File, OwnedFd)> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     Ok((File::from(r), w))
 }
 
-fn dev_null() -> io::Result<OwnedFd> {
+pub(super) fn dev_null() -> io::Result<OwnedFd> {
     Ok(File::options()
         .read(true)
         .write(true)
@@ -199,7 +220,7 @@ fn dev_null() -> io::Result<OwnedFd> {
 }
 
 /// Waits for `pid` (a child of this process) and returns how it ended.
-fn wait_pid(pid: u32) -> ExitStatus {
+pub(super) fn wait_pid(pid: u32) -> ExitStatus {
     use nix::sys::wait::{waitpid, WaitStatus};
     let p = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(-1));
     loop {
@@ -311,7 +332,7 @@ impl Migration {
         let agent = self.agent.get()?;
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
-        self.same_kernel(&agent, to)?;
+        Self::same_kernel(&agent, to)?;
         self.restorable_there(&agent, to, pid_i)?;
         let frozen = migrate::freeze(pid_i).map_err(MoveError::Freeze)?;
         // The original's own stdout and stderr, for the copy's output: opened
@@ -345,13 +366,7 @@ impl Migration {
                 Msg::MigrateBegin { mig }
             };
             agent.send(to, &begin)?;
-            let mut w = ChunkWriter {
-                agent: &agent,
-                to,
-                wrap: |bytes| Msg::MigrateChunk { mig, bytes },
-                buf: Vec::with_capacity(MAX_CHUNK),
-                sent: 0,
-            };
+            let mut w = ChunkWriter::new(&agent, to, |bytes| Msg::MigrateChunk { mig, bytes });
             if lazy {
                 let (_, server) = frozen.write_lazy_image(&mut w, LazyOptions::default())?;
                 lock(&self.servers).insert((to, mig), server);
@@ -484,7 +499,7 @@ impl Migration {
     /// kernel than this one (its restore would refuse the image after the
     /// whole transfer). Without an answer the destination's own check, on
     /// the image, decides.
-    fn same_kernel(&self, agent: &Agent, to: u16) -> Result<(), MoveError> {
+    pub(super) fn same_kernel(agent: &Agent, to: u16) -> Result<(), MoveError> {
         let Ok(Msg::Info { info, .. }) =
             agent.call(to, Duration::from_secs(10), |req| Msg::InfoRequest { req })
         else {
@@ -512,8 +527,6 @@ impl Migration {
         let files = migrate::files_of(pid).unwrap_or_default();
         let (paths, devices): (Vec<String>, Vec<bool>) = files
             .into_iter()
-            // Recreated, not opened: nothing to ask.
-            .filter(|(_, kind)| *kind != migrate::FileKind::Eventfd)
             .map(|(path, kind)| (path, kind == migrate::FileKind::Device))
             .unzip();
         let Ok(Msg::RestoreProbed { problems, .. }) =
@@ -546,13 +559,7 @@ impl Migration {
     ) -> Result<(), MoveError> {
         let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
         let frozen = migrate::freeze(pid_i).map_err(MoveError::Freeze)?;
-        let mut w = ChunkWriter {
-            agent,
-            to: peer,
-            wrap: |bytes| Msg::ImageChunk { req, bytes },
-            buf: Vec::with_capacity(MAX_CHUNK),
-            sent: 0,
-        };
+        let mut w = ChunkWriter::new(agent, peer, |bytes| Msg::ImageChunk { req, bytes });
         let sent = frozen
             .write_image(&mut w, ImageOptions::default())
             .map_err(SendError::from)
@@ -581,12 +588,7 @@ impl Migration {
         started: impl FnOnce(u32),
         output: impl Fn(Stream, Option<Vec<u8>>) + Send + Sync,
     ) -> Result<ExitStatus, RunError> {
-        let reader = PieceReader {
-            rx: pieces,
-            buf: Vec::new(),
-            at: 0,
-            done: false,
-        };
+        let reader = PieceReader::new(pieces);
         let (out_r, out_w) = pipe().map_err(RunError::Pipes)?;
         let (err_r, err_w) = pipe().map_err(RunError::Pipes)?;
         let plan = StdioPlan {

@@ -14,7 +14,9 @@
 //! - [`migration`]: moving processes between kernels, checkpoint and
 //!   restore through a peer;
 //! - [`dsm`]: distributed shared memory (the protocol's messages, the
-//!   region registry, the local socket for processes).
+//!   region registry, the local socket for processes);
+//! - [`threads`]: one thread of a process moving to another kernel while
+//!   its siblings stay (its memory kept one by the DSM).
 //!
 //! The receive thread decodes each frame and hands it to the facet that
 //! registered its kind. A facet may give a message back (a `Data` frame
@@ -42,6 +44,7 @@ pub mod diag;
 pub mod dsm;
 pub mod exec;
 pub mod migration;
+pub mod threads;
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -59,6 +62,7 @@ pub use diag::{kernel_info, BlobReport, Diag, RttSummary};
 pub use dsm::Dsm;
 pub use exec::Exec;
 pub use migration::{Migration, MoveError, MoveReport};
+pub use threads::Threads;
 
 /// How long a send may wait for room before the peer is given up on.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -144,6 +148,7 @@ pub fn standard_facets(f: &mut Facets) {
     f.add(Diag::new);
     f.add(Migration::new);
     f.add(Dsm::new);
+    f.add(Threads::new);
 }
 
 #[derive(Debug)]

@@ -9,11 +9,10 @@
 
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::Mutex;
 
 use nix::sys::mman::{MapFlags, ProtFlags};
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::socket;
 
 use super::local::{self, Reply, Request};
 use super::{check_name, check_size, DsmError};
@@ -27,20 +26,7 @@ struct Conn {
 static CONN: Mutex<Option<Conn>> = Mutex::new(None);
 
 fn connect() -> Result<OwnedFd, DsmError> {
-    let path = local::agent_path();
-    let no_agent = |e: nix::errno::Errno| DsmError::NoAgent {
-        path: path.display().to_string(),
-        source: std::io::Error::from(e),
-    };
-    let sock = socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(no_agent)?;
-    let addr = UnixAddr::new(path.as_os_str().as_bytes()).map_err(no_agent)?;
-    socket::connect(sock.as_raw_fd(), &addr).map_err(no_agent)?;
+    let sock = local::connect()?;
     let tv = nix::sys::time::TimeVal::new(
         i64::try_from(local::ANSWER_TIMEOUT.as_secs()).unwrap_or(60),
         0,

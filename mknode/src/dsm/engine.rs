@@ -151,6 +151,17 @@ pub enum Command {
         info: RegionInfo,
         reply: Sender<Result<OwnedFd, DsmError>>,
     },
+    /// Make `info` known here with this kernel as its home, from memory a
+    /// process already has: `copy` is the memfd that process maps (empty:
+    /// its pages fault in), `memory` holds the content. A process's private
+    /// memory becomes a region this way when one of its threads leaves for
+    /// another kernel (`crate::migrate` splits it).
+    Adopt {
+        info: RegionInfo,
+        copy: File,
+        memory: File,
+        reply: Sender<Result<(), DsmError>>,
+    },
     /// A process mapped the region at `[addr, addr + len)` and hands over
     /// its userfaultfd.
     Attach {
@@ -758,7 +769,28 @@ impl Worker {
     fn command(&mut self, c: Command) {
         match c {
             Command::Open { info, reply } => {
-                let _ = reply.send(self.open(info));
+                let _ = reply.send(self.open(info, None));
+            }
+            Command::Adopt {
+                info,
+                copy,
+                memory,
+                reply,
+            } => {
+                let r = if info.home != self.me {
+                    Err(DsmError::Refused {
+                        errno: libc::EINVAL,
+                        message: format!("region {} is homed at {}", info.name, info.home),
+                    })
+                } else if self.regions.contains_key(&info.id) {
+                    Err(DsmError::Refused {
+                        errno: libc::EEXIST,
+                        message: format!("region {} exists here already", info.name),
+                    })
+                } else {
+                    self.open(info, Some((copy, memory))).map(drop)
+                };
+                let _ = reply.send(r);
             }
             Command::Attach {
                 region,
@@ -802,7 +834,9 @@ impl Worker {
         }
     }
 
-    fn open(&mut self, info: RegionInfo) -> Result<OwnedFd, DsmError> {
+    /// Region `info` here: known already, or created with fresh memfds, or
+    /// with `given` (its copy and the home's memory, see `Command::Adopt`).
+    fn open(&mut self, info: RegionInfo, given: Option<(File, File)>) -> Result<OwnedFd, DsmError> {
         if let Some(r) = self.regions.get(&info.id) {
             return r.copy.as_fd().try_clone_to_owned().map_err(DsmError::io);
         }
@@ -818,12 +852,23 @@ impl Worker {
             Ok(f)
         };
         let home = info.home == self.me;
-        let copy = memfd("copy")?;
+        let (copy, memory) = match given {
+            Some((c, m)) => {
+                for f in [&c, &m] {
+                    f.set_len(info.size).map_err(DsmError::io)?;
+                }
+                (c, Some(m))
+            }
+            None => (
+                memfd("copy")?,
+                if home { Some(memfd("memory")?) } else { None },
+            ),
+        };
         let dup = copy.as_fd().try_clone_to_owned().map_err(DsmError::io)?;
         let pages = usize::try_from(npages).map_err(|_| DsmError::TooLarge(info.size))?;
         let region = Region {
             npages,
-            memory: if home { Some(memfd("memory")?) } else { None },
+            memory,
             dirs: if home {
                 vec![Directory::new(self.proto); pages]
             } else {

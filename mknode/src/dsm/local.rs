@@ -37,6 +37,7 @@ use nix::sys::socket::{
 use super::engine::{Command, Engine, Event};
 use super::{check_name, check_size, DsmError, RegionInfo};
 use crate::codec::{Field, Reader, Writer};
+use crate::migrate::split::SelfMove;
 
 /// The environment variable that names the socket.
 pub const ENV: &str = "MK_AGENT";
@@ -62,15 +63,64 @@ pub fn agent_path() -> PathBuf {
         .unwrap_or_else(|| candidates.remove(0))
 }
 
+/// A fresh connection id: what the engine files a process's mappings
+/// under (they go together when it ends). Processes whose memory an agent
+/// attached itself (a split process) get one too.
+pub fn new_conn() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A new connection to this kernel's agent (at [`agent_path`]).
+pub(crate) fn connect() -> Result<OwnedFd, DsmError> {
+    let path = agent_path();
+    let no_agent = |e: nix::errno::Errno| DsmError::NoAgent {
+        path: path.display().to_string(),
+        source: std::io::Error::from(e),
+    };
+    let sock = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(no_agent)?;
+    let addr = UnixAddr::new(path.as_os_str().as_bytes()).map_err(no_agent)?;
+    socket::connect(sock.as_raw_fd(), &addr).map_err(no_agent)?;
+    Ok(sock)
+}
+
 /// Largest datagram either side accepts.
 const MAX_MSG: usize = 1024;
 
 /// Process → agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Request {
-    Open { name: String, size: u64 },
-    Attach { region: u32, addr: u64, len: u64 },
-    Detach { region: u32, addr: u64 },
+    Open {
+        name: String,
+        size: u64,
+    },
+    Attach {
+        region: u32,
+        addr: u64,
+        len: u64,
+    },
+    Detach {
+        region: u32,
+        addr: u64,
+    },
+    /// Thread `tid` moves itself to kernel `to` and waits in
+    /// `read(fd, buf, REPLY_LEN)` for the answer (see
+    /// `crate::migrate::split::SelfMove`): `REPLY_LEN` raw bytes, not a
+    /// `Reply`.
+    Migrate {
+        tid: u32,
+        to: u16,
+        fd: i32,
+        buf: u64,
+    },
+    /// Which kernel is this? → `Kernel`.
+    Whoami,
 }
 
 /// Agent → process.
@@ -79,6 +129,7 @@ pub(crate) enum Reply {
     Opened { region: u32, size: u64 },
     Ok,
     Error { errno: i32, message: String },
+    Kernel { id: u16 },
 }
 
 /// A datagram that is not a message of this protocol.
@@ -107,6 +158,14 @@ impl Request {
                 w.u32(*region);
                 w.u64(*addr);
             }
+            Request::Migrate { tid, to, fd, buf } => {
+                w.u8(4);
+                w.u32(*tid);
+                w.u16(*to);
+                w.i32(*fd);
+                w.u64(*buf);
+            }
+            Request::Whoami => w.u8(5),
         }
         v
     }
@@ -127,6 +186,13 @@ impl Request {
                 region: r.u32().map_err(|_| Malformed)?,
                 addr: r.u64().map_err(|_| Malformed)?,
             },
+            4 => Request::Migrate {
+                tid: r.u32().map_err(|_| Malformed)?,
+                to: r.u16().map_err(|_| Malformed)?,
+                fd: r.i32().map_err(|_| Malformed)?,
+                buf: r.u64().map_err(|_| Malformed)?,
+            },
+            5 => Request::Whoami,
             _ => return Err(Malformed),
         };
         (r.remaining() == 0).then_some(m).ok_or(Malformed)
@@ -149,6 +215,10 @@ impl Reply {
                 w.i32(*errno);
                 message.put(w);
             }
+            Reply::Kernel { id } => {
+                w.u8(4);
+                w.u16(*id);
+            }
         }
         v
     }
@@ -164,6 +234,9 @@ impl Reply {
             3 => Reply::Error {
                 errno: r.i32().map_err(|_| Malformed)?,
                 message: String::get(r, "message").map_err(|_| Malformed)?,
+            },
+            4 => Reply::Kernel {
+                id: r.u16().map_err(|_| Malformed)?,
             },
             _ => return Err(Malformed),
         };
@@ -212,9 +285,17 @@ pub(crate) fn recv(sock: BorrowedFd<'_>) -> nix::Result<Option<(Vec<u8>, Vec<Own
     Ok(Some((buf, fds)))
 }
 
-/// Resolves a region name for a kernel (the registry, reached by the agent).
+/// What the agent does for the socket's processes beyond this kernel's
+/// engine.
 pub trait Opener: Send + Sync {
+    /// Resolves a region name (the registry).
     fn open(&self, name: &str, size: u64) -> Result<RegionInfo, DsmError>;
+    /// This kernel's id.
+    fn kernel(&self) -> u16;
+    /// Thread `tid` of process `pid` (as this kernel sees them) moves
+    /// itself to kernel `to` (see `Request::Migrate`). `Ok`: it runs there
+    /// and has its answer; `Err`: it did not move and gets this errno.
+    fn migrate(&self, pid: i32, tid: i32, to: u16, m: SelfMove) -> Result<(), DsmError>;
 }
 
 /// The agent's side of the socket; stops (and removes the socket) when
@@ -277,7 +358,6 @@ pub fn serve(
 }
 
 fn accept_loop(sock: &OwnedFd, stop: &AtomicBool, engine: &Arc<Engine>, opener: &Arc<dyn Opener>) {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
     while !stop.load(Ordering::SeqCst) {
         let mut fds = [nix::poll::PollFd::new(
             sock.as_fd(),
@@ -295,7 +375,7 @@ fn accept_loop(sock: &OwnedFd, stop: &AtomicBool, engine: &Arc<Engine>, opener: 
         let pid = socket::getsockopt(&conn, socket::sockopt::PeerCredentials)
             .map(|c| c.pid())
             .unwrap_or(0);
-        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = new_conn();
         let (engine, opener) = (Arc::clone(engine), Arc::clone(opener));
         let _ = thread::Builder::new()
             .name("mknode-dsm-conn".into())
@@ -344,6 +424,30 @@ fn serve_conn(conn: &OwnedFd, pid: i32, id: u64, engine: &Engine, opener: &dyn O
                 })
                 .and_then(|r| r)
                 .map(|()| (Reply::Ok, None)),
+            Ok(Request::Whoami) => Ok((
+                Reply::Kernel {
+                    id: opener.kernel(),
+                },
+                None,
+            )),
+            Ok(Request::Migrate { tid, to, fd, buf }) => {
+                let m = SelfMove { fd, buf };
+                match opener.migrate(pid, tid as i32, to, m) {
+                    // Answered where the thread runs now.
+                    Ok(()) => continue,
+                    Err(e) => {
+                        log::info!(
+                            "threads: {pid}/{tid} did not move to {to}: {}",
+                            crate::error_text(&e)
+                        );
+                        let b = crate::migrate::split::reply(-e.errno(), opener.kernel(), fd);
+                        if send(conn.as_fd(), &b, &[]).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
         };
         let sent = match answer {
             Ok((reply, fd)) => {
@@ -400,6 +504,13 @@ mod tests {
                 len: 4096,
             },
             Request::Detach { region: 3, addr: 1 },
+            Request::Migrate {
+                tid: 77,
+                to: 2,
+                fd: 5,
+                buf: 0x7ffd_0000_1000,
+            },
+            Request::Whoami,
         ] {
             assert_eq!(Request::decode(&r.encode()), Ok(r.clone()));
             let mut longer = r.encode();
@@ -419,6 +530,7 @@ mod tests {
                 errno: 22,
                 message: "bad".into(),
             },
+            Reply::Kernel { id: 3 },
         ] {
             assert_eq!(Reply::decode(&r.encode()), Ok(r));
         }

@@ -31,7 +31,7 @@ use super::image::{
 use super::inject::{inject, ptrace_err, wait, Call};
 use super::lazy::{eager_ranges, LazyOptions, PageServer};
 use super::memory::{fingerprint, read_pages, read_remote, to_mapping, write_remote};
-use super::precheck::{check_at, Blocker, Refusal};
+use super::precheck::{check_at, Blocker, Precheck, Refusal};
 use super::procfs::{MapsEntry, ProcDir, SmapsEntry};
 use super::{sys, SysError};
 
@@ -174,6 +174,8 @@ pub struct Frozen {
     tids: Vec<Pid>,
     meta: Option<ImageMeta>,
     live: bool,
+    /// Frozen for a thread to leave (`freeze_for_split`).
+    split: bool,
     /// Shared with the lazy page servers: true while the original is frozen
     /// (its memory is the image's); cleared before it is let go.
     frozen: Arc<AtomicBool>,
@@ -192,12 +194,60 @@ const ATTEMPTS: usize = 64;
 /// seizes and interrupts every thread until no new one appears, checks again
 /// under freeze, and reads all state but memory.
 pub fn freeze(pid: i32) -> Result<Frozen, CaptureError> {
-    super::precheck::check_migratable(pid)?;
+    freeze_accepting(pid, |_| false, false)
+}
+
+/// [`freeze`] for a thread leaving its process (see `split`): what stays
+/// at home does not stop it — descriptors not carried (they are left out
+/// of the image), children, POSIX timers, the process's DSM memory.
+pub(crate) fn freeze_for_split(pid: i32) -> Result<Frozen, CaptureError> {
+    freeze_accepting(
+        pid,
+        |b| match b {
+            Blocker::SharedMapping { name, .. } => super::split::region_of(name).is_some(),
+            Blocker::Socket { .. }
+            | Blocker::OpenFd { .. }
+            | Blocker::DeletedFile { .. }
+            | Blocker::Stdio { .. }
+            | Blocker::Children { .. }
+            | Blocker::PosixTimers { .. }
+            // Its futex filter (see `split`).
+            | Blocker::Seccomp { mode: 2 } => true,
+            _ => false,
+        },
+        true,
+    )
+}
+
+/// [`freeze`], letting through the blockers `accept` says are expected;
+/// `split`: the image leaves out descriptors it cannot carry.
+fn freeze_accepting(
+    pid: i32,
+    accept: impl Fn(&Blocker) -> bool,
+    split: bool,
+) -> Result<Frozen, CaptureError> {
+    let keep = |r: Result<Precheck, Refusal>| match r {
+        Err(Refusal::Blocked { pid, blockers }) => {
+            let rest: Vec<Blocker> = blockers.into_iter().filter(|b| !accept(b)).collect();
+            if rest.is_empty() {
+                Ok(())
+            } else {
+                Err(Refusal::Blocked {
+                    pid,
+                    blockers: rest,
+                })
+            }
+        }
+        Err(e) => Err(e),
+        Ok(_) => Ok(()),
+    };
+    keep(super::precheck::check_migratable(pid))?;
     let mut f = Frozen {
         pid: Pid::from_raw(pid),
         tids: Vec::new(),
         meta: None,
         live: true,
+        split,
         frozen: Arc::new(AtomicBool::new(true)),
         frozen_at: std::time::Instant::now(),
         _traced: Traced::new(pid),
@@ -215,17 +265,15 @@ pub fn freeze(pid: i32) -> Result<Frozen, CaptureError> {
     // Our own trace (tracer = this thread) and its stop are expected now.
     let me = std::process::id() as i32;
     let tracer = nix::unistd::gettid().as_raw();
+    let ours = |b: &Blocker| match b {
+        Blocker::Traced { tracer: t } => *t == tracer,
+        Blocker::State { state } => *state == 't',
+        b => accept(b),
+    };
     match check_at(Path::new("/proc"), pid, me) {
         Ok(_) => {}
         Err(Refusal::Blocked { pid, blockers }) => {
-            let rest: Vec<Blocker> = blockers
-                .into_iter()
-                .filter(|b| match b {
-                    Blocker::Traced { tracer: t } => *t != tracer,
-                    Blocker::State { state } => *state != 't',
-                    _ => true,
-                })
-                .collect();
+            let rest: Vec<Blocker> = blockers.into_iter().filter(|b| !ours(b)).collect();
             if !rest.is_empty() {
                 return Err(Refusal::Blocked {
                     pid,
@@ -239,6 +287,22 @@ pub fn freeze(pid: i32) -> Result<Frozen, CaptureError> {
     let meta = f.read_state(&hints)?;
     f.meta = Some(meta);
     Ok(f)
+}
+
+/// 128 bytes of dead memory in the stopped process: below a thread's stack
+/// pointer (past the 128-byte red zone), where no other thread looks — in a
+/// split process other threads run on while one is stopped, so their
+/// memory is no place for scratch bytes.
+pub(crate) fn below_stack(threads: &[ThreadState], mappings: &[Mapping]) -> Option<u64> {
+    threads.iter().find_map(|t| {
+        let at = sys::words_to_regs(&t.regs).rsp.checked_sub(512)? & !15;
+        mappings
+            .iter()
+            .any(|m| {
+                m.start <= at && at + 128 <= m.end && m.prot & (PROT_R | PROT_W) == PROT_R | PROT_W
+            })
+            .then_some(at)
+    })
 }
 
 /// The mapping as `/proc/pid/maps` shows it now, with the residency and THP
@@ -272,9 +336,11 @@ type LeaderAsks<'a> = (
 /// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as process `pd` sees them now:
 /// ours, moved by the difference between its time namespace's offsets and
 /// ours (both are offsets from the kernel's own clocks).
-pub(crate) fn process_clocks(pd: &ProcDir) -> std::io::Result<(u64, u64)> {
+pub(crate) fn process_clocks(
+    pd: &ProcDir,
+    (kernel_m, kernel_b): (i128, i128),
+) -> std::io::Result<(u64, u64)> {
     let (their_m, their_b) = pd.timens_offsets()?;
-    let (kernel_m, kernel_b) = super::procfs::kernel_clocks()?;
     let (m, b) = (kernel_m + their_m, kernel_b + their_b);
     Ok((u64::try_from(m).unwrap_or(0), u64::try_from(b).unwrap_or(0)))
 }
@@ -293,6 +359,30 @@ impl Frozen {
     fn proc_err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> CaptureError {
         let pid = self.pid.as_raw();
         move |source| CaptureError::Proc { pid, what, source }
+    }
+
+    /// The address of a `syscall` instruction in the process (in its vDSO)
+    /// for injected calls.
+    pub(crate) fn syscall_insn(&self) -> Result<u64, CaptureError> {
+        let pid = self.pid;
+        let vdso = self
+            .meta()
+            .mappings
+            .iter()
+            .find(|m| m.kind == MappingKind::Vdso)
+            .ok_or(CaptureError::NoVdso { pid: pid.as_raw() })?;
+        let mut b = vec![0u8; vdso.len() as usize];
+        read_remote(pid, vdso.start, &mut b).map_err(|e| {
+            self.sys()(SysError::Mem {
+                what: "reading [vdso]",
+                pid: pid.as_raw(),
+                source: e.into(),
+            })
+        })?;
+        b.windows(2)
+            .position(|w| w == [0x0f, 0x05])
+            .map(|i| vdso.start + i as u64)
+            .ok_or(CaptureError::NoVdso { pid: pid.as_raw() })
     }
 
     /// Seizes and stops every thread, re-reading the task list until no
@@ -434,14 +524,17 @@ impl Frozen {
             .collect();
 
         // What /proc does not show: ask the process itself.
-        let scratch = mappings
-            .iter()
-            .find(|m| {
-                m.prot & (PROT_R | PROT_W) == PROT_R | PROT_W
-                    && !m.kind.is_special()
-                    && m.kind != MappingKind::File
+        let scratch = below_stack(&threads, &mappings)
+            .or_else(|| {
+                mappings
+                    .iter()
+                    .find(|m| {
+                        m.prot & (PROT_R | PROT_W) == PROT_R | PROT_W
+                            && !m.kind.is_special()
+                            && m.kind != MappingKind::File
+                    })
+                    .map(|m| m.start)
             })
-            .map(|m| m.start)
             .ok_or_else(|| {
                 self.sys()(SysError::Mem {
                     what: "finding a writable page for scratch",
@@ -468,12 +561,19 @@ impl Frozen {
             })
         })?;
 
-        let (monotonic_ns, boottime_ns) =
-            process_clocks(&pd).map_err(self.proc_err("timens_offsets"))?;
-        let (stdio, files) = match super::precheck::open_files(&pd) {
+        let super::precheck::CapturedFiles {
+            stdio,
+            files,
+            pipes,
+            socketpairs,
+            kernel_clocks,
+        } = match super::precheck::open_files(&pd, self.split) {
             Ok(s) => s,
             Err(e) => return Err(self.proc_err("fd")(e)),
         };
+        // Of the moment the timerfds' times left are of.
+        let (monotonic_ns, boottime_ns) =
+            process_clocks(&pd, kernel_clocks).map_err(self.proc_err("timens_offsets"))?;
         Ok(ImageMeta {
             header: Header {
                 flags: FLAG_ZERO_RUNS,
@@ -492,6 +592,8 @@ impl Frozen {
                 monotonic_ns,
                 boottime_ns,
                 itimers,
+                pipes,
+                socketpairs,
             },
             threads,
             mappings,
@@ -774,9 +876,22 @@ impl Frozen {
         ranges: &[(u64, u64)],
         lazy: bool,
     ) -> Result<ImageStats, CaptureError> {
+        self.write_meta(w, opts, self.meta(), ranges, lazy, true)
+    }
+
+    /// Writes `meta` (this process's state or a part of it) with the pages
+    /// of `ranges`; `shared`: with the process-wide signal queue.
+    pub(crate) fn write_meta<W: Write>(
+        &self,
+        w: W,
+        opts: ImageOptions,
+        meta: &ImageMeta,
+        ranges: &[(u64, u64)],
+        lazy: bool,
+        shared: bool,
+    ) -> Result<ImageStats, CaptureError> {
         let pid = self.pid.as_raw();
         let ie = move |source| CaptureError::Image { pid, source };
-        let meta = self.meta();
         let mut header = meta.header.clone();
         if !opts.skip_zero_pages {
             header.flags &= !FLAG_ZERO_RUNS;
@@ -788,7 +903,11 @@ impl Frozen {
         // Signals may still be queued while the process is frozen (memory
         // and registers cannot change): read the queues now.
         let mut process = meta.process.clone();
-        process.shared_pending = self.pending(self.pid, true)?;
+        process.shared_pending = if shared {
+            self.pending(self.pid, true)?
+        } else {
+            Vec::new()
+        };
         iw.process(&process).map_err(ie)?;
         for t in &meta.threads {
             let mut t = t.clone();

@@ -18,8 +18,10 @@ use crate::codec::{Reader, Short, Writer};
 /// First bytes of every image.
 pub const MAGIC: [u8; 8] = *b"MKPROCIM";
 /// Version of the layout written by this code; others are refused.
-/// Version 2 added the header checksum; version 3 the open files.
-pub const VERSION: u16 = 3;
+/// Version 2 added the header checksum; version 3 the open files; version 4
+/// timerfds, signalfds, pipes and socket pairs with their bytes, and shared
+/// descriptions.
+pub const VERSION: u16 = 4;
 /// ELF machine number of x86_64, the only architecture of version 1.
 pub const ARCH_X86_64: u16 = 0x3E;
 /// Page size of the image.
@@ -45,6 +47,14 @@ pub const MAX_FD: u32 = 1 << 20;
 /// `O_LARGEFILE` is implied on x86_64).
 pub const FILE_FLAGS: u32 =
     0o3 | 0o2000 | 0o4000 | 0o10000 | 0o40000 | 0o1000000 | 0o2000000 | 0o4010000;
+/// Most bytes in flight all carried pipes and socket pairs together may
+/// hold (they travel in the process record, which is bounded).
+pub const MAX_PIPE_BYTES: usize = 512 * 1024;
+/// Most datagrams queued at one end of a socket pair.
+pub const MAX_DGRAMS: usize = 1024;
+/// Largest pipe capacity carried (`F_SETPIPE_SZ`; Linux's default
+/// `pipe-max-size`, what an unprivileged process may set).
+pub const MAX_PIPE_CAPACITY: u32 = 1 << 20;
 /// Size of one `siginfo_t` as the kernel copies it.
 pub const SIGINFO_SIZE: usize = 128;
 /// Number of `u64` in x86_64 `user_regs_struct`.
@@ -154,10 +164,128 @@ pub enum FileKind {
     /// An eventfd (path [`EVENTFD`]): recreated with its counter (in
     /// `size`) and semaphore mode (`mtime_ns` 1).
     Eventfd,
+    /// A timerfd (path [`TIMERFD`]): recreated from [`FileState::Timer`].
+    Timerfd,
+    /// A signalfd (path [`SIGNALFD`]): recreated with its mask
+    /// ([`FileState::Signals`]).
+    Signalfd,
+    /// One end of a pipe whose every end is in the process (path
+    /// `pipe:[inode]`, informative): [`FileState::Pipe`] names its entry in
+    /// [`ProcessInfo::pipes`].
+    Pipe,
+    /// One end of an AF_UNIX stream or datagram socket pair whose two ends
+    /// are in the process (path `socket:[inode]`, informative):
+    /// [`FileState::Socket`] names its entry in [`ProcessInfo::socketpairs`]
+    /// and which end it is.
+    Socket,
+}
+
+/// The codes of [`FileKind`] in the image (the one table both directions use).
+const FILE_KINDS: [(FileKind, u8); 7] = [
+    (FileKind::Regular, 0),
+    (FileKind::Device, 1),
+    (FileKind::Eventfd, 2),
+    (FileKind::Timerfd, 3),
+    (FileKind::Signalfd, 4),
+    (FileKind::Pipe, 5),
+    (FileKind::Socket, 6),
+];
+
+impl FileKind {
+    fn code(self) -> u8 {
+        FILE_KINDS
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map_or(u8::MAX, |(_, c)| *c)
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        FILE_KINDS.iter().find(|(_, x)| *x == c).map(|(k, _)| *k)
+    }
+    /// Reopened by its path on the destination (which can be asked about
+    /// it before the freeze); the other kinds are recreated.
+    pub fn by_path(self) -> bool {
+        matches!(self, FileKind::Regular | FileKind::Device)
+    }
 }
 
 /// What `/proc/pid/fd` says an eventfd is open on.
 pub const EVENTFD: &str = "anon_inode:[eventfd]";
+/// ... a timerfd.
+pub const TIMERFD: &str = "anon_inode:[timerfd]";
+/// ... a signalfd.
+pub const SIGNALFD: &str = "anon_inode:[signalfd]";
+/// The clocks a timerfd may use: `CLOCK_REALTIME`, `CLOCK_MONOTONIC`,
+/// `CLOCK_BOOTTIME`, `CLOCK_REALTIME_ALARM`, `CLOCK_BOOTTIME_ALARM`.
+pub const TIMERFD_CLOCKS: [u32; 5] = [0, 1, 7, 8, 9];
+/// `TFD_TIMER_ABSTIME` and `TFD_TIMER_CANCEL_ON_SET`.
+pub const TFD_ABSTIME: u32 = 1;
+pub const TFD_CANCEL_ON_SET: u32 = 2;
+
+/// A timerfd's state at the freeze.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimerState {
+    /// One of [`TIMERFD_CLOCKS`].
+    pub clockid: u32,
+    /// `timerfd_settime` flags ([`TFD_ABSTIME`], [`TFD_CANCEL_ON_SET`]).
+    pub settime_flags: u32,
+    /// Expirations not read yet.
+    pub ticks: u64,
+    /// Armed (else `value_ns` is 0).
+    pub armed: bool,
+    /// Next expiry: the time left at the moment the process's clocks were
+    /// captured ([`ProcessInfo::monotonic_ns`]), in ns; negative when it
+    /// was due by then. For an absolute `CLOCK_REALTIME(_ALARM)` timer the
+    /// absolute expiry instead (real time passes while the process is
+    /// away, and is the same clock everywhere; >= 0).
+    pub value_ns: i64,
+    /// Period (ns); 0: one-shot.
+    pub interval_ns: u64,
+}
+
+/// The state of a descriptor that is recreated rather than reopened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FileState {
+    /// Regular files, devices and eventfds (their state is in `size` and
+    /// `mtime_ns`).
+    #[default]
+    None,
+    Timer(TimerState),
+    /// A signalfd's mask (bit n-1 for signal n).
+    Signals(u64),
+    /// A pipe end: the `id` of its [`PipeState`].
+    Pipe(u32),
+    /// A socket pair's end (0 or 1) of the [`SocketPairState`] `id`.
+    Socket {
+        id: u32,
+        end: u8,
+    },
+}
+
+/// An AF_UNIX socket pair both of whose ends are in the process, with what
+/// is queued at each end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketPairState {
+    /// Unique within the image; the ends' [`FileState::Socket`].
+    pub id: u32,
+    /// `SOCK_STREAM` (1) or `SOCK_DGRAM` (2).
+    pub kind: u8,
+    /// Each end's shutdown bits (1 receive, 2 send).
+    pub shutdown: [u8; 2],
+    /// What a read at each end would return: the stream's bytes (one
+    /// chunk, or none), or the datagrams in order.
+    pub queued: [Vec<Vec<u8>>; 2],
+}
+
+/// A pipe all of whose ends are in the process, with its bytes in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipeState {
+    /// Unique within the image; the pipe ends' [`FileState::Pipe`].
+    pub id: u32,
+    /// `F_GETPIPE_SZ` (bytes).
+    pub capacity: u32,
+    /// What a read would return, in order.
+    pub bytes: Vec<u8>,
+}
 
 /// A descriptor open on a file, carried by path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +302,11 @@ pub struct OpenFile {
     /// zero for devices.
     pub size: u64,
     pub mtime_ns: u64,
+    /// What a recreated descriptor was.
+    pub state: FileState,
+    /// The earlier descriptor (in this list) whose open file description
+    /// this one shares (`dup`): restored as a `dup` of it.
+    pub share: Option<u32>,
 }
 
 /// The devices a descriptor may be open on.
@@ -297,6 +430,10 @@ pub struct ProcessInfo {
     /// which (0 real, 1 virtual, 2 prof) and the `struct itimerval`
     /// (interval sec, usec, value sec, usec) left at the freeze.
     pub itimers: Vec<(u8, [u64; 4])>,
+    /// Pipes whose ends are among `files`, with their bytes.
+    pub pipes: Vec<PipeState>,
+    /// Socket pairs whose ends are among `files`, with their queues.
+    pub socketpairs: Vec<SocketPairState>,
 }
 
 /// Which register file the FP blob is.
@@ -401,6 +538,10 @@ pub const MAPF_GROWSDOWN: u8 = 1;
 pub const MAPF_HUGEPAGE: u8 = 2;
 /// Mapping flag: the origin had `MADV_NOHUGEPAGE` on it.
 pub const MAPF_NOHUGEPAGE: u8 = 4;
+/// Mapping flag: DSM memory of a split process (a thread that left its
+/// process): the mapping is the DSM region whose name is the mapping's
+/// `name`, and its pages come through the DSM, never in the image.
+pub const MAPF_DSM: u8 = 8;
 
 /// One virtual memory area.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -547,7 +688,10 @@ impl<W: Write> ImageWriter<W> {
     }
 
     fn record(&mut self, tag: u8, payload: &[u8]) -> Result<(), ImageError> {
-        let len = u32::try_from(payload.len()).map_err(|_| ImageError::Order("record too big"))?;
+        let len = u32::try_from(payload.len())
+            .ok()
+            .filter(|l| *l <= MAX_RECORD)
+            .ok_or(ImageError::Order("record too big"))?;
         let mut h = Vec::with_capacity(5);
         let w = &mut Writer(&mut h);
         w.u8(tag);
@@ -596,16 +740,38 @@ impl<W: Write> ImageWriter<W> {
         w.le(p.files.len() as u16);
         for f in &p.files {
             w.le(f.fd);
-            w.u8(match f.kind {
-                FileKind::Regular => 0,
-                FileKind::Device => 1,
-                FileKind::Eventfd => 2,
-            });
+            w.u8(f.kind.code());
             w.le(f.flags);
             w.le(f.pos);
             w.le(f.size);
             w.le(f.mtime_ns);
             put_str(w, &f.path, MAX_NAME);
+            w.le(f.share.unwrap_or(u32::MAX));
+            match f.state {
+                FileState::None => w.u8(0),
+                FileState::Timer(t) => {
+                    w.u8(1);
+                    w.le(t.clockid);
+                    w.le(t.settime_flags);
+                    w.u8(u8::from(t.armed));
+                    w.le(t.ticks);
+                    w.le(t.value_ns as u64);
+                    w.le(t.interval_ns);
+                }
+                FileState::Signals(mask) => {
+                    w.u8(2);
+                    w.le(mask);
+                }
+                FileState::Pipe(id) => {
+                    w.u8(3);
+                    w.le(id);
+                }
+                FileState::Socket { id, end } => {
+                    w.u8(4);
+                    w.le(id);
+                    w.u8(end);
+                }
+            }
         }
         w.le(p.monotonic_ns);
         w.le(p.boottime_ns);
@@ -617,6 +783,44 @@ impl<W: Write> ImageWriter<W> {
             w.u8(*which);
             for x in t {
                 w.le(*x);
+            }
+        }
+        let in_flight = p.pipes.iter().map(|x| x.bytes.len()).sum::<usize>()
+            + p.socketpairs
+                .iter()
+                .flat_map(|x| x.queued.iter().flatten())
+                .map(Vec::len)
+                .sum::<usize>();
+        if p.pipes.len() > MAX_FILES
+            || p.socketpairs.len() > MAX_FILES
+            || p.socketpairs
+                .iter()
+                .any(|x| x.queued.iter().any(|q| q.len() > MAX_DGRAMS))
+            || in_flight > MAX_PIPE_BYTES
+        {
+            return Err(ImageError::Order(
+                "too many pipes or socket pairs or bytes in them",
+            ));
+        }
+        w.le(p.pipes.len() as u16);
+        for x in &p.pipes {
+            w.le(x.id);
+            w.le(x.capacity);
+            w.le(x.bytes.len() as u32);
+            w.raw(&x.bytes);
+        }
+        w.le(p.socketpairs.len() as u16);
+        for x in &p.socketpairs {
+            w.le(x.id);
+            w.u8(x.kind);
+            w.u8(x.shutdown[0]);
+            w.u8(x.shutdown[1]);
+            for q in &x.queued {
+                w.le(q.len() as u16);
+                for m in q {
+                    w.le(m.len() as u32);
+                    w.raw(m);
+                }
             }
         }
         self.record(TAG_PROCESS, &v)?;
@@ -1421,6 +1625,8 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         }
         itimers.push((which, t));
     }
+    let (pipes, in_flight) = parse_pipes(c, &files)?;
+    let socketpairs = parse_socketpairs(c, &files, in_flight)?;
     c.done()?;
     Ok(ProcessInfo {
         pid,
@@ -1435,7 +1641,137 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         monotonic_ns,
         boottime_ns,
         itimers,
+        pipes,
+        socketpairs,
     })
+}
+
+/// The socket pairs: unique ids, each used by some socket end of `files`
+/// and every socket end's pair listed; stream or datagram; shutdown bits
+/// known; a stream's queue one non-empty chunk at most; at most
+/// [`MAX_DGRAMS`] datagrams an end; their bytes within what `in_flight`
+/// (the pipes') leaves of [`MAX_PIPE_BYTES`].
+fn parse_socketpairs(
+    c: &mut Cur<'_>,
+    files: &[OpenFile],
+    mut in_flight: usize,
+) -> Result<Vec<SocketPairState>, ImageError> {
+    let at = c.at;
+    let n = usize::from(c.u16()?);
+    if n > MAX_FILES {
+        return Err(ImageError::Bound {
+            at,
+            what: "socket pairs",
+            value: n as u64,
+        });
+    }
+    let invalid = |why: String| ImageError::Invalid { at, why };
+    let mut pairs: Vec<SocketPairState> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (id, kind, sh0, sh1) = (c.u32()?, c.u8()?, c.u8()?, c.u8()?);
+        if pairs.iter().any(|p| p.id == id)
+            || !files
+                .iter()
+                .any(|f| matches!(f.state, FileState::Socket { id: i, .. } if i == id))
+            || !(1..=2).contains(&kind)
+            || sh0 > 3
+            || sh1 > 3
+        {
+            return Err(invalid(format!(
+                "socket pair {id}: type {kind}, shutdown {sh0}/{sh1}, unknown or listed twice?"
+            )));
+        }
+        let mut queued: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+        for q in &mut queued {
+            let count = usize::from(c.u16()?);
+            if count > MAX_DGRAMS || (kind == 1 && count > 1) {
+                return Err(invalid(format!(
+                    "socket pair {id}: {count} messages queued"
+                )));
+            }
+            for _ in 0..count {
+                let len = c.u32()? as usize;
+                in_flight = in_flight.saturating_add(len);
+                if in_flight > MAX_PIPE_BYTES || (kind == 1 && len == 0) {
+                    return Err(invalid(format!(
+                        "socket pair {id}: {len} bytes queued ({in_flight} in flight in all)"
+                    )));
+                }
+                // `len` <= MAX_PIPE_BYTES: bounded; `take` checks the record.
+                q.push(c.take(len)?.to_vec());
+            }
+        }
+        pairs.push(SocketPairState {
+            id,
+            kind,
+            shutdown: [sh0, sh1],
+            queued,
+        });
+    }
+    for f in files {
+        if let FileState::Socket { id, .. } = f.state {
+            if !pairs.iter().any(|p| p.id == id) {
+                return Err(invalid(format!(
+                    "fd {}: socket pair {id} is not listed",
+                    f.fd
+                )));
+            }
+        }
+    }
+    Ok(pairs)
+}
+
+/// The pipes: unique ids, each used by some pipe end of `files` and every
+/// pipe end's id listed, bytes within the capacity and all together
+/// within [`MAX_PIPE_BYTES`].
+fn parse_pipes(c: &mut Cur<'_>, files: &[OpenFile]) -> Result<(Vec<PipeState>, usize), ImageError> {
+    let at = c.at;
+    let n = usize::from(c.u16()?);
+    if n > MAX_FILES {
+        return Err(ImageError::Bound {
+            at,
+            what: "pipes",
+            value: n as u64,
+        });
+    }
+    let mut pipes: Vec<PipeState> = Vec::with_capacity(n);
+    let mut total = 0usize;
+    for _ in 0..n {
+        let (id, capacity, len) = (c.u32()?, c.u32()?, c.u32()? as usize);
+        total = total.saturating_add(len);
+        if pipes.iter().any(|p| p.id == id)
+            || !files.iter().any(|f| f.state == FileState::Pipe(id))
+            || !(4096..=MAX_PIPE_CAPACITY).contains(&capacity)
+            || len > capacity as usize
+            || total > MAX_PIPE_BYTES
+        {
+            return Err(ImageError::Invalid {
+                at,
+                why: format!(
+                    "pipe {id}: capacity {capacity}, {len} bytes ({total} in all), unknown or listed twice?"
+                ),
+            });
+        }
+        // `len` <= MAX_PIPE_BYTES: a bounded allocation, and `take` checks
+        // the record holds it.
+        let bytes = c.take(len)?.to_vec();
+        pipes.push(PipeState {
+            id,
+            capacity,
+            bytes,
+        });
+    }
+    for f in files {
+        if let FileState::Pipe(id) = f.state {
+            if !pipes.iter().any(|p| p.id == id) {
+                return Err(ImageError::Invalid {
+                    at,
+                    why: format!("fd {}: pipe {id} is not listed", f.fd),
+                });
+            }
+        }
+    }
+    Ok((pipes, total))
 }
 
 /// The open files: unique fds below [`MAX_FD`], known flags, absolute
@@ -1462,18 +1798,12 @@ fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>,
                 value: u64::from(fd),
             });
         }
-        let kind = match c.u8()? {
-            0 => FileKind::Regular,
-            1 => FileKind::Device,
-            2 => FileKind::Eventfd,
-            k => {
-                return Err(ImageError::Bound {
-                    at,
-                    what: "file kind",
-                    value: u64::from(k),
-                })
-            }
-        };
+        let k = c.u8()?;
+        let kind = FileKind::from_code(k).ok_or(ImageError::Bound {
+            at,
+            what: "file kind",
+            value: u64::from(k),
+        })?;
         let flags = c.u32()?;
         if flags & !FILE_FLAGS != 0 || flags & 3 == 3 {
             return Err(ImageError::Bound {
@@ -1484,13 +1814,78 @@ fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>,
         }
         let (pos, size, mtime_ns) = (c.u64()?, c.u64()?, c.u64()?);
         let path = c.str(MAX_NAME, "file path length")?;
-        if kind == FileKind::Eventfd {
-            if path != EVENTFD || mtime_ns > 1 || size == u64::MAX {
-                return Err(invalid(format!("fd {fd}: not an eventfd as carried")));
+        let share = match c.u32()? {
+            u32::MAX => None,
+            s => Some(s),
+        };
+        let state = match c.u8()? {
+            0 => FileState::None,
+            1 => {
+                let (clockid, settime_flags) = (c.u32()?, c.u32()?);
+                let armed = match c.u8()? {
+                    0 => false,
+                    1 => true,
+                    a => {
+                        return Err(ImageError::Bound {
+                            at,
+                            what: "timer armed",
+                            value: u64::from(a),
+                        })
+                    }
+                };
+                FileState::Timer(TimerState {
+                    clockid,
+                    settime_flags,
+                    armed,
+                    ticks: c.u64()?,
+                    value_ns: c.u64()? as i64,
+                    interval_ns: c.u64()?,
+                })
             }
-        } else if !path.starts_with('/') || path.contains('\0') {
+            2 => FileState::Signals(c.u64()?),
+            3 => FileState::Pipe(c.u32()?),
+            4 => FileState::Socket {
+                id: c.u32()?,
+                end: c.u8()?,
+            },
+            s => {
+                return Err(ImageError::Bound {
+                    at,
+                    what: "file state",
+                    value: u64::from(s),
+                })
+            }
+        };
+        let state_fits = match (kind, state) {
+            (FileKind::Timerfd, FileState::Timer(t)) => {
+                let realtime = matches!(t.clockid, 0 | 8);
+                TIMERFD_CLOCKS.contains(&t.clockid)
+                    && t.settime_flags & !(TFD_ABSTIME | TFD_CANCEL_ON_SET) == 0
+                    && (t.settime_flags & TFD_CANCEL_ON_SET == 0
+                        || (realtime && t.settime_flags & TFD_ABSTIME != 0))
+                    && (t.armed || t.value_ns == 0)
+                    && (t.value_ns >= 0 || !(realtime && t.settime_flags & TFD_ABSTIME != 0))
+                    && t.interval_ns <= i64::MAX as u64
+                    && path == TIMERFD
+            }
+            (FileKind::Signalfd, FileState::Signals(_)) => path == SIGNALFD,
+            (FileKind::Pipe, FileState::Pipe(_)) => {
+                path.starts_with("pipe:[") && path.ends_with(']')
+            }
+            (FileKind::Socket, FileState::Socket { end, .. }) => {
+                end <= 1 && path.starts_with("socket:[") && path.ends_with(']')
+            }
+            (FileKind::Eventfd, FileState::None) => {
+                path == EVENTFD && mtime_ns <= 1 && size != u64::MAX
+            }
+            (FileKind::Regular | FileKind::Device, FileState::None) => {
+                path.starts_with('/') && !path.contains('\0')
+            }
+            _ => false,
+        };
+        if !state_fits {
             return Err(invalid(format!(
-                "fd {fd}: {path:?} is not an absolute path"
+                "fd {fd}: {kind:?} on {path:?} with {state:?} is not one as carried"
             )));
         }
         if kind == FileKind::Device && !DEVICES.contains(&path.as_str()) {
@@ -1498,7 +1893,7 @@ fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>,
                 "fd {fd}: {path:?} is not a device carried"
             )));
         }
-        files.push(OpenFile {
+        let f = OpenFile {
             fd,
             kind,
             flags,
@@ -1506,7 +1901,30 @@ fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>,
             path,
             size,
             mtime_ns,
-        });
+            state,
+            share,
+        };
+        if let Some(s) = share {
+            // An earlier descriptor that owns its description, and the same
+            // description (only the descriptor's O_CLOEXEC may differ).
+            let cloexec = libc::O_CLOEXEC as u32;
+            let same = files.iter().any(|g| {
+                g.fd == s
+                    && g.share.is_none()
+                    && OpenFile {
+                        fd,
+                        flags: g.flags & !cloexec | f.flags & cloexec,
+                        share,
+                        ..g.clone()
+                    } == f
+            });
+            if !same {
+                return Err(invalid(format!(
+                    "fd {fd} shares fd {s}'s open file, which is not an earlier one like it"
+                )));
+            }
+        }
+        files.push(f);
     }
     for (fd, k) in stdio.iter().enumerate() {
         let listed = files.iter().any(|f| f.fd == fd as u32);
@@ -1627,7 +2045,7 @@ fn parse_mapping(c: &mut Cur<'_>) -> Result<Mapping, ImageError> {
         });
     }
     let flags = c.u8()?;
-    if flags & !(MAPF_GROWSDOWN | MAPF_HUGEPAGE | MAPF_NOHUGEPAGE) != 0 {
+    if flags & !(MAPF_GROWSDOWN | MAPF_HUGEPAGE | MAPF_NOHUGEPAGE | MAPF_DSM) != 0 {
         return Err(ImageError::Bound {
             at,
             what: "mapping flags",
@@ -1738,6 +2156,8 @@ pub(crate) mod tests {
                     path: "/var/log/x.log".into(),
                     size: 1234,
                     mtime_ns: 1_700_000_000_123_456_789,
+                    state: FileState::None,
+                    share: None,
                 },
                 OpenFile {
                     fd: 7,
@@ -1747,11 +2167,108 @@ pub(crate) mod tests {
                     path: "/dev/urandom".into(),
                     size: 0,
                     mtime_ns: 0,
+                    state: FileState::None,
+                    share: None,
+                },
+                OpenFile {
+                    fd: 8,
+                    kind: FileKind::Timerfd,
+                    flags: 0o4002,
+                    pos: 0,
+                    path: TIMERFD.into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    state: FileState::Timer(TimerState {
+                        clockid: 1,
+                        settime_flags: 0,
+                        ticks: 3,
+                        armed: true,
+                        value_ns: -4_000_000,
+                        interval_ns: 5_000_000,
+                    }),
+                    share: None,
+                },
+                OpenFile {
+                    fd: 9,
+                    kind: FileKind::Signalfd,
+                    flags: 0o2,
+                    pos: 0,
+                    path: SIGNALFD.into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    state: FileState::Signals(1 << 11),
+                    share: None,
+                },
+                OpenFile {
+                    fd: 10,
+                    kind: FileKind::Pipe,
+                    flags: 0o4000,
+                    pos: 0,
+                    path: "pipe:[77]".into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    state: FileState::Pipe(1),
+                    share: None,
+                },
+                OpenFile {
+                    fd: 11,
+                    kind: FileKind::Pipe,
+                    flags: 0o1,
+                    pos: 0,
+                    path: "pipe:[77]".into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    state: FileState::Pipe(1),
+                    share: None,
+                },
+                OpenFile {
+                    fd: 12,
+                    kind: FileKind::Pipe,
+                    flags: 0o2004000,
+                    pos: 0,
+                    path: "pipe:[77]".into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    state: FileState::Pipe(1),
+                    share: Some(10),
+                },
+                OpenFile {
+                    fd: 13,
+                    kind: FileKind::Socket,
+                    flags: 0o4002,
+                    pos: 0,
+                    path: "socket:[88]".into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    state: FileState::Socket { id: 1, end: 0 },
+                    share: None,
+                },
+                OpenFile {
+                    fd: 14,
+                    kind: FileKind::Socket,
+                    flags: 0o2,
+                    pos: 0,
+                    path: "socket:[89]".into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    state: FileState::Socket { id: 1, end: 1 },
+                    share: None,
                 },
             ],
             monotonic_ns: 13_000_000_001,
             boottime_ns: 14_000_000_002,
             itimers: vec![(0, [0, 10_000, 1, 5]), (2, [3, 0, 0, 999_999])],
+            pipes: vec![PipeState {
+                id: 1,
+                capacity: 65536,
+                bytes: b"bytes in flight".to_vec(),
+            }],
+            socketpairs: vec![SocketPairState {
+                id: 1,
+                kind: 2,
+                shutdown: [0, 2],
+                queued: [vec![b"one".to_vec(), vec![], b"three".to_vec()], vec![]],
+            }],
         };
         let mut si = [0u8; SIGINFO_SIZE];
         si[0] = 10;
@@ -1825,21 +2342,37 @@ pub(crate) mod tests {
         w.finish().unwrap().0
     }
 
-    /// The bytes of an image are those of format version 3 (version 2,
+    /// The bytes of an image are those of format version 4 (version 2,
     /// as first written by hand before the shared codec, plus the open
-    /// files, the clocks and the interval timers): same length, same checksum over every byte. A change here
-    /// is a format change: bump VERSION and the README's layout.
+    /// files, the clocks and the interval timers (3), plus timerfds,
+    /// signalfds, pipes, socket pairs and shared descriptions (4)): same length, same
+    /// checksum over every byte. A change here is a format change: bump
+    /// VERSION and the README's layout.
     #[test]
-    fn encoding_is_the_one_of_version_3() {
+    fn encoding_is_the_one_of_version_4() {
         let (meta, data, zero) = sample(3, 7);
         let bytes = encode(&meta, &data, &zero);
         let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-        assert_eq!((bytes.len(), sum), (27879, 0xc31a_5d45_614e_9450));
+        assert_eq!((bytes.len(), sum), (28384, 0x64ab_e623_4e14_ceb8));
     }
 
     /// Files the decoder refuses: a stdio fd whose kind and listing
     /// disagree, duplicate fds, unknown flags, relative paths, devices not
     /// carried.
+    /// The sample's timer state, changed by `f`.
+    fn timer(f: impl Fn(&mut TimerState)) -> FileState {
+        let mut t = TimerState {
+            clockid: 1,
+            settime_flags: 0,
+            ticks: 3,
+            armed: true,
+            value_ns: -4_000_000,
+            interval_ns: 5_000_000,
+        };
+        f(&mut t);
+        FileState::Timer(t)
+    }
+
     #[test]
     fn bad_open_files_are_refused() {
         type Change = Box<dyn Fn(&mut ProcessInfo)>;
@@ -1870,6 +2403,87 @@ pub(crate) mod tests {
                 Box::new(|p| p.files[1].kind = FileKind::Eventfd),
             ),
             ("a timer twice", Box::new(|p| p.itimers[1].0 = 0)),
+            (
+                "timerfd on clock 2",
+                Box::new(|p| p.files[2].state = timer(|t| t.clockid = 2)),
+            ),
+            (
+                "cancel-on-set on a monotonic timerfd",
+                Box::new(|p| p.files[2].state = timer(|t| t.settime_flags = 3)),
+            ),
+            (
+                "timerfd flags 4",
+                Box::new(|p| p.files[2].state = timer(|t| t.settime_flags = 4)),
+            ),
+            (
+                "disarmed timerfd with a value",
+                Box::new(|p| p.files[2].state = timer(|t| t.armed = false)),
+            ),
+            (
+                "absolute real-time timerfd at a negative time",
+                Box::new(|p| {
+                    p.files[2].state = timer(|t| {
+                        t.clockid = 0;
+                        t.settime_flags = 1;
+                    })
+                }),
+            ),
+            (
+                "signalfd on the timerfd's path",
+                Box::new(|p| p.files[3].path = TIMERFD.into()),
+            ),
+            (
+                "signalfd with a timer's state",
+                Box::new(|p| p.files[3].state = p.files[2].state),
+            ),
+            (
+                "pipe end of an unlisted pipe",
+                Box::new(|p| p.files[5].state = FileState::Pipe(2)),
+            ),
+            (
+                "pipe listed twice",
+                Box::new(|p| p.pipes.push(p.pipes[0].clone())),
+            ),
+            (
+                "pipe no fd uses",
+                Box::new(|p| {
+                    let mut x = p.pipes[0].clone();
+                    x.id = 9;
+                    p.pipes.push(x)
+                }),
+            ),
+            (
+                "pipe bytes past its capacity",
+                Box::new(|p| {
+                    p.pipes[0].capacity = 4096;
+                    p.pipes[0].bytes = vec![1; 4097]
+                }),
+            ),
+            (
+                "pipe capacity too small",
+                Box::new(|p| p.pipes[0].capacity = 100),
+            ),
+            (
+                "shares a later fd",
+                Box::new(|p| p.files[6].share = Some(13)),
+            ),
+            (
+                "shares another kind",
+                Box::new(|p| p.files[6].share = Some(9)),
+            ),
+            (
+                "shares one with other flags",
+                Box::new(|p| p.files[6].share = Some(11)),
+            ),
+            (
+                "shares a sharer",
+                Box::new(|p| {
+                    let mut x = p.files[6].clone();
+                    x.fd = 13;
+                    x.share = Some(12);
+                    p.files.push(x)
+                }),
+            ),
             (
                 "usec past a second",
                 Box::new(|p| p.itimers[0].1[3] = 1_000_000),

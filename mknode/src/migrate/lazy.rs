@@ -59,9 +59,10 @@ impl Default for LazyOptions {
 }
 
 /// Whether a mapping's pages are carried at all (lazily or not): the kernel's
-/// own mappings are not, and `PROT_NONE` ones are recreated empty.
+/// own mappings are not, `PROT_NONE` ones are recreated empty, and DSM
+/// memory comes through the DSM.
 pub(crate) fn carried(m: &Mapping) -> bool {
-    !m.kind.is_special() && m.prot != 0
+    !m.kind.is_special() && m.prot != 0 && m.flags & super::image::MAPF_DSM == 0
 }
 
 /// The page ranges `[start, end)` that go eagerly, sorted, merged, each

@@ -26,7 +26,9 @@
 //!   process's pages and mappings, the kernel fingerprint);
 //! - `inject` (one syscall in a stopped thread);
 //! - `lazy` (the origin's page server), then `capture` (freeze and write an
-//!   image) and `pager` (the destination's fault handler), then `restore`.
+//!   image) and `pager` (the destination's fault handler), then `restore`;
+//! - `split` (a thread leaves its process for another kernel; the process's
+//!   memory becomes DSM memory), on `capture` and `restore`.
 //!
 //! `image` is the format, pure, on the shared codec. The agents' protocol
 //! around all this (streaming, page fetches over the links) is the
@@ -41,20 +43,26 @@ mod pager;
 mod precheck;
 mod procfs;
 mod restore;
+pub mod split;
 mod sys;
+mod unixdiag;
 
 /// `pidfd_open(pid, 0)`.
 pub use crate::uffd::pidfd_open;
 pub(crate) use crate::uffd::wait_exit;
 pub use capture::{freeze, reap_orphans, CaptureError, Frozen, ImageOptions};
-pub use image::{FileKind, ImageError, ImageMeta, ImageStats, OpenFile};
+pub use image::{
+    FileKind, FileState, ImageError, ImageMeta, ImageStats, OpenFile, PipeState, TimerState,
+};
 pub use lazy::{
     channel_link, LazyLink, LazyOptions, OriginLoops, PageRun, PageServer, PageSource, Progress,
     PushPolicy, Pushed, ServeError, SourceError,
 };
 pub use pager::{LazyError, Pager, PagerOptions, PagerStats};
 pub use precheck::{check_at, check_migratable, files_of, Blocker, Precheck, Refusal};
-pub use restore::{restore, restore_lazy, LazyRestored, RestoreError, Restored, StdioPlan};
+pub use restore::{
+    restore, restore_lazy, restore_shadow, LazyRestored, RestoreError, Restored, StdioPlan,
+};
 
 /// A failed system call made on behalf of capture or restore.
 #[derive(Debug, thiserror::Error)]

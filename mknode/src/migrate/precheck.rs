@@ -6,7 +6,11 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 
-use super::image::{FileKind, OpenFile, StdioKind, DEVICES, EVENTFD, FILE_FLAGS, MAX_FILES};
+use super::image::{
+    FileKind, FileState, OpenFile, PipeState, SocketPairState, StdioKind, TimerState, DEVICES,
+    EVENTFD, FILE_FLAGS, MAX_FILES, MAX_PIPE_BYTES, MAX_PIPE_CAPACITY, SIGNALFD, TFD_ABSTIME,
+    TIMERFD,
+};
 use super::procfs::{MapsEntry, ProcDir};
 
 /// One reason a process cannot be migrated.
@@ -16,6 +20,14 @@ pub enum Blocker {
     OpenFd { fd: i32, target: String },
     /// A descriptor is open on a file that was deleted.
     DeletedFile { fd: i32, target: String },
+    /// A pipe (or socket of a pair) with an end outside what moves: in
+    /// another process, or on one of fds 0-2 (which the destination
+    /// replaces).
+    PipeOutside {
+        fd: i32,
+        target: String,
+        holder: String,
+    },
     /// A socket (any descriptor).
     Socket { fd: i32, target: String },
     /// fd 0/1/2 is something other than a pipe, a tty or /dev/null.
@@ -51,6 +63,14 @@ impl fmt::Display for Blocker {
             Blocker::OpenFd { fd, target } => write!(f, "fd {fd} is open ({target})"),
             Blocker::DeletedFile { fd, target } => {
                 write!(f, "fd {fd} is open on a deleted file ({target})")
+            }
+            Blocker::PipeOutside { fd, target, holder } => {
+                let what = if target.starts_with("socket:") {
+                    "socket"
+                } else {
+                    "pipe"
+                };
+                write!(f, "fd {fd} is a {what} ({target}) also open in {holder}")
             }
             Blocker::Socket { fd, target } => write!(f, "fd {fd} is a socket ({target})"),
             Blocker::Stdio { fd, target } => write!(f, "fd {fd} is {target}"),
@@ -117,11 +137,17 @@ fn join(b: &[Blocker]) -> String {
         .join("; ");
     if b.iter().any(|x| matches!(x, Blocker::Stdio { .. })) {
         s.push_str(
-            " (fds 0-2 must be pipes, ttys, regular files, eventfds or /dev/null, zero, random, urandom)",
+            " (fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds or /dev/null, zero, random, urandom)",
         );
     }
     if b.iter().any(|x| matches!(x, Blocker::OpenFd { .. })) {
-        s.push_str(" (descriptors are carried when open on regular files, eventfds or /dev/null, zero, random, urandom)");
+        s.push_str(" (descriptors are carried when open on regular files, eventfds, timerfds, signalfds, pipes, socket pairs or /dev/null, zero, random, urandom)");
+    }
+    if b.iter().any(|x| matches!(x, Blocker::Socket { .. })) {
+        s.push_str(" (sockets are carried as AF_UNIX stream or datagram socket pairs whose two ends are on fds 3 and up of the process)");
+    }
+    if b.iter().any(|x| matches!(x, Blocker::PipeOutside { .. })) {
+        s.push_str(" (a pipe is carried with its bytes when every end of it is on fds 3 and up of the process)");
     }
     if b.iter().any(|x| matches!(x, Blocker::DeletedFile { .. })) {
         s.push_str(" (deleted files are not carried: their content exists nowhere else)");
@@ -163,6 +189,12 @@ pub(crate) fn carried_file(target: &str) -> Option<FileKind> {
         Some(FileKind::Device)
     } else if target == EVENTFD {
         Some(FileKind::Eventfd)
+    } else if target == TIMERFD {
+        Some(FileKind::Timerfd)
+    } else if target == SIGNALFD {
+        Some(FileKind::Signalfd)
+    } else if target.starts_with("pipe:[") {
+        Some(FileKind::Pipe)
     } else if target.starts_with('/')
         && !target.starts_with("/dev/")
         && !target.ends_with(" (deleted)")
@@ -182,9 +214,21 @@ type SortedFds = ([StdioKind; 3], Vec<(i32, FileKind)>);
 fn sort_fds(pd: &ProcDir, stat: bool, blockers: &mut Vec<Blocker>) -> io::Result<SortedFds> {
     let mut stdio = [StdioKind::Closed; 3];
     let mut files = Vec::new();
+    let mut peers = Vec::new();
     for (fd, target) in pd.fds()? {
         if target.starts_with("socket:") {
-            blockers.push(Blocker::Socket { fd, target });
+            // Only under the real /proc can the kernel be asked about it.
+            match stat.then(|| socket_peer(&target)) {
+                Some(Ok(peer)) if fd > 2 => {
+                    files.push((fd, FileKind::Socket));
+                    peers.push((fd, peer));
+                }
+                Some(Err(why)) => blockers.push(Blocker::Socket {
+                    fd,
+                    target: format!("{target}, {why}"),
+                }),
+                _ => blockers.push(Blocker::Socket { fd, target }),
+            }
             continue;
         }
         if (0..3).contains(&fd) {
@@ -210,6 +254,7 @@ fn sort_fds(pd: &ProcDir, stat: bool, blockers: &mut Vec<Blocker>) -> io::Result
             None => blockers.push(Blocker::OpenFd { fd, target }),
         }
     }
+    shared_blockers(pd, &mut files, &peers, blockers);
     if files.len() > MAX_FILES {
         blockers.push(Blocker::OpenFd {
             fd: files[MAX_FILES].0,
@@ -217,6 +262,165 @@ fn sort_fds(pd: &ProcDir, stat: bool, blockers: &mut Vec<Blocker>) -> io::Result
         });
     }
     Ok((stdio, files))
+}
+
+/// Takes out of `files` the pipes and socket pairs that cannot be carried,
+/// as blockers: a pipe with an end on fds 0-2 or in another process (every
+/// process under the proc root is looked at) or in packet mode
+/// (`O_DIRECT`); a socket whose peer is not on a carried socket of the
+/// process, or that another process holds too. `peers`: each socket's fd
+/// and its peer's inode.
+fn shared_blockers(
+    pd: &ProcDir,
+    files: &mut Vec<(i32, FileKind)>,
+    peers: &[(i32, u32)],
+    blockers: &mut Vec<Blocker>,
+) {
+    let target = |fd: i32| {
+        std::fs::read_link(pd.path(&format!("fd/{fd}")))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let ends: Vec<(i32, FileKind, String)> = files
+        .iter()
+        .filter(|(_, k)| matches!(k, FileKind::Pipe | FileKind::Socket))
+        .map(|&(fd, k)| (fd, k, target(fd)))
+        .collect();
+    if ends.is_empty() {
+        return;
+    }
+    let peer_target = |fd: i32| {
+        peers
+            .iter()
+            .find(|(f, _)| *f == fd)
+            .map(|(_, p)| format!("socket:[{p}]"))
+    };
+    // What to look for in other processes: the ends and the sockets' peers.
+    let mut wanted: Vec<String> = ends.iter().map(|(_, _, t)| t.clone()).collect();
+    wanted.extend(ends.iter().filter_map(|(fd, _, _)| peer_target(*fd)));
+    let mut outside: Vec<(String, String)> = Vec::new();
+    for fd in 0..3 {
+        let t = target(fd);
+        if wanted.contains(&t) {
+            outside.push((
+                t,
+                format!("fd {fd} of the process (the destination replaces 0-2)"),
+            ));
+        }
+    }
+    let me = pd.pid();
+    if let Ok(dir) = std::fs::read_dir(pd.root()) {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
+                continue;
+            };
+            for f in fds.flatten() {
+                let Ok(t) = std::fs::read_link(f.path()) else {
+                    continue;
+                };
+                let t = t.to_string_lossy();
+                if wanted.iter().any(|w| *w == t) && !outside.iter().any(|(p, _)| *p == t) {
+                    outside.push((t.into_owned(), format!("process {pid}")));
+                }
+            }
+        }
+    }
+    let holder = |t: &str| outside.iter().find(|(p, _)| p == t).map(|(_, h)| h.clone());
+    for (fd, kind, t) in ends {
+        let blocker = if let Some(h) = holder(&t) {
+            Some(Blocker::PipeOutside {
+                fd,
+                target: t,
+                holder: h,
+            })
+        } else if kind == FileKind::Pipe {
+            let packet = pd
+                .fdinfo(fd)
+                .is_ok_and(|(_, fl)| fl & libc::O_DIRECT as u32 != 0);
+            packet.then(|| Blocker::OpenFd {
+                fd,
+                target: format!("{t} in packet mode (O_DIRECT)"),
+            })
+        } else {
+            let peer = peer_target(fd).unwrap_or_default();
+            let here = files
+                .iter()
+                .any(|&(f, k)| k == FileKind::Socket && target(f) == peer);
+            (!here).then(|| Blocker::Socket {
+                fd,
+                target: match holder(&peer) {
+                    Some(h) => format!("{t}, whose peer {peer} is open in {h}"),
+                    None => format!("{t}, whose peer {peer} is not in the process"),
+                },
+            })
+        };
+        if let Some(b) = blocker {
+            files.retain(|(f, _)| *f != fd);
+            blockers.push(b);
+        }
+    }
+}
+
+/// Whether `/proc/net/unix` lists a socket with inode `ino` (sock_diag
+/// answers "no such socket" too when it has no AF_UNIX handler).
+fn listed_unix(ino: u32) -> bool {
+    std::fs::read_to_string("/proc/net/unix").is_ok_and(|t| {
+        t.lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(6) == Some(&ino.to_string()))
+    })
+}
+
+/// Why a socket cannot be carried as one end of an AF_UNIX pair (the text
+/// goes into its blocker).
+#[derive(Debug, thiserror::Error)]
+enum NotAPair {
+    #[error("not a socket inode")]
+    NoInode,
+    #[error("sock_diag cannot describe it: {0} (AF_UNIX pairs need CONFIG_UNIX_DIAG)")]
+    Diag(io::Error),
+    #[error("an AF_UNIX socket sock_diag does not describe (no unix_diag in this kernel: a module not loaded?)")]
+    NoUnixDiag,
+    #[error("not an AF_UNIX socket")]
+    NotUnix,
+    #[error("an AF_UNIX socket of type {0}")]
+    Type(u8),
+    #[error("an AF_UNIX socket bound to a name")]
+    Named,
+    #[error("an AF_UNIX socket with no peer")]
+    NoPeer,
+}
+
+/// The peer's inode of the AF_UNIX socket `target` (`socket:[<inode>]`),
+/// or what keeps it from being carried as one end of a socket pair.
+fn socket_peer(target: &str) -> Result<u32, NotAPair> {
+    let ino: u32 = target
+        .strip_prefix("socket:[")
+        .and_then(|t| t.strip_suffix(']'))
+        .and_then(|t| t.parse().ok())
+        .ok_or(NotAPair::NoInode)?;
+    let s = match super::unixdiag::query(ino) {
+        Err(e) => return Err(NotAPair::Diag(e)),
+        Ok(None) if listed_unix(ino) => return Err(NotAPair::NoUnixDiag),
+        Ok(None) => return Err(NotAPair::NotUnix),
+        Ok(Some(s)) => s,
+    };
+    if s.kind != libc::SOCK_STREAM as u8 && s.kind != libc::SOCK_DGRAM as u8 {
+        return Err(NotAPair::Type(s.kind));
+    }
+    if s.named {
+        return Err(NotAPair::Named);
+    }
+    if s.peer == 0 {
+        return Err(NotAPair::NoPeer);
+    }
+    Ok(s.peer)
 }
 
 /// The files process `pid` has open that a move carries by path, as they
@@ -227,6 +431,7 @@ pub fn files_of(pid: i32) -> io::Result<Vec<(String, FileKind)>> {
     let (_, kinds) = sort_fds(&pd, true, &mut blockers)?;
     Ok(kinds
         .into_iter()
+        .filter(|(_, k)| k.by_path())
         .filter_map(|(fd, k)| {
             let p = std::fs::read_link(pd.path(&format!("fd/{fd}"))).ok()?;
             Some((p.to_string_lossy().into_owned(), k))
@@ -234,17 +439,33 @@ pub fn files_of(pid: i32) -> io::Result<Vec<(String, FileKind)>> {
         .collect())
 }
 
-/// The frozen process's descriptors as the image carries them: stdio kinds
-/// and the files with their flags, offsets, sizes and times. Anything not
-/// carried is an error here (the pre-check refused it before the freeze).
-pub(crate) fn open_files(pd: &ProcDir) -> io::Result<([StdioKind; 3], Vec<OpenFile>)> {
+/// The frozen process's descriptors as the image carries them: stdio kinds,
+/// the files with their flags, offsets, sizes and times (timerfds, signalfds
+/// and pipes with their state), and the pipes with their bytes in flight.
+/// Timers are read last, and their times left are given as of the moment
+/// of [`CapturedFiles::kernel_clocks`], from which the caller makes the
+/// process's clocks: both are of one moment.
+/// Anything not carried is an error here (the pre-check refused it before
+/// the freeze), unless `skip`: then only regular files and devices are
+/// taken and the rest is left out (a split process keeps it at home: a
+/// copy of a pipe or timer would not be the same one). Nothing of the process changes: a pipe's bytes are copied
+/// with `tee`, which leaves them in the pipe.
+pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut blockers = Vec::new();
-    let (stdio, kinds) = sort_fds(pd, true, &mut blockers)?;
-    if !blockers.is_empty() {
+    let (stdio, mut kinds) = sort_fds(pd, true, &mut blockers)?;
+    if skip {
+        kinds.retain(|(_, k)| matches!(k, FileKind::Regular | FileKind::Device));
+    } else if !blockers.is_empty() {
         return Err(io::Error::other(join(&blockers)));
     }
-    let mut files = Vec::with_capacity(kinds.len());
+    let mut files: Vec<OpenFile> = Vec::with_capacity(kinds.len());
+    let mut pipes: Vec<(String, PipeState)> = Vec::new();
+    let mut timers = Vec::new();
+    // Socket pairs: the inodes of ends 0 and 1, the state, which ends'
+    // queues were read.
+    let mut socks: Vec<(u32, u32, SocketPairState, [bool; 2])> = Vec::new();
+    let mut pidfd = None;
     for (fd, kind) in kinds {
         let (pos, flags) = pd.fdinfo(fd)?;
         let m = pd.fd_metadata(fd)?;
@@ -255,10 +476,15 @@ pub(crate) fn open_files(pd: &ProcDir) -> io::Result<([StdioKind; 3], Vec<OpenFi
             FileKind::Regular => m.is_file(),
             FileKind::Device => m.file_type().is_char_device(),
             FileKind::Eventfd => path == EVENTFD,
+            FileKind::Timerfd => path == TIMERFD,
+            FileKind::Signalfd => path == SIGNALFD,
+            FileKind::Pipe => m.file_type().is_fifo() && path.starts_with("pipe:["),
+            FileKind::Socket => m.file_type().is_socket(),
         };
         if !ok {
             return Err(io::Error::other(format!("fd {fd} ({path}) changed kind")));
         }
+        let mut state = FileState::None;
         let (size, mtime_ns) = match kind {
             FileKind::Regular => (
                 m.len(),
@@ -281,6 +507,80 @@ pub(crate) fn open_files(pd: &ProcDir) -> io::Result<([StdioKind; 3], Vec<OpenFi
                     }
                 }
             }
+            FileKind::Timerfd => {
+                // Read last (below), next to the caller's reading of the
+                // process's clocks.
+                timers.push(files.len());
+                (0, 0)
+            }
+            FileKind::Socket => {
+                let ino: u32 = path
+                    .strip_prefix("socket:[")
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(|| io::Error::other(format!("fd {fd}: {path}?")))?;
+                let sk = super::unixdiag::query(ino)?
+                    .ok_or_else(|| io::Error::other(format!("fd {fd}: {path} is gone")))?;
+                let i = match socks.iter().position(|x| x.0 == ino || x.1 == ino) {
+                    Some(i) => i,
+                    None => {
+                        socks.push((
+                            ino,
+                            sk.peer,
+                            SocketPairState {
+                                id: socks.len() as u32 + 1,
+                                kind: sk.kind,
+                                shutdown: [0; 2],
+                                queued: [Vec::new(), Vec::new()],
+                            },
+                            [false; 2],
+                        ));
+                        socks.len() - 1
+                    }
+                };
+                let end = usize::from(socks[i].0 != ino);
+                if !socks[i].3[end] {
+                    if pidfd.is_none() {
+                        pidfd = Some(pidfd_of(pd)?);
+                    }
+                    let copy = getfd(pidfd.as_ref().expect("just set"), fd)?;
+                    let q = peek_queue(&copy, sk.kind, sk.shutdown)
+                        .map_err(|e| io::Error::other(format!("socket on fd {fd}: {e}")))?;
+                    let pair = &mut socks[i];
+                    pair.2.queued[end] = q;
+                    pair.2.shutdown[end] = sk.shutdown;
+                    pair.3[end] = true;
+                }
+                state = FileState::Socket {
+                    id: socks[i].2.id,
+                    end: end as u8,
+                };
+                (0, 0)
+            }
+            FileKind::Signalfd => {
+                state = FileState::Signals(pd.signalfd_mask(fd)?);
+                (0, 0)
+            }
+            FileKind::Pipe => {
+                let id = match pipes.iter().position(|(p, _)| *p == path) {
+                    Some(i) => pipes[i].1.id,
+                    None => {
+                        let id = pipes.len() as u32 + 1;
+                        let (capacity, bytes) = pipe_bytes(pd, fd)?;
+                        pipes.push((
+                            path.clone(),
+                            PipeState {
+                                id,
+                                capacity,
+                                bytes,
+                            },
+                        ));
+                        id
+                    }
+                };
+                state = FileState::Pipe(id);
+                (0, 0)
+            }
         };
         files.push(OpenFile {
             fd: fd as u32,
@@ -290,9 +590,406 @@ pub(crate) fn open_files(pd: &ProcDir) -> io::Result<([StdioKind; 3], Vec<OpenFi
             path,
             size,
             mtime_ns,
+            state,
+            share: None,
         });
     }
-    Ok((stdio, files))
+    let socketpairs: Vec<SocketPairState> = socks.into_iter().map(|x| x.2).collect();
+    let total: usize = pipes.iter().map(|(_, p)| p.bytes.len()).sum::<usize>()
+        + socketpairs
+            .iter()
+            .flat_map(|x| x.queued.iter().flatten())
+            .map(Vec::len)
+            .sum::<usize>();
+    if total > MAX_PIPE_BYTES {
+        return Err(io::Error::other(format!(
+            "its pipes and socket pairs hold {total} bytes in flight; at most {MAX_PIPE_BYTES} are carried"
+        )));
+    }
+    if !timers.is_empty() {
+        if pidfd.is_none() {
+            pidfd = Some(pidfd_of(pd)?);
+        }
+        let pidfd = pidfd.as_ref().expect("just set");
+        for &i in &timers {
+            let fd = files[i].fd as i32;
+            let copy = getfd(pidfd, fd)?;
+            files[i].state = FileState::Timer(timer_state(pd, fd, &copy)?);
+        }
+    }
+    // The moment the process's clocks are taken: each timer's expiry
+    // becomes the time left from it.
+    let clocks = super::procfs::kernel_clocks()?;
+    for &i in &timers {
+        if let FileState::Timer(t) = &mut files[i].state {
+            let realtime_abs = matches!(t.clockid, 0 | 8) && t.settime_flags & TFD_ABSTIME != 0;
+            if t.armed && !realtime_abs {
+                t.value_ns = (i128::from(t.value_ns) - clocks.0)
+                    .clamp(i128::from(i64::MIN), i128::from(i64::MAX))
+                    as i64;
+            }
+        }
+    }
+    for i in 1..files.len() {
+        let (earlier, rest) = files.split_at_mut(i);
+        share_with_earlier(pd.pid(), earlier, &mut rest[0]);
+    }
+    Ok(CapturedFiles {
+        stdio,
+        files,
+        pipes: pipes.into_iter().map(|(_, p)| p).collect(),
+        socketpairs,
+        kernel_clocks: clocks,
+    })
+}
+
+/// What [`open_files`] captures.
+pub(crate) struct CapturedFiles {
+    pub stdio: [StdioKind; 3],
+    pub files: Vec<OpenFile>,
+    pub pipes: Vec<PipeState>,
+    pub socketpairs: Vec<SocketPairState>,
+    /// This kernel's `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` (its own, no
+    /// time namespace) at the moment the timers' times left are of: the
+    /// process's clocks are these plus its namespace's offsets.
+    pub kernel_clocks: (i128, i128),
+}
+
+/// What a read at this end of a socket pair would return, without taking
+/// it: a stream's bytes (one peek of all `SIOCINQ` says are queued), or the
+/// datagrams one by one (`SO_PEEK_OFF` set to 0 to step through them, and
+/// back to -1, its value: a socket that uses `SO_PEEK_OFF` itself is
+/// refused). Descriptors in flight (`SCM_RIGHTS`) are refused. On an end
+/// shut down for reading, a zero-length datagram cannot be told from the
+/// end of the queue: the queue is taken to end there.
+fn peek_queue(copy: &std::os::fd::OwnedFd, kind: u8, shutdown: u8) -> io::Result<Vec<Vec<u8>>> {
+    use std::os::fd::AsRawFd;
+    let fd = copy.as_raw_fd();
+    let peek_off = |v: Option<libc::c_int>| -> io::Result<libc::c_int> {
+        let mut x: libc::c_int = v.unwrap_or(0);
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: get/setsockopt on a socket we hold, one int in a live
+        // local.
+        let r = unsafe {
+            match v {
+                None => libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_PEEK_OFF,
+                    (&raw mut x).cast(),
+                    &mut len,
+                ),
+                Some(_) => libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_PEEK_OFF,
+                    (&raw const x).cast(),
+                    len,
+                ),
+            }
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(x)
+    };
+    if peek_off(None)? != -1 {
+        return Err(io::Error::other("it uses SO_PEEK_OFF"));
+    }
+    if kind == libc::SOCK_STREAM as u8 {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCINQ writes one int into a live local.
+        if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n <= 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; n as usize];
+        let got = peek(fd, &mut buf)?;
+        if got != buf.len() {
+            return Err(io::Error::other(format!(
+                "peeked {got} of its {n} bytes queued (credentials passed between them?)"
+            )));
+        }
+        return Ok(vec![buf]);
+    }
+    peek_off(Some(0))?;
+    let mut out = Vec::new();
+    let r = (|| {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let got = match peek(fd, &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                r => r?,
+            };
+            if got == 0 && shutdown & 1 != 0 {
+                return Ok(());
+            }
+            if out.len() == super::image::MAX_DGRAMS {
+                return Err(io::Error::other(format!(
+                    "more than {} datagrams queued",
+                    super::image::MAX_DGRAMS
+                )));
+            }
+            out.push(buf[..got].to_vec());
+        }
+    })();
+    let back = peek_off(Some(-1));
+    r?;
+    back?;
+    Ok(out)
+}
+
+/// `recvmsg(MSG_PEEK | MSG_DONTWAIT)` into `buf`: the length, or an error
+/// for a truncated message or descriptors in flight (those the peek put in
+/// this process are closed).
+fn peek(fd: i32, buf: &mut [u8]) -> io::Result<usize> {
+    let mut ctl = [0u64; 64];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed then filled with live pointers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&ctl);
+    // SAFETY: recvmsg writes into `buf` and `ctl` through `msg`, all live.
+    let n = unsafe {
+        libc::recvmsg(
+            fd,
+            &mut msg,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut rights = false;
+    // SAFETY: the CMSG_* walk stays within `msg.msg_controllen` bytes of
+    // `ctl`, as the kernel filled it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                rights = true;
+                let data = libc::CMSG_DATA(c).cast::<i32>();
+                let n = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..n {
+                    libc::close(std::ptr::read_unaligned(data.add(i)));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if rights {
+        return Err(io::Error::other(
+            "descriptors in flight (SCM_RIGHTS) are not carried",
+        ));
+    }
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::other("a message larger than 256 KiB is queued"));
+    }
+    Ok(n as usize)
+}
+
+/// Marks `f` as sharing the open file description of an earlier carried
+/// descriptor (a `dup`), as `kcmp(KCMP_FILE)` says; it then takes that one's
+/// state (read a moment earlier: a timer may have moved on). Without
+/// `kcmp` (a kernel without `CONFIG_KCMP`) descriptors stay separate.
+fn share_with_earlier(pid: i32, earlier: &[OpenFile], f: &mut OpenFile) {
+    let cloexec = libc::O_CLOEXEC as u32;
+    for g in earlier {
+        if g.share.is_some()
+            || g.kind != f.kind
+            || g.path != f.path
+            || g.flags & !cloexec != f.flags & !cloexec
+        {
+            continue;
+        }
+        // SAFETY: kcmp takes integers only.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_kcmp,
+                pid,
+                pid,
+                0, // KCMP_FILE
+                g.fd as libc::c_ulong,
+                f.fd as libc::c_ulong,
+            )
+        };
+        if r == 0 {
+            f.share = Some(g.fd);
+            f.pos = g.pos;
+            f.size = g.size;
+            f.mtime_ns = g.mtime_ns;
+            f.state = g.state;
+            return;
+        }
+    }
+}
+
+fn pidfd_of(pd: &ProcDir) -> io::Result<std::os::fd::OwnedFd> {
+    crate::uffd::pidfd_open(nix::unistd::Pid::from_raw(pd.pid())).map_err(io::Error::from)
+}
+
+/// A copy of descriptor `fd` of the process behind `pidfd`.
+fn getfd(pidfd: &std::os::fd::OwnedFd, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    crate::uffd::pidfd_getfd(pidfd, fd)
+        .map_err(|e| io::Error::other(format!("pidfd_getfd of fd {fd}: {e}")))
+}
+
+/// A timerfd as read at one moment: its state with `value_ns` the expiry on
+/// this kernel's `CLOCK_MONOTONIC` (or, absolute on a real-time clock, in
+/// `CLOCK_REALTIME`), to be made relative to the moment the process's
+/// clocks are taken.
+///
+/// Clock, flags and unread expirations come from fdinfo; the time left and
+/// period from `timerfd_gettime` on a copy of the descriptor (fdinfo shows
+/// 0 left for a periodic timer that fired and was not read since; the call
+/// moves such a timer on to its next expiry, counting the periods missed
+/// into its ticks, as the process's next read would). To have ticks and
+/// time left of one moment: `timerfd_gettime`, fdinfo, the clock,
+/// `timerfd_gettime`, the clock, fdinfo again; done again if the ticks
+/// changed in between (it expired) or the two clock readings are more than
+/// 1 ms apart (this thread was held up: a TCG guest's vCPU stalls for tens
+/// of ms at times, which showed as a timer early or late by as much).
+fn timer_state(pd: &ProcDir, fd: i32, copy: &std::os::fd::OwnedFd) -> io::Result<TimerState> {
+    use std::os::fd::AsRawFd;
+    let gettime = || -> io::Result<libc::itimerspec> {
+        // SAFETY: itimerspec is plain data; timerfd_gettime writes one into
+        // this live local.
+        let mut cur: libc::itimerspec = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::timerfd_gettime(copy.as_raw_fd(), &mut cur) } != 0 {
+            return Err(io::Error::other(format!(
+                "timerfd_gettime of fd {fd}: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(cur)
+    };
+    let ns = |t: libc::timespec| t.tv_sec * 1_000_000_000 + t.tv_nsec;
+    for _ in 0..100 {
+        gettime()?;
+        let (_, before, _) = pd.timerfd_info(fd)?;
+        let g1 = clock_ns(libc::CLOCK_MONOTONIC);
+        let r1 = clock_ns(libc::CLOCK_REALTIME);
+        let cur = gettime()?;
+        let g2 = clock_ns(libc::CLOCK_MONOTONIC);
+        let (clockid, ticks, settime_flags) = pd.timerfd_info(fd)?;
+        if ticks != before || g2.saturating_sub(g1) > 1_000_000 {
+            continue;
+        }
+        let left = ns(cur.it_value);
+        let armed = left != 0;
+        let value_ns = if !armed {
+            0
+        } else if matches!(clockid, 0 | 8) && settime_flags & TFD_ABSTIME != 0 {
+            // Real time goes on while the process is away: keep the moment.
+            r1 as i64 + left
+        } else {
+            // The middle of the window the time left was read in.
+            ((g1 / 2 + g2 / 2) as i64).saturating_add(left)
+        };
+        return Ok(TimerState {
+            clockid,
+            settime_flags,
+            ticks,
+            armed,
+            value_ns,
+            interval_ns: ns(cur.it_interval) as u64,
+        });
+    }
+    Err(io::Error::other(format!(
+        "timerfd on fd {fd}: no steady reading of it in 100 tries"
+    )))
+}
+
+/// `clock_gettime(clock)` in ns.
+pub(crate) fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `t`, a live local.
+    unsafe { libc::clock_gettime(clock, &mut t) };
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
+
+/// The capacity of the pipe on `fd` and the bytes in it, copied with `tee`
+/// into a pipe of ours (they stay in the process's pipe). The pipe is
+/// reached through a new read-only open of `/proc/<pid>/fd/<fd>` (`tee`
+/// reads from a read end; the process may hold only the write end).
+fn pipe_bytes(pd: &ProcDir, fd: i32) -> io::Result<(u32, Vec<u8>)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |what: &str| {
+        io::Error::other(format!(
+            "pipe on fd {fd}: {what}: {}",
+            io::Error::last_os_error()
+        ))
+    };
+    let src = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(pd.path(&format!("fd/{fd}")))?;
+    // SAFETY: fcntl/ioctl on a descriptor we own; FIONREAD writes one int
+    // into `n`, a live local.
+    let cap = unsafe { libc::fcntl(src.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if cap <= 0 {
+        return Err(err("F_GETPIPE_SZ"));
+    }
+    if cap as u32 > MAX_PIPE_CAPACITY {
+        return Err(io::Error::other(format!(
+            "pipe on fd {fd}: its capacity is {cap} bytes; at most {MAX_PIPE_CAPACITY} are carried"
+        )));
+    }
+    let mut n: libc::c_int = 0;
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(src.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+        return Err(err("FIONREAD"));
+    }
+    let n = n.max(0) as usize;
+    if n == 0 {
+        return Ok((cap as u32, Vec::new()));
+    }
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `ends`, which we then own.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(err("pipe2"));
+    }
+    // SAFETY: just created, ours alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+    // As many slots as the source: every buffer of it fits in one tee.
+    // SAFETY: fcntl on our descriptor.
+    if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, cap) } < cap {
+        return Err(err("F_SETPIPE_SZ"));
+    }
+    // SAFETY: tee between two pipes we hold; no memory is passed.
+    let t = unsafe { libc::tee(src.as_raw_fd(), w.as_raw_fd(), n, libc::SPLICE_F_NONBLOCK) };
+    if t < 0 {
+        return Err(err("tee"));
+    }
+    if t as usize != n {
+        return Err(io::Error::other(format!(
+            "pipe on fd {fd}: tee copied {t} of its {n} bytes"
+        )));
+    }
+    drop(w);
+    let mut bytes = Vec::with_capacity(n);
+    std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut bytes)?;
+    if bytes.len() != n {
+        return Err(io::Error::other(format!(
+            "pipe on fd {fd}: read {} of its {n} bytes",
+            bytes.len()
+        )));
+    }
+    Ok((cap as u32, bytes))
 }
 
 /// Special mappings capture knows: carried as content (`[heap]`, `[stack]`),
@@ -463,26 +1160,37 @@ mod tests {
         );
         let d = tree(
             &[
-                ("1", "anon_inode:[signalfd]"),
+                ("1", "anon_inode:[eventpoll]"),
+                ("2", "pipe:[6]"),
                 ("3", "socket:[77]"),
-                ("4", "anon_inode:[timerfd]"),
+                ("4", "anon_inode:inotify"),
                 ("5", "/tmp/gone (deleted)"),
                 ("6", "/dev/sda"),
                 ("7", "/tmp/log"),
                 ("8", "/dev/urandom"),
+                ("9", "pipe:[5]"),
+                ("10", "pipe:[6]"),
+                ("11", "pipe:[12]"),
+                ("12", "pipe:[12]"),
             ],
             &maps,
             "TracerPid:\t99\n",
         );
         fs::write(d.path().join("7/task/7/children"), "8 9").unwrap();
+        // Process 8 holds the other end of pipe 5.
+        fs::create_dir_all(d.path().join("8/fd")).unwrap();
+        std::os::unix::fs::symlink("pipe:[5]", d.path().join("8/fd/4")).unwrap();
         let e = check_at(d.path(), 7, 1).unwrap_err();
         let msg = e.to_string();
         for want in [
-            "fd 1 is anon_inode:[signalfd];",
-            "(fds 0-2 must be pipes, ttys, regular files, eventfds or /dev/null, zero, random, urandom)",
-            "(descriptors are carried when open on regular files, eventfds or /dev/null, zero, random, urandom)",
+            "fd 1 is anon_inode:[eventpoll];",
+            "(fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds or /dev/null, zero, random, urandom)",
+            "(descriptors are carried when open on regular files, eventfds, timerfds, signalfds, pipes, socket pairs or /dev/null, zero, random, urandom)",
             "fd 3 is a socket (socket:[77])",
-            "fd 4 is open (anon_inode:[timerfd])",
+            "fd 4 is open (anon_inode:inotify)",
+            "fd 9 is a pipe (pipe:[5]) also open in process 8;",
+            "fd 10 is a pipe (pipe:[6]) also open in fd 2 of the process (the destination replaces 0-2)",
+            "(a pipe is carried with its bytes when every end of it is on fds 3 and up of the process)",
             "fd 5 is open on a deleted file (/tmp/gone (deleted))",
             "(deleted files are not carried",
             "fd 6 is open (/dev/sda)",
@@ -493,8 +1201,11 @@ mod tests {
         ] {
             assert!(msg.contains(want), "{want:?} missing from {msg}");
         }
-        // Carried: a file and a device are not blockers.
-        assert!(!msg.contains("fd 7") && !msg.contains("fd 8"), "{msg}");
+        // Carried: a file, a device and a pipe with both ends here are not
+        // blockers.
+        for fd in ["fd 7 ", "fd 8 ", "fd 11 ", "fd 12 ", "fd 2 is"] {
+            assert!(!msg.contains(fd), "{fd} in {msg}");
+        }
     }
 
     #[test]
@@ -507,6 +1218,10 @@ mod tests {
                 ("3", "/etc/passwd"),
                 ("9", "/dev/random"),
                 ("10", "anon_inode:[eventfd]"),
+                ("11", "anon_inode:[timerfd]"),
+                ("12", "anon_inode:[signalfd]"),
+                ("13", "pipe:[40]"),
+                ("14", "pipe:[40]"),
             ],
             OK_MAPS,
             "",

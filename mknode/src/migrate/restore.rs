@@ -26,15 +26,17 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::image::{
-    FileKind, ImageError, ImageMeta, ImageReader, ImageStats, Mapping, MappingKind, OpenFile,
-    Pages, ThreadState, FLAG_LAZY, MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R,
-    PROT_W, USER_TOP,
+    FileKind, FileState, ImageError, ImageMeta, ImageReader, ImageStats, Mapping, MappingKind,
+    OpenFile, Pages, PipeState, SocketPairState, ThreadState, TimerState, FLAG_LAZY, MAPF_DSM,
+    MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, TFD_ABSTIME,
+    TFD_CANCEL_ON_SET, USER_TOP,
 };
 use super::inject::{inject, ptrace_err, wait, Call};
 use super::lazy::{carried, LazyLink};
 use super::memory::{fingerprint, read_remote, to_mapping, write_remote};
 use super::pager::{self, LazyError, PageTable, Pager, PagerOptions};
 use super::procfs::{parse_maps, ProcDir};
+use super::split::{Answer, Share};
 use super::{sys, SysError};
 use crate::uffd::{self, Uffd};
 
@@ -78,6 +80,10 @@ pub enum RestoreError {
     },
     #[error("vDSO layout differs: {0}")]
     Layout(String),
+    #[error("the DSM")]
+    Dsm(#[source] crate::dsm::DsmError),
+    #[error("the shadow's futex filter")]
+    FutexFilter(#[source] Box<super::split::SplitError>),
     #[error("rebuilding the process")]
     Sys(#[from] SysError),
     #[error("the restore stub exited before stopping (code {0})")]
@@ -297,31 +303,134 @@ fn own_ranges() -> Result<Vec<(u64, u64)>, RestoreError> {
 
 /// Opens the image's files as they were: same flags and offset, and for a
 /// regular file only if it is the same file (size and modification time as
-/// when frozen, as CRIU checks). Returns the descriptors (moved to numbers
+/// when frozen, as CRIU checks); recreates eventfds, timerfds, signalfds
+/// and pipes (with their bytes). A descriptor that shared an open file
+/// description shares it again. Returns the descriptors (moved to numbers
 /// at or above the returned bound, which every target is below) and the
 /// stub's `(source, target, close-on-exec)` list.
 type OpenedFiles = (Vec<OwnedFd>, Vec<(i32, i32, bool)>, i32);
 
-fn open_files(files: &[OpenFile]) -> Result<OpenedFiles, RestoreError> {
+/// [`open_files`], then `extra` (descriptors of ours) at the numbers just
+/// above the files', close-on-exec; returns those numbers too.
+fn open_files_and(
+    files: &[OpenFile],
+    pipes: &[PipeState],
+    socketpairs: &[SocketPairState],
+    base: (i128, i128),
+    extra: &[OwnedFd],
+) -> Result<(OpenedFiles, Vec<i32>), RestoreError> {
+    use std::os::fd::FromRawFd;
+    let first = files
+        .iter()
+        .map(|f| f.fd as i32 + 1)
+        .max()
+        .unwrap_or(3)
+        .max(3);
+    let keep_below = first + extra.len() as i32;
+    let (mut owned, mut plan, _) = open_files(files, pipes, socketpairs, base, keep_below)?;
+    let mut targets = Vec::with_capacity(extra.len());
+    for (i, e) in extra.iter().enumerate() {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one.
+        let high = unsafe { libc::fcntl(e.as_raw_fd(), libc::F_DUPFD_CLOEXEC, keep_below) };
+        if high < 0 {
+            return Err(local("duplicating a DSM descriptor")(
+                io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `high` was just returned by fcntl and is ours alone.
+        owned.push(unsafe { OwnedFd::from_raw_fd(high) });
+        plan.push((high, first + i as i32, true));
+        targets.push(first + i as i32);
+    }
+    Ok(((owned, plan, keep_below), targets))
+}
+
+fn open_files(
+    files: &[OpenFile],
+    pipes: &[PipeState],
+    socketpairs: &[SocketPairState],
+    base: (i128, i128),
+    at_least: i32,
+) -> Result<OpenedFiles, RestoreError> {
     use std::os::fd::FromRawFd;
     let keep_below = files
         .iter()
         .map(|f| f.fd as i32 + 1)
         .max()
         .unwrap_or(3)
-        .max(3);
+        .max(3)
+        .max(at_least);
     let mut owned = Vec::with_capacity(files.len());
-    let mut plan = Vec::with_capacity(files.len());
+    let mut plan: Vec<(i32, i32, bool)> = Vec::with_capacity(files.len());
+    // Each pipe's two ends, until a descriptor takes one (then `None`:
+    // another description of that end is a new open of it).
+    let mut made: Vec<(u32, Option<OwnedFd>, Option<OwnedFd>, OwnedFd)> = Vec::new();
+    let mut to_arm = Vec::new();
+    let mut pairs: Vec<(u32, [OwnedFd; 2])> = Vec::new();
     for f in files {
         let fail = |why: String| RestoreError::File {
             fd: f.fd,
             path: f.path.clone(),
             why,
         };
-        let file: OwnedFd = if f.kind == FileKind::Eventfd {
-            eventfd(f).map_err(|e| fail(e.to_string()))?
-        } else {
-            open_by_path(f, &fail)?
+        let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
+        if let Some(s) = f.share {
+            // The decoder checked `s` is an earlier descriptor.
+            let i = files.iter().position(|g| g.fd == s).unwrap_or(usize::MAX);
+            let src = plan
+                .get(i)
+                .map(|p| p.0)
+                .ok_or_else(|| fail(format!("fd {s} is not open")))?;
+            plan.push((src, f.fd as i32, cloexec));
+            continue;
+        }
+        let file: OwnedFd = match (f.kind, f.state) {
+            (FileKind::Eventfd, _) => eventfd(f).map_err(|e| fail(e.to_string()))?,
+            (FileKind::Timerfd, FileState::Timer(t)) => {
+                let fd = timerfd(f, &t).map_err(|e| fail(e.to_string()))?;
+                to_arm.push((owned.len(), t, f.fd));
+                fd
+            }
+            (FileKind::Signalfd, FileState::Signals(mask)) => {
+                signalfd(f, mask).map_err(|e| fail(e.to_string()))?
+            }
+            (FileKind::Pipe, FileState::Pipe(id)) => {
+                if !made.iter().any(|m| m.0 == id) {
+                    let p = pipes
+                        .iter()
+                        .find(|p| p.id == id)
+                        .ok_or_else(|| fail(format!("pipe {id} is not in the image")))?;
+                    let (r, w) = make_pipe(p).map_err(|e| fail(e.to_string()))?;
+                    let reopen = r.try_clone().map_err(|e| fail(e.to_string()))?;
+                    made.push((id, Some(r), Some(w), reopen));
+                }
+                let m = made.iter_mut().find(|m| m.0 == id).expect("just made");
+                pipe_end(f, m).map_err(|e| fail(e.to_string()))?
+            }
+            (FileKind::Socket, FileState::Socket { id, end }) => {
+                if !pairs.iter().any(|m| m.0 == id) {
+                    let p = socketpairs
+                        .iter()
+                        .find(|p| p.id == id)
+                        .ok_or_else(|| fail(format!("socket pair {id} is not in the image")))?;
+                    let ends = make_socketpair(p).map_err(|e| fail(e.to_string()))?;
+                    pairs.push((id, ends));
+                }
+                let m = pairs.iter().find(|m| m.0 == id).expect("just made");
+                // A socket has one open file: a second descriptor on an end
+                // can only be a dup of it.
+                let sock = m.1[usize::from(end)]
+                    .try_clone()
+                    .map_err(|e| fail(e.to_string()))?;
+                let fl = (f.flags & libc::O_NONBLOCK as u32) as libc::c_int;
+                // SAFETY: fcntl on our descriptor.
+                if unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFL, fl) } != 0 {
+                    return Err(fail(io::Error::last_os_error().to_string()));
+                }
+                sock
+            }
+            (FileKind::Regular | FileKind::Device, _) => open_by_path(f, &fail)?,
+            _ => return Err(fail("its state does not fit its kind".into())),
         };
         // Above every target, so the stub's dup2s clobber no source.
         // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one.
@@ -332,9 +441,290 @@ fn open_files(files: &[OpenFile]) -> Result<OpenedFiles, RestoreError> {
         // SAFETY: `high` was just returned by fcntl and is ours alone.
         owned.push(unsafe { OwnedFd::from_raw_fd(high) });
         drop(file);
-        plan.push((high, f.fd as i32, f.flags & libc::O_CLOEXEC as u32 != 0));
+        plan.push((high, f.fd as i32, cloexec));
+    }
+    // The pipe ends no descriptor took are closed here, as they were on
+    // the origin (a reader then sees the end of the data).
+    drop(made);
+    drop(pairs);
+    for (i, t, fd) in to_arm {
+        arm_timerfd(&owned[i], &t, base).map_err(|e| RestoreError::File {
+            fd,
+            path: super::image::TIMERFD.into(),
+            why: e.to_string(),
+        })?;
     }
     Ok((owned, plan, keep_below))
+}
+
+/// A new pipe of `p.capacity` holding `p.bytes`: (read end, write end),
+/// both non-blocking until their descriptors' flags are set.
+fn make_pipe(p: &PipeState) -> io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `ends`, which we then own.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, ours alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+    // SAFETY: fcntl on our descriptor.
+    let cap = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if cap != p.capacity as i32
+        // SAFETY: as above.
+        && unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, p.capacity as libc::c_int) } < 0
+    {
+        return Err(io::Error::other(format!(
+            "setting its capacity to {} bytes: {}",
+            p.capacity,
+            io::Error::last_os_error()
+        )));
+    }
+    let mut at = 0;
+    while at < p.bytes.len() {
+        let rest = &p.bytes[at..];
+        // SAFETY: writes from a live slice to our descriptor.
+        let n = unsafe { libc::write(w.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
+        if n <= 0 {
+            return Err(io::Error::other(format!(
+                "putting back its {} bytes in flight: {} written, then {}",
+                p.bytes.len(),
+                at,
+                io::Error::last_os_error()
+            )));
+        }
+        at += n as usize;
+    }
+    Ok((r, w))
+}
+
+/// The descriptor for pipe end `f`: the pipe's read or write end the first
+/// time one is asked for, else a new open of the pipe (another open file
+/// description, as the origin had), with `f`'s status flags.
+fn pipe_end(
+    f: &OpenFile,
+    (_, r, w, reopen): &mut (u32, Option<OwnedFd>, Option<OwnedFd>, OwnedFd),
+) -> io::Result<OwnedFd> {
+    let acc = f.flags & libc::O_ACCMODE as u32;
+    let taken = if acc == libc::O_RDONLY as u32 {
+        r.take()
+    } else if acc == libc::O_WRONLY as u32 {
+        w.take()
+    } else {
+        None
+    };
+    let fd = match taken {
+        Some(fd) => fd,
+        None => {
+            // Opening a pipe's /proc link opens the pipe itself (as a
+            // FIFO); a reader exists, so a writer's open does not wait.
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = format!("/proc/self/fd/{}", reopen.as_raw_fd());
+            std::fs::File::options()
+                .read(acc != libc::O_WRONLY as u32)
+                .write(acc != libc::O_RDONLY as u32)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path)?
+                .into()
+        }
+    };
+    let fl = (f.flags & libc::O_NONBLOCK as u32) as libc::c_int;
+    // SAFETY: fcntl on our descriptor.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// A new AF_UNIX socket pair of `p.kind` with `p.queued` at each end (sent
+/// from the other end: bytes, or each datagram) and the shutdown bits of
+/// each end replayed.
+fn make_socketpair(p: &SocketPairState) -> io::Result<[OwnedFd; 2]> {
+    use std::os::fd::FromRawFd;
+    let mut sv = [0; 2];
+    // SAFETY: socketpair writes two descriptors into `sv`, which we then own.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            i32::from(p.kind) | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+            sv.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, ours alone.
+    let ends = unsafe { [OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])] };
+    for (end, q) in p.queued.iter().enumerate() {
+        let from = ends[1 - end].as_raw_fd();
+        for m in q {
+            let mut at = 0;
+            loop {
+                let rest = &m[at..];
+                // SAFETY: sends from a live slice on our socket.
+                let n = unsafe {
+                    libc::send(
+                        from,
+                        rest.as_ptr().cast(),
+                        rest.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n < 0 {
+                    return Err(io::Error::other(format!(
+                        "putting back what was queued at end {end}: {}",
+                        io::Error::last_os_error()
+                    )));
+                }
+                at += n as usize;
+                // A datagram goes whole, in one send (even an empty one).
+                if at >= m.len() || p.kind != libc::SOCK_STREAM as u8 {
+                    break;
+                }
+            }
+        }
+    }
+    for (end, sh) in p.shutdown.iter().enumerate() {
+        for (bit, how) in [(2u8, libc::SHUT_WR), (1, libc::SHUT_RD)] {
+            // SAFETY: shutdown on our socket.
+            if sh & bit != 0 && unsafe { libc::shutdown(ends[end].as_raw_fd(), how) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(ends)
+}
+
+/// A timerfd on the clock it had, `O_NONBLOCK` if it was; [`arm_timerfd`]
+/// sets the rest: the time left (or, absolute on a real-time clock, its
+/// moment) and period, and its unread expirations (`TFD_IOC_SET_TICKS`). A
+/// relative time left is counted from the arming, done last, just before
+/// the restored process's clocks are set to go on from the freeze
+/// (`clock_offsets`), so it fires at the same moment of its clocks.
+fn timerfd(f: &OpenFile, t: &TimerState) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let mut flags = libc::TFD_CLOEXEC;
+    if f.flags & libc::O_NONBLOCK as u32 != 0 {
+        flags |= libc::TFD_NONBLOCK;
+    }
+    // SAFETY: timerfd_create returns a new descriptor or -1.
+    let fd = unsafe { libc::timerfd_create(t.clockid as libc::clockid_t, flags) };
+    if fd < 0 {
+        return Err(io::Error::other(format!(
+            "timerfd_create on clock {}: {}",
+            t.clockid,
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: just created, ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Arms a timerfd made by [`timerfd`] as it was, and puts back its unread
+/// expirations. The time left counts from `base`, this kernel's
+/// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` when the process's clocks are
+/// those of the capture (`clock_offsets`): armed at an absolute time on this
+/// kernel's clock, it fires at the same moment of the process's clocks
+/// however long restore takes. Expiries due by now, or within the next
+/// millisecond (they could fire between the arming and putting back the
+/// ticks, which would drop them), are counted into the ticks and the timer
+/// armed at its next period; a one-shot one stays disarmed.
+fn arm_timerfd(fd: &OwnedFd, t: &TimerState, base: (i128, i128)) -> io::Result<()> {
+    const SOON: i128 = 1_000_000;
+    let fd = fd.as_raw_fd();
+    let mut ticks = t.ticks;
+    let realtime_abs = matches!(t.clockid, 0 | 8) && t.settime_flags & TFD_ABSTIME != 0;
+    // The clock the expiry is set on, now and at `base`.
+    let (clock, at_base) = match t.clockid {
+        _ if realtime_abs => (libc::CLOCK_REALTIME, 0),
+        7 | 9 => (libc::CLOCK_BOOTTIME, base.1),
+        // Monotonic, and relative real-time timers (counted like the
+        // process's monotonic clock: time away does not count).
+        _ => (libc::CLOCK_MONOTONIC, base.0),
+    };
+    let now = i128::from(super::precheck::clock_ns(clock));
+    let mut expiry = at_base + i128::from(t.value_ns);
+    let mut armed = t.armed;
+    if armed && expiry < now + SOON {
+        if t.interval_ns == 0 {
+            ticks = ticks.saturating_add(1);
+            armed = false;
+        } else {
+            let i = i128::from(t.interval_ns);
+            let n = ((now + SOON - expiry) + i - 1) / i;
+            ticks = ticks.saturating_add(n.max(1) as u64);
+            expiry += n.max(1) * i;
+        }
+    }
+    if armed {
+        let ts = |ns: i128| libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts(i128::from(t.interval_ns)),
+            it_value: ts(expiry - now),
+        };
+        // Absolute on the timer's own clock where that is the one the
+        // expiry is on; a relative real-time timer relative to `now`.
+        let abs_ok = realtime_abs || matches!(t.clockid, 1 | 7 | 9);
+        let (spec, sflags) = if abs_ok {
+            (
+                libc::itimerspec {
+                    it_value: ts(expiry),
+                    ..spec
+                },
+                libc::TFD_TIMER_ABSTIME | (t.settime_flags & TFD_CANCEL_ON_SET) as libc::c_int,
+            )
+        } else {
+            (spec, 0)
+        };
+        // SAFETY: timerfd_settime reads `spec`, a live local; no old value.
+        if unsafe { libc::timerfd_settime(fd, sflags, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::other(format!(
+                "timerfd_settime: {}",
+                io::Error::last_os_error()
+            )));
+        }
+    }
+    // After timerfd_settime, which zeroes them.
+    if ticks != 0 {
+        // _IOW('T', 0, u64), CONFIG_CHECKPOINT_RESTORE.
+        const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+        // SAFETY: the ioctl reads one u64 from a live local.
+        if unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks) } != 0 {
+            return Err(io::Error::other(format!(
+                "{ticks} unread expirations need TFD_IOC_SET_TICKS (CONFIG_CHECKPOINT_RESTORE): {}",
+                io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A signalfd on `mask`, non-blocking if it was.
+fn signalfd(f: &OpenFile, mask: u64) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let mut flags = libc::SFD_CLOEXEC;
+    if f.flags & libc::O_NONBLOCK as u32 != 0 {
+        flags |= libc::SFD_NONBLOCK;
+    }
+    // The kernel's sigset on x86_64 is the first 8 bytes of glibc's
+    // sigset_t, bit n-1 for signal n; set directly, since glibc's
+    // sigaddset refuses its own signals 32 and 33.
+    // SAFETY: sigset_t is plain data; zeroed is an empty set.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live local of at least 8 bytes; one unaligned u64
+    // write at its start.
+    unsafe { std::ptr::write_unaligned((&raw mut set).cast::<u64>(), mask) };
+    // SAFETY: signalfd reads `set`, a live local, and returns a new fd.
+    let fd = unsafe { libc::signalfd(-1, &set, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// An eventfd as it was: its counter and semaphore mode (`OpenFile::size`,
@@ -383,7 +773,11 @@ fn open_by_path(
         .map_err(|e| fail(e.to_string()))?;
     let m = file.metadata().map_err(|e| fail(e.to_string()))?;
     match f.kind {
-        FileKind::Eventfd => {}
+        FileKind::Eventfd
+        | FileKind::Timerfd
+        | FileKind::Signalfd
+        | FileKind::Pipe
+        | FileKind::Socket => {}
         FileKind::Regular => {
             if !m.is_file() {
                 return Err(fail("it is not a regular file here".into()));
@@ -427,9 +821,15 @@ fn open_by_path(
 /// booted at another time, they would jump (by seconds, backwards too) and
 /// break every timeout the process holds. The time it spent frozen does not
 /// show. `None` when the image does not know its clocks.
-fn clock_offsets(monotonic_ns: u64, boottime_ns: u64) -> Result<Option<Vec<u8>>, RestoreError> {
+/// Also returns this kernel's `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` at the
+/// moment the process's clocks equal the image's (the offsets' base).
+type Offsets = (Option<Vec<u8>>, (i128, i128));
+
+fn clock_offsets(monotonic_ns: u64, boottime_ns: u64) -> Result<Offsets, RestoreError> {
     if monotonic_ns == 0 && boottime_ns == 0 {
-        return Ok(None);
+        let now = super::procfs::kernel_clocks()
+            .map_err(|e| RestoreError::Clocks(format!("reading this kernel's clocks: {e}")))?;
+        return Ok((None, now));
     }
     let clocks = |e: String| RestoreError::Clocks(e);
     let offsets = "/proc/self/timens_offsets";
@@ -448,14 +848,27 @@ fn clock_offsets(monotonic_ns: u64, boottime_ns: u64) -> Result<Option<Vec<u8>>,
         let (sec, nsec) = (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
         format!("{name} {sec} {nsec}\n")
     };
-    Ok(Some(
-        (line("monotonic", m) + &line("boottime", b)).into_bytes(),
+    Ok((
+        Some((line("monotonic", m) + &line("boottime", b)).into_bytes()),
+        (kernel_m, kernel_b),
     ))
 }
 
-fn spawn(meta: &ImageMeta, stdio: &StdioPlan) -> Result<(Stub, u64), RestoreError> {
-    let (_files, files, keep_below) = open_files(&meta.process.files)?;
-    let timens = clock_offsets(meta.process.monotonic_ns, meta.process.boottime_ns)?;
+fn spawn(
+    meta: &ImageMeta,
+    stdio: &StdioPlan,
+    extra: &[OwnedFd],
+) -> Result<(Stub, u64, Vec<i32>), RestoreError> {
+    // The clocks' base first: timers are armed against it.
+    let (timens, base) = clock_offsets(meta.process.monotonic_ns, meta.process.boottime_ns)?;
+    let ((_files, files, keep_below), targets) = open_files_and(
+        &meta.process.files,
+        &meta.process.pipes,
+        &meta.process.socketpairs,
+        base,
+        extra,
+    )?;
+
     let mut last = 0;
     for _ in 0..4 {
         let ctl = control_page(&meta.mappings, &own_ranges()?)?;
@@ -490,7 +903,7 @@ fn spawn(meta: &ImageMeta, stdio: &StdioPlan) -> Result<(Stub, u64), RestoreErro
             }
         };
         match status {
-            WaitStatus::Stopped(_, Signal::SIGSTOP) => return Ok((stub, ctl)),
+            WaitStatus::Stopped(_, Signal::SIGSTOP) => return Ok((stub, ctl, targets)),
             WaitStatus::Exited(_, code) => {
                 // Reaped: nothing left to kill.
                 stub.armed = false;
@@ -523,7 +936,29 @@ fn spawn(meta: &ImageMeta, stdio: &StdioPlan) -> Result<(Stub, u64), RestoreErro
 /// Rebuilds the process the image in `r` describes, with `stdio` as its fds
 /// 0-2, and lets it run. Refuses a lazy image.
 pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError> {
-    restore_impl(r, stdio, None).map(|(r, _)| r)
+    restore_impl(r, stdio, None, None).map(|(r, _, _)| r)
+}
+
+/// Rebuilds the one thread of a shadow image (see `split`) as a process of
+/// this kernel whose DSM memory is `share`'s, and lets it run; returns it
+/// and the seccomp listener of its futex calls.
+///
+/// `answer`: the thread moved itself (`split::SelfMove`) and gets its
+/// answer here.
+pub fn restore_shadow<R: Read>(
+    r: R,
+    stdio: StdioPlan,
+    share: &dyn Share,
+    answer: Option<Answer<'_>>,
+) -> Result<(Restored, OwnedFd), RestoreError> {
+    let (r, _, listener) = restore_impl(r, stdio, None, Some((share, answer)))?;
+    // A shadow's restore installs it (`finish`).
+    match listener {
+        Some(l) => Ok((r, l)),
+        None => Err(RestoreError::FutexFilter(Box::new(
+            super::split::SplitError::NoListener,
+        ))),
+    }
 }
 
 /// Rebuilds the process a lazy image describes and lets it run as soon as
@@ -537,7 +972,7 @@ pub fn restore_lazy<R: Read>(
     link: LazyLink,
     opts: PagerOptions,
 ) -> Result<LazyRestored, RestoreError> {
-    let (restored, pager) = restore_impl(r, stdio, Some((link, opts)))?;
+    let (restored, pager, _) = restore_impl(r, stdio, Some((link, opts)), None)?;
     let pager = pager.ok_or(RestoreError::LazyImage)?;
     Ok(LazyRestored { restored, pager })
 }
@@ -550,11 +985,12 @@ const UFFD_FEATURES: u64 =
 /// The stub's userfaultfd, made inside it (it belongs to its mm) and pulled
 /// into this process: `userfaultfd()` injected, `pidfd_getfd`, the stub's
 /// copy closed again.
-fn stub_uffd(
+/// A userfaultfd created in the stopped process `leader` (by an injected
+/// call), taken out of it; and a pidfd of the process.
+pub(crate) fn take_uffd(
     leader: Pid,
     call: &dyn Fn(Call) -> Result<u64, SysError>,
-    features: u64,
-) -> Result<(Uffd, OwnedFd), RestoreError> {
+) -> Result<(OwnedFd, OwnedFd), RestoreError> {
     let pid = leader.as_raw();
     let e = |what| move |source| RestoreError::Uffd { what, pid, source };
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
@@ -566,7 +1002,17 @@ fn stub_uffd(
             Ok((f, pidfd))
         });
     call(Call::new("close", libc::SYS_close, &[fd as u64]))?;
-    let (f, pidfd) = got?;
+    got
+}
+
+fn stub_uffd(
+    leader: Pid,
+    call: &dyn Fn(Call) -> Result<u64, SysError>,
+    features: u64,
+) -> Result<(Uffd, OwnedFd), RestoreError> {
+    let pid = leader.as_raw();
+    let e = |what| move |source| RestoreError::Uffd { what, pid, source };
+    let (f, pidfd) = take_uffd(leader, call)?;
     let u = Uffd::from_fd(f);
     let granted = u.api(features).map_err(e("UFFDIO_API"))?;
     if granted & features != features {
@@ -583,13 +1029,31 @@ fn restore_impl<R: Read>(
     r: R,
     stdio: StdioPlan,
     mut lazy: Option<(LazyLink, PagerOptions)>,
-) -> Result<(Restored, Option<Pager>), RestoreError> {
+    shadow: Option<(&dyn Share, Option<Answer<'_>>)>,
+) -> Result<(Restored, Option<Pager>, Option<OwnedFd>), RestoreError> {
+    let share = shadow.map(|s| s.0);
+    let answer = shadow.and_then(|s| s.1);
     let (mut rd, meta) = ImageReader::open(r)?;
     if meta.header.flags & FLAG_LAZY != 0 && lazy.is_none() {
         return Err(RestoreError::LazyImage);
     }
     check_kernel(&meta)?;
-    let (mut stub, ctl) = spawn(&meta, &stdio)?;
+    // DSM memory: this kernel's copy of each region, to map.
+    let mut dsm: Vec<(&Mapping, u32)> = Vec::new();
+    let mut dsm_fds = Vec::new();
+    for m in meta.mappings.iter().filter(|m| m.flags & MAPF_DSM != 0) {
+        let Some(s) = share else {
+            return Err(RestoreError::Layout(format!(
+                "{:#x}-{:#x} is DSM memory (region {}): restore it as a shadow",
+                m.start, m.end, m.name
+            )));
+        };
+        let (region, fd) = s.open(&m.name, m.len()).map_err(RestoreError::Dsm)?;
+        dsm.push((m, region));
+        dsm_fds.push(fd);
+    }
+    let (mut stub, ctl, dsm_targets) = spawn(&meta, &stdio, &dsm_fds)?;
+    drop(dsm_fds);
     drop(stdio);
     let leader = stub.pid;
     ptrace::setoptions(
@@ -686,8 +1150,49 @@ fn restore_impl<R: Read>(
     };
     let mut table = PageTable::new(&meta.mappings);
 
-    // 3. Every other mapping, writable until its content is in.
-    for m in meta.mappings.iter().filter(|m| !m.kind.is_special()) {
+    // A shadow dies with the thread that made it (its agent's): without
+    // its DSM engine its memory would go on, incoherent.
+    if share.is_some() {
+        call(Call::new(
+            "prctl(PR_SET_PDEATHSIG)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_PDEATHSIG as u64, libc::SIGKILL as u64],
+        ))?;
+    }
+    // 3. DSM memory (a shadow's): this kernel's copies, each with a
+    //    userfaultfd of its own handed to the engine.
+    for ((m, region), fd) in dsm.iter().zip(&dsm_targets) {
+        let got = call(Call::new(
+            "mmap",
+            libc::SYS_mmap,
+            &[
+                m.start,
+                m.len(),
+                u64::from(m.prot),
+                (libc::MAP_SHARED | libc::MAP_FIXED) as u64,
+                *fd as u64,
+                0,
+            ],
+        ))?;
+        if got != m.start {
+            return Err(RestoreError::Layout(format!(
+                "mmap of {:#x}-{:#x} landed at {got:#x}",
+                m.start, m.end
+            )));
+        }
+        call(Call::new("close", libc::SYS_close, &[*fd as u64]))?;
+        let (u, _) = take_uffd(leader, &call)?;
+        if let Some(s) = share {
+            s.attach(*region, m.start, m.len(), u, leader.as_raw())
+                .map_err(RestoreError::Dsm)?;
+        }
+    }
+    //    Every other mapping, writable until its content is in.
+    for m in meta
+        .mappings
+        .iter()
+        .filter(|m| !m.kind.is_special() && m.flags & MAPF_DSM == 0)
+    {
         let prot = if m.prot == 0 {
             libc::PROT_NONE
         } else {
@@ -790,8 +1295,8 @@ fn restore_impl<R: Read>(
         ),
         _ => None,
     };
-    let rest = finish(&mut stub, &meta, ctl, &base, &call);
-    let tids = match rest {
+    let rest = finish(&mut stub, &meta, ctl, &base, &call, answer, share.is_some());
+    let (tids, futex_listener) = match rest {
         Ok(t) => t,
         Err(e) => {
             drop(stub);
@@ -813,6 +1318,7 @@ fn restore_impl<R: Read>(
             stats,
         },
         pager,
+        futex_listener,
     ))
 }
 
@@ -865,11 +1371,17 @@ fn finish(
     ctl: u64,
     base: &libc::user_regs_struct,
     call: &dyn Fn(Call) -> Result<u64, SysError>,
-) -> Result<Vec<Pid>, RestoreError> {
+    answer: Option<Answer<'_>>,
+    futex_filter: bool,
+) -> Result<(Vec<Pid>, Option<OwnedFd>), RestoreError> {
     let leader = stub.pid;
     let base = *base;
     let scratch = ctl + CTL_SCRATCH;
-    for m in meta.mappings.iter().filter(|m| !m.kind.is_special()) {
+    for m in meta
+        .mappings
+        .iter()
+        .filter(|m| !m.kind.is_special() && m.flags & MAPF_DSM == 0)
+    {
         if m.prot != 0 && m.prot != PROT_R | PROT_W {
             call(Call::new(
                 "mprotect",
@@ -971,6 +1483,22 @@ fn finish(
         ))?;
     }
 
+    // A thread that moved itself: its connection here, and its answer.
+    if let Some(a) = answer {
+        let fd = super::split::connect_agent(call, leader.as_raw(), scratch, a.path)?;
+        poke(leader, a.buf, &super::split::reply(a.status, a.kernel, fd))?;
+    }
+
+    // A shadow's futex calls go to its agent, as its process's do.
+    let futex_listener = if futex_filter {
+        Some(
+            super::split::install_futex_listener(call, leader.as_raw(), scratch, true)
+                .map_err(|e| RestoreError::FutexFilter(Box::new(e)))?,
+        )
+    } else {
+        None
+    };
+
     // 8. Last injection: the control page goes. Then the registers.
     call(Call::new("munmap", libc::SYS_munmap, &[ctl, PAGE]))?;
     for (t, &tid) in meta.threads.iter().zip(&tids) {
@@ -987,7 +1515,7 @@ fn finish(
         ptrace::detach(tid, None).map_err(ptrace_err("PTRACE_DETACH", tid))?;
     }
     stub.armed = false;
-    Ok(tids)
+    Ok((tids, futex_listener))
 }
 
 fn poke(pid: Pid, addr: u64, b: &[u8]) -> Result<(), SysError> {

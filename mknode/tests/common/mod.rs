@@ -92,11 +92,17 @@ pub(crate) enum Line {
     },
     /// The joiner thread's `pthread_join` returned.
     Joined,
+    /// `pipe_check=...` or `socket_check=...` (`--pipe-inflight`,
+    /// `--socketpairs`): the whole line.
+    Check(String),
 }
 
 pub(crate) fn parse(line: &str) -> Option<Line> {
     if line == "joined" {
         return Some(Line::Joined);
+    }
+    if line.starts_with("pipe_check=") || line.starts_with("socket_check=") {
+        return Some(Line::Check(line.to_string()));
     }
     if let Some(rest) = line.strip_prefix("checksum=") {
         let (sum, bytes) = rest.split_once(" bytes=")?;

@@ -19,6 +19,38 @@
 //! With `--eventfd N`, an eventfd (non-blocking, semaphore mode) with the
 //! counter N stays open, for a move to carry.
 //!
+//! With `--timerfd-ms MS`, a periodic `CLOCK_MONOTONIC` timerfd fires
+//! every MS and is read once per line: the lines end with
+//! `timerfd_fires=<expirations read> timerfd_due=<whole periods since it was
+//! armed, by CLOCK_MONOTONIC>` (equal, or due one more, when the timer and
+//! the clock both go on as they were). A one-shot `CLOCK_BOOTTIME` timerfd
+//! of 1 ms expires at start and is not read until the process finds itself
+//! moved (its pid changed): that line then says `timerfd_oneshot=<its
+//! expirations>` (1 if the unread expiration was carried).
+//!
+//! With `--signalfd`, SIGUSR2 is blocked in every thread and read from a
+//! signalfd (non-blocking) once per line: `sigusr2=<count>`.
+//!
+//! With `--pipe-inflight N`, a pipe made by the process holds N bytes of a
+//! pattern that it does not read (in flight when it is moved); its read end
+//! is also `dup`ed. Lines end with `pipe_bytes=<FIONREAD>`. When the
+//! process finds itself moved (another pid or another kernel's boot id),
+//! and on SIGUSR1, it checks the pipe: reads
+//! it through the dup (the pattern, byte for byte, then nothing), writes
+//! the pattern and reads it back through the read end (the ends are
+//! connected), writes it once more (in flight again), and asks `kcmp`
+//! whether the dup still shares the read end's open file: it prints
+//! `pipe_check=ok shared=<0|1>` or `pipe_check=bad <why>`.
+//!
+//! With `--socketpairs N`, two AF_UNIX socket pairs the process made hold
+//! what it did not read: N pattern bytes queued at one end of a stream
+//! pair, and three datagrams (1, 0 and 1000 bytes) at one end of a
+//! datagram pair. When the process finds itself moved, and on SIGUSR1, it
+//! reads them (byte for byte, datagram by datagram, then nothing), sends
+//! them again through the other ends and reads them back (the ends are
+//! connected), and sends them once more (queued again): it prints
+//! `socket_check=ok` or `socket_check=bad <why>`.
+//!
 //! With `--alarm-ms MS`, an interval timer (`setitimer(ITIMER_REAL)`)
 //! fires every MS and the lines end with `alarms=<count>`.
 //!
@@ -36,7 +68,7 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--scan]"
+        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--scan]"
     );
     std::process::exit(2)
 }
@@ -48,10 +80,18 @@ fn main() {
     let mut join_after: Option<u64> = None;
     let mut alarm_ms: Option<u64> = None;
     let mut scan = false;
+    let mut timer: Option<Timer> = None;
+    let mut sigfd: Option<i32> = None;
+    let mut pipe: Option<InFlight> = None;
+    let mut socks: Option<Queued> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--scan" {
             scan = true;
+            continue;
+        }
+        if a == "--signalfd" {
+            sigfd = Some(signalfd_usr2());
             continue;
         }
         let v = args.next().unwrap_or_else(|| usage());
@@ -70,6 +110,11 @@ fn main() {
                     eprintln!("mkcounter: eventfd: {}", std::io::Error::last_os_error());
                     std::process::exit(1);
                 }
+            }
+            "--timerfd-ms" => timer = Some(Timer::new(v.parse().unwrap_or_else(|_| usage()))),
+            "--socketpairs" => socks = Some(Queued::new(v.parse().unwrap_or_else(|_| usage()))),
+            "--pipe-inflight" => {
+                pipe = Some(InFlight::new(v.parse().unwrap_or_else(|_| usage())));
             }
             _ => usage(),
         }
@@ -142,11 +187,45 @@ fn main() {
     let out = std::io::stdout();
     let mut line = String::with_capacity(256);
     let mut seq: u64 = 0;
+    let mut sigusr2 = 0u64;
+    // Where it runs: a move changes the pid or the kernel (two guests'
+    // pids may well coincide).
+    let here = || {
+        // SAFETY: getpid takes nothing.
+        let pid = unsafe { libc::getpid() };
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        (pid, boot)
+    };
+    let watch_moves = timer.is_some() || pipe.is_some() || socks.is_some();
+    let mut at = if watch_moves {
+        here()
+    } else {
+        (0, String::new())
+    };
     loop {
         line.clear();
-        if flag.swap(false, Ordering::Relaxed) {
+        let moved = watch_moves && {
+            let now = here();
+            let moved = now != at;
+            at = now;
+            moved
+        };
+        let usr1 = flag.swap(false, Ordering::Relaxed);
+        if usr1 {
             let sum = testprogs::checksum(&buf);
             line.push_str(&format!("checksum={sum:016x} bytes={}\n", buf.len()));
+        }
+        if let Some(p) = &pipe {
+            if usr1 || moved {
+                line.push_str(&p.check());
+                line.push('\n');
+            }
+        }
+        if let Some(q) = &socks {
+            if usr1 || moved {
+                line.push_str(&q.check());
+                line.push('\n');
+            }
         }
         if joined.swap(false, Ordering::Acquire) {
             line.push_str("joined\n");
@@ -159,6 +238,16 @@ fn main() {
         line.push_str(&format!(" mono_ms={}", mono_ms()));
         if alarm_ms.is_some() {
             line.push_str(&format!(" alarms={}", ALARMS.load(Ordering::Relaxed)));
+        }
+        if let Some(t) = &mut timer {
+            line.push_str(&t.line(moved));
+        }
+        if let Some(fd) = sigfd {
+            sigusr2 += read_usr2(fd);
+            line.push_str(&format!(" sigusr2={sigusr2}"));
+        }
+        if let Some(p) = &pipe {
+            line.push_str(&format!(" pipe_bytes={}", p.queued()));
         }
         line.push('\n');
         let mut lock = out.lock();
@@ -187,4 +276,364 @@ fn mono_ms() -> u64 {
     // SAFETY: clock_gettime writes one timespec into `t`, a live local.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
     t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000
+}
+
+fn die(what: &str) -> ! {
+    eprintln!("mkcounter: {what}: {}", std::io::Error::last_os_error());
+    std::process::exit(1)
+}
+
+/// `--timerfd-ms`: a periodic timerfd and a one-shot one.
+struct Timer {
+    fd: i32,
+    oneshot: i32,
+    period_ns: u64,
+    armed_ns: u64,
+    fires: u64,
+}
+
+impl Timer {
+    fn new(ms: u64) -> Timer {
+        let spec = |value_ns: u64, interval_ns: u64| libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: (interval_ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (interval_ns % 1_000_000_000) as libc::c_long,
+            },
+            it_value: libc::timespec {
+                tv_sec: (value_ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (value_ns % 1_000_000_000) as libc::c_long,
+            },
+        };
+        let period_ns = ms.max(1) * 1_000_000;
+        // SAFETY: timerfd_create returns new descriptors, kept for the life
+        // of the process; timerfd_settime reads a live local.
+        unsafe {
+            let fd = libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            );
+            let oneshot = libc::timerfd_create(libc::CLOCK_BOOTTIME, libc::TFD_NONBLOCK);
+            if fd < 0 || oneshot < 0 {
+                die("timerfd_create");
+            }
+            let armed_ns = mono_ns();
+            if libc::timerfd_settime(fd, 0, &spec(period_ns, period_ns), std::ptr::null_mut()) != 0
+                || libc::timerfd_settime(oneshot, 0, &spec(1_000_000, 0), std::ptr::null_mut()) != 0
+            {
+                die("timerfd_settime");
+            }
+            Timer {
+                fd,
+                oneshot,
+                period_ns,
+                armed_ns,
+                fires: 0,
+            }
+        }
+    }
+
+    fn line(&mut self, moved: bool) -> String {
+        self.fires += read_u64(self.fd);
+        let due = (mono_ns() - self.armed_ns) / self.period_ns;
+        let mut s = format!(" timerfd_fires={} timerfd_due={due}", self.fires);
+        if moved {
+            s.push_str(&format!(" timerfd_oneshot={}", read_u64(self.oneshot)));
+        }
+        s
+    }
+}
+
+/// The u64 a read of a timerfd returns; 0 when it would block.
+fn read_u64(fd: i32) -> u64 {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a live local.
+    let n = unsafe { libc::read(fd, (&raw mut v).cast(), 8) };
+    if n == 8 {
+        v
+    } else {
+        0
+    }
+}
+
+/// `--signalfd`: SIGUSR2 blocked (before any thread exists, so in all)
+/// and a non-blocking signalfd for it.
+fn signalfd_usr2() -> i32 {
+    // SAFETY: sigset operations on a live local; pthread_sigmask and
+    // signalfd read it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            die("pthread_sigmask");
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            die("signalfd");
+        }
+        fd
+    }
+}
+
+/// SIGUSR2s read from the signalfd now.
+fn read_usr2(fd: i32) -> u64 {
+    let mut n = 0;
+    loop {
+        // SAFETY: signalfd_siginfo is plain data; read fills at most its size.
+        let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `size` bytes into the live local `si`.
+        let r = unsafe { libc::read(fd, (&raw mut si).cast(), size) };
+        if r != size as isize {
+            return n;
+        }
+        if si.ssi_signo == libc::SIGUSR2 as u32 {
+            n += 1;
+        }
+    }
+}
+
+/// `--pipe-inflight`: a pipe holding a pattern, its read end `dup`ed.
+struct InFlight {
+    r: i32,
+    dup: i32,
+    w: i32,
+    pattern: Vec<u8>,
+}
+
+impl InFlight {
+    fn new(n: usize) -> InFlight {
+        let pattern: Vec<u8> = (0..n as u64)
+            .map(|i| testprogs::pattern_byte(i + 77))
+            .collect();
+        let mut ends = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into `ends`; dup returns one.
+        let (r, w, dup) = unsafe {
+            if libc::pipe2(ends.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) != 0 {
+                die("pipe2");
+            }
+            (ends[0], ends[1], libc::dup(ends[0]))
+        };
+        if dup < 0 {
+            die("dup");
+        }
+        let p = InFlight { r, dup, w, pattern };
+        if let Err(e) = p.put() {
+            eprintln!("mkcounter: filling the pipe: {e}");
+            std::process::exit(1);
+        }
+        p
+    }
+
+    fn put(&self) -> Result<(), String> {
+        let mut at = 0;
+        while at < self.pattern.len() {
+            let rest = &self.pattern[at..];
+            // SAFETY: writes from a live slice.
+            let n = unsafe { libc::write(self.w, rest.as_ptr().cast(), rest.len()) };
+            if n <= 0 {
+                return Err(format!(
+                    "write after {at} bytes: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            at += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Everything readable from `fd` now.
+    fn take(fd: i32) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut b = [0u8; 4096];
+        loop {
+            // SAFETY: reads into a live local buffer.
+            let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), b.len()) };
+            if n <= 0 {
+                return out;
+            }
+            out.extend_from_slice(&b[..n as usize]);
+        }
+    }
+
+    fn queued(&self) -> i32 {
+        let mut n: libc::c_int = -1;
+        // SAFETY: FIONREAD writes one int into a live local.
+        unsafe { libc::ioctl(self.r, libc::FIONREAD, &mut n) };
+        n
+    }
+
+    fn compare(&self, got: &[u8], what: &str) -> Result<(), String> {
+        if got == self.pattern {
+            return Ok(());
+        }
+        let first = got
+            .iter()
+            .zip(&self.pattern)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(self.pattern.len()));
+        Err(format!(
+            "{what}: {} bytes, {} expected, first difference at {first}",
+            got.len(),
+            self.pattern.len()
+        ))
+    }
+
+    fn check(&self) -> String {
+        let r = (|| {
+            self.compare(&InFlight::take(self.dup), "in flight")?;
+            self.put()?;
+            self.compare(&InFlight::take(self.r), "written and read back")?;
+            self.put()
+        })();
+        // SAFETY: kcmp takes integers only.
+        let shared = unsafe {
+            let me = libc::getpid();
+            libc::syscall(libc::SYS_kcmp, me, me, 0, self.r, self.dup) == 0
+        };
+        match r {
+            Ok(()) => format!("pipe_check=ok shared={}", u8::from(shared)),
+            Err(e) => format!("pipe_check=bad {e}"),
+        }
+    }
+}
+
+fn mono_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `t`, a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// `--socketpairs`: a stream pair and a datagram pair with messages queued.
+struct Queued {
+    /// Stream: `sa` reads what `sb` sent.
+    sa: i32,
+    sb: i32,
+    /// Datagrams: `da` reads what `db` sent.
+    da: i32,
+    db: i32,
+    pattern: Vec<u8>,
+    dgrams: Vec<Vec<u8>>,
+}
+
+impl Queued {
+    fn new(n: usize) -> Queued {
+        let pair = |ty: i32| {
+            let mut sv = [0; 2];
+            // SAFETY: socketpair writes two descriptors into `sv`.
+            if unsafe {
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                    sv.as_mut_ptr(),
+                )
+            } != 0
+            {
+                die("socketpair");
+            }
+            sv
+        };
+        let [sa, sb] = pair(libc::SOCK_STREAM);
+        let [da, db] = pair(libc::SOCK_DGRAM);
+        let q = Queued {
+            sa,
+            sb,
+            da,
+            db,
+            pattern: (0..n as u64)
+                .map(|i| testprogs::pattern_byte(i + 991))
+                .collect(),
+            dgrams: vec![
+                vec![7],
+                vec![],
+                (0..1000u64)
+                    .map(|i| testprogs::pattern_byte(i + 5))
+                    .collect(),
+            ],
+        };
+        if let Err(e) = q.put() {
+            eprintln!("mkcounter: filling the socket pairs: {e}");
+            std::process::exit(1);
+        }
+        q
+    }
+
+    fn put(&self) -> Result<(), String> {
+        let send = |fd: i32, b: &[u8]| -> Result<usize, String> {
+            // SAFETY: sends from a live slice.
+            let n = unsafe { libc::send(fd, b.as_ptr().cast(), b.len(), libc::MSG_NOSIGNAL) };
+            if n < 0 {
+                return Err(format!("send: {}", std::io::Error::last_os_error()));
+            }
+            Ok(n as usize)
+        };
+        let mut at = 0;
+        while at < self.pattern.len() {
+            at += send(self.sb, &self.pattern[at..])?;
+        }
+        for d in &self.dgrams {
+            send(self.db, d)?;
+        }
+        Ok(())
+    }
+
+    /// The messages readable at `fd` now (a stream's in one piece).
+    fn take(fd: i32, stream: bool) -> Vec<Vec<u8>> {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut b = vec![0u8; 65536];
+        loop {
+            // SAFETY: receives into a live local buffer.
+            let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
+            if n < 0 || (stream && n == 0) {
+                return out;
+            }
+            match out.last_mut() {
+                Some(last) if stream => last.extend_from_slice(&b[..n as usize]),
+                _ => out.push(b[..n as usize].to_vec()),
+            }
+        }
+    }
+
+    fn compare(&self, what: &str) -> Result<(), String> {
+        let s = Queued::take(self.sa, true);
+        let want = if self.pattern.is_empty() {
+            vec![]
+        } else {
+            vec![self.pattern.clone()]
+        };
+        if s != want {
+            return Err(format!(
+                "{what}: stream read {:?} bytes, {} expected",
+                s.iter().map(Vec::len).collect::<Vec<_>>(),
+                self.pattern.len()
+            ));
+        }
+        let d = Queued::take(self.da, false);
+        if d != self.dgrams {
+            return Err(format!(
+                "{what}: datagrams of {:?} bytes, {:?} expected",
+                d.iter().map(Vec::len).collect::<Vec<_>>(),
+                self.dgrams.iter().map(Vec::len).collect::<Vec<_>>()
+            ));
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> String {
+        let r = (|| {
+            self.compare("queued")?;
+            self.put()?;
+            self.compare("sent and read back")?;
+            self.put()
+        })();
+        match r {
+            Ok(()) => "socket_check=ok".into(),
+            Err(e) => format!("socket_check=bad {e}"),
+        }
+    }
 }

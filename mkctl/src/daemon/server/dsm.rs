@@ -16,6 +16,16 @@ const STAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// Every region (or only `name`), with each kernel's view.
+    /// The instances whose agents answer now: (name, id).
+    pub(super) fn serving(&self) -> Vec<(String, u16)> {
+        self.registry()
+            .instances
+            .values()
+            .filter(|i| i.state.serves())
+            .map(|i| (i.name.clone(), i.id))
+            .collect()
+    }
+
     pub(super) fn dsm_report(&self, name: Option<&str>) -> Result<Vec<DsmRegion>, RequestError> {
         let agent = self.agent()?;
         let dsm = agent.facet::<Dsm>();
@@ -24,13 +34,7 @@ impl Daemon {
             "host".into(),
             dsm.stats()?.regions.iter().map(|r| r.to_wire()).collect(),
         )];
-        let ready: Vec<(String, u16)> = self
-            .registry()
-            .instances
-            .values()
-            .filter(|i| i.state.serves())
-            .map(|i| (i.name.clone(), i.id))
-            .collect();
+        let ready = self.serving();
         for (kernel, id) in ready {
             let got = agent.call_for(
                 id,

@@ -1,6 +1,6 @@
 //! The lifecycle of the daemon's instances: boot (validate, window,
 //! initramfs, one QEMU each, wait for every agent), stop (agent power-off,
-//! then QMP quit, then kill), the monitor that notices QEMU exits and lost
+//! then QMP quit, then kill), restart (a stop, then a boot), the monitor that notices QEMU exits and lost
 //! heartbeats, and status. Which transitions are allowed is
 //! [`crate::daemon::state`]'s to say; this file carries them out.
 
@@ -20,7 +20,7 @@ use crate::daemon::control::{DaemonStatus, InstanceStatus, Reply};
 use crate::daemon::error::{InstanceError, RequestError};
 use crate::daemon::paths;
 use crate::daemon::qmp::Qmp;
-use crate::daemon::state::{Inst, State};
+use crate::daemon::state::{stop_summary, Inst, State, StopStep, Stopped};
 use crate::daemon::window::HostWindow;
 use crate::initramfs::Initramfs;
 use crate::qemu::cmdline::endpoint_names;
@@ -35,6 +35,8 @@ const MONITOR_PERIOD: Duration = Duration::from_millis(250);
 /// ring's 2 s, then 3 s more): a TCG guest starved of CPU on a loaded host
 /// goes quiet for seconds and comes back (seen: 2.0 s under load ~6).
 const HUNG_AFTER: Duration = Duration::from_secs(5);
+/// How long a stop waits after QMP quit before it kills a QEMU.
+const KILL_AFTER_QUIT: Duration = Duration::from_secs(3);
 
 impl Daemon {
     pub(super) fn boot(
@@ -499,28 +501,93 @@ impl Daemon {
         }
     }
 
-    /// Clean power-off through the agent, then QMP quit, then kill.
-    /// Returns each instance's state before, for the summary.
+    /// `mkctl stop`: stops `names` (every instance when empty), all of
+    /// which must be this daemon's; returns what happened to each.
+    pub(super) fn stop(
+        &self,
+        names: Vec<String>,
+        timeout: Duration,
+        force: bool,
+        progress: Progress<'_>,
+    ) -> Result<Vec<Stopped>, RequestError> {
+        let names = if names.is_empty() {
+            self.registry().instances.keys().cloned().collect()
+        } else {
+            names
+        };
+        self.registry().check_names(&names)?;
+        Ok(self.stop_instances(&names, timeout, force, progress))
+    }
+
+    /// `mkctl restart`: [`Daemon::stop`], then [`Daemon::boot`] of the same
+    /// instances from the topology this daemon runs (read again, so an
+    /// edited instance comes back as the file now says). A failed instance
+    /// is booted again too; an unknown name stops nothing.
+    pub(super) fn restart(
+        &self,
+        names: Vec<String>,
+        stop_timeout: Duration,
+        boot_timeout: Duration,
+        progress: Progress<'_>,
+    ) -> Result<Reply, RequestError> {
+        let names = if names.is_empty() {
+            self.registry().instances.keys().cloned().collect()
+        } else {
+            names
+        };
+        let config = {
+            let reg = self.registry();
+            reg.check_names(&names)?;
+            reg.config.clone().ok_or(RequestError::NoWindow)?
+        };
+        let stopped = stop_summary(&self.stop(names.clone(), stop_timeout, false, progress)?);
+        let booted = match self.boot(&config, &names, boot_timeout, progress)? {
+            Reply::Ok { message } => message,
+            other => return Ok(other),
+        };
+        Ok(Reply::Ok {
+            message: format!("restarted {}: {stopped}; {booted}", names.join(", ")),
+        })
+    }
+
+    /// Stops QEMU instances, escalating: a clean power-off through the
+    /// agent; after `timeout` (at once with `force`, which skips the agent)
+    /// QMP quit; 3 s later a kill. Returns each instance's state before and
+    /// the step that ended its QEMU.
     pub(super) fn stop_instances(
         &self,
         names: &[String],
         timeout: Duration,
+        force: bool,
         progress: Progress<'_>,
-    ) -> Vec<(String, Option<State>)> {
+    ) -> Vec<Stopped> {
         let window = self
             .window
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let (targets, before) = self.registry().begin_stop(names);
-        for (name, id, _) in &targets {
-            if let Some(w) = &window {
-                if w.agent.send(*id, &Msg::PowerOff).is_ok() {
-                    progress(name, "asked the agent to power off");
+        let t0 = Instant::now();
+        let (targets, mut outcomes) = self.registry().begin_stop(names);
+        // The first step seen to end it counts.
+        let mut ended = |name: &str, step: StopStep| {
+            if let Some(o) = outcomes
+                .iter_mut()
+                .find(|o| o.name == name && o.step.is_none())
+            {
+                o.step = Some((step, t0.elapsed()));
+            }
+        };
+        let timeout = if force { Duration::ZERO } else { timeout };
+        if !force {
+            for (name, id, _) in &targets {
+                if let Some(w) = &window {
+                    if w.agent.send(*id, &Msg::PowerOff).is_ok() {
+                        progress(name, "asked the agent to power off");
+                    }
                 }
             }
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = t0 + timeout;
         let mut quit_sent = false;
         loop {
             let mut left = 0;
@@ -530,12 +597,24 @@ impl Daemon {
                     let Some(inst) = reg.instances.get_mut(name) else {
                         continue;
                     };
-                    if let Some(c) = inst.child.as_mut() {
-                        if let Ok(Some(_)) = c.try_wait() {
-                            inst.child = None;
-                        } else {
-                            left += 1;
-                        }
+                    let exited = match inst.child.as_mut() {
+                        Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+                        // The monitor reaped it (it leaves the state of a
+                        // stopping instance to the stop).
+                        None => true,
+                    };
+                    if exited {
+                        inst.child = None;
+                        ended(
+                            name,
+                            if quit_sent {
+                                StopStep::QmpQuit
+                            } else {
+                                StopStep::Agent
+                            },
+                        );
+                    } else {
+                        left += 1;
                     }
                 }
             }
@@ -543,25 +622,46 @@ impl Daemon {
                 break;
             }
             let now = Instant::now();
-            if now > deadline + Duration::from_secs(3) {
+            if now > deadline + KILL_AFTER_QUIT {
                 let mut reg = self.registry();
                 for (name, _, _) in &targets {
                     if let Some(inst) = reg.instances.get_mut(name) {
                         if let Some(mut c) = inst.child.take() {
-                            progress(name, "killed");
+                            progress(
+                                name,
+                                &format!(
+                                    "still running {:.0} s after QMP quit: killed",
+                                    KILL_AFTER_QUIT.as_secs_f64()
+                                ),
+                            );
                             let _ = c.kill();
                             let _ = c.wait();
+                            ended(name, StopStep::Kill);
                         }
                     }
                 }
                 break;
             }
-            if now > deadline && !quit_sent {
+            if now >= deadline && !quit_sent {
                 quit_sent = true;
+                let reg = self.registry();
                 for (name, _, dir) in &targets {
-                    if let Ok(mut q) = Qmp::connect(&dir.qmp(), Duration::from_millis(500)) {
-                        let _ = q.quit();
-                        progress(name, "QMP quit");
+                    if reg.instances.get(name).is_none_or(|i| i.child.is_none()) {
+                        continue;
+                    }
+                    let why = if force {
+                        "--force".to_string()
+                    } else {
+                        format!("no power-off after {:.0} s", timeout.as_secs_f64())
+                    };
+                    match Qmp::connect(&dir.qmp(), Duration::from_millis(500))
+                        .and_then(|mut q| q.quit())
+                    {
+                        Ok(()) => progress(name, &format!("{why}: QMP quit")),
+                        Err(e) => progress(
+                            name,
+                            &format!("{why}: QMP quit failed: {}", crate::error_chain(&e)),
+                        ),
                     }
                 }
             }
@@ -578,9 +678,15 @@ impl Daemon {
             }
             // The RAM files are the instance's memory: gone with it.
             let _ = std::fs::remove_dir_all(self.run.ram(name));
-            progress(name, "stopped");
+            let how = outcomes
+                .iter()
+                .find(|o| &o.name == name)
+                .and_then(|o| o.step)
+                .map(|(step, _)| format!(" ({})", step.words()))
+                .unwrap_or_default();
+            progress(name, &format!("stopped{how}"));
         }
-        before
+        outcomes
     }
 }
 

@@ -7,7 +7,7 @@
 //! the one method that carries it out and answers a `Reply` or a
 //! [`RequestError`], which becomes the error reply here and nowhere else.
 //! The work lives in the children:
-//! - `instances`: boot, stop, the monitor, status — the lifecycle, by the
+//! - `instances`: boot, stop, restart, the monitor, status — the lifecycle, by the
 //!   rules of [`super::state`];
 //! - `relay`: requests carried out by agents (exec, info, ping, traffic,
 //!   migrate, checkpoint, restore).
@@ -218,7 +218,7 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
     eprintln!("mkctl daemon: stopping every instance");
     d.stop.store(true, Ordering::SeqCst);
     let names: Vec<String> = d.registry().instances.keys().cloned().collect();
-    d.stop_instances(&names, Duration::from_secs(10), &|_, _| {});
+    d.stop_instances(&names, Duration::from_secs(10), false, &|_, _| {});
     let _ = monitor.join();
     if socket_inode(&run) == socket_ino {
         // Only what is still ours: a newer daemon may serve this directory.
@@ -318,19 +318,32 @@ impl Daemon {
             Request::Stop {
                 instances,
                 timeout_ms,
+                force,
             } => {
-                let names = if instances.is_empty() {
-                    self.registry().instances.keys().cloned().collect()
-                } else {
-                    instances
-                };
-                self.registry().check_names(&names)?;
-                let before =
-                    self.stop_instances(&names, Duration::from_millis(timeout_ms), progress);
-                Reply::Ok {
-                    message: stop_summary(&before),
+                let stopped = self.stop(
+                    instances,
+                    Duration::from_millis(timeout_ms),
+                    force,
+                    progress,
+                )?;
+                Reply::Stopped {
+                    message: stop_summary(&stopped),
+                    instances: stopped.iter().map(Into::into).collect(),
                 }
             }
+            Request::Restart {
+                instances,
+                stop_timeout_ms,
+                boot_timeout_ms,
+            } => self.restart(
+                instances,
+                Duration::from_millis(stop_timeout_ms),
+                Duration::from_millis(boot_timeout_ms),
+                progress,
+            )?,
+            Request::Threads => Reply::Threads {
+                threads: self.threads_away()?,
+            },
             Request::DsmReport { name } => Reply::Dsm {
                 regions: self.dsm_report(name.as_deref())?,
             },
@@ -355,6 +368,9 @@ impl Daemon {
                 to,
                 lazy,
             } => self.migrate(pid, &from, &to, lazy, progress)?,
+            Request::MigrateThread { pid, tid, from, to } => {
+                self.migrate_thread(pid, tid, &from, &to)?
+            }
             Request::Checkpoint { pid, on, kill } => self.checkpoint(pid, &on, kill, conn)?,
             Request::Exec {
                 instance,

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use mknode::agent::{Agent, Diag, Migration, RttSummary};
+use mknode::agent::{Agent, Diag, Migration, RttSummary, Threads};
 use mknode::wire::{ExecRequest, Msg, Stream};
 
 use super::{Conn, Daemon, Progress};
@@ -320,6 +320,106 @@ impl Daemon {
                 timeout: MOVE_TIMEOUT,
             }),
         }
+    }
+
+    /// Moves thread `tid` of process `pid` of kernel `from` to `to`: the
+    /// process's kernel drives it (the host's agent itself when that is the
+    /// host).
+    pub(super) fn migrate_thread(
+        &self,
+        pid: u32,
+        tid: u32,
+        from: &str,
+        to: &str,
+    ) -> Result<Reply, RequestError> {
+        let (a, b) = (self.ready(from)?, self.ready(to)?);
+        let agent = self.agent()?;
+        let moved = if a == 0 {
+            agent
+                .facet::<Threads>()
+                .move_thread(pid, tid, b, None)
+                .map(|r| (r.at, r.shadow_pid, nanos(r.downtime)))
+                .map_err(|e| RequestError::Remote {
+                    on: from.to_string(),
+                    message: mknode::error_text(&e),
+                })?
+        } else {
+            agent
+                .call_for(
+                    a,
+                    MOVE_TIMEOUT,
+                    |req| Msg::ThreadMove {
+                        req,
+                        pid,
+                        tid,
+                        to: b,
+                        reply_fd: -1,
+                        reply_buf: 0,
+                    },
+                    |m| match m {
+                        Msg::ThreadMoved {
+                            at,
+                            shadow_pid,
+                            downtime_ns,
+                            ..
+                        } => Some((at, shadow_pid, downtime_ns)),
+                        _ => None,
+                    },
+                )
+                .map_err(|e| match e {
+                    mknode::agent::AgentError::Failed { message, .. } => RequestError::Remote {
+                        on: from.to_string(),
+                        message,
+                    },
+                    e => e.into(),
+                })?
+        };
+        Ok(Reply::ThreadMigrated {
+            at: if moved.0 == b { to } else { from }.to_string(),
+            shadow_pid: moved.1,
+            downtime_ns: moved.2,
+        })
+    }
+
+    /// Every thread away from its process's kernel: the host's and each
+    /// serving instance's (an instance that does not answer is skipped,
+    /// with a warning in the daemon's log).
+    pub(super) fn threads_away(&self) -> Result<Vec<control::ThreadRow>, RequestError> {
+        let agent = self.agent()?;
+        let mut lists = vec![("host".to_string(), agent.facet::<Threads>().away())];
+        let ready = self.serving();
+        for (kernel, id) in ready {
+            match agent.call_for(
+                id,
+                Duration::from_secs(5),
+                |req| Msg::ThreadsList { req },
+                |m| match m {
+                    Msg::ThreadsListed { away, .. } => Some(away),
+                    _ => None,
+                },
+            ) {
+                Ok(away) => lists.push((kernel, away)),
+                Err(e) => log::warn!("threads: {}", crate::error_chain(&e)),
+            }
+        }
+        let name = |id: u16| {
+            if id == 0 {
+                "host".to_string()
+            } else {
+                agent.peer(id).to_string()
+            }
+        };
+        Ok(lists
+            .into_iter()
+            .flat_map(|(kernel, away)| away.into_iter().map(move |a| (kernel.clone(), a)))
+            .map(|(kernel, a)| control::ThreadRow {
+                kernel,
+                pid: a.pid,
+                tid: a.tid,
+                at: name(a.at),
+                shadow_pid: a.shadow_pid,
+            })
+            .collect())
     }
 
     /// Relays an agent's image of a process to the client, as wire frames.
