@@ -81,8 +81,11 @@ int mkdsm_unmap(void *addr, size_t size);
  * with ENOSYS), which sets no_new_privs on the process. A thread's exit
  * ends its twin at home; exit() or a fatal signal in a moved thread ends
  * the whole process; the process's end ends its threads everywhere.
- * mmap, munmap, mprotect, brk and fork by a moved thread act on its kernel
- * only.
+ * Calls that would act on one kernel only fail with EOPNOTSUPP: in a
+ * moved thread mmap, munmap, mprotect, mremap, brk (so malloc fails once
+ * its arena must grow), fork, vfork, clone, execve, kill/tgkill and
+ * sigaction with a new action; in the whole process, from the first move
+ * on and for good, fork (threads and posix_spawn work).
  */
 int mk_migrate(int kernel);
 

@@ -465,3 +465,38 @@ fn exit_called_by_a_moved_thread_ends_the_whole_process_with_its_code() {
         .expect("output");
     assert_eq!(out.status.code(), Some(7), "{out:?}");
 }
+
+#[test]
+fn calls_that_cannot_be_coherent_are_refused_away_and_fork_at_home() {
+    let _one = one_at_a_time();
+    let n = net();
+    let dir = serving(&n);
+    let (ok, out) = run_on_1(&dir, &["refused", "2"]);
+    assert!(ok, "{out}");
+    let line = |side: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(side))
+            .unwrap_or_else(|| panic!("no {side:?} line in {out}"))
+            .to_string()
+    };
+    let nope = libc::EOPNOTSUPP;
+    // Away: the address space, processes, signals and handlers are the
+    // shadow's alone, so each such call fails; asking for a handler works.
+    assert_eq!(
+        line("away "),
+        format!(
+            "mmap={nope} mprotect={nope} munmap={nope} brk={nope} fork={nope} \
+             clone={nope} tgkill={nope} sigaction_get=0 sigaction_set={nope}"
+        )
+    );
+    // Back home all of it works again but a new process: the process's
+    // memory stays shared (memfd) for good, a child would share it too.
+    assert_eq!(
+        line("home "),
+        format!(
+            "mmap=0 mprotect=0 munmap=0 brk=0 fork={nope} clone={nope} tgkill=0 \
+             sigaction_get=0 sigaction_set=0"
+        )
+    );
+    assert_eq!(line("origin "), format!("fork={nope}"));
+}

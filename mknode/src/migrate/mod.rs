@@ -35,6 +35,7 @@
 //! migration facet's, in `crate::agent::migration`.
 
 mod capture;
+mod filter;
 pub mod image;
 mod inject;
 mod lazy;

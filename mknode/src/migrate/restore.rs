@@ -1499,8 +1499,12 @@ fn finish(
         None
     };
 
-    // 8. Last injection: the control page goes. Then the registers.
-    call(Call::new("munmap", libc::SYS_munmap, &[ctl, PAGE]))?;
+    // 8. Last injection: the control page goes (a shadow keeps it: its
+    // filter refuses munmap now, and a shadow maps nothing that could want
+    // the place). Then the registers.
+    if futex_listener.is_none() {
+        call(Call::new("munmap", libc::SYS_munmap, &[ctl, PAGE]))?;
+    }
     for (t, &tid) in meta.threads.iter().zip(&tids) {
         let nt = match t.fp_kind {
             super::image::FpKind::Xstate => sys::NT_X86_XSTATE,

@@ -218,33 +218,8 @@ pub(crate) fn connect_agent(
     Ok(fd as i32)
 }
 
-/// The filter a split process runs under: its `futex` calls go to a
-/// seccomp listener, the agent, which serves them for every kernel the
-/// process runs on (`crate::agent::threads`); anything else is allowed.
-/// Classic BPF on `struct seccomp_data` (nr at 0, arch at 4).
-const FUTEX_FILTER: [(u16, u8, u8, u32); 6] = [
-    (0x20, 0, 0, 4),                      // ld [arch]
-    (0x15, 0, 3, 0xc000_003e),            // jeq AUDIT_ARCH_X86_64, else allow
-    (0x20, 0, 0, 0),                      // ld [nr]
-    (0x15, 0, 1, libc::SYS_futex as u32), // jeq futex, else allow
-    (0x06, 0, 0, 0x7fc0_0000),            // ret SECCOMP_RET_USER_NOTIF
-    (0x06, 0, 0, 0x7fff_0000),            // ret SECCOMP_RET_ALLOW
-];
-
-/// A shadow's: [`FUTEX_FILTER`], and `exit_group` to the listener too (the
-/// whole process must end, at home and everywhere).
-const SHADOW_FILTER: [(u16, u8, u8, u32); 7] = [
-    (0x20, 0, 0, 4),                           // ld [arch]
-    (0x15, 0, 4, 0xc000_003e),                 // jeq AUDIT_ARCH_X86_64, else allow
-    (0x20, 0, 0, 0),                           // ld [nr]
-    (0x15, 1, 0, libc::SYS_futex as u32),      // jeq futex: notify
-    (0x15, 0, 1, libc::SYS_exit_group as u32), // jeq exit_group: notify, else allow
-    (0x06, 0, 0, 0x7fc0_0000),                 // ret SECCOMP_RET_USER_NOTIF
-    (0x06, 0, 0, 0x7fff_0000),                 // ret SECCOMP_RET_ALLOW
-];
-
-/// Installs [`FUTEX_FILTER`] ([`SHADOW_FILTER`] in a `shadow`) in every
-/// thread of the stopped process `pid` (`no_new_privs` first: the filter
+/// Installs the filter of a split process (a `shadow`'s if `shadow`; see
+/// [`super::filter`]) in every thread of the stopped process `pid` (`no_new_privs` first: the filter
 /// needs it without `CAP_SYS_ADMIN`) and takes its listener out of it.
 /// `scratch`: 128 dead bytes of it.
 pub(crate) fn install_futex_listener(
@@ -262,16 +237,12 @@ pub(crate) fn install_futex_listener(
         libc::SYS_prctl,
         &[PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0],
     ))?;
-    let filter: &[(u16, u8, u8, u32)] = if shadow {
-        &SHADOW_FILTER
-    } else {
-        &FUTEX_FILTER
-    };
+    let filter = super::filter::program(shadow);
     let mut b = Vec::with_capacity(16 + 8 * filter.len());
     b.extend_from_slice(&(filter.len() as u16).to_le_bytes());
     b.extend_from_slice(&[0u8; 6]);
     b.extend_from_slice(&(scratch + 16).to_le_bytes());
-    for &(code, jt, jf, k) in filter {
+    for &(code, jt, jf, k) in &filter {
         b.extend_from_slice(&code.to_le_bytes());
         b.push(jt);
         b.push(jf);
@@ -777,22 +748,6 @@ mod tests {
         assert_eq!(region_of("/memfd:other (deleted)"), None);
         assert_eq!(region_of("[heap]"), None);
         assert_eq!(region_of("/memfd:mkdsm-x-memory (deleted)"), None);
-    }
-
-    #[test]
-    fn the_filters_jump_inside_and_end_in_a_return() {
-        for f in [&FUTEX_FILTER[..], &SHADOW_FILTER[..]] {
-            for (i, &(code, jt, jf, _)) in f.iter().enumerate() {
-                if code == 0x15 {
-                    assert!(i + 1 + usize::from(jt) < f.len() && i + 1 + usize::from(jf) < f.len());
-                }
-            }
-            assert_eq!(f[f.len() - 1], (0x06, 0, 0, 0x7fff_0000));
-            assert_eq!(f[f.len() - 2], (0x06, 0, 0, 0x7fc0_0000));
-        }
-        // exit_group and futex notify; the arch check falls through to allow.
-        assert_eq!(3 + 1 + usize::from(SHADOW_FILTER[3].1), 5);
-        assert_eq!(1 + 1 + usize::from(SHADOW_FILTER[1].2), 6);
     }
 
     #[test]

@@ -30,7 +30,11 @@
 //! turns through a condition variable, each turn a wake of a thread asleep
 //! on the other kernel (`turns=N us_per_turn=X`). `exit KERNEL CODE`: a
 //! worker moves to KERNEL and calls `exit(CODE)` there; the process must
-//! end with CODE.
+//! end with CODE. `refused KERNEL`: a worker on KERNEL tries the calls a
+//! moved thread cannot make coherently, and the main thread tries `fork`
+//! at home while it is away; every errno is printed as `away NAME=E ...`,
+//! `home NAME=E ...` (the worker back home) and `origin fork=E` (0: the
+//! call worked).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -75,6 +79,7 @@ fn main() {
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
+        Some("refused") => std::process::exit(refused(num(1) as u16)),
         Some("mutex") => std::process::exit(mutex(num(1) as u16, num(2) as usize, num(3), num(4))),
         _ => {}
     }
@@ -401,6 +406,135 @@ fn pingpong(kernel: u16, turns: u64) -> i32 {
             1
         }
         (_, Err(_)) => {
+            println!("FAIL the worker panicked");
+            1
+        }
+    }
+}
+
+/// What `call` returned: 0, or the errno it failed with.
+fn errno_of(r: i64) -> i64 {
+    if r < 0 {
+        i64::from(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+    } else {
+        0
+    }
+}
+
+/// The errno of each call a moved thread cannot make coherently, tried on
+/// memory and descriptors that survive it whether it is refused or not.
+/// Allocates nothing: it may run where the heap cannot grow.
+fn tries(page: *mut libc::c_void) -> [(&'static str, i64); 9] {
+    // SAFETY: raw calls on our own page (`page`, 2 pages mapped read-write
+    // by the caller, of which this unmaps/changes only the second) and on
+    // this process; a child that fork/clone made exits at once without
+    // touching anything.
+    unsafe {
+        let second = page.cast::<u8>().add(4096).cast::<libc::c_void>();
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let m = libc::mmap(std::ptr::null_mut(), 4096, rw, anon, -1, 0);
+        let mmap = if m == libc::MAP_FAILED {
+            errno_of(-1)
+        } else {
+            libc::munmap(m, 4096);
+            0
+        };
+        let mprotect = errno_of(libc::mprotect(second, 4096, libc::PROT_READ).into());
+        libc::mprotect(second, 4096, rw);
+        let munmap = errno_of(libc::munmap(second, 4096).into());
+        let brk = errno_of(libc::syscall(libc::SYS_brk, 0));
+        let fork = libc::syscall(libc::SYS_fork);
+        if fork == 0 {
+            libc::_exit(0);
+        }
+        let fork = errno_of(fork);
+        let clone = libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0);
+        if clone == 0 {
+            libc::_exit(0);
+        }
+        let clone = errno_of(clone);
+        let me = libc::syscall(libc::SYS_gettid);
+        let tgkill = errno_of(libc::syscall(
+            libc::SYS_tgkill,
+            libc::syscall(libc::SYS_getpid),
+            me,
+            0,
+        ));
+        let mut old: libc::sigaction = std::mem::zeroed();
+        let get = errno_of(libc::sigaction(libc::SIGUSR2, std::ptr::null(), &mut old).into());
+        let set = errno_of(libc::sigaction(libc::SIGUSR2, &old, std::ptr::null_mut()).into());
+        [
+            ("mmap", mmap),
+            ("mprotect", mprotect),
+            ("munmap", munmap),
+            ("brk", brk),
+            ("fork", fork),
+            ("clone", clone),
+            ("tgkill", tgkill),
+            ("sigaction_get", get),
+            ("sigaction_set", set),
+        ]
+    }
+}
+
+fn refused(kernel: u16) -> i32 {
+    static AWAY: AtomicBool = AtomicBool::new(false);
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let w = std::thread::spawn(move || -> Result<_, String> {
+        let home = mknode::thread::kernel_id().map_err(|e| e.to_string())?;
+        // SAFETY: two fresh private pages, ours alone (mapped before the
+        // move: a moved thread cannot map any).
+        let pages = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if pages == libc::MAP_FAILED {
+            return Err("mmap before the move".into());
+        }
+        mknode::thread::migrate(kernel).map_err(|e| e.to_string())?;
+        AWAY.store(true, Ordering::SeqCst);
+        let away = tries(pages);
+        while !DONE.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        mknode::thread::migrate(home).map_err(|e| format!("back home: {e}"))?;
+        Ok((away, tries(pages)))
+    });
+    while !AWAY.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: a fork whose child exits at once.
+    let fork = unsafe {
+        let r = libc::syscall(libc::SYS_fork);
+        if r == 0 {
+            libc::_exit(0);
+        }
+        errno_of(r)
+    };
+    DONE.store(true, Ordering::SeqCst);
+    let line = |side: &str, r: &[(&str, i64)]| {
+        let v: Vec<String> = r.iter().map(|(n, e)| format!("{n}={e}")).collect();
+        println!("{side} {}", v.join(" "));
+    };
+    match w.join() {
+        Ok(Ok((away, home))) => {
+            line("away", &away);
+            line("home", &home);
+            println!("origin fork={fork}");
+            0
+        }
+        Ok(Err(e)) => {
+            println!("FAIL {e}");
+            1
+        }
+        Err(_) => {
             println!("FAIL the worker panicked");
             1
         }
