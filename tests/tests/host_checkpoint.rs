@@ -477,7 +477,11 @@ fn alarms(line: &str) -> Option<u64> {
 #[test]
 fn interval_timers_go_on() {
     let dir = Scratch::new("host_checkpoint_itimer");
-    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 5 --alarm-ms 20");
+    // A period shorter than any freeze: the timer expires while the
+    // process is stopped, its SIGALRM pending (the kernel re-arms it only
+    // when the process takes that signal). A slower timer made this case
+    // rare, and the move then disarmed it for good.
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 5 --alarm-ms 2");
     let pid = child.id();
     let mut last = until(&rx, |l| alarms(l).is_some_and(|a| a > 0))
         .iter()
@@ -493,7 +497,7 @@ fn interval_timers_go_on() {
     assert!(before > 0, "the timer never fired before the checkpoint");
     let mut r = restore_running(&img);
     let (rx2, _err, _, _) = restoring(&mut r);
-    // 20 more alarms: 400 ms at one every 20 ms.
+    // 20 more alarms: 40 ms at one every 2 ms.
     until(&rx2, |l| alarms(l).is_some_and(|a| a >= before + 20));
     end(&mut r);
 }
@@ -784,6 +788,68 @@ fn socket_pairs_move_with_what_is_queued() {
         .unwrap();
     assert_eq!(l, "socket_check=ok");
     end(&mut r);
+}
+
+/// An epoll moves with its watches, on the descriptors the program knows
+/// them by: a wait sees what it saw (through a dup of it too), a pipe's
+/// write wakes it, and its watches can be changed by number afterwards.
+#[test]
+fn an_epoll_moves_with_its_watches() {
+    let dir = Scratch::new("host_checkpoint_epoll");
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 10 --epoll");
+    let pid = child.id();
+    usr1(pid);
+    let l = until(&rx, |l| l.starts_with("epoll_check=")).pop().unwrap();
+    assert_eq!(l, "epoll_check=ok");
+    let img = dir.join("epoll.img");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.wait();
+    let mut r = restore_running(&img);
+    let (rx2, _err, _, new_pid) = restoring(&mut r);
+    let got = until(&rx2, |l| l.starts_with("epoll_check="));
+    assert_eq!(got.last().unwrap(), "epoll_check=ok", "{got:?}");
+    let eps = fds_on(new_pid, |t| t == "anon_inode:[eventpoll]");
+    assert_eq!(eps.len(), 2, "{eps:?}");
+    // One instance behind both (the dup shares it), two watches.
+    let tfds = |info: &str| -> Vec<String> {
+        info.lines()
+            .filter(|l| l.starts_with("tfd:"))
+            .map(|l| l.split(" pos:").next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(tfds(&eps[0].2).len(), 2, "{eps:?}");
+    assert_eq!(tfds(&eps[0].2), tfds(&eps[1].2), "{eps:?}");
+    usr1(new_pid);
+    let l = until(&rx2, |l| l.starts_with("epoll_check="))
+        .pop()
+        .unwrap();
+    assert_eq!(l, "epoll_check=ok");
+    end(&mut r);
+}
+
+/// An epoll that watches a file through a descriptor since closed cannot
+/// have that watch set again: refused, naming the descriptor; the process
+/// runs on with its epoll intact.
+#[test]
+fn an_epoll_watching_a_closed_descriptor_is_refused_by_name() {
+    let dir = Scratch::new("host_checkpoint_epoll_stale");
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 5 --epoll-stale");
+    let pid = child.id();
+    let img = dir.join("never.img");
+    let out = checkpoint(pid, true, &img);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is an epoll watching a file that fd ") && err.contains("no longer holds"),
+        "{err}"
+    );
+    assert!(!img.exists());
+    usr1(pid);
+    let l = until(&rx, |l| l.starts_with("epoll_check=")).pop().unwrap();
+    assert_eq!(l, "epoll_check=ok");
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A socket whose peer another process holds is refused, naming it; the

@@ -566,6 +566,7 @@ impl Frozen {
             files,
             pipes,
             socketpairs,
+            epolls,
             kernel_clocks,
         } = match super::precheck::open_files(&pd, self.split) {
             Ok(s) => s,
@@ -594,6 +595,7 @@ impl Frozen {
                 itimers,
                 pipes,
                 socketpairs,
+                epolls,
             },
             threads,
             mappings,
@@ -766,7 +768,17 @@ impl Frozen {
                 read_remote(pid, scratch, &mut v).map_err(mem_err("reading an itimerval"))?;
                 let w =
                     |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-                let t = [w(0), w(1), w(2), w(3)];
+                let mut t = [w(0), w(1), w(2), w(3)];
+                // No time left but a period: ITIMER_REAL expired while the
+                // process was stopped, and the kernel re-arms it (one
+                // period on) only when the process takes its SIGALRM,
+                // which is pending and carried. Restored as it was, with
+                // no time left, it would be disarmed for good: it gets the
+                // period, as the kernel would have given it.
+                if t[2] == 0 && t[3] == 0 {
+                    t[2] = t[0];
+                    t[3] = t[1];
+                }
                 // Armed when time is left.
                 if t[2] != 0 || t[3] != 0 {
                     itimers.push((which, t));

@@ -20,8 +20,8 @@ pub const MAGIC: [u8; 8] = *b"MKPROCIM";
 /// Version of the layout written by this code; others are refused.
 /// Version 2 added the header checksum; version 3 the open files; version 4
 /// timerfds, signalfds, pipes and socket pairs with their bytes, and shared
-/// descriptions.
-pub const VERSION: u16 = 4;
+/// descriptions; version 5 epolls with their watches.
+pub const VERSION: u16 = 5;
 /// ELF machine number of x86_64, the only architecture of version 1.
 pub const ARCH_X86_64: u16 = 0x3E;
 /// Page size of the image.
@@ -178,10 +178,13 @@ pub enum FileKind {
     /// [`FileState::Socket`] names its entry in [`ProcessInfo::socketpairs`]
     /// and which end it is.
     Socket,
+    /// An epoll instance (path [`EPOLL`]): recreated, then given its
+    /// watches ([`ProcessInfo::epolls`]) once every descriptor is in place.
+    Epoll,
 }
 
 /// The codes of [`FileKind`] in the image (the one table both directions use).
-const FILE_KINDS: [(FileKind, u8); 7] = [
+const FILE_KINDS: [(FileKind, u8); 8] = [
     (FileKind::Regular, 0),
     (FileKind::Device, 1),
     (FileKind::Eventfd, 2),
@@ -189,6 +192,7 @@ const FILE_KINDS: [(FileKind, u8); 7] = [
     (FileKind::Signalfd, 4),
     (FileKind::Pipe, 5),
     (FileKind::Socket, 6),
+    (FileKind::Epoll, 7),
 ];
 
 impl FileKind {
@@ -214,6 +218,10 @@ pub const EVENTFD: &str = "anon_inode:[eventfd]";
 pub const TIMERFD: &str = "anon_inode:[timerfd]";
 /// ... a signalfd.
 pub const SIGNALFD: &str = "anon_inode:[signalfd]";
+/// ... an epoll instance.
+pub const EPOLL: &str = "anon_inode:[eventpoll]";
+/// Most watches all carried epolls together may hold.
+pub const MAX_WATCHES: usize = 65_536;
 /// The clocks a timerfd may use: `CLOCK_REALTIME`, `CLOCK_MONOTONIC`,
 /// `CLOCK_BOOTTIME`, `CLOCK_REALTIME_ALARM`, `CLOCK_BOOTTIME_ALARM`.
 pub const TIMERFD_CLOCKS: [u32; 5] = [0, 1, 7, 8, 9];
@@ -274,6 +282,25 @@ pub struct SocketPairState {
     /// What a read at each end would return: the stream's bytes (one
     /// chunk, or none), or the datagrams in order.
     pub queued: [Vec<Vec<u8>>; 2],
+}
+
+/// What an epoll instance watches, as `epoll_ctl(EPOLL_CTL_ADD)` set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpollWatch {
+    /// The watched descriptor (a carried file or one of fds 0-2).
+    pub fd: u32,
+    /// `struct epoll_event`'s `events` (with `EPOLLET`, `EPOLLONESHOT`
+    /// and the like) and `data`.
+    pub events: u32,
+    pub data: u64,
+}
+
+/// An epoll instance's watches; `fd` is the first descriptor of it (a
+/// `dup` of it shares them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpollState {
+    pub fd: u32,
+    pub watches: Vec<EpollWatch>,
 }
 
 /// A pipe all of whose ends are in the process, with its bytes in flight.
@@ -434,6 +461,8 @@ pub struct ProcessInfo {
     pub pipes: Vec<PipeState>,
     /// Socket pairs whose ends are among `files`, with their queues.
     pub socketpairs: Vec<SocketPairState>,
+    /// The watches of each epoll instance among `files`.
+    pub epolls: Vec<EpollState>,
 }
 
 /// Which register file the FP blob is.
@@ -821,6 +850,20 @@ impl<W: Write> ImageWriter<W> {
                     w.le(m.len() as u32);
                     w.raw(m);
                 }
+            }
+        }
+        let watches: usize = p.epolls.iter().map(|e| e.watches.len()).sum();
+        if p.epolls.len() > MAX_FILES || watches > MAX_WATCHES {
+            return Err(ImageError::Order("too many epolls or watches"));
+        }
+        w.le(p.epolls.len() as u16);
+        for e in &p.epolls {
+            w.le(e.fd);
+            w.le(e.watches.len() as u32);
+            for x in &e.watches {
+                w.le(x.fd);
+                w.le(x.events);
+                w.le(x.data);
             }
         }
         self.record(TAG_PROCESS, &v)?;
@@ -1627,6 +1670,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
     }
     let (pipes, in_flight) = parse_pipes(c, &files)?;
     let socketpairs = parse_socketpairs(c, &files, in_flight)?;
+    let epolls = parse_epolls(c, &files, &stdio)?;
     c.done()?;
     Ok(ProcessInfo {
         pid,
@@ -1643,7 +1687,76 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         itimers,
         pipes,
         socketpairs,
+        epolls,
     })
+}
+
+/// The epolls: one entry for each epoll descriptor of `files` that is not
+/// a `dup`, and none else; each watch on a distinct descriptor that is
+/// carried or is one of fds 0-2 the destination supplies; at most
+/// [`MAX_WATCHES`] in all.
+fn parse_epolls(
+    c: &mut Cur<'_>,
+    files: &[OpenFile],
+    stdio: &[StdioKind; 3],
+) -> Result<Vec<EpollState>, ImageError> {
+    let at = c.at;
+    let n = usize::from(c.u16()?);
+    if n > MAX_FILES {
+        return Err(ImageError::Bound {
+            at,
+            what: "epolls",
+            value: n as u64,
+        });
+    }
+    let invalid = |why: String| ImageError::Invalid { at, why };
+    let mut epolls: Vec<EpollState> = Vec::with_capacity(n);
+    let mut total = 0usize;
+    for _ in 0..n {
+        let (fd, count) = (c.u32()?, c.u32()? as usize);
+        total = total.saturating_add(count);
+        if total > MAX_WATCHES {
+            return Err(ImageError::Bound {
+                at,
+                what: "epoll watches",
+                value: total as u64,
+            });
+        }
+        if epolls.iter().any(|e| e.fd == fd)
+            || !files
+                .iter()
+                .any(|f| f.fd == fd && f.kind == FileKind::Epoll && f.share.is_none())
+        {
+            return Err(invalid(format!(
+                "epoll on fd {fd}: not an epoll of the image, or listed twice"
+            )));
+        }
+        // `count` <= MAX_WATCHES: a bounded allocation.
+        let mut watches: Vec<EpollWatch> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let x = EpollWatch {
+                fd: c.u32()?,
+                events: c.u32()?,
+                data: c.u64()?,
+            };
+            let open = files.iter().any(|f| f.fd == x.fd)
+                || (x.fd < 3 && stdio[x.fd as usize] != StdioKind::Closed);
+            if !open || x.fd == fd || watches.iter().any(|w| w.fd == x.fd) {
+                return Err(invalid(format!(
+                    "epoll on fd {fd} watches fd {}: not open, itself, or twice",
+                    x.fd
+                )));
+            }
+            watches.push(x);
+        }
+        epolls.push(EpollState { fd, watches });
+    }
+    if let Some(f) = files.iter().find(|f| {
+        f.kind == FileKind::Epoll && f.share.is_none() && !epolls.iter().any(|e| e.fd == f.fd)
+    }) {
+        return Err(invalid(format!("fd {}: its epoll is not listed", f.fd)));
+    }
+    Ok(epolls)
 }
 
 /// The socket pairs: unique ids, each used by some socket end of `files`
@@ -1878,6 +1991,7 @@ fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>,
             (FileKind::Eventfd, FileState::None) => {
                 path == EVENTFD && mtime_ns <= 1 && size != u64::MAX
             }
+            (FileKind::Epoll, FileState::None) => path == EPOLL,
             (FileKind::Regular | FileKind::Device, FileState::None) => {
                 path.starts_with('/') && !path.contains('\0')
             }
@@ -2254,6 +2368,28 @@ pub(crate) mod tests {
                     state: FileState::Socket { id: 1, end: 1 },
                     share: None,
                 },
+                OpenFile {
+                    fd: 15,
+                    kind: FileKind::Epoll,
+                    flags: 0o2000002,
+                    pos: 0,
+                    path: EPOLL.into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    state: FileState::None,
+                    share: None,
+                },
+                OpenFile {
+                    fd: 16,
+                    kind: FileKind::Epoll,
+                    flags: 0o2,
+                    pos: 0,
+                    path: EPOLL.into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    state: FileState::None,
+                    share: Some(15),
+                },
             ],
             monotonic_ns: 13_000_000_001,
             boottime_ns: 14_000_000_002,
@@ -2268,6 +2404,21 @@ pub(crate) mod tests {
                 kind: 2,
                 shutdown: [0, 2],
                 queued: [vec![b"one".to_vec(), vec![], b"three".to_vec()], vec![]],
+            }],
+            epolls: vec![EpollState {
+                fd: 15,
+                watches: vec![
+                    EpollWatch {
+                        fd: 10,
+                        events: 1 | 1 << 31,
+                        data: 0x1111,
+                    },
+                    EpollWatch {
+                        fd: 0,
+                        events: 4,
+                        data: u64::MAX,
+                    },
+                ],
             }],
         };
         let mut si = [0u8; SIGINFO_SIZE];
@@ -2342,18 +2493,18 @@ pub(crate) mod tests {
         w.finish().unwrap().0
     }
 
-    /// The bytes of an image are those of format version 4 (version 2,
+    /// The bytes of an image are those of format version 5 (version 2,
     /// as first written by hand before the shared codec, plus the open
     /// files, the clocks and the interval timers (3), plus timerfds,
-    /// signalfds, pipes, socket pairs and shared descriptions (4)): same length, same
-    /// checksum over every byte. A change here is a format change: bump
-    /// VERSION and the README's layout.
+    /// signalfds, pipes, socket pairs and shared descriptions (4), plus
+    /// epolls (5)): same length, same checksum over every byte. A change
+    /// here is a format change: bump VERSION and the README's layout.
     #[test]
-    fn encoding_is_the_one_of_version_4() {
+    fn encoding_is_the_one_of_version_5() {
         let (meta, data, zero) = sample(3, 7);
         let bytes = encode(&meta, &data, &zero);
         let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-        assert_eq!((bytes.len(), sum), (28384, 0x64ab_e623_4e14_ceb8));
+        assert_eq!((bytes.len(), sum), (28550, 0x0d00_44f1_b339_71e7));
     }
 
     /// Files the decoder refuses: a stdio fd whose kind and listing
@@ -2487,6 +2638,39 @@ pub(crate) mod tests {
             (
                 "usec past a second",
                 Box::new(|p| p.itimers[0].1[3] = 1_000_000),
+            ),
+            (
+                "epoll listed twice",
+                Box::new(|p| p.epolls.push(p.epolls[0].clone())),
+            ),
+            ("epoll on a pipe", Box::new(|p| p.epolls[0].fd = 10)),
+            ("epoll on a dup", Box::new(|p| p.epolls[0].fd = 16)),
+            ("epoll not listed", Box::new(|p| p.epolls.clear())),
+            (
+                "watch of a closed fd",
+                Box::new(|p| p.epolls[0].watches[0].fd = 40),
+            ),
+            (
+                "watch of itself",
+                Box::new(|p| p.epolls[0].watches[0].fd = 15),
+            ),
+            (
+                "watch twice",
+                Box::new(|p| {
+                    let w = p.epolls[0].watches[0];
+                    p.epolls[0].watches.push(w)
+                }),
+            ),
+            (
+                "watch of a closed stdio fd",
+                Box::new(|p| p.stdio[0] = StdioKind::Closed),
+            ),
+            (
+                "epoll with a state",
+                Box::new(|p| {
+                    let f = p.files.iter_mut().find(|f| f.fd == 15).unwrap();
+                    f.state = FileState::Signals(1)
+                }),
             ),
         ];
         for (what, change) in cases {

@@ -7,9 +7,9 @@ use std::io;
 use std::path::Path;
 
 use super::image::{
-    FileKind, FileState, OpenFile, PipeState, SocketPairState, StdioKind, TimerState, DEVICES,
-    EVENTFD, FILE_FLAGS, MAX_FILES, MAX_PIPE_BYTES, MAX_PIPE_CAPACITY, SIGNALFD, TFD_ABSTIME,
-    TIMERFD,
+    EpollState, EpollWatch, FileKind, FileState, OpenFile, PipeState, SocketPairState, StdioKind,
+    TimerState, DEVICES, EPOLL, EVENTFD, FILE_FLAGS, MAX_FILES, MAX_PIPE_BYTES, MAX_PIPE_CAPACITY,
+    SIGNALFD, TFD_ABSTIME, TIMERFD,
 };
 use super::procfs::{MapsEntry, ProcDir};
 
@@ -137,11 +137,11 @@ fn join(b: &[Blocker]) -> String {
         .join("; ");
     if b.iter().any(|x| matches!(x, Blocker::Stdio { .. })) {
         s.push_str(
-            " (fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds or /dev/null, zero, random, urandom)",
+            " (fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds, epolls or /dev/null, zero, random, urandom)",
         );
     }
     if b.iter().any(|x| matches!(x, Blocker::OpenFd { .. })) {
-        s.push_str(" (descriptors are carried when open on regular files, eventfds, timerfds, signalfds, pipes, socket pairs or /dev/null, zero, random, urandom)");
+        s.push_str(" (descriptors are carried when open on regular files, eventfds, timerfds, signalfds, epolls, pipes, socket pairs or /dev/null, zero, random, urandom)");
     }
     if b.iter().any(|x| matches!(x, Blocker::Socket { .. })) {
         s.push_str(" (sockets are carried as AF_UNIX stream or datagram socket pairs whose two ends are on fds 3 and up of the process)");
@@ -193,6 +193,8 @@ pub(crate) fn carried_file(target: &str) -> Option<FileKind> {
         Some(FileKind::Timerfd)
     } else if target == SIGNALFD {
         Some(FileKind::Signalfd)
+    } else if target == EPOLL {
+        Some(FileKind::Epoll)
     } else if target.starts_with("pipe:[") {
         Some(FileKind::Pipe)
     } else if target.starts_with('/')
@@ -466,6 +468,7 @@ pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> 
     // queues were read.
     let mut socks: Vec<(u32, u32, SocketPairState, [bool; 2])> = Vec::new();
     let mut pidfd = None;
+    let mut epolls = Vec::new();
     for (fd, kind) in kinds {
         let (pos, flags) = pd.fdinfo(fd)?;
         let m = pd.fd_metadata(fd)?;
@@ -478,6 +481,7 @@ pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> 
             FileKind::Eventfd => path == EVENTFD,
             FileKind::Timerfd => path == TIMERFD,
             FileKind::Signalfd => path == SIGNALFD,
+            FileKind::Epoll => path == EPOLL,
             FileKind::Pipe => m.file_type().is_fifo() && path.starts_with("pipe:["),
             FileKind::Socket => m.file_type().is_socket(),
         };
@@ -561,6 +565,13 @@ pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> 
                 state = FileState::Signals(pd.signalfd_mask(fd)?);
                 (0, 0)
             }
+            FileKind::Epoll => {
+                epolls.push(EpollState {
+                    fd: fd as u32,
+                    watches: epoll_watches(pd, fd)?,
+                });
+                (0, 0)
+            }
             FileKind::Pipe => {
                 let id = match pipes.iter().position(|(p, _)| *p == path) {
                     Some(i) => pipes[i].1.id,
@@ -634,13 +645,53 @@ pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> 
         let (earlier, rest) = files.split_at_mut(i);
         share_with_earlier(pd.pid(), earlier, &mut rest[0]);
     }
+    // A dup of an epoll shares its watches: listed once, with the first.
+    epolls.retain(|e: &EpollState| files.iter().any(|f| f.fd == e.fd && f.share.is_none()));
+    for e in &epolls {
+        for w in &e.watches {
+            let carried = files.iter().any(|f| f.fd == w.fd)
+                || (w.fd < 3 && stdio[w.fd as usize] != StdioKind::Closed);
+            if !carried {
+                return Err(io::Error::other(format!(
+                    "fd {} is an epoll watching fd {}, which is not carried",
+                    e.fd, w.fd
+                )));
+            }
+        }
+    }
     Ok(CapturedFiles {
         stdio,
         files,
         pipes: pipes.into_iter().map(|(_, p)| p).collect(),
         socketpairs,
+        epolls,
         kernel_clocks: clocks,
     })
+}
+
+/// The watches of epoll `fd` (its fdinfo's `tfd:` lines), each checked to
+/// be on the file that descriptor holds now: epoll keeps a watch on a file
+/// whose descriptor was closed or reused, and such a watch cannot be set
+/// again by number.
+fn epoll_watches(pd: &ProcDir, fd: i32) -> io::Result<Vec<EpollWatch>> {
+    use std::os::unix::fs::MetadataExt;
+    let text = std::fs::read_to_string(pd.path(&format!("fdinfo/{fd}")))?;
+    let mut out = Vec::new();
+    for w in super::procfs::parse_epoll_info(&text)? {
+        let now = pd.fd_metadata(w.fd as i32).ok().map(|m| m.ino());
+        if now != Some(w.ino) {
+            return Err(io::Error::other(format!(
+                "fd {fd} is an epoll watching a file that fd {} no longer holds (closed or replaced after it was added): not carried",
+                w.fd
+            )));
+        }
+        out.push(EpollWatch {
+            fd: w.fd,
+            events: w.events,
+            data: w.data,
+        });
+    }
+    Ok(out)
 }
 
 /// What [`open_files`] captures.
@@ -649,6 +700,7 @@ pub(crate) struct CapturedFiles {
     pub files: Vec<OpenFile>,
     pub pipes: Vec<PipeState>,
     pub socketpairs: Vec<SocketPairState>,
+    pub epolls: Vec<EpollState>,
     /// This kernel's `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` (its own, no
     /// time namespace) at the moment the timers' times left are of: the
     /// process's clocks are these plus its namespace's offsets.
@@ -1160,7 +1212,7 @@ mod tests {
         );
         let d = tree(
             &[
-                ("1", "anon_inode:[eventpoll]"),
+                ("1", "anon_inode:[io_uring]"),
                 ("2", "pipe:[6]"),
                 ("3", "socket:[77]"),
                 ("4", "anon_inode:inotify"),
@@ -1183,9 +1235,9 @@ mod tests {
         let e = check_at(d.path(), 7, 1).unwrap_err();
         let msg = e.to_string();
         for want in [
-            "fd 1 is anon_inode:[eventpoll];",
-            "(fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds or /dev/null, zero, random, urandom)",
-            "(descriptors are carried when open on regular files, eventfds, timerfds, signalfds, pipes, socket pairs or /dev/null, zero, random, urandom)",
+            "fd 1 is anon_inode:[io_uring];",
+            "(fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds, epolls or /dev/null, zero, random, urandom)",
+            "(descriptors are carried when open on regular files, eventfds, timerfds, signalfds, epolls, pipes, socket pairs or /dev/null, zero, random, urandom)",
             "fd 3 is a socket (socket:[77])",
             "fd 4 is open (anon_inode:inotify)",
             "fd 9 is a pipe (pipe:[5]) also open in process 8;",

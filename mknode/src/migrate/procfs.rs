@@ -221,6 +221,37 @@ pub(crate) fn parse_timerfd_info(text: &str) -> Option<(u32, u64, u32)> {
     ))
 }
 
+/// One `tfd:` line of an epoll's fdinfo: the watched descriptor, the
+/// watch's events and data, and the inode of the file it watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EpollInfo {
+    pub fd: u32,
+    pub events: u32,
+    pub data: u64,
+    pub ino: u64,
+}
+
+/// The watches an epoll's fdinfo lists (`tfd: %8d events: %8x data: %16llx
+/// pos:%lli ino:%lx sdev:%x`, one line each).
+pub(crate) fn parse_epoll_info(text: &str) -> io::Result<Vec<EpollInfo>> {
+    let mut out = Vec::new();
+    for l in text.lines().filter(|l| l.starts_with("tfd:")) {
+        let t: Vec<&str> = l.split_whitespace().collect();
+        let after = |k: &str| t.iter().position(|x| *x == k).and_then(|i| t.get(i + 1));
+        let ino = t.iter().find_map(|x| x.strip_prefix("ino:"));
+        let w = (|| {
+            Some(EpollInfo {
+                fd: after("tfd:")?.parse().ok()?,
+                events: u32::from_str_radix(after("events:")?, 16).ok()?,
+                data: u64::from_str_radix(after("data:")?, 16).ok()?,
+                ino: u64::from_str_radix(ino?, 16).ok()?,
+            })
+        })();
+        out.push(w.ok_or_else(|| bad("epoll fdinfo", l))?);
+    }
+    Ok(out)
+}
+
 /// A view of one process under a proc root.
 #[derive(Debug, Clone)]
 pub(crate) struct ProcDir {
@@ -449,6 +480,34 @@ pub(crate) fn parse_timens_offsets(text: &str) -> io::Result<(i128, i128)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An epoll's fdinfo as the kernel prints it (fs/eventpoll.c).
+    #[test]
+    fn epoll_fdinfo() {
+        let t = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1057\n\
+                 tfd:        5 events:       19 data:             1111  pos:0 ino:41a sdev:f\n\
+                 tfd:        7 events: 80000001 data: ffffffffffffffff  pos:0 ino:1e0f sdev:e\n";
+        assert_eq!(
+            parse_epoll_info(t).unwrap(),
+            [
+                EpollInfo {
+                    fd: 5,
+                    events: 0x19,
+                    data: 0x1111,
+                    ino: 0x41a
+                },
+                EpollInfo {
+                    fd: 7,
+                    events: 0x8000_0001,
+                    data: u64::MAX,
+                    ino: 0x1e0f
+                }
+            ]
+        );
+        assert!(parse_epoll_info("pos:\t0\n").unwrap().is_empty());
+        assert!(parse_epoll_info("tfd: 5 events: 19 data: 1 pos:0 sdev:f\n").is_err());
+        assert!(parse_epoll_info("tfd: x events: 19 data: 1 pos:0 ino:1 sdev:f\n").is_err());
+    }
 
     /// A timerfd's fdinfo as 6.18 prints it (6.1 prints the same lines).
     #[test]

@@ -430,6 +430,9 @@ fn open_files(
                 sock
             }
             (FileKind::Regular | FileKind::Device, _) => open_by_path(f, &fail)?,
+            // Empty: its watches are added in the process, by the numbers
+            // the program knows them by (`epoll_watches`).
+            (FileKind::Epoll, _) => epoll().map_err(|e| fail(e.to_string()))?,
             _ => return Err(fail("its state does not fit its kind".into())),
         };
         // Above every target, so the stub's dup2s clobber no source.
@@ -455,6 +458,50 @@ fn open_files(
         })?;
     }
     Ok((owned, plan, keep_below))
+}
+
+/// A new, empty epoll instance.
+fn epoll() -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: epoll_create1 returns a new descriptor or -1.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The watches of the image's epolls, added in the process (injected
+/// `epoll_ctl(EPOLL_CTL_ADD)`, `scratch`: 12 dead bytes of it) once every
+/// descriptor is in place: epoll keys a watch by file and descriptor
+/// number, and the program will name it by its own number.
+fn epoll_watches(
+    leader: Pid,
+    meta: &ImageMeta,
+    scratch: u64,
+    call: &dyn Fn(Call) -> Result<u64, SysError>,
+) -> Result<(), RestoreError> {
+    for e in &meta.process.epolls {
+        for w in &e.watches {
+            // struct epoll_event is packed on x86_64: events, then data.
+            let mut b = [0u8; 12];
+            b[..4].copy_from_slice(&w.events.to_le_bytes());
+            b[4..].copy_from_slice(&w.data.to_le_bytes());
+            poke(leader, scratch, &b)?;
+            call(Call::new(
+                "epoll_ctl(EPOLL_CTL_ADD)",
+                libc::SYS_epoll_ctl,
+                &[
+                    u64::from(e.fd),
+                    libc::EPOLL_CTL_ADD as u64,
+                    u64::from(w.fd),
+                    scratch,
+                ],
+            ))?;
+        }
+    }
+    Ok(())
 }
 
 /// A new pipe of `p.capacity` holding `p.bytes`: (read end, write end),
@@ -777,7 +824,8 @@ fn open_by_path(
         | FileKind::Timerfd
         | FileKind::Signalfd
         | FileKind::Pipe
-        | FileKind::Socket => {}
+        | FileKind::Socket
+        | FileKind::Epoll => {}
         FileKind::Regular => {
             if !m.is_file() {
                 return Err(fail("it is not a regular file here".into()));
@@ -1393,6 +1441,7 @@ fn finish(
 
     // 5. Process-wide kernel state.
     set_mm(leader, ctl, meta, call)?;
+    epoll_watches(leader, meta, scratch, call)?;
     for a in &meta.process.sigactions {
         let mut b = [0u8; 32];
         for (i, w) in [a.handler, a.flags, a.restorer, a.mask].iter().enumerate() {

@@ -51,6 +51,17 @@
 //! connected), and sends them once more (queued again): it prints
 //! `socket_check=ok` or `socket_check=bad <why>`.
 //!
+//! With `--epoll`, an epoll instance (also `dup`ed) watches an eventfd that
+//! is readable (level-triggered, data 0x1111) and the read end of an empty
+//! pipe of the process (edge-triggered, data 0x2222). When the process
+//! finds itself moved, and on SIGUSR1, it checks it: a wait returns the
+//! eventfd alone; a byte written into the pipe makes a wait return both,
+//! the byte is read back; the pipe's watch is changed and deleted and
+//! added again by its number (`EPOLL_CTL_MOD`/`DEL`/`ADD`): it prints
+//! `epoll_check=ok` or `epoll_check=bad <why>`. `--epoll-stale` also
+//! watches an eventfd and then closes that descriptor while a dup keeps
+//! the file open: epoll keeps the watch, which no move can set again.
+//!
 //! With `--alarm-ms MS`, an interval timer (`setitimer(ITIMER_REAL)`)
 //! fires every MS and the lines end with `alarms=<count>`.
 //!
@@ -68,7 +79,7 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--scan]"
+        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--epoll] [--epoll-stale] [--scan]"
     );
     std::process::exit(2)
 }
@@ -84,10 +95,15 @@ fn main() {
     let mut sigfd: Option<i32> = None;
     let mut pipe: Option<InFlight> = None;
     let mut socks: Option<Queued> = None;
+    let mut epoll: Option<Epoll> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--scan" {
             scan = true;
+            continue;
+        }
+        if a == "--epoll" || a == "--epoll-stale" {
+            epoll = Some(Epoll::new(a == "--epoll-stale"));
             continue;
         }
         if a == "--signalfd" {
@@ -196,7 +212,7 @@ fn main() {
         let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
         (pid, boot)
     };
-    let watch_moves = timer.is_some() || pipe.is_some() || socks.is_some();
+    let watch_moves = timer.is_some() || pipe.is_some() || socks.is_some() || epoll.is_some();
     let mut at = if watch_moves {
         here()
     } else {
@@ -224,6 +240,12 @@ fn main() {
         if let Some(q) = &socks {
             if usr1 || moved {
                 line.push_str(&q.check());
+                line.push('\n');
+            }
+        }
+        if let Some(e) = &epoll {
+            if usr1 || moved {
+                line.push_str(&e.check());
                 line.push('\n');
             }
         }
@@ -634,6 +656,112 @@ impl Queued {
         match r {
             Ok(()) => "socket_check=ok".into(),
             Err(e) => format!("socket_check=bad {e}"),
+        }
+    }
+}
+
+/// `--epoll`: an epoll, a dup of it, an eventfd it sees readable, a pipe.
+struct Epoll {
+    ep: i32,
+    dup: i32,
+    efd: i32,
+    /// The pipe's read end (watched) and write end.
+    r: i32,
+    w: i32,
+}
+
+const EPOLL_EVENTFD: u64 = 0x1111;
+const EPOLL_PIPE: u64 = 0x2222;
+
+impl Epoll {
+    fn new(stale: bool) -> Epoll {
+        let mut ends = [0; 2];
+        // SAFETY: plain calls making descriptors kept for the process's
+        // life; `ends` receives two.
+        let e = unsafe {
+            let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            let efd = libc::eventfd(1, libc::EFD_NONBLOCK);
+            if ep < 0 || efd < 0 || libc::pipe2(ends.as_mut_ptr(), libc::O_NONBLOCK) != 0 {
+                die("epoll_create1/eventfd/pipe2");
+            }
+            Epoll {
+                ep,
+                dup: libc::dup(ep),
+                efd,
+                r: ends[0],
+                w: ends[1],
+            }
+        };
+        let add = |fd: i32, events: u32, data: u64| {
+            if e.ctl(libc::EPOLL_CTL_ADD, fd, events, data).is_err() {
+                die("epoll_ctl");
+            }
+        };
+        add(e.efd, libc::EPOLLIN as u32, EPOLL_EVENTFD);
+        add(e.r, (libc::EPOLLIN | libc::EPOLLET) as u32, EPOLL_PIPE);
+        if stale {
+            // SAFETY: a new eventfd, dup'ed, watched, its first fd closed.
+            let fd = unsafe { libc::eventfd(0, 0) };
+            // SAFETY: as above.
+            if fd < 0 || unsafe { libc::dup(fd) } < 0 {
+                die("eventfd/dup");
+            }
+            add(fd, libc::EPOLLIN as u32, 0x3333);
+            // SAFETY: our descriptor, not used again.
+            unsafe { libc::close(fd) };
+        }
+        e
+    }
+
+    fn ctl(&self, op: i32, fd: i32, events: u32, data: u64) -> Result<(), String> {
+        let mut ev = libc::epoll_event { events, u64: data };
+        // SAFETY: epoll_ctl reads `ev`, a live local.
+        if unsafe { libc::epoll_ctl(self.ep, op, fd, &mut ev) } != 0 {
+            return Err(format!(
+                "epoll_ctl({op}, fd {fd}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The data of what a wait on `fd` (the epoll or its dup) returns now.
+    fn ready(fd: i32) -> Vec<u64> {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        // SAFETY: epoll_wait writes at most 8 events into `evs`.
+        let n = unsafe { libc::epoll_wait(fd, evs.as_mut_ptr(), 8, 0) };
+        let mut v: Vec<u64> = evs[..n.max(0) as usize].iter().map(|e| e.u64).collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn check(&self) -> String {
+        let r = (|| -> Result<(), String> {
+            let got = Epoll::ready(self.ep);
+            if got != [EPOLL_EVENTFD] {
+                return Err(format!("waited {got:x?}, the eventfd alone expected"));
+            }
+            // SAFETY: one byte from/into live locals on our own pipe.
+            if unsafe { libc::write(self.w, b"x".as_ptr().cast(), 1) } != 1 {
+                return Err("write into the pipe".into());
+            }
+            let got = Epoll::ready(self.dup);
+            if got != [EPOLL_EVENTFD, EPOLL_PIPE] {
+                return Err(format!("waited {got:x?} through the dup, both expected"));
+            }
+            let mut b = [0u8; 8];
+            // SAFETY: as above.
+            if unsafe { libc::read(self.r, b.as_mut_ptr().cast(), 8) } != 1 {
+                return Err("read the byte back".into());
+            }
+            let et = (libc::EPOLLIN | libc::EPOLLET) as u32;
+            self.ctl(libc::EPOLL_CTL_MOD, self.r, et, EPOLL_PIPE)?;
+            self.ctl(libc::EPOLL_CTL_DEL, self.r, 0, 0)?;
+            self.ctl(libc::EPOLL_CTL_ADD, self.r, et, EPOLL_PIPE)
+        })();
+        match r {
+            Ok(()) => "epoll_check=ok".into(),
+            Err(e) => format!("epoll_check=bad {e}"),
         }
     }
 }
