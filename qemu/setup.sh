@@ -123,11 +123,12 @@ if [ "$(cat "$KDIR/package" 2>/dev/null)" != "$pkg" ] || [ ! -s "$KDIR/vmlinuz" 
     say "kernel $release unpacked"
 fi
 
-# --- 3. modules for the doorbell port ----------------------------------------
+# --- 3. modules for the doorbell port and for migration ---------------------
 # guest-init loads these from the initramfs in this order (each needs the
 # ones before it; `depends=` in their .modinfo) to get a virtio-serial port,
-# the guests' doorbell (guest-init/src/doorbell.rs).
-MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console)
+# the guests' doorbell (guest-init/src/doorbell.rs); and unix_diag at boot,
+# which tells a migration a socket's peer (socket pairs move with it).
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console unix_diag)
 MDIR="$KDIR/modules"
 have_modules() {
     [ "$(cat "$MDIR/release" 2>/dev/null)" = "$(cat "$KDIR/version")" ] || return 1
@@ -145,7 +146,7 @@ if ! have_modules; then
     rm -rf "$MDIR" && mkdir -p "$MDIR"
     for m in "${MODULES[@]}"; do
         ko="$(find "$x/lib/modules" -name "$m.ko" | head -n1)"
-        [ -n "$ko" ] || die "$deb holds no $m.ko (is virtio built in? then drop it from MODULES)"
+        [ -n "$ko" ] || die "$deb holds no $m.ko (is it built in? then drop it from MODULES)"
         cp "$ko" "$MDIR/$m.ko"
     done
     cp "$KDIR/version" "$MDIR/release"
@@ -186,5 +187,5 @@ done
 
 say "qemu:       $(command -v qemu-system-x86_64)"
 say "kernel:     $KDIR/vmlinuz ($(cat "$KDIR/version"), from $(cat "$KDIR/package"))"
-say "modules:    $MDIR (${#MODULES[@]}, for the doorbell port)"
+say "modules:    $MDIR (${#MODULES[@]}, for the doorbell port and unix_diag)"
 say "guest-init: $CACHE/guest-init"

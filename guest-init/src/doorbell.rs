@@ -103,13 +103,17 @@ pub enum DoorbellError {
     Thread(#[source] io::Error),
 }
 
-/// Loads [`MODULES`] from `root`/[`MODULE_DIR`], in order; a module file
-/// that is not there is skipped (a kernel with the driver built in needs
-/// none) and one already loaded is fine. Returns how many it loaded.
-pub fn load_modules(root: &Path) -> Result<usize, DoorbellError> {
+/// The modules migration needs: `unix_diag`, which tells the agent a
+/// socket's peer (socket pairs are carried only when both ends move).
+pub const MIGRATION_MODULES: [&str; 1] = ["unix_diag"];
+
+/// Loads `names` from `root`/[`MODULE_DIR`], in order; a module file that
+/// is not there is skipped (a kernel with the driver built in needs none)
+/// and one already loaded is fine. Returns how many it loaded.
+pub fn load_modules(root: &Path, names: &[&str]) -> Result<usize, DoorbellError> {
     let dir = root.join(MODULE_DIR);
     let mut loaded = 0;
-    for name in MODULES {
+    for name in names {
         let path = dir.join(format!("{name}.ko"));
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -183,7 +187,7 @@ impl SerialBell {
         if !has_device(root) {
             return Err(DoorbellError::NoDevice);
         }
-        load_modules(root)?;
+        load_modules(root, &MODULES)?;
         let t0 = Instant::now();
         let dev = loop {
             if let Some(dev) = find_port(root) {
@@ -351,7 +355,7 @@ mod tests {
             Some(root.path().join("dev/vport2p1"))
         );
         // No module files: nothing to load, not an error.
-        assert_eq!(load_modules(root.path()).unwrap(), 0);
+        assert_eq!(load_modules(root.path(), &MODULES).unwrap(), 0);
         // No virtio console on the PCI bus: no port to wait for.
         assert!(!has_device(root.path()));
         assert!(matches!(

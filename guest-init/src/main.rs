@@ -5,7 +5,7 @@ use std::path::Path;
 
 use guest_init::power::{fatal, power_off};
 use guest_init::window::{Window, WindowError};
-use guest_init::{agent, console, mounts, power, probe, say, selftest, supervise};
+use guest_init::{agent, console, doorbell, mounts, power, probe, say, selftest, supervise};
 use mknode::bootargs::BootArgs;
 
 fn main() {
@@ -33,6 +33,14 @@ fn main() {
         Err(e) => fatal(&e),
     }
     console::ensure_stdio();
+
+    // Before any agent runs: a migration asks the kernel about sockets.
+    if let Err(e) = doorbell::load_modules(Path::new("/"), &doorbell::MIGRATION_MODULES) {
+        say!(
+            "warning: {}; socket pairs will not be carried",
+            power::error_chain(&e)
+        );
+    }
 
     let raw = std::fs::read_to_string("/proc/cmdline").unwrap_or_else(|e| fatal(&e));
     let args = BootArgs::parse(&raw).unwrap_or_else(|e| fatal(&e));

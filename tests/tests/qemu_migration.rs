@@ -520,12 +520,15 @@ fn field(line: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
-/// A timerfd, a signalfd and a pipe with bytes in flight move between the
-/// guests (Linux 6.1) with the process, lazily and back by stop-copy: after
-/// each hop the process finds its one-shot timer's unread expiration, the
+/// A timerfd, a signalfd, a pipe with bytes in flight, two socket pairs
+/// with bytes and datagrams queued and an epoll move between the guests
+/// (Linux 6.1) with the process, lazily and back by stop-copy: after each
+/// hop the process finds its one-shot timer's unread expiration, the
 /// pipe's 40001 bytes byte for byte (and its ends connected, its dup still
-/// sharing), reads as many periodic expirations as whole periods its clock
-/// says passed, and reads SIGUSR2 sent on the new kernel from its signalfd.
+/// sharing), the socket pairs' queues likewise, its epoll's watches (a
+/// wait, a wake, a change by number), reads as many periodic expirations
+/// as whole periods its clock says passed, and reads SIGUSR2 sent on the
+/// new kernel from its signalfd.
 #[test]
 fn timerfd_signalfd_and_pipe_move_between_guests() {
     let m = boot();
@@ -543,6 +546,9 @@ fn timerfd_signalfd_and_pipe_move_between_guests() {
             "--signalfd",
             "--pipe-inflight",
             "40001",
+            "--socketpairs",
+            "40001",
+            "--epoll",
         ],
     );
     let mut pid = pid_on(&m, "alpha");
@@ -567,6 +573,8 @@ fn timerfd_signalfd_and_pipe_move_between_guests() {
         at = to;
         w.wait_for("the checks after the move", Duration::from_secs(30), |l| {
             l[seen..].iter().any(|x| x.starts_with("pipe_check="))
+                && l[seen..].iter().any(|x| x.starts_with("socket_check="))
+                && l[seen..].iter().any(|x| x.starts_with("epoll_check="))
                 && l[seen..]
                     .iter()
                     .any(|x| field(x, "timerfd_oneshot").is_some())
@@ -574,6 +582,13 @@ fn timerfd_signalfd_and_pipe_move_between_guests() {
         let after: Vec<String> = w.lines.lock().unwrap()[seen..].to_vec();
         let check = after.iter().find(|x| x.starts_with("pipe_check=")).unwrap();
         assert_eq!(check, "pipe_check=ok shared=1", "hop {hop}: {after:?}");
+        for (what, ok) in [
+            ("socket_check=", "socket_check=ok"),
+            ("epoll_check=", "epoll_check=ok"),
+        ] {
+            let check = after.iter().find(|x| x.starts_with(what)).unwrap();
+            assert_eq!(check, ok, "hop {hop}: {after:?}");
+        }
         let oneshot = after
             .iter()
             .find_map(|x| field(x, "timerfd_oneshot"))
