@@ -271,7 +271,10 @@ fn restart_policy_and_limit() {
         &text,
         "bad-value",
         ("restart_limit = -2", 0),
-        &["`restart_limit`", "expected a non-negative integer, found -2"],
+        &[
+            "`restart_limit`",
+            "expected a non-negative integer, found -2",
+        ],
         &[],
     );
     let (_, ds) = diags(&text);

@@ -651,7 +651,9 @@ impl Validator<'_> {
                         )
                         .at(l.span())
                         .instance(label)
-                        .help("add restart = \"on-failure\" to the instance, or remove restart_limit"),
+                        .help(
+                            "add restart = \"on-failure\" to the instance, or remove restart_limit",
+                        ),
                     );
                 }
                 Restart::No
