@@ -279,6 +279,16 @@ fn restart_policy_and_limit() {
     );
     let (_, ds) = diags(&text);
     assert_eq!(ds.len(), 4, "one finding per mistake: {ds:?}");
+    // A limit beside a policy that could not be read is not also "unused".
+    let text = with(&inst(
+        "a",
+        1,
+        1,
+        "restart = \"always\"\nrestart_limit = 2\n",
+    ));
+    let (_, ds) = diags(&text);
+    let codes: Vec<&str> = ds.iter().map(|d| d.code).collect();
+    assert_eq!(codes, ["bad-value"], "{ds:?}");
 
     // A limit without the policy, or a policy the daemon cannot carry out
     // (kexec instances are not its own): warnings, the file stays valid.

@@ -122,6 +122,9 @@ pub struct RawInstance {
     pub initrd: Option<Spanned<String>>,
     pub cmdline: Option<Spanned<String>>,
     pub restart: Option<Spanned<RestartPolicy>>,
+    /// `restart` is in the table (`restart` is `None` when it could not be
+    /// read).
+    pub restart_written: bool,
     pub restart_limit: Option<Spanned<u32>>,
 }
 
@@ -269,6 +272,7 @@ fn read_instance(t: &DeTable<'_>, span: Range<usize>, diags: &mut Vec<Diagnostic
         initrd: r.optional(n_string, "initrd"),
         cmdline: r.optional(n_string, "cmdline"),
         restart: r.optional(n_restart, "restart"),
+        restart_written: t.iter().any(|(k, _)| k.get_ref().as_ref() == "restart"),
         restart_limit: r.optional(n_u32, "restart_limit"),
     };
     r.finish();

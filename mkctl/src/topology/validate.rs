@@ -638,9 +638,12 @@ impl Validator<'_> {
             Some(l) => *l.get_ref(),
             None => DEFAULT_RESTART_LIMIT,
         };
+        // A `restart` that could not be read was reported already; the
+        // limit beside it is not "unused" then.
+        let unreadable_policy = ri.restart.is_none() && ri.restart_written;
         match policy {
             RestartPolicy::No => {
-                if let Some(l) = &ri.restart_limit {
+                if let (Some(l), false) = (&ri.restart_limit, unreadable_policy) {
                     self.push(
                         Diagnostic::warning(
                             "restart-limit-unused",
