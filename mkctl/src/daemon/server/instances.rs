@@ -780,8 +780,14 @@ impl Daemon {
                     } else {
                         format!("no power-off after {:.0} s", timeout.as_secs_f64())
                     };
-                    match Qmp::connect(&dir.qmp(), Duration::from_millis(500))
-                        .and_then(|mut q| q.quit())
+                    // The kill comes KILL_AFTER_QUIT later anyway: a QEMU
+                    // that does not answer by then is frozen.
+                    match Qmp::connect_within(
+                        &dir.qmp(),
+                        Duration::from_millis(500),
+                        KILL_AFTER_QUIT,
+                    )
+                    .and_then(|mut q| q.quit())
                     {
                         Ok(()) => progress(name, &format!("{why}: QMP quit")),
                         Err(e) => progress(
