@@ -50,6 +50,38 @@ fn vcpu_threads_status_and_quit() {
     assert!(status.success(), "qemu exit: {status:?}");
 }
 
+/// A frozen QEMU (SIGSTOP) accepts the connection and never greets: the
+/// client gives up after the answer timeout it was given, which is what lets
+/// a stop kill a frozen guest on time.
+#[test]
+fn a_frozen_qemu_is_given_up_on_after_the_answer_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(qemu())
+        .args(["-machine", "q35", "-accel", "tcg", "-m", "64"])
+        .args(["-S", "-display", "none", "-nodefaults", "-no-user-config"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Up and answering first, then frozen.
+    drop(Qmp::connect(&sock, Duration::from_secs(20)).unwrap());
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let t = std::time::Instant::now();
+    let r = Qmp::connect_within(&sock, Duration::from_secs(1), Duration::from_secs(1));
+    let took = t.elapsed();
+    let _ = child.kill();
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    let _ = child.wait();
+    assert!(r.is_err(), "a frozen QEMU greeted");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "gave up after {took:?}"
+    );
+}
+
 trait WaitTimeout {
     fn wait_timeout_or_kill(&mut self, t: Duration) -> std::process::ExitStatus;
 }

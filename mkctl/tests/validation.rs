@@ -209,6 +209,125 @@ fn wrong_types_and_bad_values() {
 }
 
 #[test]
+fn restart_policy_and_limit() {
+    use mkctl::topology::Restart;
+    let inst = |name: &str, id: u32, cpu: u32, extra: &str| {
+        format!("[[instance]]\nname = \"{name}\"\nid = {id}\ncpus = \"{cpu}\"\nmemory = \"256M\"\n{extra}")
+    };
+    // Valid: no policy (the default), on-failure with the default limit of
+    // 3, and with a limit of its own.
+    let text = with(&format!(
+        "{}{}{}",
+        inst("a", 1, 1, ""),
+        inst("b", 2, 2, "restart = \"on-failure\"\n"),
+        inst("c", 3, 3, "restart = \"on-failure\"\nrestart_limit = 1\n"),
+    ));
+    let t = parse_at("t.toml", &text)
+        .unwrap_or_else(|(s, d)| panic!("{}", topology::render_all(&s, &d)));
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    let policy = |n: &str| t.instance(n).unwrap().restart;
+    assert_eq!(policy("a"), Restart::No);
+    assert_eq!(policy("b"), Restart::OnFailure { limit: 3 });
+    assert_eq!(policy("c"), Restart::OnFailure { limit: 1 });
+    assert_eq!(policy("c").limit(), Some(1));
+    assert_eq!(policy("a").limit(), None);
+
+    // Wrong values: an unknown policy, a wrong type, a zero or negative
+    // limit; each at its line, saying what to write instead.
+    let text = with(&format!(
+        "{}{}{}{}",
+        inst("a", 1, 1, "restart = \"always\"\n"),
+        inst("b", 2, 2, "restart = true\n"),
+        inst("c", 3, 3, "restart = \"on-failure\"\nrestart_limit = 0\n"),
+        inst("d", 4, 4, "restart = \"on-failure\"\nrestart_limit = -2\n"),
+    ));
+    expect(
+        &text,
+        "bad-value",
+        ("restart = \"always\"", 0),
+        &[
+            "`restart` in [[instance]]",
+            "unknown restart policy \"always\"",
+            "use \"no\" or \"on-failure\"",
+        ],
+        &[],
+    );
+    expect(
+        &text,
+        "bad-value",
+        ("restart = true", 0),
+        &["expected \"no\" or \"on-failure\", found boolean"],
+        &[],
+    );
+    let d = expect(
+        &text,
+        "bad-restart-limit",
+        ("restart_limit = 0", 0),
+        &["instance \"c\" has restart_limit = 0"],
+        &["use 1 or more", "restart_limit = 3"],
+    );
+    assert_eq!(d.instances, vec!["c"]);
+    expect(
+        &text,
+        "bad-value",
+        ("restart_limit = -2", 0),
+        &[
+            "`restart_limit`",
+            "expected a non-negative integer, found -2",
+        ],
+        &[],
+    );
+    let (_, ds) = diags(&text);
+    assert_eq!(ds.len(), 4, "one finding per mistake: {ds:?}");
+    // A limit beside a policy that could not be read is not also "unused".
+    let text = with(&inst(
+        "a",
+        1,
+        1,
+        "restart = \"always\"\nrestart_limit = 2\n",
+    ));
+    let (_, ds) = diags(&text);
+    let codes: Vec<&str> = ds.iter().map(|d| d.code).collect();
+    assert_eq!(codes, ["bad-value"], "{ds:?}");
+
+    // A limit without the policy, or a policy the daemon cannot carry out
+    // (kexec instances are not its own): warnings, the file stays valid.
+    let text = with(&format!(
+        "{}{}",
+        inst("a", 1, 1, "restart_limit = 5\n"),
+        inst("b", 2, 2, "backend = \"kexec\"\nrestart = \"on-failure\"\n"),
+    ));
+    let t = parse_at("t.toml", &text)
+        .unwrap_or_else(|(s, d)| panic!("{}", topology::render_all(&s, &d)));
+    assert_eq!(t.instance("a").unwrap().restart, Restart::No);
+    let d = expect(
+        &text,
+        "restart-limit-unused",
+        ("restart_limit = 5", 0),
+        &["restart_limit of \"a\" does nothing"],
+        &["add restart = \"on-failure\""],
+    );
+    assert_eq!(d.severity, Severity::Warning);
+    let d = expect(
+        &text,
+        "restart-kexec",
+        ("restart = \"on-failure\"", 0),
+        &["\"b\" uses the kexec backend"],
+        &["backend = \"qemu\""],
+    );
+    assert_eq!(d.severity, Severity::Warning);
+    // A misspelt key gets the usual guess.
+    let text = with(&inst("a", 1, 1, "restart_limt = 2\n"));
+    expect(
+        &text,
+        "unknown-key",
+        ("restart_limt", 0),
+        &["`restart_limt`"],
+        &["did you mean `restart_limit`"],
+    );
+}
+
+#[test]
 fn missing_required_keys() {
     let text = with("[[instance]]\nname = \"a\"\n");
     let (_, ds) = diags(&text);

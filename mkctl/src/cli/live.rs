@@ -196,13 +196,13 @@ pub(super) fn status(sysroot: &Path, json: bool) -> Res {
         return Ok(EXIT_OK);
     }
     println!(
-        "{:<12} {:>3}  {:<9} {:>8}  {:<8} {:>7}  {:>9}  {:>9}  KERNEL / REASON",
-        "INSTANCE", "ID", "STATE", "PID", "CPUS", "MEMORY", "UPTIME", "HEARTBEAT"
+        "{:<12} {:>3}  {:<9} {:>8}  {:<8} {:>7}  {:>9}  {:>9}  {:>8}  KERNEL / REASON",
+        "INSTANCE", "ID", "STATE", "PID", "CPUS", "MEMORY", "UPTIME", "HEARTBEAT", "RESTARTS"
     );
     for i in &st.instances {
         let dash = || "-".to_string();
         println!(
-            "{:<12} {:>3}  {:<9} {:>8}  {:<8} {:>7}  {:>9}  {:>9}  {}",
+            "{:<12} {:>3}  {:<9} {:>8}  {:<8} {:>7}  {:>9}  {:>9}  {:>8}  {}",
             i.name,
             i.id,
             i.state,
@@ -213,6 +213,9 @@ pub(super) fn status(sysroot: &Path, json: bool) -> Res {
                 .map_or_else(dash, |u| format!("{:.1}s", u as f64 / 1000.0)),
             i.heartbeat_age_ms
                 .map_or_else(dash, |h| format!("{h}ms ago")),
+            // Restarts by the policy, of how many it may make.
+            i.restart_limit
+                .map_or_else(dash, |l| format!("{}/{l}", i.restarts)),
             i.reason
                 .clone()
                 .or_else(|| i.kernel.clone())

@@ -157,7 +157,8 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Show every instance: state, pid, CPUs, memory, uptime, heartbeat.
+    /// Show every instance: state, pid, CPUs, memory, uptime, heartbeat,
+    /// restarts by its restart policy (of its limit).
     Status {
         /// Print JSON for tools.
         #[arg(long)]
@@ -255,7 +256,8 @@ pub enum Command {
     /// runs, and return when each one's agent answers (as boot does).
     ///
     /// The stop is `mkctl stop`'s (agent power-off, then QMP quit, then
-    /// kill after --stop-timeout); a failed instance is booted again too.
+    /// kill after --stop-timeout); a failed instance is booted again too,
+    /// and its count of restarts by `restart = "on-failure"` starts again.
     /// Exit codes: 0 every instance is ready again; 1 one did not come
     /// back (the message says which and why) or no daemon runs; 2 a name
     /// the daemon does not have (nothing was stopped).

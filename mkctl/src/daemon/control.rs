@@ -308,6 +308,16 @@ pub struct InstanceStatus {
     /// Milliseconds since the agent's heartbeat last moved.
     pub heartbeat_age_ms: Option<u64>,
     pub kernel: Option<String>,
+    /// Its restart policy: `no` or `on-failure`.
+    #[serde(default)]
+    pub restart: String,
+    /// How many times the policy may restart it (`None` without a policy).
+    #[serde(default)]
+    pub restart_limit: Option<u32>,
+    /// Restarts the policy began since a request last booted or restarted
+    /// it.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// One frame off the socket.

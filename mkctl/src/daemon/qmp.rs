@@ -56,6 +56,17 @@ impl Qmp {
     /// creates it shortly after it starts), reads the greeting and enters
     /// command mode.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        Self::connect_within(path, timeout, Duration::from_secs(10))
+    }
+
+    /// [`Qmp::connect`], giving up on every answer (the greeting too) that
+    /// takes longer than `answer`: a frozen QEMU accepts the connection and
+    /// says nothing.
+    pub fn connect_within(
+        path: &Path,
+        timeout: Duration,
+        answer: Duration,
+    ) -> Result<Self, QmpError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path) {
@@ -72,7 +83,7 @@ impl Qmp {
                 }
             }
         };
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(answer))?;
         let writer = stream.try_clone()?;
         let mut q = Qmp {
             reader: BufReader::new(stream),

@@ -21,6 +21,15 @@
 //! | stopping | refused: busy        | refused: is stopping         | waits with it   |
 //! | stopped  | starts it            | refused: is stopped          | nothing to do   |
 //! | failed   | starts it            | refused: has failed (why)    | stays failed    |
+//!
+//! The restart policy (`restart = "on-failure"` in the topology) acts on
+//! `failed` alone, through [`Inst::policy_step`]: an instance that was
+//! `ready` since a request booted it (or that the policy booted) and then
+//! failed is restarted after a backoff, at most `restart_limit` times; after
+//! that it stays `failed` and its reason says the limit was reached. A stop
+//! disarms it (a deliberate stop is never a failure, and it cancels a
+//! restart that waits for its backoff); a boot or restart by a request
+//! starts the count again.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use super::error::RequestError;
 use super::paths::InstanceDir;
-use crate::topology::{Instance, Topology};
+use crate::topology::{Instance, Restart, Topology};
 use crate::units::CpuSet;
 
 /// Lifecycle of one instance, as `mkctl status` shows it.
@@ -137,6 +146,81 @@ pub struct Inst {
     pub started: Option<Instant>,
     pub kernel: Option<String>,
     pub dir: InstanceDir,
+    /// `restart` of its `[[instance]]`, as the file said at its last boot.
+    pub restart: Restart,
+    /// What the restart policy did and will do for it.
+    pub policy: PolicyState,
+}
+
+/// Who asked for a boot (or restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartedBy {
+    /// A request (`mkctl boot`, `mkctl restart`): the restart count starts
+    /// again, and the policy watches the instance once it is `ready` (a
+    /// boot that fails is the requester's to see, not to retry).
+    Request,
+    /// The restart policy: the count goes on, and a failure during this
+    /// boot counts as the next failure.
+    Policy,
+}
+
+/// The restart policy's bookkeeping for one instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    /// Restarts the policy began since a request last booted the instance.
+    pub restarts: u32,
+    /// The policy acts when it fails: it was `ready` since a request
+    /// booted it, or the policy booted it. A stop disarms it.
+    pub armed: bool,
+    /// A restart waits for its backoff until then.
+    pub due: Option<Instant>,
+    /// A restart by the policy is under way.
+    pub running: bool,
+}
+
+impl PolicyState {
+    /// The state an instance's new boot starts with, `prev` being what it
+    /// had before (if it ran before).
+    pub fn for_boot(prev: Option<&PolicyState>, by: StartedBy) -> PolicyState {
+        match by {
+            StartedBy::Request => PolicyState::default(),
+            StartedBy::Policy => PolicyState {
+                armed: true,
+                due: None,
+                ..prev.cloned().unwrap_or_default()
+            },
+        }
+    }
+}
+
+/// What the restart policy does about an instance now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyStep {
+    Idle,
+    /// It just failed: restart number `attempt` of `limit` waits `after`.
+    Scheduled {
+        attempt: u32,
+        limit: u32,
+        after: Duration,
+    },
+    /// Restart it now (restart number `attempt` of `limit`, counted).
+    RestartNow {
+        attempt: u32,
+        limit: u32,
+    },
+    /// It failed again with `limit` restarts spent: it stays failed, and
+    /// its reason now says so.
+    GaveUp {
+        limit: u32,
+    },
+}
+
+/// The wait before the policy's restart number `attempt` (1, 2, ...): 1 s,
+/// doubling, at most 30 s; short, since a guest boots in seconds, but
+/// growing so a guest that dies at once does not keep two CPUs busy.
+pub fn restart_backoff(attempt: u32) -> Duration {
+    let secs = 1u64 << attempt.saturating_sub(1).min(5);
+    Duration::from_secs(secs.min(30))
 }
 
 impl Inst {
@@ -144,6 +228,49 @@ impl Inst {
     pub fn fail(&mut self, reason: impl Into<String>) {
         self.state = State::Failed;
         self.reason = Some(reason.into());
+    }
+
+    /// The restart policy's next step at `now` (the monitor asks after
+    /// every look at the instances).
+    pub fn policy_step(&mut self, now: Instant) -> PolicyStep {
+        let Restart::OnFailure { limit } = self.restart else {
+            return PolicyStep::Idle;
+        };
+        let p = &mut self.policy;
+        if self.state != State::Failed || !p.armed || p.running {
+            return PolicyStep::Idle;
+        }
+        match p.due {
+            None if p.restarts >= limit => {
+                p.armed = false;
+                let last = self.reason.take().unwrap_or_else(|| "failed".into());
+                self.reason = Some(format!(
+                    "failed {} times; restart limit {limit} reached: {last}",
+                    p.restarts.saturating_add(1)
+                ));
+                PolicyStep::GaveUp { limit }
+            }
+            None => {
+                let attempt = p.restarts.saturating_add(1);
+                let after = restart_backoff(attempt);
+                p.due = Some(now + after);
+                PolicyStep::Scheduled {
+                    attempt,
+                    limit,
+                    after,
+                }
+            }
+            Some(at) if now >= at => {
+                p.due = None;
+                p.restarts = p.restarts.saturating_add(1);
+                p.running = true;
+                PolicyStep::RestartNow {
+                    attempt: p.restarts,
+                    limit,
+                }
+            }
+            Some(_) => PolicyStep::Idle,
+        }
     }
 }
 
@@ -260,6 +387,9 @@ impl Registry {
             let Some(inst) = self.instances.get_mut(n) else {
                 continue;
             };
+            // A deliberate stop: no restart by the policy, now or pending.
+            inst.policy.armed = false;
+            inst.policy.due = None;
             match inst.state.on_stop(inst.child.is_some()) {
                 OnStop::Stop => {
                     inst.state = State::Stopping;
@@ -362,6 +492,8 @@ mod tests {
             started: None,
             kernel: None,
             dir: InstanceDir(PathBuf::from("/nonexistent").join(name)),
+            restart: Restart::No,
+            policy: PolicyState::default(),
         }
     }
 
@@ -524,6 +656,121 @@ mod tests {
             stop_summary(&before),
             "stopped gamma; alpha had failed; beta was not running"
         );
+    }
+
+    #[test]
+    fn the_policy_restarts_a_failed_instance_after_a_backoff_up_to_its_limit() {
+        use PolicyStep::*;
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut a = inst("alpha", 1, State::Ready);
+        a.restart = Restart::OnFailure { limit: 2 };
+        a.policy.armed = true;
+        assert_eq!(a.policy_step(t0), Idle, "ready: nothing to do");
+        a.fail("qemu exited unexpectedly (signal: 9 (SIGKILL))");
+        assert_eq!(
+            a.policy_step(t0),
+            Scheduled {
+                attempt: 1,
+                limit: 2,
+                after: s(1)
+            }
+        );
+        assert_eq!(a.policy_step(t0 + s(1) / 2), Idle, "in its backoff");
+        assert_eq!(
+            a.policy_step(t0 + s(1)),
+            RestartNow {
+                attempt: 1,
+                limit: 2
+            }
+        );
+        assert_eq!(a.policy_step(t0 + s(9)), Idle, "while the restart runs");
+
+        // The policy's boot keeps the count and watches at once: a failure
+        // during that boot is the next failure.
+        let mut b = inst("alpha", 1, State::Booting);
+        b.restart = a.restart;
+        b.policy = PolicyState::for_boot(Some(&a.policy), StartedBy::Policy);
+        assert_eq!((b.policy.restarts, b.policy.armed), (1, true));
+        b.fail("qemu exited during boot (exit status: 1)");
+        assert_eq!(b.policy_step(t0), Idle, "the restart has not returned");
+        b.policy.running = false;
+        assert_eq!(
+            b.policy_step(t0),
+            Scheduled {
+                attempt: 2,
+                limit: 2,
+                after: s(2)
+            }
+        );
+        assert_eq!(
+            b.policy_step(t0 + s(2)),
+            RestartNow {
+                attempt: 2,
+                limit: 2
+            }
+        );
+
+        // Ready again, then a third failure: the limit is spent.
+        let mut c = inst("alpha", 1, State::Ready);
+        c.restart = b.restart;
+        c.policy = PolicyState::for_boot(Some(&b.policy), StartedBy::Policy);
+        c.policy.running = false;
+        c.fail("heartbeat stopped 5.0 s ago");
+        assert_eq!(c.policy_step(t0), GaveUp { limit: 2 });
+        assert_eq!(
+            c.reason.as_deref(),
+            Some("failed 3 times; restart limit 2 reached: heartbeat stopped 5.0 s ago")
+        );
+        assert_eq!(c.state, State::Failed);
+        assert_eq!(c.policy_step(t0 + s(60)), Idle, "and stays failed");
+        assert!(c.reason.as_deref().unwrap().starts_with("failed 3 times"));
+
+        // A request's boot starts the count again, and watches only once
+        // the instance is ready.
+        let fresh = PolicyState::for_boot(Some(&c.policy), StartedBy::Request);
+        assert_eq!(fresh, PolicyState::default());
+    }
+
+    #[test]
+    fn the_policy_leaves_alone_what_it_must_not_restart() {
+        let t0 = Instant::now();
+        // No policy.
+        let mut a = inst("alpha", 1, State::Failed);
+        a.policy.armed = true;
+        assert_eq!(a.policy_step(t0), PolicyStep::Idle);
+        // Failed during a request's boot: never ready, not watched.
+        let mut b = inst("beta", 2, State::Failed);
+        b.restart = Restart::OnFailure { limit: 3 };
+        assert_eq!(b.policy_step(t0), PolicyStep::Idle);
+        // A stop, also of a failed instance waiting for its restart,
+        // disarms it: nothing restarts it afterwards.
+        let mut r = registry(&[("alpha", State::Failed), ("gamma", State::Ready)]);
+        for i in r.instances.values_mut() {
+            i.restart = Restart::OnFailure { limit: 3 };
+            i.policy.armed = true;
+        }
+        let alpha = r.instances.get_mut("alpha").unwrap();
+        assert!(matches!(
+            alpha.policy_step(t0),
+            PolicyStep::Scheduled { attempt: 1, .. }
+        ));
+        r.begin_stop(&["alpha".into(), "gamma".into()]);
+        for i in r.instances.values_mut() {
+            assert_eq!(i.policy.due, None);
+            assert_eq!(
+                i.policy_step(t0 + Duration::from_secs(60)),
+                PolicyStep::Idle
+            );
+        }
+        // A stopped instance whose QEMU then exits is stopping, not failed.
+        assert_eq!(State::Stopping.on_process_exit(), State::Stopping);
+    }
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_thirty() {
+        let secs: Vec<u64> = (1..=8).map(|n| restart_backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
     }
 
     #[test]

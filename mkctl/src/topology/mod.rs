@@ -14,7 +14,9 @@ pub mod validate;
 use std::path::{Path, PathBuf};
 
 pub use diag::{Diagnostic, Severity, Source};
-pub use model::{HostShare, ImageSpec, Instance, Machine, Node, Pool, Topology, WindowSpec};
+pub use model::{
+    HostShare, ImageSpec, Instance, Machine, Node, Pool, Restart, Topology, WindowSpec,
+};
 pub use schema::Backend;
 
 /// Why a topology could not be loaded.

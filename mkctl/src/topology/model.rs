@@ -143,6 +143,37 @@ pub enum ImageSpec {
     Path(PathBuf),
 }
 
+/// What the daemon does when an instance fails: `restart` and
+/// `restart_limit` of its `[[instance]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "policy")]
+pub enum Restart {
+    /// It stays failed until someone restarts it (`restart = "no"`, the
+    /// default).
+    No,
+    /// The daemon restarts it after a failure, at most `limit` (>= 1) times
+    /// (`restart = "on-failure"`).
+    OnFailure { limit: u32 },
+}
+
+impl Restart {
+    /// The policy as the topology spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Restart::No => "no",
+            Restart::OnFailure { .. } => "on-failure",
+        }
+    }
+
+    /// How many times the daemon may restart it; `None` without a policy.
+    pub fn limit(self) -> Option<u32> {
+        match self {
+            Restart::No => None,
+            Restart::OnFailure { limit } => Some(limit),
+        }
+    }
+}
+
 /// One spawned kernel.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Instance {
@@ -158,6 +189,7 @@ pub struct Instance {
     pub kernel: ImageSpec,
     pub initrd: ImageSpec,
     pub cmdline: String,
+    pub restart: Restart,
 }
 
 impl Instance {

@@ -42,6 +42,17 @@ impl std::fmt::Display for Backend {
     }
 }
 
+/// What the daemon does when an instance fails (`restart` in an
+/// `[[instance]]`); the limit is `restart_limit`, combined with this into
+/// [`super::model::Restart`] by `validate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Nothing: a failed instance stays failed until someone restarts it.
+    No,
+    /// The daemon restarts it, up to `restart_limit` times.
+    OnFailure,
+}
+
 #[derive(Debug, Default)]
 pub struct RawTopology {
     pub machine: Option<RawMachine>,
@@ -110,6 +121,11 @@ pub struct RawInstance {
     pub kernel: Option<Spanned<String>>,
     pub initrd: Option<Spanned<String>>,
     pub cmdline: Option<Spanned<String>>,
+    pub restart: Option<Spanned<RestartPolicy>>,
+    /// `restart` is in the table (`restart` is `None` when it could not be
+    /// read).
+    pub restart_written: bool,
+    pub restart_limit: Option<Spanned<u32>>,
 }
 
 /// Reads the document. Returns the raw topology (fields that could not be
@@ -255,6 +271,9 @@ fn read_instance(t: &DeTable<'_>, span: Range<usize>, diags: &mut Vec<Diagnostic
         kernel: r.optional(n_string, "kernel"),
         initrd: r.optional(n_string, "initrd"),
         cmdline: r.optional(n_string, "cmdline"),
+        restart: r.optional(n_restart, "restart"),
+        restart_written: t.iter().any(|(k, _)| k.get_ref().as_ref() == "restart"),
+        restart_limit: r.optional(n_u32, "restart_limit"),
     };
     r.finish();
     i
@@ -321,6 +340,20 @@ fn n_backend(v: &DeValue<'_>) -> Result<Backend, String> {
         )),
         None => Err(format!(
             "expected \"qemu\" or \"kexec\", found {}",
+            v.type_str()
+        )),
+    }
+}
+
+fn n_restart(v: &DeValue<'_>) -> Result<RestartPolicy, String> {
+    match v.as_str() {
+        Some("no") => Ok(RestartPolicy::No),
+        Some("on-failure") => Ok(RestartPolicy::OnFailure),
+        Some(other) => Err(format!(
+            "unknown restart policy \"{other}\"; use \"no\" or \"on-failure\""
+        )),
+        None => Err(format!(
+            "expected \"no\" or \"on-failure\", found {}",
             v.type_str()
         )),
     }

@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use super::diag::{Diagnostic, Source};
-use super::model::{HostShare, ImageSpec, Instance, Machine, Node, Pool, Topology, WindowSpec};
+use super::model::{
+    HostShare, ImageSpec, Instance, Machine, Node, Pool, Restart, Topology, WindowSpec,
+};
 use super::place::{largest_gap, next_free, Taken};
-use super::schema::{Backend, RawInstance, RawTopology};
+use super::schema::{Backend, RawInstance, RawTopology, RestartPolicy};
 use crate::units::{align_up, ByteSize, CpuSet, InstanceId, MemRange, PhysAddr, GIB, KIB, MIB};
 
 /// The default alignment of instance memory: 2 MiB, one huge page, so a
@@ -25,6 +27,9 @@ use crate::units::{align_up, ByteSize, CpuSet, InstanceId, MemRange, PhysAddr, G
 pub const DEFAULT_ALIGN: u64 = 2 * MIB;
 /// Default size of the shared window (a power of two, as ivshmem requires).
 pub const DEFAULT_WINDOW: u64 = 16 * MIB;
+/// How many times the daemon restarts an instance with
+/// `restart = "on-failure"` and no `restart_limit`.
+pub const DEFAULT_RESTART_LIMIT: u32 = 3;
 /// Instance names become hostnames and device tree node names.
 const NAME_MAX: usize = 63;
 
@@ -87,6 +92,7 @@ pub fn validate(
             kernel: c.kernel,
             initrd: c.initrd,
             cmdline: c.cmdline,
+            restart: c.restart,
         });
     }
     let instances = built;
@@ -118,6 +124,7 @@ struct Checked {
     kernel: ImageSpec,
     initrd: ImageSpec,
     cmdline: String,
+    restart: Restart,
 }
 
 struct WindowPlan {
@@ -579,6 +586,7 @@ impl Validator<'_> {
             .as_ref()
             .or(raw.defaults.cmdline.as_ref())
             .map_or_else(String::new, |c| c.get_ref().clone());
+        let restart = self.restart(ri, backend, &label);
 
         Checked {
             span: ri.span.clone(),
@@ -599,6 +607,77 @@ impl Validator<'_> {
             kernel,
             initrd,
             cmdline,
+            restart,
+        }
+    }
+
+    /// `restart` and `restart_limit`: a limit of at least 1; a limit
+    /// without `restart = "on-failure"`, or a policy on an instance the
+    /// daemon does not run (kexec), is a warning.
+    fn restart(&mut self, ri: &RawInstance, backend: Backend, label: &str) -> Restart {
+        let policy = ri
+            .restart
+            .as_ref()
+            .map_or(RestartPolicy::No, |p| *p.get_ref());
+        let limit = match &ri.restart_limit {
+            Some(l) if *l.get_ref() == 0 => {
+                self.push(
+                    Diagnostic::error(
+                        "bad-restart-limit",
+                        format!("instance \"{label}\" has restart_limit = 0"),
+                    )
+                    .at(l.span())
+                    .instance(label)
+                    .help(format!(
+                        "it is how many times the daemon restarts the instance: use 1 or more, \
+                         e.g. restart_limit = {DEFAULT_RESTART_LIMIT}"
+                    )),
+                );
+                DEFAULT_RESTART_LIMIT
+            }
+            Some(l) => *l.get_ref(),
+            None => DEFAULT_RESTART_LIMIT,
+        };
+        // A `restart` that could not be read was reported already; the
+        // limit beside it is not "unused" then.
+        let unreadable_policy = ri.restart.is_none() && ri.restart_written;
+        match policy {
+            RestartPolicy::No => {
+                if let (Some(l), false) = (&ri.restart_limit, unreadable_policy) {
+                    self.push(
+                        Diagnostic::warning(
+                            "restart-limit-unused",
+                            format!(
+                                "restart_limit of \"{label}\" does nothing without \
+                                 restart = \"on-failure\""
+                            ),
+                        )
+                        .at(l.span())
+                        .instance(label)
+                        .help(
+                            "add restart = \"on-failure\" to the instance, or remove restart_limit",
+                        ),
+                    );
+                }
+                Restart::No
+            }
+            RestartPolicy::OnFailure => {
+                if backend == Backend::Kexec {
+                    self.push(
+                        Diagnostic::warning(
+                            "restart-kexec",
+                            format!(
+                                "\"{label}\" uses the kexec backend, which the daemon does \
+                                 not restart"
+                            ),
+                        )
+                        .at_opt(ri.restart.as_ref().map(Spanned::span))
+                        .instance(label)
+                        .help("restart policies apply to backend = \"qemu\" instances; remove restart"),
+                    );
+                }
+                Restart::OnFailure { limit }
+            }
         }
     }
 

@@ -1,7 +1,8 @@
 //! The lifecycle of the daemon's instances: boot (validate, window,
 //! initramfs, one QEMU each, wait for every agent), stop (agent power-off,
 //! then QMP quit, then kill), restart (a stop, then a boot), the monitor that notices QEMU exits and lost
-//! heartbeats, and status. Which transitions are allowed is
+//! heartbeats and carries out the restart policy (through the same
+//! restart), and status. Which transitions are allowed is
 //! [`crate::daemon::state`]'s to say; this file carries them out.
 
 use std::os::unix::process::CommandExt;
@@ -18,9 +19,11 @@ use mknode::wire::Msg;
 use super::{Daemon, Progress};
 use crate::daemon::control::{DaemonStatus, InstanceStatus, Reply};
 use crate::daemon::error::{InstanceError, RequestError};
-use crate::daemon::paths;
+use crate::daemon::paths::{self, InstanceDir};
 use crate::daemon::qmp::Qmp;
-use crate::daemon::state::{stop_summary, Inst, State, StopStep, Stopped};
+use crate::daemon::state::{
+    stop_summary, Inst, PolicyState, PolicyStep, StartedBy, State, StopStep, Stopped,
+};
 use crate::daemon::window::HostWindow;
 use crate::initramfs::Initramfs;
 use crate::qemu::cmdline::endpoint_names;
@@ -37,6 +40,11 @@ const MONITOR_PERIOD: Duration = Duration::from_millis(250);
 const HUNG_AFTER: Duration = Duration::from_secs(5);
 /// How long a stop waits after QMP quit before it kills a QEMU.
 const KILL_AFTER_QUIT: Duration = Duration::from_secs(3);
+/// The restart policy's stop: the instance failed, so its agent is not
+/// waited for long (a hung guest still has a QEMU that QMP can quit).
+const POLICY_STOP_TIMEOUT: Duration = Duration::from_secs(1);
+/// The restart policy's boot: as long as `mkctl restart` waits by default.
+const POLICY_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Daemon {
     pub(super) fn boot(
@@ -44,6 +52,7 @@ impl Daemon {
         config: &Path,
         only: &[String],
         timeout: Duration,
+        by: StartedBy,
         progress: Progress<'_>,
     ) -> Result<Reply, RequestError> {
         // Validate first: nothing starts for an invalid topology.
@@ -114,6 +123,9 @@ impl Daemon {
         let mut failures: Vec<(String, InstanceError)> = Vec::new();
         let mut waiting: Vec<&Instance> = Vec::new();
         for i in &selected {
+            if let Some(inst) = self.registry().instances.get_mut(&i.name) {
+                inst.policy = PolicyState::for_boot(Some(&inst.policy), by);
+            }
             match self.start_qemu(&t, i, &window, &kernel_auto, &initramfs, progress) {
                 Ok(()) => waiting.push(i),
                 Err(e) => {
@@ -309,7 +321,14 @@ impl Daemon {
                 spec.memory.human()
             ),
         );
-        self.registry().instances.insert(
+        let mut reg = self.registry();
+        // What the restart policy knows of it (set by `boot` for this boot).
+        let policy = reg
+            .instances
+            .get(&i.name)
+            .map(|p| p.policy.clone())
+            .unwrap_or_default();
+        reg.instances.insert(
             i.name.clone(),
             Inst {
                 name: i.name.clone(),
@@ -322,8 +341,11 @@ impl Daemon {
                 started: Some(Instant::now()),
                 kernel: None,
                 dir: dir.clone(),
+                restart: i.restart,
+                policy,
             },
         );
+        drop(reg);
         match pin_vcpus(&dir.qmp(), &i.cpus) {
             Ok(msg) => progress(&i.name, &msg),
             Err(e) => progress(
@@ -383,6 +405,8 @@ impl Daemon {
         let mut reg = self.registry();
         if let Some(inst) = reg.instances.get_mut(&i.name) {
             inst.state = State::Ready;
+            // From now on a failure is the restart policy's to act on.
+            inst.policy.armed = true;
             inst.kernel = Some(info.release.clone());
             let secs = inst.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
             drop(reg);
@@ -415,6 +439,95 @@ impl Daemon {
         while !self.stopping() {
             thread::sleep(MONITOR_PERIOD);
             self.notice(true);
+            self.apply_restart_policies();
+        }
+    }
+
+    /// The restart policy's step for every instance (see
+    /// [`Inst::policy_step`]): schedules a restart of what just failed,
+    /// says when the limit is reached, and starts each restart that is due
+    /// on a thread of its own, so the monitor keeps watching the others.
+    fn apply_restart_policies(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        {
+            let mut reg = self.registry();
+            for inst in reg.instances.values_mut() {
+                match inst.policy_step(now) {
+                    PolicyStep::Idle => {}
+                    PolicyStep::Scheduled {
+                        attempt,
+                        limit,
+                        after,
+                    } => log::warn!(
+                        "{}: {}; restart {attempt} of {limit} in {:.0} s (restart = \"on-failure\")",
+                        inst.name,
+                        inst.reason.as_deref().unwrap_or_default(),
+                        after.as_secs_f64()
+                    ),
+                    PolicyStep::GaveUp { .. } => log::error!(
+                        "{}: {}; it stays failed until `mkctl restart {}`",
+                        inst.name,
+                        inst.reason.as_deref().unwrap_or_default(),
+                        inst.name
+                    ),
+                    PolicyStep::RestartNow { attempt, limit } => {
+                        due.push((inst.name.clone(), attempt, limit));
+                    }
+                }
+            }
+        }
+        if self.stopping() {
+            return;
+        }
+        for (name, attempt, limit) in due {
+            let d = Arc::clone(self);
+            let n = name.clone();
+            let spawned = thread::Builder::new()
+                .name(format!("restart-{name}"))
+                .spawn(move || d.restart_by_policy(&n, attempt, limit));
+            if let Err(e) = spawned {
+                log::error!("{name}: cannot start restart {attempt} of {limit}: {e}");
+                if let Some(inst) = self.registry().instances.get_mut(&name) {
+                    inst.policy.running = false;
+                }
+            }
+        }
+    }
+
+    /// Restart number `attempt` of `limit` of a failed instance, by its
+    /// policy: [`Daemon::restart`], as `mkctl restart` does it, with its
+    /// progress in the daemon's log.
+    fn restart_by_policy(&self, name: &str, attempt: u32, limit: u32) {
+        if self.stopping() {
+            return;
+        }
+        log::info!("{name}: restart {attempt} of {limit} (restart = \"on-failure\")");
+        let progress = |instance: &str, message: &str| log::info!("{instance}: {message}");
+        let result = self.restart(
+            vec![name.to_string()],
+            POLICY_STOP_TIMEOUT,
+            POLICY_BOOT_TIMEOUT,
+            StartedBy::Policy,
+            &progress,
+        );
+        let mut reg = self.registry();
+        let Some(inst) = reg.instances.get_mut(name) else {
+            return;
+        };
+        inst.policy.running = false;
+        match result {
+            Ok(Reply::Ok { message }) => log::info!("{name}: {message}"),
+            Ok(_) => {}
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                log::warn!("{name}: restart {attempt} of {limit} failed: {why}");
+                // Nothing was booted (the topology, say, is now invalid):
+                // say why in its status. A failed boot has its own reason.
+                if inst.state == State::Failed && !matches!(e, RequestError::Boot(_)) {
+                    inst.reason = Some(format!("restart {attempt} of {limit} failed: {why}"));
+                }
+            }
         }
     }
 
@@ -496,6 +609,9 @@ impl Daemon {
                         .and_then(|w| w.heartbeat_age(i.id))
                         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                     kernel: i.kernel.clone(),
+                    restart: i.restart.as_str().into(),
+                    restart_limit: i.restart.limit(),
+                    restarts: i.policy.restarts,
                 })
                 .collect(),
         }
@@ -519,7 +635,8 @@ impl Daemon {
         Ok(self.stop_instances(&names, timeout, force, progress))
     }
 
-    /// `mkctl restart`: [`Daemon::stop`], then [`Daemon::boot`] of the same
+    /// `mkctl restart`, and the restart policy's restarts (`by`):
+    /// [`Daemon::stop`], then [`Daemon::boot`] of the same
     /// instances from the topology this daemon runs (read again, so an
     /// edited instance comes back as the file now says). A failed instance
     /// is booted again too; an unknown name stops nothing.
@@ -528,6 +645,7 @@ impl Daemon {
         names: Vec<String>,
         stop_timeout: Duration,
         boot_timeout: Duration,
+        by: StartedBy,
         progress: Progress<'_>,
     ) -> Result<Reply, RequestError> {
         let names = if names.is_empty() {
@@ -541,7 +659,7 @@ impl Daemon {
             reg.config.clone().ok_or(RequestError::NoWindow)?
         };
         let stopped = stop_summary(&self.stop(names.clone(), stop_timeout, false, progress)?);
-        let booted = match self.boot(&config, &names, boot_timeout, progress)? {
+        let booted = match self.boot(&config, &names, boot_timeout, by, progress)? {
             Reply::Ok { message } => message,
             other => return Ok(other),
         };
@@ -644,18 +762,32 @@ impl Daemon {
             }
             if now >= deadline && !quit_sent {
                 quit_sent = true;
-                let reg = self.registry();
-                for (name, _, dir) in &targets {
-                    if reg.instances.get(name).is_none_or(|i| i.child.is_none()) {
-                        continue;
-                    }
+                // Not under the registry's lock: QMP of a frozen QEMU
+                // answers only at its read timeout, and the monitor, status
+                // and every other request must not wait for it.
+                let running: Vec<&(String, u16, InstanceDir)> = {
+                    let reg = self.registry();
+                    targets
+                        .iter()
+                        .filter(|(name, _, _)| {
+                            reg.instances.get(name).is_some_and(|i| i.child.is_some())
+                        })
+                        .collect()
+                };
+                for (name, _, dir) in running {
                     let why = if force {
                         "--force".to_string()
                     } else {
                         format!("no power-off after {:.0} s", timeout.as_secs_f64())
                     };
-                    match Qmp::connect(&dir.qmp(), Duration::from_millis(500))
-                        .and_then(|mut q| q.quit())
+                    // The kill comes KILL_AFTER_QUIT later anyway: a QEMU
+                    // that does not answer by then is frozen.
+                    match Qmp::connect_within(
+                        &dir.qmp(),
+                        Duration::from_millis(500),
+                        KILL_AFTER_QUIT,
+                    )
+                    .and_then(|mut q| q.quit())
                     {
                         Ok(()) => progress(name, &format!("{why}: QMP quit")),
                         Err(e) => progress(

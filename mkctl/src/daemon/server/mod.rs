@@ -18,7 +18,9 @@
 //!   `PR_SET_PDEATHSIG = SIGKILL`, so no QEMU outlives the daemon, even
 //!   when the daemon is killed;
 //! - an instance whose QEMU exits or whose agent's heartbeat stops is shown
-//!   `failed` with the reason, within a second or two.
+//!   `failed` with the reason, within a second or two; with
+//!   `restart = "on-failure"` the monitor restarts it through the same
+//!   restart as `mkctl restart`, at most `restart_limit` times.
 
 mod dsm;
 mod instances;
@@ -37,7 +39,7 @@ use crossbeam_channel::{bounded, Sender};
 use super::control::{self, Frame, Reply, Request, Side};
 use super::error::RequestError;
 use super::paths::RunDir;
-use super::state::{stop_summary, Registry};
+use super::state::{stop_summary, Registry, StartedBy};
 use super::window::HostWindow;
 
 /// Runs QEMU (and only QEMU) from one long-lived thread, because
@@ -310,6 +312,7 @@ impl Daemon {
                 &config,
                 &instances,
                 Duration::from_millis(timeout_ms),
+                StartedBy::Request,
                 progress,
             )?,
             Request::Status => Reply::Status {
@@ -339,6 +342,7 @@ impl Daemon {
                 instances,
                 Duration::from_millis(stop_timeout_ms),
                 Duration::from_millis(boot_timeout_ms),
+                StartedBy::Request,
                 progress,
             )?,
             Request::Threads => Reply::Threads {
