@@ -212,6 +212,27 @@ fn three_lazy_round_trips_in_a_row() {
     }
 }
 
+/// Anonymous shared memory moves lazily too: its pages come on fault and
+/// by the push (zero pages copied in: shared memory has no zero page to
+/// map), and it is shared memory again where it arrives.
+#[test]
+fn anonymous_shared_memory_moves_lazily() {
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "4M", "--shared-mem", "8M"]);
+    running(&out, 3);
+    let first = child.id() as i32;
+    let (sum0, _) = checksum(first, &out);
+    let m = lazy_move(first, &out, move || drop(child.wait()), 3);
+    let pid = m.restored.restored.pid;
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).expect("SIGUSR1");
+    let check = m.out.until(T, |l| matches!(l, Line::Check(_))).pop();
+    assert_eq!(check, Some(Line::Check("shm_check=ok".into())));
+    m.restored.pager.wait().expect("all pages in");
+    assert_eq!(checksum(pid, &m.out).0, sum0);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    reap(pid)();
+}
+
 #[test]
 fn background_push_completes_and_the_origin_lets_go() {
     let _g = serial();

@@ -852,6 +852,37 @@ fn an_epoll_watching_a_closed_descriptor_is_refused_by_name() {
     let _ = child.wait();
 }
 
+/// Anonymous shared memory the process alone maps moves with it, every
+/// page (one out of its page tables too), and is shared memory again: a
+/// child forked after the restore writes into it and the parent sees it.
+#[test]
+fn anonymous_shared_memory_moves_and_stays_shared() {
+    let dir = Scratch::new("host_checkpoint_shm");
+    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 10 --shared-mem 3M");
+    let pid = child.id();
+    usr1(pid);
+    let l = until(&rx, |l| l.starts_with("shm_check=")).pop().unwrap();
+    assert_eq!(l, "shm_check=ok");
+    let img = dir.join("shm.img");
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.wait();
+    let mut r = restore_running(&img);
+    let (rx2, _err, _, new_pid) = restoring(&mut r);
+    let got = until(&rx2, |l| l.starts_with("shm_check="));
+    assert_eq!(got.last().unwrap(), "shm_check=ok", "{got:?}");
+    let maps = std::fs::read_to_string(format!("/proc/{new_pid}/maps")).unwrap();
+    assert!(
+        maps.lines()
+            .any(|l| l.contains(" rw-s ") && l.ends_with("/dev/zero (deleted)")),
+        "{maps}"
+    );
+    usr1(new_pid);
+    let l = until(&rx2, |l| l.starts_with("shm_check=")).pop().unwrap();
+    assert_eq!(l, "shm_check=ok");
+    end(&mut r);
+}
+
 /// A socket whose peer another process holds is refused, naming it; the
 /// process runs on.
 #[test]

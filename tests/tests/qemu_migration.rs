@@ -644,13 +644,15 @@ fn timerfd_signalfd_and_pipe_move_between_guests() {
     no_gap(&w.seqs());
 }
 
-/// The guests' kernel has no AF_UNIX sock_diag (Debian 6.1 builds
-/// `unix_diag` as a module the guests do not load): a process with a socket
-/// pair is refused by name before anything is frozen, saying why, and runs
-/// on.
+/// A kernel without an AF_UNIX sock_diag (Debian builds `unix_diag` as a
+/// module; guest-init loads it, and here it is unloaded again): a process
+/// with a socket pair is refused by name before anything is frozen, saying
+/// why, and runs on.
 #[test]
 fn a_socket_pair_is_refused_by_name_where_sock_diag_is_missing() {
     let m = boot();
+    m.run(&["exec", "alpha", "--", "busybox", "rmmod", "unix_diag"])
+        .ok();
     let w = exec_watched(
         &m,
         "alpha",

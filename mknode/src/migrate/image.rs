@@ -571,6 +571,10 @@ pub const MAPF_NOHUGEPAGE: u8 = 4;
 /// process): the mapping is the DSM region whose name is the mapping's
 /// `name`, and its pages come through the DSM, never in the image.
 pub const MAPF_DSM: u8 = 8;
+/// Mapping flag: anonymous shared memory (`MAP_SHARED | MAP_ANONYMOUS`),
+/// which the process alone maps: made again shared, its pages carried as
+/// a private mapping's are (kind [`MappingKind::Anon`] only).
+pub const MAPF_SHARED: u8 = 16;
 
 /// One virtual memory area.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -2159,7 +2163,7 @@ fn parse_mapping(c: &mut Cur<'_>) -> Result<Mapping, ImageError> {
         });
     }
     let flags = c.u8()?;
-    if flags & !(MAPF_GROWSDOWN | MAPF_HUGEPAGE | MAPF_NOHUGEPAGE | MAPF_DSM) != 0 {
+    if flags & !(MAPF_GROWSDOWN | MAPF_HUGEPAGE | MAPF_NOHUGEPAGE | MAPF_DSM | MAPF_SHARED) != 0 {
         return Err(ImageError::Bound {
             at,
             what: "mapping flags",
@@ -2172,6 +2176,15 @@ fn parse_mapping(c: &mut Cur<'_>) -> Result<Mapping, ImageError> {
         what: "mapping kind",
         value: u64::from(k),
     })?;
+    if flags & MAPF_SHARED != 0
+        && (kind != MappingKind::Anon || flags & (MAPF_GROWSDOWN | MAPF_DSM) != 0)
+    {
+        return Err(ImageError::Bound {
+            at,
+            what: "shared mapping's kind or flags",
+            value: u64::from(flags),
+        });
+    }
     let offset = c.u64()?;
     let resident = c.u64()?;
     if resident > (end - start) / PAGE {

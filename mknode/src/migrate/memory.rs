@@ -13,11 +13,15 @@ use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 
 use super::image::{
-    KernelFingerprint, Mapping, MappingKind, MAPF_GROWSDOWN, PAGE, PROT_R, PROT_W, PROT_X, USER_TOP,
+    KernelFingerprint, Mapping, MappingKind, MAPF_GROWSDOWN, MAPF_SHARED, PAGE, PROT_R, PROT_W,
+    PROT_X, USER_TOP,
 };
 use super::procfs::MapsEntry;
 
 fn map_kind(m: &MapsEntry) -> Option<MappingKind> {
+    if super::precheck::shared_anon(m) {
+        return Some(MappingKind::Anon);
+    }
     Some(match m.name.as_str() {
         "[vsyscall]" => return None,
         "[heap]" => MappingKind::Heap,
@@ -46,6 +50,8 @@ pub(crate) fn to_mapping(m: &MapsEntry) -> Option<Mapping> {
         prot,
         flags: if kind == MappingKind::Stack {
             MAPF_GROWSDOWN
+        } else if super::precheck::shared_anon(m) {
+            MAPF_SHARED
         } else {
             0
         },

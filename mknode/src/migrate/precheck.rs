@@ -32,8 +32,16 @@ pub enum Blocker {
     Socket { fd: i32, target: String },
     /// fd 0/1/2 is something other than a pipe, a tty or /dev/null.
     Stdio { fd: i32, target: String },
-    /// A mapping shared with other processes (MAP_SHARED, SysV shm, ...).
+    /// A mapping shared with other processes (MAP_SHARED of a file, a
+    /// memfd, SysV shm, ...).
     SharedMapping { start: u64, end: u64, name: String },
+    /// Anonymous shared memory (carried) that something else maps too: a
+    /// process (`holder`), or the process itself at another address.
+    SharedElsewhere {
+        start: u64,
+        end: u64,
+        holder: String,
+    },
     /// A kernel special mapping this code does not know how to recreate.
     SpecialMapping { start: u64, name: String },
     /// Already under ptrace.
@@ -78,6 +86,11 @@ impl fmt::Display for Blocker {
                 f,
                 "shared memory mapping {start:#x}-{end:#x} ({})",
                 if name.is_empty() { "anonymous" } else { name }
+            ),
+            Blocker::SharedElsewhere { start, end, holder } => write!(
+                f,
+                "anonymous shared memory {start:#x}-{end:#x} is also mapped by {holder} \
+                 (it is carried only when the process alone maps it, once)"
             ),
             Blocker::SpecialMapping { start, name } => {
                 write!(f, "kernel special mapping {name} at {start:#x}")
@@ -1055,9 +1068,71 @@ pub(crate) fn known_special(name: &str) -> bool {
         || name.starts_with("[anon_shmem:")
 }
 
-pub(crate) fn mapping_blockers(maps: &[MapsEntry], out: &mut Vec<Blocker>) {
+/// Whether a mapping is anonymous shared memory (`MAP_SHARED |
+/// MAP_ANONYMOUS`, named or not): carried with its pages and made again
+/// shared and anonymous, when the process alone maps it.
+pub(crate) fn shared_anon(m: &MapsEntry) -> bool {
+    m.shared && (m.name == "/dev/zero (deleted)" || m.name.starts_with("[anon_shmem:"))
+}
+
+/// Anonymous shared memory of the process that is mapped elsewhere too: by
+/// another process under the proc root (a `fork` child, say), or twice in
+/// the process (the same pages at two addresses, which a restore would make
+/// two memories).
+fn shared_anon_blockers(pd: &ProcDir, maps: &[MapsEntry], out: &mut Vec<Blocker>) {
+    let shm: Vec<&MapsEntry> = maps.iter().filter(|m| shared_anon(m)).collect();
+    if shm.is_empty() {
+        return;
+    }
+    let overlap = |a: &MapsEntry, b: &MapsEntry| {
+        a.inode == b.inode
+            && a.offset < b.offset + (b.end - b.start)
+            && b.offset < a.offset + (a.end - a.start)
+    };
+    let mut held: Vec<(u64, String)> = Vec::new();
+    for (i, a) in shm.iter().enumerate() {
+        if let Some(b) = shm
+            .iter()
+            .enumerate()
+            .find(|&(j, b)| j != i && overlap(a, b))
+        {
+            held.push((a.start, format!("the process at {:#x}", b.1.start)));
+        }
+    }
+    let me = pd.pid();
+    for e in std::fs::read_dir(pd.root()).into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(theirs) = ProcDir::new(pd.root(), pid).maps() else {
+            continue;
+        };
+        for a in &shm {
+            if !held.iter().any(|(s, _)| *s == a.start)
+                && theirs.iter().any(|b| shared_anon(b) && overlap(a, b))
+            {
+                held.push((a.start, format!("process {pid}")));
+            }
+        }
+    }
+    for a in shm {
+        if let Some((_, holder)) = held.iter().find(|(s, _)| *s == a.start) {
+            out.push(Blocker::SharedElsewhere {
+                start: a.start,
+                end: a.end,
+                holder: holder.clone(),
+            });
+        }
+    }
+}
+
+pub(crate) fn mapping_blockers(pd: &ProcDir, maps: &[MapsEntry], out: &mut Vec<Blocker>) {
+    shared_anon_blockers(pd, maps, out);
     for m in maps {
-        if m.shared {
+        if m.shared && !shared_anon(m) {
             out.push(Blocker::SharedMapping {
                 start: m.start,
                 end: m.end,
@@ -1117,7 +1192,7 @@ pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusa
     // the links.
     let stat = root == Path::new("/proc");
     let (stdio, _) = sort_fds(&pd, stat, &mut blockers).map_err(inspect)?;
-    mapping_blockers(&maps, &mut blockers);
+    mapping_blockers(&pd, &maps, &mut blockers);
     let children = pd.children().map_err(inspect)?;
     if !children.is_empty() {
         blockers.push(Blocker::Children { pids: children });
@@ -1168,6 +1243,55 @@ mod tests {
 
     const OK_MAPS: &str = "00400000-00401000 r-xp 00000000 fe:00 1 /bin/x\n\
                            7ffe0000-7ffe1000 rw-p 00000000 00:00 0 [stack]\n";
+
+    /// Anonymous shared memory passes when the process alone maps it; it is
+    /// refused, naming the holder, when another process maps the same pages
+    /// or the process maps them twice; a shared file never passes.
+    #[test]
+    fn anonymous_shared_memory_is_carried_only_when_the_process_alone_maps_it() {
+        let shm = |start: &str, off: &str, ino: u32| {
+            format!(
+                "{start}-{:x} rw-s {off} 00:01 {ino} /dev/zero (deleted)\n",
+                { u64::from_str_radix(start, 16).unwrap() + 0x2000 }
+            )
+        };
+        let fds = [("0", "/dev/null"), ("1", "pipe:[5]"), ("2", "/dev/null")];
+        let alone = format!("{OK_MAPS}{}", shm("7f000000", "00000000", 41));
+        let d = tree(&fds, &alone, "");
+        assert!(check_at(d.path(), 7, 1).is_ok());
+        // Process 8 maps the second page of it (a child after fork).
+        fs::create_dir_all(d.path().join("8")).unwrap();
+        fs::write(d.path().join("8/maps"), shm("50000000", "00001000", 41)).unwrap();
+        let e = check_at(d.path(), 7, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("anonymous shared memory 0x7f000000-0x7f002000 is also mapped by process 8"),
+            "{e}"
+        );
+        // Another object (another inode) in process 8 is no matter.
+        fs::write(d.path().join("8/maps"), shm("50000000", "00000000", 42)).unwrap();
+        assert!(check_at(d.path(), 7, 1).is_ok());
+        // The same pages twice in the process itself.
+        let twice = format!("{alone}{}", shm("7f100000", "00001000", 41));
+        let d = tree(&fds, &twice, "");
+        let e = check_at(d.path(), 7, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("also mapped by the process at 0x7f100000"),
+            "{e}"
+        );
+        // Disjoint parts of one object (an mprotect split) are two mappings.
+        let split = format!("{alone}{}", shm("7f100000", "00002000", 41));
+        let d = tree(&fds, &split, "");
+        assert!(check_at(d.path(), 7, 1).is_ok());
+        // A shared file, or a memfd, is still refused.
+        let memfd =
+            format!("{OK_MAPS}7f000000-7f001000 rw-s 00000000 00:01 43 /memfd:x (deleted)\n");
+        let d = tree(&fds, &memfd, "");
+        let e = check_at(d.path(), 7, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("shared memory mapping 0x7f000000-0x7f001000 (/memfd:x (deleted))"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn clean_process_passes() {

@@ -28,7 +28,7 @@ use nix::unistd::Pid;
 use super::image::{
     FileKind, FileState, ImageError, ImageMeta, ImageReader, ImageStats, Mapping, MappingKind,
     OpenFile, Pages, PipeState, SocketPairState, ThreadState, TimerState, FLAG_LAZY, MAPF_DSM,
-    MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, TFD_ABSTIME,
+    MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, MAPF_SHARED, PAGE, PROT_R, PROT_W, TFD_ABSTIME,
     TFD_CANCEL_ON_SET, USER_TOP,
 };
 use super::inject::{inject, ptrace_err, wait, Call};
@@ -1249,6 +1249,9 @@ fn restore_impl<R: Read>(
         let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
         if m.flags & MAPF_GROWSDOWN != 0 {
             flags |= libc::MAP_GROWSDOWN;
+        }
+        if m.flags & MAPF_SHARED != 0 {
+            flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
         }
         let got = call(Call::new(
             "mmap",

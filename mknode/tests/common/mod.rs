@@ -92,8 +92,9 @@ pub(crate) enum Line {
     },
     /// The joiner thread's `pthread_join` returned.
     Joined,
-    /// `pipe_check=...` or `socket_check=...` (`--pipe-inflight`,
-    /// `--socketpairs`): the whole line.
+    /// `pipe_check=...`, `socket_check=...`, `shm_check=...` or
+    /// `epoll_check=...` (`--pipe-inflight`, `--socketpairs`,
+    /// `--shared-mem`, `--epoll`): the whole line.
     Check(String),
 }
 
@@ -101,7 +102,10 @@ pub(crate) fn parse(line: &str) -> Option<Line> {
     if line == "joined" {
         return Some(Line::Joined);
     }
-    if line.starts_with("pipe_check=") || line.starts_with("socket_check=") {
+    if ["pipe_check=", "socket_check=", "shm_check=", "epoll_check="]
+        .iter()
+        .any(|p| line.starts_with(p))
+    {
         return Some(Line::Check(line.to_string()));
     }
     if let Some(rest) = line.strip_prefix("checksum=") {

@@ -51,16 +51,26 @@
 //! connected), and sends them once more (queued again): it prints
 //! `socket_check=ok` or `socket_check=bad <why>`.
 //!
-//! With `--epoll`, an epoll instance (also `dup`ed) watches an eventfd that
-//! is readable (level-triggered, data 0x1111) and the read end of an empty
-//! pipe of the process (edge-triggered, data 0x2222). When the process
+//! With `--epoll`, an epoll instance (also `dup`ed) watches the read end
+//! of a pipe holding a byte (level-triggered, data 0x1111) and the read
+//! end of an empty pipe (edge-triggered, data 0x2222). When the process
 //! finds itself moved, and on SIGUSR1, it checks it: a wait returns the
-//! eventfd alone; a byte written into the pipe makes a wait return both,
+//! first pipe alone; a byte written into the second makes a wait return both,
 //! the byte is read back; the pipe's watch is changed and deleted and
 //! added again by its number (`EPOLL_CTL_MOD`/`DEL`/`ADD`): it prints
 //! `epoll_check=ok` or `epoll_check=bad <why>`. `--epoll-stale` also
 //! watches an eventfd and then closes that descriptor while a dup keeps
 //! the file open: epoll keeps the watch, which no move can set again.
+//!
+//! With `--shared-mem SIZE`, SIZE bytes of anonymous shared memory
+//! (`MAP_SHARED | MAP_ANONYMOUS`) hold a pattern but for the last page,
+//! never touched (zero); the page table entries of
+//! its second page are dropped (`MADV_DONTNEED`: the page stays in the
+//! memory, out of the process's page tables). When the process finds
+//! itself moved, and on SIGUSR1, it checks it: the pattern is all there,
+//! `/proc/self/maps` shows the range shared, and a child it forks writes a
+//! byte there that the parent then reads: `shm_check=ok` or
+//! `shm_check=bad <why>`.
 //!
 //! With `--alarm-ms MS`, an interval timer (`setitimer(ITIMER_REAL)`)
 //! fires every MS and the lines end with `alarms=<count>`.
@@ -79,7 +89,7 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--epoll] [--epoll-stale] [--scan]"
+        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--epoll] [--epoll-stale] [--shared-mem SIZE] [--scan]"
     );
     std::process::exit(2)
 }
@@ -96,6 +106,7 @@ fn main() {
     let mut pipe: Option<InFlight> = None;
     let mut socks: Option<Queued> = None;
     let mut epoll: Option<Epoll> = None;
+    let mut shm: Option<SharedMem> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--scan" {
@@ -126,6 +137,11 @@ fn main() {
                     eprintln!("mkcounter: eventfd: {}", std::io::Error::last_os_error());
                     std::process::exit(1);
                 }
+            }
+            "--shared-mem" => {
+                shm = Some(SharedMem::new(
+                    testprogs::parse_size(&v).unwrap_or_else(|| usage()),
+                ))
             }
             "--timerfd-ms" => timer = Some(Timer::new(v.parse().unwrap_or_else(|_| usage()))),
             "--socketpairs" => socks = Some(Queued::new(v.parse().unwrap_or_else(|_| usage()))),
@@ -212,7 +228,8 @@ fn main() {
         let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
         (pid, boot)
     };
-    let watch_moves = timer.is_some() || pipe.is_some() || socks.is_some() || epoll.is_some();
+    let watch_moves =
+        timer.is_some() || pipe.is_some() || socks.is_some() || epoll.is_some() || shm.is_some();
     let mut at = if watch_moves {
         here()
     } else {
@@ -240,6 +257,12 @@ fn main() {
         if let Some(q) = &socks {
             if usr1 || moved {
                 line.push_str(&q.check());
+                line.push('\n');
+            }
+        }
+        if let Some(m) = &shm {
+            if usr1 || moved {
+                line.push_str(&m.check());
                 line.push('\n');
             }
         }
@@ -660,34 +683,39 @@ impl Queued {
     }
 }
 
-/// `--epoll`: an epoll, a dup of it, an eventfd it sees readable, a pipe.
+/// `--epoll`: an epoll, a dup of it, a pipe it sees readable (`full`: its
+/// read end; the byte stays), an empty pipe.
 struct Epoll {
     ep: i32,
     dup: i32,
-    efd: i32,
+    full: i32,
     /// The pipe's read end (watched) and write end.
     r: i32,
     w: i32,
 }
 
-const EPOLL_EVENTFD: u64 = 0x1111;
+const EPOLL_FULL: u64 = 0x1111;
 const EPOLL_PIPE: u64 = 0x2222;
 
 impl Epoll {
     fn new(stale: bool) -> Epoll {
-        let mut ends = [0; 2];
+        let (mut ends, mut full) = ([0; 2], [0; 2]);
         // SAFETY: plain calls making descriptors kept for the process's
-        // life; `ends` receives two.
+        // life; `ends` and `full` receive two each; one byte from a live
+        // local.
         let e = unsafe {
             let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
-            let efd = libc::eventfd(1, libc::EFD_NONBLOCK);
-            if ep < 0 || efd < 0 || libc::pipe2(ends.as_mut_ptr(), libc::O_NONBLOCK) != 0 {
-                die("epoll_create1/eventfd/pipe2");
+            if ep < 0
+                || libc::pipe2(ends.as_mut_ptr(), libc::O_NONBLOCK) != 0
+                || libc::pipe2(full.as_mut_ptr(), libc::O_NONBLOCK) != 0
+                || libc::write(full[1], b"f".as_ptr().cast(), 1) != 1
+            {
+                die("epoll_create1/pipe2");
             }
             Epoll {
                 ep,
                 dup: libc::dup(ep),
-                efd,
+                full: full[0],
                 r: ends[0],
                 w: ends[1],
             }
@@ -697,7 +725,7 @@ impl Epoll {
                 die("epoll_ctl");
             }
         };
-        add(e.efd, libc::EPOLLIN as u32, EPOLL_EVENTFD);
+        add(e.full, libc::EPOLLIN as u32, EPOLL_FULL);
         add(e.r, (libc::EPOLLIN | libc::EPOLLET) as u32, EPOLL_PIPE);
         if stale {
             // SAFETY: a new eventfd, dup'ed, watched, its first fd closed.
@@ -738,15 +766,15 @@ impl Epoll {
     fn check(&self) -> String {
         let r = (|| -> Result<(), String> {
             let got = Epoll::ready(self.ep);
-            if got != [EPOLL_EVENTFD] {
-                return Err(format!("waited {got:x?}, the eventfd alone expected"));
+            if got != [EPOLL_FULL] {
+                return Err(format!("waited {got:x?}, the full pipe alone expected"));
             }
             // SAFETY: one byte from/into live locals on our own pipe.
             if unsafe { libc::write(self.w, b"x".as_ptr().cast(), 1) } != 1 {
                 return Err("write into the pipe".into());
             }
             let got = Epoll::ready(self.dup);
-            if got != [EPOLL_EVENTFD, EPOLL_PIPE] {
+            if got != [EPOLL_FULL, EPOLL_PIPE] {
                 return Err(format!("waited {got:x?} through the dup, both expected"));
             }
             let mut b = [0u8; 8];
@@ -762,6 +790,103 @@ impl Epoll {
         match r {
             Ok(()) => "epoll_check=ok".into(),
             Err(e) => format!("epoll_check=bad {e}"),
+        }
+    }
+}
+
+/// `--shared-mem`: anonymous shared memory holding a pattern.
+struct SharedMem {
+    at: *mut u8,
+    len: usize,
+}
+
+impl SharedMem {
+    fn new(len: usize) -> SharedMem {
+        let len = len.max(2 * 4096).next_multiple_of(4096);
+        // SAFETY: a new shared anonymous mapping, ours for the process's life.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            die("mmap(MAP_SHARED | MAP_ANONYMOUS)");
+        }
+        let m = SharedMem { at: at.cast(), len };
+        testprogs::fill_pattern(&mut m.bytes()[..len - 4096]);
+        // SAFETY: the second page of our mapping; shared memory keeps it.
+        if unsafe { libc::madvise(at.cast::<u8>().add(4096).cast(), 4096, libc::MADV_DONTNEED) }
+            != 0
+        {
+            die("madvise");
+        }
+        m
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn bytes(&self) -> &mut [u8] {
+        // SAFETY: the mapping lives as long as the process; only the main
+        // thread touches it (and a forked child, in its own copy of us).
+        unsafe { std::slice::from_raw_parts_mut(self.at, self.len) }
+    }
+
+    fn check(&self) -> String {
+        let r = (|| -> Result<(), String> {
+            let b = self.bytes();
+            let want = |i: usize| {
+                if i < b.len() - 4096 {
+                    testprogs::pattern_byte(i as u64)
+                } else {
+                    0
+                }
+            };
+            if let Some(i) = (0..b.len()).find(|&i| b[i] != want(i)) {
+                return Err(format!("byte {i} of {} differs", b.len()));
+            }
+            let start = format!("{:x}-", self.at as usize);
+            let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
+            let line = maps
+                .lines()
+                .find(|l| l.starts_with(&start))
+                .ok_or("the range is not in /proc/self/maps")?;
+            if line
+                .split_whitespace()
+                .nth(1)
+                .is_none_or(|p| !p.ends_with('s'))
+            {
+                return Err(format!("not shared: {line}"));
+            }
+            let old = b[0];
+            // SAFETY: the child only writes one byte and exits at once.
+            let child = unsafe { libc::fork() };
+            if child == 0 {
+                b[0] = old ^ 0xff;
+                // SAFETY: leaves the child without running our destructors.
+                unsafe { libc::_exit(0) };
+            }
+            if child < 0 {
+                return Err("fork".into());
+            }
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            // SAFETY: a read of our own mapping (volatile: another process
+            // wrote it).
+            let seen = unsafe { std::ptr::read_volatile(self.at) } == old ^ 0xff;
+            b[0] = old;
+            if !seen {
+                return Err("a child's write is not seen: the memory is not shared".into());
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => "shm_check=ok".into(),
+            Err(e) => format!("shm_check=bad {e}"),
         }
     }
 }
