@@ -83,7 +83,7 @@ int mkdsm_unmap(void *addr, size_t size);
  * the whole process; the process's end ends its threads everywhere.
  * Calls that would act on one kernel only fail with EOPNOTSUPP: in a
  * moved thread mmap, munmap, mprotect, mremap, brk (so malloc fails once
- * its arena must grow), fork, vfork, clone, execve, kill/tgkill and
+ * its arena must grow), fork, vfork, clone, execve, open, kill/tgkill and
  * sigaction with a new action; in the whole process, from the first move
  * on and for good, fork (threads and posix_spawn work).
  */

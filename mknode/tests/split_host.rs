@@ -480,13 +480,14 @@ fn calls_that_cannot_be_coherent_are_refused_away_and_fork_at_home() {
             .to_string()
     };
     let nope = libc::EOPNOTSUPP;
-    // Away: the address space, processes, signals and handlers are the
-    // shadow's alone, so each such call fails; asking for a handler works.
+    // Away: the address space, processes, files opened, signals and
+    // handlers are the shadow's alone, so each such call fails; asking for
+    // a handler works.
     assert_eq!(
         line("away "),
         format!(
             "mmap={nope} mprotect={nope} munmap={nope} brk={nope} fork={nope} \
-             clone={nope} tgkill={nope} sigaction_get=0 sigaction_set={nope}"
+             clone={nope} tgkill={nope} open={nope} sigaction_get=0 sigaction_set={nope}"
         )
     );
     // Back home all of it works again but a new process: the process's
@@ -494,7 +495,7 @@ fn calls_that_cannot_be_coherent_are_refused_away_and_fork_at_home() {
     assert_eq!(
         line("home "),
         format!(
-            "mmap=0 mprotect=0 munmap=0 brk=0 fork={nope} clone={nope} tgkill=0 \
+            "mmap=0 mprotect=0 munmap=0 brk=0 fork={nope} clone={nope} tgkill=0 open=0 \
              sigaction_get=0 sigaction_set=0"
         )
     );

@@ -9,7 +9,9 @@
 //! - in a **shadow**, every call that would change the address space
 //!   (`mmap`, `munmap`, `mprotect`, `mremap`, `brk`, `pkey_mprotect`),
 //!   make a process or a thread (`fork`, `vfork`, `clone`, `clone3`),
-//!   replace the program (`execve`, `execveat`), send a signal (`kill`,
+//!   replace the program (`execve`, `execveat`), open a file (`open`,
+//!   `openat`, `openat2`, `creat`: a descriptor of the shadow alone, which
+//!   the process's other threads could not use), send a signal (`kill`,
 //!   `tkill`, `tgkill`, `rt_sigqueueinfo`, `rt_tgsigqueueinfo`; the ids a
 //!   moved thread knows are the origin's) or set a signal handler
 //!   (`rt_sigaction` with a new action; asking is fine) fails with
@@ -59,7 +61,7 @@ impl Verdict {
 const EOPNOTSUPP: u16 = libc::EOPNOTSUPP as u16;
 
 /// Calls a shadow refuses outright.
-const SHADOW_REFUSED: [i64; 17] = [
+const SHADOW_REFUSED: [i64; 21] = [
     libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mprotect,
@@ -72,6 +74,10 @@ const SHADOW_REFUSED: [i64; 17] = [
     libc::SYS_clone3,
     libc::SYS_execve,
     libc::SYS_execveat,
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_creat,
     libc::SYS_kill,
     libc::SYS_tkill,
     libc::SYS_tgkill,

@@ -424,7 +424,7 @@ fn errno_of(r: i64) -> i64 {
 /// The errno of each call a moved thread cannot make coherently, tried on
 /// memory and descriptors that survive it whether it is refused or not.
 /// Allocates nothing: it may run where the heap cannot grow.
-fn tries(page: *mut libc::c_void) -> [(&'static str, i64); 9] {
+fn tries(page: *mut libc::c_void) -> [(&'static str, i64); 10] {
     // SAFETY: raw calls on our own page (`page`, 2 pages mapped read-write
     // by the caller, of which this unmaps/changes only the second) and on
     // this process; a child that fork/clone made exits at once without
@@ -461,6 +461,11 @@ fn tries(page: *mut libc::c_void) -> [(&'static str, i64); 9] {
             me,
             0,
         ));
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        let open = errno_of(fd.into());
+        if fd >= 0 {
+            libc::close(fd);
+        }
         let mut old: libc::sigaction = std::mem::zeroed();
         let get = errno_of(libc::sigaction(libc::SIGUSR2, std::ptr::null(), &mut old).into());
         let set = errno_of(libc::sigaction(libc::SIGUSR2, &old, std::ptr::null_mut()).into());
@@ -472,6 +477,7 @@ fn tries(page: *mut libc::c_void) -> [(&'static str, i64); 9] {
             ("fork", fork),
             ("clone", clone),
             ("tgkill", tgkill),
+            ("open", open),
             ("sigaction_get", get),
             ("sigaction_set", set),
         ]
