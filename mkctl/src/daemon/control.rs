@@ -112,6 +112,13 @@ pub enum Request {
     },
     /// Stop every instance and exit.
     Shutdown,
+    /// Subscribe to the event bus: the last `last` events it kept, then
+    /// every event as it happens, each as a `Reply::Event`, until the
+    /// daemon stops (`Reply::Ok`) or the client hangs up.
+    Events {
+        #[serde(default)]
+        last: u32,
+    },
 }
 
 /// What the daemon answers.
@@ -177,6 +184,10 @@ pub enum Reply {
     /// DSM regions (see `Request::DsmReport`).
     Dsm {
         regions: Vec<DsmRegion>,
+    },
+    /// One event of a subscription (see `Request::Events`).
+    Event {
+        event: super::events::Event,
     },
 }
 
@@ -271,6 +282,7 @@ impl Reply {
             Reply::ThreadMigrated { .. } => "thread-migrated",
             Reply::Threads { .. } => "threads",
             Reply::Dsm { .. } => "dsm",
+            Reply::Event { .. } => "event",
         }
     }
 }

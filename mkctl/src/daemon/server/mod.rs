@@ -26,6 +26,7 @@ mod dsm;
 mod instances;
 mod relay;
 
+use std::ops::{Deref, DerefMut};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -38,8 +39,9 @@ use crossbeam_channel::{bounded, Sender};
 
 use super::control::{self, Frame, Reply, Request, Side};
 use super::error::RequestError;
+use super::events::{Bus, What};
 use super::paths::RunDir;
-use super::state::{stop_summary, Registry, StartedBy};
+use super::state::{stop_summary, Registry, StartedBy, State};
 use super::window::HostWindow;
 
 /// Runs QEMU (and only QEMU) from one long-lived thread, because
@@ -53,6 +55,11 @@ struct Daemon {
     window: Mutex<Option<Arc<HostWindow>>>,
     spawner: Sender<SpawnReq>,
     stop: AtomicBool,
+    /// State changes and migration steps, for `mkctl events`.
+    events: Bus,
+    /// Subscribers still writing to their client (the daemon waits a
+    /// little for them to say it stopped before it exits).
+    subscribers: std::sync::atomic::AtomicUsize,
     /// Taken at start: the executable may be replaced while we run.
     build: String,
 }
@@ -102,6 +109,11 @@ impl log::Log for DaemonLog {
     }
     fn flush(&self) {}
 }
+
+/// How long the daemon, as it exits, waits for event subscribers to write
+/// what they hold and the end of their stream; also the longest a write to
+/// a subscriber may take.
+const SUBSCRIBER_FLUSH: Duration = Duration::from_secs(2);
 
 /// How often the daemon checks that its socket is still its own.
 const SOCKET_CHECK: Duration = Duration::from_secs(2);
@@ -180,6 +192,8 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
         window: Mutex::new(None),
         spawner: spawn_tx,
         stop: AtomicBool::new(false),
+        events: Bus::default(),
+        subscribers: std::sync::atomic::AtomicUsize::new(0),
         build: control::build_id(),
     });
     eprintln!(
@@ -219,9 +233,18 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
     }
     eprintln!("mkctl daemon: stopping every instance");
     d.stop.store(true, Ordering::SeqCst);
+    d.events.publish(What::DaemonStopping);
     let names: Vec<String> = d.registry().instances.keys().cloned().collect();
     d.stop_instances(&names, Duration::from_secs(10), false, &|_, _| {});
     let _ = monitor.join();
+    // Subscribers drain their queues and tell their clients the daemon
+    // stopped; one stuck on a client that does not read is not waited for
+    // (its writes time out).
+    d.events.close();
+    let deadline = Instant::now() + SUBSCRIBER_FLUSH;
+    while d.subscribers.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
     if socket_inode(&run) == socket_ino {
         // Only what is still ours: a newer daemon may serve this directory.
         let _ = std::fs::remove_file(run.socket());
@@ -255,9 +278,99 @@ impl Conn {
     }
 }
 
+/// The registry, locked; when the lock is released every instance whose
+/// state changed meanwhile is published on the event bus (in the order of
+/// the lock, so events follow the states' own order). Every change of
+/// state goes through this lock, so none is missed, wherever it is made.
+struct RegistryGuard<'a> {
+    reg: MutexGuard<'a, Registry>,
+    bus: &'a Bus,
+    before: Vec<(String, State)>,
+}
+
+impl Deref for RegistryGuard<'_> {
+    type Target = Registry;
+    fn deref(&self) -> &Registry {
+        &self.reg
+    }
+}
+
+impl DerefMut for RegistryGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Registry {
+        &mut self.reg
+    }
+}
+
+impl Drop for RegistryGuard<'_> {
+    fn drop(&mut self) {
+        for inst in self.reg.instances.values() {
+            let was = self
+                .before
+                .iter()
+                .find(|(n, _)| *n == inst.name)
+                .map(|(_, s)| *s);
+            if was == Some(inst.state) {
+                continue;
+            }
+            self.bus.publish(What::State {
+                instance: inst.name.clone(),
+                from: was.map(|s| s.as_str().to_string()),
+                to: inst.state.as_str().to_string(),
+                reason: inst.reason.clone().filter(|_| inst.state == State::Failed),
+                restarts: inst.restart.limit().map(|_| inst.policy.restarts),
+            });
+        }
+    }
+}
+
 impl Daemon {
-    fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    /// `mkctl events`: writes the last `last` events kept, then each event
+    /// as it is published, until the bus closes (the daemon is stopping:
+    /// the stream ends with `Reply::Ok`) or the client goes away. Runs on
+    /// the connection's own thread; the bus never waits for it (a client
+    /// that reads too slowly misses events, and is told so by a gap event).
+    fn stream_events(&self, last: u32, conn: &Conn) -> Result<(), RequestError> {
+        let sub = self
+            .events
+            .subscribe(usize::try_from(last).unwrap_or(usize::MAX))
+            .ok_or(RequestError::Stopping)?;
+        self.subscribers.fetch_add(1, Ordering::SeqCst);
+        // A client that stops reading must not hold this thread (and the
+        // daemon's exit) for ever.
+        if let Ok(w) = conn.tx.lock() {
+            let _ = w.set_write_timeout(Some(SUBSCRIBER_FLUSH));
+        }
+        log::info!("events: a subscriber ({} now)", self.events.subscribers());
+        let send = |event| conn.reply(&Reply::Event { event });
+        let mut open = sub.past.into_iter().all(send);
+        while open {
+            match sub.rx.recv() {
+                Ok(event) => open = send(event),
+                Err(_) => {
+                    conn.reply(&Reply::Ok {
+                        message: "the daemon stopped".into(),
+                    });
+                    break;
+                }
+            }
+        }
+        drop(sub.rx);
+        self.subscribers.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn registry(&self) -> RegistryGuard<'_> {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let before = reg
+            .instances
+            .values()
+            .map(|i| (i.name.clone(), i.state))
+            .collect();
+        RegistryGuard {
+            reg,
+            bus: &self.events,
+            before,
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -394,6 +507,10 @@ impl Daemon {
             }
             Request::Restore { on } => {
                 self.restore(&on, conn)?;
+                return Ok(None);
+            }
+            Request::Events { last } => {
+                self.stream_events(last, conn)?;
                 return Ok(None);
             }
         };
