@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 
 use super::control::{self, Frame, Reply, Request, Side};
 use super::error::RequestError;
@@ -114,6 +114,26 @@ impl log::Log for DaemonLog {
 /// what they hold and the end of their stream; also the longest a write to
 /// a subscriber may take.
 const SUBSCRIBER_FLUSH: Duration = Duration::from_secs(2);
+
+/// How often an event subscriber with nothing to send checks that its
+/// client is still there.
+const HANGUP_CHECK: Duration = Duration::from_secs(1);
+
+/// True when the client closed its side of `s` (it sends nothing after its
+/// request, so anything but "nothing to read yet" means it is gone).
+fn hung_up(s: &UnixStream) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    match recv(
+        s.as_raw_fd(),
+        &mut b,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+        Ok(_) | Err(_) => true,
+    }
+}
 
 /// How often the daemon checks that its socket is still its own.
 const SOCKET_CHECK: Duration = Duration::from_secs(2);
@@ -344,9 +364,12 @@ impl Daemon {
         let send = |event| conn.reply(&Reply::Event { event });
         let mut open = sub.past.into_iter().all(send);
         while open {
-            match sub.rx.recv() {
+            match sub.rx.recv_timeout(HANGUP_CHECK) {
                 Ok(event) => open = send(event),
-                Err(_) => {
+                // Quiet: a client that hung up is forgotten now, not at
+                // the next event.
+                Err(RecvTimeoutError::Timeout) => open = !hung_up(&conn.rx),
+                Err(RecvTimeoutError::Disconnected) => {
                     conn.reply(&Reply::Ok {
                         message: "the daemon stopped".into(),
                     });
@@ -355,7 +378,8 @@ impl Daemon {
             }
         }
         drop(sub.rx);
-        self.subscribers.fetch_sub(1, Ordering::SeqCst);
+        let left = self.subscribers.fetch_sub(1, Ordering::SeqCst) - 1;
+        log::info!("events: a subscriber left ({left} now)");
         Ok(())
     }
 
