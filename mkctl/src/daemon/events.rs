@@ -5,9 +5,9 @@
 //!   it, keeps it in a ring of the last [`RING`] events and offers it to
 //!   every subscriber. It never blocks: each subscriber has a queue of
 //!   [`QUEUE`] events, and an event that does not fit is dropped *for that
-//!   subscriber only* and counted; when its queue has room again it first
-//!   gets one `gap` event saying how many it missed (and their seqs), then
-//!   the events that follow. A subscriber that went away is forgotten at the
+//!   subscriber only* and counted; it then gets one `gap` event saying how
+//!   many it missed (and their seqs) before the events that follow, or,
+//!   when none follows, once it has read its queue ([`Bus::take_gap`]). A subscriber that went away is forgotten at the
 //!   next event.
 //! - [`Bus::subscribe`] hands out the last `last` events of the ring and a
 //!   queue of everything published after them, atomically: nothing is
@@ -256,6 +256,7 @@ fn now_ms() -> u64 {
 
 #[derive(Debug)]
 struct Sub {
+    id: u64,
     tx: Sender<Event>,
     /// Events it missed since it last got one, and the first one's seq.
     missed: u64,
@@ -265,6 +266,7 @@ struct Sub {
 #[derive(Debug, Default)]
 struct Inner {
     next_seq: u64,
+    next_sub: u64,
     ring: VecDeque<Event>,
     subs: Vec<Sub>,
     closed: bool,
@@ -280,6 +282,8 @@ pub struct Bus {
 /// (which ends, once drained, when the bus closes).
 #[derive(Debug)]
 pub struct Subscription {
+    /// Its name for [`Bus::take_gap`].
+    pub id: u64,
     pub past: Vec<Event>,
     pub rx: Receiver<Event>,
 }
@@ -347,12 +351,37 @@ impl Bus {
         let skip = b.ring.len().saturating_sub(last);
         let past = b.ring.iter().skip(skip).cloned().collect();
         let (tx, rx) = bounded(QUEUE);
+        b.next_sub += 1;
+        let id = b.next_sub;
         b.subs.push(Sub {
             tx,
+            id,
             missed: 0,
             first_missed: 0,
         });
-        Some(Subscription { past, rx })
+        Some(Subscription { id, past, rx })
+    }
+
+    /// The gap event of subscriber `id` when it missed events and its
+    /// queue is empty (it read everything before them): a subscriber asks
+    /// when it runs out of events, so it hears of what it missed without
+    /// waiting for the next event to be published.
+    pub fn take_gap(&self, id: u64) -> Option<Event> {
+        let mut b = self.lock();
+        let s = b
+            .subs
+            .iter_mut()
+            .find(|s| s.id == id && s.missed > 0 && s.tx.is_empty())?;
+        let gap = Event {
+            seq: s.first_missed + s.missed - 1,
+            time_ms: now_ms(),
+            what: What::Gap {
+                missed: s.missed,
+                first_seq: s.first_missed,
+            },
+        };
+        s.missed = 0;
+        Some(gap)
     }
 
     /// Ends every subscription: each subscriber's queue ends once drained.
@@ -487,6 +516,26 @@ mod tests {
         );
         assert_eq!(after[0].seq, total);
         assert_eq!(after[1].seq, total + 1);
+        assert!(bus.take_gap(slow.id).is_none(), "told once");
+
+        // Or, without waiting for the next event: the subscriber asks when
+        // its queue is empty.
+        for _ in 0..QUEUE + 3 {
+            bus.publish(What::DaemonStopping);
+        }
+        assert!(bus.take_gap(slow.id).is_none(), "not before the queue");
+        assert_eq!(drain(&slow.rx).len(), QUEUE);
+        let gap = bus.take_gap(slow.id).unwrap();
+        assert_eq!(
+            gap.what,
+            What::Gap {
+                missed: 3,
+                first_seq: total + 2 + QUEUE as u64
+            }
+        );
+        assert_eq!(gap.seq, total + 1 + QUEUE as u64 + 3);
+        assert!(bus.take_gap(slow.id).is_none());
+        assert!(bus.take_gap(fast.id).is_none());
         // Gaps are the subscriber's, not history.
         assert!(bus
             .subscribe(RING)

@@ -111,8 +111,7 @@ impl log::Log for DaemonLog {
 }
 
 /// How long the daemon, as it exits, waits for event subscribers to write
-/// what they hold and the end of their stream; also the longest a write to
-/// a subscriber may take.
+/// what they hold and the end of their stream.
 const SUBSCRIBER_FLUSH: Duration = Duration::from_secs(2);
 
 /// How often an event subscriber with nothing to send checks that its
@@ -355,15 +354,20 @@ impl Daemon {
             .subscribe(usize::try_from(last).unwrap_or(usize::MAX))
             .ok_or(RequestError::Stopping)?;
         self.subscribers.fetch_add(1, Ordering::SeqCst);
-        // A client that stops reading must not hold this thread (and the
-        // daemon's exit) for ever.
-        if let Ok(w) = conn.tx.lock() {
-            let _ = w.set_write_timeout(Some(SUBSCRIBER_FLUSH));
-        }
+        // No write timeout: a client that stops reading blocks only this
+        // thread (a timed-out write would cut a frame in two); its queue
+        // fills meanwhile and it gets a gap event when it reads again. The
+        // daemon's exit waits SUBSCRIBER_FLUSH for it at most.
         log::info!("events: a subscriber ({} now)", self.events.subscribers());
         let send = |event| conn.reply(&Reply::Event { event });
         let mut open = sub.past.into_iter().all(send);
         while open {
+            if sub.rx.is_empty() {
+                if let Some(gap) = self.events.take_gap(sub.id) {
+                    open = send(gap);
+                    continue;
+                }
+            }
             match sub.rx.recv_timeout(HANGUP_CHECK) {
                 Ok(event) => open = send(event),
                 // Quiet: a client that hung up is forgotten now, not at
@@ -539,5 +543,155 @@ impl Daemon {
             }
         };
         Ok(Some(reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::events::{Event, QUEUE};
+
+    fn daemon() -> Arc<Daemon> {
+        let (spawner, _) = bounded(0);
+        Arc::new(Daemon {
+            run: RunDir(std::env::temp_dir().join("mkctl-events-unit")),
+            registry: Mutex::new(Registry::default()),
+            window: Mutex::new(None),
+            spawner,
+            stop: AtomicBool::new(false),
+            events: Bus::default(),
+            subscribers: std::sync::atomic::AtomicUsize::new(0),
+            build: String::new(),
+        })
+    }
+
+    /// A subscriber on a real socket: its connection thread and the
+    /// client's end.
+    fn subscriber(d: &Arc<Daemon>, last: u32) -> (thread::JoinHandle<()>, UnixStream) {
+        let (server, client) = UnixStream::pair().unwrap();
+        let before = d.events.subscribers();
+        let t = {
+            let d = Arc::clone(d);
+            thread::spawn(move || {
+                let conn = Conn {
+                    rx: server.try_clone().unwrap(),
+                    tx: Mutex::new(server),
+                };
+                d.stream_events(last, &conn).unwrap();
+            })
+        };
+        let t0 = Instant::now();
+        while d.events.subscribers() == before {
+            assert!(t0.elapsed() < Duration::from_secs(5));
+            thread::sleep(Duration::from_millis(5));
+        }
+        (t, client)
+    }
+
+    fn next(c: &mut UnixStream) -> Reply {
+        match control::read_frame(c, Side::Client).unwrap() {
+            Frame::Reply(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn event(c: &mut UnixStream) -> Event {
+        match next(c) {
+            Reply::Event { event } => event,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A client that does not read fills its socket and its queue: the
+    /// daemon goes on publishing at full speed, another client gets every
+    /// event, and the stalled one gets a gap event when it reads again.
+    #[test]
+    fn a_client_that_stops_reading_blocks_neither_the_daemon_nor_others() {
+        let d = daemon();
+        let (_t1, mut stalled) = subscriber(&d, 0);
+        let (_t2, mut live) = subscriber(&d, 0);
+        let got = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reader = {
+            let got = Arc::clone(&got);
+            thread::spawn(move || {
+                let mut seqs = Vec::new();
+                loop {
+                    match next(&mut live) {
+                        Reply::Event { event } => {
+                            got.store(event.seq, Ordering::SeqCst);
+                            seqs.push(event.seq);
+                        }
+                        Reply::Ok { .. } => return seqs,
+                        other => panic!("{other:?}"),
+                    }
+                }
+            })
+        };
+        // Far more than the socket buffer and the queue hold.
+        let n = 20_000u64;
+        let t0 = Instant::now();
+        for _ in 0..n {
+            let seq = d.events.publish(What::DaemonStopping);
+            // Paced so the live reader keeps up, on a loaded machine too
+            // (the stalled one is far behind all along).
+            while seq - got.load(Ordering::SeqCst) > (QUEUE / 2) as u64 {
+                thread::yield_now();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "publishing took {:?}",
+            t0.elapsed()
+        );
+        // The stalled client reads again: every seq once, in order, either
+        // as an event or inside a gap event that names it (a gap may come
+        // more than once: each time its queue had a slot free).
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        d.events.publish(What::DaemonStopping);
+        let (mut expect, mut seen, mut gaps) = (1u64, 0u64, 0u64);
+        while expect <= n + 1 {
+            let e = event(&mut stalled);
+            match e.what {
+                What::Gap { missed, first_seq } => {
+                    assert_eq!(first_seq, expect, "{e:?}");
+                    assert_eq!(e.seq - first_seq + 1, missed, "{e:?}");
+                    gaps += 1;
+                }
+                _ => {
+                    assert_eq!(e.seq, expect, "{e:?}");
+                    seen += 1;
+                }
+            }
+            expect = e.seq + 1;
+        }
+        assert!(gaps >= 1);
+        assert!(seen >= QUEUE as u64, "{seen}");
+        d.events.close();
+        assert!(matches!(next(&mut stalled), Reply::Ok { .. }));
+        let live_seqs = reader.join().unwrap();
+        assert_eq!(live_seqs, (1..=n + 1).collect::<Vec<_>>());
+    }
+
+    /// `--last` replays the ring, then goes on; a client that hangs up is
+    /// forgotten without an event to notice it.
+    #[test]
+    fn last_replays_and_a_hung_up_client_is_forgotten() {
+        let d = daemon();
+        for _ in 0..5 {
+            d.events.publish(What::DaemonStopping);
+        }
+        let (t, mut c) = subscriber(&d, 2);
+        assert_eq!(event(&mut c).seq, 4);
+        assert_eq!(event(&mut c).seq, 5);
+        d.events.publish(What::DaemonStopping);
+        assert_eq!(event(&mut c).seq, 6);
+        drop(c);
+        t.join().unwrap();
+        assert_eq!(d.subscribers.load(Ordering::SeqCst), 0);
+        assert_eq!(d.events.subscribers(), 1, "until the next publish");
+        d.events.publish(What::DaemonStopping);
+        assert_eq!(d.events.subscribers(), 0);
     }
 }
