@@ -1,8 +1,8 @@
 //! `mkctl events --json`: a subscriber started before anything boots sees,
 //! in order and numbered without a hole, both instances boot, `mkcounter`
 //! move from alpha to beta (start, running with its new pid, end with the
-//! figures `mkctl migrate` printed), beta fail when its QEMU is killed,
-//! and the daemon stop; then it ends with exit 0. A subscriber that comes
+//! figures `mkctl migrate` printed), beta fail when its QEMU is killed and
+//! come back by its restart policy (with the count), and the daemon stop; then it ends with exit 0. A subscriber that comes
 //! late with `--last` gets the same events from the daemon's ring.
 //!
 //! Boots real kernels under QEMU: needs `scripts/setup.sh` (fails, never
@@ -58,6 +58,7 @@ name = "beta"
 id = 2
 cpus = "2-3"
 memory = "256M"
+restart = "on-failure"
 "#,
         cache_dir().join("mkcounter").display()
     );
@@ -253,7 +254,7 @@ fn events_follow_boot_migration_failure_and_stop_in_order() {
     .ok();
     counter.wait(30);
 
-    // beta's QEMU dies: failed, with the reason.
+    // beta's QEMU dies: failed, with the reason; its policy boots it again.
     let qemu = instance_pid(&m, "beta");
     assert!(std::process::Command::new("kill")
         .args(["-9", &qemu.to_string()])
@@ -269,12 +270,15 @@ fn events_follow_boot_migration_failure_and_stop_in_order() {
             .is_some_and(|r| r.contains("qemu exited unexpectedly")),
         "{failed}"
     );
-    assert!(failed["restarts"].is_null(), "no restart policy: {failed}");
+    assert_eq!(failed["restarts"], 0, "{failed}");
+    early.wait_for("beta ready again", 60, |e| {
+        state(e, "beta", Some("booting"), "ready") && e["restarts"] == 1
+    });
 
     // A late subscriber asks for what the ring kept.
     let mut late = Lines::spawn(&m, &["events", "--json", "--last", "1000"]);
-    late.wait_for("the ring's beta failed", 10, |e| {
-        state(e, "beta", Some("ready"), "failed")
+    late.wait_for("the ring's beta ready again", 10, |e| {
+        state(e, "beta", Some("booting"), "ready") && e["restarts"] == 1
     });
 
     // And one for people.
@@ -285,7 +289,7 @@ fn events_follow_boot_migration_failure_and_stop_in_order() {
         .lock()
         .unwrap()
         .iter()
-        .any(|l| l.contains("beta ready -> failed"))
+        .any(|l| l.contains("beta booting -> ready (restarts: 1)"))
     {
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", human.lines);
         std::thread::sleep(Duration::from_millis(50));
@@ -330,6 +334,12 @@ fn events_follow_boot_migration_failure_and_stop_in_order() {
         pos(&ev, "beta failed", |e| {
             state(e, "beta", Some("ready"), "failed")
         }),
+        pos(&ev, "beta booting again", |e| {
+            state(e, "beta", Some("failed"), "booting") && e["restarts"] == 1
+        }),
+        pos(&ev, "beta ready again", |e| {
+            state(e, "beta", Some("booting"), "ready") && e["restarts"] == 1
+        }),
         pos(&ev, "daemon-stopping", |e| e["event"] == "daemon-stopping"),
         pos(&ev, "alpha stopping", |e| {
             state(e, "alpha", Some("ready"), "stopping")
@@ -354,6 +364,18 @@ fn events_follow_boot_migration_failure_and_stop_in_order() {
         "{ev:#?}"
     );
     assert_eq!(ev.iter().filter(|e| e["event"] == "migrate-end").count(), 1);
+    // The count is there with a policy only.
+    for e in ev.iter().filter(|e| e["event"] == "state") {
+        if e["instance"] == "alpha" {
+            assert!(e["restarts"].is_null(), "{e}");
+        } else {
+            assert!(e["restarts"].is_u64(), "{e}");
+        }
+    }
+    let first_ready = pos(&ev, "beta ready", |e| {
+        state(e, "beta", Some("booting"), "ready")
+    });
+    assert_eq!(ev[first_ready]["restarts"], 0);
 
     // The late one got the same events, from the ring, then the rest.
     assert_eq!(late.events(), ev);
@@ -377,6 +399,7 @@ fn events_follow_boot_migration_failure_and_stop_in_order() {
             moved["new_pid"]
         ),
         " beta ready -> failed: qemu exited unexpectedly".to_string(),
+        " beta failed -> booting (restarts: 1)".to_string(),
         " daemon stopping".to_string(),
         " alpha stopping -> stopped".to_string(),
     ] {
