@@ -518,6 +518,24 @@ fn events_end_with_the_daemon_and_never_hold_it() {
         "events must not start a daemon"
     );
 
+    // A daemon that does not know the request (an older build) hangs up
+    // at once: said so, not taken for the daemon stopping.
+    std::fs::create_dir_all(&dir).unwrap();
+    let old = std::os::unix::net::UnixListener::bind(dir.join("mkctl.sock")).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut c, _) = old.accept().unwrap();
+        let mut b = [0u8; 64];
+        let _ = std::io::Read::read(&mut c, &mut b);
+    });
+    let out = mkctl().args(["events"]).output().unwrap();
+    fake.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("older mkctl build"),
+        "{out:?}"
+    );
+    std::fs::remove_file(dir.join("mkctl.sock")).unwrap();
+
     let mut daemon = mkctl()
         .args(["daemon", "run"])
         .stderr(Stdio::piped())

@@ -812,9 +812,19 @@ pub(super) fn events(json: bool, last: u32) -> Res {
     c.send(&Request::Events { last })
         .map_err(|e| Failure::Failed(crate::error_chain(&e)))?;
     let stdout = std::io::stdout();
+    let mut first = true;
     loop {
         let frame = match c.read() {
             Ok(f) => f,
+            // Before it said the subscription began: a daemon of an older
+            // build, which does not know the request.
+            Err(ClientError::Frame(crate::daemon::control::FrameError::Closed)) if first => {
+                return Err(Failure::Failed(
+                    "the daemon did not take the events request: it probably runs an older mkctl build (`mkctl daemon stop` ends it, with its instances)"
+                        .into(),
+                )
+                .into())
+            }
             Err(ClientError::Frame(crate::daemon::control::FrameError::Closed)) => {
                 return Err(Failure::Failed(
                     "the daemon closed the event stream without saying it stopped (see its log)"
@@ -834,6 +844,10 @@ pub(super) fn events(json: bool, last: u32) -> Res {
                 return Ok(EXIT_OK);
             }
             Frame::Reply(r @ Reply::Error { .. }) => return Err(refused(r).into()),
+            Frame::Reply(Reply::Subscribed { .. }) => {
+                first = false;
+                continue;
+            }
             Frame::Reply(other) => return Err(refused(other).into()),
             Frame::Request(_) | Frame::Wire(_) => continue,
         };

@@ -284,6 +284,8 @@ pub struct Bus {
 pub struct Subscription {
     /// Its name for [`Bus::take_gap`].
     pub id: u64,
+    /// The seq of the last event published before it began (0: none).
+    pub seq: u64,
     pub past: Vec<Event>,
     pub rx: Receiver<Event>,
 }
@@ -359,7 +361,12 @@ impl Bus {
             missed: 0,
             first_missed: 0,
         });
-        Some(Subscription { id, past, rx })
+        Some(Subscription {
+            id,
+            seq: b.next_seq,
+            past,
+            rx,
+        })
     }
 
     /// The gap event of subscriber `id` when it missed events and its
@@ -469,6 +476,7 @@ mod tests {
         assert_eq!(all.past[0].seq, 11);
         assert_eq!(all.past.last().unwrap().seq, RING as u64 + 10);
         let three = bus.subscribe(3).unwrap();
+        assert_eq!(three.seq, RING as u64 + 10);
         let seqs: Vec<u64> = three.past.iter().map(|e| e.seq).collect();
         let n = RING as u64 + 10;
         assert_eq!(seqs, [n - 2, n - 1, n]);

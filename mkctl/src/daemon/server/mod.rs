@@ -360,7 +360,8 @@ impl Daemon {
         // daemon's exit waits SUBSCRIBER_FLUSH for it at most.
         log::info!("events: a subscriber ({} now)", self.events.subscribers());
         let send = |event| conn.reply(&Reply::Event { event });
-        let mut open = sub.past.into_iter().all(send);
+        let mut open =
+            conn.reply(&Reply::Subscribed { seq: sub.seq }) && sub.past.into_iter().all(send);
         while open {
             if sub.rx.is_empty() {
                 if let Some(gap) = self.events.take_gap(sub.id) {
@@ -597,6 +598,7 @@ mod tests {
 
     fn event(c: &mut UnixStream) -> Event {
         match next(c) {
+            Reply::Subscribed { .. } => event(c),
             Reply::Event { event } => event,
             other => panic!("{other:?}"),
         }
@@ -622,6 +624,7 @@ mod tests {
                             seqs.push(event.seq);
                         }
                         Reply::Ok { .. } => return seqs,
+                        Reply::Subscribed { seq } => assert_eq!(seq, 0),
                         other => panic!("{other:?}"),
                     }
                 }
