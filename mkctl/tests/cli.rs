@@ -486,3 +486,123 @@ fn doctor_restart_and_stop_arguments() {
         "{v}"
     );
 }
+
+/// `mkctl events` with a daemon that runs no instance: without a daemon it
+/// fails at once (1, JSON under --json); with one, every reader gets the
+/// daemon's stop and ends with 0, a reader whose stdout was closed ends
+/// with 0 too, a reader that vanished is forgotten, and none of them holds
+/// the daemon up.
+#[test]
+fn events_end_with_the_daemon_and_never_hold_it() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let run = tempfile::tempdir().unwrap();
+    let dir = run.path().join("run");
+    let mkctl = || {
+        let mut c = Command::new(assert_cmd::cargo::cargo_bin!("mkctl"));
+        c.env("MKCTL_RUN_DIR", &dir);
+        c
+    };
+    let out = mkctl().args(["events", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("no mkctl daemon runs"),
+        "{v}"
+    );
+    assert!(
+        !dir.join("mkctl.sock").exists(),
+        "events must not start a daemon"
+    );
+
+    // A daemon that does not know the request (an older build) hangs up
+    // at once: said so, not taken for the daemon stopping.
+    std::fs::create_dir_all(&dir).unwrap();
+    let old = std::os::unix::net::UnixListener::bind(dir.join("mkctl.sock")).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut c, _) = old.accept().unwrap();
+        let mut b = [0u8; 64];
+        let _ = std::io::Read::read(&mut c, &mut b);
+    });
+    let out = mkctl().args(["events"]).output().unwrap();
+    fake.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("older mkctl build"),
+        "{out:?}"
+    );
+    std::fs::remove_file(dir.join("mkctl.sock")).unwrap();
+
+    let mut daemon = mkctl()
+        .args(["daemon", "run"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !dir.join("daemon.pid").exists() {
+        assert!(t0.elapsed().as_secs() < 20, "the daemon never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let spawn = |args: &[&str]| {
+        mkctl()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let json = spawn(&["events", "--json", "--last", "5"]);
+    let human = spawn(&["events"]);
+    // Its stdout closed at once, as `mkctl events | head -0` would.
+    let mut closed = spawn(&["events"]);
+    drop(closed.stdout.take());
+    // Gone without a word.
+    let mut vanished = spawn(&["events"]);
+    // Time to connect and subscribe.
+    std::thread::sleep(Duration::from_millis(500));
+    vanished.kill().unwrap();
+    vanished.wait().unwrap();
+
+    let t0 = Instant::now();
+    // (`daemon stop` waits for the daemon's pid to go: reap it meanwhile.)
+    let stop = mkctl().args(["daemon", "stop"]).spawn().unwrap();
+    let st = daemon.wait().unwrap();
+    assert!(st.success(), "{st}");
+    assert!(stop.wait_with_output().unwrap().status.success());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the daemon took {:?} to stop",
+        t0.elapsed()
+    );
+
+    let json = json.wait_with_output().unwrap();
+    assert_eq!(json.status.code(), Some(0), "{json:?}");
+    let text = String::from_utf8(json.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert_eq!(lines[0]["event"], "daemon-stopping");
+    assert_eq!(lines[0]["seq"], 1);
+    assert!(lines[0]["time_ms"].as_u64().unwrap() > 1_600_000_000_000);
+
+    let human = human.wait_with_output().unwrap();
+    assert_eq!(human.status.code(), Some(0), "{human:?}");
+    let line = String::from_utf8(human.stdout.clone()).unwrap();
+    assert!(line.ends_with(" daemon stopping\n"), "{line:?}");
+    assert!(
+        String::from_utf8_lossy(&human.stderr).contains("the daemon stopped"),
+        "{human:?}"
+    );
+    let closed = closed.wait_with_output().unwrap();
+    assert_eq!(closed.status.code(), Some(0), "{closed:?}");
+
+    let mut err = String::new();
+    std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(err.matches("events: a subscriber (").count(), 4, "{err}");
+    assert_eq!(err.matches("events: a subscriber left").count(), 4, "{err}");
+}

@@ -803,6 +803,62 @@ pub(super) fn threads(json: bool) -> Res {
     }
 }
 
+/// `mkctl events`: subscribes and prints one line per event, flushed, until
+/// the daemon stops (exit 0) or stdout closes (exit 0: a pipe into `head`
+/// is a normal end). The daemon going away without saying it stopped is a
+/// failure.
+pub(super) fn events(json: bool, last: u32) -> Res {
+    let mut c = connect()?;
+    c.send(&Request::Events { last })
+        .map_err(|e| Failure::Failed(crate::error_chain(&e)))?;
+    let stdout = std::io::stdout();
+    let mut first = true;
+    loop {
+        let frame = match c.read() {
+            Ok(f) => f,
+            // Before it said the subscription began: a daemon of an older
+            // build, which does not know the request.
+            Err(ClientError::Frame(crate::daemon::control::FrameError::Closed)) if first => {
+                return Err(Failure::Failed(
+                    "the daemon did not take the events request: it probably runs an older mkctl build (`mkctl daemon stop` ends it, with its instances)"
+                        .into(),
+                )
+                .into())
+            }
+            Err(ClientError::Frame(crate::daemon::control::FrameError::Closed)) => {
+                return Err(Failure::Failed(
+                    "the daemon closed the event stream without saying it stopped (see its log)"
+                        .into(),
+                )
+                .into())
+            }
+            Err(e) => return Err(Failure::Failed(crate::error_chain(&e)).into()),
+        };
+        let line = match frame {
+            Frame::Reply(Reply::Event { event }) if json => serde_json::to_string(&event)?,
+            Frame::Reply(Reply::Event { event }) => event.human(),
+            Frame::Reply(Reply::Ok { message }) => {
+                if !json {
+                    eprintln!("mkctl: {message}");
+                }
+                return Ok(EXIT_OK);
+            }
+            Frame::Reply(r @ Reply::Error { .. }) => return Err(refused(r).into()),
+            Frame::Reply(Reply::Subscribed { .. }) => {
+                first = false;
+                continue;
+            }
+            Frame::Reply(other) => return Err(refused(other).into()),
+            Frame::Request(_) | Frame::Wire(_) => continue,
+        };
+        let mut out = stdout.lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            // The reader went away (SIGPIPE is ignored: EPIPE here).
+            return Ok(EXIT_OK);
+        }
+    }
+}
+
 /// A kernel as messages name it: `host` for the host in any spelling (or
 /// endpoint 0), an instance's name when given its id (the daemon knows
 /// which), otherwise the argument as given.

@@ -164,6 +164,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream the daemon's events: instance state changes and migrations,
+    /// one line each, as they happen, until the daemon stops.
+    ///
+    /// A line for people is `HH:MM:SS.mmm` (local time) and what happened:
+    /// `alpha booting -> ready`, `alpha ready -> failed: <reason>`,
+    /// `migrate pid 42 alpha -> beta (lazy): started`, `...: running as pid
+    /// 7 after 3.1 ms of downtime`, `...: done, ...`, `...: failed: <why>`.
+    ///
+    /// With --json, one JSON object per line, each with "seq" (1, 2, ...
+    /// for the daemon's lifetime), "time_ms" (Unix epoch milliseconds) and
+    /// "event", one of: "state" {"instance", "from" (null when new), "to",
+    /// "reason" (when failed), "restarts" (null without a restart
+    /// policy)}; "migrate-start" {"pid", "from", "to", "mode"};
+    /// "migrate-running" {"pid", "from", "to", "new_pid", "downtime_ns"};
+    /// "migrate-end" {..., "new_pid", "downtime_ns", "total_ns",
+    /// "image_bytes"}; "migrate-failed" {"pid", "from", "to", "error"};
+    /// "thread-migrate-start" / "-end" / "-failed" (with "tid"; the end has
+    /// "at", "shadow_pid", "downtime_ns"); "daemon-stopping"; "gap"
+    /// {"missed", "first_seq"}: this reader fell behind (more than 256
+    /// events waiting) and missed those events.
+    ///
+    /// Every line is flushed as it is written. Exit codes: 0 when the
+    /// daemon stopped (the stream ends after its instances' stops) or
+    /// stdout was closed; 1 when no daemon runs or it went away without
+    /// saying so. Ctrl-C ends it at once.
+    Events {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Print first the last N events the daemon kept (it keeps 1024),
+        /// then the new ones.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        last: u32,
+    },
     /// Run a command on an instance; its exit status becomes mkctl's.
     ///
     /// stdin is forwarded when it is not a terminal (or with -i); stdout
@@ -538,7 +572,8 @@ impl Command {
             | Command::Ping { json, .. }
             | Command::Traffic { json, .. }
             | Command::Stop { json, .. }
-            | Command::Migrate { json, .. } => *json,
+            | Command::Migrate { json, .. }
+            | Command::Events { json, .. } => *json,
             Command::Daemon {
                 action: DaemonAction::Status { json },
             }
@@ -603,6 +638,7 @@ fn dispatch(cli: Cli) -> Res {
             dry_run,
         ),
         Command::Status { json } => live::status(&cli.sysroot, json),
+        Command::Events { json, last } => live::events(json, last),
         Command::Exec {
             instance,
             interactive,

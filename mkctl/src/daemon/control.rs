@@ -112,6 +112,14 @@ pub enum Request {
     },
     /// Stop every instance and exit.
     Shutdown,
+    /// Subscribe to the event bus: `Reply::Subscribed`, then the last
+    /// `last` events it kept and every event as it happens, each as a
+    /// `Reply::Event`, until the daemon stops (`Reply::Ok`) or the client
+    /// hangs up.
+    Events {
+        #[serde(default)]
+        last: u32,
+    },
 }
 
 /// What the daemon answers.
@@ -177,6 +185,15 @@ pub enum Reply {
     /// DSM regions (see `Request::DsmReport`).
     Dsm {
         regions: Vec<DsmRegion>,
+    },
+    /// A subscription began (see `Request::Events`); `seq` is the last
+    /// event published before it (0: none yet). Its events follow.
+    Subscribed {
+        seq: u64,
+    },
+    /// One event of a subscription (see `Request::Events`).
+    Event {
+        event: super::events::Event,
     },
 }
 
@@ -271,6 +288,8 @@ impl Reply {
             Reply::ThreadMigrated { .. } => "thread-migrated",
             Reply::Threads { .. } => "threads",
             Reply::Dsm { .. } => "dsm",
+            Reply::Subscribed { .. } => "subscribed",
+            Reply::Event { .. } => "event",
         }
     }
 }

@@ -70,6 +70,8 @@ pub enum RequestError {
     },
     #[error("no instance was booted yet")]
     NoWindow,
+    #[error("the daemon is stopping")]
+    Stopping,
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error("the DSM")]

@@ -8,6 +8,8 @@
 //! - [`state`]: the instances and the rules of their lifecycle (what each
 //!   request may do in each state), apart from sockets and QEMU;
 //! - [`error`]: why a request failed, and its exit code;
+//! - [`events`]: the bus of state changes and migration steps that
+//!   `mkctl events` streams;
 //! - [`client`]: the CLI's side, starting a daemon when needed;
 //! - [`control`]: the frames between them;
 //! - [`window`]: the host's side of the shared window;
@@ -18,6 +20,7 @@ pub mod client;
 pub mod control;
 pub mod doorbell;
 pub mod error;
+pub mod events;
 pub mod paths;
 pub mod qmp;
 pub mod server;

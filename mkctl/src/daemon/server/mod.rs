@@ -26,6 +26,7 @@ mod dsm;
 mod instances;
 mod relay;
 
+use std::ops::{Deref, DerefMut};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -34,12 +35,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 
 use super::control::{self, Frame, Reply, Request, Side};
 use super::error::RequestError;
+use super::events::{Bus, What};
 use super::paths::RunDir;
-use super::state::{stop_summary, Registry, StartedBy};
+use super::state::{stop_summary, Registry, StartedBy, State};
 use super::window::HostWindow;
 
 /// Runs QEMU (and only QEMU) from one long-lived thread, because
@@ -53,6 +55,11 @@ struct Daemon {
     window: Mutex<Option<Arc<HostWindow>>>,
     spawner: Sender<SpawnReq>,
     stop: AtomicBool,
+    /// State changes and migration steps, for `mkctl events`.
+    events: Bus,
+    /// Subscribers still writing to their client (the daemon waits a
+    /// little for them to say it stopped before it exits).
+    subscribers: std::sync::atomic::AtomicUsize,
     /// Taken at start: the executable may be replaced while we run.
     build: String,
 }
@@ -101,6 +108,30 @@ impl log::Log for DaemonLog {
         }
     }
     fn flush(&self) {}
+}
+
+/// How long the daemon, as it exits, waits for event subscribers to write
+/// what they hold and the end of their stream.
+const SUBSCRIBER_FLUSH: Duration = Duration::from_secs(2);
+
+/// How often an event subscriber with nothing to send checks that its
+/// client is still there.
+const HANGUP_CHECK: Duration = Duration::from_secs(1);
+
+/// True when the client closed its side of `s` (it sends nothing after its
+/// request, so anything but "nothing to read yet" means it is gone).
+fn hung_up(s: &UnixStream) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    match recv(
+        s.as_raw_fd(),
+        &mut b,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+        Ok(_) | Err(_) => true,
+    }
 }
 
 /// How often the daemon checks that its socket is still its own.
@@ -180,6 +211,8 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
         window: Mutex::new(None),
         spawner: spawn_tx,
         stop: AtomicBool::new(false),
+        events: Bus::default(),
+        subscribers: std::sync::atomic::AtomicUsize::new(0),
         build: control::build_id(),
     });
     eprintln!(
@@ -219,9 +252,18 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
     }
     eprintln!("mkctl daemon: stopping every instance");
     d.stop.store(true, Ordering::SeqCst);
+    d.events.publish(What::DaemonStopping);
     let names: Vec<String> = d.registry().instances.keys().cloned().collect();
     d.stop_instances(&names, Duration::from_secs(10), false, &|_, _| {});
     let _ = monitor.join();
+    // Subscribers drain their queues and tell their clients the daemon
+    // stopped; one stuck on a client that does not read is not waited for
+    // (its writes time out).
+    d.events.close();
+    let deadline = Instant::now() + SUBSCRIBER_FLUSH;
+    while d.subscribers.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
     if socket_inode(&run) == socket_ino {
         // Only what is still ours: a newer daemon may serve this directory.
         let _ = std::fs::remove_file(run.socket());
@@ -255,9 +297,109 @@ impl Conn {
     }
 }
 
+/// The registry, locked; when the lock is released every instance whose
+/// state changed meanwhile is published on the event bus (in the order of
+/// the lock, so events follow the states' own order). Every change of
+/// state goes through this lock, so none is missed, wherever it is made.
+struct RegistryGuard<'a> {
+    reg: MutexGuard<'a, Registry>,
+    bus: &'a Bus,
+    before: Vec<(String, State)>,
+}
+
+impl Deref for RegistryGuard<'_> {
+    type Target = Registry;
+    fn deref(&self) -> &Registry {
+        &self.reg
+    }
+}
+
+impl DerefMut for RegistryGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Registry {
+        &mut self.reg
+    }
+}
+
+impl Drop for RegistryGuard<'_> {
+    fn drop(&mut self) {
+        for inst in self.reg.instances.values() {
+            let was = self
+                .before
+                .iter()
+                .find(|(n, _)| *n == inst.name)
+                .map(|(_, s)| *s);
+            if was == Some(inst.state) {
+                continue;
+            }
+            self.bus.publish(What::State {
+                instance: inst.name.clone(),
+                from: was.map(|s| s.as_str().to_string()),
+                to: inst.state.as_str().to_string(),
+                reason: inst.reason.clone().filter(|_| inst.state == State::Failed),
+                restarts: inst.restart.limit().map(|_| inst.policy.restarts),
+            });
+        }
+    }
+}
+
 impl Daemon {
-    fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    /// `mkctl events`: writes the last `last` events kept, then each event
+    /// as it is published, until the bus closes (the daemon is stopping:
+    /// the stream ends with `Reply::Ok`) or the client goes away. Runs on
+    /// the connection's own thread; the bus never waits for it (a client
+    /// that reads too slowly misses events, and is told so by a gap event).
+    fn stream_events(&self, last: u32, conn: &Conn) -> Result<(), RequestError> {
+        let sub = self
+            .events
+            .subscribe(usize::try_from(last).unwrap_or(usize::MAX))
+            .ok_or(RequestError::Stopping)?;
+        self.subscribers.fetch_add(1, Ordering::SeqCst);
+        // No write timeout: a client that stops reading blocks only this
+        // thread (a timed-out write would cut a frame in two); its queue
+        // fills meanwhile and it gets a gap event when it reads again. The
+        // daemon's exit waits SUBSCRIBER_FLUSH for it at most.
+        log::info!("events: a subscriber ({} now)", self.events.subscribers());
+        let send = |event| conn.reply(&Reply::Event { event });
+        let mut open =
+            conn.reply(&Reply::Subscribed { seq: sub.seq }) && sub.past.into_iter().all(send);
+        while open {
+            if sub.rx.is_empty() {
+                if let Some(gap) = self.events.take_gap(sub.id) {
+                    open = send(gap);
+                    continue;
+                }
+            }
+            match sub.rx.recv_timeout(HANGUP_CHECK) {
+                Ok(event) => open = send(event),
+                // Quiet: a client that hung up is forgotten now, not at
+                // the next event.
+                Err(RecvTimeoutError::Timeout) => open = !hung_up(&conn.rx),
+                Err(RecvTimeoutError::Disconnected) => {
+                    conn.reply(&Reply::Ok {
+                        message: "the daemon stopped".into(),
+                    });
+                    break;
+                }
+            }
+        }
+        drop(sub.rx);
+        let left = self.subscribers.fetch_sub(1, Ordering::SeqCst) - 1;
+        log::info!("events: a subscriber left ({left} now)");
+        Ok(())
+    }
+
+    fn registry(&self) -> RegistryGuard<'_> {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let before = reg
+            .instances
+            .values()
+            .map(|i| (i.name.clone(), i.state))
+            .collect();
+        RegistryGuard {
+            reg,
+            bus: &self.events,
+            before,
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -396,7 +538,163 @@ impl Daemon {
                 self.restore(&on, conn)?;
                 return Ok(None);
             }
+            Request::Events { last } => {
+                self.stream_events(last, conn)?;
+                return Ok(None);
+            }
         };
         Ok(Some(reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::events::{Event, QUEUE};
+
+    fn daemon() -> Arc<Daemon> {
+        let (spawner, _) = bounded(0);
+        Arc::new(Daemon {
+            run: RunDir(std::env::temp_dir().join("mkctl-events-unit")),
+            registry: Mutex::new(Registry::default()),
+            window: Mutex::new(None),
+            spawner,
+            stop: AtomicBool::new(false),
+            events: Bus::default(),
+            subscribers: std::sync::atomic::AtomicUsize::new(0),
+            build: String::new(),
+        })
+    }
+
+    /// A subscriber on a real socket: its connection thread and the
+    /// client's end.
+    fn subscriber(d: &Arc<Daemon>, last: u32) -> (thread::JoinHandle<()>, UnixStream) {
+        let (server, client) = UnixStream::pair().unwrap();
+        let before = d.events.subscribers();
+        let t = {
+            let d = Arc::clone(d);
+            thread::spawn(move || {
+                let conn = Conn {
+                    rx: server.try_clone().unwrap(),
+                    tx: Mutex::new(server),
+                };
+                d.stream_events(last, &conn).unwrap();
+            })
+        };
+        let t0 = Instant::now();
+        while d.events.subscribers() == before {
+            assert!(t0.elapsed() < Duration::from_secs(5));
+            thread::sleep(Duration::from_millis(5));
+        }
+        (t, client)
+    }
+
+    fn next(c: &mut UnixStream) -> Reply {
+        match control::read_frame(c, Side::Client).unwrap() {
+            Frame::Reply(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn event(c: &mut UnixStream) -> Event {
+        match next(c) {
+            Reply::Subscribed { .. } => event(c),
+            Reply::Event { event } => event,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A client that does not read fills its socket and its queue: the
+    /// daemon goes on publishing at full speed, another client gets every
+    /// event, and the stalled one gets a gap event when it reads again.
+    #[test]
+    fn a_client_that_stops_reading_blocks_neither_the_daemon_nor_others() {
+        let d = daemon();
+        let (_t1, mut stalled) = subscriber(&d, 0);
+        let (_t2, mut live) = subscriber(&d, 0);
+        let got = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reader = {
+            let got = Arc::clone(&got);
+            thread::spawn(move || {
+                let mut seqs = Vec::new();
+                loop {
+                    match next(&mut live) {
+                        Reply::Event { event } => {
+                            got.store(event.seq, Ordering::SeqCst);
+                            seqs.push(event.seq);
+                        }
+                        Reply::Ok { .. } => return seqs,
+                        Reply::Subscribed { seq } => assert_eq!(seq, 0),
+                        other => panic!("{other:?}"),
+                    }
+                }
+            })
+        };
+        // Far more than the socket buffer and the queue hold.
+        let n = 20_000u64;
+        let t0 = Instant::now();
+        for _ in 0..n {
+            let seq = d.events.publish(What::DaemonStopping);
+            // Paced so the live reader keeps up, on a loaded machine too
+            // (the stalled one is far behind all along).
+            while seq - got.load(Ordering::SeqCst) > (QUEUE / 2) as u64 {
+                thread::yield_now();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "publishing took {:?}",
+            t0.elapsed()
+        );
+        // The stalled client reads again: every seq once, in order, either
+        // as an event or inside a gap event that names it (a gap may come
+        // more than once: each time its queue had a slot free).
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        d.events.publish(What::DaemonStopping);
+        let (mut expect, mut seen, mut gaps) = (1u64, 0u64, 0u64);
+        while expect <= n + 1 {
+            let e = event(&mut stalled);
+            match e.what {
+                What::Gap { missed, first_seq } => {
+                    assert_eq!(first_seq, expect, "{e:?}");
+                    assert_eq!(e.seq - first_seq + 1, missed, "{e:?}");
+                    gaps += 1;
+                }
+                _ => {
+                    assert_eq!(e.seq, expect, "{e:?}");
+                    seen += 1;
+                }
+            }
+            expect = e.seq + 1;
+        }
+        assert!(gaps >= 1);
+        assert!(seen >= QUEUE as u64, "{seen}");
+        d.events.close();
+        assert!(matches!(next(&mut stalled), Reply::Ok { .. }));
+        let live_seqs = reader.join().unwrap();
+        assert_eq!(live_seqs, (1..=n + 1).collect::<Vec<_>>());
+    }
+
+    /// `--last` replays the ring, then goes on; a client that hangs up is
+    /// forgotten without an event to notice it.
+    #[test]
+    fn last_replays_and_a_hung_up_client_is_forgotten() {
+        let d = daemon();
+        for _ in 0..5 {
+            d.events.publish(What::DaemonStopping);
+        }
+        let (t, mut c) = subscriber(&d, 2);
+        assert_eq!(event(&mut c).seq, 4);
+        assert_eq!(event(&mut c).seq, 5);
+        d.events.publish(What::DaemonStopping);
+        assert_eq!(event(&mut c).seq, 6);
+        drop(c);
+        t.join().unwrap();
+        assert_eq!(d.subscribers.load(Ordering::SeqCst), 0);
+        assert_eq!(d.events.subscribers(), 1, "until the next publish");
+        d.events.publish(What::DaemonStopping);
+        assert_eq!(d.events.subscribers(), 0);
     }
 }

@@ -14,6 +14,7 @@ use mknode::wire::{ExecRequest, Msg, Stream};
 use super::{Conn, Daemon, Progress};
 use crate::daemon::control::{self, Frame, Reply, Side};
 use crate::daemon::error::RequestError;
+use crate::daemon::events::What;
 
 /// How long a move may take before the daemon stops waiting for its end.
 const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -224,6 +225,20 @@ impl Daemon {
         Ok(())
     }
 
+    /// The name of kernel `id` for events: `host`, or its instance's name.
+    fn kernel_name(&self, id: u16) -> String {
+        if id == 0 {
+            return "host".into();
+        }
+        self.registry()
+            .instances
+            .values()
+            .find(|i| i.id == id)
+            .map_or_else(|| id.to_string(), |i| i.name.clone())
+    }
+
+    /// `mkctl migrate PID`: [`Daemon::move_process`], its start, its
+    /// running and its end (or failure) published as events.
     pub(super) fn migrate(
         &self,
         pid: u32,
@@ -238,8 +253,21 @@ impl Daemon {
                 kernel: from.to_string(),
             });
         }
-        let agent = self.agent()?;
+        let (from_name, to_name) = (self.kernel_name(a), self.kernel_name(b));
+        self.events.publish(What::MigrateStart {
+            pid,
+            from: from_name.clone(),
+            to: to_name.clone(),
+            mode: if lazy { "lazy" } else { "stop-copy" }.into(),
+        });
         let running = |new_pid: u32, downtime: Duration| {
+            self.events.publish(What::MigrateRunning {
+                pid,
+                from: from_name.clone(),
+                to: to_name.clone(),
+                new_pid,
+                downtime_ns: nanos(downtime),
+            });
             progress(
                 to,
                 &format!(
@@ -251,8 +279,51 @@ impl Daemon {
                         ""
                     }
                 ),
-            )
+            );
         };
+        let result = self.move_process(pid, (a, from), b, lazy, running);
+        self.events.publish(match &result {
+            Ok(Reply::Migrated {
+                new_pid,
+                downtime_ns,
+                total_ns,
+                image_bytes,
+            }) => What::MigrateEnd {
+                pid,
+                from: from_name,
+                to: to_name,
+                new_pid: *new_pid,
+                downtime_ns: *downtime_ns,
+                total_ns: *total_ns,
+                image_bytes: *image_bytes,
+            },
+            Ok(other) => What::MigrateFailed {
+                pid,
+                from: from_name,
+                to: to_name,
+                error: format!("unexpected {} answer", other.kind()),
+            },
+            Err(e) => What::MigrateFailed {
+                pid,
+                from: from_name,
+                to: to_name,
+                error: crate::error_chain(e),
+            },
+        });
+        result
+    }
+
+    /// Moves process `pid` from kernel `a` (named `from` in errors) to
+    /// `b`; `running` is called once it runs there.
+    fn move_process(
+        &self,
+        pid: u32,
+        (a, from): (u16, &str),
+        b: u16,
+        lazy: bool,
+        running: impl Fn(u32, Duration),
+    ) -> Result<Reply, RequestError> {
+        let agent = self.agent()?;
         if a == 0 {
             // The host's agent is the origin: freeze and stream from here
             // (ptrace wants one thread from freeze to kill: this one).
@@ -333,6 +404,53 @@ impl Daemon {
         to: &str,
     ) -> Result<Reply, RequestError> {
         let (a, b) = (self.ready(from)?, self.ready(to)?);
+        let (from_name, to_name) = (self.kernel_name(a), self.kernel_name(b));
+        self.events.publish(What::ThreadMigrateStart {
+            pid,
+            tid,
+            from: from_name.clone(),
+            to: to_name.clone(),
+        });
+        let result = self.move_thread(pid, tid, (a, from), (b, to));
+        self.events.publish(match &result {
+            Ok(Reply::ThreadMigrated {
+                at,
+                shadow_pid,
+                downtime_ns,
+            }) => What::ThreadMigrateEnd {
+                pid,
+                tid,
+                at: if at == to { &to_name } else { &from_name }.clone(),
+                from: from_name,
+                to: to_name,
+                shadow_pid: *shadow_pid,
+                downtime_ns: *downtime_ns,
+            },
+            Ok(other) => What::ThreadMigrateFailed {
+                pid,
+                tid,
+                from: from_name,
+                to: to_name,
+                error: format!("unexpected {} answer", other.kind()),
+            },
+            Err(e) => What::ThreadMigrateFailed {
+                pid,
+                tid,
+                from: from_name,
+                to: to_name,
+                error: crate::error_chain(e),
+            },
+        });
+        result
+    }
+
+    fn move_thread(
+        &self,
+        pid: u32,
+        tid: u32,
+        (a, from): (u16, &str),
+        (b, to): (u16, &str),
+    ) -> Result<Reply, RequestError> {
         let agent = self.agent()?;
         let moved = if a == 0 {
             agent
