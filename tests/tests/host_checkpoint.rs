@@ -883,6 +883,45 @@ fn anonymous_shared_memory_moves_and_stays_shared() {
     end(&mut r);
 }
 
+/// On a terminal a long checkpoint draws its progress (bytes and rate) on
+/// stderr, erased at the end; piped, it draws nothing.
+#[test]
+fn a_long_checkpoint_shows_its_progress_on_a_terminal_only() {
+    let dir = Scratch::new("host_checkpoint_progress");
+    let (mut child, _rx) = mkcounter_running("", "--mem 768M --interval-ms 50");
+    let pid = child.id();
+    let img = dir.join("big.img");
+    // `script` gives the command a terminal; its output is what it drew.
+    let inner = format!(
+        "MKCTL_RUN_DIR=/nonexistent/mkctl-host-checkpoint {} checkpoint {pid} --on host -o {}",
+        mkctl_bin().display(),
+        img.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (bsdutils)");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    let drawn: Vec<&str> = tty
+        .split('\r')
+        .filter(|l| l.contains("mkctl: writing the image: "))
+        .collect();
+    assert!(!drawn.is_empty(), "no progress drawn: {tty:?}");
+    assert!(drawn.iter().all(|l| l.contains("/s")), "{drawn:?}");
+    assert!(tty.contains("wrote "), "{tty:?}");
+    // Piped: the summary only.
+    let out = checkpoint(pid, true, &img);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("writing the image") && !err.contains('\r'),
+        "{err:?}"
+    );
+    let _ = child.wait();
+}
+
 /// A socket whose peer another process holds is refused, naming it; the
 /// process runs on.
 #[test]

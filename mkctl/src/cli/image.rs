@@ -13,6 +13,7 @@ use std::path::Path;
 use mknode::wire::{Msg, MAX_CHUNK};
 
 use super::live::{connect, is_host, refused, relay_output, started};
+use super::progress::{self, Progress};
 use super::{Failure, Res, EXIT_OK};
 use crate::daemon::control::{Frame, Reply, Request};
 use crate::units::ByteSize;
@@ -88,40 +89,25 @@ fn stdio_refusal(path: &Path, reading: bool) -> Option<Failure> {
     None
 }
 
-/// Counts what goes through to `inner`.
-struct Counting<W> {
-    inner: W,
-    bytes: u64,
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(b)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Writes an image to `path` (through a `.partial` file, see
-/// [`write_atomically`]) or, for `-`, to stdout; returns its size.
+/// [`write_atomically`]) or, for `-`, to stdout; returns its size. On a
+/// terminal, its progress is drawn meanwhile.
 fn write_image_out(
     path: &Path,
     fill: impl FnOnce(&mut dyn Write) -> Result<(), Failure>,
 ) -> Result<u64, Failure> {
+    let progress = Progress::new("writing the image");
     if !is_stdio(path) {
-        return write_atomically(path, |w| fill(w));
+        return write_atomically(path, |w| fill(&mut progress::Writer { inner: w, progress }));
     }
-    let mut out = Counting {
+    let mut out = progress::Writer {
         inner: std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
-        bytes: 0,
+        progress,
     };
     fill(&mut out)?;
     out.flush()
         .map_err(|e| Failure::Failed(format!("cannot write the image to stdout: {e}")))?;
-    Ok(out.bytes)
+    Ok(out.progress.bytes())
 }
 
 /// What a checkpoint that worked prints: on stdout, or on stderr when the
@@ -250,6 +236,10 @@ fn restore_here(file: &Path) -> Res {
         stdout: dup(std::io::stdout().as_fd())?,
         stderr: dup(std::io::stderr().as_fd())?,
     };
+    let image = progress::Reader {
+        inner: image,
+        progress: Progress::new("reading the image"),
+    };
     let restored =
         match mknode::migrate::restore(std::io::BufReader::with_capacity(1 << 20, image), stdio) {
             Ok(r) => r,
@@ -372,7 +362,10 @@ pub(super) fn restore(file: &Path, on: &str) -> Res {
     if is_host(on) {
         return restore_here(file);
     }
-    let mut image = open_image(file)?;
+    let mut image = progress::Reader {
+        inner: open_image(file)?,
+        progress: Progress::new("sending the image"),
+    };
     let mut c = connect()?;
     c.send(&Request::Restore { on: on.to_string() })?;
     started(&mut c)?;

@@ -14,6 +14,7 @@ mod dsm;
 mod image;
 mod kexec;
 mod live;
+mod progress;
 
 pub use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 
