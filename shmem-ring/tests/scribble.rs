@@ -13,17 +13,7 @@ use shmem_ring::{Error, Layout, Window};
 
 mod common;
 
-/// A xorshift generator: the scribbler needs cheap, varied bytes, not quality.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use common::Rng;
 
 /// Which bytes the scribbler may hit.
 #[derive(Clone, Copy, Debug)]

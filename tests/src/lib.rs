@@ -508,3 +508,19 @@ pub fn host_testprog(bin: &str) -> PathBuf {
     assert!(st.success(), "building {bin} failed");
     target.join("release").join(bin)
 }
+
+/// The lines `out` (a child's stdout) writes, collected by a thread as they
+/// come; the vector grows until the child closes it.
+pub fn collect_lines(
+    out: std::process::ChildStdout,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l2 = std::sync::Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            l2.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    });
+    lines
+}

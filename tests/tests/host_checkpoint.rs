@@ -762,32 +762,20 @@ fn a_pipe_shared_with_another_process_is_refused_by_name() {
 /// other; a save that leaves the process running takes nothing out.
 #[test]
 fn socket_pairs_move_with_what_is_queued() {
-    let dir = Scratch::new("host_checkpoint_socketpairs");
-    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 10 --socketpairs 40001");
-    let pid = child.id();
-    let img = dir.join("sockets.img");
-    let out = checkpoint(pid, false, &img);
-    assert!(out.status.success(), "{out:?}");
-    usr1(pid);
-    let l = until(&rx, |l| l.starts_with("socket_check="))
-        .pop()
-        .unwrap();
-    assert_eq!(l, "socket_check=ok");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
-    let _ = child.wait();
-    let mut r = restore_running(&img);
-    let (rx2, _err, _, new_pid) = restoring(&mut r);
-    let got = until(&rx2, |l| l.starts_with("socket_check="));
-    assert_eq!(got.last().unwrap(), "socket_check=ok", "{got:?}");
-    let socks = fds_on(new_pid, |t| t.starts_with("socket:["));
-    assert_eq!(socks.len(), 4, "{socks:?}");
-    usr1(new_pid);
-    let l = until(&rx2, |l| l.starts_with("socket_check="))
-        .pop()
-        .unwrap();
-    assert_eq!(l, "socket_check=ok");
-    end(&mut r);
+    moves_and_checks(
+        "host_checkpoint_socketpairs",
+        "--mem 1M --interval-ms 10 --socketpairs 40001",
+        "socket_check=",
+        |pid, img| {
+            // A save that leaves the process running takes nothing out.
+            let out = checkpoint(pid, false, img);
+            assert!(out.status.success(), "{out:?}");
+        },
+        |new_pid| {
+            let socks = fds_on(new_pid, |t| t.starts_with("socket:["));
+            assert_eq!(socks.len(), 4, "{socks:?}");
+        },
+    );
 }
 
 /// An epoll moves with its watches, on the descriptors the program knows
@@ -795,37 +783,25 @@ fn socket_pairs_move_with_what_is_queued() {
 /// write wakes it, and its watches can be changed by number afterwards.
 #[test]
 fn an_epoll_moves_with_its_watches() {
-    let dir = Scratch::new("host_checkpoint_epoll");
-    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 10 --epoll");
-    let pid = child.id();
-    usr1(pid);
-    let l = until(&rx, |l| l.starts_with("epoll_check=")).pop().unwrap();
-    assert_eq!(l, "epoll_check=ok");
-    let img = dir.join("epoll.img");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
-    let _ = child.wait();
-    let mut r = restore_running(&img);
-    let (rx2, _err, _, new_pid) = restoring(&mut r);
-    let got = until(&rx2, |l| l.starts_with("epoll_check="));
-    assert_eq!(got.last().unwrap(), "epoll_check=ok", "{got:?}");
-    let eps = fds_on(new_pid, |t| t == "anon_inode:[eventpoll]");
-    assert_eq!(eps.len(), 2, "{eps:?}");
-    // One instance behind both (the dup shares it), two watches.
-    let tfds = |info: &str| -> Vec<String> {
-        info.lines()
-            .filter(|l| l.starts_with("tfd:"))
-            .map(|l| l.split(" pos:").next().unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(tfds(&eps[0].2).len(), 2, "{eps:?}");
-    assert_eq!(tfds(&eps[0].2), tfds(&eps[1].2), "{eps:?}");
-    usr1(new_pid);
-    let l = until(&rx2, |l| l.starts_with("epoll_check="))
-        .pop()
-        .unwrap();
-    assert_eq!(l, "epoll_check=ok");
-    end(&mut r);
+    moves_and_checks(
+        "host_checkpoint_epoll",
+        "--mem 1M --interval-ms 10 --epoll",
+        "epoll_check=",
+        |_, _| {},
+        |new_pid| {
+            let eps = fds_on(new_pid, |t| t == "anon_inode:[eventpoll]");
+            assert_eq!(eps.len(), 2, "{eps:?}");
+            // One instance behind both (the dup shares it), two watches.
+            let tfds = |info: &str| -> Vec<String> {
+                info.lines()
+                    .filter(|l| l.starts_with("tfd:"))
+                    .map(|l| l.split(" pos:").next().unwrap().to_string())
+                    .collect()
+            };
+            assert_eq!(tfds(&eps[0].2).len(), 2, "{eps:?}");
+            assert_eq!(tfds(&eps[0].2), tfds(&eps[1].2), "{eps:?}");
+        },
+    );
 }
 
 /// An epoll that watches a file through a descriptor since closed cannot
@@ -857,29 +833,54 @@ fn an_epoll_watching_a_closed_descriptor_is_refused_by_name() {
 /// child forked after the restore writes into it and the parent sees it.
 #[test]
 fn anonymous_shared_memory_moves_and_stays_shared() {
-    let dir = Scratch::new("host_checkpoint_shm");
-    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 10 --shared-mem 3M");
+    moves_and_checks(
+        "host_checkpoint_shm",
+        "--mem 1M --interval-ms 10 --shared-mem 3M",
+        "shm_check=",
+        |_, _| {},
+        |new_pid| {
+            let maps = std::fs::read_to_string(format!("/proc/{new_pid}/maps")).unwrap();
+            assert!(
+                maps.lines()
+                    .any(|l| l.contains(" rw-s ") && l.ends_with("/dev/zero (deleted)")),
+                "{maps}"
+            );
+        },
+    );
+}
+
+/// The shape of the descriptor and memory kinds' tests: a `mkcounter` with
+/// `args` checks itself on SIGUSR1 (a line `<check>ok`), after `before`
+/// (its pid, the image path); it is saved with `--kill` and restored, checks
+/// itself again when it finds itself moved, `after` looks at the new pid,
+/// and one more SIGUSR1 check ends it.
+fn moves_and_checks(
+    name: &str,
+    args: &str,
+    check: &str,
+    before: impl FnOnce(u32, &std::path::Path),
+    after: impl FnOnce(u32),
+) {
+    let dir = Scratch::new(name);
+    let ok = format!("{check}ok");
+    let (mut child, rx) = mkcounter_running("", args);
     let pid = child.id();
+    let img = dir.join("moved.img");
+    before(pid, &img);
     usr1(pid);
-    let l = until(&rx, |l| l.starts_with("shm_check=")).pop().unwrap();
-    assert_eq!(l, "shm_check=ok");
-    let img = dir.join("shm.img");
+    let l = until(&rx, |l| l.starts_with(check)).pop().unwrap();
+    assert_eq!(l, ok);
     let out = checkpoint(pid, true, &img);
     assert!(out.status.success(), "{out:?}");
     let _ = child.wait();
     let mut r = restore_running(&img);
     let (rx2, _err, _, new_pid) = restoring(&mut r);
-    let got = until(&rx2, |l| l.starts_with("shm_check="));
-    assert_eq!(got.last().unwrap(), "shm_check=ok", "{got:?}");
-    let maps = std::fs::read_to_string(format!("/proc/{new_pid}/maps")).unwrap();
-    assert!(
-        maps.lines()
-            .any(|l| l.contains(" rw-s ") && l.ends_with("/dev/zero (deleted)")),
-        "{maps}"
-    );
+    let got = until(&rx2, |l| l.starts_with(check));
+    assert_eq!(got.last().unwrap(), &ok, "{got:?}");
+    after(new_pid);
     usr1(new_pid);
-    let l = until(&rx2, |l| l.starts_with("shm_check=")).pop().unwrap();
-    assert_eq!(l, "shm_check=ok");
+    let l = until(&rx2, |l| l.starts_with(check)).pop().unwrap();
+    assert_eq!(l, ok);
     end(&mut r);
 }
 

@@ -8,12 +8,11 @@
 //! Boots real kernels under QEMU: needs `scripts/setup.sh` (fails, never
 //! skips, without it).
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mkctl_e2e::{cache_dir, Mkctl};
+use mkctl_e2e::{cache_dir, collect_lines, Mkctl};
 use serde_json::Value;
 
 /// Two instances (the migration test's machine), with mkcounter in their
@@ -83,14 +82,7 @@ impl Lines {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn mkctl");
-        let out = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l2 = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                l2.lock().unwrap().push(line);
-            }
-        });
+        let lines = collect_lines(child.stdout.take().unwrap());
         Lines { child, lines }
     }
 

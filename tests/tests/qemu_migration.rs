@@ -8,12 +8,11 @@
 //! a checkpoint on alpha restored on beta goes on from the next line with
 //! the same memory, and dies with the `mkctl restore` that runs it.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mkctl_e2e::{repo_root, Mkctl};
+use mkctl_e2e::{collect_lines, repo_root, Mkctl};
 
 struct Watched {
     child: Child,
@@ -90,14 +89,7 @@ fn exec_watched(m: &Mkctl, on: &str, argv: &[&str]) -> Watched {
 /// Collects the stdout lines of `child` (an exec or a restore) and waits
 /// for its first ones.
 fn watch(mut child: Child) -> Watched {
-    let out = child.stdout.take().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l2 = Arc::clone(&lines);
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            l2.lock().unwrap().push(line);
-        }
-    });
+    let lines = collect_lines(child.stdout.take().unwrap());
     let w = Watched { child, lines };
     w.wait_for("first output", Duration::from_secs(30), |l| l.len() >= 5);
     w

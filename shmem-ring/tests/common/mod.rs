@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests: self-checking messages and a
-//! forked child process.
+//! Helpers shared by the integration tests: self-checking messages, a
+//! forked child process, cheap random numbers.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -75,5 +75,17 @@ pub fn wait_child(pid: Pid) -> i32 {
         WaitStatus::Exited(_, code) => code,
         WaitStatus::Signaled(_, sig, _) => -(sig as i32),
         other => panic!("unexpected child status {other:?}"),
+    }
+}
+
+/// A xorshift generator: cheap, varied numbers, not quality (seed: odd).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
     }
 }
