@@ -25,8 +25,9 @@ use nix::unistd::Pid;
 
 use super::image::{
     AltStack, FpKind, Header, ImageMeta, ImageStats, ImageWriter, Mapping, MappingKind, MmFields,
-    ProcessInfo, Rseq, SigAction, SigInfo, ThreadState, FLAG_LAZY, FLAG_ZERO_RUNS, MAPF_HUGEPAGE,
-    MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W,
+    PosixTimer, ProcessInfo, Rseq, SigAction, SigInfo, ThreadState, FLAG_LAZY, FLAG_ZERO_RUNS,
+    MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, SIGEV_NONE, SIGEV_SIGNAL,
+    SIGEV_THREAD_ID,
 };
 use super::inject::{inject, ptrace_err, wait, Call};
 use super::lazy::{eager_ranges, LazyOptions, PageServer};
@@ -210,7 +211,7 @@ pub(crate) fn freeze_for_split(pid: i32) -> Result<Frozen, CaptureError> {
             | Blocker::DeletedFile { .. }
             | Blocker::Stdio { .. }
             | Blocker::Children { .. }
-            | Blocker::PosixTimers { .. }
+            | Blocker::PosixTimer { .. }
             // Its futex filter (see `split`).
             | Blocker::Seccomp { mode: 2 } => true,
             _ => false,
@@ -325,13 +326,73 @@ fn with_hints(now: &MapsEntry, hint: Option<&SmapsEntry>) -> Option<Mapping> {
 /// One armed interval timer: which, and its `struct itimerval` words.
 type ItimerState = (u8, [u64; 4]);
 
+/// What the process said: its signal actions, interval timers, and each
+/// POSIX timer's `struct itimerspec` words.
+type Asked = (Vec<SigAction>, Vec<ItimerState>, Vec<[u64; 4]>);
+
 /// What is asked of the leader only: its status, and where its signal
-/// actions and interval timers go.
+/// actions and interval timers go; the ids of its POSIX timers, and where
+/// their `struct itimerspec` words go.
 type LeaderAsks<'a> = (
     &'a super::procfs::Status,
     &'a mut Vec<SigAction>,
     &'a mut Vec<ItimerState>,
+    &'a [u32],
+    &'a mut Vec<[u64; 4]>,
 );
+
+/// The image's POSIX timers from what `/proc` lists and what
+/// `timer_gettime` said (`times`, in the same order): a thread target
+/// becomes its index among `threads`; a periodic timer that expired while
+/// the process was stopped gets one period left (as for interval timers:
+/// the kernel re-arms it when its signal is taken, and that signal is
+/// pending and carried).
+fn posix_timers(
+    listed: &[super::procfs::ProcTimer],
+    times: &[[u64; 4]],
+    threads: &[ThreadState],
+) -> std::io::Result<Vec<PosixTimer>> {
+    let mut out = Vec::with_capacity(listed.len());
+    for (i, (t, w)) in listed.iter().zip(times).enumerate() {
+        if let Some(why) = super::precheck::timer_blocker(t, i) {
+            return Err(std::io::Error::other(format!("POSIX timer {} {why}", t.id)));
+        }
+        let ns = |s: u64, n: u64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        let interval_ns = ns(w[0], w[1]);
+        let mut value_ns = ns(w[2], w[3]);
+        if value_ns == 0 {
+            value_ns = interval_ns;
+        }
+        let (notify, thread) = match (t.notify.as_str(), t.to_thread) {
+            ("none", _) => (SIGEV_NONE, 0),
+            (_, false) => (SIGEV_SIGNAL, 0),
+            (_, true) => {
+                let i = threads
+                    .iter()
+                    .position(|x| x.tid as i32 == t.target)
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!(
+                            "POSIX timer {} signals thread {}, which is not in the process",
+                            t.id, t.target
+                        ))
+                    })?;
+                (SIGEV_THREAD_ID, i as u32)
+            }
+        };
+        out.push(PosixTimer {
+            id: t.id,
+            clockid: t.clockid,
+            notify,
+            signo: t.signo as u8,
+            sigval: t.sigval,
+            thread,
+            interval_ns,
+            value_ns,
+        });
+    }
+    out.sort_by_key(|t| t.id);
+    Ok(out)
+}
 
 /// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as process `pd` sees them now:
 /// ours, moved by the difference between its time namespace's offsets and
@@ -550,9 +611,16 @@ impl Frozen {
                 source: e.into(),
             })
         })?;
-        let asked = self.ask_process(insn, scratch, &status, &mut threads);
+        // POSIX timers stay at home when a thread leaves.
+        let proc_timers = if self.split {
+            Vec::new()
+        } else {
+            pd.posix_timers().map_err(self.proc_err("timers"))?
+        };
+        let ids: Vec<u32> = proc_timers.iter().map(|t| t.id).collect();
+        let asked = self.ask_process(insn, scratch, &status, &ids, &mut threads);
         let put_back = write_remote(pid, scratch, &saved);
-        let (sigactions, itimers) = asked?;
+        let (sigactions, itimers, times) = asked?;
         put_back.map_err(|e| {
             self.sys()(SysError::Mem {
                 what: "restoring scratch bytes",
@@ -596,6 +664,8 @@ impl Frozen {
                 pipes,
                 socketpairs,
                 epolls,
+                posix_timers: posix_timers(&proc_timers, &times, &threads)
+                    .map_err(self.proc_err("timers"))?,
             },
             threads,
             mappings,
@@ -670,10 +740,12 @@ impl Frozen {
         insn: u64,
         scratch: u64,
         status: &super::procfs::Status,
+        timer_ids: &[u32],
         threads: &mut [ThreadState],
-    ) -> Result<(Vec<SigAction>, Vec<ItimerState>), CaptureError> {
+    ) -> Result<Asked, CaptureError> {
         let mut actions = Vec::new();
         let mut itimers = Vec::new();
+        let mut times = Vec::new();
         for (i, t) in threads.iter_mut().enumerate() {
             let tid = Pid::from_raw(t.tid as i32);
             let r = self.ask_thread(
@@ -682,7 +754,7 @@ impl Frozen {
                 scratch,
                 t,
                 if i == 0 {
-                    Some((status, &mut actions, &mut itimers))
+                    Some((status, &mut actions, &mut itimers, timer_ids, &mut times))
                 } else {
                     None
                 },
@@ -694,7 +766,7 @@ impl Frozen {
             back_regs.map_err(|e| self.sys()(ptrace_err("PTRACE_SETREGS", tid)(e)))?;
             back_mask.map_err(|e| self.sys()(ptrace_err("PTRACE_SETSIGMASK", tid)(e)))?;
         }
-        Ok((actions, itimers))
+        Ok((actions, itimers, times))
     }
 
     fn ask_thread(
@@ -757,7 +829,19 @@ impl Frozen {
             flags: u32::from_le_bytes(ss[8..12].try_into().unwrap_or([0; 4])),
             size: u64::from_le_bytes(ss[16..24].try_into().unwrap_or([0; 8])),
         };
-        if let Some((status, actions, itimers)) = leader {
+        if let Some((status, actions, itimers, timer_ids, times)) = leader {
+            for &id in timer_ids {
+                run(Call::new(
+                    "timer_gettime",
+                    libc::SYS_timer_gettime,
+                    &[u64::from(id), scratch],
+                ))?;
+                let mut v = [0u8; 32];
+                read_remote(pid, scratch, &mut v).map_err(mem_err("reading an itimerspec"))?;
+                let w =
+                    |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+                times.push([w(0), w(1), w(2), w(3)]);
+            }
             for which in 0..3u8 {
                 run(Call::new(
                     "getitimer",

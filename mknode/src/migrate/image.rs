@@ -20,7 +20,7 @@ pub const MAGIC: [u8; 8] = *b"MKPROCIM";
 /// Version of the layout written by this code; others are refused.
 /// Version 2 added the header checksum; version 3 the open files; version 4
 /// timerfds, signalfds, pipes and socket pairs with their bytes, and shared
-/// descriptions; version 5 epolls with their watches.
+/// descriptions; version 5 epolls with their watches and POSIX timers.
 pub const VERSION: u16 = 5;
 /// ELF machine number of x86_64, the only architecture of version 1.
 pub const ARCH_X86_64: u16 = 0x3E;
@@ -284,6 +284,39 @@ pub struct SocketPairState {
     pub queued: [Vec<Vec<u8>>; 2],
 }
 
+/// Most POSIX timers carried, and the bound of their ids (a restore makes
+/// every id below the highest one, see `restore`).
+pub const MAX_POSIX_TIMERS: usize = 64;
+pub const MAX_TIMER_ID: u32 = 1024;
+/// The clocks a carried POSIX timer may use: `CLOCK_REALTIME`,
+/// `CLOCK_MONOTONIC`, `CLOCK_BOOTTIME`.
+pub const POSIX_TIMER_CLOCKS: [u32; 3] = [0, 1, 7];
+/// `sigev_notify` values carried: `SIGEV_SIGNAL`, `SIGEV_NONE`,
+/// `SIGEV_THREAD_ID` (`SIGEV_SIGNAL | 4`: to one thread).
+pub const SIGEV_SIGNAL: u8 = 0;
+pub const SIGEV_NONE: u8 = 1;
+pub const SIGEV_THREAD_ID: u8 = 4;
+
+/// A POSIX timer (`timer_create`) at the freeze.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PosixTimer {
+    /// Its id (`timer_t`), below [`MAX_TIMER_ID`].
+    pub id: u32,
+    /// One of [`POSIX_TIMER_CLOCKS`].
+    pub clockid: u32,
+    /// How it notifies ([`SIGEV_SIGNAL`], [`SIGEV_NONE`],
+    /// [`SIGEV_THREAD_ID`]), with which signal and `sigev_value`.
+    pub notify: u8,
+    pub signo: u8,
+    pub sigval: u64,
+    /// With [`SIGEV_THREAD_ID`]: the index of the thread in the image.
+    pub thread: u32,
+    /// Period (ns; 0: one-shot) and time left at the freeze (ns; 0:
+    /// disarmed).
+    pub interval_ns: u64,
+    pub value_ns: u64,
+}
+
 /// What an epoll instance watches, as `epoll_ctl(EPOLL_CTL_ADD)` set it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EpollWatch {
@@ -463,6 +496,8 @@ pub struct ProcessInfo {
     pub socketpairs: Vec<SocketPairState>,
     /// The watches of each epoll instance among `files`.
     pub epolls: Vec<EpollState>,
+    /// POSIX timers, by id.
+    pub posix_timers: Vec<PosixTimer>,
 }
 
 /// Which register file the FP blob is.
@@ -869,6 +904,20 @@ impl<W: Write> ImageWriter<W> {
                 w.le(x.events);
                 w.le(x.data);
             }
+        }
+        if p.posix_timers.len() > MAX_POSIX_TIMERS {
+            return Err(ImageError::Order("too many POSIX timers"));
+        }
+        w.u8(p.posix_timers.len() as u8);
+        for t in &p.posix_timers {
+            w.le(t.id);
+            w.le(t.clockid);
+            w.u8(t.notify);
+            w.u8(t.signo);
+            w.le(t.sigval);
+            w.le(t.thread);
+            w.le(t.interval_ns);
+            w.le(t.value_ns);
         }
         self.record(TAG_PROCESS, &v)?;
         self.stage = Stage::Threads;
@@ -1675,6 +1724,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
     let (pipes, in_flight) = parse_pipes(c, &files)?;
     let socketpairs = parse_socketpairs(c, &files, in_flight)?;
     let epolls = parse_epolls(c, &files, &stdio)?;
+    let posix_timers = parse_posix_timers(c)?;
     c.done()?;
     Ok(ProcessInfo {
         pid,
@@ -1692,7 +1742,53 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         pipes,
         socketpairs,
         epolls,
+        posix_timers,
     })
+}
+
+/// The POSIX timers: at most [`MAX_POSIX_TIMERS`], ids unique, ascending
+/// and below [`MAX_TIMER_ID`], known clocks and notifications, a signal
+/// (1-64) where one is sent, a thread index within [`MAX_THREADS`] (the
+/// restore checks it against the threads).
+fn parse_posix_timers(c: &mut Cur<'_>) -> Result<Vec<PosixTimer>, ImageError> {
+    let at = c.at;
+    let n = usize::from(c.u8()?);
+    if n > MAX_POSIX_TIMERS {
+        return Err(ImageError::Bound {
+            at,
+            what: "POSIX timers",
+            value: n as u64,
+        });
+    }
+    let mut out: Vec<PosixTimer> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = PosixTimer {
+            id: c.u32()?,
+            clockid: c.u32()?,
+            notify: c.u8()?,
+            signo: c.u8()?,
+            sigval: c.u64()?,
+            thread: c.u32()?,
+            interval_ns: c.u64()?,
+            value_ns: c.u64()?,
+        };
+        let fits = t.id < MAX_TIMER_ID
+            && out.last().is_none_or(|p| p.id < t.id)
+            && POSIX_TIMER_CLOCKS.contains(&t.clockid)
+            && matches!(t.notify, SIGEV_SIGNAL | SIGEV_NONE | SIGEV_THREAD_ID)
+            && (t.notify == SIGEV_NONE || (1..=64).contains(&t.signo))
+            && (t.notify != SIGEV_THREAD_ID || (t.thread as usize) < MAX_THREADS)
+            && t.interval_ns <= i64::MAX as u64
+            && t.value_ns <= i64::MAX as u64;
+        if !fits {
+            return Err(ImageError::Invalid {
+                at,
+                why: format!("POSIX timer {t:?} is not one as carried"),
+            });
+        }
+        out.push(t);
+    }
+    Ok(out)
 }
 
 /// The epolls: one entry for each epoll descriptor of `files` that is not
@@ -2418,6 +2514,28 @@ pub(crate) mod tests {
                 shutdown: [0, 2],
                 queued: [vec![b"one".to_vec(), vec![], b"three".to_vec()], vec![]],
             }],
+            posix_timers: vec![
+                PosixTimer {
+                    id: 1,
+                    clockid: 1,
+                    notify: SIGEV_SIGNAL,
+                    signo: 36,
+                    sigval: 0x77,
+                    thread: 0,
+                    interval_ns: 5_000_000,
+                    value_ns: 1_234_567,
+                },
+                PosixTimer {
+                    id: 3,
+                    clockid: 7,
+                    notify: SIGEV_THREAD_ID,
+                    signo: 12,
+                    sigval: u64::MAX,
+                    thread: 1,
+                    interval_ns: 0,
+                    value_ns: 0,
+                },
+            ],
             epolls: vec![EpollState {
                 fd: 15,
                 watches: vec![
@@ -2510,14 +2628,14 @@ pub(crate) mod tests {
     /// as first written by hand before the shared codec, plus the open
     /// files, the clocks and the interval timers (3), plus timerfds,
     /// signalfds, pipes, socket pairs and shared descriptions (4), plus
-    /// epolls (5)): same length, same checksum over every byte. A change
+    /// epolls and POSIX timers (5)): same length, same checksum over every byte. A change
     /// here is a format change: bump VERSION and the README's layout.
     #[test]
     fn encoding_is_the_one_of_version_5() {
         let (meta, data, zero) = sample(3, 7);
         let bytes = encode(&meta, &data, &zero);
         let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-        assert_eq!((bytes.len(), sum), (28550, 0x0d00_44f1_b339_71e7));
+        assert_eq!((bytes.len(), sum), (28627, 0x5772_7e85_d34f_87fa));
     }
 
     /// Files the decoder refuses: a stdio fd whose kind and listing
@@ -2659,6 +2777,17 @@ pub(crate) mod tests {
             ("epoll on a pipe", Box::new(|p| p.epolls[0].fd = 10)),
             ("epoll on a dup", Box::new(|p| p.epolls[0].fd = 16)),
             ("epoll not listed", Box::new(|p| p.epolls.clear())),
+            (
+                "timers out of order",
+                Box::new(|p| p.posix_timers.swap(0, 1)),
+            ),
+            (
+                "timer id too high",
+                Box::new(|p| p.posix_timers[1].id = MAX_TIMER_ID),
+            ),
+            ("timer clock", Box::new(|p| p.posix_timers[0].clockid = 2)),
+            ("timer notify", Box::new(|p| p.posix_timers[0].notify = 2)),
+            ("timer signal", Box::new(|p| p.posix_timers[0].signo = 65)),
             (
                 "watch of a closed fd",
                 Box::new(|p| p.epolls[0].watches[0].fd = 40),

@@ -9,7 +9,7 @@ use std::path::Path;
 use super::image::{
     EpollState, EpollWatch, FileKind, FileState, OpenFile, PipeState, SocketPairState, StdioKind,
     TimerState, DEVICES, EPOLL, EVENTFD, FILE_FLAGS, MAX_FILES, MAX_PIPE_BYTES, MAX_PIPE_CAPACITY,
-    SIGNALFD, TFD_ABSTIME, TIMERFD,
+    MAX_POSIX_TIMERS, MAX_TIMER_ID, POSIX_TIMER_CLOCKS, SIGNALFD, TFD_ABSTIME, TIMERFD,
 };
 use super::procfs::{MapsEntry, ProcDir};
 
@@ -53,8 +53,8 @@ pub enum Blocker {
     Seccomp { mode: u32 },
     /// x86 user shadow stack enabled (not restored).
     ShadowStack,
-    /// POSIX timers exist (not restored).
-    PosixTimers { count: usize },
+    /// A POSIX timer that is not carried (see [`timer_blocker`]).
+    PosixTimer { id: u32, why: String },
     /// Stopped by job control, zombie or dead.
     State { state: char },
     /// The thread-group leader has exited while other threads run.
@@ -99,7 +99,7 @@ impl fmt::Display for Blocker {
             Blocker::Children { pids } => write!(f, "has child processes {pids:?}"),
             Blocker::Seccomp { mode } => write!(f, "runs under seccomp (mode {mode})"),
             Blocker::ShadowStack => write!(f, "uses the x86 user shadow stack"),
-            Blocker::PosixTimers { count } => write!(f, "has {count} POSIX timer(s)"),
+            Blocker::PosixTimer { id, why } => write!(f, "POSIX timer {id} {why}"),
             Blocker::State { state } => {
                 write!(f, "is in state {state:?} (stopped, zombie or dead)")
             }
@@ -1147,6 +1147,31 @@ pub(crate) fn mapping_blockers(pd: &ProcDir, maps: &[MapsEntry], out: &mut Vec<B
     }
 }
 
+/// Why POSIX timer `t` (the `i`-th listed) is not carried, if it is not:
+/// carried are [`MAX_POSIX_TIMERS`] at most, ids below [`MAX_TIMER_ID`]
+/// (a restore makes every id below the highest), on `CLOCK_REALTIME`,
+/// `CLOCK_MONOTONIC` or `CLOCK_BOOTTIME`, notifying by a signal (to the
+/// process or one thread) or not at all.
+pub(crate) fn timer_blocker(t: &super::procfs::ProcTimer, i: usize) -> Option<String> {
+    if i >= MAX_POSIX_TIMERS {
+        Some(format!("is one more than the {MAX_POSIX_TIMERS} carried"))
+    } else if t.id >= MAX_TIMER_ID {
+        Some(format!("has an id above the {MAX_TIMER_ID} carried"))
+    } else if !POSIX_TIMER_CLOCKS.contains(&t.clockid) {
+        Some(format!(
+            "runs on clock {} (carried: realtime, monotonic, boottime)",
+            t.clockid
+        ))
+    } else if !matches!(t.notify.as_str(), "signal" | "none") {
+        Some(format!(
+            "notifies by {} (carried: a signal, or none)",
+            t.notify
+        ))
+    } else {
+        None
+    }
+}
+
 /// Checks `pid` under the proc root `root` (normally `/proc`).
 pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusal> {
     let inspect = |source| Refusal::Inspect { pid, source };
@@ -1198,8 +1223,10 @@ pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusa
         blockers.push(Blocker::Children { pids: children });
     }
     let timers = pd.posix_timers().map_err(inspect)?;
-    if timers > 0 {
-        blockers.push(Blocker::PosixTimers { count: timers });
+    for (i, t) in timers.iter().enumerate() {
+        if let Some(why) = timer_blocker(t, i) {
+            blockers.push(Blocker::PosixTimer { id: t.id, why });
+        }
     }
     if blockers.is_empty() {
         Ok(Precheck {

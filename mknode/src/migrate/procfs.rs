@@ -252,6 +252,46 @@ pub(crate) fn parse_epoll_info(text: &str) -> io::Result<Vec<EpollInfo>> {
     Ok(out)
 }
 
+/// One POSIX timer as `/proc/pid/timers` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProcTimer {
+    pub id: u32,
+    pub signo: u32,
+    pub sigval: u64,
+    /// `signal`, `none` or `thread` (SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD).
+    pub notify: String,
+    /// The signal goes to one thread (`SIGEV_THREAD_ID`), `target`.
+    pub to_thread: bool,
+    pub target: i32,
+    pub clockid: u32,
+}
+
+/// The timers of `/proc/pid/timers`: `ID: n`, `signal: signo/value(hex)`,
+/// `notify: kind/pid.N` or `kind/tid.N`, `ClockID: n`, four lines each.
+pub(crate) fn parse_posix_timers(text: &str) -> io::Result<Vec<ProcTimer>> {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut out = Vec::new();
+    for rec in lines.chunks(4) {
+        let field = |name: &str| rec.iter().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        let t = (|| {
+            let (signo, val) = field("signal:")?.split_once('/')?;
+            let (kind, who) = field("notify:")?.split_once('/')?;
+            let (pt, target) = who.split_once('.')?;
+            Some(ProcTimer {
+                id: field("ID:")?.parse().ok()?,
+                signo: signo.parse().ok()?,
+                sigval: u64::from_str_radix(val, 16).ok()?,
+                notify: kind.to_string(),
+                to_thread: pt == "tid",
+                target: target.parse().ok()?,
+                clockid: field("ClockID:")?.parse().ok()?,
+            })
+        })();
+        out.push(t.ok_or_else(|| bad("/proc/pid/timers", &rec.join(" | ")))?);
+    }
+    Ok(out)
+}
+
 /// A view of one process under a proc root.
 #[derive(Debug, Clone)]
 pub(crate) struct ProcDir {
@@ -408,10 +448,10 @@ impl ProcDir {
     }
 
     /// Number of POSIX timers (`timer_create`).
-    pub(crate) fn posix_timers(&self) -> io::Result<usize> {
+    pub(crate) fn posix_timers(&self) -> io::Result<Vec<ProcTimer>> {
         match fs::read_to_string(self.path("timers")) {
-            Ok(s) => Ok(s.lines().filter(|l| l.starts_with("ID:")).count()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Ok(s) => parse_posix_timers(&s),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),
         }
     }
@@ -623,13 +663,33 @@ VmFlags: rd wr mr mw me ac hg
         fs::write(p.join("task/42/children"), "50 51 ").unwrap();
         fs::write(p.join("task/43/children"), "").unwrap();
         fs::write(p.join("task/43/comm"), "worker\n").unwrap();
-        fs::write(p.join("timers"), "ID: 0\nsignal: 14/0\nID: 1\n").unwrap();
+        fs::write(
+            p.join("timers"),
+            "ID: 0\nsignal: 14/0000000000000000\nnotify: signal/pid.42\nClockID: 1\n\
+             ID: 3\nsignal: 12/0000000000000077\nnotify: signal/tid.43\nClockID: 7\n",
+        )
+        .unwrap();
         std::os::unix::fs::symlink("pipe:[99]", p.join("fd/1")).unwrap();
         std::os::unix::fs::symlink("socket:[7]", p.join("fd/3")).unwrap();
         let pd = ProcDir::new(d.path(), 42);
         assert_eq!(pd.tasks().unwrap(), vec![42, 43]);
         assert_eq!(pd.children().unwrap(), vec![50, 51]);
-        assert_eq!(pd.posix_timers().unwrap(), 2);
+        let t = pd.posix_timers().unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t[1],
+            ProcTimer {
+                id: 3,
+                signo: 12,
+                sigval: 0x77,
+                notify: "signal".into(),
+                to_thread: true,
+                target: 43,
+                clockid: 7
+            }
+        );
+        assert!(!t[0].to_thread);
+        assert!(parse_posix_timers("ID: 0\nsignal: 14/0\n").is_err());
         assert_eq!(&pd.comm(43)[..7], b"worker\0");
         assert_eq!(
             pd.fds().unwrap(),

@@ -105,6 +105,9 @@ pub enum RestoreError {
     Lazy(#[source] LazyError),
     #[error("giving the process its clocks back (a time namespace with offsets): {0}")]
     Clocks(String),
+    /// A POSIX timer could not be made again with its id.
+    #[error("POSIX timer {id}: {why}")]
+    Timer { id: u32, why: String },
     #[error("fd {fd}: cannot reopen {path} here: {why}")]
     File { fd: u32, path: String, why: String },
     #[error("reading this process's own {what}")]
@@ -458,6 +461,94 @@ fn open_files(
         })?;
     }
     Ok((owned, plan, keep_below))
+}
+
+/// The image's POSIX timers, made again in the process with their ids and
+/// armed with the time they had left. The kernel gives a new process's
+/// timers ids 0, 1, 2... in turn, so every id up to the highest is made:
+/// those not in the image as stand-ins, deleted at the end. `scratch`: 128
+/// dead bytes of the process; `tids`: its threads, in the image's order.
+fn posix_timers(
+    leader: Pid,
+    scratch: u64,
+    timers: &[super::image::PosixTimer],
+    tids: &[Pid],
+    call: &dyn Fn(Call) -> Result<u64, SysError>,
+) -> Result<(), RestoreError> {
+    use super::image::{SIGEV_NONE, SIGEV_THREAD_ID};
+    let mut standins = Vec::new();
+    let mut next = 0u32;
+    for t in timers {
+        let fail = |why: String| RestoreError::Timer { id: t.id, why };
+        loop {
+            let real = next == t.id;
+            // struct sigevent: value, signo, notify, then a thread's tid.
+            let mut ev = [0u8; 64];
+            let clock = if real {
+                ev[..8].copy_from_slice(&t.sigval.to_le_bytes());
+                ev[8..12].copy_from_slice(&i32::from(t.signo).to_le_bytes());
+                ev[12..16].copy_from_slice(&i32::from(t.notify).to_le_bytes());
+                if t.notify == SIGEV_THREAD_ID {
+                    let tid = tids
+                        .get(t.thread as usize)
+                        .ok_or_else(|| fail(format!("no thread {} in the image", t.thread)))?;
+                    ev[16..20].copy_from_slice(&tid.as_raw().to_le_bytes());
+                }
+                t.clockid
+            } else {
+                ev[12..16].copy_from_slice(&i32::from(SIGEV_NONE).to_le_bytes());
+                libc::CLOCK_MONOTONIC as u32
+            };
+            poke(leader, scratch, &ev)?;
+            call(Call::new(
+                "timer_create",
+                libc::SYS_timer_create,
+                &[u64::from(clock), scratch, scratch + 64],
+            ))?;
+            let mut id = [0u8; 4];
+            super::memory::read_remote(leader, scratch + 64, &mut id)
+                .map_err(|e| fail(format!("reading its id: {e}")))?;
+            let got = u32::from_le_bytes(id);
+            if got != next {
+                return Err(fail(format!(
+                    "the kernel gave id {got} where {next} was due (a new process's timers are numbered from 0)"
+                )));
+            }
+            next += 1;
+            if real {
+                break;
+            }
+            standins.push(got);
+        }
+        if t.value_ns > 0 {
+            let mut b = [0u8; 32];
+            for (i, w) in [
+                t.interval_ns / 1_000_000_000,
+                t.interval_ns % 1_000_000_000,
+                t.value_ns / 1_000_000_000,
+                t.value_ns % 1_000_000_000,
+            ]
+            .iter()
+            .enumerate()
+            {
+                b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            poke(leader, scratch, &b)?;
+            call(Call::new(
+                "timer_settime",
+                libc::SYS_timer_settime,
+                &[u64::from(t.id), 0, scratch, 0],
+            ))?;
+        }
+    }
+    for id in standins {
+        call(Call::new(
+            "timer_delete",
+            libc::SYS_timer_delete,
+            &[u64::from(id)],
+        ))?;
+    }
+    Ok(())
 }
 
 /// A new, empty epoll instance.
@@ -1534,6 +1625,7 @@ fn finish(
             &[u64::from(*which), scratch, 0],
         ))?;
     }
+    posix_timers(leader, scratch, &meta.process.posix_timers, &tids, call)?;
 
     // A thread that moved itself: its connection here, and its answer.
     if let Some(a) = answer {

@@ -72,6 +72,14 @@
 //! byte there that the parent then reads: `shm_check=ok` or
 //! `shm_check=bad <why>`.
 //!
+//! With `--posix-timer-ms MS`, POSIX timers (`timer_create`, raw ids):
+//! id 0 made and deleted, then id 1 signalling the process (SIGRTMIN+2,
+//! value 0x77) every MS, and id 2 signalling the main thread alone
+//! (`SIGEV_THREAD_ID`, SIGRTMIN+3, value 0x88) every 2 MS. The lines end
+//! with `ptimer_fires=<id 1's> ptimer_tid_fires=<id 2's> ptimer_bad=<a
+//! signal with a wrong value, or id 2's on another thread>
+//! ptimer_ids=<ok: 1 and 2 exist, 0 does not>`.
+//!
 //! With `--alarm-ms MS`, an interval timer (`setitimer(ITIMER_REAL)`)
 //! fires every MS and the lines end with `alarms=<count>`.
 //!
@@ -89,7 +97,7 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--epoll] [--epoll-stale] [--shared-mem SIZE] [--scan]"
+        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--epoll] [--epoll-stale] [--shared-mem SIZE] [--posix-timer-ms MS] [--scan]"
     );
     std::process::exit(2)
 }
@@ -107,6 +115,7 @@ fn main() {
     let mut socks: Option<Queued> = None;
     let mut epoll: Option<Epoll> = None;
     let mut shm: Option<SharedMem> = None;
+    let mut ptimer: Option<()> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--scan" {
@@ -137,6 +146,10 @@ fn main() {
                     eprintln!("mkcounter: eventfd: {}", std::io::Error::last_os_error());
                     std::process::exit(1);
                 }
+            }
+            "--posix-timer-ms" => {
+                posix_timers(v.parse().unwrap_or_else(|_| usage()));
+                ptimer = Some(());
             }
             "--shared-mem" => {
                 shm = Some(SharedMem::new(
@@ -283,6 +296,9 @@ fn main() {
         line.push_str(&format!(" mono_ms={}", mono_ms()));
         if alarm_ms.is_some() {
             line.push_str(&format!(" alarms={}", ALARMS.load(Ordering::Relaxed)));
+        }
+        if ptimer.is_some() {
+            line.push_str(&ptimer_line());
         }
         if let Some(t) = &mut timer {
             line.push_str(&t.line(moved));
@@ -889,4 +905,132 @@ impl SharedMem {
             Err(e) => format!("shm_check=bad {e}"),
         }
     }
+}
+
+/// `--posix-timer-ms`: what the timers' signals found.
+static PTIMER_FIRES: AtomicU64 = AtomicU64::new(0);
+static PTIMER_TID_FIRES: AtomicU64 = AtomicU64::new(0);
+static PTIMER_BAD: AtomicU64 = AtomicU64::new(0);
+
+/// `si_value` of a timer's siginfo (x86_64: the union at 16, the value
+/// after `si_tid` and `si_overrun`).
+///
+/// # Safety
+/// `info` points to the kernel's siginfo for this signal.
+unsafe fn timer_value(info: *const libc::siginfo_t) -> u64 {
+    // SAFETY: the caller's; a siginfo_t is 128 bytes.
+    unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(24).cast::<u64>()) }
+}
+
+extern "C" fn on_ptimer(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel's siginfo for this SA_SIGINFO handler.
+    let ok = unsafe { timer_value(info) } == 0x77;
+    if ok {
+        PTIMER_FIRES.fetch_add(1, Ordering::Relaxed);
+    } else {
+        PTIMER_BAD.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+extern "C" fn on_ptimer_tid(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: as above; gettid and getpid take nothing. The main thread's
+    // tid is the pid (before a move and after it).
+    let (v, main) = unsafe {
+        (
+            timer_value(info),
+            libc::syscall(libc::SYS_gettid) == libc::syscall(libc::SYS_getpid),
+        )
+    };
+    if v == 0x88 && main {
+        PTIMER_TID_FIRES.fetch_add(1, Ordering::Relaxed);
+    } else {
+        PTIMER_BAD.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A raw `timer_create` (the kernel's ids, not libc's `timer_t`).
+fn ptimer_create(signo: i32, notify: i32, value: u64, tid: i32) -> i32 {
+    // struct sigevent: value, signo, notify, then the thread id.
+    let mut ev = [0u8; 64];
+    ev[..8].copy_from_slice(&value.to_le_bytes());
+    ev[8..12].copy_from_slice(&signo.to_le_bytes());
+    ev[12..16].copy_from_slice(&notify.to_le_bytes());
+    ev[16..20].copy_from_slice(&tid.to_le_bytes());
+    let mut id = -1i32;
+    // SAFETY: the kernel reads `ev` and writes `id`, both live locals.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_timer_create,
+            libc::CLOCK_MONOTONIC,
+            ev.as_ptr(),
+            &mut id as *mut i32,
+        )
+    };
+    if r != 0 {
+        die("timer_create");
+    }
+    id
+}
+
+fn posix_timers(ms: u64) {
+    // SAFETY: getpid takes nothing (the main thread's tid).
+    let main = unsafe { libc::getpid() };
+    let handle = |sig: i32, f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void)| {
+        // SAFETY: installs a handler that only touches atomics.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = f as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                die("sigaction");
+            }
+        }
+    };
+    let (s1, s2) = (libc::SIGRTMIN() + 2, libc::SIGRTMIN() + 3);
+    handle(s1, on_ptimer);
+    handle(s2, on_ptimer_tid);
+    let arm = |id: i32, period: u64| {
+        let ts = libc::timespec {
+            tv_sec: (period / 1000) as libc::time_t,
+            tv_nsec: ((period % 1000) * 1_000_000) as libc::c_long,
+        };
+        let its = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        // SAFETY: the kernel reads `its`, a live local.
+        if unsafe { libc::syscall(libc::SYS_timer_settime, id, 0, &its, 0) } != 0 {
+            die("timer_settime");
+        }
+    };
+    let zero = ptimer_create(s1, libc::SIGEV_NONE, 0, 0);
+    // SAFETY: deletes the timer just made.
+    unsafe { libc::syscall(libc::SYS_timer_delete, zero) };
+    let p = ptimer_create(s1, libc::SIGEV_SIGNAL, 0x77, 0);
+    let t = ptimer_create(s2, libc::SIGEV_THREAD_ID, 0x88, main);
+    if (zero, p, t) != (0, 1, 2) {
+        die("timer ids (0, 1, 2 expected)");
+    }
+    arm(p, ms);
+    arm(t, 2 * ms);
+}
+
+fn ptimer_line() -> String {
+    let exists = |id: i32| {
+        // SAFETY: itimerspec is plain integers; all-zero is valid.
+        let mut its: libc::itimerspec = unsafe { std::mem::zeroed() };
+        // SAFETY: the kernel writes `its`, a live local.
+        unsafe { libc::syscall(libc::SYS_timer_gettime, id, &mut its) == 0 }
+    };
+    let ids = if exists(1) && exists(2) && !exists(0) {
+        "ok"
+    } else {
+        "bad"
+    };
+    format!(
+        " ptimer_fires={} ptimer_tid_fires={} ptimer_bad={} ptimer_ids={ids}",
+        PTIMER_FIRES.load(Ordering::Relaxed),
+        PTIMER_TID_FIRES.load(Ordering::Relaxed),
+        PTIMER_BAD.load(Ordering::Relaxed),
+    )
 }
