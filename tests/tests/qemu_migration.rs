@@ -518,7 +518,8 @@ fn field(line: &str, name: &str) -> Option<u64> {
 /// hop the process finds its one-shot timer's unread expiration, the
 /// pipe's 40001 bytes byte for byte (and its ends connected, its dup still
 /// sharing), the socket pairs' queues likewise, its epoll's watches (a
-/// wait, a wake, a change by number), reads as many periodic expirations
+/// wait, a wake, a change by number), its POSIX timers (same ids, one
+/// signalling the main thread) firing on, reads as many periodic expirations
 /// as whole periods its clock says passed, and reads SIGUSR2 sent on the
 /// new kernel from its signalfd.
 #[test]
@@ -541,6 +542,8 @@ fn timerfd_signalfd_and_pipe_move_between_guests() {
             "--socketpairs",
             "40001",
             "--epoll",
+            "--posix-timer-ms",
+            "10",
         ],
     );
     let mut pid = pid_on(&m, "alpha");
@@ -581,6 +584,32 @@ fn timerfd_signalfd_and_pipe_move_between_guests() {
             let check = after.iter().find(|x| x.starts_with(what)).unwrap();
             assert_eq!(check, ok, "hop {hop}: {after:?}");
         }
+        // POSIX timers go on with their ids (id 2 on the main thread).
+        let fired = w.lines.lock().unwrap()[..seen]
+            .iter()
+            .rev()
+            .find_map(|x| field(x, "ptimer_fires"))
+            .unwrap_or(0);
+        w.wait_for(
+            "POSIX timers firing after the move",
+            Duration::from_secs(30),
+            |l| {
+                l[seen..]
+                    .iter()
+                    .any(|x| field(x, "ptimer_fires").is_some_and(|f| f >= fired + 10))
+            },
+        );
+        let last = w
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|x| field(x, "ptimer_bad").is_some())
+            .unwrap()
+            .clone();
+        assert_eq!(field(&last, "ptimer_bad"), Some(0), "hop {hop}: {last}");
+        assert!(last.contains(" ptimer_ids=ok "), "hop {hop}: {last}");
         let oneshot = after
             .iter()
             .find_map(|x| field(x, "timerfd_oneshot"))
