@@ -215,8 +215,8 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
         subscribers: std::sync::atomic::AtomicUsize::new(0),
         build: control::build_id(),
     });
-    eprintln!(
-        "mkctl daemon {} serving {}",
+    log::info!(
+        "pid {} serving {}",
         std::process::id(),
         run.socket().display()
     );
@@ -250,7 +250,7 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
             Err(e) => log::warn!("accept: {e}"),
         }
     }
-    eprintln!("mkctl daemon: stopping every instance");
+    log::info!("stopping every instance");
     d.stop.store(true, Ordering::SeqCst);
     d.events.publish(What::DaemonStopping);
     let names: Vec<String> = d.registry().instances.keys().cloned().collect();
