@@ -29,7 +29,7 @@ use super::image::{
     MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, SIGEV_NONE, SIGEV_SIGNAL,
     SIGEV_THREAD_ID,
 };
-use super::inject::{inject, ptrace_err, wait, Call};
+use super::inject::{inject, ptrace_err, wait_stop, Call, Stop};
 use super::lazy::{eager_ranges, LazyOptions, PageServer};
 use super::memory::{fingerprint, read_pages, read_remote, to_mapping, write_remote};
 use super::precheck::{check_at, Blocker, Precheck, Refusal};
@@ -495,13 +495,19 @@ impl Frozen {
     /// on; a thread that exits is forgotten.
     fn wait_frozen(&mut self, tid: Pid) -> Result<(), CaptureError> {
         loop {
-            match wait(tid, "the interrupt stop") {
-                Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_STOP => {
+            match wait_stop(tid, "the interrupt stop") {
+                Ok(Stop::Status(WaitStatus::PtraceEvent(_, _, ev)))
+                    if ev == libc::PTRACE_EVENT_STOP =>
+                {
                     return Ok(())
                 }
-                Ok(WaitStatus::Stopped(_, sig)) => ptrace::cont(tid, sig)
+                Ok(Stop::Status(WaitStatus::Stopped(_, sig))) => ptrace::cont(tid, sig)
                     .map_err(|e| self.sys()(ptrace_err("PTRACE_CONT", tid)(e)))?,
-                Ok(other) => {
+                // A POSIX timer's real-time signal, say: delivered as well.
+                Ok(Stop::Realtime(sig)) => {
+                    super::inject::cont_with(tid, sig).map_err(|e| self.sys()(e))?
+                }
+                Ok(Stop::Status(other)) => {
                     return Err(self.sys()(SysError::Stop {
                         tid: tid.as_raw(),
                         status: format!("{other:?}"),

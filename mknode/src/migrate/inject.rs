@@ -9,7 +9,7 @@
 use nix::errno::Errno;
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use super::SysError;
@@ -63,21 +63,68 @@ impl Outcome {
 
 /// Waits for `tid`'s next stop and describes anything that is not one.
 pub(crate) fn wait(tid: Pid, wanted: &'static str) -> Result<WaitStatus, SysError> {
-    let s = loop {
-        match waitpid(tid, Some(WaitPidFlag::__WALL)) {
-            Ok(s) => break s,
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(ptrace_err("waitpid", tid)(e)),
+    match wait_stop(tid, wanted)? {
+        Stop::Status(s) => Ok(s),
+        Stop::Realtime(sig) => Err(SysError::Stop {
+            tid: tid.as_raw(),
+            status: format!("stopped for real-time signal {sig}"),
+            wanted,
+        }),
+    }
+}
+
+/// What [`wait_stop`] saw: a status nix can name, or a signal-delivery
+/// stop for a real-time signal (32 and up), which nix's `Signal` cannot
+/// name (its `waitpid` fails with `EINVAL` on one, the status lost).
+pub(crate) enum Stop {
+    Status(WaitStatus),
+    Realtime(i32),
+}
+
+/// [`wait`], telling real-time signal stops apart instead of failing.
+pub(crate) fn wait_stop(tid: Pid, wanted: &'static str) -> Result<Stop, SysError> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into a live local.
+        if unsafe { libc::waitpid(tid.as_raw(), &mut status, libc::__WALL) } >= 0 {
+            break;
         }
-    };
+        match Errno::last() {
+            Errno::EINTR => continue,
+            e => return Err(ptrace_err("waitpid", tid)(e)),
+        }
+    }
+    if libc::WIFSTOPPED(status) && status >> 16 == 0 && libc::WSTOPSIG(status) >= 32 {
+        return Ok(Stop::Realtime(libc::WSTOPSIG(status)));
+    }
+    let s = WaitStatus::from_raw(tid, status).map_err(ptrace_err("waitpid", tid))?;
     match s {
         WaitStatus::Exited(..) | WaitStatus::Signaled(..) => Err(SysError::Stop {
             tid: tid.as_raw(),
             status: format!("{s:?}"),
             wanted,
         }),
-        s => Ok(s),
+        s => Ok(Stop::Status(s)),
     }
+}
+
+/// `PTRACE_CONT` delivering signal `sig`, any number (nix's `cont` takes
+/// only the signals its `Signal` names).
+pub(crate) fn cont_with(tid: Pid, sig: i32) -> Result<(), SysError> {
+    // SAFETY: PTRACE_CONT on a tracee stopped by us; addr is ignored and
+    // data is the signal number, as ptrace(2) says.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_CONT,
+            tid.as_raw(),
+            std::ptr::null_mut::<libc::c_void>(),
+            sig as libc::c_long as *mut libc::c_void,
+        )
+    };
+    if r < 0 {
+        return Err(ptrace_err("PTRACE_CONT", tid)(Errno::last()));
+    }
+    Ok(())
 }
 
 /// Injects `call` at the `syscall` instruction at `insn`, starting from the
