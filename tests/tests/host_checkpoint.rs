@@ -512,11 +512,13 @@ fn posix_timers_go_on_with_their_ids() {
     let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 5 --posix-timer-ms 2");
     let pid = child.id();
     let fires = |l: &str| field(l, "ptimer_fires").zip(field(l, "ptimer_tid_fires"));
-    until(&rx, |l| fires(l).is_some_and(|(a, b)| a > 0 && b > 0));
+    let mut last = until(&rx, |l| fires(l).is_some_and(|(a, b)| a > 0 && b > 0))
+        .iter()
+        .rev()
+        .find_map(|l| fires(l));
     let img = dir.join("ptimers.img");
     let out = checkpoint(pid, true, &img);
     assert!(out.status.success(), "{out:?}");
-    let mut last = None;
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
         last = fires(&l).or(last);
     }
