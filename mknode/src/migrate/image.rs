@@ -1138,8 +1138,18 @@ impl<'a> Cur<'a> {
     fn u64(&mut self) -> Result<u64, ImageError> {
         self.r.u64().map_err(|s| self.short(s))
     }
-    fn str(&mut self, max: usize, what: &'static str) -> Result<String, ImageError> {
+    /// A `u16` count, refused above `max` (`what` names it).
+    fn count16(&mut self, max: usize, what: &'static str) -> Result<usize, ImageError> {
         let n = usize::from(self.u16()?);
+        self.within(n, max, what)
+    }
+    /// A `u8` count, refused above `max`.
+    fn count8(&mut self, max: usize, what: &'static str) -> Result<usize, ImageError> {
+        let n = usize::from(self.u8()?);
+        self.within(n, max, what)
+    }
+    /// `n`, or a bound error naming `what` when it is above `max`.
+    fn within(&self, n: usize, max: usize, what: &'static str) -> Result<usize, ImageError> {
         if n > max {
             return Err(ImageError::Bound {
                 at: self.at,
@@ -1147,6 +1157,10 @@ impl<'a> Cur<'a> {
                 value: n as u64,
             });
         }
+        Ok(n)
+    }
+    fn str(&mut self, max: usize, what: &'static str) -> Result<String, ImageError> {
+        let n = self.count16(max, what)?;
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| ImageError::Invalid {
             at: self.at,
@@ -1154,14 +1168,7 @@ impl<'a> Cur<'a> {
         })
     }
     fn sigs(&mut self) -> Result<Vec<SigInfo>, ImageError> {
-        let n = usize::from(self.u16()?);
-        if n > MAX_PENDING {
-            return Err(ImageError::Bound {
-                at: self.at,
-                what: "pending signal count",
-                value: n as u64,
-            });
-        }
+        let n = self.count16(MAX_PENDING, "pending signal count")?;
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
             let mut a = [0u8; SIGINFO_SIZE];
@@ -1637,14 +1644,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
             });
         }
     }
-    let n = usize::from(c.u16()?);
-    if n > MAX_AUXV {
-        return Err(ImageError::Bound {
-            at,
-            what: "auxv entries",
-            value: n as u64,
-        });
-    }
+    let n = c.count16(MAX_AUXV, "auxv entries")?;
     let mut auxv = Vec::with_capacity(n);
     for _ in 0..n {
         auxv.push((c.u64()?, c.u64()?));
@@ -1658,15 +1658,8 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
             value: u64::from(k),
         })?;
     }
-    let n = c.u8()?;
-    if n > 64 {
-        return Err(ImageError::Bound {
-            at,
-            what: "signal actions",
-            value: u64::from(n),
-        });
-    }
-    let mut sigactions = Vec::with_capacity(usize::from(n));
+    let n = c.count8(64, "signal actions")?;
+    let mut sigactions = Vec::with_capacity(n);
     for _ in 0..n {
         let signo = c.u8()?;
         if !(1..=64).contains(&signo)
@@ -1692,15 +1685,8 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
     let exe = c.str(MAX_NAME, "exe path length")?;
     let files = parse_files(c, &stdio)?;
     let (monotonic_ns, boottime_ns) = (c.u64()?, c.u64()?);
-    let n = c.u8()?;
-    if n > 3 {
-        return Err(ImageError::Bound {
-            at: c.at,
-            what: "interval timers",
-            value: u64::from(n),
-        });
-    }
-    let mut itimers: Vec<(u8, [u64; 4])> = Vec::with_capacity(usize::from(n));
+    let n = c.count8(3, "interval timers")?;
+    let mut itimers: Vec<(u8, [u64; 4])> = Vec::with_capacity(n);
     for _ in 0..n {
         let which = c.u8()?;
         let t = [c.u64()?, c.u64()?, c.u64()?, c.u64()?];
@@ -1752,14 +1738,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
 /// restore checks it against the threads).
 fn parse_posix_timers(c: &mut Cur<'_>) -> Result<Vec<PosixTimer>, ImageError> {
     let at = c.at;
-    let n = usize::from(c.u8()?);
-    if n > MAX_POSIX_TIMERS {
-        return Err(ImageError::Bound {
-            at,
-            what: "POSIX timers",
-            value: n as u64,
-        });
-    }
+    let n = c.count8(MAX_POSIX_TIMERS, "POSIX timers")?;
     let mut out: Vec<PosixTimer> = Vec::with_capacity(n);
     for _ in 0..n {
         let t = PosixTimer {
@@ -1801,27 +1780,13 @@ fn parse_epolls(
     stdio: &[StdioKind; 3],
 ) -> Result<Vec<EpollState>, ImageError> {
     let at = c.at;
-    let n = usize::from(c.u16()?);
-    if n > MAX_FILES {
-        return Err(ImageError::Bound {
-            at,
-            what: "epolls",
-            value: n as u64,
-        });
-    }
+    let n = c.count16(MAX_FILES, "epolls")?;
     let invalid = |why: String| ImageError::Invalid { at, why };
     let mut epolls: Vec<EpollState> = Vec::with_capacity(n);
     let mut total = 0usize;
     for _ in 0..n {
         let (fd, count) = (c.u32()?, c.u32()? as usize);
-        total = total.saturating_add(count);
-        if total > MAX_WATCHES {
-            return Err(ImageError::Bound {
-                at,
-                what: "epoll watches",
-                value: total as u64,
-            });
-        }
+        total = c.within(total.saturating_add(count), MAX_WATCHES, "epoll watches")?;
         if epolls.iter().any(|e| e.fd == fd)
             || !files
                 .iter()
@@ -1870,14 +1835,7 @@ fn parse_socketpairs(
     mut in_flight: usize,
 ) -> Result<Vec<SocketPairState>, ImageError> {
     let at = c.at;
-    let n = usize::from(c.u16()?);
-    if n > MAX_FILES {
-        return Err(ImageError::Bound {
-            at,
-            what: "socket pairs",
-            value: n as u64,
-        });
-    }
+    let n = c.count16(MAX_FILES, "socket pairs")?;
     let invalid = |why: String| ImageError::Invalid { at, why };
     let mut pairs: Vec<SocketPairState> = Vec::with_capacity(n);
     for _ in 0..n {
@@ -1939,14 +1897,7 @@ fn parse_socketpairs(
 /// within [`MAX_PIPE_BYTES`].
 fn parse_pipes(c: &mut Cur<'_>, files: &[OpenFile]) -> Result<(Vec<PipeState>, usize), ImageError> {
     let at = c.at;
-    let n = usize::from(c.u16()?);
-    if n > MAX_FILES {
-        return Err(ImageError::Bound {
-            at,
-            what: "pipes",
-            value: n as u64,
-        });
-    }
+    let n = c.count16(MAX_FILES, "pipes")?;
     let mut pipes: Vec<PipeState> = Vec::with_capacity(n);
     let mut total = 0usize;
     for _ in 0..n {
@@ -1992,14 +1943,7 @@ fn parse_pipes(c: &mut Cur<'_>, files: &[OpenFile]) -> Result<(Vec<PipeState>, u
 /// its kind is `File`.
 fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>, ImageError> {
     let at = c.at;
-    let n = usize::from(c.u16()?);
-    if n > MAX_FILES {
-        return Err(ImageError::Bound {
-            at,
-            what: "open files",
-            value: n as u64,
-        });
-    }
+    let n = c.count16(MAX_FILES, "open files")?;
     let invalid = |why: String| ImageError::Invalid { at, why };
     let mut files: Vec<OpenFile> = Vec::with_capacity(n);
     for _ in 0..n {
