@@ -156,6 +156,12 @@ fn checkpoint(pid: u32, kill: bool, img: &std::path::Path) -> std::process::Outp
     c.output().expect("mkctl checkpoint")
 }
 
+/// `checkpoint --kill` of `pid` into `img`, which must work.
+fn save_and_stop(pid: u32, img: &std::path::Path) {
+    let out = checkpoint(pid, true, img);
+    assert!(out.status.success(), "{out:?}");
+}
+
 #[test]
 fn checkpoint_and_restore_on_the_host() {
     let dir = Scratch::new("host_checkpoint");
@@ -176,8 +182,7 @@ fn checkpoint_and_restore_on_the_host() {
 
     // A checkpoint that stops it: its output ends.
     let img = dir.join("stopped.img");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     while let Ok(l) = rx.recv_timeout(T) {
         if let Some(s) = seq(&l) {
             assert_eq!(s, last + 1, "gap or repeat before the checkpoint");
@@ -364,8 +369,7 @@ fn files_on_any_descriptor_are_carried() {
         std::fs::read_to_string(&log).is_ok_and(|t| t.lines().filter_map(seq).count() >= 5)
     });
     let img = dir.join("files.img");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     let _ = child.wait();
     let last = last_seq_in(&log);
 
@@ -440,8 +444,7 @@ fn clocks_go_on_from_where_they_stopped() {
         .iter()
         .find_map(|l| mono_ms(l));
     let img = dir.join("clocks.img");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
         last = mono_ms(&l).or(last);
     }
@@ -487,8 +490,7 @@ fn interval_timers_go_on() {
         .iter()
         .find_map(|l| alarms(l));
     let img = dir.join("itimer.img");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
         last = alarms(&l).or(last);
     }
@@ -517,8 +519,7 @@ fn posix_timers_go_on_with_their_ids() {
         .rev()
         .find_map(|l| fires(l));
     let img = dir.join("ptimers.img");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
         last = fires(&l).or(last);
     }
@@ -543,8 +544,7 @@ fn an_eventfd_keeps_its_counter() {
     let (mut child, _rx) = mkcounter_running("", "--mem 1M --interval-ms 5 --eventfd 42");
     let pid = child.id();
     let img = dir.join("eventfd.img");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     let _ = child.wait();
     let mut r = restore_running(&img);
     let (_rx2, _err, _, new_pid) = restoring(&mut r);
@@ -625,8 +625,7 @@ fn a_timerfd_fires_on_in_step_with_the_process_clock() {
         .pop()
         .unwrap();
     let img = dir.join("timerfd.img");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
         if field(&l, "timerfd_fires").is_some() {
             last = l;
@@ -693,8 +692,7 @@ fn a_signalfd_still_reads_its_signals() {
     usr2(pid);
     until(&rx, |l| field(l, "sigusr2") == Some(1));
     let img = dir.join("signalfd.img");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     let _ = child.wait();
     let mut r = restore_running(&img);
     let (rx2, _err, _, new_pid) = restoring(&mut r);
@@ -732,8 +730,7 @@ fn a_pipe_moves_with_its_bytes_in_flight() {
     assert_eq!(l, "pipe_check=ok shared=1");
     until(&rx, |l| field(l, "pipe_bytes") == Some(40001));
     // Saved and stopped, restored: the process checks its pipe itself.
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     let _ = child.wait();
     let mut r = restore_running(&img);
     let (rx2, _err, _, new_pid) = restoring(&mut r);
@@ -904,8 +901,7 @@ fn moves_and_checks(
     usr1(pid);
     let l = until(&rx, |l| l.starts_with(check)).pop().unwrap();
     assert_eq!(l, ok);
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     let _ = child.wait();
     let mut r = restore_running(&img);
     let (rx2, _err, _, new_pid) = restoring(&mut r);
@@ -947,8 +943,7 @@ fn a_long_checkpoint_shows_its_progress_on_a_terminal_only() {
     assert!(drawn.iter().all(|l| l.contains("/s")), "{drawn:?}");
     assert!(tty.contains("wrote "), "{tty:?}");
     // Piped: the summary only.
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !err.contains("writing the image") && !err.contains('\r'),
@@ -1042,8 +1037,7 @@ fn dup_descriptors_share_their_open_file_again() {
     assert_eq!(kcmp_file(pid, 3, 4), 0);
     assert_ne!(kcmp_file(pid, 5, 6), 0);
     let img = dir.join("dups.img");
-    let out = checkpoint(pid, true, &img);
-    assert!(out.status.success(), "{out:?}");
+    save_and_stop(pid, &img);
     let _ = child.wait();
     let mut r = restore_running(&img);
     let (_rx2, _err, _, new_pid) = restoring(&mut r);
