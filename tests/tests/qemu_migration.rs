@@ -105,6 +105,30 @@ fn pid_on(m: &Mkctl, on: &str) -> u32 {
         .unwrap_or_else(|| panic!("no mkcounter on {on}: {out:?}"))
 }
 
+/// `mkctl migrate PID --from alpha --to beta`, which must fail (exit 1).
+fn refused_move(m: &Mkctl, pid: u32) -> mkctl_e2e::CmdOut {
+    let r = m.run(&[
+        "migrate",
+        &pid.to_string(),
+        "--from",
+        "alpha",
+        "--to",
+        "beta",
+    ]);
+    assert_eq!(r.code, 1, "the move must fail: {}", r.text());
+    r
+}
+
+/// After a move that failed: the same process `pid` runs on alpha and
+/// prints 10 more lines.
+fn runs_on(m: &Mkctl, w: &Watched, pid: u32) {
+    assert_eq!(pid_on(m, "alpha"), pid);
+    let seen = w.count("seq=");
+    w.wait_for("output after the failed move", Duration::from_secs(30), |l| {
+        l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10
+    });
+}
+
 /// Runs `script` on `on` until it prints nothing, failing with `why(output)`
 /// after `t`.
 fn until_empty(m: &Mkctl, on: &str, script: &str, t: Duration, why: impl Fn(&str) -> String) {
@@ -335,13 +359,7 @@ fn destination_dying_mid_transfer_leaves_the_original_running() {
     assert_eq!(r.code, 1, "the move must fail: {}", r.text());
     assert!(r.stderr.contains("the original runs on"), "{}", r.stderr);
     // Same process, still printing, same memory.
-    assert_eq!(pid_on(&m, "alpha"), pid);
-    let seen = w.count("seq=");
-    w.wait_for(
-        "output after the failed move",
-        Duration::from_secs(30),
-        |l| l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10,
-    );
+    runs_on(&m, &w, pid);
     usr1(&m, "alpha", pid);
     w.wait_for("second checksum", Duration::from_secs(20), |l| {
         l.iter().filter(|x| x.starts_with("checksum=")).count() >= 2
@@ -482,25 +500,13 @@ fn a_file_the_destination_lacks_is_named_before_the_freeze() {
         ],
     );
     let pid = pid_on(&m, "alpha");
-    let r = m.run(&[
-        "migrate",
-        &pid.to_string(),
-        "--from",
-        "alpha",
-        "--to",
-        "beta",
-    ]);
-    assert_eq!(r.code, 1, "the move must fail: {}", r.text());
+    let r = refused_move(&m, pid);
     assert!(
         r.stderr.contains("/tmp/only-alpha") && r.stderr.contains("nothing was frozen"),
         "{}",
         r.stderr
     );
-    assert_eq!(pid_on(&m, "alpha"), pid);
-    let seen = w.count("seq=");
-    w.wait_for("output after the refusal", Duration::from_secs(30), |l| {
-        l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10
-    });
+    runs_on(&m, &w, pid);
     no_gap(&w.seqs());
 }
 
@@ -688,25 +694,13 @@ fn a_socket_pair_is_refused_by_name_where_sock_diag_is_missing() {
         ],
     );
     let pid = pid_on(&m, "alpha");
-    let r = m.run(&[
-        "migrate",
-        &pid.to_string(),
-        "--from",
-        "alpha",
-        "--to",
-        "beta",
-    ]);
-    assert_eq!(r.code, 1, "the move must fail: {}", r.text());
+    let r = refused_move(&m, pid);
     assert!(
         r.stderr.contains("is a socket (socket:[")
             && r.stderr.contains("sock_diag does not describe"),
         "{}",
         r.stderr
     );
-    assert_eq!(pid_on(&m, "alpha"), pid);
-    let seen = w.count("seq=");
-    w.wait_for("output after the refusal", Duration::from_secs(30), |l| {
-        l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10
-    });
+    runs_on(&m, &w, pid);
     no_gap(&w.seqs());
 }
