@@ -23,6 +23,22 @@ fn set_errno(e: i32) {
     unsafe { *libc::__errno_location() = e };
 }
 
+/// Runs `f` for a C caller: its value, or `None` with `errno` set to the
+/// error's (`EIO` for a panic, which must not cross the ABI).
+fn c_call<T>(f: impl FnOnce() -> Result<T, DsmError> + std::panic::UnwindSafe) -> Option<T> {
+    match std::panic::catch_unwind(f) {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            set_errno(e.errno());
+            None
+        }
+        Err(_) => {
+            set_errno(libc::EIO);
+            None
+        }
+    }
+}
+
 /// `void *mkdsm_map(const char *name, size_t size)` (see `mk.h`).
 ///
 /// # Safety
@@ -40,17 +56,7 @@ pub unsafe extern "C" fn mkdsm_map(name: *const c_char, size: usize) -> *mut c_v
         set_errno(libc::EINVAL);
         return std::ptr::null_mut();
     };
-    match std::panic::catch_unwind(|| map(name, size)) {
-        Ok(Ok(p)) => p.cast(),
-        Ok(Err(e)) => {
-            set_errno(e.errno());
-            std::ptr::null_mut()
-        }
-        Err(_) => {
-            set_errno(libc::EIO);
-            std::ptr::null_mut()
-        }
-    }
+    c_call(|| map(name, size)).map_or(std::ptr::null_mut(), |p| p.cast())
 }
 
 /// `int mkdsm_unmap(void *addr, size_t size)` (see `mk.h`).
@@ -59,17 +65,7 @@ pub unsafe extern "C" fn mkdsm_map(name: *const c_char, size: usize) -> *mut c_v
 /// `addr` must not be used after a successful call.
 #[no_mangle]
 pub unsafe extern "C" fn mkdsm_unmap(addr: *mut c_void, size: usize) -> c_int {
-    match std::panic::catch_unwind(|| unmap(addr.cast(), size)) {
-        Ok(Ok(())) => 0,
-        Ok(Err(e)) => {
-            set_errno(e.errno());
-            -1
-        }
-        Err(_) => {
-            set_errno(libc::EIO);
-            -1
-        }
-    }
+    c_call(|| unmap(addr.cast(), size)).map_or(-1, |()| 0)
 }
 
 /// `int mk_migrate(int kernel)` (see `mk.h`).
@@ -79,31 +75,11 @@ pub extern "C" fn mk_migrate(kernel: c_int) -> c_int {
         set_errno(libc::EINVAL);
         return -1;
     };
-    match std::panic::catch_unwind(|| migrate(to)) {
-        Ok(Ok(())) => 0,
-        Ok(Err(e)) => {
-            set_errno(e.errno());
-            -1
-        }
-        Err(_) => {
-            set_errno(libc::EIO);
-            -1
-        }
-    }
+    c_call(|| migrate(to)).map_or(-1, |()| 0)
 }
 
 /// `int mk_kernel_id(void)` (see `mk.h`).
 #[no_mangle]
 pub extern "C" fn mk_kernel_id() -> c_int {
-    match std::panic::catch_unwind(kernel_id) {
-        Ok(Ok(id)) => c_int::from(id),
-        Ok(Err(e)) => {
-            set_errno(e.errno());
-            -1
-        }
-        Err(_) => {
-            set_errno(libc::EIO);
-            -1
-        }
-    }
+    c_call(kernel_id).map_or(-1, c_int::from)
 }
