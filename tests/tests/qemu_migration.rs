@@ -124,9 +124,11 @@ fn refused_move(m: &Mkctl, pid: u32) -> mkctl_e2e::CmdOut {
 fn runs_on(m: &Mkctl, w: &Watched, pid: u32) {
     assert_eq!(pid_on(m, "alpha"), pid);
     let seen = w.count("seq=");
-    w.wait_for("output after the failed move", Duration::from_secs(30), |l| {
-        l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10
-    });
+    w.wait_for(
+        "output after the failed move",
+        Duration::from_secs(30),
+        |l| l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10,
+    );
 }
 
 /// Runs `script` on `on` until it prints nothing, failing with `why(output)`

@@ -170,17 +170,13 @@ fn sum(kernel: u16, n: usize, mb: usize) -> i32 {
         .collect();
     let (mut total, mut moved) = (0u64, 0);
     for w in workers {
-        match w.join() {
-            Ok(Ok((s, on))) => {
+        match joined(w) {
+            Ok((s, on)) => {
                 total += s;
                 moved += usize::from(on == kernel);
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 println!("FAIL a worker: {e}");
-                return 1;
-            }
-            Err(_) => {
-                println!("FAIL a worker panicked");
                 return 1;
             }
         }
@@ -236,8 +232,8 @@ fn bounce(kernel: u16, rounds: u64) -> i32 {
         }
         Ok((here, there))
     });
-    match w.join() {
-        Ok(Ok((here, there))) => {
+    match joined(w) {
+        Ok((here, there)) => {
             let mut outs: Vec<f64> = legs_of(legs_cell)
                 .iter()
                 .map(|l| l.0.as_secs_f64() * 1e6)
@@ -254,12 +250,8 @@ fn bounce(kernel: u16, rounds: u64) -> i32 {
             );
             i32::from(done.load(Ordering::SeqCst) != rounds)
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             println!("FAIL {e}");
-            1
-        }
-        Err(_) => {
-            println!("FAIL the worker panicked");
             1
         }
     }
@@ -297,17 +289,13 @@ fn faults(kernel: u16, pages: usize) -> i32 {
         mem[p * PAGE / 8].store(p as u64 + 1, Ordering::Release);
     }
     flag.store(2, Ordering::SeqCst);
-    match w.join() {
-        Ok(Ok(us)) => {
+    match joined(w) {
+        Ok(us) => {
             println!("faults={pages} us_per_page={us:.3}");
             0
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             println!("FAIL {e}");
-            1
-        }
-        Err(_) => {
-            println!("FAIL the worker panicked");
             1
         }
     }
@@ -346,14 +334,10 @@ fn mutex(kernel: u16, threads: usize, k: u64, rounds: u64) -> i32 {
         })
         .collect();
     for w in workers {
-        match w.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        match joined(w) {
+            Ok(()) => {}
+            Err(e) => {
                 println!("FAIL a worker: {e}");
-                return 1;
-            }
-            Err(_) => {
-                println!("FAIL a worker panicked");
                 return 1;
             }
         }
@@ -395,18 +379,14 @@ fn pingpong(kernel: u16, turns: u64) -> i32 {
     let t0 = std::time::Instant::now();
     let mine = take_turns(0);
     let us = t0.elapsed().as_secs_f64() * 1e6 / turns as f64;
-    match (mine, w.join()) {
-        (Ok(()), Ok(Ok(()))) => {
+    match (mine, joined(w)) {
+        (Ok(()), Ok(())) => {
             let t = *pair.0.lock().unwrap_or_else(|e| e.into_inner());
             println!("turns={t} us_per_turn={us:.1}");
             i32::from(t != turns)
         }
-        (Err(e), _) | (_, Ok(Err(e))) => {
+        (Err(e), _) | (_, Err(e)) => {
             println!("FAIL {e}");
-            1
-        }
-        (_, Err(_)) => {
-            println!("FAIL the worker panicked");
             1
         }
     }
@@ -529,20 +509,22 @@ fn refused(kernel: u16) -> i32 {
         let v: Vec<String> = r.iter().map(|(n, e)| format!("{n}={e}")).collect();
         println!("{side} {}", v.join(" "));
     };
-    match w.join() {
-        Ok(Ok((away, home))) => {
+    match joined(w) {
+        Ok((away, home)) => {
             line("away", &away);
             line("home", &home);
             println!("origin fork={fork}");
             0
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             println!("FAIL {e}");
             1
         }
-        Err(_) => {
-            println!("FAIL the worker panicked");
-            1
-        }
     }
+}
+
+/// A worker's result, its panic as an error too.
+fn joined<T>(w: std::thread::JoinHandle<Result<T, String>>) -> Result<T, String> {
+    w.join()
+        .unwrap_or_else(|_| Err("the worker panicked".into()))
 }
