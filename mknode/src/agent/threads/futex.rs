@@ -78,22 +78,33 @@ pub(super) struct Notif {
     pub(super) args: [u64; 6],
 }
 
-/// The next call on `listener` (blocks).
-pub(super) fn recv(listener: &OwnedFd) -> io::Result<Notif> {
-    let mut n = SeccompNotif::default();
-    // SAFETY: `n` is a live, exclusively borrowed `repr(C)` struct of the
-    // size the ioctl number encodes (checked above); the kernel writes
-    // only within it.
+/// One seccomp-notification ioctl `req` on `listener` with `arg`, whose
+/// size must be the one `req` encodes (refused otherwise).
+fn notif_ioctl<T>(listener: &OwnedFd, req: u64, arg: &mut T) -> io::Result<()> {
+    // _IOC: the argument's size sits in bits 16-29 of the request.
+    if (req >> 16) & 0x3fff != std::mem::size_of::<T>() as u64 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `arg` is a live, exclusively borrowed value of exactly the
+    // size the request encodes (checked above), and these requests' kernel
+    // side reads or writes only that many bytes of it.
     let r = unsafe {
         libc::ioctl(
             listener.as_raw_fd(),
-            SECCOMP_IOCTL_NOTIF_RECV as libc::Ioctl,
-            std::ptr::from_mut(&mut n),
+            req as libc::Ioctl,
+            std::ptr::from_mut(arg),
         )
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// The next call on `listener` (blocks).
+pub(super) fn recv(listener: &OwnedFd) -> io::Result<Notif> {
+    let mut n = SeccompNotif::default();
+    notif_ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &mut n)?;
     Ok(Notif {
         id: n.id,
         nr: i64::from(n.nr),
@@ -109,31 +120,13 @@ pub(super) fn respond(listener: &OwnedFd, id: u64, ret: i64) -> io::Result<()> {
         error: if ret < 0 { ret as i32 } else { 0 },
         flags: 0,
     };
-    // SAFETY: as in `recv`; the kernel reads the struct only.
-    let rc = unsafe {
-        libc::ioctl(
-            listener.as_raw_fd(),
-            SECCOMP_IOCTL_NOTIF_SEND as libc::Ioctl,
-            std::ptr::from_mut(&mut r),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    notif_ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &mut r)
 }
 
 /// Whether call `id` still waits (its thread was not interrupted or gone).
 pub(super) fn still_waits(listener: &OwnedFd, id: u64) -> bool {
     let mut id = id;
-    // SAFETY: as in `recv`, on a u64.
-    unsafe {
-        libc::ioctl(
-            listener.as_raw_fd(),
-            SECCOMP_IOCTL_NOTIF_ID_VALID as libc::Ioctl,
-            std::ptr::from_mut(&mut id),
-        ) == 0
-    }
+    notif_ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &mut id).is_ok()
 }
 
 /// Who made a call: a thread here (its id on the listener) or on another
