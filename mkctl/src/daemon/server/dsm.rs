@@ -50,13 +50,7 @@ impl Daemon {
                 Err(e) => log::warn!("dsm report: {}", crate::error_chain(&e)),
             }
         }
-        let kernel_name = |id: u16| {
-            if id == 0 {
-                "host".to_string()
-            } else {
-                agent.peer(id).to_string()
-            }
-        };
+        let kernel_name = |id: u16| peer_name(&agent, id);
         let mut out = Vec::new();
         for info in dsm.regions() {
             if name.is_some_and(|n| n != info.name) {
@@ -120,5 +114,15 @@ impl Daemon {
         Ok(Reply::Ok {
             message: format!("removed region {name}"),
         })
+    }
+}
+
+/// How the daemon's agent names kernel `id` to users: `host`, or the peer's
+/// name.
+pub(super) fn peer_name(agent: &mknode::agent::Agent, id: u16) -> String {
+    if id == 0 {
+        "host".to_string()
+    } else {
+        agent.peer(id).to_string()
     }
 }

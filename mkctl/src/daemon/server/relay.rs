@@ -520,13 +520,7 @@ impl Daemon {
                 Err(e) => log::warn!("threads: {}", crate::error_chain(&e)),
             }
         }
-        let name = |id: u16| {
-            if id == 0 {
-                "host".to_string()
-            } else {
-                agent.peer(id).to_string()
-            }
-        };
+        let name = |id: u16| super::dsm::peer_name(&agent, id);
         Ok(lists
             .into_iter()
             .flat_map(|(kernel, away)| away.into_iter().map(move |a| (kernel.clone(), a)))
