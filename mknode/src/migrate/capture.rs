@@ -341,12 +341,24 @@ type LeaderAsks<'a> = (
     &'a mut Vec<[u64; 4]>,
 );
 
+/// A timer's words (interval, then time left, each as seconds and a
+/// fraction) as the move carries them: no time left but a period means a
+/// timer that expired while the process was stopped, which the kernel
+/// re-arms (one period on) only when the process takes its signal — that
+/// signal is pending and carried, and restored as it was, with no time
+/// left, the timer would be disarmed for good. It gets the period, as the
+/// kernel would have given it.
+fn rearmed(mut t: [u64; 4]) -> [u64; 4] {
+    if t[2] == 0 && t[3] == 0 {
+        t[2] = t[0];
+        t[3] = t[1];
+    }
+    t
+}
+
 /// The image's POSIX timers from what `/proc` lists and what
 /// `timer_gettime` said (`times`, in the same order): a thread target
-/// becomes its index among `threads`; a periodic timer that expired while
-/// the process was stopped gets one period left (as for interval timers:
-/// the kernel re-arms it when its signal is taken, and that signal is
-/// pending and carried).
+/// becomes its index among `threads`; time left as [`rearmed`] says.
 fn posix_timers(
     listed: &[super::procfs::ProcTimer],
     times: &[[u64; 4]],
@@ -357,12 +369,9 @@ fn posix_timers(
         if let Some(why) = super::precheck::timer_blocker(t, i) {
             return Err(std::io::Error::other(format!("POSIX timer {} {why}", t.id)));
         }
+        let w = rearmed(*w);
         let ns = |s: u64, n: u64| s.saturating_mul(1_000_000_000).saturating_add(n);
-        let interval_ns = ns(w[0], w[1]);
-        let mut value_ns = ns(w[2], w[3]);
-        if value_ns == 0 {
-            value_ns = interval_ns;
-        }
+        let (interval_ns, value_ns) = (ns(w[0], w[1]), ns(w[2], w[3]));
         let (notify, thread) = match (t.notify.as_str(), t.to_thread) {
             ("none", _) => (SIGEV_NONE, 0),
             (_, false) => (SIGEV_SIGNAL, 0),
@@ -836,17 +845,21 @@ impl Frozen {
             size: u64::from_le_bytes(ss[16..24].try_into().unwrap_or([0; 8])),
         };
         if let Some((status, actions, itimers, timer_ids, times)) = leader {
+            // Four u64 words the last call left at `scratch`.
+            let words = |what| -> Result<[u64; 4], CaptureError> {
+                let mut v = [0u8; 32];
+                read_remote(pid, scratch, &mut v).map_err(mem_err(what))?;
+                Ok(std::array::from_fn(|i| {
+                    u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
+                }))
+            };
             for &id in timer_ids {
                 run(Call::new(
                     "timer_gettime",
                     libc::SYS_timer_gettime,
                     &[u64::from(id), scratch],
                 ))?;
-                let mut v = [0u8; 32];
-                read_remote(pid, scratch, &mut v).map_err(mem_err("reading an itimerspec"))?;
-                let w =
-                    |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-                times.push([w(0), w(1), w(2), w(3)]);
+                times.push(words("reading an itimerspec")?);
             }
             for which in 0..3u8 {
                 run(Call::new(
@@ -854,21 +867,7 @@ impl Frozen {
                     libc::SYS_getitimer,
                     &[u64::from(which), scratch],
                 ))?;
-                let mut v = [0u8; 32];
-                read_remote(pid, scratch, &mut v).map_err(mem_err("reading an itimerval"))?;
-                let w =
-                    |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-                let mut t = [w(0), w(1), w(2), w(3)];
-                // No time left but a period: ITIMER_REAL expired while the
-                // process was stopped, and the kernel re-arms it (one
-                // period on) only when the process takes its SIGALRM,
-                // which is pending and carried. Restored as it was, with
-                // no time left, it would be disarmed for good: it gets the
-                // period, as the kernel would have given it.
-                if t[2] == 0 && t[3] == 0 {
-                    t[2] = t[0];
-                    t[3] = t[1];
-                }
+                let t = rearmed(words("reading an itimerval")?);
                 // Armed when time is left.
                 if t[2] != 0 || t[3] != 0 {
                     itimers.push((which, t));
@@ -885,17 +884,13 @@ impl Frozen {
                         libc::SYS_rt_sigaction,
                         &[u64::from(sig), 0, scratch, 8],
                     ))?;
-                    let mut a = [0u8; 32];
-                    read_remote(pid, scratch, &mut a).map_err(mem_err("reading a sigaction"))?;
-                    let w = |i: usize| {
-                        u64::from_le_bytes(a[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
-                    };
+                    let [handler, flags, restorer, mask] = words("reading a sigaction")?;
                     actions.push(SigAction {
                         signo: sig,
-                        handler: w(0),
-                        flags: w(1),
-                        restorer: w(2),
-                        mask: w(3),
+                        handler,
+                        flags,
+                        restorer,
+                        mask,
                     });
                 } else if status.sig_ign & bit != 0 {
                     actions.push(SigAction {
@@ -1151,5 +1146,12 @@ mod tests {
         p[4095] = 0;
         p[0] = 1;
         assert!(!is_zero(&p));
+    }
+
+    #[test]
+    fn an_expired_periodic_timer_gets_its_period_and_a_disarmed_one_stays_so() {
+        assert_eq!(rearmed([0, 20_000, 0, 0]), [0, 20_000, 0, 20_000]);
+        assert_eq!(rearmed([1, 5, 0, 7]), [1, 5, 0, 7]);
+        assert_eq!(rearmed([0; 4]), [0; 4]);
     }
 }

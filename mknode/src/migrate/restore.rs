@@ -521,19 +521,16 @@ fn posix_timers(
             standins.push(got);
         }
         if t.value_ns > 0 {
-            let mut b = [0u8; 32];
-            for (i, w) in [
-                t.interval_ns / 1_000_000_000,
-                t.interval_ns % 1_000_000_000,
-                t.value_ns / 1_000_000_000,
-                t.value_ns % 1_000_000_000,
-            ]
-            .iter()
-            .enumerate()
-            {
-                b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
-            }
-            poke(leader, scratch, &b)?;
+            poke(
+                leader,
+                scratch,
+                &words32([
+                    t.interval_ns / 1_000_000_000,
+                    t.interval_ns % 1_000_000_000,
+                    t.value_ns / 1_000_000_000,
+                    t.value_ns % 1_000_000_000,
+                ]),
+            )?;
             call(Call::new(
                 "timer_settime",
                 libc::SYS_timer_settime,
@@ -549,6 +546,16 @@ fn posix_timers(
         ))?;
     }
     Ok(())
+}
+
+/// Four u64 words as the kernel reads them (a `struct itimerval`,
+/// `itimerspec` or `sigaction`).
+fn words32(w: [u64; 4]) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    for (i, w) in w.iter().enumerate() {
+        b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    b
 }
 
 /// A new, empty epoll instance.
@@ -1537,11 +1544,11 @@ fn finish(
     set_mm(leader, ctl, meta, call)?;
     epoll_watches(leader, meta, scratch, call)?;
     for a in &meta.process.sigactions {
-        let mut b = [0u8; 32];
-        for (i, w) in [a.handler, a.flags, a.restorer, a.mask].iter().enumerate() {
-            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
-        }
-        poke(leader, scratch, &b)?;
+        poke(
+            leader,
+            scratch,
+            &words32([a.handler, a.flags, a.restorer, a.mask]),
+        )?;
         call(Call::new(
             "rt_sigaction",
             libc::SYS_rt_sigaction,
@@ -1614,11 +1621,7 @@ fn finish(
     // time runs from here. (Every signal is blocked until the registers
     // below: an early SIGALRM waits, pending.)
     for (which, t) in &meta.process.itimers {
-        let mut b = [0u8; 32];
-        for (i, w) in t.iter().enumerate() {
-            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
-        }
-        poke(leader, scratch, &b)?;
+        poke(leader, scratch, &words32(*t))?;
         call(Call::new(
             "setitimer",
             libc::SYS_setitimer,
