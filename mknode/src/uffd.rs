@@ -293,21 +293,16 @@ impl Uffd {
     }
 
     /// `UFFDIO_ZEROPAGE` of `len` bytes at `start`, waking faulters; the
-    /// bytes done, as for [`Uffd::copy`]. Shared memory has no zero page
-    /// to map (`EINVAL`): there, zeros are copied in, up to 64 KiB a call.
+    /// bytes done, as for [`Uffd::copy`]. (Shared memory takes it too: the
+    /// kernel places a zeroed page there, since Linux 4.14.)
     pub(crate) fn zeropage(&self, start: u64, len: u64) -> nix::Result<u64> {
-        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let mut z = UffdioZeropage {
             range: UffdioRange { start, len },
             mode: 0,
             zeropage: 0,
         };
-        match ioctl(self.0.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) {
-            Err(nix::errno::Errno::EINVAL) => {
-                self.copy(start, &ZEROS[..len.min(ZEROS.len() as u64) as usize])
-            }
-            r => r.map(|_| z.zeropage.max(0) as u64),
-        }
+        ioctl(self.0.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z)?;
+        Ok(z.zeropage.max(0) as u64)
     }
 
     /// `UFFDIO_WAKE`: wakes threads waiting on `[start, start + len)` (a

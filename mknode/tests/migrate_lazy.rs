@@ -212,9 +212,9 @@ fn three_lazy_round_trips_in_a_row() {
     }
 }
 
-/// Anonymous shared memory moves lazily too: its pages come on fault and
-/// by the push (zero pages copied in: shared memory has no zero page to
-/// map), and it is shared memory again where it arrives.
+/// Anonymous shared memory moves lazily too: its pages (a zero one among
+/// them) come on fault and by the push into shared memory, and it is
+/// shared memory again where it arrives.
 #[test]
 fn anonymous_shared_memory_moves_lazily() {
     let _g = serial();
