@@ -491,3 +491,14 @@ fn calls_that_cannot_be_coherent_are_refused_away_and_fork_at_home() {
     );
     assert_eq!(line("origin "), format!("fork={nope}"));
 }
+
+#[test]
+fn a_move_to_a_kernel_not_there_fails_and_changes_nothing() {
+    let _one = one_at_a_time();
+    let n = net();
+    let dir = serving(&n);
+    let (st, out) = run_on_1(&dir, &["nowhere", "9"]);
+    assert!(st.success(), "{out}");
+    // ENOENT, as mk.h says, and the process was not split: it may fork.
+    assert!(out.contains("nowhere errno=2 fork=0"), "{out}");
+}

@@ -34,7 +34,8 @@
 //! moved thread cannot make coherently, and the main thread tries `fork`
 //! at home while it is away; every errno is printed as `away NAME=E ...`,
 //! `home NAME=E ...` (the worker back home) and `origin fork=E` (0: the
-//! call worked).
+//! call worked). `nowhere KERNEL`: the main thread moves to a kernel that
+//! is not linked: `nowhere errno=E fork=F` (the move's errno, then a fork's).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -80,6 +81,24 @@ fn main() {
             }
         }
         Some("refused") => std::process::exit(refused(num(1) as u16)),
+        Some("nowhere") => {
+            // A move to a kernel that is not there fails, and leaves the
+            // process as it was: a fork still works.
+            let errno = match mknode::thread::migrate(num(1) as u16) {
+                Ok(()) => 0,
+                Err(e) => e.errno(),
+            };
+            // SAFETY: a fork whose child exits at once.
+            let fork = unsafe {
+                let r = libc::syscall(libc::SYS_fork);
+                if r == 0 {
+                    libc::_exit(0);
+                }
+                errno_of(r)
+            };
+            println!("nowhere errno={errno} fork={fork}");
+            std::process::exit(0)
+        }
         Some("mutex") => std::process::exit(mutex(num(1) as u16, num(2) as usize, num(3), num(4))),
         _ => {}
     }

@@ -178,8 +178,11 @@ impl Threads {
             })
         };
         if to != me {
-            // Before anything stops: a kernel of another build could not
-            // run the thread (its code calls into this one's vDSO).
+            // Before anything stops (the first move changes the process for
+            // good: its memory shared, its futexes served here): a kernel
+            // this one is not linked to (ENOENT), or of another build, that
+            // could not run the thread (its code calls into this one's vDSO).
+            agent.link(to)?;
             Migration::same_kernel(&agent, to).map_err(|e| ThreadError::Other {
                 message: crate::error_text(&e)
                     .replace("a process moves", "a thread moves")
