@@ -85,7 +85,9 @@ int mkdsm_unmap(void *addr, size_t size);
  * moved thread mmap, munmap, mprotect, mremap, brk (so malloc fails once
  * its arena must grow), fork, vfork, clone, execve, open, kill/tgkill and
  * sigaction with a new action; in the whole process, from the first move
- * on and for good, fork (threads and posix_spawn work).
+ * on and for good, fork (threads and posix_spawn work). A move refused
+ * before the thread left (ENOENT, EALREADY, EINVAL, another kernel build)
+ * changes nothing; one that failed after it left counts as a first move.
  */
 int mk_migrate(int kernel);
 
