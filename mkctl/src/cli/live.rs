@@ -24,9 +24,10 @@ pub(super) fn progress(instance: &str, message: &str) {
     eprintln!("[{instance}] {message}");
 }
 
-/// A connection to the running daemon.
+/// A connection to the running daemon (one is started when an earlier one
+/// left instances running, to adopt them).
 pub(super) fn connect() -> Result<Client, Failure> {
-    Client::connect(&RunDir::from_env()).map_err(|e| {
+    Client::connect_or_adopt(&RunDir::from_env(), |m| eprintln!("mkctl: {m}")).map_err(|e| {
         Failure::Failed(format!(
             "{} (start instances with `mkctl boot <topology>`)",
             crate::error_chain(&e)
@@ -143,7 +144,7 @@ pub(super) fn boot(
 
 fn fetch_status() -> Result<Option<DaemonStatus>, Box<dyn std::error::Error>> {
     let run = RunDir::from_env();
-    let mut c = match Client::connect(&run) {
+    let mut c = match Client::connect_or_adopt(&run, |m| eprintln!("mkctl: {m}")) {
         Ok(c) => c,
         Err(ClientError::NotRunning(_)) => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -297,7 +298,18 @@ pub(super) fn relay_output(c: &mut Client, instance: &str, restored: Option<&Pat
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr();
     loop {
-        match c.read()? {
+        let frame = match c.read() {
+            Ok(f) => f,
+            Err(ClientError::Frame(crate::daemon::control::FrameError::Closed)) => {
+                let _ = out.flush();
+                return Err(Failure::Failed(format!(
+                    "the daemon went away (it was stopped, restarted or killed) while it relayed this output; the process may still run on {instance}"
+                ))
+                .into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match frame {
             Frame::Wire(Msg::Data { stream, bytes, .. }) => {
                 let r = if stream == Stream::Stderr {
                     err.write_all(&bytes)
@@ -649,6 +661,20 @@ impl Drop for RawTerminal {
     }
 }
 
+/// Waits (at most 30 s) until the daemon `pid` has exited.
+fn wait_gone(pid: Option<i32>) {
+    let Some(pid) = pid.and_then(|p| u32::try_from(p).ok()) else {
+        return;
+    };
+    let t0 = std::time::Instant::now();
+    // A zombie counts as gone: its parent, not us, reaps it.
+    while crate::daemon::process::start_time(pid).is_some()
+        && t0.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub(super) fn daemon(action: DaemonAction) -> Res {
     let run = RunDir::from_env();
     match action {
@@ -682,7 +708,7 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
             }
         }
         DaemonAction::Stop => {
-            let mut c = match Client::connect(&run) {
+            let mut c = match Client::connect_or_adopt(&run, |m| eprintln!("mkctl: {m}")) {
                 Ok(c) => c,
                 Err(ClientError::NotRunning(_)) => {
                     println!("no mkctl daemon runs for {}", run.path().display());
@@ -699,13 +725,61 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
                 _ => {}
             }
             // Wait for it to be gone, so a following `boot` starts afresh.
-            if let Some(pid) = pid {
-                let t0 = std::time::Instant::now();
-                while std::path::Path::new(&format!("/proc/{pid}")).exists()
-                    && t0.elapsed() < Duration::from_secs(30)
-                {
-                    std::thread::sleep(Duration::from_millis(50));
+            wait_gone(pid);
+            Ok(EXIT_OK)
+        }
+        DaemonAction::Restart { json } => {
+            match Client::connect(&run) {
+                Ok(mut c) => {
+                    let pid = std::fs::read_to_string(run.pid_file())
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok());
+                    match c.call(&Request::Handover, progress)? {
+                        Reply::Ok { message } => eprintln!("mkctl: {message}"),
+                        r @ Reply::Error { .. } => return Err(refused(r).into()),
+                        _ => {}
+                    }
+                    wait_gone(pid);
                 }
+                Err(ClientError::NotRunning(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let mut c = Client::connect_or_start(&run, |m| eprintln!("mkctl: {m}"))?;
+            let st = match c.call(&Request::Status, progress)? {
+                Reply::Status { status } => status,
+                other => return Err(refused(other).into()),
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "daemon": st }))?
+                );
+                return Ok(EXIT_OK);
+            }
+            let adopted: Vec<String> = st
+                .instances
+                .iter()
+                .filter(|i| i.adopted)
+                .map(|i| format!("{} ({}, qemu pid {})", i.name, i.state, i.pid.unwrap_or(0)))
+                .collect();
+            let lost: Vec<String> = st
+                .instances
+                .iter()
+                .filter(|i| !i.adopted && i.state == "failed")
+                .map(|i| format!("{}: {}", i.name, i.reason.as_deref().unwrap_or("failed")))
+                .collect();
+            println!(
+                "daemon pid {} serves {}; adopted {}",
+                st.pid,
+                run.socket().display(),
+                if adopted.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    adopted.join(", ")
+                }
+            );
+            for l in lost {
+                println!("failed {l}");
             }
             Ok(EXIT_OK)
         }

@@ -465,6 +465,21 @@ pub enum DaemonAction {
     },
     /// Stop every instance and the daemon.
     Stop,
+    /// Replace the daemon with a new one (this mkctl build) that adopts the
+    /// running instances: their QEMUs, window, agents and consoles carry
+    /// on. Also starts a daemon when none runs, which adopts what a daemon
+    /// that died (killed, crashed) left running; any command that needs
+    /// the daemon does that by itself too.
+    ///
+    /// Lost in the change: requests under way (their clients see the
+    /// connection close), DSM regions mapped by host processes, threads
+    /// moved from host processes. Exit status: 0 when a daemon serves
+    /// afterwards, 1 otherwise.
+    Restart {
+        /// Print the new daemon's status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the daemon in the foreground (`boot` starts one in the
     /// background when needed).
     Run,

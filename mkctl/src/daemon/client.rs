@@ -44,6 +44,24 @@ impl Client {
         }
     }
 
+    /// Connects to a running daemon or, when none runs but the last one
+    /// left instances running (it was killed or crashed), starts one, which
+    /// adopts them.
+    pub fn connect_or_adopt(run: &RunDir, progress: impl Fn(&str)) -> Result<Client, ClientError> {
+        match Client::connect(run) {
+            Err(ClientError::NotRunning(_))
+                if super::saved::Saved::load(&run.state())
+                    .ok()
+                    .flatten()
+                    .is_some_and(|s| s.has_processes()) =>
+            {
+                progress("no daemon runs, but the last one left instances running: starting one to adopt them");
+                Client::connect_or_start(run, progress)
+            }
+            other => other,
+        }
+    }
+
     /// Connects, starting the daemon first when none runs. `progress` is
     /// told when a daemon is being started.
     pub fn connect_or_start(run: &RunDir, progress: impl Fn(&str)) -> Result<Client, ClientError> {
@@ -64,7 +82,7 @@ impl Client {
                 .any(|i| matches!(i.state.as_str(), "booting" | "ready" | "stopping"));
             if busy {
                 progress(&format!(
-                    "warning: the daemon (pid {}) runs another mkctl build; `mkctl stop --all && mkctl daemon stop` to use this one",
+                    "warning: the daemon (pid {}) runs another mkctl build; `mkctl daemon restart` to use this one (the instances run on)",
                     status.pid
                 ));
                 return Client::connect(run);

@@ -112,6 +112,9 @@ pub enum Request {
     },
     /// Stop every instance and exit.
     Shutdown,
+    /// Exit and leave every instance running, for the next daemon to adopt
+    /// (`mkctl daemon restart`).
+    Handover,
     /// Subscribe to the event bus: `Reply::Subscribed`, then the last
     /// `last` events it kept and every event as it happens, each as a
     /// `Reply::Event`, until the daemon stops (`Reply::Ok`) or the client
@@ -337,6 +340,9 @@ pub struct InstanceStatus {
     /// it.
     #[serde(default)]
     pub restarts: u32,
+    /// Its QEMU was started by an earlier daemon, which this one took over.
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 /// One frame off the socket.

@@ -143,8 +143,6 @@ pub enum InstanceError {
     Channel(#[source] WindowError),
     #[error(transparent)]
     Machine(#[from] MachineError),
-    #[error("the spawner thread is gone")]
-    Spawner,
     #[error("cannot start {}", qemu.display())]
     Spawn {
         qemu: PathBuf,
@@ -189,7 +187,7 @@ mod tests {
     #[test]
     fn the_reply_carries_the_whole_chain_and_the_code() {
         let e = RequestError::Boot(vec![
-            ("alpha".into(), InstanceError::Spawner),
+            ("alpha".into(), InstanceError::Id(70_000)),
             (
                 "beta".into(),
                 InstanceError::Spawn {
@@ -203,7 +201,7 @@ mod tests {
                 assert_eq!(code, 1);
                 assert_eq!(
                     message,
-                    "alpha: the spawner thread is gone\nbeta: cannot start qemu-system-x86_64: entity not found"
+                    "alpha: id 70000 out of range\nbeta: cannot start qemu-system-x86_64: entity not found"
                 );
             }
             other => panic!("{other:?}"),

@@ -14,6 +14,8 @@
 //! - [`control`]: the frames between them;
 //! - [`window`]: the host's side of the shared window;
 //! - [`qmp`]: QEMU's control protocol;
+//! - [`process`]: the handle on an instance's QEMU, spawned or adopted;
+//! - [`saved`]: the state a restarted daemon adopts the instances from;
 //! - [`paths`]: the run directory and the setup cache.
 
 pub mod client;
@@ -22,7 +24,9 @@ pub mod doorbell;
 pub mod error;
 pub mod events;
 pub mod paths;
+pub mod process;
 pub mod qmp;
+pub mod saved;
 pub mod server;
 pub mod state;
 pub mod window;

@@ -31,6 +31,12 @@ impl RunDir {
         self.0.join("daemon.pid")
     }
 
+    /// What a restarted daemon adopts the running instances from
+    /// ([`super::saved`]).
+    pub fn state(&self) -> PathBuf {
+        self.0.join("state.json")
+    }
+
     /// The daemon's own log (its stdout and stderr).
     pub fn log(&self) -> PathBuf {
         self.0.join("daemon.log")

@@ -33,12 +33,12 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use super::error::RequestError;
 use super::paths::InstanceDir;
-use crate::topology::{Instance, Restart, Topology};
+use super::process::Qemu;
+use crate::topology::{Instance, Restart};
 use crate::units::CpuSet;
 
 /// Lifecycle of one instance, as `mkctl status` shows it.
@@ -142,7 +142,8 @@ pub struct Inst {
     pub memory: u64,
     pub state: State,
     pub reason: Option<String>,
-    pub child: Option<Child>,
+    /// Its QEMU, spawned by this daemon or adopted from an earlier one.
+    pub child: Option<Qemu>,
     pub started: Option<Instant>,
     pub kernel: Option<String>,
     pub dir: InstanceDir,
@@ -278,7 +279,9 @@ impl Inst {
 #[derive(Debug, Default)]
 pub struct Registry {
     pub config: Option<PathBuf>,
-    pub topology: Option<Topology>,
+    /// The window's endpoint names (the host and every instance of the
+    /// topology), as the host agent says them.
+    pub names: Vec<(u16, String)>,
     pub instances: BTreeMap<String, Inst>,
 }
 

@@ -83,6 +83,30 @@ impl HostWindow {
         };
         let layout = Layout::for_size(size, endpoints).map_err(ring)?;
         let window = Window::format_at(path, 0, size, layout).map_err(ring)?;
+        HostWindow::attach(window, agent)
+    }
+
+    /// Opens the window an earlier daemon formatted (its guests still
+    /// attached to it) and takes endpoint 0 over: the channels go on from
+    /// the positions left in the window, and the guests' links, which
+    /// outlive a peer's restart, carry on with this agent.
+    pub fn adopt(path: &Path, agent: Arc<Agent>) -> Result<HostWindow, WindowError> {
+        let window = Window::open(path).map_err(|source| WindowError::Ring {
+            path: path.into(),
+            source,
+        })?;
+        HostWindow::attach(window, agent)
+    }
+
+    /// Attaches as endpoint 0 of `window`, beats, and links `agent` to every
+    /// other endpoint.
+    fn attach(window: Window, agent: Arc<Agent>) -> Result<HostWindow, WindowError> {
+        let path = window.path().to_path_buf();
+        let ring = |source| WindowError::Ring {
+            path: path.clone(),
+            source,
+        };
+        let endpoints = window.layout().endpoints();
         // Every peer of the daemon's endpoint is a guest, which no futex
         // reaches: the relay carries the rings over each guest's doorbell
         // port. Without it (MKCTL_DOORBELL=off) the receivers poll.
@@ -90,6 +114,10 @@ impl HostWindow {
         let endpoint = window
             .attach_with_doorbell(0, Liveness::default(), relay.as_ref().map(Relay::host_bell))
             .map_err(ring)?;
+        // Answers to an earlier daemon's requests may still be on their way
+        // from the guests: this one numbers its requests where that one's
+        // cannot be (each attach of endpoint 0 has its own generation).
+        agent.number_requests_from(request_base(endpoint.generation()));
         let stop = Arc::new(AtomicBool::new(false));
         let beat = endpoint.heartbeat_handle();
         let st = Arc::clone(&stop);
@@ -179,6 +207,12 @@ impl HostWindow {
             })
             .map(|s| s.quiet)
     }
+}
+
+/// The first request number of the daemon whose endpoint 0 has
+/// `generation`: 2^24 numbers for each of 256 generations in turn.
+fn request_base(generation: u64) -> u32 {
+    (u32::try_from(generation & 0xff).unwrap_or(0) << 24).max(1)
 }
 
 impl Drop for HostWindow {

@@ -145,7 +145,7 @@ pub enum ImageSpec {
 
 /// What the daemon does when an instance fails: `restart` and
 /// `restart_limit` of its `[[instance]]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "policy")]
 pub enum Restart {
     /// It stays failed until someone restarts it (`restart = "no"`, the

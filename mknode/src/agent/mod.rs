@@ -409,6 +409,15 @@ impl Agent {
             })
     }
 
+    /// Numbers this agent's requests from `first` on. An agent that takes
+    /// an endpoint over from an earlier process (a restarted daemon)
+    /// starts where that one's numbers are not, so answers to requests it
+    /// never made, still on their way from peers, are not taken for its own
+    /// (and a peer's table of running requests never sees a number twice).
+    pub fn number_requests_from(&self, first: u32) {
+        self.next_req.store(first, Ordering::Relaxed);
+    }
+
     /// Sends a request built around a fresh request id; answers arrive on
     /// the returned channel until a final one ([`Msg::is_final`]).
     pub fn request(

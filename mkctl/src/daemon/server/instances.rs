@@ -5,14 +5,12 @@
 //! restart), and status. Which transitions are allowed is
 //! [`crate::daemon::state`]'s to say; this file carries them out.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::bounded;
 use mknode::agent::{Agent, Hooks};
 use mknode::wire::Msg;
 
@@ -20,6 +18,7 @@ use super::{Daemon, Progress};
 use crate::daemon::control::{DaemonStatus, InstanceStatus, Reply};
 use crate::daemon::error::{InstanceError, RequestError};
 use crate::daemon::paths::{self, InstanceDir};
+use crate::daemon::process::Qemu;
 use crate::daemon::qmp::Qmp;
 use crate::daemon::state::{
     stop_summary, Inst, PolicyState, PolicyStep, StartedBy, State, StopStep, Stopped,
@@ -115,7 +114,7 @@ impl Daemon {
         {
             let mut reg = self.registry();
             reg.config = Some(config.clone());
-            reg.topology = Some(t.clone());
+            reg.names = endpoint_names(&t);
         }
 
         // Start every QEMU, then wait for all agents together.
@@ -197,22 +196,30 @@ impl Daemon {
             return Ok(Arc::clone(w));
         }
         let endpoints = u16::try_from(need + 1).map_err(|_| RequestError::TooManyEndpoints)?;
+        let hw = self.host_agent(|agent| {
+            HostWindow::create(&self.run.window(), t.window.size.0, endpoints, agent)
+        })?;
+        *w = Some(Arc::clone(&hw));
+        Ok(hw)
+    }
+
+    /// The host's agent (endpoint 0) on the window `attach` creates or
+    /// opens, serving the host's processes' DSM on the run directory's
+    /// agent socket.
+    pub(super) fn host_agent(
+        &self,
+        attach: impl FnOnce(Arc<Agent>) -> Result<HostWindow, crate::daemon::window::WindowError>,
+    ) -> Result<Arc<HostWindow>, RequestError> {
         let hooks = Hooks {
             power_off: Box::new(|| {}),
             info: Box::new(mknode::agent::kernel_info),
         };
         let agent = Agent::new(0, hooks);
-        let hw = Arc::new(HostWindow::create(
-            &self.run.window(),
-            t.window.size.0,
-            endpoints,
-            Arc::clone(&agent),
-        )?);
+        let hw = Arc::new(attach(Arc::clone(&agent))?);
         // The host's processes reach the DSM here.
         agent
             .facet::<mknode::agent::Dsm>()
             .serve_local(&self.run.agent_socket())?;
-        *w = Some(Arc::clone(&hw));
         Ok(hw)
     }
 
@@ -236,6 +243,20 @@ impl Daemon {
         progress: Progress<'_>,
     ) -> Result<(), InstanceError> {
         let id = u16::try_from(i.id.0).map_err(|_| InstanceError::Id(i.id.0))?;
+        // A failed instance may still have a QEMU (its guest hung): gone
+        // before its channel is reset and a new one starts.
+        let left = self
+            .registry()
+            .instances
+            .get_mut(&i.name)
+            .and_then(|inst| inst.child.take());
+        if let Some(mut old) = left {
+            progress(
+                &i.name,
+                &format!("killed the QEMU (pid {}) of its failed run", old.id()),
+            );
+            old.kill();
+        }
         let dir = self.run.instance(&i.name);
         let ram = self.run.ram(&i.name);
         for d in [dir.path(), ram.as_path()] {
@@ -284,26 +305,12 @@ impl Daemon {
                 .map(Stdio::from)
                 .unwrap_or_else(|_| Stdio::null()),
         );
-        // SAFETY: the closure runs in the forked child before exec and
-        // only calls prctl(2), which is async-signal-safe; it allocates
-        // nothing and touches no lock.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let (tx, rx) = bounded(1);
-        self.spawner
-            .send((cmd, tx))
-            .map_err(|_| InstanceError::Spawner)?;
-        let child = rx
-            .recv()
-            .map_err(|_| InstanceError::Spawner)?
-            .map_err(|source| InstanceError::Spawn {
-                qemu: spec.qemu.clone(),
-                source,
-            })?;
+        // No parent-death signal: a QEMU outlives a daemon that is killed,
+        // for the next one to adopt.
+        let child = Qemu::spawned(cmd.spawn().map_err(|source| InstanceError::Spawn {
+            qemu: spec.qemu.clone(),
+            source,
+        })?);
         let pid = child.id();
         if let (Some(relay), Some(sock)) = (window.relay(), &spec.doorbell) {
             if let Err(e) = relay.attach(id, sock) {
@@ -373,11 +380,9 @@ impl Daemon {
                     evidence: String::new(),
                 });
             };
-            if let Some(child) = inst.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    inst.fail(format!("qemu exited during boot ({status})"));
-                    inst.child = None;
-                }
+            if let Some(status) = inst.child.as_mut().and_then(Qemu::try_wait) {
+                inst.fail(format!("qemu exited during boot ({status})"));
+                inst.child = None;
             }
             if inst.state == State::Failed {
                 return Err(InstanceError::Died {
@@ -428,8 +433,7 @@ impl Daemon {
             inst.fail(reason);
             if kill {
                 if let Some(mut c) = inst.child.take() {
-                    let _ = c.kill();
-                    let _ = c.wait();
+                    c.kill();
                 }
             }
         }
@@ -545,7 +549,7 @@ impl Daemon {
         let mut reg = self.registry();
         for inst in reg.instances.values_mut() {
             if let Some(child) = inst.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
+                if let Some(status) = child.try_wait() {
                     inst.child = None;
                     if inst.state.on_process_exit() == State::Failed {
                         inst.fail(format!("qemu exited unexpectedly ({status})"));
@@ -596,7 +600,8 @@ impl Daemon {
                     id: u32::from(i.id),
                     state: i.state.as_str().into(),
                     reason: i.reason.clone(),
-                    pid: i.child.as_ref().map(Child::id),
+                    pid: i.child.as_ref().map(Qemu::id),
+                    adopted: i.child.as_ref().is_some_and(Qemu::adopted),
                     cpus: i.cpus.to_string(),
                     memory: i.memory,
                     uptime_ms: i
@@ -716,7 +721,7 @@ impl Daemon {
                         continue;
                     };
                     let exited = match inst.child.as_mut() {
-                        Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+                        Some(c) => c.try_wait().is_some(),
                         // The monitor reaped it (it leaves the state of a
                         // stopping instance to the stop).
                         None => true,
@@ -752,8 +757,7 @@ impl Daemon {
                                     KILL_AFTER_QUIT.as_secs_f64()
                                 ),
                             );
-                            let _ = c.kill();
-                            let _ = c.wait();
+                            c.kill();
                             ended(name, StopStep::Kill);
                         }
                     }

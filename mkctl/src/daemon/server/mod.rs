@@ -10,18 +10,22 @@
 //! - `instances`: boot, stop, restart, the monitor, status — the lifecycle, by the
 //!   rules of [`super::state`];
 //! - `relay`: requests carried out by agents (exec, info, ping, traffic,
-//!   migrate, checkpoint, restore).
+//!   migrate, checkpoint, restore);
+//! - `adopt`: taking over the instances of an earlier daemon.
 //!
 //! Invariants it keeps:
 //! - nothing starts before the topology validated;
-//! - every QEMU is a child of the daemon's spawner thread with
-//!   `PR_SET_PDEATHSIG = SIGKILL`, so no QEMU outlives the daemon, even
-//!   when the daemon is killed;
+//! - what a later daemon needs to adopt the instances is in the run
+//!   directory whenever the registry's lock is released
+//!   ([`super::saved`]): a daemon that is killed leaves its QEMUs running,
+//!   and the next one (`mkctl daemon restart`, or any command that starts
+//!   one) adopts them (`adopt`); a daemon that stops normally stops them;
 //! - an instance whose QEMU exits or whose agent's heartbeat stops is shown
 //!   `failed` with the reason, within a second or two; with
 //!   `restart = "on-failure"` the monitor restarts it through the same
 //!   restart as `mkctl restart`, at most `restart_limit` times.
 
+mod adopt;
 mod dsm;
 mod instances;
 mod relay;
@@ -29,32 +33,31 @@ mod relay;
 use std::ops::{Deref, DerefMut};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
+use crossbeam_channel::RecvTimeoutError;
 
 use super::control::{self, Frame, Reply, Request, Side};
 use super::error::RequestError;
 use super::events::{Bus, What};
 use super::paths::RunDir;
+use super::saved::Saved;
 use super::state::{stop_summary, Registry, StartedBy, State};
 use super::window::HostWindow;
-
-/// Runs QEMU (and only QEMU) from one long-lived thread, because
-/// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits.
-type SpawnReq = (Command, Sender<std::io::Result<Child>>);
 
 #[derive(Debug)]
 struct Daemon {
     run: RunDir,
     registry: Mutex<Registry>,
     window: Mutex<Option<Arc<HostWindow>>>,
-    spawner: Sender<SpawnReq>,
     stop: AtomicBool,
+    /// Exit leaving the instances running (`mkctl daemon restart`).
+    handover: AtomicBool,
+    /// What was last written to the run directory's state file.
+    saved: Mutex<Option<Saved>>,
     /// State changes and migration steps, for `mkctl events`.
     events: Bus,
     /// Subscribers still writing to their client (the daemon waits a
@@ -195,22 +198,13 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
         }
     }
 
-    let (spawn_tx, spawn_rx) = bounded::<SpawnReq>(0);
-    thread::Builder::new()
-        .name("qemu-spawner".into())
-        .spawn(move || {
-            for (mut cmd, reply) in spawn_rx {
-                let _ = reply.send(cmd.spawn());
-            }
-        })
-        .expect("spawning a thread");
-
     let d = Arc::new(Daemon {
         run: run.clone(),
         registry: Mutex::new(Registry::default()),
         window: Mutex::new(None),
-        spawner: spawn_tx,
         stop: AtomicBool::new(false),
+        handover: AtomicBool::new(false),
+        saved: Mutex::new(None),
         events: Bus::default(),
         subscribers: std::sync::atomic::AtomicUsize::new(0),
         build: control::build_id(),
@@ -220,6 +214,9 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
         std::process::id(),
         run.socket().display()
     );
+    // Before the first request is served: what an earlier daemon left
+    // running becomes this one's.
+    d.adopt();
     let monitor = {
         let d = Arc::clone(&d);
         thread::spawn(move || d.monitor())
@@ -250,11 +247,16 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
             Err(e) => log::warn!("accept: {e}"),
         }
     }
-    log::info!("stopping every instance");
+    let handover = d.handover.load(Ordering::SeqCst);
     d.stop.store(true, Ordering::SeqCst);
     d.events.publish(What::DaemonStopping);
-    let names: Vec<String> = d.registry().instances.keys().cloned().collect();
-    d.stop_instances(&names, Duration::from_secs(10), false, &|_, _| {});
+    if handover {
+        log::info!("exiting; the instances run on for the next daemon to adopt");
+    } else {
+        log::info!("stopping every instance");
+        let names: Vec<String> = d.registry().instances.keys().cloned().collect();
+        d.stop_instances(&names, Duration::from_secs(10), false, &|_, _| {});
+    }
     let _ = monitor.join();
     // Subscribers drain their queues and tell their clients the daemon
     // stopped; one stuck on a client that does not read is not waited for
@@ -270,8 +272,12 @@ pub fn run(run: RunDir) -> Result<(), DaemonError> {
         let _ = std::fs::remove_file(run.agent_socket());
         let _ = std::fs::remove_file(run.pid_file());
     }
-    if let Some(tree) = run.ram_tree() {
-        let _ = std::fs::remove_dir_all(tree);
+    if !handover {
+        // Nothing is left to adopt.
+        let _ = std::fs::remove_file(run.state());
+        if let Some(tree) = run.ram_tree() {
+            let _ = std::fs::remove_dir_all(tree);
+        }
     }
     Ok(())
 }
@@ -303,7 +309,7 @@ impl Conn {
 /// state goes through this lock, so none is missed, wherever it is made.
 struct RegistryGuard<'a> {
     reg: MutexGuard<'a, Registry>,
-    bus: &'a Bus,
+    daemon: &'a Daemon,
     before: Vec<(String, State)>,
 }
 
@@ -331,7 +337,7 @@ impl Drop for RegistryGuard<'_> {
             if was == Some(inst.state) {
                 continue;
             }
-            self.bus.publish(What::State {
+            self.daemon.events.publish(What::State {
                 instance: inst.name.clone(),
                 from: was.map(|s| s.as_str().to_string()),
                 to: inst.state.as_str().to_string(),
@@ -339,6 +345,7 @@ impl Drop for RegistryGuard<'_> {
                 restarts: inst.restart.limit().map(|_| inst.policy.restarts),
             });
         }
+        self.daemon.save(&self.reg);
     }
 }
 
@@ -397,9 +404,26 @@ impl Daemon {
             .collect();
         RegistryGuard {
             reg,
-            bus: &self.events,
+            daemon: self,
             before,
         }
+    }
+
+    /// Writes the state file when `reg` changed since it was last written
+    /// (called as the registry's lock is released).
+    fn save(&self, reg: &Registry) {
+        let now = Saved::of(reg);
+        let mut last = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref() == Some(&now) {
+            return;
+        }
+        if let Err(e) = now.store(&self.run.state()) {
+            log::warn!(
+                "cannot write {} (a restarted daemon could not adopt the instances): {e}",
+                self.run.state().display()
+            );
+        }
+        *last = Some(now);
     }
 
     fn stopping(&self) -> bool {
@@ -500,6 +524,16 @@ impl Daemon {
                     message: "the daemon is stopping its instances and exiting".into(),
                 }
             }
+            Request::Handover => {
+                self.handover.store(true, Ordering::SeqCst);
+                self.stop.store(true, Ordering::SeqCst);
+                Reply::Ok {
+                    message: format!(
+                        "the daemon (pid {}) is exiting; its instances run on",
+                        std::process::id()
+                    ),
+                }
+            }
             Request::Info { instance } => self.info(&instance)?,
             Request::Ping { from, to, count } => self.ping(&from, &to, count)?,
             Request::Traffic {
@@ -553,13 +587,13 @@ mod tests {
     use crate::daemon::events::{Event, QUEUE};
 
     fn daemon() -> Arc<Daemon> {
-        let (spawner, _) = bounded(0);
         Arc::new(Daemon {
             run: RunDir(std::env::temp_dir().join("mkctl-events-unit")),
             registry: Mutex::new(Registry::default()),
             window: Mutex::new(None),
-            spawner,
             stop: AtomicBool::new(false),
+            handover: AtomicBool::new(false),
+            saved: Mutex::new(None),
             events: Bus::default(),
             subscribers: std::sync::atomic::AtomicUsize::new(0),
             build: String::new(),
