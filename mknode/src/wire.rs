@@ -446,6 +446,9 @@ messages! {
         downtime_ns: u64,
         total_ns: u64,
         image_bytes: u64,
+        /// Pages carried, with content or marked all-zero (in the image and
+        /// after it).
+        pages: u64,
     },
     /// Origin to destination: a process image follows in `MigrateChunk`s,
     /// closed by `MigrateEnd` (or `MigrateAbort`). `mig` is the origin's id.
@@ -563,6 +566,10 @@ messages! {
     /// Destination to origin: the shadow of thread `tid` of the origin's
     /// process `pid` called `exit_group(code)`: the whole process ends.
     67 peer ShadowExitGroup { pid: u32, tid: u32, code: i32 },
+    /// Progress of a `MigrateOut` (not its end): `bytes` of image and pages
+    /// have gone to the destination so far (sent every few hundred ms while
+    /// they flow).
+    68 req MigrateSent { req: u32, bytes: u64 },
 }
 
 impl Msg {
@@ -731,7 +738,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 67);
+        assert_eq!(Kind::ALL.len(), 68);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,

@@ -235,6 +235,7 @@ fn events_follow_boot_migration_failure_and_stop_in_order() {
     assert_eq!(end["downtime_ns"], moved["downtime_ns"], "{moved}");
     assert!(end["downtime_ns"].as_u64().unwrap() > 0, "{end}");
     assert!(end["image_bytes"].as_u64().unwrap() > 0, "{end}");
+    assert!(end["pages"].as_u64().unwrap() > 0, "{end}");
     // It ends on beta, with the mkctl exec that follows it.
     m.run(&[
         "exec",

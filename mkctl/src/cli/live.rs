@@ -787,26 +787,42 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
 }
 
 pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) -> Res {
-    match ask(Request::Migrate {
+    let req = Request::Migrate {
         pid,
         from: from.to_string(),
         to: to.to_string(),
         lazy: mode == "lazy",
-    })? {
+    };
+    // Bytes and rate on a terminal while the image and pages flow; erased
+    // (dropped) before the summary.
+    let meter = std::cell::RefCell::new(super::progress::Progress::new("moving"));
+    let reply = connect()?
+        .call_watching(
+            &req,
+            |instance, message| {
+                meter.borrow_mut().clear();
+                progress(instance, message);
+            },
+            |bytes| meter.borrow_mut().set(bytes),
+        )
+        .map_err(|e| Failure::Failed(crate::error_chain(&e)))?;
+    drop(meter);
+    match reply {
         Reply::Migrated {
             new_pid,
             downtime_ns,
             total_ns,
             image_bytes,
+            pages,
         } => {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"pid": pid, "from": from, "to": to, "new_pid": new_pid, "mode": mode, "downtime_ns": downtime_ns, "total_ns": total_ns, "bytes": image_bytes})
+                    serde_json::json!({"pid": pid, "from": from, "to": to, "new_pid": new_pid, "mode": mode, "downtime_ns": downtime_ns, "total_ns": total_ns, "bytes": image_bytes, "pages": pages})
                 );
             } else {
                 println!(
-                    "moved {pid} from {from} to {to}: now pid {new_pid}; downtime {:.1} ms, total {:.1} ms, {} moved",
+                    "moved {pid} from {from} to {to}: now pid {new_pid}; downtime {:.1} ms, total {:.1} ms, {} moved ({pages} pages)",
                     downtime_ns as f64 / 1e6,
                     total_ns as f64 / 1e6,
                     ByteSize(image_bytes).human()

@@ -45,7 +45,12 @@ impl Progress {
 
     /// `n` more bytes went through.
     pub(super) fn add(&mut self, n: usize) {
-        self.bytes += n as u64;
+        self.set(self.bytes + n as u64);
+    }
+
+    /// `bytes` went through so far (told by the daemon, for a move).
+    pub(super) fn set(&mut self, bytes: u64) {
+        self.bytes = bytes;
         if !self.tty {
             return;
         }
@@ -59,12 +64,21 @@ impl Progress {
     }
 }
 
-impl Drop for Progress {
-    fn drop(&mut self) {
+impl Progress {
+    /// Erases the line (another line is about to be printed); the next
+    /// count draws it again.
+    pub(super) fn clear(&mut self) {
         if self.drawn {
             eprint!("\r\x1b[K");
             let _ = std::io::stderr().flush();
+            self.drawn = false;
         }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 

@@ -166,12 +166,24 @@ impl Client {
         r: &Request,
         progress: impl Fn(&str, &str),
     ) -> Result<Reply, ClientError> {
+        self.call_watching(r, progress, |_| {})
+    }
+
+    /// [`Client::call`], with the bytes a long transfer has carried so far
+    /// told to `transfer` as they come.
+    pub fn call_watching(
+        &mut self,
+        r: &Request,
+        progress: impl Fn(&str, &str),
+        mut transfer: impl FnMut(u64),
+    ) -> Result<Reply, ClientError> {
         self.send(r)?;
         loop {
             match self.read()? {
                 Frame::Reply(Reply::Progress { instance, message }) => {
                     progress(&instance, &message)
                 }
+                Frame::Reply(Reply::Transfer { bytes }) => transfer(bytes),
                 Frame::Reply(reply) => return Ok(reply),
                 Frame::Request(_) | Frame::Wire(_) => {}
             }

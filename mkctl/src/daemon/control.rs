@@ -134,6 +134,11 @@ pub enum Reply {
         instance: String,
         message: String,
     },
+    /// How many bytes a long transfer (a move) has carried so far, for a
+    /// progress line.
+    Transfer {
+        bytes: u64,
+    },
     /// The request is complete.
     Ok {
         message: String,
@@ -173,6 +178,9 @@ pub enum Reply {
         downtime_ns: u64,
         total_ns: u64,
         image_bytes: u64,
+        /// Pages carried (with content, or marked all-zero).
+        #[serde(default)]
+        pages: u64,
     },
     /// A thread runs on `at` (in shadow process `shadow_pid` there; 0 back
     /// home) after `downtime_ns` stopped.
@@ -279,6 +287,7 @@ impl Reply {
     pub fn kind(&self) -> &'static str {
         match self {
             Reply::Progress { .. } => "progress",
+            Reply::Transfer { .. } => "transfer",
             Reply::Ok { .. } => "ok",
             Reply::Error { .. } => "error",
             Reply::Status { .. } => "status",

@@ -70,8 +70,9 @@ pub enum What {
         new_pid: u32,
         downtime_ns: u64,
     },
-    /// The migration is done: `image_bytes` went in the image (registers,
-    /// map and the pages sent with it).
+    /// The migration is done: `image_bytes` went in the image and after it
+    /// (registers, map and pages); `pages` pages carried (with content or
+    /// marked all-zero).
     MigrateEnd {
         pid: u32,
         from: String,
@@ -80,6 +81,8 @@ pub enum What {
         downtime_ns: u64,
         total_ns: u64,
         image_bytes: u64,
+        #[serde(default)]
+        pages: u64,
     },
     /// The migration failed; the process runs on where it was unless
     /// `error` says otherwise.
@@ -178,8 +181,9 @@ impl What {
                 downtime_ns,
                 total_ns,
                 image_bytes,
+                pages,
             } => format!(
-                "migrate pid {pid} {from} -> {to}: done, pid {new_pid}, downtime {}, total {}, image {}",
+                "migrate pid {pid} {from} -> {to}: done, pid {new_pid}, downtime {}, total {}, {} moved ({pages} pages)",
                 ms(*downtime_ns),
                 ms(*total_ns),
                 crate::units::ByteSize(*image_bytes).human()
@@ -609,10 +613,12 @@ mod tests {
                 downtime_ns: 5,
                 total_ns: 9,
                 image_bytes: 4096,
+                pages: 1,
             },
         })
         .unwrap();
         assert_eq!(m["event"], "migrate-end");
         assert_eq!(m["new_pid"], 20);
+        assert_eq!(m["pages"], 1);
     }
 }

@@ -105,6 +105,81 @@ pub struct MoveReport {
     pub downtime: Duration,
     pub total: Duration,
     pub image_bytes: u64,
+    /// Pages carried, with their content or marked all-zero (in the image
+    /// and, lazily, after it).
+    pub pages: u64,
+}
+
+/// What a move tells its caller as it goes ([`Migration::move_out`]).
+pub trait MoveWatch {
+    /// The copy runs on the destination as `new_pid` after `downtime`.
+    fn running(&self, new_pid: u32, downtime: Duration);
+    /// `bytes` of image and pages have gone so far; called with the first
+    /// chunk, then at most every [`SENT_EVERY`] while they flow.
+    fn sent(&self, _bytes: u64) {}
+}
+
+/// A closure watches only for the copy running.
+impl<F: Fn(u32, Duration)> MoveWatch for F {
+    fn running(&self, new_pid: u32, downtime: Duration) {
+        self(new_pid, downtime);
+    }
+}
+
+/// A move asked for by a peer: what it says goes back as progress answers
+/// to the request (`MigrateProgress`, `MigrateSent`).
+struct Answers<'a> {
+    agent: &'a Agent,
+    peer: u16,
+    req: u32,
+}
+
+impl MoveWatch for Answers<'_> {
+    fn running(&self, new_pid: u32, downtime: Duration) {
+        let _ = self.agent.send(
+            self.peer,
+            &Msg::MigrateProgress {
+                req: self.req,
+                new_pid,
+                downtime_ns: nanos(downtime),
+            },
+        );
+    }
+    fn sent(&self, bytes: u64) {
+        let _ = self.agent.try_send(
+            self.peer,
+            &Msg::MigrateSent {
+                req: self.req,
+                bytes,
+            },
+        );
+    }
+}
+
+/// How often a move says how much has gone.
+pub const SENT_EVERY: Duration = Duration::from_millis(250);
+
+/// Calls `f` with a running count, at most every [`SENT_EVERY`].
+struct Ticker<'a> {
+    f: &'a dyn Fn(u64),
+    next: Instant,
+}
+
+impl<'a> Ticker<'a> {
+    /// The first tick is told at once (a move's progress starts with it).
+    fn new(f: &'a dyn Fn(u64)) -> Self {
+        Ticker {
+            f,
+            next: Instant::now(),
+        }
+    }
+    fn tick(&mut self, bytes: u64) {
+        let now = Instant::now();
+        if now >= self.next {
+            self.next = now + SENT_EVERY;
+            (self.f)(bytes);
+        }
+    }
 }
 
 /// Sends whatever is written as messages of at most `MAX_CHUNK` bytes.
@@ -114,6 +189,7 @@ pub(super) struct ChunkWriter<'a, F: FnMut(Vec<u8>) -> Msg> {
     wrap: F,
     buf: Vec<u8>,
     sent: u64,
+    ticker: Option<Ticker<'a>>,
 }
 
 impl<'a, F: FnMut(Vec<u8>) -> Msg> ChunkWriter<'a, F> {
@@ -124,7 +200,14 @@ impl<'a, F: FnMut(Vec<u8>) -> Msg> ChunkWriter<'a, F> {
             wrap,
             buf: Vec::with_capacity(MAX_CHUNK),
             sent: 0,
+            ticker: None,
         }
+    }
+
+    /// Tells `sent` the bytes sent so far as they go (every [`SENT_EVERY`]).
+    fn telling(mut self, sent: &'a dyn Fn(u64)) -> Self {
+        self.ticker = Some(Ticker::new(sent));
+        self
     }
 
     fn push(&mut self) -> io::Result<()> {
@@ -133,6 +216,9 @@ impl<'a, F: FnMut(Vec<u8>) -> Msg> ChunkWriter<'a, F> {
         }
         let bytes = std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_CHUNK));
         self.sent += bytes.len() as u64;
+        if let Some(t) = &mut self.ticker {
+            t.tick(self.sent);
+        }
         self.agent
             .send(self.to, &(self.wrap)(bytes))
             .map_err(io::Error::other)
@@ -320,14 +406,15 @@ impl Migration {
     /// the copy after the eager pages; the rest is served on demand and
     /// pushed in the background, and the original is killed once every page
     /// has gone (and the destination says it needs no more). Returns then,
-    /// with the downtime (freeze to copy running) and the total; `running`
-    /// is called as soon as the copy runs, with its pid and the downtime.
+    /// with the downtime (freeze to copy running) and the total; `watch`
+    /// is told as soon as the copy runs, with its pid and the downtime, and
+    /// how many bytes have gone while they flow.
     pub fn move_out(
         &self,
         pid: u32,
         to: u16,
         lazy: bool,
-        running: impl FnOnce(u32, Duration),
+        watch: impl MoveWatch,
     ) -> Result<MoveReport, MoveError> {
         let agent = self.agent.get()?;
         let t0 = Instant::now();
@@ -359,25 +446,28 @@ impl Migration {
             lock(&self.outgoing).remove(&(to, mig));
             lock(&self.servers).remove(&(to, mig));
         };
-        let streamed = (|| -> Result<u64, SendError> {
+        let sent = |bytes| watch.sent(bytes);
+        let streamed = (|| -> Result<(u64, u64), SendError> {
             let begin = if lazy {
                 Msg::MigrateBeginLazy { mig }
             } else {
                 Msg::MigrateBegin { mig }
             };
             agent.send(to, &begin)?;
-            let mut w = ChunkWriter::new(&agent, to, |bytes| Msg::MigrateChunk { mig, bytes });
-            if lazy {
-                let (_, server) = frozen.write_lazy_image(&mut w, LazyOptions::default())?;
+            let mut w = ChunkWriter::new(&agent, to, |bytes| Msg::MigrateChunk { mig, bytes })
+                .telling(&sent);
+            let stats = if lazy {
+                let (stats, server) = frozen.write_lazy_image(&mut w, LazyOptions::default())?;
                 lock(&self.servers).insert((to, mig), server);
+                stats
             } else {
-                frozen.write_image(&mut w, ImageOptions::default())?;
-            }
+                frozen.write_image(&mut w, ImageOptions::default())?
+            };
             w.flush().map_err(SendError::Flush)?;
             agent.send(to, &Msg::MigrateEnd { mig })?;
-            Ok(w.sent)
+            Ok((w.sent, stats.data_pages + stats.zero_pages))
         })();
-        let image_bytes = match streamed {
+        let (image_bytes, image_pages) = match streamed {
             Ok(n) => n,
             Err(source) => {
                 let _ = agent.send(to, &Msg::MigrateAbort { mig });
@@ -432,14 +522,21 @@ impl Migration {
             downtime: t0.elapsed(),
             total: t0.elapsed(),
             image_bytes,
+            pages: image_pages,
         };
-        running(new_pid, report.downtime);
+        watch.running(new_pid, report.downtime);
         let server = lock(&self.servers).get(&(to, mig)).cloned();
         if let Some(server) = server {
             let eager = server.progress().sent;
-            self.finish_lazy(&agent, to, mig, &server, &ctl_rx, pages_in);
+            let after = |pages: u64| image_bytes + pages.saturating_sub(eager) * 4096;
+            self.finish_lazy(&agent, (to, mig), &server, &ctl_rx, pages_in, &|pages| {
+                sent(after(pages));
+            });
             lock(&self.servers).remove(&(to, mig));
-            report.image_bytes += server.progress().sent.saturating_sub(eager) * 4096;
+            // The server counts the image's eager pages too.
+            let pages = server.progress().sent;
+            report.image_bytes = after(pages);
+            report.pages = pages;
         }
         frozen.kill();
         report.total = t0.elapsed();
@@ -452,11 +549,11 @@ impl Migration {
     fn finish_lazy(
         &self,
         agent: &Arc<Agent>,
-        to: u16,
-        mig: u32,
+        (to, mig): (u16, u32),
         server: &PageServer,
         ctl_rx: &Receiver<Ctl>,
         mut pages_in: bool,
+        sent: &dyn Fn(u64),
     ) {
         let me = Arc::clone(agent);
         let pusher = server.clone();
@@ -475,7 +572,14 @@ impl Migration {
             }
             let _ = me.send(to, &Msg::PagesDone { mig });
         });
-        if !server.wait_all_sent(Duration::from_secs(600)) {
+        // Waited for in steps, saying how many pages have gone.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut all = false;
+        while !all && Instant::now() < deadline {
+            all = server.wait_all_sent(SENT_EVERY);
+            sent(server.progress().sent);
+        }
+        if !all {
             log::warn!("migration {mig} to {to}: not every page went out in 10 min; the copy will be killed by its pager");
         }
         // Fetches may still be on their way (sent before the push of the
@@ -709,23 +813,23 @@ impl Facet for Migration {
             // every page has moved and the original is gone (its downtime
             // ended long before); progress says when the copy runs.
             Msg::MigrateOut { req, pid, to, lazy } => agent.answer_later(peer, req, move |me| {
-                let progress = |new_pid, downtime: Duration| {
-                    let _ = me.send(
+                let r = self.move_out(
+                    pid,
+                    to,
+                    lazy,
+                    Answers {
+                        agent: me,
                         peer,
-                        &Msg::MigrateProgress {
-                            req,
-                            new_pid,
-                            downtime_ns: nanos(downtime),
-                        },
-                    );
-                };
-                let r = self.move_out(pid, to, lazy, progress)?;
+                        req,
+                    },
+                )?;
                 Ok::<_, MoveError>(Msg::MigrateReport {
                     req,
                     new_pid: r.new_pid,
                     downtime_ns: nanos(r.downtime),
                     total_ns: nanos(r.total),
                     image_bytes: r.image_bytes,
+                    pages: r.pages,
                 })
             }),
             Msg::PageFetch { mig, id, addr, len } => {

@@ -61,7 +61,7 @@ use crate::wire::{KernelInfo, Kind, Msg};
 pub use diag::{kernel_info, BlobReport, Diag, RttSummary};
 pub use dsm::Dsm;
 pub use exec::Exec;
-pub use migration::{Migration, MoveError, MoveReport};
+pub use migration::{Migration, MoveError, MoveReport, MoveWatch};
 pub use threads::Threads;
 
 /// How long a send may wait for room before the peer is given up on.

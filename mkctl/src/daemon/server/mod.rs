@@ -547,7 +547,9 @@ impl Daemon {
                 from,
                 to,
                 lazy,
-            } => self.migrate(pid, &from, &to, lazy, progress)?,
+            } => self.migrate(pid, &from, &to, lazy, progress, &|bytes| {
+                conn.reply(&Reply::Transfer { bytes });
+            })?,
             Request::MigrateThread { pid, tid, from, to } => {
                 self.migrate_thread(pid, tid, &from, &to)?
             }

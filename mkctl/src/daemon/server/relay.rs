@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use mknode::agent::{Agent, Diag, Migration, RttSummary, Threads};
+use mknode::agent::{Agent, Diag, Migration, MoveWatch, RttSummary, Threads};
 use mknode::wire::{ExecRequest, Msg, Stream};
 
 use super::{Conn, Daemon, Progress};
@@ -20,6 +20,22 @@ use crate::daemon::events::What;
 const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long an agent may take to send the next piece of a checkpoint.
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A move driven by the host's agent: the copy running and the bytes gone
+/// are told to the client as they happen.
+struct Watch<'a, R: Fn(u32, Duration)> {
+    running: R,
+    sent: &'a dyn Fn(u64),
+}
+
+impl<R: Fn(u32, Duration)> MoveWatch for Watch<'_, R> {
+    fn running(&self, new_pid: u32, downtime: Duration) {
+        (self.running)(new_pid, downtime);
+    }
+    fn sent(&self, bytes: u64) {
+        (self.sent)(bytes);
+    }
+}
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
@@ -246,6 +262,7 @@ impl Daemon {
         to: &str,
         lazy: bool,
         progress: Progress<'_>,
+        transfer: &dyn Fn(u64),
     ) -> Result<Reply, RequestError> {
         let (a, b) = (self.ready(from)?, self.ready(to)?);
         if a == b {
@@ -281,13 +298,14 @@ impl Daemon {
                 ),
             );
         };
-        let result = self.move_process(pid, (a, from), b, lazy, running);
+        let result = self.move_process(pid, (a, from), b, lazy, (running, transfer));
         self.events.publish(match &result {
             Ok(Reply::Migrated {
                 new_pid,
                 downtime_ns,
                 total_ns,
                 image_bytes,
+                pages,
             }) => What::MigrateEnd {
                 pid,
                 from: from_name,
@@ -296,6 +314,7 @@ impl Daemon {
                 downtime_ns: *downtime_ns,
                 total_ns: *total_ns,
                 image_bytes: *image_bytes,
+                pages: *pages,
             },
             Ok(other) => What::MigrateFailed {
                 pid,
@@ -314,14 +333,15 @@ impl Daemon {
     }
 
     /// Moves process `pid` from kernel `a` (named `from` in errors) to
-    /// `b`; `running` is called once it runs there.
+    /// `b`; `running` is called once it runs there, `sent` with the bytes
+    /// gone so far while they flow.
     fn move_process(
         &self,
         pid: u32,
         (a, from): (u16, &str),
         b: u16,
         lazy: bool,
-        running: impl Fn(u32, Duration),
+        (running, sent): (impl Fn(u32, Duration), &dyn Fn(u64)),
     ) -> Result<Reply, RequestError> {
         let agent = self.agent()?;
         if a == 0 {
@@ -329,7 +349,7 @@ impl Daemon {
             // (ptrace wants one thread from freeze to kill: this one).
             let r = agent
                 .facet::<Migration>()
-                .move_out(pid, b, lazy, running)
+                .move_out(pid, b, lazy, Watch { running, sent })
                 .map_err(|e| RequestError::Move {
                     on: from.to_string(),
                     source: Box::new(e),
@@ -339,6 +359,7 @@ impl Daemon {
                 downtime_ns: nanos(r.downtime),
                 total_ns: nanos(r.total),
                 image_bytes: r.image_bytes,
+                pages: r.pages,
             });
         }
         let (req, rx) = agent.request(a, |req| Msg::MigrateOut {
@@ -360,6 +381,7 @@ impl Daemon {
                         f(new_pid, Duration::from_nanos(downtime_ns));
                     }
                 }
+                Ok(Msg::MigrateSent { bytes, .. }) => sent(bytes),
                 other => break other,
             }
         };
@@ -370,12 +392,14 @@ impl Daemon {
                 downtime_ns,
                 total_ns,
                 image_bytes,
+                pages,
                 ..
             }) => Ok(Reply::Migrated {
                 new_pid,
                 downtime_ns,
                 total_ns,
                 image_bytes,
+                pages,
             }),
             Ok(Msg::Failed { message, .. }) => Err(RequestError::Remote {
                 on: from.to_string(),
