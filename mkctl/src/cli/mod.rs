@@ -180,7 +180,7 @@ pub enum Command {
     /// policy)}; "migrate-start" {"pid", "from", "to", "mode"};
     /// "migrate-running" {"pid", "from", "to", "new_pid", "downtime_ns"};
     /// "migrate-end" {..., "new_pid", "downtime_ns", "total_ns",
-    /// "image_bytes"}; "migrate-failed" {"pid", "from", "to", "error"};
+    /// "image_bytes", "pages"}; "migrate-failed" {"pid", "from", "to", "error"};
     /// "thread-migrate-start" / "-end" / "-failed" (with "tid"; the end has
     /// "at", "shadow_pid", "downtime_ns"); "daemon-stopping"; "gap"
     /// {"missed", "first_seq"}: this reader fell behind (more than 256
@@ -313,7 +313,8 @@ pub enum Command {
     /// runs leaves the original running. Says on stderr as soon as the copy
     /// runs; returns when the move is over (lazy: once every page has moved
     /// and the original is gone) with the new pid, the downtime, the total
-    /// time and the bytes moved. Both
+    /// time, the bytes and the pages moved; meanwhile, on a terminal, a
+    /// line shows the bytes moved so far and the rate. Both
     /// kernels must run the same kernel build (the vDSO moves with it).
     ///
     /// `PID/TID` moves one thread of the process instead, while its other
@@ -321,9 +322,9 @@ pub enum Command {
     /// process whose memory stays one with the process's through the DSM
     /// (the process's kernel stays every page's first home). `--from` is
     /// the process's kernel whether or not the thread is there now;
-    /// `--to` that kernel brings the thread home. Futexes do not wake
-    /// across kernels yet: threads on different kernels must not wait on
-    /// each other's locks. See README, "Thread migration".
+    /// `--to` that kernel brings the thread home. Mutexes, condition
+    /// variables and joins work across kernels (futexes go to the
+    /// process's kernel). See README, "Thread migration".
     Migrate {
         /// The process id on the origin kernel, or PID/TID for one thread.
         #[arg(value_name = "PID[/TID]", value_parser = parse_target)]
