@@ -152,6 +152,30 @@ fn on_failure_brings_a_killed_instance_back_and_a_stop_is_no_failure() {
     assert!(m.qemu_pids().is_empty(), "QEMU left: {:?}", m.qemu_pids());
 }
 
+/// A power-off asked for inside the guest is a stop, not a failure: the
+/// instance is `stopped`, and the restart policy leaves it so.
+#[test]
+fn a_poweroff_inside_the_guest_is_no_failure() {
+    let m = Mkctl::new("onfail-poweroff");
+    let config = single_with(&m, "restart = \"on-failure\"\n");
+    m.run(&["boot", &config]).ok();
+    // busybox poweroff signals PID 1 (guest-init), which lets go of the
+    // window and powers the machine off; the exec may lose its answer.
+    let _ = m.run(&["exec", "solo", "--", "sh", "-c", "poweroff"]);
+    let stopped = wait_for(&m, 30, "stopped", |s| s["state"] != "ready");
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    std::thread::sleep(Duration::from_secs(3));
+    let still = solo(&m);
+    assert_eq!(still["state"], "stopped", "restarted: {still}");
+    assert_eq!(still["restarts"], 0, "{still}");
+    assert!(m.qemu_pids().is_empty(), "QEMU runs: {:?}", m.qemu_pids());
+    let log = std::fs::read_to_string(m.run_dir().join("daemon.log")).unwrap_or_default();
+    assert!(
+        log.contains("solo: powered off from inside the guest"),
+        "{log}"
+    );
+}
+
 #[test]
 fn the_restart_limit_leaves_the_instance_failed_and_says_so() {
     let m = Mkctl::new("onfail-limit");

@@ -189,6 +189,13 @@ impl HostWindow {
         self.state(id).is_some_and(|s| s.state == PeerState::Alive)
     }
 
+    /// True when `id` detached cleanly: its agent let go of the window on
+    /// purpose (a power-off asked for inside the guest), unlike a crash or
+    /// a panic, which leave it attached and still.
+    pub fn peer_left(&self, id: u16) -> bool {
+        self.state(id).is_some_and(|s| s.state == PeerState::Gone)
+    }
+
     /// How long `id` has been still, when it is attached but dead.
     pub fn peer_dead(&self, id: u16) -> Option<Duration> {
         self.state(id)

@@ -408,7 +408,13 @@ impl Daemon {
             return Ok(false);
         };
         let mut reg = self.registry();
-        if let Some(inst) = reg.instances.get_mut(&i.name) {
+        // Only a boot still under way becomes ready: a stop (or a failure)
+        // that came meanwhile stands.
+        if let Some(inst) = reg
+            .instances
+            .get_mut(&i.name)
+            .filter(|inst| inst.state == State::Booting)
+        {
             inst.state = State::Ready;
             // From now on a failure is the restart policy's to act on.
             inst.policy.armed = true;
@@ -422,8 +428,16 @@ impl Daemon {
                     info.sysname, info.release, info.cpus_online
                 ),
             );
+            return Ok(true);
         }
-        Ok(true)
+        let now = reg
+            .instances
+            .get(&i.name)
+            .map_or("forgotten", |inst| inst.state.as_str());
+        Err(InstanceError::Died {
+            reason: format!("it became {now} while it booted"),
+            evidence: String::new(),
+        })
     }
 
     /// Marks an instance failed; kills its QEMU when asked.
@@ -552,7 +566,20 @@ impl Daemon {
                 if let Some(status) = child.try_wait() {
                     inst.child = None;
                     if inst.state.on_process_exit() == State::Failed {
-                        inst.fail(format!("qemu exited unexpectedly ({status})"));
+                        // Its agent let go of the window before the end: a
+                        // power-off asked for inside the guest (`poweroff`,
+                        // `reboot`), which is a stop, not a failure.
+                        if window.as_ref().is_some_and(|w| w.peer_left(inst.id)) {
+                            log::info!(
+                                "{}: powered off from inside the guest (its agent left the window; qemu {status})",
+                                inst.name
+                            );
+                            inst.state = State::Stopped;
+                            inst.started = None;
+                            inst.policy.armed = false;
+                        } else {
+                            inst.fail(format!("qemu exited unexpectedly ({status})"));
+                        }
                         if let Some(w) = &window {
                             w.agent.fail_peer(inst.id, "its QEMU exited");
                         }
