@@ -434,3 +434,77 @@ fn signal_sent_to_the_frozen_process_reaches_the_copy() {
     kill(Pid::from_raw(r.pid), Signal::SIGKILL).expect("kill");
     reap(r.pid)();
 }
+
+/// A memfd on a descriptor and mapped shared moves whole: the mapped part
+/// with the pages, the marker outside the mapping as the memfd's own
+/// content (the hole past it is not carried), its name, size, seals and
+/// the descriptor's offset; the mapping and the descriptor are one memfd
+/// again (`mkcounter --memfd` checks all of it inside the copy).
+#[test]
+fn a_memfd_on_a_descriptor_and_mapped_shared_moves() {
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "1M", "--threads", "1", "--memfd", "2M"]);
+    running(&out, 1);
+    let pid = child.id() as i32;
+    let (pid2, out2, meta) = migrate_n(pid, &out, move || drop(child.wait()), 1, 2, true);
+    let m = &meta.process.memfds;
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0].name, "mkcounter-memfd");
+    assert_eq!(m[0].size, (2 << 20) + 8192);
+    assert_eq!(m[0].seals, (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) as u32);
+    assert_eq!(m[0].maps.len(), 1);
+    // The page past the mapping that holds the marker, and nothing else.
+    let carried: Vec<(u64, usize)> = m[0].data.iter().map(|(o, b)| (*o, b.len())).collect();
+    assert_eq!(carried, vec![(2 << 20, 4096)]);
+    kill(Pid::from_raw(pid2), Signal::SIGUSR1).expect("SIGUSR1");
+    let check = out2
+        .until(
+            T,
+            |l| matches!(l, Line::Check(c) if c.starts_with("memfd_check")),
+        )
+        .pop();
+    assert_eq!(check, Some(Line::Check("memfd_check=ok".into())));
+    kill(Pid::from_raw(pid2), Signal::SIGKILL).expect("kill");
+    reap(pid2)();
+}
+
+/// A memfd holding more than is carried outside its mappings is refused
+/// by name before anything is frozen, and one with little in it moves.
+#[test]
+fn a_memfd_too_full_to_carry_is_refused_before_the_freeze() {
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "1M", "--threads", "1", "--memfd-unmapped", "1M"]);
+    running(&out, 1);
+    let pid = child.id() as i32;
+    let msg = check_migratable(pid).expect_err("must refuse").to_string();
+    assert!(
+        msg.contains(
+            "memfd mkcounter-data: holds more than 256 KiB outside the memory the process maps"
+        ),
+        "{msg}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    assert!(status.contains("TracerPid:\t0"), "{status}");
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+
+    let (mut child, out) = start(&["--mem", "1M", "--threads", "1", "--memfd-unmapped", "100K"]);
+    running(&out, 1);
+    let pid = child.id() as i32;
+    let (pid2, _out2, meta) = migrate_n(pid, &out, move || drop(child.wait()), 1, 2, false);
+    let m = &meta.process.memfds;
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(
+        (m[0].name.as_str(), m[0].size),
+        ("mkcounter-data", 100 << 10)
+    );
+    assert_eq!(
+        m[0].seals,
+        libc::F_SEAL_SEAL as u32,
+        "made without MFD_ALLOW_SEALING"
+    );
+    let carried: usize = m[0].data.iter().map(|(_, b)| b.len()).sum();
+    assert_eq!(carried, 100 << 10);
+    kill(Pid::from_raw(pid2), Signal::SIGKILL).expect("kill");
+    reap(pid2)();
+}

@@ -233,6 +233,33 @@ fn anonymous_shared_memory_moves_lazily() {
     reap(pid)();
 }
 
+/// A memfd mapped shared moves lazily too: its mapped pages come on fault
+/// and by the push into the memfd made again, its unmapped content with
+/// the image; one memfd again where it arrives.
+#[test]
+fn a_memfd_moves_lazily() {
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "4M", "--memfd", "8M"]);
+    running(&out, 3);
+    let first = child.id() as i32;
+    let (sum0, _) = checksum(first, &out);
+    let m = lazy_move(first, &out, move || drop(child.wait()), 3);
+    let pid = m.restored.restored.pid;
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).expect("SIGUSR1");
+    let check = m
+        .out
+        .until(
+            T,
+            |l| matches!(l, Line::Check(c) if c.starts_with("memfd_check")),
+        )
+        .pop();
+    assert_eq!(check, Some(Line::Check("memfd_check=ok".into())));
+    m.restored.pager.wait().expect("all pages in");
+    assert_eq!(checksum(pid, &m.out).0, sum0);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    reap(pid)();
+}
+
 #[test]
 fn background_push_completes_and_the_origin_lets_go() {
     let _g = serial();

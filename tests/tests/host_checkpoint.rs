@@ -880,6 +880,29 @@ fn anonymous_shared_memory_moves_and_stays_shared() {
     );
 }
 
+/// A memfd on a descriptor and mapped shared moves through `mkctl
+/// checkpoint` / `restore`: one memfd again (a write through the mapping
+/// reads back through the descriptor), its marker past the mapping, size,
+/// seals and offset as they were.
+#[test]
+fn a_memfd_moves_and_is_one_memfd_again() {
+    moves_and_checks(
+        "host_checkpoint_memfd",
+        "--mem 1M --interval-ms 10 --memfd 2M",
+        "memfd_check=",
+        |_, _| {},
+        |new_pid| {
+            let maps = std::fs::read_to_string(format!("/proc/{new_pid}/maps")).unwrap();
+            assert!(
+                maps.lines().any(
+                    |l| l.contains(" rw-s ") && l.ends_with("/memfd:mkcounter-memfd (deleted)")
+                ),
+                "{maps}"
+            );
+        },
+    );
+}
+
 /// The shape of the descriptor and memory kinds' tests: a `mkcounter` with
 /// `args` checks itself on SIGUSR1 (a line `<check>ok`), after `before`
 /// (its pid, the image path); it is saved with `--kill` and restored, checks

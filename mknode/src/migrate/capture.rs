@@ -650,10 +650,17 @@ impl Frozen {
             pipes,
             socketpairs,
             epolls,
+            memfds,
             kernel_clocks,
         } = match super::precheck::open_files(&pd, self.split) {
             Ok(s) => s,
             Err(e) => return Err(self.proc_err("fd")(e)),
+        };
+        // A thread that leaves takes no descriptor along.
+        let memfds = if self.split {
+            Vec::new()
+        } else {
+            super::precheck::memfd_states(&pd, &memfds).map_err(self.proc_err("memfd"))?
         };
         // Of the moment the timerfds' times left are of.
         let (monotonic_ns, boottime_ns) =
@@ -681,6 +688,7 @@ impl Frozen {
                 epolls,
                 posix_timers: posix_timers(&proc_timers, &times, &threads)
                     .map_err(self.proc_err("timers"))?,
+                memfds,
             },
             threads,
             mappings,

@@ -21,7 +21,7 @@ pub const MAGIC: [u8; 8] = *b"MKPROCIM";
 /// Version 2 added the header checksum; version 3 the open files; version 4
 /// timerfds, signalfds, pipes and socket pairs with their bytes, and shared
 /// descriptions; version 5 epolls with their watches and POSIX timers.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// ELF machine number of x86_64, the only architecture of version 1.
 pub const ARCH_X86_64: u16 = 0x3E;
 /// Page size of the image.
@@ -50,6 +50,16 @@ pub const FILE_FLAGS: u32 =
 /// Most bytes in flight all carried pipes and socket pairs together may
 /// hold (they travel in the process record, which is bounded).
 pub const MAX_PIPE_BYTES: usize = 512 * 1024;
+/// Bytes of memfds carried in the process record: those outside every
+/// range the process maps (what it maps goes with its pages).
+pub const MAX_MEMFD_BYTES: usize = 256 * 1024;
+/// The largest memfd carried (its size; sparse content is cheap).
+pub const MAX_MEMFD_SIZE: u64 = 1 << 40;
+/// The longest memfd name (`memfd_create`'s limit).
+pub const MAX_MEMFD_NAME: usize = 249;
+/// The seals a memfd may carry: `F_SEAL_SEAL`, `_SHRINK`, `_GROW`,
+/// `_WRITE`, `_FUTURE_WRITE`, `_EXEC`.
+pub const MEMFD_SEALS: u32 = 0x3f;
 /// Most datagrams queued at one end of a socket pair.
 pub const MAX_DGRAMS: usize = 1024;
 /// Largest pipe capacity carried (`F_SETPIPE_SZ`; Linux's default
@@ -181,10 +191,14 @@ pub enum FileKind {
     /// An epoll instance (path [`EPOLL`]): recreated, then given its
     /// watches ([`ProcessInfo::epolls`]) once every descriptor is in place.
     Epoll,
+    /// A memfd (path `/memfd:<name> (deleted)`): [`FileState::Memfd`] names
+    /// its entry in [`ProcessInfo::memfds`], which the restore makes again
+    /// with its content and seals.
+    Memfd,
 }
 
 /// The codes of [`FileKind`] in the image (the one table both directions use).
-const FILE_KINDS: [(FileKind, u8); 8] = [
+const FILE_KINDS: [(FileKind, u8); 9] = [
     (FileKind::Regular, 0),
     (FileKind::Device, 1),
     (FileKind::Eventfd, 2),
@@ -193,6 +207,7 @@ const FILE_KINDS: [(FileKind, u8); 8] = [
     (FileKind::Pipe, 5),
     (FileKind::Socket, 6),
     (FileKind::Epoll, 7),
+    (FileKind::Memfd, 8),
 ];
 
 impl FileKind {
@@ -267,6 +282,8 @@ pub enum FileState {
         id: u32,
         end: u8,
     },
+    /// A memfd: the `id` of its [`MemfdState`].
+    Memfd(u32),
 }
 
 /// An AF_UNIX socket pair both of whose ends are in the process, with what
@@ -334,6 +351,27 @@ pub struct EpollWatch {
 pub struct EpollState {
     pub fd: u32,
     pub watches: Vec<EpollWatch>,
+}
+
+/// A memfd the process holds (by a descriptor or a shared mapping), and no
+/// other process does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemfdState {
+    /// Unique within the image; descriptors' [`FileState::Memfd`].
+    pub id: u32,
+    /// Its name (after `/memfd:`).
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// `F_GET_SEALS`; `F_SEAL_SEAL` alone also stands for "made without
+    /// `MFD_ALLOW_SEALING`" (the two behave alike).
+    pub seals: u32,
+    /// The start of each mapping of it (`MAP_SHARED`, carried with its
+    /// pages like anonymous shared memory, at the mapping's file offset).
+    pub maps: Vec<u64>,
+    /// Its content outside every mapping: (file offset, bytes), ascending,
+    /// holes left out.
+    pub data: Vec<(u64, Vec<u8>)>,
 }
 
 /// A pipe all of whose ends are in the process, with its bytes in flight.
@@ -498,6 +536,8 @@ pub struct ProcessInfo {
     pub epolls: Vec<EpollState>,
     /// POSIX timers, by id.
     pub posix_timers: Vec<PosixTimer>,
+    /// The memfds the process holds.
+    pub memfds: Vec<MemfdState>,
 }
 
 /// Which register file the FP blob is.
@@ -839,6 +879,10 @@ impl<W: Write> ImageWriter<W> {
                     w.le(id);
                     w.u8(end);
                 }
+                FileState::Memfd(id) => {
+                    w.u8(5);
+                    w.le(id);
+                }
             }
         }
         w.le(p.monotonic_ns);
@@ -918,6 +962,35 @@ impl<W: Write> ImageWriter<W> {
             w.le(t.thread);
             w.le(t.interval_ns);
             w.le(t.value_ns);
+        }
+        let inline: usize = p
+            .memfds
+            .iter()
+            .flat_map(|m| &m.data)
+            .map(|(_, b)| b.len())
+            .sum();
+        if p.memfds.len() > MAX_FILES
+            || inline > MAX_MEMFD_BYTES
+            || p.memfds.iter().any(|m| m.maps.len() > MAX_MAPPINGS)
+        {
+            return Err(ImageError::Order("too many memfds or bytes in them"));
+        }
+        w.le(p.memfds.len() as u16);
+        for m in &p.memfds {
+            w.le(m.id);
+            put_str(w, &m.name, MAX_MEMFD_NAME);
+            w.le(m.size);
+            w.le(m.seals);
+            w.le(m.maps.len() as u32);
+            for a in &m.maps {
+                w.le(*a);
+            }
+            w.le(m.data.len() as u32);
+            for (off, b) in &m.data {
+                w.le(*off);
+                w.le(b.len() as u32);
+                w.raw(b);
+            }
         }
         self.record(TAG_PROCESS, &v)?;
         self.stage = Stage::Threads;
@@ -1711,6 +1784,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
     let socketpairs = parse_socketpairs(c, &files, in_flight)?;
     let epolls = parse_epolls(c, &files, &stdio)?;
     let posix_timers = parse_posix_timers(c)?;
+    let memfds = parse_memfds(c, &files)?;
     c.done()?;
     Ok(ProcessInfo {
         pid,
@@ -1729,7 +1803,82 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         socketpairs,
         epolls,
         posix_timers,
+        memfds,
     })
+}
+
+/// The memfds: unique ids, each used by a descriptor or a mapping, names
+/// within `memfd_create`'s limit, sizes within [`MAX_MEMFD_SIZE`], known
+/// seals, content ascending within the size and all together within
+/// [`MAX_MEMFD_BYTES`]; every memfd descriptor's id listed. (That each
+/// mapping start is a shared mapping of the image is the restore's to
+/// check: mappings come after this record.)
+fn parse_memfds(c: &mut Cur<'_>, files: &[OpenFile]) -> Result<Vec<MemfdState>, ImageError> {
+    let at = c.at;
+    let invalid = |why: String| ImageError::Invalid { at, why };
+    let n = c.count16(MAX_FILES, "memfds")?;
+    let mut out: Vec<MemfdState> = Vec::with_capacity(n);
+    let mut total = 0usize;
+    for _ in 0..n {
+        let id = c.u32()?;
+        let name = c.str(MAX_MEMFD_NAME, "memfd name")?;
+        let (size, seals) = (c.u64()?, c.u32()?);
+        let nmaps = c.u32()? as usize;
+        if nmaps > MAX_MAPPINGS {
+            return Err(invalid(format!("memfd {id}: {nmaps} mappings")));
+        }
+        let mut maps = Vec::with_capacity(nmaps);
+        for _ in 0..nmaps {
+            maps.push(c.u64()?);
+        }
+        let nchunks = c.u32()? as usize;
+        if nchunks > MAX_MEMFD_BYTES {
+            return Err(invalid(format!("memfd {id}: {nchunks} pieces")));
+        }
+        let mut data: Vec<(u64, Vec<u8>)> = Vec::with_capacity(nchunks.min(1024));
+        let mut end = 0u64;
+        for _ in 0..nchunks {
+            let (off, len) = (c.u64()?, c.u32()? as usize);
+            total = total.saturating_add(len);
+            if total > MAX_MEMFD_BYTES
+                || off < end
+                || off.checked_add(len as u64).is_none_or(|e| e > size)
+            {
+                return Err(invalid(format!(
+                    "memfd {id}: {len} bytes at {off} of {size} ({total} in all): out of order, outside it or too many"
+                )));
+            }
+            end = off + len as u64;
+            data.push((off, c.take(len)?.to_vec()));
+        }
+        let used = !maps.is_empty() || files.iter().any(|f| f.state == FileState::Memfd(id));
+        if out.iter().any(|m| m.id == id)
+            || !used
+            || size > MAX_MEMFD_SIZE
+            || seals & !MEMFD_SEALS != 0
+            || name.contains('/')
+        {
+            return Err(invalid(format!(
+                "memfd {id} ({name:?}, {size} bytes, seals {seals:#x}): listed twice, unused, too large, or unknown seals"
+            )));
+        }
+        out.push(MemfdState {
+            id,
+            name,
+            size,
+            seals,
+            maps,
+            data,
+        });
+    }
+    for f in files {
+        if let FileState::Memfd(id) = f.state {
+            if !out.iter().any(|m| m.id == id) {
+                return Err(invalid(format!("fd {}: memfd {id} is not listed", f.fd)));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The POSIX timers: at most [`MAX_POSIX_TIMERS`], ids unique, ascending
@@ -2005,6 +2154,7 @@ fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>,
                 id: c.u32()?,
                 end: c.u8()?,
             },
+            5 => FileState::Memfd(c.u32()?),
             s => {
                 return Err(ImageError::Bound {
                     at,
@@ -2036,6 +2186,9 @@ fn parse_files(c: &mut Cur<'_>, stdio: &[StdioKind; 3]) -> Result<Vec<OpenFile>,
                 path == EVENTFD && mtime_ns <= 1 && size != u64::MAX
             }
             (FileKind::Epoll, FileState::None) => path == EPOLL,
+            (FileKind::Memfd, FileState::Memfd(_)) => {
+                path.starts_with("/memfd:") && path.ends_with(" (deleted)")
+            }
             (FileKind::Regular | FileKind::Device, FileState::None) => {
                 path.starts_with('/') && !path.contains('\0')
             }
@@ -2443,6 +2596,17 @@ pub(crate) mod tests {
                     state: FileState::None,
                     share: Some(15),
                 },
+                OpenFile {
+                    fd: 17,
+                    kind: FileKind::Memfd,
+                    flags: 0o2000002,
+                    pos: 12,
+                    path: "/memfd:buf (deleted)".into(),
+                    size: 12_298,
+                    mtime_ns: 0,
+                    state: FileState::Memfd(1),
+                    share: None,
+                },
             ],
             monotonic_ns: 13_000_000_001,
             boottime_ns: 14_000_000_002,
@@ -2494,6 +2658,14 @@ pub(crate) mod tests {
                         data: u64::MAX,
                     },
                 ],
+            }],
+            memfds: vec![MemfdState {
+                id: 1,
+                name: "buf".into(),
+                size: 12_298,
+                seals: 6,
+                maps: vec![],
+                data: vec![(0, b"head".to_vec()), (8192, b"memfd tail".to_vec())],
             }],
         };
         let mut si = [0u8; SIGINFO_SIZE];
@@ -2568,18 +2740,19 @@ pub(crate) mod tests {
         w.finish().unwrap().0
     }
 
-    /// The bytes of an image are those of format version 5 (version 2,
+    /// The bytes of an image are those of format version 6 (version 2,
     /// as first written by hand before the shared codec, plus the open
     /// files, the clocks and the interval timers (3), plus timerfds,
     /// signalfds, pipes, socket pairs and shared descriptions (4), plus
-    /// epolls and POSIX timers (5)): same length, same checksum over every byte. A change
-    /// here is a format change: bump VERSION and the README's layout.
+    /// epolls and POSIX timers (5), plus memfds (6)): same length, same
+    /// checksum over every byte. A change here is a format change: bump
+    /// VERSION and the README's layout.
     #[test]
-    fn encoding_is_the_one_of_version_5() {
+    fn encoding_is_the_one_of_version_6() {
         let (meta, data, zero) = sample(3, 7);
         let bytes = encode(&meta, &data, &zero);
         let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-        assert_eq!((bytes.len(), sum), (28627, 0x5772_7e85_d34f_87fa));
+        assert_eq!((bytes.len(), sum), (28760, 0x60ea_47fa_b9e6_c2df));
     }
 
     /// Files the decoder refuses: a stdio fd whose kind and listing
@@ -2665,6 +2838,31 @@ pub(crate) mod tests {
             (
                 "pipe end of an unlisted pipe",
                 Box::new(|p| p.files[5].state = FileState::Pipe(2)),
+            ),
+            (
+                "memfd of an unlisted memfd",
+                Box::new(|p| p.files[11].state = FileState::Memfd(2)),
+            ),
+            ("memfd unknown seal", Box::new(|p| p.memfds[0].seals = 0x40)),
+            (
+                "memfd content out of order",
+                Box::new(|p| p.memfds[0].data.swap(0, 1)),
+            ),
+            (
+                "memfd content past its end",
+                Box::new(|p| p.memfds[0].size = 8195),
+            ),
+            (
+                "memfd used by nothing",
+                Box::new(|p| {
+                    let mut m = p.memfds[0].clone();
+                    m.id = 9;
+                    p.memfds.push(m)
+                }),
+            ),
+            (
+                "memfd listed twice",
+                Box::new(|p| p.memfds.push(p.memfds[0].clone())),
             ),
             (
                 "pipe listed twice",

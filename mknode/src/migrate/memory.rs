@@ -18,8 +18,13 @@ use super::image::{
 };
 use super::procfs::MapsEntry;
 
+/// Shared memory carried with its pages: anonymous, or a memfd's.
+fn carried_shared(m: &MapsEntry) -> bool {
+    super::precheck::shared_anon(m) || super::precheck::memfd_shared(m)
+}
+
 fn map_kind(m: &MapsEntry) -> Option<MappingKind> {
-    if super::precheck::shared_anon(m) {
+    if carried_shared(m) {
         return Some(MappingKind::Anon);
     }
     Some(match m.name.as_str() {
@@ -50,7 +55,7 @@ pub(crate) fn to_mapping(m: &MapsEntry) -> Option<Mapping> {
         prot,
         flags: if kind == MappingKind::Stack {
             MAPF_GROWSDOWN
-        } else if super::precheck::shared_anon(m) {
+        } else if carried_shared(m) {
             MAPF_SHARED
         } else {
             0

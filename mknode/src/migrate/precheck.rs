@@ -7,9 +7,10 @@ use std::io;
 use std::path::Path;
 
 use super::image::{
-    EpollState, EpollWatch, FileKind, FileState, OpenFile, PipeState, SocketPairState, StdioKind,
-    TimerState, DEVICES, EPOLL, EVENTFD, FILE_FLAGS, MAX_FILES, MAX_PIPE_BYTES, MAX_PIPE_CAPACITY,
-    MAX_POSIX_TIMERS, MAX_TIMER_ID, POSIX_TIMER_CLOCKS, SIGNALFD, TFD_ABSTIME, TIMERFD,
+    EpollState, EpollWatch, FileKind, FileState, MemfdState, OpenFile, PipeState, SocketPairState,
+    StdioKind, TimerState, DEVICES, EPOLL, EVENTFD, FILE_FLAGS, MAX_FILES, MAX_MEMFD_BYTES,
+    MAX_PIPE_BYTES, MAX_PIPE_CAPACITY, MAX_POSIX_TIMERS, MAX_TIMER_ID, POSIX_TIMER_CLOCKS,
+    SIGNALFD, TFD_ABSTIME, TIMERFD,
 };
 use super::procfs::{MapsEntry, ProcDir};
 
@@ -42,6 +43,10 @@ pub enum Blocker {
         end: u64,
         holder: String,
     },
+    /// A memfd (carried) that another process holds too.
+    MemfdElsewhere { name: String, holder: String },
+    /// A memfd that cannot be carried (`why`).
+    Memfd { name: String, why: String },
     /// A kernel special mapping this code does not know how to recreate.
     SpecialMapping { start: u64, name: String },
     /// Already under ptrace.
@@ -92,6 +97,11 @@ impl fmt::Display for Blocker {
                 "anonymous shared memory {start:#x}-{end:#x} is also mapped by {holder} \
                  (it is carried only when the process alone maps it, once)"
             ),
+            Blocker::MemfdElsewhere { name, holder } => write!(
+                f,
+                "memfd {name} is also held by {holder} (it is carried only when the process alone holds it)"
+            ),
+            Blocker::Memfd { name, why } => write!(f, "memfd {name}: {why}"),
             Blocker::SpecialMapping { start, name } => {
                 write!(f, "kernel special mapping {name} at {start:#x}")
             }
@@ -150,11 +160,11 @@ fn join(b: &[Blocker]) -> String {
         .join("; ");
     if b.iter().any(|x| matches!(x, Blocker::Stdio { .. })) {
         s.push_str(
-            " (fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds, epolls or /dev/null, zero, random, urandom)",
+            " (fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds, epolls, memfds or /dev/null, zero, random, urandom)",
         );
     }
     if b.iter().any(|x| matches!(x, Blocker::OpenFd { .. })) {
-        s.push_str(" (descriptors are carried when open on regular files, eventfds, timerfds, signalfds, epolls, pipes, socket pairs or /dev/null, zero, random, urandom)");
+        s.push_str(" (descriptors are carried when open on regular files, eventfds, timerfds, signalfds, epolls, memfds, pipes, socket pairs or /dev/null, zero, random, urandom)");
     }
     if b.iter().any(|x| matches!(x, Blocker::Socket { .. })) {
         s.push_str(" (sockets are carried as AF_UNIX stream or datagram socket pairs whose two ends are on fds 3 and up of the process)");
@@ -208,6 +218,8 @@ pub(crate) fn carried_file(target: &str) -> Option<FileKind> {
         Some(FileKind::Signalfd)
     } else if target == EPOLL {
         Some(FileKind::Epoll)
+    } else if is_memfd(target) {
+        Some(FileKind::Memfd)
     } else if target.starts_with("pipe:[") {
         Some(FileKind::Pipe)
     } else if target.starts_with('/')
@@ -482,6 +494,8 @@ pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> 
     let mut socks: Vec<(u32, u32, SocketPairState, [bool; 2])> = Vec::new();
     let mut pidfd = None;
     let mut epolls = Vec::new();
+    // Memfds on descriptors: inode, id, the first descriptor.
+    let mut memfds: Vec<(u64, u32, i32)> = Vec::new();
     for (fd, kind) in kinds {
         let (pos, flags) = pd.fdinfo(fd)?;
         let m = pd.fd_metadata(fd)?;
@@ -495,6 +509,7 @@ pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> 
             FileKind::Timerfd => path == TIMERFD,
             FileKind::Signalfd => path == SIGNALFD,
             FileKind::Epoll => path == EPOLL,
+            FileKind::Memfd => m.is_file() && is_memfd(&path),
             FileKind::Pipe => m.file_type().is_fifo() && path.starts_with("pipe:["),
             FileKind::Socket => m.file_type().is_socket(),
         };
@@ -584,6 +599,19 @@ pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> 
                     watches: epoll_watches(pd, fd)?,
                 });
                 (0, 0)
+            }
+            FileKind::Memfd => {
+                use std::os::unix::fs::MetadataExt;
+                let id = match memfds.iter().find(|x| x.0 == m.ino()) {
+                    Some(x) => x.1,
+                    None => {
+                        let id = memfds.len() as u32 + 1;
+                        memfds.push((m.ino(), id, fd));
+                        id
+                    }
+                };
+                state = FileState::Memfd(id);
+                (m.len(), 0)
             }
             FileKind::Pipe => {
                 let id = match pipes.iter().position(|(p, _)| *p == path) {
@@ -678,8 +706,135 @@ pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> 
         pipes: pipes.into_iter().map(|(_, p)| p).collect(),
         socketpairs,
         epolls,
+        memfds,
         kernel_clocks: clocks,
     })
+}
+
+/// The memfds the process holds: `on_fds` (inode, id, a descriptor, from
+/// [`open_files`]) and those it maps shared (numbered on from there), each
+/// with its name, size, seals, the starts of its mappings, and its content
+/// outside them (holes left out; at most [`MAX_MEMFD_BYTES`] in all).
+pub(crate) fn memfd_states(
+    pd: &ProcDir,
+    on_fds: &[(u64, u32, i32)],
+) -> io::Result<Vec<MemfdState>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::MetadataExt;
+    let maps = pd.maps()?;
+    let mapped: Vec<&MapsEntry> = maps.iter().filter(|m| memfd_shared(m)).collect();
+    let mut all: Vec<(u64, u32)> = on_fds.iter().map(|x| (x.0, x.1)).collect();
+    for m in &mapped {
+        if !all.iter().any(|x| x.0 == m.inode) {
+            all.push((m.inode, all.len() as u32 + 1));
+        }
+    }
+    let mut out = Vec::with_capacity(all.len());
+    let mut total = 0usize;
+    for (ino, id) in all {
+        let here: Vec<&&MapsEntry> = mapped.iter().filter(|m| m.inode == ino).collect();
+        // A handle on it, with a description of its own (seeking the
+        // process's own would move its offset): its descriptor or the
+        // mapping's file, opened again through /proc.
+        let (file, path): (std::fs::File, String) = match on_fds.iter().find(|x| x.0 == ino) {
+            Some(&(_, _, fd)) => {
+                let link = pd.path(&format!("fd/{fd}"));
+                let path = std::fs::read_link(&link)?.to_string_lossy().into_owned();
+                (std::fs::File::open(&link)?, path)
+            }
+            None => {
+                let m = here[0];
+                let f =
+                    std::fs::File::open(pd.path(&format!("map_files/{:x}-{:x}", m.start, m.end)))?;
+                (f, m.name.clone())
+            }
+        };
+        let name = memfd_name(&path).to_string();
+        let refuse = |why: String| io::Error::other(format!("memfd {name}: {why}"));
+        if file.metadata()?.ino() != ino {
+            return Err(refuse("changed while it was looked at".into()));
+        }
+        let fs = nix::sys::statfs::fstatfs(&file).map_err(io::Error::from)?;
+        if fs.filesystem_type() == nix::sys::statfs::HUGETLBFS_MAGIC {
+            return Err(refuse(
+                "on huge pages (MFD_HUGETLB), which are not carried".into(),
+            ));
+        }
+        let size = file.metadata()?.len();
+        // SAFETY: fcntl(F_GET_SEALS) on a descriptor we own.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 {
+            return Err(refuse(format!(
+                "F_GET_SEALS: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        let write_seals = (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) as u32;
+        if !here.is_empty() && seals as u32 & write_seals != 0 {
+            return Err(refuse(
+                "is sealed against writes and mapped: not carried (its pages would have to be written around the seal)"
+                    .into(),
+            ));
+        }
+        // What the mappings carry: their file ranges.
+        let mut covered: Vec<(u64, u64)> = here
+            .iter()
+            .map(|m| (m.offset, m.offset + (m.end - m.start)))
+            .collect();
+        covered.sort_unstable();
+        let mut data = Vec::new();
+        let mut at = 0u64;
+        while at < size {
+            use nix::unistd::{lseek, Whence};
+            let Ok(start) = lseek(&file, at as i64, Whence::SeekData) else {
+                break; // ENXIO: no data from here on.
+            };
+            let start = start as u64;
+            let end = lseek(&file, start as i64, Whence::SeekHole)
+                .map_or(size, |e| e as u64)
+                .min(size);
+            // [start, end) less the covered ranges.
+            let mut pieces = vec![(start, end)];
+            for &(cs, ce) in &covered {
+                pieces = pieces
+                    .into_iter()
+                    .flat_map(|(s, e)| {
+                        let mut v = Vec::new();
+                        if s < cs.min(e) {
+                            v.push((s, cs.min(e)));
+                        }
+                        if ce.max(s) < e {
+                            v.push((ce.max(s), e));
+                        }
+                        v
+                    })
+                    .collect();
+            }
+            for (s, e) in pieces {
+                total += (e - s) as usize;
+                if total > MAX_MEMFD_BYTES {
+                    return Err(refuse(format!(
+                        "holds more than {} KiB outside the memory the process maps of it; at most that is carried",
+                        MAX_MEMFD_BYTES / 1024
+                    )));
+                }
+                let mut buf = vec![0u8; (e - s) as usize];
+                file.read_exact_at(&mut buf, s)?;
+                data.push((s, buf));
+            }
+            at = end.max(start + 1);
+        }
+        out.push(MemfdState {
+            id,
+            name,
+            size,
+            seals: seals as u32,
+            maps: here.iter().map(|m| m.start).collect(),
+            data,
+        });
+    }
+    Ok(out)
 }
 
 /// The watches of epoll `fd` (its fdinfo's `tfd:` lines), each checked to
@@ -714,6 +869,9 @@ pub(crate) struct CapturedFiles {
     pub pipes: Vec<PipeState>,
     pub socketpairs: Vec<SocketPairState>,
     pub epolls: Vec<EpollState>,
+    /// Memfds on descriptors: inode, id, a descriptor ([`memfd_states`]
+    /// makes their states).
+    pub memfds: Vec<(u64, u32, i32)>,
     /// This kernel's `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` (its own, no
     /// time namespace) at the moment the timers' times left are of: the
     /// process's clocks are these plus its namespace's offsets.
@@ -1068,6 +1226,27 @@ pub(crate) fn known_special(name: &str) -> bool {
         || name.starts_with("[anon_shmem:")
 }
 
+/// Whether a `/proc` name is a memfd's (`/memfd:<name> (deleted)`), other
+/// than the DSM's own (`/memfd:mkdsm-...`, a split process's memory).
+pub(crate) fn is_memfd(name: &str) -> bool {
+    name.starts_with("/memfd:")
+        && name.ends_with(" (deleted)")
+        && !name.starts_with("/memfd:mkdsm-")
+}
+
+/// A memfd's name as `memfd_create` was given it.
+fn memfd_name(path: &str) -> &str {
+    path.strip_prefix("/memfd:")
+        .and_then(|n| n.strip_suffix(" (deleted)"))
+        .unwrap_or(path)
+}
+
+/// Whether a mapping is a memfd mapped shared: carried with its pages like
+/// anonymous shared memory, and mapped again from the memfd made again.
+pub(crate) fn memfd_shared(m: &MapsEntry) -> bool {
+    m.shared && is_memfd(&m.name)
+}
+
 /// Whether a mapping is anonymous shared memory (`MAP_SHARED |
 /// MAP_ANONYMOUS`, named or not): carried with its pages and made again
 /// shared and anonymous, when the process alone maps it.
@@ -1129,10 +1308,60 @@ fn shared_anon_blockers(pd: &ProcDir, maps: &[MapsEntry], out: &mut Vec<Blocker>
     }
 }
 
+/// Memfds of the process (mapped shared, or on a descriptor) that another
+/// process under the proc root holds too, by a mapping or a descriptor.
+fn memfd_blockers(pd: &ProcDir, maps: &[MapsEntry], out: &mut Vec<Blocker>) {
+    use std::os::unix::fs::MetadataExt;
+    // (inode, name) of each memfd the process holds.
+    let held_by = |pd: &ProcDir, maps: &[MapsEntry]| -> Vec<(u64, String)> {
+        let mut v: Vec<(u64, String)> = maps
+            .iter()
+            .filter(|m| memfd_shared(m) || (is_memfd(&m.name) && m.inode != 0))
+            .map(|m| (m.inode, m.name.clone()))
+            .collect();
+        for (fd, target) in pd.fds().unwrap_or_default() {
+            if is_memfd(&target) {
+                if let Ok(m) = pd.fd_metadata(fd) {
+                    v.push((m.ino(), target));
+                }
+            }
+        }
+        v.sort();
+        v.dedup();
+        v
+    };
+    let ours = held_by(pd, maps);
+    if ours.is_empty() {
+        return;
+    }
+    let me = pd.pid();
+    let mut told: Vec<u64> = Vec::new();
+    for e in std::fs::read_dir(pd.root()).into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let other = ProcDir::new(pd.root(), pid);
+        let theirs = held_by(&other, &other.maps().unwrap_or_default());
+        for (ino, name) in &ours {
+            if !told.contains(ino) && theirs.iter().any(|(i, _)| i == ino) {
+                told.push(*ino);
+                out.push(Blocker::MemfdElsewhere {
+                    name: memfd_name(name).to_string(),
+                    holder: format!("process {pid}"),
+                });
+            }
+        }
+    }
+}
+
 pub(crate) fn mapping_blockers(pd: &ProcDir, maps: &[MapsEntry], out: &mut Vec<Blocker>) {
     shared_anon_blockers(pd, maps, out);
+    memfd_blockers(pd, maps, out);
     for m in maps {
-        if m.shared && !shared_anon(m) {
+        if m.shared && !shared_anon(m) && !memfd_shared(m) {
             out.push(Blocker::SharedMapping {
                 start: m.start,
                 end: m.end,
@@ -1216,8 +1445,36 @@ pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusa
     // Under /proc itself each file is looked at; a captured tree has only
     // the links.
     let stat = root == Path::new("/proc");
-    let (stdio, _) = sort_fds(&pd, stat, &mut blockers).map_err(inspect)?;
+    let (stdio, kinds) = sort_fds(&pd, stat, &mut blockers).map_err(inspect)?;
     mapping_blockers(&pd, &maps, &mut blockers);
+    // What makes a memfd not carried (its size outside its mappings, a
+    // write seal on a mapped one) is known before the freeze: said now.
+    if stat && blockers.is_empty() {
+        use std::os::unix::fs::MetadataExt;
+        let mut on_fds: Vec<(u64, u32, i32)> = Vec::new();
+        for (fd, k) in &kinds {
+            if *k == FileKind::Memfd {
+                if let Ok(m) = pd.fd_metadata(*fd) {
+                    if !on_fds.iter().any(|x| x.0 == m.ino()) {
+                        on_fds.push((m.ino(), on_fds.len() as u32 + 1, *fd));
+                    }
+                }
+            }
+        }
+        let any_mapped = maps.iter().any(memfd_shared);
+        if !on_fds.is_empty() || any_mapped {
+            if let Err(e) = memfd_states(&pd, &on_fds) {
+                let why = e.to_string();
+                let (name, why) = why
+                    .strip_prefix("memfd ")
+                    .and_then(|w| w.split_once(": "))
+                    .map_or(("?".to_string(), why.clone()), |(n, w)| {
+                        (n.to_string(), w.to_string())
+                    });
+                blockers.push(Blocker::Memfd { name, why });
+            }
+        }
+    }
     let children = pd.children().map_err(inspect)?;
     if !children.is_empty() {
         blockers.push(Blocker::Children { pids: children });
@@ -1309,15 +1566,23 @@ mod tests {
         let split = format!("{alone}{}", shm("7f100000", "00002000", 41));
         let d = tree(&fds, &split, "");
         assert!(check_at(d.path(), 7, 1).is_ok());
-        // A shared file, or a memfd, is still refused.
+        // A memfd the process alone maps is carried; a shared file, or
+        // the DSM's own memfd, is still refused.
         let memfd =
             format!("{OK_MAPS}7f000000-7f001000 rw-s 00000000 00:01 43 /memfd:x (deleted)\n");
         let d = tree(&fds, &memfd, "");
-        let e = check_at(d.path(), 7, 1).unwrap_err().to_string();
-        assert!(
-            e.contains("shared memory mapping 0x7f000000-0x7f001000 (/memfd:x (deleted))"),
-            "{e}"
-        );
+        assert!(check_at(d.path(), 7, 1).is_ok());
+        for name in ["/data/shared.db", "/memfd:mkdsm-r-copy (deleted)"] {
+            let maps = format!("{OK_MAPS}7f000000-7f001000 rw-s 00000000 00:01 43 {name}\n");
+            let d = tree(&fds, &maps, "");
+            let e = check_at(d.path(), 7, 1).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "shared memory mapping 0x7f000000-0x7f001000 ({name})"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -1387,8 +1652,8 @@ mod tests {
         let msg = e.to_string();
         for want in [
             "fd 1 is anon_inode:[io_uring];",
-            "(fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds, epolls or /dev/null, zero, random, urandom)",
-            "(descriptors are carried when open on regular files, eventfds, timerfds, signalfds, epolls, pipes, socket pairs or /dev/null, zero, random, urandom)",
+            "(fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds, epolls, memfds or /dev/null, zero, random, urandom)",
+            "(descriptors are carried when open on regular files, eventfds, timerfds, signalfds, epolls, memfds, pipes, socket pairs or /dev/null, zero, random, urandom)",
             "fd 3 is a socket (socket:[77])",
             "fd 4 is open (anon_inode:inotify)",
             "fd 9 is a pipe (pipe:[5]) also open in process 8;",

@@ -27,9 +27,9 @@ use nix::unistd::Pid;
 
 use super::image::{
     FileKind, FileState, ImageError, ImageMeta, ImageReader, ImageStats, Mapping, MappingKind,
-    OpenFile, Pages, PipeState, SocketPairState, ThreadState, TimerState, FLAG_LAZY, MAPF_DSM,
-    MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, MAPF_SHARED, PAGE, PROT_R, PROT_W, TFD_ABSTIME,
-    TFD_CANCEL_ON_SET, USER_TOP,
+    MemfdState, OpenFile, Pages, PipeState, SocketPairState, ThreadState, TimerState, FLAG_LAZY,
+    MAPF_DSM, MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, MAPF_SHARED, PAGE, PROT_R, PROT_W,
+    TFD_ABSTIME, TFD_CANCEL_ON_SET, USER_TOP,
 };
 use super::inject::{inject, ptrace_err, wait, Call};
 use super::lazy::{carried, LazyLink};
@@ -298,6 +298,77 @@ fn control_page(image: &[Mapping], mine: &[(u64, u64)]) -> Result<u64, RestoreEr
     Ok(cand)
 }
 
+/// The image's memfds made again here: the same name and size, the content
+/// carried outside their mappings (what they map comes with the pages);
+/// sealable when the origin's was (seals come at the end, see
+/// [`seal_memfds`]). Each mapping start must be a shared mapping of the
+/// image.
+fn make_memfds(
+    memfds: &[MemfdState],
+    mappings: &[Mapping],
+) -> Result<Vec<(u32, OwnedFd)>, RestoreError> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let mut out = Vec::with_capacity(memfds.len());
+    for m in memfds {
+        let fail =
+            |why: String| RestoreError::Layout(format!("memfd {} ({}): {why}", m.id, m.name));
+        for start in &m.maps {
+            let ok = mappings.iter().any(|x| {
+                x.start == *start && x.flags & MAPF_SHARED != 0 && x.flags & MAPF_DSM == 0
+            });
+            if !ok {
+                return Err(fail(format!(
+                    "{start:#x} is not a shared mapping of the image"
+                )));
+            }
+        }
+        let mut flags = MFdFlags::MFD_CLOEXEC;
+        // F_SEAL_SEAL alone: made without MFD_ALLOW_SEALING (or sealed
+        // against more seals, which behaves the same).
+        if m.seals != libc::F_SEAL_SEAL as u32 {
+            flags |= MFdFlags::MFD_ALLOW_SEALING;
+        }
+        let name = std::ffi::CString::new(m.name.as_str())
+            .map_err(|_| fail("a NUL in its name".into()))?;
+        let fd =
+            memfd_create(name.as_c_str(), flags).map_err(|e| fail(format!("memfd_create: {e}")))?;
+        let file = File::from(fd);
+        file.set_len(m.size)
+            .map_err(|e| fail(format!("sizing it to {} bytes: {e}", m.size)))?;
+        for (off, bytes) in &m.data {
+            file.write_all_at(bytes, *off)
+                .map_err(|e| fail(format!("writing {} bytes at {off}: {e}", bytes.len())))?;
+        }
+        out.push((m.id, OwnedFd::from(file)));
+    }
+    Ok(out)
+}
+
+/// Adds each memfd's seals (`F_SEAL_SEAL` last: it forbids further ones).
+fn seal_memfds(memfds: &[MemfdState], made: &[(u32, OwnedFd)]) -> Result<(), RestoreError> {
+    for m in memfds {
+        let Some((_, fd)) = made.iter().find(|x| x.0 == m.id) else {
+            continue;
+        };
+        let seal = libc::F_SEAL_SEAL as u32;
+        for add in [m.seals & !seal, m.seals & seal] {
+            if add == 0 || m.seals == seal {
+                continue;
+            }
+            // SAFETY: fcntl(F_ADD_SEALS) on a descriptor we own.
+            if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, add as libc::c_int) } != 0 {
+                return Err(RestoreError::Layout(format!(
+                    "memfd {} ({}): adding seals {add:#x}: {} (a kernel without F_SEAL_EXEC refuses 0x20)",
+                    m.id,
+                    m.name,
+                    io::Error::last_os_error()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn own_ranges() -> Result<Vec<(u64, u64)>, RestoreError> {
     let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").map_err(local("maps"))?)
         .map_err(local("maps"))?;
@@ -319,6 +390,7 @@ fn open_files_and(
     files: &[OpenFile],
     pipes: &[PipeState],
     socketpairs: &[SocketPairState],
+    memfds: &[(u32, OwnedFd)],
     base: (i128, i128),
     extra: &[OwnedFd],
 ) -> Result<(OpenedFiles, Vec<i32>), RestoreError> {
@@ -330,7 +402,7 @@ fn open_files_and(
         .unwrap_or(3)
         .max(3);
     let keep_below = first + extra.len() as i32;
-    let (mut owned, mut plan, _) = open_files(files, pipes, socketpairs, base, keep_below)?;
+    let (mut owned, mut plan, _) = open_files(files, pipes, socketpairs, memfds, base, keep_below)?;
     let mut targets = Vec::with_capacity(extra.len());
     for (i, e) in extra.iter().enumerate() {
         // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one.
@@ -352,6 +424,7 @@ fn open_files(
     files: &[OpenFile],
     pipes: &[PipeState],
     socketpairs: &[SocketPairState],
+    memfds: &[(u32, OwnedFd)],
     base: (i128, i128),
     at_least: i32,
 ) -> Result<OpenedFiles, RestoreError> {
@@ -433,6 +506,20 @@ fn open_files(
                 sock
             }
             (FileKind::Regular | FileKind::Device, _) => open_by_path(f, &fail)?,
+            // A description of its own on the memfd made again (opened
+            // through /proc, as a reopen on the origin would be), with its
+            // flags and offset.
+            (FileKind::Memfd, FileState::Memfd(id)) => {
+                let m = memfds
+                    .iter()
+                    .find(|m| m.0 == id)
+                    .ok_or_else(|| fail(format!("memfd {id} is not in the image")))?;
+                let reopen = OpenFile {
+                    path: format!("/proc/self/fd/{}", m.1.as_raw_fd()),
+                    ..f.clone()
+                };
+                open_by_path(&reopen, &fail)?
+            }
             // Empty: its watches are added in the process, by the numbers
             // the program knows them by (`epoll_watches`).
             (FileKind::Epoll, _) => epoll().map_err(|e| fail(e.to_string()))?,
@@ -923,7 +1010,8 @@ fn open_by_path(
         | FileKind::Signalfd
         | FileKind::Pipe
         | FileKind::Socket
-        | FileKind::Epoll => {}
+        | FileKind::Epoll
+        | FileKind::Memfd => {}
         FileKind::Regular => {
             if !m.is_file() {
                 return Err(fail("it is not a regular file here".into()));
@@ -1003,6 +1091,7 @@ fn clock_offsets(monotonic_ns: u64, boottime_ns: u64) -> Result<Offsets, Restore
 fn spawn(
     meta: &ImageMeta,
     stdio: &StdioPlan,
+    memfds: &[(u32, OwnedFd)],
     extra: &[OwnedFd],
 ) -> Result<(Stub, u64, Vec<i32>), RestoreError> {
     // The clocks' base first: timers are armed against it.
@@ -1011,6 +1100,7 @@ fn spawn(
         &meta.process.files,
         &meta.process.pipes,
         &meta.process.socketpairs,
+        memfds,
         base,
         extra,
     )?;
@@ -1198,8 +1288,34 @@ fn restore_impl<R: Read>(
         dsm.push((m, region));
         dsm_fds.push(fd);
     }
-    let (mut stub, ctl, dsm_targets) = spawn(&meta, &stdio, &dsm_fds)?;
+    // Memfds, made again with what of their content is not mapped; each
+    // mapped one also goes to the stub, to be mapped at the same offsets.
+    let memfds = make_memfds(&meta.process.memfds, &meta.mappings)?;
+    let mut memfd_maps: Vec<(u32, usize)> = Vec::new();
+    for (id, fd) in &memfds {
+        if meta
+            .process
+            .memfds
+            .iter()
+            .any(|m| m.id == *id && !m.maps.is_empty())
+        {
+            memfd_maps.push((*id, dsm_fds.len()));
+            dsm_fds.push(fd.try_clone().map_err(local("dup of a memfd"))?);
+        }
+    }
+    let (mut stub, ctl, extra_targets) = spawn(&meta, &stdio, &memfds, &dsm_fds)?;
     drop(dsm_fds);
+    let (dsm_targets, memfd_targets) = extra_targets.split_at(dsm.len());
+    // The stub's descriptor of the memfd mapped at `start`.
+    let memfd_at = |start: u64| -> Option<i32> {
+        let m = meta
+            .process
+            .memfds
+            .iter()
+            .find(|m| m.maps.contains(&start))?;
+        let i = memfd_maps.iter().find(|x| x.0 == m.id)?.1 - dsm.len();
+        memfd_targets.get(i).copied()
+    };
     drop(stdio);
     let leader = stub.pid;
     ptrace::setoptions(
@@ -1307,7 +1423,7 @@ fn restore_impl<R: Read>(
     }
     // 3. DSM memory (a shadow's): this kernel's copies, each with a
     //    userfaultfd of its own handed to the engine.
-    for ((m, region), fd) in dsm.iter().zip(&dsm_targets) {
+    for ((m, region), fd) in dsm.iter().zip(dsm_targets) {
         let got = call(Call::new(
             "mmap",
             libc::SYS_mmap,
@@ -1348,13 +1464,18 @@ fn restore_impl<R: Read>(
         if m.flags & MAPF_GROWSDOWN != 0 {
             flags |= libc::MAP_GROWSDOWN;
         }
+        let (mut fd, mut offset) = (u64::MAX, 0);
         if m.flags & MAPF_SHARED != 0 {
             flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+            if let Some(t) = memfd_at(m.start) {
+                flags = libc::MAP_SHARED | libc::MAP_FIXED;
+                (fd, offset) = (t as u64, m.offset);
+            }
         }
         let got = call(Call::new(
             "mmap",
             libc::SYS_mmap,
-            &[m.start, m.len(), prot as u64, flags as u64, u64::MAX, 0],
+            &[m.start, m.len(), prot as u64, flags as u64, fd, offset],
         ))?;
         if got != m.start {
             return Err(RestoreError::Layout(format!(
@@ -1378,6 +1499,12 @@ fn restore_impl<R: Read>(
                 &[m.start, m.len(), advice as u64],
             ));
         }
+    }
+
+    //    The memfds' descriptors served their mappings (the process's own
+    //    descriptors of them are among its files).
+    for fd in memfd_targets {
+        call(Call::new("close", libc::SYS_close, &[*fd as u64]))?;
     }
 
     // 4. The pages, as they stream in; the checksum is checked at the end
@@ -1444,7 +1571,11 @@ fn restore_impl<R: Read>(
         ),
         _ => None,
     };
-    let rest = finish(&mut stub, &meta, ctl, &base, &call, answer, share.is_some());
+    // The memfds' seals, now that what they hold outside their mappings is
+    // in (no mapped memfd is write-sealed, see `precheck::memfd_states`: a
+    // lazy copy's pages still to come fill them through the userfaultfd).
+    let rest = seal_memfds(&meta.process.memfds, &memfds)
+        .and_then(|()| finish(&mut stub, &meta, ctl, &base, &call, answer, share.is_some()));
     let (tids, futex_listener) = match rest {
         Ok(t) => t,
         Err(e) => {

@@ -92,9 +92,10 @@ pub(crate) enum Line {
     },
     /// The joiner thread's `pthread_join` returned.
     Joined,
-    /// `pipe_check=...`, `socket_check=...`, `shm_check=...` or
-    /// `epoll_check=...` (`--pipe-inflight`, `--socketpairs`,
-    /// `--shared-mem`, `--epoll`): the whole line.
+    /// `pipe_check=...`, `socket_check=...`, `shm_check=...`,
+    /// `epoll_check=...` or `memfd_check=...` (`--pipe-inflight`,
+    /// `--socketpairs`, `--shared-mem`, `--epoll`, `--memfd`): the whole
+    /// line.
     Check(String),
 }
 
@@ -102,9 +103,15 @@ pub(crate) fn parse(line: &str) -> Option<Line> {
     if line == "joined" {
         return Some(Line::Joined);
     }
-    if ["pipe_check=", "socket_check=", "shm_check=", "epoll_check="]
-        .iter()
-        .any(|p| line.starts_with(p))
+    if [
+        "pipe_check=",
+        "socket_check=",
+        "shm_check=",
+        "epoll_check=",
+        "memfd_check=",
+    ]
+    .iter()
+    .any(|p| line.starts_with(p))
     {
         return Some(Line::Check(line.to_string()));
     }

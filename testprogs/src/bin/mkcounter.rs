@@ -72,6 +72,21 @@
 //! byte there that the parent then reads: `shm_check=ok` or
 //! `shm_check=bad <why>`.
 //!
+//! With `--memfd SIZE`, a memfd (`mkcounter-memfd`, sealable) of SIZE
+//! bytes plus two pages: the SIZE bytes mapped shared and holding a
+//! pattern, a marker written by `pwrite` in the first page past the
+//! mapping (so not mapped: carried as the memfd's own content), the last
+//! page a hole; sealed against shrinking and growing; its descriptor at
+//! offset 123. When the process finds itself moved, and on SIGUSR1, it
+//! checks it: pattern, marker, size, seals and offset as they were, the
+//! range shown shared from the memfd, and a byte written through the
+//! mapping read back through the descriptor (one memfd):
+//! `memfd_check=ok` or `memfd_check=bad <why>`.
+//!
+//! With `--memfd-unmapped SIZE`, a memfd (`mkcounter-data`) holding SIZE
+//! bytes written with `write`, never mapped (a move carries at most 256 KiB
+//! of such content).
+//!
 //! With `--posix-timer-ms MS`, POSIX timers (`timer_create`, raw ids):
 //! id 0 made and deleted, then id 1 signalling the process (SIGRTMIN+2,
 //! value 0x77) every MS, and id 2 signalling the main thread alone
@@ -97,7 +112,7 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--epoll] [--epoll-stale] [--shared-mem SIZE] [--posix-timer-ms MS] [--scan]"
+        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--epoll] [--epoll-stale] [--shared-mem SIZE] [--memfd SIZE] [--memfd-unmapped SIZE] [--posix-timer-ms MS] [--scan]"
     );
     std::process::exit(2)
 }
@@ -115,6 +130,7 @@ fn main() {
     let mut socks: Option<Queued> = None;
     let mut epoll: Option<Epoll> = None;
     let mut shm: Option<SharedMem> = None;
+    let mut memfd: Option<Memfd> = None;
     let mut ptimer: Option<()> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -155,6 +171,25 @@ fn main() {
                 shm = Some(SharedMem::new(
                     testprogs::parse_size(&v).unwrap_or_else(|| usage()),
                 ))
+            }
+            "--memfd" => {
+                memfd = Some(Memfd::new(
+                    testprogs::parse_size(&v).unwrap_or_else(|| usage()),
+                ))
+            }
+            "--memfd-unmapped" => {
+                let n = testprogs::parse_size(&v).unwrap_or_else(|| usage());
+                // SAFETY: a NUL-terminated name; the descriptor is kept
+                // open for the life of the process (a move must carry it).
+                let fd = unsafe { libc::memfd_create(c"mkcounter-data".as_ptr(), 0) };
+                if fd < 0 {
+                    die("memfd_create");
+                }
+                let data = vec![0x5au8; n];
+                // SAFETY: a write of our buffer to our descriptor.
+                if unsafe { libc::write(fd, data.as_ptr().cast(), n) } != n as isize {
+                    die("write to the memfd");
+                }
             }
             "--timerfd-ms" => timer = Some(Timer::new(v.parse().unwrap_or_else(|_| usage()))),
             "--socketpairs" => socks = Some(Queued::new(v.parse().unwrap_or_else(|_| usage()))),
@@ -241,8 +276,12 @@ fn main() {
         let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
         (pid, boot)
     };
-    let watch_moves =
-        timer.is_some() || pipe.is_some() || socks.is_some() || epoll.is_some() || shm.is_some();
+    let watch_moves = timer.is_some()
+        || pipe.is_some()
+        || socks.is_some()
+        || epoll.is_some()
+        || shm.is_some()
+        || memfd.is_some();
     let mut at = if watch_moves {
         here()
     } else {
@@ -274,6 +313,12 @@ fn main() {
             }
         }
         if let Some(m) = &shm {
+            if usr1 || moved {
+                line.push_str(&m.check());
+                line.push('\n');
+            }
+        }
+        if let Some(m) = &memfd {
             if usr1 || moved {
                 line.push_str(&m.check());
                 line.push('\n');
@@ -903,6 +948,159 @@ impl SharedMem {
         match r {
             Ok(()) => "shm_check=ok".into(),
             Err(e) => format!("shm_check=bad {e}"),
+        }
+    }
+}
+
+/// `--memfd`: a memfd, mapped in part, with a marker past the mapping.
+struct Memfd {
+    fd: i32,
+    at: *mut u8,
+    len: usize,
+}
+
+/// Where `--memfd`'s marker is, past the mapping, and what it says.
+const MEMFD_MARK_AT: usize = 100;
+const MEMFD_MARK: &[u8] = b"memfd marker, not mapped";
+const MEMFD_POS: i64 = 123;
+
+impl Memfd {
+    fn new(len: usize) -> Memfd {
+        let len = len.max(4096).next_multiple_of(4096);
+        // SAFETY: a NUL-terminated name and flags; returns a new descriptor
+        // kept for the life of the process.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"mkcounter-memfd".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if fd < 0 {
+            die("memfd_create");
+        }
+        // SAFETY: calls on our own descriptor; the mapping is ours for the
+        // process's life.
+        unsafe {
+            if libc::ftruncate(fd, (len + 2 * 4096) as i64) != 0 {
+                die("ftruncate");
+            }
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            if at == libc::MAP_FAILED {
+                die("mmap of the memfd");
+            }
+            let mark_at = (len + MEMFD_MARK_AT) as i64;
+            if libc::pwrite(fd, MEMFD_MARK.as_ptr().cast(), MEMFD_MARK.len(), mark_at)
+                != MEMFD_MARK.len() as isize
+            {
+                die("pwrite");
+            }
+            if libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            ) != 0
+            {
+                die("F_ADD_SEALS");
+            }
+            if libc::lseek(fd, MEMFD_POS, libc::SEEK_SET) != MEMFD_POS {
+                die("lseek");
+            }
+            let m = Memfd {
+                fd,
+                at: at.cast(),
+                len,
+            };
+            testprogs::fill_pattern(m.bytes());
+            m
+        }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn bytes(&self) -> &mut [u8] {
+        // SAFETY: the mapping lives as long as the process; only the main
+        // thread touches it.
+        unsafe { std::slice::from_raw_parts_mut(self.at, self.len) }
+    }
+
+    fn check(&self) -> String {
+        let r = (|| -> Result<(), String> {
+            let b = self.bytes();
+            if let Some(i) = (0..b.len()).find(|&i| b[i] != testprogs::pattern_byte(i as u64)) {
+                return Err(format!("byte {i} of {} differs", b.len()));
+            }
+            let fd = self.fd;
+            let mut mark = vec![0u8; MEMFD_MARK.len()];
+            // SAFETY: calls on our own descriptor and buffers.
+            let (got, pos, seals, size) = unsafe {
+                let got = libc::pread(
+                    fd,
+                    mark.as_mut_ptr().cast(),
+                    mark.len(),
+                    (self.len + MEMFD_MARK_AT) as i64,
+                );
+                let pos = libc::lseek(fd, 0, libc::SEEK_CUR);
+                let seals = libc::fcntl(fd, libc::F_GET_SEALS);
+                let mut st: libc::stat = std::mem::zeroed();
+                libc::fstat(fd, &mut st);
+                (got, pos, seals, st.st_size)
+            };
+            if got != mark.len() as isize || mark != MEMFD_MARK {
+                return Err(format!("the marker past the mapping reads {mark:?}"));
+            }
+            if pos != MEMFD_POS {
+                return Err(format!("offset {pos}, not {MEMFD_POS}"));
+            }
+            if seals != libc::F_SEAL_SHRINK | libc::F_SEAL_GROW {
+                return Err(format!("seals {seals:#x}"));
+            }
+            if size != (self.len + 2 * 4096) as i64 {
+                return Err(format!("size {size}"));
+            }
+            let link =
+                std::fs::read_link(format!("/proc/self/fd/{fd}")).map_err(|e| e.to_string())?;
+            let want = "/memfd:mkcounter-memfd (deleted)";
+            if link.to_string_lossy() != want {
+                return Err(format!("fd {fd} is {link:?}"));
+            }
+            let start = format!("{:x}-", self.at as usize);
+            let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
+            let line = maps
+                .lines()
+                .find(|l| l.starts_with(&start))
+                .ok_or("the range is not in /proc/self/maps")?;
+            if !line.ends_with(want)
+                || line
+                    .split_whitespace()
+                    .nth(1)
+                    .is_none_or(|p| !p.ends_with('s'))
+            {
+                return Err(format!("not the memfd mapped shared: {line}"));
+            }
+            // One memfd: a write through the mapping is read through the
+            // descriptor.
+            let old = b[5];
+            b[5] = old ^ 0xff;
+            let mut one = [0u8; 1];
+            // SAFETY: a one-byte read into our buffer.
+            let n = unsafe { libc::pread(fd, one.as_mut_ptr().cast(), 1, 5) };
+            b[5] = old;
+            if n != 1 || one[0] != old ^ 0xff {
+                return Err(
+                    "a write through the mapping is not read through the descriptor".into(),
+                );
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => "memfd_check=ok".into(),
+            Err(e) => format!("memfd_check=bad {e}"),
         }
     }
 }
