@@ -532,9 +532,20 @@ pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> 
                 let sem = pd.fdinfo_field(fd, "eventfd-semaphore:")?;
                 match (count, sem.as_deref()) {
                     (Some(c), Some(s @ ("0" | "1"))) => (c, u64::from(s == "1")),
+                    // Older kernels (the Debian 6.1 guests) show the count
+                    // only: the mode is found by trying it.
+                    (Some(c), None) if !skip => {
+                        if pidfd.is_none() {
+                            pidfd = Some(pidfd_of(pd)?);
+                        }
+                        let copy = getfd(pidfd.as_ref().expect("just set"), fd)?;
+                        let sem = eventfd_is_semaphore(&copy, c)
+                            .map_err(|e| io::Error::other(format!("eventfd on fd {fd}: {e}")))?;
+                        (c, u64::from(sem))
+                    }
                     _ => {
                         return Err(io::Error::other(format!(
-                            "fd {fd} is an eventfd and this kernel's fdinfo does not say its count and whether it is a semaphore (newer kernels do; the Debian 6.1 guests do not)"
+                            "fd {fd} is an eventfd and this kernel's fdinfo does not say its count"
                         )))
                     }
                 }
@@ -835,6 +846,58 @@ pub(crate) fn memfd_states(
         });
     }
     Ok(out)
+}
+
+/// Whether the eventfd `efd` (holding `count`) is in semaphore mode, for
+/// kernels whose fdinfo does not say: 2 is added and one read taken — a
+/// semaphore gives 1, a counter everything — and the count is put back as
+/// it was (a semaphore is read once more, a counter is written its count
+/// again). Only for a frozen process alone holding it: another reader
+/// could take a value meanwhile, and an edge-triggered epoll in the
+/// process sees a wake-up should the move fail.
+pub(crate) fn eventfd_is_semaphore(efd: &impl std::os::fd::AsFd, count: u64) -> io::Result<bool> {
+    use nix::unistd::{read, write};
+    // The counter holds at most u64::MAX - 1; a write that would pass it
+    // blocks.
+    if count > u64::MAX - 3 {
+        return Err(io::Error::other(format!(
+            "its count {count:#x} is too close to the top to try its mode"
+        )));
+    }
+    let word = |v: u64| v.to_ne_bytes();
+    let put = |v: u64| -> io::Result<()> {
+        match write(efd, &word(v)) {
+            Ok(8) => Ok(()),
+            Ok(n) => Err(io::Error::other(format!("a write took {n} bytes"))),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let take = || -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        match read(efd, &mut b) {
+            Ok(8) => Ok(u64::from_ne_bytes(b)),
+            Ok(n) => Err(io::Error::other(format!("a read gave {n} bytes"))),
+            Err(e) => Err(e.into()),
+        }
+    };
+    put(2)?;
+    let got = take()?;
+    if got == 1 {
+        // count + 1 left.
+        take()?;
+        Ok(true)
+    } else if got == count + 2 {
+        // 0 left.
+        if count != 0 {
+            put(count)?;
+        }
+        Ok(false)
+    } else {
+        Err(io::Error::other(format!(
+            "a read gave {got} where 1 or {} was due: someone else uses it",
+            count + 2
+        )))
+    }
 }
 
 /// The watches of epoll `fd` (its fdinfo's `tfd:` lines), each checked to
@@ -1618,6 +1681,50 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("/etc/passwd"), "{e}");
+    }
+
+    /// The mode of an eventfd is told right without fdinfo's word for it,
+    /// and its count is left as it was (fdinfo says so).
+    #[test]
+    fn an_eventfds_mode_is_found_by_trying_and_its_count_kept() {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        for sem in [false, true] {
+            for count in [0u64, 1, 5, 1 << 40] {
+                let flags = libc::EFD_CLOEXEC | if sem { libc::EFD_SEMAPHORE } else { 0 };
+                // SAFETY: eventfd returns a new descriptor or -1.
+                let fd = unsafe { libc::eventfd(0, flags) };
+                assert!(fd >= 0);
+                // SAFETY: just created, ours alone.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                if count != 0 {
+                    nix::unistd::write(&fd, &count.to_ne_bytes()).unwrap();
+                }
+                assert_eq!(
+                    eventfd_is_semaphore(&fd, count).unwrap(),
+                    sem,
+                    "count {count}"
+                );
+                let info =
+                    fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+                let want = format!("eventfd-count: {count:16x}");
+                let shown = info
+                    .lines()
+                    .find(|l| l.starts_with("eventfd-count:"))
+                    .unwrap();
+                assert_eq!(
+                    shown
+                        .split_whitespace()
+                        .nth(1)
+                        .map(|v| u64::from_str_radix(v, 16).unwrap()),
+                    Some(count),
+                    "{want} / {info}"
+                );
+            }
+        }
+        // A count that another reader changed is not taken for a mode.
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { OwnedFd::from_raw_fd(libc::eventfd(7, libc::EFD_CLOEXEC)) };
+        assert!(eventfd_is_semaphore(&fd, 3).is_err());
     }
 
     #[test]
