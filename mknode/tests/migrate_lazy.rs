@@ -212,25 +212,35 @@ fn three_lazy_round_trips_in_a_row() {
     }
 }
 
-/// Anonymous shared memory moves lazily too: its pages (a zero one among
-/// them) come on fault and by the push into shared memory, and it is
-/// shared memory again where it arrives.
-#[test]
-fn anonymous_shared_memory_moves_lazily() {
+/// Starts `mkcounter args`, moves it lazily, and checks the copy: its
+/// SIGUSR1 check line is `ok` (a line starting with `check`), every page
+/// arrives, and the memory checksum is the original's.
+fn moves_lazily_and_checks(args: &[&str], check: &str) {
     let _g = serial();
-    let (mut child, out) = start(&["--mem", "4M", "--shared-mem", "8M"]);
+    let (mut child, out) = start(args);
     running(&out, 3);
     let first = child.id() as i32;
     let (sum0, _) = checksum(first, &out);
     let m = lazy_move(first, &out, move || drop(child.wait()), 3);
     let pid = m.restored.restored.pid;
     kill(Pid::from_raw(pid), Signal::SIGUSR1).expect("SIGUSR1");
-    let check = m.out.until(T, |l| matches!(l, Line::Check(_))).pop();
-    assert_eq!(check, Some(Line::Check("shm_check=ok".into())));
+    let got = m
+        .out
+        .until(T, |l| matches!(l, Line::Check(c) if c.starts_with(check)))
+        .pop();
+    assert_eq!(got, Some(Line::Check(format!("{check}ok"))));
     m.restored.pager.wait().expect("all pages in");
     assert_eq!(checksum(pid, &m.out).0, sum0);
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
     reap(pid)();
+}
+
+/// Anonymous shared memory moves lazily too: its pages (a zero one among
+/// them) come on fault and by the push into shared memory, and it is
+/// shared memory again where it arrives.
+#[test]
+fn anonymous_shared_memory_moves_lazily() {
+    moves_lazily_and_checks(&["--mem", "4M", "--shared-mem", "8M"], "shm_check=");
 }
 
 /// A memfd mapped shared moves lazily too: its mapped pages come on fault
@@ -238,26 +248,7 @@ fn anonymous_shared_memory_moves_lazily() {
 /// the image; one memfd again where it arrives.
 #[test]
 fn a_memfd_moves_lazily() {
-    let _g = serial();
-    let (mut child, out) = start(&["--mem", "4M", "--memfd", "8M"]);
-    running(&out, 3);
-    let first = child.id() as i32;
-    let (sum0, _) = checksum(first, &out);
-    let m = lazy_move(first, &out, move || drop(child.wait()), 3);
-    let pid = m.restored.restored.pid;
-    kill(Pid::from_raw(pid), Signal::SIGUSR1).expect("SIGUSR1");
-    let check = m
-        .out
-        .until(
-            T,
-            |l| matches!(l, Line::Check(c) if c.starts_with("memfd_check")),
-        )
-        .pop();
-    assert_eq!(check, Some(Line::Check("memfd_check=ok".into())));
-    m.restored.pager.wait().expect("all pages in");
-    assert_eq!(checksum(pid, &m.out).0, sum0);
-    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
-    reap(pid)();
+    moves_lazily_and_checks(&["--mem", "4M", "--memfd", "8M"], "memfd_check=");
 }
 
 #[test]

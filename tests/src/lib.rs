@@ -524,3 +524,12 @@ pub fn collect_lines(
     });
     lines
 }
+
+/// The numbers of the `seq=N ...` lines among `lines` (mkcounter's output).
+pub fn seq_numbers(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("seq="))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}

@@ -85,13 +85,7 @@ fn counter(m: &Mkctl) -> (Child, Arc<Mutex<Vec<String>>>) {
 }
 
 fn seqs(lines: &Mutex<Vec<String>>) -> Vec<u64> {
-    lines
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|l| l.strip_prefix("seq="))
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect()
+    mkctl_e2e::seq_numbers(&lines.lock().unwrap())
 }
 
 fn until_seqs(lines: &Mutex<Vec<String>>, n: usize) {

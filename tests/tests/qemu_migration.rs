@@ -54,13 +54,7 @@ impl Watched {
             .collect()
     }
     fn seqs(&self) -> Vec<u64> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| l.strip_prefix("seq="))
-            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-            .collect()
+        mkctl_e2e::seq_numbers(&self.lines.lock().unwrap())
     }
 }
 
