@@ -3,7 +3,8 @@
 //!
 //! - the QEMU backend: the QEMU binary, the guest kernel and what the
 //!   guests' initramfs is built from (the cache `scripts/setup.sh` fills),
-//!   room in `/dev/shm` for a topology's guest RAM and window;
+//!   room in `/dev/shm` for a topology's guest RAM and window, and no
+//!   instances left running by a daemon that is gone;
 //! - moving processes to and from the host kernel (`migrate`, `checkpoint`,
 //!   `restore` with `host`): userfaultfd, ptrace, time namespaces;
 //! - the kexec backend: the multikernel interface and the kernel options
@@ -112,6 +113,8 @@ pub struct Env {
     pub kernel_modules: PathBuf,
     /// Where guest RAM files go: `$MKCTL_RAM_DIR`, or `/dev/shm`.
     pub ram_dir: PathBuf,
+    /// The daemon's run directory (`$MKCTL_RUN_DIR`, or `/run/mkctl`).
+    pub run_dir: PathBuf,
 }
 
 impl Env {
@@ -131,6 +134,7 @@ impl Env {
             kernel_modules: paths::auto_kernel_modules(),
             ram_dir: std::env::var_os("MKCTL_RAM_DIR")
                 .map_or_else(|| PathBuf::from("/dev/shm"), PathBuf::from),
+            run_dir: crate::daemon::paths::RunDir::from_env().0,
         }
     }
 
@@ -174,6 +178,7 @@ pub fn run(env: &Env, sizing: &Sizing<'_>) -> Report {
         guest_kernel(env),
         guest_initramfs(env),
         shm(env, sizing),
+        left_running(env),
         userfaultfd(env, privileged),
         ptrace(env, privileged),
         time_namespaces(env),
@@ -510,6 +515,58 @@ fn shm(env: &Env, sizing: &Sizing<'_>) -> Check {
 /// Whether this process may do what only root or `CAP_SYS_PTRACE` may
 /// (attach to any process, an unprivileged userfaultfd when the sysctl
 /// forbids it): `CapEff` of `/proc/self/status`, else its effective uid.
+/// The start time in `/proc/<pid>/stat` under the sysroot, if it runs.
+fn started(env: &Env, pid: u32) -> Option<u64> {
+    let stat = env.read(&format!("/proc/{pid}/stat"))?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    if matches!(f.next()?, "Z" | "X") {
+        return None;
+    }
+    f.nth(18)?.parse().ok()
+}
+
+/// QEMU instances whose daemon is gone (killed, crashed): its state file
+/// lists them, they still run, and its pid does not.
+fn left_running(env: &Env) -> Check {
+    const NAME: &str = "instances";
+    let state = env.at(&env.run_dir.join("state.json"));
+    let Ok(Some(saved)) = crate::daemon::saved::Saved::load(&state) else {
+        return Check::ok(NAME, Need::Qemu, "none left running without a daemon");
+    };
+    let daemon = env
+        .read(&env.run_dir.join("daemon.pid").to_string_lossy())
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|&p| started(env, p).is_some());
+    let left: Vec<String> = saved
+        .instances
+        .iter()
+        .filter_map(|i| {
+            let (pid, start) = i.qemu?;
+            (started(env, pid) == Some(start)).then(|| format!("{} (qemu pid {pid})", i.name))
+        })
+        .collect();
+    match (daemon, left.is_empty()) {
+        (Some(pid), _) => Check::ok(
+            NAME,
+            Need::Qemu,
+            format!("the daemon (pid {pid}) serves {}", env.run_dir.display()),
+        ),
+        (None, true) => Check::ok(NAME, Need::Qemu, "none left running without a daemon"),
+        (None, false) => Check::missing(
+            NAME,
+            Need::Qemu,
+            format!(
+                "{} run{} with no daemon in {} (it was killed or crashed)",
+                left.join(", "),
+                if left.len() == 1 { "s" } else { "" },
+                env.run_dir.display()
+            ),
+            "`mkctl daemon restart` adopts them (any mkctl command that needs the daemon does too); `mkctl daemon stop` stops them",
+        ),
+    }
+}
+
 fn ptrace_capable(env: &Env) -> bool {
     const CAP_SYS_PTRACE: u32 = 19;
     let Some(status) = env.read("/proc/self/status") else {
@@ -846,6 +903,7 @@ mod tests {
                 guest_init: "/cache/guest-init".into(),
                 kernel_modules: "/cache/kernel/modules".into(),
                 ram_dir: "/dev/shm".into(),
+                run_dir: "/run/mkctl".into(),
             }
         }
 
@@ -915,6 +973,7 @@ mod tests {
                 "guest-kernel",
                 "guest-initramfs",
                 "shm",
+                "instances",
                 "userfaultfd",
                 "ptrace",
                 "time-namespaces",
@@ -951,6 +1010,56 @@ mod tests {
         assert!(r.render().ends_with(
             "QEMU backend: ready; migration with the host: ready; kexec backend: ready\n"
         ));
+    }
+
+    /// QEMUs a killed daemon left are named, with how to adopt them; once a
+    /// daemon runs, or they are gone, nothing is said against them.
+    #[test]
+    fn instances_left_by_a_killed_daemon() {
+        use crate::daemon::saved::{Saved, SavedInst, FORMAT};
+        let root = Root::all_ok();
+        let inst = |name: &str, pid: u32| SavedInst {
+            name: name.into(),
+            id: 1,
+            cpus: "1".into(),
+            memory: 1 << 28,
+            state: "ready".into(),
+            reason: None,
+            qemu: Some((pid, 4242)),
+            kernel: None,
+            restart: crate::topology::Restart::No,
+            restarts: 0,
+            armed: false,
+        };
+        fs::create_dir_all(root.path("run/mkctl")).unwrap();
+        Saved {
+            format: FORMAT,
+            config: None,
+            names: vec![],
+            instances: vec![inst("alpha", 300), inst("beta", 301)],
+        }
+        .store(&root.path("run/mkctl/state.json"))
+        .unwrap();
+        let stat = |start: u64| {
+            let fields: String = (4..=21).map(|f| format!(" {f}")).collect();
+            format!("300 (qemu-system-x86) S{fields} {start} 0\n")
+        };
+        root.write("proc/300/stat", &stat(4242));
+        // Pid 301 now belongs to another process: not beta's QEMU.
+        root.write("proc/301/stat", &stat(9999));
+        root.write("run/mkctl/daemon.pid", "77\n");
+        assert_missing(
+            &root.report(),
+            "instances",
+            "alpha (qemu pid 300) runs with no daemon in /run/mkctl",
+            "`mkctl daemon restart` adopts them",
+        );
+        root.write("proc/77/stat", &stat(1));
+        let r = root.report();
+        assert!(check(&r, "instances").ok, "{}", r.render());
+        assert!(check(&r, "instances")
+            .detail
+            .contains("the daemon (pid 77)"));
     }
 
     #[test]

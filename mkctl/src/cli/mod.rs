@@ -72,7 +72,8 @@ pub enum Command {
     /// (MKCTL_CACHE; scripts/setup.sh fills it) and a static /bin/busybox;
     /// free space in /dev/shm (or MKCTL_RAM_DIR) for the guest RAM and the
     /// window of a topology (--topology, default configs/demo.toml of this
-    /// checkout). Moving processes to and from the host kernel:
+    /// checkout); no QEMU instances left running by a daemon that was
+    /// killed (MKCTL_RUN_DIR). Moving processes to and from the host kernel:
     /// userfaultfd, the ptrace scope, time namespaces. The kexec backend:
     /// /sys/fs/multikernel and its interface generation, and the kernel
     /// options it needs (CONFIG_MULTIKERNEL, CONFIG_KEXEC_FILE). Everything
