@@ -31,7 +31,9 @@ use super::image::{
     MAPF_DSM, MAPF_GROWSDOWN, MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, MAPF_SHARED, PAGE, PROT_R, PROT_W,
     TFD_ABSTIME, TFD_CANCEL_ON_SET, USER_TOP,
 };
-use super::inject::{inject, ptrace_err, wait, Call};
+use super::inject::{
+    inject, inject_batch, ptrace_err, wait, Call, Outcome, BATCH_CODE, BATCH_ENTRY,
+};
 use super::lazy::{carried, LazyLink};
 use super::memory::{fingerprint, read_remote, to_mapping, write_remote};
 use super::pager::{self, LazyError, PageTable, Pager, PagerOptions};
@@ -175,9 +177,35 @@ const ERESTARTNOHAND: i64 = 514;
 const ERESTART_RESTARTBLOCK: i64 = 516;
 
 /// Offsets in the control page.
+const CTL_BATCH_CODE: u64 = 0x20;
 const CTL_SCRATCH: u64 = 0x100;
 const CTL_MM_MAP: u64 = 0x400;
 const CTL_AUXV: u64 = 0x500;
+/// A batch's table ([`inject_batch`]): to the end of the page. What is
+/// written at `CTL_MM_MAP` and `CTL_AUXV` is used at once, never across a
+/// batch.
+const CTL_BATCH: u64 = 0x600;
+/// Calls per batch: the table's room, less its end mark.
+const BATCH_MAX: usize = (PAGE - CTL_BATCH) as usize / BATCH_ENTRY - 1;
+
+/// Runs `calls` in the stub `tid` in batches (its control page at `ctl`
+/// holds [`BATCH_CODE`]); each call's result or the errno it names, in
+/// order.
+fn run_batch(
+    tid: Pid,
+    ctl: u64,
+    base: &libc::user_regs_struct,
+    calls: &[Call],
+) -> Result<Vec<Result<u64, SysError>>, SysError> {
+    let mut out = Vec::with_capacity(calls.len());
+    for chunk in calls.chunks(BATCH_MAX) {
+        let got = inject_batch(tid, (ctl + CTL_BATCH_CODE, ctl + CTL_BATCH), base, chunk)?;
+        for (c, ret) in chunk.iter().zip(got) {
+            out.push(Outcome { ret, cloned: None }.check(c, tid));
+        }
+    }
+    Ok(out)
+}
 
 /// The registers a thread resumes with. A thread frozen inside a syscall
 /// that the kernel meant to restart (`rax` = -ERESTART*) gets the syscall
@@ -1449,12 +1477,16 @@ fn restore_impl<R: Read>(
                 .map_err(RestoreError::Dsm)?;
         }
     }
-    //    Every other mapping, writable until its content is in.
-    for m in meta
+    //    Every other mapping, writable until its content is in: all in
+    //    batches (one stop of the stub for dozens of mappings).
+    poke(leader, ctl + CTL_BATCH_CODE, &BATCH_CODE)?;
+    let others: Vec<&Mapping> = meta
         .mappings
         .iter()
         .filter(|m| !m.kind.is_special() && m.flags & MAPF_DSM == 0)
-    {
+        .collect();
+    let mut mmaps = Vec::with_capacity(others.len());
+    for m in &others {
         let prot = if m.prot == 0 {
             libc::PROT_NONE
         } else {
@@ -1472,17 +1504,23 @@ fn restore_impl<R: Read>(
                 (fd, offset) = (t as u64, m.offset);
             }
         }
-        let got = call(Call::new(
+        mmaps.push(Call::new(
             "mmap",
             libc::SYS_mmap,
             &[m.start, m.len(), prot as u64, flags as u64, fd, offset],
-        ))?;
+        ));
+    }
+    for (m, got) in others.iter().zip(run_batch(leader, ctl, &base, &mmaps)?) {
+        let got = got?;
         if got != m.start {
             return Err(RestoreError::Layout(format!(
                 "mmap of {:#x}-{:#x} landed at {got:#x}",
                 m.start, m.end
             )));
         }
+    }
+    let mut advice = Vec::new();
+    for m in &others {
         if let (Some((u, _)), true) = (&uffd, carried(m)) {
             u.register_missing(m.start, m.len())
                 .map_err(|source| RestoreError::Uffd {
@@ -1491,15 +1529,16 @@ fn restore_impl<R: Read>(
                     source,
                 })?;
         }
-        if let Some(advice) = thp_advice(m) {
-            // Best effort: a kernel without THP refuses, which is harmless.
-            let _ = call(Call::new(
+        if let Some(a) = thp_advice(m) {
+            advice.push(Call::new(
                 "madvise",
                 libc::SYS_madvise,
-                &[m.start, m.len(), advice as u64],
+                &[m.start, m.len(), a as u64],
             ));
         }
     }
+    // Best effort: a kernel without THP refuses, which is harmless.
+    run_batch(leader, ctl, &base, &advice)?;
 
     //    The memfds' descriptors served their mappings (the process's own
     //    descriptors of them are among its files).
@@ -1657,18 +1696,21 @@ fn finish(
     let leader = stub.pid;
     let base = *base;
     let scratch = ctl + CTL_SCRATCH;
-    for m in meta
+    let protect: Vec<Call> = meta
         .mappings
         .iter()
         .filter(|m| !m.kind.is_special() && m.flags & MAPF_DSM == 0)
-    {
-        if m.prot != 0 && m.prot != PROT_R | PROT_W {
-            call(Call::new(
+        .filter(|m| m.prot != 0 && m.prot != PROT_R | PROT_W)
+        .map(|m| {
+            Call::new(
                 "mprotect",
                 libc::SYS_mprotect,
                 &[m.start, m.len(), u64::from(m.prot)],
-            ))?;
-        }
+            )
+        })
+        .collect();
+    for r in run_batch(leader, ctl, &base, &protect)? {
+        r?;
     }
 
     // 5. Process-wide kernel state.
