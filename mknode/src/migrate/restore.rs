@@ -1918,17 +1918,20 @@ fn thread_state(
 ) -> Result<(), SysError> {
     let scratch = ctl + CTL_SCRATCH;
     let call = |c: Call| -> Result<u64, SysError> { inject(tid, ctl, base, &c)?.check(&c, tid) };
+    // One batch (one stop of the thread): its alternate stack and name are
+    // placed at two spots of the scratch area first.
+    let mut calls = Vec::with_capacity(5);
     if is_leader {
         // Also drops the stub's inherited clear_child_tid, which points into
         // memory that is gone.
-        call(Call::new(
+        calls.push(Call::new(
             "set_tid_address",
             libc::SYS_set_tid_address,
             &[t.clear_child_tid],
-        ))?;
+        ));
     }
     if t.rseq.abi_pointer != 0 {
-        call(Call::new(
+        calls.push(Call::new(
             "rseq",
             libc::SYS_rseq,
             &[
@@ -1937,7 +1940,7 @@ fn thread_state(
                 0,
                 u64::from(t.rseq.signature),
             ],
-        ))?;
+        ));
     }
     let mut ss = [0u8; 24];
     if t.altstack.flags & SS_DISABLE != 0 || t.altstack.size == 0 {
@@ -1948,22 +1951,26 @@ fn thread_state(
         ss[16..24].copy_from_slice(&t.altstack.size.to_le_bytes());
     }
     poke(leader, scratch, &ss)?;
-    call(Call::new(
+    calls.push(Call::new(
         "sigaltstack",
         libc::SYS_sigaltstack,
         &[scratch, 0],
-    ))?;
-    call(Call::new(
+    ));
+    calls.push(Call::new(
         "set_robust_list",
         libc::SYS_set_robust_list,
         &[t.robust_list, 24],
-    ))?;
-    poke(leader, scratch, &t.comm)?;
-    call(Call::new(
+    ));
+    let name_at = scratch + 32;
+    poke(leader, name_at, &t.comm)?;
+    calls.push(Call::new(
         "prctl(PR_SET_NAME)",
         libc::SYS_prctl,
-        &[PR_SET_NAME, scratch],
-    ))?;
+        &[PR_SET_NAME, name_at],
+    ));
+    for r in run_batch(tid, ctl, base, &calls)? {
+        r?;
+    }
     let pid = leader.as_raw() as u64;
     for si in &t.pending {
         poke(leader, scratch, &si.0)?;
