@@ -302,6 +302,13 @@ memory = "64M"
 /// and in /boot the topology, the same bzImage as the spawned kernel and
 /// the spawned kernel's own busybox initramfs.
 fn boot_initramfs(s: &Scratch, kernel: &Path, script: &str) -> PathBuf {
+    boot_initramfs_with(s, kernel, script, None)
+}
+
+/// [`boot_initramfs`], and with `guest` (a static guest-init) the spawned
+/// kernel boots the initramfs mkctl builds around it (guest-init as
+/// `/init`, busybox applets) instead of the busybox script.
+fn boot_initramfs_with(s: &Scratch, kernel: &Path, script: &str, guest: Option<&Path>) -> PathBuf {
     let spawned = s.join("spawned.cpio");
     let mut ir = Initramfs::base();
     ir.host_file(BUSYBOX, Path::new(BUSYBOX), Some(0o755))
@@ -323,6 +330,9 @@ fn boot_initramfs(s: &Scratch, kernel: &Path, script: &str) -> PathBuf {
         0o755,
     )
     .expect("init");
+    if let Some(guest_init) = guest {
+        ir = Initramfs::for_topology(guest_init, &[]).expect("guest-init initramfs");
+    }
     ir.write_file(&spawned).expect("write spawned initramfs");
     let topology = s.join("mk.toml");
     fs::write(&topology, TOPOLOGY).expect("write topology");
@@ -362,7 +372,7 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
         &format!(
             "grep -i 'multikernel' /proc/iomem\n\
              cd /boot\n\
-             mkctl boot mk.toml\n\
+             mkctl boot --timeout 3 mk.toml\n\
              echo \"mkctl-boot-exit=$?\"\n\
              echo \"after: cpus online $(cat /sys/devices/system/cpu/online)\"\n\
              echo \"after: kimage [$(cat /proc/kimage)]\"\n\
@@ -398,7 +408,12 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
         "multikernel: 'worker': CPU 1 entered the kernel at 0x0000000020200000",
         "[kexec]   ok: wait for \"worker\" to be active",
         "worker active (multikernel v1 interface)",
-        "mkctl-boot-exit=0",
+        // The daemon formatted the window and held endpoint 0 first, but
+        // this spawned kernel runs a busybox script, not guest-init: no
+        // agent answers, and the boot says so.
+        "the host's agent holds endpoint 0 of /dev/mem at 0x2f000000 (16 MiB) for worker",
+        "worker: its kernel runs, but no agent answered over the window within 3s (it never attached: is guest-init its init?)",
+        "mkctl-boot-exit=1",
         "after: cpus online 0\r",
         "after: kimage [1 worker active 0x0000000020000000-0x0000000023ffffff boot_params=0x0000000020000000 kernel=0x0000000020200000+",
         // The spawned kernel wrote into the window; the host read it.
@@ -447,6 +462,104 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
     );
     eprintln!(
         "multikernel host: mkctl boot, spawned kernel to user space, window handshake, power-off {:.2} s",
+        run.elapsed.as_secs_f64()
+    );
+}
+
+/// Stage 5, first milestone: the spawned kernel runs guest-init, which
+/// maps the window from the pool through `/dev/mem` and attaches its agent
+/// as endpoint 1; the mkctl daemon on the host formatted that window first
+/// (`mkctl boot` asked it to) and holds endpoint 0. The two kernels then
+/// talk over the rings through the daemon's ordinary requests: round trips
+/// (`ping`), checksummed messages both ways (`traffic`), a command run on
+/// the spawned kernel (`exec`), and `status`. `stop` powers the spawned
+/// kernel off through its agent; the v1 interface then has no halt to give
+/// CPU 1 back (see the README's limits).
+#[test]
+fn two_kernels_talk_over_the_rings() {
+    let kernel = mk_kernel();
+    let guest_init = Artifacts::locate()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .guest_init;
+    let s = Scratch::new("mk-link");
+    let initrd = boot_initramfs_with(
+        &s,
+        &kernel,
+        "cd /boot\n\
+         mkctl boot --timeout 60 mk.toml\n\
+         echo \"mkctl-boot-exit=$?\"\n\
+         mkctl status\n\
+         mkctl ping --count 20 host worker\n\
+         echo \"ping-exit=$?\"\n\
+         mkctl traffic --count 200 host worker\n\
+         echo \"traffic-to-exit=$?\"\n\
+         mkctl traffic --count 200 worker host\n\
+         echo \"traffic-from-exit=$?\"\n\
+         echo \"exec: [$(mkctl exec worker -- uname -r)] exit=$?\"\n\
+         echo \"exec: [$(mkctl exec worker -- cat /proc/cpuinfo | grep -m1 apicid | tr -d '\\t')]\"\n\
+         mkctl stop worker\n\
+         echo \"mkctl-stop-exit=$?\"\n\
+         mkctl status\n\
+         echo '--- daemon log ---'; cat /run/mkctl/daemon.log; echo '--- end ---'",
+        Some(&guest_init),
+    );
+    let append = format!("console=ttyS0 panic=-1 {POOL_PARAM}");
+    let run = Host::start(&s, &kernel, &initrd, &append, 1024).wait(timeout());
+    assert!(run.exited, "QEMU did not power off\n{}", run.report());
+    for want in [
+        "the host's agent holds endpoint 0 of /dev/mem at 0x2f000000 (16 MiB) for worker",
+        "worker active (multikernel v1 interface)",
+        "[worker] agent attached to the window",
+        "worker ready",
+        "mkctl-boot-exit=0",
+        "formatted the kexec window /dev/mem at 0x2f000000 (16 MiB) for endpoints 0-1",
+        // The daemon lists it beside the kernel's own view.
+        "  worker       id   1  active",
+        "worker         1  ready            -  1            64M",
+        "ping-exit=0",
+        "host -> worker: 200 messages of 256 B sent, 200 arrived intact and in order, 0 bad",
+        "traffic-to-exit=0",
+        "worker -> host: 200 messages of 256 B sent, 200 arrived intact and in order, 0 bad",
+        "traffic-from-exit=0",
+        "exec: [7.2.13] exit=0",
+        "exec: [apicid: 1]",
+        // Stop: the agent powers its kernel off; the v1 interface has no
+        // halt to give CPU 1 back, and says so.
+        "[worker] asked the agent to power off",
+        "mkctl: agents: stopped worker (powered off by its agent",
+        "the v1 interface (RFC v2) has no halt command",
+        "mkctl-stop-exit=1",
+        "worker         1  stopped",
+        "mk-host: done",
+    ] {
+        assert!(
+            run.host.contains(want),
+            "no \"{want}\" on the host\n{}",
+            run.report()
+        );
+    }
+    assert!(
+        run.host
+            .contains("host -> worker: 20 round trips over the window"),
+        "no ping\n{}",
+        run.report()
+    );
+    for want in [
+        "mk.name=worker mk.id=1 mk.window=0x2f000000@0x1000000",
+        "window /dev/mem at 0x2f000000 mapped, 16 MiB",
+        "agent: endpoint 1 of 2 attached",
+        "agent: ready, serving the host",
+        // (Its "System halted" line may come after the host powered off.)
+        "power-off requested",
+    ] {
+        assert!(
+            run.spawned.contains(want),
+            "no \"{want}\" from the spawned kernel\n{}",
+            run.report()
+        );
+    }
+    eprintln!(
+        "multikernel host: mkctl boot, guest-init's agent on the rings, ping, traffic, exec, stop, power-off {:.2} s",
         run.elapsed.as_secs_f64()
     );
 }
