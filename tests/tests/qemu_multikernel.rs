@@ -421,9 +421,11 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
         // The host cannot take the CPU back while the instance runs.
         "multikernel: CPU 1 runs a spawned kernel; it cannot come back to the host",
         "host: onlining CPU 1 exit=1",
-        // v1 has no halt command: stop says so and changes nothing.
-        "has no halt command",
-        "mkctl-stop-exit=1",
+        // v1 has no halt command; this kernel's forced halt (INIT) takes
+        // the instance back to ready, and it is removed.
+        "[kexec]   ok: force-halt \"worker\" (v1)",
+        "[kexec]   ok: remove instance \"worker\"",
+        "mkctl-stop-exit=0",
         "mk-host: done",
     ] {
         assert!(run.host.contains(want), "no \"{want}\" on the host\n{}", run.report());
@@ -473,8 +475,8 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
 /// talk over the rings through the daemon's ordinary requests: round trips
 /// (`ping`), checksummed messages both ways (`traffic`), a command run on
 /// the spawned kernel (`exec`), and `status`. `stop` powers the spawned
-/// kernel off through its agent; the v1 interface then has no halt to give
-/// CPU 1 back (see the README's limits).
+/// kernel off through its agent, then forces the halt (INIT) and removes
+/// the instance; `pool release` brings CPU 1 back to the host.
 #[test]
 fn two_kernels_talk_over_the_rings() {
     let kernel = mk_kernel();
@@ -500,6 +502,9 @@ fn two_kernels_talk_over_the_rings() {
          mkctl stop worker\n\
          echo \"mkctl-stop-exit=$?\"\n\
          mkctl status\n\
+         mkctl pool release\n\
+         echo \"mkctl-release-exit=$?\"\n\
+         echo \"after: cpus online $(cat /sys/devices/system/cpu/online), kimage [$(cat /proc/kimage)]\"\n\
          echo '--- daemon log ---'; cat /run/mkctl/daemon.log; echo '--- end ---'",
         Some(&guest_init),
     );
@@ -523,13 +528,20 @@ fn two_kernels_talk_over_the_rings() {
         "traffic-from-exit=0",
         "exec: [7.2.13] exit=0",
         "exec: [apicid: 1]",
-        // Stop: the agent powers its kernel off; the v1 interface has no
-        // halt to give CPU 1 back, and says so.
+        // Stop: the agent powers its kernel off (it leaves the window),
+        // then the kernel's forced halt and the instance's removal.
         "[worker] asked the agent to power off",
         "mkctl: agents: stopped worker (powered off by its agent",
-        "the v1 interface (RFC v2) has no halt command",
-        "mkctl-stop-exit=1",
+        "[kexec]   ok: force-halt \"worker\" (v1)",
+        "[kexec]   ok: remove instance \"worker\"",
+        "stopped worker",
+        "mkctl-stop-exit=0",
         "worker         1  stopped",
+        // Release: CPU 1 comes back to the host; the pool is free again.
+        "[kexec]   ok: online CPU 1",
+        "the pool's CPUs and memory are back with the host",
+        "mkctl-release-exit=0",
+        "after: cpus online 0-1, kimage []",
         "mk-host: done",
     ] {
         assert!(
