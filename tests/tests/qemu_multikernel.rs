@@ -476,7 +476,8 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
 /// (`ping`), checksummed messages both ways (`traffic`), a command run on
 /// the spawned kernel (`exec`), and `status`. `stop` powers the spawned
 /// kernel off through its agent, then forces the halt (INIT) and removes
-/// the instance; `pool release` brings CPU 1 back to the host.
+/// the instance; `pool release` brings CPU 1 back to the host; and a second
+/// `mkctl boot` runs a fresh kernel on the same window.
 #[test]
 fn two_kernels_talk_over_the_rings() {
     let kernel = mk_kernel();
@@ -505,6 +506,10 @@ fn two_kernels_talk_over_the_rings() {
          mkctl pool release\n\
          echo \"mkctl-release-exit=$?\"\n\
          echo \"after: cpus online $(cat /sys/devices/system/cpu/online), kimage [$(cat /proc/kimage)]\"\n\
+         mkctl boot --timeout 60 mk.toml\n\
+         echo \"again: mkctl-boot-exit=$?\"\n\
+         echo \"again: [$(mkctl exec worker -- cat /proc/uptime)] exit=$?\"\n\
+         mkctl traffic --count 50 worker host\n\
          echo '--- daemon log ---'; cat /run/mkctl/daemon.log; echo '--- end ---'",
         Some(&guest_init),
     );
@@ -542,6 +547,10 @@ fn two_kernels_talk_over_the_rings() {
         "the pool's CPUs and memory are back with the host",
         "mkctl-release-exit=0",
         "after: cpus online 0-1, kimage []",
+        // And again: the same daemon and window, the channel emptied, a
+        // fresh kernel (its uptime starts again) on the rings.
+        "again: mkctl-boot-exit=0",
+        "worker -> host: 50 messages of 256 B sent, 50 arrived intact and in order, 0 bad",
         "mk-host: done",
     ] {
         assert!(
@@ -559,7 +568,8 @@ fn two_kernels_talk_over_the_rings() {
     for want in [
         "mk.name=worker mk.id=1 mk.window=0x2f000000@0x1000000",
         "window /dev/mem at 0x2f000000 mapped, 16 MiB",
-        "agent: endpoint 1 of 2 attached",
+        "agent: endpoint 1 of 2 attached (generation 1)",
+        "agent: endpoint 1 of 2 attached (generation 2)",
         "agent: ready, serving the host",
         // (Its "System halted" line may come after the host powered off.)
         "power-off requested",
@@ -570,8 +580,20 @@ fn two_kernels_talk_over_the_rings() {
             run.report()
         );
     }
+    let again = run
+        .host
+        .split("again: [")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no uptime from the second kernel\n{}", run.report()));
+    assert!(
+        again < 30.0,
+        "the second boot's kernel has run {again} s: not a fresh kernel\n{}",
+        run.report()
+    );
     eprintln!(
-        "multikernel host: mkctl boot, guest-init's agent on the rings, ping, traffic, exec, stop, power-off {:.2} s",
+        "multikernel host: mkctl boot, guest-init's agent on the rings, ping, traffic, exec, stop, release, boot again, power-off {:.2} s",
         run.elapsed.as_secs_f64()
     );
 }

@@ -287,3 +287,61 @@ impl Drop for HostWindow {
         self.agent.shutdown();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mknode::agent::Hooks;
+
+    const MIB: u64 = 1 << 20;
+
+    fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !ok() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "no {what}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A window in physical memory, with a file standing for `/dev/mem`:
+    /// formatted at its offset and nowhere else, endpoint 0 held without a
+    /// relay; a peer that opens the same range (as guest-init does) is seen
+    /// attached, and gone when it lets go.
+    #[test]
+    fn a_phys_window_is_formatted_at_its_offset_without_a_relay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("mem");
+        std::fs::File::create(&mem)
+            .and_then(|f| f.set_len(8 * MIB))
+            .unwrap();
+        let agent = Agent::new(
+            0,
+            Hooks {
+                power_off: Box::new(|| {}),
+                info: Box::new(mknode::agent::kernel_info),
+            },
+        );
+        let hw = HostWindow::create_phys(&mem, 4 * MIB, 4 * MIB, 2, agent).unwrap();
+        assert!(hw.relay().is_none());
+        assert_eq!(hw.phys(), Some((4 * MIB, 4 * MIB)));
+        assert_eq!(hw.endpoints(), 2);
+        assert_eq!(hw.place(), format!("{} at 0x400000 (4 MiB)", mem.display()));
+        let bytes = std::fs::read(&mem).unwrap();
+        let (before, window) = bytes.split_at(4 * MIB as usize);
+        assert!(before.iter().all(|&b| b == 0), "written before the window");
+        assert!(
+            window.iter().any(|&b| b != 0),
+            "the window is not formatted"
+        );
+
+        let guest = Window::open_at(&mem, 4 * MIB, 4 * MIB).unwrap();
+        let ep = guest
+            .attach_with_doorbell(1, Liveness::default(), None)
+            .unwrap();
+        ep.heartbeat_handle().beat().unwrap();
+        wait_for("peer attached", || hw.peer_attached(1));
+        drop(ep);
+        wait_for("peer gone", || hw.peer_left(1));
+        assert!(!hw.peer_attached(1));
+    }
+}
