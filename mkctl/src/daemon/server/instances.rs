@@ -177,7 +177,7 @@ impl Daemon {
 
     /// The window and the host's agent, created at the first boot; the
     /// agent learns the topology's instance names for its messages.
-    pub(super) fn ensure_window(&self, t: &Topology) -> Result<Arc<HostWindow>, RequestError> {
+    fn ensure_window(&self, t: &Topology) -> Result<Arc<HostWindow>, RequestError> {
         let hw = self.window_for(t)?;
         hw.agent.name_peers(endpoint_names(t));
         Ok(hw)
