@@ -599,6 +599,45 @@ fn boot_v1_writes_one_tree_and_offlines_cpus() {
         .stop(&["web".into()])
         .unwrap_err();
     assert!(e.to_string().contains("no halt command"), "{e}");
+    assert!(e.to_string().contains("no forced halt either"), "{e}");
+    assert_eq!(k.instances["web"].status, "active");
+}
+
+/// A v1 kernel with the forced halt (ours): stop forces the instance back
+/// to `ready` and removes it, and release brings its offlined CPUs back;
+/// release refuses while an instance is left.
+#[test]
+fn v1_stop_forces_the_halt_and_release_onlines_the_cpus() {
+    let fx = Fixture::new();
+    let root = fx.sysroot();
+    let plan = fx.plan(&["web"]);
+    let mut k = kernel(root, Generation::V1);
+    k.v1_forced_halt = true;
+    run_boot(&mut k, root, &plan).0.unwrap();
+    assert_eq!(k.offline.iter().copied().collect::<Vec<_>>(), vec![4, 5]);
+    let mut sink = |_: &str| {};
+    let e = Engine::new(&mut k, root, fast(), &mut sink)
+        .release(false)
+        .unwrap_err();
+    assert!(e.to_string().contains("still hold their CPUs"), "{e}");
+    let mut log = Vec::new();
+    let mut logger = |l: &str| log.push(l.to_string());
+    Engine::new(&mut k, root, fast(), &mut logger)
+        .stop(&["web".into()])
+        .unwrap();
+    assert!(k.instances.is_empty());
+    Engine::new(&mut k, root, fast(), &mut logger)
+        .release(false)
+        .unwrap();
+    assert!(k.offline.is_empty(), "{log:#?}");
+    for want in [
+        "  ok: force-halt \"web\" (v1)",
+        "  ok: remove instance \"web\"",
+        "  ok: online CPU 4",
+        "  ok: online CPU 5",
+    ] {
+        assert!(log.iter().any(|l| l == want), "no {want:?} in {log:#?}");
+    }
 }
 
 #[test]

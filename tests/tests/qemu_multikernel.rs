@@ -302,6 +302,13 @@ memory = "64M"
 /// and in /boot the topology, the same bzImage as the spawned kernel and
 /// the spawned kernel's own busybox initramfs.
 fn boot_initramfs(s: &Scratch, kernel: &Path, script: &str) -> PathBuf {
+    boot_initramfs_with(s, kernel, script, None)
+}
+
+/// [`boot_initramfs`], and with `guest` (a static guest-init) the spawned
+/// kernel boots the initramfs mkctl builds around it (guest-init as
+/// `/init`, busybox applets) instead of the busybox script.
+fn boot_initramfs_with(s: &Scratch, kernel: &Path, script: &str, guest: Option<&Path>) -> PathBuf {
     let spawned = s.join("spawned.cpio");
     let mut ir = Initramfs::base();
     ir.host_file(BUSYBOX, Path::new(BUSYBOX), Some(0o755))
@@ -323,6 +330,9 @@ fn boot_initramfs(s: &Scratch, kernel: &Path, script: &str) -> PathBuf {
         0o755,
     )
     .expect("init");
+    if let Some(guest_init) = guest {
+        ir = Initramfs::for_topology(guest_init, &[]).expect("guest-init initramfs");
+    }
     ir.write_file(&spawned).expect("write spawned initramfs");
     let topology = s.join("mk.toml");
     fs::write(&topology, TOPOLOGY).expect("write topology");
@@ -362,7 +372,7 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
         &format!(
             "grep -i 'multikernel' /proc/iomem\n\
              cd /boot\n\
-             mkctl boot mk.toml\n\
+             mkctl boot --timeout 3 mk.toml\n\
              echo \"mkctl-boot-exit=$?\"\n\
              echo \"after: cpus online $(cat /sys/devices/system/cpu/online)\"\n\
              echo \"after: kimage [$(cat /proc/kimage)]\"\n\
@@ -398,7 +408,12 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
         "multikernel: 'worker': CPU 1 entered the kernel at 0x0000000020200000",
         "[kexec]   ok: wait for \"worker\" to be active",
         "worker active (multikernel v1 interface)",
-        "mkctl-boot-exit=0",
+        // The daemon formatted the window and held endpoint 0 first, but
+        // this spawned kernel runs a busybox script, not guest-init: no
+        // agent answers, and the boot says so.
+        "the host's agent holds endpoint 0 of /dev/mem at 0x2f000000 (16 MiB) for worker",
+        "worker: its kernel runs, but no agent answered over the window within 3s (it never attached: is guest-init its init?)",
+        "mkctl-boot-exit=1",
         "after: cpus online 0\r",
         "after: kimage [1 worker active 0x0000000020000000-0x0000000023ffffff boot_params=0x0000000020000000 kernel=0x0000000020200000+",
         // The spawned kernel wrote into the window; the host read it.
@@ -406,9 +421,11 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
         // The host cannot take the CPU back while the instance runs.
         "multikernel: CPU 1 runs a spawned kernel; it cannot come back to the host",
         "host: onlining CPU 1 exit=1",
-        // v1 has no halt command: stop says so and changes nothing.
-        "has no halt command",
-        "mkctl-stop-exit=1",
+        // v1 has no halt command; this kernel's forced halt (INIT) takes
+        // the instance back to ready, and it is removed.
+        "[kexec]   ok: force-halt \"worker\" (v1)",
+        "[kexec]   ok: remove instance \"worker\"",
+        "mkctl-stop-exit=0",
         "mk-host: done",
     ] {
         assert!(run.host.contains(want), "no \"{want}\" on the host\n{}", run.report());
@@ -447,6 +464,136 @@ fn mkctl_boot_spawns_a_kernel_on_cpu_1() {
     );
     eprintln!(
         "multikernel host: mkctl boot, spawned kernel to user space, window handshake, power-off {:.2} s",
+        run.elapsed.as_secs_f64()
+    );
+}
+
+/// Stage 5, first milestone: the spawned kernel runs guest-init, which
+/// maps the window from the pool through `/dev/mem` and attaches its agent
+/// as endpoint 1; the mkctl daemon on the host formatted that window first
+/// (`mkctl boot` asked it to) and holds endpoint 0. The two kernels then
+/// talk over the rings through the daemon's ordinary requests: round trips
+/// (`ping`), checksummed messages both ways (`traffic`), a command run on
+/// the spawned kernel (`exec`), and `status`. `stop` powers the spawned
+/// kernel off through its agent, then forces the halt (INIT) and removes
+/// the instance; `pool release` brings CPU 1 back to the host; and a second
+/// `mkctl boot` runs a fresh kernel on the same window.
+#[test]
+fn two_kernels_talk_over_the_rings() {
+    let kernel = mk_kernel();
+    let guest_init = Artifacts::locate()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .guest_init;
+    let s = Scratch::new("mk-link");
+    let initrd = boot_initramfs_with(
+        &s,
+        &kernel,
+        "cd /boot\n\
+         mkctl boot --timeout 60 mk.toml\n\
+         echo \"mkctl-boot-exit=$?\"\n\
+         mkctl status\n\
+         mkctl ping --count 20 host worker\n\
+         echo \"ping-exit=$?\"\n\
+         mkctl traffic --count 200 host worker\n\
+         echo \"traffic-to-exit=$?\"\n\
+         mkctl traffic --count 200 worker host\n\
+         echo \"traffic-from-exit=$?\"\n\
+         echo \"exec: [$(mkctl exec worker -- uname -r)] exit=$?\"\n\
+         echo \"exec: [$(mkctl exec worker -- cat /proc/cpuinfo | grep -m1 apicid | tr -d '\\t')]\"\n\
+         mkctl stop worker\n\
+         echo \"mkctl-stop-exit=$?\"\n\
+         mkctl status\n\
+         mkctl pool release\n\
+         echo \"mkctl-release-exit=$?\"\n\
+         echo \"after: cpus online $(cat /sys/devices/system/cpu/online), kimage [$(cat /proc/kimage)]\"\n\
+         mkctl boot --timeout 60 mk.toml\n\
+         echo \"again: mkctl-boot-exit=$?\"\n\
+         echo \"again: [$(mkctl exec worker -- cat /proc/uptime)] exit=$?\"\n\
+         mkctl traffic --count 50 worker host\n\
+         echo '--- daemon log ---'; cat /run/mkctl/daemon.log; echo '--- end ---'",
+        Some(&guest_init),
+    );
+    let append = format!("console=ttyS0 panic=-1 {POOL_PARAM}");
+    let run = Host::start(&s, &kernel, &initrd, &append, 1024).wait(timeout());
+    assert!(run.exited, "QEMU did not power off\n{}", run.report());
+    for want in [
+        "the host's agent holds endpoint 0 of /dev/mem at 0x2f000000 (16 MiB) for worker",
+        "worker active (multikernel v1 interface)",
+        "[worker] agent attached to the window",
+        "worker ready",
+        "mkctl-boot-exit=0",
+        "formatted the kexec window /dev/mem at 0x2f000000 (16 MiB) for endpoints 0-1",
+        // The daemon lists it beside the kernel's own view.
+        "  worker       id   1  active",
+        "worker         1  ready            -  1            64M",
+        "ping-exit=0",
+        "host -> worker: 200 messages of 256 B sent, 200 arrived intact and in order, 0 bad",
+        "traffic-to-exit=0",
+        "worker -> host: 200 messages of 256 B sent, 200 arrived intact and in order, 0 bad",
+        "traffic-from-exit=0",
+        "exec: [7.2.13] exit=0",
+        "exec: [apicid: 1]",
+        // Stop: the agent powers its kernel off (it leaves the window),
+        // then the kernel's forced halt and the instance's removal.
+        "[worker] asked the agent to power off",
+        "mkctl: agents: stopped worker (powered off by its agent",
+        "[kexec]   ok: force-halt \"worker\" (v1)",
+        "[kexec]   ok: remove instance \"worker\"",
+        "stopped worker",
+        "mkctl-stop-exit=0",
+        "worker         1  stopped",
+        // Release: CPU 1 comes back to the host; the pool is free again.
+        "[kexec]   ok: online CPU 1",
+        "the pool's CPUs and memory are back with the host",
+        "mkctl-release-exit=0",
+        "after: cpus online 0-1, kimage []",
+        // And again: the same daemon and window, the channel emptied, a
+        // fresh kernel (its uptime starts again) on the rings.
+        "again: mkctl-boot-exit=0",
+        "worker -> host: 50 messages of 256 B sent, 50 arrived intact and in order, 0 bad",
+        "mk-host: done",
+    ] {
+        assert!(
+            run.host.contains(want),
+            "no \"{want}\" on the host\n{}",
+            run.report()
+        );
+    }
+    assert!(
+        run.host
+            .contains("host -> worker: 20 round trips over the window"),
+        "no ping\n{}",
+        run.report()
+    );
+    for want in [
+        "mk.name=worker mk.id=1 mk.window=0x2f000000@0x1000000",
+        "window /dev/mem at 0x2f000000 mapped, 16 MiB",
+        "agent: endpoint 1 of 2 attached (generation 1)",
+        "agent: endpoint 1 of 2 attached (generation 2)",
+        "agent: ready, serving the host",
+        // (Its "System halted" line may come after the host powered off.)
+        "power-off requested",
+    ] {
+        assert!(
+            run.spawned.contains(want),
+            "no \"{want}\" from the spawned kernel\n{}",
+            run.report()
+        );
+    }
+    let again = run
+        .host
+        .split("again: [")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no uptime from the second kernel\n{}", run.report()));
+    assert!(
+        again < 30.0,
+        "the second boot's kernel has run {again} s: not a fresh kernel\n{}",
+        run.report()
+    );
+    eprintln!(
+        "multikernel host: mkctl boot, guest-init's agent on the rings, ping, traffic, exec, stop, release, boot again, power-off {:.2} s",
         run.elapsed.as_secs_f64()
     );
 }

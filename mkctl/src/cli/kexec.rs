@@ -1,14 +1,19 @@
 //! The kexec backend's commands: boot, stop, status and console of
 //! `backend = "kexec"` instances, `pool release`, and `dtb --abi current`.
-//! The kernel holds this backend's state (`/sys/fs/multikernel`), so no
-//! daemon is involved.
+//! The kernel holds this backend's state (`/sys/fs/multikernel`) and this
+//! command drives it itself. The daemon holds the host's end of the
+//! instances' window (`daemon::server::kexec`): a boot asks it to format
+//! the window and attach endpoint 0 before the kernel starts anything, and
+//! waits through it for each instance's agent afterwards.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
 use super::{Res, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
-use crate::daemon::paths;
+use crate::daemon::client::Client;
+use crate::daemon::control::{Reply, Request};
+use crate::daemon::paths::{self, RunDir};
 use crate::kexec::{self, fake::ScriptedKernel, request::Images, Engine, Options, RealKernel};
 use crate::topology::{Backend, ImageSpec, Instance, Topology};
 
@@ -64,7 +69,14 @@ fn images(scratch: &Path) -> impl Fn(&Instance) -> Result<Images, String> + '_ {
 /// Boots the topology's kexec instances in `only` (all when empty).
 /// Without the interface: the refusal and exit 1, nothing touched; with
 /// `dry_run`, the exact sequence against a model of the host.
-pub(super) fn boot(sysroot: &Path, t: &Topology, only: &[String], dry_run: bool) -> Res {
+pub(super) fn boot(
+    sysroot: &Path,
+    config: &Path,
+    t: &Topology,
+    only: &[String],
+    timeout: u64,
+    dry_run: bool,
+) -> Res {
     let refusal = kexec::preflight(sysroot, t).err();
     if let Some(r) = refusal
         .as_ref()
@@ -109,23 +121,88 @@ pub(super) fn boot(sysroot: &Path, t: &Topology, only: &[String], dry_run: bool)
             }
         });
     }
-    let mut k = RealKernel;
-    match Engine::new(&mut k, sysroot, Options::default(), &mut log).boot(&plan) {
-        Ok(g) => {
-            println!(
-                "{} active (multikernel {g} interface)",
-                plan.targets
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+    let names: Vec<String> = plan.targets.iter().map(|t| t.name.clone()).collect();
+    // The window first: a spawned kernel's guest-init opens it as soon as
+    // it runs. Without one the daemon is not involved.
+    let hosted = match plan.window {
+        Some(_) => match window_host(config, &names) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("mkctl: {e}; nothing was booted");
+                return Ok(EXIT_FAIL);
+            }
+        },
+        None => {
+            eprintln!(
+                "mkctl: note: the topology has no [window] base: the instances get no window and no agent link"
             );
-            Ok(EXIT_OK)
+            false
+        }
+    };
+    let mut k = RealKernel;
+    let r = Engine::new(&mut k, sysroot, Options::default(), &mut log).boot(&plan);
+    let (booted, reason) = match &r {
+        Ok(g) => {
+            println!("{} active (multikernel {g} interface)", names.join(", "));
+            (true, String::new())
         }
         Err(e) => {
             eprint!("{}", e.render());
-            Ok(EXIT_FAIL)
+            (
+                false,
+                "its kexec boot failed (see mkctl boot's report)".to_string(),
+            )
         }
+    };
+    if !hosted {
+        return Ok(if booted { EXIT_OK } else { EXIT_FAIL });
+    }
+    // One request per connection.
+    let mut c = Client::connect(&RunDir::from_env())?;
+    let reply = c.call(
+        &Request::KexecBooted {
+            instances: names,
+            booted,
+            reason,
+            timeout_ms: timeout.saturating_mul(1000),
+        },
+        super::live::progress,
+    )?;
+    match reply {
+        Reply::Ok { message } if booted => {
+            println!("{message}");
+            Ok(EXIT_OK)
+        }
+        Reply::Ok { .. } => Ok(EXIT_FAIL),
+        other => Err(super::live::refused(other).into()),
+    }
+}
+
+/// The daemon (started when none runs), asked to host the window of the
+/// kexec instances `names` of `config`.
+fn window_host(config: &Path, names: &[String]) -> Result<(), String> {
+    let run = RunDir::from_env();
+    let config = std::fs::canonicalize(config).map_err(|e| format!("{}: {e}", config.display()))?;
+    let mut c = Client::connect_or_start(&run, |m| eprintln!("mkctl: {m}"))
+        .map_err(|e| crate::error_chain(&e))?;
+    let reply = c
+        .call(
+            &Request::KexecPrepare {
+                config,
+                instances: names.to_vec(),
+            },
+            super::live::progress,
+        )
+        .map_err(|e| crate::error_chain(&e))?;
+    match reply {
+        Reply::Ok { message } => {
+            eprintln!("mkctl: {message}");
+            Ok(())
+        }
+        other => Err(format!(
+            "the daemon cannot host the window: {}",
+            super::live::refused(other)
+        )),
     }
 }
 

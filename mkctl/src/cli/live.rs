@@ -102,7 +102,7 @@ pub(super) fn boot(
             .filter(|n| !qemu.contains(n))
             .cloned()
             .collect();
-        let code = super::kexec::boot(sysroot, &t, &kexec_only, dry_run)?;
+        let code = super::kexec::boot(sysroot, file, &t, &kexec_only, timeout, dry_run)?;
         if code != EXIT_OK || qemu.is_empty() {
             return Ok(code);
         }
@@ -486,6 +486,9 @@ pub(super) fn stop(sysroot: &Path, instances: &[String], args: StopArgs) -> Res 
             ))
             .into());
         }
+        if !dry_run {
+            agents_power_off(&listed, timeout);
+        }
         let code = super::kexec::stop(sysroot, &listed, dry_run)?;
         let rest: Vec<String> = instances
             .iter()
@@ -534,6 +537,39 @@ pub(super) fn stop(sysroot: &Path, instances: &[String], args: StopArgs) -> Res 
             Ok(EXIT_OK)
         }
         other => Err(refused(other).into()),
+    }
+}
+
+/// Asks the daemon, when one runs and hosts the window of the kexec
+/// instances `names`, to power them off through their agents (their
+/// kernels halt their CPUs); the kernel's own stop comes after.
+fn agents_power_off(names: &[String], timeout: u64) {
+    let Ok(Some(st)) = fetch_status() else {
+        return;
+    };
+    let known: Vec<String> = names
+        .iter()
+        .filter(|n| st.instances.iter().any(|i| &i.name == *n))
+        .cloned()
+        .collect();
+    if known.is_empty() {
+        return;
+    }
+    let r = Client::connect(&RunDir::from_env()).map(|mut c| {
+        c.call(
+            &Request::Stop {
+                instances: known,
+                timeout_ms: timeout.saturating_mul(1000),
+                force: false,
+            },
+            progress,
+        )
+    });
+    match r {
+        Ok(Ok(Reply::Stopped { message, .. })) => eprintln!("mkctl: agents: {message}"),
+        Ok(Ok(other)) => eprintln!("mkctl: agents: {}", refused(other)),
+        Ok(Err(e)) => eprintln!("mkctl: agents: {}", crate::error_chain(&e)),
+        Err(e) => eprintln!("mkctl: agents: {}", crate::error_chain(&e)),
     }
 }
 

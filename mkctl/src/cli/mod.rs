@@ -142,7 +142,9 @@ pub enum Command {
     /// Boot a topology's instances and wait until each is up: QEMU ones
     /// (through the daemon, started if needed) until their agent answers
     /// over the shared window; kexec ones through the multikernel interface
-    /// until the kernel reports them active.
+    /// until the kernel reports them active and then, when the topology
+    /// has a `[window] base`, until their agent answers over that window,
+    /// which the daemon formats in the pool through /dev/mem first.
     Boot {
         /// The topology file (TOML).
         file: PathBuf,

@@ -33,6 +33,23 @@ pub enum Request {
         timeout_ms: u64,
     },
     Status,
+    /// Before `mkctl boot` starts kexec `instances` of a topology through
+    /// the multikernel interface: format the topology's window in the pool
+    /// through `/dev/mem` (once), attach the host's agent as endpoint 0,
+    /// and register the instances as booting.
+    KexecPrepare {
+        config: PathBuf,
+        instances: Vec<String>,
+    },
+    /// The kernel side of their boot is over: with `booted`, wait (at most
+    /// `timeout_ms`) until each one's agent answers over the window, as a
+    /// QEMU boot does; without, they failed to start (`reason`).
+    KexecBooted {
+        instances: Vec<String>,
+        booted: bool,
+        reason: String,
+        timeout_ms: u64,
+    },
     /// Run a command; wire `Msg`s follow in both directions.
     Exec {
         instance: String,

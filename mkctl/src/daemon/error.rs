@@ -55,6 +55,12 @@ pub enum RequestError {
     WindowTooSmall { endpoints: u16, need: u32 },
     #[error("instance ids above 65534")]
     TooManyEndpoints,
+    #[error("{config} has no [window] base: kexec instances share a window in the pool, at an address every kernel maps", config = .0.display())]
+    NoKexecWindow(PathBuf),
+    #[error("instance \"{0}\" uses backend = \"qemu\"; only kexec instances are booted through the multikernel interface")]
+    NotKexec(String),
+    #[error("this daemon's window is {running}, and this boot needs {wanted}; one daemon hosts one window (stop its instances and the daemon first: mkctl daemon stop)")]
+    OtherWindow { running: String, wanted: String },
     #[error(transparent)]
     Window(#[from] WindowError),
     #[error("cannot build the guests' initramfs")]
@@ -155,6 +161,12 @@ pub enum InstanceError {
     Died { reason: String, evidence: String },
     #[error("not ready after {timeout:.0?}; QEMU was killed; {evidence}")]
     Timeout { timeout: Duration, evidence: String },
+    /// A kexec instance's kernel runs, but its agent did not answer.
+    #[error("its kernel runs, but no agent answered over the window within {timeout:.0?} ({seen}); its console is the kernel's own serial port")]
+    NoAgent {
+        timeout: Duration,
+        seen: &'static str,
+    },
 }
 
 #[cfg(test)]

@@ -151,6 +151,10 @@ pub struct Inst {
     pub restart: Restart,
     /// What the restart policy did and will do for it.
     pub policy: PolicyState,
+    /// A kexec instance: a kernel the multikernel interface runs on the
+    /// host's own CPUs (started by `mkctl boot`, not by this daemon), which
+    /// has no QEMU; it runs while its agent is attached to the window.
+    pub kexec: bool,
 }
 
 /// Who asked for a boot (or restart).
@@ -393,7 +397,8 @@ impl Registry {
             // A deliberate stop: no restart by the policy, now or pending.
             inst.policy.armed = false;
             inst.policy.due = None;
-            match inst.state.on_stop(inst.child.is_some()) {
+            let runs = inst.child.is_some() || (inst.kexec && inst.state.is_live());
+            match inst.state.on_stop(runs) {
                 OnStop::Stop => {
                     inst.state = State::Stopping;
                     targets.push((n.clone(), inst.id, inst.dir.clone()));
@@ -497,6 +502,7 @@ mod tests {
             dir: InstanceDir(PathBuf::from("/nonexistent").join(name)),
             restart: Restart::No,
             policy: PolicyState::default(),
+            kexec: false,
         }
     }
 

@@ -2,6 +2,12 @@
 //! ivshmem BAR, formatted by the daemon, with the host's agent attached as
 //! endpoint 0 and one link per instance, and the doorbell relay that wakes
 //! sleeping receivers across kernels ([`super::doorbell`]).
+//!
+//! On a multikernel host (kexec instances) the window is a range of
+//! physical memory in the pool instead, mapped from `/dev/mem`
+//! ([`HostWindow::create_phys`]): the spawned kernels map the same range
+//! (`mk.window=`). No doorbell reaches a spawned kernel there (it has no
+//! virtio-serial port), so the relay is off and every receiver polls.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +58,10 @@ pub struct HostWindow {
     relay: Option<Relay>,
     endpoints: u16,
     stop: Arc<AtomicBool>,
+    /// Where the window lives, for people: the file, or `/dev/mem at 0x…`.
+    place: String,
+    /// The physical range on a multikernel host (`None`: a file).
+    phys: Option<(u64, u64)>,
 }
 
 impl HostWindow {
@@ -83,7 +93,27 @@ impl HostWindow {
         };
         let layout = Layout::for_size(size, endpoints).map_err(ring)?;
         let window = Window::format_at(path, 0, size, layout).map_err(ring)?;
-        HostWindow::attach(window, agent)
+        HostWindow::attach(window, agent, super::doorbell::enabled(), None)
+    }
+
+    /// Formats `size` bytes of physical memory at `phys` through `dev_mem`
+    /// (`/dev/mem`) for endpoints `0..endpoints`, attaches as endpoint 0
+    /// and links `agent` to every other endpoint. The relay is off: the
+    /// kernels on the other side have no doorbell port, so receivers poll.
+    pub fn create_phys(
+        dev_mem: &Path,
+        phys: u64,
+        size: u64,
+        endpoints: u16,
+        agent: Arc<Agent>,
+    ) -> Result<HostWindow, WindowError> {
+        let ring = |source| WindowError::Ring {
+            path: dev_mem.into(),
+            source,
+        };
+        let layout = Layout::for_size(size, endpoints).map_err(ring)?;
+        let window = Window::format_at(dev_mem, phys, size, layout).map_err(ring)?;
+        HostWindow::attach(window, agent, false, Some((phys, size)))
     }
 
     /// Opens the window an earlier daemon formatted (its guests still
@@ -95,13 +125,23 @@ impl HostWindow {
             path: path.into(),
             source,
         })?;
-        HostWindow::attach(window, agent)
+        HostWindow::attach(window, agent, super::doorbell::enabled(), None)
     }
 
     /// Attaches as endpoint 0 of `window`, beats, and links `agent` to every
-    /// other endpoint.
-    fn attach(window: Window, agent: Arc<Agent>) -> Result<HostWindow, WindowError> {
+    /// other endpoint; with `doorbell`, through the relay. `phys` is the
+    /// physical range of a `/dev/mem` window.
+    fn attach(
+        window: Window,
+        agent: Arc<Agent>,
+        doorbell: bool,
+        phys: Option<(u64, u64)>,
+    ) -> Result<HostWindow, WindowError> {
         let path = window.path().to_path_buf();
+        let place = match phys {
+            Some((base, size)) => format!("{} at 0x{base:x} ({} MiB)", path.display(), size >> 20),
+            None => path.display().to_string(),
+        };
         let ring = |source| WindowError::Ring {
             path: path.clone(),
             source,
@@ -110,7 +150,7 @@ impl HostWindow {
         // Every peer of the daemon's endpoint is a guest, which no futex
         // reaches: the relay carries the rings over each guest's doorbell
         // port. Without it (MKCTL_DOORBELL=off) the receivers poll.
-        let relay = super::doorbell::enabled().then(|| Relay::new(window.clone()));
+        let relay = doorbell.then(|| Relay::new(window.clone()));
         let endpoint = window
             .attach_with_doorbell(0, Liveness::default(), relay.as_ref().map(Relay::host_bell))
             .map_err(ring)?;
@@ -144,7 +184,19 @@ impl HostWindow {
             relay,
             endpoints,
             stop,
+            place,
+            phys,
         })
+    }
+
+    /// Where the window lives, for people.
+    pub fn place(&self) -> &str {
+        &self.place
+    }
+
+    /// The physical range (base, size) of a `/dev/mem` window.
+    pub fn phys(&self) -> Option<(u64, u64)> {
+        self.phys
     }
 
     /// Number of endpoints (ids `0..endpoints()`).
@@ -189,6 +241,13 @@ impl HostWindow {
         self.state(id).is_some_and(|s| s.state == PeerState::Alive)
     }
 
+    /// True when `id` is attached and its heartbeat has not stopped for
+    /// long (alive or silent).
+    pub fn peer_attached(&self, id: u16) -> bool {
+        self.state(id)
+            .is_some_and(|s| matches!(s.state, PeerState::Alive | PeerState::Silent))
+    }
+
     /// True when `id` detached cleanly: its agent let go of the window on
     /// purpose (a power-off asked for inside the guest), unlike a crash or
     /// a panic, which leave it attached and still.
@@ -226,5 +285,63 @@ impl Drop for HostWindow {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.agent.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mknode::agent::Hooks;
+
+    const MIB: u64 = 1 << 20;
+
+    fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !ok() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "no {what}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A window in physical memory, with a file standing for `/dev/mem`:
+    /// formatted at its offset and nowhere else, endpoint 0 held without a
+    /// relay; a peer that opens the same range (as guest-init does) is seen
+    /// attached, and gone when it lets go.
+    #[test]
+    fn a_phys_window_is_formatted_at_its_offset_without_a_relay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("mem");
+        std::fs::File::create(&mem)
+            .and_then(|f| f.set_len(8 * MIB))
+            .unwrap();
+        let agent = Agent::new(
+            0,
+            Hooks {
+                power_off: Box::new(|| {}),
+                info: Box::new(mknode::agent::kernel_info),
+            },
+        );
+        let hw = HostWindow::create_phys(&mem, 4 * MIB, 4 * MIB, 2, agent).unwrap();
+        assert!(hw.relay().is_none());
+        assert_eq!(hw.phys(), Some((4 * MIB, 4 * MIB)));
+        assert_eq!(hw.endpoints(), 2);
+        assert_eq!(hw.place(), format!("{} at 0x400000 (4 MiB)", mem.display()));
+        let bytes = std::fs::read(&mem).unwrap();
+        let (before, window) = bytes.split_at(4 * MIB as usize);
+        assert!(before.iter().all(|&b| b == 0), "written before the window");
+        assert!(
+            window.iter().any(|&b| b != 0),
+            "the window is not formatted"
+        );
+
+        let guest = Window::open_at(&mem, 4 * MIB, 4 * MIB).unwrap();
+        let ep = guest
+            .attach_with_doorbell(1, Liveness::default(), None)
+            .unwrap();
+        ep.heartbeat_handle().beat().unwrap();
+        wait_for("peer attached", || hw.peer_attached(1));
+        drop(ep);
+        wait_for("peer gone", || hw.peer_left(1));
+        assert!(!hw.peer_attached(1));
     }
 }

@@ -11,7 +11,9 @@
 //! Release: one `/resources` overlay giving every pool CPU and chunk back.
 //! v1: the single DTB in place of baseline and overlays, the instance CPUs
 //! offlined before the load (the RFC's start refuses an online CPU), no
-//! halt command (stop refuses while active), `rmdir` to remove.
+//! halt command (stop uses the forced halt where the kernel has one, as
+//! ours does, and refuses while active otherwise), `rmdir` to remove, and
+//! release brings the offline CPUs back once no instance is left.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -761,15 +763,36 @@ impl<'a, K: KernelIface + ?Sized> Engine<'a, K> {
                 .map_err(|_| Failure::Other(format!("{} reads \"{id}\"", id_path.display())))?;
             Ok((InstanceId(id), e.read(&status_path)?))
         })?;
-        if status == "active" {
-            if generation == Generation::V1 {
+        if status == "active" && generation == Generation::V1 {
+            // The RFC v2 interface has no halt. A v1 kernel that has the
+            // forced halt (ours, qemu/multikernel: INIT to the instance's
+            // CPUs, back to `ready`) stops it that way; one without it
+            // answers EINVAL (an unknown reboot command) and it runs on.
+            let t = self.opts.halt_timeout;
+            let forced = self.step(&format!("force-halt \"{name}\" (v1)"), |e| {
+                match e.reboot(RebootCmd::HaltForce, id) {
+                    Err(Failure::Call {
+                        errno: Errno::EINVAL | Errno::EOPNOTSUPP,
+                        ..
+                    }) => Ok(false),
+                    Err(f) => Err(f),
+                    Ok(()) => e.poll_not(&status_path, "active", t).map(|()| true),
+                }
+            })?;
+            if !forced {
                 return Err(self.plain_error(
                     &format!("halt \"{name}\""),
-                    "the v1 interface (RFC v2) has no halt command; an active v1 instance \
-                     runs until the host reboots"
+                    "the v1 interface (RFC v2) has no halt command, and this kernel has no \
+                     forced halt either (it answered EINVAL); an active v1 instance runs until \
+                     the host reboots"
                         .into(),
                 ));
             }
+            status = self.step(&format!("read the status of \"{name}\""), |e| {
+                e.read(&status_path)
+            })?;
+        }
+        if status == "active" {
             let t = self.opts.halt_timeout;
             let halted = self.step(&format!("halt \"{name}\""), |e| {
                 match e.reboot(RebootCmd::Halt, id) {
@@ -820,6 +843,51 @@ impl<'a, K: KernelIface + ?Sized> Engine<'a, K> {
         Ok(())
     }
 
+    /// v1 keeps no pool of its own: the memory stays reserved at boot
+    /// (`mkkernel_pool=`), and the CPUs are the ones boot offlined for
+    /// instances. With no instance left, every offline CPU comes back
+    /// online (a CPU the kernel still holds for an instance refuses).
+    fn release_v1_cpus(&mut self) -> Result<(), StepError> {
+        let inst_dir = self.mk("instances");
+        self.step("check no instance holds CPUs", |e| {
+            let names = e.read_dir(&inst_dir)?;
+            if names.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure::Other(format!(
+                    "instance(s) {} still hold their CPUs: stop them first",
+                    names.join(", ")
+                )))
+            }
+        })?;
+        let offline_path = self.sysroot.join("sys/devices/system/cpu/offline");
+        let offline = self.step("read the offline CPUs", |e| {
+            let text = match e.read(&offline_path) {
+                Err(Failure::Call {
+                    errno: Errno::ENOENT,
+                    ..
+                }) => String::new(),
+                r => r?,
+            };
+            crate::units::CpuSet::parse(text.trim()).map_err(|why| {
+                Failure::Other(format!(
+                    "{} reads \"{text}\": {why}",
+                    offline_path.display()
+                ))
+            })
+        })?;
+        if offline.is_empty() {
+            (self.log)("every CPU is online: nothing to give back");
+        }
+        for cpu in offline.iter() {
+            let p = self
+                .sysroot
+                .join(format!("sys/devices/system/cpu/cpu{cpu}/online"));
+            self.step(&format!("online CPU {cpu}"), |e| e.write(&p, b"1"))?;
+        }
+        Ok(())
+    }
+
     /// Gives every pool CPU and chunk back to the host (current
     /// generation), refusing while instances exist; then unmounts the
     /// filesystem when `unmount`. A no-op on an empty pool.
@@ -848,7 +916,7 @@ impl<'a, K: KernelIface + ?Sized> Engine<'a, K> {
                 (self.log)("the pool is empty: nothing to give back");
             }
         } else {
-            (self.log)("the v1 interface keeps no pool: nothing to give back");
+            self.release_v1_cpus()?;
         }
         if unmount {
             let root = self.mk("");

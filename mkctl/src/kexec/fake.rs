@@ -95,6 +95,10 @@ pub struct ScriptedKernel {
     pub never_active: bool,
     /// `LINUX_REBOOT_CMD_MULTIKERNEL_HALT` returns ETIMEDOUT.
     pub halt_unanswered: bool,
+    /// A v1 kernel with the forced halt (ours, `qemu/multikernel`): it
+    /// takes an active instance back to `ready`. Without it a v1 kernel
+    /// answers both halts EINVAL, as the RFC v2 series does.
+    pub v1_forced_halt: bool,
 }
 
 impl ScriptedKernel {
@@ -118,6 +122,7 @@ impl ScriptedKernel {
             failing_overlays: Vec::new(),
             never_active: false,
             halt_unanswered: false,
+            v1_forced_halt: false,
         }
     }
 
@@ -763,6 +768,10 @@ impl KernelIface for ScriptedKernel {
         if rel == "proc/iomem" {
             return Ok(self.iomem().into_bytes());
         }
+        if rel == "sys/devices/system/cpu/offline" {
+            let set = crate::units::CpuSet::from_cpus(self.offline.iter().copied());
+            return Ok(format!("{set}\n").into_bytes());
+        }
         let mk = self.mk_rel(&rel).ok_or(Errno::ENOENT)?.to_string();
         if mk == "device_tree" {
             return match self.generation {
@@ -923,6 +932,7 @@ impl KernelIface for ScriptedKernel {
         };
         let never_active = self.never_active;
         let unanswered = self.halt_unanswered;
+        let v1_force = self.v1_forced_halt;
         let i = self.instances.get_mut(&name).expect("found by id");
         match cmd {
             RebootCmd::Start => {
@@ -935,6 +945,16 @@ impl KernelIface for ScriptedKernel {
                 if !never_active {
                     i.status = "active".into();
                 }
+                Ok(())
+            }
+            RebootCmd::Halt | RebootCmd::HaltForce if gen == Generation::V1 => {
+                if cmd == RebootCmd::Halt || !v1_force {
+                    return Err(Errno::EINVAL);
+                }
+                if i.status != "active" {
+                    return Err(Errno::ESRCH);
+                }
+                i.status = "ready".into();
                 Ok(())
             }
             RebootCmd::Halt => {

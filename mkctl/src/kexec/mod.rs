@@ -29,6 +29,12 @@
 //! itself, so the boot checks (step `check window`) that no instance was
 //! given memory overlapping the window.
 //!
+//! The host's end of that window is the mkctl daemon's
+//! (`daemon::server::kexec`): `mkctl boot` asks it to format the range
+//! through `/dev/mem` and attach the host's agent as endpoint 0 before the
+//! kernel starts anything, so exec, info, ping, traffic and status reach
+//! kexec instances as they reach QEMU guests.
+//!
 //! The command line also carries the keys a QEMU guest gets
 //! (`qemu::cmdline`): `mk.name`, `mk.id` (guest-init's agent needs its
 //! endpoint id) and `mk.peers` (the endpoint names for its messages).

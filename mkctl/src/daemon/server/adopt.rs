@@ -194,6 +194,10 @@ impl Daemon {
                 due: None,
                 running: false,
             },
+            // A kexec instance is saved without a QEMU and comes back
+            // failed: its window is in /dev/mem, which a new daemon does
+            // not take over yet.
+            kexec: false,
         }
     }
 }

@@ -187,6 +187,12 @@ impl Daemon {
         let need = t.instances.iter().map(|i| i.id.0).max().unwrap_or(0);
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = w.as_ref() {
+            if w.phys().is_some() {
+                return Err(RequestError::OtherWindow {
+                    running: w.place().to_string(),
+                    wanted: format!("a file for QEMU guests, {}", self.run.window().display()),
+                });
+            }
             if u32::from(w.endpoints()) <= need {
                 return Err(RequestError::WindowTooSmall {
                     endpoints: w.endpoints(),
@@ -350,6 +356,7 @@ impl Daemon {
                 dir: dir.clone(),
                 restart: i.restart,
                 policy,
+                kexec: false,
             },
         );
         drop(reg);
@@ -372,9 +379,22 @@ impl Daemon {
         progress: Progress<'_>,
     ) -> Result<bool, InstanceError> {
         let id = u16::try_from(i.id.0).unwrap_or(u16::MAX);
+        self.agent_ready(window, &i.name, id, announced, progress)
+    }
+
+    /// True once the agent of instance `name` (endpoint `id`) answered and
+    /// it is `ready`; an error when it failed meanwhile (its QEMU died).
+    pub(super) fn agent_ready(
+        &self,
+        window: &HostWindow,
+        name: &str,
+        id: u16,
+        announced: &mut Vec<String>,
+        progress: Progress<'_>,
+    ) -> Result<bool, InstanceError> {
         {
             let mut reg = self.registry();
-            let Some(inst) = reg.instances.get_mut(&i.name) else {
+            let Some(inst) = reg.instances.get_mut(name) else {
                 return Err(InstanceError::Died {
                     reason: "forgotten".into(),
                     evidence: String::new(),
@@ -394,9 +414,9 @@ impl Daemon {
         if !window.peer_alive(id) {
             return Ok(false);
         }
-        if !announced.contains(&i.name) {
-            progress(&i.name, "agent attached to the window");
-            announced.push(i.name.clone());
+        if !announced.iter().any(|a| a == name) {
+            progress(name, "agent attached to the window");
+            announced.push(name.to_string());
         }
         let Ok(Msg::Info { info, .. }) =
             window
@@ -412,7 +432,7 @@ impl Daemon {
         // that came meanwhile stands.
         if let Some(inst) = reg
             .instances
-            .get_mut(&i.name)
+            .get_mut(name)
             .filter(|inst| inst.state == State::Booting)
         {
             inst.state = State::Ready;
@@ -422,7 +442,7 @@ impl Daemon {
             let secs = inst.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
             drop(reg);
             progress(
-                &i.name,
+                name,
                 &format!(
                     "ready in {secs:.1} s: {} {}, CPUs {}",
                     info.sysname, info.release, info.cpus_online
@@ -432,7 +452,7 @@ impl Daemon {
         }
         let now = reg
             .instances
-            .get(&i.name)
+            .get(name)
             .map_or("forgotten", |inst| inst.state.as_str());
         Err(InstanceError::Died {
             reason: format!("it became {now} while it booted"),
@@ -441,7 +461,7 @@ impl Daemon {
     }
 
     /// Marks an instance failed; kills its QEMU when asked.
-    fn fail(&self, name: &str, reason: &str, kill: bool) {
+    pub(super) fn fail(&self, name: &str, reason: &str, kill: bool) {
         let mut reg = self.registry();
         if let Some(inst) = reg.instances.get_mut(name) {
             inst.fail(reason);
@@ -554,7 +574,7 @@ impl Daemon {
     /// [`HUNG_AFTER`]. The monitor does this every [`MONITOR_PERIOD`]; a
     /// boot does it first, so a guest whose QEMU was just killed is booted
     /// again instead of called "already ready".
-    fn notice(&self, heartbeats: bool) {
+    pub(super) fn notice(&self, heartbeats: bool) {
         let window = self
             .window
             .lock()
@@ -562,6 +582,23 @@ impl Daemon {
             .clone();
         let mut reg = self.registry();
         for inst in reg.instances.values_mut() {
+            // A kexec instance has no QEMU: its agent letting go of the
+            // window is the end of it (a power-off inside, or a stop).
+            if inst.kexec
+                && inst.state == State::Ready
+                && window.as_ref().is_some_and(|w| w.peer_left(inst.id))
+            {
+                log::info!(
+                    "{}: its agent left the window (powered off from inside the kernel)",
+                    inst.name
+                );
+                inst.state = State::Stopped;
+                inst.started = None;
+                if let Some(w) = &window {
+                    w.agent.fail_peer(inst.id, "its agent left the window");
+                }
+                continue;
+            }
             if let Some(child) = inst.child.as_mut() {
                 if let Some(status) = child.try_wait() {
                     inst.child = None;
@@ -617,7 +654,7 @@ impl Daemon {
             build: self.build.clone(),
             run_dir: self.run.path().to_path_buf(),
             config: reg.config.clone(),
-            window: window.as_ref().map(|_| self.run.window()),
+            window: window.as_ref().map(|w| PathBuf::from(w.place())),
             doorbell: window.as_ref().and_then(|w| w.relay()).map(|r| r.stats()),
             instances: reg
                 .instances
@@ -749,6 +786,11 @@ impl Daemon {
                     };
                     let exited = match inst.child.as_mut() {
                         Some(c) => c.try_wait().is_some(),
+                        // A kexec instance ends when its agent lets go of
+                        // the window (or stops beating).
+                        None if inst.kexec => {
+                            !window.as_ref().is_some_and(|w| w.peer_attached(inst.id))
+                        }
                         // The monitor reaped it (it leaves the state of a
                         // stopping instance to the stop).
                         None => true,
@@ -832,8 +874,17 @@ impl Daemon {
         }
         let mut reg = self.registry();
         for (name, id, _) in &targets {
+            let ended = outcomes.iter().any(|o| &o.name == name && o.step.is_some());
             if let Some(inst) = reg.instances.get_mut(name) {
-                inst.state = State::Stopped;
+                if inst.kexec && !ended {
+                    // Nothing but its agent can end it from here.
+                    inst.fail(format!(
+                        "its agent did not power it off within {:.0} s; its kernel may still run",
+                        timeout.as_secs_f64()
+                    ));
+                } else {
+                    inst.state = State::Stopped;
+                }
                 inst.started = None;
             }
             if let Some(w) = &window {

@@ -11,7 +11,9 @@
 //!   rules of [`super::state`];
 //! - `relay`: requests carried out by agents (exec, info, ping, traffic,
 //!   migrate, checkpoint, restore);
-//! - `adopt`: taking over the instances of an earlier daemon.
+//! - `adopt`: taking over the instances of an earlier daemon;
+//! - `kexec`: the host's end of the window of kexec instances, which
+//!   `mkctl boot` starts through the kernel's interface.
 //!
 //! Invariants it keeps:
 //! - nothing starts before the topology validated;
@@ -28,6 +30,7 @@
 mod adopt;
 mod dsm;
 mod instances;
+mod kexec;
 mod relay;
 
 use std::ops::{Deref, DerefMut};
@@ -484,6 +487,21 @@ impl Daemon {
             Request::Status => Reply::Status {
                 status: self.status(),
             },
+            Request::KexecPrepare { config, instances } => {
+                self.kexec_prepare(&config, &instances, progress)?
+            }
+            Request::KexecBooted {
+                instances,
+                booted,
+                reason,
+                timeout_ms,
+            } => self.kexec_booted(
+                &instances,
+                booted,
+                &reason,
+                Duration::from_millis(timeout_ms),
+                progress,
+            )?,
             Request::Stop {
                 instances,
                 timeout_ms,
