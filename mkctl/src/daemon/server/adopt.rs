@@ -158,10 +158,12 @@ impl Daemon {
             (State::Failed, _) => (was, si.reason.clone()),
             (State::Ready | State::Booting, false) => (
                 State::Failed,
-                Some(format!(
-                    "its QEMU (pid {}) exited while no daemon ran",
-                    si.qemu.map_or(0, |(pid, _)| pid)
-                )),
+                Some(match si.qemu {
+                    Some((pid, _)) => format!("its QEMU (pid {pid}) exited while no daemon ran"),
+                    // A kexec instance: its window is in the pool, which a
+                    // restarted daemon does not take over yet.
+                    None => "a kexec instance: a restarted daemon does not take its window over yet (`mkctl stop` it, then boot it again)".to_string(),
+                }),
             ),
             (State::Stopping | State::Stopped, _) => {
                 // Its stop was under way: finished now.
