@@ -101,9 +101,7 @@ fn only_these_run(want: &[u32], what: &str) {
     let t = Instant::now();
     loop {
         let now = children();
-        if now.iter().map(|c| c.0).collect::<Vec<_>>() == want
-            && now.iter().all(|c| c.1 != 'Z')
-        {
+        if now.iter().map(|c| c.0).collect::<Vec<_>>() == want && now.iter().all(|c| c.1 != 'Z') {
             return;
         }
         assert!(
@@ -279,12 +277,15 @@ fn concurrent_moves_between_three_kernels() {
         .map(|i| {
             let at = 1 + (i % 3) as u16;
             // 1 to 8 MiB each, so moves take different times and overlap
-            // in every phase.
+            // in every phase. One worker thread (and the main one) and a
+            // line every 50 ms: a moved process's output is forwarded
+            // through every kernel it has been on (see the README), and
+            // 16 spinning workers on this 2-CPU machine starve the agents.
             let mem = format!("{}M", 1 << (i % 4));
             let (pid, mut out) = common::agents::start(
                 &n,
                 at,
-                &["--mem", &mem, "--threads", "2", "--interval-ms", "10"],
+                &["--mem", &mem, "--threads", "1", "--interval-ms", "50"],
             );
             let sum = checksum(pid, &mut out, &format!("process {i}"));
             Proc { at, pid, out, sum }
@@ -345,4 +346,274 @@ fn concurrent_moves_between_three_kernels() {
         ms(totals[totals.len() / 2]),
         ms(*totals.last().unwrap()),
     );
+}
+
+// ---------------------------------------------------------------- faults
+
+/// Kills kernel `k` of `n` as a crash does: its agent stops answering (its
+/// links go, its heartbeat stops), it leaves the shared window; and the
+/// processes on it die with it, now and for as long as `sweep` runs (the
+/// dead agent's threads go on in this test process, unlike a crashed
+/// kernel's: a restore it was running could still make a copy).
+fn kill_kernel(n: &mut Net, k: u16) {
+    let a = std::sync::Arc::clone(&n.agents[k as usize]);
+    n.silenced[k as usize].store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in (0..n.agents.len() as u16).filter(|&p| p != k) {
+        a.remove_link(p);
+    }
+    a.shutdown();
+    drop(n.endpoints[k as usize].take());
+}
+
+/// Until `stop`, kills every process this test started but `keep` (the
+/// original, on kernel 1): the others are the dead destination's (its
+/// copy, or a stub being restored). Returns how many it killed.
+fn sweep(keep: u32, stop: &std::sync::atomic::AtomicBool) -> usize {
+    let mut killed = std::collections::BTreeSet::new();
+    loop {
+        for (pid, state) in children() {
+            if pid != keep && state != 'Z' {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                killed.insert(pid);
+            }
+        }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return killed.len();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sets its flag when dropped: a failed assertion stops the sweeper too.
+struct SetOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+type Answers = std::sync::Arc<std::sync::Mutex<Vec<(Instant, Msg)>>>;
+
+/// Sends the client's request to move `pid` from kernel 1 to 2; its
+/// answers land in the returned list as they come.
+fn move_request(n: &Net, pid: u32, lazy: bool) -> (Answers, std::thread::JoinHandle<()>) {
+    let (_req, rx) = n.agents[0]
+        .request(1, |req| Msg::MigrateOut {
+            req,
+            pid,
+            to: 2,
+            lazy,
+        })
+        .expect("move request");
+    let answers: Answers = Default::default();
+    let a = std::sync::Arc::clone(&answers);
+    let h = std::thread::spawn(move || {
+        while let Ok(m) = rx.recv_timeout(Duration::from_secs(300)) {
+            let last = m.is_final();
+            a.lock().unwrap().push((Instant::now(), m));
+            if last {
+                return;
+            }
+        }
+    });
+    (answers, h)
+}
+
+const FAULT_ARGS: [&str; 6] = ["--mem", "16M", "--threads", "2", "--interval-ms", "5"];
+
+/// How long a whole move takes here (request to report), the longest of
+/// two.
+fn move_time(lazy: bool) -> Duration {
+    (0..2)
+        .map(|_| {
+            let n = net();
+            let (pid, mut out) = common::agents::start(&n, 1, &FAULT_ARGS);
+            more_lines(&mut out, 5, Duration::from_secs(30), "calibration");
+            let t0 = Instant::now();
+            let (answers, h) = move_request(&n, pid, lazy);
+            h.join().unwrap();
+            let took = t0.elapsed();
+            let a = answers.lock().unwrap();
+            let Some((_, Msg::MigrateReport { new_pid, .. })) = a.last() else {
+                panic!("calibration move: {:?}", a.last())
+            };
+            signal(*new_pid, Signal::SIGKILL);
+            out.until(Duration::from_secs(30), |_| false);
+            only_these_run(&[], "after a calibration move");
+            took
+        })
+        .max()
+        .unwrap()
+}
+
+/// Where the move was, as seen just before the kill.
+fn phase(answers: &Answers, pid: u32) -> &'static str {
+    let a = answers.lock().unwrap();
+    if a.iter().any(|(_, m)| m.is_final()) {
+        "after the move"
+    } else if a
+        .iter()
+        .any(|(_, m)| matches!(m, Msg::MigrateProgress { .. }))
+    {
+        "copy running, pages still going"
+    } else if children().iter().any(|c| c.0 != pid) {
+        "frozen, copy being restored"
+    } else if traced(pid) {
+        "frozen, image streaming"
+    } else {
+        "before the freeze"
+    }
+}
+
+/// One episode: a fresh net, `mkcounter` on kernel 1 moving to kernel 2,
+/// kernel 2 killed `delay` after the request. Returns the phase the kill
+/// landed in, the outcome, the failure's text if the move failed, and how
+/// long after the kill the move's answer came.
+fn episode(
+    e: u64,
+    lazy: bool,
+    delay: Duration,
+) -> (&'static str, &'static str, String, Option<Duration>) {
+    let what = format!("episode {e} (lazy {lazy}, kill after {:.1} ms)", ms(delay));
+    let mut n = net();
+    let (pid, mut out) = common::agents::start(&n, 1, &FAULT_ARGS);
+    more_lines(&mut out, 5, Duration::from_secs(30), &what);
+    let sum = checksum(pid, &mut out, &what);
+    let t0 = Instant::now();
+    let (answers, h) = move_request(&n, pid, lazy);
+    std::thread::sleep(delay.saturating_sub(t0.elapsed()));
+    let phase = phase(&answers, pid);
+    let killed_at = Instant::now();
+    kill_kernel(&mut n, 2);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (outcome, why, settled) = std::thread::scope(|s| {
+        let sweeper = s.spawn(|| sweep(pid, &stop));
+        let stop_sweeping = SetOnDrop(&stop);
+        // The move answers, whatever happened (no agent is stuck).
+        h.join().unwrap();
+        let (at, last) = answers.lock().unwrap().last().cloned().unwrap_or_else(|| {
+            panic!("{what}: no answer to the move within 300 s (killed {phase})")
+        });
+        // (None: answered before the kill.)
+        let settled = at.checked_duration_since(killed_at);
+        let r = match last {
+            Msg::MigrateReport { .. } => {
+                // The move was over: the process ran on kernel 2 and died
+                // with it; its exec says so, by name.
+                assert!(reaped(pid), "{what}: the original {pid} still there");
+                out.until(Duration::from_secs(30), |_| false);
+                let lost = out.failed.clone().unwrap_or_else(|| {
+                    panic!("{what}: the exec ended with {:?}, not as lost", out.exited)
+                });
+                assert!(
+                    lost.contains("the process was lost") && lost.contains("endpoint 2"),
+                    "{what}: {lost}"
+                );
+                ("moved, then lost with kernel 2", String::new(), settled)
+            }
+            Msg::Failed { message, .. } => {
+                // The failure names the destination, and what became of
+                // the process.
+                assert!(message.contains("endpoint 2"), "{what}: {message}");
+                if message.contains("the original runs on")
+                    || message.contains("nothing was frozen")
+                {
+                    // Same process, let go, printing on, same memory.
+                    let t = Instant::now();
+                    while traced(pid) {
+                        assert!(
+                            t.elapsed() < Duration::from_secs(5),
+                            "{what}: the original {pid} is still frozen: {message}"
+                        );
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    more_lines(&mut out, 20, Duration::from_secs(30), &what);
+                    assert_eq!(checksum(pid, &mut out, &what), sum, "{what}");
+                    signal(pid, Signal::SIGKILL);
+                    out.until(Duration::from_secs(30), |_| false);
+                    assert_eq!(out.exited, Some(ExitStatus::Signal(9)), "{what}");
+                    ("failed, the original ran on", message, settled)
+                } else {
+                    // The copy had taken over (lazy: it ran while the
+                    // rest of its pages went): it is lost with its
+                    // kernel, the original gone, and the exec says so.
+                    assert!(reaped(pid), "{what}: {message}; yet {pid} still there");
+                    out.until(Duration::from_secs(30), |_| false);
+                    let lost = out.failed.clone().unwrap_or_else(|| {
+                        panic!("{what}: the exec ended with {:?}, not as lost", out.exited)
+                    });
+                    assert!(lost.contains("endpoint 2"), "{what}: {lost}");
+                    ("failed, the copy lost with kernel 2", message, settled)
+                }
+            }
+            other => panic!("{what}: answered {other:?}"),
+        };
+        drop(stop_sweeping);
+        sweeper.join().unwrap();
+        r
+    });
+    no_gap(&what, &out);
+    only_these_run(&[], &what);
+    all_answer(&n, &[1]);
+    (phase, outcome, why, settled)
+}
+
+/// `MKCTL_FAULT_EPISODES` moves (10 in the suite), lazy or stop-copy at
+/// random, whose destination is killed at a random point: from the
+/// request to a little after a whole move's time.
+#[test]
+fn destination_killed_at_random_points_of_moves() {
+    let _one = common::serial();
+    let episodes = env_u64("MKCTL_FAULT_EPISODES").unwrap_or(10);
+    let seed = seed("MKCTL_FAULT_SEED");
+    let mut rng = Rng(seed);
+    let took = [move_time(false), move_time(true)];
+    eprintln!(
+        "faults: {episodes} episodes, MKCTL_FAULT_SEED={seed}; a whole move takes {:.0} ms stop-copy, {:.0} ms lazy",
+        ms(took[0]),
+        ms(took[1])
+    );
+    let t0 = Instant::now();
+    let mut count: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+    let mut causes: BTreeMap<String, u32> = BTreeMap::new();
+    let mut slowest = Duration::ZERO;
+    for e in 0..episodes {
+        let lazy = rng.below(2) == 1;
+        let span = took[usize::from(lazy)].as_micros() as u64 * 13 / 10;
+        let delay = Duration::from_micros(rng.below(span + 1));
+        let (phase, outcome, why, settled) = episode(e, lazy, delay);
+        let when = match settled {
+            Some(d) => format!("answered {:.0} ms after the kill", ms(d)),
+            None => "answered before the kill".into(),
+        };
+        eprintln!(
+            "episode {e}: {} killed after {:.1} ms ({phase}): {outcome} ({when}){}{why}",
+            if lazy { "lazy" } else { "stop-copy" },
+            ms(delay),
+            if why.is_empty() { "" } else { ": " }
+        );
+        slowest = slowest.max(settled.unwrap_or_default());
+        *count.entry((phase, outcome)).or_default() += 1;
+        if !why.is_empty() {
+            // The cause, without the pids and times that vary.
+            let cause: String = why
+                .chars()
+                .map(|c| if c.is_ascii_digit() { '#' } else { c })
+                .collect();
+            *causes.entry(cause).or_default() += 1;
+        }
+    }
+    eprintln!(
+        "faults: {episodes} episodes in {:.1} s; the move answered at most {:.0} ms after the kill",
+        t0.elapsed().as_secs_f64(),
+        ms(slowest)
+    );
+    for ((phase, outcome), k) in &count {
+        eprintln!("  {k:4}  killed {phase}: {outcome}");
+    }
+    eprintln!("causes given:");
+    for (c, k) in &causes {
+        eprintln!("  {k:4}  {c}");
+    }
 }

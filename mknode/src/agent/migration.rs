@@ -265,6 +265,10 @@ pub enum MoveError {
     /// The destination's kernel went down during the move.
     #[error("{why}; the original runs on")]
     Lost { why: String },
+    /// The destination's kernel went down after the copy ran (in lazy
+    /// mode: before all its pages had moved): the process is lost with it.
+    #[error("{why}, after the copy ran there: the process is lost with it (the original, older than the copy, was killed)")]
+    CopyLost { why: String },
     #[error("{peer} did not say the copy runs within {timeout:?}; the original runs on")]
     NoAnswer { peer: Peer, timeout: Duration },
     #[error(transparent)]
@@ -314,7 +318,8 @@ impl Migration {
 
     /// Moves local process `pid` to endpoint `to`. Runs on the calling
     /// thread, which must stay the same from freeze to kill (ptrace). On
-    /// error the original runs on, untouched.
+    /// error the original runs on, untouched (but for
+    /// [`MoveError::CopyLost`]: the copy had taken over).
     ///
     /// Stop-and-copy sends every page before the copy runs. `lazy` resumes
     /// the copy after the eager pages; the rest is served on demand and
@@ -421,12 +426,29 @@ impl Migration {
             }
         };
         let (etx, erx) = bounded(1);
-        if let Some(o) = lock(&self.outgoing).get_mut(&(to, mig)) {
-            o.exit = Some(etx);
-        }
+        // The destination may have gone down since it said "running"
+        // (`peer_lost` then dropped the entry, and could not tell where the
+        // end goes): the copy ran, so the process is lost with it.
+        let lost_already = match lock(&self.outgoing).get_mut(&(to, mig)) {
+            Some(o) => {
+                o.exit = Some(etx);
+                None
+            }
+            None => Some(etx),
+        };
         // Before the kill: whoever waits for the original learns its real
         // end from the destination.
         agent.facet::<Exec>().mark_moved(pid, erx);
+        if let Some(etx) = lost_already {
+            let why = match ctl_rx.try_recv() {
+                Ok(Ctl::Lost(why)) => why,
+                _ => format!("{} went down", agent.peer(to)),
+            };
+            let _ = etx.send(Err(ProcessLost { why: why.clone() }));
+            forget();
+            frozen.kill();
+            return Err(MoveError::CopyLost { why });
+        }
         let mut report = MoveReport {
             new_pid,
             downtime: t0.elapsed(),
@@ -437,8 +459,17 @@ impl Migration {
         let server = lock(&self.servers).get(&(to, mig)).cloned();
         if let Some(server) = server {
             let eager = server.progress().sent;
-            self.finish_lazy(&agent, to, mig, &server, &ctl_rx, pages_in);
+            let finished = self.finish_lazy(&agent, to, mig, &server, &ctl_rx, pages_in);
             lock(&self.servers).remove(&(to, mig));
+            if let Err(why) = finished {
+                // The copy ran and is lost with its kernel (`peer_lost`
+                // told the exec); the original is older than the copy
+                // (resumed, it would print again what the copy printed):
+                // it goes too, instead of staying frozen.
+                forget();
+                frozen.kill();
+                return Err(MoveError::CopyLost { why });
+            }
             report.image_bytes += server.progress().sent.saturating_sub(eager) * 4096;
         }
         frozen.kill();
@@ -448,7 +479,8 @@ impl Migration {
 
     /// The rest of a lazy move once the copy runs: pushes what is left,
     /// answers fetches meanwhile (in the receive thread), and returns when
-    /// all has gone and the destination needs nothing more.
+    /// all has gone and the destination needs nothing more; or, with why,
+    /// as soon as the destination's kernel goes down.
     fn finish_lazy(
         &self,
         agent: &Arc<Agent>,
@@ -457,7 +489,7 @@ impl Migration {
         server: &PageServer,
         ctl_rx: &Receiver<Ctl>,
         mut pages_in: bool,
-    ) {
+    ) -> Result<(), String> {
         let me = Arc::clone(agent);
         let pusher = server.clone();
         thread::spawn(move || {
@@ -475,8 +507,21 @@ impl Migration {
             }
             let _ = me.send(to, &Msg::PagesDone { mig });
         });
-        if !server.wait_all_sent(Duration::from_secs(600)) {
-            log::warn!("migration {mig} to {to}: not every page went out in 10 min; the copy will be killed by its pager");
+        // A destination that goes down stops the pushes (their sends
+        // fail): without looking at the control channel meanwhile, this
+        // would wait the whole 10 minutes, the original frozen and the
+        // move unanswered.
+        let all_sent = Instant::now() + Duration::from_secs(600);
+        while !server.wait_all_sent(Duration::from_millis(100)) {
+            match ctl_rx.try_recv() {
+                Ok(Ctl::Lost(why)) => return Err(why),
+                Ok(Ctl::PagesIn) => pages_in = true,
+                Ok(_) | Err(_) => {}
+            }
+            if Instant::now() >= all_sent {
+                log::warn!("migration {mig} to {to}: not every page went out in 10 min; the copy will be killed by its pager");
+                break;
+            }
         }
         // Fetches may still be on their way (sent before the push of the
         // same page arrived): serve them until the destination says it
@@ -486,6 +531,7 @@ impl Migration {
             let left = deadline.saturating_duration_since(Instant::now());
             match ctl_rx.recv_timeout(left) {
                 Ok(Ctl::PagesIn) => pages_in = true,
+                Ok(Ctl::Lost(why)) => return Err(why),
                 Ok(_) => continue,
                 Err(_) => {
                     log::warn!("migration {mig} to {to}: every page went out but the destination did not confirm within {PAGES_IN_TIMEOUT:?}; letting go of the original");
@@ -493,6 +539,7 @@ impl Migration {
                 }
             }
         }
+        Ok(())
     }
 
     /// Refuses, before anything is frozen, a destination that runs another
