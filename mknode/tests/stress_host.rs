@@ -356,24 +356,39 @@ fn concurrent_moves_between_three_kernels() {
 /// dead agent's threads go on in this test process, unlike a crashed
 /// kernel's: a restore it was running could still make a copy).
 fn kill_kernel(n: &mut Net, k: u16) {
-    let a = std::sync::Arc::clone(&n.agents[k as usize]);
+    let a = &n.agents[k as usize];
     n.silenced[k as usize].store(true, std::sync::atomic::Ordering::Relaxed);
-    for p in (0..n.agents.len() as u16).filter(|&p| p != k) {
-        a.remove_link(p);
-    }
+    // Its receive threads stop after the message in hand, and its links
+    // all go at once (each removal waits for its receive thread, up to
+    // 100 ms on an idle link: one after the other, the link to the
+    // origin would serve on meanwhile).
     a.shutdown();
+    std::thread::scope(|s| {
+        for p in (0..n.agents.len() as u16).filter(|&p| p != k) {
+            s.spawn(move || a.remove_link(p));
+        }
+    });
     drop(n.endpoints[k as usize].take());
 }
 
 /// Until `stop`, kills every process this test started but `keep` (the
 /// original, on kernel 1): the others are the dead destination's (its
-/// copy, or a stub being restored). Returns how many it killed.
+/// copy, or a stub being restored), and reaps them (the dead agent's
+/// restore thread, which would, may wait for pieces that never come).
+/// Returns how many it killed.
 fn sweep(keep: u32, stop: &std::sync::atomic::AtomicBool) -> usize {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
     let mut killed = std::collections::BTreeSet::new();
     loop {
         for (pid, state) in children() {
-            if pid != keep && state != 'Z' {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            if pid == keep {
+                continue;
+            }
+            let p = Pid::from_raw(pid as i32);
+            if state == 'Z' {
+                let _ = waitpid(p, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL));
+            } else {
+                let _ = kill(p, Signal::SIGKILL);
                 killed.insert(pid);
             }
         }
@@ -490,11 +505,19 @@ fn episode(
     let (outcome, why, settled) = std::thread::scope(|s| {
         let sweeper = s.spawn(|| sweep(pid, &stop));
         let stop_sweeping = SetOnDrop(&stop);
-        // The move answers, whatever happened (no agent is stuck).
+        // The move answers soon, whatever happened: the origin's agent
+        // is not stuck on a dead destination.
+        let t = Instant::now();
+        while !answers.lock().unwrap().iter().any(|(_, m)| m.is_final()) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{what}: no answer to the move 30 s after the kill (killed {phase}); answers {:?}",
+                answers.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         h.join().unwrap();
-        let (at, last) = answers.lock().unwrap().last().cloned().unwrap_or_else(|| {
-            panic!("{what}: no answer to the move within 300 s (killed {phase})")
-        });
+        let (at, last) = answers.lock().unwrap().last().cloned().unwrap();
         // (None: answered before the kill.)
         let settled = at.checked_duration_since(killed_at);
         let r = match last {
