@@ -183,6 +183,18 @@ fn all_answer(n: &Net, kernels: &[u16]) {
     }
 }
 
+/// This process's threads (the agents' among them).
+fn threads() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -250,10 +262,19 @@ fn drive(n: &Net, i: usize, p: &mut Proc, rounds: u64, rng: &mut Rng) -> Moves {
         // The old pid is gone (killed and reaped on its kernel), the new
         // one runs: one copy of the process.
         assert!(reaped(p.pid), "{what}: the original {} still there", p.pid);
-        assert!(
-            std::path::Path::new(&format!("/proc/{new_pid}")).exists(),
-            "{what}: the copy {new_pid} does not run"
-        );
+        if !std::path::Path::new(&format!("/proc/{new_pid}")).exists() {
+            // What its exec says of it.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                p.out.until(Duration::from_secs(3), |_| false)
+            }));
+            panic!(
+                "{what}: the copy {new_pid} does not run ({} -> {to}, lazy {lazy}); its exec: {:?} {:?}\n{}",
+                p.at,
+                p.out.exited,
+                p.out.failed,
+                tail(&p.out.text)
+            );
+        }
         let old = p.pid;
         (p.at, p.pid) = (to, new_pid);
         more_lines(&mut p.out, 5, Duration::from_secs(120), &what);
@@ -272,20 +293,22 @@ fn concurrent_moves_between_three_kernels() {
     let rounds = env_u64("MKCTL_STRESS_ROUNDS").unwrap_or(3);
     let seed = seed("MKCTL_STRESS_SEED");
     eprintln!("concurrent moves: {procs} processes x {rounds} rounds, MKCTL_STRESS_SEED={seed}");
+    let interval = env_u64("MKCTL_STRESS_INTERVAL_MS").unwrap_or(50).to_string();
     let n = net_of(3, |_| mknode::agent::kernel_info);
     let mut ps: Vec<Proc> = (0..procs)
         .map(|i| {
             let at = 1 + (i % 3) as u16;
             // 1 to 8 MiB each, so moves take different times and overlap
             // in every phase. One worker thread (and the main one) and a
-            // line every 50 ms: a moved process's output is forwarded
-            // through every kernel it has been on (see the README), and
-            // 16 spinning workers on this 2-CPU machine starve the agents.
+            // line every MKCTL_STRESS_INTERVAL_MS (50): a moved process's
+            // output is forwarded through every kernel it has been on
+            // (see the README), and 16 spinning workers on this 2-CPU
+            // machine starve the agents.
             let mem = format!("{}M", 1 << (i % 4));
             let (pid, mut out) = common::agents::start(
                 &n,
                 at,
-                &["--mem", &mem, "--threads", "1", "--interval-ms", "50"],
+                &["--mem", &mem, "--threads", "1", "--interval-ms", &interval],
             );
             let sum = checksum(pid, &mut out, &format!("process {i}"));
             Proc { at, pid, out, sum }
@@ -307,6 +330,7 @@ fn concurrent_moves_between_three_kernels() {
             .collect()
     });
     let took = t0.elapsed();
+    let threads = threads();
     // One copy of each process runs, nothing else: no stub, no original
     // left frozen anywhere.
     let pids: Vec<u32> = ps.iter().map(|p| p.pid).collect();
@@ -338,7 +362,8 @@ fn concurrent_moves_between_three_kernels() {
     eprintln!(
         "concurrent moves: {} moves ({lazy} lazy, {stop_copy} stop-copy) of {procs} processes in {:.1} s; \
          downtime median {:.1} ms, max {:.1} ms; move median {:.1} ms, max {:.1} ms; \
-         {lines} lines, no gap, no repeat; every checksum held; leftover processes: 0",
+         {lines} lines, no gap, no repeat; every checksum held; leftover processes: 0; \
+         {threads} threads in the agents' process after the moves (output relays of every hop)",
         lazy + stop_copy,
         took.as_secs_f64(),
         ms(down[down.len() / 2]),
