@@ -293,7 +293,9 @@ fn concurrent_moves_between_three_kernels() {
     let rounds = env_u64("MKCTL_STRESS_ROUNDS").unwrap_or(3);
     let seed = seed("MKCTL_STRESS_SEED");
     eprintln!("concurrent moves: {procs} processes x {rounds} rounds, MKCTL_STRESS_SEED={seed}");
-    let interval = env_u64("MKCTL_STRESS_INTERVAL_MS").unwrap_or(50).to_string();
+    let interval = env_u64("MKCTL_STRESS_INTERVAL_MS")
+        .unwrap_or(50)
+        .to_string();
     let n = net_of(3, |_| mknode::agent::kernel_info);
     let mut ps: Vec<Proc> = (0..procs)
         .map(|i| {

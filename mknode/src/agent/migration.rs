@@ -63,8 +63,10 @@ enum Ctl {
 /// The origin's side of one migration.
 struct Outgoing {
     ctl: Sender<Ctl>,
-    out: Option<File>,
-    err: Option<File>,
+    /// Shared so that a write happens outside the table's lock (see
+    /// `MigratedOutput`).
+    out: Option<Arc<File>>,
+    err: Option<Arc<File>>,
     /// Once the copy runs: where its end goes.
     exit: Option<Sender<Result<ExitStatus, ProcessLost>>>,
 }
@@ -347,6 +349,7 @@ impl Migration {
                 .write(true)
                 .open(format!("/proc/{pid}/fd/{n}"))
                 .ok()
+                .map(Arc::new)
         };
         let (out, err) = (open_fd(1), open_fd(2));
         let mig = self.next.fetch_add(1, Ordering::Relaxed);
@@ -838,16 +841,24 @@ impl Facet for Migration {
             Msg::MigrateFailed { mig, message } => self.control(peer, mig, Ctl::Failed(message)),
             Msg::PagesIn { mig } => self.control(peer, mig, Ctl::PagesIn),
             Msg::MigratedOutput { mig, stream, bytes } => {
-                let mut out = lock(&self.outgoing);
-                if let Some(o) = out.get_mut(&(peer, mig)) {
-                    let f = if stream == Stream::Stderr {
+                fn pick(o: &mut Outgoing, stream: Stream) -> &mut Option<Arc<File>> {
+                    if stream == Stream::Stderr {
                         &mut o.err
                     } else {
                         &mut o.out
-                    };
-                    if let Some(file) = f {
-                        if file.write_all(&bytes).is_err() {
-                            *f = None;
+                    }
+                }
+                // The write blocks while the pipe is full (its reader, a
+                // relay of an earlier hop or the exec, is slow): not under
+                // the table's lock, which every move of this agent needs
+                // (to start, to hear "running", when a peer is lost).
+                let file = lock(&self.outgoing)
+                    .get_mut(&(peer, mig))
+                    .and_then(|o| pick(o, stream).clone());
+                if let Some(file) = file {
+                    if (&*file).write_all(&bytes).is_err() {
+                        if let Some(o) = lock(&self.outgoing).get_mut(&(peer, mig)) {
+                            *pick(o, stream) = None;
                         }
                     }
                 }
