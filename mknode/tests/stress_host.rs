@@ -15,7 +15,7 @@
 //!   the move was over and the process ends as lost with its kernel.
 //!
 //! The suite runs short versions; the long ones (the README's figures):
-//! `MKCTL_STRESS_ROUNDS=50 cargo test -p mknode --test stress_host concurrent -- --nocapture`
+//! `MKCTL_STRESS_ROUNDS=50 MKCTL_STRESS_INTERVAL_MS=200 cargo test -p mknode --test stress_host concurrent -- --nocapture`
 //! and `MKCTL_FAULT_EPISODES=100 cargo test -p mknode --test stress_host killed -- --nocapture`.
 //! `MKCTL_STRESS_SEED` / `MKCTL_FAULT_SEED` replay a run (each run prints its seed).
 
