@@ -63,8 +63,10 @@ enum Ctl {
 /// The origin's side of one migration.
 struct Outgoing {
     ctl: Sender<Ctl>,
-    out: Option<File>,
-    err: Option<File>,
+    /// Shared so that a write happens outside the table's lock (see
+    /// `MigratedOutput`).
+    out: Option<Arc<File>>,
+    err: Option<Arc<File>>,
     /// Once the copy runs: where its end goes.
     exit: Option<Sender<Result<ExitStatus, ProcessLost>>>,
 }
@@ -351,6 +353,10 @@ pub enum MoveError {
     /// The destination's kernel went down during the move.
     #[error("{why}; the original runs on")]
     Lost { why: String },
+    /// The destination's kernel went down after the copy ran (in lazy
+    /// mode: before all its pages had moved): the process is lost with it.
+    #[error("{why}, after the copy ran there: the process is lost with it (the original, older than the copy, was killed)")]
+    CopyLost { why: String },
     #[error("{peer} did not say the copy runs within {timeout:?}; the original runs on")]
     NoAnswer { peer: Peer, timeout: Duration },
     #[error(transparent)]
@@ -400,7 +406,8 @@ impl Migration {
 
     /// Moves local process `pid` to endpoint `to`. Runs on the calling
     /// thread, which must stay the same from freeze to kill (ptrace). On
-    /// error the original runs on, untouched.
+    /// error the original runs on, untouched (but for
+    /// [`MoveError::CopyLost`]: the copy had taken over).
     ///
     /// Stop-and-copy sends every page before the copy runs. `lazy` resumes
     /// the copy after the eager pages; the rest is served on demand and
@@ -429,6 +436,7 @@ impl Migration {
                 .write(true)
                 .open(format!("/proc/{pid}/fd/{n}"))
                 .ok()
+                .map(Arc::new)
         };
         let (out, err) = (open_fd(1), open_fd(2));
         let mig = self.next.fetch_add(1, Ordering::Relaxed);
@@ -511,12 +519,29 @@ impl Migration {
             }
         };
         let (etx, erx) = bounded(1);
-        if let Some(o) = lock(&self.outgoing).get_mut(&(to, mig)) {
-            o.exit = Some(etx);
-        }
+        // The destination may have gone down since it said "running"
+        // (`peer_lost` then dropped the entry, and could not tell where the
+        // end goes): the copy ran, so the process is lost with it.
+        let lost_already = match lock(&self.outgoing).get_mut(&(to, mig)) {
+            Some(o) => {
+                o.exit = Some(etx);
+                None
+            }
+            None => Some(etx),
+        };
         // Before the kill: whoever waits for the original learns its real
         // end from the destination.
         agent.facet::<Exec>().mark_moved(pid, erx);
+        if let Some(etx) = lost_already {
+            let why = match ctl_rx.try_recv() {
+                Ok(Ctl::Lost(why)) => why,
+                _ => format!("{} went down", agent.peer(to)),
+            };
+            let _ = etx.send(Err(ProcessLost { why: why.clone() }));
+            forget();
+            frozen.kill();
+            return Err(MoveError::CopyLost { why });
+        }
         let mut report = MoveReport {
             new_pid,
             downtime: t0.elapsed(),
@@ -529,10 +554,20 @@ impl Migration {
         if let Some(server) = server {
             let eager = server.progress().sent;
             let after = |pages: u64| image_bytes + pages.saturating_sub(eager) * 4096;
-            self.finish_lazy(&agent, (to, mig), &server, &ctl_rx, pages_in, &|pages| {
-                sent(after(pages));
-            });
+            let finished =
+                self.finish_lazy(&agent, (to, mig), &server, &ctl_rx, pages_in, &|pages| {
+                    sent(after(pages));
+                });
             lock(&self.servers).remove(&(to, mig));
+            if let Err(why) = finished {
+                // The copy ran and is lost with its kernel (`peer_lost`
+                // told the exec); the original is older than the copy
+                // (resumed, it would print again what the copy printed):
+                // it goes too, instead of staying frozen.
+                forget();
+                frozen.kill();
+                return Err(MoveError::CopyLost { why });
+            }
             // The server counts the image's eager pages too.
             let pages = server.progress().sent;
             report.image_bytes = after(pages);
@@ -545,7 +580,8 @@ impl Migration {
 
     /// The rest of a lazy move once the copy runs: pushes what is left,
     /// answers fetches meanwhile (in the receive thread), and returns when
-    /// all has gone and the destination needs nothing more.
+    /// all has gone and the destination needs nothing more; or, with why,
+    /// as soon as the destination's kernel goes down.
     fn finish_lazy(
         &self,
         agent: &Arc<Agent>,
@@ -554,7 +590,7 @@ impl Migration {
         ctl_rx: &Receiver<Ctl>,
         mut pages_in: bool,
         sent: &dyn Fn(u64),
-    ) {
+    ) -> Result<(), String> {
         let me = Arc::clone(agent);
         let pusher = server.clone();
         thread::spawn(move || {
@@ -572,15 +608,26 @@ impl Migration {
             }
             let _ = me.send(to, &Msg::PagesDone { mig });
         });
-        // Waited for in steps, saying how many pages have gone.
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let mut all = false;
-        while !all && Instant::now() < deadline {
-            all = server.wait_all_sent(SENT_EVERY);
-            sent(server.progress().sent);
-        }
-        if !all {
-            log::warn!("migration {mig} to {to}: not every page went out in 10 min; the copy will be killed by its pager");
+        // A destination that goes down stops the pushes (their sends
+        // fail): without looking at the control channel meanwhile, this
+        // would wait the whole 10 minutes, the original frozen and the
+        // move unanswered. Each look also says how many pages have gone.
+        let all_sent = Instant::now() + Duration::from_secs(600);
+        let mut told = Instant::now();
+        while !server.wait_all_sent(Duration::from_millis(100)) {
+            match ctl_rx.try_recv() {
+                Ok(Ctl::Lost(why)) => return Err(why),
+                Ok(Ctl::PagesIn) => pages_in = true,
+                Ok(_) | Err(_) => {}
+            }
+            if told.elapsed() >= SENT_EVERY {
+                told = Instant::now();
+                sent(server.progress().sent);
+            }
+            if Instant::now() >= all_sent {
+                log::warn!("migration {mig} to {to}: not every page went out in 10 min; the copy will be killed by its pager");
+                break;
+            }
         }
         // Fetches may still be on their way (sent before the push of the
         // same page arrived): serve them until the destination says it
@@ -590,6 +637,7 @@ impl Migration {
             let left = deadline.saturating_duration_since(Instant::now());
             match ctl_rx.recv_timeout(left) {
                 Ok(Ctl::PagesIn) => pages_in = true,
+                Ok(Ctl::Lost(why)) => return Err(why),
                 Ok(_) => continue,
                 Err(_) => {
                     log::warn!("migration {mig} to {to}: every page went out but the destination did not confirm within {PAGES_IN_TIMEOUT:?}; letting go of the original");
@@ -597,6 +645,7 @@ impl Migration {
                 }
             }
         }
+        Ok(())
     }
 
     /// Refuses, before anything is frozen, a destination that runs another
@@ -895,16 +944,24 @@ impl Facet for Migration {
             Msg::MigrateFailed { mig, message } => self.control(peer, mig, Ctl::Failed(message)),
             Msg::PagesIn { mig } => self.control(peer, mig, Ctl::PagesIn),
             Msg::MigratedOutput { mig, stream, bytes } => {
-                let mut out = lock(&self.outgoing);
-                if let Some(o) = out.get_mut(&(peer, mig)) {
-                    let f = if stream == Stream::Stderr {
+                fn pick(o: &mut Outgoing, stream: Stream) -> &mut Option<Arc<File>> {
+                    if stream == Stream::Stderr {
                         &mut o.err
                     } else {
                         &mut o.out
-                    };
-                    if let Some(file) = f {
-                        if file.write_all(&bytes).is_err() {
-                            *f = None;
+                    }
+                }
+                // The write blocks while the pipe is full (its reader, a
+                // relay of an earlier hop or the exec, is slow): not under
+                // the table's lock, which every move of this agent needs
+                // (to start, to hear "running", when a peer is lost).
+                let file = lock(&self.outgoing)
+                    .get_mut(&(peer, mig))
+                    .and_then(|o| pick(o, stream).clone());
+                if let Some(file) = file {
+                    if (&*file).write_all(&bytes).is_err() {
+                        if let Some(o) = lock(&self.outgoing).get_mut(&(peer, mig)) {
+                            *pick(o, stream) = None;
                         }
                     }
                 }

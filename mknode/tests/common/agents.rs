@@ -1,5 +1,5 @@
 //! Agents on the host kernel, linked as kernels are: three agents (a client
-//! as endpoint 0, and endpoints 1 and 2) over a real shared-memory window
+//! as endpoint 0, and endpoints 1 and 2; or more, [`net_of`]) over a real shared-memory window
 //! in /dev/shm, and `mkcounter` started on one of them through the client's
 //! exec stream. Used by the mover tests and the migration bench.
 
@@ -31,22 +31,29 @@ pub(crate) fn net() -> Net {
 
 /// [`net`], with agent 2 describing its kernel through `info2`.
 pub(crate) fn net_where(info2: fn() -> mknode::wire::KernelInfo) -> Net {
+    net_of(2, |id| if id == 2 { info2 } else { kernel_info })
+}
+
+/// `kernels + 1` agents, 0 (client) and 1 to `kernels`, all linked
+/// pairwise, each describing its kernel through `info(id)`.
+pub(crate) fn net_of(kernels: u16, info: impl Fn(u16) -> fn() -> mknode::wire::KernelInfo) -> Net {
+    let n = kernels + 1;
     let dir = tempfile::Builder::new()
         .prefix("mover")
         .tempdir_in("/dev/shm")
         .expect("tempdir in /dev/shm");
-    let window = shmem_ring::Window::create(dir.path().join("window"), WINDOW, 3).expect("window");
+    let window = shmem_ring::Window::create(dir.path().join("window"), WINDOW, n).expect("window");
     let mut agents = Vec::new();
     let mut endpoints = Vec::new();
     let mut silenced = Vec::new();
-    for id in 0..3u16 {
+    for id in 0..n {
         let ep = window.attach(id).expect("attach");
         let hooks = Hooks {
             power_off: Box::new(|| {}),
-            info: Box::new(if id == 2 { info2 } else { kernel_info }),
+            info: Box::new(info(id)),
         };
         let a = Agent::new(id, hooks);
-        for peer in (0..3u16).filter(|&p| p != id) {
+        for peer in (0..n).filter(|&p| p != id) {
             a.add_link(peer, Arc::new(RingLink::open(&ep, peer).expect("link")));
         }
         let beat = ep.heartbeat_handle();
@@ -67,6 +74,17 @@ pub(crate) fn net_where(info2: fn() -> mknode::wire::KernelInfo) -> Net {
         agents,
         endpoints,
         silenced,
+    }
+}
+
+impl Drop for Net {
+    /// Stops the agents' receive threads and the heartbeats, so that tests
+    /// making many nets do not leave their threads polling behind them.
+    fn drop(&mut self) {
+        for (a, q) in self.agents.iter().zip(&self.silenced) {
+            a.shutdown();
+            q.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
