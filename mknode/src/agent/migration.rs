@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use super::exec::{Exec, ProcessLost};
 use super::{lock, Agent, AgentError, AgentRef, Facet, Peer};
@@ -63,12 +63,56 @@ enum Ctl {
 /// The origin's side of one migration.
 struct Outgoing {
     ctl: Sender<Ctl>,
-    /// Shared so that a write happens outside the table's lock (see
-    /// `MigratedOutput`).
-    out: Option<Arc<File>>,
-    err: Option<Arc<File>>,
+    /// The copy's output, to the thread that writes it where the original's
+    /// went ([`forward_output`]): a link's receive thread never waits on a
+    /// pipe (a full one would hold up every message on that link, page and
+    /// move answers included, and hops chained through pipes can wait on
+    /// each other for good).
+    forward: Sender<Forward>,
     /// Once the copy runs: where its end goes.
     exit: Option<Sender<Result<ExitStatus, ProcessLost>>>,
+}
+
+/// Where a moved process's end is told.
+type ExitTo = Sender<Result<ExitStatus, ProcessLost>>;
+
+/// What [`forward_output`] is given.
+enum Forward {
+    Bytes(Stream, Vec<u8>),
+    /// The copy ended: close the original's descriptors once everything
+    /// before is written (its readers then see the end of the data), then
+    /// tell its end.
+    End(Option<ExitTo>, ExitStatus),
+}
+
+/// Writes a copy's forwarded output into the original's stdout and stderr
+/// (pipes to a relay of an earlier hop, or to the exec), blocking as long
+/// as they are full, until the copy's end or until the move is forgotten.
+fn forward_output(mut out: Option<File>, mut err: Option<File>, rx: Receiver<Forward>) {
+    for f in rx {
+        match f {
+            Forward::Bytes(stream, bytes) => {
+                let file = if stream == Stream::Stderr {
+                    &mut err
+                } else {
+                    &mut out
+                };
+                if let Some(w) = file {
+                    if w.write_all(&bytes).is_err() {
+                        *file = None;
+                    }
+                }
+            }
+            Forward::End(exit, status) => {
+                drop(out.take());
+                drop(err.take());
+                if let Some(exit) = exit {
+                    let _ = exit.send(Ok(status));
+                }
+                return;
+            }
+        }
+    }
 }
 
 /// The pages a fetch asked for, or why the origin refused.
@@ -436,17 +480,17 @@ impl Migration {
                 .write(true)
                 .open(format!("/proc/{pid}/fd/{n}"))
                 .ok()
-                .map(Arc::new)
         };
         let (out, err) = (open_fd(1), open_fd(2));
         let mig = self.next.fetch_add(1, Ordering::Relaxed);
         let (ctl_tx, ctl_rx) = bounded(4);
+        let (forward, forwarded) = unbounded();
+        thread::spawn(move || forward_output(out, err, forwarded));
         lock(&self.outgoing).insert(
             (to, mig),
             Outgoing {
                 ctl: ctl_tx,
-                out,
-                err,
+                forward,
                 exit: None,
             },
         );
@@ -944,38 +988,14 @@ impl Facet for Migration {
             Msg::MigrateFailed { mig, message } => self.control(peer, mig, Ctl::Failed(message)),
             Msg::PagesIn { mig } => self.control(peer, mig, Ctl::PagesIn),
             Msg::MigratedOutput { mig, stream, bytes } => {
-                fn pick(o: &mut Outgoing, stream: Stream) -> &mut Option<Arc<File>> {
-                    if stream == Stream::Stderr {
-                        &mut o.err
-                    } else {
-                        &mut o.out
-                    }
-                }
-                // The write blocks while the pipe is full (its reader, a
-                // relay of an earlier hop or the exec, is slow): not under
-                // the table's lock, which every move of this agent needs
-                // (to start, to hear "running", when a peer is lost).
-                let file = lock(&self.outgoing)
-                    .get_mut(&(peer, mig))
-                    .and_then(|o| pick(o, stream).clone());
-                if let Some(file) = file {
-                    if (&*file).write_all(&bytes).is_err() {
-                        if let Some(o) = lock(&self.outgoing).get_mut(&(peer, mig)) {
-                            *pick(o, stream) = None;
-                        }
-                    }
+                if let Some(o) = lock(&self.outgoing).get(&(peer, mig)) {
+                    let _ = o.forward.send(Forward::Bytes(stream, bytes));
                 }
             }
             Msg::MigratedExit { mig, status } => {
                 let o = lock(&self.outgoing).remove(&(peer, mig));
                 if let Some(o) = o {
-                    // Closing the forwarded descriptors lets the original's
-                    // readers see end of file.
-                    drop(o.out);
-                    drop(o.err);
-                    if let Some(exit) = o.exit {
-                        let _ = exit.send(Ok(status));
-                    }
+                    let _ = o.forward.send(Forward::End(o.exit, status));
                 }
             }
             Msg::Checkpoint { req, pid, kill } => agent.answer_later(peer, req, move |me| {
