@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-use super::{Res, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+use super::{Failure, Res, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 use crate::daemon::client::Client;
 use crate::daemon::control::{Reply, Request};
 use crate::daemon::paths::{self, RunDir};
@@ -180,11 +180,13 @@ pub(super) fn boot(
 
 /// The daemon (started when none runs), asked to host the window of the
 /// kexec instances `names` of `config`.
-fn window_host(config: &Path, names: &[String]) -> Result<(), String> {
+fn window_host(config: &Path, names: &[String]) -> Result<(), Failure> {
     let run = RunDir::from_env();
-    let config = std::fs::canonicalize(config).map_err(|e| format!("{}: {e}", config.display()))?;
-    let mut c = Client::connect_or_start(&run, |m| eprintln!("mkctl: {m}"))
-        .map_err(|e| crate::error_chain(&e))?;
+    let config = std::fs::canonicalize(config)
+        .map_err(|e| Failure::Failed(format!("{}: {e}", config.display())))?;
+    let failed = |e: &dyn std::error::Error| Failure::Failed(crate::error_chain(e));
+    let mut c =
+        Client::connect_or_start(&run, |m| eprintln!("mkctl: {m}")).map_err(|e| failed(&e))?;
     let reply = c
         .call(
             &Request::KexecPrepare {
@@ -193,16 +195,16 @@ fn window_host(config: &Path, names: &[String]) -> Result<(), String> {
             },
             super::live::progress,
         )
-        .map_err(|e| crate::error_chain(&e))?;
+        .map_err(|e| failed(&e))?;
     match reply {
         Reply::Ok { message } => {
             eprintln!("mkctl: {message}");
             Ok(())
         }
-        other => Err(format!(
+        other => Err(Failure::Failed(format!(
             "the daemon cannot host the window: {}",
             super::live::refused(other)
-        )),
+        ))),
     }
 }
 

@@ -603,14 +603,14 @@ impl Migration {
                     sent(after(pages));
                 });
             lock(&self.servers).remove(&(to, mig));
-            if let Err(why) = finished {
+            if let Err(lost) = finished {
                 // The copy ran and is lost with its kernel (`peer_lost`
                 // told the exec); the original is older than the copy
                 // (resumed, it would print again what the copy printed):
                 // it goes too, instead of staying frozen.
                 forget();
                 frozen.kill();
-                return Err(MoveError::CopyLost { why });
+                return Err(lost);
             }
             // The server counts the image's eager pages too.
             let pages = server.progress().sent;
@@ -624,8 +624,9 @@ impl Migration {
 
     /// The rest of a lazy move once the copy runs: pushes what is left,
     /// answers fetches meanwhile (in the receive thread), and returns when
-    /// all has gone and the destination needs nothing more; or, with why,
-    /// as soon as the destination's kernel goes down.
+    /// all has gone and the destination needs nothing more; or
+    /// [`MoveError::CopyLost`] as soon as the destination's kernel goes
+    /// down.
     fn finish_lazy(
         &self,
         agent: &Arc<Agent>,
@@ -634,7 +635,7 @@ impl Migration {
         ctl_rx: &Receiver<Ctl>,
         mut pages_in: bool,
         sent: &dyn Fn(u64),
-    ) -> Result<(), String> {
+    ) -> Result<(), MoveError> {
         let me = Arc::clone(agent);
         let pusher = server.clone();
         thread::spawn(move || {
@@ -660,7 +661,7 @@ impl Migration {
         let mut told = Instant::now();
         while !server.wait_all_sent(Duration::from_millis(100)) {
             match ctl_rx.try_recv() {
-                Ok(Ctl::Lost(why)) => return Err(why),
+                Ok(Ctl::Lost(why)) => return Err(MoveError::CopyLost { why }),
                 Ok(Ctl::PagesIn) => pages_in = true,
                 Ok(_) | Err(_) => {}
             }
@@ -681,7 +682,7 @@ impl Migration {
             let left = deadline.saturating_duration_since(Instant::now());
             match ctl_rx.recv_timeout(left) {
                 Ok(Ctl::PagesIn) => pages_in = true,
-                Ok(Ctl::Lost(why)) => return Err(why),
+                Ok(Ctl::Lost(why)) => return Err(MoveError::CopyLost { why }),
                 Ok(_) => continue,
                 Err(_) => {
                     log::warn!("migration {mig} to {to}: every page went out but the destination did not confirm within {PAGES_IN_TIMEOUT:?}; letting go of the original");
