@@ -45,6 +45,41 @@ const POLICY_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 /// The restart policy's boot: as long as `mkctl restart` waits by default.
 const POLICY_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The topology of `config`, validated against this host, its canonical
+/// path, and its instances that `only` names (all of them when empty; a
+/// name it does not have is refused, naming those it has).
+pub(super) fn load_topology(
+    config: &Path,
+    only: &[String],
+) -> Result<(Topology, PathBuf, Vec<Instance>), RequestError> {
+    let t = topology::load(config, || {
+        crate::host::HostInfo::discover(Path::new("/"))
+            .ok()
+            .map(|h| topology::Machine::from_host(&h))
+    })
+    .map_err(RequestError::Topology)?;
+    let config = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
+    if let Some(n) = only.iter().find(|n| t.instance(n).is_none()) {
+        return Err(RequestError::NotInTopology {
+            config,
+            name: n.clone(),
+            known: t
+                .instances
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let selected = t
+        .instances
+        .iter()
+        .filter(|i| only.is_empty() || only.contains(&i.name))
+        .cloned()
+        .collect();
+    Ok((t, config, selected))
+}
+
 impl Daemon {
     pub(super) fn boot(
         &self,
@@ -55,36 +90,7 @@ impl Daemon {
         progress: Progress<'_>,
     ) -> Result<Reply, RequestError> {
         // Validate first: nothing starts for an invalid topology.
-        let t = topology::load(config, || {
-            crate::host::HostInfo::discover(Path::new("/"))
-                .ok()
-                .map(|h| topology::Machine::from_host(&h))
-        })
-        .map_err(RequestError::Topology)?;
-        let config = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
-        let selected: Vec<Instance> = if only.is_empty() {
-            t.instances.clone()
-        } else {
-            let mut v = Vec::new();
-            for n in only {
-                match t.instance(n) {
-                    Some(i) => v.push(i.clone()),
-                    None => {
-                        return Err(RequestError::NotInTopology {
-                            config,
-                            name: n.clone(),
-                            known: t
-                                .instances
-                                .iter()
-                                .map(|i| i.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                        })
-                    }
-                }
-            }
-            v
-        };
+        let (t, config, selected) = load_topology(config, only)?;
         if let Some(k) = selected.iter().find(|i| i.backend == Backend::Kexec) {
             return Err(RequestError::KexecInstance {
                 name: k.name.clone(),

@@ -41,7 +41,7 @@ use crate::daemon::error::{InstanceError, RequestError};
 use crate::daemon::state::{Inst, PolicyState, State};
 use crate::daemon::window::HostWindow;
 use crate::qemu::cmdline::endpoint_names;
-use crate::topology::{self, Backend, Instance, Restart, Topology};
+use crate::topology::{Backend, Instance, Restart, Topology};
 
 /// Where the host maps physical memory.
 const DEV_MEM: &str = "/dev/mem";
@@ -55,38 +55,17 @@ impl Daemon {
         only: &[String],
         progress: Progress<'_>,
     ) -> Result<Reply, RequestError> {
-        let t = topology::load(config, || {
-            crate::host::HostInfo::discover(Path::new("/"))
-                .ok()
-                .map(|h| topology::Machine::from_host(&h))
-        })
-        .map_err(RequestError::Topology)?;
-        let config = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
-        let mut selected: Vec<Instance> = Vec::new();
-        for i in &t.instances {
-            if only.is_empty() {
-                if i.backend == Backend::Kexec {
-                    selected.push(i.clone());
-                }
-            } else if only.contains(&i.name) {
-                if i.backend != Backend::Kexec {
-                    return Err(RequestError::NotKexec(i.name.clone()));
-                }
-                selected.push(i.clone());
-            }
+        let (t, config, named) = super::instances::load_topology(config, only)?;
+        if let Some(i) = named
+            .iter()
+            .find(|i| !only.is_empty() && i.backend != Backend::Kexec)
+        {
+            return Err(RequestError::NotKexec(i.name.clone()));
         }
-        if let Some(n) = only.iter().find(|n| t.instance(n).is_none()) {
-            return Err(RequestError::NotInTopology {
-                config,
-                name: n.clone(),
-                known: t
-                    .instances
-                    .iter()
-                    .map(|i| i.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
+        let selected: Vec<Instance> = named
+            .into_iter()
+            .filter(|i| i.backend == Backend::Kexec)
+            .collect();
         self.notice(false);
         let (selected, _already) = self.registry().admit_boot(&config, selected)?;
         let window = self.kexec_window(&config, &t)?;
