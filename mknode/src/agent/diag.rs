@@ -88,11 +88,11 @@ impl Facet for Diag {
         match m {
             Msg::InfoRequest { req } => {
                 let info = (agent.hooks().info)();
-                let _ = agent.send(peer, &Msg::Info { req, info });
+                let _ = agent.post(peer, &Msg::Info { req, info });
             }
             Msg::PowerOff => (agent.hooks().power_off)(),
             Msg::Ping { seq, t_ns } => {
-                let _ = agent.send(peer, &Msg::Pong { seq, t_ns });
+                let _ = agent.post(peer, &Msg::Pong { seq, t_ns });
             }
             Msg::Pong { seq, .. } => {
                 if let Some(tx) = lock(&self.pongs).remove(&(peer, seq)) {
@@ -143,7 +143,7 @@ impl Facet for Diag {
             }
             Msg::BlobCheck { req, from } => {
                 let r = self.blob_report(from);
-                let _ = agent.send(
+                let _ = agent.post(
                     peer,
                     &Msg::BlobReport {
                         req,

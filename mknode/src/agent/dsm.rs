@@ -107,7 +107,7 @@ impl Facet for Dsm {
                         message: format!("the DSM registry is endpoint {REGISTRY}"),
                     }
                 };
-                let _ = agent.send(peer, &answer);
+                let _ = agent.post(peer, &answer);
             }
             Msg::DsmStat { req } => agent.answer_later(peer, req, move |_| {
                 let st = self.stats()?;

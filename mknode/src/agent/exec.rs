@@ -129,7 +129,7 @@ impl Exec {
 
     fn start(self: Arc<Self>, agent: &Arc<Agent>, peer: u16, req: u32, exec: ExecRequest) {
         let Some(prog) = exec.argv.first() else {
-            let _ = agent.send(
+            let _ = agent.post(
                 peer,
                 &Msg::Failed {
                     req,
@@ -177,7 +177,7 @@ impl Exec {
                     126
                 };
                 let text = format!("cannot run {prog}: {}\n", crate::io_error_text(&e));
-                let _ = agent.send(
+                let _ = agent.post(
                     peer,
                     &Msg::Data {
                         req,
@@ -185,7 +185,7 @@ impl Exec {
                         bytes: text.into_bytes(),
                     },
                 );
-                let _ = agent.send(
+                let _ = agent.post(
                     peer,
                     &Msg::Exited {
                         req,
@@ -215,7 +215,7 @@ impl Exec {
                 stdin: stdin_tx,
             },
         );
-        let _ = agent.send(peer, &Msg::Started { req, pid });
+        let _ = agent.post(peer, &Msg::Started { req, pid });
 
         let me = Arc::clone(agent);
         let stdout = child.stdout.take();

@@ -951,7 +951,7 @@ impl Facet for Migration {
                         message: "no such migration here".into(),
                     },
                 };
-                let _ = agent.send(peer, &answer);
+                let _ = agent.post(peer, &answer);
             }
             Msg::PageData {
                 mig,

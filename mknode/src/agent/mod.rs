@@ -26,6 +26,15 @@
 //! a link is never blocked by one request. A frame that does not decode is
 //! counted and dropped: the peer is untrusted, the agent survives.
 //!
+//! A receive thread never waits for room in a ring: what a facet answers
+//! from it goes out with [`Agent::post`], which queues the frame when the
+//! ring is full (each link has a thread that sends what is queued, in
+//! order). Two agents whose receive threads both waited to send to each
+//! other, over rings the other one no longer drains, would both stop
+//! answering: lazy moves in both directions between two kernels did that
+//! (each answering the other's page fetches while its own pushes filled
+//! the rings), and their copies were killed when fetches timed out.
+//!
 //! ## Adding a message and a facet
 //!
 //! 1. Add a row to the table in `wire.rs` (`kind role Name { fields }`,
@@ -47,9 +56,9 @@ pub mod migration;
 pub mod threads;
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -154,9 +163,73 @@ pub fn standard_facets(f: &mut Facets) {
 #[derive(Debug)]
 struct LinkEntry {
     link: Arc<dyn Link>,
-    /// Tells this link's receive thread to stop.
+    /// Tells this link's receive and post threads to stop.
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
+    posts: Arc<Posts>,
+    poster: Option<thread::JoinHandle<()>>,
+}
+
+/// Frames [`Agent::post`] could not send at once, in order, for a link's
+/// post thread.
+#[derive(Debug, Default)]
+struct Posts {
+    queue: Mutex<PostQueue>,
+    more: Condvar,
+}
+
+/// A frame, and where a [`Agent::send_bytes`] waiting behind posts learns
+/// how its send went.
+type Queued = (Vec<u8>, Option<Sender<Result<(), LinkError>>>);
+
+#[derive(Debug, Default)]
+struct PostQueue {
+    frames: VecDeque<Queued>,
+    /// The post thread is sending a frame it took off the queue: a later
+    /// post must queue behind it, not overtake it.
+    sending: bool,
+    /// The post thread has ended (the link was removed): nothing queues.
+    closed: bool,
+}
+
+impl Posts {
+    /// The post thread: sends queued frames in order, waiting for room as
+    /// long as a send does ([`SEND_TIMEOUT`]); a posted frame whose send
+    /// fails is dropped with a warning (its peer is down or gone), a sent
+    /// one's sender learns the error.
+    fn run(&self, agent: &Agent, peer: u16, link: &dyn Link, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) && !agent.stop.load(Ordering::Relaxed) {
+            let (frame, waiter) = {
+                let mut q = lock(&self.queue);
+                q.sending = false;
+                match q.frames.pop_front() {
+                    Some(f) => {
+                        q.sending = true;
+                        f
+                    }
+                    None => {
+                        let _ = self.more.wait_timeout(q, Duration::from_millis(100));
+                        continue;
+                    }
+                }
+            };
+            let sent = link.send(&frame, SEND_TIMEOUT);
+            match waiter {
+                Some(w) => {
+                    let _ = w.send(sent);
+                }
+                None => {
+                    if let Err(e) = sent {
+                        log::warn!("a message to {} was dropped: {e}", agent.peer(peer));
+                    }
+                }
+            }
+        }
+        // Waiting senders learn the link is gone (their channels drop).
+        let mut q = lock(&self.queue);
+        q.closed = true;
+        q.frames.clear();
+    }
 }
 
 /// One agent, with its links and facets.
@@ -321,6 +394,13 @@ impl Agent {
             .name(format!("mknode-rx-{peer}"))
             .spawn(move || me.serve(peer, l, st))
             .expect("spawning a thread");
+        let posts = Arc::new(Posts::default());
+        let me = Arc::clone(self);
+        let (l, st, p) = (Arc::clone(&link), Arc::clone(&stop), Arc::clone(&posts));
+        let poster = thread::Builder::new()
+            .name(format!("mknode-post-{peer}"))
+            .spawn(move || p.run(&me, peer, &*l, &st))
+            .expect("spawning a thread");
         self.links
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -330,6 +410,8 @@ impl Agent {
                     link,
                     stop,
                     thread: Some(thread),
+                    posts,
+                    poster: Some(poster),
                 },
             );
     }
@@ -345,7 +427,8 @@ impl Agent {
             .remove(&peer);
         if let Some(mut e) = entry {
             e.stop.store(true, Ordering::SeqCst);
-            if let Some(t) = e.thread.take() {
+            e.posts.more.notify_all();
+            for t in [e.thread.take(), e.poster.take()].into_iter().flatten() {
                 if t.thread().id() != thread::current().id() {
                     let _ = t.join();
                 }
@@ -390,12 +473,64 @@ impl Agent {
     /// Sends one encoded message to `peer` (for callers that reuse a
     /// buffer).
     pub fn send_bytes(&self, peer: u16, frame: &[u8]) -> Result<(), AgentError> {
-        let link = self.link(peer)?;
-        link.send(frame, SEND_TIMEOUT)
-            .map_err(|source| AgentError::Link {
+        let (link, posts) = self.link_and_posts(peer)?;
+        let fail = |source| AgentError::Link {
+            peer: self.peer(peer),
+            source,
+        };
+        let mut q = lock(&posts.queue);
+        if q.closed {
+            return Err(AgentError::NoLink(self.peer(peer)));
+        }
+        if q.frames.is_empty() && !q.sending {
+            drop(q);
+            return link.send(frame, SEND_TIMEOUT).map_err(fail);
+        }
+        // Behind what was posted before: a message sent after a post (an
+        // exec's output after its `Started`) must not overtake it.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        q.frames.push_back((frame.to_vec(), Some(tx)));
+        drop(q);
+        posts.more.notify_one();
+        match rx.recv() {
+            Ok(sent) => sent.map_err(fail),
+            Err(_) => Err(AgentError::NoLink(self.peer(peer))),
+        }
+    }
+
+    fn link_and_posts(&self, peer: u16) -> Result<(Arc<dyn Link>, Arc<Posts>), AgentError> {
+        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
+        let e = links
+            .get(&peer)
+            .ok_or_else(|| AgentError::NoLink(self.peer(peer)))?;
+        Ok((Arc::clone(&e.link), Arc::clone(&e.posts)))
+    }
+
+    /// Sends one message to `peer` without waiting: at once if its ring has
+    /// room and nothing posted earlier is still queued, else queued for
+    /// the link's post thread (sent in order, dropped with a warning if the
+    /// send fails). What a receive thread sends goes this way; see the
+    /// module doc.
+    pub fn post(&self, peer: u16, msg: &Msg) -> Result<(), AgentError> {
+        let (link, posts) = self.link_and_posts(peer)?;
+        let frame = msg.encode();
+        let mut q = lock(&posts.queue);
+        if q.closed {
+            return Err(AgentError::NoLink(self.peer(peer)));
+        }
+        if q.frames.is_empty() && !q.sending {
+            let sent = link.try_send(&frame).map_err(|source| AgentError::Link {
                 peer: self.peer(peer),
                 source,
-            })
+            })?;
+            if sent {
+                return Ok(());
+            }
+        }
+        q.frames.push_back((frame, None));
+        drop(q);
+        posts.more.notify_one();
+        Ok(())
     }
 
     /// Sends one message to `peer` if that needs no wait ([`Link::try_send`]):
@@ -557,6 +692,8 @@ impl Agent {
                 },
                 Err(e) => {
                     log::warn!("link to {} closed: {e}", self.peer(peer));
+                    // Its post thread goes too.
+                    stop.store(true, Ordering::SeqCst);
                     self.fail_peer(peer, &e.to_string());
                     let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
                     // Only our own entry: a newer link may have replaced it.
@@ -653,6 +790,65 @@ pub(crate) mod tests {
         assert_eq!(e.to_string(), "no link to endpoint 8");
     }
 
+    /// Both agents send flat out to each other over links of 4 frames
+    /// while their receive threads answer every ping: were an answer sent
+    /// with a wait for room, each receive thread would wait on a link the
+    /// other no longer drains, and both would stall for `SEND_TIMEOUT`.
+    #[test]
+    fn receive_threads_never_wait_for_room() {
+        let a = Agent::new(0, hooks());
+        let b = Agent::new(1, hooks());
+        let (la, lb) = MemLink::pair(4, 1024);
+        a.add_link(1, Arc::new(la));
+        b.add_link(0, Arc::new(lb));
+        let t0 = Instant::now();
+        let flood = |from: &Arc<Agent>, to: u16| {
+            let from = Arc::clone(from);
+            thread::spawn(move || {
+                for seq in 0..5000 {
+                    from.send(to, &Msg::Ping { seq, t_ns: 0 }).unwrap();
+                }
+            })
+        };
+        let (fa, fb) = (flood(&a, 1), flood(&b, 0));
+        fa.join().unwrap();
+        fb.join().unwrap();
+        // And the links still answer.
+        let rtt = a.facet::<Diag>().ping(1, 1).unwrap();
+        assert_eq!(rtt.len(), 1);
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the floods took {:?}",
+            t0.elapsed()
+        );
+    }
+
+    /// A message sent after a post that had to queue goes out after it.
+    #[test]
+    fn a_send_does_not_overtake_what_was_posted() {
+        let a = Agent::new(0, hooks());
+        let (la, lb) = MemLink::pair(1, 1024);
+        a.add_link(1, Arc::new(la));
+        // (MemLink has no try_send: every post queues.)
+        for seq in 1..=3 {
+            a.post(1, &Msg::Ping { seq, t_ns: 0 }).unwrap();
+        }
+        let me = Arc::clone(&a);
+        let sender = thread::spawn(move || me.send(1, &Msg::Ping { seq: 4, t_ns: 0 }));
+        let mut buf = Vec::new();
+        let mut seqs = Vec::new();
+        while seqs.len() < 4 {
+            thread::sleep(Duration::from_millis(20));
+            assert!(lb.recv(&mut buf, Duration::from_secs(5)).unwrap());
+            match Msg::decode(&buf).unwrap() {
+                Msg::Ping { seq, .. } => seqs.push(seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        sender.join().unwrap().unwrap();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+    }
+
     #[test]
     fn lost_peer_fails_waiting_requests() {
         let a = Agent::new(0, hooks());
@@ -680,7 +876,7 @@ pub(crate) mod tests {
         }
         fn handle(self: Arc<Self>, agent: &Arc<Agent>, peer: u16, msg: Msg) -> Option<Msg> {
             if let Msg::BlobCheck { req, from } = msg {
-                let _ = agent.send(
+                let _ = agent.post(
                     peer,
                     &Msg::BlobReport {
                         req,

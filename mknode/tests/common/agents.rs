@@ -37,6 +37,7 @@ pub(crate) fn net_where(info2: fn() -> mknode::wire::KernelInfo) -> Net {
 /// `kernels + 1` agents, 0 (client) and 1 to `kernels`, all linked
 /// pairwise, each describing its kernel through `info(id)`.
 pub(crate) fn net_of(kernels: u16, info: impl Fn(u16) -> fn() -> mknode::wire::KernelInfo) -> Net {
+    test_log();
     let n = kernels + 1;
     let dir = tempfile::Builder::new()
         .prefix("mover")
@@ -207,4 +208,37 @@ pub(crate) fn net_tcp(busy: bool) -> Vec<Arc<Agent>> {
         }
     }
     agents
+}
+
+/// The agents' log on stderr, with the time and the thread, when
+/// `MKCTL_TEST_LOG` names a level (`debug`, `info`, ...): what a failed
+/// long run is diagnosed from.
+fn test_log() {
+    struct Stderr(Instant);
+    impl log::Log for Stderr {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record) {
+            let t = std::thread::current();
+            eprintln!(
+                "{:10.3} {:5} [{}] {}",
+                self.0.elapsed().as_secs_f64(),
+                r.level(),
+                t.name().unwrap_or("?"),
+                r.args()
+            );
+        }
+        fn flush(&self) {}
+    }
+    static LOG: std::sync::OnceLock<Stderr> = std::sync::OnceLock::new();
+    let Some(level) = std::env::var("MKCTL_TEST_LOG")
+        .ok()
+        .and_then(|l| l.parse::<log::LevelFilter>().ok())
+    else {
+        return;
+    };
+    if log::set_logger(LOG.get_or_init(|| Stderr(Instant::now()))).is_ok() {
+        log::set_max_level(level);
+    }
 }

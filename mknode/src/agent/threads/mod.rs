@@ -685,7 +685,7 @@ fn deliver(agent: &Agent, home: &Home, answers: futex::Answers) {
                 let _ = futex::respond(&home.listener, id, ret);
             }
             futex::Caller::Remote { node, req } => {
-                let _ = agent.send(
+                let _ = agent.post(
                     node,
                     &Msg::FutexDone {
                         req,
