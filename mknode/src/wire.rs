@@ -452,7 +452,10 @@ messages! {
     },
     /// Origin to destination: a process image follows in `MigrateChunk`s,
     /// closed by `MigrateEnd` (or `MigrateAbort`). `mig` is the origin's id.
-    23 peer MigrateBegin { mig: u32 },
+    /// The process's output and end go to its home, the kernel whose exec
+    /// (or restore) holds its first output, as `home`'s move `home_mig`
+    /// (the origin itself and `mig` on a first move).
+    23 peer MigrateBegin { mig: u32, home: u16, home_mig: u32 },
     24 peer MigrateChunk { mig: u32, bytes: Vec<u8> },
     25 peer MigrateEnd { mig: u32 },
     26 peer MigrateAbort { mig: u32 },
@@ -460,10 +463,10 @@ messages! {
     27 peer MigrateRunning { mig: u32, pid: u32 },
     /// Destination to origin: the restore failed; nothing of it runs.
     28 peer MigrateFailed { mig: u32, message: String },
-    /// Destination to origin: what the moved process wrote, for its
-    /// original stdout/stderr.
+    /// Where a moved process runs, to its home (`mig` is the home's id):
+    /// what it wrote, for its original stdout/stderr.
     29 peer MigratedOutput { mig: u32, stream: Stream, bytes: Vec<u8> },
-    /// Destination to origin: the moved process ended.
+    /// Where a moved process ran, to its home: it ended.
     30 peer MigratedExit { mig: u32, status: ExitStatus },
     /// Asks for an image of process `pid` (checkpoint); `ImageChunk`s then
     /// `Done` answer. With `kill` the process is stopped after the image.
@@ -473,7 +476,7 @@ messages! {
     /// empty chunk); answered like `Exec`: `Started`, `Data`, `Exited`.
     33 req RestoreImage { req: u32 },
     /// Origin to destination: a lazy image follows (see `MigrateBegin`).
-    34 peer MigrateBeginLazy { mig: u32 },
+    34 peer MigrateBeginLazy { mig: u32, home: u16, home_mig: u32 },
     /// Destination to origin: `len` bytes of pages at `addr` (answer
     /// `PageData` with the same `id`, or `PageRefused`).
     35 peer PageFetch { mig: u32, id: u32, addr: u64, len: u32 },
@@ -570,6 +573,9 @@ messages! {
     /// have gone to the destination so far (sent every few hundred ms while
     /// they flow).
     68 req MigrateSent { req: u32, bytes: u64 },
+    /// A kernel a moved process left, to its home (`mig` is the home's id):
+    /// all it wrote there has been sent; what follows comes from `to`.
+    69 peer MigratedAway { mig: u32, to: u16 },
 }
 
 impl Msg {
@@ -738,7 +744,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 68);
+        assert_eq!(Kind::ALL.len(), 69);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,

@@ -155,7 +155,7 @@ fn there_and_back_and_there_again() {
         at = 3 - at;
     }
     no_gap(&out.seqs());
-    // The end of the process comes back through every hop to the exec.
+    // The end of the process comes back to the exec, from where it runs.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(cur as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -5,11 +5,18 @@
 //! `MigrateChunk`s, wait for `MigrateRunning`; then kill the frozen
 //! original, or — on any failure before that — let it go on untouched.
 //! Destination: restore from the stream with pipes for stdout/stderr, say
-//! `MigrateRunning`, and carry the process's output and exit status back to
-//! the origin, which writes the bytes to the original's own descriptors
-//! (opened through `/proc/<pid>/fd` before it was killed) and reports the
-//! status where the original's would have gone. A process moved several
-//! times forwards through each hop, so its first stream never sees a gap.
+//! `MigrateRunning`, and carry the process's output and exit status to its
+//! *home*: the kernel whose exec (or restore) holds its first output, the
+//! origin of its first move. The home writes the bytes to the original's
+//! own descriptors (opened through `/proc/<pid>/fd` before it was killed)
+//! and reports the status where the original's would have gone.
+//!
+//! A process that moves on from a kernel it was moved to sends its output
+//! to the home straight from wherever it runs, through no kernel it left:
+//! nothing stays behind on those (no relay, no thread), and their end does
+//! not cut its output. The kernel it leaves sends what the process wrote
+//! there, then `MigratedAway { to }`; the home holds what comes from `to`
+//! until then, so its first stream never sees a gap or a reordering.
 //!
 //! Lazy moves add page fetches (`PageFetch` → `PageData`/`PageRefused`),
 //! background pushes, and `PagesDone`/`PagesIn` to end them.
@@ -17,7 +24,7 @@
 //! Checkpoint and restore through a peer use the same pieces: the image
 //! goes to the requester in `ImageChunk`s, or comes from it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
@@ -60,29 +67,77 @@ enum Ctl {
     PagesIn,
 }
 
-/// The origin's side of one migration.
+/// The origin's side of one migration: the destination's answers.
 struct Outgoing {
     ctl: Sender<Ctl>,
-    /// The copy's output, to the thread that writes it where the original's
-    /// went ([`forward_output`]): a link's receive thread never waits on a
-    /// pipe (a full one would hold up every message on that link, page and
-    /// move answers included, and hops chained through pipes can wait on
-    /// each other for good).
-    forward: Sender<Forward>,
-    /// Once the copy runs: where its end goes.
-    exit: Option<Sender<Result<ExitStatus, ProcessLost>>>,
 }
 
+/// How a moved process ended, or why it is lost.
+type End = Result<ExitStatus, ProcessLost>;
+
 /// Where a moved process's end is told.
-type ExitTo = Sender<Result<ExitStatus, ProcessLost>>;
+type ExitTo = Sender<End>;
+
+/// The home's side of a process that moved away (see the module doc), by
+/// the home's `mig` of its first move.
+struct Homed {
+    /// Its output, to the thread that writes it where the original's went
+    /// ([`forward_output`]): a link's receive thread never waits on a pipe.
+    forward: Sender<Forward>,
+    /// Once the first move's copy runs: where its end goes.
+    exit: Option<ExitTo>,
+    /// Its end, when it came before `exit` was known.
+    ended: Option<End>,
+    /// Where it runs, as far as the messages applied so far say.
+    at: u16,
+    /// What came from kernels it has not been handed to yet, in order.
+    held: HashMap<u16, VecDeque<FromAway>>,
+}
+
+/// What the kernel a process runs on tells its home.
+enum FromAway {
+    Output(Stream, Vec<u8>),
+    /// It moved on to this kernel; all it wrote before has been sent.
+    Away(u16),
+    Exit(ExitStatus),
+}
+
+impl Homed {
+    /// It ended (or is lost): the original's descriptors close once all
+    /// before is written, then the end is told (or kept until `exit` is
+    /// known). True when the entry can go.
+    fn end(&mut self, end: End) -> bool {
+        let (f, _) = unbounded();
+        let forward = std::mem::replace(&mut self.forward, f);
+        match self.exit.take() {
+            Some(exit) => {
+                let _ = forward.send(Forward::End(Some(exit), end));
+                true
+            }
+            None => {
+                let _ = forward.send(Forward::End(None, Ok(ExitStatus::Code(0))));
+                self.ended = Some(end);
+                false
+            }
+        }
+    }
+}
+
+/// A process this kernel restored for a move: where its home is, and
+/// where it went if it moved on.
+struct Hop {
+    home: u16,
+    mig: u32,
+    moved_to: Option<u16>,
+}
 
 /// What [`forward_output`] is given.
 enum Forward {
     Bytes(Stream, Vec<u8>),
-    /// The copy ended: close the original's descriptors once everything
+    /// The process ended: close the original's descriptors once everything
     /// before is written (its readers then see the end of the data), then
     /// tell its end.
-    End(Option<ExitTo>, ExitStatus),
+    End(Option<ExitTo>, End),
 }
 
 /// Writes a copy's forwarded output into the original's stdout and stderr
@@ -103,11 +158,11 @@ fn forward_output(mut out: Option<File>, mut err: Option<File>, rx: Receiver<For
                     }
                 }
             }
-            Forward::End(exit, status) => {
+            Forward::End(exit, end) => {
                 drop(out.take());
                 drop(err.take());
                 if let Some(exit) = exit {
-                    let _ = exit.send(Ok(status));
+                    let _ = exit.send(end);
                 }
                 return;
             }
@@ -128,6 +183,11 @@ pub struct Migration {
     restores: Mutex<HashMap<(u16, u32), Sender<Piece>>>,
     /// Origin: by `(destination, mig)`.
     outgoing: Mutex<HashMap<(u16, u32), Outgoing>>,
+    /// Home: processes that moved away, by this agent's `mig` of their
+    /// first move.
+    homed: Mutex<HashMap<u32, Homed>>,
+    /// Processes restored here for a move, by pid.
+    hops: Mutex<HashMap<u32, Hop>>,
     /// Origin, lazy mode: what answers page fetches, by `(destination, mig)`.
     servers: Mutex<HashMap<(u16, u32), PageServer>>,
     /// Destination, lazy mode: background pushes by `(origin, mig)`, and
@@ -441,6 +501,8 @@ impl Migration {
             incoming: Mutex::new(HashMap::new()),
             restores: Mutex::new(HashMap::new()),
             outgoing: Mutex::new(HashMap::new()),
+            homed: Mutex::new(HashMap::new()),
+            hops: Mutex::new(HashMap::new()),
             servers: Mutex::new(HashMap::new()),
             pushes: Mutex::new(HashMap::new()),
             fetches: Mutex::new(HashMap::new()),
@@ -473,37 +535,59 @@ impl Migration {
         Self::same_kernel(&agent, to)?;
         self.restorable_there(&agent, to, pid_i)?;
         let frozen = migrate::freeze(pid_i).map_err(MoveError::Freeze)?;
-        // The original's own stdout and stderr, for the copy's output: opened
-        // now, while the process still holds them.
-        let open_fd = |n: u32| {
-            File::options()
-                .write(true)
-                .open(format!("/proc/{pid}/fd/{n}"))
-                .ok()
-        };
-        let (out, err) = (open_fd(1), open_fd(2));
         let mig = self.next.fetch_add(1, Ordering::Relaxed);
+        // A process restored here for a move keeps its home; one that
+        // started here (or was restored for a peer's request) makes this
+        // its home.
+        let hop = lock(&self.hops).get(&pid).map(|h| (h.home, h.mig));
+        let (home, home_mig) = hop.unwrap_or((agent.id(), mig));
+        let at_home = hop.is_none();
+        if at_home {
+            // The original's own stdout and stderr, for the copy's output:
+            // opened now, while the process still holds them.
+            let open_fd = |n: u32| {
+                File::options()
+                    .write(true)
+                    .open(format!("/proc/{pid}/fd/{n}"))
+                    .ok()
+            };
+            let (out, err) = (open_fd(1), open_fd(2));
+            let (forward, forwarded) = unbounded();
+            thread::spawn(move || forward_output(out, err, forwarded));
+            lock(&self.homed).insert(
+                mig,
+                Homed {
+                    forward,
+                    exit: None,
+                    ended: None,
+                    at: to,
+                    held: HashMap::new(),
+                },
+            );
+        }
         let (ctl_tx, ctl_rx) = bounded(4);
-        let (forward, forwarded) = unbounded();
-        thread::spawn(move || forward_output(out, err, forwarded));
-        lock(&self.outgoing).insert(
-            (to, mig),
-            Outgoing {
-                ctl: ctl_tx,
-                forward,
-                exit: None,
-            },
-        );
+        lock(&self.outgoing).insert((to, mig), Outgoing { ctl: ctl_tx });
         let forget = || {
             lock(&self.outgoing).remove(&(to, mig));
             lock(&self.servers).remove(&(to, mig));
+            if at_home {
+                lock(&self.homed).remove(&mig);
+            }
         };
         let sent = |bytes| watch.sent(bytes);
         let streamed = (|| -> Result<(u64, u64), SendError> {
             let begin = if lazy {
-                Msg::MigrateBeginLazy { mig }
+                Msg::MigrateBeginLazy {
+                    mig,
+                    home,
+                    home_mig,
+                }
             } else {
-                Msg::MigrateBegin { mig }
+                Msg::MigrateBegin {
+                    mig,
+                    home,
+                    home_mig,
+                }
             };
             agent.send(to, &begin)?;
             let mut w = ChunkWriter::new(&agent, to, |bytes| Msg::MigrateChunk { mig, bytes })
@@ -562,26 +646,46 @@ impl Migration {
                 });
             }
         };
-        let (etx, erx) = bounded(1);
         // The destination may have gone down since it said "running"
-        // (`peer_lost` then dropped the entry, and could not tell where the
-        // end goes): the copy ran, so the process is lost with it.
-        let lost_already = match lock(&self.outgoing).get_mut(&(to, mig)) {
-            Some(o) => {
-                o.exit = Some(etx);
-                None
-            }
-            None => Some(etx),
-        };
-        // Before the kill: whoever waits for the original learns its real
-        // end from the destination.
-        agent.facet::<Exec>().mark_moved(pid, erx);
-        if let Some(etx) = lost_already {
-            let why = match ctl_rx.try_recv() {
-                Ok(Ctl::Lost(why)) => why,
-                _ => format!("{} went down", agent.peer(to)),
+        // (`peer_lost` kept that as the end, not knowing where it goes):
+        // the copy ran, so the process is lost with it.
+        let lost_already = if at_home {
+            let (etx, erx) = bounded(1);
+            let ended = {
+                let mut homed = lock(&self.homed);
+                match homed.get_mut(&mig).and_then(|h| h.ended.take()) {
+                    Some(end) => {
+                        homed.remove(&mig);
+                        Some(end)
+                    }
+                    None => {
+                        if let Some(h) = homed.get_mut(&mig) {
+                            h.exit = Some(etx.clone());
+                        }
+                        None
+                    }
+                }
             };
-            let _ = etx.send(Err(ProcessLost { why: why.clone() }));
+            // Before the kill: whoever waits for the original learns its
+            // real end from where it runs.
+            agent.facet::<Exec>().mark_moved(pid, erx);
+            match ended {
+                Some(end) => {
+                    let lost = end.as_ref().err().map(|l| l.why.clone());
+                    let _ = etx.send(end);
+                    lost
+                }
+                None => None,
+            }
+        } else {
+            // Before the kill: the restore thread tells the home where the
+            // process went once all it wrote here has gone.
+            if let Some(h) = lock(&self.hops).get_mut(&pid) {
+                h.moved_to = Some(to);
+            }
+            None
+        };
+        if let Some(why) = lost_already {
             forget();
             frozen.kill();
             return Err(MoveError::CopyLost { why });
@@ -617,6 +721,7 @@ impl Migration {
             report.image_bytes = after(pages);
             report.pages = pages;
         }
+        lock(&self.outgoing).remove(&(to, mig));
         frozen.kill();
         report.total = t0.elapsed();
         Ok(report)
@@ -854,6 +959,7 @@ impl Facet for Migration {
             Kind::MigrateFailed,
             Kind::MigratedOutput,
             Kind::MigratedExit,
+            Kind::MigratedAway,
             Kind::Checkpoint,
             Kind::RestoreImage,
             Kind::ImageChunk,
@@ -869,17 +975,20 @@ impl Facet for Migration {
         for ((to, _), o) in outgoing.iter_mut() {
             if *to == peer {
                 let _ = o.ctl.try_send(Ctl::Lost(why.to_string()));
-                if let Some(exit) = o.exit.take() {
-                    let _ = exit.send(Err(ProcessLost {
-                        why: why.to_string(),
-                    }));
-                }
             }
         }
         // A move still in progress finds `Lost` queued on its control
         // channel and gives up on its own; the entries can go now.
         outgoing.retain(|(to, _), _| *to != peer);
         drop(outgoing);
+        // Processes of ours that ran there are lost with it.
+        lock(&self.homed).retain(|_, h| {
+            h.at != peer
+                || h.ended.is_some()
+                || !h.end(Err(ProcessLost {
+                    why: why.to_string(),
+                }))
+        });
         let mut fetches = lock(&self.fetches);
         for ((origin, _, _), tx) in fetches.iter() {
             if *origin == peer {
@@ -978,8 +1087,16 @@ impl Facet for Migration {
                     let _ = tx.send(Pushed::Done);
                 }
             }
-            Msg::MigrateBegin { mig } => self.incoming(agent, peer, mig, false),
-            Msg::MigrateBeginLazy { mig } => self.incoming(agent, peer, mig, true),
+            Msg::MigrateBegin {
+                mig,
+                home,
+                home_mig,
+            } => self.incoming(agent, peer, mig, (home, home_mig), false),
+            Msg::MigrateBeginLazy {
+                mig,
+                home,
+                home_mig,
+            } => self.incoming(agent, peer, mig, (home, home_mig), true),
             Msg::MigrateChunk { mig, bytes } => {
                 feed(&self.incoming, (peer, mig), Piece::Bytes(bytes))
             }
@@ -989,16 +1106,12 @@ impl Facet for Migration {
             Msg::MigrateFailed { mig, message } => self.control(peer, mig, Ctl::Failed(message)),
             Msg::PagesIn { mig } => self.control(peer, mig, Ctl::PagesIn),
             Msg::MigratedOutput { mig, stream, bytes } => {
-                if let Some(o) = lock(&self.outgoing).get(&(peer, mig)) {
-                    let _ = o.forward.send(Forward::Bytes(stream, bytes));
-                }
+                self.home_hears(agent, peer, mig, FromAway::Output(stream, bytes))
             }
             Msg::MigratedExit { mig, status } => {
-                let o = lock(&self.outgoing).remove(&(peer, mig));
-                if let Some(o) = o {
-                    let _ = o.forward.send(Forward::End(o.exit, status));
-                }
+                self.home_hears(agent, peer, mig, FromAway::Exit(status))
             }
+            Msg::MigratedAway { mig, to } => self.home_hears(agent, peer, mig, FromAway::Away(to)),
             Msg::Checkpoint { req, pid, kill } => agent.answer_later(peer, req, move |me| {
                 self.checkpoint_to(me, peer, req, pid, kill)?;
                 Ok::<_, MoveError>(Msg::Done { req })
@@ -1033,9 +1146,67 @@ impl Migration {
         }
     }
 
+    /// Home: what the kernel `peer` says of process `mig` (see the module
+    /// doc), applied in order, following each hand-over to the next kernel.
+    fn home_hears(&self, agent: &Agent, peer: u16, mig: u32, what: FromAway) {
+        let mut homed = lock(&self.homed);
+        let Some(h) = homed.get_mut(&mig) else { return };
+        if peer != h.at || h.ended.is_some() {
+            h.held.entry(peer).or_default().push_back(what);
+            return;
+        }
+        let mut next = Some(what);
+        while let Some(w) = next
+            .take()
+            .or_else(|| h.held.get_mut(&h.at).and_then(VecDeque::pop_front))
+        {
+            let end = match w {
+                FromAway::Output(stream, bytes) => {
+                    let _ = h.forward.send(Forward::Bytes(stream, bytes));
+                    continue;
+                }
+                FromAway::Away(to) => {
+                    h.held.remove(&h.at);
+                    h.at = to;
+                    match agent.lost(to).filter(|_| to != agent.id()) {
+                        Some(why) => Err(ProcessLost { why }),
+                        None => continue,
+                    }
+                }
+                FromAway::Exit(status) => Ok(status),
+            };
+            if h.end(end) {
+                homed.remove(&mig);
+            }
+            return;
+        }
+    }
+
+    /// Sends `what` to the home of a process restored here (or applies it,
+    /// if that is this kernel).
+    fn to_home(&self, agent: &Agent, (home, mig): (u16, u32), what: FromAway) {
+        if home == agent.id() {
+            return self.home_hears(agent, home, mig, what);
+        }
+        let m = match what {
+            FromAway::Output(stream, bytes) => Msg::MigratedOutput { mig, stream, bytes },
+            FromAway::Away(to) => Msg::MigratedAway { mig, to },
+            FromAway::Exit(status) => Msg::MigratedExit { mig, status },
+        };
+        let _ = agent.send(home, &m);
+    }
+
     /// Destination: an image from `peer` begins; restore and run it on a
-    /// thread of its own, reporting to the origin.
-    fn incoming(self: Arc<Self>, agent: &Arc<Agent>, peer: u16, mig: u32, lazy: bool) {
+    /// thread of its own, reporting to the origin, and what it writes and
+    /// how it ends to its `home`.
+    fn incoming(
+        self: Arc<Self>,
+        agent: &Arc<Agent>,
+        peer: u16,
+        mig: u32,
+        home: (u16, u32),
+        lazy: bool,
+    ) {
         let (tx, rx) = bounded(64);
         lock(&self.incoming).insert((peer, mig), tx);
         let link = lazy.then(|| {
@@ -1060,31 +1231,51 @@ impl Migration {
         });
         let me = Arc::clone(agent);
         thread::spawn(move || {
+            let pid = std::cell::Cell::new(None);
             let result = self.restore_and_run(
                 &me,
                 rx,
                 link,
-                |pid| {
+                |p| {
                     lock(&self.incoming).remove(&(peer, mig));
-                    let _ = me.send(peer, &Msg::MigrateRunning { mig, pid });
+                    lock(&self.hops).insert(
+                        p,
+                        Hop {
+                            home: home.0,
+                            mig: home.1,
+                            moved_to: None,
+                        },
+                    );
+                    pid.set(Some(p));
+                    let _ = me.send(peer, &Msg::MigrateRunning { mig, pid: p });
                 },
                 |stream, bytes| {
                     if let Some(bytes) = bytes {
-                        let _ = me.send(peer, &Msg::MigratedOutput { mig, stream, bytes });
+                        self.to_home(&me, home, FromAway::Output(stream, bytes));
                     }
                 },
             );
             lock(&self.incoming).remove(&(peer, mig));
-            let _ = match result {
-                Ok(status) => me.send(peer, &Msg::MigratedExit { mig, status }),
-                Err(e) => me.send(
-                    peer,
-                    &Msg::MigrateFailed {
-                        mig,
-                        message: crate::error_text(&e),
-                    },
-                ),
-            };
+            let hop = pid.get().and_then(|p| lock(&self.hops).remove(&p));
+            match result {
+                Ok(status) => {
+                    // Everything it wrote here has gone (the pumps ended).
+                    let end = match hop.and_then(|h| h.moved_to) {
+                        Some(to) => FromAway::Away(to),
+                        None => FromAway::Exit(status),
+                    };
+                    self.to_home(&me, home, end);
+                }
+                Err(e) => {
+                    let _ = me.send(
+                        peer,
+                        &Msg::MigrateFailed {
+                            mig,
+                            message: crate::error_text(&e),
+                        },
+                    );
+                }
+            }
         });
     }
 

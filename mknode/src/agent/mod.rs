@@ -243,6 +243,9 @@ pub struct Agent {
     /// Answers to our requests, by (peer, req).
     pending: Mutex<HashMap<(u16, u32), Sender<Msg>>>,
     bad_frames: AtomicU64,
+    /// Peers taken as lost ([`Agent::fail_peer`]) and why, until they are
+    /// heard from again.
+    lost: Mutex<HashMap<u16, String>>,
     stop: AtomicBool,
     hooks: Hooks,
     facets: Vec<Arc<dyn Facet>>,
@@ -328,6 +331,7 @@ impl Agent {
                 next_req: AtomicU32::new(1),
                 pending: Mutex::new(HashMap::new()),
                 bad_frames: AtomicU64::new(0),
+                lost: Mutex::new(HashMap::new()),
                 stop: AtomicBool::new(false),
                 hooks,
                 facets: f.list,
@@ -387,6 +391,7 @@ impl Agent {
     /// stopping, any link it had to that peer).
     pub fn add_link(self: &Arc<Self>, peer: u16, link: Arc<dyn Link>) {
         self.remove_link(peer);
+        lock(&self.lost).remove(&peer);
         let stop = Arc::new(AtomicBool::new(false));
         let me = Arc::clone(self);
         let (l, st) = (Arc::clone(&link), Arc::clone(&stop));
@@ -440,6 +445,18 @@ impl Agent {
     /// Stops the receive threads (they notice within 100 ms).
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Why `peer` is taken as lost, if it is: it failed and has not been
+    /// heard from since, or there is no link to it.
+    pub fn lost(&self, peer: u16) -> Option<String> {
+        if let Some(why) = lock(&self.lost).get(&peer) {
+            return Some(why.clone());
+        }
+        match self.link(peer) {
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        }
     }
 
     /// The endpoints this agent has links to.
@@ -651,6 +668,9 @@ impl Agent {
         while !self.stop.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
             let got = link.recv(&mut buf, Duration::from_millis(100));
             if matches!(got, Ok(true)) {
+                if failed {
+                    lock(&self.lost).remove(&peer);
+                }
                 down = None;
                 failed = false;
             }
@@ -712,6 +732,7 @@ impl Agent {
     /// Every request waiting on `peer` gets a `Failed` answer, and every
     /// facet fails what waits on it (the peer is lost, or stopped).
     pub fn fail_peer(&self, peer: u16, why: &str) {
+        lock(&self.lost).insert(peer, why.to_string());
         let mut p = lock(&self.pending);
         let keys: Vec<_> = p.keys().filter(|k| k.0 == peer).copied().collect();
         for k in keys {
