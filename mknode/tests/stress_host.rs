@@ -436,6 +436,45 @@ fn a_kernel_the_process_left_can_go_down() {
     eprintln!("threads in the agents' process with the copy on 3: {threads_before}");
 }
 
+/// A move to a kernel already known to be down is refused at once, by
+/// name, and the process runs on.
+#[test]
+fn a_move_to_a_kernel_known_down_fails_at_once() {
+    let _one = common::serial();
+    let mut n = net_of(3, |_| mknode::agent::kernel_info);
+    let (pid, mut out) = common::agents::start(&n, 1, &["--mem", "1M", "--interval-ms", "20"]);
+    more_lines(&mut out, 3, Duration::from_secs(30), "before");
+    kill_kernel(&mut n, 2);
+    let t = Instant::now();
+    while n.agents[1].lost(2).is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "2 never taken as lost"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t = Instant::now();
+    let r = n.agents[0].call(1, Duration::from_secs(60), |req| Msg::MigrateOut {
+        req,
+        pid,
+        to: 2,
+        lazy: true,
+    });
+    let took = t.elapsed();
+    let Err(mknode::agent::AgentError::Failed { message, .. }) = r else {
+        panic!("{r:?}")
+    };
+    assert!(
+        message.contains("endpoint 2 stopped") && message.contains("the original runs on"),
+        "{message}"
+    );
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    more_lines(&mut out, 3, Duration::from_secs(30), "after");
+    signal(pid, Signal::SIGTERM);
+    out.until(Duration::from_secs(30), |_| false);
+    assert_eq!(out.exited, Some(ExitStatus::Signal(15)));
+}
+
 // ---------------------------------------------------------------- faults
 
 /// Kills kernel `k` of `n` as a crash does: its agent stops answering (its

@@ -802,7 +802,12 @@ impl Migration {
     /// kernel than this one (its restore would refuse the image after the
     /// whole transfer). Without an answer the destination's own check, on
     /// the image, decides.
+    /// A destination already taken as lost is refused at once, instead of
+    /// after each preflight question's timeout.
     pub(super) fn same_kernel(agent: &Agent, to: u16) -> Result<(), MoveError> {
+        if let Some(why) = agent.lost(to) {
+            return Err(MoveError::Lost { why });
+        }
         let Ok(Msg::Info { info, .. }) =
             agent.call(to, Duration::from_secs(10), |req| Msg::InfoRequest { req })
         else {
