@@ -269,7 +269,8 @@ fn a_size_that_differs_is_refused_with_einval() {
 /// A kernel that goes down takes the pages only it held: a process that
 /// then needs one gets SIGBUS within the stated time (the agent declares a
 /// peer lost 5 s after its last heartbeat), never a hang or a stale page;
-/// a region homed elsewhere goes on working.
+/// a region homed elsewhere goes on working, and the lost one's name can
+/// be mapped anew.
 #[test]
 fn a_lost_home_makes_faults_fail_with_sigbus_and_others_go_on() {
     use std::io::{BufRead, BufReader, Write};
@@ -319,4 +320,8 @@ fn a_lost_home_makes_faults_fail_with_sigbus_and_others_go_on() {
     // A region homed on a live kernel goes on: kernels 0 and 2 share it.
     k.run(0, &["add", "kept", "8192", "100"]);
     assert!(k.run(2, &["get", "kept", "8192"]).starts_with("atomic=105"));
+    // The lost one's name is free again: mapped anew, zero-filled, homed
+    // where it is first mapped now.
+    k.run(2, &["add", "lost", "16384", "7"]);
+    assert!(k.run(0, &["get", "lost", "16384"]).starts_with("atomic=7"));
 }

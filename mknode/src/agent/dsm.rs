@@ -125,6 +125,17 @@ impl Facet for Dsm {
     }
 
     fn peer_lost(&self, peer: u16, why: &str) {
+        // The registry forgets the regions homed there: their pages went
+        // with it, and the next map of such a name creates it anew (where
+        // it would find a home that never answers).
+        lock(&self.registry).by_name.retain(|name, i| {
+            if i.home == peer {
+                log::warn!(
+                    "dsm: region {name} is lost with its home ({why}); a new map creates it anew"
+                );
+            }
+            i.home != peer
+        });
         if let Some(e) = lock(&self.engine).as_ref() {
             e.post(Event::PeerLost {
                 node: peer,
