@@ -487,6 +487,62 @@ fn doctor_restart_and_stop_arguments() {
     );
 }
 
+/// A daemon started in the background holds nothing its starter inherited:
+/// a pipe a script waits on (`mkctl daemon restart | tee log`, a CI
+/// runner's) reaches its end when mkctl exits, not when the daemon does.
+#[test]
+fn a_background_daemon_keeps_no_inherited_descriptor() {
+    use std::os::fd::AsRawFd;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let run = tempfile::tempdir().unwrap();
+    let dir = run.path().join("run");
+    let mkctl = || {
+        let mut c = Command::new(assert_cmd::cargo::cargo_bin!("mkctl"));
+        c.env("MKCTL_RUN_DIR", &dir);
+        c
+    };
+    // Inherited by mkctl, as a leaked descriptor is (no close-on-exec).
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let out = mkctl()
+        .args(["daemon", "restart"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    drop(w);
+    assert!(out.success(), "{out}");
+    assert!(dir.join("daemon.pid").exists(), "no daemon started");
+    let pid = std::fs::read_to_string(dir.join("daemon.pid")).unwrap();
+    let held = std::fs::read_dir(format!("/proc/{}/fd", pid.trim()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|l| {
+            let ours = std::fs::read_link(format!("/proc/self/fd/{}", r.as_raw_fd())).unwrap();
+            l == ours
+        });
+    let stop = mkctl().args(["daemon", "stop"]).output().unwrap();
+    assert!(stop.status.success(), "{stop:?}");
+    assert!(!held, "the daemon holds the pipe its starter inherited");
+    // And the pipe ends now that nobody holds its write end.
+    nix::fcntl::fcntl(
+        &r,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let mut b = [0u8; 1];
+    loop {
+        match nix::unistd::read(&r, &mut b) {
+            Ok(0) => break,
+            Err(nix::errno::Errno::EAGAIN) if t0.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => panic!("the pipe did not end: {other:?}"),
+        }
+    }
+}
+
 /// `mkctl events` with a daemon that runs no instance: without a daemon it
 /// fails at once (1, JSON under --json); with one, every reader gets the
 /// daemon's stop and ends with 0, a reader whose stdout was closed ends

@@ -125,6 +125,27 @@ impl Client {
             // Its own session: the daemon outlives this command and its
             // terminal, and a Ctrl-C here does not reach it.
             .process_group(0);
+        // Nothing else this command inherited goes with it: a descriptor a
+        // script's shell or CI runner leaked to us (a pipe it waits on, say)
+        // would be held for the daemon's whole life.
+        // SAFETY: runs in the forked child before exec; close_range is a
+        // plain system call (async-signal-safe), allocates nothing and
+        // takes no lock. Marking instead of closing keeps std's own
+        // exec-error pipe (already close-on-exec) working.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                let r = libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                );
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd.spawn().map_err(|source| ClientError::Start {
             log: run.log(),
             source,
