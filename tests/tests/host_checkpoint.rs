@@ -504,32 +504,44 @@ fn interval_timers_go_on() {
     end(&mut r);
 }
 
-/// POSIX timers move with their ids, signals, values and targets: both go
-/// on firing after a save and restore (the thread-directed one on the main
-/// thread, with its value), periods shorter than the freeze included, and
-/// the id deleted before the move stays free.
+/// POSIX timers move with their ids, signals, values and targets: all
+/// go on firing after a save and restore (the thread-directed one on the
+/// main thread, with its value; the one on the process's CPU clock as a
+/// worker computes), periods shorter than the freeze included, and the id
+/// deleted before the move stays free.
 #[test]
 fn posix_timers_go_on_with_their_ids() {
     let dir = Scratch::new("host_checkpoint_ptimers");
-    let (mut child, rx) = mkcounter_running("", "--mem 1M --interval-ms 5 --posix-timer-ms 2");
+    let (mut child, rx) = mkcounter_running(
+        "",
+        "--mem 1M --interval-ms 5 --posix-timer-ms 2 --threads 1",
+    );
     let pid = child.id();
-    let fires = |l: &str| field(l, "ptimer_fires").zip(field(l, "ptimer_tid_fires"));
-    let mut last = until(&rx, |l| fires(l).is_some_and(|(a, b)| a > 0 && b > 0))
-        .iter()
-        .rev()
-        .find_map(|l| fires(l));
+    let fires = |l: &str| {
+        field(l, "ptimer_fires")
+            .zip(field(l, "ptimer_tid_fires"))
+            .zip(field(l, "ptimer_cpu_fires"))
+            .map(|((a, b), c)| (a, b, c))
+    };
+    let mut last = until(&rx, |l| {
+        fires(l).is_some_and(|(a, b, c)| a > 0 && b > 0 && c > 0)
+    })
+    .iter()
+    .rev()
+    .find_map(|l| fires(l));
     let img = dir.join("ptimers.img");
     save_and_stop(pid, &img);
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
         last = fires(&l).or(last);
     }
     let _ = child.wait();
-    let (p0, t0) = last.expect("a ptimer line before the checkpoint");
+    let (p0, t0, c0) = last.expect("a ptimer line before the checkpoint");
     let mut r = restore_running(&img);
     let (rx2, _err, _, _) = restoring(&mut r);
-    // 20 more of each: 40 and 80 ms at one every 2 and 4 ms.
+    // 20 more of each: 40 and 80 ms at one every 2 and 4 ms, and 80 ms of
+    // the worker's CPU time.
     let got = until(&rx2, |l| {
-        fires(l).is_some_and(|(p, t)| p >= p0 + 20 && t >= t0 + 20)
+        fires(l).is_some_and(|(p, t, c)| p >= p0 + 20 && t >= t0 + 20 && c >= c0 + 20)
     });
     let l = got.last().unwrap();
     assert_eq!(field(l, "ptimer_bad"), Some(0), "{l}");

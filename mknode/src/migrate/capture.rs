@@ -390,7 +390,7 @@ fn posix_timers(
         };
         out.push(PosixTimer {
             id: t.id,
-            clockid: t.clockid,
+            clockid: super::precheck::carried_clock(t.clockid).map_err(std::io::Error::other)?,
             notify,
             signo: t.signo as u8,
             sigval: t.sigval,

@@ -306,8 +306,11 @@ pub struct SocketPairState {
 pub const MAX_POSIX_TIMERS: usize = 64;
 pub const MAX_TIMER_ID: u32 = 1024;
 /// The clocks a carried POSIX timer may use: `CLOCK_REALTIME`,
-/// `CLOCK_MONOTONIC`, `CLOCK_BOOTTIME`.
-pub const POSIX_TIMER_CLOCKS: [u32; 3] = [0, 1, 7];
+/// `CLOCK_MONOTONIC`, `CLOCK_PROCESS_CPUTIME_ID` (armed again with the CPU
+/// time it had left: the copy's CPU clock starts from about zero, so an
+/// absolute target would be far off), `CLOCK_BOOTTIME`. Not
+/// `CLOCK_THREAD_CPUTIME_ID`: `/proc` does not say which thread's.
+pub const POSIX_TIMER_CLOCKS: [u32; 4] = [0, 1, 2, 7];
 /// `sigev_notify` values carried: `SIGEV_SIGNAL`, `SIGEV_NONE`,
 /// `SIGEV_THREAD_ID` (`SIGEV_SIGNAL | 4`: to one thread).
 pub const SIGEV_SIGNAL: u8 = 0;
@@ -2927,7 +2930,7 @@ pub(crate) mod tests {
                 "timer id too high",
                 Box::new(|p| p.posix_timers[1].id = MAX_TIMER_ID),
             ),
-            ("timer clock", Box::new(|p| p.posix_timers[0].clockid = 2)),
+            ("timer clock", Box::new(|p| p.posix_timers[0].clockid = 3)),
             ("timer notify", Box::new(|p| p.posix_timers[0].notify = 2)),
             ("timer signal", Box::new(|p| p.posix_timers[0].signo = 65)),
             (

@@ -1449,11 +1449,8 @@ pub(crate) fn timer_blocker(t: &super::procfs::ProcTimer, i: usize) -> Option<St
         Some(format!("is one more than the {MAX_POSIX_TIMERS} carried"))
     } else if t.id >= MAX_TIMER_ID {
         Some(format!("has an id above the {MAX_TIMER_ID} carried"))
-    } else if !POSIX_TIMER_CLOCKS.contains(&t.clockid) {
-        Some(format!(
-            "runs on clock {} (carried: realtime, monotonic, boottime)",
-            t.clockid
-        ))
+    } else if let Err(why) = carried_clock(t.clockid) {
+        Some(why)
     } else if !matches!(t.notify.as_str(), "signal" | "none") {
         Some(format!(
             "notifies by {} (carried: a signal, or none)",
@@ -1461,6 +1458,31 @@ pub(crate) fn timer_blocker(t: &super::procfs::ProcTimer, i: usize) -> Option<St
         ))
     } else {
         None
+    }
+}
+
+/// The clock a POSIX timer's `ClockID` in `/proc/pid/timers` stands for,
+/// as the image carries it (one of [`POSIX_TIMER_CLOCKS`]), or why it is
+/// not carried. The kernel keeps CPU clocks encoded: `~pid << 3`, then 4
+/// for a thread's clock, and 0-2 for what is counted (2: the scheduler's
+/// time, which `CLOCK_*_CPUTIME_ID` use); pid 0 is the timer's own process
+/// (or thread).
+pub(crate) fn carried_clock(clockid: i32) -> Result<u32, String> {
+    const CARRIED: &str = "carried: realtime, monotonic, boottime, the process's own CPU time";
+    match clockid {
+        0..=i32::MAX => u32::try_from(clockid)
+            .ok()
+            .filter(|c| POSIX_TIMER_CLOCKS.contains(c) && *c != 2)
+            .ok_or_else(|| format!("runs on clock {clockid} ({CARRIED})")),
+        // MAKE_PROCESS_CPUCLOCK(0, CPUCLOCK_SCHED): CLOCK_PROCESS_CPUTIME_ID.
+        -6 => Ok(2),
+        _ if clockid & 4 != 0 => Err(format!(
+            "runs on the CPU clock of one thread, which /proc does not name ({CARRIED})"
+        )),
+        _ => Err(format!(
+            "runs on the CPU clock of process {} ({CARRIED})",
+            !(clockid >> 3)
+        )),
     }
 }
 
@@ -1568,6 +1590,34 @@ pub fn check_migratable(pid: i32) -> Result<Precheck, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A POSIX timer on a thread's CPU clock (which thread, /proc does not
+    /// say) or on another process's is refused by name; one on the
+    /// process's CPU clock is carried.
+    #[test]
+    fn posix_timers_on_clocks_not_carried_are_named() {
+        let t = |clockid: i32| super::super::procfs::ProcTimer {
+            id: 4,
+            signo: 34,
+            sigval: 0,
+            notify: "signal".into(),
+            to_thread: false,
+            target: 1,
+            clockid,
+        };
+        // CLOCK_PROCESS_CPUTIME_ID as /proc shows it (-6), carried as 2.
+        assert_eq!(timer_blocker(&t(-6), 0), None);
+        assert_eq!(carried_clock(-6), Ok(2));
+        assert_eq!(carried_clock(7), Ok(7));
+        // CLOCK_THREAD_CPUTIME_ID (-2): whose, /proc does not say.
+        assert!(timer_blocker(&t(-2), 0).is_some_and(|w| w.contains("CPU clock of one thread")));
+        // clock_getcpuclockid(412): another process's.
+        assert!(timer_blocker(&t((!412i32 << 3) | 2), 0)
+            .is_some_and(|w| w.contains("CPU clock of process 412")));
+        // The plain number 2 never comes from /proc, and 5 is not carried.
+        assert!(timer_blocker(&t(2), 0).is_some());
+        assert!(timer_blocker(&t(5), 0).is_some_and(|w| w.starts_with("runs on clock 5")));
+    }
     use std::fs;
 
     fn tree(fds: &[(&str, &str)], maps: &str, status_extra: &str) -> tempfile::TempDir {

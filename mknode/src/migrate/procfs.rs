@@ -263,7 +263,9 @@ pub(crate) struct ProcTimer {
     /// The signal goes to one thread (`SIGEV_THREAD_ID`), `target`.
     pub to_thread: bool,
     pub target: i32,
-    pub clockid: u32,
+    /// As the kernel keeps it: a CPU clock is encoded (negative; see
+    /// `precheck::carried_clock`).
+    pub clockid: i32,
 }
 
 /// The timers of `/proc/pid/timers`: `ID: n`, `signal: signo/value(hex)`,

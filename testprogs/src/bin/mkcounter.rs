@@ -90,10 +90,12 @@
 //! With `--posix-timer-ms MS`, POSIX timers (`timer_create`, raw ids):
 //! id 0 made and deleted, then id 1 signalling the process (SIGRTMIN+2,
 //! value 0x77) every MS, and id 2 signalling the main thread alone
-//! (`SIGEV_THREAD_ID`, SIGRTMIN+3, value 0x88) every 2 MS. The lines end
-//! with `ptimer_fires=<id 1's> ptimer_tid_fires=<id 2's> ptimer_bad=<a
-//! signal with a wrong value, or id 2's on another thread>
-//! ptimer_ids=<ok: 1 and 2 exist, 0 does not>`.
+//! (`SIGEV_THREAD_ID`, SIGRTMIN+3, value 0x88) every 2 MS, and id 3 on
+//! the process's CPU clock (SIGRTMIN+4, value 0x99) every 4 MS of CPU time
+//! (it fires only while a thread computes: `--threads`). The lines end
+//! with `ptimer_fires=<id 1's> ptimer_tid_fires=<id 2's>
+//! ptimer_cpu_fires=<id 3's> ptimer_bad=<a signal with a wrong value, or
+//! id 2's on another thread> ptimer_ids=<ok: 1, 2 and 3 exist, 0 does not>`.
 //!
 //! With `--alarm-ms MS`, an interval timer (`setitimer(ITIMER_REAL)`)
 //! fires every MS and the lines end with `alarms=<count>`.
@@ -1108,6 +1110,7 @@ impl Memfd {
 /// `--posix-timer-ms`: what the timers' signals found.
 static PTIMER_FIRES: AtomicU64 = AtomicU64::new(0);
 static PTIMER_TID_FIRES: AtomicU64 = AtomicU64::new(0);
+static PTIMER_CPU_FIRES: AtomicU64 = AtomicU64::new(0);
 static PTIMER_BAD: AtomicU64 = AtomicU64::new(0);
 
 /// `si_value` of a timer's siginfo (x86_64: the union at 16, the value
@@ -1146,8 +1149,23 @@ extern "C" fn on_ptimer_tid(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_
     }
 }
 
-/// A raw `timer_create` (the kernel's ids, not libc's `timer_t`).
+extern "C" fn on_ptimer_cpu(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel's siginfo for this SA_SIGINFO handler.
+    if unsafe { timer_value(info) } == 0x99 {
+        PTIMER_CPU_FIRES.fetch_add(1, Ordering::Relaxed);
+    } else {
+        PTIMER_BAD.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A raw `timer_create` on `CLOCK_MONOTONIC` (the kernel's ids, not libc's
+/// `timer_t`).
 fn ptimer_create(signo: i32, notify: i32, value: u64, tid: i32) -> i32 {
+    ptimer_create_on(libc::CLOCK_MONOTONIC, signo, notify, value, tid)
+}
+
+/// A raw `timer_create` on `clock`.
+fn ptimer_create_on(clock: libc::clockid_t, signo: i32, notify: i32, value: u64, tid: i32) -> i32 {
     // struct sigevent: value, signo, notify, then the thread id.
     let mut ev = [0u8; 64];
     ev[..8].copy_from_slice(&value.to_le_bytes());
@@ -1159,7 +1177,7 @@ fn ptimer_create(signo: i32, notify: i32, value: u64, tid: i32) -> i32 {
     let r = unsafe {
         libc::syscall(
             libc::SYS_timer_create,
-            libc::CLOCK_MONOTONIC,
+            clock,
             ev.as_ptr(),
             &mut id as *mut i32,
         )
@@ -1184,9 +1202,14 @@ fn posix_timers(ms: u64) {
             }
         }
     };
-    let (s1, s2) = (libc::SIGRTMIN() + 2, libc::SIGRTMIN() + 3);
+    let (s1, s2, s3) = (
+        libc::SIGRTMIN() + 2,
+        libc::SIGRTMIN() + 3,
+        libc::SIGRTMIN() + 4,
+    );
     handle(s1, on_ptimer);
     handle(s2, on_ptimer_tid);
+    handle(s3, on_ptimer_cpu);
     let arm = |id: i32, period: u64| {
         let ts = libc::timespec {
             tv_sec: (period / 1000) as libc::time_t,
@@ -1206,11 +1229,19 @@ fn posix_timers(ms: u64) {
     unsafe { libc::syscall(libc::SYS_timer_delete, zero) };
     let p = ptimer_create(s1, libc::SIGEV_SIGNAL, 0x77, 0);
     let t = ptimer_create(s2, libc::SIGEV_THREAD_ID, 0x88, main);
-    if (zero, p, t) != (0, 1, 2) {
-        die("timer ids (0, 1, 2 expected)");
+    let c = ptimer_create_on(
+        libc::CLOCK_PROCESS_CPUTIME_ID,
+        s3,
+        libc::SIGEV_SIGNAL,
+        0x99,
+        0,
+    );
+    if (zero, p, t, c) != (0, 1, 2, 3) {
+        die("timer ids (0, 1, 2, 3 expected)");
     }
     arm(p, ms);
     arm(t, 2 * ms);
+    arm(c, 4 * ms);
 }
 
 fn ptimer_line() -> String {
@@ -1220,15 +1251,16 @@ fn ptimer_line() -> String {
         // SAFETY: the kernel writes `its`, a live local.
         unsafe { libc::syscall(libc::SYS_timer_gettime, id, &mut its) == 0 }
     };
-    let ids = if exists(1) && exists(2) && !exists(0) {
+    let ids = if exists(1) && exists(2) && exists(3) && !exists(0) {
         "ok"
     } else {
         "bad"
     };
     format!(
-        " ptimer_fires={} ptimer_tid_fires={} ptimer_bad={} ptimer_ids={ids}",
+        " ptimer_fires={} ptimer_tid_fires={} ptimer_cpu_fires={} ptimer_bad={} ptimer_ids={ids}",
         PTIMER_FIRES.load(Ordering::Relaxed),
         PTIMER_TID_FIRES.load(Ordering::Relaxed),
+        PTIMER_CPU_FIRES.load(Ordering::Relaxed),
         PTIMER_BAD.load(Ordering::Relaxed),
     )
 }
