@@ -220,6 +220,12 @@ fn patched_kernel_boots_to_user_space() {
 /// the flags `qemu/setup.sh` uses for guest-init (a no-op when up to date,
 /// so the test never runs a stale mkctl).
 fn static_mkctl() -> PathBuf {
+    static_bin("mkctl", "mkctl")
+}
+
+/// Binary `bin` of package `package`, built as [`static_mkctl`] is (in the
+/// target directory `qemu/setup.sh` uses for guest-init and testprogs).
+fn static_bin(package: &str, bin: &str) -> PathBuf {
     const TRIPLE: &str = "x86_64-unknown-linux-gnu";
     let root = repo_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -232,31 +238,24 @@ fn static_mkctl() -> PathBuf {
             "RUSTFLAGS",
             "-C target-feature=+crt-static -C strip=debuginfo",
         )
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "mkctl",
-            "--target",
-            TRIPLE,
-        ])
+        .args(["build", "--quiet", "--release", "-p", package, "--bin", bin])
+        .args(["--target", TRIPLE])
         .arg("--target-dir")
         .arg(&target)
         .output()
-        .expect("run cargo build for the static mkctl");
+        .unwrap_or_else(|e| panic!("run cargo build for the static {bin}: {e}"));
     assert!(
         out.status.success(),
-        "static build of mkctl failed:\n{}",
+        "static build of {bin} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let bin = target.join(TRIPLE).join("release/mkctl");
+    let path = target.join(TRIPLE).join("release").join(bin);
     assert!(
-        is_static(&bin),
+        is_static(&path),
         "{} is not statically linked",
-        bin.display()
+        path.display()
     );
-    bin
+    path
 }
 
 /// The pool the host kernel reserves at boot, and the topology mkctl boots
@@ -309,6 +308,17 @@ fn boot_initramfs(s: &Scratch, kernel: &Path, script: &str) -> PathBuf {
 /// kernel boots the initramfs mkctl builds around it (guest-init as
 /// `/init`, busybox applets) instead of the busybox script.
 fn boot_initramfs_with(s: &Scratch, kernel: &Path, script: &str, guest: Option<&Path>) -> PathBuf {
+    boot_initramfs_extra(s, kernel, script, guest, &[])
+}
+
+/// [`boot_initramfs_with`], and `extra` files in the host's initramfs.
+fn boot_initramfs_extra(
+    s: &Scratch,
+    kernel: &Path,
+    script: &str,
+    guest: Option<&Path>,
+    extra: &[(&str, &Path)],
+) -> PathBuf {
     let spawned = s.join("spawned.cpio");
     let mut ir = Initramfs::base();
     ir.host_file(BUSYBOX, Path::new(BUSYBOX), Some(0o755))
@@ -338,17 +348,16 @@ fn boot_initramfs_with(s: &Scratch, kernel: &Path, script: &str, guest: Option<&
     fs::write(&topology, TOPOLOGY).expect("write topology");
     let mkctl = static_mkctl();
     let host = s.join("host.cpio");
-    host_initramfs(
-        script,
-        &[
-            ("/bin/mkctl", &mkctl),
-            ("/boot/bzImage", kernel),
-            ("/boot/spawned.cpio", &spawned),
-            ("/boot/mk.toml", &topology),
-        ],
-    )
-    .write_file(&host)
-    .expect("write host initramfs");
+    let mut files: Vec<(&str, &Path)> = vec![
+        ("/bin/mkctl", &mkctl),
+        ("/boot/bzImage", kernel),
+        ("/boot/spawned.cpio", &spawned),
+        ("/boot/mk.toml", &topology),
+    ];
+    files.extend_from_slice(extra);
+    host_initramfs(script, &files)
+        .write_file(&host)
+        .expect("write host initramfs");
     host
 }
 
@@ -633,4 +642,258 @@ fn mkctl_boot_without_a_pool_names_the_boot_parameter() {
         assert!(run.host.contains(want), "no \"{want}\"\n{}", run.report());
     }
     assert!(run.spawned.is_empty(), "{}", run.report());
+}
+
+/// The moves of [`a_process_moves_between_the_two_kernels`]: destination
+/// and mode, so each direction is done lazily and by stop-and-copy.
+const MOVES: [(&str, &str); 4] = [
+    ("worker", "lazy"),
+    ("host", "stop-copy"),
+    ("worker", "stop-copy"),
+    ("host", "lazy"),
+];
+
+/// Stage 6: a process moves from the host kernel to the kernel it spawned
+/// and back, twice, with the same `mkctl migrate` as between any two
+/// kernels (both sides run this one bzImage, so the same vDSO). The static
+/// `mkcounter` (2 counting threads, 1 MiB of patterned heap, a line every
+/// 100 ms) starts on the host from the initramfs' shell, its output into a
+/// pipe read by `cat`; the daemon's host agent freezes it with ptrace and
+/// streams it over the window's rings to guest-init's agent on the spawned
+/// kernel, which restores it (lazily: the rest of its pages follow on
+/// demand through userfaultfd); then guest-init's agent sends it back, and
+/// so on, stop-and-copy each way too. After each move the original is gone
+/// from the kernel it left, the copy runs on the other one under a pid of
+/// that kernel, and nothing runs it where it was; its output comes back
+/// through the moves to the same pipe. Its lines go on with no gap and no
+/// repeat, each thread's counter never goes back, `CLOCK_MONOTONIC` goes on
+/// across two kernels that booted at different moments (time namespaces),
+/// and the checksum of its memory (on SIGUSR1) is the same on both sides.
+#[test]
+fn a_process_moves_between_the_two_kernels() {
+    let kernel = mk_kernel();
+    // Both agents that take part in a move (the daemon's, in this mkctl,
+    // and guest-init's) and the program moved, from this tree.
+    let guest_init = static_bin("guest-init", "guest-init");
+    let mkcounter = static_bin("testprogs", "mkcounter");
+    let s = Scratch::new("mk-move");
+    let moves: String = MOVES
+        .iter()
+        .map(|(to, mode)| format!("{to}:{mode} "))
+        .collect();
+    let script = r#"
+cd /boot
+mkctl boot --timeout 60 mk.toml
+echo "mkctl-boot-exit=$?"
+# Runs a command on a kernel: here, or on the worker through its agent.
+on() { k=$1; shift; if [ "$k" = host ]; then sh -c "$*"; else mkctl exec "$k" -- sh -c "$*"; fi; }
+state() { on "$1" "if [ -e /proc/$2 ]; then set -- \$(cat /proc/$2/stat); echo \$3; else echo gone; fi"; }
+lines() { grep -c '^seq=' /tmp/counter.log; }
+/bin/mkcounter --mem 1M --threads 2 --interval-ms 100 </dev/null 2>&1 | cat > /tmp/counter.log &
+reader=$!
+for i in $(seq 1 100); do
+  pid=$(pidof mkcounter); [ -n "$pid" ] && [ "$(lines)" -ge 10 ] && break; sleep 0.1
+done
+echo "move 0: pid $pid on host, $(lines) lines"
+kill -USR1 "$pid"
+where=host
+hop=0
+for step in @MOVES@; do
+  to=${step%%:*}; mode=${step#*:}; hop=$((hop + 1))
+  sleep 1
+  t0=$(cut -d' ' -f1 /proc/uptime)
+  mkctl migrate "$pid" --from "$where" --to "$to" --mode "$mode" --json > /tmp/move.json
+  rc=$?
+  t1=$(cut -d' ' -f1 /proc/uptime)
+  echo "move $hop: $where -> $to ($mode) exit=$rc in $t0..$t1 s: $(cat /tmp/move.json)"
+  [ "$rc" = 0 ] || break
+  new=$(sed -n 's/.*"new_pid":\([0-9]*\).*/\1/p' /tmp/move.json)
+  for i in $(seq 1 100); do st=$(state "$where" "$pid"); [ "$st" = gone ] && break; sleep 0.2; done
+  echo "move $hop: the original $pid on $where: $st"
+  echo "move $hop: pid $new on $to: $(on "$to" "cat /proc/$new/comm"), state $(state "$to" "$new")"
+  echo "move $hop: mkcounter on the host: [$(pidof mkcounter)]"
+  n1=$(lines); sleep 3; n2=$(lines)
+  echo "move $hop: $n1 lines after the move, $n2 three seconds later"
+  on "$to" "kill -USR1 $new"
+  pid=$new; where=$to
+done
+sleep 1
+kill -TERM "$pid"
+for i in $(seq 1 300); do kill -0 "$reader" 2>/dev/null || break; sleep 0.1; done
+echo "end: the reader is $(kill -0 "$reader" 2>/dev/null && echo running || echo done), mkcounter on the host: [$(pidof mkcounter)]"
+sed 's/^/counter: /' /tmp/counter.log
+echo '--- daemon log (tail) ---'; tail -n 40 /run/mkctl/daemon.log; echo '--- end ---'
+"#
+    .replace("@MOVES@", moves.trim());
+    let initrd = boot_initramfs_extra(
+        &s,
+        &kernel,
+        &script,
+        Some(&guest_init),
+        &[("/bin/mkcounter", &mkcounter)],
+    );
+    let append = format!("console=ttyS0 panic=-1 {POOL_PARAM}");
+    let run = Host::start(&s, &kernel, &initrd, &append, 1024)
+        .wait(timeout().max(Duration::from_secs(600)));
+    assert!(run.exited, "QEMU did not power off\n{}", run.report());
+    let host = run.host.replace('\r', "");
+    let line = |prefix: &str| -> &str {
+        host.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no \"{prefix}\" line\n{}", run.report()))
+    };
+    assert!(host.contains("mkctl-boot-exit=0"), "{}", run.report());
+    let pid0 = line("move 0: pid ")
+        .split_whitespace()
+        .nth(3)
+        .and_then(|p| p.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no mkcounter started on the host\n{}", run.report()));
+    let mut pid = pid0;
+    let mut from = "host";
+    for (n, (to, mode)) in MOVES.iter().enumerate() {
+        let hop = n + 1;
+        let head = line(&format!("move {hop}: {from} -> {to} ({mode}) exit="));
+        assert!(
+            head.contains(" exit=0 "),
+            "move {hop} failed: {head}\n{}",
+            run.report()
+        );
+        let json = &head[head.find('{').unwrap_or(head.len() - 1)..];
+        let r: serde_json::Value = serde_json::from_str(json)
+            .unwrap_or_else(|e| panic!("move {hop}: {e}: {json}\n{}", run.report()));
+        let new = r["new_pid"].as_u64().expect("new_pid") as u32;
+        assert_eq!(r["pid"], pid, "{head}");
+        assert_eq!(r["mode"], *mode, "{head}");
+        eprintln!(
+            "move {hop}: {from} -> {to} ({mode}): downtime {:.1} ms, total {:.1} ms, {} bytes, {} pages",
+            r["downtime_ns"].as_f64().unwrap_or(0.0) / 1e6,
+            r["total_ns"].as_f64().unwrap_or(0.0) / 1e6,
+            r["bytes"],
+            r["pages"]
+        );
+        // The daemon said where it runs as soon as it did.
+        assert!(
+            host.contains(&format!("[{to}] running as pid {new} after ")),
+            "move {hop}: no progress line\n{}",
+            run.report()
+        );
+        // The original is gone from the kernel it left (killed, and reaped
+        // by its parent there).
+        assert_eq!(
+            line(&format!("move {hop}: the original {pid} on {from}: ")),
+            format!("move {hop}: the original {pid} on {from}: gone"),
+            "{}",
+            run.report()
+        );
+        // The copy runs on the destination under a pid of that kernel.
+        let runs = line(&format!("move {hop}: pid {new} on {to}: "));
+        assert!(
+            runs.starts_with(&format!("move {hop}: pid {new} on {to}: mkcounter, state "))
+                && !runs.ends_with("gone")
+                && !runs.ends_with(" Z"),
+            "{runs}\n{}",
+            run.report()
+        );
+        // Nothing runs it on the host while it is on the worker; on the
+        // host it is the copy alone.
+        let here = line(&format!("move {hop}: mkcounter on the host: "));
+        let want = if *to == "host" {
+            new.to_string()
+        } else {
+            String::new()
+        };
+        assert_eq!(
+            here,
+            format!("move {hop}: mkcounter on the host: [{want}]"),
+            "{}",
+            run.report()
+        );
+        // And it counts there: its lines go on.
+        let counts: Vec<u64> = host
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("move {hop}: ")) && l.contains(" lines after the move")
+            })
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // ("move N: A lines after the move, B three seconds later")
+        assert!(
+            counts.len() == 2 && counts[1] >= counts[0] + 10,
+            "move {hop}: no output from {to} after the move: {counts:?}\n{}",
+            run.report()
+        );
+        pid = new;
+        from = to;
+    }
+    // The whole output, through the moves, in the pipe it started on.
+    let out: Vec<&str> = host
+        .lines()
+        .filter_map(|l| l.strip_prefix("counter: "))
+        .collect();
+    let seqs: Vec<(u64, Vec<u64>, u64)> = out
+        .iter()
+        .filter(|l| l.starts_with("seq="))
+        .map(|l| {
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|f| f.strip_prefix(k))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or_else(|| panic!("no {k} in {l:?}"))
+            };
+            (
+                field("seq="),
+                vec![field("t0="), field("t1=")],
+                field("mono_ms="),
+            )
+        })
+        .collect();
+    assert!(seqs.len() > 100, "{} lines\n{}", seqs.len(), run.report());
+    assert_eq!(seqs[0].0, 1, "{}", run.report());
+    for w in seqs.windows(2) {
+        let ((a, ta, ma), (b, tb, mb)) = (&w[0], &w[1]);
+        assert_eq!(*b, a + 1, "gap or repeat between seq {a} and {b}");
+        for (i, (x, y)) in ta.iter().zip(tb).enumerate() {
+            assert!(
+                y >= x,
+                "thread {i}'s counter went back from {x} to {y} (seq {b})"
+            );
+        }
+        // A line every 100 ms; the time it was frozen does not show (the
+        // spawned kernel booted seconds after the host: without a time
+        // namespace the clock would jump back on the way there).
+        assert!(
+            mb >= ma && mb - ma < 3000,
+            "CLOCK_MONOTONIC went from {ma} to {mb} ms (seq {b})"
+        );
+    }
+    let sums: Vec<&str> = out
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("checksum="))
+        .collect();
+    assert_eq!(
+        sums.len(),
+        MOVES.len() + 1,
+        "one checksum before the moves and one after each: {sums:?}\n{}",
+        run.report()
+    );
+    assert!(
+        sums.iter().all(|c| *c == sums[0]),
+        "its memory changed: {sums:?}"
+    );
+    // Its end: SIGTERM on the host, and the reader saw the pipe close.
+    assert!(
+        host.contains("end: the reader is done, mkcounter on the host: []"),
+        "{}",
+        run.report()
+    );
+    eprintln!(
+        "multikernel host: mkctl boot, mkcounter host -> worker -> host -> worker -> host ({} lines, no gap), power-off {:.2} s",
+        seqs.len(),
+        run.elapsed.as_secs_f64()
+    );
 }
