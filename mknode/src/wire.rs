@@ -576,6 +576,10 @@ messages! {
     /// A kernel a moved process left, to its home (`mig` is the home's id):
     /// all it wrote there has been sent; what follows comes from `to`.
     69 peer MigratedAway { mig: u32, to: u16 },
+    /// Origin to destination: a background push of `npages` pages of
+    /// zeros at `addr` (a count, not 4096 bytes each; at most
+    /// `migrate::image::MAX_RUN_PAGES`).
+    70 peer PagesZero { mig: u32, addr: u64, npages: u32 },
 }
 
 impl Msg {
@@ -744,7 +748,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 69);
+        assert_eq!(Kind::ALL.len(), 70);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,

@@ -28,7 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -51,6 +51,7 @@ const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the origin of a lazy move waits, once every page went out, for
 /// the destination to say it needs no more.
 const PAGES_IN_TIMEOUT: Duration = Duration::from_secs(30);
+const PAGE: usize = migrate::image::PAGE as usize;
 
 pub(super) enum Piece {
     Bytes(Vec<u8>),
@@ -701,11 +702,20 @@ impl Migration {
         let server = lock(&self.servers).get(&(to, mig)).cloned();
         if let Some(server) = server {
             let eager = server.progress().sent;
-            let after = |pages: u64| image_bytes + pages.saturating_sub(eager) * 4096;
-            let finished =
-                self.finish_lazy(&agent, (to, mig), &server, &ctl_rx, pages_in, &|pages| {
-                    sent(after(pages));
-                });
+            // Pages pushed as a count of zeros carry no bytes.
+            let zeros = Arc::new(AtomicU64::new(0));
+            let after = |pages: u64| {
+                let z = zeros.load(Ordering::Relaxed);
+                image_bytes + pages.saturating_sub(eager).saturating_sub(z) * PAGE as u64
+            };
+            let finished = self.finish_lazy(
+                &agent,
+                (to, mig),
+                (&server, Arc::clone(&zeros)),
+                &ctl_rx,
+                pages_in,
+                &|pages| sent(after(pages)),
+            );
             lock(&self.servers).remove(&(to, mig));
             if let Err(lost) = finished {
                 // The copy ran and is lost with its kernel (`peer_lost`
@@ -736,7 +746,7 @@ impl Migration {
         &self,
         agent: &Arc<Agent>,
         (to, mig): (u16, u32),
-        server: &PageServer,
+        (server, zeros): (&PageServer, Arc<AtomicU64>),
         ctl_rx: &Receiver<Ctl>,
         mut pages_in: bool,
         sent: &dyn Fn(u64),
@@ -746,14 +756,35 @@ impl Migration {
         thread::spawn(move || {
             let mut buf = Vec::new();
             while let Ok(Some(run)) = pusher.next_push(64, &mut buf) {
-                let m = Msg::PageData {
-                    mig,
-                    id: 0,
-                    addr: run.addr,
-                    bytes: std::mem::take(&mut buf),
-                };
-                if me.send(to, &m).is_err() {
-                    return;
+                // Runs of zero pages go as a count.
+                let pages: Vec<&[u8]> = buf.chunks(PAGE).collect();
+                let mut i = 0;
+                while i < pages.len() {
+                    let zero = migrate::is_zero(pages[i]);
+                    let n = pages[i..]
+                        .iter()
+                        .take_while(|p| migrate::is_zero(p) == zero)
+                        .count();
+                    let addr = run.addr + (i * PAGE) as u64;
+                    let m = if zero {
+                        zeros.fetch_add(n as u64, Ordering::Relaxed);
+                        Msg::PagesZero {
+                            mig,
+                            addr,
+                            npages: n as u32,
+                        }
+                    } else {
+                        Msg::PageData {
+                            mig,
+                            id: 0,
+                            addr,
+                            bytes: buf[i * PAGE..(i + n) * PAGE].to_vec(),
+                        }
+                    };
+                    if me.send(to, &m).is_err() {
+                        return;
+                    }
+                    i += n;
                 }
             }
             let _ = me.send(to, &Msg::PagesDone { mig });
@@ -953,6 +984,7 @@ impl Facet for Migration {
             Kind::PageFetch,
             Kind::PageData,
             Kind::PageRefused,
+            Kind::PagesZero,
             Kind::PagesDone,
             Kind::PagesIn,
             Kind::MigrateBegin,
@@ -1080,6 +1112,22 @@ impl Facet for Migration {
                     }
                 } else if let Some(tx) = lock(&self.fetches).remove(&(peer, mig, id)) {
                     let _ = tx.send(Ok(bytes));
+                }
+            }
+            Msg::PagesZero { mig, addr, npages } => {
+                // Untrusted: a count no push makes is dropped (the pager
+                // then fetches those pages, or says the push is bad).
+                let tx = lock(&self.pushes).get(&(peer, mig)).cloned();
+                match tx {
+                    Some(tx) if (1..=migrate::image::MAX_RUN_PAGES).contains(&npages) => {
+                        let data = vec![0u8; npages as usize * PAGE];
+                        let _ = tx.send(Pushed::Pages { addr, data });
+                    }
+                    Some(_) => log::warn!(
+                        "migration {mig} from {}: a push of {npages} zero pages dropped",
+                        agent.peer(peer)
+                    ),
+                    None => {}
                 }
             }
             Msg::PageRefused { mig, id, message } => {

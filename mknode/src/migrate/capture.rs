@@ -31,7 +31,7 @@ use super::image::{
 };
 use super::inject::{inject, ptrace_err, wait_stop, Call, Stop};
 use super::lazy::{eager_ranges, LazyOptions, PageServer};
-use super::memory::{fingerprint, read_pages, read_remote, to_mapping, write_remote};
+use super::memory::{fingerprint, is_zero, read_pages, read_remote, to_mapping, write_remote};
 use super::precheck::{check_at, Blocker, Precheck, Refusal};
 use super::procfs::{MapsEntry, ProcDir, SmapsEntry};
 use super::{sys, SysError};
@@ -413,11 +413,6 @@ pub(crate) fn process_clocks(
     let (their_m, their_b) = pd.timens_offsets()?;
     let (m, b) = (kernel_m + their_m, kernel_b + their_b);
     Ok((u64::try_from(m).unwrap_or(0), u64::try_from(b).unwrap_or(0)))
-}
-
-fn is_zero(p: &[u8]) -> bool {
-    p.chunks_exact(64)
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 impl Frozen {

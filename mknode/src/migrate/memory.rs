@@ -156,6 +156,12 @@ pub(crate) fn read_pages(
     Ok(())
 }
 
+/// True when `p` (a page, or any multiple of 64 bytes) holds only zeros.
+pub fn is_zero(p: &[u8]) -> bool {
+    p.chunks_exact(64)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,6 +59,7 @@ pub use lazy::{
     channel_link, LazyLink, LazyOptions, OriginLoops, PageRun, PageServer, PageSource, Progress,
     PushPolicy, Pushed, ServeError, SourceError,
 };
+pub use memory::is_zero;
 pub use pager::{LazyError, Pager, PagerOptions, PagerStats};
 pub use precheck::{check_at, check_migratable, files_of, Blocker, Precheck, Refusal};
 pub use restore::{

@@ -481,11 +481,6 @@ enum Via {
     Push,
 }
 
-fn is_zero(p: &[u8]) -> bool {
-    p.chunks_exact(64)
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
-}
-
 /// Starts the pager of process `pid` on `uffd` (already registered on every
 /// carried mapping). `table` says which pages are already in.
 pub(crate) fn start(
@@ -825,13 +820,13 @@ impl Run {
                 continue;
             }
             let cur = self.table.to_current(o);
-            let zero = is_zero(page(i));
+            let zero = super::memory::is_zero(page(i));
             let mut j = i + 1;
             while j < n {
                 let oj = o0 + (j * pg) as u64;
                 if self.table.state(oj) != Some(MISSING)
                     || self.table.to_current(oj) != cur + ((j - i) * pg) as u64
-                    || is_zero(page(j)) != zero
+                    || super::memory::is_zero(page(j)) != zero
                 {
                     break;
                 }
