@@ -324,4 +324,9 @@ fn a_lost_home_makes_faults_fail_with_sigbus_and_others_go_on() {
     // where it is first mapped now.
     k.run(2, &["add", "lost", "16384", "7"]);
     assert!(k.run(0, &["get", "lost", "16384"]).starts_with("atomic=7"));
+    assert!(k.run(2, &["get", "lost", "16384"]).starts_with("atomic=7"));
+    // Homed at the registry's kernel, too.
+    k.run(0, &["add", "lost2", "8192", "1"]);
+    k.run(0, &["add", "lost2", "8192", "1"]);
+    assert!(k.run(0, &["get", "lost2", "8192"]).starts_with("atomic=2"));
 }

@@ -172,6 +172,20 @@ fn a_killed_guest_takes_its_pages_and_the_host_gets_sigbus() {
             .contains("home is lost"),
         "{show}"
     );
+    // Its name can be mapped again: a new region, zero-filled, homed on
+    // the host now, of any size (`get` reads two pages).
+    let host_dsmtest = |args: &[&str]| {
+        let out = Command::new(host_testprog("dsmtest"))
+            .args(args)
+            .env("MK_AGENT", m.run_dir().join("agent.sock"))
+            .output()
+            .expect("dsmtest");
+        assert!(out.status.success(), "dsmtest {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    host_dsmtest(&["add", "onbeta", "8192", "3"]);
+    let got = host_dsmtest(&["get", "onbeta", "8192"]);
+    assert!(got.starts_with("atomic=3"), "{got}");
 }
 
 fn libc_sigbus() -> i32 {

@@ -29,6 +29,9 @@ const REGISTRY_TIMEOUT: Duration = Duration::from_secs(10);
 struct Registry {
     by_name: HashMap<String, RegionInfo>,
     next: u32,
+    /// Regions whose home was lost: still listed (with why their faults
+    /// fail), and made anew by the next map of their name.
+    lost: std::collections::HashSet<u32>,
 }
 
 /// The engine's way out: this agent's links.
@@ -125,17 +128,24 @@ impl Facet for Dsm {
     }
 
     fn peer_lost(&self, peer: u16, why: &str) {
-        // The registry forgets the regions homed there: their pages went
-        // with it, and the next map of such a name creates it anew (where
-        // it would find a home that never answers).
-        lock(&self.registry).by_name.retain(|name, i| {
-            if i.home == peer {
+        // The regions homed there are lost with their pages: the next map
+        // of such a name creates it anew (it would find a home that never
+        // answers); until then they stay listed.
+        let mut r = lock(&self.registry);
+        let lost: Vec<(String, u32)> = r
+            .by_name
+            .values()
+            .filter(|i| i.home == peer)
+            .map(|i| (i.name.clone(), i.id))
+            .collect();
+        for (name, id) in lost {
+            if r.lost.insert(id) {
                 log::warn!(
                     "dsm: region {name} is lost with its home ({why}); a new map creates it anew"
                 );
             }
-            i.home != peer
-        });
+        }
+        drop(r);
         if let Some(e) = lock(&self.engine).as_ref() {
             e.post(Event::PeerLost {
                 node: peer,
@@ -230,6 +240,15 @@ impl Dsm {
         check_name(name)?;
         check_size(size)?;
         let mut r = lock(&self.registry);
+        let lost = r
+            .by_name
+            .get(name)
+            .map(|i| i.id)
+            .filter(|id| r.lost.contains(id));
+        if let Some(id) = lost {
+            r.lost.remove(&id);
+            r.by_name.remove(name);
+        }
         if let Some(i) = r.by_name.get(name) {
             if i.size != size {
                 return Err(DsmError::SizeMismatch {
