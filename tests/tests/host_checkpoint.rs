@@ -538,7 +538,7 @@ fn posix_timers_go_on_with_their_ids() {
     let (p0, t0, c0) = last.expect("a ptimer line before the checkpoint");
     let mut r = restore_running(&img);
     let (rx2, _err, _, _) = restoring(&mut r);
-    // 20 more of each: 40 and 80 ms at one every 2 and 4 ms, and 80 ms of
+    // 20 more of each: 40 and 80 ms at one every 2 and 4 ms, and 160 ms of
     // the worker's CPU time.
     let got = until(&rx2, |l| {
         fires(l).is_some_and(|(p, t, c)| p >= p0 + 20 && t >= t0 + 20 && c >= c0 + 20)

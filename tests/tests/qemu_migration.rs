@@ -669,10 +669,11 @@ fn timerfd_signalfd_and_pipe_move_between_guests() {
                 continue;
             };
             // Never ahead (the bug fixed: 4-5 periods ahead after a
-            // stall); behind by up to 4 periods of 5 ms, the TCG guest's
-            // own lag between a read and its clock (3 seen in a full run).
+            // stall); behind by up to 6 periods of 5 ms, the TCG guest's
+            // own lag between a read and its clock (5 seen in a full run,
+            // with three timers' signals interrupting the process).
             assert!(
-                f + 4 >= d && f <= d + 1,
+                f + 6 >= d && f <= d + 1,
                 "hop {hop}: {f} expirations read where {d} periods passed: {l}; before the move: {:?}",
                 &lines[seen.saturating_sub(3)..seen]
             );

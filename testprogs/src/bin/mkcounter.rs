@@ -91,7 +91,7 @@
 //! id 0 made and deleted, then id 1 signalling the process (SIGRTMIN+2,
 //! value 0x77) every MS, and id 2 signalling the main thread alone
 //! (`SIGEV_THREAD_ID`, SIGRTMIN+3, value 0x88) every 2 MS, and id 3 on
-//! the process's CPU clock (SIGRTMIN+4, value 0x99) every 4 MS of CPU time
+//! the process's CPU clock (SIGRTMIN+4, value 0x99) every 8 MS of CPU time
 //! (it fires only while a thread computes: `--threads`). The lines end
 //! with `ptimer_fires=<id 1's> ptimer_tid_fires=<id 2's>
 //! ptimer_cpu_fires=<id 3's> ptimer_bad=<a signal with a wrong value, or
@@ -1241,7 +1241,7 @@ fn posix_timers(ms: u64) {
     }
     arm(p, ms);
     arm(t, 2 * ms);
-    arm(c, 4 * ms);
+    arm(c, 8 * ms);
 }
 
 fn ptimer_line() -> String {
