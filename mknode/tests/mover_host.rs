@@ -12,7 +12,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::agents::{net, tail, ExecStream, Net};
+use common::agents::{move_out, net, tail, ExecStream, Net};
 use mknode::wire::{ExitStatus, Msg};
 
 /// Starts mkcounter on agent `on` (`mem` resident) with its output
@@ -66,17 +66,6 @@ fn no_gap(seqs: &[u64]) {
             w[1]
         );
     }
-}
-
-/// Asks agent `at`, through the client (agent 0), to move `pid` to `to`.
-fn move_out(
-    n: &Net,
-    (at, pid): (u16, u32),
-    to: u16,
-    lazy: bool,
-    t: Duration,
-) -> Result<Msg, mknode::agent::AgentError> {
-    n.agents[0].call(at, t, |req| Msg::MigrateOut { req, pid, to, lazy })
 }
 
 /// Moves `pid` from agent `at` to the other one (1 <-> 2) and checks the

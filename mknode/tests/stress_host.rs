@@ -25,7 +25,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::agents::{net, net_of, tail, ExecStream, Net};
+use common::agents::{move_out, net, net_of, tail, ExecStream, Net};
 use mknode::wire::{ExitStatus, Msg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -231,14 +231,8 @@ fn drive(n: &Net, i: usize, p: &mut Proc, rounds: u64, rng: &mut Rng) -> Moves {
             .unwrap();
         let lazy = rng.below(2) == 1;
         let t0 = Instant::now();
-        let r = n.agents[0]
-            .call(p.at, Duration::from_secs(300), |req| Msg::MigrateOut {
-                req,
-                pid: p.pid,
-                to,
-                lazy,
-            })
-            .unwrap_or_else(|e| {
+        let r =
+            move_out(n, (p.at, p.pid), to, lazy, Duration::from_secs(300)).unwrap_or_else(|e| {
                 panic!(
                     "{what}: moving {} from {} to {to} (lazy {lazy}): {e}",
                     p.pid, p.at
@@ -386,13 +380,7 @@ fn concurrent_moves_between_three_kernels() {
 /// Moves `pid` from `at` to `to` through the client, and returns its new
 /// pid.
 fn move_once(n: &Net, pid: u32, at: u16, to: u16, lazy: bool) -> u32 {
-    let r = n.agents[0]
-        .call(at, Duration::from_secs(120), |req| Msg::MigrateOut {
-            req,
-            pid,
-            to,
-            lazy,
-        })
+    let r = move_out(n, (at, pid), to, lazy, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("moving {pid} from {at} to {to}: {e}"));
     match r {
         Msg::MigrateReport { new_pid, .. } => new_pid,
@@ -454,12 +442,7 @@ fn a_move_to_a_kernel_known_down_fails_at_once() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let t = Instant::now();
-    let r = n.agents[0].call(1, Duration::from_secs(60), |req| Msg::MigrateOut {
-        req,
-        pid,
-        to: 2,
-        lazy: true,
-    });
+    let r = move_out(&n, (1, pid), 2, true, Duration::from_secs(60));
     let took = t.elapsed();
     let Err(mknode::agent::AgentError::Failed { message, .. }) = r else {
         panic!("{r:?}")

@@ -131,21 +131,18 @@ impl Facet for Dsm {
         // The regions homed there are lost with their pages: the next map
         // of such a name creates it anew (it would find a home that never
         // answers); until then they stay listed.
-        let mut r = lock(&self.registry);
-        let lost: Vec<(String, u32)> = r
-            .by_name
-            .values()
-            .filter(|i| i.home == peer)
-            .map(|i| (i.name.clone(), i.id))
-            .collect();
-        for (name, id) in lost {
-            if r.lost.insert(id) {
-                log::warn!(
-                    "dsm: region {name} is lost with its home ({why}); a new map creates it anew"
-                );
+        {
+            let mut r = lock(&self.registry);
+            let Registry { by_name, lost, .. } = &mut *r;
+            for i in by_name.values().filter(|i| i.home == peer) {
+                if lost.insert(i.id) {
+                    log::warn!(
+                        "dsm: region {} is lost with its home ({why}); a new map creates it anew",
+                        i.name
+                    );
+                }
             }
         }
-        drop(r);
         if let Some(e) = lock(&self.engine).as_ref() {
             e.post(Event::PeerLost {
                 node: peer,

@@ -108,19 +108,16 @@ impl Homed {
     /// before is written, then the end is told (or kept until `exit` is
     /// known). True when the entry can go.
     fn end(&mut self, end: End) -> bool {
-        let (f, _) = unbounded();
-        let forward = std::mem::replace(&mut self.forward, f);
-        match self.exit.take() {
-            Some(exit) => {
-                let _ = forward.send(Forward::End(Some(exit), end));
-                true
-            }
+        let tell = match self.exit.take() {
+            Some(exit) => Some((exit, end)),
             None => {
-                let _ = forward.send(Forward::End(None, Ok(ExitStatus::Code(0))));
                 self.ended = Some(end);
-                false
+                None
             }
-        }
+        };
+        let done = tell.is_some();
+        let _ = self.forward.send(Forward::End(tell));
+        done
     }
 }
 
@@ -137,8 +134,8 @@ enum Forward {
     Bytes(Stream, Vec<u8>),
     /// The process ended: close the original's descriptors once everything
     /// before is written (its readers then see the end of the data), then
-    /// tell its end.
-    End(Option<ExitTo>, End),
+    /// tell its end, if there is somewhere to tell it yet.
+    End(Option<(ExitTo, End)>),
 }
 
 /// Writes a copy's forwarded output into the original's stdout and stderr
@@ -159,10 +156,10 @@ fn forward_output(mut out: Option<File>, mut err: Option<File>, rx: Receiver<For
                     }
                 }
             }
-            Forward::End(exit, end) => {
+            Forward::End(tell) => {
                 drop(out.take());
                 drop(err.take());
-                if let Some(exit) = exit {
+                if let Some((exit, end)) = tell {
                     let _ = exit.send(end);
                 }
                 return;
@@ -757,13 +754,13 @@ impl Migration {
             let mut buf = Vec::new();
             while let Ok(Some(run)) = pusher.next_push(64, &mut buf) {
                 // Runs of zero pages go as a count.
-                let pages: Vec<&[u8]> = buf.chunks(PAGE).collect();
+                let page = |k: usize| &buf[k * PAGE..(k + 1) * PAGE];
+                let npages = buf.len() / PAGE;
                 let mut i = 0;
-                while i < pages.len() {
-                    let zero = migrate::is_zero(pages[i]);
-                    let n = pages[i..]
-                        .iter()
-                        .take_while(|p| migrate::is_zero(p) == zero)
+                while i < npages {
+                    let zero = migrate::is_zero(page(i));
+                    let n = (i..npages)
+                        .take_while(|&k| migrate::is_zero(page(k)) == zero)
                         .count();
                     let addr = run.addr + (i * PAGE) as u64;
                     let m = if zero {

@@ -192,7 +192,21 @@ struct PostQueue {
     closed: bool,
 }
 
+impl PostQueue {
+    /// Nothing queued or being sent: a new frame may go out directly.
+    fn idle(&self) -> bool {
+        self.frames.is_empty() && !self.sending
+    }
+}
+
 impl Posts {
+    /// Queues `item` for the post thread.
+    fn push(&self, mut q: MutexGuard<'_, PostQueue>, item: Queued) {
+        q.frames.push_back(item);
+        drop(q);
+        self.more.notify_one();
+    }
+
     /// The post thread: sends queued frames in order, waiting for room as
     /// long as a send does ([`SEND_TIMEOUT`]); a posted frame whose send
     /// fails is dropped with a warning (its peer is down or gone), a sent
@@ -491,26 +505,19 @@ impl Agent {
     /// buffer).
     pub fn send_bytes(&self, peer: u16, frame: &[u8]) -> Result<(), AgentError> {
         let (link, posts) = self.link_and_posts(peer)?;
-        let fail = |source| AgentError::Link {
-            peer: self.peer(peer),
-            source,
-        };
-        let mut q = lock(&posts.queue);
-        if q.closed {
-            return Err(AgentError::NoLink(self.peer(peer)));
-        }
-        if q.frames.is_empty() && !q.sending {
+        let q = self.post_queue(peer, &posts)?;
+        if q.idle() {
             drop(q);
-            return link.send(frame, SEND_TIMEOUT).map_err(fail);
+            return link
+                .send(frame, SEND_TIMEOUT)
+                .map_err(self.link_error(peer));
         }
         // Behind what was posted before: a message sent after a post (an
         // exec's output after its `Started`) must not overtake it.
         let (tx, rx) = crossbeam_channel::bounded(1);
-        q.frames.push_back((frame.to_vec(), Some(tx)));
-        drop(q);
-        posts.more.notify_one();
+        posts.push(q, (frame.to_vec(), Some(tx)));
         match rx.recv() {
-            Ok(sent) => sent.map_err(fail),
+            Ok(sent) => sent.map_err(self.link_error(peer)),
             Err(_) => Err(AgentError::NoLink(self.peer(peer))),
         }
     }
@@ -523,6 +530,27 @@ impl Agent {
         Ok((Arc::clone(&e.link), Arc::clone(&e.posts)))
     }
 
+    /// `posts`' queue, locked, unless its post thread has ended (the link
+    /// to `peer` went).
+    fn post_queue<'a>(
+        &self,
+        peer: u16,
+        posts: &'a Posts,
+    ) -> Result<MutexGuard<'a, PostQueue>, AgentError> {
+        let q = lock(&posts.queue);
+        if q.closed {
+            return Err(AgentError::NoLink(self.peer(peer)));
+        }
+        Ok(q)
+    }
+
+    fn link_error(&self, peer: u16) -> impl FnOnce(LinkError) -> AgentError + '_ {
+        move |source| AgentError::Link {
+            peer: self.peer(peer),
+            source,
+        }
+    }
+
     /// Sends one message to `peer` without waiting: at once if its ring has
     /// room and nothing posted earlier is still queued, else queued for
     /// the link's post thread (sent in order, dropped with a warning if the
@@ -531,22 +559,11 @@ impl Agent {
     pub fn post(&self, peer: u16, msg: &Msg) -> Result<(), AgentError> {
         let (link, posts) = self.link_and_posts(peer)?;
         let frame = msg.encode();
-        let mut q = lock(&posts.queue);
-        if q.closed {
-            return Err(AgentError::NoLink(self.peer(peer)));
+        let q = self.post_queue(peer, &posts)?;
+        if q.idle() && link.try_send(&frame).map_err(self.link_error(peer))? {
+            return Ok(());
         }
-        if q.frames.is_empty() && !q.sending {
-            let sent = link.try_send(&frame).map_err(|source| AgentError::Link {
-                peer: self.peer(peer),
-                source,
-            })?;
-            if sent {
-                return Ok(());
-            }
-        }
-        q.frames.push_back((frame, None));
-        drop(q);
-        posts.more.notify_one();
+        posts.push(q, (frame, None));
         Ok(())
     }
 
@@ -554,11 +571,7 @@ impl Agent {
     /// `Ok(false)` when it should be sent later with [`Agent::send`].
     pub fn try_send(&self, peer: u16, msg: &Msg) -> Result<bool, AgentError> {
         let link = self.link(peer)?;
-        link.try_send(&msg.encode())
-            .map_err(|source| AgentError::Link {
-                peer: self.peer(peer),
-                source,
-            })
+        link.try_send(&msg.encode()).map_err(self.link_error(peer))
     }
 
     /// Numbers this agent's requests from `first` on. An agent that takes

@@ -1450,7 +1450,7 @@ pub(crate) fn timer_blocker(t: &super::procfs::ProcTimer, i: usize) -> Option<St
     } else if t.id >= MAX_TIMER_ID {
         Some(format!("has an id above the {MAX_TIMER_ID} carried"))
     } else if let Err(why) = carried_clock(t.clockid) {
-        Some(why)
+        Some(why.to_string())
     } else if !matches!(t.notify.as_str(), "signal" | "none") {
         Some(format!(
             "notifies by {} (carried: a signal, or none)",
@@ -1467,24 +1467,31 @@ pub(crate) fn timer_blocker(t: &super::procfs::ProcTimer, i: usize) -> Option<St
 /// for a thread's clock, and 0-2 for what is counted (2: the scheduler's
 /// time, which `CLOCK_*_CPUTIME_ID` use); pid 0 is the timer's own process
 /// (or thread).
-pub(crate) fn carried_clock(clockid: i32) -> Result<u32, String> {
-    const CARRIED: &str = "carried: realtime, monotonic, boottime, the process's own CPU time";
+pub(crate) fn carried_clock(clockid: i32) -> Result<u32, UncarriedClock> {
     match clockid {
         0..=i32::MAX => u32::try_from(clockid)
             .ok()
             .filter(|c| POSIX_TIMER_CLOCKS.contains(c) && *c != 2)
-            .ok_or_else(|| format!("runs on clock {clockid} ({CARRIED})")),
+            .ok_or(UncarriedClock::Other(clockid)),
         // MAKE_PROCESS_CPUCLOCK(0, CPUCLOCK_SCHED): CLOCK_PROCESS_CPUTIME_ID.
         -6 => Ok(2),
-        _ if clockid & 4 != 0 => Err(format!(
-            "runs on the CPU clock of one thread, which /proc does not name ({CARRIED})"
-        )),
-        _ => Err(format!(
-            "runs on the CPU clock of process {} ({CARRIED})",
-            !(clockid >> 3)
-        )),
+        _ if clockid & 4 != 0 => Err(UncarriedClock::Thread),
+        _ => Err(UncarriedClock::Process(!(clockid >> 3))),
     }
 }
+
+/// Why a POSIX timer's clock is not carried ([`carried_clock`]).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UncarriedClock {
+    #[error("runs on clock {0} ({carried})", carried = CARRIED_CLOCKS)]
+    Other(i32),
+    #[error("runs on the CPU clock of one thread, which /proc does not name ({carried})", carried = CARRIED_CLOCKS)]
+    Thread,
+    #[error("runs on the CPU clock of process {0} ({carried})", carried = CARRIED_CLOCKS)]
+    Process(i32),
+}
+
+const CARRIED_CLOCKS: &str = "carried: realtime, monotonic, boottime, the process's own CPU time";
 
 /// Checks `pid` under the proc root `root` (normally `/proc`).
 pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusal> {

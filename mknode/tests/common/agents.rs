@@ -242,3 +242,15 @@ fn test_log() {
         log::set_max_level(level);
     }
 }
+
+/// Asks agent `at`, through the client (agent 0), to move `pid` to `to`,
+/// waiting up to `t` for the report.
+pub(crate) fn move_out(
+    n: &Net,
+    (at, pid): (u16, u32),
+    to: u16,
+    lazy: bool,
+    t: Duration,
+) -> Result<Msg, mknode::agent::AgentError> {
+    n.agents[0].call(at, t, |req| Msg::MigrateOut { req, pid, to, lazy })
+}
