@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use super::error::RequestError;
 use super::paths::InstanceDir;
 use super::process::Qemu;
-use crate::topology::{Instance, Restart};
+use crate::topology::{Backend, Instance, Restart};
 use crate::units::CpuSet;
 
 /// Lifecycle of one instance, as `mkctl status` shows it.
@@ -155,6 +155,28 @@ pub struct Inst {
     /// host's own CPUs (started by `mkctl boot`, not by this daemon), which
     /// has no QEMU; it runs while its agent is attached to the window.
     pub kexec: bool,
+}
+
+impl Inst {
+    /// Instance `i` of the topology as its boot begins, as endpoint `id`
+    /// with its files in `dir` (no QEMU yet, a fresh restart policy).
+    pub fn booting(i: &Instance, id: u16, dir: InstanceDir) -> Inst {
+        Inst {
+            name: i.name.clone(),
+            id,
+            cpus: i.cpus.clone(),
+            memory: i.memory.size(),
+            state: State::Booting,
+            reason: None,
+            child: None,
+            started: Some(Instant::now()),
+            kernel: None,
+            dir,
+            restart: i.restart,
+            policy: PolicyState::default(),
+            kexec: i.backend == Backend::Kexec,
+        }
+    }
 }
 
 /// Who asked for a boot (or restart).

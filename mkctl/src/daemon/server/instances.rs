@@ -350,19 +350,9 @@ impl Daemon {
         reg.instances.insert(
             i.name.clone(),
             Inst {
-                name: i.name.clone(),
-                id,
-                cpus: i.cpus.clone(),
-                memory: i.memory.size(),
-                state: State::Booting,
-                reason: None,
                 child: Some(child),
-                started: Some(Instant::now()),
-                kernel: None,
-                dir: dir.clone(),
-                restart: i.restart,
                 policy,
-                kexec: false,
+                ..Inst::booting(i, id, dir.clone())
             },
         );
         drop(reg);

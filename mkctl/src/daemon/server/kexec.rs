@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use super::{Daemon, Progress};
 use crate::daemon::control::Reply;
 use crate::daemon::error::{InstanceError, RequestError};
-use crate::daemon::state::{Inst, PolicyState, State};
+use crate::daemon::state::{Inst, State};
 use crate::daemon::window::HostWindow;
 use crate::qemu::cmdline::endpoint_names;
 use crate::topology::{Backend, Instance, Restart, Topology};
@@ -83,21 +83,10 @@ impl Daemon {
             reg.instances.insert(
                 i.name.clone(),
                 Inst {
-                    name: i.name.clone(),
-                    id,
-                    cpus: i.cpus.clone(),
-                    memory: i.memory.size(),
-                    state: State::Booting,
-                    reason: None,
-                    child: None,
-                    started: Some(Instant::now()),
-                    kernel: None,
-                    dir: self.run.instance(&i.name),
                     // The daemon cannot boot a kexec instance again by
                     // itself (the CLI drives the kernel's interface).
                     restart: Restart::No,
-                    policy: PolicyState::default(),
-                    kexec: true,
+                    ..Inst::booting(i, id, self.run.instance(&i.name))
                 },
             );
             drop(reg);
