@@ -96,13 +96,15 @@ fn migrate_n(
     let mut old = vec![Line::Seq {
         seq: seen.0,
         counters: seen.1,
+        mono_ms: None,
+        clock: None,
     }];
     old.extend(out.drain(T));
     let (last, last_counters) = old_tail(&old);
     // The new stream starts right after.
     let first = loop {
         match new_out.next(T).expect("restored process prints") {
-            Line::Seq { seq, counters } => break (seq, counters),
+            Line::Seq { seq, counters, .. } => break (seq, counters),
             Line::Checksum { .. } | Line::Joined | Line::Check(_) => {}
         }
     };
@@ -330,8 +332,168 @@ fn failed_restore_leaves_original_running() {
     child.wait().expect("wait");
 }
 
+/// `img` encoded again after `f` changed its metadata (another kernel, as
+/// far as the restore can tell).
+fn reencoded(img: &[u8], f: impl FnOnce(&mut image::ImageMeta)) -> Vec<u8> {
+    let mut d = image::decode_all(img).expect("decode");
+    f(&mut d.meta);
+    let mut w = image::ImageWriter::new(Vec::new(), &d.meta.header).expect("w");
+    w.process(&d.meta.process).expect("p");
+    for t in &d.meta.threads {
+        w.thread(t).expect("t");
+    }
+    for m in &d.meta.mappings {
+        w.mapping(m).expect("m");
+    }
+    // Data and zero runs, in address order as the writer wants them.
+    let mut runs: Vec<(u64, Result<&[u8], u64>)> =
+        d.data.iter().map(|(a, b)| (*a, Ok(&b[..]))).collect();
+    runs.extend(d.zero.iter().map(|(a, n)| (*a, Err(*n))));
+    runs.sort_by_key(|r| r.0);
+    for (a, r) in runs {
+        match r {
+            Ok(b) => w.data(a, b).expect("d"),
+            Err(n) => w.zero(a, n).expect("z"),
+        }
+    }
+    w.finish().expect("finish").0
+}
+
+/// `(start, end, perms)` of the mapping named `name` in `pid`, or of the
+/// one starting at `at`.
+fn mapping(pid: i32, name: Option<&str>, at: Option<u64>) -> Option<(u64, u64, String)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    maps.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (range, perms) = (f.next()?, f.next()?);
+        let (a, b) = range.split_once('-')?;
+        let (a, b) = (
+            u64::from_str_radix(a, 16).ok()?,
+            u64::from_str_radix(b, 16).ok()?,
+        );
+        let ok = name.is_none_or(|n| l.ends_with(n)) && at.is_none_or(|x| x == a);
+        ok.then(|| (a, b, perms.to_string()))
+    })
+}
+
+/// A thread calling `clock_gettime` in a loop is mostly inside the vDSO;
+/// the freeze steps it out every time (restored on another kernel build,
+/// the code between the old vDSO's entries leads nowhere).
 #[test]
-fn image_from_another_kernel_is_refused() {
+fn a_freeze_never_leaves_a_thread_inside_the_vdso() {
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "1M", "--threads", "1", "--clock-spin"]);
+    running(&out, 1);
+    let pid = child.id() as i32;
+    let (a, b, _) = mapping(pid, Some("[vdso]"), None).expect("[vdso]");
+    for i in 0..100 {
+        let frozen = freeze(pid).expect("freeze");
+        for t in &frozen.meta().threads {
+            // The size the preflight compares is the size a restore
+            // writes back.
+            assert_eq!(t.fp.len(), mknode::migrate::cpu::fp_state_size() as usize);
+            let rip = t.regs[16];
+            assert!(
+                !(a..b).contains(&rip),
+                "freeze {i}: thread {} left at {rip:#x}, inside [vdso] {a:#x}-{b:#x}",
+                t.tid
+            );
+        }
+        drop(frozen);
+    }
+    // And it goes on calling it: the steps did not break it.
+    let spins = |out: &Output| match out.until(T, |l| matches!(l, Line::Seq { .. })).pop() {
+        Some(Line::Seq { clock: Some(c), .. }) => c,
+        l => panic!("{l:?}"),
+    };
+    let (s0, back0) = spins(&out);
+    std::thread::sleep(Duration::from_millis(50));
+    let (s1, back1) = spins(&out);
+    assert!(
+        s1 > s0 && back0 == 0 && back1 == 0,
+        "{s0} {s1} {back0} {back1}"
+    );
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+}
+
+/// An image from another kernel build (its release changed here: the same
+/// code runs as for a real one) is restored through the vDSO proxy: this
+/// kernel's vDSO lands elsewhere, the old one's bytes stay at the old
+/// address with each entry redirected, and the process, whose libc calls
+/// the old entries, goes on telling the time; twice in a row (the second
+/// move redirects the first one's redirection).
+#[test]
+fn a_process_from_another_kernel_build_runs_through_the_vdso_proxy() {
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "1M", "--threads", "1", "--clock-spin"]);
+    running(&out, 1);
+    let mut pid = child.id() as i32;
+    let mut out = out;
+    let (old, old_end, _) = mapping(pid, Some("[vdso]"), None).expect("[vdso]");
+    let mut reap_old: Box<dyn FnOnce()> = Box::new(move || {
+        let _ = child.kill();
+        let _ = child.wait();
+    });
+    for hop in 0..2 {
+        let seen = seqs(&out.until(T, |l| matches!(l, Line::Seq { .. })))
+            .pop()
+            .unwrap();
+        let frozen = freeze(pid).expect("freeze");
+        let mut img = Vec::new();
+        frozen
+            .write_image(&mut img, ImageOptions::default())
+            .expect("image");
+        let foreign = reencoded(&img, |m| {
+            m.header.kernel.release = format!("5.10.{hop}-other")
+        });
+        let (plan, new_out) = plan_to_pipe();
+        let r = restore(&foreign[..], plan).expect("restore through the proxy");
+        frozen.kill();
+        reap_old();
+        // The old vDSO's place: its bytes, executable, not the kernel's.
+        let (a, b, perms) = mapping(r.pid, None, Some(old)).expect("old vDSO place mapped");
+        assert_eq!((a, b, perms.as_str()), (old, old_end, "r-xp"), "hop {hop}");
+        assert!(mapping(r.pid, Some("[vdso]"), Some(old)).is_none());
+        let (v, _, _) = mapping(r.pid, Some("[vdso]"), None).expect("this kernel's [vdso]");
+        assert_ne!(v, old, "hop {hop}");
+        // It goes on: next line, clock never back, still spinning, and
+        // CLOCK_MONOTONIC where it was.
+        let lines = new_out.until(
+            T,
+            |l| matches!(l, Line::Seq { clock: Some((s, _)), .. } if *s > 0),
+        );
+        let lines = [lines, new_out.until(T, |l| matches!(l, Line::Seq { .. }))].concat();
+        let (mut last_spins, mut last_mono) = (0, 0);
+        for l in &lines {
+            if let Line::Seq {
+                seq,
+                clock: Some((spins, back)),
+                mono_ms: Some(mono),
+                ..
+            } = l
+            {
+                assert!(*seq > seen.0, "hop {hop}: seq {seq} after {}", seen.0);
+                assert_eq!(*back, 0, "hop {hop}: the clock went back");
+                assert!(*spins >= last_spins && *mono >= last_mono);
+                (last_spins, last_mono) = (*spins, *mono);
+            }
+        }
+        let p = r.pid;
+        reap_old = Box::new(move || {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(p), None);
+        });
+        pid = r.pid;
+        out = new_out;
+    }
+    reap_old();
+}
+
+/// Without the old vDSO's bytes (an image that does not carry them), an
+/// image from another build is refused by what differs, and nothing runs.
+#[test]
+fn an_image_from_another_build_without_its_vdso_is_refused() {
     let _g = serial();
     let (mut child, out) = start(&["--mem", "1M", "--threads", "1"]);
     running(&out, 1);
@@ -341,22 +503,15 @@ fn image_from_another_kernel_is_refused() {
         .write_image(&mut img, ImageOptions::default())
         .expect("image");
     drop(frozen);
-    let mut d = image::decode_all(&img[..]).expect("decode");
-    d.meta.header.kernel.release = "5.10.0-other".into();
-    let mut w = image::ImageWriter::new(Vec::new(), &d.meta.header).expect("w");
-    w.process(&d.meta.process).expect("p");
-    for t in &d.meta.threads {
-        w.thread(t).expect("t");
-    }
-    for m in &d.meta.mappings {
-        w.mapping(m).expect("m");
-    }
-    for (a, b) in &d.data {
-        w.data(*a, b).expect("d");
-    }
-    let (foreign, _) = w.finish().expect("finish");
+    let foreign = reencoded(&img, |m| {
+        m.header.kernel.release = "5.10.0-other".into();
+        m.process.vdso.clear();
+    });
     let e = restore(&foreign[..], StdioPlan::null().expect("null")).expect_err("foreign");
-    assert!(e.to_string().contains("release is \"5.10.0-other\""), "{e}");
+    assert!(
+        e.to_string().contains("carries no vDSO") && e.to_string().contains("5.10.0-other"),
+        "{e}"
+    );
     child.kill().expect("kill");
     child.wait().expect("wait");
 }

@@ -112,12 +112,14 @@ fn lazy_move(pid: i32, out: &Output, reap_old: impl FnOnce(), threads: usize) ->
     let mut old = vec![Line::Seq {
         seq: m.seen.0,
         counters: m.seen.1.clone(),
+        mono_ms: None,
+        clock: None,
     }];
     old.extend(out.drain(T));
     m.last_old = old_tail(&old);
     let first = loop {
         match m.out.next(T).expect("restored process prints") {
-            Line::Seq { seq, counters } => break (seq, counters),
+            Line::Seq { seq, counters, .. } => break (seq, counters),
             Line::Checksum { .. } | Line::Joined | Line::Check(_) => {}
         }
     };

@@ -430,7 +430,7 @@ pub enum MoveError {
     #[error("pid {0} out of range")]
     Pid(u32),
     #[error(
-        "{peer} runs another kernel ({theirs}) than this one ({ours}): a process moves only between kernels of the same build; nothing was frozen, the original runs on"
+        "{peer} runs another kernel ({theirs}) than this one ({ours}): a thread moves only between kernels of the same build; nothing was frozen, it runs on"
     )]
     OtherKernel {
         peer: Peer,
@@ -530,7 +530,9 @@ impl Migration {
         let agent = self.agent.get()?;
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
-        Self::same_kernel(&agent, to)?;
+        // Another kernel build is fine (the restore redirects the vDSO);
+        // another CPU is the probe's to refuse.
+        Self::reachable(&agent, to)?;
         self.restorable_there(&agent, to, pid_i)?;
         let frozen = migrate::freeze(pid_i).map_err(MoveError::Freeze)?;
         let mig = self.next.fetch_add(1, Ordering::Relaxed);
@@ -829,16 +831,22 @@ impl Migration {
         Ok(())
     }
 
-    /// Refuses, before anything is frozen, a destination that runs another
-    /// kernel than this one (its restore would refuse the image after the
-    /// whole transfer). Without an answer the destination's own check, on
-    /// the image, decides.
-    /// A destination already taken as lost is refused at once, instead of
+    /// Refuses at once a destination already taken as lost, instead of
     /// after each preflight question's timeout.
-    pub(super) fn same_kernel(agent: &Agent, to: u16) -> Result<(), MoveError> {
-        if let Some(why) = agent.lost(to) {
-            return Err(MoveError::Lost { why });
+    fn reachable(agent: &Agent, to: u16) -> Result<(), MoveError> {
+        match agent.lost(to) {
+            Some(why) => Err(MoveError::Lost { why }),
+            None => Ok(()),
         }
+    }
+
+    /// For a thread's move, which leaves code running on both kernels over
+    /// one memory (the vDSO's place included): refuses, before anything is
+    /// frozen, a destination that runs another kernel build than this one.
+    /// Without an answer the destination's own check, on the image,
+    /// decides.
+    pub(super) fn same_kernel(agent: &Agent, to: u16) -> Result<(), MoveError> {
+        Self::reachable(agent, to)?;
         let Ok(Msg::Info { info, .. }) =
             agent.call(to, Duration::from_secs(10), |req| Msg::InfoRequest { req })
         else {
@@ -873,6 +881,8 @@ impl Migration {
                 req,
                 paths,
                 devices,
+                cpu: migrate::cpu::user_features(),
+                fp_size: migrate::cpu::fp_state_size(),
             })
         else {
             return Ok(());
@@ -1043,11 +1053,12 @@ impl Facet for Migration {
                 req,
                 paths,
                 devices,
+                cpu,
+                fp_size,
             } => agent.answer_later(peer, req, move |_| {
-                Ok::<_, std::convert::Infallible>(Msg::RestoreProbed {
-                    req,
-                    problems: probe_restore(&paths, &devices),
-                })
+                let mut problems = migrate::cpu::missing_here(&cpu, fp_size);
+                problems.extend(probe_restore(&paths, &devices));
+                Ok::<_, std::convert::Infallible>(Msg::RestoreProbed { req, problems })
             }),
             // The report goes out when the move is over: in lazy mode, once
             // every page has moved and the original is gone (its downtime

@@ -494,6 +494,49 @@ impl Frozen {
         })
     }
 
+    /// Steps `tid` out of the vDSO (`inside`) if the freeze caught it
+    /// there: restored on another kernel build, only the old vDSO's entry
+    /// points lead anywhere (see `vdso`). Leaves it in an interrupt stop
+    /// again, with a signal that came meanwhile delivered from outside the
+    /// vDSO (its handler runs after the restore; its siginfo is the
+    /// tracer's).
+    fn step_out(&mut self, tid: Pid, inside: &std::ops::Range<u64>) -> Result<(), CaptureError> {
+        const MAX_STEPS: u32 = 100_000;
+        let e = |op| {
+            let f = self.sys();
+            move |err| f(ptrace_err(op, tid)(err))
+        };
+        let mut steps = 0;
+        let mut held = 0;
+        while steps < MAX_STEPS {
+            let rip = ptrace::getregs(tid).map_err(e("PTRACE_GETREGS"))?.rip;
+            if !inside.contains(&rip) {
+                break;
+            }
+            ptrace::step(tid, None).map_err(e("PTRACE_SINGLESTEP"))?;
+            steps += 1;
+            match wait_stop(tid, "a single step").map_err(self.sys())? {
+                Stop::Status(WaitStatus::Stopped(_, Signal::SIGTRAP)) => {}
+                Stop::Status(WaitStatus::Stopped(_, sig)) => held = sig as i32,
+                Stop::Realtime(sig) => held = sig,
+                Stop::Status(other) => {
+                    return Err(self.sys()(SysError::Stop {
+                        tid: tid.as_raw(),
+                        status: format!("{other:?}"),
+                        wanted: "a single step",
+                    }))
+                }
+            }
+        }
+        if steps == 0 {
+            return Ok(());
+        }
+        log::debug!("thread {tid} stepped out of the vDSO in {steps} steps");
+        ptrace::interrupt(tid).map_err(e("PTRACE_INTERRUPT"))?;
+        super::inject::cont_with(tid, held).map_err(self.sys())?;
+        self.wait_frozen(tid)
+    }
+
     /// Waits until `tid` sits in the interrupt (or group) stop. A signal that
     /// arrives first is delivered (as it would have been) and the wait goes
     /// on; a thread that exits is forgotten.
@@ -584,6 +627,10 @@ impl Frozen {
             env_end: stat.env_end,
         };
 
+        let inside = vdso.start..vdso.end;
+        for tid in self.tids.clone() {
+            self.step_out(tid, &inside)?;
+        }
         let mut threads = Vec::with_capacity(self.tids.len());
         for &tid in &self.tids {
             threads.push(self.read_thread(&pd, tid)?);
@@ -684,6 +731,7 @@ impl Frozen {
                 posix_timers: posix_timers(&proc_timers, &times, &threads)
                     .map_err(self.proc_err("timers"))?,
                 memfds,
+                vdso: vdso_bytes,
             },
             threads,
             mappings,

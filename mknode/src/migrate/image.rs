@@ -20,8 +20,9 @@ pub const MAGIC: [u8; 8] = *b"MKPROCIM";
 /// Version of the layout written by this code; others are refused.
 /// Version 2 added the header checksum; version 3 the open files; version 4
 /// timerfds, signalfds, pipes and socket pairs with their bytes, and shared
-/// descriptions; version 5 epolls with their watches and POSIX timers.
-pub const VERSION: u16 = 6;
+/// descriptions; version 5 epolls with their watches and POSIX timers;
+/// version 6 memfds; version 7 the origin's vDSO bytes.
+pub const VERSION: u16 = 7;
 /// ELF machine number of x86_64, the only architecture of version 1.
 pub const ARCH_X86_64: u16 = 0x3E;
 /// Page size of the image.
@@ -53,6 +54,9 @@ pub const MAX_PIPE_BYTES: usize = 512 * 1024;
 /// Bytes of memfds carried in the process record: those outside every
 /// range the process maps (what it maps goes with its pages).
 pub const MAX_MEMFD_BYTES: usize = 256 * 1024;
+/// Bytes of the origin's vDSO in the process record (it is 8 KiB on the
+/// kernels seen).
+pub const MAX_VDSO: usize = 64 * 1024;
 /// The largest memfd carried (its size; sparse content is cheap).
 pub const MAX_MEMFD_SIZE: u64 = 1 << 40;
 /// The longest memfd name (`memfd_create`'s limit).
@@ -541,6 +545,10 @@ pub struct ProcessInfo {
     pub posix_timers: Vec<PosixTimer>,
     /// The memfds the process holds.
     pub memfds: Vec<MemfdState>,
+    /// The origin's `[vdso]` bytes (their hash and length are the
+    /// header's): a restore on another kernel build puts them back at the
+    /// old address, entries redirected to its own vDSO (`vdso`).
+    pub vdso: Vec<u8>,
 }
 
 /// Which register file the FP blob is.
@@ -995,6 +1003,11 @@ impl<W: Write> ImageWriter<W> {
                 w.raw(b);
             }
         }
+        if p.vdso.len() > MAX_VDSO {
+            return Err(ImageError::Order("vDSO larger than 64 KiB"));
+        }
+        w.le(p.vdso.len() as u32);
+        w.raw(&p.vdso);
         self.record(TAG_PROCESS, &v)?;
         self.stage = Stage::Threads;
         Ok(())
@@ -1365,6 +1378,22 @@ impl<R: Read> ImageReader<R> {
         }
         let p = me.payload(len)?;
         let process = parse_process(&mut Cur::new(&p, at))?;
+        // The vDSO bytes are the ones the header's fingerprint names (an
+        // image from before the fingerprint had them carries none).
+        if !process.vdso.is_empty()
+            && (process.vdso.len() as u64 != u64::from(header.kernel.vdso_len)
+                || xxhash_rust::xxh3::xxh3_64(&process.vdso) != header.kernel.vdso_hash)
+        {
+            return Err(ImageError::Invalid {
+                at,
+                why: format!(
+                    "the process record's vDSO ({} bytes) is not the one the header names ({} bytes, xxh3 {:#018x})",
+                    process.vdso.len(),
+                    header.kernel.vdso_len,
+                    header.kernel.vdso_hash
+                ),
+            });
+        }
 
         let mut threads: Vec<ThreadState> = Vec::new();
         let mut mappings: Vec<Mapping> = Vec::new();
@@ -1788,6 +1817,15 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
     let epolls = parse_epolls(c, &files, &stdio)?;
     let posix_timers = parse_posix_timers(c)?;
     let memfds = parse_memfds(c, &files)?;
+    let n = c.u32()? as usize;
+    if n > MAX_VDSO {
+        return Err(ImageError::Bound {
+            at: c.at,
+            what: "vDSO length",
+            value: n as u64,
+        });
+    }
+    let vdso = c.take(n)?.to_vec();
     c.done()?;
     Ok(ProcessInfo {
         pid,
@@ -1807,6 +1845,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         epolls,
         posix_timers,
         memfds,
+        vdso,
     })
 }
 
@@ -2442,12 +2481,13 @@ pub(crate) mod tests {
     type Sample = (ImageMeta, Vec<(u64, Vec<u8>)>, Vec<(u64, u64)>);
 
     pub(crate) fn sample(nmaps: usize, seed: u8) -> Sample {
+        let vdso: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
         let header = Header {
             flags: FLAG_ZERO_RUNS,
             kernel: KernelFingerprint {
                 release: "6.18.44".into(),
                 version: "#1 SMP".into(),
-                vdso_hash: 0x1234,
+                vdso_hash: xxhash_rust::xxh3::xxh3_64(&vdso),
                 vdso_len: 8192,
             },
         };
@@ -2670,6 +2710,7 @@ pub(crate) mod tests {
                 maps: vec![],
                 data: vec![(0, b"head".to_vec()), (8192, b"memfd tail".to_vec())],
             }],
+            vdso,
         };
         let mut si = [0u8; SIGINFO_SIZE];
         si[0] = 10;
@@ -2743,19 +2784,35 @@ pub(crate) mod tests {
         w.finish().unwrap().0
     }
 
-    /// The bytes of an image are those of format version 6 (version 2,
+    /// The bytes of an image are those of format version 7 (version 2,
     /// as first written by hand before the shared codec, plus the open
     /// files, the clocks and the interval timers (3), plus timerfds,
     /// signalfds, pipes, socket pairs and shared descriptions (4), plus
-    /// epolls and POSIX timers (5), plus memfds (6)): same length, same
-    /// checksum over every byte. A change here is a format change: bump
-    /// VERSION and the README's layout.
+    /// epolls and POSIX timers (5), plus memfds (6), plus the vDSO's bytes
+    /// (7)): same length, same checksum over every byte. A change here is
+    /// a format change: bump VERSION and the README's layout.
     #[test]
-    fn encoding_is_the_one_of_version_6() {
+    fn encoding_is_the_one_of_version_7() {
         let (meta, data, zero) = sample(3, 7);
         let bytes = encode(&meta, &data, &zero);
         let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-        assert_eq!((bytes.len(), sum), (28760, 0x60ea_47fa_b9e6_c2df));
+        assert_eq!((bytes.len(), sum), (36956, 0x6afb_59d7_092f_7d9d));
+    }
+
+    /// The vDSO bytes must be the ones the header's fingerprint names;
+    /// none at all is an image that cannot go to another kernel build.
+    #[test]
+    fn a_vdso_other_than_the_headers_is_refused() {
+        let (mut meta, data, zero) = sample(1, 3);
+        meta.process.vdso[100] ^= 1;
+        let e = decode_all(&encode(&meta, &data, &zero)[..]).unwrap_err();
+        assert!(
+            e.to_string().contains("not the one the header names"),
+            "{e}"
+        );
+        meta.process.vdso.clear();
+        let d = decode_all(&encode(&meta, &data, &zero)[..]).unwrap();
+        assert!(d.meta.process.vdso.is_empty());
     }
 
     /// Files the decoder refuses: a stdio fd whose kind and listing

@@ -35,6 +35,7 @@
 //! migration facet's, in `crate::agent::migration`.
 
 mod capture;
+pub mod cpu;
 mod filter;
 pub mod image;
 mod inject;
@@ -47,6 +48,7 @@ mod restore;
 pub mod split;
 mod sys;
 mod unixdiag;
+mod vdso;
 
 /// `pidfd_open(pid, 0)`.
 pub use crate::uffd::pidfd_open;

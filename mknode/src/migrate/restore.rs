@@ -39,6 +39,7 @@ use super::memory::{fingerprint, read_remote, to_mapping, write_remote};
 use super::pager::{self, LazyError, PageTable, Pager, PagerOptions};
 use super::procfs::{parse_maps, ProcDir};
 use super::split::{Answer, Share};
+use super::vdso;
 use super::{sys, SysError};
 use crate::uffd::{self, Uffd};
 
@@ -74,7 +75,7 @@ impl StdioPlan {
 pub enum RestoreError {
     #[error("reading the image")]
     Image(#[from] ImageError),
-    #[error("the image was taken on another kernel: its {what} is {image:?}, this kernel's is {local:?}; restore needs the same kernel image")]
+    #[error("the image was taken on another kernel and carries no vDSO to redirect: its {what} is {image:?}, this kernel's is {local:?}")]
     Kernel {
         what: &'static str,
         image: String,
@@ -82,6 +83,8 @@ pub enum RestoreError {
     },
     #[error("vDSO layout differs: {0}")]
     Layout(String),
+    #[error("another kernel build: redirecting the process's old vDSO to this kernel's")]
+    Vdso(#[from] vdso::VdsoError),
     #[error("the DSM")]
     Dsm(#[source] crate::dsm::DsmError),
     #[error("the shadow's futex filter")]
@@ -230,8 +233,25 @@ fn local(what: &'static str) -> impl FnOnce(io::Error) -> RestoreError {
     move |source| RestoreError::Local { what, source }
 }
 
-/// Same kernel image as the origin, and the same special-mapping layout.
-fn check_kernel(meta: &ImageMeta) -> Result<Vec<Mapping>, RestoreError> {
+/// How this kernel's vDSO relates to the image's.
+enum VdsoPlan {
+    /// The same kernel build: its vDSO goes back where it was.
+    Same,
+    /// Another build: this kernel's special mappings (`local`, as in this
+    /// process) go where there is room, and the old vDSO's bytes back at
+    /// its address with its entries sent to `symbols` (see `vdso`).
+    Proxy {
+        local: Vec<Mapping>,
+        symbols: Vec<vdso::Symbol>,
+    },
+}
+
+/// Whether the image was taken on this kernel build (same release, build,
+/// vDSO bytes and special-mapping layout): then its vDSO is mapped back as
+/// it was; otherwise it goes through the proxy, which needs the old vDSO's
+/// bytes in the image. `MKCTL_VDSO_PROXY=always` takes the proxy on the
+/// same build too (the tests exercise it on one kernel that way).
+fn check_kernel(meta: &ImageMeta) -> Result<VdsoPlan, RestoreError> {
     let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").map_err(local("maps"))?)
         .map_err(local("maps"))?;
     let mine: Vec<Mapping> = maps.iter().filter_map(to_mapping).collect();
@@ -248,27 +268,6 @@ fn check_kernel(meta: &ImageMeta) -> Result<Vec<Mapping>, RestoreError> {
     };
     let here = fingerprint(&bytes);
     let there = &meta.header.kernel;
-    if here.release != there.release {
-        return Err(RestoreError::Kernel {
-            what: "release",
-            image: there.release.clone(),
-            local: here.release,
-        });
-    }
-    if here.version != there.version {
-        return Err(RestoreError::Kernel {
-            what: "build",
-            image: there.version.clone(),
-            local: here.version,
-        });
-    }
-    if (here.vdso_hash, here.vdso_len) != (there.vdso_hash, there.vdso_len) {
-        return Err(RestoreError::Kernel {
-            what: "vDSO",
-            image: format!("{} bytes, xxh3 {:#018x}", there.vdso_len, there.vdso_hash),
-            local: format!("{} bytes, xxh3 {:#018x}", here.vdso_len, here.vdso_hash),
-        });
-    }
     let special = |v: &[Mapping]| -> Vec<(MappingKind, u64, u64)> {
         let s: Vec<&Mapping> = v.iter().filter(|m| m.kind.is_special()).collect();
         let base = s.first().map(|m| m.start).unwrap_or(0);
@@ -276,13 +275,31 @@ fn check_kernel(meta: &ImageMeta) -> Result<Vec<Mapping>, RestoreError> {
             .map(|m| (m.kind, m.start - base, m.len()))
             .collect()
     };
-    let (a, b) = (special(&meta.mappings), special(&mine));
-    if a != b {
-        return Err(RestoreError::Layout(format!(
-            "image has {a:x?}, this kernel maps {b:x?}"
-        )));
+    let forced = std::env::var_os("MKCTL_VDSO_PROXY").is_some_and(|v| v == "always");
+    if here == *there && special(&meta.mappings) == special(&mine) && !forced {
+        return Ok(VdsoPlan::Same);
     }
-    Ok(mine)
+    if meta.process.vdso.is_empty() {
+        return Err(RestoreError::Kernel {
+            what: "vDSO",
+            image: format!(
+                "{} {} ({} bytes, xxh3 {:#018x})",
+                there.release, there.version, there.vdso_len, there.vdso_hash
+            ),
+            local: format!(
+                "{} {} ({} bytes, xxh3 {:#018x})",
+                here.release, here.version, here.vdso_len, here.vdso_hash
+            ),
+        });
+    }
+    if vdso.is_none() {
+        return Err(RestoreError::Layout("this process has no [vdso]".into()));
+    }
+    let symbols = vdso::symbols(&bytes, "this kernel's")?;
+    Ok(VdsoPlan::Proxy {
+        local: mine.into_iter().filter(|m| m.kind.is_special()).collect(),
+        symbols,
+    })
 }
 
 /// Transparent-huge-page advice for a restored mapping: the origin's own,
@@ -1301,7 +1318,7 @@ fn restore_impl<R: Read>(
     if meta.header.flags & FLAG_LAZY != 0 && lazy.is_none() {
         return Err(RestoreError::LazyImage);
     }
-    check_kernel(&meta)?;
+    let vdso_plan = check_kernel(&meta)?;
     // DSM memory: this kernel's copy of each region, to map.
     let mut dsm: Vec<(&Mapping, u32)> = Vec::new();
     let mut dsm_fds = Vec::new();
@@ -1378,32 +1395,98 @@ fn restore_impl<R: Read>(
         &[ctl + PAGE, USER_TOP - ctl - PAGE],
     ))?;
 
-    // 2. The kernel's own mappings where the image had them.
-    if let Some(first) = meta.mappings.iter().find(|m| m.kind.is_special()) {
-        call(Call::new(
-            "arch_prctl(ARCH_MAP_VDSO_64)",
-            libc::SYS_arch_prctl,
-            &[ARCH_MAP_VDSO_64, first.start],
-        ))?;
+    // 2. The kernel's own mappings where the image had them; or, from
+    //    another kernel build, this kernel's where there is room and the
+    //    old vDSO's bytes at its address, sent on to them.
+    let special_now = || -> Result<Vec<(MappingKind, u64, u64)>, RestoreError> {
         let now = ProcDir::new(Path::new("/proc"), leader.as_raw())
             .maps()
             .map_err(local("stub maps"))?;
-        let got: Vec<(MappingKind, u64, u64)> = now
+        Ok(now
             .iter()
             .filter_map(to_mapping)
             .filter(|m| m.kind.is_special())
             .map(|m| (m.kind, m.start, m.end))
-            .collect();
-        let want: Vec<(MappingKind, u64, u64)> = meta
-            .mappings
-            .iter()
-            .filter(|m| m.kind.is_special())
-            .map(|m| (m.kind, m.start, m.end))
-            .collect();
-        if got != want {
-            return Err(RestoreError::Layout(format!(
-                "asked for {want:x?}, the kernel mapped {got:x?}"
-            )));
+            .collect())
+    };
+    match &vdso_plan {
+        VdsoPlan::Same => {
+            if let Some(first) = meta.mappings.iter().find(|m| m.kind.is_special()) {
+                call(Call::new(
+                    "arch_prctl(ARCH_MAP_VDSO_64)",
+                    libc::SYS_arch_prctl,
+                    &[ARCH_MAP_VDSO_64, first.start],
+                ))?;
+                let want: Vec<(MappingKind, u64, u64)> = meta
+                    .mappings
+                    .iter()
+                    .filter(|m| m.kind.is_special())
+                    .map(|m| (m.kind, m.start, m.end))
+                    .collect();
+                let got = special_now()?;
+                if got != want {
+                    return Err(RestoreError::Layout(format!(
+                        "asked for {want:x?}, the kernel mapped {got:x?}"
+                    )));
+                }
+            }
+        }
+        VdsoPlan::Proxy { local, symbols } => {
+            let old = vdso::old_vdso(&meta.mappings, meta.process.vdso.len())?;
+            let at = vdso::place(&meta.mappings, local, (ctl, ctl + PAGE))?;
+            call(Call::new(
+                "arch_prctl(ARCH_MAP_VDSO_64)",
+                libc::SYS_arch_prctl,
+                &[ARCH_MAP_VDSO_64, at],
+            ))?;
+            let base = local.first().map_or(0, |m| m.start);
+            let want: Vec<(MappingKind, u64, u64)> = local
+                .iter()
+                .map(|m| (m.kind, m.start - base + at, m.end - base + at))
+                .collect();
+            let got = special_now()?;
+            if got != want {
+                return Err(RestoreError::Layout(format!(
+                    "asked for this kernel's {want:x?}, it mapped {got:x?}"
+                )));
+            }
+            let new_vdso = want
+                .iter()
+                .find(|m| m.0 == MappingKind::Vdso)
+                .map_or(at, |m| m.1);
+            let bytes = vdso::patch(&meta.process.vdso, old.start, symbols, new_vdso)?;
+            let mapped = call(Call::new(
+                "mmap",
+                libc::SYS_mmap,
+                &[
+                    old.start,
+                    old.len(),
+                    (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                    (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64,
+                    u64::MAX,
+                    0,
+                ],
+            ))?;
+            if mapped != old.start {
+                return Err(RestoreError::Layout(format!(
+                    "the old vDSO's place {:#x} got {mapped:#x}",
+                    old.start
+                )));
+            }
+            poke(leader, old.start, &bytes)?;
+            call(Call::new(
+                "mprotect",
+                libc::SYS_mprotect,
+                &[
+                    old.start,
+                    old.len(),
+                    (libc::PROT_READ | libc::PROT_EXEC) as u64,
+                ],
+            ))?;
+            log::debug!(
+                "vDSO proxy: old vDSO at {:#x} sent to this kernel's at {new_vdso:#x}",
+                old.start
+            );
         }
     }
     let pers = ProcDir::new(Path::new("/proc"), leader.as_raw())

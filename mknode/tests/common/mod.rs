@@ -85,6 +85,9 @@ pub(crate) enum Line {
     Seq {
         seq: u64,
         counters: Vec<u64>,
+        /// `mono_ms`, and `--clock-spin`'s `(clock_spins, clock_back)`.
+        mono_ms: Option<u64>,
+        clock: Option<(u64, u64)>,
     },
     Checksum {
         sum: u64,
@@ -124,11 +127,21 @@ pub(crate) fn parse(line: &str) -> Option<Line> {
     }
     let mut it = line.split_whitespace();
     let seq = it.next()?.strip_prefix("seq=")?.parse().ok()?;
-    let counters = it
-        .filter(|f| f.starts_with('t'))
-        .map(|f| f.split_once('=').and_then(|(_, v)| v.parse().ok()))
+    let fields: Vec<(&str, &str)> = it.filter_map(|f| f.split_once('=')).collect();
+    let counters = fields
+        .iter()
+        .filter(|(k, _)| k.starts_with('t'))
+        .map(|(_, v)| v.parse().ok())
         .collect::<Option<Vec<u64>>>()?;
-    Some(Line::Seq { seq, counters })
+    let field =
+        |name: &str| -> Option<u64> { fields.iter().find(|(k, _)| *k == name)?.1.parse().ok() };
+    let clock = field("clock_spins").zip(field("clock_back"));
+    Some(Line::Seq {
+        seq,
+        counters,
+        mono_ms: field("mono_ms"),
+        clock,
+    })
 }
 
 /// The lines a process writes to one pipe, read by a thread.
@@ -197,7 +210,7 @@ pub(crate) fn seqs(lines: &[Line]) -> Vec<(u64, Vec<u64>)> {
     lines
         .iter()
         .filter_map(|l| match l {
-            Line::Seq { seq, counters } => Some((*seq, counters.clone())),
+            Line::Seq { seq, counters, .. } => Some((*seq, counters.clone())),
             _ => None,
         })
         .collect()

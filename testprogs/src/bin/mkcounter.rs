@@ -28,6 +28,11 @@
 //! moved (its pid changed): that line then says `timerfd_oneshot=<its
 //! expirations>` (1 if the unread expiration was carried).
 //!
+//! With `--clock-spin`, one more thread calls `clock_gettime` (the vDSO)
+//! in a loop and nothing else, so that a freeze mostly finds it inside the
+//! vDSO: lines end with `clock_spins=<calls> clock_back=<times the clock
+//! went back>`.
+//!
 //! With `--signalfd`, SIGUSR2 is blocked in every thread and read from a
 //! signalfd (non-blocking) once per line: `sigusr2=<count>`.
 //!
@@ -114,7 +119,7 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--epoll] [--epoll-stale] [--shared-mem SIZE] [--memfd SIZE] [--memfd-unmapped SIZE] [--posix-timer-ms MS] [--scan]"
+        "usage: mkcounter [--mem SIZE] [--threads N] [--interval-ms MS] [--join-after-ms MS] [--alarm-ms MS] [--eventfd N] [--timerfd-ms MS] [--signalfd] [--pipe-inflight N] [--socketpairs N] [--epoll] [--epoll-stale] [--shared-mem SIZE] [--memfd SIZE] [--memfd-unmapped SIZE] [--posix-timer-ms MS] [--clock-spin] [--scan]"
     );
     std::process::exit(2)
 }
@@ -134,6 +139,7 @@ fn main() {
     let mut shm: Option<SharedMem> = None;
     let mut memfd: Option<Memfd> = None;
     let mut ptimer: Option<()> = None;
+    let mut clock_spin = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--scan" {
@@ -142,6 +148,10 @@ fn main() {
         }
         if a == "--epoll" || a == "--epoll-stale" {
             epoll = Some(Epoll::new(a == "--epoll-stale"));
+            continue;
+        }
+        if a == "--clock-spin" {
+            clock_spin = true;
             continue;
         }
         if a == "--signalfd" {
@@ -244,6 +254,20 @@ fn main() {
         });
     }
 
+    if clock_spin {
+        std::thread::spawn(|| {
+            let mut last = 0;
+            loop {
+                let now = mono_ns();
+                if now < last {
+                    CLOCK_BACK.fetch_add(1, Ordering::Relaxed);
+                }
+                last = now;
+                CLOCK_SPINS.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
     let counters: Arc<Vec<AtomicU64>> = Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect());
     for i in 0..threads {
         let c = Arc::clone(&counters);
@@ -341,6 +365,13 @@ fn main() {
             line.push_str(&format!(" t{i}={}", c.load(Ordering::Relaxed)));
         }
         line.push_str(&format!(" mono_ms={}", mono_ms()));
+        if clock_spin {
+            line.push_str(&format!(
+                " clock_spins={} clock_back={}",
+                CLOCK_SPINS.load(Ordering::Relaxed),
+                CLOCK_BACK.load(Ordering::Relaxed)
+            ));
+        }
         if alarm_ms.is_some() {
             line.push_str(&format!(" alarms={}", ALARMS.load(Ordering::Relaxed)));
         }
@@ -375,15 +406,25 @@ fn main() {
 /// SIGALRMs received (`--alarm-ms`).
 static ALARMS: AtomicU64 = AtomicU64::new(0);
 
-/// `CLOCK_MONOTONIC` in ms: a move must not make it jump.
-fn mono_ms() -> u64 {
+/// `--clock-spin`: calls to `clock_gettime` (through the vDSO) by a thread
+/// that does nothing else, and how often its clock went back.
+static CLOCK_SPINS: AtomicU64 = AtomicU64::new(0);
+static CLOCK_BACK: AtomicU64 = AtomicU64::new(0);
+
+/// `CLOCK_MONOTONIC` in ns.
+fn mono_ns() -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec into `t`, a live local.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// `CLOCK_MONOTONIC` in ms: a move must not make it jump.
+fn mono_ms() -> u64 {
+    mono_ns() / 1_000_000
 }
 
 fn die(what: &str) -> ! {
@@ -604,16 +645,6 @@ impl InFlight {
             Err(e) => format!("pipe_check=bad {e}"),
         }
     }
-}
-
-fn mono_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `t`, a live local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 /// `--socketpairs`: a stream pair and a datagram pair with messages queued.
