@@ -6,6 +6,9 @@
 #   3. the guest kernel's virtio console driver and what it needs, copied
 #      out of the same package to $MKCTL_CACHE/kernel/modules/ (the guests'
 #      doorbell port; the cloud kernel builds virtio as modules);
+#   2b/3b. the same for Debian 12's 6.12 cloud kernel (linux-image-6.12-
+#      cloud-amd64, a 34 MB .deb), in $MKCTL_CACHE/kernel-6.12/: guests with
+#      kernel = "auto-6.12" run another kernel build than the stock ones;
 #   4. the statically linked guest-init, copied to $MKCTL_CACHE/guest-init.
 # Idempotent: when everything is in place it only re-checks and re-runs a
 # no-op cargo build (well under 2 s).
@@ -15,14 +18,17 @@
 #   CARGO_TARGET_DIR  cargo's target dir; the static build goes to its static/
 #   MKCTL_KERNEL_PKG  a versioned linux-image-*-cloud-amd64 package to use
 #                     instead of the one the meta-package points at
+#   MKCTL_KERNEL_612_PKG  the same for the 6.12 kernel (a versioned
+#                     linux-image-6.12.*-cloud-amd64 package)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${MKCTL_CACHE:-$REPO/.cache}"
 KDIR="$CACHE/kernel"
+KDIR_612="$CACHE/kernel-6.12"
 TRIPLE=x86_64-unknown-linux-gnu
 STATIC_TARGET="${CARGO_TARGET_DIR:-$REPO/target}/static"
-PACKAGES=(qemu-system-x86 device-tree-compiler cpio busybox-static)
+PACKAGES=(qemu-system-x86 device-tree-compiler cpio busybox-static xz-utils)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() {
@@ -67,93 +73,125 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not on PATH after installing qemu-system-x86"
 
-# --- 2. kernel --------------------------------------------------------------
-# The versioned image package the meta-package depends on, e.g.
+# --- 2. and 3. kernels and their modules ------------------------------------
+# The modules guest-init loads from the initramfs in this order (each needs
+# the ones before it; `depends=` in their .modinfo) to get a virtio-serial
+# port, the guests' doorbell (guest-init/src/doorbell.rs); and unix_diag at
+# boot, which tells a migration a socket's peer (socket pairs move with it).
+# They are copied out of each kernel's own package: a module loads only in
+# the release it was built for.
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console unix_diag)
+
+# The versioned image package a meta-package depends on, e.g.
 # linux-image-6.1.0-56-cloud-amd64 (never the -dbg or -unsigned variants).
 resolve_kernel_pkg() {
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+    apt-cache depends "$1" 2>/dev/null \
         | sed -n 's/^ *Depends: *\(linux-image-[0-9][^ ]*-cloud-amd64\)$/\1/p' \
         | sort -V | tail -n1
 }
 
-mkdir -p "$KDIR"
-pkg="${MKCTL_KERNEL_PKG:-}"
-if [ -z "$pkg" ]; then
-    pkg="$(resolve_kernel_pkg)"
+# fetch_kernel META DIR [PKG]: the newest versioned package META points at
+# (or PKG), downloaded once into DIR and unpacked to DIR/vmlinuz, DIR/version
+# (its release), DIR/package, and its MODULES to DIR/modules/ (with
+# DIR/modules/release). Does nothing when all of it is already there.
+fetch_kernel() {
+    local meta="$1" kdir="$2" pkg="${3:-}" deb x img release old m ko
+    local mdir="$kdir/modules"
+    mkdir -p "$kdir"
     if [ -z "$pkg" ]; then
-        if [ -s "$KDIR/package" ] && [ -s "$KDIR/vmlinuz" ]; then
-            # No apt lists (fresh or cleaned machine) but a kernel is cached:
-            # keep it rather than go to the network.
-            pkg="$(cat "$KDIR/package")"
-        else
-            apt_update_once
-            pkg="$(resolve_kernel_pkg)"
+        pkg="$(resolve_kernel_pkg "$meta")"
+        if [ -z "$pkg" ]; then
+            if [ -s "$kdir/package" ] && [ -s "$kdir/vmlinuz" ]; then
+                # No apt lists (fresh or cleaned machine) but a kernel is
+                # cached: keep it rather than go to the network.
+                pkg="$(cat "$kdir/package")"
+            else
+                apt_update_once
+                pkg="$(resolve_kernel_pkg "$meta")"
+            fi
         fi
     fi
-fi
-[ -n "$pkg" ] || die "cannot resolve linux-image-cloud-amd64 to a versioned kernel package (is this Debian with main enabled?)"
+    [ -n "$pkg" ] || die "cannot resolve $meta to a versioned kernel package (is this Debian with main enabled?)"
 
-if [ "$(cat "$KDIR/package" 2>/dev/null)" != "$pkg" ] || [ ! -s "$KDIR/vmlinuz" ] || [ ! -s "$KDIR/version" ]; then
-    deb="$(ls "$KDIR/${pkg}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)"
-    if [ -z "$deb" ]; then
+    # The package's .deb in the cache, downloaded when missing (sets deb;
+    # this and have_modules see fetch_kernel's locals: bash scopes them
+    # dynamically).
+    local_deb() {
+        deb="$(ls "$kdir/${pkg}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)"
+        [ -z "$deb" ] || return 0
         say "downloading $pkg"
-        if ! (cd "$KDIR" && apt-get download -qq "$pkg" 2>/dev/null); then
+        if ! (cd "$kdir" && apt-get download -qq "$pkg" 2>/dev/null); then
             # A stale package list points at a file the mirror no longer has.
             apt_update_once
-            (cd "$KDIR" && apt-get download -qq "$pkg") || die "apt-get download $pkg failed"
+            (cd "$kdir" && apt-get download -qq "$pkg") || die "apt-get download $pkg failed"
         fi
-        deb="$(ls "$KDIR/${pkg}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)"
-        [ -n "$deb" ] || die "apt-get download $pkg produced no .deb in $KDIR"
-    fi
-    x="$(mktemp -d "$KDIR/extract.XXXXXX")"
-    trap 'rm -rf "$x"' EXIT
-    dpkg-deb -x "$deb" "$x" || die "dpkg-deb -x $deb failed"
-    img="$(ls "$x"/boot/vmlinuz-* 2>/dev/null | head -n1 || true)"
-    [ -n "$img" ] || die "$deb holds no boot/vmlinuz-*"
-    release="${img##*/vmlinuz-}"
-    cp "$img" "$KDIR/vmlinuz.tmp" && mv "$KDIR/vmlinuz.tmp" "$KDIR/vmlinuz"
-    printf '%s\n' "$release" >"$KDIR/version"
-    printf '%s\n' "$pkg" >"$KDIR/package"
-    rm -rf "$x"
-    trap - EXIT
-    # Older downloads of other versions are no longer needed.
-    for old in "$KDIR"/linux-image-*.deb; do
-        [ "$old" = "$deb" ] || rm -f "$old"
-    done
-    say "kernel $release unpacked"
-fi
+        deb="$(ls "$kdir/${pkg}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)"
+        [ -n "$deb" ] || die "apt-get download $pkg produced no .deb in $kdir"
+    }
 
-# --- 3. modules for the doorbell port and for migration ---------------------
-# guest-init loads these from the initramfs in this order (each needs the
-# ones before it; `depends=` in their .modinfo) to get a virtio-serial port,
-# the guests' doorbell (guest-init/src/doorbell.rs); and unix_diag at boot,
-# which tells a migration a socket's peer (socket pairs move with it).
-MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console unix_diag)
-MDIR="$KDIR/modules"
-have_modules() {
-    [ "$(cat "$MDIR/release" 2>/dev/null)" = "$(cat "$KDIR/version")" ] || return 1
-    for m in "${MODULES[@]}"; do [ -s "$MDIR/$m.ko" ] || return 1; done
-}
-if ! have_modules; then
-    deb="$(ls "$KDIR/$(cat "$KDIR/package")"_*.deb 2>/dev/null | sort -V | tail -n1 || true)"
-    if [ -z "$deb" ]; then
-        (cd "$KDIR" && apt-get download -qq "$(cat "$KDIR/package")") || die "apt-get download $(cat "$KDIR/package") failed"
-        deb="$(ls "$KDIR/$(cat "$KDIR/package")"_*.deb | sort -V | tail -n1)"
+    if [ "$(cat "$kdir/package" 2>/dev/null)" != "$pkg" ] || [ ! -s "$kdir/vmlinuz" ] || [ ! -s "$kdir/version" ]; then
+        local_deb
+        x="$(mktemp -d "$kdir/extract.XXXXXX")"
+        trap 'rm -rf "$x"' EXIT
+        dpkg-deb -x "$deb" "$x" || die "dpkg-deb -x $deb failed"
+        img="$(ls "$x"/boot/vmlinuz-* 2>/dev/null | head -n1 || true)"
+        [ -n "$img" ] || die "$deb holds no boot/vmlinuz-*"
+        release="${img##*/vmlinuz-}"
+        cp "$img" "$kdir/vmlinuz.tmp" && mv "$kdir/vmlinuz.tmp" "$kdir/vmlinuz"
+        printf '%s\n' "$release" >"$kdir/version"
+        printf '%s\n' "$pkg" >"$kdir/package"
+        rm -rf "$x"
+        trap - EXIT
+        # Older downloads of other versions are no longer needed.
+        for old in "$kdir"/linux-image-*.deb; do
+            [ "$old" = "$deb" ] || rm -f "$old"
+        done
+        say "kernel $release unpacked"
     fi
-    x="$(mktemp -d "$KDIR/extract.XXXXXX")"
-    trap 'rm -rf "$x"' EXIT
-    dpkg-deb -x "$deb" "$x" || die "dpkg-deb -x $deb failed"
-    rm -rf "$MDIR" && mkdir -p "$MDIR"
-    for m in "${MODULES[@]}"; do
-        ko="$(find "$x/lib/modules" -name "$m.ko" | head -n1)"
-        [ -n "$ko" ] || die "$deb holds no $m.ko (is it built in? then drop it from MODULES)"
-        cp "$ko" "$MDIR/$m.ko"
-    done
-    cp "$KDIR/version" "$MDIR/release"
-    rm -rf "$x"
-    trap - EXIT
-    say "modules ${MODULES[*]} copied to $MDIR"
-fi
+
+    # A module the kernel builds in is named in modules/builtin instead.
+    have_modules() {
+        [ "$(cat "$mdir/release" 2>/dev/null)" = "$(cat "$kdir/version")" ] || return 1
+        for m in "${MODULES[@]}"; do
+            [ -s "$mdir/$m.ko" ] || grep -qx "$m" "$mdir/builtin" 2>/dev/null || return 1
+        done
+    }
+    if ! have_modules; then
+        pkg="$(cat "$kdir/package")"
+        local_deb
+        x="$(mktemp -d "$kdir/extract.XXXXXX")"
+        trap 'rm -rf "$x"' EXIT
+        dpkg-deb -x "$deb" "$x" || die "dpkg-deb -x $deb failed"
+        rm -rf "$mdir" && mkdir -p "$mdir"
+        : >"$mdir/builtin"
+        for m in "${MODULES[@]}"; do
+            # 6.1 ships plain .ko files; 6.12 builds virtio in and xz-compresses
+            # its modules (guest-init loads plain ones: decompressed here).
+            if grep -qE "/$m\.ko\$" "$x"/lib/modules/*/modules.builtin 2>/dev/null; then
+                printf '%s\n' "$m" >>"$mdir/builtin"
+                continue
+            fi
+            ko="$(find "$x/lib/modules" \( -name "$m.ko" -o -name "$m.ko.xz" \) | head -n1)"
+            [ -n "$ko" ] || die "$deb holds no $m.ko or $m.ko.xz and does not build it in"
+            case "$ko" in
+                *.xz) xz -dc "$ko" >"$mdir/$m.ko" || die "cannot decompress $ko (xz-utils)" ;;
+                *) cp "$ko" "$mdir/$m.ko" ;;
+            esac
+        done
+        cp "$kdir/version" "$mdir/release"
+        rm -rf "$x"
+        trap - EXIT
+        local kos builtin
+        kos="$(cd "$mdir" && ls -- *.ko 2>/dev/null | sed 's/\.ko$//' | paste -sd' ')"
+        builtin="$(paste -sd' ' "$mdir/builtin")"
+        say "modules ${kos:-(none)} copied to $mdir${builtin:+ (built in: $builtin)}"
+    fi
+}
+
+# The stock guest kernel (kernel = "auto"), and Debian 12's 6.12 cloud
+# kernel (kernel = "auto-6.12": guests of another kernel build).
+fetch_kernel linux-image-cloud-amd64 "$KDIR" "${MKCTL_KERNEL_PKG:-}"
+fetch_kernel linux-image-6.12-cloud-amd64 "$KDIR_612" "${MKCTL_KERNEL_612_PKG:-}"
 
 # --- 4. static guest-init ---------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found on PATH"
@@ -187,5 +225,6 @@ done
 
 say "qemu:       $(command -v qemu-system-x86_64)"
 say "kernel:     $KDIR/vmlinuz ($(cat "$KDIR/version"), from $(cat "$KDIR/package"))"
-say "modules:    $MDIR (${#MODULES[@]}, for the doorbell port and unix_diag)"
+say "modules:    $KDIR/modules (${#MODULES[@]}, for the doorbell port and unix_diag)"
+say "kernel 6.12: $KDIR_612/vmlinuz ($(cat "$KDIR_612/version"), from $(cat "$KDIR_612/package")), modules in $KDIR_612/modules"
 say "guest-init: $CACHE/guest-init"

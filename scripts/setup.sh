@@ -3,7 +3,8 @@
 # idempotently (a second run takes a second or two):
 #   - checks for a Rust toolchain (cargo >= 1.85),
 #   - apt packages (only when one is missing),
-#   - the guest kernel and static guest-init for the QEMU backend (qemu/setup.sh),
+#   - the guest kernels (stock 6.1 and 6.12) and static guest-init for the QEMU
+#     backend (qemu/setup.sh),
 #   - the multikernel host kernel (qemu/multikernel/build.sh: Linux 7.2 and our
 #     patch, cached by a hash of its inputs; ~5 min on 2 cores the first time),
 #   - kerf, the multikernel project's CLI, in a venv (a peer the tests compare with),

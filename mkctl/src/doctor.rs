@@ -1,8 +1,10 @@
 //! `mkctl doctor`: what each backend needs on this machine, checked one
 //! piece at a time, each found ok or missing with what to do about it.
 //!
-//! - the QEMU backend: the QEMU binary, the guest kernel and what the
-//!   guests' initramfs is built from (the cache `scripts/setup.sh` fills),
+//! - the QEMU backend: the QEMU binary, the guest kernel, the other stock
+//!   kernels (`kernel = "auto-6.12"`: missing only counts when the topology
+//!   asks for one) and what the guests' initramfs is built from (the cache
+//!   `scripts/setup.sh` fills),
 //!   room in `/dev/shm` for a topology's guest RAM and window, and no
 //!   instances left running by a daemon that is gone;
 //! - moving processes to and from the host kernel (`migrate`, `checkpoint`,
@@ -26,7 +28,7 @@ use crate::exit::{EXIT_FAIL, EXIT_OK};
 use crate::host::kconfig;
 use crate::host::multikernel::{self, Generation, MOUNT_POINT};
 use crate::initramfs::is_static;
-use crate::topology::{Backend as TopologyBackend, Topology};
+use crate::topology::{Backend as TopologyBackend, ImageSpec, KernelSeries, Topology};
 use crate::units::ByteSize;
 
 /// What a check is needed for.
@@ -111,6 +113,9 @@ pub struct Env {
     pub guest_init: PathBuf,
     /// The guest kernel's modules for the doorbell port.
     pub kernel_modules: PathBuf,
+    /// The other stock kernels (`kernel = "auto-6.12"`): each one's image
+    /// and modules directory.
+    pub series: Vec<(KernelSeries, PathBuf, PathBuf)>,
     /// Where guest RAM files go: `$MKCTL_RAM_DIR`, or `/dev/shm`.
     pub ram_dir: PathBuf,
     /// The daemon's run directory (`$MKCTL_RUN_DIR`, or `/run/mkctl`).
@@ -132,6 +137,10 @@ impl Env {
             kernel: paths::auto_kernel(),
             guest_init: paths::guest_init(),
             kernel_modules: paths::auto_kernel_modules(),
+            series: KernelSeries::ALL
+                .into_iter()
+                .map(|k| (k, paths::series_kernel(k), paths::series_kernel_modules(k)))
+                .collect(),
             ram_dir: std::env::var_os("MKCTL_RAM_DIR")
                 .map_or_else(|| PathBuf::from("/dev/shm"), PathBuf::from),
             run_dir: crate::daemon::paths::RunDir::from_env().0,
@@ -173,9 +182,13 @@ pub struct Report {
 /// Runs every check.
 pub fn run(env: &Env, sizing: &Sizing<'_>) -> Report {
     let privileged = ptrace_capable(env);
-    let mut checks = vec![
-        qemu(env),
-        guest_kernel(env),
+    let mut checks = vec![qemu(env), guest_kernel(env)];
+    checks.extend(
+        env.series
+            .iter()
+            .map(|(k, kernel, modules)| series_kernel(env, sizing, *k, kernel, modules)),
+    );
+    checks.extend([
         guest_initramfs(env),
         shm(env, sizing),
         left_running(env),
@@ -183,7 +196,7 @@ pub fn run(env: &Env, sizing: &Sizing<'_>) -> Report {
         ptrace(env, privileged),
         time_namespaces(env),
         multikernel_interface(env),
-    ];
+    ]);
     checks.extend(kernel_options(env));
     Report { checks }
 }
@@ -334,19 +347,86 @@ fn guest_kernel(env: &Env) -> Check {
     const NAME: &str = "guest-kernel";
     let kernel = env.at(&env.kernel);
     match std::fs::metadata(&kernel) {
-        Ok(m) if m.is_file() && m.len() > 0 => {
-            let release = kernel
-                .parent()
-                .and_then(|d| std::fs::read_to_string(d.join("version")).ok())
-                .map(|v| format!(" (release {})", v.trim()))
-                .unwrap_or_default();
-            Check::ok(NAME, Need::Qemu, format!("{}{release}", kernel.display()))
-        }
+        Ok(m) if m.is_file() && m.len() > 0 => Check::ok(
+            NAME,
+            Need::Qemu,
+            format!("{}{}", kernel.display(), release(&kernel)),
+        ),
         _ => Check::missing(
             NAME,
             Need::Qemu,
             format!("{} does not exist", kernel.display()),
             format!("{SETUP} (MKCTL_KERNEL names another kernel image)"),
+        ),
+    }
+}
+
+/// " (release R)" from the `version` file next to a cached kernel.
+fn release(kernel: &Path) -> String {
+    kernel
+        .parent()
+        .and_then(|d| std::fs::read_to_string(d.join("version")).ok())
+        .map(|v| format!(" (release {})", v.trim()))
+        .unwrap_or_default()
+}
+
+/// Another stock kernel (`kernel = "auto-6.12"`): ok when it is there;
+/// missing only when the topology asks for it (a machine set up before
+/// `qemu/setup.sh` fetched it boots every other topology).
+fn series_kernel(
+    env: &Env,
+    sizing: &Sizing<'_>,
+    k: KernelSeries,
+    kernel: &Path,
+    modules: &Path,
+) -> Check {
+    let name = format!("guest-kernel-{}", k.as_str());
+    let spelling = k.spelling();
+    let kernel = env.at(kernel);
+    let modules = env.at(modules);
+    if std::fs::metadata(&kernel).is_ok_and(|m| m.is_file() && m.len() > 0) {
+        let no_modules = if modules.is_dir() {
+            String::new()
+        } else {
+            format!(
+                "; no modules at {} (its guests poll instead; scripts/setup.sh copies them)",
+                modules.display()
+            )
+        };
+        return Check::ok(
+            &name,
+            Need::Qemu,
+            format!("{}{}{no_modules}", kernel.display(), release(&kernel)),
+        );
+    }
+    let asking: Vec<&str> = match sizing {
+        Sizing::Topology { topology, .. } => topology
+            .instances
+            .iter()
+            .filter(|i| i.kernel == ImageSpec::AutoSeries(k))
+            .map(|i| i.name.as_str())
+            .collect(),
+        Sizing::None | Sizing::Unusable { .. } => Vec::new(),
+    };
+    match sizing {
+        Sizing::Topology { file, .. } if !asking.is_empty() => Check::missing(
+            &name,
+            Need::Qemu,
+            format!(
+                "{} does not exist, and {} asks for kernel = \"{spelling}\" ({})",
+                kernel.display(),
+                file.display(),
+                asking.join(", ")
+            ),
+            SETUP,
+        ),
+        _ => Check::ok(
+            &name,
+            Need::Qemu,
+            format!(
+                "not fetched ({} does not exist): only kernel = \"{spelling}\" needs it, and qemu/setup.sh fetches it",
+                kernel.display()
+            ),
         ),
     }
 }
@@ -840,6 +920,9 @@ mod tests {
             r.write("cache/kernel/vmlinuz", "not really a kernel");
             r.write("cache/kernel/version", "6.1.0-test\n");
             r.write("cache/kernel/modules/virtio.ko", "");
+            r.write("cache/kernel-6.12/vmlinuz", "not really a kernel either");
+            r.write("cache/kernel-6.12/version", "6.12.0-test\n");
+            r.write("cache/kernel-6.12/modules/unix_diag.ko", "");
             r.write_bytes("cache/guest-init", &static_elf());
             r.write_bytes("bin/busybox", &static_elf());
             fs::create_dir_all(r.path("dev/shm")).unwrap();
@@ -902,6 +985,11 @@ mod tests {
                 kernel: "/cache/kernel/vmlinuz".into(),
                 guest_init: "/cache/guest-init".into(),
                 kernel_modules: "/cache/kernel/modules".into(),
+                series: vec![(
+                    KernelSeries::V6_12,
+                    "/cache/kernel-6.12/vmlinuz".into(),
+                    "/cache/kernel-6.12/modules".into(),
+                )],
                 ram_dir: "/dev/shm".into(),
                 run_dir: "/run/mkctl".into(),
             }
@@ -971,6 +1059,7 @@ mod tests {
             [
                 "qemu",
                 "guest-kernel",
+                "guest-kernel-6.12",
                 "guest-initramfs",
                 "shm",
                 "instances",
@@ -988,6 +1077,9 @@ mod tests {
         assert!(check(&r, "guest-kernel")
             .detail
             .contains("release 6.1.0-test"));
+        assert!(check(&r, "guest-kernel-6.12")
+            .detail
+            .contains("release 6.12.0-test"));
         // demo.toml: two guests of 256 MiB and a 16 MiB window.
         assert!(
             check(&r, "shm")
@@ -1094,6 +1186,51 @@ mod tests {
             "vmlinuz does not exist",
             "run scripts/setup.sh",
         );
+    }
+
+    /// The 6.12 kernel missing is fine until a topology asks for it.
+    #[test]
+    fn no_612_kernel() {
+        let root = Root::all_ok();
+        root.remove("cache/kernel-6.12");
+        let r = root.report();
+        let c = check(&r, "guest-kernel-6.12");
+        assert!(c.ok, "{}", r.render());
+        assert!(c.detail.contains("not fetched"), "{}", c.detail);
+        assert!(c.detail.contains("auto-6.12"), "{}", c.detail);
+        assert_eq!(r.exit_code(), EXIT_OK);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        fs::write(
+            &file,
+            "[[machine.node]]\nid = 0\ncpus = \"0-3\"\nmemory = \"4G\"\n\
+             [host]\ncpus = \"0\"\n[pool]\nbase = \"0x40000000\"\nsize = \"1G\"\n\
+             [[instance]]\nname = \"old\"\nid = 1\ncpus = \"1\"\nmemory = \"256M\"\n\
+             [[instance]]\nname = \"new\"\nid = 2\ncpus = \"2\"\nmemory = \"256M\"\nkernel = \"auto-6.12\"\n",
+        )
+        .unwrap();
+        let t = crate::topology::load(&file, || None).expect("the topology loads");
+        let r = run(
+            &root.env(),
+            &Sizing::Topology {
+                file: file.clone(),
+                topology: &t,
+            },
+        );
+        let c = check(&r, "guest-kernel-6.12");
+        assert!(!c.ok, "{}", r.render());
+        assert!(
+            c.detail.contains("asks for kernel = \"auto-6.12\" (new)"),
+            "{}",
+            c.detail
+        );
+        assert!(c
+            .fix
+            .as_deref()
+            .unwrap_or_default()
+            .contains("run scripts/setup.sh"));
+        assert_eq!(r.exit_code(), EXIT_FAIL);
     }
 
     #[test]

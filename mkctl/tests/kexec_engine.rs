@@ -53,7 +53,7 @@ fn apic_map() -> BTreeMap<u32, u32> {
 fn images(i: &topology::Instance) -> Result<Images, String> {
     let path = |s: &topology::ImageSpec| match s {
         topology::ImageSpec::Path(p) => Some(p.clone()),
-        topology::ImageSpec::Auto => None,
+        topology::ImageSpec::Auto | topology::ImageSpec::AutoSeries(_) => None,
     };
     Ok(Images {
         kernel: path(&i.kernel).ok_or("kernel = auto in a test")?,

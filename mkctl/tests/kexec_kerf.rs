@@ -97,7 +97,7 @@ fn kerf_writes_what_mkctl_writes() {
         Ok(Images {
             kernel: match &i.kernel {
                 topology::ImageSpec::Path(p) => p.clone(),
-                topology::ImageSpec::Auto => unreachable!(),
+                topology::ImageSpec::Auto | topology::ImageSpec::AutoSeries(_) => unreachable!(),
             },
             initrd: None,
         })

@@ -608,6 +608,48 @@ fn kernel_and_initrd_files_must_exist() {
 }
 
 #[test]
+fn stock_kernel_series() {
+    let inst = |name: &str, id: u32, extra: &str| {
+        format!(
+            "[[instance]]\nname = \"{name}\"\nid = {id}\ncpus = \"{id}\"\nmemory = \"1G\"\n{extra}"
+        )
+    };
+    let ok = with(&format!(
+        "{}{}",
+        inst("old", 1, ""),
+        inst("new", 2, "kernel = \"auto-6.12\"\n")
+    ));
+    let t = parse_at("t.toml", &ok).expect("auto-6.12 is a kernel");
+    assert_eq!(t.instances[0].kernel, topology::ImageSpec::Auto);
+    assert_eq!(
+        t.instances[1].kernel,
+        topology::ImageSpec::AutoSeries(topology::KernelSeries::V6_12)
+    );
+    assert_eq!(t.instances[1].initrd, topology::ImageSpec::Auto);
+    // Serialized as the topology spells it.
+    let json = serde_json::to_value(&t.instances[1]).unwrap();
+    assert_eq!(json["kernel"], "auto-6.12");
+    assert_eq!(json["initrd"], "auto");
+
+    let bad = with(&inst("a", 1, "kernel = \"auto-6.13\"\n"));
+    expect(
+        &bad,
+        "bad-value",
+        ("auto-6.13", 0),
+        &["no stock kernel \"auto-6.13\""],
+        &["\"auto-6.12\"", "qemu/setup.sh"],
+    );
+    let initrd = with(&inst("a", 1, "initrd = \"auto-6.12\"\n"));
+    expect(
+        &initrd,
+        "bad-value",
+        ("initrd = ", 0),
+        &["names a stock kernel, not an initrd"],
+        &["initrd = \"auto\""],
+    );
+}
+
+#[test]
 fn pool_rules() {
     let no_pool = "[[machine.node]]\nid = 0\ncpus = \"0-3\"\nmemory = \"8G\"\n\
                    [[instance]]\nname = \"a\"\nid = 1\ncpus = \"1\"\nmemory = \"1G\"\n";

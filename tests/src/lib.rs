@@ -1,6 +1,6 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: where the repository
-//! and its cache are, the guest kernel and static guest-init that
-//! `qemu/setup.sh` prepares, scratch directories, and a QEMU runner with a
+//! and its cache are, the guest kernels (the stock one and the 6.12 one)
+//! and static guest-init that `qemu/setup.sh` prepares, scratch directories, and a QEMU runner with a
 //! timeout that keeps the console for the failure message.
 //!
 //! Missing artifacts are a failure with the message "run qemu/setup.sh first",
@@ -109,6 +109,50 @@ impl Artifacts {
     pub fn initramfs(&self) -> Initramfs {
         Initramfs::for_guest(&self.guest_init)
             .unwrap_or_else(|e| panic!("building the initramfs: {}", mkctl::error_chain(&e)))
+    }
+}
+
+/// A stock kernel besides the default one (`kernel = "auto-6.12"`) that
+/// `qemu/setup.sh` fetched into `<cache>/kernel-<series>/`.
+#[derive(Debug, Clone)]
+pub struct SeriesKernel {
+    /// `<cache>/kernel-<series>/vmlinuz`.
+    pub kernel: PathBuf,
+    /// Contents of its `version` (what `uname -r` says in the guest).
+    pub release: String,
+    /// Its modules for the guests' initramfs.
+    pub modules: PathBuf,
+}
+
+impl SeriesKernel {
+    /// The `series` kernel (`"6.12"`), or the test fails with
+    /// [`SETUP_HINT`] (in CI and outside it alike: never a skip).
+    pub fn require(series: &str) -> Self {
+        let dir = cache_dir().join(format!("kernel-{series}"));
+        let (kernel, version) = (dir.join("vmlinuz"), dir.join("version"));
+        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        let fail = |what: String| -> ! {
+            panic!(
+                "{SETUP_HINT} (it fetches the {series} kernel too): {what}{}",
+                if ci {
+                    " (CI: the setup step did not run or failed)"
+                } else {
+                    ""
+                }
+            )
+        };
+        if !kernel.is_file() {
+            fail(format!("{} is missing", kernel.display()));
+        }
+        let release = fs::read_to_string(&version)
+            .unwrap_or_else(|e| fail(format!("cannot read {}: {e}", version.display())))
+            .trim()
+            .to_string();
+        Self {
+            kernel,
+            release,
+            modules: dir.join("modules"),
+        }
     }
 }
 

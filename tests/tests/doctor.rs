@@ -32,7 +32,13 @@ fn doctor_after_setup_finds_what_the_qemu_backend_needs() {
             .find(|c| c["name"] == name)
             .unwrap_or_else(|| panic!("no {name} check in {v:#}"))
     };
-    for name in ["qemu", "guest-kernel", "guest-initramfs", "shm"] {
+    for name in [
+        "qemu",
+        "guest-kernel",
+        "guest-kernel-6.12",
+        "guest-initramfs",
+        "shm",
+    ] {
         assert_eq!(check(name)["ok"], true, "{}", check(name));
     }
     let qemu = check("qemu")["detail"].as_str().unwrap().to_string();
@@ -43,6 +49,12 @@ fn doctor_after_setup_finds_what_the_qemu_backend_needs() {
         .to_string();
     let cache = mkctl_e2e::cache_dir().display().to_string();
     assert!(kernel.contains(&cache), "{kernel} is not in {cache}");
+    // setup.sh fetched the 6.12 kernel too.
+    let k612 = check("guest-kernel-6.12")["detail"].as_str().unwrap();
+    assert!(
+        k612.contains("kernel-6.12/vmlinuz (release 6.12."),
+        "{k612}"
+    );
     // Sized against the checkout's demo topology.
     let shm = check("shm")["detail"].as_str().unwrap().to_string();
     assert!(shm.contains("configs/demo.toml needs"), "{shm}");

@@ -42,17 +42,20 @@ pub(super) fn apic_map(sysroot: &Path, t: &Topology) -> BTreeMap<u32, u32> {
     map
 }
 
-/// Kernel and initrd for a kexec instance: "auto" is the cached stock
-/// kernel and the initramfs mkctl builds around guest-init.
+/// Kernel and initrd for a kexec instance: "auto" ("auto-6.12") is the
+/// cached stock kernel (of that series) and the initramfs mkctl builds
+/// around guest-init.
 fn images(scratch: &Path) -> impl Fn(&Instance) -> Result<Images, String> + '_ {
     move |i: &Instance| {
         let kernel = match &i.kernel {
             ImageSpec::Auto => paths::auto_kernel(),
+            ImageSpec::AutoSeries(k) => paths::series_kernel(*k),
             ImageSpec::Path(p) => p.clone(),
         };
         let initrd = match &i.initrd {
             ImageSpec::Path(p) => Some(p.clone()),
-            ImageSpec::Auto => {
+            // Validation gives initrd no series: "auto".
+            ImageSpec::Auto | ImageSpec::AutoSeries(_) => {
                 let out = scratch.join("initramfs.cpio");
                 if !out.is_file() {
                     let ir = crate::initramfs::Initramfs::for_guest(&paths::guest_init())

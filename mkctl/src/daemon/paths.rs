@@ -1,9 +1,11 @@
 //! Where things live: the run directory the daemon owns (socket, pid file,
 //! log, window, one directory per instance) and the cache `qemu/setup.sh`
-//! fills (guest kernel, static guest-init).
+//! fills (the stock guest kernels and their modules, static guest-init).
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+
+use crate::topology::KernelSeries;
 
 /// The daemon's run directory: `$MKCTL_RUN_DIR`, or `/run/mkctl`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,9 +55,16 @@ impl RunDir {
         self.0.join("agent.sock")
     }
 
-    /// The initramfs built for this run.
+    /// The initramfs built for this run's guests of the default stock
+    /// kernel (or of a kernel given by path), with its modules.
     pub fn initramfs(&self) -> PathBuf {
         self.0.join("initramfs.cpio")
+    }
+
+    /// The initramfs for guests of another stock kernel: the same files
+    /// with that kernel's modules (`initramfs-6.12.cpio`).
+    pub fn series_initramfs(&self, k: KernelSeries) -> PathBuf {
+        self.0.join(format!("initramfs-{}.cpio", k.as_str()))
     }
 
     /// One instance's directory: console log and socket, QMP.
@@ -185,19 +194,38 @@ pub fn cache_dir() -> PathBuf {
     PathBuf::from("/var/cache/mkctl")
 }
 
-/// Why `instances` cannot boot here, if one of them asks for the stock
-/// kernel or initramfs (`"auto"`) and `qemu/setup.sh` has not made it.
+/// Why `instances` cannot boot here, if one of them asks for a stock
+/// kernel (`"auto"`, `"auto-<series>"`) or the initramfs (`"auto"`) and
+/// `qemu/setup.sh` has not made it.
 pub fn missing_auto_images<'a>(
     instances: impl IntoIterator<Item = &'a crate::topology::Instance>,
 ) -> Option<String> {
     use crate::topology::ImageSpec;
-    let (kernel, init) = (auto_kernel(), guest_init());
+    let init = guest_init();
     for i in instances {
-        if i.kernel == ImageSpec::Auto && !kernel.is_file() {
-            return Some(format!(
-                "kernel = \"auto\" needs {}, which does not exist: run qemu/setup.sh first, or set MKCTL_CACHE to the cache it filled (MKCTL_KERNEL to a kernel image)",
-                kernel.display()
-            ));
+        match i.kernel {
+            ImageSpec::Auto => {
+                let kernel = auto_kernel();
+                if !kernel.is_file() {
+                    return Some(format!(
+                        "kernel = \"auto\" needs {}, which does not exist: run qemu/setup.sh first, or set MKCTL_CACHE to the cache it filled (MKCTL_KERNEL to a kernel image)",
+                        kernel.display()
+                    ));
+                }
+            }
+            ImageSpec::AutoSeries(k) => {
+                let kernel = series_kernel(k);
+                if !kernel.is_file() {
+                    return Some(format!(
+                        "kernel = \"{}\" ({}) needs the {} kernel at {}, which does not exist: run qemu/setup.sh first (it fetches it), or set MKCTL_CACHE to the cache it filled",
+                        k.spelling(),
+                        i.name,
+                        k.as_str(),
+                        kernel.display()
+                    ));
+                }
+            }
+            ImageSpec::Path(_) => {}
         }
         if i.initrd == ImageSpec::Auto && !init.is_file() {
             return Some(format!(
@@ -216,9 +244,26 @@ pub fn auto_kernel() -> PathBuf {
 }
 
 /// The auto kernel's modules the guests load (`qemu/setup.sh`): the
-/// virtio console driver for the doorbell port.
+/// virtio console driver for the doorbell port, and `unix_diag`.
 pub fn auto_kernel_modules() -> PathBuf {
     cache_dir().join("kernel/modules")
+}
+
+/// Where `qemu/setup.sh` puts another stock kernel (`kernel =
+/// "auto-6.12"`): `kernel-6.12/` in the cache, with `vmlinuz`, `version`
+/// (its release), `package` and `modules/`.
+pub fn series_dir(k: KernelSeries) -> PathBuf {
+    cache_dir().join(format!("kernel-{}", k.as_str()))
+}
+
+/// That kernel's image.
+pub fn series_kernel(k: KernelSeries) -> PathBuf {
+    series_dir(k).join("vmlinuz")
+}
+
+/// That kernel's modules for the guests (those it builds in are absent).
+pub fn series_kernel_modules(k: KernelSeries) -> PathBuf {
+    series_dir(k).join("modules")
 }
 
 /// The static guest-init: `$MKCTL_GUEST_INIT` or the cache's.

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 pub use diag::{Diagnostic, Severity, Source};
 pub use model::{
-    HostShare, ImageSpec, Instance, Machine, Node, Pool, Restart, Topology, WindowSpec,
+    HostShare, ImageSpec, Instance, KernelSeries, Machine, Node, Pool, Restart, Topology,
+    WindowSpec,
 };
 pub use schema::Backend;
 

@@ -141,6 +141,53 @@ pub enum ImageSpec {
     /// A file on the host (relative paths were resolved against the
     /// topology file's directory).
     Path(PathBuf),
+    /// Another stock kernel `qemu/setup.sh` fetches (`kernel =
+    /// "auto-6.12"`), a kernel only; serialized as that string.
+    #[serde(untagged)]
+    AutoSeries(KernelSeries),
+}
+
+impl ImageSpec {
+    /// The stock kernel series this names, if it is one besides the default.
+    pub fn series(&self) -> Option<KernelSeries> {
+        match self {
+            ImageSpec::AutoSeries(k) => Some(*k),
+            ImageSpec::Auto | ImageSpec::Path(_) => None,
+        }
+    }
+}
+
+/// A stock kernel besides the default one: another build of Linux that
+/// `qemu/setup.sh` fetches into a cache directory of its own, with the
+/// modules the guests load from the initramfs built for it (a module loads
+/// only in the release it was built for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum KernelSeries {
+    /// Debian 12's 6.12 cloud kernel (`linux-image-6.12-cloud-amd64`).
+    #[serde(rename = "auto-6.12")]
+    V6_12,
+}
+
+impl KernelSeries {
+    /// Every series, in the order errors list them.
+    pub const ALL: [KernelSeries; 1] = [KernelSeries::V6_12];
+
+    /// The Linux series: `6.12`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelSeries::V6_12 => "6.12",
+        }
+    }
+
+    /// How a topology asks for it: `auto-6.12`.
+    pub fn spelling(self) -> String {
+        format!("auto-{}", self.as_str())
+    }
+
+    /// The series a topology's `auto-<series>` names, if it is one.
+    pub fn from_spelling(s: &str) -> Option<KernelSeries> {
+        Self::ALL.into_iter().find(|k| k.spelling() == s)
+    }
 }
 
 /// What the daemon does when an instance fails: `restart` and

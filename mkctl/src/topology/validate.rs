@@ -15,7 +15,8 @@ use toml::Spanned;
 
 use super::diag::{Diagnostic, Source};
 use super::model::{
-    HostShare, ImageSpec, Instance, Machine, Node, Pool, Restart, Topology, WindowSpec,
+    HostShare, ImageSpec, Instance, KernelSeries, Machine, Node, Pool, Restart, Topology,
+    WindowSpec,
 };
 use super::place::{largest_gap, next_free, Taken};
 use super::schema::{Backend, RawInstance, RawTopology, RestartPolicy};
@@ -716,12 +717,53 @@ impl Validator<'_> {
         out
     }
 
-    /// A kernel or initrd: `"auto"` or a file that must exist.
+    /// A kernel or initrd: `"auto"`, for a kernel `"auto-<series>"` (a
+    /// [`KernelSeries`]), or a file that must exist.
     fn image(&mut self, value: Option<&Spanned<String>>, what: &str, label: &str) -> ImageSpec {
         let Some(v) = value else {
             return ImageSpec::Auto;
         };
         if v.get_ref() == "auto" {
+            return ImageSpec::Auto;
+        }
+        if let Some(series) = v.get_ref().strip_prefix("auto-") {
+            let stock = || {
+                KernelSeries::ALL
+                    .iter()
+                    .map(|k| format!("\"{}\"", k.spelling()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            match KernelSeries::from_spelling(v.get_ref()) {
+                Some(k) if what == "kernel" => return ImageSpec::AutoSeries(k),
+                Some(_) => {
+                    self.push(
+                        Diagnostic::error(
+                            "bad-value",
+                            format!("{what} = \"{}\" names a stock kernel, not an initrd", v.get_ref()),
+                        )
+                        .at(v.span())
+                        .instance(label.to_string())
+                        .help(format!(
+                            "write {what} = \"auto\" (mkctl builds the initramfs, with the modules of the instance's kernel) or a path"
+                        )),
+                    );
+                }
+                None => {
+                    self.push(
+                        Diagnostic::error(
+                            "bad-value",
+                            format!("there is no stock kernel \"{}\" (series {series})", v.get_ref()),
+                        )
+                        .at(v.span())
+                        .instance(label.to_string())
+                        .help(format!(
+                            "write {what} = \"auto\" (the default stock kernel) or one of {} (qemu/setup.sh fetches them), or a path to a kernel image",
+                            stock()
+                        )),
+                    );
+                }
+            }
             return ImageSpec::Auto;
         }
         let path = self.base_dir.join(v.get_ref());

@@ -1,10 +1,12 @@
-//! The lifecycle of the daemon's instances: boot (validate, window,
-//! initramfs, one QEMU each, wait for every agent), stop (agent power-off,
-//! then QMP quit, then kill), restart (a stop, then a boot), the monitor that notices QEMU exits and lost
-//! heartbeats and carries out the restart policy (through the same
-//! restart), and status. Which transitions are allowed is
+//! The lifecycle of the daemon's instances: boot (validate, window, one
+//! initramfs per stock kernel with that kernel's modules, one QEMU each,
+//! wait for every agent), stop (agent power-off, then QMP quit, then
+//! kill), restart (a stop, then a boot), the monitor that notices QEMU
+//! exits and lost heartbeats and carries out the restart policy (through
+//! the same restart), and status. Which transitions are allowed is
 //! [`crate::daemon::state`]'s to say; this file carries them out.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use crate::daemon::window::HostWindow;
 use crate::initramfs::Initramfs;
 use crate::qemu::cmdline::endpoint_names;
 use crate::qemu::{guest_numa, GuestCmdline, MachineSpec, SharedWindow};
-use crate::topology::{self, Backend, ImageSpec, Instance, Topology};
+use crate::topology::{self, Backend, ImageSpec, Instance, KernelSeries, Topology};
 use crate::units::CpuSet;
 
 /// How often the monitor looks at QEMU processes and heartbeats.
@@ -107,15 +109,30 @@ impl Daemon {
             return Err(RequestError::MissingImages(why));
         }
         let window = self.ensure_window(&t)?;
-        let initramfs = self.run.initramfs();
-        if selected.iter().any(|i| i.initrd == ImageSpec::Auto) {
-            let mut ir = Initramfs::for_topology(&paths::guest_init(), &t.files)?;
-            // The doorbell port's driver, built for the auto kernel (with
-            // another kernel it fails to load and those guests poll).
-            if window.relay().is_some() {
-                ir.kernel_modules(&paths::auto_kernel_modules())?;
+        // One initramfs per stock kernel the guests with initrd = "auto"
+        // run, each with the modules built for that kernel (the doorbell
+        // port's driver, unix_diag): a module loads only in its own
+        // release. Guests of a kernel given by path get the default
+        // kernel's (they fail to load there and those guests poll).
+        let mut initramfs: BTreeMap<Option<KernelSeries>, PathBuf> = BTreeMap::new();
+        for i in selected.iter().filter(|i| i.initrd == ImageSpec::Auto) {
+            let series = i.kernel.series();
+            if initramfs.contains_key(&series) {
+                continue;
             }
-            ir.write_file(&initramfs)?;
+            let (out, modules) = match series {
+                None => (self.run.initramfs(), paths::auto_kernel_modules()),
+                Some(k) => (
+                    self.run.series_initramfs(k),
+                    paths::series_kernel_modules(k),
+                ),
+            };
+            let mut ir = Initramfs::for_topology(&paths::guest_init(), &t.files)?;
+            if window.relay().is_some() {
+                ir.kernel_modules(&modules)?;
+            }
+            ir.write_file(&out)?;
+            initramfs.insert(series, out);
         }
         {
             let mut reg = self.registry();
@@ -124,14 +141,26 @@ impl Daemon {
         }
 
         // Start every QEMU, then wait for all agents together.
-        let kernel_auto = paths::auto_kernel();
         let mut failures: Vec<(String, InstanceError)> = Vec::new();
         let mut waiting: Vec<&Instance> = Vec::new();
         for i in &selected {
             if let Some(inst) = self.registry().instances.get_mut(&i.name) {
                 inst.policy = PolicyState::for_boot(Some(&inst.policy), by);
             }
-            match self.start_qemu(&t, i, &window, &kernel_auto, &initramfs, progress) {
+            let kernel = match &i.kernel {
+                ImageSpec::Auto => paths::auto_kernel(),
+                ImageSpec::AutoSeries(k) => paths::series_kernel(*k),
+                ImageSpec::Path(p) => p.clone(),
+            };
+            let initrd = match &i.initrd {
+                ImageSpec::Path(p) => p.clone(),
+                // Validation gives initrd no series: "auto".
+                ImageSpec::Auto | ImageSpec::AutoSeries(_) => initramfs
+                    .get(&i.kernel.series())
+                    .cloned()
+                    .unwrap_or_else(|| self.run.initramfs()),
+            };
+            match self.start_qemu(&t, i, &window, &kernel, &initrd, progress) {
                 Ok(()) => waiting.push(i),
                 Err(e) => {
                     progress(&i.name, &format!("failed: {}", crate::error_chain(&e)));
@@ -250,8 +279,8 @@ impl Daemon {
         t: &Topology,
         i: &Instance,
         window: &HostWindow,
-        kernel_auto: &Path,
-        initramfs: &Path,
+        kernel: &Path,
+        initrd: &Path,
         progress: Progress<'_>,
     ) -> Result<(), InstanceError> {
         let id = u16::try_from(i.id.0).map_err(|_| InstanceError::Id(i.id.0))?;
@@ -280,18 +309,10 @@ impl Daemon {
         }
         window.reset(id).map_err(InstanceError::Channel)?;
 
-        let kernel = match &i.kernel {
-            ImageSpec::Auto => kernel_auto.to_path_buf(),
-            ImageSpec::Path(p) => p.clone(),
-        };
-        let initrd = match &i.initrd {
-            ImageSpec::Auto => initramfs.to_path_buf(),
-            ImageSpec::Path(p) => p.clone(),
-        };
         let mut spec = MachineSpec::new(
             &i.name,
-            &kernel,
-            &initrd,
+            kernel,
+            initrd,
             &GuestCmdline::new(&i.name, i.id)
                 .extra(&i.cmdline)
                 .peers(endpoint_names(t))
