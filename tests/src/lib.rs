@@ -577,3 +577,97 @@ pub fn seq_numbers(lines: &[String]) -> Vec<u64> {
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect()
 }
+
+/// The stdout lines of a running `mkctl exec` (or restore), collected as
+/// they come.
+#[derive(Debug)]
+pub struct Watched {
+    pub child: std::process::Child,
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Watched {
+    pub fn wait_for(&self, what: &str, t: Duration, cond: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + t;
+        loop {
+            {
+                let l = self.lines.lock().unwrap();
+                if cond(&l) {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let tail: Vec<&String> = l.iter().rev().take(10).collect();
+                    panic!("timed out waiting for {what}; last lines: {tail:?}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    pub fn count(&self, prefix: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+    pub fn checksums(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("checksum="))
+            .cloned()
+            .collect()
+    }
+    pub fn seqs(&self) -> Vec<u64> {
+        seq_numbers(&self.lines.lock().unwrap())
+    }
+}
+
+/// `mkctl exec <on> -- <argv>`, its output watched (see [`watch`]).
+pub fn exec_watched(m: &Mkctl, on: &str, argv: &[&str]) -> Watched {
+    let child = m
+        .command()
+        .args(["exec", on, "--"])
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    watch(child)
+}
+
+/// Collects the stdout lines of `child` (an exec or a restore) and waits
+/// for its first ones.
+pub fn watch(mut child: std::process::Child) -> Watched {
+    let lines = collect_lines(child.stdout.take().unwrap());
+    let w = Watched { child, lines };
+    w.wait_for("first output", Duration::from_secs(30), |l| l.len() >= 5);
+    w
+}
+
+/// The running (not zombie) mkcounter on `on`.
+pub fn pid_on(m: &Mkctl, on: &str) -> u32 {
+    let script = "for p in $(pidof mkcounter); do s=$(cut -d' ' -f3 /proc/$p/stat); [ \"$s\" != Z ] && echo $p; done; true";
+    let out = m.run(&["exec", on, "--", "sh", "-c", script]).ok().text();
+    out.split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no mkcounter on {on}: {out:?}"))
+}
+
+/// Consecutive sequence numbers, more than 10 of them.
+pub fn no_gap(seqs: &[u64]) {
+    assert!(seqs.len() > 10);
+    for w in seqs.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "gap or repeat between seq {} and {}",
+            w[0],
+            w[1]
+        );
+    }
+}

@@ -6,12 +6,15 @@
 //! guest's virtio console driver and `unix_diag`, the 6.12 guest's
 //! `unix_diag` (it builds virtio in); both guests' doorbell ports come up
 //! and both ring; and messages go round trip host <-> each guest and
-//! between the guests. A missing 6.12 kernel fails the test (setup.sh
-//! fetches it), it is never skipped.
+//! between the guests. A process moves between the two builds, both ways,
+//! through the vDSO proxy (`mknode/src/migrate/README.md`). A missing 6.12
+//! kernel fails the tests (setup.sh fetches it), they are never skipped.
 
 use std::time::{Duration, Instant};
 
-use mkctl_e2e::{cache_dir, repo_root, Artifacts, Mkctl, SeriesKernel};
+use mkctl_e2e::{
+    cache_dir, exec_watched, no_gap, pid_on, repo_root, Artifacts, Mkctl, SeriesKernel,
+};
 
 /// `mkctl exec <on> -- sh -c <script>`, its stdout.
 fn sh(m: &Mkctl, on: &str, script: &str) -> String {
@@ -165,4 +168,144 @@ fn each_guest_runs_the_kernel_build_it_was_given() {
         assert_eq!(out.text(), text, "{guest} echoed something else");
     }
     m.run(&["stop", "--all"]).ok();
+}
+
+/// `[vdso]`'s start and every `r-xp` anonymous mapping of `pid` on `on`.
+fn vdso_places(m: &Mkctl, on: &str, pid: u32) -> (u64, Vec<u64>) {
+    let maps = sh(m, on, &format!("cat /proc/{pid}/maps"));
+    let start = |l: &str| u64::from_str_radix(l.split('-').next().unwrap_or(""), 16).ok();
+    let vdso = maps
+        .lines()
+        .find(|l| l.ends_with("[vdso]"))
+        .and_then(start)
+        .unwrap_or_else(|| panic!("no [vdso] in {pid} on {on}: {maps}"));
+    let anon_code = maps
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 5 && f[1] == "r-xp"
+        })
+        .filter_map(start)
+        .collect();
+    (vdso, anon_code)
+}
+
+/// `mkcounter` (two counting threads and one calling `clock_gettime` in a
+/// loop) moves from the 6.1 guest to the 6.12 guest and back, lazily and
+/// stop-copy: after each move the copy runs on the other build, its
+/// lines go on without a gap, its memory is the same, its clock never
+/// went back (in the spinning thread, caught in the vDSO at the freeze
+/// now and then) nor jumped, and the kernel's vDSO is elsewhere while the
+/// old one's place holds the redirected copy.
+#[test]
+fn a_process_moves_between_the_two_builds_both_ways() {
+    Artifacts::require();
+    SeriesKernel::require("6.12");
+    let m = Mkctl::new("two-builds-move");
+    let cfg = repo_root()
+        .join("tests/configs/two-builds.toml")
+        .display()
+        .to_string();
+    m.run(&["boot", &cfg]).ok();
+    let w = exec_watched(
+        &m,
+        "alpha",
+        &[
+            "/bin/mkcounter",
+            "--mem",
+            "16M",
+            "--threads",
+            "2",
+            "--interval-ms",
+            "20",
+            "--clock-spin",
+        ],
+    );
+    let mut pid = pid_on(&m, "alpha");
+    let (first_vdso, _) = vdso_places(&m, "alpha", pid);
+    let checksum = |on: &str, pid: u32| {
+        let k = w.checksums().len();
+        m.run(&["exec", on, "--", "kill", "-USR1", &pid.to_string()])
+            .ok();
+        w.wait_for("a checksum", Duration::from_secs(30), |l| {
+            l.iter().filter(|x| x.starts_with("checksum=")).count() > k
+        });
+        w.checksums()[k].clone()
+    };
+    let before = checksum("alpha", pid);
+    let mut at = "alpha";
+    for (hop, mode) in ["lazy", "stop-copy", "stop-copy", "lazy"]
+        .into_iter()
+        .enumerate()
+    {
+        let to = if at == "alpha" { "beta" } else { "alpha" };
+        let r = m
+            .run(&[
+                "migrate",
+                &pid.to_string(),
+                "--from",
+                at,
+                "--to",
+                to,
+                "--mode",
+                mode,
+                "--json",
+            ])
+            .ok()
+            .json();
+        eprintln!("hop {hop} {at} -> {to} ({mode}): {r}");
+        pid = r["new_pid"].as_u64().expect("new_pid") as u32;
+        assert_eq!(pid_on(&m, to), pid);
+        at = to;
+        let seen = w.count("seq=");
+        w.wait_for("output after the move", Duration::from_secs(30), |l| {
+            l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10
+        });
+        assert_eq!(checksum(at, pid), before, "memory changed at hop {hop}");
+        // On the other build (beta, and alpha after a stay on beta) the
+        // process's first vDSO place holds the redirected copy, and the
+        // kernel's own is elsewhere.
+        let (vdso, anon_code) = vdso_places(&m, at, pid);
+        assert_ne!(
+            vdso, first_vdso,
+            "hop {hop}: [vdso] back at its first place"
+        );
+        assert!(
+            anon_code.contains(&first_vdso),
+            "hop {hop}: no redirected vDSO at {first_vdso:#x} ({anon_code:x?})"
+        );
+    }
+    no_gap(&w.seqs());
+    let lines = w.lines.lock().unwrap().clone();
+    let field = |l: &str, name: &str| -> Option<u64> {
+        l.split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))?
+            .parse()
+            .ok()
+    };
+    let monos: Vec<u64> = lines.iter().filter_map(|l| field(l, "mono_ms")).collect();
+    for p in monos.windows(2) {
+        assert!(
+            p[1] >= p[0] && p[1] - p[0] < 5000,
+            "CLOCK_MONOTONIC went from {} to {} ms",
+            p[0],
+            p[1]
+        );
+    }
+    let spins: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| field(l, "clock_spins"))
+        .collect();
+    assert!(spins.windows(2).all(|p| p[1] >= p[0]) && spins.last() > spins.first());
+    assert!(
+        lines
+            .iter()
+            .filter_map(|l| field(l, "clock_back"))
+            .all(|b| b == 0),
+        "the spinning thread saw its clock go back"
+    );
+    m.run(&["exec", at, "--", "kill", "-TERM", &pid.to_string()])
+        .ok();
+    let mut child = w.child;
+    assert_eq!(child.wait().unwrap().code(), Some(143));
 }

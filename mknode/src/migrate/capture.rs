@@ -26,7 +26,7 @@ use nix::unistd::Pid;
 use super::image::{
     AltStack, FpKind, Header, ImageMeta, ImageStats, ImageWriter, Mapping, MappingKind, MmFields,
     PosixTimer, ProcessInfo, Rseq, SigAction, SigInfo, ThreadState, FLAG_LAZY, FLAG_ZERO_RUNS,
-    MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, SIGEV_NONE, SIGEV_SIGNAL,
+    MAPF_HUGEPAGE, MAPF_NOHUGEPAGE, PAGE, PROT_R, PROT_W, PROT_X, SIGEV_NONE, SIGEV_SIGNAL,
     SIGEV_THREAD_ID,
 };
 use super::inject::{inject, ptrace_err, wait_stop, Call, Stop};
@@ -290,6 +290,47 @@ fn freeze_accepting(
     Ok(f)
 }
 
+/// Where a thread stopped inside the vDSO (`inside`) returns to: the
+/// first of `[rsp]`, `[rbp + 8]` (the vDSO is built with frame pointers)
+/// and the next stack words that lies in executable memory outside the
+/// vDSO right after a call instruction. None when nothing there looks
+/// like it.
+fn return_address(
+    tid: Pid,
+    regs: &libc::user_regs_struct,
+    inside: &std::ops::Range<u64>,
+    mappings: &[Mapping],
+) -> Option<u64> {
+    let word = |at: u64| -> Option<u64> {
+        let mut b = [0u8; 8];
+        (read_remote(tid, at, &mut b).ok()? == 8).then(|| u64::from_le_bytes(b))
+    };
+    let after_call = |a: u64| -> bool {
+        if inside.contains(&a)
+            || !mappings
+                .iter()
+                .any(|m| m.prot & PROT_X != 0 && m.start < a && a <= m.end)
+        {
+            return false;
+        }
+        let mut b = [0u8; 7];
+        if read_remote(tid, a - 7, &mut b).ok() != Some(7) {
+            return false;
+        }
+        // call rel32 (e8 + 4), or call r/m64 (ff /2) of 2, 3, 6 or 7 bytes.
+        b[2] == 0xe8
+            || [5usize, 4, 1, 0]
+                .iter()
+                .any(|&i| b[i] == 0xff && (b[i + 1] >> 3) & 7 == 2)
+    };
+    let stack = (0..32).map(|k| regs.rsp + 8 * k);
+    std::iter::once(regs.rsp)
+        .chain(std::iter::once(regs.rbp.wrapping_add(8)))
+        .chain(stack.skip(1))
+        .filter_map(word)
+        .find(|&a| after_call(a))
+}
+
 /// 128 bytes of dead memory in the stopped process: below a thread's stack
 /// pointer (past the 128-byte red zone), where no other thread looks — in a
 /// split process other threads run on while one is stopped, so their
@@ -494,44 +535,94 @@ impl Frozen {
         })
     }
 
-    /// Steps `tid` out of the vDSO (`inside`) if the freeze caught it
+    /// Lets `tid` run out of the vDSO (`inside`) if the freeze caught it
     /// there: restored on another kernel build, only the old vDSO's entry
-    /// points lead anywhere (see `vdso`). Leaves it in an interrupt stop
-    /// again, with a signal that came meanwhile delivered from outside the
-    /// vDSO (its handler runs after the restore; its siginfo is the
-    /// tracer's).
-    fn step_out(&mut self, tid: Pid, inside: &std::ops::Range<u64>) -> Result<(), CaptureError> {
-        const MAX_STEPS: u32 = 100_000;
+    /// points lead anywhere (see `vdso`). It runs, alone, to the address
+    /// its vDSO call returns to (a hardware breakpoint there, found on its
+    /// stack), or, where none is found, one instruction at a time; single
+    /// steps alone would not do: under TCG one takes long enough for every
+    /// timer tick to send `clock_gettime` round its retry loop again. Leaves
+    /// it in an interrupt stop again, with a signal that came meanwhile
+    /// delivered from outside the vDSO (its handler runs after the restore;
+    /// its siginfo is the tracer's). One still inside after all that is
+    /// left there (the same build restores it; another refuses it).
+    fn step_out(
+        &mut self,
+        tid: Pid,
+        inside: &std::ops::Range<u64>,
+        mappings: &[Mapping],
+    ) -> Result<(), CaptureError> {
+        const ROUNDS: u32 = 32;
+        const STEPS: u32 = 256;
         let e = |op| {
             let f = self.sys();
             move |err| f(ptrace_err(op, tid)(err))
         };
-        let mut steps = 0;
         let mut held = 0;
-        while steps < MAX_STEPS {
-            let rip = ptrace::getregs(tid).map_err(e("PTRACE_GETREGS"))?.rip;
-            if !inside.contains(&rip) {
-                break;
-            }
-            ptrace::step(tid, None).map_err(e("PTRACE_SINGLESTEP"))?;
-            steps += 1;
-            match wait_stop(tid, "a single step").map_err(self.sys())? {
-                Stop::Status(WaitStatus::Stopped(_, Signal::SIGTRAP)) => {}
+        let mut rounds = 0;
+        let mut hold = |stop: Stop| -> Result<(), CaptureError> {
+            match stop {
+                Stop::Status(WaitStatus::Stopped(_, Signal::SIGTRAP))
+                | Stop::Status(WaitStatus::PtraceEvent(..)) => {}
                 Stop::Status(WaitStatus::Stopped(_, sig)) => held = sig as i32,
                 Stop::Realtime(sig) => held = sig,
                 Stop::Status(other) => {
                     return Err(self.sys()(SysError::Stop {
                         tid: tid.as_raw(),
                         status: format!("{other:?}"),
-                        wanted: "a single step",
+                        wanted: "the way out of the vDSO",
                     }))
                 }
             }
+            Ok(())
+        };
+        while rounds < ROUNDS {
+            let regs = ptrace::getregs(tid).map_err(e("PTRACE_GETREGS"))?;
+            if !inside.contains(&regs.rip) {
+                break;
+            }
+            rounds += 1;
+            match return_address(tid, &regs, inside, mappings) {
+                Some(to) => {
+                    sys::set_debugreg(tid, 0, to).map_err(e("PTRACE_POKEUSER"))?;
+                    // DR7: local enable of breakpoint 0, on execution.
+                    sys::set_debugreg(tid, 7, 1).map_err(e("PTRACE_POKEUSER"))?;
+                    super::inject::cont_with(tid, 0).map_err(self.sys())?;
+                    let stop = match super::inject::poll_stop(
+                        tid,
+                        std::time::Duration::from_millis(20),
+                        "the vDSO call's return",
+                    )
+                    .map_err(self.sys())?
+                    {
+                        Some(s) => s,
+                        // Not there yet (a guessed address it does not
+                        // reach soon): stopped again, and another look.
+                        None => {
+                            ptrace::interrupt(tid).map_err(e("PTRACE_INTERRUPT"))?;
+                            wait_stop(tid, "the interrupt stop").map_err(self.sys())?
+                        }
+                    };
+                    sys::set_debugreg(tid, 7, 0).map_err(e("PTRACE_POKEUSER"))?;
+                    sys::set_debugreg(tid, 6, 0).map_err(e("PTRACE_POKEUSER"))?;
+                    hold(stop)?;
+                }
+                None => {
+                    for _ in 0..STEPS {
+                        ptrace::step(tid, None).map_err(e("PTRACE_SINGLESTEP"))?;
+                        hold(wait_stop(tid, "a single step").map_err(self.sys())?)?;
+                        let rip = ptrace::getregs(tid).map_err(e("PTRACE_GETREGS"))?.rip;
+                        if !inside.contains(&rip) {
+                            break;
+                        }
+                    }
+                }
+            }
         }
-        if steps == 0 {
+        if rounds == 0 {
             return Ok(());
         }
-        log::debug!("thread {tid} stepped out of the vDSO in {steps} steps");
+        log::debug!("thread {tid} taken out of the vDSO in {rounds} rounds");
         ptrace::interrupt(tid).map_err(e("PTRACE_INTERRUPT"))?;
         super::inject::cont_with(tid, held).map_err(self.sys())?;
         self.wait_frozen(tid)
@@ -629,7 +720,7 @@ impl Frozen {
 
         let inside = vdso.start..vdso.end;
         for tid in self.tids.clone() {
-            self.step_out(tid, &inside)?;
+            self.step_out(tid, &inside, &mappings)?;
         }
         let mut threads = Vec::with_capacity(self.tids.len());
         for &tid in &self.tids {

@@ -86,7 +86,9 @@ pub fn user_features() -> Vec<String> {
     features_of(&info)
 }
 
-fn features_of(cpuinfo: &str) -> Vec<String> {
+/// The user-visible extensions a `/proc/cpuinfo` text names (its first
+/// `flags` line), sorted.
+pub fn features_of(cpuinfo: &str) -> Vec<String> {
     let flags = cpuinfo
         .lines()
         .find_map(|l| {

@@ -99,6 +99,32 @@ pub(crate) fn wait_stop(tid: Pid, wanted: &'static str) -> Result<Stop, SysError
             e => return Err(ptrace_err("waitpid", tid)(e)),
         }
     }
+    decode(tid, status, wanted)
+}
+
+/// [`wait_stop`] for at most `t`: `None` if `tid` has not stopped by then.
+pub(crate) fn poll_stop(
+    tid: Pid,
+    t: std::time::Duration,
+    wanted: &'static str,
+) -> Result<Option<Stop>, SysError> {
+    let until = std::time::Instant::now() + t;
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into a live local.
+        match unsafe { libc::waitpid(tid.as_raw(), &mut status, libc::__WALL | libc::WNOHANG) } {
+            0 if std::time::Instant::now() >= until => return Ok(None),
+            0 => std::thread::sleep(std::time::Duration::from_micros(50)),
+            r if r > 0 => return decode(tid, status, wanted).map(Some),
+            _ => match Errno::last() {
+                Errno::EINTR => continue,
+                e => return Err(ptrace_err("waitpid", tid)(e)),
+            },
+        }
+    }
+}
+
+fn decode(tid: Pid, status: i32, wanted: &'static str) -> Result<Stop, SysError> {
     if libc::WIFSTOPPED(status) && status >> 16 == 0 && libc::WSTOPSIG(status) >= 32 {
         return Ok(Stop::Realtime(libc::WSTOPSIG(status)));
     }

@@ -249,8 +249,7 @@ enum VdsoPlan {
 /// Whether the image was taken on this kernel build (same release, build,
 /// vDSO bytes and special-mapping layout): then its vDSO is mapped back as
 /// it was; otherwise it goes through the proxy, which needs the old vDSO's
-/// bytes in the image. `MKCTL_VDSO_PROXY=always` takes the proxy on the
-/// same build too (the tests exercise it on one kernel that way).
+/// bytes in the image.
 fn check_kernel(meta: &ImageMeta) -> Result<VdsoPlan, RestoreError> {
     let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").map_err(local("maps"))?)
         .map_err(local("maps"))?;
@@ -275,8 +274,7 @@ fn check_kernel(meta: &ImageMeta) -> Result<VdsoPlan, RestoreError> {
             .map(|m| (m.kind, m.start - base, m.len()))
             .collect()
     };
-    let forced = std::env::var_os("MKCTL_VDSO_PROXY").is_some_and(|v| v == "always");
-    if here == *there && special(&meta.mappings) == special(&mine) && !forced {
+    if here == *there && special(&meta.mappings) == special(&mine) {
         return Ok(VdsoPlan::Same);
     }
     if meta.process.vdso.is_empty() {
@@ -1433,6 +1431,19 @@ fn restore_impl<R: Read>(
         }
         VdsoPlan::Proxy { local, symbols } => {
             let old = vdso::old_vdso(&meta.mappings, meta.process.vdso.len())?;
+            // (The freeze takes threads out of the vDSO; one it could not
+            // would resume in old code between the entries.)
+            if let Some(t) = meta
+                .threads
+                .iter()
+                .find(|t| (old.start..old.end).contains(&t.regs[16]))
+            {
+                return Err(vdso::VdsoError::ThreadInside {
+                    tid: t.tid,
+                    rip: t.regs[16],
+                }
+                .into());
+            }
             let at = vdso::place(&meta.mappings, local, (ctl, ctl + PAGE))?;
             call(Call::new(
                 "arch_prctl(ARCH_MAP_VDSO_64)",

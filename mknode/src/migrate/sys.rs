@@ -111,6 +111,28 @@ pub(crate) fn set_sigmask(tid: Pid, mask: u64) -> nix::Result<()> {
     check(r).map(drop)
 }
 
+/// Offset of `u_debugreg` in x86_64's `struct user` (`sys/user.h`): 27
+/// registers, `u_fpvalid` and padding, the 512-byte FXSAVE area, three
+/// sizes, two addresses, `signal`, `reserved` and padding, two pointers,
+/// `magic`, `u_comm[32]`.
+const U_DEBUGREG: usize = 848;
+
+/// `PTRACE_POKEUSER` of debug register `n` (0-3: addresses, 6: status, 7:
+/// control) of a stopped tracee.
+pub(crate) fn set_debugreg(tid: Pid, n: usize, value: u64) -> nix::Result<()> {
+    // SAFETY: POKEUSER writes `value` into the tracee's debug register at
+    // that offset of its `struct user`; no memory of ours is touched.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_POKEUSER,
+            tid.as_raw(),
+            (U_DEBUGREG + 8 * n) as *mut libc::c_void,
+            value as *mut libc::c_void,
+        )
+    };
+    check(r).map(drop)
+}
+
 #[repr(C)]
 struct PeekSiginfoArgs {
     off: u64,

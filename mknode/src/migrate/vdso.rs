@@ -30,6 +30,8 @@ pub enum VdsoError {
     NoRoom { len: u64 },
     #[error("the image has no [vdso] mapping of {len} bytes to put the old vDSO back at")]
     NoOldMapping { len: usize },
+    #[error("thread {tid} was inside the old vDSO at the freeze (at {rip:#x}), where only its entries are redirected")]
+    ThreadInside { tid: u32, rip: u64 },
 }
 
 /// One function a vDSO exports: its name (without version) and where it
