@@ -9,7 +9,7 @@
 //!
 //! Only entry points are redirected: code resumed in the middle of an old
 //! function would read the old kernel's data pages, which are gone. The
-//! freeze steps every thread out of the vDSO first (`capture`); a signal
+//! freeze takes every thread out of the vDSO first (`capture`); a signal
 //! handler interrupting a vDSO function at the freeze would still return
 //! into it, and is not handled.
 //!
