@@ -621,8 +621,9 @@ fn episode(
         while !answers.lock().unwrap().iter().any(|(_, m)| m.is_final()) {
             assert!(
                 t.elapsed() < Duration::from_secs(30),
-                "{what}: no answer to the move 30 s after the kill (killed {phase}); answers {:?}",
-                answers.lock().unwrap()
+                "{what}: no answer to the move 30 s after the kill (killed {phase}); answers {:?}; threads:\n{}",
+                answers.lock().unwrap(),
+                common::agents::threads()
             );
             std::thread::sleep(Duration::from_millis(5));
         }

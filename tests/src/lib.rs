@@ -625,6 +625,24 @@ impl Watched {
     }
 }
 
+/// `mkctl migrate <pid> --from <from> --to <to> --mode <mode> --json`,
+/// which must succeed: its JSON report.
+pub fn migrate_json(m: &Mkctl, pid: u32, from: &str, to: &str, mode: &str) -> serde_json::Value {
+    m.run(&[
+        "migrate",
+        &pid.to_string(),
+        "--from",
+        from,
+        "--to",
+        to,
+        "--mode",
+        mode,
+        "--json",
+    ])
+    .ok()
+    .json()
+}
+
 /// `mkctl exec <on> -- <argv>`, its output watched (see [`watch`]).
 pub fn exec_watched(m: &Mkctl, on: &str, argv: &[&str]) -> Watched {
     let child = m

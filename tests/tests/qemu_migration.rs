@@ -11,7 +11,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mkctl_e2e::{exec_watched, no_gap, pid_on, repo_root, watch, Mkctl, Watched};
+use mkctl_e2e::{exec_watched, migrate_json, no_gap, pid_on, repo_root, watch, Mkctl, Watched};
 
 fn start(m: &Mkctl, on: &str, mem: &str) -> Watched {
     exec_watched(
@@ -483,20 +483,9 @@ fn timerfd_signalfd_and_pipe_move_between_guests() {
     for (hop, mode) in ["lazy", "stop-copy"].into_iter().enumerate() {
         let to = if at == "alpha" { "beta" } else { "alpha" };
         let seen = w.lines.lock().unwrap().len();
-        let out = m
-            .run(&[
-                "migrate",
-                &pid.to_string(),
-                "--from",
-                at,
-                "--to",
-                to,
-                "--mode",
-                mode,
-                "--json",
-            ])
-            .ok();
-        pid = out.json()["new_pid"].as_u64().unwrap() as u32;
+        pid = migrate_json(&m, pid, at, to, mode)["new_pid"]
+            .as_u64()
+            .unwrap() as u32;
         at = to;
         w.wait_for("the checks after the move", Duration::from_secs(30), |l| {
             l[seen..].iter().any(|x| x.starts_with("pipe_check="))

@@ -13,7 +13,8 @@
 use std::time::{Duration, Instant};
 
 use mkctl_e2e::{
-    cache_dir, exec_watched, no_gap, pid_on, repo_root, Artifacts, Mkctl, SeriesKernel,
+    cache_dir, exec_watched, migrate_json, no_gap, pid_on, repo_root, Artifacts, Mkctl,
+    SeriesKernel,
 };
 
 /// `mkctl exec <on> -- sh -c <script>`, its stdout.
@@ -239,20 +240,7 @@ fn a_process_moves_between_the_two_builds_both_ways() {
         .enumerate()
     {
         let to = if at == "alpha" { "beta" } else { "alpha" };
-        let r = m
-            .run(&[
-                "migrate",
-                &pid.to_string(),
-                "--from",
-                at,
-                "--to",
-                to,
-                "--mode",
-                mode,
-                "--json",
-            ])
-            .ok()
-            .json();
+        let r = migrate_json(&m, pid, at, to, mode);
         eprintln!("hop {hop} {at} -> {to} ({mode}): {r}");
         pid = r["new_pid"].as_u64().expect("new_pid") as u32;
         assert_eq!(pid_on(&m, to), pid);

@@ -68,7 +68,9 @@ enum Ctl {
     PagesIn,
 }
 
-/// The origin's side of one migration: the destination's answers.
+/// The origin's side of one migration: the destination's answers (a few
+/// per move; unbounded, so that the receive thread handing one over never
+/// waits on a move busy streaming its image).
 struct Outgoing {
     ctl: Sender<Ctl>,
 }
@@ -565,7 +567,7 @@ impl Migration {
                 },
             );
         }
-        let (ctl_tx, ctl_rx) = bounded(4);
+        let (ctl_tx, ctl_rx) = unbounded();
         lock(&self.outgoing).insert((to, mig), Outgoing { ctl: ctl_tx });
         let forget = || {
             lock(&self.outgoing).remove(&(to, mig));
@@ -1205,8 +1207,11 @@ impl Facet for Migration {
 impl Migration {
     /// Hands a destination's answer to the move waiting for it.
     fn control(&self, peer: u16, mig: u32, c: Ctl) {
-        if let Some(o) = lock(&self.outgoing).get(&(peer, mig)) {
-            let _ = o.ctl.send(c);
+        let ctl = lock(&self.outgoing)
+            .get(&(peer, mig))
+            .map(|o| o.ctl.clone());
+        if let Some(ctl) = ctl {
+            let _ = ctl.send(c);
         }
     }
 

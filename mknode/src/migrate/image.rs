@@ -2480,6 +2480,20 @@ pub(crate) mod tests {
 
     type Sample = (ImageMeta, Vec<(u64, Vec<u8>)>, Vec<(u64, u64)>);
 
+    /// A private mapping of `kind` over `start..end`, nothing else set.
+    pub(crate) fn mapping(start: u64, end: u64, prot: u8, kind: MappingKind) -> Mapping {
+        Mapping {
+            start,
+            end,
+            prot,
+            flags: 0,
+            kind,
+            offset: 0,
+            resident: 0,
+            name: String::new(),
+        }
+    }
+
     pub(crate) fn sample(nmaps: usize, seed: u8) -> Sample {
         let vdso: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
         let header = Header {

@@ -663,16 +663,7 @@ mod tests {
     use super::*;
 
     fn map(start: u64, pages: u64, prot: u8, kind: MappingKind) -> Mapping {
-        Mapping {
-            start,
-            end: start + pages * PAGE,
-            prot,
-            flags: 0,
-            kind,
-            offset: 0,
-            resident: 0,
-            name: String::new(),
-        }
+        crate::migrate::image::tests::mapping(start, start + pages * PAGE, prot, kind)
     }
 
     #[test]

@@ -418,16 +418,7 @@ mod tests {
     }
 
     fn m(start: u64, end: u64, kind: MappingKind) -> Mapping {
-        Mapping {
-            start,
-            end,
-            prot: 0,
-            flags: 0,
-            kind,
-            offset: 0,
-            resident: 0,
-            name: String::new(),
-        }
+        crate::migrate::image::tests::mapping(start, end, 0, kind)
     }
 
     #[test]

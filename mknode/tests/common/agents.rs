@@ -254,3 +254,33 @@ pub(crate) fn move_out(
 ) -> Result<Msg, mknode::agent::AgentError> {
     n.agents[0].call(at, t, |req| Msg::MigrateOut { req, pid, to, lazy })
 }
+
+/// Each thread of this test process (the agents run in it): name, state
+/// and the kernel function it waits in, for a failure that is a hang.
+#[allow(dead_code)]
+pub(crate) fn threads() -> String {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return String::new();
+    };
+    let read = |t: &std::path::Path, f: &str| {
+        std::fs::read_to_string(t.join(f))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let mut v: Vec<String> = dir
+        .flatten()
+        .map(|e| {
+            let t = e.path();
+            let stat = read(&t, "stat");
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            format!("{} {} {}", read(&t, "comm"), state, read(&t, "wchan"))
+        })
+        .collect();
+    v.sort();
+    v.join("\n")
+}
