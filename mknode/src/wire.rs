@@ -524,10 +524,11 @@ messages! {
     /// Before a move, origin to destination: could a process with these
     /// files open be restored there (the files, time namespaces, the CPU)?
     /// `devices[i]`: `paths[i]` is one of the devices carried (else a
-    /// regular file); `cpu`: the origin CPU's user-visible extensions, and
-    /// `fp_size` its register state's size (`migrate::cpu`). `problems`
+    /// regular file); `cpu`: the origin CPU's user-visible extensions,
+    /// `fp_size` and `xfeatures` its register state's size and components
+    /// (`migrate::cpu`). `problems`
     /// names what would fail, and why.
-    51 req RestoreProbe { req: u32, paths: Vec<String>, devices: Vec<bool>, cpu: Vec<String>, fp_size: u32 },
+    51 req RestoreProbe { req: u32, paths: Vec<String>, devices: Vec<bool>, cpu: Vec<String>, fp_size: u32, xfeatures: u64 },
     52 end RestoreProbed { req: u32, problems: Vec<String> },
     /// To the kernel where process `pid` began: move its thread `tid` to
     /// endpoint `to` (back home when `to` is that kernel). See

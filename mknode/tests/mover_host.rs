@@ -325,6 +325,7 @@ fn the_restore_probe_names_what_the_cpu_lacks() {
             devices: vec![],
             cpu: theirs,
             fp_size: cpu::fp_state_size() + 64,
+            xfeatures: cpu::xfeatures() | 0xe0,
         })
         .expect("probe");
     let Msg::RestoreProbed { problems, .. } = r else {
@@ -344,6 +345,7 @@ fn the_restore_probe_names_what_the_cpu_lacks() {
             devices: vec![],
             cpu: cpu::user_features(),
             fp_size: cpu::fp_state_size(),
+            xfeatures: cpu::xfeatures(),
         })
         .expect("probe");
     assert!(

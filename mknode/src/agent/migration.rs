@@ -885,6 +885,7 @@ impl Migration {
                 devices,
                 cpu: migrate::cpu::user_features(),
                 fp_size: migrate::cpu::fp_state_size(),
+                xfeatures: migrate::cpu::xfeatures(),
             })
         else {
             return Ok(());
@@ -1057,8 +1058,9 @@ impl Facet for Migration {
                 devices,
                 cpu,
                 fp_size,
+                xfeatures,
             } => agent.answer_later(peer, req, move |_| {
-                let mut problems = migrate::cpu::missing_here(&cpu, fp_size);
+                let mut problems = migrate::cpu::missing_here(&cpu, fp_size, xfeatures);
                 problems.extend(probe_restore(&paths, &devices));
                 Ok::<_, std::convert::Infallible>(Msg::RestoreProbed { req, problems })
             }),

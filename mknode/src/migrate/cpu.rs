@@ -1,10 +1,16 @@
 //! What of the CPU a moved process may depend on: the instruction-set
 //! extensions user code picks at start (glibc chooses its string functions
-//! by them, compilers emit them) and the size of the register state the
-//! kernel saves (`NT_X86_XSTATE`, which a restore writes back whole). A
-//! destination that lacks one the origin has could not run the process, or
-//! not restore its registers: the move is refused before the freeze, by
-//! name.
+//! by them, compilers emit them) and the register state the kernel saves
+//! (`NT_X86_XSTATE`, in the CPU's own XSAVE layout, which a restore writes
+//! back whole). A destination that lacks an extension the origin has could
+//! not run the process: the move is refused before the freeze, by name.
+//! Register state goes between two layouts where the difference is only
+//! where the parts lie or a part the destination has no use for
+//! ([`convert`]): x87, SSE and AVX lie at the same offsets on every CPU;
+//! the protection-key register (PKRU) is dropped on a CPU without
+//! protection keys (no program picks code by them at start; a process
+//! that set keys would find them all open). Other parts (AVX-512's, AMX's)
+//! move only between CPUs of one layout.
 
 /// Flags of `/proc/cpuinfo` that user code can depend on (not the
 /// kernel's own: mitigations, virtualization, timers).
@@ -54,8 +60,6 @@ const USER_FLAGS: &[&str] = &[
     "xsaveopt",
     "xsavec",
     "xgetbv1",
-    "pku",
-    "ospke",
     "movdiri",
     "movdir64b",
     "serialize",
@@ -119,13 +123,106 @@ pub fn fp_state_size() -> u32 {
     std::arch::x86_64::__cpuid_count(0xd, 0).ebx
 }
 
-/// What a process from a CPU with `origin` features and `origin_fp` bytes
-/// of register state would miss here, in words (empty: nothing).
-pub fn missing_here(origin: &[String], origin_fp: u32) -> Vec<String> {
-    missing(origin, origin_fp, &user_features(), fp_state_size())
+/// The state components this kernel enabled (XCR0, by `XGETBV`): x87 and
+/// SSE alone without XSAVE.
+pub fn xfeatures() -> u64 {
+    let l1 = std::arch::x86_64::__cpuid(1);
+    if l1.ecx & (1 << 27) == 0 {
+        return 3;
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: XGETBV with ECX = 0 reads XCR0 into EDX:EAX; it is valid
+    // once the kernel has set CR4.OSXSAVE, which CPUID.1:ECX.27 (checked
+    // above) reports. No memory is touched.
+    unsafe {
+        std::arch::asm!(
+            "xgetbv",
+            in("ecx") 0,
+            out("eax") lo,
+            out("edx") hi,
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+    u64::from(hi) << 32 | u64::from(lo)
 }
 
-fn missing(origin: &[String], origin_fp: u32, here: &[String], here_fp: u32) -> Vec<String> {
+/// Where this CPU's XSAVE layout puts things.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Enabled components (XCR0).
+    pub xfeatures: u64,
+    /// Bytes of the whole area (what `NT_X86_XSTATE` is).
+    pub size: u32,
+}
+
+impl Layout {
+    /// This CPU's.
+    pub fn here() -> Layout {
+        Layout {
+            xfeatures: xfeatures(),
+            size: fp_state_size(),
+        }
+    }
+}
+
+/// x87 and SSE (the legacy area), AVX (at 576 everywhere): what moves
+/// between layouts.
+const PORTABLE: u64 = 0b111;
+/// PKRU, the protection-key rights register: dropped where there is none.
+const PKRU: u64 = 1 << 9;
+/// Where the legacy area keeps the kernel's XCR0 (`sw_reserved`'s
+/// `xfeatures`), and where the header's XSTATE_BV and XCOMP_BV are.
+const SW_XFEATURES: usize = 472;
+const XSTATE_BV: usize = 512;
+const AVX: std::ops::Range<usize> = 576..832;
+
+/// A thread's `NT_X86_XSTATE` from a CPU of another XSAVE layout, laid
+/// out for `here`: the legacy area, AVX and the header carried, PKRU
+/// dropped if `here` has none; an error naming the part it cannot carry.
+pub fn convert(fp: &[u8], here: &Layout) -> Result<Vec<u8>, String> {
+    let word = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(fp.get(at..at + 8)?.try_into().ok()?))
+    };
+    let (Some(origin), Some(bv)) = (word(SW_XFEATURES), word(XSTATE_BV)) else {
+        return Err(format!("a register state of {} bytes, too short", fp.len()));
+    };
+    if fp.len() == here.size as usize && origin == here.xfeatures {
+        return Ok(fp.to_vec());
+    }
+    let mut keep = bv & PORTABLE;
+    let mut lost = bv & !PORTABLE;
+    if here.xfeatures & PKRU == 0 {
+        lost &= !PKRU;
+    }
+    if bv & (1 << 2) != 0 && here.xfeatures & (1 << 2) == 0 {
+        lost |= 1 << 2;
+        keep &= !(1 << 2);
+    }
+    if lost != 0 {
+        return Err(format!(
+            "its register state uses XSAVE components {lost:#x}, which this CPU lays out otherwise or lacks"
+        ));
+    }
+    let mut out = vec![0u8; here.size as usize];
+    let legacy = XSTATE_BV.min(out.len());
+    out[..legacy].copy_from_slice(&fp[..legacy]);
+    if keep & (1 << 2) != 0 && fp.len() >= AVX.end && out.len() >= AVX.end {
+        out[AVX].copy_from_slice(&fp[AVX]);
+    }
+    if out.len() >= XSTATE_BV + 64 {
+        out[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&keep.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// What a process from a CPU with `origin` features and register state
+/// (`origin_fp` bytes, components `origin_x`) would miss here, in words
+/// (empty: nothing).
+pub fn missing_here(origin: &[String], origin_fp: u32, origin_x: u64) -> Vec<String> {
+    missing(origin, (origin_fp, origin_x), &user_features(), &Layout::here())
+}
+
+fn missing(origin: &[String], (origin_fp, origin_x): (u32, u64), here: &[String], layout: &Layout) -> Vec<String> {
     let mut out = Vec::new();
     let lacks: Vec<&str> = origin
         .iter()
@@ -138,9 +235,13 @@ fn missing(origin: &[String], origin_fp: u32, here: &[String], here_fp: u32) -> 
             lacks.join(", ")
         ));
     }
-    if origin_fp != 0 && origin_fp != here_fp {
+    // Another layout: only what `convert` carries.
+    let other = (origin_fp, origin_x) != (layout.size, layout.xfeatures);
+    let beyond = origin_x & !(PORTABLE | PKRU);
+    if origin_fp != 0 && other && beyond != 0 {
         out.push(format!(
-            "this CPU's register state (XSAVE) is {here_fp} bytes, the origin's {origin_fp}: its registers cannot be written back here"
+            "this CPU's register state (XSAVE: {} bytes, components {:#x}) is laid out otherwise than the origin's ({origin_fp} bytes, {origin_x:#x}), whose components {beyond:#x} do not move between layouts",
+            layout.size, layout.xfeatures
         ));
     }
     out
@@ -161,19 +262,74 @@ mod tests {
     fn what_is_missing_is_named() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let here = s(&["avx", "avx2", "sse2"]);
-        assert!(missing(&s(&["avx2", "sse2"]), 832, &here, 832).is_empty());
-        let m = missing(&s(&["avx2", "avx512f", "avx512bw"]), 2696, &here, 832);
+        let tcg = Layout {
+            xfeatures: 0x207,
+            size: 2696,
+        };
+        let amd = Layout {
+            xfeatures: 0xe7,
+            size: 2432,
+        };
+        assert!(missing(&s(&["avx2", "sse2"]), (832, 0x7), &here, &amd).is_empty());
+        // x87, SSE, AVX and PKRU move to any layout.
+        assert!(missing(&s(&["avx2"]), (2696, 0x207), &here, &amd).is_empty());
+        let m = missing(&s(&["avx2", "avx512f", "avx512bw"]), (2432, 0xe7), &here, &tcg);
         assert_eq!(m.len(), 2, "{m:?}");
         assert!(m[0].contains("avx512f, avx512bw"), "{m:?}");
-        assert!(m[1].contains("832 bytes, the origin's 2696"), "{m:?}");
+        assert!(m[1].contains("components 0xe0 do not move"), "{m:?}");
+        // The same layout: anything.
+        assert!(missing(&[], (2432, 0xe7), &here, &amd).is_empty());
         // An origin that did not say its size: not compared.
-        assert!(missing(&[], 0, &here, 832).is_empty());
+        assert!(missing(&[], (0, 0), &here, &tcg).is_empty());
+    }
+
+    /// An XSAVE area of `layout` with XSTATE_BV `bv`, bytes numbered.
+    fn area(layout: &Layout, bv: u64) -> Vec<u8> {
+        let mut a: Vec<u8> = (0..layout.size).map(|i| (i % 253) as u8 + 1).collect();
+        a[SW_XFEATURES..SW_XFEATURES + 8].copy_from_slice(&layout.xfeatures.to_le_bytes());
+        a[XSTATE_BV..XSTATE_BV + 64].fill(0);
+        a[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+        a
+    }
+
+    #[test]
+    fn register_state_goes_to_another_layout_with_what_both_have() {
+        let tcg = Layout {
+            xfeatures: 0x207,
+            size: 2696,
+        };
+        let amd = Layout {
+            xfeatures: 0xe7,
+            size: 2432,
+        };
+        // Same layout: as it is.
+        let a = area(&tcg, 0x207);
+        assert_eq!(convert(&a, &tcg).unwrap(), a);
+        // TCG (PKRU) to a CPU without protection keys: legacy area and AVX
+        // kept, PKRU dropped, the rest zero, XSTATE_BV saying so.
+        let b = convert(&a, &amd).unwrap();
+        assert_eq!(b.len(), 2432);
+        assert_eq!(b[..512], a[..512]);
+        assert_eq!(b[576..832], a[576..832]);
+        assert_eq!(u64::from_le_bytes(b[512..520].try_into().unwrap()), 0x7);
+        assert!(b[520..576].iter().all(|&x| x == 0));
+        assert!(b[832..].iter().all(|&x| x == 0));
+        // AVX-512 in use does not move to another layout.
+        let z = area(&amd, 0xe7);
+        let e = convert(&z, &tcg).unwrap_err();
+        assert!(e.contains("0xe0"), "{e}");
+        // Nor AVX to a CPU without it.
+        let e = convert(&area(&tcg, 0x7), &Layout { xfeatures: 3, size: 576 }).unwrap_err();
+        assert!(e.contains("0x4"), "{e}");
+        // Too short to be one: an error, not a panic.
+        assert!(convert(&a[..100], &amd).is_err());
     }
 
     #[test]
     fn this_machine_agrees_with_itself() {
         assert!(user_features().contains(&"sse2".to_string()));
         assert!(fp_state_size() >= 512);
-        assert!(missing_here(&user_features(), fp_state_size()).is_empty());
+        assert!(missing_here(&user_features(), fp_state_size(), xfeatures()).is_empty());
+        assert!(xfeatures() & 3 == 3);
     }
 }

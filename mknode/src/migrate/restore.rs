@@ -83,6 +83,8 @@ pub enum RestoreError {
     },
     #[error("vDSO layout differs: {0}")]
     Layout(String),
+    #[error("thread {tid}: {why}")]
+    Registers { tid: u32, why: String },
     #[error("another kernel build: redirecting the process's old vDSO to this kernel's")]
     Vdso(#[from] vdso::VdsoError),
     #[error("the DSM")]
@@ -1312,11 +1314,20 @@ fn restore_impl<R: Read>(
 ) -> Result<(Restored, Option<Pager>, Option<OwnedFd>), RestoreError> {
     let share = shadow.map(|s| s.0);
     let answer = shadow.and_then(|s| s.1);
-    let (mut rd, meta) = ImageReader::open(r)?;
+    let (mut rd, mut meta) = ImageReader::open(r)?;
     if meta.header.flags & FLAG_LAZY != 0 && lazy.is_none() {
         return Err(RestoreError::LazyImage);
     }
     let vdso_plan = check_kernel(&meta)?;
+    // Register state from a CPU of another XSAVE layout, laid out for this
+    // one (or refused) before anything is made.
+    let here = super::cpu::Layout::here();
+    for t in &mut meta.threads {
+        if t.fp_kind == super::image::FpKind::Xstate {
+            t.fp = super::cpu::convert(&t.fp, &here)
+                .map_err(|why| RestoreError::Registers { tid: t.tid, why })?;
+        }
+    }
     // DSM memory: this kernel's copy of each region, to map.
     let mut dsm: Vec<(&Mapping, u32)> = Vec::new();
     let mut dsm_fds = Vec::new();
