@@ -392,6 +392,10 @@ fn a_freeze_never_leaves_a_thread_inside_the_vdso() {
             // The size the preflight compares is the size a restore
             // writes back.
             assert_eq!(t.fp.len(), mknode::migrate::cpu::fp_state_size() as usize);
+            assert_eq!(
+                frozen.meta().process.xfeatures,
+                mknode::migrate::cpu::xfeatures()
+            );
             let rip = t.regs[16];
             assert!(
                 !(a..b).contains(&rip),

@@ -205,7 +205,9 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
         "--json",
     ]);
     let on_host = if lacking.is_empty() {
-        let host_pid = r.json()["new_pid"].as_u64().unwrap_or_else(|| panic!("{r:?}")) as i32;
+        let host_pid = r.json()["new_pid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{r:?}")) as i32;
         let comm = std::fs::read_to_string(format!("/proc/{host_pid}/comm")).unwrap_or_default();
         assert_eq!(comm.trim(), "mkcounter", "pid {host_pid} on the host");
         let seen = w.count("seq=");
@@ -218,10 +220,14 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
         if !missing.is_empty() {
             let back = m.run(&["migrate", &host_pid.to_string(), "--to", at, "--json"]);
             assert_eq!(back.code, 1, "{back:?}");
-            let e = back.json()["error"].as_str().unwrap_or_default().to_string();
+            let e = back.json()["error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             assert!(
-                e.contains(&format!("{at} could not restore the process: this CPU lacks"))
-                    && missing.iter().all(|f| e.contains(f.as_str()))
+                e.contains(&format!(
+                    "{at} could not restore the process: this CPU lacks"
+                )) && missing.iter().all(|f| e.contains(f.as_str()))
                     && e.contains("nothing was frozen"),
                 "missing {missing:?}: {e}"
             );

