@@ -279,6 +279,17 @@ fn missing(
 mod tests {
     use super::*;
 
+    /// Layouts like QEMU's TCG `-cpu max` (AVX, PKRU; MPX left out) and this
+    /// machine's AMD CPU (AVX-512), as seen here.
+    const TCG: Layout = Layout {
+        xfeatures: 0x207,
+        size: 2696,
+    };
+    const AMD: Layout = Layout {
+        xfeatures: 0xe7,
+        size: 2432,
+    };
+
     #[test]
     fn only_user_extensions_are_taken() {
         let info = "processor\t: 0\nflags\t\t: fpu vme sse sse2 avx2 hypervisor constant_tsc avx512f pti\nbugs\t\t: spectre_v1\nprocessor\t: 1\nflags\t\t: sse\n";
@@ -290,14 +301,7 @@ mod tests {
     fn what_is_missing_is_named() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let here = s(&["avx", "avx2", "sse2"]);
-        let tcg = Layout {
-            xfeatures: 0x207,
-            size: 2696,
-        };
-        let amd = Layout {
-            xfeatures: 0xe7,
-            size: 2432,
-        };
+        let (tcg, amd) = (TCG, AMD);
         assert!(missing(&s(&["avx2", "sse2"]), (832, 0x7), &here, &amd).is_empty());
         // x87, SSE, AVX and PKRU move to any layout, and MPX's unused
         // registers (QEMU's TCG enables them).
@@ -327,14 +331,7 @@ mod tests {
 
     #[test]
     fn register_state_goes_to_another_layout_with_what_both_have() {
-        let tcg = Layout {
-            xfeatures: 0x207,
-            size: 2696,
-        };
-        let amd = Layout {
-            xfeatures: 0xe7,
-            size: 2432,
-        };
+        let (tcg, amd) = (TCG, AMD);
         // Same layout: as it is.
         let a = area(&tcg, 0x207);
         assert_eq!(convert(&a, tcg.xfeatures, &tcg).unwrap(), a);
