@@ -132,20 +132,7 @@ pub fn xfeatures() -> u64 {
     if l1.ecx & (1 << 27) == 0 {
         return 3;
     }
-    let (lo, hi): (u32, u32);
-    // SAFETY: XGETBV with ECX = 0 reads XCR0 into EDX:EAX; it is valid
-    // once the kernel has set CR4.OSXSAVE, which CPUID.1:ECX.27 (checked
-    // above) reports. No memory is touched.
-    unsafe {
-        std::arch::asm!(
-            "xgetbv",
-            in("ecx") 0,
-            out("eax") lo,
-            out("edx") hi,
-            options(nomem, nostack, preserves_flags)
-        );
-    }
-    u64::from(hi) << 32 | u64::from(lo)
+    super::sys::xgetbv0()
 }
 
 /// Where this CPU's XSAVE layout puts things.

@@ -1,5 +1,6 @@
 //! Process migration core: capture a running process into an image, and
-//! restore an image as a running process, on the same kernel image.
+//! restore an image as a running process, on a kernel of the same build or
+//! of another (the vDSO proxy) and a CPU with the origin's extensions.
 //!
 //! It owns the freeze (ptrace), the image format and its codec, and the
 //! rebuild; it does not own transport (the image goes through any
@@ -24,6 +25,9 @@
 //! - `sys` (the only unsafe: ptrace register sets, signal queues, the
 //!   stub's fork), `uffd` (userfaultfd and pidfd), `memory` (another
 //!   process's pages and mappings, the kernel fingerprint);
+//! - `cpu` (what of the CPU a process depends on; register state between
+//!   XSAVE layouts) and `vdso` (the old vDSO redirected to this kernel's),
+//!   pure but for reading this CPU (through `sys`) and kernel;
 //! - `inject` (one syscall in a stopped thread);
 //! - `lazy` (the origin's page server), then `capture` (freeze and write an
 //!   image) and `pager` (the destination's fault handler), then `restore`;

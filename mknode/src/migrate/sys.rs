@@ -111,6 +111,25 @@ pub(crate) fn set_sigmask(tid: Pid, mask: u64) -> nix::Result<()> {
     check(r).map(drop)
 }
 
+/// XCR0 (`XGETBV` with ECX = 0): the XSAVE components the kernel enabled.
+/// Only where CPUID.1:ECX.OSXSAVE is set (`cpu::xfeatures` checks).
+pub(crate) fn xgetbv0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: XGETBV with ECX = 0 reads XCR0 into EDX:EAX; it is valid
+    // once the kernel has set CR4.OSXSAVE, which the only caller checks
+    // first (CPUID.1:ECX.27). No memory is touched.
+    unsafe {
+        std::arch::asm!(
+            "xgetbv",
+            in("ecx") 0,
+            out("eax") lo,
+            out("edx") hi,
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
 /// Offset of `u_debugreg` in x86_64's `struct user` (`sys/user.h`): 27
 /// registers, `u_fpvalid` and padding, the 512-byte FXSAVE area, three
 /// sizes, two addresses, `signal`, `reserved` and padding, two pointers,
