@@ -625,6 +625,31 @@ impl Watched {
     }
 }
 
+/// `tests/configs/<name>`, as an argument.
+pub fn test_config(name: &str) -> String {
+    repo_root()
+        .join("tests/configs")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A daemon of its own for `test`, with `tests/configs/<config>` booted.
+pub fn booted(test: &str, config: &str) -> Mkctl {
+    let m = Mkctl::new(test);
+    m.run(&["boot", &test_config(config)]).ok();
+    m
+}
+
+/// Fails unless `guest`'s console says its doorbell port came up.
+pub fn assert_doorbell_ready(m: &Mkctl, guest: &str) {
+    let log = fs::read_to_string(m.run_dir().join(guest).join("console.log")).unwrap_or_default();
+    assert!(
+        log.contains("agent: doorbell port org.mkctl.doorbell ready"),
+        "{guest} has no doorbell port; its console:\n{log}"
+    );
+}
+
 /// `mkctl migrate <pid> --from <from> --to <to> --mode <mode> --json`,
 /// which must succeed: its JSON report.
 pub fn migrate_json(m: &Mkctl, pid: u32, from: &str, to: &str, mode: &str) -> serde_json::Value {

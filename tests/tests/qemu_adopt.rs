@@ -14,7 +14,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mkctl_e2e::{collect_lines, repo_root, Mkctl};
+use mkctl_e2e::{booted, collect_lines, test_config, Mkctl};
 
 fn status(m: &Mkctl) -> serde_json::Value {
     m.run(&["status", "--json"]).ok().json()["daemon"].clone()
@@ -102,12 +102,7 @@ fn until_seqs(lines: &Mutex<Vec<String>>, n: usize) {
 
 #[test]
 fn a_killed_daemon_is_replaced_by_one_that_adopts_its_instances() {
-    let m = Mkctl::new("adopt");
-    let cfg = repo_root()
-        .join("tests/configs/migrate.toml")
-        .display()
-        .to_string();
-    m.run(&["boot", &cfg]).ok();
+    let m = booted("adopt", "migrate.toml");
     let st = status(&m);
     let old_daemon = st["pid"].as_u64().unwrap();
     let qemu = |st: &serde_json::Value, n: &str| instance(st, n)["pid"].as_u64().unwrap();
@@ -212,7 +207,7 @@ fn a_killed_daemon_is_replaced_by_one_that_adopts_its_instances() {
         "{b}"
     );
     assert_eq!(instance(&st, "alpha")["state"], "ready");
-    m.run(&["boot", &cfg]).ok();
+    m.run(&["boot", &test_config("migrate.toml")]).ok();
     m.run(&["exec", "beta", "--", "true"]).ok();
 
     // Stop through the adopted daemon: nothing left.

@@ -21,7 +21,7 @@
 
 use std::time::Duration;
 
-use mkctl_e2e::{repo_root, Mkctl};
+use mkctl_e2e::{assert_doorbell_ready, repo_root, Mkctl};
 
 const ROUNDS: usize = 5;
 const SILENCE: Duration = Duration::from_secs(5);
@@ -58,12 +58,7 @@ fn the_first_message_after_silence_wakes_its_receiver_through_the_relay() {
         .expect("mkctl boot");
     assert!(out.status.success(), "boot: {out:?}");
     for guest in ["alpha", "beta"] {
-        let log = std::fs::read_to_string(m.run_dir().join(guest).join("console.log"))
-            .unwrap_or_default();
-        assert!(
-            log.contains("agent: doorbell port org.mkctl.doorbell ready"),
-            "{guest} has no doorbell port; its console:\n{log}"
-        );
+        assert_doorbell_ready(&m, guest);
     }
 
     let (mut host_guest, mut guest_guest) = (Vec::new(), Vec::new());

@@ -9,16 +9,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mkctl_e2e::{c_counter, host_testprog, repo_root, Mkctl};
+use mkctl_e2e::{booted, c_counter, host_testprog, Mkctl};
 
 fn boot() -> Mkctl {
-    let m = Mkctl::new("dsm");
-    let cfg = repo_root()
-        .join("tests/configs/migrate.toml")
-        .display()
-        .to_string();
-    m.run(&["boot", &cfg]).ok();
-    m
+    booted("dsm", "migrate.toml")
 }
 
 /// Copies the C counter into `on` as /tmp/counter, as the README does.

@@ -11,7 +11,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mkctl_e2e::{exec_watched, migrate_json, no_gap, pid_on, repo_root, watch, Mkctl, Watched};
+use mkctl_e2e::{booted, exec_watched, migrate_json, no_gap, pid_on, watch, Mkctl, Watched};
 
 fn start(m: &Mkctl, on: &str, mem: &str) -> Watched {
     exec_watched(
@@ -68,13 +68,7 @@ fn usr1(m: &Mkctl, on: &str, pid: u32) {
 }
 
 fn boot() -> Mkctl {
-    let m = Mkctl::new("migrate");
-    let cfg = repo_root()
-        .join("tests/configs/migrate.toml")
-        .display()
-        .to_string();
-    m.run(&["boot", &cfg]).ok();
-    m
+    booted("migrate", "migrate.toml")
 }
 
 #[test]

@@ -10,7 +10,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mkctl_e2e::{repo_root, Artifacts, Mkctl};
+use mkctl_e2e::{booted, repo_root, Artifacts, Mkctl};
 
 /// Boots are heavy on 2 cores: one topology at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -258,12 +258,7 @@ fn demo_topology_end_to_end() {
 #[test]
 fn a_guest_spanning_two_nodes_sees_two_nodes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let m = Mkctl::new("numa");
-    let cfg = repo_root()
-        .join("tests/configs/numa-span.toml")
-        .display()
-        .to_string();
-    m.run(&["boot", &cfg]).ok();
+    let m = booted("numa", "numa-span.toml");
     let nodes = sh(
         &m,
         "wide",

@@ -12,15 +12,10 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use mkctl_e2e::{c_example, repo_root, Mkctl};
+use mkctl_e2e::{booted, c_example, Mkctl};
 
 fn boot() -> Mkctl {
-    let m = Mkctl::new("threads");
-    let cfg = repo_root()
-        .join("tests/configs/migrate.toml")
-        .display()
-        .to_string();
-    m.run(&["boot", &cfg]).ok();
+    let m = booted("threads", "migrate.toml");
     let prog = std::fs::read(c_example("threads")).expect("threads binary");
     m.run_with_input(
         &[

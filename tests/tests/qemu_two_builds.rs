@@ -13,8 +13,8 @@
 use std::time::{Duration, Instant};
 
 use mkctl_e2e::{
-    cache_dir, exec_watched, migrate_json, no_gap, pid_on, repo_root, Artifacts, Mkctl,
-    SeriesKernel,
+    assert_doorbell_ready, booted, cache_dir, exec_watched, migrate_json, no_gap, pid_on,
+    test_config, Artifacts, Mkctl, SeriesKernel,
 };
 
 /// `mkctl exec <on> -- sh -c <script>`, its stdout.
@@ -57,10 +57,7 @@ fn each_guest_runs_the_kernel_build_it_was_given() {
         new.release
     );
     let m = Mkctl::new("two-builds");
-    let cfg = repo_root()
-        .join("tests/configs/two-builds.toml")
-        .display()
-        .to_string();
+    let cfg = test_config("two-builds.toml");
     // The doorbell is part of what is checked: whatever the caller's
     // environment says about it.
     let out = m
@@ -130,12 +127,7 @@ fn each_guest_runs_the_kernel_build_it_was_given() {
 
     // Both doorbell ports came up, and the relay knows both guests ring.
     for guest in ["alpha", "beta"] {
-        let log = std::fs::read_to_string(m.run_dir().join(guest).join("console.log"))
-            .unwrap_or_default();
-        assert!(
-            log.contains("agent: doorbell port org.mkctl.doorbell ready"),
-            "{guest} has no doorbell port; its console:\n{log}"
-        );
+        assert_doorbell_ready(&m, guest);
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -202,12 +194,7 @@ fn vdso_places(m: &Mkctl, on: &str, pid: u32) -> (u64, Vec<u64>) {
 fn a_process_moves_between_the_two_builds_both_ways() {
     Artifacts::require();
     SeriesKernel::require("6.12");
-    let m = Mkctl::new("two-builds-move");
-    let cfg = repo_root()
-        .join("tests/configs/two-builds.toml")
-        .display()
-        .to_string();
-    m.run(&["boot", &cfg]).ok();
+    let m = booted("two-builds-move", "two-builds.toml");
     let w = exec_watched(
         &m,
         "alpha",
