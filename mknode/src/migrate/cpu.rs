@@ -168,11 +168,20 @@ const MPX: u64 = 0b11 << 3;
 const XSTATE_BV: usize = 512;
 const AVX: std::ops::Range<usize> = 576..832;
 
+/// Why a thread's register state cannot be laid out for this CPU.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum XstateError {
+    #[error("a register state of {0} bytes, too short for an XSAVE area")]
+    Short(usize),
+    #[error("its register state uses XSAVE components {0:#x}, which this CPU lays out otherwise or lacks")]
+    Components(u64),
+}
+
 /// A thread's `NT_X86_XSTATE` from a CPU whose XSAVE components were
 /// `origin` (0: not known), laid out for `here`: as it is in the same
 /// layout; otherwise the legacy area, AVX and the header carried, PKRU
 /// dropped if `here` has none, and an error naming what cannot be carried.
-pub fn convert(fp: &[u8], origin: u64, here: &Layout) -> Result<Vec<u8>, String> {
+pub fn convert(fp: &[u8], origin: u64, here: &Layout) -> Result<Vec<u8>, XstateError> {
     if fp.len() == here.size as usize && (origin == here.xfeatures || origin == 0) {
         return Ok(fp.to_vec());
     }
@@ -180,7 +189,7 @@ pub fn convert(fp: &[u8], origin: u64, here: &Layout) -> Result<Vec<u8>, String>
         .get(XSTATE_BV..XSTATE_BV + 8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
     else {
-        return Err(format!("a register state of {} bytes, too short", fp.len()));
+        return Err(XstateError::Short(fp.len()));
     };
     let mut keep = bv & PORTABLE;
     let mut lost = bv & !(PORTABLE | MPX | PKRU);
@@ -200,9 +209,7 @@ pub fn convert(fp: &[u8], origin: u64, here: &Layout) -> Result<Vec<u8>, String>
         lost |= 1 << 2;
     }
     if lost != 0 {
-        return Err(format!(
-            "its register state uses XSAVE components {lost:#x}, which this CPU lays out otherwise or lacks"
-        ));
+        return Err(XstateError::Components(lost));
     }
     let mut out = vec![0u8; here.size as usize];
     let legacy = XSTATE_BV.min(out.len());
@@ -334,7 +341,7 @@ mod tests {
         // AVX-512 in use does not move to another layout.
         let z = area(&amd, 0xe7);
         let e = convert(&z, amd.xfeatures, &tcg).unwrap_err();
-        assert!(e.contains("0xe0"), "{e}");
+        assert!(e.to_string().contains("0xe0"), "{e}");
         // To a CPU with protection keys of another layout: PKRU carried,
         // from the end of one area to the end of the other.
         let intel = Layout {
@@ -358,7 +365,7 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert!(e.contains("0x4"), "{e}");
+        assert!(e.to_string().contains("0x4"), "{e}");
         // Too short to be one: an error, not a panic.
         assert!(convert(&a[..100], tcg.xfeatures, &amd).is_err());
     }

@@ -83,8 +83,12 @@ pub enum RestoreError {
     },
     #[error("vDSO layout differs: {0}")]
     Layout(String),
-    #[error("thread {tid}: {why}")]
-    Registers { tid: u32, why: String },
+    #[error("thread {tid}")]
+    Registers {
+        tid: u32,
+        #[source]
+        source: super::cpu::XstateError,
+    },
     #[error("another kernel build: redirecting the process's old vDSO to this kernel's")]
     Vdso(#[from] vdso::VdsoError),
     #[error("the DSM")]
@@ -1326,7 +1330,7 @@ fn restore_impl<R: Read>(
     for t in &mut meta.threads {
         if t.fp_kind == super::image::FpKind::Xstate {
             t.fp = super::cpu::convert(&t.fp, origin, &here)
-                .map_err(|why| RestoreError::Registers { tid: t.tid, why })?;
+                .map_err(|source| RestoreError::Registers { tid: t.tid, source })?;
         }
     }
     // DSM memory: this kernel's copy of each region, to map.
