@@ -75,12 +75,8 @@ impl StdioPlan {
 pub enum RestoreError {
     #[error("reading the image")]
     Image(#[from] ImageError),
-    #[error("the image was taken on another kernel and carries no vDSO to redirect: its {what} is {image:?}, this kernel's is {local:?}")]
-    Kernel {
-        what: &'static str,
-        image: String,
-        local: String,
-    },
+    #[error("the image was taken on another kernel ({image}) and carries no vDSO to redirect to this one's ({local})")]
+    Kernel { image: String, local: String },
     #[error("vDSO layout differs: {0}")]
     Layout(String),
     #[error("thread {tid}")]
@@ -285,7 +281,6 @@ fn check_kernel(meta: &ImageMeta) -> Result<VdsoPlan, RestoreError> {
     }
     if meta.process.vdso.is_empty() {
         return Err(RestoreError::Kernel {
-            what: "vDSO",
             image: format!(
                 "{} {} ({} bytes, xxh3 {:#018x})",
                 there.release, there.version, there.vdso_len, there.vdso_hash

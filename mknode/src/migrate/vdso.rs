@@ -346,7 +346,31 @@ mod tests {
             .find(|s| s.name == "__vdso_clock_gettime")
             .unwrap();
         assert!(s.size > 0 && s.offset + s.size <= bytes.len() as u64);
-        let _ = at;
+        type ClockGettime = unsafe extern "C" fn(libc::clockid_t, *mut libc::timespec) -> i32;
+        // SAFETY: `at + offset` is the entry of this process's own vDSO
+        // clock_gettime (the mapping is live for the process's life), whose
+        // C signature this is; it writes one timespec into a live local.
+        let (r, t) = unsafe {
+            let f: ClockGettime = std::mem::transmute((at + s.offset) as usize);
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            (f(libc::CLOCK_MONOTONIC, &mut t), t)
+        };
+        let mut libc_t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into a live local.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut libc_t) };
+        assert_eq!(r, 0);
+        assert!(
+            t.tv_sec > 0 && (libc_t.tv_sec - t.tv_sec).abs() <= 1,
+            "{} {}",
+            t.tv_sec,
+            libc_t.tv_sec
+        );
     }
 
     #[test]
