@@ -367,9 +367,13 @@ impl ProcDir {
             let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
-            let target = fs::read_link(e.path())
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_else(|err| format!("<unreadable: {err}>"));
+            let target = match fs::read_link(e.path()) {
+                Ok(p) => p.to_string_lossy().into_owned(),
+                // Closed since the listing (a running process, as in a
+                // preflight): not open, so not there to carry.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => format!("<unreadable: {err}>"),
+            };
             v.push((fd, target));
         }
         v.sort();
@@ -714,5 +718,34 @@ VmFlags: rd wr mr mw me ac hg
         );
         assert!(parse_timens_offsets("realtime 1 0\n").is_err());
         assert!(parse_timens_offsets("monotonic x 0\n").is_err());
+    }
+
+    /// A preflight lists a running process's descriptors: one closed
+    /// between the listing and its readlink is not open, not "unreadable"
+    /// (which refused the move, seen in a QEMU test).
+    #[test]
+    fn a_descriptor_closed_while_listed_is_left_out() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    drop(fs::File::open("/dev/null").unwrap());
+                }
+            })
+        };
+        let pd = ProcDir::new(Path::new("/proc"), std::process::id() as i32);
+        let mut listed = 0;
+        for _ in 0..3000 {
+            for (fd, target) in pd.fds().unwrap() {
+                assert!(!target.starts_with("<unreadable"), "fd {fd}: {target}");
+                listed += usize::from(target == "/dev/null");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
+        // The churning descriptor was seen open some of the time.
+        assert!(listed > 0);
     }
 }
