@@ -1142,6 +1142,15 @@ fn getfd(pidfd: &std::os::fd::OwnedFd, fd: i32) -> io::Result<std::os::fd::Owned
 /// changed in between (it expired) or the two clock readings are more than
 /// 1 ms apart (this thread was held up: a TCG guest's vCPU stalls for tens
 /// of ms at times, which showed as a timer early or late by as much).
+///
+/// A periodic timer reads 0 left for as long as its expiry has passed but
+/// the timer interrupt that runs it has not come: on a TCG guest of a
+/// loaded host, long enough to be read so (seen in CI). Taken for disarmed,
+/// it was restored disarmed and never fired again. So 0 left with a period
+/// is read again, every millisecond, until it fires (its ticks change) or
+/// for [`PENDING_EXPIRY`]; after that it is what it says, disarmed with a
+/// period kept (`timerfd_settime` with a period and no value), and costs
+/// that much downtime.
 fn timer_state(pd: &ProcDir, fd: i32, copy: &std::os::fd::OwnedFd) -> io::Result<TimerState> {
     use std::os::fd::AsRawFd;
     let gettime = || -> io::Result<libc::itimerspec> {
@@ -1158,7 +1167,9 @@ fn timer_state(pd: &ProcDir, fd: i32, copy: &std::os::fd::OwnedFd) -> io::Result
         Ok(cur)
     };
     let ns = |t: libc::timespec| t.tv_sec * 1_000_000_000 + t.tv_nsec;
-    for _ in 0..100 {
+    let since = std::time::Instant::now();
+    let mut unsteady = 0;
+    while unsteady < 100 {
         gettime()?;
         let (_, before, _) = pd.timerfd_info(fd)?;
         let g1 = clock_ns(libc::CLOCK_MONOTONIC);
@@ -1167,9 +1178,14 @@ fn timer_state(pd: &ProcDir, fd: i32, copy: &std::os::fd::OwnedFd) -> io::Result
         let g2 = clock_ns(libc::CLOCK_MONOTONIC);
         let (clockid, ticks, settime_flags) = pd.timerfd_info(fd)?;
         if ticks != before || g2.saturating_sub(g1) > 1_000_000 {
+            unsteady += 1;
             continue;
         }
         let left = ns(cur.it_value);
+        if expiry_pending(left, ns(cur.it_interval), since.elapsed()) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            continue;
+        }
         let armed = left != 0;
         let value_ns = if !armed {
             0
@@ -1192,6 +1208,17 @@ fn timer_state(pd: &ProcDir, fd: i32, copy: &std::os::fd::OwnedFd) -> io::Result
     Err(io::Error::other(format!(
         "timerfd on fd {fd}: no steady reading of it in 100 tries"
     )))
+}
+
+/// How long [`timer_state`] waits for a periodic timer reading 0 left to
+/// fire before it takes it for disarmed.
+const PENDING_EXPIRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether a timerfd reading `left` ns to go with period `interval` ns,
+/// `waited` into its reading, may be one whose expiry passed and whose
+/// interrupt has not come yet: read it again.
+fn expiry_pending(left: i64, interval: i64, waited: std::time::Duration) -> bool {
+    left == 0 && interval != 0 && waited < PENDING_EXPIRY
 }
 
 /// `clock_gettime(clock)` in ns.
@@ -1597,6 +1624,58 @@ pub fn check_migratable(pid: i32) -> Result<Precheck, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 0 left with a period is read again (its expiry passed, its interrupt
+    /// is late) until the wait is over; 0 left without one, or time left,
+    /// is read as it is.
+    #[test]
+    fn a_periodic_timer_reading_nothing_left_is_read_again() {
+        use std::time::Duration;
+        assert!(expiry_pending(0, 5_000_000, Duration::ZERO));
+        assert!(expiry_pending(0, 5_000_000, PENDING_EXPIRY / 2));
+        assert!(!expiry_pending(0, 5_000_000, PENDING_EXPIRY));
+        assert!(!expiry_pending(0, 0, Duration::ZERO));
+        assert!(!expiry_pending(1, 5_000_000, Duration::ZERO));
+    }
+
+    /// Read through the real calls on this process's own timerfds: a
+    /// periodic one is armed with its period, one disarmed with a period
+    /// kept is disarmed (after the wait for a late expiry).
+    #[test]
+    fn timerfds_read_armed_or_disarmed_with_their_period() {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let make = |value_ns: i64, interval_ns: i64| -> OwnedFd {
+            let ts = |ns: i64| libc::timespec {
+                tv_sec: ns / 1_000_000_000,
+                tv_nsec: ns % 1_000_000_000,
+            };
+            // SAFETY: timerfd_create returns a new descriptor, owned below;
+            // timerfd_settime reads a live local.
+            unsafe {
+                let fd = libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC);
+                assert!(fd >= 0);
+                let spec = libc::itimerspec {
+                    it_interval: ts(interval_ns),
+                    it_value: ts(value_ns),
+                };
+                assert_eq!(libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()), 0);
+                OwnedFd::from_raw_fd(fd)
+            }
+        };
+        let pd = ProcDir::new(Path::new("/proc"), std::process::id() as i32);
+        let periodic = make(1_000_000, 5_000_000);
+        std::thread::sleep(std::time::Duration::from_millis(12));
+        let t = timer_state(&pd, periodic.as_raw_fd(), &periodic.try_clone().unwrap()).unwrap();
+        assert!(t.armed, "{t:?}");
+        assert_eq!(t.interval_ns, 5_000_000);
+        assert!(t.ticks >= 2, "{t:?}");
+        let disarmed = make(0, 5_000_000);
+        let begun = std::time::Instant::now();
+        let t = timer_state(&pd, disarmed.as_raw_fd(), &disarmed.try_clone().unwrap()).unwrap();
+        assert!(!t.armed, "{t:?}");
+        assert_eq!((t.interval_ns, t.ticks), (5_000_000, 0));
+        assert!(begun.elapsed() >= PENDING_EXPIRY);
+    }
 
     /// A POSIX timer on a thread's CPU clock (which thread, /proc does not
     /// say) or on another process's is refused by name; one on the
