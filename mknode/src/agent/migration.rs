@@ -694,7 +694,9 @@ impl Migration {
         }
         let mut report = MoveReport {
             new_pid,
-            downtime: t0.elapsed(),
+            // From the freeze: the preflight and the freeze's own checks
+            // (smaps, a walk of the page tables) ran while the process did.
+            downtime: frozen.frozen_at().elapsed(),
             total: t0.elapsed(),
             image_bytes,
             pages: image_pages,
