@@ -614,20 +614,32 @@ fn timerfd_signalfd_and_pipe_move_between_guests() {
                 >= 8
         });
         let lines = w.lines.lock().unwrap().clone();
-        for l in lines[seen..].iter() {
-            let (Some(f), Some(d)) = (field(l, "timerfd_fires"), field(l, "timerfd_due")) else {
-                continue;
-            };
-            // Never ahead (the bug fixed: 4-5 periods ahead after a
-            // stall); behind by up to 6 periods of 5 ms, the TCG guest's
-            // own lag between a read and its clock (5 seen in a full run,
-            // with three timers' signals interrupting the process).
+        let timed: Vec<(u64, u64, &String)> = lines[seen..]
+            .iter()
+            .filter_map(|l| Some((field(l, "timerfd_fires")?, field(l, "timerfd_due")?, l)))
+            .collect();
+        for &(f, d, l) in &timed {
+            // Never ahead (the bug fixed: 4-5 periods ahead after a stall).
             assert!(
-                f + 6 >= d && f <= d + 1,
-                "hop {hop}: {f} expirations read where {d} periods passed: {l}; before the move: {:?}",
-                &lines[seen.saturating_sub(3)..seen]
+                f <= d + 1,
+                "hop {hop}: {f} expirations read where {d} periods passed: {l}"
             );
+            // Behind for a while is the TCG guest's: its clock reads the
+            // (host's) time stamp counter at once while the timer
+            // interrupts that fire the timers wait for the vCPU and QEMU's
+            // timer thread; on a loaded host 100+ periods (seen in CI on
+            // the first line after a move). Shown, not failed: a lost
+            // expiration stays lost, which the last line shows.
+            if f + 6 < d {
+                eprintln!("hop {hop}: {} periods behind for now: {l}", d - f);
+            }
         }
+        let &(f, d, l) = timed.last().expect("timerfd lines after the move");
+        assert!(
+            f + 6 >= d,
+            "hop {hop}: {f} expirations read where {d} periods passed, 8 lines after the move's checks: {l}; around the move: {:?}",
+            &lines[seen.saturating_sub(3)..]
+        );
         assert!(
             w.lines.lock().unwrap()[seen..]
                 .iter()
