@@ -2,7 +2,10 @@
 //!
 //! A forked stub (see `sys::spawn_stub`) stops under `PTRACE_TRACEME` with a
 //! one-page control area holding a `syscall` instruction. Every later step is
-//! a syscall injected there (`inject`): unmap everything else, map the vDSO
+//! a syscall injected there (`inject`): unmap everything else (these three
+//! before the image is read, while it is still on its way: `Blank`), enter
+//! a time namespace and take its files from the restorer (`pidfd_getfd`),
+//! map the vDSO
 //! where it was (`ARCH_MAP_VDSO_64`), map each region at its address, fill it
 //! with `process_vm_writev` as the pages stream in, set protections, mm
 //! fields and auxv (`PR_SET_MM_MAP`), signal actions, clone the other threads
@@ -1132,26 +1135,34 @@ fn clock_offsets(monotonic_ns: u64, boottime_ns: u64) -> Result<Offsets, Restore
     ))
 }
 
-fn spawn(
-    meta: &ImageMeta,
-    stdio: &StdioPlan,
-    memfds: &[(u32, OwnedFd)],
-    extra: &[OwnedFd],
-) -> Result<(Stub, u64, Vec<i32>), RestoreError> {
-    // The clocks' base first: timers are armed against it.
-    let (timens, base) = clock_offsets(meta.process.monotonic_ns, meta.process.boottime_ns)?;
-    let ((_files, files, keep_below), targets) = open_files_and(
-        &meta.process.files,
-        &meta.process.pipes,
-        &meta.process.socketpairs,
-        memfds,
-        base,
-        extra,
-    )?;
+/// A stub forked before its image is read, so that the fork, its first stop
+/// and its emptying (together ~1.5 ms on this machine, for the copies of
+/// the restorer's page tables) overlap the image's arrival instead of the
+/// downtime: stopped at its control page `ctl` (the batch code in it too),
+/// every other mapping of it gone, with its stdio and nothing else.
+struct Blank {
+    stub: Stub,
+    ctl: u64,
+    /// Its registers at the stop: the template of every injected call.
+    base: libc::user_regs_struct,
+}
 
+impl Blank {
+    /// Whether the image needs the control page's place.
+    fn in_the_way(&self, image: &[Mapping]) -> bool {
+        image
+            .iter()
+            .any(|m| m.start < self.ctl + PAGE && self.ctl < m.end)
+    }
+}
+
+/// Forks and empties a [`Blank`] whose control page is clear of `image`
+/// (none yet: the lowest free page, which an image rarely holds) and of
+/// this process.
+fn blank(stdio: &StdioPlan, image: &[Mapping]) -> Result<Blank, RestoreError> {
     let mut last = 0;
     for _ in 0..4 {
-        let ctl = control_page(&meta.mappings, &own_ranges()?)?;
+        let ctl = control_page(image, &own_ranges()?)?;
         let plan = sys::StubPlan {
             stdio: [
                 stdio.stdin.as_raw_fd(),
@@ -1161,9 +1172,6 @@ fn spawn(
             ctl,
             // syscall; int3; int3
             code: [0x0f, 0x05, 0xcc, 0xcc],
-            files: files.clone(),
-            keep_below,
-            timens: timens.clone(),
         };
         let pid = sys::spawn_stub(&plan).map_err(|e| SysError::Ptrace {
             op: "fork",
@@ -1183,17 +1191,11 @@ fn spawn(
             }
         };
         match status {
-            WaitStatus::Stopped(_, Signal::SIGSTOP) => return Ok((stub, ctl, targets)),
+            WaitStatus::Stopped(_, Signal::SIGSTOP) => return empty(stub, ctl),
             WaitStatus::Exited(_, code) => {
                 // Reaped: nothing left to kill.
                 stub.armed = false;
                 last = code;
-                if let Some(step) = sys::timens_step(code) {
-                    return Err(RestoreError::Clocks(format!(
-                        "the stub's {step} failed (unshare needs CAP_SYS_ADMIN; offsets {:?})",
-                        String::from_utf8_lossy(timens.as_deref().unwrap_or_default())
-                    )));
-                }
                 if code != sys::STUB_EXIT_MMAP {
                     return Err(RestoreError::Stub(code));
                 }
@@ -1211,6 +1213,232 @@ fn spawn(
         }
     }
     Err(RestoreError::Stub(last))
+}
+
+/// A stopped stub emptied: its inherited rseq area and every mapping but
+/// the control page go.
+fn empty(stub: Stub, ctl: u64) -> Result<Blank, RestoreError> {
+    let leader = stub.pid;
+    ptrace::setoptions(
+        leader,
+        ptrace::Options::PTRACE_O_EXITKILL | ptrace::Options::PTRACE_O_TRACECLONE,
+    )
+    .map_err(ptrace_err("PTRACE_SETOPTIONS", leader))?;
+    let base = ptrace::getregs(leader).map_err(ptrace_err("PTRACE_GETREGS", leader))?;
+    let call =
+        |c: Call| -> Result<u64, SysError> { inject(leader, ctl, &base, &c)?.check(&c, leader) };
+    let rs = sys::get_rseq_config(leader).unwrap_or_default();
+    if rs.rseq_abi_pointer != 0 {
+        call(Call::new(
+            "rseq(unregister)",
+            libc::SYS_rseq,
+            &[
+                rs.rseq_abi_pointer,
+                u64::from(rs.rseq_abi_size),
+                RSEQ_FLAG_UNREGISTER,
+                u64::from(rs.signature),
+            ],
+        ))?;
+    }
+    call(Call::new("munmap", libc::SYS_munmap, &[0, ctl]))?;
+    call(Call::new(
+        "munmap",
+        libc::SYS_munmap,
+        &[ctl + PAGE, USER_TOP - ctl - PAGE],
+    ))?;
+    poke(leader, ctl + CTL_BATCH_CODE, &BATCH_CODE)?;
+    Ok(Blank { stub, ctl, base })
+}
+
+/// Gives a [`Blank`] what needs the image: its time namespace (clocks that
+/// go on from the freeze, see [`clock_offsets`]) and its files, then
+/// `extra` (descriptors of ours, close-on-exec) at the numbers just above
+/// the files'; returns those numbers. The files are opened here and taken
+/// by the stub from this process (`pidfd_getfd`), all in one batch.
+fn fill(
+    blank: &Blank,
+    meta: &ImageMeta,
+    memfds: &[(u32, OwnedFd)],
+    extra: &[OwnedFd],
+) -> Result<Vec<i32>, RestoreError> {
+    let (leader, ctl, base) = (blank.stub.pid, blank.ctl, &blank.base);
+    // The clocks' base first: timers are armed against it.
+    let (timens, base_clocks) = clock_offsets(meta.process.monotonic_ns, meta.process.boottime_ns)?;
+    let ((_files, files, keep_below), targets) = open_files_and(
+        &meta.process.files,
+        &meta.process.pipes,
+        &meta.process.socketpairs,
+        memfds,
+        base_clocks,
+        extra,
+    )?;
+    if let Some(text) = &timens {
+        enter_timens(leader, ctl, base, text)?;
+    }
+    let (calls, want): (Vec<Call>, Vec<Option<u64>>) =
+        install_files(&files, keep_below).into_iter().unzip();
+    for ((r, c), want) in run_batch(leader, ctl, base, &calls)?
+        .into_iter()
+        .zip(&calls)
+        .zip(want)
+    {
+        let got = r?;
+        if want.is_some_and(|w| w != got) {
+            return Err(RestoreError::Layout(format!(
+                "{} in the stub gave descriptor {got}, not {}",
+                c.name,
+                want.unwrap_or_default()
+            )));
+        }
+    }
+    // (`_files`, the sources, close here: the stub has its own now.)
+    Ok(targets)
+}
+
+/// The calls that give the stub its files: `(source here, target there,
+/// close-on-exec)`, every target below `keep_below`; each with the result
+/// it must give. A blank stub holds 0-2 only, and a new descriptor takes
+/// the lowest free number, so every number is known in advance: a pidfd of
+/// this process at `keep_below`, then per file `pidfd_getfd` (which sets
+/// close-on-exec) into the lowest free number, moved to its target.
+fn install_files(files: &[(i32, i32, bool)], keep_below: i32) -> Vec<(Call, Option<u64>)> {
+    let mut open: std::collections::BTreeSet<i32> = (0..3).collect();
+    let lowest =
+        |open: &std::collections::BTreeSet<i32>| (0..).find(|n| !open.contains(n)).unwrap_or(0);
+    let mut out = Vec::new();
+    if files.is_empty() {
+        return out;
+    }
+    let me = std::process::id() as u64;
+    let p = lowest(&open);
+    out.push((
+        Call::new("pidfd_open", libc::SYS_pidfd_open, &[me, 0]),
+        Some(p as u64),
+    ));
+    let pidfd = keep_below.max(3);
+    if p != pidfd {
+        out.push((
+            Call::new(
+                "dup3",
+                libc::SYS_dup3,
+                &[p as u64, pidfd as u64, libc::O_CLOEXEC as u64],
+            ),
+            Some(pidfd as u64),
+        ));
+        out.push((Call::new("close", libc::SYS_close, &[p as u64]), Some(0)));
+    }
+    open.insert(pidfd);
+    for &(src, dst, cloexec) in files {
+        let t = lowest(&open);
+        out.push((
+            Call::new(
+                "pidfd_getfd",
+                libc::SYS_pidfd_getfd,
+                &[pidfd as u64, src as u64, 0],
+            ),
+            Some(t as u64),
+        ));
+        if t == dst {
+            if !cloexec {
+                out.push((
+                    Call::new(
+                        "fcntl(F_SETFD)",
+                        libc::SYS_fcntl,
+                        &[t as u64, libc::F_SETFD as u64, 0],
+                    ),
+                    Some(0),
+                ));
+            }
+        } else {
+            let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+            out.push((
+                Call::new(
+                    "dup3",
+                    libc::SYS_dup3,
+                    &[t as u64, dst as u64, flags as u64],
+                ),
+                Some(dst as u64),
+            ));
+            out.push((Call::new("close", libc::SYS_close, &[t as u64]), Some(0)));
+        }
+        open.insert(dst);
+    }
+    out.push((
+        Call::new("close", libc::SYS_close, &[pidfd as u64]),
+        Some(0),
+    ));
+    out
+}
+
+/// Puts the stub in a time namespace of its own with offsets `text` (the
+/// text of `timens_offsets`): unshare one, write them, enter it. The stub
+/// is single-threaded (a multithreaded process cannot enter another time
+/// namespace, EUSERS) and holds 0-2 only, so each open gives 3.
+fn enter_timens(
+    leader: Pid,
+    ctl: u64,
+    base: &libc::user_regs_struct,
+    text: &[u8],
+) -> Result<(), RestoreError> {
+    const OFFSETS: &[u8] = b"/proc/self/timens_offsets\0";
+    const FOR_CHILDREN: &[u8] = b"/proc/self/ns/time_for_children\0";
+    let scratch = ctl + CTL_SCRATCH;
+    let (offsets_at, children_at, text_at) = (scratch, scratch + 64, scratch + 128);
+    if text.len() > (CTL_MM_MAP - CTL_SCRATCH - 128) as usize {
+        return Err(RestoreError::Clocks(format!("offsets too long: {text:?}")));
+    }
+    poke(leader, offsets_at, OFFSETS)?;
+    poke(leader, children_at, FOR_CHILDREN)?;
+    poke(leader, text_at, text)?;
+    let calls = [
+        Call::new(
+            "unshare(CLONE_NEWTIME)",
+            libc::SYS_unshare,
+            &[libc::CLONE_NEWTIME as u64],
+        ),
+        Call::new(
+            "open(/proc/self/timens_offsets)",
+            libc::SYS_open,
+            &[offsets_at, (libc::O_WRONLY | libc::O_CLOEXEC) as u64],
+        ),
+        Call::new(
+            "write to /proc/self/timens_offsets",
+            libc::SYS_write,
+            &[3, text_at, text.len() as u64],
+        ),
+        Call::new("close", libc::SYS_close, &[3]),
+        Call::new(
+            "open(/proc/self/ns/time_for_children)",
+            libc::SYS_open,
+            &[children_at, (libc::O_RDONLY | libc::O_CLOEXEC) as u64],
+        ),
+        Call::new(
+            "setns into its time namespace",
+            libc::SYS_setns,
+            &[3, libc::CLONE_NEWTIME as u64],
+        ),
+        Call::new("close", libc::SYS_close, &[3]),
+    ];
+    let want = [0, 3, text.len() as u64, 0, 3, 0, 0];
+    for ((r, c), want) in run_batch(leader, ctl, base, &calls)?
+        .into_iter()
+        .zip(&calls)
+        .zip(want)
+    {
+        let fail = |why: String| {
+            RestoreError::Clocks(format!(
+                "the stub's {} failed: {why} (unshare needs CAP_SYS_ADMIN; offsets {:?})",
+                c.name,
+                String::from_utf8_lossy(text)
+            ))
+        };
+        match r {
+            Ok(got) if got == want => {}
+            Ok(got) => return Err(fail(format!("it gave {got}, not {want}"))),
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    }
+    Ok(())
 }
 
 /// Rebuilds the process the image in `r` describes, with `stdio` as its fds
@@ -1313,6 +1541,8 @@ fn restore_impl<R: Read>(
 ) -> Result<(Restored, Option<Pager>, Option<OwnedFd>), RestoreError> {
     let share = shadow.map(|s| s.0);
     let answer = shadow.and_then(|s| s.1);
+    // Made while the image is still on its way (see `Blank`).
+    let blank_early = blank(&stdio, &[])?;
     let (mut rd, mut meta) = ImageReader::open(r)?;
     if meta.header.flags & FLAG_LAZY != 0 && lazy.is_none() {
         return Err(RestoreError::LazyImage);
@@ -1357,7 +1587,18 @@ fn restore_impl<R: Read>(
             dsm_fds.push(fd.try_clone().map_err(local("dup of a memfd"))?);
         }
     }
-    let (mut stub, ctl, extra_targets) = spawn(&meta, &stdio, &memfds, &dsm_fds)?;
+    let blank = if blank_early.in_the_way(&meta.mappings) {
+        drop(blank_early);
+        blank(&stdio, &meta.mappings)?
+    } else {
+        blank_early
+    };
+    let extra_targets = fill(&blank, &meta, &memfds, &dsm_fds)?;
+    let Blank {
+        mut stub,
+        ctl,
+        base,
+    } = blank;
     drop(dsm_fds);
     let (dsm_targets, memfd_targets) = extra_targets.split_at(dsm.len());
     // The stub's descriptor of the memfd mapped at `start`.
@@ -1372,37 +1613,10 @@ fn restore_impl<R: Read>(
     };
     drop(stdio);
     let leader = stub.pid;
-    ptrace::setoptions(
-        leader,
-        ptrace::Options::PTRACE_O_EXITKILL | ptrace::Options::PTRACE_O_TRACECLONE,
-    )
-    .map_err(ptrace_err("PTRACE_SETOPTIONS", leader))?;
-    let base = ptrace::getregs(leader).map_err(ptrace_err("PTRACE_GETREGS", leader))?;
     let call_in = |tid: Pid, c: Call| -> Result<u64, SysError> {
         inject(tid, ctl, &base, &c)?.check(&c, tid)
     };
     let call = |c: Call| call_in(leader, c);
-
-    // 1. Empty the stub: its inherited rseq area goes away with its memory.
-    let rs = sys::get_rseq_config(leader).unwrap_or_default();
-    if rs.rseq_abi_pointer != 0 {
-        call(Call::new(
-            "rseq(unregister)",
-            libc::SYS_rseq,
-            &[
-                rs.rseq_abi_pointer,
-                u64::from(rs.rseq_abi_size),
-                RSEQ_FLAG_UNREGISTER,
-                u64::from(rs.signature),
-            ],
-        ))?;
-    }
-    call(Call::new("munmap", libc::SYS_munmap, &[0, ctl]))?;
-    call(Call::new(
-        "munmap",
-        libc::SYS_munmap,
-        &[ctl + PAGE, USER_TOP - ctl - PAGE],
-    ))?;
 
     // 2. The kernel's own mappings where the image had them; or, from
     //    another kernel build, this kernel's where there is room and the
@@ -1584,7 +1798,6 @@ fn restore_impl<R: Read>(
     }
     //    Every other mapping, writable until its content is in: all in
     //    batches (one stop of the stub for dozens of mappings).
-    poke(leader, ctl + CTL_BATCH_CODE, &BATCH_CODE)?;
     let others: Vec<&Mapping> = meta
         .mappings
         .iter()

@@ -245,17 +245,6 @@ pub(crate) struct StubPlan {
     pub(crate) ctl: u64,
     /// Bytes placed at the start of the control page.
     pub(crate) code: [u8; 4],
-    /// Files to install after the stdio: `(source, target, close-on-exec)`.
-    /// Every source is at least `keep_below`, every target below it (so no
-    /// `dup2` clobbers a source still needed); every descriptor from 3 up
-    /// that is not a target is closed.
-    pub(crate) files: Vec<(libc::c_int, libc::c_int, bool)>,
-    pub(crate) keep_below: libc::c_int,
-    /// Offsets for a time namespace of its own (the text of
-    /// `timens_offsets`): the stub unshares one, writes them and enters it
-    /// (it is single-threaded; a thread of a multithreaded restorer cannot
-    /// enter another time namespace, EUSERS).
-    pub(crate) timens: Option<Vec<u8>>,
 }
 
 /// Exit codes of a stub that failed before stopping.
@@ -263,64 +252,12 @@ pub(crate) const STUB_EXIT_MMAP: i32 = 100;
 pub(crate) const STUB_EXIT_TRACEME: i32 = 101;
 pub(crate) const STUB_EXIT_RESUMED: i32 = 102;
 pub(crate) const STUB_EXIT_DUP: i32 = 103;
-pub(crate) const STUB_EXIT_TIMENS_UNSHARE: i32 = 104;
-pub(crate) const STUB_EXIT_TIMENS_OFFSETS: i32 = 105;
-pub(crate) const STUB_EXIT_TIMENS_SETNS: i32 = 106;
 
-/// The step of the time namespace set-up a stub exit code names.
-pub(crate) fn timens_step(code: i32) -> Option<&'static str> {
-    match code {
-        STUB_EXIT_TIMENS_UNSHARE => Some("unshare(CLONE_NEWTIME)"),
-        STUB_EXIT_TIMENS_OFFSETS => Some("write to /proc/self/timens_offsets"),
-        STUB_EXIT_TIMENS_SETNS => Some("setns into its time namespace"),
-        _ => None,
-    }
-}
-
-/// The stub's own time namespace (see [`StubPlan::timens`]); raw syscalls
-/// on memory made before the fork only.
-fn stub_timens(offsets: &[u8]) {
-    const OFFSETS: &[u8] = b"/proc/self/timens_offsets\0";
-    const FOR_CHILDREN: &[u8] = b"/proc/self/ns/time_for_children\0";
-    // SAFETY: unshare on a flag.
-    if unsafe { libc::unshare(libc::CLONE_NEWTIME) } != 0 {
-        stub_exit(STUB_EXIT_TIMENS_UNSHARE);
-    }
-    // SAFETY: `OFFSETS` is NUL-terminated; `offsets` is live for the write.
-    let ok = unsafe {
-        let fd = libc::open(OFFSETS.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
-        let ok = fd >= 0
-            && libc::write(fd, offsets.as_ptr().cast(), offsets.len()) == offsets.len() as isize;
-        if fd >= 0 {
-            libc::close(fd);
-        }
-        ok
-    };
-    if !ok {
-        stub_exit(STUB_EXIT_TIMENS_OFFSETS);
-    }
-    // SAFETY: `FOR_CHILDREN` is NUL-terminated; setns on the descriptor just
-    // opened, closed after.
-    let ok = unsafe {
-        let fd = libc::open(
-            FOR_CHILDREN.as_ptr().cast(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        );
-        let ok = fd >= 0 && libc::setns(fd, libc::CLONE_NEWTIME) == 0;
-        if fd >= 0 {
-            libc::close(fd);
-        }
-        ok
-    };
-    if !ok {
-        stub_exit(STUB_EXIT_TIMENS_SETNS);
-    }
-}
-
-/// Forks the stub. The child dups the stdio plan onto 0/1/2 and the files
-/// onto their descriptors, closes every other descriptor, blocks all signals and resets their dispositions, maps
+/// Forks the stub. The child dups the stdio plan onto 0/1/2, closes every
+/// other descriptor, blocks all signals and resets their dispositions, maps
 /// the control page with `plan.code` at its start, and stops itself under
-/// `PTRACE_TRACEME`. Returns the child's pid; the caller must wait for the
+/// `PTRACE_TRACEME` (the forking thread is its tracer). The rest (its time
+/// namespace, its files) needs the image and is injected. Returns the child's pid; the caller must wait for the
 /// stop (or the exit code of a failed stub).
 pub(crate) fn spawn_stub(plan: &StubPlan) -> nix::Result<Pid> {
     // SAFETY: after fork the child runs only `stub_child`, which makes raw
@@ -356,35 +293,10 @@ fn stub_child(plan: &StubPlan) -> ! {
             stub_exit(STUB_EXIT_DUP);
         }
     }
-    if let Some(t) = &plan.timens {
-        stub_timens(t);
-    }
-    for &(src, dst, cloexec) in &plan.files {
-        // SAFETY: plain fd syscalls on integers; `plan.files` was built
-        // before the fork and is only read here (no allocation).
-        let ok = unsafe {
-            libc::dup2(src, dst) != -1
-                && (!cloexec || libc::fcntl(dst, libc::F_SETFD, libc::FD_CLOEXEC) != -1)
-        };
-        if !ok {
-            stub_exit(STUB_EXIT_DUP);
-        }
-    }
-    for fd in 3..plan.keep_below.max(3) {
-        if !plan.files.iter().any(|&(_, dst, _)| dst == fd) {
-            // SAFETY: closes a descriptor number in this child only.
-            unsafe { libc::close(fd) };
-        }
-    }
-    // SAFETY: close_range on integers; closes the parent's other descriptors
-    // (and the sources of the files) in this child only.
+    // SAFETY: close_range on integers; closes the parent's other
+    // descriptors in this child only.
     unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            plan.keep_below.max(3) as u32,
-            u32::MAX,
-            0u32,
-        );
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
     }
     let all: u64 = !0;
     // SAFETY: rt_sigprocmask reads 8 bytes from `all`, a live local; the old
