@@ -19,8 +19,8 @@
 //! With `--eventfd N`, an eventfd (non-blocking, semaphore mode) with the
 //! counter N stays open, for a move to carry.
 //!
-//! With `--timerfd-ms MS`, a periodic `CLOCK_MONOTONIC` timerfd fires
-//! every MS and is read once per line: the lines end with
+//! With `--timerfd-ms MS`, a periodic `CLOCK_MONOTONIC` timerfd (armed at
+//! an absolute time) fires every MS and is read once per line: the lines end with
 //! `timerfd_fires=<expirations read> timerfd_due=<whole periods since it was
 //! armed, by CLOCK_MONOTONIC>` (equal, or due one more, when the timer and
 //! the clock both go on as they were). A one-shot `CLOCK_BOOTTIME` timerfd
@@ -465,8 +465,18 @@ impl Timer {
             if fd < 0 || oneshot < 0 {
                 die("timerfd_create");
             }
+            // Absolute: its expiries are exactly `armed_ns` + k periods,
+            // the moments `timerfd_due` counts, however late this call runs
+            // after the clock was read (a TCG guest's vCPU can stall for
+            // tens of ms: armed relative, the timer then ran that many
+            // periods behind the count from the start, seen in a test).
             let armed_ns = mono_ns();
-            if libc::timerfd_settime(fd, 0, &spec(period_ns, period_ns), std::ptr::null_mut()) != 0
+            if libc::timerfd_settime(
+                fd,
+                libc::TFD_TIMER_ABSTIME,
+                &spec(armed_ns + period_ns, period_ns),
+                std::ptr::null_mut(),
+            ) != 0
                 || libc::timerfd_settime(oneshot, 0, &spec(1_000_000, 0), std::ptr::null_mut()) != 0
             {
                 die("timerfd_settime");
