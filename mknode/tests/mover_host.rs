@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::agents::{move_out, net, tail, ExecStream, Net};
+use common::no_gap;
 use mknode::wire::{ExitStatus, Msg};
 
 /// Starts mkcounter on agent `on` (`mem` resident) with its output
@@ -54,18 +55,6 @@ fn gone(pid: u32) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     false
-}
-
-fn no_gap(seqs: &[u64]) {
-    for w in seqs.windows(2) {
-        assert_eq!(
-            w[1],
-            w[0] + 1,
-            "gap or repeat between {} and {}",
-            w[0],
-            w[1]
-        );
-    }
 }
 
 /// Moves `pid` from agent `at` to the other one (1 <-> 2) and checks the
@@ -352,67 +341,4 @@ fn the_restore_probe_names_what_the_cpu_lacks() {
         matches!(r, Msg::RestoreProbed { ref problems, .. } if problems.is_empty()),
         "{r:?}"
     );
-}
-
-/// The children of this process (the agents' restores fork their stubs
-/// here), from every thread.
-fn children() -> Vec<u32> {
-    let mut v = Vec::new();
-    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-        v.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-    }
-    v.sort_unstable();
-    v
-}
-
-/// The destination hears of a move before the freeze and forks its stub
-/// meanwhile: a freeze that then fails (here: someone else traces the
-/// process) aborts it there, and the stub goes; the original runs on and
-/// moves once it can.
-#[test]
-fn a_move_whose_freeze_fails_leaves_no_stub_on_the_destination() {
-    let n = net();
-    let (pid, mut out) = start(&n, 1, "4M");
-    let before = children();
-    assert!(before.contains(&pid), "{before:?}");
-    let target = nix::unistd::Pid::from_raw(pid as i32);
-    nix::sys::ptrace::seize(target, nix::sys::ptrace::Options::empty()).unwrap();
-    for lazy in [true, false] {
-        let err = move_out(&n, (1, pid), 2, lazy, Duration::from_secs(30))
-            .expect_err("a traced process cannot be frozen")
-            .to_string();
-        assert!(err.contains("traced"), "{err}");
-    }
-    let t = Instant::now();
-    while children() != before {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "left behind: {:?} (before: {before:?})",
-            children()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // Detached from a stop only.
-    nix::sys::ptrace::interrupt(target).unwrap();
-    nix::sys::wait::waitpid(target, Some(nix::sys::wait::WaitPidFlag::__WALL)).unwrap();
-    nix::sys::ptrace::detach(target, None).unwrap();
-    let seen = out.seqs().len();
-    out.until(Duration::from_secs(10), |t| {
-        t.matches("seq=").count() >= seen + 10
-    });
-    let r = move_out(&n, (1, pid), 2, true, Duration::from_secs(60)).expect("moves once free");
-    let Msg::MigrateReport { new_pid, .. } = r else {
-        panic!("{r:?}")
-    };
-    let seen = out.seqs().len();
-    out.until(Duration::from_secs(10), |t| {
-        t.matches("seq=").count() >= seen + 10
-    });
-    no_gap(&out.seqs());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(new_pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
 }

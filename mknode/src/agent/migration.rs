@@ -446,6 +446,12 @@ pub enum MoveError {
     /// The process could not be frozen (refused, gone, not ours...).
     #[error(transparent)]
     Freeze(CaptureError),
+    #[error("telling {peer} of the move failed; nothing was frozen, the original runs on")]
+    Announce {
+        peer: Peer,
+        #[source]
+        source: AgentError,
+    },
     #[error("sending the image to {peer} failed; the original runs on")]
     Send {
         peer: Peer,
@@ -563,9 +569,9 @@ impl Migration {
         };
         if let Err(source) = agent.send(to, &begin) {
             lock(&self.outgoing).remove(&(to, mig));
-            return Err(MoveError::Send {
+            return Err(MoveError::Announce {
                 peer: agent.peer(to),
-                source: source.into(),
+                source,
             });
         }
         let frozen = match migrate::freeze(pid_i) {

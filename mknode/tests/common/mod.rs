@@ -293,3 +293,17 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
+
+/// Asserts `seqs` (a process's line numbers) go up by one each time: no
+/// gap, no repeat.
+pub(crate) fn no_gap(seqs: &[u64]) {
+    for w in seqs.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "gap or repeat between {} and {}",
+            w[0],
+            w[1]
+        );
+    }
+}
