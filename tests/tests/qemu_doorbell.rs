@@ -72,8 +72,11 @@ fn the_first_message_after_silence_wakes_its_receiver_through_the_relay() {
         hg < HOST_GUEST,
         "host <-> alpha after {SILENCE:?} of silence: median {hg:?} (all {host_guest:?}), want < {HOST_GUEST:?} — polling, not rung?"
     );
-    // Every cold round trip rang: host -> alpha and back, alpha -> beta
-    // and back; and the guests sent nothing the relay had to refuse.
+    // Every cold round trip rang on its first message, which finds its
+    // receiver asleep: host -> alpha, alpha -> beta. The answer may find
+    // the sender still awake, spinning for it, and need no ring (so not
+    // 2 per round between guests: that failed under load). And the guests
+    // sent nothing the relay had to refuse.
     let status = m.run(&["status", "--json"]).ok().json();
     let bell = &status["daemon"]["doorbell"];
     let count = |k: &str| {
@@ -84,7 +87,7 @@ fn the_first_message_after_silence_wakes_its_receiver_through_the_relay() {
     let rounds = ROUNDS as u64;
     assert!(count("from_host") >= rounds, "{bell}");
     assert!(count("to_host") >= rounds, "{bell}");
-    assert!(count("between_guests") >= 2 * rounds, "{bell}");
+    assert!(count("between_guests") >= rounds, "{bell}");
     assert_eq!(count("refused_bytes"), 0, "{bell}");
     assert_eq!(count("guests_ringing"), 2, "{bell}");
     assert!(
