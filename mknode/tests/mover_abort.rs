@@ -8,8 +8,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::agents::{move_out, net};
-use common::no_gap;
-use mknode::wire::Msg;
 
 /// The children of this process (the agents' restores fork their stubs
 /// here), from every thread.
@@ -59,18 +57,5 @@ fn a_move_whose_freeze_fails_leaves_no_stub_on_the_destination() {
     out.until(Duration::from_secs(10), |t| {
         t.matches("seq=").count() >= seen + 10
     });
-    let r = move_out(&n, (1, pid), 2, true, Duration::from_secs(60)).expect("moves once free");
-    let Msg::MigrateReport { new_pid, .. } = r else {
-        panic!("{r:?}")
-    };
-    let seen = out.seqs().len();
-    out.until(Duration::from_secs(10), |t| {
-        t.matches("seq=").count() >= seen + 10
-    });
-    no_gap(&out.seqs());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(new_pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    common::agents::move_and_end(&n, (1, pid), 2, true, &mut out);
 }

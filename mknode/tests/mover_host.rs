@@ -279,20 +279,7 @@ fn destination_on_another_kernel_build_is_moved_to() {
         k
     });
     let (pid, mut out) = start(&n, 1, "1M");
-    let r = move_out(&n, (1, pid), 2, true, Duration::from_secs(60)).expect("moved");
-    let Msg::MigrateReport { new_pid, .. } = r else {
-        panic!("{r:?}")
-    };
-    let seen = out.seqs().len();
-    out.until(Duration::from_secs(10), |t| {
-        t.matches("seq=").count() >= seen + 10
-    });
-    no_gap(&out.seqs());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(new_pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    common::agents::move_and_end(&n, (1, pid), 2, true, &mut out);
 }
 
 /// The preflight names what of the origin's CPU the destination lacks: an

@@ -284,3 +284,28 @@ pub(crate) fn threads() -> String {
     v.sort();
     v.join("\n")
 }
+
+/// Moves `pid` from agent `at` to `to`, checks that the copy prints 10
+/// more lines into `out` with no gap, and kills it.
+pub(crate) fn move_and_end(
+    n: &Net,
+    (at, pid): (u16, u32),
+    to: u16,
+    lazy: bool,
+    out: &mut ExecStream,
+) {
+    let r = move_out(n, (at, pid), to, lazy, Duration::from_secs(60)).expect("moved");
+    let Msg::MigrateReport { new_pid, .. } = r else {
+        panic!("{r:?}")
+    };
+    let seen = out.seqs().len();
+    out.until(Duration::from_secs(10), |t| {
+        t.matches("seq=").count() >= seen + 10
+    });
+    super::no_gap(&out.seqs());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
