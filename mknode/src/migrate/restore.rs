@@ -2,10 +2,10 @@
 //!
 //! A forked stub (see `sys::spawn_stub`) stops under `PTRACE_TRACEME` with a
 //! one-page control area holding a `syscall` instruction. Every later step is
-//! a syscall injected there (`inject`): unmap everything else (these three
-//! before the image is read, while it is still on its way: `Blank`), enter
-//! a time namespace and take its files from the restorer (`pidfd_getfd`),
-//! map the vDSO
+//! a syscall injected there (`inject`): unmap everything else (the fork,
+//! its stop and this run before the image is read, while it is still on its
+//! way: `Blank`), enter a time namespace and take its files from the
+//! restorer (`pidfd_getfd`), map the vDSO
 //! where it was (`ARCH_MAP_VDSO_64`), map each region at its address, fill it
 //! with `process_vm_writev` as the pages stream in, set protections, mm
 //! fields and auxv (`PR_SET_MM_MAP`), signal actions, clone the other threads
@@ -1275,22 +1275,8 @@ fn fill(
     if let Some(text) = &timens {
         enter_timens(leader, ctl, base, text)?;
     }
-    let (calls, want): (Vec<Call>, Vec<Option<u64>>) =
-        install_files(&files, keep_below).into_iter().unzip();
-    for ((r, c), want) in run_batch(leader, ctl, base, &calls)?
-        .into_iter()
-        .zip(&calls)
-        .zip(want)
-    {
-        let got = r?;
-        if want.is_some_and(|w| w != got) {
-            return Err(RestoreError::Layout(format!(
-                "{} in the stub gave descriptor {got}, not {}",
-                c.name,
-                want.unwrap_or_default()
-            )));
-        }
-    }
+    run_expecting(leader, ctl, base, &install_files(&files, keep_below))
+        .map_err(|(name, why)| RestoreError::Layout(format!("{name} in the stub: {why}")))?;
     // (`_files`, the sources, close here: the stub has its own now.)
     Ok(targets)
 }
@@ -1420,22 +1406,33 @@ fn enter_timens(
         Call::new("close", libc::SYS_close, &[3]),
     ];
     let want = [0, 3, text.len() as u64, 0, 3, 0, 0];
-    for ((r, c), want) in run_batch(leader, ctl, base, &calls)?
-        .into_iter()
-        .zip(&calls)
-        .zip(want)
-    {
-        let fail = |why: String| {
-            RestoreError::Clocks(format!(
-                "the stub's {} failed: {why} (unshare needs CAP_SYS_ADMIN; offsets {:?})",
-                c.name,
-                String::from_utf8_lossy(text)
-            ))
-        };
-        match r {
-            Ok(got) if got == want => {}
-            Ok(got) => return Err(fail(format!("it gave {got}, not {want}"))),
-            Err(e) => return Err(fail(e.to_string())),
+    let calls: Vec<(Call, Option<u64>)> = calls.into_iter().zip(want.map(Some)).collect();
+    run_expecting(leader, ctl, base, &calls).map_err(|(name, why)| {
+        RestoreError::Clocks(format!(
+            "the stub's {name} failed: {why} (unshare needs CAP_SYS_ADMIN; offsets {:?})",
+            String::from_utf8_lossy(text)
+        ))
+    })
+}
+
+/// Runs `calls` in one batch ([`run_batch`]), each with the result it must
+/// give where one is known; the first that fails or gives another, by name
+/// and why.
+fn run_expecting(
+    leader: Pid,
+    ctl: u64,
+    base: &libc::user_regs_struct,
+    calls: &[(Call, Option<u64>)],
+) -> Result<(), (&'static str, String)> {
+    let only: Vec<Call> = calls.iter().map(|c| c.0).collect();
+    let got = run_batch(leader, ctl, base, &only).map_err(|e| ("batch", e.to_string()))?;
+    for (r, (c, want)) in got.into_iter().zip(calls) {
+        match (r, want) {
+            (Err(e), _) => return Err((c.name, e.to_string())),
+            (Ok(got), Some(w)) if got != *w => {
+                return Err((c.name, format!("it gave {got}, not {w}")))
+            }
+            _ => {}
         }
     }
     Ok(())
