@@ -652,8 +652,10 @@ pub fn assert_doorbell_ready(m: &Mkctl, guest: &str) {
 
 /// `mkctl migrate <pid> --from <from> --to <to> --mode <mode> --json`,
 /// which must succeed: its JSON report.
+/// A failure shows the end of each guest's console too (a guest whose QEMU
+/// exited mid-move says why only there).
 pub fn migrate_json(m: &Mkctl, pid: u32, from: &str, to: &str, mode: &str) -> serde_json::Value {
-    m.run(&[
+    let out = m.run(&[
         "migrate",
         &pid.to_string(),
         "--from",
@@ -663,9 +665,26 @@ pub fn migrate_json(m: &Mkctl, pid: u32, from: &str, to: &str, mode: &str) -> se
         "--mode",
         mode,
         "--json",
-    ])
-    .ok()
-    .json()
+    ]);
+    if out.code != 0 {
+        let mut consoles = String::new();
+        for dir in fs::read_dir(m.run_dir()).into_iter().flatten().flatten() {
+            if let Ok(log) = fs::read_to_string(dir.path().join("console.log")) {
+                let lines: Vec<&str> = log.lines().collect();
+                consoles += &format!(
+                    "\n--- {} console (last 30 lines) ---\n{}",
+                    dir.file_name().to_string_lossy(),
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                );
+            }
+        }
+        panic!(
+            "mkctl migrate failed\n--- stdout ---\n{}\n--- stderr ---\n{}{consoles}",
+            out.text(),
+            out.stderr
+        );
+    }
+    out.json()
 }
 
 /// `mkctl exec <on> -- <argv>`, its output watched (see [`watch`]).
