@@ -583,6 +583,10 @@ messages! {
     /// zeros at `addr` (a count, not 4096 bytes each; at most
     /// `migrate::image::MAX_RUN_PAGES`).
     70 peer PagesZero { mig: u32, addr: u64, npages: u32 },
+    /// A `MigrateOut` of `pid` with all its descendants (`--tree`;
+    /// stop-and-copy), answered as one: `MigrateProgress`, then
+    /// `MigrateReport` (the top's new pid) or `Failed`.
+    71 req MigrateTreeOut { req: u32, pid: u32, to: u16 },
 }
 
 impl Msg {
@@ -751,7 +755,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 70);
+        assert_eq!(Kind::ALL.len(), 71);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,

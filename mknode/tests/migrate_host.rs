@@ -105,7 +105,7 @@ fn migrate_n(
     let first = loop {
         match new_out.next(T).expect("restored process prints") {
             Line::Seq { seq, counters, .. } => break (seq, counters),
-            Line::Checksum { .. } | Line::Joined | Line::Check(_) => {}
+            Line::Checksum { .. } | Line::Joined | Line::Check(_) | Line::Tree(_) => {}
         }
     };
     assert_eq!(

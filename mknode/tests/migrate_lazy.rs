@@ -120,7 +120,7 @@ fn lazy_move(pid: i32, out: &Output, reap_old: impl FnOnce(), threads: usize) ->
     let first = loop {
         match m.out.next(T).expect("restored process prints") {
             Line::Seq { seq, counters, .. } => break (seq, counters),
-            Line::Checksum { .. } | Line::Joined | Line::Check(_) => {}
+            Line::Checksum { .. } | Line::Joined | Line::Check(_) | Line::Tree(_) => {}
         }
     };
     assert_eq!(

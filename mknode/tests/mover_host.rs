@@ -5,14 +5,15 @@
 //! there again; its output keeps flowing into the original exec stream
 //! with no gap and no repeat, its memory checksum is unchanged, and its
 //! final exit status comes back through the hops. A destination that goes
-//! away mid-transfer leaves the original running.
+//! away mid-transfer leaves the original running. A process tree (mktree)
+//! moves there and back with `tree`.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::agents::{move_out, net, tail, ExecStream, Net};
+use common::agents::{move_out, move_tree, net, start_argv, tail, ExecStream, Net};
 use common::no_gap;
 use mknode::wire::{ExitStatus, Msg};
 
@@ -328,4 +329,84 @@ fn the_restore_probe_names_what_the_cpu_lacks() {
         matches!(r, Msg::RestoreProbed { ref problems, .. } if problems.is_empty()),
         "{r:?}"
     );
+}
+
+/// The `n=` of each line of `who` (`top` or `kid`) in `text`, in order.
+fn counts(text: &str, who: &str) -> Vec<u64> {
+    text.lines()
+        .filter(|l| l.starts_with(who))
+        .filter_map(|l| common::field(l, "n"))
+        .map(|n| n as u64)
+        .collect()
+}
+
+/// A process tree (`MigrateOut` with `tree`): mktree, started with exec on
+/// agent 1, moves 1 -> 2 -> 1. Its lines flow on into the exec stream with
+/// no gap in either process's count; every pid it knows itself by stays
+/// (the copy's, here, is another: a pid namespace of its own); the top's
+/// end (through the tree's holder) comes back to the exec.
+#[test]
+fn a_tree_moves_there_and_back_with_its_pids_and_its_end() {
+    let n = net();
+    let argv = vec![
+        common::testprog("mktree").display().to_string(),
+        "--interval-ms".into(),
+        "10".into(),
+    ];
+    let (pid, mut out) = start_argv(&n, 1, argv, |t| t.matches("kid n=").count() >= 3);
+    let first = out
+        .text
+        .lines()
+        .find(|l| l.starts_with("top "))
+        .expect("a top line")
+        .to_string();
+    let get = |l: &str, k: &str| common::field(l, k).unwrap_or_else(|| panic!("{k} in {l}"));
+    let (top, kid) = (get(&first, "pid"), get(&first, "kid"));
+    assert_eq!(top, i64::from(pid));
+    let (mut cur, mut at) = (pid, 1u16);
+    for _ in 0..2 {
+        let to = 3 - at;
+        let seen = out.text.len();
+        let r = move_tree(&n, (at, cur), to, Duration::from_secs(60)).expect("moved");
+        let Msg::MigrateReport { new_pid, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert_ne!(new_pid, cur, "the copy runs beside the original here");
+        let status = std::fs::read_to_string(format!("/proc/{new_pid}/status")).expect("status");
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.ends_with(&format!("\t{top}"))),
+            "the copy is {top} in its namespace: {status}"
+        );
+        out.until(Duration::from_secs(20), |t| {
+            t[seen..].matches("kid n=").count() >= 3 && t[seen..].matches("top n=").count() >= 3
+        });
+        for l in out.text[seen..].lines() {
+            if l.starts_with("top ") {
+                assert_eq!((get(l, "pid"), get(l, "kid")), (top, kid), "{l}");
+            } else if l.starts_with("kid ") {
+                assert_eq!((get(l, "pid"), get(l, "ppid")), (kid, top), "{l}");
+            }
+        }
+        (cur, at) = (new_pid, to);
+    }
+    for who in ["top ", "kid "] {
+        let c = counts(&out.text, who);
+        for w in c.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "{who}lines: {c:?}");
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cur as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .expect("SIGUSR2");
+    out.until(Duration::from_secs(20), |_| false);
+    assert!(
+        out.text.contains(&format!("ended pid={kid} signal=15")),
+        "{}",
+        tail(&out.text)
+    );
+    assert_eq!(out.exited, Some(ExitStatus::Code(3)), "{}", tail(&out.text));
 }

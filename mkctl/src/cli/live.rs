@@ -828,6 +828,7 @@ pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) ->
         from: from.to_string(),
         to: to.to_string(),
         lazy: mode == "lazy",
+        tree: mode == "tree",
     };
     // Bytes and rate on a terminal while the image and pages flow; erased
     // (dropped) before the summary.

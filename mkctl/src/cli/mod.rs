@@ -339,11 +339,19 @@ pub enum Command {
         /// Destination: instance name, id, or "host".
         #[arg(long)]
         to: String,
-        /// `lazy`: resume after the stack and the pages around each thread's
-        /// instruction pointer; the rest is fetched on demand (userfaultfd)
-        /// and pushed in the background. `stop-copy`: every page first.
-        #[arg(long, default_value = "lazy", value_parser = ["stop-copy", "lazy"])]
-        mode: String,
+        /// `lazy` (the default): resume after the stack and the pages
+        /// around each thread's instruction pointer; the rest is fetched on
+        /// demand (userfaultfd) and pushed in the background. `stop-copy`:
+        /// every page first.
+        #[arg(long, value_parser = ["stop-copy", "lazy"])]
+        mode: Option<String>,
+        /// Move the process with all its descendants (a shell script with
+        /// its children, a pipeline's processes): their pids, parents,
+        /// process groups, session and zombies, and the files they share.
+        /// Stop-and-copy. Without it, a process with children is refused.
+        /// See README, "Process trees".
+        #[arg(long)]
+        tree: bool,
         /// Print JSON for tools.
         #[arg(long)]
         json: bool,
@@ -710,8 +718,29 @@ fn dispatch(cli: Cli) -> Res {
             from,
             to,
             mode,
+            tree,
             json,
-        } => live::migrate(pid, &live::named(&from), &live::named(&to), &mode, json),
+        } => {
+            let mode = match (mode.as_deref(), tree) {
+                (Some("lazy"), true) => {
+                    return Err(Failure::Usage(
+                        "--tree moves are stop-and-copy: drop --mode lazy".into(),
+                    )
+                    .into())
+                }
+                (_, true) => "tree",
+                (m, false) => m.unwrap_or("lazy"),
+            };
+            live::migrate(pid, &live::named(&from), &live::named(&to), mode, json)
+        }
+        Command::Migrate {
+            target: (_, Some(_)),
+            tree: true,
+            ..
+        } => Err(Failure::Usage(
+            "--tree moves a process with its descendants; PID/TID moves one thread: give one or the other".into(),
+        )
+        .into()),
         Command::Migrate {
             target: (pid, Some(tid)),
             from,

@@ -96,6 +96,9 @@ pub enum Request {
         to: String,
         /// Post-copy: resume first, pages follow on demand.
         lazy: bool,
+        /// The process with all its descendants (stop-and-copy).
+        #[serde(default)]
+        tree: bool,
     },
     /// Move thread `tid` of process `pid` (whose kernel is `from`) to `to`
     /// (back to `from` brings it home).

@@ -75,6 +75,64 @@ struct Outgoing {
     ctl: Sender<Ctl>,
 }
 
+/// How a process moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every page before the copy runs.
+    StopCopy,
+    /// The copy runs first; its pages follow (post-copy).
+    Lazy,
+    /// The process with all its descendants (`migrate::freeze_tree`),
+    /// stop-and-copy.
+    Tree,
+}
+
+impl Mode {
+    /// The wire's `(lazy, tree)`.
+    pub fn from_flags(lazy: bool, tree: bool) -> Mode {
+        match (lazy, tree) {
+            (_, true) => Mode::Tree,
+            (true, false) => Mode::Lazy,
+            (false, false) => Mode::StopCopy,
+        }
+    }
+}
+
+/// What a move froze: one process, or a tree. (The common one is not
+/// boxed: one value per move, on its thread's stack.)
+#[allow(clippy::large_enum_variant)]
+enum Captured {
+    One(migrate::Frozen),
+    Tree(migrate::FrozenTree),
+}
+
+impl Captured {
+    fn frozen_at(&self) -> Instant {
+        match self {
+            Captured::One(f) => f.frozen_at(),
+            Captured::Tree(t) => t.frozen_at(),
+        }
+    }
+
+    fn write_image<W: Write>(
+        &self,
+        w: W,
+        opts: ImageOptions,
+    ) -> Result<migrate::ImageStats, CaptureError> {
+        match self {
+            Captured::One(f) => f.write_image(w, opts),
+            Captured::Tree(t) => t.write_image(w, opts),
+        }
+    }
+
+    fn kill(self) {
+        match self {
+            Captured::One(f) => f.kill(),
+            Captured::Tree(t) => t.kill(),
+        }
+    }
+}
+
 /// How a moved process ended, or why it is lost.
 type End = Result<ExitStatus, ProcessLost>;
 
@@ -532,16 +590,22 @@ impl Migration {
         &self,
         pid: u32,
         to: u16,
-        lazy: bool,
+        mode: Mode,
         watch: impl MoveWatch,
     ) -> Result<MoveReport, MoveError> {
         let agent = self.agent.get()?;
+        let lazy = mode == Mode::Lazy;
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
         // Another kernel build is fine (the restore redirects the vDSO);
         // another CPU is the probe's to refuse.
         Self::reachable(&agent, to)?;
-        self.restorable_there(&agent, to, pid_i)?;
+        let pids = match mode {
+            // (Unreadable: the freeze will say what is wrong.)
+            Mode::Tree => migrate::tree_of(pid_i).unwrap_or_else(|_| vec![pid_i]),
+            _ => vec![pid_i],
+        };
+        self.restorable_there(&agent, to, &pids)?;
         let mig = self.next.fetch_add(1, Ordering::Relaxed);
         // A process restored here for a move keeps its home; one that
         // started here (or was restored for a peer's request) makes this
@@ -574,7 +638,11 @@ impl Migration {
                 source,
             });
         }
-        let frozen = match migrate::freeze(pid_i) {
+        let frozen = match mode {
+            Mode::Tree => migrate::freeze_tree(pid_i).map(Captured::Tree),
+            _ => migrate::freeze(pid_i).map(Captured::One),
+        };
+        let frozen = match frozen {
             Ok(f) => f,
             Err(e) => {
                 let _ = agent.send(to, &Msg::MigrateAbort { mig });
@@ -616,12 +684,13 @@ impl Migration {
         let streamed = (|| -> Result<(u64, u64), SendError> {
             let mut w = ChunkWriter::new(&agent, to, |bytes| Msg::MigrateChunk { mig, bytes })
                 .telling(&sent);
-            let stats = if lazy {
-                let (stats, server) = frozen.write_lazy_image(&mut w, LazyOptions::default())?;
-                lock(&self.servers).insert((to, mig), server);
-                stats
-            } else {
-                frozen.write_image(&mut w, ImageOptions::default())?
+            let stats = match (&frozen, lazy) {
+                (Captured::One(f), true) => {
+                    let (stats, server) = f.write_lazy_image(&mut w, LazyOptions::default())?;
+                    lock(&self.servers).insert((to, mig), server);
+                    stats
+                }
+                _ => frozen.write_image(&mut w, ImageOptions::default())?,
             };
             w.flush().map_err(SendError::Flush)?;
             agent.send(to, &Msg::MigrateEnd { mig })?;
@@ -895,9 +964,16 @@ impl Migration {
     /// (its clocks would jump).
     /// Whether it is the same file is checked on restore, against the size
     /// and time at the freeze. Without an answer the restore decides.
-    fn restorable_there(&self, agent: &Agent, to: u16, pid: i32) -> Result<(), MoveError> {
+    fn restorable_there(&self, agent: &Agent, to: u16, pids: &[i32]) -> Result<(), MoveError> {
         // Unreadable: the freeze will say what is wrong with the process.
-        let files = migrate::files_of(pid).unwrap_or_default();
+        let mut files: Vec<(String, migrate::FileKind)> = Vec::new();
+        for &pid in pids {
+            for f in migrate::files_of(pid).unwrap_or_default() {
+                if !files.contains(&f) {
+                    files.push(f);
+                }
+            }
+        }
         let (paths, devices): (Vec<String>, Vec<bool>) = files
             .into_iter()
             .map(|(path, kind)| (path, kind == migrate::FileKind::Device))
@@ -973,7 +1049,7 @@ impl Migration {
             stderr: err_w,
         };
         let restored = match lazy {
-            None => migrate::restore(reader, plan)?,
+            None => migrate::restore_any(reader, plan)?,
             Some((link, pages_in)) => {
                 let r = migrate::restore_lazy(reader, plan, link, PagerOptions::default())?;
                 let pager = r.pager;
@@ -1007,10 +1083,46 @@ impl Migration {
                     output(stream, None);
                 });
             }
-            migrate::wait_exit(nix::unistd::Pid::from_raw(restored.pid));
-            wait_pid(pid)
+            // (A tree's holder: it exits with the top once the tree is gone.)
+            migrate::wait_exit(nix::unistd::Pid::from_raw(restored.reap));
+            wait_pid(u32::try_from(restored.reap).unwrap_or(0))
         });
         Ok(agent.facet::<Exec>().final_status(pid, local)?)
+    }
+}
+
+impl Migration {
+    /// Answers a peer's request to move `pid` to `to` ([`Self::move_out`])
+    /// when the move is over: in lazy mode, once every page has moved and
+    /// the original is gone (its downtime ended long before); progress says
+    /// when the copy runs.
+    fn answer_move(
+        self: Arc<Self>,
+        agent: &Arc<Agent>,
+        peer: u16,
+        (req, pid, to): (u32, u32, u16),
+        mode: Mode,
+    ) {
+        agent.answer_later(peer, req, move |me| {
+            let r = self.move_out(
+                pid,
+                to,
+                mode,
+                Answers {
+                    agent: me,
+                    peer,
+                    req,
+                },
+            )?;
+            Ok::<_, MoveError>(Msg::MigrateReport {
+                req,
+                new_pid: r.new_pid,
+                downtime_ns: nanos(r.downtime),
+                total_ns: nanos(r.total),
+                image_bytes: r.image_bytes,
+                pages: r.pages,
+            })
+        })
     }
 }
 
@@ -1018,6 +1130,7 @@ impl Facet for Migration {
     fn kinds(&self) -> &'static [Kind] {
         &[
             Kind::MigrateOut,
+            Kind::MigrateTreeOut,
             Kind::PageFetch,
             Kind::PageData,
             Kind::PageRefused,
@@ -1088,29 +1201,12 @@ impl Facet for Migration {
                 problems.extend(probe_restore(&paths, &devices));
                 Ok::<_, std::convert::Infallible>(Msg::RestoreProbed { req, problems })
             }),
-            // The report goes out when the move is over: in lazy mode, once
-            // every page has moved and the original is gone (its downtime
-            // ended long before); progress says when the copy runs.
-            Msg::MigrateOut { req, pid, to, lazy } => agent.answer_later(peer, req, move |me| {
-                let r = self.move_out(
-                    pid,
-                    to,
-                    lazy,
-                    Answers {
-                        agent: me,
-                        peer,
-                        req,
-                    },
-                )?;
-                Ok::<_, MoveError>(Msg::MigrateReport {
-                    req,
-                    new_pid: r.new_pid,
-                    downtime_ns: nanos(r.downtime),
-                    total_ns: nanos(r.total),
-                    image_bytes: r.image_bytes,
-                    pages: r.pages,
-                })
-            }),
+            Msg::MigrateOut { req, pid, to, lazy } => {
+                self.answer_move(agent, peer, (req, pid, to), Mode::from_flags(lazy, false))
+            }
+            Msg::MigrateTreeOut { req, pid, to } => {
+                self.answer_move(agent, peer, (req, pid, to), Mode::Tree)
+            }
             Msg::PageFetch { mig, id, addr, len } => {
                 let server = lock(&self.servers).get(&(peer, mig)).cloned();
                 let answer = match server {

@@ -70,7 +70,7 @@ use crate::wire::{KernelInfo, Kind, Msg};
 pub use diag::{kernel_info, BlobReport, Diag, RttSummary};
 pub use dsm::Dsm;
 pub use exec::Exec;
-pub use migration::{Migration, MoveError, MoveReport, MoveWatch};
+pub use migration::{Migration, Mode, MoveError, MoveReport, MoveWatch};
 pub use threads::Threads;
 
 /// How long a send may wait for room before the peer is given up on.

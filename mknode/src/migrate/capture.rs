@@ -63,6 +63,8 @@ pub enum CaptureError {
     NoVdso { pid: i32 },
     #[error("process {pid} did not settle: threads kept appearing")]
     Unstable { pid: i32 },
+    #[error("the process tree of {pid} cannot be moved or saved: {why}")]
+    Tree { pid: i32, why: String },
     #[error("writing the image of process {pid}")]
     Image {
         pid: i32,
@@ -222,7 +224,7 @@ pub(crate) fn freeze_for_split(pid: i32) -> Result<Frozen, CaptureError> {
 
 /// [`freeze`], letting through the blockers `accept` says are expected;
 /// `split`: the image leaves out descriptors it cannot carry.
-fn freeze_accepting(
+pub(super) fn freeze_accepting(
     pid: i32,
     accept: impl Fn(&Blocker) -> bool,
     split: bool,

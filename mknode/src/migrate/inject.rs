@@ -47,7 +47,8 @@ pub(crate) fn ptrace_err(op: &'static str, tid: Pid) -> impl FnOnce(Errno) -> Sy
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Outcome {
     pub(crate) ret: i64,
-    /// The thread a `clone` created (reported by `PTRACE_EVENT_CLONE`).
+    /// The thread or process a `clone` or fork created (reported by
+    /// `PTRACE_EVENT_CLONE` or `_FORK`).
     pub(crate) cloned: Option<Pid>,
 }
 
@@ -274,7 +275,9 @@ pub(crate) fn inject(
     loop {
         match wait(tid, call.name)? {
             WaitStatus::Stopped(_, Signal::SIGTRAP) => break,
-            WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_CLONE => {
+            WaitStatus::PtraceEvent(_, _, ev)
+                if ev == libc::PTRACE_EVENT_CLONE || ev == libc::PTRACE_EVENT_FORK =>
+            {
                 let t = ptrace::getevent(tid).map_err(ptrace_err("PTRACE_GETEVENTMSG", tid))?;
                 cloned = Some(Pid::from_raw(t as i32));
                 ptrace::step(tid, None).map_err(ptrace_err("PTRACE_SINGLESTEP", tid))?;

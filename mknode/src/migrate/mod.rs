@@ -32,7 +32,9 @@
 //! - `lazy` (the origin's page server), then `capture` (freeze and write an
 //!   image) and `pager` (the destination's fault handler), then `restore`;
 //! - `split` (a thread leaves its process for another kernel; the process's
-//!   memory becomes DSM memory), on `capture` and `restore`.
+//!   memory becomes DSM memory), on `capture` and `restore`;
+//! - `tree` (a process with all its descendants, rebuilt in a pid
+//!   namespace of its own), on `capture` and `restore`.
 //!
 //! `image` is the format, pure, on the shared codec. The agents' protocol
 //! around all this (streaming, page fetches over the links) is the
@@ -51,6 +53,7 @@ mod procfs;
 mod restore;
 pub mod split;
 mod sys;
+mod tree;
 mod unixdiag;
 mod vdso;
 
@@ -69,7 +72,12 @@ pub use memory::is_zero;
 pub use pager::{LazyError, Pager, PagerOptions, PagerStats};
 pub use precheck::{check_at, check_migratable, files_of, Blocker, Precheck, Refusal};
 pub use restore::{
-    restore, restore_lazy, restore_shadow, LazyRestored, RestoreError, Restored, StdioPlan,
+    restore, restore_any, restore_lazy, restore_shadow, LazyRestored, RestoreError, Restored,
+    StdioPlan,
+};
+pub use tree::{
+    freeze_tree, restore_tree, tree_of, FrozenTree, RestoredTree, SharedFile, TreeMeta, TreeProc,
+    MAX_TREE, TREE_MAGIC,
 };
 
 /// A failed system call made on behalf of capture or restore.

@@ -68,6 +68,14 @@ pub enum Blocker {
     SelfProcess,
     /// A kernel thread: no user memory to save.
     KernelThread,
+    /// In a tree (`--tree`), a process below the top whose fd 0/1/2 is a
+    /// pipe or tty other than the top's on the same fd (the destination
+    /// gives them all the top's).
+    TreeStdio {
+        fd: i32,
+        target: String,
+        top: String,
+    },
 }
 
 impl fmt::Display for Blocker {
@@ -119,6 +127,10 @@ impl fmt::Display for Blocker {
                 "is the process doing the move or save itself (the mkctl agent, or this mkctl)"
             ),
             Blocker::KernelThread => write!(f, "is a kernel thread"),
+            Blocker::TreeStdio { fd, target, top } => write!(
+                f,
+                "fd {fd} is {target}, where the top of the tree has {top}"
+            ),
         }
     }
 }
@@ -171,6 +183,12 @@ fn join(b: &[Blocker]) -> String {
     }
     if b.iter().any(|x| matches!(x, Blocker::PipeOutside { .. })) {
         s.push_str(" (a pipe is carried with its bytes when every end of it is on fds 3 and up of the process)");
+    }
+    if b.iter().any(|x| matches!(x, Blocker::Children { .. })) {
+        s.push_str(" (--tree moves a process with all its descendants)");
+    }
+    if b.iter().any(|x| matches!(x, Blocker::TreeStdio { .. })) {
+        s.push_str(" (in a tree, fds 0-2 that are pipes or ttys must be the top's on the same fd: a pipe between the tree's processes is not carried yet)");
     }
     if b.iter().any(|x| matches!(x, Blocker::DeletedFile { .. })) {
         s.push_str(" (deleted files are not carried: their content exists nowhere else)");
@@ -1085,6 +1103,23 @@ fn peek(fd: i32, buf: &mut [u8]) -> io::Result<usize> {
 /// descriptor (a `dup`), as `kcmp(KCMP_FILE)` says; it then takes that one's
 /// state (read a moment earlier: a timer may have moved on). Without
 /// `kcmp` (a kernel without `CONFIG_KCMP`) descriptors stay separate.
+/// Whether descriptor `a` of process `pa` and `b` of `pb` are one open
+/// file description (`kcmp(KCMP_FILE)`); false where the kernel cannot say.
+pub(crate) fn same_file(pa: i32, a: u32, pb: i32, b: u32) -> bool {
+    // SAFETY: kcmp takes integers only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pa,
+            pb,
+            0, // KCMP_FILE
+            a as libc::c_ulong,
+            b as libc::c_ulong,
+        )
+    };
+    r == 0
+}
+
 fn share_with_earlier(pid: i32, earlier: &[OpenFile], f: &mut OpenFile) {
     let cloexec = libc::O_CLOEXEC as u32;
     for g in earlier {
@@ -1095,18 +1130,7 @@ fn share_with_earlier(pid: i32, earlier: &[OpenFile], f: &mut OpenFile) {
         {
             continue;
         }
-        // SAFETY: kcmp takes integers only.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_kcmp,
-                pid,
-                pid,
-                0, // KCMP_FILE
-                g.fd as libc::c_ulong,
-                f.fd as libc::c_ulong,
-            )
-        };
-        if r == 0 {
+        if same_file(pid, g.fd, pid, f.fd) {
             f.share = Some(g.fd);
             f.pos = g.pos;
             f.size = g.size;

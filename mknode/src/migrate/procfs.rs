@@ -123,6 +123,9 @@ pub(crate) struct Status {
     pub(crate) threads: u32,
     /// `Kthread: 1` (kernels that print it).
     pub(crate) kthread: bool,
+    /// The pid in its innermost pid namespace (the last of `NSpid`); 0
+    /// where the kernel does not print it.
+    pub(crate) ns_pid: i32,
 }
 
 pub(crate) fn parse_status(text: &str) -> io::Result<Status> {
@@ -143,6 +146,13 @@ pub(crate) fn parse_status(text: &str) -> io::Result<Status> {
             "SigIgn" => s.sig_ign = hex()?,
             "x86_Thread_features" => s.shadow_stack = v.split_whitespace().any(|f| f == "shstk"),
             "Kthread" => s.kthread = v == "1",
+            "NSpid" => {
+                s.ns_pid = v
+                    .split_whitespace()
+                    .last()
+                    .and_then(|x| x.parse().ok())
+                    .ok_or_else(|| bad("status NSpid", line))?
+            }
             _ => {}
         }
     }
@@ -152,6 +162,14 @@ pub(crate) fn parse_status(text: &str) -> io::Result<Status> {
 /// Fields of `/proc/pid/stat` (1-based numbering of proc(5)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Stat {
+    /// State (3), parent (4), process group (5), session (6), as this
+    /// `/proc`'s pid namespace sees them.
+    pub(crate) state: char,
+    pub(crate) ppid: i32,
+    pub(crate) pgrp: i32,
+    pub(crate) session: i32,
+    /// The status a `wait` would report (52; a zombie's, else 0).
+    pub(crate) exit_code: i32,
     pub(crate) start_code: u64,
     pub(crate) end_code: u64,
     pub(crate) start_stack: u64,
@@ -178,7 +196,20 @@ pub(crate) fn parse_stat(text: &str) -> io::Result<Stat> {
             .and_then(|x| x.parse::<u64>().ok())
             .ok_or_else(|| bad("stat field", text))
     };
+    let int = |n: usize| -> io::Result<i32> {
+        f.get(n - 3)
+            .and_then(|x| x.parse::<i32>().ok())
+            .ok_or_else(|| bad("stat field", text))
+    };
     Ok(Stat {
+        state: f
+            .first()
+            .and_then(|x| x.chars().next())
+            .ok_or_else(|| bad("stat state", text))?,
+        ppid: int(4)?,
+        pgrp: int(5)?,
+        session: int(6)?,
+        exit_code: int(52).unwrap_or(0),
         start_code: field(26)?,
         end_code: field(27)?,
         start_stack: field(28)?,
@@ -339,6 +370,13 @@ impl ProcDir {
 
     pub(crate) fn stat(&self) -> io::Result<Stat> {
         parse_stat(&fs::read_to_string(self.path("stat"))?)
+    }
+
+    /// Its pid as its own pid namespace numbers it (`NSpid`; the pid
+    /// itself on a kernel that does not say).
+    pub(crate) fn ns_pid(&self) -> io::Result<i32> {
+        let s = self.status()?;
+        Ok(if s.ns_pid > 0 { s.ns_pid } else { self.pid() })
     }
 
     pub(crate) fn auxv(&self) -> io::Result<Vec<(u64, u64)>> {

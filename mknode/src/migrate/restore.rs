@@ -131,8 +131,12 @@ pub enum RestoreError {
 /// A process rebuilt from an image, now running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored {
-    /// Its pid here (a child of the caller, which must reap it).
+    /// Its pid here (a child of the caller, which must reap it; a tree's
+    /// top: the caller reaps `reap`).
     pub pid: i32,
+    /// The caller's child to reap, whose exit status is the process's: the
+    /// process itself, or a tree's holder (see `tree`).
+    pub reap: i32,
     /// New tids, in the image's thread order (leader first).
     pub threads: Vec<i32>,
     pub stats: ImageStats,
@@ -148,10 +152,10 @@ pub struct LazyRestored {
 }
 
 /// The stub until it runs: killed and reaped on drop.
-struct Stub {
-    pid: Pid,
-    tids: Vec<Pid>,
-    armed: bool,
+pub(super) struct Stub {
+    pub(super) pid: Pid,
+    pub(super) tids: Vec<Pid>,
+    pub(super) armed: bool,
 }
 
 impl Drop for Stub {
@@ -186,7 +190,7 @@ const ERESTART_RESTARTBLOCK: i64 = 516;
 
 /// Offsets in the control page.
 const CTL_BATCH_CODE: u64 = 0x20;
-const CTL_SCRATCH: u64 = 0x100;
+pub(super) const CTL_SCRATCH: u64 = 0x100;
 const CTL_MM_MAP: u64 = 0x400;
 const CTL_AUXV: u64 = 0x500;
 /// A batch's table ([`inject_batch`]): to the end of the page. What is
@@ -239,7 +243,7 @@ fn local(what: &'static str) -> impl FnOnce(io::Error) -> RestoreError {
 }
 
 /// How this kernel's vDSO relates to the image's.
-enum VdsoPlan {
+pub(super) enum VdsoPlan {
     /// The same kernel build: its vDSO goes back where it was.
     Same,
     /// Another build: this kernel's special mappings (`local`, as in this
@@ -255,7 +259,7 @@ enum VdsoPlan {
 /// vDSO bytes and special-mapping layout): then its vDSO is mapped back as
 /// it was; otherwise it goes through the proxy, which needs the old vDSO's
 /// bytes in the image.
-fn check_kernel(meta: &ImageMeta) -> Result<VdsoPlan, RestoreError> {
+pub(super) fn check_kernel(meta: &ImageMeta) -> Result<VdsoPlan, RestoreError> {
     let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").map_err(local("maps"))?)
         .map_err(local("maps"))?;
     let mine: Vec<Mapping> = maps.iter().filter_map(to_mapping).collect();
@@ -440,6 +444,7 @@ fn open_files_and(
     memfds: &[(u32, OwnedFd)],
     base: (i128, i128),
     extra: &[OwnedFd],
+    tree: Option<&mut TreeFiles>,
 ) -> Result<(OpenedFiles, Vec<i32>), RestoreError> {
     use std::os::fd::FromRawFd;
     let first = files
@@ -449,7 +454,8 @@ fn open_files_and(
         .unwrap_or(3)
         .max(3);
     let keep_below = first + extra.len() as i32;
-    let (mut owned, mut plan, _) = open_files(files, pipes, socketpairs, memfds, base, keep_below)?;
+    let (mut owned, mut plan, _) =
+        open_files(files, pipes, socketpairs, memfds, base, keep_below, tree)?;
     let mut targets = Vec::with_capacity(extra.len());
     for (i, e) in extra.iter().enumerate() {
         // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one.
@@ -474,6 +480,7 @@ fn open_files(
     memfds: &[(u32, OwnedFd)],
     base: (i128, i128),
     at_least: i32,
+    mut tree: Option<&mut TreeFiles>,
 ) -> Result<OpenedFiles, RestoreError> {
     use std::os::fd::FromRawFd;
     let keep_below = files
@@ -507,7 +514,13 @@ fn open_files(
             plan.push((src, f.fd as i32, cloexec));
             continue;
         }
+        let inherited = tree
+            .as_deref()
+            .and_then(|t| t.shared.iter().find(|s| s.0 == f.fd))
+            .map(|s| s.1.try_clone().map_err(|e| fail(e.to_string())))
+            .transpose()?;
         let file: OwnedFd = match (f.kind, f.state) {
+            _ if inherited.is_some() => inherited.expect("just checked"),
             (FileKind::Eventfd, _) => eventfd(f).map_err(|e| fail(e.to_string()))?,
             (FileKind::Timerfd, FileState::Timer(t)) => {
                 let fd = timerfd(f, &t).map_err(|e| fail(e.to_string()))?;
@@ -580,7 +593,11 @@ fn open_files(
         }
         // SAFETY: `high` was just returned by fcntl and is ours alone.
         owned.push(unsafe { OwnedFd::from_raw_fd(high) });
-        drop(file);
+        if let Some(t) = tree.as_deref_mut() {
+            t.opened.push((f.fd, file));
+        } else {
+            drop(file);
+        }
         plan.push((high, f.fd as i32, cloexec));
     }
     // The pipe ends no descriptor took are closed here, as they were on
@@ -1140,26 +1157,54 @@ fn clock_offsets(monotonic_ns: u64, boottime_ns: u64) -> Result<Offsets, Restore
 /// the restorer's page tables) overlap the image's arrival instead of the
 /// downtime: stopped at its control page `ctl` (the batch code in it too),
 /// every other mapping of it gone, with its stdio and nothing else.
-struct Blank {
-    stub: Stub,
-    ctl: u64,
+pub(super) struct Blank {
+    pub(super) stub: Stub,
+    pub(super) ctl: u64,
     /// Its registers at the stop: the template of every injected call.
-    base: libc::user_regs_struct,
+    pub(super) base: libc::user_regs_struct,
 }
 
 impl Blank {
     /// Whether the image needs the control page's place.
-    fn in_the_way(&self, image: &[Mapping]) -> bool {
+    pub(super) fn in_the_way(&self, image: &[Mapping]) -> bool {
         image
             .iter()
             .any(|m| m.start < self.ctl + PAGE && self.ctl < m.end)
     }
 }
 
+/// Open file descriptions that several processes of a tree share (as fork
+/// left them), carried from one process's restore to the next.
+#[derive(Debug, Default)]
+pub(super) struct TreeFiles {
+    /// The descriptors of the process being built that share an earlier
+    /// process's description, by fd: that description, ours.
+    pub(super) shared: Vec<(u32, OwnedFd)>,
+    /// What the process being built opened, by fd (for later ones).
+    pub(super) opened: Vec<(u32, OwnedFd)>,
+}
+
 /// Forks and empties a [`Blank`] whose control page is clear of `image`
 /// (none yet: the lowest free page, which an image rarely holds) and of
 /// this process.
 fn blank(stdio: &StdioPlan, image: &[Mapping]) -> Result<Blank, RestoreError> {
+    blank_in(stdio, image, false)
+}
+
+/// [`blank`]; `new_pid_ns`: the stub is pid 1 of a pid namespace of its own.
+pub(super) fn blank_in(
+    stdio: &StdioPlan,
+    image: &[Mapping],
+    new_pid_ns: bool,
+) -> Result<Blank, RestoreError> {
+    // In another pid namespace the stub cannot name this process: it gets
+    // a pidfd of it (see `install_files`).
+    let me = if new_pid_ns {
+        let pid = Pid::from_raw(std::process::id() as i32);
+        Some(uffd::pidfd_open(pid).map_err(|e| local("a pidfd of this process")(e.into()))?)
+    } else {
+        None
+    };
     let mut last = 0;
     for _ in 0..4 {
         let ctl = control_page(image, &own_ranges()?)?;
@@ -1172,6 +1217,8 @@ fn blank(stdio: &StdioPlan, image: &[Mapping]) -> Result<Blank, RestoreError> {
             ctl,
             // syscall; int3; int3
             code: [0x0f, 0x05, 0xcc, 0xcc],
+            new_pid_ns,
+            pidfd: me.as_ref().map_or(-1, |f| f.as_raw_fd()),
         };
         let pid = sys::spawn_stub(&plan).map_err(|e| SysError::Ptrace {
             op: "fork",
@@ -1219,9 +1266,12 @@ fn blank(stdio: &StdioPlan, image: &[Mapping]) -> Result<Blank, RestoreError> {
 /// the control page go.
 fn empty(stub: Stub, ctl: u64) -> Result<Blank, RestoreError> {
     let leader = stub.pid;
+    // (TRACEFORK: a tree's processes are forked by their parents' stubs.)
     ptrace::setoptions(
         leader,
-        ptrace::Options::PTRACE_O_EXITKILL | ptrace::Options::PTRACE_O_TRACECLONE,
+        ptrace::Options::PTRACE_O_EXITKILL
+            | ptrace::Options::PTRACE_O_TRACECLONE
+            | ptrace::Options::PTRACE_O_TRACEFORK,
     )
     .map_err(ptrace_err("PTRACE_SETOPTIONS", leader))?;
     let base = ptrace::getregs(leader).map_err(ptrace_err("PTRACE_GETREGS", leader))?;
@@ -1260,10 +1310,12 @@ fn fill(
     meta: &ImageMeta,
     memfds: &[(u32, OwnedFd)],
     extra: &[OwnedFd],
+    tree: Option<&mut TreeFiles>,
 ) -> Result<Vec<i32>, RestoreError> {
     let (leader, ctl, base) = (blank.stub.pid, blank.ctl, &blank.base);
     // The clocks' base first: timers are armed against it.
     let (timens, base_clocks) = clock_offsets(meta.process.monotonic_ns, meta.process.boottime_ns)?;
+    let inherited = tree.is_some();
     let ((_files, files, keep_below), targets) = open_files_and(
         &meta.process.files,
         &meta.process.pipes,
@@ -1271,12 +1323,18 @@ fn fill(
         memfds,
         base_clocks,
         extra,
+        tree,
     )?;
     if let Some(text) = &timens {
         enter_timens(leader, ctl, base, text)?;
     }
-    run_expecting(leader, ctl, base, &install_files(&files, keep_below))
-        .map_err(|(name, why)| RestoreError::Layout(format!("{name} in the stub: {why}")))?;
+    run_expecting(
+        leader,
+        ctl,
+        base,
+        &install_files(&files, keep_below, inherited),
+    )
+    .map_err(|(name, why)| RestoreError::Layout(format!("{name} in the stub: {why}")))?;
     // (`_files`, the sources, close here: the stub has its own now.)
     Ok(targets)
 }
@@ -1287,20 +1345,35 @@ fn fill(
 /// the lowest free number, so every number is known in advance: a pidfd of
 /// this process at `keep_below`, then per file `pidfd_getfd` (which sets
 /// close-on-exec) into the lowest free number, moved to its target.
-fn install_files(files: &[(i32, i32, bool)], keep_below: i32) -> Vec<(Call, Option<u64>)> {
+/// `inherited`: the stub (a tree's, in another pid namespace) holds that
+/// pidfd at [`sys::STUB_PIDFD`] already instead of opening one.
+fn install_files(
+    files: &[(i32, i32, bool)],
+    keep_below: i32,
+    inherited: bool,
+) -> Vec<(Call, Option<u64>)> {
     let mut open: std::collections::BTreeSet<i32> = (0..3).collect();
     let lowest =
         |open: &std::collections::BTreeSet<i32>| (0..).find(|n| !open.contains(n)).unwrap_or(0);
     let mut out = Vec::new();
+    let given = sys::STUB_PIDFD as u64;
     if files.is_empty() {
+        if inherited {
+            out.push((Call::new("close", libc::SYS_close, &[given]), Some(0)));
+        }
         return out;
     }
     let me = std::process::id() as u64;
-    let p = lowest(&open);
-    out.push((
-        Call::new("pidfd_open", libc::SYS_pidfd_open, &[me, 0]),
-        Some(p as u64),
-    ));
+    let p = if inherited {
+        sys::STUB_PIDFD
+    } else {
+        let p = lowest(&open);
+        out.push((
+            Call::new("pidfd_open", libc::SYS_pidfd_open, &[me, 0]),
+            Some(p as u64),
+        ));
+        p
+    };
     let pidfd = keep_below.max(3);
     if p != pidfd {
         out.push((
@@ -1444,6 +1517,35 @@ pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError
     restore_impl(r, stdio, None, None).map(|(r, _, _)| r)
 }
 
+/// [`restore`] of a process image, or [`super::restore_tree`] of a tree
+/// image, as its first bytes say; a tree gives its top's pid, its thread
+/// list empty, and its holder to reap.
+pub fn restore_any<R: Read>(mut r: R, stdio: StdioPlan) -> Result<Restored, RestoreError> {
+    // A process's stub is made before its first bytes come (see `Blank`);
+    // a tree, rarer, makes its own and drops this one.
+    let blank_early = blank(&stdio, &[])?;
+    let mut head = [0u8; 8];
+    r.read_exact(&mut head).map_err(|e| {
+        RestoreError::Image(if e.kind() == io::ErrorKind::UnexpectedEof {
+            ImageError::Truncated { at: 0 }
+        } else {
+            ImageError::Io(e)
+        })
+    })?;
+    let r = io::Cursor::new(head).chain(r);
+    if head == super::TREE_MAGIC {
+        drop(blank_early);
+        let t = super::restore_tree(r, stdio)?;
+        return Ok(Restored {
+            pid: t.top(),
+            reap: t.holder,
+            threads: Vec::new(),
+            stats: t.stats,
+        });
+    }
+    restore_into(blank_early, r, stdio, None, None).map(|(r, _, _)| r)
+}
+
 /// Rebuilds the one thread of a shadow image (see `split`) as a process of
 /// this kernel whose DSM memory is `share`'s, and lets it run; returns it
 /// and the seccomp listener of its futex calls.
@@ -1533,18 +1635,101 @@ fn stub_uffd(
 fn restore_impl<R: Read>(
     r: R,
     stdio: StdioPlan,
-    mut lazy: Option<(LazyLink, PagerOptions)>,
+    lazy: Option<(LazyLink, PagerOptions)>,
     shadow: Option<(&dyn Share, Option<Answer<'_>>)>,
 ) -> Result<(Restored, Option<Pager>, Option<OwnedFd>), RestoreError> {
-    let share = shadow.map(|s| s.0);
-    let answer = shadow.and_then(|s| s.1);
     // Made while the image is still on its way (see `Blank`).
     let blank_early = blank(&stdio, &[])?;
-    let (mut rd, mut meta) = ImageReader::open(r)?;
+    restore_into(blank_early, r, stdio, lazy, shadow)
+}
+
+/// [`restore_impl`] with its early blank made.
+fn restore_into<R: Read>(
+    blank_early: Blank,
+    r: R,
+    stdio: StdioPlan,
+    lazy: Option<(LazyLink, PagerOptions)>,
+    shadow: Option<(&dyn Share, Option<Answer<'_>>)>,
+) -> Result<(Restored, Option<Pager>, Option<OwnedFd>), RestoreError> {
+    let (rd, meta) = ImageReader::open(r)?;
     if meta.header.flags & FLAG_LAZY != 0 && lazy.is_none() {
         return Err(RestoreError::LazyImage);
     }
     let vdso_plan = check_kernel(&meta)?;
+    let blank = if blank_early.in_the_way(&meta.mappings) {
+        drop(blank_early);
+        blank(&stdio, &meta.mappings)?
+    } else {
+        blank_early
+    };
+    drop(stdio);
+    build(blank, rd, meta, &vdso_plan, lazy, shadow, None)?.run()
+}
+
+/// A process rebuilt in its stub, every register loaded, still stopped
+/// under our ptrace: [`Built::run`] lets it go; dropping it kills it.
+pub(super) struct Built {
+    stub: Stub,
+    tids: Vec<Pid>,
+    stats: ImageStats,
+    pager: Option<Pager>,
+    futex_listener: Option<OwnedFd>,
+}
+
+impl Built {
+    /// Detaches every thread: the process runs.
+    pub(super) fn run(
+        mut self,
+    ) -> Result<(Restored, Option<Pager>, Option<OwnedFd>), RestoreError> {
+        for &tid in &self.tids {
+            if let Err(e) = ptrace::detach(tid, None) {
+                let err = ptrace_err("PTRACE_DETACH", tid)(e);
+                drop(self.stub);
+                if let Some(p) = self.pager.take() {
+                    if let Some(pe) = p.abort() {
+                        return Err(RestoreError::Lazy(pe));
+                    }
+                }
+                return Err(err.into());
+            }
+        }
+        self.stub.armed = false;
+        if let Some(p) = &self.pager {
+            p.set_running();
+        }
+        Ok((
+            Restored {
+                pid: self.stub.pid.as_raw(),
+                reap: self.stub.pid.as_raw(),
+                threads: self.tids.iter().map(|t| t.as_raw()).collect(),
+                stats: self.stats,
+            },
+            self.pager,
+            self.futex_listener,
+        ))
+    }
+
+    /// What its image held.
+    pub(super) fn stats(&self) -> &ImageStats {
+        &self.stats
+    }
+}
+
+/// Rebuilds the process `meta` describes (its pages still to read from
+/// `rd`) in `blank`, up to the last step before it runs. `ns`: the pid
+/// namespace the process is in, when not ours (a tree's), through which
+/// its threads' tids are seen (see [`finish`]).
+pub(super) fn build<R: Read>(
+    blank: Blank,
+    mut rd: ImageReader<R>,
+    mut meta: ImageMeta,
+    vdso_plan: &VdsoPlan,
+    mut lazy: Option<(LazyLink, PagerOptions)>,
+    shadow: Option<(&dyn Share, Option<Answer<'_>>)>,
+    tree: Option<&mut TreeFiles>,
+) -> Result<Built, RestoreError> {
+    let share = shadow.map(|s| s.0);
+    let answer = shadow.and_then(|s| s.1);
     // Register state from a CPU of another XSAVE layout, laid out for this
     // one (or refused) before anything is made.
     let here = super::cpu::Layout::here();
@@ -1584,13 +1769,8 @@ fn restore_impl<R: Read>(
             dsm_fds.push(fd.try_clone().map_err(local("dup of a memfd"))?);
         }
     }
-    let blank = if blank_early.in_the_way(&meta.mappings) {
-        drop(blank_early);
-        blank(&stdio, &meta.mappings)?
-    } else {
-        blank_early
-    };
-    let extra_targets = fill(&blank, &meta, &memfds, &dsm_fds)?;
+    let in_ns = tree.is_some();
+    let extra_targets = fill(&blank, &meta, &memfds, &dsm_fds, tree)?;
     let Blank {
         mut stub,
         ctl,
@@ -1608,7 +1788,6 @@ fn restore_impl<R: Read>(
         let i = memfd_maps.iter().find(|x| x.0 == m.id)?.1 - dsm.len();
         memfd_targets.get(i).copied()
     };
-    drop(stdio);
     let leader = stub.pid;
     let call_in = |tid: Pid, c: Call| -> Result<u64, SysError> {
         inject(tid, ctl, &base, &c)?.check(&c, tid)
@@ -1629,7 +1808,7 @@ fn restore_impl<R: Read>(
             .map(|m| (m.kind, m.start, m.end))
             .collect())
     };
-    match &vdso_plan {
+    match vdso_plan {
         VdsoPlan::Same => {
             if let Some(first) = meta.mappings.iter().find(|m| m.kind.is_special()) {
                 call(Call::new(
@@ -1928,8 +2107,18 @@ fn restore_impl<R: Read>(
     // The memfds' seals, now that what they hold outside their mappings is
     // in (no mapped memfd is write-sealed, see `precheck::memfd_states`: a
     // lazy copy's pages still to come fill them through the userfaultfd).
-    let rest = seal_memfds(&meta.process.memfds, &memfds)
-        .and_then(|()| finish(&mut stub, &meta, ctl, &base, &call, answer, share.is_some()));
+    let rest = seal_memfds(&meta.process.memfds, &memfds).and_then(|()| {
+        finish(
+            &mut stub,
+            &meta,
+            ctl,
+            &base,
+            &call,
+            answer,
+            share.is_some(),
+            in_ns,
+        )
+    });
     let (tids, futex_listener) = match rest {
         Ok(t) => t,
         Err(e) => {
@@ -1942,18 +2131,13 @@ fn restore_impl<R: Read>(
             return Err(e);
         }
     };
-    if let Some(p) = &pager {
-        p.set_running();
-    }
-    Ok((
-        Restored {
-            pid: leader.as_raw(),
-            threads: tids.iter().map(|t| t.as_raw()).collect(),
-            stats,
-        },
+    Ok(Built {
+        stub,
+        tids,
+        stats,
         pager,
         futex_listener,
-    ))
+    })
 }
 
 /// Writes eager pages of a lazy image into registered memory.
@@ -1997,8 +2181,10 @@ fn fill_eager(
     Ok(())
 }
 
-/// Steps 4b-8: protections, process and thread state, registers, detach.
-/// Returns the tids (leader first); the stub is disarmed on success.
+/// Steps 4b-8: protections, process and thread state, registers (the
+/// detach is [`Built::run`]'s). Returns the tids (leader first). `in_ns`:
+/// the process is in a pid namespace of its own (a tree's).
+#[allow(clippy::too_many_arguments)]
 fn finish(
     stub: &mut Stub,
     meta: &ImageMeta,
@@ -2007,6 +2193,7 @@ fn finish(
     call: &dyn Fn(Call) -> Result<u64, SysError>,
     answer: Option<Answer<'_>>,
     futex_filter: bool,
+    in_ns: bool,
 ) -> Result<(Vec<Pid>, Option<OwnedFd>), RestoreError> {
     let leader = stub.pid;
     let base = *base;
@@ -2089,19 +2276,23 @@ fn finish(
         thread_state(leader, tid, i == 0, t, ctl, &base, meta)?;
     }
     // glibc caches each thread's tid at its clear_child_tid address: point
-    // it at the new tid so pthread_kill & co. reach the right thread.
+    // it at the new tid (as the process sees it, in its pid namespace) so
+    // pthread_kill & co. reach the right thread.
     for (t, &tid) in meta.threads.iter().zip(&tids) {
         if t.clear_child_tid == 0 {
             continue;
         }
+        let seen = if in_ns {
+            ProcDir::new(Path::new("/proc"), tid.as_raw())
+                .ns_pid()
+                .map_err(local("a new thread's pid in its namespace"))?
+        } else {
+            tid.as_raw()
+        };
         let mut b = [0u8; 4];
         if read_remote(leader, t.clear_child_tid, &mut b).is_ok() && u32::from_le_bytes(b) == t.tid
         {
-            poke(
-                leader,
-                t.clear_child_tid,
-                &(tid.as_raw() as u32).to_le_bytes(),
-            )?;
+            poke(leader, t.clear_child_tid, &(seen as u32).to_le_bytes())?;
         }
     }
 
@@ -2150,14 +2341,10 @@ fn finish(
             .map_err(ptrace_err("PTRACE_SETREGS", tid))?;
         sys::set_sigmask(tid, t.sigmask).map_err(ptrace_err("PTRACE_SETSIGMASK", tid))?;
     }
-    for &tid in &tids {
-        ptrace::detach(tid, None).map_err(ptrace_err("PTRACE_DETACH", tid))?;
-    }
-    stub.armed = false;
     Ok((tids, futex_listener))
 }
 
-fn poke(pid: Pid, addr: u64, b: &[u8]) -> Result<(), SysError> {
+pub(super) fn poke(pid: Pid, addr: u64, b: &[u8]) -> Result<(), SysError> {
     match write_remote(pid, addr, b) {
         Ok(n) if n == b.len() => Ok(()),
         Ok(n) => Err(SysError::Mem {

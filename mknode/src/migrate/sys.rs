@@ -245,7 +245,16 @@ pub(crate) struct StubPlan {
     pub(crate) ctl: u64,
     /// Bytes placed at the start of the control page.
     pub(crate) code: [u8; 4],
+    /// The stub starts a pid namespace of its own (its pid 1 there).
+    pub(crate) new_pid_ns: bool,
+    /// A pidfd of the restorer, to keep at [`STUB_PIDFD`] (-1: none). A
+    /// stub in another pid namespace cannot open one itself (the restorer
+    /// has no pid there).
+    pub(crate) pidfd: libc::c_int,
 }
+
+/// Where a stub keeps the restorer's pidfd it was given.
+pub(crate) const STUB_PIDFD: i32 = 1000;
 
 /// Exit codes of a stub that failed before stopping.
 pub(crate) const STUB_EXIT_MMAP: i32 = 100;
@@ -263,8 +272,24 @@ pub(crate) fn spawn_stub(plan: &StubPlan) -> nix::Result<Pid> {
     // SAFETY: after fork the child runs only `stub_child`, which makes raw
     // syscalls and writes memory it has just mapped: no allocation, no locks,
     // no Rust runtime, so running in a copy of a multithreaded process is
-    // sound. The parent side only reads the return value.
-    let r = unsafe { libc::fork() };
+    // sound. The parent side only reads the return value. The raw `clone`
+    // (a fork into a new pid namespace: no new stack, the child returns on
+    // a copy of this one, as from fork) skips libc's fork handlers, which
+    // the child, running only `stub_child`, does not need.
+    let r = unsafe {
+        if plan.new_pid_ns {
+            libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_NEWPID | libc::SIGCHLD) as u64,
+                0u64,
+                0u64,
+                0u64,
+                0u64,
+            ) as libc::pid_t
+        } else {
+            libc::fork()
+        }
+    };
     match r {
         -1 => Err(Errno::last()),
         0 => stub_child(plan),
@@ -293,10 +318,18 @@ fn stub_child(plan: &StubPlan) -> ! {
             stub_exit(STUB_EXIT_DUP);
         }
     }
-    // SAFETY: close_range on integers; closes the parent's other
-    // descriptors in this child only.
+    // SAFETY: dup2 and close_range on integers; they change this child's
+    // descriptors only: every one but 0-2 (and the pidfd given) closes.
     unsafe {
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        if plan.pidfd >= 0 {
+            if libc::dup2(plan.pidfd, STUB_PIDFD) != STUB_PIDFD {
+                stub_exit(STUB_EXIT_DUP);
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, STUB_PIDFD as u32 - 1, 0u32);
+            libc::syscall(libc::SYS_close_range, STUB_PIDFD as u32 + 1, u32::MAX, 0u32);
+        } else {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        }
     }
     let all: u64 = !0;
     // SAFETY: rt_sigprocmask reads 8 bytes from `all`, a live local; the old

@@ -151,6 +151,17 @@ pub(crate) fn tail(s: &str) -> String {
 pub(crate) fn start(n: &Net, on: u16, args: &[&str]) -> (u32, ExecStream) {
     let mut argv = vec![super::mkcounter().display().to_string()];
     argv.extend(args.iter().map(|a| a.to_string()));
+    start_argv(n, on, argv, |t| t.matches("seq=").count() >= 2)
+}
+
+/// Starts `argv` on agent `on` through the client, waits until its output
+/// so far satisfies `ready`; returns its pid and its output.
+pub(crate) fn start_argv(
+    n: &Net,
+    on: u16,
+    argv: Vec<String>,
+    ready: impl Fn(&str) -> bool,
+) -> (u32, ExecStream) {
     let exec = ExecRequest {
         argv,
         env: vec![],
@@ -170,7 +181,7 @@ pub(crate) fn start(n: &Net, on: u16, args: &[&str]) -> (u32, ExecStream) {
         exited: None,
         failed: None,
     };
-    s.until(Duration::from_secs(30), |t| t.matches("seq=").count() >= 2);
+    s.until(Duration::from_secs(30), ready);
     (pid, s)
 }
 
@@ -253,6 +264,16 @@ pub(crate) fn move_out(
     t: Duration,
 ) -> Result<Msg, mknode::agent::AgentError> {
     n.agents[0].call(at, t, |req| Msg::MigrateOut { req, pid, to, lazy })
+}
+
+/// [`move_out`] of `pid` with all its descendants (`--tree`).
+pub(crate) fn move_tree(
+    n: &Net,
+    (at, pid): (u16, u32),
+    to: u16,
+    t: Duration,
+) -> Result<Msg, mknode::agent::AgentError> {
+    n.agents[0].call(at, t, |req| Msg::MigrateTreeOut { req, pid, to })
 }
 
 /// Each thread of this test process (the agents run in it): name, state

@@ -100,11 +100,20 @@ pub(crate) enum Line {
     /// `--socketpairs`, `--shared-mem`, `--epoll`, `--memfd`): the whole
     /// line.
     Check(String),
+    /// A line of mktree (`top ...`, `kid ...`, `reaped ...`, `ended ...`):
+    /// the whole line.
+    Tree(String),
 }
 
 pub(crate) fn parse(line: &str) -> Option<Line> {
     if line == "joined" {
         return Some(Line::Joined);
+    }
+    if ["top ", "kid ", "reaped ", "ended "]
+        .iter()
+        .any(|p| line.starts_with(p))
+    {
+        return Some(Line::Tree(line.to_string()));
     }
     if [
         "pipe_check=",
@@ -214,6 +223,16 @@ pub(crate) fn seqs(lines: &[Line]) -> Vec<(u64, Vec<u64>)> {
             _ => None,
         })
         .collect()
+}
+
+/// The value of `name=` in a line of `key=value` words.
+pub(crate) fn field(line: &str, name: &str) -> Option<i64> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .find(|(k, _)| *k == name)?
+        .1
+        .parse()
+        .ok()
 }
 
 /// A pipe whose write end is for the restored process.

@@ -565,9 +565,17 @@ impl Daemon {
                 from,
                 to,
                 lazy,
-            } => self.migrate(pid, &from, &to, lazy, progress, &|bytes| {
-                conn.reply(&Reply::Transfer { bytes });
-            })?,
+                tree,
+            } => self.migrate(
+                pid,
+                &from,
+                &to,
+                mknode::agent::Mode::from_flags(lazy, tree),
+                progress,
+                &|bytes| {
+                    conn.reply(&Reply::Transfer { bytes });
+                },
+            )?,
             Request::MigrateThread { pid, tid, from, to } => {
                 self.migrate_thread(pid, tid, &from, &to)?
             }

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use mknode::agent::{Agent, Diag, Migration, MoveWatch, RttSummary, Threads};
+use mknode::agent::{Agent, Diag, Migration, Mode, MoveWatch, RttSummary, Threads};
 use mknode::wire::{ExecRequest, Msg, Stream};
 
 use super::{Conn, Daemon, Progress};
@@ -260,7 +260,7 @@ impl Daemon {
         pid: u32,
         from: &str,
         to: &str,
-        lazy: bool,
+        mode: Mode,
         progress: Progress<'_>,
         transfer: &dyn Fn(u64),
     ) -> Result<Reply, RequestError> {
@@ -275,7 +275,12 @@ impl Daemon {
             pid,
             from: from_name.clone(),
             to: to_name.clone(),
-            mode: if lazy { "lazy" } else { "stop-copy" }.into(),
+            mode: match mode {
+                Mode::Lazy => "lazy",
+                Mode::StopCopy => "stop-copy",
+                Mode::Tree => "tree",
+            }
+            .into(),
         });
         let running = |new_pid: u32, downtime: Duration| {
             self.events.publish(What::MigrateRunning {
@@ -290,7 +295,7 @@ impl Daemon {
                 &format!(
                     "running as pid {new_pid} after {:.1} ms of downtime{}",
                     downtime.as_secs_f64() * 1e3,
-                    if lazy {
+                    if mode == Mode::Lazy {
                         "; the remaining pages follow"
                     } else {
                         ""
@@ -298,7 +303,7 @@ impl Daemon {
                 ),
             );
         };
-        let result = self.move_process(pid, (a, from), b, lazy, (running, transfer));
+        let result = self.move_process(pid, (a, from), b, mode, (running, transfer));
         self.events.publish(match &result {
             Ok(Reply::Migrated {
                 new_pid,
@@ -340,7 +345,7 @@ impl Daemon {
         pid: u32,
         (a, from): (u16, &str),
         b: u16,
-        lazy: bool,
+        mode: Mode,
         (running, sent): (impl Fn(u32, Duration), &dyn Fn(u64)),
     ) -> Result<Reply, RequestError> {
         let agent = self.agent()?;
@@ -349,7 +354,7 @@ impl Daemon {
             // (ptrace wants one thread from freeze to kill: this one).
             let r = agent
                 .facet::<Migration>()
-                .move_out(pid, b, lazy, Watch { running, sent })
+                .move_out(pid, b, mode, Watch { running, sent })
                 .map_err(|e| RequestError::Move {
                     on: from.to_string(),
                     source: Box::new(e),
@@ -362,11 +367,14 @@ impl Daemon {
                 pages: r.pages,
             });
         }
-        let (req, rx) = agent.request(a, |req| Msg::MigrateOut {
-            req,
-            pid,
-            to: b,
-            lazy,
+        let (req, rx) = agent.request(a, |req| match mode {
+            Mode::Tree => Msg::MigrateTreeOut { req, pid, to: b },
+            _ => Msg::MigrateOut {
+                req,
+                pid,
+                to: b,
+                lazy: mode == Mode::Lazy,
+            },
         })?;
         let deadline = Instant::now() + MOVE_TIMEOUT;
         let mut running = Some(running);

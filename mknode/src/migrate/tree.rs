@@ -1,0 +1,907 @@
+//! Process trees (`--tree`): a process with all its descendants, frozen,
+//! written and rebuilt together, with their pids, parents, process groups,
+//! sessions, zombies and the open files fork left shared between them.
+//!
+//! A tree image is a tree header (this module's format) followed by one
+//! process image per live process, parents first. The tree is rebuilt in a
+//! pid namespace of its own, so every process keeps the pid it knows
+//! itself by (a copy on the same kernel, beside its frozen original, could
+//! not have them otherwise): pid 1 there is a *holder*, a stub of ours
+//! whose only code is a `wait4` loop that reaps what the namespace leaves
+//! it and exits with the top process's status (exit code, or 128 + the
+//! signal) once nothing is left. The holder is the caller's child; the top
+//! process is the holder's, every other one its own parent's, forked by
+//! the parent's stub (`clone3` with `set_tid`) before anything else is
+//! restored, so that every relation is the kernel's own.
+//!
+//! ```text
+//! holder (ns pid 1, blank)  --clone3(set_tid=[top])-->  top's blank
+//!   top's blank  --clone3(set_tid=[child])-->  child's blank  ...
+//! sessions (setsid) as each blank is made; groups (setpgid): leaders,
+//! then members; zombies exit with their status; each live blank gets its
+//! image (`restore::build`); all run; the holder runs its loop last.
+//! ```
+//!
+//! Limits: stop-and-copy only (no lazy tree); a pipe or socket pair
+//! between two processes of the tree, or a tty or pipe on fds 0-2 that is
+//! not the top's on the same fd, is refused by name; a process group or
+//! session led from outside the tree is replaced by the holder's.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+
+use super::capture::{freeze_accepting, CaptureError, Frozen, ImageOptions};
+use super::image::{ImageError, ImageReader, ImageStats, FLAG_LAZY};
+use super::inject::{inject, ptrace_err, wait, Call};
+use super::precheck::{same_file, stdio_kind, Blocker, Refusal};
+use super::procfs::ProcDir;
+use super::restore::{
+    blank_in, build, check_kernel, poke, Blank, RestoreError, StdioPlan, Stub, TreeFiles,
+    CTL_SCRATCH,
+};
+use super::sys::STUB_PIDFD;
+use super::SysError;
+use crate::codec::{Reader, Writer};
+
+/// First bytes of a tree image (a process image begins with `MKPROCIM`).
+pub const TREE_MAGIC: [u8; 8] = *b"MKTREEIM";
+const TREE_VERSION: u16 = 1;
+/// Processes in one tree, at most.
+pub const MAX_TREE: usize = 64;
+/// Shared descriptions in one tree header, at most.
+const MAX_SHARES: usize = 64 * 1024;
+
+/// One process of a tree, as the header carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeProc {
+    /// Its pid as it knows it (in its pid namespace).
+    pub pid: i32,
+    /// Index of its parent (earlier in the tree); `None` for the top.
+    pub parent: Option<u32>,
+    /// Index of its process group's leader, its session's leader; `None`
+    /// when that leader is outside the tree.
+    pub pgid: Option<u32>,
+    pub sid: Option<u32>,
+    /// A zombie's wait status (nothing else of it is carried).
+    pub zombie: Option<i32>,
+}
+
+/// Descriptor `fd` of process `proc` is the open file description of
+/// descriptor `from_fd` of the earlier process `from` (fork left it so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedFile {
+    pub proc: u32,
+    pub fd: u32,
+    pub from: u32,
+    pub from_fd: u32,
+}
+
+/// The tree header: its processes, parents first (the top at 0), and the
+/// descriptions they share.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TreeMeta {
+    pub procs: Vec<TreeProc>,
+    pub shares: Vec<SharedFile>,
+}
+
+const NONE: u32 = u32::MAX;
+
+impl TreeMeta {
+    /// The header's bytes: magic, version, length, body, xxh3 of the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        let mut w = Writer(&mut body);
+        w.count(self.procs.len());
+        for p in &self.procs {
+            w.i32(p.pid);
+            w.u32(p.parent.unwrap_or(NONE));
+            w.u32(p.pgid.unwrap_or(NONE));
+            w.u32(p.sid.unwrap_or(NONE));
+            w.u8(u8::from(p.zombie.is_some()));
+            w.i32(p.zombie.unwrap_or(0));
+        }
+        w.count(self.shares.len());
+        for s in &self.shares {
+            w.u32(s.proc);
+            w.u32(s.fd);
+            w.u32(s.from);
+            w.u32(s.from_fd);
+        }
+        let mut out = Vec::with_capacity(body.len() + 30);
+        let mut w = Writer(&mut out);
+        w.raw(&TREE_MAGIC);
+        w.u16(TREE_VERSION);
+        w.count(body.len());
+        w.raw(&body);
+        w.u64(xxhash_rust::xxh3::xxh3_64(&body));
+        out
+    }
+
+    /// Reads and checks a header (untrusted bytes: every index, pid and
+    /// count is checked; never a panic).
+    pub fn read<R: Read>(r: &mut R) -> Result<TreeMeta, ImageError> {
+        let mut head = [0u8; 14];
+        read_exact(r, &mut head, 0)?;
+        let magic: [u8; 8] = head[..8].try_into().expect("8 bytes");
+        if magic != TREE_MAGIC {
+            return Err(ImageError::Magic(magic));
+        }
+        let version = u16::from_le_bytes([head[8], head[9]]);
+        if version != TREE_VERSION {
+            return Err(ImageError::Version(version));
+        }
+        let len = u32::from_le_bytes(head[10..14].try_into().expect("4 bytes")) as usize;
+        let max = 4 + MAX_TREE * 21 + 4 + MAX_SHARES * 16;
+        if len > max {
+            return Err(invalid(
+                10,
+                format!("a tree header of {len} bytes (at most {max})"),
+            ));
+        }
+        let mut body = vec![0u8; len + 8];
+        read_exact(r, &mut body, 14)?;
+        let stored = u64::from_le_bytes(body[len..].try_into().expect("8 bytes"));
+        let body = &body[..len];
+        let computed = xxhash_rust::xxh3::xxh3_64(body);
+        if stored != computed {
+            return Err(ImageError::HeaderChecksum { stored, computed });
+        }
+        let short =
+            |s: crate::codec::Short| invalid(14 + s.at as u64, "the tree header ends early".into());
+        let mut rd = Reader::new(body);
+        let n = rd.count(21).map_err(short)?;
+        let idx = |v: u32, below: usize, what: &str| -> Result<Option<u32>, ImageError> {
+            match v {
+                NONE => Ok(None),
+                v if (v as usize) < below => Ok(Some(v)),
+                v => Err(invalid(
+                    14,
+                    format!("{what} {v} names no process of the tree"),
+                )),
+            }
+        };
+        let mut procs = Vec::with_capacity(n.min(MAX_TREE));
+        if n == 0 || n > MAX_TREE {
+            return Err(invalid(14, format!("{n} processes (1 to {MAX_TREE})")));
+        }
+        for i in 0..n {
+            let pid = rd.i32().map_err(short)?;
+            let parent = idx(rd.u32().map_err(short)?, i, "parent")?;
+            let pgid = idx(rd.u32().map_err(short)?, n, "process group leader")?;
+            let sid = idx(rd.u32().map_err(short)?, n, "session leader")?;
+            let z = rd.u8().map_err(short)?;
+            let status = rd.i32().map_err(short)?;
+            let zombie = match z {
+                0 => None,
+                1 => Some(status),
+                z => return Err(invalid(14, format!("zombie flag {z}"))),
+            };
+            procs.push(TreeProc {
+                pid,
+                parent,
+                pgid,
+                sid,
+                zombie,
+            });
+        }
+        let ns = rd.count(16).map_err(short)?;
+        if ns > MAX_SHARES {
+            return Err(invalid(14, format!("{ns} shared descriptions")));
+        }
+        let mut shares = Vec::with_capacity(ns);
+        for _ in 0..ns {
+            shares.push(SharedFile {
+                proc: rd.u32().map_err(short)?,
+                fd: rd.u32().map_err(short)?,
+                from: rd.u32().map_err(short)?,
+                from_fd: rd.u32().map_err(short)?,
+            });
+        }
+        let t = TreeMeta { procs, shares };
+        t.check().map_err(|why| invalid(14, why))?;
+        Ok(t)
+    }
+
+    /// What makes a tree unbuildable, said before anything is made.
+    fn check(&self) -> Result<(), String> {
+        let p = &self.procs;
+        for (i, x) in p.iter().enumerate() {
+            if x.pid <= 1 {
+                return Err(format!(
+                    "process {i} has pid {} (pid 1 is the holder's)",
+                    x.pid
+                ));
+            }
+            if p[..i].iter().any(|y| y.pid == x.pid) {
+                return Err(format!("pid {} appears twice", x.pid));
+            }
+            match (i, x.parent) {
+                (0, Some(_)) => return Err("the top process has a parent".into()),
+                (0, None) => {}
+                (_, None) => return Err(format!("process {i} has no parent")),
+                (_, Some(q)) if p[q as usize].zombie.is_some() => {
+                    return Err(format!("process {i}'s parent is a zombie"))
+                }
+                _ => {}
+            }
+            // A session leader leads its own; a member's session is its
+            // parent's (fork's), or the parent leads it.
+            if let Some(s) = x.sid {
+                let own = s as usize == i;
+                let inherited = x.parent.is_some_and(|q| p[q as usize].sid == Some(s));
+                if !own && !inherited {
+                    return Err(format!("process {i}'s session is not its parent's"));
+                }
+            } else if x.parent.is_some_and(|q| p[q as usize].sid.is_some()) {
+                return Err(format!("process {i}'s session is not its parent's"));
+            }
+            if let Some(g) = x.pgid {
+                if p[g as usize].sid != x.sid {
+                    return Err(format!("process {i}'s group is led from another session"));
+                }
+                if x.sid == Some(i as u32) && g as usize != i {
+                    return Err(format!("process {i} leads a session but not its group"));
+                }
+            }
+        }
+        if p[0].zombie.is_some() {
+            return Err("the top process is a zombie".into());
+        }
+        for s in &self.shares {
+            if s.proc as usize >= p.len() || s.from >= s.proc {
+                return Err(format!(
+                    "a shared description names processes {} and {}",
+                    s.proc, s.from
+                ));
+            }
+            if p[s.proc as usize].zombie.is_some() || p[s.from as usize].zombie.is_some() {
+                return Err("a zombie shares a description".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(at: u64, why: String) -> ImageError {
+    ImageError::Invalid { at, why }
+}
+
+fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], at: u64) -> Result<(), ImageError> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ImageError::Truncated { at }
+        } else {
+            ImageError::Io(e)
+        }
+    })
+}
+
+/// `top` and its descendants now (parents first), as `/proc` lists them
+/// (they may change until frozen: for a look before the freeze).
+pub fn tree_of(top: i32) -> std::io::Result<Vec<i32>> {
+    let mut out = vec![top];
+    let mut i = 0;
+    while i < out.len() && out.len() <= MAX_TREE {
+        let kids = ProcDir::new(Path::new("/proc"), out[i]).children()?;
+        out.extend(kids);
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// A process tree with every live process frozen (see [`Frozen`]).
+/// Dropping it lets them all run on.
+#[derive(Debug)]
+pub struct FrozenTree {
+    meta: TreeMeta,
+    /// Each live process, in the header's order (zombies are left out).
+    frozen: Vec<Frozen>,
+    /// Each process's pid here.
+    pids: Vec<i32>,
+}
+
+/// Freezes `top` and all its descendants, parents before children (a
+/// frozen parent forks no more; its children are listed once it is), and
+/// reads how they relate. Refuses, with everything let go again, what a
+/// tree cannot carry (see the module doc).
+pub fn freeze_tree(top: i32) -> Result<FrozenTree, CaptureError> {
+    let mut t = FrozenTree {
+        meta: TreeMeta::default(),
+        frozen: Vec::new(),
+        pids: Vec::new(),
+    };
+    let mut stats = Vec::new();
+    let mut queue = std::collections::VecDeque::from([(top, None::<u32>)]);
+    while let Some((pid, parent)) = queue.pop_front() {
+        if t.pids.len() == MAX_TREE {
+            return Err(CaptureError::Tree {
+                pid: top,
+                why: format!("it has more than {MAX_TREE} processes"),
+            });
+        }
+        let pd = ProcDir::new(Path::new("/proc"), pid);
+        let proc_err = |what| move |source| CaptureError::Proc { pid, what, source };
+        let stat = pd.stat().map_err(proc_err("stat"))?;
+        let zombie = if stat.state == 'Z' && parent.is_some() {
+            Some(stat.exit_code)
+        } else {
+            let f = freeze_accepting(pid, |b| matches!(b, Blocker::Children { .. }), false);
+            match f {
+                Ok(f) => {
+                    t.frozen.push(f);
+                    None
+                }
+                // It exited meanwhile: its parent is frozen, so it stays a
+                // zombie.
+                Err(_) if parent.is_some() && pd.stat().is_ok_and(|s| s.state == 'Z') => {
+                    Some(pd.stat().map_err(proc_err("stat"))?.exit_code)
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let i = t.pids.len() as u32;
+        t.pids.push(pid);
+        stats.push(pd.stat().map_err(proc_err("stat"))?);
+        t.meta.procs.push(TreeProc {
+            pid: pd.ns_pid().map_err(proc_err("status"))?,
+            parent,
+            pgid: None,
+            sid: None,
+            zombie,
+        });
+        if zombie.is_none() {
+            for c in pd.children().map_err(proc_err("children"))? {
+                queue.push_back((c, Some(i)));
+            }
+        }
+    }
+    // Groups and sessions, by their leaders' places in the tree.
+    let at = |pid: i32| t.pids.iter().position(|&p| p == pid).map(|i| i as u32);
+    for (i, s) in stats.iter().enumerate() {
+        t.meta.procs[i].pgid = at(s.pgrp);
+        t.meta.procs[i].sid = at(s.session);
+    }
+    t.meta
+        .check()
+        .map_err(|why| CaptureError::Tree { pid: top, why })?;
+    t.stdio_blockers()?;
+    t.find_shares();
+    Ok(t)
+}
+
+impl FrozenTree {
+    /// The header.
+    pub fn meta(&self) -> &TreeMeta {
+        &self.meta
+    }
+
+    /// Each process's pid here, in the header's order.
+    pub fn pids(&self) -> &[i32] {
+        &self.pids
+    }
+
+    /// When the first process was frozen.
+    pub fn frozen_at(&self) -> std::time::Instant {
+        self.frozen
+            .first()
+            .map_or_else(std::time::Instant::now, |f| f.frozen_at())
+    }
+
+    /// The live processes.
+    fn live(&self) -> impl Iterator<Item = (usize, &Frozen)> {
+        let idx = self
+            .meta
+            .procs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.zombie.is_none())
+            .map(|(i, _)| i);
+        idx.zip(&self.frozen)
+    }
+
+    /// Processes below the top whose fds 0-2 the destination would not
+    /// give them: a pipe or tty other than the top's on the same fd.
+    fn stdio_blockers(&self) -> Result<(), CaptureError> {
+        let target = |pid: i32, fd: i32| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        for (i, _) in self.live().skip(1) {
+            let pid = self.pids[i];
+            let mut blockers = Vec::new();
+            for fd in 0..3 {
+                let t = target(pid, fd);
+                let replaced = matches!(
+                    stdio_kind(&t),
+                    Some(super::image::StdioKind::Pipe | super::image::StdioKind::Tty)
+                );
+                let top = target(self.pids[0], fd);
+                if replaced && t != top {
+                    blockers.push(Blocker::TreeStdio {
+                        fd,
+                        target: t,
+                        top: if top.is_empty() {
+                            "nothing".into()
+                        } else {
+                            top
+                        },
+                    });
+                }
+            }
+            if !blockers.is_empty() {
+                return Err(Refusal::Blocked { pid, blockers }.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Which carried descriptors share an earlier process's description.
+    fn find_shares(&mut self) {
+        let live: Vec<(usize, Vec<u32>)> = self
+            .live()
+            .map(|(i, f)| {
+                let fds = f
+                    .meta()
+                    .process
+                    .files
+                    .iter()
+                    .filter(|x| x.share.is_none())
+                    .map(|x| x.fd)
+                    .collect();
+                (i, fds)
+            })
+            .collect();
+        for (k, (i, fds)) in live.iter().enumerate() {
+            for &fd in fds {
+                let from = live[..k].iter().find_map(|(j, theirs)| {
+                    theirs
+                        .iter()
+                        .find(|&&g| same_file(self.pids[*i], fd, self.pids[*j], g))
+                        .map(|&g| (*j, g))
+                });
+                if let Some((j, g)) = from {
+                    self.meta.shares.push(SharedFile {
+                        proc: *i as u32,
+                        fd,
+                        from: j as u32,
+                        from_fd: g,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Streams the tree image: the header, then each live process's image
+    /// (see [`Frozen::write_image`]). The processes stay frozen.
+    pub fn write_image<W: Write>(
+        &self,
+        mut w: W,
+        opts: ImageOptions,
+    ) -> Result<ImageStats, CaptureError> {
+        let head = self.meta.encode();
+        w.write_all(&head).map_err(|e| CaptureError::Image {
+            pid: self.pids[0],
+            source: ImageError::Io(e),
+        })?;
+        let mut total = ImageStats {
+            bytes: head.len() as u64,
+            ..ImageStats::default()
+        };
+        for (_, f) in self.live() {
+            let s = f.write_image(&mut w, opts)?;
+            total.data_pages += s.data_pages;
+            total.zero_pages += s.zero_pages;
+            total.bytes += s.bytes;
+            total.checksum ^= s.checksum;
+        }
+        Ok(total)
+    }
+
+    /// Ends every process of the tree (after a successful move), the top
+    /// first; their real parents reap them as before.
+    pub fn kill(self) {
+        for f in self.frozen {
+            f.kill();
+        }
+    }
+
+    /// Lets every process run on, untouched.
+    pub fn resume(self) {
+        for f in self.frozen.into_iter().rev() {
+            f.resume();
+        }
+    }
+}
+
+/// A tree rebuilt and running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredTree {
+    /// The holder: the caller's child (reap it), pid 1 of the tree's pid
+    /// namespace; it exits once every process there has, with the top's
+    /// status (its exit code, or 128 + the signal that ended it).
+    pub holder: i32,
+    /// Each process's pid here and its pid in the namespace, in the
+    /// header's order (zombies included).
+    pub pids: Vec<(i32, i32)>,
+    pub stats: ImageStats,
+}
+
+impl RestoredTree {
+    /// The top process's pid here.
+    pub fn top(&self) -> i32 {
+        self.pids[0].0
+    }
+}
+
+/// Where the holder's loop is, in its control page (after the batch code),
+/// and the word it reaps into.
+const HOLDER_CODE: u64 = 0x60;
+const HOLDER_STATUS: u64 = 0x300;
+
+/// The holder's loop; registers: r12 = the top's pid (in the namespace),
+/// r13 = the address of a status word, rbx = 0.
+///
+/// ```text
+/// loop: mov eax, 61 (wait4); mov rdi, -1; mov rsi, r13; xor edx, edx;
+///       xor r10d, r10d; syscall
+///       cmp rax, -10 (ECHILD); je done
+///       cmp rax, r12; jne loop; mov ebx, [r13]; jmp loop
+/// done: edi = ebx & 0x7f ? 128 + (ebx & 0x7f) : (ebx >> 8) & 0xff
+///       mov eax, 231 (exit_group); syscall; ud2
+/// ```
+const HOLDER_LOOP: [u8; 74] = [
+    0xb8, 0x3d, 0x00, 0x00, 0x00, 0x48, 0xc7, 0xc7, 0xff, 0xff, 0xff, 0xff, 0x4c, 0x89, 0xee, 0x31,
+    0xd2, 0x45, 0x31, 0xd2, 0x0f, 0x05, 0x48, 0x83, 0xf8, 0xf6, 0x74, 0x0b, 0x4c, 0x39, 0xe0, 0x75,
+    0xdf, 0x41, 0x8b, 0x5d, 0x00, 0xeb, 0xd9, 0x89, 0xdf, 0x83, 0xe7, 0x7f, 0x74, 0x08, 0x81, 0xc7,
+    0x80, 0x00, 0x00, 0x00, 0xeb, 0x0b, 0x89, 0xdf, 0xc1, 0xef, 0x08, 0x81, 0xe7, 0xff, 0x00, 0x00,
+    0x00, 0xb8, 0xe7, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x0f, 0x0b,
+];
+
+/// Forks a blank from the blank `parent` with pid `pid` in the namespace
+/// (`clone3` with `set_tid`, caught stopped by `PTRACE_O_TRACEFORK`).
+fn fork_blank(parent: &Blank, pid: i32) -> Result<Blank, RestoreError> {
+    let p = parent.stub.pid;
+    let scratch = parent.ctl + CTL_SCRATCH;
+    // struct clone_args (v2, 88 bytes): exit_signal = SIGCHLD, set_tid
+    // pointing at one pid_t just after it.
+    let mut args = [0u64; 11];
+    args[4] = libc::SIGCHLD as u64;
+    args[8] = scratch + 96;
+    args[9] = 1;
+    let mut b: Vec<u8> = args.iter().flat_map(|x| x.to_le_bytes()).collect();
+    b.resize(96, 0);
+    b.extend_from_slice(&pid.to_le_bytes());
+    poke(p, scratch, &b)?;
+    let c = Call::new("clone3(set_tid)", libc::SYS_clone3, &[scratch, 88]);
+    let out = inject(p, parent.ctl, &parent.base, &c)?;
+    out.check(&c, p)?;
+    let new = out.cloned.ok_or(SysError::Stop {
+        tid: p.as_raw(),
+        status: "no PTRACE_EVENT_FORK".into(),
+        wanted: "clone3",
+    })?;
+    let blank = Blank {
+        stub: Stub {
+            pid: new,
+            tids: vec![new],
+            armed: true,
+        },
+        ctl: parent.ctl,
+        base: parent.base,
+    };
+    match wait(new, "the new process's first stop")? {
+        WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
+        WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => {}
+        other => {
+            return Err(SysError::Stop {
+                tid: new.as_raw(),
+                status: format!("{other:?}"),
+                wanted: "the new process's first stop",
+            }
+            .into())
+        }
+    }
+    Ok(blank)
+}
+
+/// Runs `c` in blank `b`, expecting `want`.
+fn call(b: &Blank, c: Call) -> Result<u64, SysError> {
+    let p = b.stub.pid;
+    inject(p, b.ctl, &b.base, &c)?.check(&c, p)
+}
+
+/// Makes blank `z` exit with wait status `status` (its parent, a blank
+/// too, then holds it as a zombie), and takes the SIGCHLD that sent its
+/// parent back out of the parent's queue (the original's came long ago).
+fn make_zombie(z: Blank, parent: &Blank, status: i32) -> Result<(), RestoreError> {
+    let pid = z.stub.pid;
+    let scratch = z.ctl + CTL_SCRATCH;
+    let sig = status & 0x7f;
+    let mut r = z.base;
+    r.rip = z.ctl;
+    r.orig_rax = u64::MAX;
+    if sig == 0 {
+        r.rax = libc::SYS_exit_group as u64;
+        r.rdi = ((status >> 8) & 0xff) as u64;
+        ptrace::setregs(pid, r).map_err(ptrace_err("PTRACE_SETREGS", pid))?;
+        ptrace::cont(pid, None).map_err(ptrace_err("PTRACE_CONT", pid))?;
+    } else {
+        // No core file: only the status is wanted. Then every signal
+        // unblocked, and the signal sent.
+        poke(pid, scratch, &[0u8; 16])?;
+        call(
+            &z,
+            Call::new(
+                "prlimit64(RLIMIT_CORE)",
+                libc::SYS_prlimit64,
+                &[0, libc::RLIMIT_CORE as u64, scratch, 0],
+            ),
+        )?;
+        call(
+            &z,
+            Call::new(
+                "rt_sigprocmask",
+                libc::SYS_rt_sigprocmask,
+                &[libc::SIG_SETMASK as u64, scratch, 0, 8],
+            ),
+        )?;
+        let s = Signal::try_from(sig).map_err(|_| {
+            RestoreError::Layout(format!("a zombie's status {status:#x} names no signal"))
+        })?;
+        kill(pid, s).map_err(ptrace_err("kill", pid))?;
+        ptrace::cont(pid, None).map_err(ptrace_err("PTRACE_CONT", pid))?;
+    }
+    let mut z = z;
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(ptrace_err("waitpid", pid)(e).into()),
+            Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => break,
+            Ok(WaitStatus::Stopped(_, s)) => {
+                ptrace::cont(pid, s).map_err(ptrace_err("PTRACE_CONT", pid))?;
+            }
+            Ok(_) => {
+                ptrace::cont(pid, None).map_err(ptrace_err("PTRACE_CONT", pid))?;
+            }
+        }
+    }
+    // Gone from our ptrace: a zombie of its parent now.
+    z.stub.armed = false;
+    let ps = parent.ctl + CTL_SCRATCH;
+    let mut set = (1u64 << (libc::SIGCHLD - 1)).to_le_bytes().to_vec();
+    set.resize(32, 0);
+    poke(parent.stub.pid, ps, &set)?;
+    let c = Call::new(
+        "rt_sigtimedwait(SIGCHLD)",
+        libc::SYS_rt_sigtimedwait,
+        &[ps, 0, ps + 16, 8],
+    );
+    // SIGCHLD, or EAGAIN if none was queued: either is fine.
+    inject(parent.stub.pid, parent.ctl, &parent.base, &c)?;
+    Ok(())
+}
+
+/// Rebuilds the tree image in `r` (see the module doc) with `stdio` as
+/// every process's fds 0-2 that the image does not carry, and lets it
+/// run. On error nothing of it is left (killing the holder ends the
+/// namespace).
+pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree, RestoreError> {
+    let tree = TreeMeta::read(&mut r)?;
+    let holder = blank_in(&stdio, &[], true)?;
+    drop(stdio);
+    // 1. Every process as a blank, forked by its parent's; sessions.
+    let mut blanks: Vec<Option<Blank>> = Vec::with_capacity(tree.procs.len());
+    for (i, p) in tree.procs.iter().enumerate() {
+        let parent = match p.parent {
+            None => &holder,
+            Some(q) => blanks[q as usize]
+                .as_ref()
+                .expect("parents are live blanks"),
+        };
+        let b = fork_blank(parent, p.pid)?;
+        if p.sid == Some(i as u32) {
+            call(&b, Call::new("setsid", libc::SYS_setsid, &[]))?;
+        }
+        blanks.push(Some(b));
+    }
+    // 2. Groups: their leaders, then the members.
+    let blank = |i: usize| blanks[i].as_ref().expect("every blank is made");
+    for (i, p) in tree.procs.iter().enumerate() {
+        if p.pgid == Some(i as u32) && p.sid != Some(i as u32) {
+            call(blank(i), Call::new("setpgid", libc::SYS_setpgid, &[0, 0]))?;
+        }
+    }
+    for (i, p) in tree.procs.iter().enumerate() {
+        if let Some(g) = p.pgid.filter(|&g| g as usize != i) {
+            let leader = tree.procs[g as usize].pid as u64;
+            call(
+                blank(i),
+                Call::new("setpgid", libc::SYS_setpgid, &[0, leader]),
+            )?;
+        }
+    }
+    let pids: Vec<(i32, i32)> = tree
+        .procs
+        .iter()
+        .zip(&blanks)
+        .map(|(p, b)| (b.as_ref().map_or(0, |b| b.stub.pid.as_raw()), p.pid))
+        .collect();
+    // 3. Zombies, last first (none has children).
+    for (i, p) in tree.procs.iter().enumerate().rev() {
+        if let Some(status) = p.zombie {
+            let z = blanks[i].take().expect("a zombie's blank");
+            let q = p.parent.expect("checked: the top is no zombie") as usize;
+            make_zombie(z, blanks[q].as_ref().expect("a live parent"), status)?;
+        }
+    }
+    // 4. Each live process, from its image.
+    let mut opened: Vec<Vec<(u32, std::os::fd::OwnedFd)>> = Vec::new();
+    let mut built = Vec::new();
+    let mut stats = ImageStats::default();
+    for (i, p) in tree.procs.iter().enumerate() {
+        opened.push(Vec::new());
+        if p.zombie.is_some() {
+            continue;
+        }
+        let b = blanks[i].take().expect("a live blank");
+        let (rd, meta) = ImageReader::open(&mut r)?;
+        if meta.header.flags & FLAG_LAZY != 0 {
+            return Err(RestoreError::LazyImage);
+        }
+        if b.in_the_way(&meta.mappings) {
+            return Err(RestoreError::Layout(format!(
+                "process {} maps {:#x}, where the tree's stubs have their control page",
+                p.pid, b.ctl
+            )));
+        }
+        let plan = check_kernel(&meta)?;
+        let mut files = TreeFiles::default();
+        for s in tree.shares.iter().filter(|s| s.proc as usize == i) {
+            let theirs = opened[s.from as usize]
+                .iter()
+                .find(|o| o.0 == s.from_fd)
+                .ok_or_else(|| {
+                    RestoreError::Layout(format!(
+                        "process {} shares fd {} of process {}, which it does not carry",
+                        p.pid, s.from_fd, tree.procs[s.from as usize].pid
+                    ))
+                })?;
+            let dup = theirs.1.try_clone().map_err(|source| RestoreError::Local {
+                what: "a shared description",
+                source,
+            })?;
+            files.shared.push((s.fd, dup));
+        }
+        let one = build(b, rd, meta, &plan, None, None, Some(&mut files))?;
+        opened[i] = files.opened;
+        stats.data_pages += one.stats().data_pages;
+        stats.zero_pages += one.stats().zero_pages;
+        stats.bytes += one.stats().bytes;
+        stats.checksum ^= one.stats().checksum;
+        built.push(one);
+    }
+    drop(opened);
+    // 5. Everything runs: children first, then the holder's loop.
+    for b in built.into_iter().rev() {
+        b.run()?;
+    }
+    let h = holder.stub.pid;
+    call(
+        &holder,
+        Call::new("close", libc::SYS_close, &[STUB_PIDFD as u64]),
+    )?;
+    poke(h, holder.ctl + HOLDER_CODE, &HOLDER_LOOP)?;
+    poke(h, holder.ctl + HOLDER_STATUS, &[0u8; 4])?;
+    let mut regs = holder.base;
+    regs.rip = holder.ctl + HOLDER_CODE;
+    regs.orig_rax = u64::MAX;
+    regs.r12 = tree.procs[0].pid as u64;
+    regs.r13 = holder.ctl + HOLDER_STATUS;
+    regs.rbx = 0;
+    ptrace::setregs(h, regs).map_err(ptrace_err("PTRACE_SETREGS", h))?;
+    ptrace::detach(h, None).map_err(ptrace_err("PTRACE_DETACH", h))?;
+    let mut holder = holder;
+    holder.stub.armed = false;
+    Ok(RestoredTree {
+        holder: h.as_raw(),
+        pids,
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> TreeMeta {
+        TreeMeta {
+            procs: vec![
+                TreeProc {
+                    pid: 100,
+                    parent: None,
+                    pgid: Some(0),
+                    sid: Some(0),
+                    zombie: None,
+                },
+                TreeProc {
+                    pid: 101,
+                    parent: Some(0),
+                    pgid: Some(0),
+                    sid: Some(0),
+                    zombie: Some(7 << 8),
+                },
+                TreeProc {
+                    pid: 102,
+                    parent: Some(0),
+                    pgid: Some(2),
+                    sid: Some(0),
+                    zombie: None,
+                },
+            ],
+            shares: vec![SharedFile {
+                proc: 2,
+                fd: 3,
+                from: 0,
+                from_fd: 3,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_tree_header_reads_back_as_written() {
+        let t = sample();
+        let b = t.encode();
+        assert_eq!(TreeMeta::read(&mut &b[..]).expect("read"), t);
+    }
+
+    /// Every forged or cut header is an error that says so, never a panic
+    /// and never a tree that cannot be built.
+    #[test]
+    fn forged_and_cut_headers_are_refused() {
+        let err = |t: TreeMeta| {
+            TreeMeta::read(&mut &t.encode()[..])
+                .expect_err("refused")
+                .to_string()
+        };
+        let mut t = sample();
+        t.procs[2].parent = Some(2);
+        assert!(err(t).contains("parent 2 names no process"));
+        let mut t = sample();
+        t.procs[2].pid = 101;
+        assert!(err(t).contains("pid 101 appears twice"));
+        let mut t = sample();
+        t.procs[2].parent = Some(1);
+        assert!(err(t).contains("parent is a zombie"));
+        let mut t = sample();
+        t.procs[0].pid = 1;
+        assert!(err(t).contains("pid 1 is the holder's"));
+        let mut t = sample();
+        t.procs[2].sid = None;
+        assert!(err(t).contains("session is not its parent's"));
+        let mut t = sample();
+        t.shares[0].from = 2;
+        assert!(err(t).contains("shared description"));
+        let b = sample().encode();
+        for cut in 0..b.len() {
+            assert!(TreeMeta::read(&mut &b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut flipped = b.clone();
+        flipped[20] ^= 1;
+        assert!(matches!(
+            TreeMeta::read(&mut &flipped[..]),
+            Err(ImageError::HeaderChecksum { .. })
+        ));
+        let mut magic = b;
+        magic[0] = b'X';
+        assert!(matches!(
+            TreeMeta::read(&mut &magic[..]),
+            Err(ImageError::Magic(_))
+        ));
+    }
+}

@@ -1,0 +1,298 @@
+//! Process trees on this kernel: `freeze_tree` + `restore_tree` of
+//! mktree (a session leader, a kid in its own group, a zombie, a log file
+//! both write through one open file description), and the refusals.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::{field, pipe, serial, testprog, Line, Output, T};
+use mknode::migrate::{freeze, freeze_tree, restore_tree, ImageOptions, StdioPlan};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+fn null() -> std::os::fd::OwnedFd {
+    std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .expect("null")
+        .into()
+}
+
+/// The next line starting with `prefix`.
+fn next_line(out: &Output, prefix: &str) -> (Vec<String>, String) {
+    let lines = out.until(T, |l| matches!(l, Line::Tree(s) if s.starts_with(prefix)));
+    let mut all: Vec<String> = lines
+        .into_iter()
+        .filter_map(|l| match l {
+            Line::Tree(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let last = all.pop().expect("the matching line");
+    (all, last)
+}
+
+fn get(line: &str, name: &str) -> i64 {
+    field(line, name).unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+}
+
+/// Kills the processes it holds when dropped (a failed test leaves none).
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The numbers `n` of the lines `who` wrote to the log, in order.
+fn log_numbers(text: &str, who: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(who)?.strip_prefix(' '))
+        .map(|n| {
+            n.parse()
+                .unwrap_or_else(|_| panic!("a clobbered log line in {text:?}"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_tree_moves_with_its_pids_group_session_zombie_and_shared_log() {
+    let _g = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let mut top = Command::new(testprog("mktree"))
+        .args(["--log", log.to_str().expect("utf-8"), "--interval-ms", "20"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mktree");
+    let out = Output::new(top.stdout.take().expect("stdout"));
+    // A few lines of each first, in the log too.
+    let (mut old, first) = next_line(&out, "top n=5 ");
+    old.push(first.clone());
+    let (more, kid) = next_line(&out, "kid ");
+    old.extend(more);
+    old.push(kid);
+    let (top_pid, kid_pid, zombie_pid) = (
+        get(&first, "pid") as i32,
+        get(&first, "kid") as i32,
+        get(&first, "zombie") as i32,
+    );
+    assert_eq!(top_pid, top.id() as i32);
+    let mut guard = KillOnDrop(vec![top_pid, kid_pid]);
+
+    let frozen = freeze_tree(top_pid).expect("freeze the tree");
+    let meta = frozen.meta().clone();
+    assert_eq!(frozen.pids(), [top_pid, zombie_pid, kid_pid]);
+    assert_eq!(meta.procs[0].sid, Some(0), "the top leads its session");
+    assert_eq!(meta.procs[1].zombie, Some(7 << 8), "the zombie's status");
+    assert_eq!(meta.procs[2].pgid, Some(2), "the kid leads its group");
+    assert_eq!(meta.procs[2].sid, Some(0));
+    let log_fd = std::fs::read_dir(format!("/proc/{top_pid}/fd"))
+        .expect("fds")
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == log))
+        .and_then(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .expect("the top's log descriptor");
+    assert!(
+        meta.shares
+            .iter()
+            .any(|s| s.proc == 2 && s.from == 0 && s.fd == log_fd && s.from_fd == log_fd),
+        "the log is one description: {:?}",
+        meta.shares
+    );
+    let mut img = Vec::new();
+    frozen
+        .write_image(&mut img, ImageOptions::default())
+        .expect("write the tree image");
+
+    let (r, w) = pipe();
+    let plan = StdioPlan {
+        stdin: null(),
+        stdout: w,
+        stderr: null(),
+    };
+    let tree = restore_tree(&img[..], plan).expect("restore the tree");
+    guard.0.push(tree.holder);
+    guard.0.extend(tree.pids.iter().map(|p| p.0));
+    frozen.kill();
+    let _ = top.wait();
+    // Every line the originals wrote: read so far, and up to the end.
+    old.extend(out.drain(T).into_iter().filter_map(|l| match l {
+        Line::Tree(s) => Some(s),
+        _ => None,
+    }));
+    let last = |who: &str| {
+        let n: Vec<i64> = old
+            .iter()
+            .filter(|l| l.starts_with(who))
+            .map(|l| get(l, "n"))
+            .collect();
+        for w in n.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "{who}lines before the move: {n:?}");
+        }
+        *n.last().expect("lines before the move")
+    };
+    let (old_top, old_kid) = (last("top "), last("kid "));
+
+    // Every pid as the tree knows it, in a namespace of its own.
+    assert_eq!(
+        tree.pids.iter().map(|p| p.1).collect::<Vec<_>>(),
+        [top_pid, zombie_pid, kid_pid]
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tree.top())).expect("status");
+    let nspid = status
+        .lines()
+        .find(|l| l.starts_with("NSpid:"))
+        .expect("NSpid");
+    assert!(
+        nspid.split_whitespace().last() == Some(&top_pid.to_string()),
+        "{nspid}"
+    );
+
+    let out = Output::new(r);
+    let (before, t) = next_line(&out, "top ");
+    assert_eq!(get(&t, "n"), old_top + 1, "the top counts on: {t}");
+    for (k, v) in [
+        ("pid", top_pid),
+        ("pgid", top_pid),
+        ("sid", top_pid),
+        ("kid", kid_pid),
+        ("zombie", zombie_pid),
+    ] {
+        assert_eq!(get(&t, k), i64::from(v), "{k} in {t}");
+    }
+    let k = match before.into_iter().find(|l| l.starts_with("kid ")) {
+        Some(k) => k,
+        None => next_line(&out, "kid ").1,
+    };
+    assert_eq!(get(&k, "n"), old_kid + 1, "the kid counts on: {k}");
+    for (f, v) in [
+        ("pid", kid_pid),
+        ("ppid", top_pid),
+        ("pgid", kid_pid),
+        ("sid", top_pid),
+    ] {
+        assert_eq!(get(&k, f), i64::from(v), "{f} in {k}");
+    }
+
+    // The zombie is the top's to reap, with its code.
+    kill(Pid::from_raw(tree.top()), Signal::SIGUSR1).expect("SIGUSR1");
+    let (_, reaped) = next_line(&out, "reaped ");
+    assert_eq!(reaped, format!("reaped pid={zombie_pid} code=7"));
+    // The kid is the top's child: it can end it and wait for it.
+    kill(Pid::from_raw(tree.top()), Signal::SIGUSR2).expect("SIGUSR2");
+    let (_, ended) = next_line(&out, "ended ");
+    assert_eq!(ended, format!("ended pid={kid_pid} signal=15"));
+    // The holder exits with the top's code once the namespace is empty.
+    assert_eq!(
+        waitpid(Pid::from_raw(tree.holder), None).expect("wait for the holder"),
+        WaitStatus::Exited(Pid::from_raw(tree.holder), 3)
+    );
+
+    // Both wrote the log through one offset, before and after: every line
+    // whole, each count without a gap, up to (at least) the lines seen
+    // after the move. (With an offset each, their lines, of one length,
+    // would overwrite each other's.)
+    let text = std::fs::read_to_string(&log).expect("log");
+    for (who, seen) in [("top", get(&t, "n")), ("kid", get(&k, "n"))] {
+        let n = log_numbers(&text, who);
+        assert!(
+            n.len() as i64 > seen,
+            "{who} wrote {seen} after the move: {n:?}"
+        );
+        for (i, x) in n.iter().enumerate() {
+            assert_eq!(*x, i as u64, "{who}'s log lines: {n:?}");
+        }
+    }
+}
+
+#[test]
+fn a_process_with_children_is_refused_without_the_tree() {
+    let _g = serial();
+    let mut top = Command::new(testprog("mktree"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mktree");
+    let out = Output::new(top.stdout.take().expect("stdout"));
+    let (_, kid) = next_line(&out, "kid ");
+    let e = freeze(top.id() as i32).expect_err("children refuse a lone move");
+    let _ = kill(Pid::from_raw(get(&kid, "pid") as i32), Signal::SIGKILL);
+    let _ = top.kill();
+    let _ = top.wait();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("has child processes") && msg.contains("--tree"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_pipeline_inside_the_tree_is_refused_by_name_and_left_running() {
+    let _g = serial();
+    // (No locale: coreutils would map its gconv cache shared, a blocker
+    // of its own.)
+    let mut sh = Command::new("sh")
+        .args(["-c", "sleep 300 | sleep 301"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sh");
+    let pid = sh.id() as i32;
+    // Both sleeps forked.
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map_or(0, |c| c.split_whitespace().count())
+        < 2
+    {
+        assert!(t0.elapsed() < T, "sh did not fork its pipeline");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let e = freeze_tree(pid).expect_err("a pipe between the tree's processes");
+    let kids: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .expect("children")
+        .split_whitespace()
+        .map(|x| x.parse().expect("pid"))
+        .collect();
+    // Nothing stays frozen: each process goes back to its sleep.
+    for &p in std::iter::once(&pid).chain(&kids) {
+        let state = || {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).expect("stat");
+            stat.rsplit_once(')')
+                .expect("stat")
+                .1
+                .split_whitespace()
+                .next()
+                .map(String::from)
+        };
+        let t0 = std::time::Instant::now();
+        while state().as_deref() != Some("S") && t0.elapsed() < T {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(state().as_deref(), Some("S"), "process {p} sleeps on");
+    }
+    for &k in &kids {
+        let _ = kill(Pid::from_raw(k), Signal::SIGKILL);
+    }
+    let _ = sh.kill();
+    let _ = sh.wait();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("fd 1 is pipe:[")
+            && msg.contains("where the top of the tree has /dev/null")
+            && msg.contains("a pipe between the tree's processes is not carried"),
+        "{msg}"
+    );
+}

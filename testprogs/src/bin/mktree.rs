@@ -1,0 +1,153 @@
+//! mktree: the process tree the `--tree` tests move.
+//!
+//! `mktree [--log PATH] [--interval-ms MS]`
+//!
+//! The top process makes itself a session leader (`setsid`), opens PATH
+//! (when given; write-only, truncated, *not* `O_APPEND`, so the offset is
+//! the one open file description's that fork shares), then forks:
+//!
+//! * a child that exits at once with code 7 and is not reaped: a zombie
+//!   until the top gets SIGUSR1;
+//! * a `kid` that makes its own process group and, every MS milliseconds
+//!   (default 20), prints
+//!   `kid n=<n> pid=<getpid> ppid=<getppid> pgid=<getpgid> sid=<getsid>`
+//!   and writes `kid <n>` to the log.
+//!
+//! The top then prints, every MS milliseconds,
+//! `top n=<n> pid=<getpid> pgid=<getpgid> sid=<getsid> kid=<kid's pid> zombie=<zombie's pid>`
+//! and writes `top <n>` to the log. On SIGUSR1 it reaps the zombie
+//! (`waitpid(zombie, WNOHANG)`) and prints `reaped pid=<what waitpid
+//! returned> code=<its exit code>`; on SIGUSR2 it ends the kid (SIGTERM),
+//! waits for it and prints `ended pid=<pid> signal=<the signal that ended
+//! it>`, then exits with code 3.
+//!
+//! Every line is one `write` (lines of the two processes never mix).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn say(fd: i32, s: &str) {
+    let mut b = s.as_bytes().to_vec();
+    b.push(b'\n');
+    // SAFETY: writes from a live buffer to a descriptor of ours.
+    unsafe {
+        libc::write(fd, b.as_ptr().cast(), b.len());
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut log: Option<String> = None;
+    let mut ms = 20u64;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--log" => log = args.next(),
+            "--interval-ms" => ms = args.next().and_then(|v| v.parse().ok()).unwrap_or(ms),
+            other => {
+                eprintln!("mktree: unknown argument {other:?}");
+                std::process::exit(2);
+            }
+        }
+    }
+    // SAFETY: setsid takes no arguments.
+    if unsafe { libc::setsid() } < 0 {
+        eprintln!("mktree: setsid: {}", std::io::Error::last_os_error());
+        std::process::exit(2);
+    }
+    let logfd = match &log {
+        Some(p) => {
+            let c = std::ffi::CString::new(p.as_str()).expect("no NUL in the path");
+            // SAFETY: open with a NUL-terminated path we own.
+            let fd = unsafe {
+                libc::open(
+                    c.as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+                    0o644,
+                )
+            };
+            if fd < 0 {
+                eprintln!("mktree: open {p}: {}", std::io::Error::last_os_error());
+                std::process::exit(2);
+            }
+            fd
+        }
+        None => -1,
+    };
+    let usr1 = Arc::new(AtomicBool::new(false));
+    let usr2 = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&usr1))
+        .expect("SIGUSR1 handler");
+    signal_hook::flag::register(signal_hook::consts::SIGUSR2, Arc::clone(&usr2))
+        .expect("SIGUSR2 handler");
+    // SAFETY: fork in a single-threaded process; the child only exits.
+    let zombie = unsafe { libc::fork() };
+    if zombie == 0 {
+        // SAFETY: _exit ends the child at once.
+        unsafe { libc::_exit(7) };
+    }
+    // SAFETY: fork in a single-threaded process; the child runs plain code.
+    let kid = unsafe { libc::fork() };
+    if kid == 0 {
+        // SAFETY: plain process calls on integers.
+        unsafe { libc::setpgid(0, 0) };
+        for n in 0.. {
+            // SAFETY: as above.
+            let (pid, ppid, pgid, sid) = unsafe {
+                (
+                    libc::getpid(),
+                    libc::getppid(),
+                    libc::getpgid(0),
+                    libc::getsid(0),
+                )
+            };
+            say(
+                1,
+                &format!("kid n={n} pid={pid} ppid={ppid} pgid={pgid} sid={sid}"),
+            );
+            if logfd >= 0 {
+                say(logfd, &format!("kid {n}"));
+            }
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
+    for n in 0.. {
+        // SAFETY: plain process calls on integers.
+        let (pid, pgid, sid) = unsafe { (libc::getpid(), libc::getpgid(0), libc::getsid(0)) };
+        say(
+            1,
+            &format!("top n={n} pid={pid} pgid={pgid} sid={sid} kid={kid} zombie={zombie}"),
+        );
+        if logfd >= 0 {
+            say(logfd, &format!("top {n}"));
+        }
+        if usr1.swap(false, Ordering::Relaxed) {
+            let mut st = 0;
+            // SAFETY: waitpid writes the status into a live local.
+            let r = unsafe { libc::waitpid(zombie, &mut st, libc::WNOHANG) };
+            let code = if libc::WIFEXITED(st) {
+                libc::WEXITSTATUS(st)
+            } else {
+                -1
+            };
+            say(1, &format!("reaped pid={r} code={code}"));
+        }
+        if usr2.swap(false, Ordering::Relaxed) {
+            let mut st = 0;
+            // SAFETY: kill and waitpid on our own child; the status goes
+            // into a live local.
+            let r = unsafe {
+                libc::kill(kid, libc::SIGTERM);
+                libc::waitpid(kid, &mut st, 0)
+            };
+            let sig = if libc::WIFSIGNALED(st) {
+                libc::WTERMSIG(st)
+            } else {
+                -1
+            };
+            say(1, &format!("ended pid={r} signal={sig}"));
+            std::process::exit(3);
+        }
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
