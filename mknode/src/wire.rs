@@ -587,6 +587,8 @@ messages! {
     /// stop-and-copy), answered as one: `MigrateProgress`, then
     /// `MigrateReport` (the top's new pid) or `Failed`.
     71 req MigrateTreeOut { req: u32, pid: u32, to: u16 },
+    /// A `Checkpoint` of `pid` with all its descendants: a tree image.
+    72 req CheckpointTree { req: u32, pid: u32, kill: bool },
 }
 
 impl Msg {
@@ -755,7 +757,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 71);
+        assert_eq!(Kind::ALL.len(), 72);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,

@@ -157,6 +157,25 @@ fn a_tree_moves_with_its_pids_group_session_zombie_and_shared_log() {
         "{nspid}"
     );
 
+    // Its executable, and the signals left pending (SIGWINCH, blocked):
+    // the top's for its thread, the kid's for the process.
+    let exe = |p: i32| std::fs::read_link(format!("/proc/{p}/exe")).expect("exe");
+    let pending = |p: i32, what: &str| {
+        let s = std::fs::read_to_string(format!("/proc/{p}/status")).expect("status");
+        let v = s
+            .lines()
+            .find_map(|l| l.strip_prefix(what))
+            .expect("the field");
+        u64::from_str_radix(v.trim(), 16).expect("hex") & (1 << (libc::SIGWINCH - 1)) != 0
+    };
+    for (here, _) in &tree.pids {
+        if *here != tree.pids[1].0 {
+            assert_eq!(exe(*here), testprog("mktree"), "process {here}'s exe");
+        }
+    }
+    assert!(pending(tree.top(), "SigPnd:"), "the top's SIGWINCH");
+    assert!(pending(tree.pids[2].0, "ShdPnd:"), "the kid's SIGWINCH");
+
     let out = Output::new(r);
     let (before, t) = next_line(&out, "top ");
     assert_eq!(get(&t, "n"), old_top + 1, "the top counts on: {t}");

@@ -683,3 +683,137 @@ fn a_socket_pair_is_refused_by_name_where_sock_diag_is_missing() {
     runs_on(&m, &w, pid);
     no_gap(&w.seqs());
 }
+
+/// The pids a `cat /proc/<pid>/task/<pid>/children` on `on` lists.
+fn children_on(m: &Mkctl, on: &str, pid: u32) -> Vec<u32> {
+    let script = format!("cat /proc/{pid}/task/{pid}/children 2>/dev/null; true");
+    m.run(&["exec", on, "--", "sh", "-c", &script])
+        .ok()
+        .text()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// `--tree`: a busybox shell loop (a `sleep` child forked for every line,
+/// and one long-lived child) moves alpha -> beta -> alpha with its
+/// children. Without `--tree` it is refused by name and runs on. Its lines
+/// go on with no gap or repeat; the shell's pid as it knows it (`$$`) and
+/// its long child's stay, and its end comes back to the exec.
+#[test]
+fn a_shell_loop_with_its_children_moves_with_tree() {
+    let m = boot();
+    // (busybox runs `sleep` by executing /proc/self/exe: the copy's must
+    // be busybox again, not the agent that restored it.)
+    let script = "sleep 1000 & echo long=$!; i=0; while true; do echo \"seq=$i pid=$$\"; i=$((i+1)); sleep 0.2 & wait $! || echo sleep_failed=$?; done";
+    let mut w = exec_watched(&m, "alpha", &["sh", "-c", script]);
+    let first = |prefix: &str| -> u32 {
+        w.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} line"))
+    };
+    let long = first("long=");
+    let sh = w
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|l| field(l, "pid"))
+        .expect("a line with the shell's pid") as u32;
+    assert!(children_on(&m, "alpha", sh).contains(&long));
+
+    let r = refused_move(&m, sh);
+    assert!(
+        r.stderr.contains("has child processes") && r.stderr.contains("--tree"),
+        "{}",
+        r.stderr
+    );
+    let (mut pid, mut at) = (sh, "alpha");
+    for to in ["beta", "alpha"] {
+        let out = m
+            .run(&[
+                "migrate",
+                &pid.to_string(),
+                "--from",
+                at,
+                "--to",
+                to,
+                "--tree",
+                "--json",
+            ])
+            .ok();
+        let j = out.json();
+        eprintln!("--tree {at} -> {to}: {j}");
+        assert_eq!(j["mode"], "tree", "{j}");
+        let new_pid = j["new_pid"].as_u64().expect("new_pid") as u32;
+        // The shell runs there with its long child (the pid ns's numbers
+        // are the ones it knows; the kernel's own differ).
+        let kids = children_on(&m, to, new_pid);
+        assert!(!kids.is_empty(), "the shell on {to} has no children");
+        let ns = m
+            .run(&[
+                "exec",
+                to,
+                "--",
+                "sh",
+                "-c",
+                // (A short sleep may be gone by now.)
+                &format!(
+                    "grep NSpid /proc/{new_pid}/status; for k in {}; do grep NSpid /proc/$k/status 2>/dev/null; done; true",
+                    kids.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(" ")
+                ),
+            ])
+            .ok()
+            .text();
+        let mut lines = ns.lines();
+        assert!(
+            lines
+                .next()
+                .is_some_and(|l| l.ends_with(&format!("\t{sh}"))),
+            "the shell is {sh} in its namespace: {ns}"
+        );
+        assert!(
+            ns.lines().any(|l| l.ends_with(&format!("\t{long}"))),
+            "the long child is {long} in its namespace: {ns}"
+        );
+        // The origin no longer runs it.
+        until_empty(
+            &m,
+            at,
+            &format!("[ -e /proc/{pid} ] && cut -d' ' -f3 /proc/{pid}/stat"),
+            Duration::from_secs(30),
+            |left| format!("{at} still holds the shell {pid}: {left}"),
+        );
+        let seen = w.count("seq=");
+        w.wait_for("output after the move", Duration::from_secs(30), |l| {
+            l.iter().filter(|x| x.starts_with("seq=")).count() >= seen + 10
+        });
+        (pid, at) = (new_pid, to);
+    }
+    no_gap(&w.seqs());
+    let lines = w.lines.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .filter_map(|l| field(l, "pid"))
+            .all(|p| p == u64::from(sh)),
+        "$$ stayed {sh}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("sleep_failed")),
+        "a child's sleep failed: {lines:?}"
+    );
+    // The end: the long child, then the shell (the tree's end is its
+    // top's, once all of it has ended).
+    let kids = children_on(&m, at, pid);
+    let all: Vec<String> = kids.iter().chain([&pid]).map(|p| p.to_string()).collect();
+    let mut args = vec!["exec", at, "--", "kill", "-TERM"];
+    args.extend(all.iter().map(String::as_str));
+    m.run(&args).ok();
+    let st = w.child.wait().unwrap();
+    assert_eq!(st.code(), Some(143));
+}

@@ -179,12 +179,13 @@ fn open_image(file: &Path) -> Result<Box<dyn Read + Send>, Failure> {
         };
         return Err(Failure::Usage(why));
     }
-    if head != magic[..] {
+    if head != magic[..] && head != mknode::migrate::TREE_MAGIC[..] {
         return Err(Failure::Usage(format!(
-            "{} is not a process image (it begins with {:?}, not {:?})",
+            "{} is not a process image (it begins with {:?}, not {:?} or {:?})",
             image_name(file),
             String::from_utf8_lossy(&head),
-            String::from_utf8_lossy(magic)
+            String::from_utf8_lossy(magic),
+            String::from_utf8_lossy(&mknode::migrate::TREE_MAGIC)
         )));
     }
     Ok(Box::new(std::io::Cursor::new(head).chain(r)))
@@ -192,28 +193,47 @@ fn open_image(file: &Path) -> Result<Box<dyn Read + Send>, Failure> {
 
 /// Checkpoint of a host process, done here: freeze, write, then let it go
 /// on (or kill it). Any failure leaves it running untouched.
-fn checkpoint_here(pid: u32, output: &Path, kill: bool) -> Res {
+fn checkpoint_here(pid: u32, output: &Path, (kill, tree): (bool, bool)) -> Res {
+    use mknode::migrate::{freeze, freeze_tree, ImageOptions};
     let pid_i =
         i32::try_from(pid).map_err(|_| Failure::Usage(format!("pid {pid} out of range")))?;
-    let frozen = mknode::migrate::freeze(pid_i)?;
-    let written = write_image_out(output, |w| {
-        frozen
-            .write_image(w, mknode::migrate::ImageOptions::default())
+    let failed = |e: mknode::migrate::CaptureError| Failure::Failed(crate::error_chain(&e));
+    // (Either one is let go, untouched, when dropped.)
+    let (one, all) = if tree {
+        (None, Some(freeze_tree(pid_i)?))
+    } else {
+        (Some(freeze(pid_i)?), None)
+    };
+    let written = write_image_out(output, |w| match (&one, &all) {
+        (Some(f), _) => f
+            .write_image(w, ImageOptions::default())
             .map(|_| ())
-            .map_err(|e| Failure::Failed(crate::error_chain(&e)))
+            .map_err(failed),
+        (_, Some(t)) => t
+            .write_image(w, ImageOptions::default())
+            .map(|_| ())
+            .map_err(failed),
+        _ => unreachable!("one of them is frozen"),
     });
     match written {
         Ok(bytes) => {
-            if kill {
-                frozen.kill();
-            } else {
-                frozen.resume();
+            match (one, all, kill) {
+                (Some(f), _, true) => f.kill(),
+                (Some(f), _, false) => f.resume(),
+                (_, Some(t), true) => t.kill(),
+                (_, Some(t), false) => t.resume(),
+                _ => {}
             }
             say_written(output, bytes, pid, "host", kill)
         }
         Err(e) => {
-            drop(frozen);
-            Err(Failure::Failed(format!("checkpoint of {pid}: {e}; the process runs on")).into())
+            drop((one, all));
+            let what = if tree {
+                "its tree runs"
+            } else {
+                "the process runs"
+            };
+            Err(Failure::Failed(format!("checkpoint of {pid}: {e}; {what} on")).into())
         }
     }
 }
@@ -240,26 +260,39 @@ fn restore_here(file: &Path) -> Res {
         inner: image,
         progress: Progress::new("reading the image"),
     };
-    let restored =
-        match mknode::migrate::restore(std::io::BufReader::with_capacity(1 << 20, image), stdio) {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(Failure::Failed(format!(
-                    "restore of {}: {}",
-                    image_name(file),
-                    crate::error_chain(&e)
-                ))
-                .into())
-            }
-        };
-    eprintln!(
-        "mkctl: restored {} on host as pid {}",
-        image_name(file),
-        restored.pid
-    );
+    let restored = match mknode::migrate::restore_any(
+        std::io::BufReader::with_capacity(1 << 20, image),
+        stdio,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(Failure::Failed(format!(
+                "restore of {}: {}",
+                image_name(file),
+                crate::error_chain(&e)
+            ))
+            .into())
+        }
+    };
+    if restored.reap == restored.pid {
+        eprintln!(
+            "mkctl: restored {} on host as pid {}",
+            image_name(file),
+            restored.pid
+        );
+    } else {
+        eprintln!(
+            "mkctl: restored the tree of {} on host: its top is pid {}, in a pid namespace held by pid {}",
+            image_name(file),
+            restored.pid,
+            restored.reap
+        );
+    }
     use nix::sys::wait::{waitpid, WaitStatus};
-    let pid = nix::unistd::Pid::from_raw(restored.pid);
-    forward_signals_until_exit(pid);
+    // Signals go to the process (a tree's top); the status is the child's
+    // (a tree's holder exits with its top's, once the tree is gone).
+    forward_signals_until_exit(nix::unistd::Pid::from_raw(restored.pid));
+    let pid = nix::unistd::Pid::from_raw(restored.reap);
     loop {
         match waitpid(pid, None) {
             Ok(WaitStatus::Exited(_, code)) => return Ok(code),
@@ -318,12 +351,12 @@ fn forward_signals_until_exit(child: nix::unistd::Pid) {
     }
 }
 
-pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, kill: bool) -> Res {
+pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, (kill, tree): (bool, bool)) -> Res {
     if let Some(why) = stdio_refusal(output, false) {
         return Err(why.into());
     }
     if is_host(on) {
-        return checkpoint_here(pid, output, kill);
+        return checkpoint_here(pid, output, (kill, tree));
     }
     let mut c = connect()?;
     let failed = |e: &dyn std::error::Error| Failure::Failed(crate::error_chain(e));
@@ -333,6 +366,7 @@ pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, kill: bool) -> Res {
             pid,
             on: on.to_string(),
             kill,
+            tree,
         })
         .map_err(|e| failed(&e))?;
         loop {

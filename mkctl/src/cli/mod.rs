@@ -371,6 +371,11 @@ pub enum Command {
         /// Stop the process once the image is written.
         #[arg(long)]
         kill: bool,
+        /// Save the process with all its descendants (a tree image, which
+        /// `restore` rebuilds in a pid namespace of its own). Without it, a
+        /// process with children is refused.
+        #[arg(long)]
+        tree: bool,
     },
     /// Run a process from an image file on a kernel; like exec, its output
     /// comes back and its exit status becomes mkctl's.
@@ -753,7 +758,8 @@ fn dispatch(cli: Cli) -> Res {
             on,
             output,
             kill,
-        } => image::checkpoint(pid, &live::named(&on), &output, kill),
+            tree,
+        } => image::checkpoint(pid, &live::named(&on), &output, (kill, tree)),
         Command::Restore { file, on } => image::restore(&file, &live::named(&on)),
         Command::Pool {
             action: PoolAction::Release { unmount, dry_run },

@@ -113,6 +113,9 @@ pub enum Request {
         pid: u32,
         on: String,
         kill: bool,
+        /// With all its descendants: a tree image.
+        #[serde(default)]
+        tree: bool,
     },
     /// Restore the image the client then sends as `ImageChunk` wire frames
     /// (an empty one ends it); answered like exec.

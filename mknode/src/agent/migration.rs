@@ -131,6 +131,13 @@ impl Captured {
             Captured::Tree(t) => t.kill(),
         }
     }
+
+    fn resume(self) {
+        match self {
+            Captured::One(f) => f.resume(),
+            Captured::Tree(t) => t.resume(),
+        }
+    }
 }
 
 /// How a moved process ended, or why it is lost.
@@ -999,18 +1006,23 @@ impl Migration {
         })
     }
 
-    /// Writes an image of `pid` to the requester as `ImageChunk`s; the
-    /// process runs on unless `kill`.
+    /// Writes an image of `pid` (with its descendants: `tree`) to the
+    /// requester as `ImageChunk`s; the process runs on unless `kill`.
     fn checkpoint_to(
         &self,
         agent: &Agent,
         peer: u16,
         req: u32,
-        pid: u32,
+        (pid, tree): (u32, bool),
         kill: bool,
     ) -> Result<(), MoveError> {
         let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
-        let frozen = migrate::freeze(pid_i).map_err(MoveError::Freeze)?;
+        let frozen = if tree {
+            migrate::freeze_tree(pid_i).map(Captured::Tree)
+        } else {
+            migrate::freeze(pid_i).map(Captured::One)
+        }
+        .map_err(MoveError::Freeze)?;
         let mut w = ChunkWriter::new(agent, peer, |bytes| Msg::ImageChunk { req, bytes });
         let sent = frozen
             .write_image(&mut w, ImageOptions::default())
@@ -1148,6 +1160,7 @@ impl Facet for Migration {
             Kind::MigratedExit,
             Kind::MigratedAway,
             Kind::Checkpoint,
+            Kind::CheckpointTree,
             Kind::RestoreImage,
             Kind::ImageChunk,
             Kind::RestoreProbe,
@@ -1301,7 +1314,11 @@ impl Facet for Migration {
             }
             Msg::MigratedAway { mig, to } => self.home_hears(agent, peer, mig, FromAway::Away(to)),
             Msg::Checkpoint { req, pid, kill } => agent.answer_later(peer, req, move |me| {
-                self.checkpoint_to(me, peer, req, pid, kill)?;
+                self.checkpoint_to(me, peer, req, (pid, false), kill)?;
+                Ok::<_, MoveError>(Msg::Done { req })
+            }),
+            Msg::CheckpointTree { req, pid, kill } => agent.answer_later(peer, req, move |me| {
+                self.checkpoint_to(me, peer, req, (pid, true), kill)?;
                 Ok::<_, MoveError>(Msg::Done { req })
             }),
             Msg::RestoreImage { req } => self.restore_for(agent, peer, req),

@@ -1769,8 +1769,14 @@ pub(super) fn build<R: Read>(
             dsm_fds.push(fd.try_clone().map_err(local("dup of a memfd"))?);
         }
     }
+    // Its executable, for /proc/PID/exe (which busybox re-executes): the
+    // same path here, if it is there; else the stub's stays.
+    let exe = open_exe(&meta.process.exe);
+    let has_exe = exe.is_some();
+    dsm_fds.extend(exe);
     let in_ns = tree.is_some();
-    let extra_targets = fill(&blank, &meta, &memfds, &dsm_fds, tree)?;
+    let mut extra_targets = fill(&blank, &meta, &memfds, &dsm_fds, tree)?;
+    let exe_target = if has_exe { extra_targets.pop() } else { None };
     let Blank {
         mut stub,
         ctl,
@@ -2116,7 +2122,7 @@ pub(super) fn build<R: Read>(
             &call,
             answer,
             share.is_some(),
-            in_ns,
+            (in_ns, exe_target),
         )
     });
     let (tids, futex_listener) = match rest {
@@ -2183,7 +2189,8 @@ fn fill_eager(
 
 /// Steps 4b-8: protections, process and thread state, registers (the
 /// detach is [`Built::run`]'s). Returns the tids (leader first). `in_ns`:
-/// the process is in a pid namespace of its own (a tree's).
+/// the process is in a pid namespace of its own (a tree's); `exe`: the
+/// stub's descriptor of its executable (see [`set_mm`]).
 #[allow(clippy::too_many_arguments)]
 fn finish(
     stub: &mut Stub,
@@ -2193,7 +2200,7 @@ fn finish(
     call: &dyn Fn(Call) -> Result<u64, SysError>,
     answer: Option<Answer<'_>>,
     futex_filter: bool,
-    in_ns: bool,
+    (in_ns, exe): (bool, Option<i32>),
 ) -> Result<(Vec<Pid>, Option<OwnedFd>), RestoreError> {
     let leader = stub.pid;
     let base = *base;
@@ -2216,7 +2223,7 @@ fn finish(
     }
 
     // 5. Process-wide kernel state.
-    set_mm(leader, ctl, meta, call)?;
+    set_mm(leader, ctl, meta, exe, call)?;
     epoll_watches(leader, meta, scratch, call)?;
     for a in &meta.process.sigactions {
         poke(
@@ -2271,28 +2278,38 @@ fn finish(
         }
     }
 
+    // Each thread's tid as the process sees it: in its pid namespace (a
+    // tree's), where signals are queued and timers aimed by those numbers.
+    let seen: Vec<Pid> = if in_ns {
+        tids.iter()
+            .map(|t| {
+                ProcDir::new(Path::new("/proc"), t.as_raw())
+                    .ns_pid()
+                    .map(Pid::from_raw)
+            })
+            .collect::<io::Result<_>>()
+            .map_err(local("a new thread's pid in its namespace"))?
+    } else {
+        tids.clone()
+    };
     // 7. Per-thread kernel state, injected in each thread itself.
-    for (i, (t, &tid)) in meta.threads.iter().zip(&tids).enumerate() {
-        thread_state(leader, tid, i == 0, t, ctl, &base, meta)?;
+    for (i, ((t, &tid), &own)) in meta.threads.iter().zip(&tids).zip(&seen).enumerate() {
+        thread_state((leader, seen[0]), (tid, own), i == 0, t, (ctl, &base), meta)?;
     }
     // glibc caches each thread's tid at its clear_child_tid address: point
-    // it at the new tid (as the process sees it, in its pid namespace) so
-    // pthread_kill & co. reach the right thread.
-    for (t, &tid) in meta.threads.iter().zip(&tids) {
+    // it at the new tid so pthread_kill & co. reach the right thread.
+    for (t, &own) in meta.threads.iter().zip(&seen) {
         if t.clear_child_tid == 0 {
             continue;
         }
-        let seen = if in_ns {
-            ProcDir::new(Path::new("/proc"), tid.as_raw())
-                .ns_pid()
-                .map_err(local("a new thread's pid in its namespace"))?
-        } else {
-            tid.as_raw()
-        };
         let mut b = [0u8; 4];
         if read_remote(leader, t.clear_child_tid, &mut b).is_ok() && u32::from_le_bytes(b) == t.tid
         {
-            poke(leader, t.clear_child_tid, &(seen as u32).to_le_bytes())?;
+            poke(
+                leader,
+                t.clear_child_tid,
+                &(own.as_raw() as u32).to_le_bytes(),
+            )?;
         }
     }
 
@@ -2307,7 +2324,7 @@ fn finish(
             &[u64::from(*which), scratch, 0],
         ))?;
     }
-    posix_timers(leader, scratch, &meta.process.posix_timers, &tids, call)?;
+    posix_timers(leader, scratch, &meta.process.posix_timers, &seen, call)?;
 
     // A thread that moved itself: its connection here, and its answer.
     if let Some(a) = answer {
@@ -2362,10 +2379,15 @@ pub(super) fn poke(pid: Pid, addr: u64, b: &[u8]) -> Result<(), SysError> {
 
 /// `prctl(PR_SET_MM, PR_SET_MM_MAP)`: code/data/brk/stack/args/env bounds and
 /// the auxv, as the origin had them.
+/// `PR_SET_MM_MAP`: the mm fields and auxv of the image, and the
+/// executable on the stub's descriptor `exe` (closed after), if any. A
+/// kernel that refuses the executable (it is checked for exec rights) gets
+/// the rest without it.
 fn set_mm(
     leader: Pid,
     ctl: u64,
     meta: &ImageMeta,
+    exe: Option<i32>,
     call: &dyn Fn(Call) -> Result<u64, SysError>,
 ) -> Result<(), SysError> {
     let mm = &meta.process.mm;
@@ -2392,30 +2414,53 @@ fn set_mm(
         s.extend_from_slice(&w.to_le_bytes());
     }
     s.extend_from_slice(&(auxv.len() as u32).to_le_bytes());
-    s.extend_from_slice(&u32::MAX.to_le_bytes()); // exe_fd: keep
     poke(leader, ctl + CTL_AUXV, &auxv)?;
-    poke(leader, ctl + CTL_MM_MAP, &s)?;
-    call(Call::new(
-        "prctl(PR_SET_MM_MAP)",
-        libc::SYS_prctl,
-        &[
-            PR_SET_MM,
-            PR_SET_MM_MAP,
-            ctl + CTL_MM_MAP,
-            s.len() as u64,
-            0,
-        ],
-    ))
-    .map(drop)
+    let set = |exe_fd: u32| {
+        let mut s = s.clone();
+        s.extend_from_slice(&exe_fd.to_le_bytes()); // u32::MAX: keep
+        poke(leader, ctl + CTL_MM_MAP, &s)?;
+        call(Call::new(
+            "prctl(PR_SET_MM_MAP)",
+            libc::SYS_prctl,
+            &[
+                PR_SET_MM,
+                PR_SET_MM_MAP,
+                ctl + CTL_MM_MAP,
+                s.len() as u64,
+                0,
+            ],
+        ))
+        .map(drop)
+    };
+    let Some(fd) = exe else {
+        return set(u32::MAX);
+    };
+    let done = set(fd as u32).or_else(|e| {
+        log::warn!("process {leader}: {e}: its /proc/PID/exe stays the restorer's");
+        set(u32::MAX)
+    });
+    call(Call::new("close", libc::SYS_close, &[fd as u64]))?;
+    done
 }
 
+/// The executable at `path` (the image's `/proc/PID/exe`), to give the
+/// process, if it is a regular file here.
+fn open_exe(path: &str) -> Option<OwnedFd> {
+    if !path.starts_with('/') || path.ends_with(" (deleted)") {
+        return None;
+    }
+    let f = File::open(path).ok()?;
+    f.metadata().ok()?.is_file().then(|| f.into())
+}
+
+/// `(leader, pid)`, `(tid, own)`: the process and the thread, here and as
+/// the process sees them (another pid namespace's numbers for a tree's).
 fn thread_state(
-    leader: Pid,
-    tid: Pid,
+    (leader, pid): (Pid, Pid),
+    (tid, own): (Pid, Pid),
     is_leader: bool,
     t: &ThreadState,
-    ctl: u64,
-    base: &libc::user_regs_struct,
+    (ctl, base): (u64, &libc::user_regs_struct),
     meta: &ImageMeta,
 ) -> Result<(), SysError> {
     let scratch = ctl + CTL_SCRATCH;
@@ -2473,13 +2518,13 @@ fn thread_state(
     for r in run_batch(tid, ctl, base, &calls)? {
         r?;
     }
-    let pid = leader.as_raw() as u64;
+    let pid = pid.as_raw() as u64;
     for si in &t.pending {
         poke(leader, scratch, &si.0)?;
         call(Call::new(
             "rt_tgsigqueueinfo",
             libc::SYS_rt_tgsigqueueinfo,
-            &[pid, tid.as_raw() as u64, si.signo() as u64, scratch],
+            &[pid, own.as_raw() as u64, si.signo() as u64, scratch],
         ))?;
     }
     if is_leader {

@@ -21,6 +21,10 @@
 //! waits for it and prints `ended pid=<pid> signal=<the signal that ended
 //! it>`, then exits with code 3.
 //!
+//! SIGWINCH is blocked in both and left pending: in the top for its thread
+//! (`raise`), in the kid for the process (`kill` of itself), for a move to
+//! carry (`/proc/PID/status` shows them: `SigPnd`, `ShdPnd`).
+//!
 //! Every line is one `write` (lines of the two processes never mix).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,6 +78,15 @@ fn main() {
         }
         None => -1,
     };
+    // SAFETY: sigset calls on a live local set; the mask change and raise
+    // touch this (single-threaded) process only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGWINCH);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::raise(libc::SIGWINCH);
+    }
     let usr1 = Arc::new(AtomicBool::new(false));
     let usr2 = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&usr1))
@@ -90,7 +103,10 @@ fn main() {
     let kid = unsafe { libc::fork() };
     if kid == 0 {
         // SAFETY: plain process calls on integers.
-        unsafe { libc::setpgid(0, 0) };
+        unsafe {
+            libc::setpgid(0, 0);
+            libc::kill(libc::getpid(), libc::SIGWINCH);
+        }
         for n in 0.. {
             // SAFETY: as above.
             let (pid, ppid, pgid, sid) = unsafe {

@@ -579,7 +579,12 @@ impl Daemon {
             Request::MigrateThread { pid, tid, from, to } => {
                 self.migrate_thread(pid, tid, &from, &to)?
             }
-            Request::Checkpoint { pid, on, kill } => self.checkpoint(pid, &on, kill, conn)?,
+            Request::Checkpoint {
+                pid,
+                on,
+                kill,
+                tree,
+            } => self.checkpoint(pid, &on, (kill, tree), conn)?,
             Request::Exec {
                 instance,
                 argv,

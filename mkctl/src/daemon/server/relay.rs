@@ -571,11 +571,17 @@ impl Daemon {
         &self,
         pid: u32,
         on: &str,
-        kill: bool,
+        (kill, tree): (bool, bool),
         conn: &Conn,
     ) -> Result<Reply, RequestError> {
         let (id, agent) = self.instance(on, "checkpoint", "not supported yet; use an instance")?;
-        let (req, rx) = agent.request(id, |req| Msg::Checkpoint { req, pid, kill })?;
+        let (req, rx) = agent.request(id, |req| {
+            if tree {
+                Msg::CheckpointTree { req, pid, kill }
+            } else {
+                Msg::Checkpoint { req, pid, kill }
+            }
+        })?;
         let result = loop {
             match rx.recv_timeout(CHECKPOINT_TIMEOUT) {
                 Ok(m @ Msg::ImageChunk { .. }) => {
