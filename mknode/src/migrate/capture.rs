@@ -32,7 +32,7 @@ use super::image::{
 use super::inject::{inject, ptrace_err, wait_stop, Call, Stop};
 use super::lazy::{eager_ranges, LazyOptions, PageServer};
 use super::memory::{fingerprint, is_zero, read_pages, read_remote, to_mapping, write_remote};
-use super::precheck::{check_at, Blocker, Precheck, Refusal};
+use super::precheck::{check_within, Blocker, Precheck, Refusal, Scope};
 use super::procfs::{MapsEntry, ProcDir, SmapsEntry};
 use super::{sys, SysError};
 
@@ -179,6 +179,8 @@ pub struct Frozen {
     live: bool,
     /// Frozen for a thread to leave (`freeze_for_split`).
     split: bool,
+    /// The other processes frozen with it (a tree's).
+    scope: Scope,
     /// Shared with the lazy page servers: true while the original is frozen
     /// (its memory is the image's); cleared before it is let go.
     frozen: Arc<AtomicBool>,
@@ -197,7 +199,7 @@ const ATTEMPTS: usize = 64;
 /// seizes and interrupts every thread until no new one appears, checks again
 /// under freeze, and reads all state but memory.
 pub fn freeze(pid: i32) -> Result<Frozen, CaptureError> {
-    freeze_accepting(pid, |_| false, false)
+    freeze_accepting(pid, |_| false, false, &Scope::default())
 }
 
 /// [`freeze`] for a thread leaving its process (see `split`): what stays
@@ -219,15 +221,18 @@ pub(crate) fn freeze_for_split(pid: i32) -> Result<Frozen, CaptureError> {
             _ => false,
         },
         true,
+        &Scope::default(),
     )
 }
 
 /// [`freeze`], letting through the blockers `accept` says are expected;
-/// `split`: the image leaves out descriptors it cannot carry.
+/// `split`: the image leaves out descriptors it cannot carry; `scope`: the
+/// other processes that move with it (a tree's).
 pub(super) fn freeze_accepting(
     pid: i32,
     accept: impl Fn(&Blocker) -> bool,
     split: bool,
+    scope: &Scope,
 ) -> Result<Frozen, CaptureError> {
     let keep = |r: Result<Precheck, Refusal>| match r {
         Err(Refusal::Blocked { pid, blockers }) => {
@@ -244,13 +249,15 @@ pub(super) fn freeze_accepting(
         Err(e) => Err(e),
         Ok(_) => Ok(()),
     };
-    keep(super::precheck::check_migratable(pid))?;
+    let me = std::process::id() as i32;
+    keep(check_within(Path::new("/proc"), pid, me, scope))?;
     let mut f = Frozen {
         pid: Pid::from_raw(pid),
         tids: Vec::new(),
         meta: None,
         live: true,
         split,
+        scope: scope.clone(),
         frozen: Arc::new(AtomicBool::new(true)),
         frozen_at: std::time::Instant::now(),
         _traced: Traced::new(pid),
@@ -266,14 +273,13 @@ pub(super) fn freeze_accepting(
     f.seize_all()?;
     // The answer that counts: nothing can change any more.
     // Our own trace (tracer = this thread) and its stop are expected now.
-    let me = std::process::id() as i32;
     let tracer = nix::unistd::gettid().as_raw();
     let ours = |b: &Blocker| match b {
         Blocker::Traced { tracer: t } => *t == tracer,
         Blocker::State { state } => *state == 't',
         b => accept(b),
     };
-    match check_at(Path::new("/proc"), pid, me) {
+    match check_within(Path::new("/proc"), pid, me, scope) {
         Ok(_) => {}
         Err(Refusal::Blocked { pid, blockers }) => {
             let rest: Vec<Blocker> = blockers.into_iter().filter(|b| !ours(b)).collect();
@@ -787,7 +793,7 @@ impl Frozen {
             epolls,
             memfds,
             kernel_clocks,
-        } = match super::precheck::open_files(&pd, self.split) {
+        } = match super::precheck::open_files(&pd, self.split, &self.scope) {
             Ok(s) => s,
             Err(e) => return Err(self.proc_err("fd")(e)),
         };

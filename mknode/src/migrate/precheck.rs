@@ -69,8 +69,8 @@ pub enum Blocker {
     /// A kernel thread: no user memory to save.
     KernelThread,
     /// In a tree (`--tree`), a process below the top whose fd 0/1/2 is a
-    /// pipe or tty other than the top's on the same fd (the destination
-    /// gives them all the top's).
+    /// tty other than the top's on the same fd (the destination gives them
+    /// all the top's).
     TreeStdio {
         fd: i32,
         target: String,
@@ -188,7 +188,7 @@ fn join(b: &[Blocker]) -> String {
         s.push_str(" (--tree moves a process with all its descendants)");
     }
     if b.iter().any(|x| matches!(x, Blocker::TreeStdio { .. })) {
-        s.push_str(" (in a tree, fds 0-2 that are pipes or ttys must be the top's on the same fd: a pipe between the tree's processes is not carried yet)");
+        s.push_str(" (in a tree, a tty on fds 0-2 must be the top's on the same fd: the destination gives them all the top's)");
     }
     if b.iter().any(|x| matches!(x, Blocker::DeletedFile { .. })) {
         s.push_str(" (deleted files are not carried: their content exists nowhere else)");
@@ -250,13 +250,40 @@ pub(crate) fn carried_file(target: &str) -> Option<FileKind> {
     }
 }
 
+/// The other processes a move carries with this one (a tree's, `--tree`)
+/// and the top's fds 0-2: pipes between the tree's processes are carried,
+/// and only what is the top's on the same fd is the destination's to
+/// replace. The default: the process alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Scope {
+    pub(crate) members: Vec<i32>,
+    /// The `/proc` link targets of the top's fds 0, 1, 2 (in a tree).
+    pub(crate) top_stdio: Option<[String; 3]>,
+}
+
+impl Scope {
+    /// Whether fd `fd` (0-2) open on `target` is replaced by the
+    /// destination: always alone; in a tree, when it is the top's.
+    fn replaced(&self, fd: i32, target: &str) -> bool {
+        match &self.top_stdio {
+            None => true,
+            Some(top) => top[fd as usize] == target,
+        }
+    }
+}
+
 /// Stdio kinds, and the carried files' descriptors and kinds.
 type SortedFds = ([StdioKind; 3], Vec<(i32, FileKind)>);
 
 /// Sorts the descriptors `pd` lists into stdio kinds, carried files and
 /// blockers. With `stat`, each carried file's `/proc` link is followed to
 /// check it is a regular file (not a directory, socket file or FIFO).
-fn sort_fds(pd: &ProcDir, stat: bool, blockers: &mut Vec<Blocker>) -> io::Result<SortedFds> {
+fn sort_fds(
+    pd: &ProcDir,
+    stat: bool,
+    scope: &Scope,
+    blockers: &mut Vec<Blocker>,
+) -> io::Result<SortedFds> {
     let mut stdio = [StdioKind::Closed; 3];
     let mut files = Vec::new();
     let mut peers = Vec::new();
@@ -278,8 +305,11 @@ fn sort_fds(pd: &ProcDir, stat: bool, blockers: &mut Vec<Blocker>) -> io::Result
         }
         if (0..3).contains(&fd) {
             if let Some(k) = stdio_kind(&target) {
-                stdio[fd as usize] = k;
-                continue;
+                // (A pipe between a tree's processes is carried.)
+                if k != StdioKind::Pipe || scope.replaced(fd, &target) {
+                    stdio[fd as usize] = k;
+                    continue;
+                }
             }
         }
         let kind = carried_file(&target).filter(|k| {
@@ -299,7 +329,7 @@ fn sort_fds(pd: &ProcDir, stat: bool, blockers: &mut Vec<Blocker>) -> io::Result
             None => blockers.push(Blocker::OpenFd { fd, target }),
         }
     }
-    shared_blockers(pd, &mut files, &peers, blockers);
+    shared_blockers(pd, &mut files, &peers, scope, blockers);
     if files.len() > MAX_FILES {
         blockers.push(Blocker::OpenFd {
             fd: files[MAX_FILES].0,
@@ -314,11 +344,13 @@ fn sort_fds(pd: &ProcDir, stat: bool, blockers: &mut Vec<Blocker>) -> io::Result
 /// process under the proc root is looked at) or in packet mode
 /// (`O_DIRECT`); a socket whose peer is not on a carried socket of the
 /// process, or that another process holds too. `peers`: each socket's fd
-/// and its peer's inode.
+/// and its peer's inode. The processes of `scope` are not another: what
+/// they hold moves too.
 fn shared_blockers(
     pd: &ProcDir,
     files: &mut Vec<(i32, FileKind)>,
     peers: &[(i32, u32)],
+    scope: &Scope,
     blockers: &mut Vec<Blocker>,
 ) {
     let target = |fd: i32| {
@@ -346,7 +378,7 @@ fn shared_blockers(
     let mut outside: Vec<(String, String)> = Vec::new();
     for fd in 0..3 {
         let t = target(fd);
-        if wanted.contains(&t) {
+        if wanted.contains(&t) && scope.replaced(fd, &t) {
             outside.push((
                 t,
                 format!("fd {fd} of the process (the destination replaces 0-2)"),
@@ -359,7 +391,7 @@ fn shared_blockers(
             let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
                 continue;
             };
-            if pid == me {
+            if pid == me || scope.members.contains(&pid) {
                 continue;
             }
             let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
@@ -473,7 +505,7 @@ fn socket_peer(target: &str) -> Result<u32, NotAPair> {
 pub fn files_of(pid: i32) -> io::Result<Vec<(String, FileKind)>> {
     let pd = ProcDir::new(Path::new("/proc"), pid);
     let mut blockers = Vec::new();
-    let (_, kinds) = sort_fds(&pd, true, &mut blockers)?;
+    let (_, kinds) = sort_fds(&pd, true, &Scope::default(), &mut blockers)?;
     Ok(kinds
         .into_iter()
         .filter(|(_, k)| k.by_path())
@@ -495,10 +527,10 @@ pub fn files_of(pid: i32) -> io::Result<Vec<(String, FileKind)>> {
 /// taken and the rest is left out (a split process keeps it at home: a
 /// copy of a pipe or timer would not be the same one). Nothing of the process changes: a pipe's bytes are copied
 /// with `tee`, which leaves them in the pipe.
-pub(crate) fn open_files(pd: &ProcDir, skip: bool) -> io::Result<CapturedFiles> {
+pub(crate) fn open_files(pd: &ProcDir, skip: bool, scope: &Scope) -> io::Result<CapturedFiles> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut blockers = Vec::new();
-    let (stdio, mut kinds) = sort_fds(pd, true, &mut blockers)?;
+    let (stdio, mut kinds) = sort_fds(pd, true, scope, &mut blockers)?;
     if skip {
         kinds.retain(|(_, k)| matches!(k, FileKind::Regular | FileKind::Device));
     } else if !blockers.is_empty() {
@@ -1546,6 +1578,16 @@ const CARRIED_CLOCKS: &str = "carried: realtime, monotonic, boottime, the proces
 
 /// Checks `pid` under the proc root `root` (normally `/proc`).
 pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusal> {
+    check_within(root, pid, self_pid, &Scope::default())
+}
+
+/// [`check_at`] for a process that moves with the others of `scope`.
+pub(crate) fn check_within(
+    root: &Path,
+    pid: i32,
+    self_pid: i32,
+    scope: &Scope,
+) -> Result<Precheck, Refusal> {
     let inspect = |source| Refusal::Inspect { pid, source };
     let pd = ProcDir::new(root, pid);
     let mut blockers = Vec::new();
@@ -1588,7 +1630,7 @@ pub fn check_at(root: &Path, pid: i32, self_pid: i32) -> Result<Precheck, Refusa
     // Under /proc itself each file is looked at; a captured tree has only
     // the links.
     let stat = root == Path::new("/proc");
-    let (stdio, kinds) = sort_fds(&pd, stat, &mut blockers).map_err(inspect)?;
+    let (stdio, kinds) = sort_fds(&pd, stat, scope, &mut blockers).map_err(inspect)?;
     mapping_blockers(&pd, &maps, &mut blockers);
     // What makes a memfd not carried (its size outside its mappings, a
     // write seal on a mapped one) is known before the freeze: said now.

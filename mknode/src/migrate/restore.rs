@@ -493,8 +493,12 @@ fn open_files(
     let mut owned = Vec::with_capacity(files.len());
     let mut plan: Vec<(i32, i32, bool)> = Vec::with_capacity(files.len());
     // Each pipe's two ends, until a descriptor takes one (then `None`:
-    // another description of that end is a new open of it).
-    let mut made: Vec<(u32, Option<OwnedFd>, Option<OwnedFd>, OwnedFd)> = Vec::new();
+    // another description of that end is a new open of it). A tree's are
+    // the tree's, by its ids: one pipe between its processes.
+    let mut made: Vec<MadePipe> = tree
+        .as_deref_mut()
+        .map(|t| std::mem::take(&mut t.pipes))
+        .unwrap_or_default();
     let mut to_arm = Vec::new();
     let mut pairs: Vec<(u32, [OwnedFd; 2])> = Vec::new();
     for f in files {
@@ -530,12 +534,21 @@ fn open_files(
             (FileKind::Signalfd, FileState::Signals(mask)) => {
                 signalfd(f, mask).map_err(|e| fail(e.to_string()))?
             }
-            (FileKind::Pipe, FileState::Pipe(id)) => {
+            (FileKind::Pipe, FileState::Pipe(local)) => {
+                let id = match tree.as_deref() {
+                    Some(t) => t
+                        .pipe_ids
+                        .iter()
+                        .find(|p| p.0 == local)
+                        .map(|p| p.1)
+                        .ok_or_else(|| fail(format!("pipe {local} is not in the tree")))?,
+                    None => local,
+                };
                 if !made.iter().any(|m| m.0 == id) {
                     let p = pipes
                         .iter()
-                        .find(|p| p.id == id)
-                        .ok_or_else(|| fail(format!("pipe {id} is not in the image")))?;
+                        .find(|p| p.id == local)
+                        .ok_or_else(|| fail(format!("pipe {local} is not in the image")))?;
                     let (r, w) = make_pipe(p).map_err(|e| fail(e.to_string()))?;
                     let reopen = r.try_clone().map_err(|e| fail(e.to_string()))?;
                     made.push((id, Some(r), Some(w), reopen));
@@ -601,8 +614,12 @@ fn open_files(
         plan.push((high, f.fd as i32, cloexec));
     }
     // The pipe ends no descriptor took are closed here, as they were on
-    // the origin (a reader then sees the end of the data).
-    drop(made);
+    // the origin (a reader then sees the end of the data); a tree's once
+    // every process has its own.
+    match tree {
+        Some(t) => t.pipes = made,
+        None => drop(made),
+    }
     drop(pairs);
     for (i, t, fd) in to_arm {
         arm_timerfd(&owned[i], &t, base).map_err(|e| RestoreError::File {
@@ -1182,7 +1199,18 @@ pub(super) struct TreeFiles {
     pub(super) shared: Vec<(u32, OwnedFd)>,
     /// What the process being built opened, by fd (for later ones).
     pub(super) opened: Vec<(u32, OwnedFd)>,
+    /// The pipes of the process being built: its id of each, the tree's.
+    pub(super) pipe_ids: Vec<(u32, u32)>,
+    /// The tree's pipes made so far, by the tree's ids (see
+    /// [`open_files`]); their untaken ends close once every process is
+    /// built.
+    pub(super) pipes: Vec<MadePipe>,
 }
+
+/// A pipe made again: its id, its read and write ends until a descriptor
+/// takes one (then `None`: another description of that end is a new open
+/// of it), and a descriptor to reopen it through.
+pub(super) type MadePipe = (u32, Option<OwnedFd>, Option<OwnedFd>, OwnedFd);
 
 /// Forks and empties a [`Blank`] whose control page is clear of `image`
 /// (none yet: the lowest free page, which an image rarely holds) and of

@@ -22,10 +22,15 @@
 //! image (`restore::build`); all run; the holder runs its loop last.
 //! ```
 //!
-//! Limits: stop-and-copy only (no lazy tree); a pipe or socket pair
-//! between two processes of the tree, or a tty or pipe on fds 0-2 that is
-//! not the top's on the same fd, is refused by name; a process group or
-//! session led from outside the tree is replaced by the holder's.
+//! Pipes between the tree's processes move as one pipe each, with their
+//! bytes in flight (the header maps each process's pipe ids to the
+//! tree's); a pipe on fds 0-2 is carried too unless it is the top's on the
+//! same fd (the destination gives every process the top's).
+//!
+//! Limits: stop-and-copy only (no lazy tree); a socket pair between two
+//! processes of the tree, or a tty on fds 0-2 that is not the top's on the
+//! same fd, is refused by name; a process group or session led from
+//! outside the tree is replaced by the holder's.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -38,7 +43,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use super::capture::{freeze_accepting, CaptureError, Frozen, ImageOptions};
 use super::image::{ImageError, ImageReader, ImageStats, FLAG_LAZY};
 use super::inject::{inject, ptrace_err, wait, Call};
-use super::precheck::{same_file, stdio_kind, Blocker, Refusal};
+use super::precheck::{same_file, stdio_kind, Blocker, Refusal, Scope};
 use super::procfs::ProcDir;
 use super::restore::{
     blank_in, build, check_kernel, poke, Blank, RestoreError, StdioPlan, Stub, TreeFiles,
@@ -50,7 +55,7 @@ use crate::codec::{Reader, Writer};
 
 /// First bytes of a tree image (a process image begins with `MKPROCIM`).
 pub const TREE_MAGIC: [u8; 8] = *b"MKTREEIM";
-const TREE_VERSION: u16 = 1;
+const TREE_VERSION: u16 = 2;
 /// Processes in one tree, at most.
 pub const MAX_TREE: usize = 64;
 /// Shared descriptions in one tree header, at most.
@@ -81,12 +86,23 @@ pub struct SharedFile {
     pub from_fd: u32,
 }
 
-/// The tree header: its processes, parents first (the top at 0), and the
-/// descriptions they share.
+/// Pipe `local` of process `proc` (its id in that process's image) is the
+/// tree's pipe `global` (from 1): one pipe, which several processes may
+/// hold ends of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreePipe {
+    pub proc: u32,
+    pub local: u32,
+    pub global: u32,
+}
+
+/// The tree header: its processes, parents first (the top at 0), the
+/// descriptions they share and the pipes between them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TreeMeta {
     pub procs: Vec<TreeProc>,
     pub shares: Vec<SharedFile>,
+    pub pipes: Vec<TreePipe>,
 }
 
 const NONE: u32 = u32::MAX;
@@ -112,6 +128,12 @@ impl TreeMeta {
             w.u32(s.from);
             w.u32(s.from_fd);
         }
+        w.count(self.pipes.len());
+        for p in &self.pipes {
+            w.u32(p.proc);
+            w.u32(p.local);
+            w.u32(p.global);
+        }
         let mut out = Vec::with_capacity(body.len() + 30);
         let mut w = Writer(&mut out);
         w.raw(&TREE_MAGIC);
@@ -136,7 +158,7 @@ impl TreeMeta {
             return Err(ImageError::Version(version));
         }
         let len = u32::from_le_bytes(head[10..14].try_into().expect("4 bytes")) as usize;
-        let max = 4 + MAX_TREE * 21 + 4 + MAX_SHARES * 16;
+        let max = 4 + MAX_TREE * 21 + 4 + MAX_SHARES * 16 + 4 + MAX_SHARES * 12;
         if len > max {
             return Err(invalid(
                 10,
@@ -202,7 +224,29 @@ impl TreeMeta {
                 from_fd: rd.u32().map_err(short)?,
             });
         }
-        let t = TreeMeta { procs, shares };
+        let np = rd.count(12).map_err(short)?;
+        if np > MAX_SHARES {
+            return Err(invalid(14, format!("{np} pipes")));
+        }
+        let mut pipes = Vec::with_capacity(np);
+        for _ in 0..np {
+            pipes.push(TreePipe {
+                proc: rd.u32().map_err(short)?,
+                local: rd.u32().map_err(short)?,
+                global: rd.u32().map_err(short)?,
+            });
+        }
+        if rd.remaining() != 0 {
+            return Err(invalid(
+                14,
+                format!("{} bytes after the pipes", rd.remaining()),
+            ));
+        }
+        let t = TreeMeta {
+            procs,
+            shares,
+            pipes,
+        };
         t.check().map_err(|why| invalid(14, why))?;
         Ok(t)
     }
@@ -263,6 +307,20 @@ impl TreeMeta {
                 return Err("a zombie shares a description".into());
             }
         }
+        for (k, x) in self.pipes.iter().enumerate() {
+            if x.proc as usize >= p.len() || p[x.proc as usize].zombie.is_some() {
+                return Err(format!("a pipe names process {}", x.proc));
+            }
+            if x.global == 0 || x.global as usize > self.pipes.len() {
+                return Err(format!("pipe {} of {}", x.global, self.pipes.len()));
+            }
+            if self.pipes[..k]
+                .iter()
+                .any(|y| y.proc == x.proc && y.local == x.local)
+            {
+                return Err(format!("pipe {} of process {} twice", x.local, x.proc));
+            }
+        }
         Ok(())
     }
 }
@@ -310,6 +368,51 @@ pub struct FrozenTree {
 /// reads how they relate. Refuses, with everything let go again, what a
 /// tree cannot carry (see the module doc).
 pub fn freeze_tree(top: i32) -> Result<FrozenTree, CaptureError> {
+    // What moves together is listed first (each freeze checks that every
+    // other holder of a pipe is in it); a tree that changed meanwhile is
+    // let go and taken again.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let members = tree_of(top).map_err(|source| CaptureError::Proc {
+            pid: top,
+            what: "children",
+            source,
+        })?;
+        let target = |fd: i32| {
+            std::fs::read_link(format!("/proc/{top}/fd/{fd}"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let scope = Scope {
+            members: members.clone(),
+            top_stdio: Some([target(0), target(1), target(2)]),
+        };
+        let frozen = freeze_scope(top, &scope);
+        let same = |t: &FrozenTree| {
+            let mut a = t.pids.clone();
+            let mut b = members.clone();
+            a.sort_unstable();
+            b.sort_unstable();
+            a == b
+        };
+        match frozen {
+            Ok(t) if same(&t) => return Ok(t),
+            Err(e) if tries >= 3 || tree_of(top).is_ok_and(|now| now == members) => return Err(e),
+            Ok(t) if tries >= 3 => {
+                drop(t);
+                return Err(CaptureError::Tree {
+                    pid: top,
+                    why: "its processes kept changing while it was frozen".into(),
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// [`freeze_tree`] of the processes `scope` names.
+fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
     let mut t = FrozenTree {
         meta: TreeMeta::default(),
         frozen: Vec::new(),
@@ -330,7 +433,7 @@ pub fn freeze_tree(top: i32) -> Result<FrozenTree, CaptureError> {
         let zombie = if stat.state == 'Z' && parent.is_some() {
             Some(stat.exit_code)
         } else {
-            let f = freeze_accepting(pid, |b| matches!(b, Blocker::Children { .. }), false);
+            let f = freeze_accepting(pid, |b| matches!(b, Blocker::Children { .. }), false, scope);
             match f {
                 Ok(f) => {
                     t.frozen.push(f);
@@ -371,6 +474,7 @@ pub fn freeze_tree(top: i32) -> Result<FrozenTree, CaptureError> {
         .map_err(|why| CaptureError::Tree { pid: top, why })?;
     t.stdio_blockers()?;
     t.find_shares();
+    t.find_pipes()?;
     Ok(t)
 }
 
@@ -405,7 +509,8 @@ impl FrozenTree {
     }
 
     /// Processes below the top whose fds 0-2 the destination would not
-    /// give them: a pipe or tty other than the top's on the same fd.
+    /// give them: a tty other than the top's on the same fd. (A pipe other
+    /// than the top's is carried, see `Scope`.)
     fn stdio_blockers(&self) -> Result<(), CaptureError> {
         let target = |pid: i32, fd: i32| {
             std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
@@ -417,10 +522,7 @@ impl FrozenTree {
             let mut blockers = Vec::new();
             for fd in 0..3 {
                 let t = target(pid, fd);
-                let replaced = matches!(
-                    stdio_kind(&t),
-                    Some(super::image::StdioKind::Pipe | super::image::StdioKind::Tty)
-                );
+                let replaced = stdio_kind(&t) == Some(super::image::StdioKind::Tty);
                 let top = target(self.pids[0], fd);
                 if replaced && t != top {
                     blockers.push(Blocker::TreeStdio {
@@ -438,6 +540,49 @@ impl FrozenTree {
                 return Err(Refusal::Blocked { pid, blockers }.into());
             }
         }
+        Ok(())
+    }
+
+    /// Which pipe of the tree each process's pipes are (their ids are the
+    /// process's own): by inode, numbered from 1 in order of appearance.
+    fn find_pipes(&mut self) -> Result<(), CaptureError> {
+        let mut inodes: Vec<String> = Vec::new();
+        let mut found = Vec::new();
+        for (i, f) in self.live() {
+            let pid = self.pids[i];
+            for file in &f.meta().process.files {
+                let super::image::FileState::Pipe(local) = file.state else {
+                    continue;
+                };
+                if found
+                    .iter()
+                    .any(|p: &TreePipe| p.proc == i as u32 && p.local == local)
+                {
+                    continue;
+                }
+                let ino = std::fs::read_link(format!("/proc/{pid}/fd/{}", file.fd))
+                    .map_err(|source| CaptureError::Proc {
+                        pid,
+                        what: "fd",
+                        source,
+                    })?
+                    .to_string_lossy()
+                    .into_owned();
+                let global = match inodes.iter().position(|x| *x == ino) {
+                    Some(g) => g as u32 + 1,
+                    None => {
+                        inodes.push(ino);
+                        inodes.len() as u32
+                    }
+                };
+                found.push(TreePipe {
+                    proc: i as u32,
+                    local,
+                    global,
+                });
+            }
+        }
+        self.meta.pipes = found;
         Ok(())
     }
 
@@ -742,6 +887,7 @@ pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree,
     }
     // 4. Each live process, from its image.
     let mut opened: Vec<Vec<(u32, std::os::fd::OwnedFd)>> = Vec::new();
+    let mut files = TreeFiles::default();
     let mut built = Vec::new();
     let mut stats = ImageStats::default();
     for (i, p) in tree.procs.iter().enumerate() {
@@ -761,7 +907,13 @@ pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree,
             )));
         }
         let plan = check_kernel(&meta)?;
-        let mut files = TreeFiles::default();
+        files.shared.clear();
+        files.pipe_ids = tree
+            .pipes
+            .iter()
+            .filter(|p| p.proc as usize == i)
+            .map(|p| (p.local, p.global))
+            .collect();
         for s in tree.shares.iter().filter(|s| s.proc as usize == i) {
             let theirs = opened[s.from as usize]
                 .iter()
@@ -779,14 +931,14 @@ pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree,
             files.shared.push((s.fd, dup));
         }
         let one = build(b, rd, meta, &plan, None, None, Some(&mut files))?;
-        opened[i] = files.opened;
+        opened[i] = std::mem::take(&mut files.opened);
         stats.data_pages += one.stats().data_pages;
         stats.zero_pages += one.stats().zero_pages;
         stats.bytes += one.stats().bytes;
         stats.checksum ^= one.stats().checksum;
         built.push(one);
     }
-    drop(opened);
+    drop((opened, files));
     // 5. Everything runs: children first, then the holder's loop.
     for b in built.into_iter().rev() {
         b.run()?;
@@ -850,6 +1002,18 @@ mod tests {
                 from: 0,
                 from_fd: 3,
             }],
+            pipes: vec![
+                TreePipe {
+                    proc: 0,
+                    local: 1,
+                    global: 1,
+                },
+                TreePipe {
+                    proc: 2,
+                    local: 1,
+                    global: 1,
+                },
+            ],
         }
     }
 
@@ -887,6 +1051,15 @@ mod tests {
         let mut t = sample();
         t.shares[0].from = 2;
         assert!(err(t).contains("shared description"));
+        let mut t = sample();
+        t.pipes[1].proc = 1;
+        assert!(err(t).contains("a pipe names process 1"));
+        let mut t = sample();
+        t.pipes[1].global = 3;
+        assert!(err(t).contains("pipe 3 of 2"));
+        let mut t = sample();
+        t.pipes[1].proc = 0;
+        assert!(err(t).contains("pipe 1 of process 0 twice"));
         let b = sample().encode();
         for cut in 0..b.len() {
             assert!(TreeMeta::read(&mut &b[..cut]).is_err(), "cut at {cut}");
