@@ -696,16 +696,18 @@ fn children_on(m: &Mkctl, on: &str, pid: u32) -> Vec<u32> {
 }
 
 /// `--tree`: a busybox shell loop (a `sleep` child forked for every line,
-/// and one long-lived child) moves alpha -> beta -> alpha with its
-/// children. Without `--tree` it is refused by name and runs on. Its lines
-/// go on with no gap or repeat; the shell's pid as it knows it (`$$`) and
-/// its long child's stay, and its end comes back to the exec.
+/// and one long-lived child) piped through `cat` moves alpha -> beta ->
+/// alpha with its children. Without `--tree` it is refused by name and
+/// runs on. Its lines go on with no gap or repeat (through the pipe
+/// between the loop and `cat`, carried with the tree); the shell's pid as
+/// it knows it (`$$`) and its long child's stay, and its end comes back
+/// to the exec.
 #[test]
 fn a_shell_loop_with_its_children_moves_with_tree() {
     let m = boot();
     // (busybox runs `sleep` by executing /proc/self/exe: the copy's must
     // be busybox again, not the agent that restored it.)
-    let script = "sleep 1000 & echo long=$!; i=0; while true; do echo \"seq=$i pid=$$\"; i=$((i+1)); sleep 0.2 & wait $! || echo sleep_failed=$?; done";
+    let script = "sleep 1000 & echo long=$!; i=0; while true; do echo \"seq=$i pid=$$\"; i=$((i+1)); sleep 0.2 & wait $! || echo sleep_failed=$?; done | cat";
     let mut w = exec_watched(&m, "alpha", &["sh", "-c", script]);
     let first = |prefix: &str| -> u32 {
         w.lines
