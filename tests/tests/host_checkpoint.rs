@@ -1085,3 +1085,108 @@ fn dup_descriptors_share_their_open_file_again() {
     assert_ne!(kcmp_file(new_pid, 3, 5), 0);
     end(&mut r);
 }
+
+/// `mkctl checkpoint --tree` of mktree (a top, a kid, a zombie) and
+/// `mkctl restore` of the tree image: the lines of both go on from the
+/// next, mkctl says it restored a tree, and a SIGTERM to mkctl reaches
+/// every process of it; the top's end is mkctl's status. Without
+/// `--tree`, the checkpoint is refused and names the flag.
+#[test]
+fn a_tree_is_checkpointed_and_restored_by_mkctl() {
+    let dir = Scratch::new("host_checkpoint_tree");
+    let prog = mkctl_e2e::host_testprog("mktree");
+    let mut c = Command::new("bash");
+    c.arg("-c").arg(format!(
+        "for f in /proc/$$/fd/*; do n=${{f##*/}}; [ \"$n\" -gt 2 ] && eval \"exec $n>&-\"; done 2>/dev/null; exec {} --interval-ms 10",
+        prog.display()
+    ));
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mktree");
+    let pid = child.id();
+    let rx = lines(child.stdout.take().expect("stdout"));
+    let first = until(&rx, |l| l.starts_with("top n=3 "));
+    let kid = first
+        .iter()
+        .find_map(|l| field(l, "kid"))
+        .expect("the kid's pid") as i32;
+    let refused = checkpoint(pid, true, &dir.join("alone.img"));
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--tree"),
+        "{refused:?}"
+    );
+
+    let img = dir.join("tree.img");
+    let out = mkctl()
+        .args([
+            "checkpoint",
+            &pid.to_string(),
+            "--on",
+            "host",
+            "--tree",
+            "--kill",
+            "-o",
+        ])
+        .arg(&img)
+        .output()
+        .expect("mkctl checkpoint --tree");
+    assert!(out.status.success(), "{out:?}");
+    let mut last_top = 0;
+    let mut last_kid = 0;
+    for l in first
+        .iter()
+        .cloned()
+        .chain(std::iter::from_fn(|| rx.recv_timeout(T).ok()))
+    {
+        if l.starts_with("top ") {
+            last_top = field(&l, "n").expect("n");
+        } else if l.starts_with("kid ") {
+            last_kid = field(&l, "n").expect("n");
+        }
+    }
+    let _ = child.wait();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(kid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+
+    let mut r = restore_running(&img);
+    let out = lines(r.stdout.take().expect("stdout"));
+    let mut err = BufReader::new(r.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    err.read_line(&mut said).expect("stderr line");
+    assert!(
+        said.contains("restored the tree of") && said.contains("its top is pid"),
+        "{said}"
+    );
+    let got = until(&out, |l| l.starts_with("kid "));
+    let top = got
+        .iter()
+        .find(|l| l.starts_with("top "))
+        .cloned()
+        .unwrap_or_else(|| {
+            until(&out, |l| l.starts_with("top "))
+                .pop()
+                .expect("a top line")
+        });
+    assert_eq!(field(&top, "n"), Some(last_top + 1), "{top}");
+    assert_eq!(field(&top, "pid"), Some(u64::from(pid)), "{top}");
+    let k = got
+        .iter()
+        .find(|l| l.starts_with("kid "))
+        .expect("a kid line");
+    assert_eq!(field(k, "n"), Some(last_kid + 1), "{k}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM to mkctl restore");
+    let mut rest = String::new();
+    let _ = err.read_to_string(&mut rest);
+    let status = r.wait().expect("mkctl restore ends");
+    assert_eq!(status.code(), Some(128 + 15), "{rest}");
+}

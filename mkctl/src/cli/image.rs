@@ -289,10 +289,11 @@ fn restore_here(file: &Path) -> Res {
         );
     }
     use nix::sys::wait::{waitpid, WaitStatus};
-    // Signals go to the process (a tree's top); the status is the child's
-    // (a tree's holder exits with its top's, once the tree is gone).
-    forward_signals_until_exit(nix::unistd::Pid::from_raw(restored.pid));
+    // Signals go to the process; a tree's to every process of it, as a
+    // terminal's to a foreground job. The status is the child's (a tree's
+    // holder exits with its top's, once the tree is gone).
     let pid = nix::unistd::Pid::from_raw(restored.reap);
+    forward_signals_until_exit(pid, restored.reap != restored.pid);
     loop {
         match waitpid(pid, None) {
             Ok(WaitStatus::Exited(_, code)) => return Ok(code),
@@ -304,10 +305,12 @@ fn restore_here(file: &Path) -> Res {
 }
 
 /// Passes SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to mkctl on to `child`
-/// (as `mkctl exec` does to a remote command) until it has exited.
+/// (as `mkctl exec` does to a remote command) until it has exited; for a
+/// tree's holder (`tree`), on to every process below it (the holder, pid 1
+/// of their namespace, takes none).
 /// mkctl blocks them and reads them from a signalfd; the child is not
 /// affected (its signal mask came from its image).
-fn forward_signals_until_exit(child: nix::unistd::Pid) {
+fn forward_signals_until_exit(child: nix::unistd::Pid, tree: bool) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use nix::sys::signal::{SigSet, Signal};
     use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -344,8 +347,20 @@ fn forward_signals_until_exit(child: nix::unistd::Pid) {
             return;
         }
         while let Ok(Some(info)) = sfd.read_signal() {
-            if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
-                let _ = nix::sys::signal::kill(child, sig);
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+                continue;
+            };
+            let to: Vec<i32> = if tree {
+                mknode::migrate::tree_of(child.as_raw())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .skip(1)
+                    .collect()
+            } else {
+                vec![child.as_raw()]
+            };
+            for p in to {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
             }
         }
     }
