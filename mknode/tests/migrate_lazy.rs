@@ -22,14 +22,7 @@ const MIB: usize = 1 << 20;
 
 fn plan_to_pipe() -> (StdioPlan, Output) {
     let (r, w) = pipe();
-    let null = || {
-        std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-            .expect("null")
-            .into()
-    };
+    let null = common::null;
     (
         StdioPlan {
             stdin: null(),

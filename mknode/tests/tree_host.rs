@@ -6,20 +6,11 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{field, pipe, serial, testprog, Line, Output, T};
+use common::{field, null, pipe, serial, start_prog, testprog, Line, Output, T};
 use mknode::migrate::{freeze, freeze_tree, restore_tree, ImageOptions, StdioPlan};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
-
-fn null() -> std::os::fd::OwnedFd {
-    std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-        .expect("null")
-        .into()
-}
 
 /// The next line starting with `prefix`.
 fn next_line(out: &Output, prefix: &str) -> (Vec<String>, String) {
@@ -66,14 +57,10 @@ fn a_tree_moves_with_its_pids_group_session_zombie_and_shared_log() {
     let _g = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("log");
-    let mut top = Command::new(testprog("mktree"))
-        .args(["--log", log.to_str().expect("utf-8"), "--interval-ms", "20"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn mktree");
-    let out = Output::new(top.stdout.take().expect("stdout"));
+    let (mut top, out) = start_prog(
+        &testprog("mktree"),
+        &["--log", log.to_str().expect("utf-8"), "--interval-ms", "20"],
+    );
     // A few lines of each first, in the log too.
     let (mut old, first) = next_line(&out, "top n=5 ");
     old.push(first.clone());
@@ -236,13 +223,7 @@ fn a_tree_moves_with_its_pids_group_session_zombie_and_shared_log() {
 #[test]
 fn a_process_with_children_is_refused_without_the_tree() {
     let _g = serial();
-    let mut top = Command::new(testprog("mktree"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn mktree");
-    let out = Output::new(top.stdout.take().expect("stdout"));
+    let (mut top, out) = start_prog(&testprog("mktree"), &[]);
     let (_, kid) = next_line(&out, "kid ");
     let e = freeze(top.id() as i32).expect_err("children refuse a lone move");
     let _ = kill(Pid::from_raw(get(&kid, "pid") as i32), Signal::SIGKILL);

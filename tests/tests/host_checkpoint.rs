@@ -145,6 +145,21 @@ fn end(r: &mut Child) {
     let _ = r.wait();
 }
 
+/// SIGTERM to a running `mkctl restore` whose stderr (after its first
+/// line) is `err`: it must pass it on and end with the status it gives,
+/// 128 + 15.
+fn terminated(r: &mut Child, err: &mut BufReader<ChildStderr>) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM to mkctl restore");
+    let mut rest = String::new();
+    let _ = err.read_to_string(&mut rest);
+    let status = r.wait().expect("mkctl restore ends");
+    assert_eq!(status.code(), Some(128 + 15), "{rest}");
+}
+
 /// `mkctl checkpoint <pid> --on host [--kill] -o <img>`.
 fn checkpoint(pid: u32, kill: bool, img: &std::path::Path) -> std::process::Output {
     let mut c = mkctl();
@@ -210,15 +225,7 @@ fn checkpoint_and_restore_on_the_host() {
     }
     // SIGTERM to mkctl reaches the process (as with exec), whose end
     // becomes mkctl's status.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(r.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM to mkctl restore");
-    let mut rest = String::new();
-    let _ = err.read_to_string(&mut rest);
-    let status = r.wait().expect("mkctl restore ends");
-    assert_eq!(status.code(), Some(128 + 15), "{rest}");
+    terminated(&mut r, &mut err);
     assert!(
         !std::path::Path::new(&format!("/proc/{new_pid}")).exists(),
         "the restored process outlived mkctl"
@@ -1180,13 +1187,5 @@ fn a_tree_is_checkpointed_and_restored_by_mkctl() {
         .find(|l| l.starts_with("kid "))
         .expect("a kid line");
     assert_eq!(field(k, "n"), Some(last_kid + 1), "{k}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(r.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM to mkctl restore");
-    let mut rest = String::new();
-    let _ = err.read_to_string(&mut rest);
-    let status = r.wait().expect("mkctl restore ends");
-    assert_eq!(status.code(), Some(128 + 15), "{rest}");
+    terminated(&mut r, &mut err);
 }

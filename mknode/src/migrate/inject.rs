@@ -79,6 +79,20 @@ pub(crate) fn wait(tid: Pid, wanted: &'static str) -> Result<WaitStatus, SysErro
     }
 }
 
+/// Waits for the first stop of `new`, a thread or process just cloned
+/// from a traced one (auto-attached: a SIGSTOP, or `PTRACE_EVENT_STOP`).
+pub(crate) fn first_stop(new: Pid, wanted: &'static str) -> Result<(), SysError> {
+    match wait(new, wanted)? {
+        WaitStatus::Stopped(_, Signal::SIGSTOP) => Ok(()),
+        WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => Ok(()),
+        other => Err(SysError::Stop {
+            tid: new.as_raw(),
+            status: format!("{other:?}"),
+            wanted,
+        }),
+    }
+}
+
 /// What [`wait_stop`] saw: a status nix can name, or a signal-delivery
 /// stop for a real-time signal (32 and up), which nix's `Signal` cannot
 /// name (its `waitpid` fails with `EINVAL` on one, the status lost).

@@ -35,7 +35,7 @@ use super::image::{
     TFD_ABSTIME, TFD_CANCEL_ON_SET, USER_TOP,
 };
 use super::inject::{
-    inject, inject_batch, ptrace_err, wait, Call, Outcome, BATCH_CODE, BATCH_ENTRY,
+    first_stop, inject, inject_batch, ptrace_err, Call, Outcome, BATCH_CODE, BATCH_ENTRY,
 };
 use super::lazy::{carried, LazyLink};
 use super::memory::{fingerprint, read_remote, to_mapping, write_remote};
@@ -2292,18 +2292,7 @@ fn finish(
         })?;
         stub.tids.push(new);
         tids.push(new);
-        match wait(new, "the new thread's first stop")? {
-            WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
-            WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => {}
-            other => {
-                return Err(SysError::Stop {
-                    tid: new.as_raw(),
-                    status: format!("{other:?}"),
-                    wanted: "the new thread's first stop",
-                }
-                .into())
-            }
-        }
+        first_stop(new, "the new thread's first stop")?;
     }
 
     // Each thread's tid as the process sees it: in its pid namespace (a

@@ -42,7 +42,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
 use super::capture::{freeze_accepting, CaptureError, Frozen, ImageOptions};
 use super::image::{ImageError, ImageReader, ImageStats, FLAG_LAZY};
-use super::inject::{inject, ptrace_err, wait, Call};
+use super::inject::{first_stop, inject, ptrace_err, Call};
 use super::precheck::{same_file, stdio_kind, Blocker, Refusal, Scope};
 use super::procfs::ProcDir;
 use super::restore::{
@@ -740,18 +740,7 @@ fn fork_blank(parent: &Blank, pid: i32) -> Result<Blank, RestoreError> {
         ctl: parent.ctl,
         base: parent.base,
     };
-    match wait(new, "the new process's first stop")? {
-        WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
-        WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => {}
-        other => {
-            return Err(SysError::Stop {
-                tid: new.as_raw(),
-                status: format!("{other:?}"),
-                wanted: "the new process's first stop",
-            }
-            .into())
-        }
-    }
+    first_stop(new, "the new process's first stop")?;
     Ok(blank)
 }
 

@@ -251,15 +251,30 @@ pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 pub(crate) fn start(args: &[&str]) -> (Child, Output) {
-    let mut c = Command::new(mkcounter())
+    start_prog(&mkcounter(), args)
+}
+
+/// `prog args` with its stdout read as [`Output`], stdin and stderr null.
+pub(crate) fn start_prog(prog: &std::path::Path, args: &[&str]) -> (Child, Output) {
+    let mut c = Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn mkcounter");
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", prog.display()));
     let out = Output::new(c.stdout.take().expect("stdout"));
     (c, out)
+}
+
+/// `/dev/null`, read-write.
+pub(crate) fn null() -> OwnedFd {
+    File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .expect("null")
+        .into()
 }
 
 /// Waits until every worker has counted, returning the line.
