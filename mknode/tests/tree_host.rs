@@ -325,3 +325,74 @@ fn a_pipeline_moves_with_the_bytes_in_its_pipe() {
     let _ = kill(Pid::from_raw(tree.holder), Signal::SIGKILL);
     let _ = waitpid(Pid::from_raw(tree.holder), None);
 }
+
+/// A datagram socket pair between the top and its kid (mktree
+/// `--socketpair`: the kid sends a number with every line, the top reads
+/// one every other line, so datagrams wait in the pair): after the move
+/// the top relays the next number, none lost, none twice, and the pair
+/// still joins the two copies.
+#[test]
+fn a_socket_pair_between_two_processes_moves_with_what_is_queued() {
+    let _g = serial();
+    let (mut top, out) = start_prog(
+        &testprog("mktree"),
+        &["--interval-ms", "10", "--socketpair"],
+    );
+    let (mut old, kid) = next_line(&out, "kid n=10 ");
+    old.push(kid.clone());
+    let top_pid = top.id() as i32;
+    let mut guard = KillOnDrop(vec![top_pid, get(&kid, "pid") as i32]);
+    let frozen = freeze_tree(top_pid).expect("freeze the tree");
+    assert!(
+        frozen.meta().sockets.len() == 2
+            && frozen.meta().sockets[0].global == frozen.meta().sockets[1].global,
+        "one pair, an end in each: {:?}",
+        frozen.meta().sockets
+    );
+    let mut img = Vec::new();
+    frozen
+        .write_image(&mut img, ImageOptions::default())
+        .expect("write");
+    let (r, w) = pipe();
+    let tree = restore_tree(
+        &img[..],
+        StdioPlan {
+            stdin: null(),
+            stdout: w,
+            stderr: null(),
+        },
+    )
+    .expect("restore the tree");
+    guard.0.push(tree.holder);
+    frozen.kill();
+    let _ = top.wait();
+    old.extend(out.drain(T).into_iter().filter_map(|l| match l {
+        Line::Tree(s) => Some(s),
+        _ => None,
+    }));
+    let relayed = |lines: &[String]| -> Vec<i64> {
+        lines
+            .iter()
+            .filter(|l| l.starts_with("relay "))
+            .map(|l| get(l, "kid"))
+            .collect()
+    };
+    let before = relayed(&old);
+    let sent = old.iter().filter(|l| l.starts_with("kid ")).count();
+    assert!(
+        (sent as i64) > *before.last().expect("relayed before") + 2,
+        "datagrams were waiting at the freeze: {sent} sent, {before:?} relayed"
+    );
+    let out = Output::new(r);
+    let mut after = Vec::new();
+    while after.len() < 10 {
+        let (_, l) = next_line(&out, "relay ");
+        after.push(get(&l, "kid"));
+    }
+    let all: Vec<i64> = before.iter().chain(&after).copied().collect();
+    for (i, n) in all.iter().enumerate() {
+        assert_eq!(*n, i as i64, "relayed: {all:?}");
+    }
+    let _ = kill(Pid::from_raw(tree.holder), Signal::SIGKILL);
+    let _ = waitpid(Pid::from_raw(tree.holder), None);
+}

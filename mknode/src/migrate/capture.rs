@@ -234,6 +234,22 @@ pub(super) fn freeze_accepting(
     split: bool,
     scope: &Scope,
 ) -> Result<Frozen, CaptureError> {
+    let (mut f, hints) = seize_accepting(pid, &accept, split, scope)?;
+    f.settle(&hints, &accept)?;
+    Ok(f)
+}
+
+/// The first half of [`freeze_accepting`]: the pre-check, then every
+/// thread seized and stopped; nothing read yet (see [`Frozen::settle`]).
+/// A tree's processes are all seized before any is read: what one holds
+/// with another (a pipe's bytes, a socket pair's queue) is read once
+/// neither can change it. Returns the smaps hints read before the seize.
+pub(super) fn seize_accepting(
+    pid: i32,
+    accept: &impl Fn(&Blocker) -> bool,
+    split: bool,
+    scope: &Scope,
+) -> Result<(Frozen, Vec<SmapsEntry>), CaptureError> {
     let keep = |r: Result<Precheck, Refusal>| match r {
         Err(Refusal::Blocked { pid, blockers }) => {
             let rest: Vec<Blocker> = blockers.into_iter().filter(|b| !accept(b)).collect();
@@ -271,31 +287,44 @@ pub(super) fn freeze_accepting(
         .unwrap_or_default();
     f.frozen_at = std::time::Instant::now();
     f.seize_all()?;
-    // The answer that counts: nothing can change any more.
-    // Our own trace (tracer = this thread) and its stop are expected now.
-    let tracer = nix::unistd::gettid().as_raw();
-    let ours = |b: &Blocker| match b {
-        Blocker::Traced { tracer: t } => *t == tracer,
-        Blocker::State { state } => *state == 't',
-        b => accept(b),
-    };
-    match check_within(Path::new("/proc"), pid, me, scope) {
-        Ok(_) => {}
-        Err(Refusal::Blocked { pid, blockers }) => {
-            let rest: Vec<Blocker> = blockers.into_iter().filter(|b| !ours(b)).collect();
-            if !rest.is_empty() {
-                return Err(Refusal::Blocked {
-                    pid,
-                    blockers: rest,
+    Ok((f, hints))
+}
+
+impl Frozen {
+    /// The second half of [`freeze_accepting`]: the pre-check again, the
+    /// answer that counts (nothing can change any more), then all state
+    /// but memory read.
+    pub(super) fn settle(
+        &mut self,
+        hints: &[SmapsEntry],
+        accept: &impl Fn(&Blocker) -> bool,
+    ) -> Result<(), CaptureError> {
+        // Our own trace (tracer = this thread) and its stop are expected now.
+        let tracer = nix::unistd::gettid().as_raw();
+        let ours = |b: &Blocker| match b {
+            Blocker::Traced { tracer: t } => *t == tracer,
+            Blocker::State { state } => *state == 't',
+            b => accept(b),
+        };
+        let me = std::process::id() as i32;
+        match check_within(Path::new("/proc"), self.pid.as_raw(), me, &self.scope) {
+            Ok(_) => {}
+            Err(Refusal::Blocked { pid, blockers }) => {
+                let rest: Vec<Blocker> = blockers.into_iter().filter(|b| !ours(b)).collect();
+                if !rest.is_empty() {
+                    return Err(Refusal::Blocked {
+                        pid,
+                        blockers: rest,
+                    }
+                    .into());
                 }
-                .into());
             }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => return Err(e.into()),
+        let meta = self.read_state(hints)?;
+        self.meta = Some(meta);
+        Ok(())
     }
-    let meta = f.read_state(&hints)?;
-    f.meta = Some(meta);
-    Ok(f)
 }
 
 /// Where a thread stopped inside the vDSO (`inside`) returns to: the

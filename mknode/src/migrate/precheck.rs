@@ -262,6 +262,17 @@ pub(crate) struct Scope {
 }
 
 impl Scope {
+    /// Whether a process of the scope holds `target` on a descriptor.
+    fn holds(&self, root: &Path, target: &str) -> bool {
+        self.members.iter().any(|&pid| {
+            std::fs::read_dir(root.join(pid.to_string()).join("fd")).is_ok_and(|d| {
+                d.flatten().any(|f| {
+                    std::fs::read_link(f.path()).is_ok_and(|t| t.to_string_lossy() == target)
+                })
+            })
+        })
+    }
+
     /// Whether fd `fd` (0-2) open on `target` is replaced by the
     /// destination: always alone; in a tree, when it is the top's.
     fn replaced(&self, fd: i32, target: &str) -> bool {
@@ -426,9 +437,11 @@ fn shared_blockers(
             })
         } else {
             let peer = peer_target(fd).unwrap_or_default();
+            // (Or in another process of the tree: the pair moves with it.)
             let here = files
                 .iter()
-                .any(|&(f, k)| k == FileKind::Socket && target(f) == peer);
+                .any(|&(f, k)| k == FileKind::Socket && target(f) == peer)
+                || scope.holds(pd.root(), &peer);
             (!here).then(|| Blocker::Socket {
                 fd,
                 target: match holder(&peer) {

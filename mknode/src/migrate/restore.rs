@@ -556,6 +556,36 @@ fn open_files(
                 let m = made.iter_mut().find(|m| m.0 == id).expect("just made");
                 pipe_end(f, m).map_err(|e| fail(e.to_string()))?
             }
+            (FileKind::Socket, FileState::Socket { id, end }) if tree.is_some() => {
+                let t = tree.as_deref_mut().expect("a tree's");
+                let ((g, ge), p) = t
+                    .sock_ids
+                    .iter()
+                    .find(|s| s.0 == (id, end))
+                    .map(|s| s.1)
+                    .zip(socketpairs.iter().find(|p| p.id == id))
+                    .ok_or_else(|| fail(format!("socket pair {id} is not in the tree")))?;
+                if !t.socks.iter().any(|m| m.0 == g) {
+                    let ends = new_socketpair(p.kind).map_err(|e| fail(e.to_string()))?;
+                    t.socks.push((g, ends, [false; 2], [0; 2]));
+                }
+                let m = t.socks.iter_mut().find(|m| m.0 == g).expect("just made");
+                let (ge, le) = (usize::from(ge), usize::from(end));
+                if !m.2[ge] {
+                    // This end's queue and shutdown, as this process saw
+                    // them: the other end's come with its holder.
+                    fill_end(&m.1, ge, &p.queued[le], p.kind).map_err(|e| fail(e.to_string()))?;
+                    m.2[ge] = true;
+                    m.3[ge] = p.shutdown[le];
+                }
+                let sock = m.1[ge].try_clone().map_err(|e| fail(e.to_string()))?;
+                let fl = (f.flags & libc::O_NONBLOCK as u32) as libc::c_int;
+                // SAFETY: fcntl on our descriptor.
+                if unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFL, fl) } != 0 {
+                    return Err(fail(io::Error::last_os_error().to_string()));
+                }
+                sock
+            }
             (FileKind::Socket, FileState::Socket { id, end }) => {
                 if !pairs.iter().any(|m| m.0 == id) {
                     let p = socketpairs
@@ -853,13 +883,23 @@ fn pipe_end(
 /// from the other end: bytes, or each datagram) and the shutdown bits of
 /// each end replayed.
 fn make_socketpair(p: &SocketPairState) -> io::Result<[OwnedFd; 2]> {
+    let ends = new_socketpair(p.kind)?;
+    for (end, q) in p.queued.iter().enumerate() {
+        fill_end(&ends, end, q, p.kind)?;
+    }
+    shut_ends(&ends, p.shutdown)?;
+    Ok(ends)
+}
+
+/// A new AF_UNIX socket pair of type `kind`, nothing queued.
+fn new_socketpair(kind: u8) -> io::Result<[OwnedFd; 2]> {
     use std::os::fd::FromRawFd;
     let mut sv = [0; 2];
     // SAFETY: socketpair writes two descriptors into `sv`, which we then own.
     if unsafe {
         libc::socketpair(
             libc::AF_UNIX,
-            i32::from(p.kind) | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            i32::from(kind) | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
             0,
             sv.as_mut_ptr(),
         )
@@ -868,37 +908,46 @@ fn make_socketpair(p: &SocketPairState) -> io::Result<[OwnedFd; 2]> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: just created, ours alone.
-    let ends = unsafe { [OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])] };
-    for (end, q) in p.queued.iter().enumerate() {
-        let from = ends[1 - end].as_raw_fd();
-        for m in q {
-            let mut at = 0;
-            loop {
-                let rest = &m[at..];
-                // SAFETY: sends from a live slice on our socket.
-                let n = unsafe {
-                    libc::send(
-                        from,
-                        rest.as_ptr().cast(),
-                        rest.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                };
-                if n < 0 {
-                    return Err(io::Error::other(format!(
-                        "putting back what was queued at end {end}: {}",
-                        io::Error::last_os_error()
-                    )));
-                }
-                at += n as usize;
-                // A datagram goes whole, in one send (even an empty one).
-                if at >= m.len() || p.kind != libc::SOCK_STREAM as u8 {
-                    break;
-                }
+    Ok(unsafe { [OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])] })
+}
+
+/// Queues `q` at end `end` of `ends` (sent from the other end: the
+/// stream's bytes, or each datagram whole).
+fn fill_end(ends: &[OwnedFd; 2], end: usize, q: &[Vec<u8>], kind: u8) -> io::Result<()> {
+    let from = ends[1 - end].as_raw_fd();
+    for m in q {
+        let mut at = 0;
+        loop {
+            let rest = &m[at..];
+            // SAFETY: sends from a live slice on our socket.
+            let n = unsafe {
+                libc::send(
+                    from,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::other(format!(
+                    "putting back what was queued at end {end}: {}",
+                    io::Error::last_os_error()
+                )));
+            }
+            at += n as usize;
+            // A datagram goes whole, in one send (even an empty one).
+            if at >= m.len() || kind != libc::SOCK_STREAM as u8 {
+                break;
             }
         }
     }
-    for (end, sh) in p.shutdown.iter().enumerate() {
+    Ok(())
+}
+
+/// Replays each end's shutdown bits (after every queue is filled: a shut
+/// end could not take or send it).
+fn shut_ends(ends: &[OwnedFd; 2], shutdown: [u8; 2]) -> io::Result<()> {
+    for (end, sh) in shutdown.iter().enumerate() {
         for (bit, how) in [(2u8, libc::SHUT_WR), (1, libc::SHUT_RD)] {
             // SAFETY: shutdown on our socket.
             if sh & bit != 0 && unsafe { libc::shutdown(ends[end].as_raw_fd(), how) } != 0 {
@@ -906,7 +955,7 @@ fn make_socketpair(p: &SocketPairState) -> io::Result<[OwnedFd; 2]> {
             }
         }
     }
-    Ok(ends)
+    Ok(())
 }
 
 /// A timerfd on the clock it had, `O_NONBLOCK` if it was; [`arm_timerfd`]
@@ -1205,6 +1254,27 @@ pub(super) struct TreeFiles {
     /// [`open_files`]); their untaken ends close once every process is
     /// built.
     pub(super) pipes: Vec<MadePipe>,
+    /// The socket pair ends of the process being built: its `(id, end)`
+    /// of each, the tree's.
+    pub(super) sock_ids: Vec<((u32, u8), (u32, u8))>,
+    /// The tree's socket pairs made so far, by the tree's ids: the ends,
+    /// which ends' queues are in, each end's shutdown bits (replayed once
+    /// every process is built, by [`TreeFiles::shut_sockets`]).
+    pub(super) socks: Vec<MadePair>,
+}
+
+/// A tree's socket pair made again: its id, its ends, which ends' queues
+/// are in, each end's shutdown bits.
+pub(super) type MadePair = (u32, [OwnedFd; 2], [bool; 2], [u8; 2]);
+
+impl TreeFiles {
+    /// Every socket pair's shutdown bits, now that every queue is in.
+    pub(super) fn shut_sockets(&self) -> io::Result<()> {
+        for (_, ends, _, shutdown) in &self.socks {
+            shut_ends(ends, *shutdown)?;
+        }
+        Ok(())
+    }
 }
 
 /// A pipe made again: its id, its read and write ends until a descriptor

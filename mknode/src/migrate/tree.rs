@@ -27,10 +27,12 @@
 //! tree's); a pipe on fds 0-2 is carried too unless it is the top's on the
 //! same fd (the destination gives every process the top's).
 //!
-//! Limits: stop-and-copy only (no lazy tree); a socket pair between two
-//! processes of the tree, or a tty on fds 0-2 that is not the top's on the
-//! same fd, is refused by name; a process group or session led from
-//! outside the tree is replaced by the holder's.
+//! Socket pairs likewise: one pair again, each end's queue put back when
+//! its holder is built (its image has it), the shutdowns once all are.
+//!
+//! Limits: stop-and-copy only (no lazy tree); a tty on fds 0-2 that is
+//! not the top's on the same fd is refused by name; a process group or
+//! session led from outside the tree is replaced by the holder's.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -40,7 +42,7 @@ use nix::sys::ptrace;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
-use super::capture::{freeze_accepting, CaptureError, Frozen, ImageOptions};
+use super::capture::{seize_accepting, CaptureError, Frozen, ImageOptions};
 use super::image::{ImageError, ImageReader, ImageStats, FLAG_LAZY};
 use super::inject::{first_stop, inject, ptrace_err, Call};
 use super::precheck::{same_file, stdio_kind, Blocker, Refusal, Scope};
@@ -55,7 +57,7 @@ use crate::codec::{Reader, Writer};
 
 /// First bytes of a tree image (a process image begins with `MKPROCIM`).
 pub const TREE_MAGIC: [u8; 8] = *b"MKTREEIM";
-const TREE_VERSION: u16 = 2;
+const TREE_VERSION: u16 = 3;
 /// Processes in one tree, at most.
 pub const MAX_TREE: usize = 64;
 /// Shared descriptions in one tree header, at most.
@@ -96,13 +98,26 @@ pub struct TreePipe {
     pub global: u32,
 }
 
+/// End `local_end` of socket pair `local` of process `proc` (its ids in
+/// that process's image) is end `end` of the tree's pair `global` (from
+/// 1): one pair, whose ends may be in two processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeSocket {
+    pub proc: u32,
+    pub local: u32,
+    pub local_end: u8,
+    pub global: u32,
+    pub end: u8,
+}
+
 /// The tree header: its processes, parents first (the top at 0), the
-/// descriptions they share and the pipes between them.
+/// descriptions they share and the pipes and socket pairs between them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TreeMeta {
     pub procs: Vec<TreeProc>,
     pub shares: Vec<SharedFile>,
     pub pipes: Vec<TreePipe>,
+    pub sockets: Vec<TreeSocket>,
 }
 
 const NONE: u32 = u32::MAX;
@@ -134,6 +149,14 @@ impl TreeMeta {
             w.u32(p.local);
             w.u32(p.global);
         }
+        w.count(self.sockets.len());
+        for x in &self.sockets {
+            w.u32(x.proc);
+            w.u32(x.local);
+            w.u8(x.local_end);
+            w.u32(x.global);
+            w.u8(x.end);
+        }
         let mut out = Vec::with_capacity(body.len() + 30);
         let mut w = Writer(&mut out);
         w.raw(&TREE_MAGIC);
@@ -158,7 +181,8 @@ impl TreeMeta {
             return Err(ImageError::Version(version));
         }
         let len = u32::from_le_bytes(head[10..14].try_into().expect("4 bytes")) as usize;
-        let max = 4 + MAX_TREE * 21 + 4 + MAX_SHARES * 16 + 4 + MAX_SHARES * 12;
+        let max =
+            4 + MAX_TREE * 21 + 4 + MAX_SHARES * 16 + 4 + MAX_SHARES * 12 + 4 + MAX_SHARES * 14;
         if len > max {
             return Err(invalid(
                 10,
@@ -236,16 +260,31 @@ impl TreeMeta {
                 global: rd.u32().map_err(short)?,
             });
         }
+        let ns = rd.count(14).map_err(short)?;
+        if ns > MAX_SHARES {
+            return Err(invalid(14, format!("{ns} socket pair ends")));
+        }
+        let mut sockets = Vec::with_capacity(ns);
+        for _ in 0..ns {
+            sockets.push(TreeSocket {
+                proc: rd.u32().map_err(short)?,
+                local: rd.u32().map_err(short)?,
+                local_end: rd.u8().map_err(short)?,
+                global: rd.u32().map_err(short)?,
+                end: rd.u8().map_err(short)?,
+            });
+        }
         if rd.remaining() != 0 {
             return Err(invalid(
                 14,
-                format!("{} bytes after the pipes", rd.remaining()),
+                format!("{} bytes after the sockets", rd.remaining()),
             ));
         }
         let t = TreeMeta {
             procs,
             shares,
             pipes,
+            sockets,
         };
         t.check().map_err(|why| invalid(14, why))?;
         Ok(t)
@@ -321,6 +360,32 @@ impl TreeMeta {
                 return Err(format!("pipe {} of process {} twice", x.local, x.proc));
             }
         }
+        for (k, x) in self.sockets.iter().enumerate() {
+            if x.proc as usize >= p.len() || p[x.proc as usize].zombie.is_some() {
+                return Err(format!("a socket pair names process {}", x.proc));
+            }
+            if x.global == 0
+                || x.global as usize > self.sockets.len()
+                || x.end > 1
+                || x.local_end > 1
+            {
+                return Err(format!(
+                    "socket pair {} end {} of {}",
+                    x.global,
+                    x.end,
+                    self.sockets.len()
+                ));
+            }
+            if self.sockets[..k]
+                .iter()
+                .any(|y| (y.proc, y.local, y.local_end) == (x.proc, x.local, x.local_end))
+            {
+                return Err(format!(
+                    "socket pair {} end {} of process {} twice",
+                    x.local, x.local_end, x.proc
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -364,8 +429,10 @@ pub struct FrozenTree {
 }
 
 /// Freezes `top` and all its descendants, parents before children (a
-/// frozen parent forks no more; its children are listed once it is), and
-/// reads how they relate. Refuses, with everything let go again, what a
+/// frozen parent forks no more; its children are listed once it is),
+/// then reads each one's state (once all are still: what two of them hold
+/// together, a pipe's bytes, is read when neither can change it), and
+/// how they relate. Refuses, with everything let go again, what a
 /// tree cannot carry (see the module doc).
 pub fn freeze_tree(top: i32) -> Result<FrozenTree, CaptureError> {
     // What moves together is listed first (each freeze checks that every
@@ -418,6 +485,8 @@ fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
         frozen: Vec::new(),
         pids: Vec::new(),
     };
+    let children = |b: &Blocker| matches!(b, Blocker::Children { .. });
+    let mut hints = Vec::new();
     let mut stats = Vec::new();
     let mut queue = std::collections::VecDeque::from([(top, None::<u32>)]);
     while let Some((pid, parent)) = queue.pop_front() {
@@ -433,10 +502,10 @@ fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
         let zombie = if stat.state == 'Z' && parent.is_some() {
             Some(stat.exit_code)
         } else {
-            let f = freeze_accepting(pid, |b| matches!(b, Blocker::Children { .. }), false, scope);
-            match f {
-                Ok(f) => {
+            match seize_accepting(pid, &children, false, scope) {
+                Ok((f, h)) => {
                     t.frozen.push(f);
+                    hints.push(h);
                     None
                 }
                 // It exited meanwhile: its parent is frozen, so it stays a
@@ -463,6 +532,10 @@ fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
             }
         }
     }
+    // Every process stopped: now what they hold together is still.
+    for (f, h) in t.frozen.iter_mut().zip(&hints) {
+        f.settle(h, &children)?;
+    }
     // Groups and sessions, by their leaders' places in the tree.
     let at = |pid: i32| t.pids.iter().position(|&p| p == pid).map(|i| i as u32);
     for (i, s) in stats.iter().enumerate() {
@@ -475,6 +548,7 @@ fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
     t.stdio_blockers()?;
     t.find_shares();
     t.find_pipes()?;
+    t.find_sockets()?;
     Ok(t)
 }
 
@@ -583,6 +657,59 @@ impl FrozenTree {
             }
         }
         self.meta.pipes = found;
+        Ok(())
+    }
+
+    /// Which of the tree's socket pairs each process's pair ends are: a
+    /// pair by its two inodes, its end 0 the lower.
+    fn find_sockets(&mut self) -> Result<(), CaptureError> {
+        let mut pairs: Vec<(u32, u32)> = Vec::new();
+        let mut found = Vec::new();
+        for (i, f) in self.live() {
+            let pid = self.pids[i];
+            for file in &f.meta().process.files {
+                let super::image::FileState::Socket { id, end } = file.state else {
+                    continue;
+                };
+                if found
+                    .iter()
+                    .any(|s: &TreeSocket| (s.proc, s.local, s.local_end) == (i as u32, id, end))
+                {
+                    continue;
+                }
+                let proc_err = |source| CaptureError::Proc {
+                    pid,
+                    what: "fd",
+                    source,
+                };
+                let ino: u32 = std::fs::read_link(format!("/proc/{pid}/fd/{}", file.fd))
+                    .map_err(proc_err)?
+                    .to_string_lossy()
+                    .strip_prefix("socket:[")
+                    .and_then(|t| t.strip_suffix(']')?.parse().ok())
+                    .ok_or_else(|| proc_err(std::io::Error::other("not a socket")))?;
+                let peer = super::unixdiag::query(ino)
+                    .map_err(proc_err)?
+                    .ok_or_else(|| proc_err(std::io::Error::other("a socket gone")))?
+                    .peer;
+                let key = (ino.min(peer), ino.max(peer));
+                let global = match pairs.iter().position(|x| *x == key) {
+                    Some(g) => g as u32 + 1,
+                    None => {
+                        pairs.push(key);
+                        pairs.len() as u32
+                    }
+                };
+                found.push(TreeSocket {
+                    proc: i as u32,
+                    local: id,
+                    local_end: end,
+                    global,
+                    end: u8::from(ino != key.0),
+                });
+            }
+        }
+        self.meta.sockets = found;
         Ok(())
     }
 
@@ -903,6 +1030,12 @@ pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree,
             .filter(|p| p.proc as usize == i)
             .map(|p| (p.local, p.global))
             .collect();
+        files.sock_ids = tree
+            .sockets
+            .iter()
+            .filter(|s| s.proc as usize == i)
+            .map(|s| ((s.local, s.local_end), (s.global, s.end)))
+            .collect();
         for s in tree.shares.iter().filter(|s| s.proc as usize == i) {
             let theirs = opened[s.from as usize]
                 .iter()
@@ -927,6 +1060,10 @@ pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree,
         stats.checksum ^= one.stats().checksum;
         built.push(one);
     }
+    files.shut_sockets().map_err(|source| RestoreError::Local {
+        what: "a socket pair's shutdown",
+        source,
+    })?;
     drop((opened, files));
     // 5. Everything runs: children first, then the holder's loop.
     for b in built.into_iter().rev() {
@@ -991,6 +1128,13 @@ mod tests {
                 from: 0,
                 from_fd: 3,
             }],
+            sockets: vec![TreeSocket {
+                proc: 2,
+                local: 1,
+                local_end: 0,
+                global: 1,
+                end: 1,
+            }],
             pipes: vec![
                 TreePipe {
                     proc: 0,
@@ -1049,6 +1193,12 @@ mod tests {
         let mut t = sample();
         t.pipes[1].proc = 0;
         assert!(err(t).contains("pipe 1 of process 0 twice"));
+        let mut t = sample();
+        t.sockets[0].end = 2;
+        assert!(err(t).contains("socket pair 1 end 2 of 1"));
+        let mut t = sample();
+        t.sockets.push(t.sockets[0]);
+        assert!(err(t).contains("end 0 of process 2 twice"));
         let b = sample().encode();
         for cut in 0..b.len() {
             assert!(TreeMeta::read(&mut &b[..cut]).is_err(), "cut at {cut}");

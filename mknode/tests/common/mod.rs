@@ -109,7 +109,7 @@ pub(crate) fn parse(line: &str) -> Option<Line> {
     if line == "joined" {
         return Some(Line::Joined);
     }
-    if ["top ", "kid ", "reaped ", "ended "]
+    if ["top ", "kid ", "reaped ", "ended ", "relay "]
         .iter()
         .any(|p| line.starts_with(p))
     {

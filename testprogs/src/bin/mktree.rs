@@ -1,6 +1,6 @@
 //! mktree: the process tree the `--tree` tests move.
 //!
-//! `mktree [--log PATH] [--interval-ms MS]`
+//! `mktree [--log PATH] [--interval-ms MS] [--socketpair]`
 //!
 //! The top process makes itself a session leader (`setsid`), opens PATH
 //! (when given; write-only, truncated, *not* `O_APPEND`, so the offset is
@@ -20,6 +20,11 @@
 //! returned> code=<its exit code>`; on SIGUSR2 it ends the kid (SIGTERM),
 //! waits for it and prints `ended pid=<pid> signal=<the signal that ended
 //! it>`, then exits with code 3.
+//!
+//! With `--socketpair`, a datagram socket pair made before the fork joins
+//! the two: the kid sends `<n>` on it with every line, the top reads one
+//! datagram every other line and prints `relay kid=<n>`, so that datagrams
+//! are queued in the pair whenever it is frozen.
 //!
 //! SIGWINCH is blocked in both and left pending: in the top for its thread
 //! (`raise`), in the kid for the process (`kill` of itself), for a move to
@@ -44,10 +49,12 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut log: Option<String> = None;
     let mut ms = 20u64;
+    let mut pair = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--log" => log = args.next(),
             "--interval-ms" => ms = args.next().and_then(|v| v.parse().ok()).unwrap_or(ms),
+            "--socketpair" => pair = true,
             other => {
                 eprintln!("mktree: unknown argument {other:?}");
                 std::process::exit(2);
@@ -99,6 +106,13 @@ fn main() {
         // SAFETY: _exit ends the child at once.
         unsafe { libc::_exit(7) };
     }
+    let mut sv = [-1; 2];
+    // SAFETY: socketpair writes two descriptors into a live local array.
+    if pair && unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, sv.as_mut_ptr()) } != 0
+    {
+        eprintln!("mktree: socketpair: {}", std::io::Error::last_os_error());
+        std::process::exit(2);
+    }
     // SAFETY: fork in a single-threaded process; the child runs plain code.
     let kid = unsafe { libc::fork() };
     if kid == 0 {
@@ -107,7 +121,16 @@ fn main() {
             libc::setpgid(0, 0);
             libc::kill(libc::getpid(), libc::SIGWINCH);
         }
+        if pair {
+            // SAFETY: closing the top's end in this process only.
+            unsafe { libc::close(sv[0]) };
+        }
         for n in 0.. {
+            if pair {
+                let b = n.to_string();
+                // SAFETY: sends a live buffer on our own socket.
+                unsafe { libc::send(sv[1], b.as_ptr().cast(), b.len(), 0) };
+            }
             // SAFETY: as above.
             let (pid, ppid, pgid, sid) = unsafe {
                 (
@@ -127,7 +150,20 @@ fn main() {
             std::thread::sleep(Duration::from_millis(ms));
         }
     }
+    if pair {
+        // SAFETY: closing the kid's end in this process only.
+        unsafe { libc::close(sv[1]) };
+    }
     for n in 0.. {
+        if pair && n % 2 == 0 {
+            let mut b = [0u8; 32];
+            // SAFETY: receives into a live local buffer.
+            let got = unsafe { libc::recv(sv[0], b.as_mut_ptr().cast(), b.len(), 0) };
+            if got > 0 {
+                let text = String::from_utf8_lossy(&b[..got as usize]).into_owned();
+                say(1, &format!("relay kid={text}"));
+            }
+        }
         // SAFETY: plain process calls on integers.
         let (pid, pgid, sid) = unsafe { (libc::getpid(), libc::getpgid(0), libc::getsid(0)) };
         say(
