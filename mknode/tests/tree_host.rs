@@ -30,13 +30,17 @@ fn get(line: &str, name: &str) -> i64 {
     field(line, name).unwrap_or_else(|| panic!("no {name}= in {line:?}"))
 }
 
-/// Kills the processes it holds when dropped (a failed test leaves none).
+/// Kills the processes it holds, and their descendants, when dropped (a
+/// failed test leaves none).
 struct KillOnDrop(Vec<i32>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         for &p in &self.0 {
-            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            let all = mknode::migrate::tree_of(p).unwrap_or_else(|_| vec![p]);
+            for q in all {
+                let _ = kill(Pid::from_raw(q), Signal::SIGKILL);
+            }
         }
     }
 }
@@ -395,4 +399,36 @@ fn a_socket_pair_between_two_processes_moves_with_what_is_queued() {
     }
     let _ = kill(Pid::from_raw(tree.holder), Signal::SIGKILL);
     let _ = waitpid(Pid::from_raw(tree.holder), None);
+}
+
+/// A tree that forks all the time (a `sleep` every 10 ms): a child forked
+/// between the tree's listing and its parent's freeze holds the tree's
+/// pipes too, and is part of it, not "another process": ten freezes in a
+/// row all work, and let the tree run on.
+#[test]
+fn a_tree_that_forks_all_the_time_is_frozen_every_time() {
+    let _g = serial();
+    let mut sh = Command::new("sh")
+        .args([
+            "-c",
+            "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done | while read x; do echo got=$x; done",
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sh");
+    let pid = sh.id() as i32;
+    let _guard = KillOnDrop(vec![pid]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for i in 0..10 {
+        let t = freeze_tree(pid).unwrap_or_else(|e| panic!("freeze {i}: {e}"));
+        assert!(t.pids().len() >= 3, "{:?}", t.pids());
+        t.resume();
+        std::thread::sleep(std::time::Duration::from_millis(37));
+    }
+    drop(_guard);
+    let _ = sh.wait();
 }

@@ -179,16 +179,22 @@ fn join(b: &[Blocker]) -> String {
         s.push_str(" (descriptors are carried when open on regular files, eventfds, timerfds, signalfds, epolls, memfds, pipes, socket pairs or /dev/null, zero, random, urandom)");
     }
     if b.iter().any(|x| matches!(x, Blocker::Socket { .. })) {
-        s.push_str(" (sockets are carried as AF_UNIX stream or datagram socket pairs whose two ends are on fds 3 and up of the process)");
+        s.push_str(" (sockets are carried as AF_UNIX stream or datagram socket pairs whose two ends move: on fds 3 and up of the process, or of the tree's processes with --tree)");
     }
     if b.iter().any(|x| matches!(x, Blocker::PipeOutside { .. })) {
-        s.push_str(" (a pipe is carried with its bytes when every end of it is on fds 3 and up of the process)");
+        s.push_str(" (a pipe is carried with its bytes when every end of it moves: on fds 3 and up of the process, or, with --tree, on any descriptor of the tree's processes but the top's 0-2)");
     }
     if b.iter().any(|x| matches!(x, Blocker::Children { .. })) {
         s.push_str(" (--tree moves a process with all its descendants)");
     }
     if b.iter().any(|x| matches!(x, Blocker::TreeStdio { .. })) {
         s.push_str(" (in a tree, a tty on fds 0-2 must be the top's on the same fd: the destination gives them all the top's)");
+    }
+    if b
+        .iter()
+        .any(|x| matches!(x, Blocker::SharedMapping { name, .. } if name.ends_with("gconv-modules.cache")))
+    {
+        s.push_str(" (a file mapped shared is not carried; glibc maps gconv-modules.cache so in a program that loads its locale's character set: started with LC_ALL=C, it does not)");
     }
     if b.iter().any(|x| matches!(x, Blocker::DeletedFile { .. })) {
         s.push_str(" (deleted files are not carried: their content exists nowhere else)");
@@ -250,21 +256,46 @@ pub(crate) fn carried_file(target: &str) -> Option<FileKind> {
     }
 }
 
-/// The other processes a move carries with this one (a tree's, `--tree`)
-/// and the top's fds 0-2: pipes between the tree's processes are carried,
-/// and only what is the top's on the same fd is the destination's to
-/// replace. The default: the process alone.
+/// The other processes a move carries with this one (a tree's, `--tree`:
+/// every descendant of its top, as they are when asked, so a child forked
+/// a moment ago counts too) and the top's fds 0-2: pipes and socket pairs
+/// between the tree's processes are carried, and only what is the top's
+/// on the same fd is the destination's to replace. The default: the
+/// process alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Scope {
-    pub(crate) members: Vec<i32>,
+    /// The top of the tree.
+    pub(crate) top: Option<i32>,
     /// The `/proc` link targets of the top's fds 0, 1, 2 (in a tree).
     pub(crate) top_stdio: Option<[String; 3]>,
 }
 
 impl Scope {
+    /// Whether `pid` moves too: the top or one of its descendants (its
+    /// parents followed up under `root`).
+    fn inside(&self, root: &Path, pid: i32) -> bool {
+        let Some(top) = self.top else {
+            return false;
+        };
+        let mut p = pid;
+        for _ in 0..4096 {
+            if p == top {
+                return true;
+            }
+            match ProcDir::new(root, p).stat() {
+                Ok(s) if s.ppid > 1 => p = s.ppid,
+                _ => return false,
+            }
+        }
+        false
+    }
+
     /// Whether a process of the scope holds `target` on a descriptor.
     fn holds(&self, root: &Path, target: &str) -> bool {
-        self.members.iter().any(|&pid| {
+        let Some(top) = self.top else {
+            return false;
+        };
+        super::tree_of(top).unwrap_or_default().iter().any(|&pid| {
             std::fs::read_dir(root.join(pid.to_string()).join("fd")).is_ok_and(|d| {
                 d.flatten().any(|f| {
                     std::fs::read_link(f.path()).is_ok_and(|t| t.to_string_lossy() == target)
@@ -402,7 +433,7 @@ fn shared_blockers(
             let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
                 continue;
             };
-            if pid == me || scope.members.contains(&pid) {
+            if pid == me || scope.inside(pd.root(), pid) {
                 continue;
             }
             let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
@@ -1703,6 +1734,26 @@ pub fn check_migratable(pid: i32) -> Result<Precheck, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal for glibc's gconv cache says how to start the program
+    /// without it; another shared file mapping does not get that hint.
+    #[test]
+    fn the_gconv_cache_refusal_says_how_to_do_without_it() {
+        let refusal = |name: &str| {
+            Refusal::Blocked {
+                pid: 7,
+                blockers: vec![Blocker::SharedMapping {
+                    start: 0x1000,
+                    end: 0x2000,
+                    name: name.into(),
+                }],
+            }
+            .to_string()
+        };
+        let gconv = refusal("/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache");
+        assert!(gconv.contains("started with LC_ALL=C, it does not"), "{gconv}");
+        assert!(!refusal("/data/db").contains("LC_ALL"));
+    }
 
     /// 0 left with a period is read again (its expiry passed, its interrupt
     /// is late) until the wait is over; 0 left without one, or time left,

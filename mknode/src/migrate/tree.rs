@@ -435,47 +435,21 @@ pub struct FrozenTree {
 /// how they relate. Refuses, with everything let go again, what a
 /// tree cannot carry (see the module doc).
 pub fn freeze_tree(top: i32) -> Result<FrozenTree, CaptureError> {
-    // What moves together is listed first (each freeze checks that every
-    // other holder of a pipe is in it); a tree that changed meanwhile is
-    // let go and taken again.
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let members = tree_of(top).map_err(|source| CaptureError::Proc {
-            pid: top,
-            what: "children",
-            source,
-        })?;
-        let target = |fd: i32| {
-            std::fs::read_link(format!("/proc/{top}/fd/{fd}"))
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        };
-        let scope = Scope {
-            members: members.clone(),
-            top_stdio: Some([target(0), target(1), target(2)]),
-        };
-        let frozen = freeze_scope(top, &scope);
-        let same = |t: &FrozenTree| {
-            let mut a = t.pids.clone();
-            let mut b = members.clone();
-            a.sort_unstable();
-            b.sort_unstable();
-            a == b
-        };
-        match frozen {
-            Ok(t) if same(&t) => return Ok(t),
-            Err(e) if tries >= 3 || tree_of(top).is_ok_and(|now| now == members) => return Err(e),
-            Ok(t) if tries >= 3 => {
-                drop(t);
-                return Err(CaptureError::Tree {
-                    pid: top,
-                    why: "its processes kept changing while it was frozen".into(),
-                });
-            }
-            _ => {}
-        }
+    // (Each freeze checks that every other holder of a pipe moves too: a
+    // descendant of the top, whenever it was forked.)
+    if let Err(source) = std::fs::metadata(format!("/proc/{top}")) {
+        return Err(Refusal::Inspect { pid: top, source }.into());
     }
+    let target = |fd: i32| {
+        std::fs::read_link(format!("/proc/{top}/fd/{fd}"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let scope = Scope {
+        top: Some(top),
+        top_stdio: Some([target(0), target(1), target(2)]),
+    };
+    freeze_scope(top, &scope)
 }
 
 /// [`freeze_tree`] of the processes `scope` names.
