@@ -1751,7 +1751,10 @@ mod tests {
             .to_string()
         };
         let gconv = refusal("/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache");
-        assert!(gconv.contains("started with LC_ALL=C, it does not"), "{gconv}");
+        assert!(
+            gconv.contains("started with LC_ALL=C, it does not"),
+            "{gconv}"
+        );
         assert!(!refusal("/data/db").contains("LC_ALL"));
     }
 
@@ -2031,7 +2034,7 @@ mod tests {
             "fd 4 is open (anon_inode:inotify)",
             "fd 9 is a pipe (pipe:[5]) also open in process 8;",
             "fd 10 is a pipe (pipe:[6]) also open in fd 2 of the process (the destination replaces 0-2)",
-            "(a pipe is carried with its bytes when every end of it is on fds 3 and up of the process)",
+            "(a pipe is carried with its bytes when every end of it moves: on fds 3 and up of the process, or, with --tree, on any descriptor of the tree's processes but the top's 0-2)",
             "fd 5 is open on a deleted file (/tmp/gone (deleted))",
             "(deleted files are not carried",
             "fd 6 is open (/dev/sda)",
