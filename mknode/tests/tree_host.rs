@@ -45,6 +45,20 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `sh -c script` with `stdout`, stdin and stderr null, and no locale
+/// (coreutils would map glibc's gconv cache shared, a blocker of its own).
+fn sh_c(script: &str, stdout: Stdio) -> std::process::Child {
+    Command::new("sh")
+        .args(["-c", script])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sh")
+}
+
 /// The numbers `n` of the lines `who` wrote to the log, in order.
 fn log_numbers(text: &str, who: &str) -> Vec<u64> {
     text.lines()
@@ -247,20 +261,10 @@ fn a_process_with_children_is_refused_without_the_tree() {
 #[test]
 fn a_pipeline_moves_with_the_bytes_in_its_pipe() {
     let _g = serial();
-    // (No locale: coreutils would map its gconv cache shared, a blocker
-    // of its own.)
-    let mut sh = Command::new("sh")
-        .args([
-            "-c",
-            "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done | while read x; do echo got=$x; sleep 0.05; done",
-        ])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn sh");
+    let mut sh = sh_c(
+        "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done | while read x; do echo got=$x; sleep 0.05; done",
+        Stdio::piped(),
+    );
     let pid = sh.id() as i32;
     let mut guard = KillOnDrop(vec![pid]);
     let r0 = sh.stdout.take().expect("stdout");
@@ -408,18 +412,10 @@ fn a_socket_pair_between_two_processes_moves_with_what_is_queued() {
 #[test]
 fn a_tree_that_forks_all_the_time_is_frozen_every_time() {
     let _g = serial();
-    let mut sh = Command::new("sh")
-        .args([
-            "-c",
-            "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done | while read x; do echo got=$x; done",
-        ])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn sh");
+    let mut sh = sh_c(
+        "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done | while read x; do echo got=$x; done",
+        Stdio::null(),
+    );
     let pid = sh.id() as i32;
     let _guard = KillOnDrop(vec![pid]);
     std::thread::sleep(std::time::Duration::from_millis(200));
