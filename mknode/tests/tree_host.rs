@@ -45,6 +45,24 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A copy of the frozen tree here, through an image in memory, its stdout
+/// a new pipe: the copy and that pipe's read end.
+fn copy(
+    frozen: &mknode::migrate::FrozenTree,
+) -> (mknode::migrate::RestoredTree, std::os::fd::OwnedFd) {
+    let mut img = Vec::new();
+    frozen
+        .write_image(&mut img, ImageOptions::default())
+        .expect("write the tree image");
+    let (r, w) = pipe();
+    let plan = StdioPlan {
+        stdin: null(),
+        stdout: w,
+        stderr: null(),
+    };
+    (restore_tree(&img[..], plan).expect("restore the tree"), r)
+}
+
 /// `sh -c script` with `stdout`, stdin and stderr null, and no locale
 /// (coreutils would map glibc's gconv cache shared, a blocker of its own).
 fn sh_c(script: &str, stdout: Stdio) -> std::process::Child {
@@ -113,18 +131,7 @@ fn a_tree_moves_with_its_pids_group_session_zombie_and_shared_log() {
         "the log is one description: {:?}",
         meta.shares
     );
-    let mut img = Vec::new();
-    frozen
-        .write_image(&mut img, ImageOptions::default())
-        .expect("write the tree image");
-
-    let (r, w) = pipe();
-    let plan = StdioPlan {
-        stdin: null(),
-        stdout: w,
-        stderr: null(),
-    };
-    let tree = restore_tree(&img[..], plan).expect("restore the tree");
+    let (tree, r) = copy(&frozen);
     guard.0.push(tree.holder);
     guard.0.extend(tree.pids.iter().map(|p| p.0));
     frozen.kill();
@@ -292,20 +299,7 @@ fn a_pipeline_moves_with_the_bytes_in_its_pipe() {
     let frozen = freeze_tree(pid).expect("freeze the pipeline");
     guard.0.extend(frozen.pids());
     assert!(!frozen.meta().pipes.is_empty(), "the pipe is the tree's");
-    let mut img = Vec::new();
-    frozen
-        .write_image(&mut img, ImageOptions::default())
-        .expect("write");
-    let (r, w) = pipe();
-    let tree = restore_tree(
-        &img[..],
-        StdioPlan {
-            stdin: null(),
-            stdout: w,
-            stderr: null(),
-        },
-    )
-    .expect("restore the pipeline");
+    let (tree, r) = copy(&frozen);
     guard.0.push(tree.holder);
     frozen.kill();
     let _ = sh.wait();
@@ -357,20 +351,7 @@ fn a_socket_pair_between_two_processes_moves_with_what_is_queued() {
         "one pair, an end in each: {:?}",
         frozen.meta().sockets
     );
-    let mut img = Vec::new();
-    frozen
-        .write_image(&mut img, ImageOptions::default())
-        .expect("write");
-    let (r, w) = pipe();
-    let tree = restore_tree(
-        &img[..],
-        StdioPlan {
-            stdin: null(),
-            stdout: w,
-            stderr: null(),
-        },
-    )
-    .expect("restore the tree");
+    let (tree, r) = copy(&frozen);
     guard.0.push(tree.holder);
     frozen.kill();
     let _ = top.wait();
