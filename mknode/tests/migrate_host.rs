@@ -667,3 +667,84 @@ fn a_memfd_too_full_to_carry_is_refused_before_the_freeze() {
     kill(Pid::from_raw(pid2), Signal::SIGKILL).expect("kill");
     reap(pid2)();
 }
+
+/// A read-only shared mapping of a file (glibc maps its gconv cache so in
+/// a program that loads a UTF-8 locale's character set, here `sleep`) is
+/// carried as a copy: the process moves, and the copy has the same bytes
+/// at the same address, read-only.
+#[test]
+fn a_read_only_shared_file_mapping_moves_as_a_copy() {
+    let _g = serial();
+    common::cloexec_inherited();
+    let mut child = std::process::Command::new("sleep")
+        .arg("1000")
+        .env_remove("LC_ALL")
+        .env("LANG", "C.UTF-8")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn sleep");
+    let pid = child.id() as i32;
+    let maps = |p: i32| std::fs::read_to_string(format!("/proc/{p}/maps")).unwrap_or_default();
+    let t0 = std::time::Instant::now();
+    let line = loop {
+        if let Some(l) = maps(pid)
+            .lines()
+            .find(|l| l.contains(" r--s ") && l.starts_with(|c: char| c.is_ascii_hexdigit()))
+        {
+            break l.to_string();
+        }
+        assert!(t0.elapsed() < T, "sleep maps no file shared: {}", maps(pid));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (range, offset, path) = (f[0], u64::from_str_radix(f[2], 16).expect("offset"), f[5]);
+    let (a, b) = range.split_once('-').expect("range");
+    let (start, end) = (
+        u64::from_str_radix(a, 16).expect("start"),
+        u64::from_str_radix(b, 16).expect("end"),
+    );
+    let frozen = freeze(pid).expect("a read-only shared file mapping is no blocker");
+    let mut img = Vec::new();
+    frozen
+        .write_image(&mut img, ImageOptions::default())
+        .expect("write");
+    let r = restore(&img[..], StdioPlan::null().expect("null")).expect("restore");
+    frozen.kill();
+    let _ = child.wait();
+    // (A private copy may be merged with a neighbour of the same
+    // protection: it is where it was, inside one read-only mapping.)
+    let copy = maps(r.pid);
+    let mine = copy
+        .lines()
+        .find(|l| {
+            let (x, y) = l
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'))
+                .unwrap_or(("0", "0"));
+            u64::from_str_radix(x, 16).is_ok_and(|x| x <= start)
+                && u64::from_str_radix(y, 16).is_ok_and(|y| y >= end)
+        })
+        .unwrap_or_else(|| panic!("nothing at {range} in the copy: {copy}"));
+    assert!(mine.contains(" r--p "), "{mine}");
+    use std::os::unix::fs::FileExt;
+    let len = (end - start) as usize;
+    let mut want = vec![0u8; len];
+    let n = std::fs::File::open(path)
+        .expect("the file")
+        .read_at(&mut want, offset)
+        .expect("read the file");
+    let mut got = vec![0u8; len];
+    std::fs::File::open(format!("/proc/{}/mem", r.pid))
+        .expect("mem")
+        .read_exact_at(&mut got, start)
+        .expect("read the copy");
+    assert!(
+        n > 0 && got[..n] == want[..n],
+        "the copy's bytes differ from {path}'s"
+    );
+    let _ = kill(Pid::from_raw(r.pid), Signal::SIGKILL);
+    let _ = waitpid(Pid::from_raw(r.pid), None);
+}

@@ -63,8 +63,8 @@ fn copy(
     (restore_tree(&img[..], plan).expect("restore the tree"), r)
 }
 
-/// `sh -c script` with `stdout`, stdin and stderr null, and no locale
-/// (coreutils would map glibc's gconv cache shared, a blocker of its own).
+/// `sh -c script` with `stdout`, stdin and stderr null, and an
+/// environment of its own (PATH only: the same wherever the test runs).
 fn sh_c(script: &str, stdout: Stdio) -> std::process::Child {
     Command::new("sh")
         .args(["-c", script])

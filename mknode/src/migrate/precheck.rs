@@ -190,11 +190,8 @@ fn join(b: &[Blocker]) -> String {
     if b.iter().any(|x| matches!(x, Blocker::TreeStdio { .. })) {
         s.push_str(" (in a tree, a tty on fds 0-2 must be the top's on the same fd: the destination gives them all the top's)");
     }
-    if b
-        .iter()
-        .any(|x| matches!(x, Blocker::SharedMapping { name, .. } if name.ends_with("gconv-modules.cache")))
-    {
-        s.push_str(" (a file mapped shared is not carried; glibc maps gconv-modules.cache so in a program that loads its locale's character set: started with LC_ALL=C, it does not)");
+    if b.iter().any(|x| matches!(x, Blocker::SharedMapping { .. })) {
+        s.push_str(" (a file mapped shared is carried only read-only, as a copy)");
     }
     if b.iter().any(|x| matches!(x, Blocker::DeletedFile { .. })) {
         s.push_str(" (deleted files are not carried: their content exists nowhere else)");
@@ -1547,11 +1544,25 @@ fn memfd_blockers(pd: &ProcDir, maps: &[MapsEntry], out: &mut Vec<Blocker>) {
     }
 }
 
+/// Whether a mapping is of a file, shared and read-only (glibc's
+/// `gconv-modules.cache`, a locale archive, a database read through
+/// `mmap`): carried as a private copy of its content at the freeze, like
+/// a private file mapping (the process cannot write it, and the file's
+/// later changes are not seen). A DSM region's file is not one (it is
+/// the thread-split's to carry).
+pub(crate) fn read_only_file(m: &MapsEntry) -> bool {
+    m.shared
+        && !m.write
+        && m.name.starts_with('/')
+        && !m.name.ends_with(" (deleted)")
+        && super::split::region_of(&m.name).is_none()
+}
+
 pub(crate) fn mapping_blockers(pd: &ProcDir, maps: &[MapsEntry], out: &mut Vec<Blocker>) {
     shared_anon_blockers(pd, maps, out);
     memfd_blockers(pd, maps, out);
     for m in maps {
-        if m.shared && !shared_anon(m) && !memfd_shared(m) {
+        if m.shared && !shared_anon(m) && !memfd_shared(m) && !read_only_file(m) {
             out.push(Blocker::SharedMapping {
                 start: m.start,
                 end: m.end,
@@ -1735,27 +1746,29 @@ pub fn check_migratable(pid: i32) -> Result<Precheck, Refusal> {
 mod tests {
     use super::*;
 
-    /// A refusal for glibc's gconv cache says how to start the program
-    /// without it; another shared file mapping does not get that hint.
+    /// Read-only shared mappings of files are carried (glibc's gconv cache
+    /// under a UTF-8 locale); writable ones, deleted files' and anonymous
+    /// ones of other kinds are not.
     #[test]
-    fn the_gconv_cache_refusal_says_how_to_do_without_it() {
-        let refusal = |name: &str| {
-            Refusal::Blocked {
-                pid: 7,
-                blockers: vec![Blocker::SharedMapping {
-                    start: 0x1000,
-                    end: 0x2000,
-                    name: name.into(),
-                }],
-            }
-            .to_string()
+    fn only_read_only_shared_file_mappings_are_carried() {
+        let m = |name: &str, write: bool| MapsEntry {
+            start: 0x1000,
+            end: 0x2000,
+            read: true,
+            write,
+            exec: false,
+            shared: true,
+            offset: 0,
+            inode: 7,
+            name: name.into(),
         };
-        let gconv = refusal("/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache");
-        assert!(
-            gconv.contains("started with LC_ALL=C, it does not"),
-            "{gconv}"
-        );
-        assert!(!refusal("/data/db").contains("LC_ALL"));
+        assert!(read_only_file(&m(
+            "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+            false
+        )));
+        assert!(!read_only_file(&m("/data/db", true)));
+        assert!(!read_only_file(&m("/data/db (deleted)", false)));
+        assert!(!read_only_file(&m("[anon_shmem:x]", false)));
     }
 
     /// 0 left with a period is read again (its expiry passed, its interrupt

@@ -63,7 +63,7 @@ pub(crate) fn testprog(bin: &str) -> PathBuf {
 /// Descriptors this test process inherited without `O_CLOEXEC` (from a
 /// shell or CI runner) would leak into every process it starts and make it
 /// unmigratable; mark them close-on-exec.
-fn cloexec_inherited() {
+pub(crate) fn cloexec_inherited() {
     let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
