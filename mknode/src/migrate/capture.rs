@@ -64,7 +64,10 @@ pub enum CaptureError {
     #[error("process {pid} did not settle: threads kept appearing")]
     Unstable { pid: i32 },
     #[error("the process tree of {pid} cannot be moved or saved: {why}")]
-    Tree { pid: i32, why: String },
+    Tree {
+        pid: i32,
+        why: super::tree::TreeError,
+    },
     #[error("writing the image of process {pid}")]
     Image {
         pid: i32,

@@ -120,6 +120,8 @@ pub enum ImageError {
     },
     #[error("the image is damaged: record at byte {at}: {why}")]
     Invalid { at: u64, why: String },
+    #[error("the tree header is damaged: {0}")]
+    Tree(super::tree::TreeError),
     #[error("the image is damaged: it says its checksum is {stored:#018x}, its bytes hash to {computed:#018x}")]
     Checksum { stored: u64, computed: u64 },
     #[error(

@@ -286,30 +286,29 @@ impl TreeMeta {
             pipes,
             sockets,
         };
-        t.check().map_err(|why| invalid(14, why))?;
+        t.check().map_err(ImageError::Tree)?;
         Ok(t)
     }
 
     /// What makes a tree unbuildable, said before anything is made.
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), TreeError> {
+        use TreeError as E;
         let p = &self.procs;
         for (i, x) in p.iter().enumerate() {
             if x.pid <= 1 {
-                return Err(format!(
-                    "process {i} has pid {} (pid 1 is the holder's)",
-                    x.pid
-                ));
+                return Err(E::HolderPid {
+                    proc: i,
+                    pid: x.pid,
+                });
             }
             if p[..i].iter().any(|y| y.pid == x.pid) {
-                return Err(format!("pid {} appears twice", x.pid));
+                return Err(E::PidTwice(x.pid));
             }
             match (i, x.parent) {
-                (0, Some(_)) => return Err("the top process has a parent".into()),
+                (0, Some(_)) => return Err(E::TopHasParent),
                 (0, None) => {}
-                (_, None) => return Err(format!("process {i} has no parent")),
-                (_, Some(q)) if p[q as usize].zombie.is_some() => {
-                    return Err(format!("process {i}'s parent is a zombie"))
-                }
+                (_, None) => return Err(E::NoParent(i)),
+                (_, Some(q)) if p[q as usize].zombie.is_some() => return Err(E::ZombieParent(i)),
                 _ => {}
             }
             // A session leader leads its own; a member's session is its
@@ -318,76 +317,124 @@ impl TreeMeta {
                 let own = s as usize == i;
                 let inherited = x.parent.is_some_and(|q| p[q as usize].sid == Some(s));
                 if !own && !inherited {
-                    return Err(format!("process {i}'s session is not its parent's"));
+                    return Err(E::Session(i));
                 }
             } else if x.parent.is_some_and(|q| p[q as usize].sid.is_some()) {
-                return Err(format!("process {i}'s session is not its parent's"));
+                return Err(E::Session(i));
             }
             if let Some(g) = x.pgid {
                 if p[g as usize].sid != x.sid {
-                    return Err(format!("process {i}'s group is led from another session"));
+                    return Err(E::GroupSession(i));
                 }
                 if x.sid == Some(i as u32) && g as usize != i {
-                    return Err(format!("process {i} leads a session but not its group"));
+                    return Err(E::LeaderGroup(i));
                 }
             }
         }
         if p[0].zombie.is_some() {
-            return Err("the top process is a zombie".into());
+            return Err(E::TopZombie);
         }
         for s in &self.shares {
             if s.proc as usize >= p.len() || s.from >= s.proc {
-                return Err(format!(
-                    "a shared description names processes {} and {}",
-                    s.proc, s.from
-                ));
+                return Err(E::Share {
+                    proc: s.proc,
+                    from: s.from,
+                });
             }
             if p[s.proc as usize].zombie.is_some() || p[s.from as usize].zombie.is_some() {
-                return Err("a zombie shares a description".into());
+                return Err(E::ZombieShares);
             }
         }
         for (k, x) in self.pipes.iter().enumerate() {
             if x.proc as usize >= p.len() || p[x.proc as usize].zombie.is_some() {
-                return Err(format!("a pipe names process {}", x.proc));
+                return Err(E::PipeProc(x.proc));
             }
             if x.global == 0 || x.global as usize > self.pipes.len() {
-                return Err(format!("pipe {} of {}", x.global, self.pipes.len()));
+                return Err(E::PipeId {
+                    global: x.global,
+                    count: self.pipes.len(),
+                });
             }
             if self.pipes[..k]
                 .iter()
                 .any(|y| y.proc == x.proc && y.local == x.local)
             {
-                return Err(format!("pipe {} of process {} twice", x.local, x.proc));
+                return Err(E::PipeTwice {
+                    local: x.local,
+                    proc: x.proc,
+                });
             }
         }
         for (k, x) in self.sockets.iter().enumerate() {
             if x.proc as usize >= p.len() || p[x.proc as usize].zombie.is_some() {
-                return Err(format!("a socket pair names process {}", x.proc));
+                return Err(E::SocketProc(x.proc));
             }
             if x.global == 0
                 || x.global as usize > self.sockets.len()
                 || x.end > 1
                 || x.local_end > 1
             {
-                return Err(format!(
-                    "socket pair {} end {} of {}",
-                    x.global,
-                    x.end,
-                    self.sockets.len()
-                ));
+                return Err(E::SocketId {
+                    global: x.global,
+                    end: x.end,
+                    count: self.sockets.len(),
+                });
             }
             if self.sockets[..k]
                 .iter()
                 .any(|y| (y.proc, y.local, y.local_end) == (x.proc, x.local, x.local_end))
             {
-                return Err(format!(
-                    "socket pair {} end {} of process {} twice",
-                    x.local, x.local_end, x.proc
-                ));
+                return Err(E::SocketTwice {
+                    local: x.local,
+                    end: x.local_end,
+                    proc: x.proc,
+                });
             }
         }
         Ok(())
     }
+}
+
+/// Why a tree cannot be built: a header that says so is damaged, a tree
+/// frozen so is refused (processes by their place in the header).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TreeError {
+    #[error("it has more than {MAX_TREE} processes")]
+    TooMany,
+    #[error("process {proc} has pid {pid} (pid 1 is the holder's)")]
+    HolderPid { proc: usize, pid: i32 },
+    #[error("pid {0} appears twice")]
+    PidTwice(i32),
+    #[error("the top process has a parent")]
+    TopHasParent,
+    #[error("process {0} has no parent")]
+    NoParent(usize),
+    #[error("process {0}'s parent is a zombie")]
+    ZombieParent(usize),
+    #[error("process {0}'s session is not its parent's")]
+    Session(usize),
+    #[error("process {0}'s group is led from another session")]
+    GroupSession(usize),
+    #[error("process {0} leads a session but not its group")]
+    LeaderGroup(usize),
+    #[error("the top process is a zombie")]
+    TopZombie,
+    #[error("a shared description names processes {proc} and {from}")]
+    Share { proc: u32, from: u32 },
+    #[error("a zombie shares a description")]
+    ZombieShares,
+    #[error("a pipe names process {0}")]
+    PipeProc(u32),
+    #[error("pipe {global} of {count}")]
+    PipeId { global: u32, count: usize },
+    #[error("pipe {local} of process {proc} twice")]
+    PipeTwice { local: u32, proc: u32 },
+    #[error("a socket pair names process {0}")]
+    SocketProc(u32),
+    #[error("socket pair {global} end {end} of {count}")]
+    SocketId { global: u32, end: u8, count: usize },
+    #[error("socket pair {local} end {end} of process {proc} twice")]
+    SocketTwice { local: u32, end: u8, proc: u32 },
 }
 
 fn invalid(at: u64, why: String) -> ImageError {
@@ -467,7 +514,7 @@ fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
         if t.pids.len() == MAX_TREE {
             return Err(CaptureError::Tree {
                 pid: top,
-                why: format!("it has more than {MAX_TREE} processes"),
+                why: TreeError::TooMany,
             });
         }
         let pd = ProcDir::new(Path::new("/proc"), pid);
