@@ -194,40 +194,26 @@ fn open_image(file: &Path) -> Result<Box<dyn Read + Send>, Failure> {
 /// Checkpoint of a host process, done here: freeze, write, then let it go
 /// on (or kill it). Any failure leaves it running untouched.
 fn checkpoint_here(pid: u32, output: &Path, (kill, tree): (bool, bool)) -> Res {
-    use mknode::migrate::{freeze, freeze_tree, ImageOptions};
     let pid_i =
         i32::try_from(pid).map_err(|_| Failure::Usage(format!("pid {pid} out of range")))?;
-    let failed = |e: mknode::migrate::CaptureError| Failure::Failed(crate::error_chain(&e));
-    // (Either one is let go, untouched, when dropped.)
-    let (one, all) = if tree {
-        (None, Some(freeze_tree(pid_i)?))
-    } else {
-        (Some(freeze(pid_i)?), None)
-    };
-    let written = write_image_out(output, |w| match (&one, &all) {
-        (Some(f), _) => f
-            .write_image(w, ImageOptions::default())
+    let frozen = mknode::migrate::freeze_any(pid_i, tree)?;
+    let written = write_image_out(output, |w| {
+        frozen
+            .write_image(w, mknode::migrate::ImageOptions::default())
             .map(|_| ())
-            .map_err(failed),
-        (_, Some(t)) => t
-            .write_image(w, ImageOptions::default())
-            .map(|_| ())
-            .map_err(failed),
-        _ => unreachable!("one of them is frozen"),
+            .map_err(|e| Failure::Failed(crate::error_chain(&e)))
     });
     match written {
         Ok(bytes) => {
-            match (one, all, kill) {
-                (Some(f), _, true) => f.kill(),
-                (Some(f), _, false) => f.resume(),
-                (_, Some(t), true) => t.kill(),
-                (_, Some(t), false) => t.resume(),
-                _ => {}
+            if kill {
+                frozen.kill();
+            } else {
+                frozen.resume();
             }
             say_written(output, bytes, pid, "host", kill)
         }
         Err(e) => {
-            drop((one, all));
+            drop(frozen);
             let what = if tree {
                 "its tree runs"
             } else {

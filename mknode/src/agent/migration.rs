@@ -98,48 +98,6 @@ impl Mode {
     }
 }
 
-/// What a move froze: one process, or a tree. (The common one is not
-/// boxed: one value per move, on its thread's stack.)
-#[allow(clippy::large_enum_variant)]
-enum Captured {
-    One(migrate::Frozen),
-    Tree(migrate::FrozenTree),
-}
-
-impl Captured {
-    fn frozen_at(&self) -> Instant {
-        match self {
-            Captured::One(f) => f.frozen_at(),
-            Captured::Tree(t) => t.frozen_at(),
-        }
-    }
-
-    fn write_image<W: Write>(
-        &self,
-        w: W,
-        opts: ImageOptions,
-    ) -> Result<migrate::ImageStats, CaptureError> {
-        match self {
-            Captured::One(f) => f.write_image(w, opts),
-            Captured::Tree(t) => t.write_image(w, opts),
-        }
-    }
-
-    fn kill(self) {
-        match self {
-            Captured::One(f) => f.kill(),
-            Captured::Tree(t) => t.kill(),
-        }
-    }
-
-    fn resume(self) {
-        match self {
-            Captured::One(f) => f.resume(),
-            Captured::Tree(t) => t.resume(),
-        }
-    }
-}
-
 /// How a moved process ended, or why it is lost.
 type End = Result<ExitStatus, ProcessLost>;
 
@@ -645,10 +603,7 @@ impl Migration {
                 source,
             });
         }
-        let frozen = match mode {
-            Mode::Tree => migrate::freeze_tree(pid_i).map(Captured::Tree),
-            _ => migrate::freeze(pid_i).map(Captured::One),
-        };
+        let frozen = migrate::freeze_any(pid_i, mode == Mode::Tree);
         let frozen = match frozen {
             Ok(f) => f,
             Err(e) => {
@@ -692,7 +647,7 @@ impl Migration {
             let mut w = ChunkWriter::new(&agent, to, |bytes| Msg::MigrateChunk { mig, bytes })
                 .telling(&sent);
             let stats = match (&frozen, lazy) {
-                (Captured::One(f), true) => {
+                (migrate::Captured::One(f), true) => {
                     let (stats, server) = f.write_lazy_image(&mut w, LazyOptions::default())?;
                     lock(&self.servers).insert((to, mig), server);
                     stats
@@ -1017,12 +972,7 @@ impl Migration {
         kill: bool,
     ) -> Result<(), MoveError> {
         let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
-        let frozen = if tree {
-            migrate::freeze_tree(pid_i).map(Captured::Tree)
-        } else {
-            migrate::freeze(pid_i).map(Captured::One)
-        }
-        .map_err(MoveError::Freeze)?;
+        let frozen = migrate::freeze_any(pid_i, tree).map_err(MoveError::Freeze)?;
         let mut w = ChunkWriter::new(agent, peer, |bytes| Msg::ImageChunk { req, bytes });
         let sent = frozen
             .write_image(&mut w, ImageOptions::default())

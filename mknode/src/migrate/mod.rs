@@ -76,8 +76,8 @@ pub use restore::{
     StdioPlan,
 };
 pub use tree::{
-    freeze_tree, restore_tree, tree_of, FrozenTree, RestoredTree, SharedFile, TreeError, TreeMeta,
-    TreeProc, MAX_TREE, TREE_MAGIC,
+    freeze_any, freeze_tree, restore_tree, tree_of, Captured, FrozenTree, RestoredTree, SharedFile,
+    TreeError, TreeMeta, TreeProc, MAX_TREE, TREE_MAGIC,
 };
 
 /// A failed system call made on behalf of capture or restore.

@@ -812,6 +812,62 @@ impl FrozenTree {
     }
 }
 
+/// What a freeze froze: one process, or a tree (`--tree`). (The common one
+/// is not boxed: one value per move, on its thread's stack.)
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Captured {
+    One(Frozen),
+    Tree(FrozenTree),
+}
+
+/// [`super::freeze`] of `pid`, or [`freeze_tree`] with `tree`.
+pub fn freeze_any(pid: i32, tree: bool) -> Result<Captured, CaptureError> {
+    if tree {
+        freeze_tree(pid).map(Captured::Tree)
+    } else {
+        super::freeze(pid).map(Captured::One)
+    }
+}
+
+impl Captured {
+    /// When the (first) process was frozen.
+    pub fn frozen_at(&self) -> std::time::Instant {
+        match self {
+            Captured::One(f) => f.frozen_at(),
+            Captured::Tree(t) => t.frozen_at(),
+        }
+    }
+
+    /// Its image: a process image, or a tree image.
+    pub fn write_image<W: Write>(
+        &self,
+        w: W,
+        opts: ImageOptions,
+    ) -> Result<ImageStats, CaptureError> {
+        match self {
+            Captured::One(f) => f.write_image(w, opts),
+            Captured::Tree(t) => t.write_image(w, opts),
+        }
+    }
+
+    /// Ends what was frozen (see [`Frozen::kill`], [`FrozenTree::kill`]).
+    pub fn kill(self) {
+        match self {
+            Captured::One(f) => f.kill(),
+            Captured::Tree(t) => t.kill(),
+        }
+    }
+
+    /// Lets what was frozen run on, untouched.
+    pub fn resume(self) {
+        match self {
+            Captured::One(f) => f.resume(),
+            Captured::Tree(t) => t.resume(),
+        }
+    }
+}
+
 /// A tree rebuilt and running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoredTree {
