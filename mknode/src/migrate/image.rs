@@ -718,6 +718,18 @@ pub struct ImageStats {
     pub checksum: u64,
 }
 
+/// `buf` whole from `r`, which is at byte `at` of an image: its end there
+/// is [`ImageError::Truncated`].
+pub(crate) fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], at: u64) -> Result<(), ImageError> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ImageError::Truncated { at }
+        } else {
+            ImageError::Io(e)
+        }
+    })
+}
+
 // ---------------------------------------------------------------- writing
 
 struct HashW<W> {

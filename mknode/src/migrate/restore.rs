@@ -1623,13 +1623,7 @@ pub fn restore_any<R: Read>(mut r: R, stdio: StdioPlan) -> Result<Restored, Rest
     // a tree, rarer, makes its own and drops this one.
     let blank_early = blank(&stdio, &[])?;
     let mut head = [0u8; 8];
-    r.read_exact(&mut head).map_err(|e| {
-        RestoreError::Image(if e.kind() == io::ErrorKind::UnexpectedEof {
-            ImageError::Truncated { at: 0 }
-        } else {
-            ImageError::Io(e)
-        })
-    })?;
+    super::image::read_exact(&mut r, &mut head, 0)?;
     let r = io::Cursor::new(head).chain(r);
     if head == super::TREE_MAGIC {
         drop(blank_early);

@@ -43,7 +43,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
 use super::capture::{seize_accepting, CaptureError, Frozen, ImageOptions};
-use super::image::{ImageError, ImageReader, ImageStats, FLAG_LAZY};
+use super::image::{read_exact, ImageError, ImageReader, ImageStats, FLAG_LAZY};
 use super::inject::{first_stop, inject, ptrace_err, Call};
 use super::precheck::{same_file, stdio_kind, Blocker, Refusal, Scope};
 use super::procfs::ProcDir;
@@ -439,16 +439,6 @@ pub enum TreeError {
 
 fn invalid(at: u64, why: String) -> ImageError {
     ImageError::Invalid { at, why }
-}
-
-fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], at: u64) -> Result<(), ImageError> {
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ImageError::Truncated { at }
-        } else {
-            ImageError::Io(e)
-        }
-    })
 }
 
 /// `top` and its descendants now (parents first), as `/proc` lists them
@@ -948,7 +938,7 @@ fn fork_blank(parent: &Blank, pid: i32) -> Result<Blank, RestoreError> {
     Ok(blank)
 }
 
-/// Runs `c` in blank `b`, expecting `want`.
+/// Runs `c` in blank `b`: its result, or the errno it names.
 fn call(b: &Blank, c: Call) -> Result<u64, SysError> {
     let p = b.stub.pid;
     inject(p, b.ctl, &b.base, &c)?.check(&c, p)
