@@ -63,8 +63,10 @@ pub fn window_file(source: &WindowSource, root: &Path) -> (PathBuf, u64) {
     }
 }
 
-/// Runs the agent until a power-off is asked for; returns the signal or
-/// reason that ended it. The endpoint is detached on return.
+/// Runs the agent until a power-off is asked for, and says why on the
+/// console before it lets go of the window (the host may halt this kernel
+/// as soon as it sees the endpoint gone). The endpoint is detached on
+/// return.
 /// `peers` names the endpoints for the agent's messages (`mk.peers`).
 pub fn run(
     id: Option<u32>,
@@ -72,7 +74,7 @@ pub fn run(
     file: &Path,
     offset: u64,
     len: u64,
-) -> Result<String, AgentError> {
+) -> Result<(), AgentError> {
     let id = id.ok_or(AgentError::NoId)?;
     let id = u16::try_from(id).map_err(|_| AgentError::IdRange(id))?;
     let window =
@@ -164,6 +166,7 @@ pub fn run(
             }
         }
     };
+    say!("{why}");
     stop.store(true, Ordering::Relaxed);
     // Let go of every channel half: they hold the endpoint too.
     for peer in (0..endpoints).filter(|&p| p != id) {
@@ -175,5 +178,5 @@ pub fn run(
     // Dropping the last handle marks the endpoint detached: the host sees
     // "gone", not a heartbeat that stopped.
     drop(endpoint);
-    Ok(why)
+    Ok(())
 }

@@ -88,9 +88,8 @@ fn main() {
     let (file, offset) = agent::window_file(window.source(), Path::new("/"));
     let len = window.len() as u64;
     drop(window);
-    match agent::run(args.id, &args.peers, &file, offset, len) {
-        Ok(why) => say!("{why}"),
-        Err(e) => say!("agent: {}", power::error_chain(&e)),
+    if let Err(e) = agent::run(args.id, &args.peers, &file, offset, len) {
+        say!("agent: {}", power::error_chain(&e));
     }
     power_off();
 }

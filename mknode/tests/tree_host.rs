@@ -388,8 +388,9 @@ fn a_socket_pair_between_two_processes_moves_with_what_is_queued() {
 
 /// A tree that forks all the time (a `sleep` every 10 ms): a child forked
 /// between the tree's listing and its parent's freeze holds the tree's
-/// pipes too, and is part of it, not "another process": ten freezes in a
-/// row all work, and let the tree run on.
+/// pipes too, and is part of it, not "another process"; a `sleep` caught
+/// between letting go of its memory and its zombie is a zombie, not
+/// refused: sixty freezes in a row all work, and let the tree run on.
 #[test]
 fn a_tree_that_forks_all_the_time_is_frozen_every_time() {
     let _g = serial();
@@ -400,11 +401,11 @@ fn a_tree_that_forks_all_the_time_is_frozen_every_time() {
     let pid = sh.id() as i32;
     let _guard = KillOnDrop(vec![pid]);
     std::thread::sleep(std::time::Duration::from_millis(200));
-    for i in 0..10 {
+    for i in 0..60 {
         let t = freeze_tree(pid).unwrap_or_else(|e| panic!("freeze {i}: {e}"));
         assert!(t.pids().len() >= 3, "{:?}", t.pids());
         t.resume();
-        std::thread::sleep(std::time::Duration::from_millis(37));
+        std::thread::sleep(std::time::Duration::from_millis(7));
     }
     drop(_guard);
     let _ = sh.wait();

@@ -55,6 +55,7 @@ fn host_initramfs(script: &str, extra: &[(&str, &Path)]) -> Initramfs {
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev\n\
+         {SETTLE}\n\
          echo \"mk-host: user space up on $(uname -r)\"\n\
          {script}\n\
          echo mk-host: done\n\
@@ -63,6 +64,13 @@ fn host_initramfs(script: &str, extra: &[(&str, &Path)]) -> Initramfs {
     ir.file("/init", init, 0o755).expect("init");
     ir
 }
+
+/// Waits (5 s at most) for the kernel's switch to the refined TSC, whose
+/// two lines come a second or more after boot and would otherwise land in
+/// the middle of a line the script prints: the console is one stream.
+const SETTLE: &str = "for i in $(seq 50); do \
+     grep -qx tsc /sys/devices/system/clocksource/clocksource0/current_clocksource && break; \
+     sleep 0.1; done";
 
 /// One QEMU host machine; both serial ports go to log files.
 struct Host {

@@ -68,6 +68,9 @@ pub enum Blocker {
     SelfProcess,
     /// A kernel thread: no user memory to save.
     KernelThread,
+    /// A user process that has let go of its memory on its way to being a
+    /// zombie.
+    Exiting,
     /// In a tree (`--tree`), a process below the top whose fd 0/1/2 is a
     /// tty other than the top's on the same fd (the destination gives them
     /// all the top's).
@@ -127,6 +130,7 @@ impl fmt::Display for Blocker {
                 "is the process doing the move or save itself (the mkctl agent, or this mkctl)"
             ),
             Blocker::KernelThread => write!(f, "is a kernel thread"),
+            Blocker::Exiting => write!(f, "is exiting"),
             Blocker::TreeStdio { fd, target, top } => write!(
                 f,
                 "fd {fd} is {target}, where the top of the tree has {top}"
@@ -1658,11 +1662,14 @@ pub(crate) fn check_within(
         return only(Blocker::SelfProcess);
     }
     let st = pd.status().map_err(inspect)?;
-    // Older kernels print no `Kthread:`; a process without a single mapping
-    // is one too.
+    // Older kernels print no `Kthread:`; there a process without a single
+    // mapping is one too. Where they print it, a user process without one
+    // is on its way out (its memory goes before it is a zombie).
     let maps = pd.maps().map_err(inspect)?;
-    if st.kthread || maps.is_empty() {
-        return only(Blocker::KernelThread);
+    match (st.kthread, maps.is_empty()) {
+        (Some(true), _) | (None, true) => return only(Blocker::KernelThread),
+        (Some(false), true) => return only(Blocker::Exiting),
+        _ => {}
     }
     if matches!(st.state, 'T' | 't' | 'Z' | 'X' | 'x') {
         blockers.push(Blocker::State { state: st.state });
@@ -1954,6 +1961,10 @@ mod tests {
             let e = check_at(d.path(), 7, 1).unwrap_err().to_string();
             assert_eq!(e, "process 7 cannot be moved or saved: is a kernel thread");
         }
+        // A user process between letting go of its memory and its zombie.
+        let d = tree(&[("5", "/etc/passwd")], "", "Kthread:\t0\n");
+        let e = check_at(d.path(), 7, 1).unwrap_err().to_string();
+        assert_eq!(e, "process 7 cannot be moved or saved: is exiting");
         let d = tree(&[("5", "/etc/passwd")], OK_MAPS, "");
         let e = check_at(d.path(), 7, 7).unwrap_err().to_string();
         assert!(

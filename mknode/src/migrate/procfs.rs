@@ -121,8 +121,8 @@ pub(crate) struct Status {
     pub(crate) sig_cgt: u64,
     pub(crate) sig_ign: u64,
     pub(crate) threads: u32,
-    /// `Kthread: 1` (kernels that print it).
-    pub(crate) kthread: bool,
+    /// `Kthread:` (None where the kernel does not print it).
+    pub(crate) kthread: Option<bool>,
     /// The pid in its innermost pid namespace (the last of `NSpid`); 0
     /// where the kernel does not print it.
     pub(crate) ns_pid: i32,
@@ -145,7 +145,7 @@ pub(crate) fn parse_status(text: &str) -> io::Result<Status> {
             "SigCgt" => s.sig_cgt = hex()?,
             "SigIgn" => s.sig_ign = hex()?,
             "x86_Thread_features" => s.shadow_stack = v.split_whitespace().any(|f| f == "shstk"),
-            "Kthread" => s.kthread = v == "1",
+            "Kthread" => s.kthread = Some(v == "1"),
             "NSpid" => {
                 s.ns_pid = v
                     .split_whitespace()

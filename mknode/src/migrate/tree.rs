@@ -519,11 +519,14 @@ fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
                     hints.push(h);
                     None
                 }
-                // It exited meanwhile: its parent is frozen, so it stays a
-                // zombie.
-                Err(_) if parent.is_some() && pd.stat().is_ok_and(|s| s.state == 'Z') => {
-                    Some(pd.stat().map_err(proc_err("stat"))?.exit_code)
-                }
+                // It is exiting, or exited meanwhile: its parent is frozen,
+                // so it ends a zombie (or gone, where its parent has it
+                // reaped at once).
+                Err(e) if parent.is_some() => match exit_of(&pd, &e) {
+                    Some(Some(code)) => Some(code),
+                    Some(None) => continue,
+                    None => return Err(e),
+                },
                 Err(e) => return Err(e),
             }
         };
@@ -561,6 +564,28 @@ fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
     t.find_pipes()?;
     t.find_sockets()?;
     Ok(t)
+}
+
+/// How a child that could not be seized ended: `Some(Some(status))` a
+/// zombie, `Some(None)` gone; `None` where it is not ending at all (then
+/// `e` stands). A process on its way out is waited for, a second at most:
+/// it has let go of its memory and only has to notify its parent.
+fn exit_of(pd: &ProcDir, e: &CaptureError) -> Option<Option<i32>> {
+    let exiting = matches!(
+        e,
+        CaptureError::Refused(Refusal::Blocked { blockers, .. })
+            if blockers.contains(&Blocker::Exiting)
+    );
+    for _ in 0..100 {
+        match pd.stat() {
+            Ok(s) if s.state == 'Z' => return Some(Some(s.exit_code)),
+            Ok(_) if !exiting => return None,
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(None),
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 impl FrozenTree {
