@@ -186,10 +186,29 @@ fn checkpoint_and_restore_on_the_host() {
 
     // A checkpoint that lets the process go on.
     let first = dir.join("running.img");
-    let out = checkpoint(pid, false, &first);
+    let out = mkctl()
+        .args([
+            "checkpoint",
+            &pid.to_string(),
+            "--on",
+            "host",
+            "--json",
+            "-o",
+        ])
+        .arg(&first)
+        .output()
+        .expect("mkctl checkpoint --json");
     assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"));
-    assert!(first.is_file());
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let len = std::fs::metadata(&first).expect("the image").len();
+    assert_eq!(said["bytes"], len, "{said}");
+    assert_eq!(said["pid"], pid, "{said}");
+    assert_eq!(said["on"], "host", "{said}");
+    assert_eq!(said["processes"], 1, "{said}");
+    assert_eq!(said["killed"], false, "{said}");
+    assert_eq!(said["tree"], false, "{said}");
+    let (took, frozen) = (said["seconds"].as_f64(), said["frozen_seconds"].as_f64());
+    assert!(frozen.is_some_and(|f| f > 0.0 && Some(f) <= took), "{said}");
     let after = until(&rx, |l| seq(l).is_some());
     let s1 = after.iter().filter_map(|l| seq(l)).next().expect("seq");
     let seen = until(&rx, |l| seq(l).is_some_and(|s| s >= s1 + 10));
@@ -1142,6 +1161,14 @@ fn a_tree_is_checkpointed_and_restored_by_mkctl() {
         .output()
         .expect("mkctl checkpoint --tree");
     assert!(out.status.success(), "{out:?}");
+    // It says what it saved: the top, its kid and the zombie, all killed.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!(
+            "of the tree of process {pid} (3 processes) on host"
+        )) && said.trim_end().ends_with("; they were killed"),
+        "{said}"
+    );
     let mut last_top = 0;
     let mut last_kid = 0;
     for l in first

@@ -338,16 +338,28 @@ fn checkpoint_on_alpha_restores_on_beta_and_goes_with_its_mkctl() {
     let before = w.checksums()[0].clone();
     let img = m.run_dir().join("counter.img");
     let img_s = img.display().to_string();
-    m.run(&[
-        "checkpoint",
-        &pid.to_string(),
-        "--on",
-        "alpha",
-        "--kill",
-        "-o",
-        &img_s,
-    ])
-    .ok();
+    let said = m
+        .run(&[
+            "checkpoint",
+            &pid.to_string(),
+            "--on",
+            "alpha",
+            "--kill",
+            "--json",
+            "-o",
+            &img_s,
+        ])
+        .ok()
+        .json();
+    // What it says is what it wrote; the freeze is the agent's, not timed.
+    assert_eq!(
+        said["bytes"],
+        std::fs::metadata(&img).expect("the image").len(),
+        "{said}"
+    );
+    assert_eq!(said["processes"], 1, "{said}");
+    assert_eq!(said["killed"], true, "{said}");
+    assert!(said["frozen_seconds"].is_null(), "{said}");
     // Stopped once saved: the exec ends with SIGKILL's status.
     assert_eq!(w.child.wait().unwrap().code(), Some(128 + 9));
     std::thread::sleep(Duration::from_millis(200));

@@ -110,25 +110,99 @@ fn write_image_out(
     Ok(out.progress.bytes())
 }
 
+/// What `checkpoint` was asked for, beside the pid, kernel and file.
+#[derive(Clone, Copy)]
+pub(super) struct Asked {
+    pub(super) kill: bool,
+    pub(super) tree: bool,
+    pub(super) json: bool,
+}
+
+/// What a checkpoint wrote, for its summary.
+struct Written {
+    bytes: u64,
+    /// A tree image's process count, from its header.
+    processes: Option<usize>,
+    took: std::time::Duration,
+    /// How long the process (tree) stayed frozen; known on the host only.
+    frozen: Option<std::time::Duration>,
+}
+
+/// Keeps the first bytes written through it (a tree image's header, to
+/// count its processes), passing every byte on.
+struct Head<'a> {
+    inner: &'a mut dyn Write,
+    head: Vec<u8>,
+}
+
+impl Write for Head<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        let room = HEAD_KEPT.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&buf[..n.min(room)]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// More than the largest tree header.
+const HEAD_KEPT: usize = 64 << 10;
+
+/// The number of processes a tree image's header lists (`None` for a
+/// process image, or a head that does not parse).
+fn processes_in(head: &[u8]) -> Option<usize> {
+    mknode::migrate::TreeMeta::read(&mut &head[..])
+        .ok()
+        .map(|m| m.procs.len())
+}
+
 /// What a checkpoint that worked prints: on stdout, or on stderr when the
-/// image itself went to stdout.
-fn say_written(output: &Path, bytes: u64, pid: u32, on: &str, kill: bool) -> Res {
-    let line = if is_stdio(output) {
-        format!(
-            "wrote the image of process {pid} on {on} to stdout ({}){}",
-            ByteSize(bytes).human(),
-            if kill { "; it was stopped" } else { "" }
-        )
+/// image itself went to stdout (as JSON with `--json`).
+fn say_written(output: &Path, pid: u32, on: &str, asked: Asked, w: &Written) -> Res {
+    let to_stdout = is_stdio(output);
+    let line = if asked.json {
+        serde_json::to_string(&serde_json::json!({
+            "pid": pid,
+            "on": on,
+            "image": output.to_string_lossy(),
+            "bytes": w.bytes,
+            "tree": asked.tree,
+            "processes": w.processes.unwrap_or(1),
+            "killed": asked.kill,
+            "seconds": w.took.as_secs_f64(),
+            "frozen_seconds": w.frozen.map(|d| d.as_secs_f64()),
+        }))?
     } else {
-        format!(
-            "wrote {} ({}) of process {pid} on {on}{}",
-            output.display(),
-            ByteSize(bytes).human(),
-            if kill { "; it was stopped" } else { "" }
-        )
+        let what = match w.processes {
+            Some(n) => format!("the tree of process {pid} ({n} processes)"),
+            None => format!("process {pid}"),
+        };
+        let size = ByteSize(w.bytes).human();
+        let head = if to_stdout {
+            format!("wrote the image of {what} on {on} to stdout ({size})")
+        } else {
+            format!("wrote {} ({size}) of {what} on {on}", output.display())
+        };
+        let frozen = w
+            .frozen
+            .map(|d| format!(", frozen {:.3} s", d.as_secs_f64()))
+            .unwrap_or_default();
+        let end = match (asked.kill, asked.tree) {
+            (false, _) => "; it runs on",
+            (true, false) => "; it was killed",
+            (true, true) => "; they were killed",
+        };
+        let line = format!("{head} in {:.3} s{frozen}{end}", w.took.as_secs_f64());
+        if to_stdout {
+            format!("mkctl: {line}")
+        } else {
+            line
+        }
     };
-    if is_stdio(output) {
-        eprintln!("mkctl: {line}");
+    if to_stdout {
+        eprintln!("{line}");
     } else {
         println!("{line}");
     }
@@ -193,28 +267,43 @@ fn open_image(file: &Path) -> Result<Box<dyn Read + Send>, Failure> {
 
 /// Checkpoint of a host process, done here: freeze, write, then let it go
 /// on (or kill it). Any failure leaves it running untouched.
-fn checkpoint_here(pid: u32, output: &Path, (kill, tree): (bool, bool)) -> Res {
+fn checkpoint_here(pid: u32, output: &Path, asked: Asked) -> Res {
+    let start = std::time::Instant::now();
     let pid_i =
         i32::try_from(pid).map_err(|_| Failure::Usage(format!("pid {pid} out of range")))?;
-    let frozen = mknode::migrate::freeze_any(pid_i, tree)?;
+    let frozen = mknode::migrate::freeze_any(pid_i, asked.tree)?;
+    let mut head = Vec::new();
     let written = write_image_out(output, |w| {
-        frozen
-            .write_image(w, mknode::migrate::ImageOptions::default())
+        let mut w = Head {
+            inner: w,
+            head: Vec::new(),
+        };
+        let r = frozen
+            .write_image(&mut w, mknode::migrate::ImageOptions::default())
             .map(|_| ())
-            .map_err(|e| Failure::Failed(crate::error_chain(&e)))
+            .map_err(|e| Failure::Failed(crate::error_chain(&e)));
+        head = w.head;
+        r
     });
     match written {
         Ok(bytes) => {
-            if kill {
+            let frozen_at = frozen.frozen_at();
+            if asked.kill {
                 frozen.kill();
             } else {
                 frozen.resume();
             }
-            say_written(output, bytes, pid, "host", kill)
+            let w = Written {
+                bytes,
+                processes: processes_in(&head),
+                took: start.elapsed(),
+                frozen: Some(frozen_at.elapsed()),
+            };
+            say_written(output, pid, "host", asked, &w)
         }
         Err(e) => {
             drop(frozen);
-            let what = if tree {
+            let what = if asked.tree {
                 "its tree runs"
             } else {
                 "the process runs"
@@ -352,37 +441,53 @@ fn forward_signals_until_exit(child: nix::unistd::Pid, tree: bool) {
     }
 }
 
-pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, (kill, tree): (bool, bool)) -> Res {
+pub(super) fn checkpoint(pid: u32, on: &str, output: &Path, asked: Asked) -> Res {
     if let Some(why) = stdio_refusal(output, false) {
         return Err(why.into());
     }
     if is_host(on) {
-        return checkpoint_here(pid, output, (kill, tree));
+        return checkpoint_here(pid, output, asked);
     }
+    let start = std::time::Instant::now();
     let mut c = connect()?;
     let failed = |e: &dyn std::error::Error| Failure::Failed(crate::error_chain(e));
+    let mut head = Vec::new();
     // The request goes out once the file is there to take the image.
     let written = write_image_out(output, |w| {
         c.send(&Request::Checkpoint {
             pid,
             on: on.to_string(),
-            kill,
-            tree,
+            kill: asked.kill,
+            tree: asked.tree,
         })
         .map_err(|e| failed(&e))?;
-        loop {
+        let mut w = Head {
+            inner: w,
+            head: Vec::new(),
+        };
+        let r = loop {
             match c.read().map_err(|e| failed(&e))? {
                 Frame::Wire(Msg::ImageChunk { bytes, .. }) => {
                     w.write_all(&bytes).map_err(|e| failed(&e))?
                 }
-                Frame::Reply(Reply::Ok { .. }) => return Ok(()),
-                Frame::Reply(r) => return Err(refused(r)),
+                Frame::Reply(Reply::Ok { .. }) => break Ok(()),
+                Frame::Reply(r) => break Err(refused(r)),
                 _ => {}
             }
-        }
+        };
+        head = w.head;
+        r
     });
     match written {
-        Ok(bytes) => say_written(output, bytes, pid, on, kill),
+        Ok(bytes) => {
+            let w = Written {
+                bytes,
+                processes: processes_in(&head),
+                took: start.elapsed(),
+                frozen: None,
+            };
+            say_written(output, pid, on, asked, &w)
+        }
         // The daemon's exit code stays (2: no such instance).
         Err(Failure::Daemon { message, code }) => Err(Failure::Daemon {
             message: format!("checkpoint of {pid} on {on}: {message}"),

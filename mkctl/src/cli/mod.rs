@@ -368,7 +368,8 @@ pub enum Command {
         /// whole), or `-` for stdout, e.g. to pipe it into `mkctl restore -`.
         #[arg(short, long)]
         output: PathBuf,
-        /// Stop the process once the image is written.
+        /// Kill the process (SIGKILL; with --tree, every process of the
+        /// tree) once the image is written, instead of letting it go on.
         #[arg(long)]
         kill: bool,
         /// Save the process with all its descendants (a tree image, which
@@ -376,6 +377,11 @@ pub enum Command {
         /// process with children is refused.
         #[arg(long)]
         tree: bool,
+        /// Print what was written as JSON: pid, on, image, bytes, tree,
+        /// processes, killed, seconds, frozen_seconds (on the host only,
+        /// else null). On stdout, or on stderr with `-o -`.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a process from an image file on a kernel; like exec, its output
     /// comes back and its exit status becomes mkctl's.
@@ -759,7 +765,13 @@ fn dispatch(cli: Cli) -> Res {
             output,
             kill,
             tree,
-        } => image::checkpoint(pid, &live::named(&on), &output, (kill, tree)),
+            json,
+        } => image::checkpoint(
+            pid,
+            &live::named(&on),
+            &output,
+            image::Asked { kill, tree, json },
+        ),
         Command::Restore { file, on } => image::restore(&file, &live::named(&on)),
         Command::Pool {
             action: PoolAction::Release { unmount, dry_run },
