@@ -410,3 +410,49 @@ fn a_tree_that_forks_all_the_time_is_frozen_every_time() {
     drop(_guard);
     let _ = sh.wait();
 }
+
+/// The kid's third line from `out` (its second thread has written its
+/// tid down by then): that thread's tid and what `pthread_kill(thread, 0)`
+/// returned.
+fn kid_thread(out: &Output) -> (i64, i64, String) {
+    let mut k = String::new();
+    for _ in 0..3 {
+        k = next_line(out, "kid ").1;
+    }
+    (get(&k, "thread"), get(&k, "ping"), k)
+}
+
+/// A tree moved twice keeps its threads' ids as it keeps its pids: the
+/// kid's second thread has the tid it had (`gettid`), and glibc's cached
+/// tid of it still names it (`pthread_kill` finds it), after each move.
+#[test]
+fn a_tree_moved_twice_keeps_its_thread_ids() {
+    let _g = serial();
+    let (mut top, out) = start_prog(&testprog("mktree"), &["--thread", "--interval-ms", "20"]);
+    let top_pid = top.id() as i32;
+    let (tid, ping, k) = kid_thread(&out);
+    let kid_pid = get(&k, "pid") as i32;
+    assert!(tid > 0 && tid != i64::from(kid_pid) && ping == 0, "{k}");
+    let mut guard = KillOnDrop(vec![top_pid, kid_pid]);
+
+    let frozen = freeze_tree(top_pid).expect("freeze the tree");
+    let (first, r) = copy(&frozen);
+    guard.0.push(first.holder);
+    frozen.kill();
+    let _ = top.wait();
+    let out = Output::new(r);
+    let (t1, p1, k1) = kid_thread(&out);
+    assert_eq!((t1, p1), (tid, 0), "after the first move: {k1}");
+
+    // Again, from the copy's namespace into another.
+    let frozen = freeze_tree(first.top()).expect("freeze the copy");
+    let (second, r) = copy(&frozen);
+    guard.0.push(second.holder);
+    frozen.kill();
+    let _ = waitpid(Pid::from_raw(first.holder), None);
+    let out = Output::new(r);
+    let (t2, p2, k2) = kid_thread(&out);
+    assert_eq!((t2, p2), (tid, 0), "after the second move: {k2}");
+    let _ = kill(Pid::from_raw(second.holder), Signal::SIGKILL);
+    let _ = waitpid(Pid::from_raw(second.holder), None);
+}

@@ -1188,10 +1188,21 @@ impl Frozen {
         } else {
             Vec::new()
         };
+        // The image numbers the process and its threads as they see
+        // themselves (their pid namespace's numbers: NSpid), which is what
+        // glibc caches and a tree's restore gives them back.
+        let seen = |id: u32| {
+            ProcDir::new(Path::new("/proc"), id as i32)
+                .ns_pid()
+                .map(|n| n as u32)
+                .map_err(self.proc_err("status"))
+        };
+        process.pid = seen(process.pid)?;
         iw.process(&process).map_err(ie)?;
         for t in &meta.threads {
             let mut t = t.clone();
             t.pending = self.pending(Pid::from_raw(t.tid as i32), false)?;
+            t.tid = seen(t.tid)?;
             iw.thread(&t).map_err(ie)?;
         }
         for m in &meta.mappings {

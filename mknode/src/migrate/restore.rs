@@ -2330,7 +2330,11 @@ fn finish(
         ))?;
     }
 
-    // 6. The other threads, each stopped at birth.
+    // 6. The other threads, each stopped at birth. In a tree's namespace
+    // each gets the tid it had there (the image gives a tree's numbers as
+    // its processes saw them), as its process got its pid: what the
+    // program holds of them (glibc's cached tids, a lock's owner) stays
+    // true, move after move.
     let mut tids = vec![leader];
     for t in &meta.threads[1..] {
         let mut flags = (libc::CLONE_VM
@@ -2342,11 +2346,16 @@ fn finish(
         if t.clear_child_tid != 0 {
             flags |= libc::CLONE_CHILD_CLEARTID as u64;
         }
-        let c = Call::new(
-            "clone",
-            libc::SYS_clone,
-            &[flags, 0, 0, t.clear_child_tid, 0],
-        );
+        let c = if in_ns {
+            // No exit signal: a thread.
+            clone3_set_tid(leader, scratch, (flags, t.clear_child_tid, 0), t.tid as i32)?
+        } else {
+            Call::new(
+                "clone",
+                libc::SYS_clone,
+                &[flags, 0, 0, t.clear_child_tid, 0],
+            )
+        };
         let out = inject(leader, ctl, &base, &c)?;
         out.check(&c, leader)?;
         let new = out.cloned.ok_or(SysError::Stop {
@@ -2440,6 +2449,34 @@ fn finish(
         sys::set_sigmask(tid, t.sigmask).map_err(ptrace_err("PTRACE_SETSIGMASK", tid))?;
     }
     Ok((tids, futex_listener))
+}
+
+/// The call that makes a child of `pid` (a process or a thread) with the
+/// number `tid` in the innermost pid namespace: `clone3` with `set_tid`,
+/// its `struct clone_args` (v2, 88 bytes) and the one pid_t after it put
+/// at `scratch`. `(flags, child_tid, exit_signal)`; no stack (the child's
+/// registers are set later).
+pub(super) fn clone3_set_tid(
+    pid: Pid,
+    scratch: u64,
+    (flags, child_tid, exit_signal): (u64, u64, u64),
+    tid: i32,
+) -> Result<Call, SysError> {
+    let mut args = [0u64; 11];
+    args[0] = flags;
+    args[2] = child_tid;
+    args[4] = exit_signal;
+    args[8] = scratch + 96;
+    args[9] = 1;
+    let mut b: Vec<u8> = args.iter().flat_map(|x| x.to_le_bytes()).collect();
+    b.resize(96, 0);
+    b.extend_from_slice(&tid.to_le_bytes());
+    poke(pid, scratch, &b)?;
+    Ok(Call::new(
+        "clone3(set_tid)",
+        libc::SYS_clone3,
+        &[scratch, 88],
+    ))
 }
 
 pub(super) fn poke(pid: Pid, addr: u64, b: &[u8]) -> Result<(), SysError> {

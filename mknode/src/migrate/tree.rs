@@ -48,8 +48,8 @@ use super::inject::{first_stop, inject, ptrace_err, Call};
 use super::precheck::{same_file, stdio_kind, Blocker, Refusal, Scope};
 use super::procfs::ProcDir;
 use super::restore::{
-    blank_in, build, check_kernel, poke, Blank, RestoreError, StdioPlan, Stub, TreeFiles,
-    CTL_SCRATCH,
+    blank_in, build, check_kernel, clone3_set_tid, poke, Blank, RestoreError, StdioPlan, Stub,
+    TreeFiles, CTL_SCRATCH,
 };
 use super::sys::STUB_PIDFD;
 use super::SysError;
@@ -932,17 +932,7 @@ const HOLDER_LOOP: [u8; 74] = [
 fn fork_blank(parent: &Blank, pid: i32) -> Result<Blank, RestoreError> {
     let p = parent.stub.pid;
     let scratch = parent.ctl + CTL_SCRATCH;
-    // struct clone_args (v2, 88 bytes): exit_signal = SIGCHLD, set_tid
-    // pointing at one pid_t just after it.
-    let mut args = [0u64; 11];
-    args[4] = libc::SIGCHLD as u64;
-    args[8] = scratch + 96;
-    args[9] = 1;
-    let mut b: Vec<u8> = args.iter().flat_map(|x| x.to_le_bytes()).collect();
-    b.resize(96, 0);
-    b.extend_from_slice(&pid.to_le_bytes());
-    poke(p, scratch, &b)?;
-    let c = Call::new("clone3(set_tid)", libc::SYS_clone3, &[scratch, 88]);
+    let c = clone3_set_tid(p, scratch, (0, 0, libc::SIGCHLD as u64), pid)?;
     let out = inject(p, parent.ctl, &parent.base, &c)?;
     out.check(&c, p)?;
     let new = out.cloned.ok_or(SysError::Stop {

@@ -1,6 +1,6 @@
 //! mktree: the process tree the `--tree` tests move.
 //!
-//! `mktree [--log PATH] [--interval-ms MS] [--socketpair]`
+//! `mktree [--log PATH] [--interval-ms MS] [--socketpair] [--thread]`
 //!
 //! The top process makes itself a session leader (`setsid`), opens PATH
 //! (when given; write-only, truncated, *not* `O_APPEND`, so the offset is
@@ -26,6 +26,12 @@
 //! datagram every other line and prints `relay kid=<n>`, so that datagrams
 //! are queued in the pair whenever it is frozen.
 //!
+//! With `--thread`, the kid runs a second thread that writes down its
+//! `gettid` every 5 ms, and the kid's lines end with
+//! ` thread=<that tid> ping=<what pthread_kill(thread, 0) returned>`:
+//! 0 while glibc's cached tid of the thread is the thread's, ESRCH (3)
+//! once it names no thread of the process.
+//!
 //! SIGWINCH is blocked in both and left pending: in the top for its thread
 //! (`raise`), in the kid for the process (`kill` of itself), for a move to
 //! carry (`/proc/PID/status` shows them: `SigPnd`, `ShdPnd`).
@@ -50,11 +56,13 @@ fn main() {
     let mut log: Option<String> = None;
     let mut ms = 20u64;
     let mut pair = false;
+    let mut thread = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--log" => log = args.next(),
             "--interval-ms" => ms = args.next().and_then(|v| v.parse().ok()).unwrap_or(ms),
             "--socketpair" => pair = true,
+            "--thread" => thread = true,
             other => {
                 eprintln!("mktree: unknown argument {other:?}");
                 std::process::exit(2);
@@ -125,6 +133,16 @@ fn main() {
             // SAFETY: closing the top's end in this process only.
             unsafe { libc::close(sv[0]) };
         }
+        let seen = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let other = thread.then(|| {
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || loop {
+                // SAFETY: gettid takes nothing.
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+                seen.store(tid, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            })
+        });
         for n in 0.. {
             if pair {
                 let b = n.to_string();
@@ -140,9 +158,16 @@ fn main() {
                     libc::getsid(0),
                 )
             };
+            let threaded = other.as_ref().map_or_else(String::new, |h| {
+                use std::os::unix::thread::JoinHandleExt;
+                // SAFETY: signal 0 to a thread of ours that never ends:
+                // only the check of its tid, no signal.
+                let ping = unsafe { libc::pthread_kill(h.as_pthread_t(), 0) };
+                format!(" thread={} ping={ping}", seen.load(Ordering::Relaxed))
+            });
             say(
                 1,
-                &format!("kid n={n} pid={pid} ppid={ppid} pgid={pgid} sid={sid}"),
+                &format!("kid n={n} pid={pid} ppid={ppid} pgid={pgid} sid={sid}{threaded}"),
             );
             if logfd >= 0 {
                 say(logfd, &format!("kid {n}"));
