@@ -1122,6 +1122,7 @@ mod tests {
             restart: crate::topology::Restart::No,
             restarts: 0,
             armed: false,
+            kexec: false,
         };
         fs::create_dir_all(root.path("run/mkctl")).unwrap();
         Saved {
@@ -1129,6 +1130,7 @@ mod tests {
             config: None,
             names: vec![],
             instances: vec![inst("alpha", 300), inst("beta", 301)],
+            kexec_window: None,
         }
         .store(&root.path("run/mkctl/state.json"))
         .unwrap();

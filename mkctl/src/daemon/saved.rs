@@ -5,8 +5,9 @@
 //!
 //! What is saved is what a new daemon cannot learn from the processes and
 //! the window themselves: which topology runs, each instance's QEMU (its pid
-//! and start time, which together name one process), its state and the
-//! restart policy's count. The window file, the QMP, console and doorbell
+//! and start time, which together name one process) or that it is a kexec
+//! instance (and where the `/dev/mem` window of those is), its state and
+//! the restart policy's count. The window file, the QMP, console and doorbell
 //! sockets are in the run directory already; the guests' agents stay
 //! attached to the window while no daemon runs.
 //!
@@ -33,6 +34,9 @@ pub struct Saved {
     /// The window's endpoint names, as the host agent says them.
     pub names: Vec<(u16, String)>,
     pub instances: Vec<SavedInst>,
+    /// The `/dev/mem` window of the kexec instances: base, size.
+    #[serde(default)]
+    pub kexec_window: Option<(u64, u64)>,
 }
 
 /// One instance.
@@ -50,6 +54,9 @@ pub struct SavedInst {
     pub restart: Restart,
     pub restarts: u32,
     pub armed: bool,
+    /// A kexec instance (no QEMU: a kernel on the host's own CPUs).
+    #[serde(default)]
+    pub kexec: bool,
 }
 
 /// The state file could not be read.
@@ -79,12 +86,19 @@ impl Saved {
             config: reg.config.clone(),
             names: reg.names.clone(),
             instances: reg.instances.values().map(SavedInst::of).collect(),
+            kexec_window: reg.kexec_window,
         }
     }
 
-    /// True when some instance has a QEMU to adopt.
+    /// True when some instance runs to adopt: a QEMU, or a kexec
+    /// instance that was booting or ready.
     pub fn has_processes(&self) -> bool {
-        self.instances.iter().any(|i| i.qemu.is_some())
+        self.instances.iter().any(|i| {
+            i.qemu.is_some()
+                || (i.kexec
+                    && self.kexec_window.is_some()
+                    && matches!(i.state(), State::Ready | State::Booting))
+        })
     }
 
     /// Reads `path`; `Ok(None)` when there is no such file.
@@ -142,6 +156,7 @@ impl SavedInst {
             restart: i.restart,
             restarts: i.policy.restarts,
             armed: i.policy.armed,
+            kexec: i.kexec,
         }
     }
 
@@ -181,8 +196,36 @@ mod tests {
                 restart: Restart::OnFailure { limit: 3 },
                 restarts: 1,
                 armed: true,
+                kexec: false,
             }],
+            kexec_window: None,
         }
+    }
+
+    #[test]
+    fn a_kexec_instance_is_adopted_only_where_its_window_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut s = sample();
+        s.instances[0].qemu = None;
+        s.instances[0].kexec = true;
+        assert!(!s.has_processes(), "no window: nothing to adopt");
+        s.kexec_window = Some((0x2f00_0000, 16 << 20));
+        s.store(&path).unwrap();
+        let back = Saved::load(&path).unwrap().unwrap();
+        assert_eq!(back, s);
+        assert!(back.has_processes(), "a ready kexec instance runs on");
+        s.instances[0].state = "stopped".into();
+        assert!(!s.has_processes(), "a stopped one does not");
+        // A file from before these fields reads as no kexec at all.
+        let mut old = serde_json::to_value(sample()).unwrap();
+        old.as_object_mut().unwrap().remove("kexec_window");
+        old["instances"][0].as_object_mut().unwrap().remove("kexec");
+        old["instances"][0]["qemu"] = serde_json::Value::Null;
+        std::fs::write(&path, old.to_string()).unwrap();
+        let back = Saved::load(&path).unwrap().unwrap();
+        assert!(!back.instances[0].kexec && back.kexec_window.is_none());
+        assert!(!back.has_processes());
     }
 
     #[test]

@@ -309,6 +309,9 @@ pub struct Registry {
     /// topology), as the host agent says them.
     pub names: Vec<(u16, String)>,
     pub instances: BTreeMap<String, Inst>,
+    /// The physical range (base, size) of the `/dev/mem` window the kexec
+    /// instances are linked through, once formatted.
+    pub kexec_window: Option<(u64, u64)>,
 }
 
 fn list_or_none(names: Vec<&str>) -> String {

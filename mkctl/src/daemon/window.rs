@@ -128,6 +128,22 @@ impl HostWindow {
         HostWindow::attach(window, agent, super::doorbell::enabled(), None)
     }
 
+    /// [`HostWindow::adopt`] of a `/dev/mem` window: `size` bytes at
+    /// `phys` through `dev_mem`, formatted by an earlier daemon, whose
+    /// kexec instances' agents are still attached to it.
+    pub fn adopt_phys(
+        dev_mem: &Path,
+        phys: u64,
+        size: u64,
+        agent: Arc<Agent>,
+    ) -> Result<HostWindow, WindowError> {
+        let window = Window::open_at(dev_mem, phys, size).map_err(|source| WindowError::Ring {
+            path: dev_mem.into(),
+            source,
+        })?;
+        HostWindow::attach(window, agent, false, Some((phys, size)))
+    }
+
     /// Attaches as endpoint 0 of `window`, beats, and links `agent` to every
     /// other endpoint; with `doorbell`, through the relay. `phys` is the
     /// physical range of a `/dev/mem` window.

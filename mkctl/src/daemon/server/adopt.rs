@@ -4,13 +4,17 @@
 //! runs as the same process becomes this daemon's, and the window, the
 //! host's agent, the doorbell relay and the DSM socket are set up again
 //! around them. The guests notice nothing but a host that was silent for a
-//! while: their links outlive a peer's restart.
+//! while: their links outlive a peer's restart. Kexec instances have no
+//! process to find: the window in `/dev/mem` is opened again where the
+//! state file says (not formatted: their agents are attached to it), and
+//! each is taken back when its agent answers within [`ANSWER_WITHIN`].
 //!
 //! What an instance becomes:
 //!
 //! | saved state      | its QEMU runs                    | its QEMU is gone        |
 //! | ---              | ---                              | ---                     |
 //! | ready            | ready (adopted)                  | failed, saying so       |
+//! | ready, kexec     | ready once its agent answers within [`ANSWER_WITHIN`], else failed | |
 //! | booting          | ready once its agent answers within [`ANSWER_WITHIN`], else failed | failed |
 //! | stopping         | killed, stopped                  | stopped                 |
 //! | failed           | failed (a stop or boot kills it) | failed                  |
@@ -26,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use mknode::wire::Msg;
 
+use super::kexec::DEV_MEM;
 use super::Daemon;
 use crate::daemon::process::Qemu;
 use crate::daemon::saved::{Saved, SavedInst};
@@ -54,8 +59,9 @@ impl Daemon {
             let mut reg = self.registry();
             reg.config = saved.config.clone();
             reg.names = saved.names.clone();
+            reg.kexec_window = saved.kexec_window;
             for si in &saved.instances {
-                let inst = self.adopt_one(si);
+                let inst = self.adopt_one(si, saved.kexec_window.is_some());
                 told.push(format!(
                     "{} {}{}",
                     inst.name,
@@ -66,7 +72,7 @@ impl Daemon {
                         .or_else(|| inst.reason.as_ref().map(|r| format!(": {r}")))
                         .unwrap_or_default()
                 ));
-                if inst.child.is_some() && inst.state.is_live() {
+                if (inst.child.is_some() || inst.kexec) && inst.state.is_live() {
                     live.push((inst.name.clone(), inst.id, inst.state));
                 }
                 reg.instances.insert(inst.name.clone(), inst);
@@ -84,7 +90,17 @@ impl Daemon {
         if live.is_empty() {
             return;
         }
-        let window = match self.host_agent(|agent| HostWindow::adopt(&self.run.window(), agent)) {
+        let kexec = {
+            let reg = self.registry();
+            live.iter()
+                .any(|(name, ..)| reg.instances.get(name).is_some_and(|i| i.kexec))
+        };
+        let window = match self.host_agent(|agent| match (kexec, saved.kexec_window) {
+            (true, Some((base, size))) => {
+                HostWindow::adopt_phys(std::path::Path::new(DEV_MEM), base, size, agent)
+            }
+            _ => HostWindow::adopt(&self.run.window(), agent),
+        }) {
             Ok(w) => w,
             Err(e) => {
                 let why = format!(
@@ -110,10 +126,11 @@ impl Daemon {
                 }
             }
         }
-        // A guest that was booting is ready once its agent answers.
+        // A guest that was booting, or any kexec instance (no process says
+        // it still runs), is ready once its agent answers.
         let deadline = Instant::now() + ANSWER_WITHIN;
         for (name, id, state) in live {
-            if state != State::Booting {
+            if state != State::Booting && !kexec {
                 continue;
             }
             let kernel =
@@ -140,6 +157,10 @@ impl Daemon {
                         inst.kernel = Some(k);
                         inst.policy.armed = true;
                     }
+                    None if kexec => inst.fail(format!(
+                        "a kexec instance whose agent did not answer the restarted daemon within {} s (its kernel may have stopped); `mkctl stop {name}`, then boot it again",
+                        ANSWER_WITHIN.as_secs()
+                    )),
                     None => inst.fail(format!(
                         "it was booting when its daemon went away, and its agent did not answer within {} s; `mkctl restart {name}`",
                         ANSWER_WITHIN.as_secs()
@@ -150,19 +171,22 @@ impl Daemon {
     }
 
     /// One saved instance as this daemon takes it (see the module's table).
-    fn adopt_one(&self, si: &SavedInst) -> Inst {
+    /// `kexec_window`: the state file says where the kexec window is.
+    fn adopt_one(&self, si: &SavedInst, kexec_window: bool) -> Inst {
         let was = si.state();
         let mut qemu = si.qemu.and_then(|(pid, start)| Qemu::adopt(pid, start));
-        let (state, reason) = match (was, qemu.is_some()) {
+        let (state, reason) = match (was, qemu.is_some() || si.kexec) {
+            (State::Ready | State::Booting, true) if si.kexec && !kexec_window => (
+                State::Failed,
+                Some("a kexec instance, but the state file does not say where its window is (an older daemon wrote it): `mkctl stop` it, then boot it again".to_string()),
+            ),
             (State::Ready | State::Booting, true) => (was, None),
             (State::Failed, _) => (was, si.reason.clone()),
             (State::Ready | State::Booting, false) => (
                 State::Failed,
                 Some(match si.qemu {
                     Some((pid, _)) => format!("its QEMU (pid {pid}) exited while no daemon ran"),
-                    // A kexec instance: its window is in the pool, which a
-                    // restarted daemon does not take over yet.
-                    None => "a kexec instance: a restarted daemon does not take its window over yet (`mkctl stop` it, then boot it again)".to_string(),
+                    None => "it had no QEMU to take over".to_string(),
                 }),
             ),
             (State::Stopping | State::Stopped, _) => {
@@ -196,10 +220,7 @@ impl Daemon {
                 due: None,
                 running: false,
             },
-            // A kexec instance is saved without a QEMU and comes back
-            // failed: its window is in /dev/mem, which a new daemon does
-            // not take over yet.
-            kexec: false,
+            kexec: si.kexec,
         }
     }
 }

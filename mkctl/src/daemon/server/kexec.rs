@@ -44,7 +44,7 @@ use crate::qemu::cmdline::endpoint_names;
 use crate::topology::{Backend, Instance, Restart, Topology};
 
 /// Where the host maps physical memory.
-const DEV_MEM: &str = "/dev/mem";
+pub(super) const DEV_MEM: &str = "/dev/mem";
 
 impl Daemon {
     /// `KexecPrepare`: the window in the pool, endpoint 0, and `only` (all
@@ -147,6 +147,9 @@ impl Daemon {
             endpoints - 1
         );
         *w = Some(Arc::clone(&hw));
+        drop(w);
+        // For a daemon that takes over after this one (see `adopt`).
+        self.registry().kexec_window = Some((base, size));
         Ok(hw)
     }
 
