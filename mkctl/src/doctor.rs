@@ -621,9 +621,19 @@ fn left_running(env: &Env) -> Check {
     let left: Vec<String> = saved
         .instances
         .iter()
-        .filter_map(|i| {
-            let (pid, start) = i.qemu?;
-            (started(env, pid) == Some(start)).then(|| format!("{} (qemu pid {pid})", i.name))
+        .filter_map(|i| match i.qemu {
+            Some((pid, start)) => {
+                (started(env, pid) == Some(start)).then(|| format!("{} (qemu pid {pid})", i.name))
+            }
+            // No process tells whether its kernel still runs: what the
+            // state file says is all there is.
+            None => (i.kexec
+                && saved.kexec_window.is_some()
+                && matches!(
+                    i.state(),
+                    crate::daemon::state::State::Ready | crate::daemon::state::State::Booting
+                ))
+            .then(|| format!("{} (a kexec instance)", i.name)),
         })
         .collect();
     match (daemon, left.is_empty()) {
@@ -1125,12 +1135,17 @@ mod tests {
             kexec: false,
         };
         fs::create_dir_all(root.path("run/mkctl")).unwrap();
+        let kexec = SavedInst {
+            qemu: None,
+            kexec: true,
+            ..inst("gamma", 0)
+        };
         Saved {
             format: FORMAT,
             config: None,
             names: vec![],
-            instances: vec![inst("alpha", 300), inst("beta", 301)],
-            kexec_window: None,
+            instances: vec![inst("alpha", 300), inst("beta", 301), kexec],
+            kexec_window: Some((0x2f00_0000, 16 << 20)),
         }
         .store(&root.path("run/mkctl/state.json"))
         .unwrap();
@@ -1145,7 +1160,7 @@ mod tests {
         assert_missing(
             &root.report(),
             "instances",
-            "alpha (qemu pid 300) runs with no daemon in /run/mkctl",
+            "alpha (qemu pid 300), gamma (a kexec instance) run with no daemon in /run/mkctl",
             "`mkctl daemon restart` adopts them",
         );
         root.write("proc/77/stat", &stat(1));
