@@ -162,13 +162,18 @@ fn terminated(r: &mut Child, err: &mut BufReader<ChildStderr>) {
 
 /// `mkctl checkpoint <pid> --on host [--kill] -o <img>`.
 fn checkpoint(pid: u32, kill: bool, img: &std::path::Path) -> std::process::Output {
-    let mut c = mkctl();
-    c.args(["checkpoint", &pid.to_string(), "--on", "host", "-o"])
-        .arg(img);
-    if kill {
-        c.arg("--kill");
-    }
-    c.output().expect("mkctl checkpoint")
+    checkpoint_with(pid, if kill { &["--kill"] } else { &[] }, img)
+}
+
+/// `mkctl checkpoint <pid> --on host <flags> -o <img>`.
+fn checkpoint_with(pid: u32, flags: &[&str], img: &std::path::Path) -> std::process::Output {
+    mkctl()
+        .args(["checkpoint", &pid.to_string(), "--on", "host"])
+        .args(flags)
+        .arg("-o")
+        .arg(img)
+        .output()
+        .expect("mkctl checkpoint")
 }
 
 /// `checkpoint --kill` of `pid` into `img`, which must work.
@@ -186,18 +191,7 @@ fn checkpoint_and_restore_on_the_host() {
 
     // A checkpoint that lets the process go on.
     let first = dir.join("running.img");
-    let out = mkctl()
-        .args([
-            "checkpoint",
-            &pid.to_string(),
-            "--on",
-            "host",
-            "--json",
-            "-o",
-        ])
-        .arg(&first)
-        .output()
-        .expect("mkctl checkpoint --json");
+    let out = checkpoint_with(pid, &["--json"], &first);
     assert!(out.status.success(), "{out:?}");
     let said: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     let len = std::fs::metadata(&first).expect("the image").len();
@@ -1147,19 +1141,7 @@ fn a_tree_is_checkpointed_and_restored_by_mkctl() {
     );
 
     let img = dir.join("tree.img");
-    let out = mkctl()
-        .args([
-            "checkpoint",
-            &pid.to_string(),
-            "--on",
-            "host",
-            "--tree",
-            "--kill",
-            "-o",
-        ])
-        .arg(&img)
-        .output()
-        .expect("mkctl checkpoint --tree");
+    let out = checkpoint_with(pid, &["--tree", "--kill"], &img);
     assert!(out.status.success(), "{out:?}");
     // It says what it saved: the top, its kid and the zombie, all killed.
     let said = String::from_utf8_lossy(&out.stdout);
