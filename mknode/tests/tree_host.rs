@@ -456,3 +456,62 @@ fn a_tree_moved_twice_keeps_its_thread_ids() {
     let _ = kill(Pid::from_raw(second.holder), Signal::SIGKILL);
     let _ = waitpid(Pid::from_raw(second.holder), None);
 }
+
+/// Every process of a tree that cannot move is named in one refusal (two
+/// subshells, each holding a pty master it opened), and the tree runs on.
+#[test]
+fn every_refused_process_of_a_tree_is_named_at_once() {
+    use mknode::migrate::{Blocker, CaptureError, TreeError};
+    let _g = serial();
+    let mut sh = sh_c(
+        "(exec 5<>/dev/ptmx; sleep 100) & (exec 6<>/dev/ptmx; sleep 100) & wait",
+        Stdio::null(),
+    );
+    let pid = sh.id() as i32;
+    let _guard = KillOnDrop(vec![pid]);
+    let holds = |fd: u32| {
+        mknode::migrate::tree_of(pid)
+            .unwrap_or_default()
+            .iter()
+            .any(|p| std::fs::read_link(format!("/proc/{p}/fd/{fd}")).is_ok())
+    };
+    let t0 = std::time::Instant::now();
+    while !(holds(5) && holds(6)) {
+        assert!(t0.elapsed() < T, "the subshells never opened their ptys");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let e = freeze_tree(pid).expect_err("pty masters are not carried");
+    let all = match &e {
+        CaptureError::Tree {
+            why: TreeError::Blocked(all),
+            ..
+        } => all.clone(),
+        other => panic!("not every refusal at once: {other}"),
+    };
+    let fds: Vec<i32> = all
+        .iter()
+        .flat_map(|(_, b)| b.iter())
+        .filter_map(|b| match b {
+            Blocker::OpenFd { fd, target } if target == "/dev/ptmx" => Some(*fd),
+            _ => None,
+        })
+        .collect();
+    assert!(fds.contains(&5) && fds.contains(&6), "{e}");
+    let text = e.to_string();
+    assert_eq!(
+        text.matches("(descriptors are carried when").count(),
+        1,
+        "the rule once: {text}"
+    );
+    // None of it was left stopped.
+    for p in mknode::migrate::tree_of(pid).expect("the tree") {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).expect("stat");
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
+        assert!(matches!(state, Some("S" | "R")), "process {p}: {stat}");
+    }
+    drop(_guard);
+    let _ = sh.wait();
+}

@@ -174,6 +174,29 @@ fn join(b: &[Blocker]) -> String {
         .map(|x| x.to_string())
         .collect::<Vec<_>>()
         .join("; ");
+    s.push_str(&rules(b));
+    s
+}
+
+/// Each refused process of a tree (`process PID: blockers`), then each
+/// rule they break, once for all.
+pub(crate) fn join_refused(all: &[(i32, Vec<Blocker>)]) -> String {
+    let mut s = all
+        .iter()
+        .map(|(pid, b)| {
+            let what: Vec<String> = b.iter().map(|x| x.to_string()).collect();
+            format!("process {pid}: {}", what.join("; "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let every: Vec<Blocker> = all.iter().flat_map(|(_, b)| b.iter().cloned()).collect();
+    s.push_str(&rules(&every));
+    s
+}
+
+/// The rules that blockers `b` break, each once: ` (...)` after another.
+fn rules(b: &[Blocker]) -> String {
+    let mut s = String::new();
     if b.iter().any(|x| matches!(x, Blocker::Stdio { .. })) {
         s.push_str(
             " (fds 0-2 must be pipes, ttys, regular files, eventfds, timerfds, signalfds, epolls, memfds or /dev/null, zero, random, urandom)",

@@ -435,6 +435,10 @@ pub enum TreeError {
     SocketId { global: u32, end: u8, count: usize },
     #[error("socket pair {local} end {end} of process {proc} twice")]
     SocketTwice { local: u32, end: u8, proc: u32 },
+    /// More than one of its processes is refused (by pid here, with what
+    /// refuses each): all are named at once.
+    #[error("{} of its processes are refused: {}", .0.len(), super::precheck::join_refused(.0))]
+    Blocked(Vec<(i32, Vec<Blocker>)>),
 }
 
 fn invalid(at: u64, why: String) -> ImageError {
@@ -499,6 +503,9 @@ fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
     let children = |b: &Blocker| matches!(b, Blocker::Children { .. });
     let mut hints = Vec::new();
     let mut stats = Vec::new();
+    // Processes refused: the walk goes on below them, so that every one
+    // is named at once (the frozen ones run on when `t` is dropped).
+    let mut refused: Vec<(i32, Vec<Blocker>)> = Vec::new();
     let mut queue = std::collections::VecDeque::from([(top, None::<u32>)]);
     while let Some((pid, parent)) = queue.pop_front() {
         if t.pids.len() == MAX_TREE {
@@ -522,12 +529,17 @@ fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
                 // It is exiting, or exited meanwhile: its parent is frozen,
                 // so it ends a zombie (or gone, where its parent has it
                 // reaped at once).
-                Err(e) if parent.is_some() => match exit_of(&pd, &e) {
+                Err(e) => match parent.and_then(|_| exit_of(&pd, &e)) {
                     Some(Some(code)) => Some(code),
                     Some(None) => continue,
-                    None => return Err(e),
+                    None => match e {
+                        CaptureError::Refused(Refusal::Blocked { pid, blockers }) => {
+                            refused.push((pid, blockers));
+                            None
+                        }
+                        e => return Err(e),
+                    },
                 },
-                Err(e) => return Err(e),
             }
         };
         let i = t.pids.len() as u32;
@@ -544,6 +556,19 @@ fn freeze_scope(top: i32, scope: &Scope) -> Result<FrozenTree, CaptureError> {
             for c in pd.children().map_err(proc_err("children"))? {
                 queue.push_back((c, Some(i)));
             }
+        }
+    }
+    match refused.len() {
+        0 => {}
+        1 => {
+            let (pid, blockers) = refused.remove(0);
+            return Err(Refusal::Blocked { pid, blockers }.into());
+        }
+        _ => {
+            return Err(CaptureError::Tree {
+                pid: top,
+                why: TreeError::Blocked(refused),
+            })
         }
     }
     // Every process stopped: now what they hold together is still.
