@@ -524,6 +524,7 @@ fn two_kernels_talk_over_the_rings() {
          mkctl ping --count 5 host worker\n\
          echo \"adopted-ping-exit=$?\"\n\
          echo \"adopted-exec: [$(mkctl exec worker -- uname -r)] exit=$?\"\n\
+         mkctl daemon restart\n\
          mkctl stop worker\n\
          echo \"mkctl-stop-exit=$?\"\n\
          mkctl status\n\
@@ -563,6 +564,8 @@ fn two_kernels_talk_over_the_rings() {
         "no daemon runs, but the last one left instances running: starting one to adopt them",
         "adopted-ping-exit=0",
         "adopted-exec: [7.2.13] exit=0",
+        // And handed over on purpose: the next daemon takes it again.
+        "; adopted worker (ready, kexec)",
         // Stop: the agent powers its kernel off (it leaves the window),
         // then the kernel's forced halt and the instance's removal.
         "[worker] asked the agent to power off",

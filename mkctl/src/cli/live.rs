@@ -796,7 +796,10 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
                 .instances
                 .iter()
                 .filter(|i| i.adopted)
-                .map(|i| format!("{} ({}, qemu pid {})", i.name, i.state, i.pid.unwrap_or(0)))
+                .map(|i| match i.pid {
+                    Some(pid) => format!("{} ({}, qemu pid {pid})", i.name, i.state),
+                    None => format!("{} ({}, kexec)", i.name, i.state),
+                })
                 .collect();
             let lost: Vec<String> = st
                 .instances

@@ -155,6 +155,9 @@ pub struct Inst {
     /// host's own CPUs (started by `mkctl boot`, not by this daemon), which
     /// has no QEMU; it runs while its agent is attached to the window.
     pub kexec: bool,
+    /// A kexec instance this daemon took over from an earlier one (its
+    /// agent answered); a QEMU's handle says so for the others.
+    pub kexec_adopted: bool,
 }
 
 impl Inst {
@@ -175,6 +178,7 @@ impl Inst {
             restart: i.restart,
             policy: PolicyState::default(),
             kexec: i.backend == Backend::Kexec,
+            kexec_adopted: false,
         }
     }
 }
@@ -528,6 +532,7 @@ mod tests {
             restart: Restart::No,
             policy: PolicyState::default(),
             kexec: false,
+            kexec_adopted: false,
         }
     }
 

@@ -156,6 +156,7 @@ impl Daemon {
                         inst.state = State::Ready;
                         inst.kernel = Some(k);
                         inst.policy.armed = true;
+                        inst.kexec_adopted = inst.kexec;
                     }
                     None if kexec => inst.fail(format!(
                         "a kexec instance whose agent did not answer the restarted daemon within {} s (its kernel may have stopped); `mkctl stop {name}`, then boot it again",
@@ -221,6 +222,7 @@ impl Daemon {
                 running: false,
             },
             kexec: si.kexec,
+            kexec_adopted: false,
         }
     }
 }

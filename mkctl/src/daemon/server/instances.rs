@@ -682,7 +682,7 @@ impl Daemon {
                     state: i.state.as_str().into(),
                     reason: i.reason.clone(),
                     pid: i.child.as_ref().map(Qemu::id),
-                    adopted: i.child.as_ref().is_some_and(Qemu::adopted),
+                    adopted: i.kexec_adopted || i.child.as_ref().is_some_and(Qemu::adopted),
                     cpus: i.cpus.to_string(),
                     memory: i.memory,
                     uptime_ms: i
