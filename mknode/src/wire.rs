@@ -478,7 +478,9 @@ messages! {
     /// Origin to destination: a lazy image follows (see `MigrateBegin`).
     34 peer MigrateBeginLazy { mig: u32, home: u16, home_mig: u32 },
     /// Destination to origin: `len` bytes of pages at `addr` (answer
-    /// `PageData` with the same `id`, or `PageRefused`).
+    /// `PageData` with the same `id`, or `PageRefused`). In a lazy tree's
+    /// move, the page messages of its `k`-th live process carry
+    /// [`tree_page_id`]`(mig, k)` for `mig`.
     35 peer PageFetch { mig: u32, id: u32, addr: u64, len: u32 },
     /// Origin to destination: pages at `addr`; `id` 0 is a background push.
     36 peer PageData { mig: u32, id: u32, addr: u64, bytes: Vec<u8> },
@@ -589,6 +591,17 @@ messages! {
     71 req MigrateTreeOut { req: u32, pid: u32, to: u16 },
     /// A `Checkpoint` of `pid` with all its descendants: a tree image.
     72 req CheckpointTree { req: u32, pid: u32, kill: bool },
+    /// A `MigrateTreeOut` in lazy mode: each process of the tree resumes
+    /// before its pages have moved, which follow as for a lazy `MigrateOut`.
+    73 req MigrateLazyTreeOut { req: u32, pid: u32, to: u16 },
+}
+
+/// The id a lazy tree's `k`-th live process's pages go by (`PageFetch`,
+/// `PageData`, `PagesZero`, `PagesDone`) in the move `mig`: `mig` plus
+/// `(k + 1) * 2^24`. Move ids stay below 2^24 (see
+/// `agent::migration`), so the ids of no two processes of any moves meet.
+pub fn tree_page_id(mig: u32, k: usize) -> u32 {
+    (mig & 0x00ff_ffff) | (((k as u32) + 1) << 24)
 }
 
 impl Msg {
@@ -757,7 +770,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 72);
+        assert_eq!(Kind::ALL.len(), 73);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,

@@ -347,6 +347,18 @@ fn counts(text: &str, who: &str) -> Vec<u64> {
 /// end (through the tree's holder) comes back to the exec.
 #[test]
 fn a_tree_moves_there_and_back_with_its_pids_and_its_end() {
+    tree_there_and_back(false);
+}
+
+/// The same, lazily: every process of the tree runs on the destination
+/// before its pages have all come (a page server and a pager each), and
+/// the report counts pages pushed after the copy ran.
+#[test]
+fn a_tree_moves_lazily_there_and_back_with_its_pids_and_its_end() {
+    tree_there_and_back(true);
+}
+
+fn tree_there_and_back(lazy: bool) {
     let n = net();
     let argv = vec![
         common::testprog("mktree").display().to_string(),
@@ -367,10 +379,21 @@ fn a_tree_moves_there_and_back_with_its_pids_and_its_end() {
     for _ in 0..2 {
         let to = 3 - at;
         let seen = out.text.len();
-        let r = move_tree(&n, (at, cur), to, Duration::from_secs(60)).expect("moved");
-        let Msg::MigrateReport { new_pid, .. } = r else {
+        let r = move_tree(&n, (at, cur), (to, lazy), Duration::from_secs(60)).expect("moved");
+        let Msg::MigrateReport {
+            new_pid,
+            image_bytes,
+            pages,
+            ..
+        } = r
+        else {
             panic!("{r:?}")
         };
+        // Lazily, most pages go after the image; either way all of them.
+        assert!(pages > 100, "{r:?}");
+        if lazy {
+            assert!(image_bytes > pages / 2 * 4096, "{r:?}");
+        }
         assert_ne!(new_pid, cur, "the copy runs beside the original here");
         let status = std::fs::read_to_string(format!("/proc/{new_pid}/status")).expect("status");
         assert!(

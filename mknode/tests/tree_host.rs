@@ -515,3 +515,68 @@ fn every_refused_process_of_a_tree_is_named_at_once() {
     drop(_guard);
     let _ = sh.wait();
 }
+
+/// A tree restored lazily: the image carries each live process's state
+/// and only the pages around its registers; each process runs on the copy
+/// and its pager brings the rest (from a page server each, over in-process
+/// links here), fetched and pushed after it ran.
+#[test]
+fn a_tree_restored_lazily_gets_its_pages_after_it_runs() {
+    use mknode::migrate::{
+        channel_link, restore_tree_lazy, LazyLink, LazyOptions, PagerOptions, PushPolicy,
+    };
+    let _g = serial();
+    let (mut top, out) = start_prog(&testprog("mktree"), &["--interval-ms", "20"]);
+    let (_, first) = next_line(&out, "top n=3 ");
+    let (top_pid, kid_pid) = (get(&first, "pid") as i32, get(&first, "kid") as i32);
+    let mut guard = KillOnDrop(vec![top_pid, kid_pid]);
+    let frozen = freeze_tree(top_pid).expect("freeze the tree");
+    let mut img = Vec::new();
+    let (_, servers) = frozen
+        .write_lazy_image(&mut img, LazyOptions::default())
+        .expect("the lazy tree image");
+    assert_eq!(
+        servers.len(),
+        2,
+        "the top and the kid (a zombie has no pages)"
+    );
+    let mut origins = Vec::new();
+    let mut links: Vec<Option<LazyLink>> = servers
+        .into_iter()
+        .map(|s| {
+            let (link, loops) = channel_link(s, PushPolicy::default()).expect("link");
+            origins.push(loops);
+            Some(link)
+        })
+        .collect();
+    let (r, w) = pipe();
+    let plan = StdioPlan {
+        stdin: null(),
+        stdout: w,
+        stderr: null(),
+    };
+    let (tree, pagers) = restore_tree_lazy(
+        &img[..],
+        plan,
+        &mut |k| links[k].take().expect("one link per process"),
+        PagerOptions::default(),
+    )
+    .expect("restore the tree lazily");
+    guard.0.push(tree.holder);
+    let copy = Output::new(r);
+    let (_, t) = next_line(&copy, "top ");
+    let (_, k) = next_line(&copy, "kid ");
+    assert_eq!(get(&t, "pid"), i64::from(top_pid), "{t}");
+    assert_eq!(get(&k, "ppid"), i64::from(top_pid), "{k}");
+    for p in pagers {
+        let st = p.wait().expect("every page in");
+        assert!(
+            st.eager_pages < st.total_pages && st.fetched_pages + st.pushed_pages > 0,
+            "{st:?}"
+        );
+    }
+    frozen.kill();
+    let _ = top.wait();
+    let _ = kill(Pid::from_raw(tree.holder), Signal::SIGKILL);
+    let _ = waitpid(Pid::from_raw(tree.holder), None);
+}

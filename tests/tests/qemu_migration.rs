@@ -708,8 +708,8 @@ fn children_on(m: &Mkctl, on: &str, pid: u32) -> Vec<u32> {
 }
 
 /// `--tree`: a busybox shell loop (a `sleep` child forked for every line,
-/// and one long-lived child) piped through `cat` moves alpha -> beta ->
-/// alpha with its children. Without `--tree` it is refused by name and
+/// and one long-lived child) piped through `cat` moves alpha -> beta
+/// (stop-and-copy) -> alpha (lazily: `--mode lazy`) with its children. Without `--tree` it is refused by name and
 /// runs on. Its lines go on with no gap or repeat (through the pipe
 /// between the loop and `cat`, carried with the tree); the shell's pid as
 /// it knows it (`$$`) and its long child's stay, and its end comes back
@@ -747,7 +747,7 @@ fn a_shell_loop_with_its_children_moves_with_tree() {
         r.stderr
     );
     let (mut pid, mut at) = (sh, "alpha");
-    for to in ["beta", "alpha"] {
+    for (to, mode) in [("beta", "stop-copy"), ("alpha", "lazy")] {
         let out = m
             .run(&[
                 "migrate",
@@ -757,12 +757,15 @@ fn a_shell_loop_with_its_children_moves_with_tree() {
                 "--to",
                 to,
                 "--tree",
+                "--mode",
+                mode,
                 "--json",
             ])
             .ok();
         let j = out.json();
         eprintln!("--tree {at} -> {to}: {j}");
-        assert_eq!(j["mode"], "tree", "{j}");
+        let want = if mode == "lazy" { "lazy-tree" } else { "tree" };
+        assert_eq!(j["mode"], want, "{j}");
         let new_pid = j["new_pid"].as_u64().expect("new_pid") as u32;
         // The shell runs there with its long child (the pid ns's numbers
         // are the ones it knows; the kernel's own differ).

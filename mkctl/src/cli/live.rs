@@ -830,8 +830,8 @@ pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) ->
         pid,
         from: from.to_string(),
         to: to.to_string(),
-        lazy: mode == "lazy",
-        tree: mode == "tree",
+        lazy: mode == "lazy" || mode == "lazy-tree",
+        tree: mode == "tree" || mode == "lazy-tree",
     };
     // Bytes and rate on a terminal while the image and pages flow; erased
     // (dropped) before the summary.

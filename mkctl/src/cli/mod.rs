@@ -348,8 +348,8 @@ pub enum Command {
         /// Move the process with all its descendants (a shell script with
         /// its children, a pipeline's processes): their pids, parents,
         /// process groups, session and zombies, and the files they share.
-        /// Stop-and-copy. Without it, a process with children is refused.
-        /// See README, "Process trees".
+        /// Stop-and-copy unless --mode lazy is given. Without it, a process
+        /// with children is refused. See README, "Process trees".
         #[arg(long)]
         tree: bool,
         /// Print JSON for tools.
@@ -733,12 +733,7 @@ fn dispatch(cli: Cli) -> Res {
             json,
         } => {
             let mode = match (mode.as_deref(), tree) {
-                (Some("lazy"), true) => {
-                    return Err(Failure::Usage(
-                        "--tree moves are stop-and-copy: drop --mode lazy".into(),
-                    )
-                    .into())
-                }
+                (Some("lazy"), true) => "lazy-tree",
                 (_, true) => "tree",
                 (m, false) => m.unwrap_or("lazy"),
             };

@@ -19,7 +19,10 @@
 //! until then, so its first stream never sees a gap or a reordering.
 //!
 //! Lazy moves add page fetches (`PageFetch` → `PageData`/`PageRefused`),
-//! background pushes, and `PagesDone`/`PagesIn` to end them.
+//! background pushes, and `PagesDone`/`PagesIn` to end them. A lazy tree
+//! (`MigrateLazyTreeOut`) has a page server and a pager per live process,
+//! whose page messages go by `wire::tree_page_id(mig, k)`; the destination
+//! says `PagesIn` once every process has all its pages.
 //!
 //! Checkpoint and restore through a peer use the same pieces: the image
 //! goes to the requester in `ImageChunk`s, or comes from it.
@@ -59,6 +62,10 @@ pub(super) enum Piece {
     Abort,
 }
 
+/// Makes the way in of a lazy process's pages: `None` for a lone process,
+/// `Some(k)` for a tree's `k`-th live process.
+type LinkFactory = Box<dyn FnMut(Option<usize>) -> LazyLink + Send>;
+
 enum Ctl {
     Running(u32),
     Failed(String),
@@ -85,16 +92,30 @@ pub enum Mode {
     /// The process with all its descendants (`migrate::freeze_tree`),
     /// stop-and-copy.
     Tree,
+    /// A tree, each process lazy: a page server per process, its pages
+    /// under [`crate::wire::tree_page_id`].
+    LazyTree,
 }
 
 impl Mode {
     /// The wire's `(lazy, tree)`.
     pub fn from_flags(lazy: bool, tree: bool) -> Mode {
         match (lazy, tree) {
-            (_, true) => Mode::Tree,
+            (true, true) => Mode::LazyTree,
+            (false, true) => Mode::Tree,
             (true, false) => Mode::Lazy,
             (false, false) => Mode::StopCopy,
         }
+    }
+
+    /// Whether the copy runs before its pages have all moved.
+    pub fn lazy(self) -> bool {
+        matches!(self, Mode::Lazy | Mode::LazyTree)
+    }
+
+    /// Whether the process moves with its descendants.
+    pub fn tree(self) -> bool {
+        matches!(self, Mode::Tree | Mode::LazyTree)
     }
 }
 
@@ -559,19 +580,21 @@ impl Migration {
         watch: impl MoveWatch,
     ) -> Result<MoveReport, MoveError> {
         let agent = self.agent.get()?;
-        let lazy = mode == Mode::Lazy;
+        let lazy = mode.lazy();
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
         // Another kernel build is fine (the restore redirects the vDSO);
         // another CPU is the probe's to refuse.
         Self::reachable(&agent, to)?;
-        let pids = match mode {
+        let pids = if mode.tree() {
             // (Unreadable: the freeze will say what is wrong.)
-            Mode::Tree => migrate::tree_of(pid_i).unwrap_or_else(|_| vec![pid_i]),
-            _ => vec![pid_i],
+            migrate::tree_of(pid_i).unwrap_or_else(|_| vec![pid_i])
+        } else {
+            vec![pid_i]
         };
         self.restorable_there(&agent, to, &pids)?;
-        let mig = self.next.fetch_add(1, Ordering::Relaxed);
+        // Below 2^24: a lazy tree's processes go by ids above (`wire::tree_page_id`).
+        let mig = self.next.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
         // A process restored here for a move keeps its home; one that
         // started here (or was restored for a peer's request) makes this
         // its home.
@@ -603,7 +626,7 @@ impl Migration {
                 source,
             });
         }
-        let frozen = migrate::freeze_any(pid_i, mode == Mode::Tree);
+        let frozen = migrate::freeze_any(pid_i, mode.tree());
         let frozen = match frozen {
             Ok(f) => f,
             Err(e) => {
@@ -635,9 +658,15 @@ impl Migration {
                 },
             );
         }
+        // The ids the page servers go by: the move's, or one per process
+        // of a lazy tree.
+        let lazy_ids: std::cell::RefCell<Vec<u32>> = Default::default();
         let forget = || {
             lock(&self.outgoing).remove(&(to, mig));
-            lock(&self.servers).remove(&(to, mig));
+            let mut servers = lock(&self.servers);
+            for id in lazy_ids.borrow().iter() {
+                servers.remove(&(to, *id));
+            }
             if at_home {
                 lock(&self.homed).remove(&mig);
             }
@@ -650,6 +679,16 @@ impl Migration {
                 (migrate::Captured::One(f), true) => {
                     let (stats, server) = f.write_lazy_image(&mut w, LazyOptions::default())?;
                     lock(&self.servers).insert((to, mig), server);
+                    lazy_ids.borrow_mut().push(mig);
+                    stats
+                }
+                (migrate::Captured::Tree(t), true) => {
+                    let (stats, servers) = t.write_lazy_image(&mut w, LazyOptions::default())?;
+                    for (k, server) in servers.into_iter().enumerate() {
+                        let id = crate::wire::tree_page_id(mig, k);
+                        lock(&self.servers).insert((to, id), server);
+                        lazy_ids.borrow_mut().push(id);
+                    }
                     stats
                 }
                 _ => frozen.write_image(&mut w, ImageOptions::default())?,
@@ -755,9 +794,17 @@ impl Migration {
             pages: image_pages,
         };
         watch.running(new_pid, report.downtime);
-        let server = lock(&self.servers).get(&(to, mig)).cloned();
-        if let Some(server) = server {
-            let eager = server.progress().sent;
+        let servers: Vec<(u32, PageServer)> = {
+            let all = lock(&self.servers);
+            lazy_ids
+                .borrow()
+                .iter()
+                .filter_map(|id| Some((*id, all.get(&(to, *id))?.clone())))
+                .collect()
+        };
+        if !servers.is_empty() {
+            let sent_now = || servers.iter().map(|(_, s)| s.progress().sent).sum::<u64>();
+            let eager = sent_now();
             // Pages pushed as a count of zeros carry no bytes.
             let zeros = Arc::new(AtomicU64::new(0));
             let after = |pages: u64| {
@@ -767,12 +814,12 @@ impl Migration {
             let finished = self.finish_lazy(
                 &agent,
                 (to, mig),
-                (&server, Arc::clone(&zeros)),
+                (&servers, Arc::clone(&zeros)),
                 &ctl_rx,
                 pages_in,
                 &|pages| sent(after(pages)),
             );
-            lock(&self.servers).remove(&(to, mig));
+            forget_servers(&self.servers, to, &servers);
             if let Err(lost) = finished {
                 // The copy ran and is lost with its kernel; the original
                 // is older than the copy (resumed, it would print again
@@ -785,8 +832,8 @@ impl Migration {
                 frozen.kill();
                 return Err(lost);
             }
-            // The server counts the image's eager pages too.
-            let pages = server.progress().sent;
+            // The servers count the image's eager pages too.
+            let pages = sent_now();
             report.image_bytes = after(pages);
             report.pages = pages;
         }
@@ -805,56 +852,28 @@ impl Migration {
         &self,
         agent: &Arc<Agent>,
         (to, mig): (u16, u32),
-        (server, zeros): (&PageServer, Arc<AtomicU64>),
+        (servers, zeros): (&[(u32, PageServer)], Arc<AtomicU64>),
         ctl_rx: &Receiver<Ctl>,
         mut pages_in: bool,
         sent: &dyn Fn(u64),
     ) -> Result<(), MoveError> {
-        let me = Arc::clone(agent);
-        let pusher = server.clone();
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            while let Ok(Some(run)) = pusher.next_push(64, &mut buf) {
-                // Runs of zero pages go as a count.
-                let page = |k: usize| &buf[k * PAGE..(k + 1) * PAGE];
-                let npages = buf.len() / PAGE;
-                let mut i = 0;
-                while i < npages {
-                    let zero = migrate::is_zero(page(i));
-                    let n = (i..npages)
-                        .take_while(|&k| migrate::is_zero(page(k)) == zero)
-                        .count();
-                    let addr = run.addr + (i * PAGE) as u64;
-                    let m = if zero {
-                        zeros.fetch_add(n as u64, Ordering::Relaxed);
-                        Msg::PagesZero {
-                            mig,
-                            addr,
-                            npages: n as u32,
-                        }
-                    } else {
-                        Msg::PageData {
-                            mig,
-                            id: 0,
-                            addr,
-                            bytes: buf[i * PAGE..(i + n) * PAGE].to_vec(),
-                        }
-                    };
-                    if me.send(to, &m).is_err() {
-                        return;
-                    }
-                    i += n;
-                }
-            }
-            let _ = me.send(to, &Msg::PagesDone { mig });
-        });
+        for (id, server) in servers {
+            push_all(agent, to, *id, server.clone(), Arc::clone(&zeros));
+        }
         // A destination that goes down stops the pushes (their sends
         // fail): without looking at the control channel meanwhile, this
         // would wait the whole 10 minutes, the original frozen and the
         // move unanswered. Each look also says how many pages have gone.
         let all_sent = Instant::now() + Duration::from_secs(600);
         let mut told = Instant::now();
-        while !server.wait_all_sent(Duration::from_millis(100)) {
+        let progress = || servers.iter().map(|(_, s)| s.progress().sent).sum::<u64>();
+        let mut waiting = servers.iter();
+        let mut server = waiting.next();
+        while let Some((_, s)) = server {
+            if s.wait_all_sent(Duration::from_millis(100)) {
+                server = waiting.next();
+                continue;
+            }
             match ctl_rx.try_recv() {
                 Ok(Ctl::Lost(why)) => return Err(MoveError::CopyLost { why }),
                 Ok(Ctl::PagesIn) => pages_in = true,
@@ -862,7 +881,7 @@ impl Migration {
             }
             if told.elapsed() >= SENT_EVERY {
                 told = Instant::now();
-                sent(server.progress().sent);
+                sent(progress());
             }
             if Instant::now() >= all_sent {
                 log::warn!("migration {mig} to {to}: not every page went out in 10 min; the copy will be killed by its pager");
@@ -887,7 +906,64 @@ impl Migration {
         }
         Ok(())
     }
+}
 
+/// Removes a move's page servers from `servers`.
+fn forget_servers(
+    servers: &Mutex<HashMap<(u16, u32), PageServer>>,
+    to: u16,
+    these: &[(u32, PageServer)],
+) {
+    let mut all = lock(servers);
+    for (id, _) in these {
+        all.remove(&(to, *id));
+    }
+}
+
+/// Pushes every page `server` has not sent yet to `to`, under `id`, in a
+/// thread of its own, then `PagesDone`; runs of zero pages go as a count
+/// (added to `zeros`).
+fn push_all(agent: &Arc<Agent>, to: u16, mig: u32, pusher: PageServer, zeros: Arc<AtomicU64>) {
+    let me = Arc::clone(agent);
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        while let Ok(Some(run)) = pusher.next_push(64, &mut buf) {
+            // Runs of zero pages go as a count.
+            let page = |k: usize| &buf[k * PAGE..(k + 1) * PAGE];
+            let npages = buf.len() / PAGE;
+            let mut i = 0;
+            while i < npages {
+                let zero = migrate::is_zero(page(i));
+                let n = (i..npages)
+                    .take_while(|&k| migrate::is_zero(page(k)) == zero)
+                    .count();
+                let addr = run.addr + (i * PAGE) as u64;
+                let m = if zero {
+                    zeros.fetch_add(n as u64, Ordering::Relaxed);
+                    Msg::PagesZero {
+                        mig,
+                        addr,
+                        npages: n as u32,
+                    }
+                } else {
+                    Msg::PageData {
+                        mig,
+                        id: 0,
+                        addr,
+                        bytes: buf[i * PAGE..(i + n) * PAGE].to_vec(),
+                    }
+                };
+                if me.send(to, &m).is_err() {
+                    return;
+                }
+                i += n;
+            }
+        }
+        let _ = me.send(to, &Msg::PagesDone { mig });
+    });
+}
+
+impl Migration {
     /// Refuses at once a destination already taken as lost, instead of
     /// after each preflight question's timeout.
     fn reachable(agent: &Agent, to: u16) -> Result<(), MoveError> {
@@ -998,7 +1074,7 @@ impl Migration {
         &self,
         agent: &Agent,
         pieces: Receiver<Piece>,
-        lazy: Option<(LazyLink, Box<dyn FnOnce() + Send>)>,
+        lazy: Option<(LinkFactory, Box<dyn FnOnce() + Send>)>,
         started: impl FnOnce(u32),
         output: impl Fn(Stream, Option<Vec<u8>>) + Send + Sync,
     ) -> Result<ExitStatus, RunError> {
@@ -1012,17 +1088,20 @@ impl Migration {
         };
         let restored = match lazy {
             None => migrate::restore_any(reader, plan)?,
-            Some((link, pages_in)) => {
-                let r = migrate::restore_lazy(reader, plan, link, PagerOptions::default())?;
-                let pager = r.pager;
+            Some((mut links, pages_in)) => {
+                let (restored, pagers) =
+                    migrate::restore_any_lazy(reader, plan, &mut links, PagerOptions::default())?;
+                // Every process of it has all its pages: the origin may go.
                 thread::spawn(move || {
-                    if let Err(e) = pager.wait() {
-                        // On a guest this lands on the console.
-                        log::error!("{}", crate::error_text(&e));
+                    for pager in pagers {
+                        if let Err(e) = pager.wait() {
+                            // On a guest this lands on the console.
+                            log::error!("{}", crate::error_text(&e));
+                        }
                     }
                     pages_in();
                 });
-                r.restored
+                restored
             }
         };
         let pid = u32::try_from(restored.pid).unwrap_or(0);
@@ -1093,6 +1172,7 @@ impl Facet for Migration {
         &[
             Kind::MigrateOut,
             Kind::MigrateTreeOut,
+            Kind::MigrateLazyTreeOut,
             Kind::PageFetch,
             Kind::PageData,
             Kind::PageRefused,
@@ -1169,6 +1249,9 @@ impl Facet for Migration {
             }
             Msg::MigrateTreeOut { req, pid, to } => {
                 self.answer_move(agent, peer, (req, pid, to), Mode::Tree)
+            }
+            Msg::MigrateLazyTreeOut { req, pid, to } => {
+                self.answer_move(agent, peer, (req, pid, to), Mode::LazyTree)
             }
             Msg::PageFetch { mig, id, addr, len } => {
                 let server = lock(&self.servers).get(&(peer, mig)).cloned();
@@ -1367,25 +1450,34 @@ impl Migration {
     ) {
         let (tx, rx) = bounded(64);
         lock(&self.incoming).insert((peer, mig), tx);
+        // The pages' way in: the move's id for a lone process, one per
+        // process of a tree (`wire::tree_page_id`), registered as the
+        // restore reaches each.
+        let links_made: Arc<Mutex<Vec<u32>>> = Arc::default();
         let link = lazy.then(|| {
-            let (ptx, prx) = crossbeam_channel::unbounded();
-            lock(&self.pushes).insert((peer, mig), ptx);
-            let source = RingSource {
-                agent: Arc::clone(agent),
-                origin: peer,
-                mig,
-            };
+            let this = Arc::clone(&self);
+            let me = Arc::clone(agent);
+            let made = Arc::clone(&links_made);
+            let links: LinkFactory = Box::new(move |k| {
+                let id = k.map_or(mig, |k| crate::wire::tree_page_id(mig, k));
+                let (ptx, prx) = crossbeam_channel::unbounded();
+                lock(&this.pushes).insert((peer, id), ptx);
+                lock(&made).push(id);
+                let source = RingSource {
+                    agent: Arc::clone(&me),
+                    origin: peer,
+                    mig: id,
+                };
+                LazyLink {
+                    source: Box::new(source),
+                    pushes: prx,
+                }
+            });
             let me = Arc::clone(agent);
             let pages_in: Box<dyn FnOnce() + Send> = Box::new(move || {
                 let _ = me.send(peer, &Msg::PagesIn { mig });
             });
-            (
-                LazyLink {
-                    source: Box::new(source),
-                    pushes: prx,
-                },
-                pages_in,
-            )
+            (links, pages_in)
         });
         let me = Arc::clone(agent);
         thread::spawn(move || {
@@ -1414,6 +1506,12 @@ impl Migration {
                 },
             );
             lock(&self.incoming).remove(&(peer, mig));
+            if result.is_err() {
+                let mut pushes = lock(&self.pushes);
+                for id in lock(&links_made).iter() {
+                    pushes.remove(&(peer, *id));
+                }
+            }
             let hop = pid.get().and_then(|p| lock(&self.hops).remove(&p));
             match result {
                 Ok(status) => {

@@ -72,12 +72,12 @@ pub use memory::is_zero;
 pub use pager::{LazyError, Pager, PagerOptions, PagerStats};
 pub use precheck::{check_at, check_migratable, files_of, Blocker, Precheck, Refusal};
 pub use restore::{
-    restore, restore_any, restore_lazy, restore_shadow, LazyRestored, RestoreError, Restored,
-    StdioPlan,
+    restore, restore_any, restore_any_lazy, restore_lazy, restore_shadow, LazyRestored,
+    RestoreError, Restored, StdioPlan,
 };
 pub use tree::{
-    freeze_any, freeze_tree, restore_tree, tree_of, Captured, FrozenTree, RestoredTree, SharedFile,
-    TreeError, TreeMeta, TreeProc, MAX_TREE, TREE_MAGIC,
+    freeze_any, freeze_tree, restore_tree, restore_tree_lazy, tree_of, Captured, FrozenTree,
+    RestoredTree, SharedFile, TreeError, TreeMeta, TreeProc, MAX_TREE, TREE_MAGIC,
 };
 
 /// A failed system call made on behalf of capture or restore.

@@ -1618,14 +1618,12 @@ pub fn restore<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError
 /// [`restore`] of a process image, or [`super::restore_tree`] of a tree
 /// image, as its first bytes say; a tree gives its top's pid, its thread
 /// list empty, and its holder to reap.
-pub fn restore_any<R: Read>(mut r: R, stdio: StdioPlan) -> Result<Restored, RestoreError> {
+pub fn restore_any<R: Read>(r: R, stdio: StdioPlan) -> Result<Restored, RestoreError> {
     // A process's stub is made before its first bytes come (see `Blank`);
     // a tree, rarer, makes its own and drops this one.
     let blank_early = blank(&stdio, &[])?;
-    let mut head = [0u8; 8];
-    super::image::read_exact(&mut r, &mut head, 0)?;
-    let r = io::Cursor::new(head).chain(r);
-    if head == super::TREE_MAGIC {
+    let (tree, r) = peek_tree(r)?;
+    if tree {
         drop(blank_early);
         let t = super::restore_tree(r, stdio)?;
         return Ok(Restored {
@@ -1636,6 +1634,41 @@ pub fn restore_any<R: Read>(mut r: R, stdio: StdioPlan) -> Result<Restored, Rest
         });
     }
     restore_into(blank_early, r, stdio, None, None).map(|(r, _, _)| r)
+}
+
+/// Whether the image `r` begins is a tree's; `r` as it was.
+fn peek_tree<R: Read>(mut r: R) -> Result<(bool, impl Read), RestoreError> {
+    let mut head = [0u8; 8];
+    super::image::read_exact(&mut r, &mut head, 0)?;
+    Ok((head == super::TREE_MAGIC, io::Cursor::new(head).chain(r)))
+}
+
+/// [`restore_lazy`] or [`super::restore_tree_lazy`], by what the image is:
+/// `links(None)` gives a lone process its pages, `links(Some(k))` a tree's
+/// `k`-th live process; the pagers come back in that order.
+pub fn restore_any_lazy<R: Read>(
+    r: R,
+    stdio: StdioPlan,
+    links: &mut dyn FnMut(Option<usize>) -> LazyLink,
+    opts: PagerOptions,
+) -> Result<(Restored, Vec<Pager>), RestoreError> {
+    let blank_early = blank(&stdio, &[])?;
+    let (tree, r) = peek_tree(r)?;
+    if tree {
+        drop(blank_early);
+        let (t, pagers) = super::restore_tree_lazy(r, stdio, &mut |k| links(Some(k)), opts)?;
+        let restored = Restored {
+            pid: t.top(),
+            reap: t.holder,
+            threads: Vec::new(),
+            stats: t.stats,
+        };
+        return Ok((restored, pagers));
+    }
+    let (restored, pager, _) =
+        restore_into(blank_early, r, stdio, Some((links(None), opts)), None)?;
+    let pager = pager.ok_or(RestoreError::LazyImage)?;
+    Ok((restored, vec![pager]))
 }
 
 /// Rebuilds the one thread of a shadow image (see `split`) as a process of

@@ -45,6 +45,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use super::capture::{seize_accepting, CaptureError, Frozen, ImageOptions};
 use super::image::{read_exact, ImageError, ImageReader, ImageStats, FLAG_LAZY};
 use super::inject::{first_stop, inject, ptrace_err, Call};
+use super::lazy::{LazyLink, LazyOptions, PageServer};
+use super::pager::{Pager, PagerOptions};
 use super::precheck::{same_file, stdio_kind, Blocker, Refusal, Scope};
 use super::procfs::ProcDir;
 use super::restore::{
@@ -814,8 +816,36 @@ impl FrozenTree {
     /// (see [`Frozen::write_image`]). The processes stay frozen.
     pub fn write_image<W: Write>(
         &self,
-        mut w: W,
+        w: W,
         opts: ImageOptions,
+    ) -> Result<ImageStats, CaptureError> {
+        self.write_each(w, |f, w| f.write_image(w, opts))
+    }
+
+    /// Streams a lazy tree image: the header, then each live process's
+    /// lazy image (see [`Frozen::write_lazy_image`]); returns a page server
+    /// for each live process, in the header's order. The processes stay
+    /// frozen until every server has sent all.
+    pub fn write_lazy_image<W: Write>(
+        &self,
+        w: W,
+        opts: LazyOptions,
+    ) -> Result<(ImageStats, Vec<PageServer>), CaptureError> {
+        let mut servers = Vec::new();
+        let total = self.write_each(w, |f, w| {
+            let (s, server) = f.write_lazy_image(w, opts)?;
+            servers.push(server);
+            Ok(s)
+        })?;
+        Ok((total, servers))
+    }
+
+    /// The header, then what `one` writes of each live process; the stats
+    /// of all.
+    fn write_each<W: Write>(
+        &self,
+        mut w: W,
+        mut one: impl FnMut(&Frozen, &mut W) -> Result<ImageStats, CaptureError>,
     ) -> Result<ImageStats, CaptureError> {
         let head = self.meta.encode();
         w.write_all(&head).map_err(|e| CaptureError::Image {
@@ -827,7 +857,7 @@ impl FrozenTree {
             ..ImageStats::default()
         };
         for (_, f) in self.live() {
-            let s = f.write_image(&mut w, opts)?;
+            let s = one(f, &mut w)?;
             total.data_pages += s.data_pages;
             total.zero_pages += s.zero_pages;
             total.bytes += s.bytes;
@@ -1059,7 +1089,29 @@ fn make_zombie(z: Blank, parent: &Blank, status: i32) -> Result<(), RestoreError
 /// every process's fds 0-2 that the image does not carry, and lets it
 /// run. On error nothing of it is left (killing the holder ends the
 /// namespace).
-pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree, RestoreError> {
+pub fn restore_tree<R: Read>(r: R, stdio: StdioPlan) -> Result<RestoredTree, RestoreError> {
+    restore_tree_impl(r, stdio, None).map(|(t, _)| t)
+}
+
+/// [`restore_tree`] of a lazy tree image (see
+/// [`FrozenTree::write_lazy_image`]): the `k`-th live process (in the
+/// header's order) gets its pages through `links(k)`; returns its pager
+/// beside the tree, in the same order. Each pager's
+/// [`Pager::wait`] returns once its process has every page.
+pub fn restore_tree_lazy<R: Read>(
+    r: R,
+    stdio: StdioPlan,
+    links: &mut dyn FnMut(usize) -> LazyLink,
+    opts: PagerOptions,
+) -> Result<(RestoredTree, Vec<Pager>), RestoreError> {
+    restore_tree_impl(r, stdio, Some((links, opts)))
+}
+
+fn restore_tree_impl<R: Read>(
+    mut r: R,
+    stdio: StdioPlan,
+    mut lazy: Option<(&mut dyn FnMut(usize) -> LazyLink, PagerOptions)>,
+) -> Result<(RestoredTree, Vec<Pager>), RestoreError> {
     let tree = TreeMeta::read(&mut r)?;
     let holder = blank_in(&stdio, &[], true)?;
     drop(stdio);
@@ -1120,9 +1172,12 @@ pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree,
         }
         let b = blanks[i].take().expect("a live blank");
         let (rd, meta) = ImageReader::open(&mut r)?;
-        if meta.header.flags & FLAG_LAZY != 0 {
-            return Err(RestoreError::LazyImage);
-        }
+        // Each process image is lazy when the tree's is (the links say).
+        let link = match (meta.header.flags & FLAG_LAZY != 0, lazy.as_mut()) {
+            (false, None) => None,
+            (true, Some((links, opts))) => Some((links(built.len()), *opts)),
+            _ => return Err(RestoreError::LazyImage),
+        };
         if b.in_the_way(&meta.mappings) {
             return Err(RestoreError::Layout(format!(
                 "process {} maps {:#x}, where the tree's stubs have their control page",
@@ -1159,7 +1214,7 @@ pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree,
             })?;
             files.shared.push((s.fd, dup));
         }
-        let one = build(b, rd, meta, &plan, None, None, Some(&mut files))?;
+        let one = build(b, rd, meta, &plan, link, None, Some(&mut files))?;
         opened[i] = std::mem::take(&mut files.opened);
         stats.data_pages += one.stats().data_pages;
         stats.zero_pages += one.stats().zero_pages;
@@ -1173,9 +1228,11 @@ pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree,
     })?;
     drop((opened, files));
     // 5. Everything runs: children first, then the holder's loop.
+    let mut pagers = Vec::new();
     for b in built.into_iter().rev() {
-        b.run()?;
+        pagers.extend(b.run()?.1);
     }
+    pagers.reverse();
     let h = holder.stub.pid;
     call(
         &holder,
@@ -1193,11 +1250,14 @@ pub fn restore_tree<R: Read>(mut r: R, stdio: StdioPlan) -> Result<RestoredTree,
     ptrace::detach(h, None).map_err(ptrace_err("PTRACE_DETACH", h))?;
     let mut holder = holder;
     holder.stub.armed = false;
-    Ok(RestoredTree {
-        holder: h.as_raw(),
-        pids,
-        stats,
-    })
+    Ok((
+        RestoredTree {
+            holder: h.as_raw(),
+            pids,
+            stats,
+        },
+        pagers,
+    ))
 }
 
 #[cfg(test)]

@@ -270,10 +270,16 @@ pub(crate) fn move_out(
 pub(crate) fn move_tree(
     n: &Net,
     (at, pid): (u16, u32),
-    to: u16,
+    (to, lazy): (u16, bool),
     t: Duration,
 ) -> Result<Msg, mknode::agent::AgentError> {
-    n.agents[0].call(at, t, |req| Msg::MigrateTreeOut { req, pid, to })
+    n.agents[0].call(at, t, |req| {
+        if lazy {
+            Msg::MigrateLazyTreeOut { req, pid, to }
+        } else {
+            Msg::MigrateTreeOut { req, pid, to }
+        }
+    })
 }
 
 /// Each thread of this test process (the agents run in it): name, state

@@ -279,6 +279,7 @@ impl Daemon {
                 Mode::Lazy => "lazy",
                 Mode::StopCopy => "stop-copy",
                 Mode::Tree => "tree",
+                Mode::LazyTree => "lazy-tree",
             }
             .into(),
         });
@@ -295,7 +296,7 @@ impl Daemon {
                 &format!(
                     "running as pid {new_pid} after {:.1} ms of downtime{}",
                     downtime.as_secs_f64() * 1e3,
-                    if mode == Mode::Lazy {
+                    if mode.lazy() {
                         "; the remaining pages follow"
                     } else {
                         ""
@@ -369,6 +370,7 @@ impl Daemon {
         }
         let (req, rx) = agent.request(a, |req| match mode {
             Mode::Tree => Msg::MigrateTreeOut { req, pid, to: b },
+            Mode::LazyTree => Msg::MigrateLazyTreeOut { req, pid, to: b },
             _ => Msg::MigrateOut {
                 req,
                 pid,
