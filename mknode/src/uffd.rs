@@ -78,6 +78,9 @@ pub(crate) const FEATURE_THREAD_ID: u64 = 1 << 8;
 /// markers on pages not mapped yet, so no write slips through).
 pub(crate) const FEATURE_WP_SHMEM: u64 = 1 << 12;
 
+/// `UFFD_FEATURE_EVENT_FORK (1<<1)`: a fork of the process gives the
+/// reader a userfaultfd of the child's copy of every registered range.
+pub(crate) const FEATURE_EVENT_FORK: u64 = 1 << 1;
 /// `UFFD_FEATURE_EVENT_REMAP (1<<2)`: mremap of a registered range keeps it
 /// registered and reports the move (without it the moved range silently
 /// loses its registration and its missing pages read as zero).
@@ -89,6 +92,7 @@ pub(crate) const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 
 /// `UFFD_EVENT_PAGEFAULT 0x12` and friends (`uffd_msg.event`).
 pub(crate) const EVENT_PAGEFAULT: u8 = 0x12;
+pub(crate) const EVENT_FORK: u8 = 0x13;
 pub(crate) const EVENT_REMAP: u8 = 0x14;
 pub(crate) const EVENT_REMOVE: u8 = 0x15;
 pub(crate) const EVENT_UNMAP: u8 = 0x16;
@@ -161,6 +165,11 @@ pub(crate) enum Msg {
         flags: u64,
         tid: u32,
     },
+    /// `arg.fork.ufd`: a descriptor the kernel put in the reader's table
+    /// for the child's ranges (its owner must close it).
+    Fork {
+        ufd: i32,
+    },
     /// `arg.remap.{from, to, len}`
     Remap {
         from: u64,
@@ -189,6 +198,9 @@ impl Msg {
                 address: w(1),
                 flags: w(0),
                 tid: u32::from_le_bytes(b[24..28].try_into().unwrap_or([0; 4])),
+            },
+            EVENT_FORK => Msg::Fork {
+                ufd: i32::from_le_bytes(b[8..12].try_into().unwrap_or([0xff; 4])),
             },
             EVENT_REMAP => Msg::Remap {
                 from: w(0),

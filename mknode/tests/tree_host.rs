@@ -580,3 +580,107 @@ fn a_tree_restored_lazily_gets_its_pages_after_it_runs() {
     let _ = kill(Pid::from_raw(tree.holder), Signal::SIGKILL);
     let _ = waitpid(Pid::from_raw(tree.holder), None);
 }
+
+/// A shell restored lazily forks a subshell that reads a 140 KB variable
+/// and a `sleep` every few milliseconds while its pages are still coming
+/// (pushed slowly here): each child lacks what
+/// its parent lacked at the fork, and the pager fills the child from the
+/// origin before closing the child's userfaultfd. Without that, a child
+/// read zeros where pages had not arrived and died of SIGSEGV (seen as
+/// `sleep_failed=139` from a busybox loop moved lazily between guests).
+#[test]
+fn a_lazily_restored_shell_forks_children_that_have_its_memory() {
+    use mknode::migrate::{
+        channel_link, restore_tree_lazy, LazyLink, LazyOptions, PagerOptions, PushPolicy,
+    };
+    use std::io::BufRead;
+    let _g = serial();
+    // busybox's shell forks its children (dash's vforks: no new memory).
+    let mut sh = Command::new("/bin/busybox")
+        .args([
+            "sh",
+            "-c",
+            "x=$(seq 1 30000 | tr -d '\\n'); i=0; while true; do (case \"$x\" in 1234*2999930000) exit 0;; esac; exit 3) || echo bad_memory=$?; sleep 0.01 || echo sleep_failed=$?; i=$((i+1)); echo n=$i; done",
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn busybox sh");
+    let pid = sh.id() as i32;
+    let _guard = KillOnDrop(vec![pid]);
+    let lines = |r: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(r).lines() {
+                let Ok(l) = l else { return };
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    };
+    let before = lines(Box::new(sh.stdout.take().expect("stdout")));
+    for _ in 0..5 {
+        before.recv_timeout(T).expect("the loop's lines");
+    }
+    let frozen = freeze_tree(pid).expect("freeze the shell");
+    let mut img = Vec::new();
+    let (_, servers) = frozen
+        .write_lazy_image(&mut img, LazyOptions::default())
+        .expect("the lazy image");
+    // Slow pushes: the copy forks many children before its pages are in.
+    let slow = PushPolicy {
+        enabled: true,
+        batch_pages: 4,
+        pause: std::time::Duration::from_millis(2),
+    };
+    let mut origins = Vec::new();
+    let mut links: Vec<Option<LazyLink>> = servers
+        .into_iter()
+        .map(|s| {
+            let (link, loops) = channel_link(s, slow).expect("link");
+            origins.push(loops);
+            Some(link)
+        })
+        .collect();
+    let (r, w) = pipe();
+    let plan = StdioPlan {
+        stdin: null(),
+        stdout: w,
+        stderr: null(),
+    };
+    let (tree, pagers) = restore_tree_lazy(
+        &img[..],
+        plan,
+        &mut |k| links[k].take().expect("one link per process"),
+        PagerOptions::default(),
+    )
+    .expect("restore lazily");
+    let after = lines(Box::new(std::fs::File::from(r)));
+    let mut seen = Vec::new();
+    while seen.len() < 60 {
+        seen.push(after.recv_timeout(T).expect("the copy's lines"));
+    }
+    let stats: Vec<_> = pagers
+        .into_iter()
+        .map(|p| p.wait().expect("every page in"))
+        .collect();
+    frozen.kill();
+    let _ = sh.wait();
+    let _ = kill(Pid::from_raw(tree.holder), Signal::SIGKILL);
+    let _ = waitpid(Pid::from_raw(tree.holder), None);
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.starts_with("sleep_failed") || l.starts_with("bad_memory")),
+        "a child of the copy failed: {seen:?}"
+    );
+    assert!(
+        stats.iter().any(|s| s.child_pages > 0),
+        "no child was filled (did the copy fork before its pages were in?): {stats:?}"
+    );
+}

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
@@ -74,6 +74,9 @@ pub struct PagerStats {
     pub gone_pages: u64,
     /// Pages that arrived but could not be placed and were given up on.
     pub lost_pages: u64,
+    /// Pages placed in children the process forked before they arrived
+    /// (see `UFFD_FEATURE_EVENT_FORK`).
+    pub child_pages: u64,
     /// Longest single fetch.
     pub max_fetch: Duration,
     /// From the pager's start to the last page in; `None` if the process
@@ -626,6 +629,7 @@ impl Run {
             for m in msgs.drain(..) {
                 match m {
                     Msg::Fault { address, .. } => faults.push(address & !(PAGE - 1)),
+                    Msg::Fork { ufd } => self.fill_child(ufd)?,
                     Msg::Remap { from, to, len } => self.table.remap(from, to, len),
                     Msg::Remove { start, end } | Msg::Unmap { start, end } => {
                         for o in self.table.forget(start, end) {
@@ -785,6 +789,105 @@ impl Run {
             // natively, if the range went away).
             let _ = self.uffd().wake(cur, PAGE);
         }
+        Ok(())
+    }
+
+    /// The process forked (event `ufd`, the child's userfaultfd): the child
+    /// lacks every page the process lacked then, and only this pager could
+    /// give them. Each is placed in the child (which waits for a page it
+    /// touches meanwhile): those already pushed and waiting here (placed
+    /// in the process too), those stashed, and the rest fetched from the
+    /// origin. Then the descriptor is closed, so the child's memory is its
+    /// own (a page it dropped reads as zeros, as natively). A child that
+    /// has already exec'd or exited ends the fill.
+    fn fill_child(&mut self, ufd: i32) -> Result<(), Halt> {
+        if ufd < 0 {
+            return Ok(());
+        }
+        // SAFETY: the kernel installed `ufd` in this process's table for the
+        // fork event just read, and nothing else knows of it: it is ours.
+        let child = Uffd::from_fd(unsafe { std::os::fd::FromRawFd::from_raw_fd(ufd) });
+        let mut lacks: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+        for r in &self.table.ranges {
+            for (p, st) in r.st.iter().enumerate() {
+                if *st == MISSING {
+                    lacks.insert(r.start + p as u64 * PAGE);
+                }
+            }
+        }
+        // Places the pages of `data` (origin address `o0`) the child lacks;
+        // false once the child's memory is gone.
+        let give = |table: &PageTable,
+                    lacks: &mut std::collections::BTreeSet<u64>,
+                    o0: u64,
+                    data: &[u8]| {
+            for (k, page) in data.chunks_exact(PAGE as usize).enumerate() {
+                let o = o0 + k as u64 * PAGE;
+                if !lacks.remove(&o) {
+                    continue;
+                }
+                match child.copy(table.to_current(o), page) {
+                    Ok(_) | Err(Errno::EEXIST) => {}
+                    // Its memory is gone (exec, exit) or changing: done.
+                    Err(_) => return false,
+                }
+            }
+            true
+        };
+        let before = lacks.len() as u64;
+        let stashed: Vec<(u64, Vec<u8>)> = self
+            .stash
+            .iter()
+            .map(|(o, s)| (*o, s.data.clone()))
+            .collect();
+        for (o, data) in stashed {
+            if !give(&self.table, &mut lacks, o, &data) {
+                self.stats.child_pages += before - lacks.len() as u64;
+                return Ok(());
+            }
+        }
+        // Pushes bring what the child lacks too (and may be all there is:
+        // an origin may go once every page is pushed): take them while they
+        // come, fetching only what is left after a pause in them.
+        while !self.push_done && !lacks.is_empty() {
+            match self.pushes.recv_timeout(Duration::from_millis(50)) {
+                Ok(Pushed::Pages { addr, data }) => {
+                    if !addr.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
+                        return Err(Halt::Failed(LazyError::BadPush {
+                            addr,
+                            len: data.len(),
+                            pid: self.pid,
+                        }));
+                    }
+                    let alive = give(&self.table, &mut lacks, addr, &data);
+                    self.install(addr, &data, Via::Push)?;
+                    if !alive {
+                        self.stats.child_pages += before - lacks.len() as u64;
+                        return Ok(());
+                    }
+                }
+                Ok(Pushed::Done) => self.push_done = true,
+                Err(RecvTimeoutError::Disconnected) => self.push_done = true,
+                Err(RecvTimeoutError::Timeout) => break,
+            }
+        }
+        let mut buf = Vec::new();
+        while let Some(&o) = lacks.first() {
+            // One run within one mapping (the origin serves no other).
+            let end = self
+                .table
+                .locate(o)
+                .map_or(o + PAGE, |(i, _)| self.table.ranges[i].end);
+            let n = (0..self.opts.sweep_batch.max(1))
+                .take_while(|k| o + k * PAGE < end && lacks.contains(&(o + k * PAGE)))
+                .count() as u64;
+            buf.resize((n * PAGE) as usize, 0);
+            self.fetch(o, &mut buf)?;
+            if !give(&self.table, &mut lacks, o, &buf) {
+                break;
+            }
+        }
+        self.stats.child_pages += before - lacks.len() as u64;
         Ok(())
     }
 

@@ -1710,9 +1710,12 @@ pub fn restore_lazy<R: Read>(
 }
 
 /// `UFFD_FEATURE_EVENT_{REMAP,REMOVE,UNMAP}`: the pager must see the process
-/// move or drop memory that has not arrived yet.
-const UFFD_FEATURES: u64 =
-    uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP;
+/// move or drop memory that has not arrived yet; `EVENT_FORK`: and fork,
+/// whose child would otherwise read zeros where pages had not arrived.
+const UFFD_FEATURES: u64 = uffd::FEATURE_EVENT_FORK
+    | uffd::FEATURE_EVENT_REMAP
+    | uffd::FEATURE_EVENT_REMOVE
+    | uffd::FEATURE_EVENT_UNMAP;
 
 /// The stub's userfaultfd, made inside it (it belongs to its mm) and pulled
 /// into this process: `userfaultfd()` injected, `pidfd_getfd`, the stub's
