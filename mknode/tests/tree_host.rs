@@ -63,6 +63,49 @@ fn copy(
     (restore_tree(&img[..], plan).expect("restore the tree"), r)
 }
 
+/// A lazy copy of `frozen` here: its lazy image, a page server per process
+/// joined to its pager by an in-process link pushing as `push` says, and
+/// the copy restored with its stdout a new pipe. The copy, its pagers, that
+/// pipe's read end and the origins' loops (kept while pages flow).
+fn lazy_copy(
+    frozen: &mknode::migrate::FrozenTree,
+    push: mknode::migrate::PushPolicy,
+) -> (
+    mknode::migrate::RestoredTree,
+    Vec<mknode::migrate::Pager>,
+    std::os::fd::OwnedFd,
+    Vec<mknode::migrate::OriginLoops>,
+) {
+    use mknode::migrate::{channel_link, restore_tree_lazy, LazyLink, LazyOptions, PagerOptions};
+    let mut img = Vec::new();
+    let (_, servers) = frozen
+        .write_lazy_image(&mut img, LazyOptions::default())
+        .expect("the lazy tree image");
+    let mut origins = Vec::new();
+    let mut links: Vec<Option<LazyLink>> = servers
+        .into_iter()
+        .map(|s| {
+            let (link, loops) = channel_link(s, push).expect("link");
+            origins.push(loops);
+            Some(link)
+        })
+        .collect();
+    let (r, w) = pipe();
+    let plan = StdioPlan {
+        stdin: null(),
+        stdout: w,
+        stderr: null(),
+    };
+    let (tree, pagers) = restore_tree_lazy(
+        &img[..],
+        plan,
+        &mut |k| links[k].take().expect("one link per process"),
+        PagerOptions::default(),
+    )
+    .expect("restore the tree lazily");
+    (tree, pagers, r, origins)
+}
+
 /// `sh -c script` with `stdout`, stdin and stderr null, and an
 /// environment of its own (PATH only: the same wherever the test runs).
 fn sh_c(script: &str, stdout: Stdio) -> std::process::Child {
@@ -522,46 +565,19 @@ fn every_refused_process_of_a_tree_is_named_at_once() {
 /// links here), fetched and pushed after it ran.
 #[test]
 fn a_tree_restored_lazily_gets_its_pages_after_it_runs() {
-    use mknode::migrate::{
-        channel_link, restore_tree_lazy, LazyLink, LazyOptions, PagerOptions, PushPolicy,
-    };
+    use mknode::migrate::PushPolicy;
     let _g = serial();
     let (mut top, out) = start_prog(&testprog("mktree"), &["--interval-ms", "20"]);
     let (_, first) = next_line(&out, "top n=3 ");
     let (top_pid, kid_pid) = (get(&first, "pid") as i32, get(&first, "kid") as i32);
     let mut guard = KillOnDrop(vec![top_pid, kid_pid]);
     let frozen = freeze_tree(top_pid).expect("freeze the tree");
-    let mut img = Vec::new();
-    let (_, servers) = frozen
-        .write_lazy_image(&mut img, LazyOptions::default())
-        .expect("the lazy tree image");
+    let (tree, pagers, r, _origins) = lazy_copy(&frozen, PushPolicy::default());
     assert_eq!(
-        servers.len(),
+        pagers.len(),
         2,
         "the top and the kid (a zombie has no pages)"
     );
-    let mut origins = Vec::new();
-    let mut links: Vec<Option<LazyLink>> = servers
-        .into_iter()
-        .map(|s| {
-            let (link, loops) = channel_link(s, PushPolicy::default()).expect("link");
-            origins.push(loops);
-            Some(link)
-        })
-        .collect();
-    let (r, w) = pipe();
-    let plan = StdioPlan {
-        stdin: null(),
-        stdout: w,
-        stderr: null(),
-    };
-    let (tree, pagers) = restore_tree_lazy(
-        &img[..],
-        plan,
-        &mut |k| links[k].take().expect("one link per process"),
-        PagerOptions::default(),
-    )
-    .expect("restore the tree lazily");
     guard.0.push(tree.holder);
     let copy = Output::new(r);
     let (_, t) = next_line(&copy, "top ");
@@ -590,9 +606,7 @@ fn a_tree_restored_lazily_gets_its_pages_after_it_runs() {
 /// `sleep_failed=139` from a busybox loop moved lazily between guests).
 #[test]
 fn a_lazily_restored_shell_forks_children_that_have_its_memory() {
-    use mknode::migrate::{
-        channel_link, restore_tree_lazy, LazyLink, LazyOptions, PagerOptions, PushPolicy,
-    };
+    use mknode::migrate::PushPolicy;
     use std::io::BufRead;
     let _g = serial();
     // busybox's shell forks its children (dash's vforks: no new memory).
@@ -628,38 +642,13 @@ fn a_lazily_restored_shell_forks_children_that_have_its_memory() {
         before.recv_timeout(T).expect("the loop's lines");
     }
     let frozen = freeze_tree(pid).expect("freeze the shell");
-    let mut img = Vec::new();
-    let (_, servers) = frozen
-        .write_lazy_image(&mut img, LazyOptions::default())
-        .expect("the lazy image");
     // Slow pushes: the copy forks many children before its pages are in.
     let slow = PushPolicy {
         enabled: true,
         batch_pages: 4,
         pause: std::time::Duration::from_millis(2),
     };
-    let mut origins = Vec::new();
-    let mut links: Vec<Option<LazyLink>> = servers
-        .into_iter()
-        .map(|s| {
-            let (link, loops) = channel_link(s, slow).expect("link");
-            origins.push(loops);
-            Some(link)
-        })
-        .collect();
-    let (r, w) = pipe();
-    let plan = StdioPlan {
-        stdin: null(),
-        stdout: w,
-        stderr: null(),
-    };
-    let (tree, pagers) = restore_tree_lazy(
-        &img[..],
-        plan,
-        &mut |k| links[k].take().expect("one link per process"),
-        PagerOptions::default(),
-    )
-    .expect("restore lazily");
+    let (tree, pagers, r, _origins) = lazy_copy(&frozen, slow);
     let after = lines(Box::new(std::fs::File::from(r)));
     let mut seen = Vec::new();
     while seen.len() < 60 {
