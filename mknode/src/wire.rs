@@ -526,8 +526,10 @@ messages! {
     /// Before a move, origin to destination: could a process with these
     /// files open be restored there (the files, time namespaces, the CPU)?
     /// `devices[i]`: `paths[i]` is one of the devices carried (else a
-    /// regular file); `cpu`: the origin CPU's user-visible extensions,
-    /// `fp_size` and `xfeatures` its register state's size and components
+    /// regular file); `cpu`: the user-visible extensions the processes'
+    /// code was picked for (`migrate::cpu::picked`: the origin CPU's, or
+    /// fewer), `fp_size` and `xfeatures` the origin's register state's size
+    /// and components
     /// (`migrate::cpu`). `problems`
     /// names what would fail, and why.
     51 req RestoreProbe { req: u32, paths: Vec<String>, devices: Vec<bool>, cpu: Vec<String>, fp_size: u32, xfeatures: u64 },

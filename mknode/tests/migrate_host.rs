@@ -494,6 +494,53 @@ fn a_process_from_another_kernel_build_runs_through_the_vdso_proxy() {
     reap_old();
 }
 
+/// An image carries the CPU extensions the program picked its code for:
+/// a CPU without one of them refuses to restore it, naming it; a copy
+/// restored from an image that names fewer than this CPU has keeps those
+/// fewer (its code was picked for them, not for this CPU), so its next
+/// image names them again (and a next destination is asked only for them).
+#[test]
+fn an_image_keeps_the_extensions_its_code_was_picked_for() {
+    use mknode::migrate::cpu;
+    let _g = serial();
+    let (mut child, out) = start(&["--mem", "1M", "--threads", "1"]);
+    running(&out, 1);
+    let frozen = freeze(child.id() as i32).expect("freeze");
+    assert_eq!(frozen.meta().process.cpu, cpu::user_features());
+    let mut img = Vec::new();
+    frozen
+        .write_image(&mut img, ImageOptions::default())
+        .expect("image");
+    drop(frozen);
+    let here = cpu::user_features();
+    let absent = [
+        "amx_tile",
+        "avx512_vp2intersect",
+        "avx512_fp16",
+        "fma4",
+        "xop",
+    ]
+    .into_iter()
+    .find(|f| !here.iter().any(|t| t == f))
+    .expect("an extension this CPU lacks");
+    let wider = reencoded(&img, |m| m.process.cpu.push(absent.into()));
+    let e = restore(&wider[..], StdioPlan::null().expect("null")).expect_err("wider");
+    assert!(matches!(&e, RestoreError::Cpu(x) if x == absent), "{e:?}");
+    assert!(e.to_string().contains("this CPU lacks"), "{e}");
+    let fewer = reencoded(&img, |m| m.process.cpu = vec!["sse2".into()]);
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    let (plan, new_out) = plan_to_pipe();
+    let r = restore(&fewer[..], plan).expect("restore");
+    new_out.until(T, |l| matches!(l, Line::Seq { .. }));
+    assert_eq!(cpu::picked(r.pid), ["sse2"]);
+    let again = freeze(r.pid).expect("freeze the copy");
+    assert_eq!(again.meta().process.cpu, ["sse2"]);
+    again.kill();
+    let _ = waitpid(Pid::from_raw(r.pid), None);
+    assert_eq!(cpu::picked(std::process::id() as i32), here);
+}
+
 /// Without the old vDSO's bytes (an image that does not carry them), an
 /// image from another build is refused by what differs, and nothing runs.
 #[test]

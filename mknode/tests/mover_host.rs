@@ -310,7 +310,9 @@ fn the_restore_probe_names_what_the_cpu_lacks() {
     };
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(
-        problems[0].contains(&format!("lacks {absent} of the origin's")),
+        problems[0].contains(&format!(
+            "lacks {absent}, which the program picked its code for"
+        )),
         "{problems:?}"
     );
     assert!(problems[1].contains("register state"), "{problems:?}");

@@ -59,6 +59,31 @@ pub struct Console {
     pub socket: Option<PathBuf>,
 }
 
+/// The user-visible extensions (`/proc/cpuinfo` names) of
+/// `mknode::migrate::cpu` missing from `host`, by the names QEMU's `-cpu`
+/// knows them: what a guest's CPU should not have for its programs to be
+/// able to move to this host (a move needs every extension the program
+/// picked its code for).
+pub fn flags_the_host_lacks(host: &[String]) -> Vec<String> {
+    mknode::migrate::cpu::USER_FLAGS
+        .iter()
+        .filter(|f| !host.iter().any(|h| h == *f))
+        .map(|f| qemu_flag(f))
+        .collect()
+}
+
+/// QEMU's name of a `/proc/cpuinfo` flag.
+fn qemu_flag(linux: &str) -> String {
+    match linux {
+        "sse4_1" => "sse4.1".into(),
+        "sse4_2" => "sse4.2".into(),
+        "avx512_vbmi2" => "avx512vbmi2".into(),
+        "avx512_vnni" => "avx512vnni".into(),
+        "avx512_bitalg" => "avx512bitalg".into(),
+        other => other.replace('_', "-"),
+    }
+}
+
 /// What one QEMU instance is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineSpec {
@@ -68,6 +93,10 @@ pub struct MachineSpec {
     pub qemu: PathBuf,
     /// TCG or KVM.
     pub accel: Accel,
+    /// CPUID flags (QEMU's names) switched off in TCG's `-cpu max`: those
+    /// this host lacks ([`flags_the_host_lacks`]), so that what a program
+    /// picks its code for in the guest, the host has too.
+    pub cpu_off: Vec<String>,
     /// The kernel image (bzImage).
     pub kernel: PathBuf,
     /// The initramfs.
@@ -181,6 +210,7 @@ impl MachineSpec {
             name: name.to_string(),
             qemu: PathBuf::from("qemu-system-x86_64"),
             accel: Accel::Tcg,
+            cpu_off: Vec::new(),
             kernel: kernel.to_path_buf(),
             initrd: initrd.to_path_buf(),
             cmdline: cmdline.to_string(),
@@ -315,10 +345,11 @@ impl MachineSpec {
         a.opt("-machine", ["q35".into()]);
         match self.accel {
             // max: every feature TCG can emulate (the default qemu64 lacks
-            // some that distribution kernels probe for).
+            // some that distribution kernels probe for), but those asked off.
             Accel::Tcg => {
                 a.opt("-accel", ["tcg".into()]);
-                a.opt("-cpu", ["max".into()]);
+                let off: String = self.cpu_off.iter().map(|f| format!(",-{f}")).collect();
+                a.opt("-cpu", [format!("max{off}").into()]);
             }
             Accel::Kvm => {
                 a.opt("-accel", ["kvm".into()]);
@@ -708,6 +739,50 @@ mod tests {
         assert!(!argv.contains("-mon"), "{argv}");
         assert!(!argv.contains("virtio-serial"), "{argv}");
         assert!(!argv.contains("-numa"), "{argv}");
+    }
+
+    /// A guest's CPU leaves out what the host lacks, by QEMU's names.
+    #[test]
+    fn a_guest_cpu_leaves_out_what_the_host_lacks() {
+        let mut m = two_node();
+        m.cpu_off = flags_the_host_lacks(
+            &mknode::migrate::cpu::USER_FLAGS
+                .iter()
+                .filter(|f| !["sse4a", "sse4_1", "avx512_vnni"].contains(f))
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>(),
+        );
+        let argv = strs(m.argv().unwrap()).join(" ");
+        assert!(
+            argv.contains("-cpu max,-sse4.1,-sse4a,-avx512vnni -smp"),
+            "{argv}"
+        );
+        let all = flags_the_host_lacks(&[]);
+        assert_eq!(all.len(), mknode::migrate::cpu::USER_FLAGS.len());
+        assert!(all.contains(&"sha-ni".to_string()) && all.contains(&"lahf-lm".to_string()));
+    }
+
+    /// Every name we may switch off is one QEMU knows (an unknown one
+    /// would stop it from starting).
+    #[test]
+    fn qemu_knows_every_flag_we_may_switch_off() {
+        let qemu = std::env::var_os("MKCTL_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into());
+        let out = Command::new(&qemu)
+            .args(["-cpu", "help"])
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("{qemu:?} -cpu help: {e} (./scripts/setup.sh installs QEMU)")
+            });
+        let text = String::from_utf8_lossy(&out.stdout);
+        let known: Vec<&str> = text
+            .split("Recognized CPUID flags:")
+            .nth(1)
+            .expect("QEMU lists its CPUID flags")
+            .split_whitespace()
+            .collect();
+        for f in flags_the_host_lacks(&[]) {
+            assert!(known.contains(&f.as_str()), "QEMU does not know {f}");
+        }
     }
 
     #[test]

@@ -16,4 +16,7 @@ pub mod cmdline;
 pub mod machine;
 
 pub use cmdline::GuestCmdline;
-pub use machine::{guest_numa, Accel, Console, MachineError, MachineSpec, NumaNode, SharedWindow};
+pub use machine::{
+    flags_the_host_lacks, guest_numa, Accel, Console, MachineError, MachineSpec, NumaNode,
+    SharedWindow,
+};

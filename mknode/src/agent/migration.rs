@@ -999,7 +999,8 @@ impl Migration {
     /// Refuses, before anything is frozen, a destination that could not
     /// restore the process: one where the files it has open cannot be
     /// opened (a guest that has no such path), or without time namespaces
-    /// (its clocks would jump).
+    /// (its clocks would jump), or whose CPU lacks an extension their code
+    /// was picked for.
     /// Whether it is the same file is checked on restore, against the size
     /// and time at the freeze. Without an answer the restore decides.
     fn restorable_there(&self, agent: &Agent, to: u16, pids: &[i32]) -> Result<(), MoveError> {
@@ -1016,12 +1017,17 @@ impl Migration {
             .into_iter()
             .map(|(path, kind)| (path, kind == migrate::FileKind::Device))
             .unzip();
+        // What their code was picked for: a process restored here may have
+        // started on a CPU with fewer extensions than this one.
+        let mut cpu: Vec<String> = pids.iter().flat_map(|&p| migrate::cpu::picked(p)).collect();
+        cpu.sort();
+        cpu.dedup();
         let Ok(Msg::RestoreProbed { problems, .. }) =
             agent.call(to, Duration::from_secs(10), |req| Msg::RestoreProbe {
                 req,
                 paths,
                 devices,
-                cpu: migrate::cpu::user_features(),
+                cpu,
                 fp_size: migrate::cpu::fp_state_size(),
                 xfeatures: migrate::cpu::xfeatures(),
             })

@@ -864,6 +864,7 @@ impl Frozen {
                 memfds,
                 vdso: vdso_bytes,
                 xfeatures: super::cpu::xfeatures(),
+                cpu: super::cpu::picked(pid.as_raw()),
             },
             threads,
             mappings,

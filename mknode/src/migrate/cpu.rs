@@ -13,10 +13,23 @@
 //! some CPUs enable and no program can use since Linux dropped MPX, are
 //! dropped. Other parts (AVX-512's, AMX's) move only between CPUs of one
 //! layout.
+//!
+//! What a process depends on is the CPU it *started* on, not the one it
+//! runs on: glibc reads CPUID once, at start, and every later choice
+//! (lazily bound functions, `dlopen`ed libraries) uses that reading. So a
+//! process restored here keeps the extensions of its image ([`remember`]),
+//! and a later move asks the next destination for those ([`picked`]): a
+//! program started in a TCG guest that moved to this host may go back to
+//! a guest, though this host has extensions the guest lacks. Until it
+//! calls `execve`, which picks anew.
+
+use std::sync::Mutex;
+
+use super::procfs::ProcDir;
 
 /// Flags of `/proc/cpuinfo` that user code can depend on (not the
 /// kernel's own: mitigations, virtualization, timers).
-const USER_FLAGS: &[&str] = &[
+pub const USER_FLAGS: &[&str] = &[
     "mmx",
     "sse",
     "sse2",
@@ -110,6 +123,64 @@ pub fn features_of(cpuinfo: &str) -> Vec<String> {
     v.sort();
     v.dedup();
     v
+}
+
+/// One run of one program: a pid, when it started and its auxiliary
+/// vector, which every `execve` renews (the stack's random address, the
+/// entry point...) and a restore puts back as it was.
+#[derive(Debug, PartialEq, Eq)]
+struct Run {
+    pid: i32,
+    start: u64,
+    auxv: Vec<(u64, u64)>,
+}
+
+impl Run {
+    fn of(pid: i32) -> Option<Run> {
+        let pd = ProcDir::new(std::path::Path::new("/proc"), pid);
+        Some(Run {
+            pid,
+            start: pd.stat().ok()?.start_time,
+            auxv: pd.auxv().ok()?,
+        })
+    }
+}
+
+/// The processes this one restored, each with the extensions its code
+/// was picked for (those of the CPU its program started on).
+static PICKED: Mutex<Vec<(Run, Vec<String>)>> = Mutex::new(Vec::new());
+
+fn picked_table() -> std::sync::MutexGuard<'static, Vec<(Run, Vec<String>)>> {
+    PICKED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records that process `pid`, just restored here, picked its code for
+/// `cpu` (an image's list; empty: not known, and [`picked`] gives this
+/// CPU's). Forgets processes that ended or ran another program since.
+pub fn remember(pid: i32, cpu: &[String]) {
+    let mut t = picked_table();
+    t.retain(|(run, _)| Run::of(run.pid).as_ref() == Some(run));
+    if let (Some(run), false) = (Run::of(pid), cpu.is_empty()) {
+        t.push((run, cpu.to_vec()));
+    }
+}
+
+/// The extensions process `pid` may have picked its code for: those its
+/// image said when this process restored it and it runs the same program
+/// since, otherwise this CPU's (a superset: every move checked that the
+/// destination had them all).
+pub fn picked(pid: i32) -> Vec<String> {
+    let t = picked_table();
+    let run = Run::of(pid);
+    t.iter()
+        .find(|(r, _)| Some(r) == run.as_ref())
+        .map_or_else(user_features, |(_, cpu)| cpu.clone())
+}
+
+/// Which of `cpu` this CPU lacks.
+pub fn lacking_here(cpu: &[String]) -> Vec<String> {
+    let here = user_features();
+    cpu.iter().filter(|f| !here.contains(f)).cloned().collect()
 }
 
 /// Bytes of the XSAVE area for the features this kernel enabled (CPUID
@@ -227,9 +298,9 @@ pub fn convert(fp: &[u8], origin: u64, here: &Layout) -> Result<Vec<u8>, XstateE
     Ok(out)
 }
 
-/// What a process from a CPU with `origin` features and register state
-/// (`origin_fp` bytes, components `origin_x`) would miss here, in words
-/// (empty: nothing).
+/// What a process whose code was picked for the extensions `origin`
+/// ([`picked`]), from a CPU whose register state is `origin_fp` bytes of
+/// components `origin_x`, would miss here, in words (empty: nothing).
 pub fn missing_here(origin: &[String], origin_fp: u32, origin_x: u64) -> Vec<String> {
     missing(
         origin,
@@ -253,14 +324,20 @@ fn missing(
         .collect();
     if !lacks.is_empty() {
         out.push(format!(
-            "this CPU lacks {} of the origin's (code picked for them at the program's start would fault here)",
+            "this CPU lacks {}, which the program picked its code for when it started (that code would fault here)",
             lacks.join(", ")
         ));
     }
-    // Another layout: only what `convert` carries.
+    // Another layout: only what `convert` carries. A program that picked
+    // no AVX-512 or AMX code leaves their registers unused (the restore
+    // checks each thread's state, after the freeze); one that did is
+    // refused here, before it.
     let other = (origin_fp, origin_x) != (layout.size, layout.xfeatures);
     let beyond = origin_x & !(PORTABLE | PKRU | MPX);
-    if origin_fp != 0 && other && beyond != 0 {
+    let wide = origin
+        .iter()
+        .any(|f| f.starts_with("avx512") || f.starts_with("amx"));
+    if origin_fp != 0 && other && beyond != 0 && wide {
         out.push(format!(
             "this CPU's register state (XSAVE: {} bytes, components {:#x}) is laid out otherwise than the origin's ({origin_fp} bytes, {origin_x:#x}), whose components {beyond:#x} do not move between layouts",
             layout.size, layout.xfeatures
@@ -309,6 +386,11 @@ mod tests {
         assert_eq!(m.len(), 2, "{m:?}");
         assert!(m[0].contains("avx512f, avx512bw"), "{m:?}");
         assert!(m[1].contains("components 0xe0 do not move"), "{m:?}");
+        // A program whose code was picked without AVX-512 (it started on a
+        // CPU without), from a CPU with: its AVX-512 registers are unused,
+        // the layout is no reason to refuse (the restore checks each
+        // thread's state).
+        assert!(missing(&s(&["avx2"]), (2432, 0xe7), &here, &tcg).is_empty());
         // The same layout: anything.
         assert!(missing(&[], (2432, 0xe7), &here, &amd).is_empty());
         // An origin that did not say its size: not compared.
@@ -368,6 +450,46 @@ mod tests {
         assert!(e.to_string().contains("0x4"), "{e}");
         // Too short to be one: an error, not a panic.
         assert!(convert(&a[..100], tcg.xfeatures, &amd).is_err());
+    }
+
+    /// A restored process keeps the extensions of its image until it runs
+    /// another program; any other process has this CPU's.
+    #[test]
+    fn a_restored_process_keeps_what_its_code_was_picked_for_until_it_execs() {
+        use std::io::{BufRead, Write};
+        use std::process::{Command, Stdio};
+        let here = user_features();
+        let mine = std::process::id() as i32;
+        assert_eq!(picked(mine), here);
+        // A shell that waits, then runs another program under its pid.
+        let mut sh = Command::new("sh")
+            .args(["-c", "echo up; read x; exec sh -c 'echo again; read y'"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = sh.id() as i32;
+        let mut out = std::io::BufReader::new(sh.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let fewer = vec!["sse2".to_string()];
+        remember(pid, &fewer);
+        assert_eq!(picked(pid), fewer);
+        assert_eq!(picked(mine), here);
+        // Nothing known: this CPU's.
+        remember(mine, &[]);
+        assert_eq!(picked(mine), here);
+        // execve: it picks anew, on this CPU.
+        let mut stdin = sh.stdin.take().unwrap();
+        writeln!(stdin, "go").unwrap();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "again");
+        assert_eq!(picked(pid), here);
+        writeln!(stdin, "end").unwrap();
+        sh.wait().unwrap();
+        assert!(lacking_here(&here).is_empty());
+        assert_eq!(lacking_here(&["no_such_ext".into()]), ["no_such_ext"]);
     }
 
     #[test]

@@ -22,8 +22,9 @@ pub const MAGIC: [u8; 8] = *b"MKPROCIM";
 /// timerfds, signalfds, pipes and socket pairs with their bytes, and shared
 /// descriptions; version 5 epolls with their watches and POSIX timers;
 /// version 6 memfds; version 7 the origin's vDSO bytes and XSAVE
-/// components.
-pub const VERSION: u16 = 7;
+/// components; version 8 the CPU extensions the program's code was picked
+/// for.
+pub const VERSION: u16 = 8;
 /// ELF machine number of x86_64, the only architecture of version 1.
 pub const ARCH_X86_64: u16 = 0x3E;
 /// Page size of the image.
@@ -62,6 +63,9 @@ pub const MAX_VDSO: usize = 64 * 1024;
 pub const MAX_MEMFD_SIZE: u64 = 1 << 40;
 /// The longest memfd name (`memfd_create`'s limit).
 pub const MAX_MEMFD_NAME: usize = 249;
+/// CPU extensions in the process record, and bytes of one's name.
+const MAX_CPU_FLAGS: usize = 256;
+const MAX_CPU_FLAG: usize = 32;
 /// The seals a memfd may carry: `F_SEAL_SEAL`, `_SHRINK`, `_GROW`,
 /// `_WRITE`, `_FUTURE_WRITE`, `_EXEC`.
 pub const MEMFD_SEALS: u32 = 0x3f;
@@ -555,6 +559,9 @@ pub struct ProcessInfo {
     /// The origin CPU's XSAVE components (XCR0): the layout of the
     /// threads' `NT_X86_XSTATE` (`cpu::convert`).
     pub xfeatures: u64,
+    /// The CPU extensions the program picked its code for when it started
+    /// (`cpu::picked`), sorted: a restore refuses a CPU that lacks one.
+    pub cpu: Vec<String>,
 }
 
 /// Which register file the FP blob is.
@@ -1027,6 +1034,11 @@ impl<W: Write> ImageWriter<W> {
         w.le(p.vdso.len() as u32);
         w.raw(&p.vdso);
         w.le(p.xfeatures);
+        let cpu = &p.cpu[..p.cpu.len().min(MAX_CPU_FLAGS)];
+        w.u16(cpu.len() as u16);
+        for f in cpu {
+            put_str(w, f, MAX_CPU_FLAG);
+        }
         self.record(TAG_PROCESS, &v)?;
         self.stage = Stage::Threads;
         Ok(())
@@ -1846,6 +1858,10 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
     }
     let vdso = c.take(n)?.to_vec();
     let xfeatures = c.u64()?;
+    let n = c.count16(MAX_CPU_FLAGS, "CPU extension count")?;
+    let cpu = (0..n)
+        .map(|_| c.str(MAX_CPU_FLAG, "CPU extension name"))
+        .collect::<Result<Vec<_>, _>>()?;
     c.done()?;
     Ok(ProcessInfo {
         pid,
@@ -1867,6 +1883,7 @@ fn parse_process(c: &mut Cur<'_>) -> Result<ProcessInfo, ImageError> {
         memfds,
         vdso,
         xfeatures,
+        cpu,
     })
 }
 
@@ -2747,6 +2764,7 @@ pub(crate) mod tests {
             }],
             vdso,
             xfeatures: 0x207,
+            cpu: vec!["avx2".into(), "sse2".into()],
         };
         let mut si = [0u8; SIGINFO_SIZE];
         si[0] = 10;
@@ -2820,19 +2838,20 @@ pub(crate) mod tests {
         w.finish().unwrap().0
     }
 
-    /// The bytes of an image are those of format version 7 (version 2,
+    /// The bytes of an image are those of format version 8 (version 2,
     /// as first written by hand before the shared codec, plus the open
     /// files, the clocks and the interval timers (3), plus timerfds,
     /// signalfds, pipes, socket pairs and shared descriptions (4), plus
     /// epolls and POSIX timers (5), plus memfds (6), plus the vDSO's bytes
-    /// and the XSAVE components (7)): same length, same checksum over every byte. A change here is
-    /// a format change: bump VERSION and the README's layout.
+    /// and the XSAVE components (7), plus the CPU extensions (8)): same
+    /// length, same checksum over every byte. A change here is a format
+    /// change: bump VERSION and the README's layout.
     #[test]
-    fn encoding_is_the_one_of_version_7() {
+    fn encoding_is_the_one_of_version_8() {
         let (meta, data, zero) = sample(3, 7);
         let bytes = encode(&meta, &data, &zero);
         let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-        assert_eq!((bytes.len(), sum), (36964, 0xdee0_463b_08ce_0e9d));
+        assert_eq!((bytes.len(), sum), (36978, 0xf2cd_9baf_3ac3_6ee1));
     }
 
     /// The vDSO bytes must be the ones the header's fingerprint names;

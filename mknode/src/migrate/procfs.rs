@@ -170,6 +170,8 @@ pub(crate) struct Stat {
     pub(crate) session: i32,
     /// The status a `wait` would report (52; a zombie's, else 0).
     pub(crate) exit_code: i32,
+    /// When it started, in clock ticks after boot (22).
+    pub(crate) start_time: u64,
     pub(crate) start_code: u64,
     pub(crate) end_code: u64,
     pub(crate) start_stack: u64,
@@ -210,6 +212,7 @@ pub(crate) fn parse_stat(text: &str) -> io::Result<Stat> {
         pgrp: int(5)?,
         session: int(6)?,
         exit_code: int(52).unwrap_or(0),
+        start_time: field(22)?,
         start_code: field(26)?,
         end_code: field(27)?,
         start_stack: field(28)?,

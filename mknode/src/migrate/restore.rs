@@ -82,6 +82,8 @@ pub enum RestoreError {
     Kernel { image: String, local: String },
     #[error("vDSO layout differs: {0}")]
     Layout(String),
+    #[error("this CPU lacks {0}, which the program picked its code for when it started (that code would fault here)")]
+    Cpu(String),
     #[error("thread {tid}")]
     Registers {
         tid: u32,
@@ -1802,6 +1804,8 @@ pub(super) struct Built {
     stats: ImageStats,
     pager: Option<Pager>,
     futex_listener: Option<OwnedFd>,
+    /// The extensions its code was picked for (its image's).
+    cpu: Vec<String>,
 }
 
 impl Built {
@@ -1825,6 +1829,7 @@ impl Built {
         if let Some(p) = &self.pager {
             p.set_running();
         }
+        super::cpu::remember(self.stub.pid.as_raw(), &self.cpu);
         Ok((
             Restored {
                 pid: self.stub.pid.as_raw(),
@@ -1858,8 +1863,14 @@ pub(super) fn build<R: Read>(
 ) -> Result<Built, RestoreError> {
     let share = shadow.map(|s| s.0);
     let answer = shadow.and_then(|s| s.1);
-    // Register state from a CPU of another XSAVE layout, laid out for this
-    // one (or refused) before anything is made.
+    // A CPU without an extension the program picked code for, refused;
+    // register state from a CPU of another XSAVE layout, laid out for this
+    // one (or refused): before anything is made.
+    let lacks = super::cpu::lacking_here(&meta.process.cpu);
+    if !lacks.is_empty() {
+        return Err(RestoreError::Cpu(lacks.join(", ")));
+    }
+    let cpu = std::mem::take(&mut meta.process.cpu);
     let here = super::cpu::Layout::here();
     let origin = meta.process.xfeatures;
     for t in &mut meta.threads {
@@ -2271,6 +2282,7 @@ pub(super) fn build<R: Read>(
         stats,
         pager,
         futex_listener,
+        cpu,
     })
 }
 

@@ -321,6 +321,7 @@ impl Daemon {
         );
         spec.qemu = std::env::var_os("MKCTL_QEMU")
             .map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from);
+        spec.cpu_off = crate::qemu::flags_the_host_lacks(&mknode::migrate::cpu::user_features());
         spec.vcpus = u32::try_from(i.cpus.len()).unwrap_or(1);
         spec.memory = i.memory_size();
         spec.numa = guest_numa(t, i);
