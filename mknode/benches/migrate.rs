@@ -67,6 +67,7 @@ fn agent_move(n: &Net, mib: usize, lazy: bool) -> Move {
             pid,
             to: 2,
             lazy,
+            any_cpu: false,
         })
         .unwrap_or_else(|e| panic!("migrate {mib} MiB (lazy: {lazy}): {e}"));
     // The answer comes when the move is over: in lazy mode once every page

@@ -436,8 +436,11 @@ messages! {
     /// Generic success answer to a request without data.
     20 end Done { req: u32 },
     /// Asks the agent to move its process `pid` to endpoint `to`; `lazy`:
-    /// resume after the eager pages, the rest follows on demand.
-    21 req MigrateOut { req: u32, pid: u32, to: u16, lazy: bool },
+    /// resume after the eager pages, the rest follows on demand; `any_cpu`:
+    /// the destination is not asked for the CPU extensions the program
+    /// picked its code for (the user vouches it does not use those it
+    /// lacks; `migrate::cpu::unchecked`).
+    21 req MigrateOut { req: u32, pid: u32, to: u16, lazy: bool, any_cpu: bool },
     /// The end of a `MigrateOut`: the process runs on the destination as
     /// `new_pid`; the frozen original is gone.
     22 end MigrateReport {
@@ -590,12 +593,12 @@ messages! {
     /// A `MigrateOut` of `pid` with all its descendants (`--tree`;
     /// stop-and-copy), answered as one: `MigrateProgress`, then
     /// `MigrateReport` (the top's new pid) or `Failed`.
-    71 req MigrateTreeOut { req: u32, pid: u32, to: u16 },
+    71 req MigrateTreeOut { req: u32, pid: u32, to: u16, any_cpu: bool },
     /// A `Checkpoint` of `pid` with all its descendants: a tree image.
     72 req CheckpointTree { req: u32, pid: u32, kill: bool },
     /// A `MigrateTreeOut` in lazy mode: each process of the tree resumes
     /// before its pages have moved, which follow as for a lazy `MigrateOut`.
-    73 req MigrateLazyTreeOut { req: u32, pid: u32, to: u16 },
+    73 req MigrateLazyTreeOut { req: u32, pid: u32, to: u16, any_cpu: bool },
 }
 
 /// The id a lazy tree's `k`-th live process's pages go by (`PageFetch`,
@@ -730,6 +733,7 @@ mod tests {
                 pid: 2,
                 to: 3,
                 lazy: true,
+                any_cpu: true,
             },
             Msg::PowerOff,
             Msg::PageData {

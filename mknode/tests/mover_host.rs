@@ -333,6 +333,66 @@ fn the_restore_probe_names_what_the_cpu_lacks() {
     );
 }
 
+/// A process whose code was picked for an extension the destination lacks
+/// (remembered so here, as after a restore from such an image) is refused
+/// by name before anything is frozen, and runs on; the move the user
+/// vouches for (`any_cpu`) asks for no extension and goes, and the copy
+/// then counts as picked for the CPU it runs on.
+#[test]
+fn a_move_vouched_for_asks_the_destination_for_no_extension() {
+    use mknode::migrate::cpu;
+    let n = net();
+    let (pid, mut out) = start(&n, 1, "1M");
+    let here = cpu::user_features();
+    let absent = [
+        "amx_tile",
+        "avx512_vp2intersect",
+        "avx512_fp16",
+        "fma4",
+        "xop",
+    ]
+    .into_iter()
+    .find(|f| !here.iter().any(|t| t == f))
+    .expect("an extension this CPU lacks");
+    let mut wider = here.clone();
+    wider.push(absent.to_string());
+    cpu::remember(pid as i32, &wider);
+    let e = move_out(&n, (1, pid), 2, true, Duration::from_secs(30))
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains(&format!("this CPU lacks {absent}")) && e.contains("nothing was frozen"),
+        "{e}"
+    );
+    let seen = out.seqs().len();
+    out.until(Duration::from_secs(10), |t| {
+        t.matches("seq=").count() >= seen + 10
+    });
+    let r = n.agents[0]
+        .call(1, Duration::from_secs(60), |req| Msg::MigrateOut {
+            req,
+            pid,
+            to: 2,
+            lazy: true,
+            any_cpu: true,
+        })
+        .expect("the vouched move");
+    let Msg::MigrateReport { new_pid, .. } = r else {
+        panic!("{r:?}")
+    };
+    let seen = out.seqs().len();
+    out.until(Duration::from_secs(10), |t| {
+        t.matches("seq=").count() >= seen + 10
+    });
+    no_gap(&out.seqs());
+    assert_eq!(cpu::picked(new_pid as i32), here);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
 /// The `n=` of each line of `who` (`top` or `kid`) in `text`, in order.
 fn counts(text: &str, who: &str) -> Vec<u64> {
     text.lines()

@@ -20,6 +20,7 @@ fn move_collecting(n: &common::agents::Net, pid: u32, lazy: bool) -> Vec<Msg> {
             pid,
             to: 2,
             lazy,
+            any_cpu: false,
         })
         .expect("request");
     let mut got = Vec::new();

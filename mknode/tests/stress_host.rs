@@ -529,6 +529,7 @@ fn move_request(n: &Net, pid: u32, lazy: bool) -> (Answers, std::thread::JoinHan
             pid,
             to: 2,
             lazy,
+            any_cpu: false,
         })
         .expect("move request");
     let answers: Answers = Default::default();

@@ -232,10 +232,18 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
     });
     // A program started on the host picked its code for the host's
     // CPU: refused by the guest, naming what it lacks, before anything
-    // is frozen, and it runs on.
+    // is frozen, and it runs on. Started with glibc told to pick none of
+    // that (the refusal says how), `--any-cpu` moves it, and it counts on
+    // in the guest.
     let missing: Vec<&String> = host.iter().filter(|f| !guest.contains(f)).collect();
     if !missing.is_empty() {
-        let mut native = std::process::Command::new(mkctl_e2e::host_testprog("mkcounter"))
+        let tunables = cpu::glibc_tunables_without(&missing);
+        eprintln!("{at} lacks {missing:?} of the host's extensions; a host program starts with {tunables:?}");
+        let mut native = std::process::Command::new(mkctl_e2e::host_testprog("mkcounter"));
+        if let Some((k, v)) = tunables.as_deref().and_then(|t| t.split_once('=')) {
+            native.env(k, v);
+        }
+        let mut native = native
             .args(["--mem", "1M", "--interval-ms", "20"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -265,7 +273,33 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        native.kill().unwrap();
+        let moved = m
+            .run(&[
+                "migrate",
+                &n,
+                "--from",
+                "host",
+                "--to",
+                at,
+                "--any-cpu",
+                "--json",
+            ])
+            .ok();
+        let copy = moved.json()["new_pid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{moved:?}"));
+        let seen = lines.lock().unwrap().len();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lines.lock().unwrap().len() < seen + 10 {
+            assert!(
+                Instant::now() < deadline,
+                "the host program moved with --any-cpu stopped ({tunables:?})"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        no_gap(&mkctl_e2e::seq_numbers(&lines.lock().unwrap()));
+        m.run(&["exec", at, "--", "kill", "-KILL", &copy.to_string()])
+            .ok();
         native.wait().unwrap();
     }
     no_gap(&w.seqs());

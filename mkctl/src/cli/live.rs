@@ -825,13 +825,19 @@ pub(super) fn daemon(action: DaemonAction) -> Res {
     }
 }
 
-pub(super) fn migrate(pid: u32, from: &str, to: &str, mode: &str, json: bool) -> Res {
+pub(super) fn migrate(
+    pid: u32,
+    (from, to): (&str, &str),
+    (mode, any_cpu): (&str, bool),
+    json: bool,
+) -> Res {
     let req = Request::Migrate {
         pid,
         from: from.to_string(),
         to: to.to_string(),
         lazy: mode == "lazy" || mode == "lazy-tree",
         tree: mode == "tree" || mode == "lazy-tree",
+        any_cpu,
     };
     // Bytes and rate on a terminal while the image and pages flow; erased
     // (dropped) before the summary.

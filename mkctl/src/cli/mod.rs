@@ -352,6 +352,15 @@ pub enum Command {
         /// with children is refused. See README, "Process trees".
         #[arg(long)]
         tree: bool,
+        /// Move it even to a CPU that lacks extensions the program picked
+        /// its code for when it started (refused otherwise, by name). You
+        /// vouch that it uses none of them: e.g. it was started with
+        /// GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL,... naming
+        /// them, and no library of it reads CPUID itself. Register state
+        /// the destination cannot hold still fails the move (the original
+        /// runs on). See README, "Another CPU".
+        #[arg(long)]
+        any_cpu: bool,
         /// Print JSON for tools.
         #[arg(long)]
         json: bool,
@@ -730,6 +739,7 @@ fn dispatch(cli: Cli) -> Res {
             to,
             mode,
             tree,
+            any_cpu,
             json,
         } => {
             let mode = match (mode.as_deref(), tree) {
@@ -737,7 +747,12 @@ fn dispatch(cli: Cli) -> Res {
                 (_, true) => "tree",
                 (m, false) => m.unwrap_or("lazy"),
             };
-            live::migrate(pid, &live::named(&from), &live::named(&to), mode, json)
+            live::migrate(
+                pid,
+                (&live::named(&from), &live::named(&to)),
+                (mode, any_cpu),
+                json,
+            )
         }
         Command::Migrate {
             target: (_, Some(_)),

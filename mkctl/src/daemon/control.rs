@@ -99,6 +99,10 @@ pub enum Request {
         /// The process with all its descendants (stop-and-copy).
         #[serde(default)]
         tree: bool,
+        /// Do not ask the destination for the CPU extensions the program
+        /// picked its code for (the user vouches it uses none it lacks).
+        #[serde(default)]
+        any_cpu: bool,
     },
     /// Move thread `tid` of process `pid` (whose kernel is `from`) to `to`
     /// (back to `from` brings it home).

@@ -572,11 +572,14 @@ impl Migration {
     /// with the downtime (freeze to copy running) and the total; `watch`
     /// is told as soon as the copy runs, with its pid and the downtime, and
     /// how many bytes have gone while they flow.
+    ///
+    /// `any_cpu`: the destination is not asked for the CPU extensions the
+    /// program picked its code for ([`migrate::cpu::unchecked`]).
     pub fn move_out(
         &self,
         pid: u32,
         to: u16,
-        mode: Mode,
+        (mode, any_cpu): (Mode, bool),
         watch: impl MoveWatch,
     ) -> Result<MoveReport, MoveError> {
         let agent = self.agent.get()?;
@@ -592,6 +595,8 @@ impl Migration {
         } else {
             vec![pid_i]
         };
+        // Until the image is written (the end of this function).
+        let _unchecked = any_cpu.then(|| migrate::cpu::unchecked(&pids));
         self.restorable_there(&agent, to, &pids)?;
         // Below 2^24: a lazy tree's processes go by ids above (`wire::tree_page_id`).
         let mig = self.next.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
@@ -1148,7 +1153,7 @@ impl Migration {
         agent: &Arc<Agent>,
         peer: u16,
         (req, pid, to): (u32, u32, u16),
-        mode: Mode,
+        mode: (Mode, bool),
     ) {
         agent.answer_later(peer, req, move |me| {
             let r = self.move_out(
@@ -1250,15 +1255,30 @@ impl Facet for Migration {
                 problems.extend(probe_restore(&paths, &devices));
                 Ok::<_, std::convert::Infallible>(Msg::RestoreProbed { req, problems })
             }),
-            Msg::MigrateOut { req, pid, to, lazy } => {
-                self.answer_move(agent, peer, (req, pid, to), Mode::from_flags(lazy, false))
-            }
-            Msg::MigrateTreeOut { req, pid, to } => {
-                self.answer_move(agent, peer, (req, pid, to), Mode::Tree)
-            }
-            Msg::MigrateLazyTreeOut { req, pid, to } => {
-                self.answer_move(agent, peer, (req, pid, to), Mode::LazyTree)
-            }
+            Msg::MigrateOut {
+                req,
+                pid,
+                to,
+                lazy,
+                any_cpu,
+            } => self.answer_move(
+                agent,
+                peer,
+                (req, pid, to),
+                (Mode::from_flags(lazy, false), any_cpu),
+            ),
+            Msg::MigrateTreeOut {
+                req,
+                pid,
+                to,
+                any_cpu,
+            } => self.answer_move(agent, peer, (req, pid, to), (Mode::Tree, any_cpu)),
+            Msg::MigrateLazyTreeOut {
+                req,
+                pid,
+                to,
+                any_cpu,
+            } => self.answer_move(agent, peer, (req, pid, to), (Mode::LazyTree, any_cpu)),
             Msg::PageFetch { mig, id, addr, len } => {
                 let server = lock(&self.servers).get(&(peer, mig)).cloned();
                 let answer = match server {

@@ -128,7 +128,7 @@ pub fn features_of(cpuinfo: &str) -> Vec<String> {
 /// One run of one program: a pid, when it started and its auxiliary
 /// vector, which every `execve` renews (the stack's random address, the
 /// entry point...) and a restore puts back as it was.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Run {
     pid: i32,
     start: u64,
@@ -175,6 +175,75 @@ pub fn picked(pid: i32) -> Vec<String> {
     t.iter()
         .find(|(r, _)| Some(r) == run.as_ref())
         .map_or_else(user_features, |(_, cpu)| cpu.clone())
+}
+
+/// While the guard lives, [`picked`] gives nothing for `pids`: a move the
+/// user asked not to check (`--any-cpu`: they vouch the program uses none
+/// of the extensions the destination lacks) asks the destination for none,
+/// and its image names none, so the restore checks none and its copy then
+/// counts as picked for the CPU it runs on.
+pub fn unchecked(pids: &[i32]) -> Unchecked {
+    let mut t = picked_table();
+    let runs: Vec<Run> = pids.iter().filter_map(|&p| Run::of(p)).collect();
+    for run in &runs {
+        // First: found before what a restore remembered for it.
+        t.insert(0, (run.clone(), Vec::new()));
+    }
+    Unchecked { runs }
+}
+
+/// See [`unchecked`]; dropped, the processes' extensions count again.
+#[derive(Debug)]
+pub struct Unchecked {
+    runs: Vec<Run>,
+}
+
+impl Drop for Unchecked {
+    fn drop(&mut self) {
+        let mut t = picked_table();
+        for run in &self.runs {
+            if let Some(i) = t.iter().position(|(r, c)| r == run && c.is_empty()) {
+                t.remove(i);
+            }
+        }
+    }
+}
+
+/// The `GLIBC_TUNABLES` setting under which glibc picks none of its code
+/// for `flags` (`/proc/cpuinfo` names; those glibc does not use, e.g.
+/// SHA or GFNI, need nothing), e.g.
+/// `GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL`; `None` where
+/// glibc picks nothing by any of them.
+pub fn glibc_tunables_without<S: AsRef<str>>(flags: &[S]) -> Option<String> {
+    // glibc's names (sysdeps/x86/cpu-tunables.c) of what it picks by.
+    const GLIBC: &[(&str, &str)] = &[
+        ("avx", "AVX"),
+        ("avx2", "AVX2"),
+        ("avx512f", "AVX512F"),
+        ("avx512vl", "AVX512VL"),
+        ("avx512bw", "AVX512BW"),
+        ("avx512dq", "AVX512DQ"),
+        ("avx512cd", "AVX512CD"),
+        ("bmi1", "BMI1"),
+        ("bmi2", "BMI2"),
+        ("erms", "ERMS"),
+        ("fma", "FMA"),
+        ("fma4", "FMA4"),
+        ("abm", "LZCNT"),
+        ("movbe", "MOVBE"),
+        ("popcnt", "POPCNT"),
+        ("rtm", "RTM"),
+        ("sse4_1", "SSE4_1"),
+        ("sse4_2", "SSE4_2"),
+        ("ssse3", "SSSE3"),
+        ("xsavec", "XSAVEC"),
+    ];
+    let off: Vec<String> = GLIBC
+        .iter()
+        .filter(|(f, _)| flags.iter().any(|x| x.as_ref() == *f))
+        .map(|(_, g)| format!("-{g}"))
+        .collect();
+    (!off.is_empty()).then(|| format!("GLIBC_TUNABLES=glibc.cpu.hwcaps={}", off.join(",")))
 }
 
 /// Which of `cpu` this CPU lacks.
@@ -323,9 +392,13 @@ fn missing(
         .map(String::as_str)
         .collect();
     if !lacks.is_empty() {
+        let glibc = match glibc_tunables_without(&lacks) {
+            Some(t) => format!("a program started with {t} uses none of them through glibc, and "),
+            None => String::new(),
+        };
         out.push(format!(
-            "this CPU lacks {}, which the program picked its code for when it started (that code would fault here)",
-            lacks.join(", ")
+            "this CPU lacks {}, which the program picked its code for when it started (that code would fault here; {glibc}--any-cpu moves one that uses none)",
+            lacks.join(", "),
         ));
     }
     // Another layout: only what `convert` carries. A program that picked
@@ -385,6 +458,12 @@ mod tests {
         );
         assert_eq!(m.len(), 2, "{m:?}");
         assert!(m[0].contains("avx512f, avx512bw"), "{m:?}");
+        assert!(
+            m[0].contains("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512BW uses none"),
+            "{m:?}"
+        );
+        // What glibc picks nothing by: no setting to give.
+        assert_eq!(glibc_tunables_without(&["sha_ni", "gfni"]), None);
         assert!(m[1].contains("components 0xe0 do not move"), "{m:?}");
         // A program whose code was picked without AVX-512 (it started on a
         // CPU without), from a CPU with: its AVX-512 registers are unused,
@@ -479,6 +558,11 @@ mod tests {
         // Nothing known: this CPU's.
         remember(mine, &[]);
         assert_eq!(picked(mine), here);
+        // A move the user vouches for: nothing, while it lasts.
+        let g = unchecked(&[pid]);
+        assert!(picked(pid).is_empty());
+        drop(g);
+        assert_eq!(picked(pid), fewer);
         // execve: it picks anew, on this CPU.
         let mut stdin = sh.stdin.take().unwrap();
         writeln!(stdin, "go").unwrap();

@@ -263,7 +263,13 @@ pub(crate) fn move_out(
     lazy: bool,
     t: Duration,
 ) -> Result<Msg, mknode::agent::AgentError> {
-    n.agents[0].call(at, t, |req| Msg::MigrateOut { req, pid, to, lazy })
+    n.agents[0].call(at, t, |req| Msg::MigrateOut {
+        req,
+        pid,
+        to,
+        lazy,
+        any_cpu: false,
+    })
 }
 
 /// [`move_out`] of `pid` with all its descendants (`--tree`).
@@ -275,9 +281,19 @@ pub(crate) fn move_tree(
 ) -> Result<Msg, mknode::agent::AgentError> {
     n.agents[0].call(at, t, |req| {
         if lazy {
-            Msg::MigrateLazyTreeOut { req, pid, to }
+            Msg::MigrateLazyTreeOut {
+                req,
+                pid,
+                to,
+                any_cpu: false,
+            }
         } else {
-            Msg::MigrateTreeOut { req, pid, to }
+            Msg::MigrateTreeOut {
+                req,
+                pid,
+                to,
+                any_cpu: false,
+            }
         }
     })
 }

@@ -566,11 +566,12 @@ impl Daemon {
                 to,
                 lazy,
                 tree,
+                any_cpu,
             } => self.migrate(
                 pid,
                 &from,
                 &to,
-                mknode::agent::Mode::from_flags(lazy, tree),
+                (mknode::agent::Mode::from_flags(lazy, tree), any_cpu),
                 progress,
                 &|bytes| {
                     conn.reply(&Reply::Transfer { bytes });

@@ -260,7 +260,7 @@ impl Daemon {
         pid: u32,
         from: &str,
         to: &str,
-        mode: Mode,
+        (mode, any_cpu): (Mode, bool),
         progress: Progress<'_>,
         transfer: &dyn Fn(u64),
     ) -> Result<Reply, RequestError> {
@@ -304,7 +304,7 @@ impl Daemon {
                 ),
             );
         };
-        let result = self.move_process(pid, (a, from), b, mode, (running, transfer));
+        let result = self.move_process(pid, (a, from), b, (mode, any_cpu), (running, transfer));
         self.events.publish(match &result {
             Ok(Reply::Migrated {
                 new_pid,
@@ -346,7 +346,7 @@ impl Daemon {
         pid: u32,
         (a, from): (u16, &str),
         b: u16,
-        mode: Mode,
+        (mode, any_cpu): (Mode, bool),
         (running, sent): (impl Fn(u32, Duration), &dyn Fn(u64)),
     ) -> Result<Reply, RequestError> {
         let agent = self.agent()?;
@@ -355,7 +355,7 @@ impl Daemon {
             // (ptrace wants one thread from freeze to kill: this one).
             let r = agent
                 .facet::<Migration>()
-                .move_out(pid, b, mode, Watch { running, sent })
+                .move_out(pid, b, (mode, any_cpu), Watch { running, sent })
                 .map_err(|e| RequestError::Move {
                     on: from.to_string(),
                     source: Box::new(e),
@@ -369,13 +369,24 @@ impl Daemon {
             });
         }
         let (req, rx) = agent.request(a, |req| match mode {
-            Mode::Tree => Msg::MigrateTreeOut { req, pid, to: b },
-            Mode::LazyTree => Msg::MigrateLazyTreeOut { req, pid, to: b },
+            Mode::Tree => Msg::MigrateTreeOut {
+                req,
+                pid,
+                to: b,
+                any_cpu,
+            },
+            Mode::LazyTree => Msg::MigrateLazyTreeOut {
+                req,
+                pid,
+                to: b,
+                any_cpu,
+            },
             _ => Msg::MigrateOut {
                 req,
                 pid,
                 to: b,
                 lazy: mode == Mode::Lazy,
+                any_cpu,
             },
         })?;
         let deadline = Instant::now() + MOVE_TIMEOUT;
