@@ -247,6 +247,8 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
             .args(["--mem", "1M", "--interval-ms", "20"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            // Not the test's: a file the guest has not.
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let lines = mkctl_e2e::collect_lines(native.stdout.take().unwrap());
