@@ -26,8 +26,9 @@ use std::fmt;
 use crate::codec::{field_struct, Field, FieldError, Reader, Short, Writer};
 
 /// The version of this encoding; a peer speaking another is refused at
-/// `Hello` rather than misread.
-pub const WIRE_VERSION: u16 = 1;
+/// `Hello` rather than misread. Version 2 added `any_cpu` to the move
+/// requests (`MigrateOut`, `MigrateTreeOut`, `MigrateLazyTreeOut`).
+pub const WIRE_VERSION: u16 = 2;
 
 /// Largest payload of one `Data` frame; bigger streams are split. Keeps
 /// every frame well below the smallest ring we create.
@@ -750,21 +751,22 @@ mod tests {
     }
 
     /// The bytes the hand-written encoder of wire version 1 produced for
-    /// `sample()`: the table-made one must match them byte for byte, or
-    /// agents of the two builds would misread each other.
+    /// `sample()` (with version 2's number, and `MigrateOut`'s `any_cpu`
+    /// byte): the table-made one must match them byte for byte, or agents
+    /// of the two builds would misread each other.
     const GOLDEN: [&str; 8] = [
-        "050001000400000005000000616c706861050000004c696e757803000000362e31020000002331060000007838365f363403000000302d310100000001000000010000003000000010000000000000002000000000d204000000000000",
-        "060001000500000002000000020000007368020000002d63010000000100000041010000006201040000002f746d7001",
-        "0800010005000000020300000000ff0a",
-        "0a000100050000000109000000",
-        "150001000100000002000000030001",
-        "0d000100",
-        "2400010007000000080000000000ff7f00000000020000000102",
-        "1e0001000900000000ffffffff",
+        "050002000400000005000000616c706861050000004c696e757803000000362e31020000002331060000007838365f363403000000302d310100000001000000010000003000000010000000000000002000000000d204000000000000",
+        "060002000500000002000000020000007368020000002d63010000000100000041010000006201040000002f746d7001",
+        "0800020005000000020300000000ff0a",
+        "0a000200050000000109000000",
+        "15000200010000000200000003000101",
+        "0d000200",
+        "2400020007000000080000000000ff7f00000000020000000102",
+        "1e0002000900000000ffffffff",
     ];
 
     #[test]
-    fn encoding_is_the_one_of_wire_version_1() {
+    fn encoding_is_the_one_of_wire_version_2() {
         for (m, golden) in sample().iter().zip(GOLDEN) {
             assert_eq!(hex(&m.encode()), golden, "{m:?}");
             assert_eq!(&Msg::decode(&m.encode()).unwrap(), m);
@@ -837,7 +839,7 @@ mod tests {
             })
         );
         assert_eq!(
-            Msg::decode(&[0xff, 0xff, 1, 0]),
+            Msg::decode(&[&[0xff, 0xff][..], &WIRE_VERSION.to_le_bytes()].concat()),
             Err(DecodeError::UnknownKind(0xffff))
         );
         assert_eq!(Msg::decode(&[1, 0, 9, 0]), Err(DecodeError::Version(9)));
