@@ -662,3 +662,21 @@ fn events_end_with_the_daemon_and_never_hold_it() {
     assert_eq!(err.matches("events: a subscriber (").count(), 4, "{err}");
     assert_eq!(err.matches("events: a subscriber left").count(), 4, "{err}");
 }
+
+/// A thread's move (PID/TID) takes neither --tree nor --any-cpu: a usage
+/// error (exit 2) saying why, before any daemon is asked.
+#[test]
+fn a_thread_move_refuses_the_options_of_a_process_move() {
+    let run = tempfile::tempdir().unwrap();
+    for (opt, why) in [
+        ("--tree", "give one or the other"),
+        ("--any-cpu", "--any-cpu is for a process's move"),
+    ] {
+        cargo_bin_cmd!("mkctl")
+            .env("MKCTL_RUN_DIR", run.path())
+            .args(["migrate", "10/11", "--from", "alpha", "--to", "beta", opt])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(why));
+    }
+}

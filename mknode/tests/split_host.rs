@@ -285,6 +285,57 @@ fn the_agents_move_a_thread_between_kernels_and_home() {
     assert!(gone_within(s as i32, Duration::from_secs(5)));
 }
 
+/// A thread whose code was picked for an extension the destination lacks
+/// (remembered so, as after a restore from such an image) is refused
+/// before anything stops, by name, and counts on where it is: the process
+/// is not split.
+#[test]
+fn a_thread_is_refused_where_its_code_could_not_run_and_runs_on() {
+    use mknode::migrate::cpu;
+    let _one = one_at_a_time();
+    let n = net();
+    let (mut p, pid, tid) = started();
+    let here = cpu::user_features();
+    let absent = [
+        "amx_tile",
+        "avx512_vp2intersect",
+        "avx512_fp16",
+        "fma4",
+        "xop",
+    ]
+    .into_iter()
+    .find(|f| !here.iter().any(|t| t == f))
+    .expect("an extension this CPU lacks");
+    let mut wider = here.clone();
+    wider.push(absent.to_string());
+    cpu::remember(pid, &wider);
+    let e = n.agents[0]
+        .call(1, Duration::from_secs(30), |req| {
+            mknode::wire::Msg::ThreadMove {
+                req,
+                pid: pid as u32,
+                tid: tid as u32,
+                to: 2,
+                reply_fd: -1,
+                reply_buf: 0,
+            }
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("this CPU lacks {absent}"))
+            && e.contains("the thread runs on where it is"),
+        "{e}"
+    );
+    assert!(n.agents[1]
+        .facet::<mknode::agent::Threads>()
+        .away()
+        .is_empty());
+    p.counts_in(pid, 2);
+    std::fs::write(&p.stop, b"").unwrap();
+    assert!(p.child.wait().expect("wait").success());
+}
+
 #[test]
 fn killing_the_shadow_ends_the_whole_process() {
     let _one = one_at_a_time();

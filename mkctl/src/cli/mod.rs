@@ -763,6 +763,14 @@ fn dispatch(cli: Cli) -> Res {
         )
         .into()),
         Command::Migrate {
+            target: (_, Some(_)),
+            any_cpu: true,
+            ..
+        } => Err(Failure::Usage(
+            "--any-cpu is for a process's move: a thread's (PID/TID) runs the code of a process that stays, and is always checked".into(),
+        )
+        .into()),
+        Command::Migrate {
             target: (pid, Some(tid)),
             from,
             to,

@@ -476,14 +476,6 @@ pub enum MoveError {
     #[error("pid {0} out of range")]
     Pid(u32),
     #[error(
-        "{peer} runs another kernel ({theirs}) than this one ({ours}): a thread moves only between kernels of the same build; nothing was frozen, it runs on"
-    )]
-    OtherKernel {
-        peer: Peer,
-        theirs: String,
-        ours: String,
-    },
-    #[error(
         "{peer} could not restore the process: {problems}; nothing was frozen, the original runs on"
     )]
     NotRestorable { peer: Peer, problems: String },
@@ -978,29 +970,6 @@ impl Migration {
         }
     }
 
-    /// For a thread's move, which leaves code running on both kernels over
-    /// one memory (the vDSO's place included): refuses, before anything is
-    /// frozen, a destination that runs another kernel build than this one.
-    /// Without an answer the destination's own check, on the image,
-    /// decides.
-    pub(super) fn same_kernel(agent: &Agent, to: u16) -> Result<(), MoveError> {
-        Self::reachable(agent, to)?;
-        let Ok(Msg::Info { info, .. }) =
-            agent.call(to, Duration::from_secs(10), |req| Msg::InfoRequest { req })
-        else {
-            return Ok(());
-        };
-        let here = (agent.hooks().info)();
-        if (&info.release, &info.version) == (&here.release, &here.version) {
-            return Ok(());
-        }
-        Err(MoveError::OtherKernel {
-            peer: agent.peer(to),
-            theirs: format!("{} {}", info.release, info.version),
-            ours: format!("{} {}", here.release, here.version),
-        })
-    }
-
     /// Refuses, before anything is frozen, a destination that could not
     /// restore the process: one where the files it has open cannot be
     /// opened (a guest that has no such path), or without time namespaces
@@ -1008,7 +977,13 @@ impl Migration {
     /// was picked for.
     /// Whether it is the same file is checked on restore, against the size
     /// and time at the freeze. Without an answer the restore decides.
-    fn restorable_there(&self, agent: &Agent, to: u16, pids: &[i32]) -> Result<(), MoveError> {
+    pub(super) fn restorable_there(
+        &self,
+        agent: &Agent,
+        to: u16,
+        pids: &[i32],
+    ) -> Result<(), MoveError> {
+        Self::reachable(agent, to)?;
         // Unreadable: the freeze will say what is wrong with the process.
         let mut files: Vec<(String, migrate::FileKind)> = Vec::new();
         for &pid in pids {

@@ -90,6 +90,12 @@ pub enum SplitError {
     NotParked { pid: i32, tid: i32, rip: u64 },
     #[error("the DSM")]
     Dsm(#[from] DsmError),
+    #[error("thread {tid}")]
+    Registers {
+        tid: u32,
+        #[source]
+        source: super::cpu::XstateError,
+    },
     #[error(transparent)]
     Sys(#[from] SysError),
     #[error("{what}")]
@@ -417,9 +423,13 @@ fn shadow_image(f: &Frozen, mut st: ThreadState) -> Result<Vec<u8>, SplitError> 
 /// another.
 pub fn reshadow(pid: i32, tid: i32, thread_image: &[u8]) -> Result<Vec<u8>, SplitError> {
     let (_, meta) = ImageReader::open(thread_image)?;
-    let Some(st) = meta.threads.into_iter().next() else {
+    let origin = meta.process.xfeatures;
+    let Some(mut st) = meta.threads.into_iter().next() else {
         return Err(SplitError::NoThread { pid, tid });
     };
+    // From the kernel it ran on, laid out for this CPU, whose layout the
+    // shadow image says.
+    st.fp = fp_here(&st, origin)?;
     let f = freeze_for_split(pid)?;
     if !f.threads().contains(&tid) {
         return Err(SplitError::NoThread { pid, tid });
@@ -654,6 +664,8 @@ pub fn arrive(
     let Some(st) = meta.threads.first() else {
         return Err(SplitError::NoThread { pid, tid });
     };
+    // The shadow ran on another CPU, perhaps of another XSAVE layout.
+    let fp = fp_here(st, meta.process.xfeatures)?;
     with_parked(pid, tid, park, |t| {
         if let Some(a) = answer {
             let now = ptrace::getregs(t).map_err(ptrace_err("PTRACE_GETREGS", t))?;
@@ -668,11 +680,25 @@ pub fn arrive(
             super::image::FpKind::Xstate => sys::NT_X86_XSTATE,
             super::image::FpKind::Fxsave => sys::NT_PRFPREG,
         };
-        sys::setregset(t, nt, &st.fp).map_err(ptrace_err("PTRACE_SETREGSET", t))?;
+        sys::setregset(t, nt, &fp).map_err(ptrace_err("PTRACE_SETREGSET", t))?;
         ptrace::setregs(t, super::restore::resume_regs(sys::words_to_regs(&st.regs)))
             .map_err(ptrace_err("PTRACE_SETREGS", t))?;
         sys::set_sigmask(t, st.sigmask).map_err(ptrace_err("PTRACE_SETSIGMASK", t))?;
         Ok(())
+    })
+}
+
+/// A thread's FP registers from a CPU whose XSAVE components were
+/// `origin`, laid out for this one (`cpu::convert`).
+fn fp_here(st: &ThreadState, origin: u64) -> Result<Vec<u8>, SplitError> {
+    if st.fp_kind != super::image::FpKind::Xstate {
+        return Ok(st.fp.clone());
+    }
+    super::cpu::convert(&st.fp, origin, &super::cpu::Layout::here()).map_err(|source| {
+        SplitError::Registers {
+            tid: st.tid,
+            source,
+        }
     })
 }
 

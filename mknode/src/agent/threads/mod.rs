@@ -180,14 +180,18 @@ impl Threads {
         if to != me {
             // Before anything stops (the first move changes the process for
             // good: its memory shared, its futexes served here): a kernel
-            // this one is not linked to (ENOENT), or of another build, that
-            // could not run the thread (its code calls into this one's vDSO).
+            // this one is not linked to (ENOENT), or that could not run the
+            // thread: the process's files, a CPU without what its code was
+            // picked for (another kernel build is fine: the shadow's restore
+            // redirects the vDSO as a process's does).
             agent.link(to)?;
-            Migration::same_kernel(&agent, to).map_err(|e| ThreadError::Other {
-                message: crate::error_text(&e)
-                    .replace("a process moves", "a thread moves")
-                    .replace("the original runs on", "the thread runs on where it is"),
-            })?;
+            agent
+                .facet::<Migration>()
+                .restorable_there(&agent, to, &[pid as i32])
+                .map_err(|e| ThreadError::Other {
+                    message: crate::error_text(&e)
+                        .replace("the original runs on", "the thread runs on where it is"),
+                })?;
         }
         let t0 = Instant::now();
         let (image, park) = match self.whereabouts(pid, tid) {
