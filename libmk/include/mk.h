@@ -85,9 +85,12 @@ int mkdsm_unmap(void *addr, size_t size);
  * moved thread mmap, munmap, mprotect, mremap, brk (so malloc fails once
  * its arena must grow), fork, vfork, clone, execve, open, kill/tgkill and
  * sigaction with a new action; in the whole process, from the first move
- * on and for good, fork (threads and posix_spawn work). A move refused
- * before the thread left (ENOENT, EALREADY, EINVAL, another kernel build)
- * changes nothing; one that failed after it left counts as a first move.
+ * on and for good, fork (threads and posix_spawn work). The kernel may
+ * run another build or CPU than this one. A move refused before the
+ * thread left (ENOENT, EALREADY, EINVAL; EIO for a kernel that could not
+ * run it: a file of the process it cannot open, a CPU without an
+ * extension the program's code was picked for) changes nothing; one that
+ * failed after it left counts as a first move.
  */
 int mk_migrate(int kernel);
 
