@@ -101,8 +101,11 @@ pub const USER_FLAGS: &[&str] = &[
 /// This CPU's user-visible extensions (of the first CPU in
 /// `/proc/cpuinfo`; a kernel shows the same set for all), sorted.
 pub fn user_features() -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    features_of(&info)
+    // Read once: a move asks for them while its process is frozen.
+    static FEATURES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    FEATURES
+        .get_or_init(|| features_of(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default()))
+        .clone()
 }
 
 /// The user-visible extensions a `/proc/cpuinfo` text names (its first
@@ -171,6 +174,9 @@ pub fn remember(pid: i32, cpu: &[String]) {
 /// destination had them all).
 pub fn picked(pid: i32) -> Vec<String> {
     let t = picked_table();
+    if t.is_empty() {
+        return user_features();
+    }
     let run = Run::of(pid);
     t.iter()
         .find(|(r, _)| Some(r) == run.as_ref())
