@@ -513,19 +513,10 @@ fn an_image_keeps_the_extensions_its_code_was_picked_for() {
         .expect("image");
     drop(frozen);
     let here = cpu::user_features();
-    let absent = [
-        "amx_tile",
-        "avx512_vp2intersect",
-        "avx512_fp16",
-        "fma4",
-        "xop",
-    ]
-    .into_iter()
-    .find(|f| !here.iter().any(|t| t == f))
-    .expect("an extension this CPU lacks");
-    let wider = reencoded(&img, |m| m.process.cpu.push(absent.into()));
+    let (absent, _) = common::wider_than_this_cpu();
+    let wider = reencoded(&img, |m| m.process.cpu.push(absent.clone()));
     let e = restore(&wider[..], StdioPlan::null().expect("null")).expect_err("wider");
-    assert!(matches!(&e, RestoreError::Cpu(x) if x == absent), "{e:?}");
+    assert!(matches!(&e, RestoreError::Cpu(x) if *x == absent), "{e:?}");
     assert!(e.to_string().contains("this CPU lacks"), "{e}");
     let fewer = reencoded(&img, |m| m.process.cpu = vec!["sse2".into()]);
     child.kill().expect("kill");

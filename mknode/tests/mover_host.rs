@@ -289,12 +289,7 @@ fn destination_on_another_kernel_build_is_moved_to() {
 fn the_restore_probe_names_what_the_cpu_lacks() {
     use mknode::migrate::cpu;
     let n = net();
-    let mut theirs = cpu::user_features();
-    let absent = ["amx_tile", "avx512_vp2intersect", "avx512_fp16", "fma4"]
-        .into_iter()
-        .find(|f| !theirs.iter().any(|t| t == f))
-        .expect("an extension this CPU lacks");
-    theirs.push(absent.to_string());
+    let (absent, theirs) = common::wider_than_this_cpu();
     let r = n.agents[0]
         .call(2, Duration::from_secs(10), |req| Msg::RestoreProbe {
             req,
@@ -344,18 +339,7 @@ fn a_move_vouched_for_asks_the_destination_for_no_extension() {
     let n = net();
     let (pid, mut out) = start(&n, 1, "1M");
     let here = cpu::user_features();
-    let absent = [
-        "amx_tile",
-        "avx512_vp2intersect",
-        "avx512_fp16",
-        "fma4",
-        "xop",
-    ]
-    .into_iter()
-    .find(|f| !here.iter().any(|t| t == f))
-    .expect("an extension this CPU lacks");
-    let mut wider = here.clone();
-    wider.push(absent.to_string());
+    let (absent, wider) = common::wider_than_this_cpu();
     cpu::remember(pid as i32, &wider);
     let e = move_out(&n, (1, pid), 2, true, Duration::from_secs(30))
         .expect_err("refused")

@@ -186,23 +186,46 @@ fn a_thread_leaves_comes_back_and_leaves_again() {
 }
 
 /// Asks agent `origin` (through agent 0, the client) to move thread `tid`
-/// of its process `pid` to `to`; returns where it runs and its shadow.
-fn move_thread(n: &common::agents::Net, origin: u16, pid: i32, tid: i32, to: u16) -> (u16, u32) {
-    use mknode::wire::Msg;
-    let m = n.agents[0]
-        .call(origin, Duration::from_secs(60), |req| Msg::ThreadMove {
+/// of its process `pid` to `to`: its answer.
+fn ask_move(
+    n: &common::agents::Net,
+    origin: u16,
+    (pid, tid): (i32, i32),
+    to: u16,
+) -> Result<mknode::wire::Msg, mknode::agent::AgentError> {
+    n.agents[0].call(origin, Duration::from_secs(60), |req| {
+        mknode::wire::Msg::ThreadMove {
             req,
             pid: pid as u32,
             tid: tid as u32,
             to,
             reply_fd: -1,
             reply_buf: 0,
-        })
-        .unwrap_or_else(|e| panic!("moving {pid}/{tid} to {to}: {e}"));
-    match m {
-        Msg::ThreadMoved { at, shadow_pid, .. } => (at, shadow_pid),
+        }
+    })
+}
+
+/// [`ask_move`] that must succeed: where the thread runs and its shadow.
+fn move_thread(n: &common::agents::Net, origin: u16, pid: i32, tid: i32, to: u16) -> (u16, u32) {
+    match ask_move(n, origin, (pid, tid), to)
+        .unwrap_or_else(|e| panic!("moving {pid}/{tid} to {to}: {e}"))
+    {
+        mknode::wire::Msg::ThreadMoved { at, shadow_pid, .. } => (at, shadow_pid),
         other => panic!("{other:?}"),
     }
+}
+
+/// [`ask_move`] that must be refused: the refusal's text.
+fn refused_thread_move(
+    n: &common::agents::Net,
+    origin: u16,
+    pid: i32,
+    tid: i32,
+    to: u16,
+) -> String {
+    ask_move(n, origin, (pid, tid), to)
+        .expect_err("the move must be refused")
+        .to_string()
 }
 
 /// The program's worker thread, once it started.
@@ -259,19 +282,8 @@ fn the_agents_move_a_thread_between_kernels_and_home() {
     assert!(gone_within(s0 as i32, Duration::from_secs(5)));
     p.counts_in(pid, 2);
     // A thread at home cannot go home; the refusal says where it is.
-    let e = n.agents[0]
-        .call(1, Duration::from_secs(10), |req| {
-            mknode::wire::Msg::ThreadMove {
-                req,
-                pid: pid as u32,
-                tid: tid as u32,
-                to: 1,
-                reply_fd: -1,
-                reply_buf: 0,
-            }
-        })
-        .unwrap_err();
-    assert!(e.to_string().contains("already"), "{e}");
+    let e = refused_thread_move(&n, 1, pid, tid, 1);
+    assert!(e.contains("already"), "{e}");
     // Out again, and the worker ends there: its parked twin ends at home,
     // so the main thread's join returns.
     let (_, s) = move_thread(&n, 1, pid, tid, 2);
@@ -295,33 +307,9 @@ fn a_thread_is_refused_where_its_code_could_not_run_and_runs_on() {
     let _one = one_at_a_time();
     let n = net();
     let (mut p, pid, tid) = started();
-    let here = cpu::user_features();
-    let absent = [
-        "amx_tile",
-        "avx512_vp2intersect",
-        "avx512_fp16",
-        "fma4",
-        "xop",
-    ]
-    .into_iter()
-    .find(|f| !here.iter().any(|t| t == f))
-    .expect("an extension this CPU lacks");
-    let mut wider = here.clone();
-    wider.push(absent.to_string());
+    let (absent, wider) = common::wider_than_this_cpu();
     cpu::remember(pid, &wider);
-    let e = n.agents[0]
-        .call(1, Duration::from_secs(30), |req| {
-            mknode::wire::Msg::ThreadMove {
-                req,
-                pid: pid as u32,
-                tid: tid as u32,
-                to: 2,
-                reply_fd: -1,
-                reply_buf: 0,
-            }
-        })
-        .unwrap_err()
-        .to_string();
+    let e = refused_thread_move(&n, 1, pid, tid, 2);
     assert!(
         e.contains(&format!("this CPU lacks {absent}"))
             && e.contains("the thread runs on where it is"),

@@ -253,6 +253,15 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
             .unwrap();
         let lines = mkctl_e2e::collect_lines(native.stdout.take().unwrap());
         let n = native.id().to_string();
+        // Ten more lines within 30 s, or `why`.
+        let ten_more = |why: &str| {
+            let seen = lines.lock().unwrap().len();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while lines.lock().unwrap().len() < seen + 10 {
+                assert!(Instant::now() < deadline, "{why}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
         let refused = m.run(&["migrate", &n, "--from", "host", "--to", at, "--json"]);
         assert_eq!(refused.code, 1, "{refused:?}");
         let e = refused.json()["error"]
@@ -266,15 +275,7 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
                 && e.contains("nothing was frozen"),
             "missing {missing:?}: {e}"
         );
-        let seen = lines.lock().unwrap().len();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while lines.lock().unwrap().len() < seen + 10 {
-            assert!(
-                Instant::now() < deadline,
-                "the refused host program stopped"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        ten_more("the refused host program stopped");
         let moved = m
             .run(&[
                 "migrate",
@@ -290,15 +291,9 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
         let copy = moved.json()["new_pid"]
             .as_u64()
             .unwrap_or_else(|| panic!("{moved:?}"));
-        let seen = lines.lock().unwrap().len();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while lines.lock().unwrap().len() < seen + 10 {
-            assert!(
-                Instant::now() < deadline,
-                "the host program moved with --any-cpu stopped ({tunables:?})"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        ten_more(&format!(
+            "the host program moved with --any-cpu stopped ({tunables:?})"
+        ));
         no_gap(&mkctl_e2e::seq_numbers(&lines.lock().unwrap()));
         m.run(&["exec", at, "--", "kill", "-KILL", &copy.to_string()])
             .ok();

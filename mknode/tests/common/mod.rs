@@ -341,3 +341,22 @@ pub(crate) fn no_gap(seqs: &[u64]) {
         );
     }
 }
+
+/// An extension this CPU lacks, and this CPU's extensions with it: what a
+/// program that started on a wider CPU picked its code for.
+pub(crate) fn wider_than_this_cpu() -> (String, Vec<String>) {
+    let mut wider = mknode::migrate::cpu::user_features();
+    let absent = [
+        "amx_tile",
+        "avx512_vp2intersect",
+        "avx512_fp16",
+        "fma4",
+        "xop",
+    ]
+    .into_iter()
+    .find(|f| !wider.iter().any(|t| t == f))
+    .expect("an extension this CPU lacks")
+    .to_string();
+    wider.push(absent.clone());
+    (absent, wider)
+}
