@@ -13,7 +13,8 @@
  * mkctl daemon runs). The process needs the right to create a userfaultfd:
  * root, CAP_SYS_PTRACE, or vm.unprivileged_userfaultfd = 1.
  *
- * Build:  cc -static prog.c -I<dir>/include <dir>/libmk.a -lpthread -lm -ldl
+ * Build:  cc -static prog.c -I<dir>/include <dir>/libmk.a -lpthread
+ *         (as the README and the tests build the examples)
  */
 #ifndef MK_H
 #define MK_H
