@@ -190,22 +190,9 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
         lacking.is_empty(),
         "the host lacks {lacking:?} of the guest's extensions"
     );
-    let r = m
-        .run(&[
-            "migrate",
-            &pid.to_string(),
-            "--from",
-            at,
-            "--to",
-            "host",
-            "--mode",
-            "stop-copy",
-            "--json",
-        ])
-        .ok();
-    let host_pid = r.json()["new_pid"]
+    let host_pid = migrate_json(&m, pid, at, "host", "stop-copy")["new_pid"]
         .as_u64()
-        .unwrap_or_else(|| panic!("{r:?}")) as i32;
+        .expect("new_pid") as i32;
     let comm = std::fs::read_to_string(format!("/proc/{host_pid}/comm")).unwrap_or_default();
     assert_eq!(comm.trim(), "mkcounter", "pid {host_pid} on the host");
     let seen = w.count("seq=");
@@ -215,12 +202,9 @@ fn mkcounter_moves_alpha_beta_alpha_beta_without_a_gap() {
     // Back to a guest, though the host's CPU has extensions the TCG
     // guests' lacks (AVX-512 here): the program picked its code in the
     // guest, where it started, and its image says so.
-    let back = m
-        .run(&["migrate", &host_pid.to_string(), "--to", at, "--json"])
-        .ok();
-    let back_pid = back.json()["new_pid"]
+    let back_pid = migrate_json(&m, host_pid as u32, "host", at, "lazy")["new_pid"]
         .as_u64()
-        .unwrap_or_else(|| panic!("{back:?}")) as u32;
+        .expect("new_pid") as u32;
     assert_eq!(pid_on(&m, at), back_pid);
     assert!(
         !std::path::Path::new(&format!("/proc/{host_pid}")).exists(),

@@ -158,17 +158,20 @@ fn threads_move_between_guests_by_themselves_and_from_outside() {
     let (lines, pid, tid) = watch(&m, "/tmp/stop-watch");
     lines.counting_in(&pid, 2);
     let target = format!("{pid}/{tid}");
-    let moved = m
-        .run(&[
-            "migrate", &target, "--from", "alpha", "--to", "beta", "--json",
-        ])
-        .ok()
-        .json();
-    assert_eq!(moved["at"], "beta", "{moved}");
-    let shadow = moved["shadow_pid"]
-        .as_u64()
-        .expect("shadow pid")
-        .to_string();
+    // `mkctl migrate PID/TID --to <to> --json`: it runs there, in the
+    // shadow whose pid this gives.
+    let move_to = |to: &str| {
+        let moved = m
+            .run(&["migrate", &target, "--from", "alpha", "--to", to, "--json"])
+            .ok()
+            .json();
+        assert_eq!(moved["at"], to, "{moved}");
+        moved["shadow_pid"]
+            .as_u64()
+            .expect("shadow pid")
+            .to_string()
+    };
+    let shadow = move_to("beta");
     lines.counting_in(&shadow, 3);
     let away = m.run(&["threads", "--json"]).ok().json();
     assert_eq!(
@@ -181,17 +184,7 @@ fn threads_move_between_guests_by_themselves_and_from_outside() {
     // On to the host, which runs another kernel build (the shadow's vDSO
     // redirected to the host's) on another CPU (its registers laid out
     // for it, and back): the loop goes on there, and back home.
-    let there = m
-        .run(&[
-            "migrate", &target, "--from", "alpha", "--to", "host", "--json",
-        ])
-        .ok()
-        .json();
-    assert_eq!(there["at"], "host", "{there}");
-    let host_shadow = there["shadow_pid"]
-        .as_u64()
-        .expect("shadow pid")
-        .to_string();
+    let host_shadow = move_to("host");
     let comm = std::fs::read_to_string(format!("/proc/{host_shadow}/comm")).unwrap_or_default();
     assert_eq!(comm.trim(), "threads", "the host's shadow {host_shadow}");
     lines.counting_in(&host_shadow, 3);

@@ -579,8 +579,8 @@ impl Migration {
         let t0 = Instant::now();
         let pid_i = i32::try_from(pid).map_err(|_| MoveError::Pid(pid))?;
         // Another kernel build is fine (the restore redirects the vDSO);
-        // another CPU is the probe's to refuse.
-        Self::reachable(&agent, to)?;
+        // another CPU is the probe's to refuse (`restorable_there`, which
+        // refuses a lost destination first).
         let pids = if mode.tree() {
             // (Unreadable: the freeze will say what is wrong.)
             migrate::tree_of(pid_i).unwrap_or_else(|_| vec![pid_i])

@@ -252,6 +252,21 @@ pub fn glibc_tunables_without<S: AsRef<str>>(flags: &[S]) -> Option<String> {
     (!off.is_empty()).then(|| format!("GLIBC_TUNABLES=glibc.cpu.hwcaps={}", off.join(",")))
 }
 
+/// Why a program whose code was picked for `lacks` (`, `-separated) cannot
+/// run on this CPU; `more` goes inside the closing parenthesis.
+pub fn lacking_text(lacks: &str, more: &str) -> String {
+    format!("this CPU lacks {lacks}, which the program picked its code for when it started (that code would fault here{more})")
+}
+
+/// A thread's FP registers, from a CPU whose XSAVE components were
+/// `origin`, laid out for this one ([`convert`]; FXSAVE ones as they are).
+pub fn fp_here(st: &super::image::ThreadState, origin: u64) -> Result<Vec<u8>, XstateError> {
+    if st.fp_kind != super::image::FpKind::Xstate {
+        return Ok(st.fp.clone());
+    }
+    convert(&st.fp, origin, &Layout::here())
+}
+
 /// Which of `cpu` this CPU lacks.
 pub fn lacking_here(cpu: &[String]) -> Vec<String> {
     let here = user_features();
@@ -402,9 +417,9 @@ fn missing(
             Some(t) => format!("a program started with {t} uses none of them through glibc, and "),
             None => String::new(),
         };
-        out.push(format!(
-            "this CPU lacks {}, which the program picked its code for when it started (that code would fault here; {glibc}--any-cpu moves one that uses none)",
-            lacks.join(", "),
+        out.push(lacking_text(
+            &lacks.join(", "),
+            &format!("; {glibc}--any-cpu moves one that uses none"),
         ));
     }
     // Another layout: only what `convert` carries. A program that picked

@@ -82,7 +82,7 @@ pub enum RestoreError {
     Kernel { image: String, local: String },
     #[error("vDSO layout differs: {0}")]
     Layout(String),
-    #[error("this CPU lacks {0}, which the program picked its code for when it started (that code would fault here)")]
+    #[error("{}", super::cpu::lacking_text(.0, ""))]
     Cpu(String),
     #[error("thread {tid}")]
     Registers {
@@ -1871,13 +1871,10 @@ pub(super) fn build<R: Read>(
         return Err(RestoreError::Cpu(lacks.join(", ")));
     }
     let cpu = std::mem::take(&mut meta.process.cpu);
-    let here = super::cpu::Layout::here();
     let origin = meta.process.xfeatures;
     for t in &mut meta.threads {
-        if t.fp_kind == super::image::FpKind::Xstate {
-            t.fp = super::cpu::convert(&t.fp, origin, &here)
-                .map_err(|source| RestoreError::Registers { tid: t.tid, source })?;
-        }
+        t.fp = super::cpu::fp_here(t, origin)
+            .map_err(|source| RestoreError::Registers { tid: t.tid, source })?;
     }
     // DSM memory: this kernel's copy of each region, to map.
     let mut dsm: Vec<(&Mapping, u32)> = Vec::new();

@@ -688,17 +688,11 @@ pub fn arrive(
     })
 }
 
-/// A thread's FP registers from a CPU whose XSAVE components were
-/// `origin`, laid out for this one (`cpu::convert`).
+/// [`super::cpu::fp_here`], its failure a [`SplitError`].
 fn fp_here(st: &ThreadState, origin: u64) -> Result<Vec<u8>, SplitError> {
-    if st.fp_kind != super::image::FpKind::Xstate {
-        return Ok(st.fp.clone());
-    }
-    super::cpu::convert(&st.fp, origin, &super::cpu::Layout::here()).map_err(|source| {
-        SplitError::Registers {
-            tid: st.tid,
-            source,
-        }
+    super::cpu::fp_here(st, origin).map_err(|source| SplitError::Registers {
+        tid: st.tid,
+        source,
     })
 }
 
