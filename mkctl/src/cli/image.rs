@@ -507,8 +507,7 @@ pub(super) fn restore(file: &Path, on: &str) -> Res {
         progress: Progress::new("sending the image"),
     };
     let mut c = connect()?;
-    c.send(&Request::Restore { on: on.to_string() })?;
-    started(&mut c)?;
+    started(&mut c, &Request::Restore { on: on.to_string() })?;
     let mut w = c.try_clone()?;
     std::thread::spawn(move || {
         let mut buf = vec![0u8; MAX_CHUNK];

@@ -245,14 +245,14 @@ pub(super) fn exec(
     }
     let forward_stdin = interactive || !std::io::stdin().is_terminal();
     let mut c = connect()?;
-    c.send(&Request::Exec {
+    let req = Request::Exec {
         instance: instance.to_string(),
         argv: command,
         env: pairs,
         cwd,
         stdin: forward_stdin,
-    })?;
-    started(&mut c)?;
+    };
+    started(&mut c, &req)?;
     if forward_stdin {
         let mut w = c.try_clone()?;
         std::thread::spawn(move || {
@@ -282,9 +282,10 @@ pub(super) fn exec(
     relay_output(&mut c, instance, None)
 }
 
-/// Waits for the daemon to accept a streamed request (exec, restore).
-pub(super) fn started(c: &mut Client) -> Result<(), Box<dyn std::error::Error>> {
-    match c.read()? {
+/// Sends a streamed request (exec, restore) and waits for the daemon to
+/// accept it.
+pub(super) fn started(c: &mut Client, req: &Request) -> Result<(), Box<dyn std::error::Error>> {
+    match c.request(req, &|m| eprintln!("mkctl: {m}"))? {
         Frame::Reply(Reply::ExecStarted) => Ok(()),
         Frame::Reply(r) => Err(refused(r).into()),
         _ => Err(Failure::Unexpected("wire message").into()),

@@ -33,13 +33,31 @@ pub enum ClientError {
 #[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
+    run: RunDir,
+}
+
+/// Whether a failed exchange means the daemon closed the connection with
+/// our request unread (`ECONNRESET`, or `EPIPE` when it was gone before
+/// we wrote).
+fn never_read(e: &ClientError) -> bool {
+    let io = match e {
+        ClientError::Io(e) | ClientError::Frame(FrameError::Io(e)) => e,
+        _ => return false,
+    };
+    matches!(
+        io.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
 }
 
 impl Client {
     /// Connects to a running daemon.
     pub fn connect(run: &RunDir) -> Result<Client, ClientError> {
         match UnixStream::connect(run.socket()) {
-            Ok(stream) => Ok(Client { stream }),
+            Ok(stream) => Ok(Client {
+                stream,
+                run: run.clone(),
+            }),
             Err(_) => Err(ClientError::NotRunning(run.path().to_path_buf())),
         }
     }
@@ -198,15 +216,44 @@ impl Client {
         progress: impl Fn(&str, &str),
         mut transfer: impl FnMut(u64),
     ) -> Result<Reply, ClientError> {
-        self.send(r)?;
+        let mut frame = self.request(r, &|m| progress("mkctl", m))?;
         loop {
-            match self.read()? {
+            match frame {
                 Frame::Reply(Reply::Progress { instance, message }) => {
                     progress(&instance, &message)
                 }
                 Frame::Reply(Reply::Transfer { bytes }) => transfer(bytes),
                 Frame::Reply(reply) => return Ok(reply),
                 Frame::Request(_) | Frame::Wire(_) => {}
+            }
+            frame = self.read()?;
+        }
+    }
+
+    /// Sends a request and reads the first frame of its answer.
+    ///
+    /// A daemon killed just as we connected (its listening socket still
+    /// open while it exits) resets the connection. A reset before any
+    /// answer means the daemon never read the whole request: the kernel
+    /// reports a reset only to a peer whose bytes were left unread, or
+    /// whose connection was never accepted. The request did nothing, so it
+    /// goes, once the old socket is gone, to the daemon that replaces the
+    /// dead one (started to adopt its instances, as any command would).
+    /// `progress` is told when that happens.
+    pub fn request(&mut self, r: &Request, progress: &dyn Fn(&str)) -> Result<Frame, ClientError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut told = false;
+        loop {
+            match self.send(r).and_then(|()| self.read()) {
+                Err(e) if never_read(&e) && Instant::now() < deadline => {
+                    if !told {
+                        progress("the daemon ended before it read this request; asking again");
+                        told = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    *self = Client::connect_or_adopt(&self.run.clone(), progress)?;
+                }
+                other => return other,
             }
         }
     }
@@ -216,6 +263,92 @@ impl Client {
     pub fn try_clone(&self) -> Result<Client, ClientError> {
         Ok(Client {
             stream: self.stream.try_clone()?,
+            run: self.run.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    fn run_dir() -> (tempfile::TempDir, RunDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir(dir.path().to_path_buf());
+        (dir, run)
+    }
+
+    /// A daemon killed while our connection waited in its listen queue
+    /// (what `kill -9` and an immediate command do): the request goes to
+    /// the daemon that listens next, and the user is told.
+    #[test]
+    fn a_request_a_dying_daemon_never_read_goes_to_the_next_one() {
+        let (_dir, run) = run_dir();
+        let dying = UnixListener::bind(run.socket()).unwrap();
+        let mut c = Client::connect(&run).unwrap();
+        let path = run.socket();
+        let next = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            // The next daemon listens before the dying one's socket closes.
+            let tmp = path.with_extension("next");
+            let l = UnixListener::bind(&tmp).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+            drop(dying);
+            let (mut s, _) = l.accept().unwrap();
+            let Frame::Request(r) = control::read_frame(&mut s, Side::Daemon).unwrap() else {
+                panic!("not a request");
+            };
+            control::send_reply(
+                &mut s,
+                &Reply::Ok {
+                    message: format!("{r:?}"),
+                },
+            )
+            .unwrap();
+        });
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t = told.clone();
+        let frame = c
+            .request(&Request::Status, &move |m| {
+                t.lock().unwrap().push(m.to_string())
+            })
+            .unwrap();
+        next.join().unwrap();
+        let Frame::Reply(Reply::Ok { message }) = frame else {
+            panic!("{frame:?}");
+        };
+        assert_eq!(message, "Status");
+        assert_eq!(told.lock().unwrap().len(), 1, "{told:?}");
+    }
+
+    /// A daemon that read the request and then ended may have acted on it:
+    /// that is an error, never a second request.
+    #[test]
+    fn a_request_read_by_a_daemon_that_ended_is_not_sent_again() {
+        let (_dir, run) = run_dir();
+        let l = UnixListener::bind(run.socket()).unwrap();
+        let mut c = Client::connect(&run).unwrap();
+        let path = run.socket();
+        let daemon = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            control::read_frame(&mut s, Side::Daemon).unwrap();
+            drop(s);
+            drop(l);
+            // Were the request sent again, it would find this one.
+            std::fs::remove_file(&path).unwrap();
+            let again = UnixListener::bind(&path).unwrap();
+            again.set_nonblocking(true).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            again.accept().is_ok()
+        });
+        let r = c.request(&Request::Status, &|_| {});
+        assert!(
+            matches!(r, Err(ClientError::Frame(FrameError::Closed))),
+            "{r:?}"
+        );
+        assert!(!daemon.join().unwrap(), "the request was sent again");
     }
 }
