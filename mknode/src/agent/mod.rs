@@ -680,7 +680,10 @@ impl Agent {
         let mut failed = false;
         while !self.stop.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
             let got = link.recv(&mut buf, Duration::from_millis(100));
-            if matches!(got, Ok(true)) {
+            // A message, or a wait that ended with the peer there (its
+            // heartbeat moving): a peer taken as lost is back (a kernel
+            // booted again into its endpoint), though it sent nothing yet.
+            if got.is_ok() {
                 if failed {
                     lock(&self.lost).remove(&peer);
                 }
@@ -895,6 +898,40 @@ pub(crate) mod tests {
             matches!(m, Msg::Failed { ref message, .. } if message.contains("link lost")),
             "{m:?}"
         );
+    }
+
+    /// A kernel booted again into a lost peer's endpoint is reachable at
+    /// once, before it has sent anything: a move to it was refused as to a
+    /// kernel that "left the shared window" until it happened to speak.
+    #[test]
+    fn a_lost_peer_that_attaches_again_is_no_longer_lost() {
+        use crate::link::RingLink;
+        let w =
+            shmem_ring::Window::anonymous(shmem_ring::Layout::with_capacity(2, 64 << 10).unwrap())
+                .unwrap();
+        let e0 = w.attach(0).unwrap();
+        let a = Agent::new(0, hooks());
+        a.add_link(1, Arc::new(RingLink::open(&e0, 1).unwrap()));
+        let until = |what: &str, f: &dyn Fn() -> bool| {
+            let t = std::time::Instant::now();
+            while !f() {
+                assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+                thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let e1 = w.attach(1).unwrap();
+        let first = RingLink::open(&e1, 0).unwrap();
+        assert_eq!(a.lost(1), None);
+        drop(first);
+        drop(e1);
+        until("never taken as lost", &|| a.lost(1).is_some());
+        assert!(a.lost(1).unwrap().contains("left the shared window"));
+        let e1 = w.attach(1).unwrap();
+        let _again = RingLink::open(&e1, 0).unwrap();
+        until("still lost after it attached again", &|| {
+            a.lost(1).is_none()
+        });
+        a.shutdown();
     }
 
     /// A facet of a test's own: it answers `BlobCheck` (a kind no standard
