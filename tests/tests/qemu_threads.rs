@@ -17,18 +17,20 @@ use mkctl_e2e::{booted, c_example, Mkctl};
 fn boot() -> Mkctl {
     let m = booted("threads", "migrate.toml");
     let prog = std::fs::read(c_example("threads")).expect("threads binary");
-    m.run_with_input(
-        &[
-            "exec",
-            "alpha",
-            "--",
-            "sh",
-            "-c",
-            "cat > /tmp/threads && chmod +x /tmp/threads",
-        ],
-        &prog,
-    )
-    .ok();
+    for k in ["alpha", "beta"] {
+        m.run_with_input(
+            &[
+                "exec",
+                k,
+                "--",
+                "sh",
+                "-c",
+                "cat > /tmp/threads && chmod +x /tmp/threads",
+            ],
+            &prog,
+        )
+        .ok();
+    }
     m
 }
 
@@ -153,6 +155,24 @@ fn threads_move_between_guests_by_themselves_and_from_outside() {
         .ok()
         .text();
     assert!(out.contains("count=3600 expected=3600"), "{out}");
+    // The same from beta, every 50: a thread that asks to move on as soon
+    // as it arrived asks before its shadow is recorded (it was taken for a
+    // process of alpha's own, and its move failed with EIO).
+    let out = m
+        .run(&[
+            "exec",
+            "beta",
+            "--",
+            "/tmp/threads",
+            "mutex",
+            "1",
+            "4",
+            "50",
+            "8",
+        ])
+        .ok()
+        .text();
+    assert!(out.contains("count=1600 expected=1600"), "{out}");
 
     // From outside: mkctl migrate PID/TID.
     let (lines, pid, tid) = watch(&m, "/tmp/stop-watch");

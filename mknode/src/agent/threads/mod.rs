@@ -86,6 +86,10 @@ pub struct Threads {
     shadows: Mutex<HashMap<u32, Shadow>>,
     /// Shadow images arriving, by `(origin, req)`.
     starts: Mutex<HashMap<(u16, u32), Sender<Piece>>>,
+    /// Shadows being restored, not yet in `shadows`: their thread may
+    /// already run and ask to move (see [`Threads::shadow_of`]).
+    restoring: Mutex<usize>,
+    restored: std::sync::Condvar,
     moving: Mutex<()>,
 }
 
@@ -137,6 +141,8 @@ impl Threads {
             procs: Mutex::new(HashMap::new()),
             shadows: Mutex::new(HashMap::new()),
             starts: Mutex::new(HashMap::new()),
+            restoring: Mutex::new(0),
+            restored: std::sync::Condvar::new(),
             moving: Mutex::new(()),
         }
     }
@@ -537,6 +543,9 @@ impl Threads {
                 )))
             }
         };
+        // The thread runs once restored, before the shadow is recorded
+        // below: until then, its own move request waits (`shadow_of`).
+        let restoring = Restoring::new(self);
         let (r, listener) = migrate::restore_shadow(image, plan, &*dsm, answer)?;
         forward_futexes(agent, origin, (pid, tid), listener);
         let shadow = u32::try_from(r.pid).unwrap_or(0);
@@ -549,6 +558,7 @@ impl Threads {
                 stopping: false,
             },
         );
+        drop(restoring);
         let _ = agent.send(origin, &Msg::ShadowStarted { req, pid: shadow });
         let status = thread::scope(|s| {
             for (stream, mut r) in [(Stream::Stdout, out_r), (Stream::Stderr, err_r)] {
@@ -799,11 +809,49 @@ impl Threads {
     }
 
     /// The process and thread a shadow here stands for: `(origin, pid,
-    /// tid)`.
+    /// tid)`. A process that is none waits first for the shadows being
+    /// restored (a thread that asks to move again as soon as it arrived
+    /// comes before its shadow is recorded; taken for a process of this
+    /// kernel, its move failed).
     pub fn shadow_of(&self, shadow: u32) -> Option<(u16, u32, u32)> {
-        lock(&self.shadows)
-            .get(&shadow)
-            .map(|s| (s.origin, s.pid, s.tid))
+        let find = || {
+            lock(&self.shadows)
+                .get(&shadow)
+                .map(|s| (s.origin, s.pid, s.tid))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut n = lock(&self.restoring);
+        loop {
+            if let Some(s) = find() {
+                return Some(s);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if *n == 0 || left.is_zero() {
+                return None;
+            }
+            n = self
+                .restored
+                .wait_timeout(n, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Counts a shadow restore under way, until dropped.
+struct Restoring<'a>(&'a Threads);
+
+impl<'a> Restoring<'a> {
+    fn new(t: &'a Threads) -> Self {
+        *lock(&t.restoring) += 1;
+        Restoring(t)
+    }
+}
+
+impl Drop for Restoring<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.restoring) -= 1;
+        self.0.restored.notify_all();
     }
 }
 
