@@ -4,7 +4,7 @@
  *   counter NAME N     adds 1 to a shared counter N times, atomically
  *   counter NAME 0     prints the counter
  *
- * Build: cc -static counter.c -Iinclude libmk.a -lpthread -lm -ldl
+ * Build: cc -static counter.c -Iinclude libmk.a -lpthread
  */
 #include <errno.h>
 #include <stdint.h>

@@ -8,6 +8,7 @@
  *                                joining them all where the process began.
  *   threads bounce KERNEL ROUNDS one worker goes to KERNEL and back ROUNDS
  *                                times, checking mk_kernel_id() on each side
+ *                                (and EALREADY for a move to where it is)
  *                                and counting in memory the main thread
  *                                reads. Prints "rounds=R home=H away=A".
  *   threads mutex KERNEL T K ROUNDS
@@ -20,7 +21,7 @@
  *                                until STOPFILE exists (for a move from
  *                                outside: mkctl migrate PID/TID), then joins.
  *
- * Build: cc -static threads.c -Iinclude libmk.a -lpthread -lm -ldl
+ * Build: cc -static threads.c -Iinclude libmk.a -lpthread
  *
  * Everything the threads share is allocated before any of them moves
  * (memory mapped later is not shared; see mk.h).
@@ -123,6 +124,11 @@ static void *bounce_worker(void *p) {
             return NULL;
         }
         __atomic_fetch_add(&away_seen, 1, __ATOMIC_SEQ_CST);
+        /* Where it is already, away as at home: EALREADY, and it stays. */
+        if (mk_migrate(target) != -1 || errno != EALREADY || mk_kernel_id() != target) {
+            bounce_failed = errno == EALREADY ? -1 : errno;
+            return NULL;
+        }
         if (mk_migrate(home) != 0 || mk_kernel_id() != home) {
             bounce_failed = errno ? errno : -1;
             return NULL;

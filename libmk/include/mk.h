@@ -10,7 +10,10 @@
  * A process talks to the agent of the kernel it runs on, over a Unix
  * socket: $MK_AGENT if set and not empty, else /run/mk/agent.sock (a guest kernel), else
  * $MKCTL_RUN_DIR/agent.sock or /run/mkctl/agent.sock (the host, while the
- * mkctl daemon runs). The process needs the right to create a userfaultfd:
+ * mkctl daemon runs). The path is read when the connection is made: on the
+ * process's first mkdsm_map(), and on each thread's first mk_migrate() or
+ * mk_kernel_id(); a later change of MK_AGENT does not move a connection
+ * already made. The process needs the right to create a userfaultfd:
  * root, CAP_SYS_PTRACE, or vm.unprivileged_userfaultfd = 1.
  *
  * Build:  cc -static prog.c -I<dir>/include <dir>/libmk.a -lpthread
@@ -68,7 +71,8 @@ int mkdsm_unmap(void *addr, size_t size);
  *   EINVAL        `kernel` is not an endpoint id (0 to 65535)
  *   ENOENT        no kernel `kernel` is linked to this one
  *   ETIMEDOUT     the other kernel did not answer
- *   ECONNREFUSED  no agent answers at the socket (see mkdsm_map)
+ *   ECONNREFUSED  no agent answers at the socket, or there is none (see
+ *                 mkdsm_map)
  *   EIO           any other failure (the agents' logs say why)
  *
  * What is shared and what is not, after a thread first left: private

@@ -22,8 +22,8 @@ fn target() -> PathBuf {
         .to_path_buf()
 }
 
-/// libmk.a (release) and `counter.c` built against it, static.
-fn counter() -> &'static Path {
+/// libmk.a (release), built once.
+fn libmk_a() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -33,26 +33,37 @@ fn counter() -> &'static Path {
             .status()
             .expect("cargo build -p libmk");
         assert!(st.success());
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = target().join("counter-static");
-        let cc = Command::new("cc")
-            .arg("-static")
-            .arg(dir.join("examples/counter.c"))
-            .arg("-I")
-            .arg(dir.join("include"))
-            .arg(target().join("release/libmk.a"))
-            .arg("-lpthread")
-            .arg("-o")
-            .arg(&out)
-            .output()
-            .expect("running cc");
-        assert!(
-            cc.status.success(),
-            "cc failed:\n{}",
-            String::from_utf8_lossy(&cc.stderr)
-        );
-        out
+        target().join("release/libmk.a")
     })
+}
+
+/// `examples/<name>.c` built against libmk.a, static, as mk.h says.
+fn example(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = target().join(format!("{name}-static"));
+    let cc = Command::new("cc")
+        .arg("-static")
+        .arg(dir.join(format!("examples/{name}.c")))
+        .arg("-I")
+        .arg(dir.join("include"))
+        .arg(libmk_a())
+        .arg("-lpthread")
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("running cc");
+    assert!(
+        cc.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    out
+}
+
+/// `counter.c`, built once.
+fn counter() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| example("counter"))
 }
 
 struct Kernels {
@@ -170,7 +181,20 @@ fn failures_come_back_as_null_and_errno() {
         .output()
         .expect("counter");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success() && text.contains("errno 2)"), "{text}"); // An empty MK_AGENT counts as unset: the host's run directory is used.
+    assert!(!out.status.success() && text.contains("errno 2)"), "{text}");
+    // mk_migrate with no agent: ECONNREFUSED, not the ENOENT of a kernel
+    // that is not linked.
+    let out = Command::new(example("threads"))
+        .args(["bounce", "2", "1"])
+        .env("MK_AGENT", "/nonexistent/agent.sock")
+        .output()
+        .expect("threads");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && text.contains(&format!("errno {})", libc::ECONNREFUSED)),
+        "{text}"
+    );
+    // An empty MK_AGENT counts as unset: the host's run directory is used.
     let run_dir = k.dir.path().join("run");
     std::fs::create_dir(&run_dir).unwrap();
     std::os::unix::fs::symlink(k.dir.path().join("agent0.sock"), run_dir.join("agent.sock"))

@@ -32,7 +32,12 @@ fn conn() -> Result<i32, DsmError> {
     if fd >= 0 {
         return Ok(fd);
     }
-    let sock = local::connect()?;
+    // No socket, or nobody at it: mk.h's ECONNREFUSED (ENOENT is a
+    // kernel that is not linked).
+    let sock = local::connect().map_err(|e| DsmError::Refused {
+        errno: libc::ECONNREFUSED,
+        message: format!("no agent answers: {e}"),
+    })?;
     let fd = sock.into_raw_fd();
     CONN.with(|c| c.set(fd));
     Ok(fd)

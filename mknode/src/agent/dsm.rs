@@ -402,6 +402,12 @@ impl Opener for Resolver {
             return Err(refused(libc::EINVAL, "no such thread".into()));
         };
         if let Some((origin, opid, otid)) = threads.shadow_of(pid) {
+            if to == agent.id() {
+                return Err(refused(
+                    libc::EALREADY,
+                    format!("thread {otid} of process {opid} runs here already"),
+                ));
+            }
             // A shadow's thread: its process's kernel moves it.
             return agent
                 .call(origin, Duration::from_secs(120), |req| Msg::ThreadMove {
