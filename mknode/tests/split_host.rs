@@ -312,7 +312,9 @@ fn a_thread_is_refused_where_its_code_could_not_run_and_runs_on() {
     let e = refused_thread_move(&n, 1, pid, tid, 2);
     assert!(
         e.contains(&format!("this CPU lacks {absent}"))
-            && e.contains("the thread runs on where it is"),
+            && e.contains("the thread runs on where it is")
+            && e.contains("a thread's move is always checked")
+            && !e.contains("--any-cpu moves one"),
         "{e}"
     );
     assert!(n.agents[1]

@@ -196,7 +196,12 @@ impl Threads {
                 .restorable_there(&agent, to, &[pid as i32])
                 .map_err(|e| ThreadError::Other {
                     message: crate::error_text(&e)
-                        .replace("the original runs on", "the thread runs on where it is"),
+                        .replace("the original runs on", "the thread runs on where it is")
+                        .replace(
+                            "--any-cpu moves one that uses none",
+                            "--any-cpu moves such a process; a thread's move is always checked: \
+                             a thread goes only where its process could start",
+                        ),
                 })?;
         }
         let t0 = Instant::now();
