@@ -27,7 +27,8 @@ use crate::codec::{field_struct, Field, FieldError, Reader, Short, Writer};
 
 /// The version of this encoding; a peer speaking another is refused at
 /// `Hello` rather than misread. Version 2 added `any_cpu` to the move
-/// requests (`MigrateOut`, `MigrateTreeOut`, `MigrateLazyTreeOut`).
+/// requests (`MigrateOut`, `MigrateTreeOut`, `MigrateLazyTreeOut`), and
+/// `DsmForgetProcess`.
 pub const WIRE_VERSION: u16 = 2;
 
 /// Largest payload of one `Data` frame; bigger streams are split. Keeps
@@ -600,6 +601,9 @@ messages! {
     /// A `MigrateTreeOut` in lazy mode: each process of the tree resumes
     /// before its pages have moved, which follow as for a lazy `MigrateOut`.
     73 req MigrateLazyTreeOut { req: u32, pid: u32, to: u16, any_cpu: bool },
+    /// DSM, a kernel to the registry: its split process `pid` ended; the
+    /// regions its memory became (`p<kernel>.<pid>.*`, homed there) go.
+    74 peer DsmForgetProcess { pid: u32 },
 }
 
 /// The id a lazy tree's `k`-th live process's pages go by (`PageFetch`,
@@ -778,7 +782,7 @@ mod tests {
         for &k in Kind::ALL {
             assert_eq!(Kind::from_u16(k as u16), Some(k), "{}", k.name());
         }
-        assert_eq!(Kind::ALL.len(), 73);
+        assert_eq!(Kind::ALL.len(), 74);
         assert_eq!(Kind::from_u16(0), None);
         let exited = Msg::Exited {
             req: 5,

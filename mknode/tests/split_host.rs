@@ -351,12 +351,30 @@ fn the_shadow_goes_when_the_process_ends_at_home() {
     let (mut p, pid, tid) = started();
     let (_, s) = move_thread(&n, 1, pid, tid, 2);
     p.counts_in(s as i32, 1);
+    // The regions its memory became, in the registry (agent 0).
+    let prefix = mknode::migrate::split::region_prefix(1, pid);
+    let its = || -> Vec<String> {
+        n.agents[0]
+            .facet::<mknode::agent::Dsm>()
+            .regions()
+            .into_iter()
+            .map(|r| r.name)
+            .filter(|name| name.starts_with(&prefix))
+            .collect()
+    };
+    assert!(!its().is_empty(), "no region {prefix}*");
     p.child.kill().unwrap();
     p.child.wait().unwrap();
     assert!(
         gone_within(s as i32, Duration::from_secs(5)),
         "shadow {s} outlived its process"
     );
+    // ...go with it (they held its memory: ~2 MB a process on a guest).
+    let t = std::time::Instant::now();
+    while !its().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5), "left: {:?}", its());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The three agents serving their processes at `<dir>/agent<N>.sock`.

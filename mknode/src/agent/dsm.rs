@@ -85,6 +85,7 @@ impl Facet for Dsm {
             Kind::DsmOpen,
             Kind::DsmStat,
             Kind::DsmDrop,
+            Kind::DsmForgetProcess,
         ]
     }
 
@@ -112,6 +113,10 @@ impl Facet for Dsm {
                 };
                 let _ = agent.post(peer, &answer);
             }
+            Msg::DsmForgetProcess { pid } if agent.id() == REGISTRY => {
+                self.forget_process(peer, pid);
+            }
+            Msg::DsmForgetProcess { .. } => {}
             Msg::DsmStat { req } => agent.answer_later(peer, req, move |_| {
                 let st = self.stats()?;
                 Ok::<_, DsmError>(Msg::DsmStats {
@@ -229,6 +234,39 @@ impl Dsm {
         }
         self.engine()?.deliver(agent.id(), drop);
         Ok(info)
+    }
+
+    /// The registry (at endpoint 0): kernel `home`'s split process `pid`
+    /// ended, so the regions its memory became go (only those: named after
+    /// it and homed there, whoever asks).
+    pub fn forget_process(&self, home: u16, pid: u32) {
+        let Ok(pid) = i32::try_from(pid) else { return };
+        let prefix = crate::migrate::split::region_prefix(home, pid);
+        let names: Vec<String> = lock(&self.registry)
+            .by_name
+            .values()
+            .filter(|i| i.home == home && i.name.starts_with(&prefix))
+            .map(|i| i.name.clone())
+            .collect();
+        for name in names {
+            if let Err(e) = self.remove(&name) {
+                log::warn!("dsm: {}", crate::error_text(&e));
+            }
+        }
+    }
+
+    /// The split process `pid` of this kernel ended: the regions its
+    /// memory became are forgotten, here and everywhere (see
+    /// [`Dsm::forget_process`]).
+    pub fn process_gone(&self, pid: i32) {
+        self.release(pid);
+        let Ok(agent) = self.agent.get() else { return };
+        let Ok(pid) = u32::try_from(pid) else { return };
+        if agent.id() == REGISTRY {
+            self.forget_process(REGISTRY, pid);
+        } else {
+            let _ = agent.send(REGISTRY, &Msg::DsmForgetProcess { pid });
+        }
     }
 
     /// The registry (at endpoint 0): region `name`, created homed at

@@ -109,7 +109,13 @@ pub enum SplitError {
 /// The name of the region a process's mapping at `start` becomes, on the
 /// kernel `node` where the process `pid` began.
 pub fn region_name(node: u16, pid: i32, start: u64) -> String {
-    format!("p{node}.{pid}.{start:x}")
+    format!("{}{start:x}", region_prefix(node, pid))
+}
+
+/// What the names of every region of process `pid` of kernel `node`
+/// begin with (see [`region_name`]).
+pub fn region_prefix(node: u16, pid: i32) -> String {
+    format!("p{node}.{pid}.")
 }
 
 /// The region a mapping is, from its name in `/proc/<pid>/maps`

@@ -392,7 +392,7 @@ impl Threads {
             );
             let _ = agent.send(at, &Msg::ShadowKill { pid: shadow });
         }
-        agent.facet::<Dsm>().release(pid as i32);
+        agent.facet::<Dsm>().process_gone(pid as i32);
     }
 
     fn start_shadow(
