@@ -173,6 +173,17 @@ fn threads_move_between_guests_by_themselves_and_from_outside() {
         .ok()
         .text();
     assert!(out.contains("count=1600 expected=1600"), "{out}");
+    // Those processes ended: the DSM regions their memory became went
+    // with them, on both guests (each run left ~16 before).
+    let t = Instant::now();
+    loop {
+        let ls = m.run(&["dsm", "ls", "--json"]).ok().text();
+        if !ls.contains("\"p1.") && !ls.contains("\"p2.") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "left: {ls}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // From outside: mkctl migrate PID/TID.
     let (lines, pid, tid) = watch(&m, "/tmp/stop-watch");
