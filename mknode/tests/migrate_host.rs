@@ -216,6 +216,37 @@ fn single_threaded_round_trip() {
     reap(pid)();
 }
 
+/// A descriptor the program holds for a moment (here a socket, for 30 ms)
+/// is no reason to refuse: the freeze asks again before it says no. It
+/// used to refuse at once. Seen in the suite: mkcounter reads boot_id each
+/// line, and the file closed between the check's listing and its stat.
+#[test]
+fn a_file_open_for_a_moment_does_not_refuse_the_freeze() {
+    let _g = serial();
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import os, socket, time\nos.closerange(3, 1024)\ns = socket.socket()\nprint('open', flush=True)\ntime.sleep(0.03)\ns.close()\ntime.sleep(60)",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
+        &mut first,
+    )
+    .expect("read");
+    assert_eq!(first, "open\n");
+    let pid = child.id() as i32;
+    let f = freeze(pid);
+    assert!(f.is_ok(), "{:?}", f.err());
+    drop(f);
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+}
+
 #[test]
 fn refused_process_is_untouched() {
     let _g = serial();

@@ -237,10 +237,30 @@ pub(super) fn freeze_accepting(
     split: bool,
     scope: &Scope,
 ) -> Result<Frozen, CaptureError> {
-    let (mut f, hints) = seize_accepting(pid, &accept, split, scope)?;
-    f.settle(&hints, &accept)?;
-    Ok(f)
+    // A file the program opens, reads and closes (a /proc file read at
+    // every step, say) may be open at the instant of the check: a refusal
+    // for descriptors alone is asked again, the process thawed between,
+    // before it stands.
+    let mut tries = 0;
+    loop {
+        let r = seize_accepting(pid, &accept, split, scope).and_then(|(mut f, hints)| {
+            f.settle(&hints, &accept)?;
+            Ok(f)
+        });
+        match r {
+            Err(CaptureError::Refused(Refusal::Blocked { ref blockers, .. }))
+                if tries < FD_RETRIES && blockers.iter().all(Blocker::may_pass) =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
+
+/// How many times a refusal for open descriptors alone is asked again.
+const FD_RETRIES: u32 = 3;
 
 /// The first half of [`freeze_accepting`]: the pre-check, then every
 /// thread seized and stopped; nothing read yet (see [`Frozen::settle`]).

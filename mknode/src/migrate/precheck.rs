@@ -139,6 +139,19 @@ impl fmt::Display for Blocker {
     }
 }
 
+impl Blocker {
+    /// Whether it may be gone a moment later: a descriptor the program
+    /// opened for a moment (not its stdio, which it keeps).
+    pub fn may_pass(&self) -> bool {
+        matches!(
+            self,
+            Blocker::OpenFd { fd: 3.., .. }
+                | Blocker::DeletedFile { fd: 3.., .. }
+                | Blocker::Socket { fd: 3.., .. }
+        )
+    }
+}
+
 /// Why a process is not migrated.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
