@@ -625,6 +625,24 @@ impl Watched {
     }
 }
 
+/// Instance `name` as `mkctl status --json` shows it (the test fails when
+/// there is none).
+pub fn instance_status(m: &Mkctl, name: &str) -> serde_json::Value {
+    let st = m.run(&["status", "--json"]).ok().json();
+    st["daemon"]["instances"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {st}"))
+        .clone()
+}
+
+/// `mkctl migrate PID --from FROM --to TO`, which must fail (exit 1).
+pub fn refused_move(m: &Mkctl, pid: u32, from: &str, to: &str) -> CmdOut {
+    let r = m.run(&["migrate", &pid.to_string(), "--from", from, "--to", to]);
+    assert_eq!(r.code, 1, "the move must fail: {}", r.text());
+    r
+}
+
 /// `tests/configs/<name>`, as an argument.
 pub fn test_config(name: &str) -> String {
     repo_root()

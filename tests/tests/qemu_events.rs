@@ -146,12 +146,10 @@ fn pos(events: &[Value], what: &str, want: impl Fn(&Value) -> bool) -> usize {
 }
 
 fn instance_pid(m: &Mkctl, name: &str) -> u64 {
-    let st = m.run(&["status", "--json"]).ok().json();
-    st["daemon"]["instances"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["name"] == name))
-        .and_then(|i| i["pid"].as_u64())
-        .unwrap_or_else(|| panic!("no QEMU pid for {name} in {st}"))
+    let i = mkctl_e2e::instance_status(m, name);
+    i["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no QEMU pid for {name} in {i}"))
 }
 
 #[test]

@@ -23,16 +23,7 @@ fn start(m: &Mkctl, on: &str, mem: &str) -> Watched {
 
 /// `mkctl migrate PID --from alpha --to beta`, which must fail (exit 1).
 fn refused_move(m: &Mkctl, pid: u32) -> mkctl_e2e::CmdOut {
-    let r = m.run(&[
-        "migrate",
-        &pid.to_string(),
-        "--from",
-        "alpha",
-        "--to",
-        "beta",
-    ]);
-    assert_eq!(r.code, 1, "the move must fail: {}", r.text());
-    r
+    mkctl_e2e::refused_move(m, pid, "alpha", "beta")
 }
 
 /// After a move that failed: the same process `pid` runs on alpha and

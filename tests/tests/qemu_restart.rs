@@ -23,12 +23,7 @@ fn single() -> String {
 }
 
 fn solo(m: &Mkctl) -> serde_json::Value {
-    let st = m.run(&["status", "--json"]).ok().json();
-    st["daemon"]["instances"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["name"] == "solo"))
-        .unwrap_or_else(|| panic!("no solo in {st}"))
-        .clone()
+    mkctl_e2e::instance_status(m, "solo")
 }
 
 /// The guest kernel's boot id: a new one for every boot.

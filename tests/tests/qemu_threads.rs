@@ -204,6 +204,10 @@ fn threads_move_between_guests_by_themselves_and_from_outside() {
     };
     let shadow = move_to("beta");
     lines.counting_in(&shadow, 3);
+    // Split, it has its regions, as the ended processes had: `dsm ls`
+    // shows them by the name the check above looks for.
+    let ls = m.run(&["dsm", "ls", "--json"]).ok().text();
+    assert!(ls.contains(&format!("\"p1.{pid}.")), "{ls}");
     let away = m.run(&["threads", "--json"]).ok().json();
     assert_eq!(
         away,
